@@ -1,0 +1,48 @@
+"""Settings of inference: the router (`serve/`) and the vLLM workers it forwards to."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, SecretStr
+
+
+class WorkerSpec(BaseModel):
+    """A worker named in settings (as opposed to one that registers itself)."""
+
+    url: str = Field(..., description="Base URL of the worker's OpenAI server, e.g. http://127.0.0.1:8100.")
+    region: str = Field("local", description="Region label used for region-aware routing.")
+    models: list[str] = Field(default_factory=list, description="Models it serves; empty = ask its /v1/models.")
+
+
+class WorkerSettings(BaseModel):
+    """How a local vLLM worker is launched (`appliance worker start`, `appliance up`)."""
+
+    count: int = Field(1, ge=0, description="Local workers `appliance up` starts.")
+    base_port: int = Field(8100, ge=1, le=65535, description="Port of the first local worker; the next ones count up.")
+    device: str = Field("cpu", description="cpu | cuda.")
+    max_model_len: int = Field(2048, ge=64, description="vLLM --max-model-len.")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM --gpu-memory-utilization on CUDA.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size on CUDA.")
+    max_lora_rank: int = Field(16, ge=1, description="vLLM --max-lora-rank (largest adapter rank it can load).")
+    max_loras: int = Field(4, ge=1, description="vLLM --max-loras (adapters resident at once).")
+    startup_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for a worker to become ready.")
+    region: str = Field("local", description="Region label of workers started on this machine.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra arguments passed to vLLM's api_server.")
+
+
+class ServeSettings(BaseModel):
+    """The router: where it listens, who may call it, and how it picks workers."""
+
+    host: str = Field("127.0.0.1", description="Router bind address; beyond 127.0.0.1 API keys are required.")
+    port: int = Field(8000, ge=0, le=65535, description="Router port.")
+    workers: list[WorkerSpec] = Field(default_factory=list, description="Static workers, besides those that join.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted API keys for /v1/* (plain, from settings).")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; generated under keys/ if unset.")
+    join_token: SecretStr | None = Field(None, description="Bearer token a worker uses to join; generated under keys/ if unset.")
+    policy: str = Field("score", description="round_robin | least_outstanding | score.")
+    region: str = Field("local", description="The router's own region (default client region).")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (bytes).")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    health_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes of each worker.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Upstream timeout for one request.")
+    max_retries: int = Field(2, ge=0, description="Extra workers tried when one fails before the first byte.")

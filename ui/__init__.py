@@ -1,0 +1,1 @@
+"""ui package (see DESIGN.md)."""
