@@ -1,0 +1,82 @@
+"""Fixtures for the router tests: fake OpenAI backends as real processes on loopback, and the router itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.factories import REPO, free_port
+
+
+@dataclass
+class FakeProcess:
+    """A fake backend running as its own process."""
+
+    url: str
+    model: str
+    proc: subprocess.Popen
+
+    def control(self, **changes) -> dict:
+        """Change its failure injection at run time."""
+        return httpx.post(f"{self.url}/fake/control", json=changes, timeout=5).json()
+
+    def received(self) -> list[dict]:
+        """The requests it received so far."""
+        return httpx.get(f"{self.url}/fake/requests", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until `url` answers any HTTP status, or fail (quoting the exit code of `proc` if it died)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def start_fake(model: str = "fake", *args: str) -> FakeProcess:
+    """Start `python -m serve.fake_backend` on a free port and wait until it answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.fake_backend", "--port", str(port), "--model", model, "--name", f"fake-{port}", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return FakeProcess(url, model, proc)
+
+
+@pytest.fixture
+def fake_factory() -> Iterator:
+    """A function that starts fake backends; all are stopped at the end of the test."""
+    started: list[FakeProcess] = []
+
+    def make(model: str = "fake", *args: str) -> FakeProcess:
+        fake = start_fake(model, *args)
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop()
