@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
 
 
 class FederationSettings(BaseModel):
@@ -11,13 +13,33 @@ class FederationSettings(BaseModel):
     bind_host: str = Field("127.0.0.1", description="Interface the coordinator's ZeroMQ ROUTER binds to.")
     port: int = Field(5555, ge=0, le=65535, description="Coordinator ZeroMQ port (0 = any free port).")
     status_port: int = Field(5556, ge=0, le=65535, description="Coordinator HTTP status port (0 = any free port).")
+    bind_address: str | None = Field(None, description="Full ZeroMQ endpoint to bind (e.g. ipc:///tmp/x); overrides bind_host/port.")
     plaintext: bool = Field(False, description="Disable CURVE encryption; only for tests, must be asked for explicitly.")
     run_name: str = Field("federation", description="Name of the federation run; global adapters are published as NAME-latest.")
     rounds: int = Field(10, ge=1, description="Rounds to run.")
     strategy: str = Field("fedavg", description="fedavg | fedprox | fedavgm | fedadam | fedyogi | median | trimmed_mean | krum | multikrum.")
+    strategy_params: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the strategy (e.g. prox_mu, server_lr).")
     min_silos: int = Field(2, ge=1, description="Answers needed for a round to count.")
     round_deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for updates.")
+    start_timeout_s: float = Field(3600.0, gt=0, description="Seconds the coordinator waits for min_silos to connect before a round.")
     local_steps: int = Field(50, ge=1, description="Optimizer steps each silo trains per round.")
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Largest message accepted on the socket.")
+    max_update_norm: float | None = Field(None, gt=0, description="Updates whose L2 norm exceeds this are rejected (None = no bound).")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="Silo heartbeat period.")
+    silo_timeout_s: float = Field(30.0, gt=0, description="A silo silent for this long is shown offline and not selected.")
+    compression: Literal["fp32", "bf16", "int8", "topk"] = Field("bf16", description="Encoding of updates on the wire.")
+    dp_mode: Literal["off", "central", "silo"] = Field("off", description="Client-level differential privacy: at the coordinator or at each silo.")
+    dp_clip_norm: float = Field(1.0, gt=0, description="L2 clip bound C of each update under DP.")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="Gaussian noise multiplier z (std = z * C).")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="Delta for the reported epsilon.")
     auto_publish: bool = Field(True, description="Publish each round's global adapter to the router as soon as it is checkpointed.")
+    # silo side
+    coordinator: str | None = Field(None, description="Silo: coordinator endpoint, e.g. tcp://host:5555.")
+    coordinator_key: str | None = Field(None, description="Silo: coordinator's CURVE public key (z85, 40 chars).")
+    silo_id: str | None = Field(None, description="Silo: name this silo was enrolled under (default: host name).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederationSettings":
+        if self.coordinator_key is not None and len(self.coordinator_key) != 40:
+            raise ValueError(f"federation.coordinator_key must be a 40-character z85 CURVE key, got {len(self.coordinator_key)} characters")
+        return self

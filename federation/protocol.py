@@ -1,0 +1,191 @@
+"""The federation's ZeroMQ messages: a small versioned JSON header plus an optional safetensors payload.
+
+A message on the wire is multipart: frame 0 is the UTF-8 JSON of `Header`, frame 1 (optional) the safetensors
+bytes of the tensors the header's `manifest` lists. This module imports only pydantic and the standard library
+so the console or an outside silo can speak the protocol without torch; encoding tensors lives in `wire.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20  # a header is metadata only; 1 MiB is far above any real one
+MAX_TENSORS = 4096
+MAX_NAME_CHARS = 512
+ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"})
+
+
+class MsgType(str, Enum):
+    """Every message type of the protocol."""
+
+    HELLO = "HELLO"  # silo -> coordinator: I am here, these are my capabilities
+    WELCOME = "WELCOME"  # coordinator -> silo: run, current round, settings the silo must honour
+    TRAIN = "TRAIN"  # coordinator -> silo: the round's task, global adapter in the payload
+    UPDATE = "UPDATE"  # silo -> coordinator: the adapter delta in the payload, example count, metrics
+    EVALUATE = "EVALUATE"  # coordinator -> silo: evaluate the payload adapter on local eval data
+    HEARTBEAT = "HEARTBEAT"  # both ways: liveness
+    ERROR = "ERROR"  # both ways: what was wrong with a message
+    BYE = "BYE"  # both ways: leaving
+
+
+class TensorSpec(BaseModel):
+    """One tensor of the payload: its name, shape and dtype (torch dtype name without `torch.`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    shape: tuple[int, ...]
+    dtype: str
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) > 8 or any(d < 0 for d in v):
+            raise ValueError(f"tensor shape {v} must have at most 8 non-negative dimensions")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype {v!r} is not allowed on the wire (allowed: {sorted(ALLOWED_DTYPES)})")
+        return v
+
+
+class Hello(BaseModel):
+    """HELLO body."""
+
+    capabilities: list[str] = Field(default_factory=list, description="e.g. ['bf16', 'int8', 'topk', 'dp'].")
+    num_examples: int = Field(0, ge=0, description="Local training examples (informational).")
+
+
+class Welcome(BaseModel):
+    """WELCOME body."""
+
+    rounds_total: int = 0
+    strategy: str = ""
+    heartbeat_interval_s: float = 5.0
+
+
+class TrainTask(BaseModel):
+    """TRAIN body: the round's task. The global adapter travels in the payload."""
+
+    local_steps: int = Field(ge=1)
+    config: dict[str, Any] = Field(default_factory=dict, description="Strategy extras, e.g. {'prox_mu': 0.01}.")
+    compression: str = "bf16"
+    encoding: dict[str, Any] = Field(default_factory=dict, description="How the payload (global adapter) is encoded.")
+    dp_clip_norm: float | None = Field(None, description="Set when the silo must clip (and noise) its update.")
+    dp_noise_multiplier: float = 0.0
+    deadline_unix: float = 0.0
+
+
+class UpdateResult(BaseModel):
+    """UPDATE body: the result of a round's local training; the delta travels in the payload."""
+
+    num_examples: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    encoding: dict[str, Any] = Field(default_factory=dict, description="compression.decode's meta for the payload.")
+    train_s: float = 0.0
+
+
+class EvaluateTask(BaseModel):
+    """EVALUATE body."""
+
+    encoding: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorInfo(BaseModel):
+    """ERROR body: a machine-readable code and a sentence for the log."""
+
+    code: str
+    message: str = ""
+
+
+class Heartbeat(BaseModel):
+    """HEARTBEAT body."""
+
+    busy: bool = False
+
+
+class Bye(BaseModel):
+    """BYE body."""
+
+    reason: str = ""
+
+
+BODY_TYPES: dict[MsgType, type[BaseModel]] = {
+    MsgType.HELLO: Hello,
+    MsgType.WELCOME: Welcome,
+    MsgType.TRAIN: TrainTask,
+    MsgType.UPDATE: UpdateResult,
+    MsgType.EVALUATE: EvaluateTask,
+    MsgType.HEARTBEAT: Heartbeat,
+    MsgType.ERROR: ErrorInfo,
+    MsgType.BYE: Bye,
+}
+
+
+class Header(BaseModel):
+    """Frame 0 of every message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = PROTOCOL_VERSION
+    type: MsgType
+    run: str = Field("", max_length=128)
+    round_id: int = Field(-1, ge=-1)
+    silo_id: str = Field("", max_length=128)
+    manifest: list[TensorSpec] = Field(default_factory=list, max_length=MAX_TENSORS)
+    payload_bytes: int = Field(0, ge=0)
+    body: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Header":
+        if self.schema_version != PROTOCOL_VERSION:
+            raise ValueError(f"protocol version {self.schema_version} is not supported (this side speaks {PROTOCOL_VERSION})")
+        names = [t.name for t in self.manifest]
+        if len(set(names)) != len(names):
+            raise ValueError("manifest lists a tensor name twice")
+        BODY_TYPES[self.type].model_validate(self.body)
+        return self
+
+    def parsed_body(self) -> BaseModel:
+        """The body as its typed model (Hello, TrainTask, UpdateResult, ...)."""
+        return BODY_TYPES[self.type].model_validate(self.body)
+
+
+class HeaderError(ValueError):
+    """A header frame that is not valid JSON or not a valid `Header`."""
+
+
+def make_header(type_: MsgType, body: BaseModel | None = None, **fields: Any) -> Header:
+    """A header of `type_` with `body` (its typed model) and the common fields."""
+    return Header(type=type_, body=body.model_dump(mode="json") if body is not None else {}, **fields)
+
+
+def dump_header(header: Header) -> bytes:
+    """The header's JSON bytes (frame 0)."""
+    return header.model_dump_json().encode("utf-8")
+
+
+def load_header(data: bytes) -> Header:
+    """Parse and validate frame 0.
+
+    Raises:
+        HeaderError: oversized, not JSON, or not a valid header (the message says which).
+    """
+    if len(data) > MAX_HEADER_BYTES:
+        raise HeaderError(f"header of {len(data)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"header is not UTF-8 JSON: {exc}") from exc
+    try:
+        return Header.model_validate(raw)
+    except ValidationError as exc:
+        raise HeaderError(f"invalid header: {exc.errors(include_url=False)}") from exc
