@@ -1,0 +1,150 @@
+"""A small fake router that speaks the router's OpenAI and admin API (docs/CONTRACTS.md), served on loopback.
+
+Used where the test is about the console or the publisher, not the router: it answers `/v1/models`, streams chat
+completions word by word, and keeps workers and adapters in memory. `fail_publish` makes the next N
+`POST /admin/adapters` answer 503, to exercise retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from tests.factories import free_port
+
+
+@dataclass
+class FakeRouterState:
+    admin_token: str
+    base_model: str = "smollm2-135m-instruct"
+    fail_publish: int = 0
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    publish_calls: list[dict[str, Any]] = field(default_factory=list)
+    chats: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_app(state: FakeRouterState):
+    app = FastAPI()
+
+    def check_admin(request: Request) -> None:
+        if request.headers.get("authorization") != f"Bearer {state.admin_token}":
+            raise HTTPException(401, "bad admin token")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        names = [state.base_model] + [n for a in state.adapters.values() for n in [a["name"], *a["aliases"]]]
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "fake"} for n in names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        state.chats.append(body)
+        words = f"Hello from {body['model']}: the answer streams word by word .".split()
+
+        async def sse():
+            for w in words:
+                chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": w + " "}, "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0.05)
+            yield "data: [DONE]\n\n"
+
+        if body.get("stream"):
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}}]}
+
+    @app.get("/admin/workers")
+    def workers(request: Request):
+        check_admin(request)
+        return state.workers
+
+    @app.post("/admin/workers")
+    async def add_worker(request: Request):
+        check_admin(request)
+        body = await request.json()
+        wid = f"w{len(state.workers) + 1}"
+        state.workers.append({"id": wid, "url": body["url"], "region": body.get("region", "local"), "healthy": True,
+                              "draining": False, "outstanding": 0, "latency_ms": 12.5,
+                              "models": body.get("models", []), "adapters": []})
+        return {"id": wid}
+
+    @app.post("/admin/workers/{wid}/drain")
+    def drain(wid: str, request: Request):
+        check_admin(request)
+        for w in state.workers:
+            if w["id"] == wid:
+                w["draining"] = True
+                return {"id": wid}
+        raise HTTPException(404, "no such worker")
+
+    @app.get("/admin/adapters")
+    def adapters(request: Request):
+        check_admin(request)
+        return list(state.adapters.values())
+
+    @app.post("/admin/adapters")
+    async def publish(request: Request):
+        check_admin(request)
+        body = await request.json()
+        state.publish_calls.append(body)
+        if state.fail_publish > 0:
+            state.fail_publish -= 1
+            raise HTTPException(503, "worker busy")
+        for a in state.adapters.values():  # an alias moves to the newest version
+            a["aliases"] = [x for x in a["aliases"] if x not in body.get("aliases", [])]
+        state.adapters[body["name"]] = {"name": body["name"], "path": body["path"], "aliases": body.get("aliases", [])}
+        return {"name": body["name"]}
+
+    @app.delete("/admin/adapters/{name}")
+    def unpublish(name: str, request: Request):
+        check_admin(request)
+        state.adapters.pop(name, None)
+        return {"name": name}
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(
+            "# TYPE router_requests_total counter\nrouter_requests_total{status=\"200\"} 42\n"
+            "router_request_latency_seconds_sum 1.5\nrouter_request_latency_seconds_count 42\n"
+        )
+
+    return app
+
+
+class FakeRouter:
+    """The fake router on 127.0.0.1:<free port> in a background thread; `stop()` shuts it down."""
+
+    def __init__(self, admin_token: str = "test-admin-token", port: int | None = None):
+        import uvicorn
+
+        self.state = FakeRouterState(admin_token=admin_token)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> "FakeRouter":
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("fake router did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
