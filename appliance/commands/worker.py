@@ -1,0 +1,86 @@
+"""`appliance worker start|join`: one local vLLM worker in the foreground, optionally joined to a remote router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.core.model_store import resolve_model
+from appliance.core.settings import ApplianceSettings
+
+worker_app = typer.Typer(help="Run a vLLM worker (LoRA enabled) on this machine.", no_args_is_help=True)
+
+_MODEL = typer.Option(None, "--model", "-m", help="Prepared model name or HF model folder (default: settings.model).")
+_PORT = typer.Option(None, "--port", "-p", help="Port (default: worker.base_port).")
+_DEVICE = typer.Option(None, "--device", help="cpu | cuda (default: worker.device).")
+_HOST = typer.Option("127.0.0.1", "--host", help="Bind address of the worker.")
+
+
+def _worker(settings: ApplianceSettings, model: str | None, port: int | None, host: str):
+    """A not-yet-started VLLMWorker for `model` (a store name or a folder) with the settings' worker section."""
+    from serve.worker_launcher import VLLMWorker
+
+    name = model or settings.model
+    model_dir = resolve_model(settings.models_dir, name)
+    served = model_dir.name if (settings.models_dir / name).exists() or Path(name).exists() else name
+    return VLLMWorker(settings.worker, model_dir, served, port or settings.worker.base_port, settings.logs_dir, host=host)
+
+
+@worker_app.command("start")
+def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int] = _PORT,
+          device: Optional[str] = _DEVICE, host: str = _HOST) -> None:
+    """Start vLLM's OpenAI server on one model and keep it running until Ctrl-C."""
+    from serve.worker_launcher import run_until_signal
+
+    with cli_errors():
+        settings = settings_from(ctx, {"worker": {"device": device}})
+        worker = _worker(settings, model, port, host).start()
+        console.print(f"starting vLLM worker for [bold]{worker.model}[/] on {worker.url} (log {worker.log_path})", highlight=False)
+        worker.wait_ready()
+        console.print(f"worker ready: {worker.url}/v1 serves {worker.model}; Ctrl-C stops it", highlight=False)
+        code = run_until_signal(worker)
+    raise typer.Exit(code=code)
+
+
+@worker_app.command("join")
+def join(
+    ctx: typer.Context,
+    router: str = typer.Option(..., "--router", help="Router base URL, e.g. http://router-host:8000."),
+    token: str = typer.Option(..., "--token", envvar="APPLIANCE_JOIN_TOKEN", help="The router's join token (or admin token)."),
+    region: str = typer.Option("local", "--region", help="Region label for region-aware routing."),
+    url: Optional[str] = typer.Option(None, "--url", help="Join an already running worker at this URL instead of starting one."),
+    advertise: Optional[str] = typer.Option(None, "--advertise", help="URL the router should use to reach the started worker."),
+    heartbeat_s: float = typer.Option(10.0, "--heartbeat-s", help="Seconds between heartbeats."),
+    model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
+) -> None:
+    """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C)."""
+    from serve.worker_launcher import RouterRegistration, run_until_signal, served_models, wait_for_signal
+
+    with cli_errors():
+        settings = settings_from(ctx, {"worker": {"device": device}})
+        worker = None if url else _worker(settings, model, port, host).start()
+        if worker is not None:
+            worker.wait_ready()
+        worker_url = url or advertise or worker.url
+        models = served_models(url) if url else [worker.model]
+        if not models:
+            err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
+            raise typer.Exit(code=1)
+        membership = RouterRegistration(router, token, worker_url, region, models)
+        try:
+            worker_id = membership.register()
+            console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)
+            membership.start_heartbeats(heartbeat_s)
+            code = run_until_signal(worker) if worker else wait_for_signal()
+        finally:
+            membership.deregister()
+            if worker is not None:
+                worker.stop()
+    raise typer.Exit(code=code)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(worker_app, name="worker")

