@@ -1,0 +1,203 @@
+"""The vLLM worker launcher: its command line and environment, readiness, failure reports, stopping; real vLLM last."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from appliance.core.errors import ConfigError
+from appliance.core.sections.serve import WorkerSettings
+from serve.worker_launcher import (
+    RouterError,
+    RouterRegistration,
+    VLLMWorker,
+    WorkerStartError,
+    log_tail,
+    vllm_command,
+    vllm_env,
+)
+from tests.factories import REPO, free_port
+
+FAKE_SERVICE = REPO / "tests" / "appliance" / "fake_service.py"
+
+
+def _fake_worker(tmp_path: Path, *extra: str, model: str = "m") -> VLLMWorker:
+    """A VLLMWorker whose command is the tiny fake service instead of vLLM (same readiness protocol)."""
+    worker = VLLMWorker(WorkerSettings(startup_timeout_s=20), tmp_path, model, free_port(), tmp_path / "logs")
+    worker.argv = [sys.executable, str(FAKE_SERVICE), "--port", str(worker.port), "--model", model, *extra]
+    return worker
+
+
+def test_cpu_command_enables_lora_without_gpu_flags():
+    cfg = WorkerSettings(max_model_len=1024, max_lora_rank=8, max_loras=3, extra_args=["--seed", "1"])
+
+    argv = vllm_command(cfg, Path("/models/m"), "m", 8123, device="cpu")
+
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(argv[3::1], argv[4::1]))
+    assert flags["--model"] == "/models/m" and flags["--served-model-name"] == "m"
+    assert flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
+    assert flags["--max-model-len"] == "1024" and flags["--max-lora-rank"] == "8" and flags["--max-loras"] == "3"
+    assert "--enable-lora" in argv
+    assert "--tensor-parallel-size" not in argv and "--gpu-memory-utilization" not in argv
+    assert argv[-2:] == ["--seed", "1"]
+
+
+def test_cuda_command_adds_gpu_flags():
+    cfg = WorkerSettings(tensor_parallel_size=2, gpu_memory_utilization=0.5)
+
+    argv = vllm_command(cfg, Path("/m"), "m", 1, device="cuda")
+
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.5"
+
+
+def test_unknown_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="tpu"):
+        vllm_command(WorkerSettings(), Path("/m"), "m", 1, device="tpu")
+
+
+def test_env_allows_runtime_lora_and_sets_whole_gib_kv_cache_on_cpu():
+    env = vllm_env(WorkerSettings(kv_cache_gib=1.5), "cpu", base={})
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM parses an int; round up rather than fail
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_env(WorkerSettings(), "cuda", base={})
+
+
+def test_log_tail_keeps_the_last_lines(tmp_path):
+    path = tmp_path / "x.log"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    tail = log_tail(path, 30)
+    assert tail.splitlines()[0] == "line 70" and tail.splitlines()[-1] == "line 99"
+    assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_wait_ready_then_stop_kills_the_process(tmp_path):
+    worker = _fake_worker(tmp_path).start()
+    try:
+        worker.wait_ready(timeout_s=20, poll_s=0.1)
+        assert worker.served_models() == ["m"]
+        assert worker.log_path == tmp_path / "logs" / f"worker-{worker.port}.log"
+    finally:
+        worker.stop()
+    assert worker.proc.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker.pid, 0)
+
+
+def test_a_worker_that_dies_raises_with_the_end_of_its_log(tmp_path):
+    worker = _fake_worker(tmp_path, "--exit-after-s", "0", "--exit-code", "7").start()
+
+    with pytest.raises(WorkerStartError) as info:
+        worker.wait_ready(timeout_s=20, poll_s=0.1)
+
+    message = str(info.value)
+    assert "code 7" in message and "fake service starting" in message and str(worker.log_path) in message
+
+
+def test_a_worker_that_is_never_ready_times_out_and_is_stopped(tmp_path):
+    worker = _fake_worker(tmp_path, "--start-delay-s", "60").start()
+
+    with pytest.raises(WorkerStartError, match="not ready after 1 s"):
+        worker.wait_ready(timeout_s=1, poll_s=0.1)
+
+    assert not worker.alive()
+
+
+class _FakeRouter:
+    """A router admin API stand-in that records calls (runs in a thread on a free port)."""
+
+    def __init__(self, token: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        calls: list[tuple[str, str, dict]] = []
+        self.calls = calls
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    self.send_response(401)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "bad token"}}')
+                    return
+                calls.append((method, self.path, body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b'{"id": "w1"}' if method == "POST" and self.path == "/admin/workers" else b"{}")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._answer("POST")
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._answer("DELETE")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_registration_heartbeats_and_deregisters():
+    router = _FakeRouter("join-secret")
+    try:
+        membership = RouterRegistration(router.url, "join-secret", "http://w:1", "eu", ["m"])
+        assert membership.register() == "w1"
+        membership.start_heartbeats(interval_s=0.05)
+        deadline = time.monotonic() + 10
+        while not any(p.endswith("/heartbeat") for _, p, _ in router.calls) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        membership.deregister()
+    finally:
+        router.close()
+    assert router.calls[0] == ("POST", "/admin/workers", {"url": "http://w:1", "region": "eu", "models": ["m"], "capacity": 1})
+    assert ("POST", "/admin/workers/w1/heartbeat", {}) in router.calls
+    assert router.calls[-1][:2] == ("DELETE", "/admin/workers/w1")
+
+
+def test_registration_with_a_wrong_token_is_refused_clearly():
+    router = _FakeRouter("right")
+    try:
+        with pytest.raises(RouterError, match="401"):
+            RouterRegistration(router.url, "wrong", "http://w:1", "eu", ["m"]).register()
+    finally:
+        router.close()
+
+
+def _chat(url: str, model: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.vllm
+def test_two_real_vllm_workers_answer_and_accept_runtime_lora(vllm_workers, embedded_lora_dir):
+    assert len({w.port for w in vllm_workers}) == 2
+    for w in vllm_workers:
+        assert w.model == "smollm2-135m-instruct"
+        assert _chat(w.url, w.model).strip()
+
+    # Runtime LoRA loading is enabled: the adapter appears and answers under its own name.
+    w = vllm_workers[0]
+    req = urllib.request.Request(f"{w.url}/v1/load_lora_adapter", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"lora_name": "wl-test", "lora_path": str(embedded_lora_dir)}).encode())
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.status == 200
+    assert "wl-test" in w.served_models()
+    assert isinstance(_chat(w.url, "wl-test"), str)
