@@ -1,0 +1,486 @@
+"""The federation coordinator: enrolled silos connect to it, and it runs rounds of federated LoRA.
+
+A round: wait until `min_silos` silos are online, send each a TRAIN (global adapter + the strategy's plan),
+collect UPDATEs until every selected silo answered, went offline, or the deadline passed; check each update
+(round, manifest against the global adapter, finite values, size and norm bounds) and answer ERROR to bad or late
+ones; aggregate with the strategy; checkpoint atomically; register the new global adapter in the adapter registry
+and call the `on_publish` callbacks. A restarted coordinator resumes after its last checkpointed round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
+from appliance.core.atomic import append_jsonl
+from appliance.core.errors import ProtocolError, RoundFailed
+from federation import codec, wire
+from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from federation.keys import enrolled_silos, load_keypair
+from federation.protocol import Bye, ErrorInfo, Header, MsgType, TrainTask, UpdateResult, Welcome, make_header
+from federation.transport import Incoming, ServerTransport
+
+if TYPE_CHECKING:
+    import torch
+
+    from appliance.core.settings import ApplianceSettings
+    from federation.strategies import Strategy
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, "torch.Tensor"]
+Exporter = Callable[[StateDict, Path], None]  # writes a PEFT folder for a state dict
+MAX_FAILED_ROUNDS = 3
+
+
+@dataclass
+class SiloInfo:
+    """What the coordinator knows about one silo."""
+
+    id: str
+    peer: bytes
+    last_seen: float
+    rounds: int = 0
+    examples: int = 0
+    busy: bool = False
+
+
+@dataclass
+class RoundState:
+    """The round in flight."""
+
+    round_id: int
+    selected: set[str]
+    acc: Any
+    global_state: StateDict
+    deadline: float
+    started: float
+    answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"num_examples", "metrics", "train_s"}
+    rejected: dict[str, str] = field(default_factory=dict)  # silo -> reason
+    bytes_in: int = 0
+    bytes_out: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Coordinator:
+    """Runs a federation. `await start()`, then `await wait_done()` or `await stop()`.
+
+    Args:
+        settings: the appliance settings (uses `federation`, `train`, the home layout).
+        strategy: aggregation strategy (`federation.strategies.make_strategy(...)`).
+        initial_state: the round-0 global adapter; default `train.initial_adapter_state(settings.train, model)`.
+        on_publish: callbacks `(AdapterVersion) -> None` called after each round's checkpoint (errors are logged).
+        exporter: writes a PEFT folder for a state dict; default `train.save_adapter_dir` on the base model.
+            Without a registry export (`exporter=False`) rounds are checkpointed but not registered.
+    """
+
+    def __init__(self, settings: "ApplianceSettings", strategy: "Strategy", *, initial_state: StateDict | None = None,
+                 on_publish: list[Callable[[AdapterVersion], None]] | None = None,
+                 exporter: Exporter | None | bool = None) -> None:
+        self.settings, self.cfg, self.strategy = settings, settings.federation, strategy
+        self.run_dir = settings.federation_dir / self.cfg.run_name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.on_publish = list(on_publish or [])
+        self._exporter = exporter
+        self._initial_state = initial_state
+        self.global_state: StateDict = {}
+        self.round = 0  # last completed round
+        self.history: list[dict[str, Any]] = []
+        self.silos: dict[str, SiloInfo] = {}
+        self.phase = "idle"
+        self.current: RoundState | None = None
+        self._transport: ServerTransport | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._run_task: asyncio.Task | None = None
+        self._status_runner = None
+        self.status_url: str | None = None
+        self.address: str | None = None
+        self._registry = AdapterRegistry(settings.adapters_dir)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> str:
+        """Load the last checkpoint (or the initial state), bind the socket and status endpoint, start the rounds."""
+        self._restore()
+        self._transport = self._make_transport()
+        self.address = await self._transport.start()
+        await self._start_status_server()
+        self._tasks.append(asyncio.create_task(self._recv_loop(), name="coordinator-recv"))
+        self._run_task = asyncio.create_task(self._run_rounds(), name="coordinator-rounds")
+        return self.address
+
+    async def wait_done(self, timeout_s: float | None = None) -> None:
+        """Wait for the last round (or for the run to fail)."""
+        await asyncio.wait_for(asyncio.shield(self._run_task), timeout_s)
+
+    async def stop(self) -> None:
+        """Say BYE to the silos, cancel the tasks and close the socket and status server."""
+        if self._transport is not None:
+            bye = Bye(reason="done" if self.phase == "done" else "stopping")
+            for silo in self.silos.values():
+                await self._send(silo.peer, make_header(MsgType.BYE, bye, run=self.cfg.run_name, round_id=self.round))
+        for task in [*self._tasks, *([self._run_task] if self._run_task else [])]:
+            task.cancel()
+        for task in [*self._tasks, *([self._run_task] if self._run_task else [])]:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # the tasks log their own failures
+                pass
+        self._tasks, self._run_task = [], None
+        if self._status_runner is not None:
+            await self._status_runner.cleanup()
+            self._status_runner = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _make_transport(self) -> ServerTransport:
+        endpoint = self.cfg.bind_address or f"tcp://{self.cfg.bind_host}:{self.cfg.port}"
+        keypair = None if self.cfg.plaintext else load_keypair(self.settings.keys_dir, "coordinator")
+        if keypair is None and not self.cfg.plaintext:
+            from appliance.core.errors import ConfigError
+
+            raise ConfigError("no coordinator key pair: run `appliance federation init` first (or set federation.plaintext for tests)")
+        keys_dir = self.settings.keys_dir
+
+        def lookup(public_key: str) -> str | None:
+            return next((name for name, key in enrolled_silos(keys_dir).items() if key == public_key), None)
+
+        return ServerTransport(endpoint, keypair=keypair, lookup=lookup, plaintext=self.cfg.plaintext,
+                               max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
+
+    def _restore(self) -> None:
+        ckpt = load_latest(self.run_dir)
+        if ckpt is not None:
+            self.global_state, self.round = ckpt.global_state, ckpt.round_id
+            self.strategy.load_state_dict(ckpt.strategy_state)
+            self.history = list(ckpt.state.get("history", []))
+            for sid, info in ckpt.state.get("silos", {}).items():
+                self.silos[sid] = SiloInfo(sid, b"", 0.0, info.get("rounds", 0), info.get("examples", 0))
+            logger.info("resuming run %s after round %d from %s", self.cfg.run_name, self.round, self.run_dir)
+            return
+        if self._initial_state is None:
+            import train
+
+            self._initial_state = train.initial_adapter_state(self.settings.train, self.settings.models_dir / self.settings.model)
+        self.global_state = {k: v.detach().clone().float() for k, v in self._initial_state.items()}
+
+    # ------------------------------------------------------------------ messages
+    async def _send(self, peer: bytes, header: Header, tensors: StateDict | None = None) -> int:
+        if self._transport is None or not peer:
+            return 0
+        frames = wire.encode(header, tensors)
+        ok = await self._transport.send(peer, frames)
+        return sum(len(f) for f in frames) if ok else 0
+
+    async def _error(self, peer: bytes, code: str, message: str, round_id: int = -1) -> None:
+        logger.warning("ERROR to %s: %s: %s", peer.hex()[:12], code, message)
+        await self._send(peer, make_header(MsgType.ERROR, ErrorInfo(code=code, message=message), run=self.cfg.run_name, round_id=round_id))
+
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = await self._transport.recv()
+            try:
+                await self._handle(msg)
+            except Exception as exc:  # service boundary: one bad message never stops the coordinator
+                logger.error("failed to handle a message from %s: %s", msg.user_id or msg.peer.hex()[:12], exc, exc_info=True)
+                await self._error(msg.peer, "internal", f"{type(exc).__name__}: {exc}")
+
+    async def _handle(self, msg: Incoming) -> None:
+        try:
+            header = wire.decode_header(msg.frames)
+        except ProtocolError as exc:
+            await self._error(msg.peer, "malformed", str(exc))
+            return
+        silo_id = msg.user_id if not self.cfg.plaintext else header.silo_id
+        if not silo_id:
+            await self._error(msg.peer, "unknown_silo", "message without a silo id", header.round_id)
+            return
+        silo = self.silos.get(silo_id)
+        known = silo is not None and silo.peer == msg.peer
+        if silo is None:
+            silo = self.silos[silo_id] = SiloInfo(silo_id, msg.peer, time.time())
+        silo.peer, silo.last_seen = msg.peer, time.time()
+        if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
+            await self._welcome(silo)
+        elif header.type == MsgType.HEARTBEAT:
+            silo.busy = bool(header.body.get("busy", False))
+        elif header.type == MsgType.UPDATE:
+            await self._on_update(silo, header, msg.frames)
+        elif header.type == MsgType.BYE:
+            silo.last_seen = 0.0
+            logger.info("silo %s left: %s", silo_id, header.body.get("reason", ""))
+        elif header.type == MsgType.ERROR:
+            logger.warning("silo %s reported an error: %s", silo_id, header.body)
+            if self.current and silo_id in self.current.selected and header.round_id == self.current.round_id:
+                self.current.rejected[silo_id] = f"silo error: {header.body.get('message', '')}"
+                self.current.changed.set()
+        else:
+            await self._error(msg.peer, "unexpected", f"a coordinator does not accept {header.type.value}", header.round_id)
+
+    async def _welcome(self, silo: SiloInfo) -> None:
+        welcome = Welcome(rounds_total=self.cfg.rounds, strategy=self.strategy.name, heartbeat_interval_s=self.cfg.heartbeat_interval_s)
+        await self._send(silo.peer, make_header(MsgType.WELCOME, welcome, run=self.cfg.run_name, round_id=self.round, silo_id=silo.id))
+        logger.info("silo %s is online", silo.id)
+        rs = self.current
+        if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline:
+            rs.selected.add(silo.id)  # a silo that (re)connects mid-round picks up the current round
+            await self._send_train(rs, silo)
+
+    async def _on_update(self, silo: SiloInfo, header: Header, frames: list[bytes]) -> None:
+        rs = self.current
+        size = sum(len(f) for f in frames)
+        if rs is None or header.round_id != rs.round_id:
+            await self._error(silo.peer, "stale_round", f"update for round {header.round_id}, current round is {rs.round_id if rs else 'none'}", header.round_id)
+            return
+        rs.bytes_in += size
+        reason = self._check_update(silo.id, header, frames, rs)
+        if reason is not None:
+            code, message = reason
+            rs.rejected[silo.id] = f"{code}: {message}"
+            rs.changed.set()
+            await self._error(silo.peer, code, message, header.round_id)
+            return
+        body = UpdateResult.model_validate(header.body)
+        rs.answered[silo.id] = {"num_examples": body.num_examples, "metrics": body.metrics, "train_s": body.train_s, "bytes": size}
+        silo.rounds += 1
+        silo.examples += body.num_examples
+        rs.changed.set()
+        logger.info("round %d: accepted the update of %s (%d examples, %d bytes)", rs.round_id, silo.id, body.num_examples, size)
+
+    def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> tuple[str, str] | None:
+        """Validate an UPDATE and add it to the accumulator; returns (code, message) when it is refused."""
+        import torch
+
+        if silo_id not in rs.selected:
+            return "not_selected", f"silo {silo_id} was not selected for round {rs.round_id}"
+        if silo_id in rs.answered or silo_id in rs.rejected:
+            return "duplicate", f"silo {silo_id} already answered round {rs.round_id}"
+        if time.time() > rs.deadline:
+            return "late", f"round {rs.round_id} deadline passed"
+        limit = 3 * sum(t.numel() * 4 for t in rs.global_state.values()) + (1 << 20)
+        if header.payload_bytes > limit:
+            return "oversized", f"payload of {header.payload_bytes} bytes exceeds the {limit}-byte bound for this adapter"
+        try:
+            body = UpdateResult.model_validate(header.body)
+            tensors = wire.decode_payload(header, frames)
+            update = codec.decode(tensors, body.encoding)
+        except (ProtocolError, ValueError) as exc:
+            return "malformed", str(exc)
+        if body.num_examples <= 0:
+            return "malformed", "num_examples must be positive"
+        if update.keys() != rs.global_state.keys():
+            extra, missing = sorted(update.keys() - rs.global_state.keys()), sorted(rs.global_state.keys() - update.keys())
+            return "manifest", f"tensor names differ from the global adapter: extra {extra[:3]}, missing {missing[:3]}"
+        norm_sq = 0.0
+        for name, ref in rs.global_state.items():
+            t = update[name]
+            if tuple(t.shape) != tuple(ref.shape):
+                return "manifest", f"tensor {name!r} has shape {tuple(t.shape)}, the global adapter has {tuple(ref.shape)}"
+            if not t.is_floating_point():
+                return "manifest", f"tensor {name!r} has dtype {t.dtype}, expected a float dtype"
+            if not bool(torch.isfinite(t).all()):
+                return "non_finite", f"tensor {name!r} holds NaN or infinite values"
+            norm_sq += float(t.float().pow(2).sum())
+        if self.cfg.max_update_norm is not None and math.sqrt(norm_sq) > self.cfg.max_update_norm:
+            return "norm", f"update L2 norm {math.sqrt(norm_sq):.4g} exceeds federation.max_update_norm={self.cfg.max_update_norm}"
+        try:
+            rs.acc.add(silo_id, {k: v.float() for k, v in update.items()}, body.num_examples)
+        except ValueError as exc:
+            return "rejected", str(exc)
+        return None
+
+    # ------------------------------------------------------------------ rounds
+    def online(self) -> list[str]:
+        """Silos heard from within `silo_timeout_s`, sorted."""
+        now = time.time()
+        return sorted(s.id for s in self.silos.values() if s.peer and now - s.last_seen <= self.cfg.silo_timeout_s)
+
+    async def _run_rounds(self) -> None:
+        failed_in_row = 0
+        try:
+            while self.round < self.cfg.rounds:
+                round_id = self.round + 1
+                try:
+                    await self._wait_for_silos(round_id)
+                    await self._run_round(round_id)
+                    failed_in_row = 0
+                except RoundFailed as exc:
+                    failed_in_row += 1
+                    logger.error("round %d failed: %s", round_id, exc)
+                    self._record({"round": round_id, "failed": str(exc), "time": time.time()})
+                    if failed_in_row >= MAX_FAILED_ROUNDS:
+                        self.phase = "failed"
+                        logger.error("stopping run %s after %d failed rounds in a row", self.cfg.run_name, failed_in_row)
+                        return
+            self.phase = "done"
+            logger.info("run %s done after %d rounds", self.cfg.run_name, self.round)
+        except asyncio.CancelledError:
+            self.phase = "stopped"
+            raise
+        except Exception:
+            self.phase = "failed"
+            logger.exception("run %s failed", self.cfg.run_name)
+            raise
+
+    async def _wait_for_silos(self, round_id: int) -> None:
+        self.phase = "waiting"
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while len(self.online()) < self.cfg.min_silos:
+            if time.monotonic() > deadline:
+                raise RoundFailed(f"only {len(self.online())} of min_silos={self.cfg.min_silos} silos online after {self.cfg.start_timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+
+    async def _send_train(self, rs: RoundState, silo: SiloInfo) -> None:
+        method = codec.downlink_method(self.cfg.compression)
+        tensors, meta = codec.encode(rs.global_state, method)
+        dp_silo = self.cfg.dp_mode == "silo"
+        task = TrainTask(local_steps=self.cfg.local_steps, config=self.strategy.plan_round(rs.round_id),
+                         compression=self.cfg.compression, encoding=meta, deadline_unix=rs.deadline,
+                         dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
+                         dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0)
+        header = make_header(MsgType.TRAIN, task, run=self.cfg.run_name, round_id=rs.round_id, silo_id=silo.id)
+        sent = await self._send(silo.peer, header, tensors)
+        rs.bytes_out += sent
+        if not sent:
+            rs.rejected[silo.id] = "unreachable"
+
+    async def _run_round(self, round_id: int) -> None:
+        selected = self.online()
+        now = time.time()
+        rs = RoundState(round_id, set(selected), self.strategy.start_round(round_id, self.global_state), self.global_state,
+                        deadline=now + self.cfg.round_deadline_s, started=now)
+        self.current, self.phase = rs, "training"
+        logger.info("round %d: TRAIN to %s", round_id, ", ".join(selected))
+        for sid in selected:
+            await self._send_train(rs, self.silos[sid])
+        while True:
+            pending = rs.selected - rs.answered.keys() - rs.rejected.keys()
+            alive = [s for s in pending if time.time() - self.silos[s].last_seen <= self.cfg.silo_timeout_s]
+            if not pending or not alive or time.time() >= rs.deadline:
+                break
+            rs.changed.clear()
+            try:
+                await asyncio.wait_for(rs.changed.wait(), timeout=min(0.25, max(0.01, rs.deadline - time.time())))
+            except asyncio.TimeoutError:
+                pass
+        self.phase = "aggregating"
+        self.current = None
+        failures = sorted((rs.selected - rs.answered.keys()) | rs.rejected.keys())
+        for sid in sorted(rs.selected - rs.answered.keys() - rs.rejected.keys()):
+            logger.warning("round %d: no update from %s (%s)", round_id, sid,
+                           "deadline passed" if time.time() >= rs.deadline else "went offline")
+        if len(rs.answered) < self.cfg.min_silos:
+            raise RoundFailed(f"{len(rs.answered)} valid update(s) < min_silos={self.cfg.min_silos}; "
+                              f"failed: {', '.join(f'{s} ({rs.rejected.get(s, 'no answer')})' for s in failures) or 'none'}")
+        new_state = self.strategy.finish_round(round_id, self.global_state, rs.acc, failures)
+        if new_state is None:
+            raise RoundFailed(f"strategy {self.strategy.name} kept the previous global adapter (see its log line)")
+        self.global_state = {k: v.detach().float().contiguous() for k, v in new_state.items()}
+        self.round = round_id
+        record = self._round_record(rs, failures)
+        version = self._register(record)
+        self._checkpoint(record)
+        if version is not None:
+            self._notify(version)
+
+    def _round_record(self, rs: RoundState, failures: list[str]) -> dict[str, Any]:
+        total = sum(a["num_examples"] for a in rs.answered.values())
+        keys = sorted({k for a in rs.answered.values() for k in a["metrics"]})
+        metrics = {k: sum(a["metrics"][k] * a["num_examples"] for a in rs.answered.values() if k in a["metrics"]) /
+                   max(1, sum(a["num_examples"] for a in rs.answered.values() if k in a["metrics"])) for k in keys}
+        duration = time.time() - rs.started
+        train_s = max((a["train_s"] for a in rs.answered.values()), default=0.0)
+        epsilon = None
+        eps_fn = getattr(self.strategy, "epsilon", None)
+        if callable(eps_fn):
+            epsilon = float(eps_fn(self.cfg.dp_delta))
+        return {"round": rs.round_id, "participants": sorted(rs.answered), "failures": failures, "examples": total,
+                "metrics": metrics, "per_silo": {s: a["metrics"] for s, a in rs.answered.items()},
+                "rejected": rs.rejected, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out, "duration_s": duration,
+                "train_s_max": train_s, "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
+                "epsilon": epsilon, "strategy": self.strategy.name, "adapter": None, "time": time.time()}
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        append_jsonl(self.run_dir / "rounds.jsonl", record)
+
+    def _checkpoint(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        silos = {s.id: {"rounds": s.rounds, "examples": s.examples} for s in self.silos.values()}
+        save_checkpoint(self.run_dir, Checkpoint(self.round, self.global_state, self.strategy.state_dict(),
+                                                 {"history": self.history, "silos": silos, "run": self.cfg.run_name}))
+        append_jsonl(self.run_dir / "rounds.jsonl", record)
+        logger.info("round %d checkpointed: participants %s, metrics %s", self.round, record["participants"], record["metrics"])
+
+    def _register(self, record: dict[str, Any]) -> AdapterVersion | None:
+        """Export the global adapter as a PEFT folder and register it as the next version of the run."""
+        exporter = self._exporter
+        if exporter is False:
+            return None
+        if exporter is None:
+            exporter = self._default_exporter
+        staging = Path(tempfile.mkdtemp(prefix=".export.", dir=self.run_dir))
+        try:
+            exporter(self.global_state, staging)
+            meta = {"kind": "federated", "run": self.cfg.run_name, "round": self.round, "participants": record["participants"],
+                    "strategy": self.strategy.name, "metrics": record["metrics"], "base_model": self.settings.model,
+                    "epsilon": record["epsilon"]}
+            version = self._registry.register(self.cfg.run_name, staging, meta)
+        except Exception as exc:  # publishing must never fail the federation
+            logger.error("round %d: could not register the global adapter: %s", self.round, exc, exc_info=True)
+            return None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        record["adapter"] = version.ref
+        return version
+
+    def _notify(self, version: AdapterVersion) -> None:
+        for callback in self.on_publish:
+            try:
+                callback(version)
+            except Exception as exc:  # a callback's failure is its own business
+                logger.error("on_publish callback %r failed for %s: %s", callback, version.ref, exc, exc_info=True)
+
+    def _default_exporter(self, state: StateDict, out_dir: Path) -> None:
+        import train
+
+        train.save_adapter_dir(state, self.settings.train, self.settings.models_dir / self.settings.model, out_dir)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        """The status document of docs/CONTRACTS.md."""
+        now = time.time()
+        rs = self.current
+        return {
+            "run": self.cfg.run_name, "round": rs.round_id if rs else self.round, "completed_rounds": self.round,
+            "rounds_total": self.cfg.rounds, "phase": self.phase, "deadline": rs.deadline if rs else None,
+            "strategy": self.strategy.name, "address": self.address,
+            "silos": [{"id": s.id, "online": bool(s.peer) and now - s.last_seen <= self.cfg.silo_timeout_s,
+                       "last_seen": s.last_seen or None, "rounds": s.rounds, "examples": s.examples}
+                      for s in sorted(self.silos.values(), key=lambda s: s.id)],
+            "rounds": self.history,
+        }
+
+    async def _start_status_server(self) -> None:
+        from aiohttp import web
+
+        async def handle(_request: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        app = web.Application()
+        app.router.add_get("/status", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.bind_host if self.cfg.bind_host != "0.0.0.0" else "0.0.0.0", self.cfg.status_port)
+        await site.start()
+        self._status_runner = runner
+        port = runner.addresses[0][1]
+        self.status_url = f"http://{'127.0.0.1' if self.cfg.bind_host in ('0.0.0.0', '') else self.cfg.bind_host}:{port}/status"

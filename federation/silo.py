@@ -1,0 +1,275 @@
+"""The silo agent: connects out to the coordinator, trains each round it is given, sends back only the delta.
+
+`SiloClient(settings, trainer)` works with any `SiloTrainer` (get/set the adapter state, fit, evaluate). The
+built-in `EngineTrainer` trains with the appliance's engine (`train.fit_adapter`); `examples/custom_trainer.py`
+shows a user's own HF Trainer + peft loop behind the same interface. The private data never leaves the trainer:
+an UPDATE carries the adapter delta (`local - global`), its example count and scalar metrics, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+
+from appliance.core.errors import ConfigError, ProtocolError
+from federation import codec, wire
+from federation.keys import load_keypair
+from federation.protocol import Bye, ErrorInfo, Heartbeat, Hello, MsgType, TrainTask, UpdateResult, make_header
+from federation.transport import ClientTransport
+
+if TYPE_CHECKING:
+    import torch
+
+    from appliance.core.sections import TrainSettings
+    from appliance.core.settings import ApplianceSettings
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, "torch.Tensor"]
+
+
+@runtime_checkable
+class SiloTrainer(Protocol):
+    """What a silo needs from a training loop. Keys are the adapter-name-free peft state-dict keys."""
+
+    def get_state(self) -> StateDict:
+        """The current adapter weights."""
+
+    def set_state(self, state: StateDict) -> None:
+        """Load adapter weights (the round's global adapter)."""
+
+    def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
+        """Train `steps` optimizer steps from the current state; returns (examples seen or held, scalar metrics).
+
+        `config` is the strategy's round plan, e.g. `{"prox_mu": 0.01}` for FedProx.
+        """
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the current state on local held-out data (may be empty)."""
+
+
+def state_delta(local: StateDict, base: StateDict) -> StateDict:
+    """`local - base` in float32, key by key (the update a silo sends).
+
+    Raises:
+        ConfigError: the trainer's state has other keys than the global adapter.
+    """
+    if local.keys() != base.keys():
+        missing, extra = sorted(base.keys() - local.keys()), sorted(local.keys() - base.keys())
+        raise ConfigError(f"trainer state keys differ from the global adapter: missing {missing[:3]}, extra {extra[:3]}")
+    return {k: local[k].detach().float().cpu() - base[k].detach().float().cpu() for k in base}
+
+
+class SiloClient:
+    """A silo: `await start()`, then it trains every round the coordinator sends until `stop()` or the run ends.
+
+    Args:
+        settings: appliance settings (`federation.coordinator`, `federation.coordinator_key`, `silo_id`, keys dir).
+        trainer: the local training loop.
+        keypair: this silo's CURVE key pair; default: the one in `keys/federation/` (`appliance silo keygen`).
+    """
+
+    def __init__(self, settings: "ApplianceSettings", trainer: SiloTrainer, *, keypair=None) -> None:
+        self.settings, self.cfg, self.trainer = settings, settings.federation, trainer
+        if not self.cfg.coordinator:
+            raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
+        self.silo_id = self.cfg.silo_id or socket.gethostname()
+        if not self.cfg.plaintext and keypair is None:
+            keypair = load_keypair(settings.keys_dir, "silo")
+            if keypair is None:
+                raise ConfigError("no silo key pair: run `appliance silo keygen` and have the coordinator enroll the public key")
+        self._keypair = keypair
+        self._transport: ClientTransport | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._busy = False
+        self._ef_state: dict = {}  # top-k error feedback, kept across rounds
+        self.rounds_done: list[int] = []
+        self.last_error: dict[str, Any] | None = None
+        self.welcomed = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.sent_frames: list[list[bytes]] = []  # the last UPDATE's frames, for inspection (tests, audits)
+
+    @property
+    def address(self) -> str:
+        """The coordinator endpoint this silo connects to."""
+        return self.cfg.coordinator
+
+    async def start(self) -> None:
+        """Connect (outbound only), say HELLO, start heartbeats and the message loop."""
+        self._transport = ClientTransport(self.cfg.coordinator, server_key=None if self.cfg.plaintext else self.cfg.coordinator_key,
+                                          keypair=self._keypair, plaintext=self.cfg.plaintext,
+                                          max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
+        self._transport.connect()
+        await self._send(make_header(MsgType.HELLO, Hello(capabilities=["fp32", "bf16", "int8", "topk", "dp"]), silo_id=self.silo_id))
+        self._tasks = [asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
+                       asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat")]
+
+    async def wait_finished(self, timeout_s: float | None = None) -> None:
+        """Wait until the coordinator says the run is done."""
+        await asyncio.wait_for(self.finished.wait(), timeout_s)
+
+    async def stop(self, say_bye: bool = True) -> None:
+        """Leave (BYE unless `say_bye` is False, as a crash would) and close the socket."""
+        if self._transport is not None and say_bye:
+            await self._send(make_header(MsgType.BYE, Bye(reason="stopping"), silo_id=self.silo_id))
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # each task logs its own failure
+                pass
+        self._tasks = []
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    async def _send(self, header, tensors: StateDict | None = None) -> list[bytes]:
+        frames = wire.encode(header, tensors)
+        await self._transport.send(frames)
+        return frames
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+            await self._send(make_header(MsgType.HEARTBEAT, Heartbeat(busy=self._busy), silo_id=self.silo_id))
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._transport.recv()]
+            while (more := await self._transport.recv(timeout_s=0)) is not None:
+                batch.append(more)
+            # TRAINs that queued up while we trained (e.g. a restarted coordinator): only the newest matters.
+            trains = [f for f in batch if _peek_type(f) == MsgType.TRAIN]
+            for frames in batch:
+                if trains and frames is not trains[-1] and _peek_type(frames) == MsgType.TRAIN:
+                    logger.info("silo %s: skipping a superseded TRAIN", self.silo_id)
+                    continue
+                try:
+                    await self._dispatch(frames)
+                except Exception as exc:  # service boundary: report and keep serving
+                    logger.error("silo %s failed to handle a message: %s", self.silo_id, exc, exc_info=True)
+                    await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure", message=f"{type(exc).__name__}: {exc}"),
+                                                 silo_id=self.silo_id))
+
+    async def _dispatch(self, frames: list[bytes]) -> None:
+        try:
+            header = wire.decode_header(frames)
+        except ProtocolError as exc:
+            logger.warning("silo %s dropped a malformed message: %s", self.silo_id, exc)
+            return
+        if header.type == MsgType.WELCOME:
+            logger.info("silo %s joined run %s (round %d)", self.silo_id, header.run, header.round_id)
+            self.welcomed.set()
+        elif header.type == MsgType.TRAIN:
+            await self._train(header, frames)
+        elif header.type == MsgType.ERROR:
+            self.last_error = {"round": header.round_id, **header.body}
+            logger.warning("coordinator refused our message (round %d): %s", header.round_id, header.body)
+        elif header.type == MsgType.BYE:
+            logger.info("coordinator said BYE: %s", header.body.get("reason", ""))
+            if header.body.get("reason") == "done":
+                self.finished.set()
+        elif header.type == MsgType.HEARTBEAT:
+            pass
+
+    async def _train(self, header, frames: list[bytes]) -> None:
+        task = TrainTask.model_validate(header.body)
+        global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
+        logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
+        self._busy = True
+        started = time.monotonic()
+        try:
+            num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
+        finally:
+            self._busy = False
+        train_s = time.monotonic() - started
+        if task.dp_clip_norm is not None:
+            delta = _privatise(delta, task.dp_clip_norm, task.dp_noise_multiplier)
+        tensors, meta = codec.encode(delta, task.compression, state=self._ef_state)
+        body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=meta, train_s=train_s)
+        self.sent_frames = await self._send(make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id,
+                                                        silo_id=self.silo_id), tensors)
+        self.rounds_done.append(header.round_id)
+        logger.info("silo %s: round %d update sent (%d examples, %.1f s training)", self.silo_id, header.round_id, num_examples, train_s)
+
+    def _fit(self, global_state: StateDict, task: TrainTask) -> tuple[int, dict[str, float], StateDict]:
+        self.trainer.set_state({k: v.clone() for k, v in global_state.items()})
+        num_examples, metrics = self.trainer.fit(task.local_steps, dict(task.config))
+        return num_examples, metrics, state_delta(self.trainer.get_state(), global_state)
+
+
+def _privatise(delta: StateDict, clip_norm: float, noise_multiplier: float) -> StateDict:
+    """Silo-side DP: clip the update to `clip_norm`, then add Gaussian noise of std `noise_multiplier * clip_norm`."""
+    from federation import privacy
+
+    clipped, _norm = privacy.clip_update(delta, clip_norm)
+    if noise_multiplier > 0:
+        clipped = privacy.add_gaussian_noise(clipped, noise_multiplier * clip_norm)
+    return clipped
+
+
+def _peek_type(frames: list[bytes]) -> MsgType | None:
+    try:
+        return wire.decode_header(frames).type
+    except ProtocolError:
+        return None
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only finite numbers travel as metrics (never text that could leak data)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[str(k)[:64]] = float(v)
+    return out
+
+
+class EngineTrainer:
+    """`SiloTrainer` on the appliance's training engine (`train.fit_adapter` / `train.evaluate_adapter`).
+
+    Args:
+        cfg: training settings (LoRA shape, lr, batch, sequence length; `max_steps` is set per round).
+        model_dir: the prepared base model folder.
+        data: training JSONL path or rows (never leaves this process).
+        eval_data: optional held-out JSONL path or rows; evaluated after each round's training.
+        run_dir: optional folder for the engine's run files.
+    """
+
+    def __init__(self, cfg: "TrainSettings", model_dir: Path, data: Path | Sequence[dict], eval_data: Path | Sequence[dict] | None = None,
+                 run_dir: Path | None = None) -> None:
+        self.cfg, self.model_dir, self.data, self.eval_data, self.run_dir = cfg, Path(model_dir), data, eval_data, run_dir
+        self._state: StateDict | None = None
+
+    def get_state(self) -> StateDict:
+        if self._state is None:
+            import train
+
+            self._state = train.initial_adapter_state(self.cfg, self.model_dir)
+        return self._state
+
+    def set_state(self, state: StateDict) -> None:
+        self._state = state
+
+    def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
+        import train
+
+        result = train.fit_adapter(self.cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
+                                   prox_mu=float(config.get("prox_mu", 0.0)), run_dir=self.run_dir)
+        self._state = result.state
+        metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+        metrics.update(self.evaluate())
+        return result.num_examples, metrics
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        import train
+
+        out = train.evaluate_adapter(self.cfg, self.model_dir, self.get_state(), self.eval_data)
+        return {k: float(v) for k, v in out.items() if k in ("eval_loss", "perplexity")}
