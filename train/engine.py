@@ -1,0 +1,483 @@
+"""The training engine: peft LoRA on a causal LM, driven by DeepSpeed (ZeRO 0-3) in the calling process.
+
+On one CPU machine the engine runs in-process with the gloo backend (the distributed environment variables
+are filled in when unset, with a free port). Under the `deepspeed` launcher (`deepspeed --num_gpus N -m train
+--data ...`) the same code runs one process per GPU: the launcher sets RANK/WORLD_SIZE/LOCAL_RANK, each rank
+takes its own micro-batches, and rank 0 writes the run folder.
+
+A step is a pure function of (seed, step): the micro-batches come from `data.micro_batch(index)` and the
+dropout RNG is re-seeded per micro-batch, so resuming from a checkpoint replays exactly what an uninterrupted
+run would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.core.atomic import append_jsonl, write_json_atomic
+from appliance.core.errors import ApplianceError, ConfigError
+from train import data as datamod
+from train import lora
+
+if TYPE_CHECKING:
+    import torch
+    from appliance.core.sections.train import TrainSettings
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, "torch.Tensor"]
+Progress = Callable[[dict[str, Any]], None]
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class FitResult:
+    """What `fit_adapter` returns: the new adapter state, how many examples it trained on, and metrics."""
+
+    state: StateDict
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingFailed(ApplianceError):
+    """Training stopped with an error (the run folder's status.json says which)."""
+
+
+# ---------------------------------------------------------------- distributed setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed once per process: gloo on CPU, nccl under the launcher on GPUs.
+
+    A single process gets RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT
+    when they are unset.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if _use_cuda() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _use_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_precision(precision: str) -> str:
+    """'fp32', 'bf16' or 'fp16': auto means bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if precision != "auto":
+        if precision != "fp32" and not torch.cuda.is_available():
+            raise ConfigError(f"train.precision={precision} needs a CUDA GPU; use fp32 (or auto) on the CPU")
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def deepspeed_config(cfg: "TrainSettings", precision: str, world_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config for these settings (optimizer and schedule are passed as objects)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer and cfg.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _use_cuda()}
+    if cfg.offload_param:
+        if cfg.zero_stage != 3:
+            raise ConfigError("train.offload_param needs zero_stage=3 (ZeRO-Infinity parameter offload)")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": _use_cuda()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # a plain torch AdamW over the LoRA weights: works under every stage, on CPU and GPU alike
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup from 0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# ---------------------------------------------------------------- the loss module
+
+
+def _loss_module(peft_model: Any, prox_ref: StateDict | None, prox_mu: float, zero_stage: int) -> Any:
+    """Wrap a peft model so forward returns (loss, ce_sum, label_tokens) with the optional proximal term."""
+    import torch
+
+    class LossModule(torch.nn.Module):
+        """forward(batch) -> (mean CE + (mu/2)*||w - w_ref||^2, CE summed over label tokens, label tokens)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = peft_model
+            self.prox_pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+            if prox_ref is not None and prox_mu > 0:
+                named = dict(_named_lora_params(peft_model))
+                self.prox_pairs = [(named[k], prox_ref[k].detach().clone()) for k in sorted(named)]
+                if zero_stage == 3:
+                    import deepspeed
+
+                    for p, _ in self.prox_pairs:  # gathered for our whole forward, not only their layer's
+                        deepspeed.zero.register_external_parameter(self, p)
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.model(input_ids=input_ids, labels=labels, use_cache=False, **kw)
+            n = (labels[:, 1:] != datamod.IGNORE_INDEX).sum()
+            loss = out.loss
+            if self.prox_pairs:
+                prox = sum(((p - ref.to(p.device, p.dtype)) ** 2).sum() for p, ref in self.prox_pairs)
+                loss = loss + 0.5 * prox_mu * prox
+            return loss, out.loss.detach() * n, n
+
+    return LossModule()
+
+
+def _named_lora_params(peft_model: Any) -> list[tuple[str, Any]]:
+    """(state-dict key, parameter) of every trainable LoRA weight, keys as in get_peft_model_state_dict."""
+    out = []
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            out.append((name.replace(".default", ""), p))
+    return out
+
+
+# ---------------------------------------------------------------- the public entry point
+
+
+def plan_steps(cfg: "TrainSettings", num_rows: int, max_steps: int | None, world_size: int = 1) -> int:
+    """Optimizer steps to run: the explicit `max_steps`, else cfg.epochs over the rows, else cfg.max_steps."""
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
+        return max_steps
+    if cfg.epochs is not None:
+        per_epoch = datamod.batches_per_epoch(num_rows, cfg.batch_size, world_size)
+        return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    return cfg.max_steps
+
+
+def prepare_rows(cfg: "TrainSettings", tokenizer: Any, records: Sequence[dict[str, Any]], packing: bool | None = None) -> list[datamod.Row]:
+    """Tokenise, then pack (cfg.packing) or keep one example per row."""
+    examples = datamod.tokenize_records(tokenizer, records, cfg.max_seq_len)
+    use_packing = cfg.packing if packing is None else packing
+    return datamod.pack_examples(examples, cfg.max_seq_len) if use_packing else datamod.unpacked_rows(examples)
+
+
+def fit_adapter(
+    cfg: "TrainSettings",
+    model_dir: Path,
+    data: Path | Sequence[dict[str, Any]],
+    *,
+    init_state: StateDict | None = None,
+    max_steps: int | None = None,
+    prox_mu: float = 0.0,
+    run_dir: Path | None = None,
+    progress: Progress | None = None,
+    eval_data: Path | Sequence[dict[str, Any]] | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train a LoRA adapter on `data` and return its state.
+
+    Args:
+        cfg: the train settings section.
+        model_dir: an HF model folder (the base model).
+        data: a JSONL path or records in any supported format.
+        init_state: adapter weights to start from (default: a fresh LoRA seeded by cfg.seed).
+        max_steps: optimizer steps; overrides cfg.epochs / cfg.max_steps.
+        prox_mu: FedProx: adds (mu/2)*||w - init_state||^2 over the LoRA weights (needs init_state, else the
+            fresh initial state is the reference).
+        run_dir: where config.json, status.json, metrics.jsonl, train.log and checkpoints/ go; None writes nothing.
+        progress: called after every optimizer step with the metrics.jsonl record.
+        eval_data: held-out records; else cfg.eval_fraction of `data` is held out. Evaluated at the end.
+        resume: continue from the latest checkpoint in run_dir/checkpoints (exactly, same steps and batches).
+
+    Returns:
+        FitResult(state, num_examples, metrics) with train_loss (mean of the last steps), steps, tokens,
+        tokens_per_s, elapsed_s and eval_loss/perplexity when there is eval data.
+
+    Raises:
+        DataError: invalid data (all problems listed). ConfigError: settings that cannot work.
+        TrainingFailed: anything failing during training (status.json records it).
+    """
+    records = datamod.load_data(data)
+    if eval_data is not None:
+        train_records, eval_records = records, datamod.load_data(eval_data)
+    else:
+        train_records, eval_records = datamod.split_eval(records, cfg.eval_fraction, cfg.seed)
+    run = _RunFolder(run_dir)
+    run.start(cfg, model_dir, data)
+    handler = run.attach_log()
+    try:
+        result = _train(cfg, Path(model_dir), train_records, eval_records, init_state, max_steps, prox_mu, run, progress, resume)
+    except BaseException as exc:
+        state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
+        run.finish(state, exit_code=130 if state == "stopped" else 1, error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, (ApplianceError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            raise
+        raise TrainingFailed(f"training failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        run.detach_log(handler)
+    run.finish("done", exit_code=0)
+    return result
+
+
+def _train(
+    cfg: "TrainSettings",
+    model_dir: Path,
+    train_records: list[dict[str, Any]],
+    eval_records: list[dict[str, Any]],
+    init_state: StateDict | None,
+    max_steps: int | None,
+    prox_mu: float,
+    run: "_RunFolder",
+    progress: Progress | None,
+    resume: bool,
+) -> FitResult:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    precision = resolve_precision(cfg.precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    tokenizer = lora.load_tokenizer(model_dir)
+    rows = prepare_rows(cfg, tokenizer, train_records)
+    eval_rows = datamod.unpacked_rows(datamod.tokenize_records(tokenizer, eval_records, cfg.max_seq_len)) if eval_records else []
+    total_steps = plan_steps(cfg, len(rows), max_steps, world)
+
+    peft_model = lora.build_peft_model(cfg, model_dir, dtype, init_state)
+    ref = init_state if init_state is not None else (lora.adapter_state(peft_model) if prox_mu > 0 else None)
+    module = _loss_module(peft_model, ref, prox_mu, cfg.zero_stage)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, precision, world)
+    )
+    try:
+        start_step = run.load_checkpoint(engine) if resume else 0
+        metrics = _loop(cfg, engine, rows, tokenizer.pad_token_id, cfg.packing, start_step, total_steps, rank, world, run, progress)
+        if eval_rows:
+            ev = _evaluate_engine(engine, eval_rows, tokenizer.pad_token_id, cfg.batch_size)
+            metrics.update(ev)
+            if rank == 0:
+                run.append({"step": total_steps, "total_steps": total_steps, **ev, "time": time.time()})
+        state = _gathered_state(engine, peft_model, cfg.zero_stage)
+    finally:
+        engine.destroy()
+    return FitResult(state=state, num_examples=len(train_records), metrics=metrics)
+
+
+def _loop(
+    cfg: "TrainSettings",
+    engine: Any,
+    rows: list[datamod.Row],
+    pad_id: int,
+    packed: bool,
+    start_step: int,
+    total_steps: int,
+    rank: int,
+    world: int,
+    run: "_RunFolder",
+    progress: Progress | None,
+) -> dict[str, float]:
+    """Run optimizer steps start_step..total_steps-1; returns the training metrics."""
+    import torch
+
+    engine.train()
+    t0 = time.perf_counter()
+    tokens_total = 0
+    recent: list[float] = []
+    for step in range(start_step, total_steps):
+        step_tokens, ce_sum, ce_n = 0, 0.0, 0
+        for k in range(cfg.grad_accum):
+            index = step * cfg.grad_accum + k
+            mb = datamod.micro_batch(rows, index, cfg.batch_size, cfg.seed, rank, world)
+            batch = {key: v.to(engine.device) for key, v in datamod.collate(mb, pad_id, packed).items()}
+            torch.manual_seed(cfg.seed * 1_000_003 + index)  # dropout depends on the step only: exact resume
+            loss, s, n = engine(**batch)
+            engine.backward(loss)
+            engine.step()
+            step_tokens += sum(r.num_tokens for r in mb)
+            ce_sum += float(s)
+            ce_n += int(n)
+        tokens_total += step_tokens * world
+        elapsed = time.perf_counter() - t0
+        done = step + 1 - start_step
+        record = {
+            "step": step + 1,
+            "total_steps": total_steps,
+            "loss": ce_sum / max(1, ce_n),
+            "lr": engine.get_lr()[0],
+            "tokens_per_s": tokens_total / elapsed if elapsed > 0 else 0.0,
+            "elapsed_s": elapsed,
+            "eta_s": elapsed / done * (total_steps - step - 1),
+            "time": time.time(),
+        }
+        recent = (recent + [record["loss"]])[-10:]
+        if rank == 0:
+            run.append(record)
+        if run.enabled and ((step + 1) % cfg.checkpoint_every_steps == 0 or step + 1 == total_steps):
+            run.save_checkpoint(engine, step + 1)
+        if progress is not None and rank == 0:
+            progress(record)
+    elapsed = time.perf_counter() - t0
+    return {
+        "train_loss": sum(recent) / len(recent) if recent else float("nan"),
+        "steps": float(total_steps),
+        "tokens": float(tokens_total),
+        "tokens_per_s": tokens_total / elapsed if elapsed > 0 else 0.0,
+        "elapsed_s": elapsed,
+    }
+
+
+def _evaluate_engine(engine: Any, rows: list[datamod.Row], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over unpacked rows, through the engine (works under ZeRO-3)."""
+    import torch
+
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(engine.device) for k, v in datamod.collate(rows[i : i + batch_size], pad_id, False).items()}
+            _, s, n = engine(**batch)
+            total += float(s)
+            count += int(n)
+    engine.train()
+    loss = total / max(1, count)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(count)}
+
+
+def _gathered_state(engine: Any, peft_model: Any, zero_stage: int) -> StateDict:
+    """The adapter state as CPU float32, gathering ZeRO-3 partitions first."""
+    if zero_stage == 3:
+        import deepspeed
+
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return lora.adapter_state(peft_model)
+    return lora.adapter_state(peft_model)
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+class _RunFolder:
+    """config.json, status.json, metrics.jsonl, train.log and checkpoints/ of one run (no-ops without a folder)."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def start(self, cfg: "TrainSettings", model_dir: Path, data: Any) -> None:
+        if self.path is None or _rank() != 0:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_path = self.path / "config.json"
+        if not config_path.exists():
+            write_json_atomic(config_path, {"train": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+                                            "data": str(data) if isinstance(data, (str, Path)) else "<records>"})
+        write_json_atomic(self.path / "status.json", {"state": "running", "pid": os.getpid(), "exit_code": None, "adapter": None, "error": None})
+
+    def finish(self, state: str, exit_code: int, error: str | None = None) -> None:
+        if self.path is None or _rank() != 0:
+            return
+        write_json_atomic(self.path / "status.json", {"state": state, "pid": os.getpid(), "exit_code": exit_code, "adapter": None, "error": error})
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            append_jsonl(self.path / "metrics.jsonl", record)
+
+    def attach_log(self) -> logging.Handler | None:
+        if self.path is None or _rank() != 0:
+            return None
+        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("train").addHandler(handler)
+        return handler
+
+    def detach_log(self, handler: logging.Handler | None) -> None:
+        if handler is not None:
+            logging.getLogger("train").removeHandler(handler)
+            handler.close()
+
+    @property
+    def checkpoints(self) -> Path:
+        assert self.path is not None
+        return self.path / "checkpoints"
+
+    def save_checkpoint(self, engine: Any, step: int) -> None:
+        """DeepSpeed checkpoint of the LoRA weights, optimizer, schedule and step; older ones are pruned."""
+        tag = f"step-{step:08d}"
+        engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
+        if _rank() == 0:
+            tags = sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
+            for old in tags[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s saved", tag)
+
+    def load_checkpoint(self, engine: Any) -> int:
+        """Load the latest checkpoint; returns the step to continue from.
+
+        Raises:
+            ConfigError: there is no run folder or no checkpoint in it.
+        """
+        if self.path is None or not (self.checkpoints / "latest").exists():
+            raise ConfigError(f"nothing to resume: no checkpoint under {self.path}/checkpoints")
+        _, client = engine.load_checkpoint(str(self.checkpoints), load_module_strict=False)
+        if client is None:
+            raise ConfigError(f"the latest checkpoint under {self.checkpoints} could not be loaded")
+        log.info("resumed from step %d", client["step"])
+        return int(client["step"])
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
