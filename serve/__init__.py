@@ -1,1 +1,23 @@
-"""serve package (see DESIGN.md)."""
+"""Inference: the OpenAI-compatible router in front of vLLM workers (see DESIGN.md, "Router").
+
+`create_app(settings)` builds the router app, `run_router(settings)` serves it; `serve.fake_backend` is a fast
+fake worker for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["create_app", "run_router"]
+
+if TYPE_CHECKING:
+    from serve.app import create_app, run_router
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import serve` (and `serve.worker_launcher`) stay cheap.
+    if name in __all__:
+        from serve import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

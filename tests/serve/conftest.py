@@ -80,3 +80,54 @@ def fake_factory() -> Iterator:
     yield make
     for fake in started:
         fake.stop()
+
+
+@dataclass
+class RunningRouter:
+    """The router served by uvicorn inside the test's event loop, on a free loopback port."""
+
+    url: str
+    app: object
+    admin_token: str
+    join_token: str
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+
+@pytest.fixture
+async def router_factory(tmp_path):
+    """An async function `(workers=[FakeProcess|url...], **serve_overrides) -> RunningRouter`; all are stopped after."""
+    import asyncio
+
+    import uvicorn
+
+    from serve import create_app
+    from tests.factories import make_settings
+
+    servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
+
+    async def make(workers=(), *, home=None, **serve_overrides) -> RunningRouter:
+        specs = [{"url": w if isinstance(w, str) else w.url, "region": "local"} if not isinstance(w, dict) else w for w in workers]
+        overrides = {"workers": specs, "health_interval_s": 0.5, "retry_backoff_s": 0.01, **serve_overrides}
+        settings = make_settings(home or tmp_path / f"home{len(servers)}", serve=overrides)
+        app = create_app(settings)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        task = asyncio.create_task(server.serve())
+        servers.append((server, task))
+        for _ in range(400):
+            if server.started:
+                break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        else:
+            raise TimeoutError("router did not start")
+        return RunningRouter(f"http://127.0.0.1:{port}", app, app.state.admin_token, app.state.join_token)
+
+    yield make
+    for server, task in servers:
+        server.should_exit = True
+    for server, task in servers:
+        await asyncio.wait_for(task, 15)

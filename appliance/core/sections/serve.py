@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 
 class WorkerSpec(BaseModel):
@@ -46,3 +46,21 @@ class ServeSettings(BaseModel):
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes of each worker.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream timeout for one request.")
     max_retries: int = Field(2, ge=0, description="Extra workers tried when one fails before the first byte.")
+    retry_backoff_s: float = Field(0.05, ge=0, description="First backoff between retries (doubles each retry).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout (seconds).")
+    worker_capacity: int = Field(16, ge=1, description="Default concurrent requests a worker takes (policy scale).")
+    worker_expiry_s: float = Field(60.0, gt=0, description="A joined worker unhealthy or silent this long is removed.")
+    affinity_load_factor: float = Field(1.25, ge=1.0, description="Bounded-load factor of prefix/session affinity.")
+    adapter_replicas: int = Field(1, ge=1, description="Workers an adapter is loaded on when published.")
+    max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
+    max_adapters_per_worker: int = Field(4, ge=1, description="Adapters kept loaded per worker; the LRU one is unloaded beyond.")
+    adapter_load_timeout_s: float = Field(120.0, gt=0, description="Seconds a worker may take to load an adapter.")
+    default_rpm: int | None = Field(None, ge=1, description="Requests per minute per API key unless the key says otherwise.")
+    default_tpm: int | None = Field(None, ge=1, description="Tokens per minute per API key unless the key says otherwise.")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in ("round_robin", "least_outstanding", "score"):
+            raise ValueError(f"unknown policy {value!r}: choose round_robin, least_outstanding or score")
+        return value

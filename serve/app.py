@@ -1,0 +1,150 @@
+"""The router app: `create_app(settings)` builds it, `run_router(settings)` serves it with uvicorn.
+
+The completion routes are plain Starlette routes (no FastAPI dependency layer on the hot path); the admin API is a
+FastAPI router. One set of exception handlers turns every error into OpenAI's `{"error": {...}}` shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import TYPE_CHECKING, AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from appliance.core.errors import ConfigError
+from appliance.core.secrets import ensure_token
+from serve.errors import RouterError
+from serve.forwarding import Forwarder
+from serve.keys import KeyStore
+from serve.metrics import RouterMetrics
+from serve.placement import AdapterPlacement
+from serve.protocol import error_body
+from serve.registry import WorkerRegistry
+from serve.routes import admin, openai
+
+if TYPE_CHECKING:
+    from appliance.core.settings import ApplianceSettings
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _error_response(status: int, message: str, *, param: str | None = None, retry_after_s: float | None = None) -> Response:
+    headers = {"retry-after": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return Response(error_body(status, message, param=param), status, headers=headers, media_type="application/json")
+
+
+async def _router_error(request: Request, exc: RouterError) -> Response:
+    return _error_response(exc.status, exc.message, param=exc.param, retry_after_s=exc.retry_after_s)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    return _error_response(exc.status_code, str(exc.detail))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+    return _error_response(400, f"invalid request: {problems}")
+
+
+def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None = None) -> FastAPI:
+    """Build the router for `settings` (its `serve` section, `keys_dir` for tokens and API keys).
+
+    Args:
+        settings: the appliance settings.
+        registry: a worker registry to use instead of a fresh one built from `settings.serve.workers`.
+
+    Returns:
+        The ASGI app. Its lifespan opens the upstream HTTP client and starts the health checks.
+    """
+    cfg = settings.serve
+    metrics = RouterMetrics()
+    registry = registry or WorkerRegistry(cfg)
+    for spec in cfg.workers:
+        registry.add(spec.url, region=spec.region, models=spec.models, static=True)
+    placement = AdapterPlacement(cfg, registry, metrics)
+    keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm)
+    forwarder = Forwarder(cfg, registry, placement, metrics, keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        own_session = registry.session is None
+        if own_session:
+            registry.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await registry.start()
+        logger.info("router ready: %d worker(s), %d healthy, policy %s", len(registry.workers), len(registry.healthy()), cfg.policy)
+        try:
+            yield
+        finally:
+            await registry.stop()
+            if own_session:
+                await registry.session.close()
+                registry.session = None
+
+    app = FastAPI(title="FedLLM Appliance router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.placement = placement
+    app.state.metrics = metrics
+    app.state.forwarder = forwarder
+    app.state.admin_token = ensure_token(settings.keys_dir, "admin_token", cfg.admin_token)
+    app.state.join_token = ensure_token(settings.keys_dir, "join_token", cfg.join_token)
+    app.add_exception_handler(RouterError, _router_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_route("/v1/chat/completions", openai.chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", openai.completions, methods=["POST"])
+    app.add_route("/v1/models", openai.list_models, methods=["GET"])
+    app.add_route("/health", openai.health, methods=["GET"])
+    app.add_route("/metrics", openai.metrics, methods=["GET"])
+    app.include_router(admin.router)
+    return app
+
+
+def check_exposure(settings: ApplianceSettings) -> None:
+    """Refuse to listen beyond loopback without API keys.
+
+    Raises:
+        ConfigError: `serve.host` is not a loopback address and no API key is configured.
+    """
+    cfg = settings.serve
+    if cfg.host in LOOPBACK_HOSTS:
+        return
+    if not KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys]).required:
+        raise ConfigError(
+            f"refusing to listen on {cfg.host}: beyond 127.0.0.1 the router requires API keys; "
+            "create one with `appliance keys create --name NAME` or set serve.api_keys"
+        )
+
+
+def run_router(settings: ApplianceSettings) -> None:
+    """Serve the router with uvicorn (uvloop and httptools when installed) until interrupted.
+
+    Raises:
+        ConfigError: the bind address needs API keys and none exist.
+    """
+    import uvicorn
+
+    check_exposure(settings)
+    app = create_app(settings)
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    logger.info("router listening on http://%s:%d", settings.serve.host, settings.serve.port)
+    uvicorn.run(app, host=settings.serve.host, port=settings.serve.port, loop=loop, http=http,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,288 @@
+"""The hot path: authenticate, check limits, pick a worker, forward the body as bytes, relay the answer.
+
+Retries happen only before the client has seen a byte: connection errors, timeouts and 5xx answers move on to the
+next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
+a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line. A client
+that disconnects cancels the relay, which closes the upstream connection, so the worker aborts the request.
+Prompts and keys are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from serve.errors import RouterError, UpstreamError
+from serve.keys import ApiKey, KeyStore
+from serve.limits import RateLimiter
+from serve.policy import RouteHints, rank
+from serve.protocol import RequestFields, read_fields, sse_error_event
+
+try:  # orjson is several times faster than json on the hot path; json is the fallback
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from appliance.core.sections.serve import ServeSettings
+    from serve.metrics import RouterMetrics
+    from serve.placement import AdapterPlacement, PublishedAdapter
+    from serve.registry import Worker, WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_CHARGE = 256  # tokens charged up front to a tpm-limited key when a request names no max_tokens
+_UPSTREAM_HEADERS = {"content-type": "application/json"}
+
+
+class Forwarder:
+    """Forwards OpenAI requests to workers. One per app; state lives in the registry and placement."""
+
+    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, placement: AdapterPlacement, metrics: RouterMetrics, keys: KeyStore):
+        self.cfg = cfg
+        self.registry = registry
+        self.placement = placement
+        self.metrics = metrics
+        self.keys = keys
+        self.limiter = RateLimiter()
+        self.counter = 0
+        self._timeout: aiohttp.ClientTimeout | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.registry.session
+
+    # -- admission --
+    def authenticate(self, request: Request) -> ApiKey | None:
+        """The caller's key record; None when no keys are configured.
+
+        Raises:
+            RouterError: 401 when keys are configured and the request carries none or a wrong one.
+        """
+        if not self.keys.required:
+            return None
+        auth = request.headers.get("authorization", "")
+        scheme, _, presented = auth.partition(" ")
+        key = self.keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
+        if key is None:
+            self.metrics.error("auth")
+            raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
+        return key
+
+    async def read_request(self, request: Request) -> tuple[bytes, RequestFields]:
+        """The raw body and the routed fields.
+
+        Raises:
+            RouterError: 413 body too large, 400 invalid JSON / missing model / max_tokens over the cap.
+        """
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.metrics.error("too_large")
+            raise RouterError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (serve.max_body_bytes)")
+        body = await request.body()
+        if len(body) > limit:
+            self.metrics.error("too_large")
+            raise RouterError(413, f"request body of {len(body)} bytes exceeds the limit of {limit} bytes (serve.max_body_bytes)")
+        try:
+            data = _loads(body)
+        except ValueError as exc:
+            self.metrics.error("bad_request")
+            raise RouterError(400, "the request body is not valid JSON") from exc
+        try:
+            fields = read_fields(data)
+        except ValueError as exc:
+            self.metrics.error("bad_request")
+            raise RouterError(400, str(exc), param="model" if "model" in str(exc) else None) from exc
+        if fields.max_tokens is not None and fields.max_tokens > self.cfg.max_tokens_cap:
+            self.metrics.error("bad_request")
+            raise RouterError(400, f"max_tokens={fields.max_tokens} exceeds this router's cap of {self.cfg.max_tokens_cap} (serve.max_tokens_cap)", param="max_tokens")
+        return body, fields
+
+    def admit(self, key: ApiKey | None, fields: RequestFields) -> int:
+        """Charge the key's buckets; returns the tokens charged.
+
+        Raises:
+            RouterError: 429 with Retry-After when the key is over its requests or tokens per minute.
+        """
+        if key is None or not (key.rpm or key.tpm):
+            return 0
+        charge = fields.max_tokens or DEFAULT_TOKEN_CHARGE
+        wait = self.limiter.admit(key.name, key.rpm, key.tpm, charge, time.monotonic())
+        if wait > 0:
+            self.metrics.error("rate_limit")
+            raise RouterError(429, f"rate limit of key {key.name!r} reached; retry in {math.ceil(wait)} s", retry_after_s=wait)
+        return charge
+
+    # -- routing --
+    def choose(self, model: str, request: Request, fields: RequestFields) -> tuple[list[Worker], PublishedAdapter | None]:
+        """Workers to try, best first, and the published adapter behind `model` if any.
+
+        Raises:
+            RouterError: 404 unknown model, 503 no healthy worker can serve it.
+        """
+        adapter = self.placement.published.get(model)
+        if adapter is not None:
+            hosts = self.placement.hosts(adapter)
+            candidates = [w.candidate(model in w.adapters) for w in hosts]
+        else:
+            hosts = self.registry.serving(model)
+            candidates = [w.candidate() for w in hosts]
+            if not hosts:
+                if not self.registry.healthy():
+                    self.metrics.error("no_worker")
+                    raise RouterError(503, "no healthy worker is available; check `appliance fleet`")
+                self.metrics.error("unknown_model")
+                raise RouterError(404, f"the model `{model}` does not exist; GET /v1/models lists the served models", param="model")
+        headers = request.headers
+        hints = RouteHints(region=headers.get("x-region") or self.cfg.region, affinity_key=headers.get("x-session-id") or fields.user or fields.prefix)
+        self.counter += 1
+        ranked = rank(self.cfg.policy, candidates, hints, self.counter, self.cfg.affinity_load_factor)
+        if not ranked:
+            self.metrics.error("no_worker")
+            raise RouterError(503, f"no healthy worker serves `{model}` right now; check `appliance fleet`")
+        by_id = {w.id: w for w in hosts}
+        return [by_id[c.id] for c in ranked[: 1 + self.cfg.max_retries]], adapter
+
+    async def forward(self, request: Request, path: str) -> Response:
+        """Handle one `/v1/chat/completions` or `/v1/completions` request."""
+        import aiohttp
+
+        started = time.perf_counter()
+        key = self.authenticate(request)
+        body, fields = await self.read_request(request)
+        charged = self.admit(key, fields)
+        model = self.placement.resolve(fields.model)
+        workers, adapter = self.choose(model, request, fields)
+        if self._timeout is None:
+            self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
+        reasons: list[str] = []
+        for attempt, worker in enumerate(workers):
+            if attempt:
+                self.metrics.retries.inc()
+                await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                if adapter is not None and model not in worker.adapters:
+                    await self.placement.ensure_on(worker, adapter)
+                return await self._attempt(worker, path, body, fields, model, started, key, charged)
+            except UpstreamError as exc:
+                logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
+                               "trying another" if attempt + 1 < len(workers) else "no more workers to try")
+                reasons.append(str(exc))
+        self.metrics.error("upstream")
+        self.metrics.requests.labels(path, model, "-", "502").inc()
+        raise RouterError(502, f"the request failed on {len(workers)} worker(s) before any answer: {'; '.join(reasons)}")
+
+    async def _attempt(self, worker: Worker, path: str, body: bytes, fields: RequestFields, model: str, started: float,
+                       key: ApiKey | None, charged: int) -> Response:
+        import aiohttp
+
+        worker.outstanding += 1
+        gauge = self.metrics.outstanding.labels(worker.id)
+        gauge.inc()
+        sent = time.perf_counter()
+        try:
+            resp = await self.session.post(worker.url + path, data=body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._release(worker, gauge)
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
+            self.registry.probe_soon(worker)
+            raise UpstreamError(worker.id, f"{type(exc).__name__}: {exc}") from exc
+        if resp.status >= 500:
+            text = await _safe_text(resp)
+            self._release(worker, gauge)
+            self.registry.probe_soon(worker)
+            raise UpstreamError(worker.id, f"answered {resp.status}: {text[:200]}")
+        if adapter_used := model in worker.adapters:
+            worker.adapter_used[model] = time.monotonic()
+        streaming = fields.stream and resp.status == 200
+        if not streaming:
+            try:
+                payload = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                resp.close()
+                self._release(worker, gauge)
+                self.registry.probe_soon(worker)
+                raise UpstreamError(worker.id, f"broke before the answer was complete: {exc!r}") from exc
+            finally:
+                resp.release()
+            now = time.perf_counter()
+            self._release(worker, gauge)
+            worker.observe_ttft((now - sent) * 1000)
+            self._observe(path, model, worker, resp.status, started, sent, now)
+            if key is not None and key.tpm and resp.status == 200:
+                self._settle(key, charged, payload)
+            if adapter_used:
+                self.placement.note_hot(model)
+            return Response(payload, resp.status, media_type=resp.headers.get("content-type", "application/json"))
+        if adapter_used:
+            self.placement.note_hot(model)
+        return StreamingResponse(self._relay(resp, worker, gauge, path, model, started, sent), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def _relay(self, resp: aiohttp.ClientResponse, worker: Worker, gauge, path: str, model: str, started: float, sent: float) -> AsyncIterator[bytes]:
+        import aiohttp
+
+        tail = b""
+        first = True
+        complete = False
+        try:
+            async for chunk in resp.content.iter_any():
+                if first:
+                    first = False
+                    worker.observe_ttft((time.perf_counter() - sent) * 1000)
+                tail = (tail + chunk)[-32:]
+                yield chunk
+            if b"[DONE]" not in tail:
+                raise aiohttp.ClientPayloadError("the worker ended the stream without its [DONE] event")
+            complete = True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            logger.warning("stream from worker %s broke after the first byte: %s", worker.id, exc)
+            self.metrics.error("stream_broken")
+            self.registry.probe_soon(worker)
+            yield sse_error_event(f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete")
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()  # closes the upstream connection: the worker aborts the generation
+            self._release(worker, gauge)
+            self._observe(path, model, worker, 200 if complete else 502, started, sent, time.perf_counter())
+
+    # -- bookkeeping --
+    @staticmethod
+    def _release(worker: Worker, gauge) -> None:
+        worker.outstanding -= 1
+        gauge.dec()
+
+    def _observe(self, path: str, model: str, worker: Worker, status: int, started: float, sent: float, now: float) -> None:
+        self.metrics.requests.labels(path, model, worker.id, str(status)).inc()
+        self.metrics.latency.labels(path, model, worker.id).observe(now - started)
+        self.metrics.ttft.labels(model, worker.id).observe(now - sent)
+
+    def _settle(self, key: ApiKey, charged: int, payload: bytes) -> None:
+        try:
+            used = int(_loads(payload)["usage"]["total_tokens"])
+        except (ValueError, KeyError, TypeError):
+            return
+        self.limiter.settle(key.name, key.tpm, charged, used, time.monotonic())
+
+
+async def _safe_text(resp: aiohttp.ClientResponse) -> str:
+    import aiohttp
+
+    try:
+        return await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+        return ""
+    finally:
+        resp.release()

@@ -1,0 +1,58 @@
+"""Per-key rate limits: token buckets for requests per minute and tokens per minute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    """A bucket of `per_minute` tokens refilling continuously. Times are seconds from any monotonic clock."""
+
+    per_minute: float
+    level: float = -1.0
+    stamp: float = 0.0
+
+    def _refill(self, now: float) -> None:
+        if self.level < 0:
+            self.level, self.stamp = self.per_minute, now
+            return
+        self.level = min(self.per_minute, self.level + (now - self.stamp) * self.per_minute / 60.0)
+        self.stamp = now
+
+    def wait_s(self, amount: float, now: float) -> float:
+        """Seconds until `amount` tokens are available (0 = available now). Takes nothing."""
+        self._refill(now)
+        amount = min(amount, self.per_minute)  # a request larger than the bucket waits for a full bucket
+        return 0.0 if self.level >= amount else (amount - self.level) * 60.0 / self.per_minute
+
+    def take(self, amount: float, now: float) -> None:
+        """Take `amount` tokens (may go below zero: a debt paid back by refills)."""
+        self._refill(now)
+        self.level -= amount
+
+
+@dataclass
+class RateLimiter:
+    """Request and token buckets per key name."""
+
+    requests: dict[str, TokenBucket] = field(default_factory=dict)
+    tokens: dict[str, TokenBucket] = field(default_factory=dict)
+
+    def admit(self, key: str, rpm: int | None, tpm: int | None, tokens: int, now: float) -> float:
+        """Admit one request costing `tokens`: returns 0 and charges the buckets, or the seconds to wait (no charge)."""
+        rb = self.requests.setdefault(key, TokenBucket(rpm)) if rpm else None
+        tb = self.tokens.setdefault(key, TokenBucket(tpm)) if tpm else None
+        wait = max(rb.wait_s(1, now) if rb else 0.0, tb.wait_s(tokens, now) if tb else 0.0)
+        if wait > 0:
+            return wait
+        if rb:
+            rb.take(1, now)
+        if tb:
+            tb.take(tokens, now)
+        return 0.0
+
+    def settle(self, key: str, tpm: int | None, charged: int, used: int, now: float) -> None:
+        """Correct the token bucket once the real usage is known (refund or extra charge)."""
+        if tpm and key in self.tokens:
+            self.tokens[key].take(used - charged, now)

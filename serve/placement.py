@@ -1,0 +1,198 @@
+"""Adapter placement: which workers hold which LoRA adapters, loaded and unloaded by the router.
+
+Publishing an adapter (`POST /admin/adapters`) loads it on `adapter_replicas` workers through vLLM's
+`/v1/load_lora_adapter`. A request for a published adapter that no healthy worker holds loads it on the best
+worker first (load on demand). When the workers holding an adapter are all at capacity it is loaded on one more,
+up to `max_adapter_replicas`. Each worker keeps at most `max_adapters_per_worker` adapters: loading one more
+unloads the least recently used. Aliases map other names onto an adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serve.errors import RouterError, UpstreamError
+from serve.policy import RouteHints, rank
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from appliance.core.sections.serve import ServeSettings
+    from serve.metrics import RouterMetrics
+    from serve.registry import Worker, WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishedAdapter:
+    """An adapter the router may place on workers."""
+
+    name: str
+    path: str
+    aliases: list[str] = field(default_factory=list)
+    base_model: str | None = None
+
+    def describe(self, workers: list[str]) -> dict[str, Any]:
+        """The row of `GET /admin/adapters`."""
+        return {"name": self.name, "path": self.path, "aliases": self.aliases, "base_model": self.base_model, "workers": workers}
+
+
+class AdapterPlacement:
+    """Published adapters, their aliases, and loading/unloading them on workers."""
+
+    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, metrics: RouterMetrics):
+        self.cfg = cfg
+        self.registry = registry
+        self.metrics = metrics
+        self.published: dict[str, PublishedAdapter] = {}
+        self.aliases: dict[str, str] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._spreading: set[str] = set()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.registry.session
+
+    def resolve(self, model: str) -> str:
+        """The adapter name behind an alias, else `model` itself."""
+        return self.aliases.get(model, model)
+
+    def holders(self, name: str) -> list[Worker]:
+        """Workers that have `name` loaded."""
+        return [w for w in self.registry.workers.values() if name in w.adapters]
+
+    def hosts(self, adapter: PublishedAdapter) -> list[Worker]:
+        """Workers that could load `adapter` (they serve its base model, or any worker if the base is unknown)."""
+        workers = list(self.registry.workers.values())
+        if adapter.base_model:
+            return [w for w in workers if adapter.base_model in w.models]
+        return workers
+
+    # -- publish / unpublish --
+    async def publish(self, name: str, path: str, aliases: list[str], base_model: str | None = None) -> list[str]:
+        """Record `name` and load it on up to `adapter_replicas` of the best workers; returns their ids.
+
+        Raises:
+            RouterError: an alias is taken by another adapter (409), or every worker refused the adapter (400/502).
+        """
+        for alias in aliases:
+            if self.aliases.get(alias, name) != name or (alias in self.published and alias != name):
+                raise RouterError(409, f"alias {alias!r} already names adapter {self.aliases.get(alias, alias)!r}; unpublish it first")
+        adapter = PublishedAdapter(name, path, list(aliases), base_model)
+        self.published[name] = adapter
+        for alias in aliases:
+            self.aliases[alias] = name
+        loaded = [w.id for w in self.holders(name) if w.healthy]
+        errors: list[str] = []
+        for worker in self._ranked(adapter):
+            if len(loaded) >= self.cfg.adapter_replicas:
+                break
+            if worker.id in loaded:
+                continue
+            try:
+                await self.ensure_on(worker, adapter)
+                loaded.append(worker.id)
+            except (UpstreamError, RouterError) as exc:
+                errors.append(str(exc))
+        if not loaded and errors:
+            await self.unpublish(name)
+            raise RouterError(502, f"no worker could load adapter {name!r}: {'; '.join(errors)}")
+        logger.info("adapter %s published on %s", name, ", ".join(loaded) or "no worker yet (loads on demand)")
+        return loaded
+
+    async def unpublish(self, name: str) -> bool:
+        """Unload `name` everywhere and forget it and its aliases. Returns False if it was not published."""
+        adapter = self.published.pop(name, None)
+        for alias in [a for a, n in self.aliases.items() if n == name]:
+            del self.aliases[alias]
+        for worker in self.holders(name):
+            await self._unload(worker, name)
+        return adapter is not None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """All published adapters with the workers holding them."""
+        return [a.describe([w.id for w in self.holders(a.name)]) for a in self.published.values()]
+
+    # -- on the request path --
+    def _ranked(self, adapter: PublishedAdapter) -> list[Worker]:
+        hosts = {w.id: w for w in self.hosts(adapter)}
+        order = rank("least_outstanding", [w.candidate(adapter.name in w.adapters) for w in hosts.values()], RouteHints())
+        return [hosts[c.id] for c in order]
+
+    async def ensure_on(self, worker: Worker, adapter: PublishedAdapter) -> None:
+        """Make sure `worker` holds `adapter`, loading it (after an LRU unload if the worker is full).
+
+        Raises:
+            UpstreamError: the worker failed (connection, timeout, 5xx): try another.
+            RouterError: the worker refused the adapter (4xx), e.g. a path it cannot read.
+        """
+        lock = self._locks.setdefault((worker.id, adapter.name), asyncio.Lock())
+        async with lock:
+            if adapter.name in worker.adapters:
+                return
+            while len(worker.adapters) >= self.cfg.max_adapters_per_worker:
+                victim = min(worker.adapters, key=lambda a: worker.adapter_used.get(a, 0.0))
+                await self._unload(worker, victim)
+            await self._load(worker, adapter)
+
+    def note_hot(self, name: str) -> None:
+        """After routing to `name`: if every holder is at capacity, load it on one more worker in the background."""
+        adapter = self.published.get(name)
+        if adapter is None or name in self._spreading:
+            return
+        holders = [w for w in self.holders(name) if w.healthy and not w.draining]
+        if len(holders) >= self.cfg.max_adapter_replicas or any(w.outstanding < w.capacity for w in holders):
+            return
+        spare = [w for w in self._ranked(adapter) if name not in w.adapters and w.healthy and not w.draining]
+        if spare:
+            self._spreading.add(name)
+            task = asyncio.create_task(self._spread(spare[0], adapter))
+            task.add_done_callback(lambda _t: self._spreading.discard(name))
+
+    async def _spread(self, worker: Worker, adapter: PublishedAdapter) -> None:
+        try:
+            await self.ensure_on(worker, adapter)
+            logger.info("adapter %s is hot: also loaded on %s", adapter.name, worker.id)
+        except (UpstreamError, RouterError) as exc:
+            logger.warning("could not spread hot adapter %s to %s: %s", adapter.name, worker.id, exc)
+
+    # -- the worker API --
+    async def _load(self, worker: Worker, adapter: PublishedAdapter) -> None:
+        status, text = await self._post(worker, "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
+        if status == 200 or (status == 400 and "already been loaded" in text):
+            worker.adapters.add(adapter.name)
+            self.metrics.adapter_loads.labels("ok").inc()
+            logger.info("adapter %s loaded on %s", adapter.name, worker.id)
+            return
+        self.metrics.adapter_loads.labels("failed").inc()
+        if status >= 500:
+            raise UpstreamError(worker.id, f"load_lora_adapter answered {status}: {text[:300]}")
+        raise RouterError(400, f"worker {worker.id} refused adapter {adapter.name!r} ({status}): {text[:300]}")
+
+    async def _unload(self, worker: Worker, name: str) -> None:
+        try:
+            status, text = await self._post(worker, "/v1/unload_lora_adapter", {"lora_name": name})
+        except UpstreamError as exc:
+            logger.warning("unload of %s from %s failed: %s", name, worker.id, exc)
+            return
+        if status not in (200, 404):
+            logger.warning("unload of %s from %s answered %s: %s", name, worker.id, status, text[:200])
+            return
+        worker.adapters.discard(name)
+        worker.adapter_used.pop(name, None)
+        logger.info("adapter %s unloaded from %s", name, worker.id)
+
+    async def _post(self, worker: Worker, path: str, payload: dict[str, Any]) -> tuple[int, str]:
+        import aiohttp
+
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.cfg.adapter_load_timeout_s, connect=self.cfg.connect_timeout_s)
+            async with self.session.post(worker.url + path, json=payload, timeout=timeout) as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.registry.probe_soon(worker)
+            raise UpstreamError(worker.id, f"{path} failed: {exc!r}") from exc

@@ -1,0 +1,154 @@
+"""Routing policies: pure functions that order candidate workers for one request.
+
+Nothing here touches sockets, clocks or globals; the router passes in a snapshot of each worker
+(`Candidate`) and what it knows about the request (`RouteHints`), and gets back the workers to try, best first.
+The first is used; the rest are the failover order.
+
+Policies (`settings.serve.policy`):
+- `round_robin`: rotate over eligible workers.
+- `least_outstanding`: fewest in-flight requests relative to capacity.
+- `score` (default): a cost per worker = load + latency + region mismatch + adapter not resident - affinity,
+  where affinity is consistent hashing with bounded load (Mirrokni et al., 2018): a request's affinity key
+  (session, user, or prompt prefix) maps to a point on a hash ring, and the first worker clockwise whose load is
+  below `load_factor` times the mean load gets the bonus, so one hot prefix spills over instead of piling up.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+POLICIES = ("round_robin", "least_outstanding", "score")
+
+# Weights of the score policy, in units of "one worker's full capacity of outstanding requests".
+LATENCY_SCALE_MS = 1000.0  # 1 s of EWMA time-to-first-token costs as much as a full worker
+REGION_PENALTY = 1.0  # another region costs as much as a full worker
+NOT_RESIDENT_PENALTY = 4.0  # loading an adapter first is slow: only when no holder can take the request
+AFFINITY_BONUS = 0.75  # the affinity target wins unless it is much busier than another worker
+VNODES = 64  # ring points per worker
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A snapshot of one worker as the policy sees it."""
+
+    id: str
+    region: str = "local"
+    outstanding: int = 0
+    capacity: int = 16
+    ttft_ms: float = 0.0  # EWMA of time to first byte; 0 = not measured yet
+    healthy: bool = True
+    draining: bool = False
+    resident: bool = True  # serves the requested model, or holds the requested adapter loaded
+
+
+@dataclass(frozen=True)
+class RouteHints:
+    """What the router knows about a request."""
+
+    region: str | None = None
+    affinity_key: str | None = None
+
+
+def eligible(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Workers that may take new requests: healthy and not draining."""
+    return [c for c in candidates if c.healthy and not c.draining]
+
+
+def round_robin(candidates: Sequence[Candidate], counter: int) -> list[Candidate]:
+    """Eligible workers rotated by `counter` (the caller increments it per request)."""
+    pool = eligible(candidates)
+    if not pool:
+        return []
+    start = counter % len(pool)
+    return pool[start:] + pool[:start]
+
+
+def least_outstanding(candidates: Sequence[Candidate], counter: int = 0) -> list[Candidate]:
+    """Eligible workers by outstanding/capacity, ties rotated by `counter`."""
+    pool = eligible(candidates)
+    n = len(pool)
+    return [c for _, _, c in sorted((c.outstanding / c.capacity, (i - counter) % n, c) for i, c in enumerate(pool))] if n else []
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+@lru_cache(maxsize=256)
+def _ring(ids: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    points = sorted((_hash64(f"{wid}#{v}"), wid) for wid in ids for v in range(VNODES))
+    return tuple(p for p, _ in points), tuple(w for _, w in points)
+
+
+def affinity_target(candidates: Sequence[Candidate], key: str, load_factor: float = 1.25) -> str | None:
+    """The worker id that `key` sticks to under consistent hashing with bounded load, or None if no worker.
+
+    A worker is skipped while its outstanding requests are at or above `ceil(load_factor * (total + 1) / n)`,
+    so no worker carries more than about `load_factor` times the mean load because of affinity.
+    """
+    pool = eligible(candidates)
+    if not pool:
+        return None
+    by_id = {c.id: c for c in pool}
+    points, owners = _ring(tuple(sorted(by_id)))
+    total = sum(c.outstanding for c in pool)
+    bound = math.ceil(load_factor * (total + 1) / len(pool))
+    start = bisect.bisect(points, _hash64(key))
+    seen: set[str] = set()
+    for i in range(len(points)):
+        wid = owners[(start + i) % len(points)]
+        if wid in seen:
+            continue
+        seen.add(wid)
+        if by_id[wid].outstanding < bound:
+            return wid
+        if len(seen) == len(by_id):
+            break
+    return None
+
+
+def cost(c: Candidate, hints: RouteHints, target: str | None) -> float:
+    """The score policy's cost of sending the request to `c` (lower is better)."""
+    value = c.outstanding / c.capacity + c.ttft_ms / LATENCY_SCALE_MS
+    if hints.region is not None and c.region != hints.region:
+        value += REGION_PENALTY
+    if not c.resident:
+        value += NOT_RESIDENT_PENALTY
+    if target is not None and c.id == target:
+        value -= AFFINITY_BONUS
+    return value
+
+
+def score(candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, load_factor: float = 1.25) -> list[Candidate]:
+    """Eligible workers by cost (load, latency, region, residency, affinity), ties rotated by `counter`."""
+    pool = eligible(candidates)
+    if not pool:
+        return []
+    target = None
+    if hints.affinity_key is not None:
+        # Affinity only among workers that hold the model/adapter already (and in the client's region if any do).
+        resident = [c for c in pool if c.resident] or pool
+        local = [c for c in resident if hints.region is None or c.region == hints.region] or resident
+        target = affinity_target(local, hints.affinity_key, load_factor)
+    n = len(pool)
+    ranked = sorted((cost(c, hints, target), (i - counter) % n, c) for i, c in enumerate(pool))
+    return [c for _, _, c in ranked]
+
+
+def rank(policy: str, candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, load_factor: float = 1.25) -> list[Candidate]:
+    """Order `candidates` by the named policy (see the module docstring). Unknown names raise ValueError."""
+    if policy == "score":
+        return score(candidates, hints, counter, load_factor)
+    if policy == "least_outstanding":
+        # Residency still matters: a worker that must load an adapter first goes last.
+        ranked = least_outstanding(candidates, counter)
+        return [c for c in ranked if c.resident] + [c for c in ranked if not c.resident]
+    if policy == "round_robin":
+        ranked = round_robin(candidates, counter)
+        return [c for c in ranked if c.resident] + [c for c in ranked if not c.resident]
+    raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible wire shapes the router reads and writes.
+
+The router forwards request bodies as bytes; it only reads a few fields (`model`, `stream`, `max_tokens`, `user`,
+and the first message or prompt prefix for affinity). Errors leave in OpenAI's JSON shape, built here and nowhere
+else. Imports only pydantic and the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's `error` object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: `{"error": {...}}`."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    """One entry of `GET /v1/models`."""
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "appliance"
+    # -- our extensions --
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`."""
+
+    object: str = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+# The OpenAI `type` that goes with each HTTP status the router answers with.
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+def error_body(status: int, message: str, *, param: str | None = None) -> bytes:
+    """The JSON bytes of an OpenAI error with HTTP `status`."""
+    err = {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param, "code": status}
+    return json.dumps({"error": err}).encode()
+
+
+def sse_error_event(message: str, *, type_: str = "upstream_error", code: int = 502) -> bytes:
+    """An SSE event carrying an OpenAI error, sent when a stream breaks after its first byte."""
+    return b"data: " + json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode() + b"\n\n"
+
+
+class RequestFields(BaseModel):
+    """The few fields the router reads from a completion request (the body itself is forwarded untouched)."""
+
+    model: str
+    stream: bool = False
+    max_tokens: int | None = None
+    user: str | None = None
+    prefix: str | None = None  # our extension: the system prompt / prompt head, for prefix affinity (never logged)
+
+
+def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
+    """Pick the routed fields out of a parsed request body.
+
+    Raises:
+        ValueError: the body is not an object, or `model` is missing or not a string, or `max_tokens` is not an int.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("the request body must be a JSON object")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError("the request must name a `model` (a non-empty string)")
+    max_tokens = data.get("max_tokens", data.get("max_completion_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
+        raise ValueError("`max_tokens` must be an integer")
+    user = data.get("user")
+    return RequestFields(
+        model=model, stream=bool(data.get("stream")), max_tokens=max_tokens,
+        user=user if isinstance(user, str) else None, prefix=_prefix(data, prefix_chars),
+    )
+
+
+def _prefix(data: dict[str, Any], chars: int) -> str | None:
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        content = messages[0].get("content")
+        if isinstance(content, str):
+            return content[:chars]
+        return None
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        return prompt[:chars]
+    return None
