@@ -24,7 +24,11 @@ def encode(update: dict, method: str, state: dict | None = None) -> tuple[dict, 
         if method != "fp32":
             raise ConfigError(f"compression {method!r} needs federation/compression.py, which is missing; use fp32")
         return dict(update), {"method": "fp32"}
-    return _compression.encode(update, method, state=state)
+    tensors, meta, new_state = _compression.encode(update, method, state=state)
+    if state is not None and new_state is not None:  # compression.encode is pure; keep the caller's residual
+        state.clear()
+        state.update(new_state)
+    return tensors, meta
 
 
 def decode(tensors: dict, meta: dict[str, Any]) -> dict:
