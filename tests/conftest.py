@@ -27,3 +27,48 @@ def embedded_model_dir() -> Path:
 def tiny_model_dir(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template, built once per session."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_workers(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """TWO real vLLM OpenAI servers on the embedded model, started concurrently, stopped at session end.
+
+    Each is a `serve.worker_launcher.VLLMWorker` with `.url` (no `/v1`), `.port` and `.model`
+    ("smollm2-135m-instruct"); LoRA is enabled with runtime loading, the KV cache is 1 GiB each, and the logs are
+    `worker-PORT.log` in a temp folder (`.log_path`). Started lazily: only tests that ask for it pay for it.
+    """
+    from appliance.core.sections.serve import WorkerSettings
+    from serve.worker_launcher import VLLMWorker
+    from tests.factories import free_port
+
+    cfg = WorkerSettings(kv_cache_gib=1, max_model_len=2048, max_lora_rank=16, max_loras=2, startup_timeout_s=400)
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    workers = [VLLMWorker(cfg, embedded_model_dir, embedded_model_dir.name, free_port(), logs) for _ in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_ready()
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_worker(vllm_workers):
+    """The first of `vllm_workers`."""
+    return vllm_workers[0]
+
+
+@pytest.fixture(scope="session")
+def embedded_lora_dir(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA folder (r=8 on q/k/v/o, fresh init) for the embedded model, which vLLM can load at run time."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    out = tmp_path_factory.mktemp("embedded-lora")
+    peft_model.save_pretrained(out)
+    return out

@@ -1,0 +1,105 @@
+"""`appliance up` (the whole appliance on this machine, supervised) and `appliance status` (what runs, and is it healthy)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
+from appliance.core.secrets import ensure_token
+from appliance.core.settings import ApplianceSettings
+
+
+def state_path(settings: ApplianceSettings) -> Path:
+    """Where a running `appliance up` keeps its state (pids, URLs)."""
+    return settings.home / "run" / "up.json"
+
+
+def _prepared_model(settings: ApplianceSettings) -> str:
+    """The store name of the base model, preparing the embedded one on first use."""
+    if settings.model == EMBEDDED_NAME and not (settings.models_dir / EMBEDDED_NAME / "store.json").exists():
+        console.print("preparing the embedded model (once)...")
+        prepare_model(settings.models_dir, cache_dir=settings.home / "cache")
+    return resolve_model(settings.models_dir, settings.model).name
+
+
+def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_token: str) -> str:
+    lines = ["", "FedLLM Appliance is up. Ctrl-C stops everything.", ""]
+    lines += [f"  {c.name:<12} {c.url}" for c in children if c.url]
+    lines += ["", f"  admin token  {admin_token}   (stored in {settings.keys_dir / 'admin_token'})", f"  logs         {settings.logs_dir}", ""]
+    chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)
+    if chat:
+        auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if settings.serve.api_keys else ""
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}]})
+        lines += ["Chat:", f"  curl {chat}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+                  f"  python: OpenAI(base_url=\"{chat}\", api_key=\"...\").chat.completions.create(model=\"{model}\", messages=[...])", ""]
+    return "\n".join(lines)
+
+
+def up(
+    ctx: typer.Context,
+    port: Optional[int] = typer.Option(None, "--port", help="Router port (default: serve.port)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local vLLM workers (default: worker.count)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: worker.device)."),
+    backoff_s: float = typer.Option(1.0, "--backoff-s", help="First restart delay of a crashed child; doubles up to 30 s."),
+) -> None:
+    """Start the appliance (workers, router, and coordinator and console where installed) until Ctrl-C."""
+    from appliance.launcher import Supervisor, appliance_children, read_state
+
+    with cli_errors():
+        settings = settings_from(ctx, {"serve": {"port": port}, "worker": {"count": workers, "device": device}})
+        path = state_path(settings)
+        running = read_state(path)
+        if running is not None:
+            err_console.print(f"[bold red]error:[/] `appliance up` already runs here (pid {running['pid']}); see `appliance status`")
+            raise typer.Exit(code=1)
+        model = _prepared_model(settings)
+        admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        ensure_token(settings.keys_dir, "join_token", settings.serve.join_token)
+        children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"))
+        urls = {c.name: c.url for c in children}
+        sup = Supervisor(children, settings.logs_dir, path, backoff_initial_s=backoff_s, info={"home": str(settings.home), "urls": urls})
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        console.print(f"starting {', '.join(c.name for c in children)} (logs in {settings.logs_dir})", highlight=False)
+        sup.start(stop)
+        if not stop.is_set():
+            console.print(_banner(settings, children, model, admin_token), highlight=False, soft_wrap=True)
+        try:
+            sup.supervise(stop)
+        finally:
+            console.print("stopping...")
+            sup.stop()
+        console.print("stopped")
+
+
+def status(ctx: typer.Context) -> None:
+    """Report what `appliance up` runs here and whether each part answers its health check (exit 1 if not all do)."""
+    from appliance.launcher import child_health, read_state
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        state = read_state(state_path(settings))
+        if state is None:
+            console.print(f"`appliance up` is not running (home {settings.home})")
+            raise typer.Exit(code=3)
+        children = child_health(state)
+        console.print(f"appliance up: pid {state['pid']}, home {state.get('home')}", highlight=False)
+        for c in children:
+            health = "healthy" if c["healthy"] else ("unhealthy" if c["alive"] else "not running")
+            console.print(f"  {c['name']:<12} {health:<11} pid {c['pid']}  {c['state']:<8} restarts {c['restarts']}  {c.get('url') or ''}", highlight=False)
+        if not all(c["healthy"] for c in children):
+            raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("status")(status)

@@ -1,0 +1,404 @@
+"""The supervisor behind `appliance up`: child processes in dependency order, readiness waits, restarts, clean stop.
+
+Each child is a command line (normally a CLI command of this package run with the same interpreter), started as the
+leader of its own process group with its output in `logs/NAME.log`. The supervisor
+
+- refuses to start when a port a child needs is taken (checked for every child before any starts);
+- starts children in dependency order and waits for each one's health URL to answer 2xx before the next;
+- restarts a child that exits, after an exponential backoff (logged), reset once the child has run stably;
+- stops every child (reverse order, SIGTERM then SIGKILL of its whole group) when asked;
+- keeps `run/up.json` (its pid, every child's pid, URL, state and restarts) for `appliance status`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.core.atomic import write_json_atomic
+from appliance.core.errors import ApplianceError, ConfigError
+from serve.worker_launcher import http_ok, log_tail, start_process_group, stop_process_group
+
+log = logging.getLogger(__name__)
+
+
+class PortInUse(ApplianceError):
+    """A port a child needs is already taken by another process."""
+
+
+class ChildFailed(ApplianceError):
+    """A child exited or did not become ready while the appliance was starting."""
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """One supervised process.
+
+    Attributes:
+        name: unique name, also the log file name (`logs/NAME.log`).
+        argv: the command line.
+        health_url: URL that answers 2xx once the child is ready (None: ready as soon as it runs).
+        ports: TCP ports the child will listen on (checked free before anything starts).
+        host: the interface those ports are bound on.
+        url: the address shown to the user.
+        depends_on: names of children that must be ready first.
+        ready_timeout_s: seconds to wait for `health_url` at start.
+        env: variables added to the supervisor's environment for this child.
+    """
+
+    name: str
+    argv: list[str]
+    health_url: str | None = None
+    ports: tuple[int, ...] = ()
+    host: str = "127.0.0.1"
+    url: str | None = None
+    depends_on: tuple[str, ...] = ()
+    ready_timeout_s: float = 60.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen | None = None
+    state: str = "pending"  # pending | starting | ready | backoff | stopped
+    restarts: int = 0
+    failures: int = 0  # consecutive crashes; reset once the child stays up for `stable_after_s`
+    started_at: float = 0.0
+    next_start_at: float = 0.0
+    last_exit: int | None = None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on `host:port` (a bind with SO_REUSEADDR fails only for a live listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+def dependency_order(specs: list[ChildSpec]) -> list[ChildSpec]:
+    """`specs` sorted so that every child comes after the children it depends on (stable otherwise).
+
+    Raises:
+        ConfigError: duplicate names, an unknown dependency, or a cycle.
+    """
+    by_name = {s.name: s for s in specs}
+    if len(by_name) != len(specs):
+        raise ConfigError(f"duplicate child names in {[s.name for s in specs]}")
+    unknown = [f"{s.name} -> {d}" for s in specs for d in s.depends_on if d not in by_name]
+    if unknown:
+        raise ConfigError(f"children depend on unknown children: {', '.join(unknown)}")
+    ordered: list[ChildSpec] = []
+    done: set[str] = set()
+    while len(ordered) < len(specs):
+        ready = [s for s in specs if s.name not in done and all(d in done for d in s.depends_on)]
+        if not ready:
+            raise ConfigError(f"dependency cycle among {sorted(set(by_name) - done)}")
+        ordered.append(ready[0])
+        done.add(ready[0].name)
+    return ordered
+
+
+def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """Seconds to wait before restart number `failures` (1, 2, ...): initial, doubled each time, capped."""
+    return min(max_s, initial_s * 2 ** max(0, failures - 1))
+
+
+class Supervisor:
+    """Starts, watches and stops a set of child processes. Not thread-safe: drive it from one thread."""
+
+    def __init__(
+        self,
+        specs: list[ChildSpec],
+        logs_dir: Path,
+        state_path: Path | None = None,
+        *,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        stable_after_s: float = 60.0,
+        poll_s: float = 0.5,
+        info: dict[str, Any] | None = None,
+    ):
+        self.children = [_Child(s) for s in dependency_order(specs)]
+        self.logs_dir = Path(logs_dir)
+        self.state_path = state_path
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.stable_after_s = stable_after_s
+        self.poll_s = poll_s
+        self.info = info or {}
+
+    def child(self, name: str) -> _Child:
+        return next(c for c in self.children if c.spec.name == name)
+
+    def check_ports(self) -> None:
+        """Raise PortInUse naming every child port that is taken now."""
+        taken = [f"{c.spec.name} needs {c.spec.host}:{p}" for c in self.children for p in c.spec.ports if port_in_use(c.spec.host, p)]
+        if taken:
+            raise PortInUse(
+                f"port already in use: {'; '.join(taken)}. Stop what uses it (or a running `appliance up`), "
+                f"or choose other ports (e.g. APPLIANCE_SERVE__PORT, APPLIANCE_WORKER__BASE_PORT)"
+            )
+
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Check ports, then start every child in dependency order, each ready before the next starts.
+
+        Raises:
+            PortInUse: a port is taken (nothing was started).
+            ChildFailed: a child exited or was not ready in time (everything started is stopped again).
+        """
+        stop = stop or threading.Event()
+        self.check_ports()
+        try:
+            for child in self.children:
+                if stop.is_set():
+                    break
+                self._spawn(child)
+                self._wait_ready(child, stop)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, child: _Child) -> None:
+        spec = child.spec
+        env = {**os.environ, **spec.env}
+        child.proc = start_process_group(spec.argv, self.log_path(spec.name), env)
+        child.state = "starting"
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %s): %s", spec.name, child.proc.pid, " ".join(spec.argv))
+        self.write_state()
+
+    def log_path(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.log"
+
+    def _wait_ready(self, child: _Child, stop: threading.Event) -> None:
+        spec = child.spec
+        deadline = time.monotonic() + spec.ready_timeout_s
+        while not stop.is_set():
+            if child.proc is not None and child.proc.poll() is not None:
+                raise ChildFailed(self._failure(child, f"exited with code {child.proc.returncode} while starting"))
+            if spec.health_url is None or http_ok(spec.health_url):
+                child.state = "ready"
+                log.info("%s is ready%s", spec.name, f" at {spec.url}" if spec.url else "")
+                self.write_state()
+                return
+            if time.monotonic() > deadline:
+                raise ChildFailed(self._failure(child, f"was not ready after {spec.ready_timeout_s:.0f} s ({spec.health_url})"))
+            stop.wait(self.poll_s)
+
+    def _failure(self, child: _Child, what: str) -> str:
+        path = self.log_path(child.spec.name)
+        return f"{child.spec.name} {what}. Last lines of {path}:\n{log_tail(path)}"
+
+    def poll_once(self) -> None:
+        """One supervision step: notice exits, schedule and perform restarts, promote started children to ready."""
+        now = time.monotonic()
+        changed = False
+        for child in self.children:
+            proc = child.proc
+            if child.state in ("starting", "ready") and proc is not None and proc.poll() is not None:
+                child.last_exit = proc.returncode
+                stop_process_group(proc, timeout_s=5.0)  # members of its group may linger (vLLM's engine core)
+                child.failures += 1
+                delay = backoff_delay(child.failures, self.backoff_initial_s, self.backoff_max_s)
+                child.state, child.next_start_at = "backoff", now + delay
+                log.warning("%s exited with code %s; restarting it in %.1f s (consecutive failure %d)",
+                            child.spec.name, proc.returncode, delay, child.failures)
+                changed = True
+            elif child.state == "backoff" and now >= child.next_start_at:
+                if any(port_in_use(child.spec.host, p) for p in child.spec.ports):
+                    child.next_start_at = now + self.poll_s  # the old process still holds the port; try shortly
+                    continue
+                child.restarts += 1
+                log.warning("restarting %s (restart %d)", child.spec.name, child.restarts)
+                self._spawn(child)
+            elif child.state == "starting" and (child.spec.health_url is None or http_ok(child.spec.health_url)):
+                child.state = "ready"
+                log.info("%s is ready again", child.spec.name)
+                changed = True
+            elif child.state == "ready" and child.failures and now - child.started_at > self.stable_after_s:
+                child.failures = 0
+        if changed:
+            self.write_state()
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Poll the children until `stop` is set."""
+        while not stop.wait(self.poll_s):
+            self.poll_once()
+
+    def run(self, stop: threading.Event) -> None:
+        """start(), supervise() until `stop` is set, then stop() (also on errors)."""
+        self.start(stop)
+        try:
+            self.supervise(stop)
+        finally:
+            self.stop()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop every child, dependants first, and remove the state file."""
+        for child in reversed(self.children):
+            if child.proc is not None and child.proc.returncode is None:
+                log.info("stopping %s (pid %s)", child.spec.name, child.proc.pid)
+                stop_process_group(child.proc, timeout_s)
+            child.state = "stopped"
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)
+
+    def state(self) -> dict[str, Any]:
+        """What `run/up.json` holds: the supervisor's pid, `info`, and each child's pid, URLs, state and restarts."""
+        return {
+            "pid": os.getpid(),
+            "updated_at": time.time(),
+            **self.info,
+            "children": [
+                {
+                    "name": c.spec.name,
+                    "pid": c.proc.pid if c.proc else None,
+                    "url": c.spec.url,
+                    "health_url": c.spec.health_url,
+                    "state": c.state,
+                    "restarts": c.restarts,
+                    "last_exit": c.last_exit,
+                    "log": str(self.log_path(c.spec.name)),
+                }
+                for c in self.children
+            ],
+        }
+
+    def write_state(self) -> None:
+        if self.state_path is not None:
+            write_json_atomic(self.state_path, self.state())
+
+
+def read_state(state_path: Path) -> dict[str, Any] | None:
+    """The state file of a running `appliance up`, or None when none is running (no file, or its pid is gone)."""
+    try:
+        state = json.loads(Path(state_path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if pid_alive(int(state.get("pid", 0))) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (and is not a zombie we could reap)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def child_health(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each child of a state file with `alive` (its pid exists) and `healthy` (its health URL answers 2xx now)."""
+    out = []
+    for c in state.get("children", []):
+        alive = bool(c.get("pid")) and pid_alive(int(c["pid"]))
+        healthy = alive and (c.get("health_url") is None or http_ok(c["health_url"]))
+        out.append({**c, "alive": alive, "healthy": healthy})
+    return out
+
+
+# -- the appliance's own children ------------------------------------------------------------------------------------
+
+def cli_command(path: list[str]) -> Any | None:
+    """The click command at `appliance PATH...` if this installation has it (None otherwise), without running it."""
+    import click
+    import typer
+
+    from appliance.cli import app
+
+    cmd: Any = typer.main.get_command(app)
+    for part in path:
+        if not isinstance(cmd, click.Group) or part not in cmd.commands:
+            return None
+        cmd = cmd.commands[part]
+    return None if isinstance(cmd, click.Group) else cmd
+
+
+def _first_command(candidates: list[list[str]]) -> tuple[list[str], set[str]] | None:
+    """The first of `candidates` that exists, with the option names it accepts."""
+    for path in candidates:
+        cmd = cli_command(path)
+        if cmd is not None:
+            return path, {opt for p in cmd.params for opt in getattr(p, "opts", [])}
+    return None
+
+
+def appliance_children(settings: Any, model: str, python: str, *, config_file: Path | None = None) -> list[ChildSpec]:
+    """The processes of `appliance up` for `settings`: local workers, then the router, coordinator and console
+    where this installation has their commands (each found by its CLI path, so parts can land independently).
+
+    Args:
+        settings: the effective ApplianceSettings.
+        model: the prepared model's store name.
+        python: the interpreter that runs `-m appliance`.
+        config_file: the YAML file `up` was given, passed on to every child.
+    """
+    base_env = {"APPLIANCE_HOME": str(settings.home)}
+    if config_file is not None:
+        base_env["APPLIANCE_CONFIG"] = str(config_file)
+    run = [python, "-m", "appliance"]
+    w = settings.worker
+    children: list[ChildSpec] = []
+    for i in range(w.count):
+        port = w.base_port + i
+        children.append(ChildSpec(
+            name=f"worker-{i}", argv=[*run, "worker", "start", "--model", model, "--port", str(port), "--device", w.device],
+            health_url=f"http://127.0.0.1:{port}/health", ports=(port,), url=f"http://127.0.0.1:{port}/v1",
+            ready_timeout_s=w.startup_timeout_s, env=base_env,
+        ))
+    workers = [c.name for c in children]
+    s = settings.serve
+    router = _first_command([["serve"], ["serve", "start"]])
+    if router is not None:
+        static = [ws.model_dump() for ws in s.workers]
+        local = [{"url": f"http://127.0.0.1:{w.base_port + i}", "region": w.region, "models": [model]} for i in range(w.count)]
+        children.append(ChildSpec(
+            name="router", argv=[*run, *router[0], "--host", s.host, "--port", str(s.port)],
+            health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host, url=f"http://{_shown(s.host)}:{s.port}/v1",
+            depends_on=tuple(workers), env={**base_env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
+        ))
+    f = settings.federation
+    coordinator = _first_command([["coordinator", "start"], ["federation", "coordinator"], ["federation", "server"]])
+    if coordinator is not None:
+        children.append(ChildSpec(
+            name="coordinator", argv=[*run, *coordinator[0]], health_url=f"http://127.0.0.1:{f.status_port}/status",
+            ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
+            url=f"tcp://{_shown(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=base_env,
+        ))
+    console = _first_command([["ui"], ["ui", "start"]])
+    if console is not None:
+        u = settings.ui
+        flags = [*(["--host", u.host] if "--host" in console[1] else []), *(["--port", str(u.port)] if "--port" in console[1] else [])]
+        children.append(ChildSpec(
+            name="console", argv=[*run, *console[0], *flags], health_url=f"http://127.0.0.1:{u.port}/",
+            ports=(u.port,), host=u.host, url=f"http://{_shown(u.host)}:{u.port}",
+            depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator")), ready_timeout_s=120.0, env=base_env,
+        ))
+    return children
+
+
+def _shown(host: str) -> str:
+    """A host as a user can type it into a URL (a wildcard bind is reached via localhost)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
