@@ -1,0 +1,125 @@
+"""`appliance serve`, `appliance keys`, `appliance fleet`, `appliance adapters`: the router and its fleet."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from appliance.commands.common import cli_errors, console, settings_from
+from appliance.core.secrets import ensure_token
+
+keys_app = typer.Typer(help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True)
+adapters_app = typer.Typer(help="Publish registry adapters on the router's workers.", no_args_is_help=True)
+
+
+def _admin(ctx: typer.Context, router: Optional[str]):
+    from serve.admin_client import AdminClient, router_url
+
+    settings = settings_from(ctx)
+    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+    return settings, AdminClient(router or router_url(settings.serve.host, settings.serve.port), token)
+
+
+_ROUTER = typer.Option(None, "--router", help="Router URL (default: from settings, http://127.0.0.1:8000).")
+
+
+def serve(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address; beyond 127.0.0.1 API keys are required."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="round_robin | least_outstanding | score."),
+) -> None:
+    """Run the OpenAI-compatible router in the foreground (workers from settings or `POST /admin/workers`)."""
+    from serve import run_router
+
+    with cli_errors():
+        settings = settings_from(ctx, {"serve": {"host": host, "port": port, "policy": policy}})
+        console.print(f"router on http://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops it)", highlight=False)
+        run_router(settings)
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    name: str = typer.Option(..., "--name", help="A name for the key (who uses it)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute (default: unlimited)."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute (default: unlimited)."),
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from serve.keys import create_key
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        key = create_key(settings.keys_dir, name, rpm=rpm, tpm=tpm)
+        console.print(key, highlight=False, soft_wrap=True)
+        typer.echo(f"key {name!r} created (rpm={rpm or 'unlimited'}, tpm={tpm or 'unlimited'}); it is shown only now", err=True)
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """List key names and limits (never the keys)."""
+    from serve.keys import load_keys
+
+    with cli_errors():
+        for k in load_keys(settings_from(ctx).keys_dir):
+            console.print(f"{k.name}\trpm={k.rpm or '-'}\ttpm={k.tpm or '-'}", highlight=False)
+
+
+def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
+    """List the router's workers: region, health, load, latency, models and adapters."""
+    from rich.table import Table
+
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        table = Table("id", "url", "region", "healthy", "draining", "outstanding", "latency ms", "models", "adapters")
+        for w in client.workers():
+            table.add_row(w["id"], w["url"], w["region"], "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
+                          str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
+        console.print(table)
+
+
+@adapters_app.command("list")
+def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
+    """Registry versions, and which are published on the router (if it is running)."""
+    from appliance.core.adapter_registry import AdapterRegistry
+    from serve.admin_client import RouterUnavailable
+
+    with cli_errors():
+        settings, client = _admin(ctx, router)
+        try:
+            published = {a["name"]: a for a in client.adapters()}
+        except RouterUnavailable:
+            published = {}
+        for v in AdapterRegistry(settings.adapters_dir).list():
+            row = published.get(v.served_name)
+            state = f"published on {', '.join(row['workers']) or 'no worker yet'}" if row else "-"
+            console.print(f"{v.ref}\t{v.served_name}\t{state}", highlight=False)
+
+
+@adapters_app.command("publish")
+def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."), router: Optional[str] = _ROUTER) -> None:
+    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION and as NAME."""
+    from appliance.core.adapter_registry import AdapterRegistry
+
+    with cli_errors():
+        settings, client = _admin(ctx, router)
+        version = AdapterRegistry(settings.adapters_dir).get(ref)
+        out = client.publish(version.served_name, str(version.path), [version.name])
+        console.print(f"published {version.served_name} (alias {version.name}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+
+
+@adapters_app.command("unpublish")
+def adapters_unpublish(ctx: typer.Context, name: str = typer.Argument(..., help="Served name (NAME-vVERSION)."), router: Optional[str] = _ROUTER) -> None:
+    """Unload an adapter from every worker."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        client.unpublish(name)
+        console.print(f"unpublished {name}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("fleet")(fleet)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(adapters_app, name="adapters")

@@ -1,0 +1,94 @@
+"""The routing policies are pure: checked on hand-built worker snapshots."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from serve.policy import Candidate, RouteHints, affinity_target, rank
+
+
+def _workers(n: int, **kw) -> list[Candidate]:
+    return [Candidate(f"w{i}", **kw) for i in range(n)]
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_outstanding", "score"])
+def test_unhealthy_and_draining_never_chosen(policy):
+    ws = [Candidate("sick", healthy=False), Candidate("drain", draining=True), Candidate("ok", outstanding=50)]
+    for counter in range(20):
+        assert [c.id for c in rank(policy, ws, RouteHints(affinity_key=f"k{counter}"), counter)] == ["ok"]
+    assert rank(policy, ws[:2], RouteHints(), 0) == []
+
+
+def test_round_robin_rotates_evenly():
+    ws = _workers(3)
+    firsts = Counter(rank("round_robin", ws, RouteHints(), i)[0].id for i in range(30))
+    assert firsts == {"w0": 10, "w1": 10, "w2": 10}
+
+
+def test_least_outstanding_prefers_relative_load():
+    ws = [Candidate("a", outstanding=4, capacity=4), Candidate("b", outstanding=6, capacity=16)]
+    assert rank("least_outstanding", ws, RouteHints())[0].id == "b"
+
+
+def test_score_prefers_client_region_until_it_is_busy():
+    # Arrange: same load, one in the client's region
+    ws = [Candidate("us", region="us"), Candidate("eu", region="eu")]
+    # Act / Assert
+    assert rank("score", ws, RouteHints(region="eu"))[0].id == "eu"
+    assert rank("score", ws, RouteHints(region="us"))[0].id == "us"
+    busy_eu = [ws[0], replace(ws[1], outstanding=40)]  # 2.5x its capacity: another region is cheaper
+    assert rank("score", busy_eu, RouteHints(region="eu"))[0].id == "us"
+
+
+def test_score_prefers_adapter_residency():
+    ws = [Candidate("cold", resident=False), Candidate("warm", resident=True, outstanding=8)]
+    assert rank("score", ws, RouteHints())[0].id == "warm"
+    assert rank("least_outstanding", ws, RouteHints())[0].id == "warm"
+    assert rank("round_robin", ws, RouteHints(), 0)[0].id == "warm"
+
+
+def test_score_prefers_low_latency():
+    ws = [Candidate("slow", ttft_ms=900), Candidate("fast", ttft_ms=50)]
+    assert rank("score", ws, RouteHints())[0].id == "fast"
+
+
+def test_affinity_is_sticky_and_spread_over_keys():
+    ws = _workers(4)
+    targets = {k: affinity_target(ws, f"session-{k}") for k in range(200)}
+    assert all(affinity_target(ws, f"session-{k}") == t for k, t in targets.items())  # deterministic
+    spread = Counter(targets.values())
+    assert set(spread) == {"w0", "w1", "w2", "w3"} and min(spread.values()) > 20
+    # Removing one worker moves only the keys it owned (consistent hashing).
+    fewer = [w for w in ws if w.id != "w3"]
+    moved = sum(1 for k, t in targets.items() if t != "w3" and affinity_target(fewer, f"session-{k}") != t)
+    assert moved == 0
+
+
+def test_bounded_load_holds_under_a_hot_prefix():
+    # Arrange: 4 idle workers; 200 requests share one prefix and none finishes.
+    load_factor = 1.25
+    ws = {f"w{i}": Candidate(f"w{i}") for i in range(4)}
+    # Act
+    for counter in range(200):
+        best = rank("score", list(ws.values()), RouteHints(affinity_key="hot system prompt"), counter, load_factor)[0]
+        ws[best.id] = replace(best, outstanding=best.outstanding + 1)
+    # Assert: no worker exceeds the bound of ceil(c * mean) (+1 for the request that reached the bound)
+    loads = sorted(w.outstanding for w in ws.values())
+    assert sum(loads) == 200
+    assert loads[-1] <= math.ceil(load_factor * 200 / 4) + 1, loads
+
+
+def test_affinity_sticks_while_under_the_bound():
+    ws = [Candidate(f"w{i}", outstanding=1) for i in range(3)]
+    target = affinity_target(ws, "conversation-42")
+    first = [rank("score", ws, RouteHints(affinity_key="conversation-42"), counter)[0].id for counter in range(10)]
+    assert set(first) == {target}
+
+
+def test_unknown_policy_raises():
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        rank("random", _workers(2), RouteHints())
