@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class WorkerSpec(BaseModel):
@@ -16,11 +16,13 @@ class WorkerSpec(BaseModel):
 class WorkerSettings(BaseModel):
     """How a local vLLM worker is launched (`appliance worker start`, `appliance up`)."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
     count: int = Field(1, ge=0, description="Local workers `appliance up` starts.")
     base_port: int = Field(8100, ge=1, le=65535, description="Port of the first local worker; the next ones count up.")
     device: str = Field("cpu", description="cpu | cuda.")
     max_model_len: int = Field(2048, ge=64, description="vLLM --max-model-len.")
-    kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB; rounded up to a whole GiB).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM --gpu-memory-utilization on CUDA.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size on CUDA.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM --max-lora-rank (largest adapter rank it can load).")
