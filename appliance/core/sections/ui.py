@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 
 class UISettings(BaseModel):
-    """Where the console listens and how it logs people in."""
+    """Where the console listens, how it logs people in, and where it finds the services it fronts."""
 
     host: str = Field("127.0.0.1", description="Console bind address; beyond 127.0.0.1 a login is required.")
     port: int = Field(7860, ge=0, le=65535, description="Console port.")
+    router_url: str | None = Field(None, description="Router base URL; None = http://127.0.0.1:<serve.port>.")
+    coordinator_url: str | None = Field(
+        None, description="Federation coordinator status base URL; None = http://127.0.0.1:<federation.status_port>."
+    )
+    users: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Extra console logins (user -> password); user 'admin' with the admin token always works."
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="Seconds between refreshes of live views (training progress, federation).")
+    request_timeout_s: float = Field(10.0, gt=0, description="Timeout of the console's calls to the router and coordinator (not chat streams).")

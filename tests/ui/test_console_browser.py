@@ -1,0 +1,41 @@
+"""The console in real headless Chromium against a console process on loopback."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.ui.conftest import screenshot
+
+pytestmark = pytest.mark.browser
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_chat_streams_answer_through_router(page, console, fake_router):
+    page.goto(console.url)
+    expect(page.locator("#chat-model input")).to_have_value("smollm2-135m-instruct")
+    page.locator("#chat-input textarea").fill("Say hello")
+    page.locator("#chat-send").click()
+    bot = page.locator("#chatbot")
+    expect(bot).to_contain_text("Hello from smollm2-135m-instruct", timeout=20_000)
+    expect(bot).to_contain_text("word by word", timeout=20_000)
+    assert fake_router.state.chats[-1]["stream"] is True
+    assert fake_router.state.chats[-1]["messages"][-1] == {"role": "user", "content": "Say hello"}
+    screenshot(page, "chat")
+
+
+def test_tabs_show_service_down_without_crashing(page, console):
+    page.goto(console.url)
+    open_tab(page, "Federation")
+    expect(page.locator("#fed-status")).to_contain_text("not reachable", timeout=20_000)
+    screenshot(page, "federation-down")
+    open_tab(page, "Fleet")
+    screenshot(page, "fleet")
+    open_tab(page, "Adapters")
+    expect(page.locator("#adapters-status")).to_contain_text("No adapters yet")
+    screenshot(page, "adapters")

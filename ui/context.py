@@ -1,0 +1,74 @@
+"""What every tab needs: the settings, the service clients, the state folder, and a guard for event handlers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.core.adapter_registry import AdapterRegistry
+from appliance.core.errors import ApplianceError
+from appliance.core.secrets import ensure_token
+from appliance.core.settings import ApplianceSettings
+from ui.services import RouterClient, ServiceClient, coordinator_client
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsoleContext:
+    """Shared by the tabs. Built once per console process from the settings."""
+
+    settings: ApplianceSettings
+    router: RouterClient
+    coordinator: ServiceClient
+    registry: AdapterRegistry
+    admin_token: str
+    # (fn, inputs, outputs) the tabs want run when a page opens; the app wires them to `Blocks.load`.
+    on_load: list[tuple[Callable[..., Any], list[Any], list[Any]]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: ApplianceSettings) -> "ConsoleContext":
+        """Resolve service URLs and tokens (the admin token from settings or `keys/admin_token`)."""
+        ui = settings.ui
+        router_url = ui.router_url or f"http://127.0.0.1:{settings.serve.port}"
+        coordinator_url = ui.coordinator_url or f"http://127.0.0.1:{settings.federation.status_port}"
+        admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        api_key = settings.serve.api_keys[0].get_secret_value() if settings.serve.api_keys else None
+        return cls(
+            settings=settings,
+            router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s),
+            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s),
+            registry=AdapterRegistry(settings.adapters_dir),
+            admin_token=admin_token,
+        )
+
+
+def problem(exc: BaseException) -> str:
+    """A one-paragraph Markdown message for a failure shown in a tab."""
+    return f"⚠️ {exc}"
+
+
+def guarded(fallback: Callable[[str], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a Gradio event handler so any failure becomes `fallback(message)` in the tab, never a crash.
+
+    The console is a service boundary: unexpected errors are logged with their traceback, expected ones
+    (a service down, bad input) only shown.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ApplianceError as exc:
+                return fallback(problem(exc))
+            except Exception as exc:  # noqa: BLE001 - service boundary: report in the tab, log the traceback
+                logger.exception("console handler %s failed", fn.__name__)
+                return fallback(problem(f"{type(exc).__name__}: {exc}"))
+
+        return inner
+
+    return wrap

@@ -1,0 +1,165 @@
+"""Federation tab: the coordinator's live status, enrolment of silos, start/stop, and the bundled demo."""
+
+from __future__ import annotations
+
+import html
+import importlib
+import sys
+import time
+from typing import Any
+
+from ui import launcher
+from ui.context import ConsoleContext, guarded, problem
+from ui.runs import format_duration, tail
+from ui.services import ServiceUnavailable
+
+SILO_HEADERS = ["silo", "online", "last seen", "rounds", "examples"]
+ROUND_HEADERS = ["round", "participants", "train loss", "eval loss", "bytes in", "bytes out", "duration (s)", "epsilon", "adapter"]
+
+
+def summary_markdown(status: dict[str, Any], now: float | None = None) -> str:
+    """Round, phase, deadline and strategy as a short Markdown block."""
+    now = time.time() if now is None else now
+    deadline = status.get("deadline")
+    left = f"{format_duration(float(deadline) - now)} left" if isinstance(deadline, (int, float)) and deadline > now else "-"
+    return (f"**Run** `{status.get('run', '?')}` · **round** {status.get('round', '?')} / {status.get('rounds_total', '?')}"
+            f" · **phase** {status.get('phase', '?')} · **deadline** {left} · **strategy** {status.get('strategy', '?')}")
+
+
+def silo_rows(status: dict[str, Any], now: float | None = None) -> list[list[Any]]:
+    """Rows of the silos table."""
+    now = time.time() if now is None else now
+    rows = []
+    for s in status.get("silos", []):
+        seen = s.get("last_seen")
+        ago = f"{format_duration(now - float(seen))} ago" if isinstance(seen, (int, float)) else ""
+        rows.append([s.get("id"), "yes" if s.get("online") else "no", ago, s.get("rounds", 0), s.get("examples", 0)])
+    return rows
+
+
+def round_rows(status: dict[str, Any]) -> list[list[Any]]:
+    """Rows of the rounds table."""
+    rows = []
+    for r in status.get("rounds", []):
+        m = r.get("metrics") or {}
+        parts = r.get("participants")
+        rows.append([r.get("round"), ", ".join(parts) if isinstance(parts, list) else parts, _num(m.get("train_loss")),
+                     _num(m.get("eval_loss")), r.get("bytes_in"), r.get("bytes_out"), _num(r.get("duration_s"), 1),
+                     _num(r.get("epsilon"), 3), r.get("adapter") or ""])
+    return rows
+
+
+def _num(x: Any, digits: int = 4) -> Any:
+    return round(float(x), digits) if isinstance(x, (int, float)) else ""
+
+
+def eval_frame(status: dict[str, Any]):
+    """A long table (round, eval_loss, series) of the global and per-silo eval loss across rounds."""
+    import pandas as pd
+
+    rows = []
+    for r in status.get("rounds", []):
+        m = r.get("metrics") or {}
+        if isinstance(m.get("eval_loss"), (int, float)):
+            rows.append({"round": r["round"], "eval_loss": float(m["eval_loss"]), "series": "global"})
+        for silo, sm in (r.get("per_silo") or {}).items():
+            value = sm.get("eval_loss", sm.get("train_loss")) if isinstance(sm, dict) else None
+            if isinstance(value, (int, float)):
+                rows.append({"round": r["round"], "eval_loss": float(value), "series": str(silo)})
+    return pd.DataFrame(rows, columns=["round", "eval_loss", "series"])
+
+
+def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
+    """`python -m appliance --home HOME ARGS...`."""
+    return [sys.executable, "-m", "appliance", "--home", str(ctx.settings.home), *args]
+
+
+def running_launch(ctx: ConsoleContext, kind: str) -> dict[str, Any] | None:
+    """The newest launch of `kind` that is still running."""
+    return next((r for r in launcher.list_records(ctx.settings.home, kind) if launcher.pid_alive(r.get("pid"))), None)
+
+
+def build(ctx: ConsoleContext) -> None:
+    """Lay out the Federation tab inside the current `gr.Tab`."""
+    import gradio as gr
+
+    fed = ctx.settings.federation
+    status_md = gr.Markdown("", elem_id="fed-status")
+    summary = gr.Markdown("", elem_id="fed-summary")
+    with gr.Row():
+        silos = gr.Dataframe(headers=SILO_HEADERS, value=[], interactive=False, label="Silos", elem_id="fed-silos")
+        plot = gr.LinePlot(eval_frame({}), x="round", y="eval_loss", color="series", title="Eval loss per round",
+                           height=260, elem_id="fed-plot")
+    rounds = gr.Dataframe(headers=ROUND_HEADERS, value=[], interactive=False, label="Rounds", elem_id="fed-rounds")
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("#### Enrol a silo")
+            silo_name = gr.Textbox(label="Silo name", elem_id="fed-silo-name")
+            silo_key = gr.Textbox(label="Silo public key (z85, 40 characters)", elem_id="fed-silo-key")
+            enrol = gr.Button("Enrol", elem_id="fed-enrol")
+        with gr.Column():
+            gr.Markdown("#### Run a federation")
+            with gr.Row():
+                n_rounds = gr.Number(label="Rounds", value=fed.rounds, precision=0, minimum=1)
+                strategy = gr.Dropdown(label="Strategy", value=fed.strategy, allow_custom_value=True,
+                                       choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum"])
+            with gr.Row():
+                min_silos = gr.Number(label="Min silos", value=fed.min_silos, precision=0, minimum=1)
+                local_steps = gr.Number(label="Local steps", value=fed.local_steps, precision=0, minimum=1)
+            with gr.Row():
+                start = gr.Button("Start coordinator", variant="primary", elem_id="fed-start")
+                stop = gr.Button("Stop", elem_id="fed-stop")
+                demo = gr.Button("Run the 3-silo demo", elem_id="fed-demo")
+    action = gr.Markdown("", elem_id="fed-action")
+    timer = gr.Timer(ctx.settings.ui.poll_interval_s)
+
+    def refresh():
+        try:
+            status = ctx.coordinator.request("GET", "/status")
+        except ServiceUnavailable as exc:
+            return problem(exc), "", [], [], eval_frame({})
+        if not isinstance(status, dict):
+            return problem("The coordinator's /status did not answer a JSON object."), "", [], [], eval_frame({})
+        return "", summary_markdown(status), silo_rows(status), round_rows(status), eval_frame(status)
+
+    @guarded(lambda msg: msg)
+    def on_enrol(name: str, key: str):
+        keys = importlib.import_module("federation.keys")
+        keys.enroll_silo(ctx.settings.keys_dir, name.strip(), key.strip())
+        return f"Enrolled silo **{html.escape(name.strip())}**; it can join at the next round."
+
+    @guarded(lambda msg: msg)
+    def on_start(rounds_n: float, strat: str, min_n: float, steps: float):
+        if running_launch(ctx, "coordinator"):
+            return problem("A coordinator started from this console is already running; stop it first.")
+        cmd = appliance_cmd(ctx, "coordinator", "start", "--rounds", str(int(rounds_n)), "--strategy", strat,
+                            "--min-silos", str(int(min_n)), "--local-steps", str(int(steps)))
+        record = launcher.launch(ctx.settings.home, "coordinator", cmd)
+        return f"Started the coordinator (pid {record.get('pid')}); log: `{record['log']}`."
+
+    @guarded(lambda msg: msg)
+    def on_stop():
+        for kind in ("coordinator", "demo"):
+            record = running_launch(ctx, kind)
+            if record and launcher.stop(ctx.settings.home, record["id"]):
+                return f"Asked the {kind} (pid {record['pid']}) to stop."
+        return problem("No coordinator or demo started from this console is running.")
+
+    @guarded(lambda msg: msg)
+    def on_demo():
+        if running_launch(ctx, "demo"):
+            return problem("The demo is already running.")
+        record = launcher.launch(ctx.settings.home, "demo", appliance_cmd(ctx, "federation", "demo"))
+        time.sleep(1.0)
+        record = launcher.read_record(launcher.launches_dir(ctx.settings.home) / f"{record['id']}.json")
+        if record.get("exit_code") not in (None, 0):
+            return problem(f"The demo exited with code {record['exit_code']}:\n```\n{tail(record['log'], 12)}\n```")
+        return f"Started the 3-silo demo (pid {record.get('pid')}); rounds appear above as they finish."
+
+    outputs = [status_md, summary, silos, rounds, plot]
+    timer.tick(refresh, None, outputs, show_progress="hidden")
+    enrol.click(on_enrol, [silo_name, silo_key], action)
+    start.click(on_start, [n_rounds, strategy, min_silos, local_steps], action)
+    stop.click(on_stop, None, action)
+    demo.click(on_demo, None, action)
+    ctx.on_load.append((refresh, [], outputs))

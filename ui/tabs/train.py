@@ -1,0 +1,232 @@
+"""Train tab: validate a JSONL file, start `appliance train` as a detached process, and watch runs from disk.
+
+Everything shown comes from `runs/ID/` and the launch records (see `ui.runs`), polled by a `gr.Timer`, so the
+progress and the loss plot survive a page reload and keep moving while the run trains.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.core.errors import DataError
+from ui import launcher
+from ui.context import ConsoleContext, guarded, problem
+from ui.runs import RunView, format_duration, list_runs, resume_command, smooth, tail, train_command
+
+STATE_COLOURS = {"running": "#2563eb", "starting": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}
+
+
+def data_dir(ctx: ConsoleContext) -> Path:
+    """Where the console keeps uploaded training files."""
+    return ctx.settings.home / "ui" / "data"
+
+
+def validate_jsonl(path: Path) -> int:
+    """Validate a training file with the training engine's own validator; return the number of records.
+
+    Raises:
+        DataError: every problem found, with line numbers.
+    """
+    try:
+        data = importlib.import_module("train.data")
+    except ImportError:
+        data = None
+    if data is not None:
+        return len(data.load_jsonl(path))
+    rows, errors = 0, []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            errors.append(f"line {n}: bad JSON ({exc})")
+            continue
+        if not isinstance(record, dict) or not ({"messages"} <= record.keys() or {"prompt", "completion"} <= record.keys()
+                                               or {"instruction", "output"} <= record.keys() or "text" in record):
+            errors.append(f"line {n}: not a messages / prompt+completion / instruction+output / text record")
+        rows += 1
+    if errors or not rows:
+        raise DataError(f"{len(errors)} invalid record(s) in {path}:\n  " + "\n  ".join(errors[:20]) if errors else f"{path}: no records")
+    return rows
+
+
+def data_choices(ctx: ConsoleContext) -> list[str]:
+    """Uploaded JSONL files, newest first."""
+    d = data_dir(ctx)
+    files = sorted(d.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []
+    return [str(p) for p in files]
+
+
+def progress_html(run: RunView | None) -> str:
+    """The progress block: state badge, a bar with steps, elapsed and remaining time, error and exit code."""
+    if run is None:
+        return "<div id='run-progress-empty'>No training runs yet. Upload data and press Start.</div>"
+    last = run.last
+    step, total = int(last.get("step", 0)), int(last.get("total_steps", 0) or 0)
+    pct = 100.0 * step / total if total else (100.0 if run.state == "done" else 0.0)
+    colour = STATE_COLOURS.get(run.state, "#6b7280")
+    parts = [
+        f"<div class='run-progress' data-state='{run.state}' data-step='{step}'>",
+        f"<b>{html.escape(run.id)}</b> <span class='run-state' style='color:white;background:{colour};padding:1px 8px;"
+        f"border-radius:8px'>{run.state}</span>",
+        f"<div style='background:#e5e7eb;border-radius:6px;height:14px;margin:6px 0'><div style='width:{pct:.1f}%;"
+        f"background:{colour};height:14px;border-radius:6px'></div></div>",
+        f"<span class='run-steps'>step {step} / {total or '?'}</span> · elapsed {format_duration(last.get('elapsed_s'))}"
+        f" · remaining {format_duration(last.get('eta_s')) if run.state == 'running' else '0:00' if run.state == 'done' else '-'}",
+    ]
+    if "loss" in last:
+        parts.append(f" · loss {float(last['loss']):.4f}")
+    if last.get("tokens_per_s"):
+        parts.append(f" · {float(last['tokens_per_s']):.0f} tokens/s")
+    if run.adapter:
+        parts.append(f"<br>adapter <code>{html.escape(run.adapter)}</code>")
+    if run.state == "failed":
+        code = "unknown" if run.exit_code is None else run.exit_code
+        parts.append(f"<div class='run-error' style='color:#dc2626'>failed · exit code {code} · {html.escape(run.error or '')}</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def loss_frame(run: RunView | None):
+    """A long-format table (step, loss, series) of raw and smoothed loss, plus eval loss, for `gr.LinePlot`."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    if run is not None:
+        steps = [m for m in run.metrics if "loss" in m and "step" in m]
+        raw = [float(m["loss"]) for m in steps]
+        for m, s in zip(steps, smooth(raw)):
+            rows.append({"step": int(m["step"]), "loss": float(m["loss"]), "series": "raw"})
+            rows.append({"step": int(m["step"]), "loss": s, "series": "smoothed"})
+        rows += [{"step": int(m["step"]), "loss": float(m["eval_loss"]), "series": "eval"}
+                 for m in run.metrics if "eval_loss" in m and "step" in m]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def runs_table(runs: list[RunView]) -> list[list[Any]]:
+    """Rows of the past-runs table."""
+    out = []
+    for r in runs:
+        last = r.last
+        out.append([r.id, r.state, f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
+                    round(float(last["loss"]), 4) if "loss" in last else None, r.adapter or "",
+                    "" if r.exit_code is None else r.exit_code,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)) if r.started_at else ""])
+    return out
+
+
+RUN_HEADERS = ["run", "state", "steps", "last loss", "adapter", "exit code", "started"]
+
+
+def build(ctx: ConsoleContext) -> None:
+    """Lay out the Train tab inside the current `gr.Tab`."""
+    import gradio as gr
+
+    cfg = ctx.settings.train
+    status = gr.Markdown("", elem_id="train-status")
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Upload training data (JSONL)", file_types=[".jsonl"], type="filepath", elem_id="train-upload")
+            data_check = gr.Markdown("", elem_id="train-data-check")
+            data = gr.Dropdown(label="Training data", choices=data_choices(ctx), value=None, elem_id="train-data")
+        with gr.Column(scale=2):
+            with gr.Row():
+                model = gr.Textbox(label="Base model", value=ctx.settings.model, elem_id="train-model")
+                output = gr.Textbox(label="Adapter name", value="my-adapter", elem_id="train-output")
+            with gr.Row():
+                max_steps = gr.Number(label="Max steps", value=cfg.max_steps, precision=0, minimum=1, elem_id="train-steps")
+                lr = gr.Number(label="Learning rate", value=cfg.lr)
+                batch_size = gr.Number(label="Batch size", value=cfg.batch_size, precision=0, minimum=1)
+            with gr.Row():
+                lora_r = gr.Number(label="LoRA r", value=cfg.lora_r, precision=0, minimum=1)
+                lora_alpha = gr.Number(label="LoRA alpha", value=cfg.lora_alpha, precision=0, minimum=1)
+                max_seq_len = gr.Number(label="Max sequence length", value=cfg.max_seq_len, precision=0, minimum=16)
+            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+    gr.Markdown("### Runs")
+    with gr.Row():
+        run_pick = gr.Dropdown(label="Run", choices=[], value=None, scale=4, elem_id="train-run")
+        stop = gr.Button("Stop", scale=1, elem_id="train-stop")
+        resume = gr.Button("Resume", scale=1, elem_id="train-resume")
+    progress = gr.HTML(progress_html(None), elem_id="train-progress")
+    plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss", height=280,
+                       elem_id="train-loss")
+    log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, interactive=False, elem_id="train-log")
+    table = gr.Dataframe(headers=RUN_HEADERS, value=[], interactive=False, label="All runs", elem_id="train-runs")
+    live_status = gr.Markdown("", elem_id="train-live-status")
+    timer = gr.Timer(ctx.settings.ui.poll_interval_s)
+
+    def on_upload(path: str | None):
+        if not path:
+            return "", gr.Dropdown()
+        try:
+            rows = validate_jsonl(Path(path))
+        except DataError as exc:
+            text = str(exc).replace(str(path), Path(path).name)
+            return f"❌ **Invalid data** - nothing was saved:\n```\n{text}\n```", gr.Dropdown()
+        d = data_dir(ctx)
+        d.mkdir(parents=True, exist_ok=True)
+        dest = d / Path(path).name
+        shutil.copyfile(path, dest)
+        return f"✅ {dest.name}: {rows} valid records", gr.Dropdown(choices=data_choices(ctx), value=str(dest))
+
+    @guarded(lambda msg: (msg, gr.Dropdown()))
+    def on_start(data_path: str | None, model_name: str, out: str, steps: float, rate: float, bs: float, r: float,
+                 alpha: float, seq: float):
+        if not data_path:
+            return problem("Upload or pick a training file first."), gr.Dropdown()
+        cmd = train_command(Path(data_path), model=model_name.strip() or None, output=out.strip() or None,
+                            max_steps=int(steps), lr=float(rate), lora_r=int(r), lora_alpha=int(alpha),
+                            batch_size=int(bs), max_seq_len=int(seq), home=ctx.settings.home)
+        record = launcher.launch(ctx.settings.home, "train", cmd)
+        return f"Started `appliance train` (pid {record.get('pid')}).", gr.Dropdown(value=f"launch-{record['id']}")
+
+    def find(runs: list[RunView], run_id: str | None) -> RunView | None:
+        if run_id and run_id.startswith("launch-"):
+            # A launch becomes a real run once its process writes status.json: follow it.
+            launch_id = run_id[len("launch-"):]
+            return next((r for r in runs if r.launch_id == launch_id), None)
+        return next((r for r in runs if r.id == run_id), runs[0] if runs else None)
+
+    @guarded(lambda msg: (gr.Dropdown(), progress_html(None), loss_frame(None), "", [], msg))
+    def refresh(run_id: str | None):
+        runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
+        run = find(runs, run_id)
+        choices = [r.id for r in runs]
+        log_text = tail(run.log_path, 25) if run else ""
+        return (gr.Dropdown(choices=choices, value=run.id if run else None), progress_html(run), loss_frame(run),
+                log_text, runs_table(runs), "")
+
+    @guarded(lambda msg: msg)
+    def on_stop(run_id: str | None):
+        run = find(list_runs(ctx.settings.runs_dir, ctx.settings.home), run_id)
+        if run is None or run.state not in ("running", "starting"):
+            return problem("That run is not running.")
+        if run.launch_id and launcher.stop(ctx.settings.home, run.launch_id):
+            return f"Asked {run.id} to stop."
+        return problem(f"{run.id} was not started from this console; stop it where it runs (pid {run.pid}).")
+
+    @guarded(lambda msg: msg)
+    def on_resume(run_id: str | None):
+        run = find(list_runs(ctx.settings.runs_dir, ctx.settings.home), run_id)
+        if run is None or run.run_dir is None:
+            return problem("Pick a run that has a run folder to resume.")
+        if run.state in ("running", "starting"):
+            return problem(f"{run.id} is still running.")
+        record = launcher.launch(ctx.settings.home, "train", resume_command(run.id, ctx.settings.home))
+        return f"Resuming {run.id} (pid {record.get('pid')})."
+
+    upload.upload(on_upload, upload, [data_check, data])
+    start.click(on_start, [data, model, output, max_steps, lr, batch_size, lora_r, lora_alpha, max_seq_len], [status, run_pick])
+    outputs = [run_pick, progress, plot, log, table, live_status]
+    timer.tick(refresh, run_pick, outputs, show_progress="hidden")
+    run_pick.input(refresh, run_pick, outputs, show_progress="hidden")
+    stop.click(on_stop, run_pick, status)
+    resume.click(on_resume, run_pick, status)
+    ctx.on_load.append((refresh, [run_pick], outputs))
