@@ -155,7 +155,7 @@ class WorkerRegistry:
             ok = False
             logger.debug("probe of %s failed: %s", worker.id, exc)
         if ok != worker.healthy:
-            logger.warning("worker %s (%s) is now %s", worker.id, worker.url, "healthy" if ok else "unhealthy")
+            logger.log(logging.INFO if ok else logging.WARNING, "worker %s (%s) is now %s", worker.id, worker.url, "healthy" if ok else "unhealthy")
         worker.healthy = ok
         if ok:
             worker.last_ok = time.monotonic()
