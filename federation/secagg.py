@@ -143,7 +143,12 @@ def shamir_split(secret: bytes, n: int, t: int, rand: RandomBytes = os.urandom) 
 
 
 def shamir_combine(shares: Sequence[tuple[int, int]], length: int = 32) -> bytes:
-    """Rebuild a `length`-byte secret from t or more distinct shares (Lagrange interpolation at 0)."""
+    """Rebuild a `length`-byte secret from t or more distinct shares (Lagrange interpolation at 0).
+
+    Raises:
+        ValueError: for duplicate indices, or when the result is not a `length`-byte value (fewer than t shares
+            or corrupted ones, with overwhelming probability).
+    """
     xs = [x for x, _ in shares]
     if len(set(xs)) != len(xs):
         raise ValueError("shamir_combine: duplicate share indices")
@@ -155,6 +160,8 @@ def shamir_combine(shares: Sequence[tuple[int, int]], length: int = 32) -> bytes
                 num = num * (-xj) % PRIME
                 den = den * (xi - xj) % PRIME
         secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 1 << (8 * length):
+        raise ValueError(f"shamir_combine: shares do not rebuild a {length}-byte secret (too few or corrupted)")
     return secret.to_bytes(length, "big")
 
 
@@ -436,12 +443,18 @@ class SecAggServer:
         self._unmask[sender] = {k: dict(v) for k, v in shares.items()}
 
     def _rebuild(self, silo: str, kind: str) -> bytes:
-        shares = [(int(s[silo]["x"]), int(s[silo]["y"], 16)) for s in self._unmask.values()
-                  if silo in s and s[silo]["kind"] == kind]
+        try:
+            shares = [(int(s[silo]["x"]), int(s[silo]["y"], 16)) for s in self._unmask.values()
+                      if silo in s and s[silo]["kind"] == kind]
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError(f"secure aggregation: a malformed {kind} share for {silo!r}: {exc}") from exc
         if len(shares) < self.config.threshold:
             raise ProtocolError(f"secure aggregation: only {len(shares)} {kind} shares for {silo!r}, "
                                 f"threshold is {self.config.threshold}")
-        return shamir_combine(shares[: self.config.threshold])
+        try:
+            return shamir_combine(shares[: self.config.threshold])
+        except ValueError as exc:
+            raise ProtocolError(f"secure aggregation: cannot rebuild the {kind} of {silo!r}: {exc}") from exc
 
     def aggregate(self) -> dict[str, torch.Tensor]:
         """The float32 SUM of the survivors' updates, as a state dict shaped by `layout`.
