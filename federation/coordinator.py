@@ -378,8 +378,8 @@ class Coordinator:
             logger.warning("round %d: no update from %s (%s)", round_id, sid,
                            "deadline passed" if time.time() >= rs.deadline else "went offline")
         if len(rs.answered) < self.cfg.min_silos:
-            raise RoundFailed(f"{len(rs.answered)} valid update(s) < min_silos={self.cfg.min_silos}; "
-                              f"failed: {', '.join(f'{s} ({rs.rejected.get(s, 'no answer')})' for s in failures) or 'none'}")
+            failed = ", ".join(f"{s} ({rs.rejected.get(s, 'no answer')})" for s in failures) or "none"
+            raise RoundFailed(f"{len(rs.answered)} valid update(s) < min_silos={self.cfg.min_silos}; failed: {failed}")
         new_state = self.strategy.finish_round(round_id, self.global_state, rs.acc, failures)
         if new_state is None:
             raise RoundFailed(f"strategy {self.strategy.name} kept the previous global adapter (see its log line)")

@@ -87,7 +87,7 @@ class SiloClient:
         self._transport: ClientTransport | None = None
         self._tasks: list[asyncio.Task] = []
         self._busy = False
-        self._ef_state: dict = {}  # top-k error feedback, kept across rounds
+        self._ef_state: dict = {}  # top-k error feedback, kept across rounds (codec updates it in place)
         self.rounds_done: list[int] = []
         self.last_error: dict[str, Any] | None = None
         self.welcomed = asyncio.Event()

@@ -1,0 +1,102 @@
+"""Helpers for the federation service tests: a pure-tensor fake trainer and settings on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.factories import make_settings
+
+SHAPES = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 16),
+          "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": (16, 4)}
+
+
+def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small adapter-shaped state dict."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}
+
+
+class FakeTrainer:
+    """A SiloTrainer without a model: `fit` moves every weight by a silo-specific, round-specific amount."""
+
+    def __init__(self, index: int, examples: int = 10, secret_text: str = "PATIENT RECORD 4711") -> None:
+        self.index, self.examples, self.secret_text = index, examples, secret_text
+        self.state: dict[str, torch.Tensor] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.fit_delay_s = 0.0
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = {k: v.clone() for k, v in state.items()}
+
+    def fit(self, steps, config):
+        import time
+
+        self.calls.append({"steps": steps, "config": dict(config)})
+        time.sleep(self.fit_delay_s)
+        g = torch.Generator().manual_seed(1000 * self.index + len(self.calls))
+        self.state = {k: v + 0.01 * (self.index + 1) * torch.randn(v.shape, generator=g) for k, v in self.state.items()}
+        return self.examples, {"train_loss": 1.0 / (self.index + 1), "note_len": float(len(self.secret_text))}
+
+    def evaluate(self):
+        return {"eval_loss": 0.5}
+
+
+def fed_settings(home: Path, *, plaintext: bool = False, **fed: Any):
+    """Settings for a fast federation on 127.0.0.1 with free ports."""
+    base = dict(bind_host="127.0.0.1", port=0, status_port=0, plaintext=plaintext, rounds=3, min_silos=2,
+                round_deadline_s=20.0, heartbeat_interval_s=0.2, silo_timeout_s=1.5, local_steps=2,
+                compression="fp32", run_name="testrun", start_timeout_s=20.0)
+    base.update(fed)
+    return make_settings(home, federation=base)
+
+
+def silo_settings(home: Path, coordinator: str, silo_id: str, coordinator_key: str | None = None, plaintext: bool = False, **fed: Any):
+    base = dict(coordinator=coordinator, coordinator_key=coordinator_key, silo_id=silo_id, plaintext=plaintext,
+                heartbeat_interval_s=0.2, silo_timeout_s=1.5)
+    base.update(fed)
+    return make_settings(home, federation=base)
+
+
+def write_exporter(state, out_dir: Path) -> None:
+    """A stand-in for train.save_adapter_dir: a PEFT-shaped folder from a state dict."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+
+
+async def wait_for(predicate, timeout_s: float = 15.0, interval_s: float = 0.05) -> None:
+    """Poll `predicate` until true; fail the test with a clear message on timeout."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+@pytest.fixture
+def curve_homes(tmp_path: Path):
+    """A coordinator home with a key pair and three enrolled silos, each with its own home and key pair."""
+    from federation.keys import enroll_silo, ensure_keypair
+
+    coord_home = tmp_path / "coord"
+    coord_keys = ensure_keypair(make_settings(coord_home).keys_dir, "coordinator")
+    silos = {}
+    for name in ("alpha", "beta", "gamma"):
+        home = tmp_path / name
+        kp = ensure_keypair(make_settings(home).keys_dir, "silo")
+        enroll_silo(make_settings(coord_home).keys_dir, name, kp.public)
+        silos[name] = home
+    return coord_home, coord_keys, silos
