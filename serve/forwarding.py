@@ -25,9 +25,15 @@ from serve.policy import RouteHints, rank
 from serve.protocol import RequestFields, read_fields, sse_error_event
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
+    from orjson import dumps as _dumps
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     from json import loads as _loads
+
+    def _dumps(obj: object) -> bytes:
+        import json
+
+        return json.dumps(obj).encode()
 
 if TYPE_CHECKING:
     import aiohttp
@@ -77,8 +83,8 @@ class Forwarder:
             raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
         return key
 
-    async def read_request(self, request: Request) -> tuple[bytes, RequestFields]:
-        """The raw body and the routed fields.
+    async def read_request(self, request: Request) -> tuple[bytes, dict, RequestFields]:
+        """The raw body, its parsed form, and the routed fields.
 
         Raises:
             RouterError: 413 body too large, 400 invalid JSON / missing model / max_tokens over the cap.
@@ -105,7 +111,7 @@ class Forwarder:
         if fields.max_tokens is not None and fields.max_tokens > self.cfg.max_tokens_cap:
             self.metrics.error("bad_request")
             raise RouterError(400, f"max_tokens={fields.max_tokens} exceeds this router's cap of {self.cfg.max_tokens_cap} (serve.max_tokens_cap)", param="max_tokens")
-        return body, fields
+        return body, data, fields
 
     def admit(self, key: ApiKey | None, fields: RequestFields) -> int:
         """Charge the key's buckets; returns the tokens charged.
@@ -158,9 +164,12 @@ class Forwarder:
 
         started = time.perf_counter()
         key = self.authenticate(request)
-        body, fields = await self.read_request(request)
+        body, data, fields = await self.read_request(request)
         charged = self.admit(key, fields)
         model = self.placement.resolve(fields.model)
+        if model != fields.model:
+            # An alias: the worker knows only the adapter's own name, so this one body is re-encoded.
+            body = _dumps({**data, "model": model})
         workers, adapter = self.choose(model, request, fields)
         if self._timeout is None:
             self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)

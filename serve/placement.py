@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,7 @@ class AdapterPlacement:
         status, text = await self._post(worker, "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
         if status == 200 or (status == 400 and "already been loaded" in text):
             worker.adapters.add(adapter.name)
+            worker.adapter_used[adapter.name] = time.monotonic()  # a fresh load counts as a use for the LRU
             self.metrics.adapter_loads.labels("ok").inc()
             logger.info("adapter %s loaded on %s", adapter.name, worker.id)
             return

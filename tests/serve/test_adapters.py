@@ -1,0 +1,86 @@
+"""Adapter placement against fake workers: publish loads, requests route to holders, on-demand loads, LRU unloads."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+
+def _loads(fake) -> list[str]:
+    return [r["model"] for r in fake.received() if r["path"] == "/v1/load_lora_adapter"]
+
+
+async def test_publish_loads_and_routes_to_holder(fake_factory, router_factory):
+    a, b = fake_factory("base"), fake_factory("base")
+    router = await router_factory([a, b], adapter_replicas=1)
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        r = await c.post("/admin/adapters", json={"name": "legal-v1", "path": "/adapters/legal/1", "aliases": ["legal"]}, headers=admin)
+        assert r.status_code == 200 and len(r.json()["workers"]) == 1
+        holder, other = (a, b) if _loads(a) else (b, a)
+        assert _loads(holder) == ["legal-v1"] and _loads(other) == []
+        assert next(x for x in holder.received() if x["path"] == "/v1/load_lora_adapter")["lora_path"] == "/adapters/legal/1"
+        for model in ("legal-v1", "legal"):
+            for _ in range(4):
+                r = await c.post("/v1/chat/completions", json={"model": model})
+                assert r.status_code == 200, r.text
+                assert r.json()["served_by"] == holder.url.replace("http://127.0.0.1:", "fake-")
+        # An alias reaches the worker as the adapter's own name.
+        assert {r["model"] for r in holder.received() if r["path"] == "/v1/chat/completions"} == {"legal-v1"}
+        ids = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
+        assert {"base", "legal-v1", "legal"} <= ids
+        listed = (await c.get("/admin/adapters", headers=admin)).json()
+        assert listed[0]["name"] == "legal-v1" and listed[0]["aliases"] == ["legal"]
+        assert (await c.delete("/admin/adapters/legal-v1", headers=admin)).status_code == 200
+        assert [r["model"] for r in holder.received() if r["path"] == "/v1/unload_lora_adapter"] == ["legal-v1"]
+        assert (await c.post("/v1/chat/completions", json={"model": "legal-v1"})).status_code == 404
+        assert (await c.delete("/admin/adapters/legal-v1", headers=admin)).status_code == 404
+
+
+async def test_load_on_demand_when_no_holder_is_healthy(fake_factory, router_factory):
+    a, b = fake_factory("base"), fake_factory("base")
+    router = await router_factory([a, b])
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        await c.post("/admin/adapters", json={"name": "x", "path": "/p/x"}, headers=admin)
+        holder, other = (a, b) if _loads(a) else (b, a)
+        holder.control(unhealthy=True)
+        workers = []
+        for _ in range(100):
+            workers = (await c.get("/admin/workers", headers=admin)).json()
+            if not all(w["healthy"] for w in workers):
+                break
+            await asyncio.sleep(0.05)
+        r = await c.post("/v1/chat/completions", json={"model": "x"})
+        assert r.status_code == 200 and r.json()["served_by"] == other.url.replace("http://127.0.0.1:", "fake-")
+        assert _loads(other) == ["x"]
+
+
+async def test_lru_unload_beyond_the_bound(fake_factory, router_factory):
+    fake = fake_factory("base")
+    router = await router_factory([fake], max_adapters_per_worker=2)
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        for name in ("a1", "a2"):
+            await c.post("/admin/adapters", json={"name": name, "path": f"/p/{name}"}, headers=admin)
+        assert (await c.post("/v1/chat/completions", json={"model": "a1"})).status_code == 200  # a2 is now the LRU
+        await c.post("/admin/adapters", json={"name": "a3", "path": "/p/a3"}, headers=admin)
+        assert [r["model"] for r in fake.received() if r["path"] == "/v1/unload_lora_adapter"] == ["a2"]
+        # a2 is still published: asking for it loads it again (evicting the LRU, a1).
+        assert (await c.post("/v1/chat/completions", json={"model": "a2"})).status_code == 200
+        assert _loads(fake) == ["a1", "a2", "a3", "a2"]
+        rows = (await c.get("/admin/workers", headers=admin)).json()
+        assert rows[0]["adapters"] == ["a2", "a3"]
+
+
+async def test_publish_refused_by_every_worker_is_an_error(fake_factory, router_factory):
+    fake = fake_factory("base")
+    router = await router_factory([fake])
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        r = await c.post("/admin/adapters", json={"name": "bad", "path": ""}, headers=admin)
+        assert r.status_code == 400  # validation: empty path
+        await c.post("/admin/adapters", json={"name": "dup", "path": "/p"}, headers=admin)
+        r = await c.post("/admin/adapters", json={"name": "other", "path": "/q", "aliases": ["dup"]}, headers=admin)
+        assert r.status_code == 409
