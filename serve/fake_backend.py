@@ -13,7 +13,7 @@ Failure injection (constructor arguments, or at run time with `POST /fake/contro
 names): `fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before
 answering), `chunk_delay_s` (sleep between stream chunks), `break_after_chunks` (a stream stops after K chunks
 without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `die_after` (the process exits
-after N more completion requests: only for process mode). `GET /fake/requests` lists what was received
+after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400). `GET /fake/requests` lists what was received
 (path, model, headers named `x-*`/`authorization` presence), for assertions.
 """
 
@@ -33,7 +33,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after")
+_CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after", "refuse_loads")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -56,6 +56,7 @@ class FakeBackend:
         break_after_chunks: int | None = None,
         unhealthy: bool = False,
         die_after: int | None = None,
+        refuse_loads: bool = False,
     ) -> None:
         self.model = model
         self.name = name
@@ -67,6 +68,7 @@ class FakeBackend:
         self.break_after_chunks = break_after_chunks
         self.unhealthy = unhealthy
         self.die_after = die_after
+        self.refuse_loads = refuse_loads
         self.adapters: dict[str, str] = {}
         self.requests: list[dict[str, Any]] = []
         self.created = int(time.time())
@@ -130,6 +132,9 @@ class FakeBackend:
         self.requests.append({"path": "/v1/load_lora_adapter", "model": req.get("lora_name"), "lora_path": req.get("lora_path")})
         if not req.get("lora_name") or not req.get("lora_path"):
             await self._send_json(send, 400, _error("lora_name and lora_path are required", "BadRequestError", 400))
+            return
+        if self.refuse_loads:
+            await self._send_json(send, 400, _error(f"Loading lora {req['lora_name']} failed: no adapter found at {req['lora_path']}", "BadRequestError", 400))
             return
         if req["lora_name"] in self.adapters:
             await self._send_json(send, 400, _error(f"The lora adapter '{req['lora_name']}' has already been loaded.", "InvalidUserInput", 400))

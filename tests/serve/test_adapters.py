@@ -81,6 +81,11 @@ async def test_publish_refused_by_every_worker_is_an_error(fake_factory, router_
     async with httpx.AsyncClient(base_url=router.url) as c:
         r = await c.post("/admin/adapters", json={"name": "bad", "path": ""}, headers=admin)
         assert r.status_code == 400  # validation: empty path
+        fake.control(refuse_loads=True)
+        r = await c.post("/admin/adapters", json={"name": "nowhere", "path": "/does/not/exist"}, headers=admin)
+        assert r.status_code == 502 and "no adapter found at /does/not/exist" in r.json()["error"]["message"]
+        assert (await c.get("/admin/adapters", headers=admin)).json() == []  # a refused adapter is not kept
+        fake.control(refuse_loads=False)
         await c.post("/admin/adapters", json={"name": "dup", "path": "/p"}, headers=admin)
         r = await c.post("/admin/adapters", json={"name": "other", "path": "/q", "aliases": ["dup"]}, headers=admin)
         assert r.status_code == 409
