@@ -1,0 +1,43 @@
+"""The router in front of two real vLLM workers (CPU) on the embedded model: chat, stream, models, and an adapter."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+MODEL = "smollm2-135m-instruct"
+
+
+async def test_chat_stream_models_and_adapter_through_router(vllm_workers, router_factory, embedded_lora_dir):
+    from openai import AsyncOpenAI
+
+    router = await router_factory([{"url": w.url, "region": "local"} for w in vllm_workers], request_timeout_s=120)
+    client = AsyncOpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=120)
+    try:
+        ids = [m.id async for m in client.models.list()]
+        assert ids == [MODEL]
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        out = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        assert out.choices[0].message.content.strip()
+        assert out.model == MODEL
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True)
+        pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+        assert len(pieces) >= 2 and "".join(pieces).strip()
+
+        async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
+            r = await c.post("/admin/adapters", json={"name": "lora-test", "path": str(embedded_lora_dir), "aliases": ["lt"]},
+                             headers=router.admin_headers())
+            assert r.status_code == 200, r.text
+            holder = r.json()["workers"]
+            assert len(holder) == 1
+        answered = await client.chat.completions.create(model="lt", messages=messages, max_tokens=4, temperature=0)
+        assert answered.model == "lora-test"
+        assert {"lora-test", "lt"} <= {m.id async for m in client.models.list()}
+        async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
+            rows = (await c.get("/admin/workers", headers=router.admin_headers())).json()
+            assert [w["id"] for w in rows if "lora-test" in w["adapters"]] == holder
+            assert (await c.delete("/admin/adapters/lora-test", headers=router.admin_headers())).status_code == 200
+    finally:
+        await client.close()
