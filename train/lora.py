@@ -53,7 +53,7 @@ def load_config(model_dir: Path) -> Any:
     model_dir = Path(model_dir)
     try:
         if model_dir.is_file():
-            return AutoConfig.from_pretrained(model_dir.parent)
+            return AutoConfig.from_pretrained(str(model_dir))
         return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise DataError(f"could not read a model config from {model_dir}: {exc}") from exc

@@ -1,0 +1,127 @@
+"""`appliance train`, `appliance eval`, `appliance export`: the training engine's commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from appliance.commands.common import cli_errors, console, settings_from
+
+
+def _overrides(**train: Any) -> dict[str, Any]:
+    return {"train": {k: v for k, v in train.items() if v is not None}}
+
+
+def train(
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", help="Training JSONL (messages, prompt/completion, instruction/output, or text)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out JSONL evaluated at the end."),
+    model: Optional[str] = typer.Option(None, "--model", help="Prepared model name or HF model folder (default: settings.model)."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank."),
+    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout."),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names, or all-linear."),
+    zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --max-steps)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch size (sequences)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Tokens per (packed) sequence."),
+    output: Optional[str] = typer.Option(None, "--output", help="Adapter name to register (default: DATA-lora)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue run RUN_ID from its last checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Load no weights: print parameter counts and targeted modules."),
+) -> None:
+    """Fine-tune a LoRA adapter and register it (APPLIANCE_HOME/adapters/NAME/VERSION)."""
+    with cli_errors():
+        if max_steps is not None and epochs is not None:
+            raise typer.BadParameter("give --max-steps or --epochs, not both")
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
+        settings = settings_from(ctx, {"model": model, **_overrides(
+            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, zero_stage=zero_stage,
+            max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len)})
+        if dry_run:
+            _print_dry_run(settings)
+            return
+        from train.progress import progress_bar
+        from train.runs import resume_run, start_run
+
+        if resume is None and data is None:
+            raise typer.BadParameter("--data is required (or --resume RUN_ID, or --dry-run)")
+        with progress_bar(console) as on_step:
+            if resume:
+                outcome = resume_run(settings, resume, progress=on_step)
+            else:
+                outcome = start_run(settings, data, eval_data=eval_data, max_steps=max_steps, output=output, progress=on_step)
+        m = outcome.result.metrics
+        extra = f", eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+        console.print(f"run {outcome.run_id}: train_loss {m['train_loss']:.4f}{extra}, {m['tokens_per_s']:.0f} tokens/s", highlight=False)
+        console.print(f"registered adapter [bold]{outcome.adapter.ref}[/] (served as {outcome.adapter.served_name}) at {outcome.adapter.path}")
+
+
+def _print_dry_run(settings: Any) -> None:
+    from appliance.core.model_store import resolve_model
+    from train.lora import count_parameters
+
+    path = Path(settings.model)
+    model_dir = path if path.is_file() else resolve_model(settings.models_dir, settings.model)
+    r = count_parameters(settings.train, model_dir)
+    console.print(f"model: {settings.model} ({r.model_type})", highlight=False)
+    console.print(f"total parameters: {r.total_params:,}", highlight=False)
+    console.print(f"trainable LoRA parameters: {r.trainable_params:,} ({100 * r.trainable_share:.4f} %)", highlight=False)
+    console.print(f"adapter bytes: fp32 {r.adapter_bytes_fp32:,}, bf16 {r.adapter_bytes_bf16:,}", highlight=False)
+    console.print(f"target modules: {', '.join(r.target_modules)} ({r.targeted_layers} layers, {r.adapter_tensors} tensors)", highlight=False)
+
+
+def eval_(
+    ctx: typer.Context,
+    adapter: str = typer.Option(..., "--adapter", help="NAME[:VERSION] of a registered adapter."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Eval JSONL (default: the adapter's training data)."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Also score generated answers (exact match, token F1)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation budget per answer."),
+) -> None:
+    """Evaluate a registered adapter: loss, perplexity, and exact-match / token-F1 of generated answers."""
+    with cli_errors():
+        from appliance.core.adapter_registry import AdapterRegistry
+        from train import evaluate_adapter, load_adapter_state
+        from train.runs import adapter_base_dir, adapter_train_settings
+
+        settings = settings_from(ctx)
+        av = AdapterRegistry(settings.adapters_dir).get(adapter)
+        source = data or (Path(av.meta["data"]) if av.meta.get("data") else None)
+        if source is None:
+            raise typer.BadParameter("--data is required: the adapter's meta names no training data")
+        m = evaluate_adapter(adapter_train_settings(settings, av), adapter_base_dir(settings, av), load_adapter_state(av.path),
+                             source, generate=generate, max_new_tokens=max_new_tokens)
+        for key, value in m.items():
+            console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
+
+
+def export(
+    ctx: typer.Context,
+    adapter: str = typer.Option(..., "--adapter", help="NAME[:VERSION] of a registered adapter."),
+    merge: bool = typer.Option(False, "--merge", help="Merge into the base model and write a full safetensors model."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./NAME-vVERSION[-merged])."),
+) -> None:
+    """Export an adapter as a PEFT folder, or merged into its base model."""
+    with cli_errors():
+        from appliance.core.adapter_registry import AdapterRegistry
+        from train.export import export_adapter, export_merged
+        from train.runs import adapter_base_dir
+
+        settings = settings_from(ctx)
+        av = AdapterRegistry(settings.adapters_dir).get(adapter)
+        target = out or Path(f"{av.served_name}{'-merged' if merge else ''}")
+        if merge:
+            export_merged(av.path, adapter_base_dir(settings, av), target)
+        else:
+            export_adapter(av.path, target)
+        console.print(f"exported {av.ref} to {target}{' (merged full model)' if merge else ''}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("eval")(eval_)
+    app.command("export")(export)

@@ -1,0 +1,153 @@
+"""Training runs as the CLI and console see them: a run folder under runs/ID, then a registered adapter version.
+
+`start_run` writes runs/ID/config.json (resolved settings, secrets redacted, plus the data and output
+arguments), trains with `fit_adapter`, registers the adapter in the registry with its lineage, and records the
+adapter in status.json. `resume_run` re-reads config.json and continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion, check_name
+from appliance.core.atomic import write_json_atomic
+from appliance.core.errors import ConfigError
+from appliance.core.model_store import resolve_model
+from appliance.core.sections.train import TrainSettings
+from train import data as datamod
+from train.engine import FitResult, fit_adapter
+
+if TYPE_CHECKING:
+    from appliance.core.settings import ApplianceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """A finished run: its id and folder, the registered adapter version, and the fit result."""
+
+    run_id: str
+    run_dir: Path
+    adapter: AdapterVersion
+    result: FitResult
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus 6 random hex digits."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def start_run(
+    settings: "ApplianceSettings",
+    data: Path,
+    *,
+    eval_data: Path | None = None,
+    model: str | None = None,
+    output: str | None = None,
+    max_steps: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    run_id: str | None = None,
+) -> RunOutcome:
+    """Validate, train, and register a new adapter version (see the module docstring).
+
+    Raises:
+        DataError: invalid data, before any training. ModelNotFound: unknown model. ConfigError: bad settings.
+    """
+    from appliance.core.settings import redacted_dump
+
+    model_name = model or settings.model
+    model_dir = resolve_model(settings.models_dir, model_name)
+    datamod.load_jsonl(Path(data))  # fail before creating a run folder
+    if eval_data is not None:
+        datamod.load_jsonl(Path(eval_data))
+    name = check_name(output or f"{Path(data).stem}-lora")
+    run_id = run_id or new_run_id()
+    run_dir = settings.runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    write_json_atomic(run_dir / "config.json", {
+        "settings": redacted_dump(settings),
+        "train": settings.train.model_dump(mode="json"),
+        "model": model_name,
+        "model_dir": str(model_dir),
+        "data": str(Path(data).resolve()),
+        "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
+        "output": name,
+        "max_steps": max_steps,
+    })
+    return _run(settings, run_id, run_dir, resume=False, progress=progress)
+
+
+def resume_run(settings: "ApplianceSettings", run_id: str, progress: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    """Continue run `run_id` from its latest checkpoint with the settings it started with.
+
+    Raises:
+        ConfigError: no such run, or it has no checkpoint.
+    """
+    run_dir = settings.runs_dir / run_id
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"unknown run {run_id!r}: {run_dir}/config.json does not exist")
+    return _run(settings, run_id, run_dir, resume=True, progress=progress)
+
+
+def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: bool, progress: Any) -> RunOutcome:
+    conf = json.loads((run_dir / "config.json").read_text())
+    cfg = TrainSettings(**conf["train"])
+    model_dir = Path(conf["model_dir"])
+    data = Path(conf["data"])
+    eval_data = Path(conf["eval_data"]) if conf.get("eval_data") else None
+    result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=progress,
+                         eval_data=eval_data, resume=resume)
+    adapter = register_result(settings, result, cfg, model_dir, conf["output"], meta={
+        "base_model": conf["model"],
+        "base_model_dir": str(model_dir),
+        "data_sha256": datamod.data_sha256(data),
+        "data": str(data),
+        "config": conf["train"],
+        "metrics": result.metrics,
+        "num_examples": result.num_examples,
+        "run_id": run_id,
+    })
+    status = json.loads((run_dir / "status.json").read_text())
+    write_json_atomic(run_dir / "status.json", {**status, "adapter": adapter.ref})
+    return RunOutcome(run_id, run_dir, adapter, result)
+
+
+def register_result(settings: "ApplianceSettings", result: FitResult, cfg: TrainSettings, model_dir: Path, name: str,
+                    meta: dict[str, Any]) -> AdapterVersion:
+    """Write the state as a PEFT folder and register it as the next version of `name`."""
+    from train import save_adapter_dir
+
+    with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+        save_adapter_dir(result.state, cfg, model_dir, Path(tmp))
+        return AdapterRegistry(settings.adapters_dir).register(name, Path(tmp), meta)
+
+
+def adapter_base_dir(settings: "ApplianceSettings", adapter: AdapterVersion) -> Path:
+    """The base model folder of a registered adapter (its meta, else its adapter_config, else the default model)."""
+    base = adapter.meta.get("base_model_dir")
+    if base and (Path(base) / "config.json").exists():
+        return Path(base)
+    base_name = adapter.meta.get("base_model")
+    if base_name:
+        return resolve_model(settings.models_dir, base_name)
+    conf = json.loads((adapter.path / "adapter_config.json").read_text())
+    if conf.get("base_model_name_or_path") and (Path(conf["base_model_name_or_path"]) / "config.json").exists():
+        return Path(conf["base_model_name_or_path"])
+    return resolve_model(settings.models_dir, settings.model)
+
+
+def adapter_train_settings(settings: "ApplianceSettings", adapter: AdapterVersion) -> TrainSettings:
+    """The train settings a registered adapter was made with (LoRA shape from its adapter_config.json)."""
+    conf = json.loads((adapter.path / "adapter_config.json").read_text())
+    return settings.train.model_copy(update={
+        "lora_r": conf["r"], "lora_alpha": conf["lora_alpha"], "target_modules": sorted(conf["target_modules"]),
+    })
