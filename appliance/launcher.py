@@ -247,7 +247,7 @@ class Supervisor:
         finally:
             self.stop()
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every child, dependants first, and remove the state file."""
         for child in reversed(self.children):
             if child.proc is not None and child.proc.returncode is None:
@@ -323,17 +323,18 @@ def child_health(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 def cli_command(path: list[str]) -> Any | None:
     """The click command at `appliance PATH...` if this installation has it (None otherwise), without running it."""
-    import click
     import typer
 
     from appliance.cli import app
 
+    # Duck-typed: recent Typer vendors its own click, so a group is "a command with .commands".
     cmd: Any = typer.main.get_command(app)
     for part in path:
-        if not isinstance(cmd, click.Group) or part not in cmd.commands:
+        subcommands = getattr(cmd, "commands", None)
+        if not isinstance(subcommands, dict) or part not in subcommands:
             return None
-        cmd = cmd.commands[part]
-    return None if isinstance(cmd, click.Group) else cmd
+        cmd = subcommands[part]
+    return None if isinstance(getattr(cmd, "commands", None), dict) else cmd
 
 
 def _first_command(candidates: list[list[str]]) -> tuple[list[str], set[str]] | None:
@@ -345,7 +346,8 @@ def _first_command(candidates: list[list[str]]) -> tuple[list[str], set[str]] | 
     return None
 
 
-def appliance_children(settings: Any, model: str, python: str, *, config_file: Path | None = None) -> list[ChildSpec]:
+def appliance_children(settings: Any, model: str, python: str, *, config_file: Path | None = None,
+                       without: frozenset[str] = frozenset()) -> list[ChildSpec]:
     """The processes of `appliance up` for `settings`: local workers, then the router, coordinator and console
     where this installation has their commands (each found by its CLI path, so parts can land independently).
 
@@ -354,7 +356,11 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         model: the prepared model's store name.
         python: the interpreter that runs `-m appliance`.
         config_file: the YAML file `up` was given, passed on to every child.
+        without: names of optional children to leave out ("router", "coordinator", "console").
     """
+    unknown = set(without) - {"router", "coordinator", "console"}
+    if unknown:
+        raise ConfigError(f"cannot leave out {', '.join(sorted(unknown))}: only router, coordinator or console are optional")
     base_env = {"APPLIANCE_HOME": str(settings.home)}
     if config_file is not None:
         base_env["APPLIANCE_CONFIG"] = str(config_file)
@@ -370,7 +376,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         ))
     workers = [c.name for c in children]
     s = settings.serve
-    router = _first_command([["serve"], ["serve", "start"]])
+    router = None if "router" in without else _first_command([["serve"], ["serve", "start"]])
     if router is not None:
         static = [ws.model_dump() for ws in s.workers]
         local = [{"url": f"http://127.0.0.1:{w.base_port + i}", "region": w.region, "models": [model]} for i in range(w.count)]
@@ -380,17 +386,21 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
             depends_on=tuple(workers), env={**base_env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
         ))
     f = settings.federation
-    coordinator = _first_command([["coordinator", "start"], ["federation", "coordinator"], ["federation", "server"]])
+    coordinator = None if "coordinator" in without else _first_command(
+        [["coordinator", "start"], ["federation", "coordinator"], ["federation", "server"]])
     if coordinator is not None:
         children.append(ChildSpec(
             name="coordinator", argv=[*run, *coordinator[0]], health_url=f"http://127.0.0.1:{f.status_port}/status",
             ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
             url=f"tcp://{_shown(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=base_env,
         ))
-    console = _first_command([["ui"], ["ui", "start"]])
+    console = None if "console" in without else _first_command([["ui"], ["ui", "start"]])
     if console is not None:
         u = settings.ui
-        flags = [*(["--host", u.host] if "--host" in console[1] else []), *(["--port", str(u.port)] if "--port" in console[1] else [])]
+        wanted = {"--host": u.host, "--port": str(u.port), "--router-url": f"http://127.0.0.1:{s.port}"}
+        if coordinator is not None:
+            wanted["--coordinator-url"] = f"http://127.0.0.1:{f.status_port}"
+        flags = [x for opt, value in wanted.items() if opt in console[1] for x in (opt, value)]
         children.append(ChildSpec(
             name="console", argv=[*run, *console[0], *flags], health_url=f"http://127.0.0.1:{u.port}/",
             ports=(u.port,), host=u.host, url=f"http://{_shown(u.host)}:{u.port}",

@@ -203,8 +203,9 @@ class VLLMWorker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout_s: float | None = None, poll_s: float = 1.0) -> "VLLMWorker":
-        """Block until `/health` answers and `/v1/models` lists the model.
+    def wait_ready(self, timeout_s: float | None = None, poll_s: float = 1.0, stop: threading.Event | None = None) -> "VLLMWorker":
+        """Block until `/health` answers and `/v1/models` lists the model, or until `stop` is set (then the worker
+        is stopped and the call returns).
 
         Raises:
             WorkerStartError: the process exited, or it was not ready after `timeout_s` (the worker is stopped then).
@@ -212,13 +213,19 @@ class VLLMWorker:
         timeout_s = self.cfg.startup_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                self.stop()
+                return self
             if not self.alive():
                 code = self.proc.returncode if self.proc else None
                 raise WorkerStartError(self._failure(f"exited with code {code} before it was ready"))
             if http_ok(f"{self.url}/health") and self.model in self.served_models():
                 log.info("vLLM worker %s ready on %s", self.model, self.url)
                 return self
-            time.sleep(poll_s)
+            if stop is not None:
+                stop.wait(poll_s)
+            else:
+                time.sleep(poll_s)
         self.stop()
         raise WorkerStartError(self._failure(f"was not ready after {timeout_s:.0f} s (worker.startup_timeout_s)"))
 
@@ -229,7 +236,7 @@ class VLLMWorker:
     def _failure(self, what: str) -> str:
         return f"vLLM worker {self.model} on port {self.port} {what}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server and every process of its group (SIGTERM, then SIGKILL)."""
         if self.proc is not None and self.proc.returncode is None:
             log.info("stopping vLLM worker on %s", self.url)
@@ -242,27 +249,30 @@ class VLLMWorker:
         self.stop()
 
 
-def wait_for_signal(still_running: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> bool:
-    """Block until SIGINT/SIGTERM arrives (returns True) or `still_running()` turns False (returns False)."""
+def stop_on_signals() -> threading.Event:
+    """Install SIGINT/SIGTERM handlers that set (and return) an event, so a command can shut its children down
+    in order instead of dying at once and orphaning them. Call it before starting any child."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(poll_s):
-            if not still_running():
-                return False
-        return True
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
-def run_until_signal(worker: VLLMWorker, poll_s: float = 1.0) -> int:
-    """Keep `worker` running until SIGINT/SIGTERM (returns 0) or until it dies by itself (its exit code, at least 1).
+def wait_for_signal(stop: threading.Event, still_running: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> bool:
+    """Block until `stop` is set (returns True) or `still_running()` turns False (returns False)."""
+    while not stop.wait(poll_s):
+        if not still_running():
+            return False
+    return True
+
+
+def run_until_signal(worker: VLLMWorker, stop: threading.Event, poll_s: float = 1.0) -> int:
+    """Keep `worker` running until `stop` is set (returns 0) or until it dies by itself (its exit code, at least 1).
 
     The worker is stopped on the way out in every case.
     """
     try:
-        if wait_for_signal(worker.alive, poll_s):
+        if wait_for_signal(stop, worker.alive, poll_s):
             return 0
         code = worker.proc.returncode if worker.proc else 1
         log.error("vLLM worker on %s exited with code %s; last lines of its log:\n%s", worker.url, code, log_tail(worker.log_path))

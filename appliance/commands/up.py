@@ -49,6 +49,7 @@ def up(
     workers: Optional[int] = typer.Option(None, "--workers", help="Local vLLM workers (default: worker.count)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: worker.device)."),
     backoff_s: float = typer.Option(1.0, "--backoff-s", help="First restart delay of a crashed child; doubles up to 30 s."),
+    without: list[str] = typer.Option([], "--without", help="Leave out an optional part: router, coordinator or console (repeatable)."),
 ) -> None:
     """Start the appliance (workers, router, and coordinator and console where installed) until Ctrl-C."""
     from appliance.launcher import Supervisor, appliance_children, read_state
@@ -63,7 +64,8 @@ def up(
         model = _prepared_model(settings)
         admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
         ensure_token(settings.keys_dir, "join_token", settings.serve.join_token)
-        children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"))
+        children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"),
+                                       without=frozenset(without))
         urls = {c.name: c.url for c in children}
         sup = Supervisor(children, settings.logs_dir, path, backoff_initial_s=backoff_s, info={"home": str(settings.home), "urls": urls})
         stop = threading.Event()
@@ -92,10 +94,10 @@ def status(ctx: typer.Context) -> None:
             console.print(f"`appliance up` is not running (home {settings.home})")
             raise typer.Exit(code=3)
         children = child_health(state)
-        console.print(f"appliance up: pid {state['pid']}, home {state.get('home')}", highlight=False)
+        console.print(f"appliance up: pid {state['pid']}, home {state.get('home')}", highlight=False, soft_wrap=True)
         for c in children:
             health = "healthy" if c["healthy"] else ("unhealthy" if c["alive"] else "not running")
-            console.print(f"  {c['name']:<12} {health:<11} pid {c['pid']}  {c['state']:<8} restarts {c['restarts']}  {c.get('url') or ''}", highlight=False)
+            console.print(f"  {c['name']:<12} {health:<11} pid {c['pid']}  {c['state']:<8} restarts {c['restarts']}  {c.get('url') or ''}", highlight=False, soft_wrap=True)
         if not all(c["healthy"] for c in children):
             raise typer.Exit(code=1)
 

@@ -33,15 +33,18 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
 def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int] = _PORT,
           device: Optional[str] = _DEVICE, host: str = _HOST) -> None:
     """Start vLLM's OpenAI server on one model and keep it running until Ctrl-C."""
-    from serve.worker_launcher import run_until_signal
+    from serve.worker_launcher import run_until_signal, stop_on_signals
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
-        worker = _worker(settings, model, port, host).start()
+        worker = _worker(settings, model, port, host)
+        stop = stop_on_signals()  # before the child starts: a SIGTERM while vLLM loads must still stop it
+        worker.start()
         console.print(f"starting vLLM worker for [bold]{worker.model}[/] on {worker.url} (log {worker.log_path})", highlight=False)
-        worker.wait_ready()
-        console.print(f"worker ready: {worker.url}/v1 serves {worker.model}; Ctrl-C stops it", highlight=False)
-        code = run_until_signal(worker)
+        worker.wait_ready(stop=stop)
+        if not stop.is_set():
+            console.print(f"worker ready: {worker.url}/v1 serves {worker.model}; Ctrl-C stops it", highlight=False)
+        code = run_until_signal(worker, stop)
     raise typer.Exit(code=code)
 
 
@@ -57,13 +60,16 @@ def join(
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
 ) -> None:
     """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C)."""
-    from serve.worker_launcher import RouterRegistration, run_until_signal, served_models, wait_for_signal
+    from serve.worker_launcher import RouterRegistration, run_until_signal, served_models, stop_on_signals, wait_for_signal
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
+        stop = stop_on_signals()
         worker = None if url else _worker(settings, model, port, host).start()
         if worker is not None:
-            worker.wait_ready()
+            worker.wait_ready(stop=stop)
+            if stop.is_set():
+                raise typer.Exit(code=0)
         worker_url = url or advertise or worker.url
         models = served_models(url) if url else [worker.model]
         if not models:
@@ -74,7 +80,7 @@ def join(
             worker_id = membership.register()
             console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)
             membership.start_heartbeats(heartbeat_s)
-            code = run_until_signal(worker) if worker else wait_for_signal()
+            code = run_until_signal(worker, stop) if worker else int(not wait_for_signal(stop))
         finally:
             membership.deregister()
             if worker is not None:
