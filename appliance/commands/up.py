@@ -35,6 +35,9 @@ def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_
     lines += [f"  {c.name:<12} {c.url}" for c in children if c.url]
     lines += ["", f"  admin token  {admin_token}   (stored in {settings.keys_dir / 'admin_token'})", f"  logs         {settings.logs_dir}", ""]
     chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)
+    if any(c.name == "router" for c in children):
+        lines += ["Another machine's GPU worker joins with:",
+                  f"  appliance worker join --router http://<this-host>:{settings.serve.port} --token $(cat {settings.keys_dir / 'join_token'}) --region REGION", ""]
     if chat:
         auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if settings.serve.api_keys else ""
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}]})
