@@ -43,7 +43,8 @@ def lora_shapes(config_path: Path = CONFIG, r: int = 8) -> dict[str, tuple[int, 
     head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
     q_out = cfg["num_attention_heads"] * head_dim
     kv_out = cfg["num_key_value_heads"] * head_dim
-    dims = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out), "o_proj": (q_out, hidden)}
+    dims = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+            "o_proj": (q_out, hidden)}
     shapes: dict[str, tuple[int, int]] = {}
     for layer in range(cfg["num_hidden_layers"]):
         for proj, (d_in, d_out) in dims.items():
@@ -76,7 +77,8 @@ def measure(strategy_name: str, num_silos: int, shapes: dict[str, tuple[int, int
     shapes = shapes or lora_shapes()
     gen = torch.Generator().manual_seed(seed)
     global_state = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
-    strategy = make_strategy(strategy_name, num_byzantine=1) if "krum" in strategy_name else make_strategy(strategy_name)
+    params = {"num_byzantine": 1} if "krum" in strategy_name else {}
+    strategy = make_strategy(strategy_name, **params)
     # Warm the allocator and kernels with one throw-away round so the measured round starts from a steady RSS.
     warm = make_strategy("fedavg")
     acc = warm.start_round(0, global_state)

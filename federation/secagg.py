@@ -24,8 +24,9 @@ Protocol (U1 >= U2 >= U3 are the silos still present after each step; `t` = thre
 
 Quantisation: with ``n = |U1|`` and ``S = (2^(k-1) - 1 - n) / (n * clip_range)``, a coordinate becomes
 ``round(clamp(x) * S)``; the sum of n of them never wraps, and the error of the sum is at most ``n / (2 S)`` per
-coordinate (about ``n^2 * clip_range / 2^k``: 2e-7 for 8 silos, k=32, clip_range 1). Values beyond
-``clip_range`` are clamped (clip updates first, e.g. with `clip_update`, or pick a wider range).
+coordinate (about ``n^2 * clip_range / 2^k``: 1.5e-8 for 8 silos, k=32, clip_range 1), plus the float32 rounding
+of the returned sum. Values beyond ``clip_range`` are clamped (clip updates first, e.g. with `clip_update`, or
+pick a wider range).
 
 Masks are AES-256-CTR key streams keyed by HKDF-SHA256 of the shared secret and the round context. Shamir sharing
 is over the prime field 2^521 - 1. Not covered: Bonawitz's consistency-check round and signatures for an actively
@@ -264,7 +265,8 @@ class SecAggClient:
         """Step 0: this silo's two public keys."""
         self._expect("advertise")
         self.phase = "share_keys"
-        return {"silo_id": self.silo_id, "c_pk": _b64(_public_bytes(self._c_sk)), "s_pk": _b64(_public_bytes(self._s_sk))}
+        c_pk, s_pk = _public_bytes(self._c_sk), _public_bytes(self._s_sk)
+        return {"silo_id": self.silo_id, "c_pk": _b64(c_pk), "s_pk": _b64(s_pk)}
 
     def _enc_key(self, peer: str) -> bytes:
         peer_c_pk = _unb64(self._roster[peer]["c_pk"], f"c_pk of {peer!r}")

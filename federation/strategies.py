@@ -164,7 +164,9 @@ def _to_f32(update: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().to(device="cpu", dtype=torch.float32) for k, v in update.items()}
 
 
-def _apply_delta(global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lr: float = 1.0) -> StateDict:
+def _apply_delta(
+    global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lr: float = 1.0
+) -> StateDict:
     """`global + lr * delta`, float32 maths, cast back to the global dtypes. A new dict."""
     return {
         k: (g.detach().to(torch.float32) + lr * delta[k].to(torch.float32)).to(g.dtype) for k, g in global_state.items()
