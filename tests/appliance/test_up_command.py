@@ -1,0 +1,69 @@
+"""`appliance up` / `appliance status` at the command line, without starting vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from appliance.cli import app
+from appliance.core.errors import ConfigError
+from appliance.launcher import appliance_children
+from tests.factories import REPO, free_port, make_settings
+
+
+def test_children_in_dependency_order_with_the_router_told_about_local_workers(tmp_path):
+    settings = make_settings(tmp_path, serve={"port": 9100}, worker={"count": 2, "base_port": 9200})
+
+    children = appliance_children(settings, "m", "/py")
+
+    names = [c.name for c in children]
+    assert names[:3] == ["worker-0", "worker-1", "router"]
+    w1 = children[1]
+    assert w1.argv[:4] == ["/py", "-m", "appliance", "worker"] and w1.argv[w1.argv.index("--port") + 1] == "9201"
+    assert w1.health_url == "http://127.0.0.1:9201/health" and w1.ports == (9201,)
+    router = children[2]
+    assert router.depends_on == ("worker-0", "worker-1") and router.ports == (9100,)
+    assert [w["url"] for w in json.loads(router.env["APPLIANCE_SERVE__WORKERS"])] == ["http://127.0.0.1:9200", "http://127.0.0.1:9201"]
+    assert all(c.env["APPLIANCE_HOME"] == str(tmp_path) for c in children)
+    if "console" in names:  # the console, where installed, comes last and is pointed at the router
+        console = children[names.index("console")]
+        assert "router" in console.depends_on
+
+
+def test_optional_parts_can_be_left_out_but_not_workers(tmp_path):
+    settings = make_settings(tmp_path)
+    names = [c.name for c in appliance_children(settings, "m", "/py", without=frozenset({"router", "console", "coordinator"}))]
+    assert names == ["worker-0"]
+    with pytest.raises(ConfigError, match="worker"):
+        appliance_children(settings, "m", "/py", without=frozenset({"worker"}))
+
+
+def test_status_when_nothing_runs(tmp_path):
+    result = CliRunner().invoke(app, ["--home", str(tmp_path), "status"])
+    assert result.exit_code == 3 and "not running" in result.output
+
+
+def test_up_refuses_a_taken_port_before_starting_anything(tmp_path, embedded_model_dir):
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / embedded_model_dir.name).symlink_to(embedded_model_dir)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__PORT": str(taken),
+               "APPLIANCE_WORKER__BASE_PORT": str(free_port()), "APPLIANCE_UI__PORT": str(free_port()),
+               "APPLIANCE_FEDERATION__PORT": str(free_port()), "APPLIANCE_FEDERATION__STATUS_PORT": str(free_port())}
+
+        result = subprocess.run([sys.executable, "-m", "appliance", "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"router needs 127.0.0.1:{taken}" in " ".join(result.stderr.split())
+    assert not (home / "run" / "up.json").exists()
+    assert not (home / "logs" / "worker-0.log").exists()  # nothing was started
