@@ -1,0 +1,77 @@
+"""`appliance train|eval|export` through Typer's CliRunner on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.train.conftest import arithmetic_records, write_jsonl
+
+
+@pytest.fixture
+def cli():
+    from appliance.cli import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+def test_dry_run_prints_peft_equal_counts(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from tests.train.conftest import small_cfg
+    from train.lora import build_peft_model
+
+    result = cli("--home", tmp_path, "train", "--dry-run", "--model", tiny_model_dir, "--lora-r", 4, "--target-modules", "q_proj,v_proj")
+    assert result.exit_code == 0, result.output
+    trainable, total = build_peft_model(small_cfg(lora_r=4, target_modules=["q_proj", "v_proj"]), tiny_model_dir, torch.float32).get_nb_trainable_parameters()
+    assert f"trainable LoRA parameters: {trainable:,}" in result.output
+    assert f"total parameters: {total:,}" in result.output
+    assert "q_proj, v_proj" in result.output
+
+
+def test_bad_data_exits_2_naming_file_and_line(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "q"', {"prompt": "q", "completion": "a"}])
+    result = cli("--home", tmp_path, "train", "--data", bad, "--model", tiny_model_dir, "--max-steps", 1)
+    assert result.exit_code == 2
+    assert "bad.jsonl:1: bad JSON" in " ".join(result.output.split())
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_train_registers_then_eval_export_and_resume(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "sums.jsonl", arithmetic_records(8))
+    home = tmp_path / "home"
+    result = cli("--home", home, "train", "--data", data, "--model", tiny_model_dir, "--max-steps", 2, "--max-seq-len", 128,
+                 "--zero-stage", 0, "--lr", "0.01", "--output", "sums")
+    assert result.exit_code == 0, result.output
+    assert "registered adapter sums:1" in result.output
+    (run_dir,) = list((home / "runs").iterdir())
+    assert json.loads((run_dir / "status.json").read_text())["adapter"] == "sums:1"
+    meta = json.loads((home / "adapters" / "sums" / "1" / "meta.json").read_text())
+    assert len(meta["data_sha256"]) == 64 and meta["run_id"] == run_dir.name and meta["metrics"]["steps"] == 2
+
+    evaluated = cli("--home", home, "eval", "--adapter", "sums", "--max-new-tokens", 3)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "eval_loss:" in evaluated.output and "exact_match:" in evaluated.output and "token_f1:" in evaluated.output
+
+    out = tmp_path / "exported"
+    assert cli("--home", home, "export", "--adapter", "sums:1", "--out", out).exit_code == 0
+    assert (out / "adapter_model.safetensors").exists() and (out / "meta.json").exists()
+    merged = tmp_path / "merged"
+    exported = cli("--home", home, "export", "--adapter", "sums", "--merge", "--out", merged)
+    assert exported.exit_code == 0, exported.output
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(merged).config.num_hidden_layers == 2
+
+    resumed = cli("--home", home, "train", "--resume", run_dir.name)
+    assert resumed.exit_code == 0, resumed.output
+    assert "registered adapter sums:2" in resumed.output
+
+
+def test_resume_of_an_unknown_run_exits_2(cli, tmp_path: Path) -> None:
+    result = cli("--home", tmp_path, "train", "--resume", "nope")
+    assert result.exit_code == 2 and "unknown run" in " ".join(result.output.split())
