@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -23,10 +22,9 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
     """A not-yet-started VLLMWorker for `model` (a store name or a folder) with the settings' worker section."""
     from serve.worker_launcher import VLLMWorker
 
-    name = model or settings.model
-    model_dir = resolve_model(settings.models_dir, name)
-    served = model_dir.name if (settings.models_dir / name).exists() or Path(name).exists() else name
-    return VLLMWorker(settings.worker, model_dir, served, port or settings.worker.base_port, settings.logs_dir, host=host)
+    model_dir = resolve_model(settings.models_dir, model or settings.model)
+    # The served name is the store name (or the folder's name for a path), as `appliance up` announces it.
+    return VLLMWorker(settings.worker, model_dir, model_dir.name, port or settings.worker.base_port, settings.logs_dir, host=host)
 
 
 @worker_app.command("start")
