@@ -1,7 +1,8 @@
 """The router app: `create_app(settings)` builds it, `run_router(settings)` serves it with uvicorn.
 
-The completion routes are plain Starlette routes (no FastAPI dependency layer on the hot path); the admin API is a
-FastAPI router. One set of exception handlers turns every error into OpenAI's `{"error": {...}}` shape.
+The completion routes are the hot path: `RouterApp.__call__` hands them to `Forwarder.handle` as raw ASGI, before
+any framework layer. Everything else (models, health, metrics, the admin API) is ordinary FastAPI, whose exception
+handlers turn every error into OpenAI's `{"error": {...}}` shape.
 """
 
 from __future__ import annotations
@@ -54,7 +55,22 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _error_response(400, f"invalid request: {problems}")
 
 
-def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None = None) -> FastAPI:
+HOT_PATHS = {"/v1/chat/completions": "/v1/chat/completions", "/v1/completions": "/v1/completions"}
+
+
+class RouterApp(FastAPI):
+    """FastAPI, except that completion requests go straight to the forwarder (raw ASGI, no middleware)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = HOT_PATHS.get(scope["path"])
+            if path is not None:
+                await self.state.forwarder.handle(scope, receive, send, path)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None = None) -> RouterApp:
     """Build the router for `settings` (its `serve` section, `keys_dir` for tokens and API keys).
 
     Args:
@@ -91,7 +107,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
                 await registry.session.close()
                 registry.session = None
 
-    app = FastAPI(title="FedLLM Appliance router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = RouterApp(title="FedLLM Appliance router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.placement = placement
@@ -102,8 +118,6 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     app.add_exception_handler(RouterError, _router_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_route("/v1/chat/completions", openai.chat_completions, methods=["POST"])
-    app.add_route("/v1/completions", openai.completions, methods=["POST"])
     app.add_route("/v1/models", openai.list_models, methods=["GET"])
     app.add_route("/health", openai.health, methods=["GET"])
     app.add_route("/metrics", openai.metrics, methods=["GET"])

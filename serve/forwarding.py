@@ -1,10 +1,13 @@
 """The hot path: authenticate, check limits, pick a worker, forward the body as bytes, relay the answer.
 
+It is raw ASGI (no framework layers): `Forwarder.handle(scope, receive, send, path)` is called by the app for
+`POST /v1/chat/completions` and `POST /v1/completions`, and answers errors itself in OpenAI's shape.
+
 Retries happen only before the client has seen a byte: connection errors, timeouts and 5xx answers move on to the
 next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
 a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line. A client
-that disconnects cancels the relay, which closes the upstream connection, so the worker aborts the request.
-Prompts and keys are never logged.
+that disconnects mid-stream stops the relay and closes the upstream connection, so the worker aborts the
+request. Prompts and keys are never logged.
 """
 
 from __future__ import annotations
@@ -13,16 +16,13 @@ import asyncio
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, AsyncIterator
-
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from serve.errors import RouterError, UpstreamError
 from serve.keys import ApiKey, KeyStore
 from serve.limits import RateLimiter
 from serve.policy import RouteHints, rank
-from serve.protocol import RequestFields, read_fields, sse_error_event
+from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
@@ -45,12 +45,32 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
 DEFAULT_TOKEN_CHARGE = 256  # tokens charged up front to a tpm-limited key when a request names no max_tokens
 _UPSTREAM_HEADERS = {"content-type": "application/json"}
+_WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def request_headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    """The few request headers the router reads, lower-case names."""
+    return {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+
+
+async def send_error(send: Send, exc: RouterError) -> None:
+    """Answer `exc` as an OpenAI error body (with Retry-After for 429)."""
+    body = error_body(exc.status, exc.message, param=exc.param)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.retry_after_s is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class Forwarder:
-    """Forwards OpenAI requests to workers. One per app; state lives in the registry and placement."""
+    """Forwards OpenAI requests to workers. One per app; fleet state lives in the registry and placement."""
 
     def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, placement: AdapterPlacement, metrics: RouterMetrics, keys: KeyStore):
         self.cfg = cfg
@@ -61,13 +81,25 @@ class Forwarder:
         self.limiter = RateLimiter()
         self.counter = 0
         self._timeout: aiohttp.ClientTimeout | None = None
+        self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
         return self.registry.session
 
+    # -- the ASGI entry --
+    async def handle(self, scope: Mapping[str, Any], receive: Receive, send: Send, path: str) -> None:
+        """Serve one completion request on raw ASGI; every failure is answered in OpenAI's error shape."""
+        try:
+            await self.forward(scope, receive, send, path)
+        except RouterError as exc:
+            await send_error(send, exc)
+        except Exception:  # the service boundary: log it, answer 500, never leak the request
+            logger.exception("unexpected error while forwarding %s", path)
+            await send_error(send, RouterError(500, "internal router error; see the router's log"))
+
     # -- admission --
-    def authenticate(self, request: Request) -> ApiKey | None:
+    def authenticate(self, headers: Mapping[str, str]) -> ApiKey | None:
         """The caller's key record; None when no keys are configured.
 
         Raises:
@@ -75,29 +107,35 @@ class Forwarder:
         """
         if not self.keys.required:
             return None
-        auth = request.headers.get("authorization", "")
-        scheme, _, presented = auth.partition(" ")
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
         key = self.keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
         if key is None:
             self.metrics.error("auth")
             raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
         return key
 
-    async def read_request(self, request: Request) -> tuple[bytes, dict, RequestFields]:
+    async def read_request(self, headers: Mapping[str, str], receive: Receive) -> tuple[bytes, dict, RequestFields]:
         """The raw body, its parsed form, and the routed fields.
 
         Raises:
             RouterError: 413 body too large, 400 invalid JSON / missing model / max_tokens over the cap.
         """
         limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length")
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             self.metrics.error("too_large")
             raise RouterError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (serve.max_body_bytes)")
-        body = await request.body()
-        if len(body) > limit:
-            self.metrics.error("too_large")
-            raise RouterError(413, f"request body of {len(body)} bytes exceeds the limit of {limit} bytes (serve.max_body_bytes)")
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RouterError(400, "the client disconnected while sending its request")
+            body += message.get("body", b"")
+            if len(body) > limit:
+                self.metrics.error("too_large")
+                raise RouterError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)")
+            if not message.get("more_body"):
+                break
         try:
             data = _loads(body)
         except ValueError as exc:
@@ -129,7 +167,7 @@ class Forwarder:
         return charge
 
     # -- routing --
-    def choose(self, model: str, request: Request, fields: RequestFields) -> tuple[list[Worker], PublishedAdapter | None]:
+    def choose(self, model: str, headers: Mapping[str, str], fields: RequestFields) -> tuple[list[Worker], PublishedAdapter | None]:
         """Workers to try, best first, and the published adapter behind `model` if any.
 
         Raises:
@@ -141,15 +179,21 @@ class Forwarder:
             candidates = [w.candidate(model in w.adapters) for w in hosts]
         else:
             hosts = self.registry.serving(model)
-            candidates = [w.candidate() for w in hosts]
             if not hosts:
                 if not self.registry.healthy():
                     self.metrics.error("no_worker")
                     raise RouterError(503, "no healthy worker is available; check `appliance fleet`")
                 self.metrics.error("unknown_model")
                 raise RouterError(404, f"the model `{model}` does not exist; GET /v1/models lists the served models", param="model")
-        headers = request.headers
-        hints = RouteHints(region=headers.get("x-region") or self.cfg.region, affinity_key=headers.get("x-session-id") or fields.user or fields.prefix)
+            if len(hosts) == 1:  # nothing to choose between: skip the policy (the common single-worker case)
+                worker = hosts[0]
+                if worker.healthy and not worker.draining:
+                    return [worker], None
+                self.metrics.error("no_worker")
+                raise RouterError(503, f"no healthy worker serves `{model}` right now; check `appliance fleet`")
+            candidates = [w.candidate() for w in hosts]
+        hints = RouteHints(region=headers.get("x-region") or self.cfg.region,
+                           affinity_key=headers.get("x-session-id") or fields.user or fields.prefix)
         self.counter += 1
         ranked = rank(self.cfg.policy, candidates, hints, self.counter, self.cfg.affinity_load_factor)
         if not ranked:
@@ -158,19 +202,20 @@ class Forwarder:
         by_id = {w.id: w for w in hosts}
         return [by_id[c.id] for c in ranked[: 1 + self.cfg.max_retries]], adapter
 
-    async def forward(self, request: Request, path: str) -> Response:
-        """Handle one `/v1/chat/completions` or `/v1/completions` request."""
+    async def forward(self, scope: Mapping[str, Any], receive: Receive, send: Send, path: str) -> None:
+        """Admit, route and relay one request (raises RouterError for the client)."""
         import aiohttp
 
         started = time.perf_counter()
-        key = self.authenticate(request)
-        body, data, fields = await self.read_request(request)
+        headers = request_headers(scope)
+        key = self.authenticate(headers)
+        body, data, fields = await self.read_request(headers, receive)
         charged = self.admit(key, fields)
         model = self.placement.resolve(fields.model)
         if model != fields.model:
             # An alias: the worker knows only the adapter's own name, so this one body is re-encoded.
             body = _dumps({**data, "model": model})
-        workers, adapter = self.choose(model, request, fields)
+        workers, adapter = self.choose(model, headers, fields)
         if self._timeout is None:
             self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
         reasons: list[str] = []
@@ -181,7 +226,8 @@ class Forwarder:
             try:
                 if adapter is not None and model not in worker.adapters:
                     await self.placement.ensure_on(worker, adapter)
-                return await self._attempt(worker, path, body, fields, model, started, key, charged)
+                await self._attempt(worker, path, body, fields, model, started, key, charged, receive, send)
+                return
             except UpstreamError as exc:
                 logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
                                "trying another" if attempt + 1 < len(workers) else "no more workers to try")
@@ -191,92 +237,108 @@ class Forwarder:
         raise RouterError(502, f"the request failed on {len(workers)} worker(s) before any answer: {'; '.join(reasons)}")
 
     async def _attempt(self, worker: Worker, path: str, body: bytes, fields: RequestFields, model: str, started: float,
-                       key: ApiKey | None, charged: int) -> Response:
+                       key: ApiKey | None, charged: int, receive: Receive, send: Send) -> None:
         import aiohttp
 
         worker.outstanding += 1
-        gauge = self.metrics.outstanding.labels(worker.id)
-        gauge.inc()
         sent = time.perf_counter()
         try:
             resp = await self.session.post(worker.url + path, data=body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self._release(worker, gauge)
+            worker.outstanding -= 1
             if isinstance(exc, aiohttp.ClientConnectorError):
                 worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
             self.registry.probe_soon(worker)
             raise UpstreamError(worker.id, f"{type(exc).__name__}: {exc}") from exc
         if resp.status >= 500:
             text = await _safe_text(resp)
-            self._release(worker, gauge)
+            worker.outstanding -= 1
             self.registry.probe_soon(worker)
             raise UpstreamError(worker.id, f"answered {resp.status}: {text[:200]}")
         if adapter_used := model in worker.adapters:
             worker.adapter_used[model] = time.monotonic()
-        streaming = fields.stream and resp.status == 200
-        if not streaming:
+        if not (fields.stream and resp.status == 200):
             try:
                 payload = await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 resp.close()
-                self._release(worker, gauge)
+                worker.outstanding -= 1
                 self.registry.probe_soon(worker)
                 raise UpstreamError(worker.id, f"broke before the answer was complete: {exc!r}") from exc
-            finally:
-                resp.release()
+            resp.release()
+            worker.outstanding -= 1
             now = time.perf_counter()
-            self._release(worker, gauge)
             worker.observe_ttft((now - sent) * 1000)
-            self._observe(path, model, worker, resp.status, started, sent, now)
+            content_type = resp.headers.get("content-type", "application/json").encode()
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            self._observe(path, model, worker, resp.status, started, now - sent, time.perf_counter())
             if key is not None and key.tpm and resp.status == 200:
                 self._settle(key, charged, payload)
             if adapter_used:
                 self.placement.note_hot(model)
-            return Response(payload, resp.status, media_type=resp.headers.get("content-type", "application/json"))
+            return
         if adapter_used:
             self.placement.note_hot(model)
-        return StreamingResponse(self._relay(resp, worker, gauge, path, model, started, sent), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        await self._relay(resp, worker, path, model, started, sent, receive, send)
 
-    async def _relay(self, resp: aiohttp.ClientResponse, worker: Worker, gauge, path: str, model: str, started: float, sent: float) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: aiohttp.ClientResponse, worker: Worker, path: str, model: str, started: float, sent: float,
+                     receive: Receive, send: Send) -> None:
+        """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it."""
         import aiohttp
 
+        disconnect = asyncio.ensure_future(receive())  # completes only when the client goes away
         tail = b""
-        first = True
+        ttft = None
         complete = False
         try:
-            async for chunk in resp.content.iter_any():
-                if first:
-                    first = False
-                    worker.observe_ttft((time.perf_counter() - sent) * 1000)
-                tail = (tail + chunk)[-32:]
-                yield chunk
-            if b"[DONE]" not in tail:
-                raise aiohttp.ClientPayloadError("the worker ended the stream without its [DONE] event")
-            complete = True
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            logger.warning("stream from worker %s broke after the first byte: %s", worker.id, exc)
-            self.metrics.error("stream_broken")
-            self.registry.probe_soon(worker)
-            yield sse_error_event(f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete")
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            try:
+                async for chunk in resp.content.iter_any():
+                    if ttft is None:
+                        ttft = time.perf_counter() - sent
+                        worker.observe_ttft(ttft * 1000)
+                    if disconnect.done():
+                        logger.info("client left a stream from worker %s; aborting the upstream request", worker.id)
+                        return
+                    tail = (tail + chunk)[-32:]
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if b"[DONE]" not in tail:
+                    raise aiohttp.ClientPayloadError("the worker ended the stream without its [DONE] event")
+                complete = True
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                logger.warning("stream from worker %s broke after the first byte: %s", worker.id, exc)
+                self.metrics.error("stream_broken")
+                self.registry.probe_soon(worker)
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": sse_error_event(f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete")})
+            await send({"type": "http.response.body", "body": b""})
         finally:
+            disconnect.cancel()
             if complete:
                 resp.release()
             else:
                 resp.close()  # closes the upstream connection: the worker aborts the generation
-            self._release(worker, gauge)
-            self._observe(path, model, worker, 200 if complete else 502, started, sent, time.perf_counter())
+            worker.outstanding -= 1
+            self._observe(path, model, worker, 200 if complete else 502, started, ttft, time.perf_counter())
 
     # -- bookkeeping --
-    @staticmethod
-    def _release(worker: Worker, gauge) -> None:
-        worker.outstanding -= 1
-        gauge.dec()
+    def _observe(self, path: str, model: str, worker: Worker, status: int, started: float, ttft_s: float | None, now: float) -> None:
+        series = self._series.get((path, model, worker.id, status))
+        if series is None:
+            m = self.metrics
+            series = (m.requests.labels(path, model, worker.id, str(status)), m.latency.labels(path, model, worker.id), m.ttft.labels(model, worker.id))
+            self._series[(path, model, worker.id, status)] = series
+        series[0].inc()
+        series[1].observe(now - started)
+        if ttft_s is not None:
+            series[2].observe(ttft_s)
 
-    def _observe(self, path: str, model: str, worker: Worker, status: int, started: float, sent: float, now: float) -> None:
-        self.metrics.requests.labels(path, model, worker.id, str(status)).inc()
-        self.metrics.latency.labels(path, model, worker.id).observe(now - started)
-        self.metrics.ttft.labels(model, worker.id).observe(now - sent)
+    def outstanding(self) -> None:
+        """Copy each worker's in-flight count into the gauge (called when /metrics is scraped)."""
+        for worker in self.registry.workers.values():
+            self.metrics.outstanding.labels(worker.id).set(worker.outstanding)
 
     def _settle(self, key: ApiKey, charged: int, payload: bytes) -> None:
         try:

@@ -97,7 +97,8 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
         raise ValueError("`max_tokens` must be an integer")
     user = data.get("user")
-    return RequestFields(
+    # Validated above by hand: model_construct skips pydantic's second pass on the hot path.
+    return RequestFields.model_construct(
         model=model, stream=bool(data.get("stream")), max_tokens=max_tokens,
         user=user if isinstance(user, str) else None, prefix=_prefix(data, prefix_chars),
     )

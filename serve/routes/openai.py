@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: completions (forwarded), models, health and metrics."""
+"""OpenAI-compatible routes besides the forwarded completions (see `serve.forwarding`): models, health, metrics."""
 
 from __future__ import annotations
 
@@ -10,20 +10,10 @@ from starlette.responses import JSONResponse, Response
 from serve.protocol import ModelCard, ModelList
 
 
-async def chat_completions(request: Request) -> Response:
-    """`POST /v1/chat/completions`, forwarded to a worker."""
-    return await request.app.state.forwarder.forward(request, "/v1/chat/completions")
-
-
-async def completions(request: Request) -> Response:
-    """`POST /v1/completions`, forwarded to a worker."""
-    return await request.app.state.forwarder.forward(request, "/v1/completions")
-
-
 async def list_models(request: Request) -> Response:
     """`GET /v1/models`: base models of healthy workers, their loaded adapters, published adapters and aliases."""
     state = request.app.state
-    state.forwarder.authenticate(request)
+    state.forwarder.authenticate(request.headers)
     registry, placement = state.registry, state.placement
     cards: dict[str, ModelCard] = {}
     created = int(time.time())
@@ -52,4 +42,5 @@ async def metrics(request: Request) -> Response:
     """`GET /metrics` in Prometheus' text format."""
     state = request.app.state
     state.metrics.workers_healthy.set(len(state.registry.healthy()))
+    state.forwarder.outstanding()
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
