@@ -19,7 +19,7 @@ Encoded tensor names are `KEY::SUFFIX` (`::q`, `::scale`, `::idx`, `::val`, or `
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,11 @@ def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _topk_count(ratio: float, numel: int) -> int:
+    """Values top-k keeps of a tensor: ceil(ratio * numel), at least one (none of an empty tensor)."""
+    return min(numel, max(1, math.ceil(ratio * numel)))
 
 
 def _int8_encode(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +115,7 @@ def encode(
         corrected = value.detach().to(torch.float32).reshape(-1)
         if state is not None and key in state:
             corrected = corrected + state[key].to(torch.float32).reshape(-1)
-        k = max(1, math.ceil(ratio * corrected.numel()))
+        k = _topk_count(ratio, corrected.numel())
         idx = torch.topk(corrected.abs(), k, sorted=False).indices
         idx = torch.sort(idx).values  # sorted indices compress better and decode identically
         values = corrected[idx]
@@ -122,15 +127,34 @@ def encode(
     return tensors, meta, new_state
 
 
-def decode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> StateDict:
+def decode(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    *,
+    expected_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> StateDict:
     """Rebuild the update `encode` compressed, in its original dtypes and shapes.
 
+    Args:
+        tensors: The received tensors.
+        meta: The received meta.
+        expected_shapes: If given (e.g. the global adapter's shapes), meta must declare exactly these keys and
+            shapes; checked before anything is allocated, so a hostile meta cannot make the receiver allocate
+            huge dense tensors for a sparse payload.
+
     Raises:
-        ValueError: if meta names an unknown method or a tensor is missing or of the wrong size.
+        ValueError: if meta names an unknown method, declares unexpected shapes, or a tensor is missing or of
+            the wrong size.
     """
     method = meta.get("method")
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r} in meta; expected one of {', '.join(METHODS)}")
+    if expected_shapes is not None:
+        declared = {k: list(v) for k, v in meta["shapes"].items()}
+        wanted = {k: list(v) for k, v in expected_shapes.items()}
+        if declared != wanted:
+            bad = sorted(set(declared) ^ set(wanted)) or sorted(k for k in wanted if declared[k] != wanted[k])
+            raise ValueError(f"compressed update declares keys/shapes that differ from the expected ones at {bad[0]!r}")
     out: StateDict = {}
     for key, shape in meta["shapes"].items():
         dtype = _DTYPES.get(meta["dtypes"][key], torch.float32)
@@ -146,7 +170,9 @@ def decode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Stat
                 value = _int8_decode(q, scale, shape, block)
             else:
                 idx, val = tensors[f"{key}::idx"].to(torch.int64), tensors[f"{key}::val"].to(torch.float32)
-                if idx.numel() != val.numel() or (idx.numel() and (idx.min() < 0 or idx.max() >= numel)):
+                if idx.numel() != val.numel() or idx.numel() != _topk_count(float(meta["ratio"]), numel) or (
+                    idx.numel() and (idx.min() < 0 or idx.max() >= numel)
+                ):
                     raise ValueError(f"topk tensors of {key!r} do not match shape {shape}")
                 flat = torch.zeros(numel, dtype=torch.float32)
                 flat[idx] = val

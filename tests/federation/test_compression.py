@@ -106,3 +106,14 @@ def test_decode_rejects_missing_or_bad_tensors():
         decode({"w::idx": torch.tensor([0, 99], dtype=torch.int32), "w::val": t["w::val"]}, m)
     with pytest.raises(ValueError, match="unknown compression method"):
         encode(u, "gzip")
+
+
+def test_decode_checks_declared_shapes_before_allocating():
+    # A hostile meta claims a huge tensor for a tiny sparse payload.
+    tensors, meta, _ = encode({"w": torch.randn(10)}, "topk", ratio=0.2)
+    hostile = {**meta, "shapes": {"w": [10**12]}}
+    with pytest.raises(ValueError, match="differ from the expected ones at 'w'"):
+        decode(tensors, hostile, expected_shapes={"w": (10,)})
+    with pytest.raises(ValueError, match="do not match"):
+        decode(tensors, hostile)  # 2 indices cannot be 20 % of 10^12 values
+    assert decode(tensors, meta, expected_shapes={"w": (10,)})["w"].shape == (10,)
