@@ -45,6 +45,8 @@ __all__ = [
     "rdp_to_epsilon",
     "RDPAccountant",
     "CentralDP",
+    "SiloDPAccounting",
+    "strategy_from_settings",
 ]
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
@@ -358,3 +360,70 @@ class CentralDP:
         self.inner.load_state_dict(inner)
         if dp:
             self.accountant.load_state_dict(dp)
+
+
+class SiloDPAccounting:
+    """Wraps any strategy when the silos add the noise themselves (`privatize_update`): accounts, changes nothing.
+
+    Each round that produces a new global state is recorded as one Gaussian mechanism with multiplier `z`
+    (every silo's own update is `(C, z)`-Gaussian; `q` = 1), so `epsilon()` is each silo's guarantee.
+    """
+
+    def __init__(self, inner: Any, noise_multiplier: float, *, delta: float = 1e-5) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self.accountant = RDPAccountant()
+
+    def plan_round(self, round_id: int) -> dict:
+        """The inner plan."""
+        return self.inner.plan_round(round_id)
+
+    def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
+        """The inner accumulator."""
+        return self.inner.start_round(round_id, global_state)
+
+    def finish_round(
+        self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]
+    ) -> StateDict | None:
+        """The inner result; a round that counts is accounted."""
+        new_state = self.inner.finish_round(round_id, global_state, acc, failures)
+        if new_state is not None:
+            self.accountant.step(self.noise_multiplier, 1.0)
+        return new_state
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at `delta` (default: the configured one)."""
+        return self.accountant.get_epsilon(self.delta if delta is None else delta)
+
+    def state_dict(self) -> StateDict:
+        """Inner state under `inner.`, accountant under `dp.`."""
+        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
+        state.update({f"dp.{k}": v for k, v in self.accountant.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore what `state_dict` returned."""
+        self.inner.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("inner.")})
+        dp = {k[3:]: v for k, v in state.items() if k.startswith("dp.")}
+        if dp:
+            self.accountant.load_state_dict(dp)
+
+
+def strategy_from_settings(cfg: Any) -> Any:
+    """The strategy a `FederationSettings` section asks for, wrapped for DP when `dp_mode` says so.
+
+    Uses `strategy`, `strategy_params`, `min_silos` (as `min_results`), `dp_mode` ("off" | "central" | "silo"),
+    `dp_clip_norm`, `dp_noise_multiplier` and `dp_delta`.
+    """
+    from federation.strategies import make_strategy
+
+    strategy = make_strategy(cfg.strategy, **{"min_results": cfg.min_silos, **dict(cfg.strategy_params)})
+    mode = getattr(cfg, "dp_mode", "off")
+    if mode == "central":
+        return CentralDP(strategy, cfg.dp_clip_norm, cfg.dp_noise_multiplier,  # type: ignore[arg-type]
+                         delta=cfg.dp_delta)
+    if mode == "silo":
+        return SiloDPAccounting(strategy, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
+    return strategy

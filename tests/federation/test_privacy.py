@@ -151,3 +151,26 @@ def test_epsilon_matches_opacus_reference_values():
     rdp = [a + b for a, b in zip(compute_rdp(1e-5, 1.0, 10, orders), compute_rdp(1e-4, 3.0, 4, orders))]
     eps, order = rdp_to_epsilon(orders, rdp, 1e-5)
     assert eps == pytest.approx(0.336, abs=5e-4) and order == 23
+
+
+def test_strategy_from_settings_wraps_for_each_dp_mode(tmp_path):
+    from federation.privacy import SiloDPAccounting, strategy_from_settings
+    from tests.factories import make_settings
+
+    def build(**fed):
+        return strategy_from_settings(make_settings(tmp_path, federation=fed).federation)
+
+    plain = build(strategy="fedprox", strategy_params={"prox_mu": 0.1}, min_silos=3)
+    assert plain.name == "fedprox" and plain.min_results == 3 and plain.plan_round(1) == {"prox_mu": 0.1}
+    central = build(dp_mode="central", dp_clip_norm=0.5, dp_noise_multiplier=1.1)
+    assert isinstance(central, CentralDP) and central.clip_norm == 0.5 and central.noise_multiplier == 1.1
+    silo = build(strategy="median", dp_mode="silo", dp_noise_multiplier=2.0, min_silos=1)
+    assert isinstance(silo, SiloDPAccounting)
+    u = {"w": torch.zeros(3)}
+    acc = silo.start_round(1, u)
+    acc.add("a", {"w": torch.ones(3)}, 1)
+    assert silo.finish_round(1, u, acc, []) is not None
+    ref = RDPAccountant()
+    ref.step(2.0)
+    assert silo.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5))
+    assert silo.epsilon(1e-5) > 0
