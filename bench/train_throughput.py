@@ -1,0 +1,141 @@
+"""Training throughput: our DeepSpeed engine vs a plain HF Trainer + peft, and packing on vs off.
+
+All runs use the same model, LoRA config, batch size, sequence length and number of optimizer steps, on chat
+data of mixed lengths. The engine-vs-Trainer pair sees exactly the same micro-batches (no packing, same
+order), so the comparison is of the training machinery alone. Throughput is real (non-padding) tokens per
+second of training (model loading excluded).
+
+    .venv/bin/python bench/train_throughput.py [--model DIR_OR_NAME] [--steps 3] [--batch-size 4] [--seq-len 256]
+
+Prints one line per run and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WORDS = "the model learns from private data that never leaves its silo and answers questions about it".split()
+
+
+def mixed_chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Chat examples whose answers range from a few words to ~180 words (mixed lengths, as real chat data)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 20)))
+        a = " ".join(rng.choice(WORDS) for _ in range(rng.choice([3, 8, 20, 40, 90, 180])))
+        out.append({"messages": [{"role": "user", "content": f"Question {i}: {q}?"}, {"role": "assistant", "content": a}]})
+    return out
+
+
+def resolve(model: str | None) -> Path:
+    """A model folder: the given path or store name, else the embedded model prepared for the tests."""
+    from appliance.core.model_store import prepare_model, resolve_model
+    from appliance.core.settings import load_settings
+
+    if model:
+        return resolve_model(load_settings().models_dir, model)
+    cache = REPO / ".cache"
+    return prepare_model(cache / "test-home" / "models", cache_dir=cache / "wheels").path
+
+
+def run_engine(cfg: Any, model_dir: Path, records: list[dict[str, Any]], steps: int) -> dict[str, float]:
+    """Our engine (fit_adapter, DeepSpeed in process); tokens/s over the training loop."""
+    from train import fit_adapter
+
+    return fit_adapter(cfg, model_dir, records, max_steps=steps).metrics
+
+
+def run_hf_trainer(cfg: Any, model_dir: Path, records: list[dict[str, Any]], steps: int) -> dict[str, float]:
+    """A plain HF Trainer + peft on exactly the micro-batches our unpacked engine run sees."""
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    from train import data as d
+    from train import lora
+
+    tok = lora.load_tokenizer(model_dir)
+    rows = d.unpacked_rows(d.tokenize_records(tok, records, cfg.max_seq_len))
+    seq = [r for i in range(steps * cfg.grad_accum) for r in d.micro_batch(rows, i, cfg.batch_size, cfg.seed)]
+    dataset = [{"input_ids": r.input_ids, "labels": r.labels} for r in seq]
+    tokens = sum(len(r.input_ids) for r in seq)
+
+    def collator(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), tok.pad_token_id)
+        labels = torch.full((len(features), width), -100)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)
+
+    model = lora.build_peft_model(cfg, model_dir, torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            max_steps=steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine",
+            max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed, remove_unused_columns=False,
+        )
+        trainer = InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        t0 = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens_per_s": tokens / elapsed, "tokens": float(tokens), "elapsed_s": elapsed, "train_loss": losses[-1] if losses else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="Model folder or store name (default: embedded SmolLM2-135M).")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=64)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from appliance.core.sections.train import TrainSettings
+
+    model_dir = resolve(args.model)
+    records = mixed_chat_records(args.examples)
+    base = dict(batch_size=args.batch_size, max_seq_len=args.seq_len, lora_r=8, lr=2e-4, warmup_steps=1, zero_stage=args.zero_stage)
+    packed_cfg = TrainSettings(**base, packing=True)
+    unpacked_cfg = TrainSettings(**base, packing=False)
+
+    print(f"model {model_dir.name}, {args.steps} steps, batch {args.batch_size} x seq {args.seq_len}, ZeRO-{args.zero_stage}, "
+          f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}")
+    results = {
+        "engine, packing off": run_engine(unpacked_cfg, model_dir, records, args.steps),
+        "HF Trainer + peft, packing off": run_hf_trainer(unpacked_cfg, model_dir, records, args.steps),
+        "engine, packing on": run_engine(packed_cfg, model_dir, records, args.steps),
+    }
+    for name, m in results.items():
+        print(f"{name:32s} {m['tokens_per_s']:8.1f} tokens/s  ({m['tokens']:.0f} tokens in {m['elapsed_s']:.1f} s, "
+              f"{m['elapsed_s'] / args.steps:.2f} s/step, loss {m['train_loss']:.3f})")
+    eng, hf, packed = (results[k]["tokens_per_s"] for k in results)
+    print(f"ratio engine / HF Trainer (same batches):  {eng / hf:.2f}")
+    print(f"ratio packing on / off (engine):           {packed / eng:.2f}")
+
+
+if __name__ == "__main__":
+    main()
