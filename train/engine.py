@@ -77,8 +77,13 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if _use_cuda() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    if _use_cuda():
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        deepspeed.init_distributed(dist_backend="nccl")
+    else:
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def _use_cuda() -> bool:
