@@ -1,0 +1,343 @@
+"""Router load benchmark: direct vs a bare pass-through vs our router vs the LiteLLM proxy, on one fast fake backend.
+
+Every server runs as its own process under uvicorn (uvloop + httptools), and the load generator is one more
+process, so they share the machine's cores the same way for every target. Each cell is a closed loop of
+`concurrency` clients for `--duration-s` seconds (after a short warm-up), streaming or not.
+
+    .venv/bin/python bench/router_load.py [--duration-s 4] [--concurrency 1 64 256] [--no-litellm]
+
+Prints one table: requests/s, p50/p99 latency, and for each proxy the added p50/p99 (its latency minus direct's)
+and its throughput as a share of direct's and of the bare pass-through's. LiteLLM runs only if
+`/tmp/litellm-venv/bin/litellm` exists (`python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install
+'litellm[proxy]'`); otherwise the table says why it was skipped. It is never a dependency of the project.
+
+Internal roles (used by the script itself): `--serve-bare PORT UPSTREAM`, `--serve-router PORT UPSTREAM HOME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+LITELLM = Path(os.environ.get("LITELLM_BIN", "/tmp/litellm-venv/bin/litellm"))
+MODEL = "fake"
+API_KEY_NAME = "bench"
+
+
+# ---------------------------------------------------------------- the bare pass-through (about a dozen lines)
+def serve_bare(port: int, upstream: str) -> None:
+    """A bare one-hop proxy: raw ASGI in, aiohttp out, body and chunks passed through. No routing, auth, metrics."""
+    import aiohttp
+    import uvicorn
+
+    state: dict = {}
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (msg := await receive())["type"] != "lifespan.shutdown":
+                state["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+                await send({"type": "lifespan.startup.complete"})
+            await state["s"].close()
+            return await send({"type": "lifespan.shutdown.complete"})
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            body, more = body + msg.get("body", b""), msg.get("more_body", False)
+        async with state["s"].post(upstream + scope["path"], data=body, headers={"content-type": "application/json"}) as r:
+            await send({"type": "http.response.start", "status": r.status, "headers": [(b"content-type", r.headers["content-type"].encode())]})
+            async for chunk in r.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+
+
+# ---------------------------------------------------------------- our router, fully configured
+def serve_router(port: int, upstream: str, home: str) -> None:
+    """Our router with the score policy, API keys (one with generous rpm/tpm limits) and metrics on."""
+    sys.path.insert(0, str(REPO))
+    import logging
+
+    from appliance.core.settings import load_settings
+    from serve import run_router
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = load_settings(overrides={"home": home, "serve": {"port": port, "policy": "score",
+                                                               "workers": [{"url": upstream, "region": "local"}]}})
+    run_router(settings)
+
+
+# ---------------------------------------------------------------- processes
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen | None
+    headers: dict
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every process of the process group `pgid` (Linux /proc)."""
+    total = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0, headers: dict | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+                           headers=headers, timeout=5)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready within {timeout_s} s")
+
+
+def start_backend(chunks: int = 8) -> Server:
+    port = free_port()
+    proc = spawn([PYTHON, "-m", "serve.fake_backend", "--port", str(port), "--model", MODEL, "--chunks", str(chunks)])
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/v1/chat/completions", proc)
+    return Server("direct", url, proc, {})
+
+
+def start_bare(upstream: str) -> Server:
+    port = free_port()
+    proc = spawn([PYTHON, __file__, "--serve-bare", str(port), upstream])
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/v1/chat/completions", proc)
+    return Server("bare proxy", url, proc, {})
+
+
+def start_router(upstream: str, home: Path) -> Server:
+    sys.path.insert(0, str(REPO))
+    from serve.keys import create_key
+
+    key = create_key(home / "keys", f"{API_KEY_NAME}-{int(time.time() * 1000)}", rpm=10_000_000, tpm=10_000_000_000)
+    port = free_port()
+    proc = spawn([PYTHON, __file__, "--serve-router", str(port), upstream, str(home)], log=home / "router.log")
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {key}"}
+    wait_ready(url + "/v1/chat/completions", proc, headers=headers)
+    return Server("our router", url, proc, headers)
+
+
+def start_litellm(upstream: str, home: Path) -> Server | str:
+    """LiteLLM's proxy in front of the backend, or a string saying why it was skipped."""
+    if not LITELLM.exists():
+        return f"skipped: {LITELLM} not found (install litellm[proxy] into /tmp/litellm-venv to include it)"
+    config = home / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {upstream}/v1\n"
+        "      api_key: none\n"
+        "litellm_settings:\n  drop_params: true\n  telemetry: false\n"
+    )
+    port = free_port()
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+           "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "true"}
+    proc = spawn([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                 env=env, log=home / "litellm.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url + "/v1/chat/completions", proc, timeout_s=180)
+    except (RuntimeError, TimeoutError) as exc:
+        Server("litellm", url, proc, {}).stop()
+        tail = (home / "litellm.log").read_text(errors="replace")[-400:]
+        return f"skipped: LiteLLM did not start ({exc}); log tail: {tail!r}"
+    return Server("litellm", url, proc, {})
+
+
+# ---------------------------------------------------------------- the load generator (its own process)
+async def _load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float) -> dict:
+    import aiohttp
+
+    body = json.dumps({"model": MODEL, "stream": stream, "max_tokens": 16,
+                       "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]}).encode()
+    hdrs = {"content-type": "application/json", **headers}
+    latencies: list[float] = []
+    errors = 0
+    total = 0
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def client(session):
+        nonlocal errors, total
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            try:
+                async with session.post(url + "/v1/chat/completions", data=body, headers=hdrs) as r:
+                    async for _ in r.content.iter_any():
+                        pass
+                    ok = r.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            t1 = time.perf_counter()
+            total += 1
+            if t0 >= measure_from:
+                if ok:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    latencies.sort()
+    n = len(latencies)
+    return {"n": n, "errors": errors, "total": total, "rps": n / duration_s,
+            "p50_ms": statistics.median(latencies) * 1000 if n else float("nan"),
+            "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else float("nan")}
+
+
+def run_load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float = 0.5) -> dict:
+    """One cell, measured by a separate load-generator process (so it does not share a core's event loop)."""
+    spec = json.dumps({"url": url, "headers": headers, "concurrency": concurrency, "stream": stream, "duration_s": duration_s, "warmup_s": warmup_s})
+    out = subprocess.run([PYTHON, __file__, "--load", spec], cwd=REPO, capture_output=True, text=True, timeout=duration_s + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the table
+def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list[str]) -> None:
+    print(f"\n{title}")
+    print(f"{'target':<12} {'stream':<6} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'vs direct':>9} {'vs bare':>8} {'cpu us/req':>10} {'errors':>6}")
+    base = {(c, s): r for name, c, s, r in rows if name == "direct"}
+    bare = {(c, s): r for name, c, s, r in rows if name == "bare proxy"}
+    for name, c, s, r in rows:
+        d, b = base.get((c, s)), bare.get((c, s))
+        add50 = f"{r['p50_ms'] - d['p50_ms']:+.3f}" if d and name != "direct" else ""
+        add99 = f"{r['p99_ms'] - d['p99_ms']:+.3f}" if d and name != "direct" else ""
+        vs_d = f"{r['rps'] / d['rps']:.0%}" if d and name != "direct" else ""
+        vs_b = f"{r['rps'] / b['rps']:.0%}" if b and name not in ("direct", "bare proxy") else ""
+        print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6}")
+    print("+p50/+p99: latency added over direct at the same concurrency; vs direct/bare: throughput share; "
+          "cpu us/req: CPU time of that server's own process per request (for direct, the backend's).")
+    for note in notes:
+        print(note)
+
+
+def bench(targets: list[str], concurrencies: list[int], duration_s: float, title: str) -> list[tuple[str, int, bool, dict]]:
+    """Start the backend and the chosen proxies, measure every cell, print the table, stop everything."""
+    servers: list[Server] = []
+    notes: list[str] = []
+    rows: list[tuple[str, int, bool, dict]] = []
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+        home = Path(tmp)
+        try:
+            backend = start_backend()
+            servers.append(backend)
+            by_name = {"direct": backend}
+            if "bare" in targets:
+                by_name["bare proxy"] = start_bare(backend.url)
+                servers.append(by_name["bare proxy"])
+            if "router" in targets:
+                by_name["our router"] = start_router(backend.url, home)
+                servers.append(by_name["our router"])
+            if "litellm" in targets:
+                lite = start_litellm(backend.url, home)
+                if isinstance(lite, str):
+                    notes.append(f"litellm: {lite}")
+                else:
+                    by_name["litellm"] = lite
+                    servers.append(lite)
+            for stream in (False, True):
+                for c in concurrencies:
+                    for name, server in by_name.items():
+                        d = duration_s if name != "litellm" else max(duration_s, 4.0)
+                        cpu0 = group_cpu_s(server.proc.pid)
+                        result = run_load(server.url, server.headers, c, stream, d)
+                        # CPU of the proxy process itself (the backend's is excluded), per request: robust to a busy machine.
+                        result["cpu_us"] = (group_cpu_s(server.proc.pid) - cpu0) / max(1, result["total"]) * 1e6
+                        rows.append((name, c, stream, result))
+                        print(f"  measured {name} stream={stream} c={c}: {rows[-1][3]['rps']:.0f} req/s", file=sys.stderr, flush=True)
+        finally:
+            for s in reversed(servers):
+                s.stop()
+    print_table(title, rows, notes)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "UPSTREAM"))
+    parser.add_argument("--serve-router", nargs=3, metavar=("PORT", "UPSTREAM", "HOME"))
+    parser.add_argument("--load", metavar="JSON")
+    parser.add_argument("--duration-s", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--no-litellm", action="store_true")
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
+    elif args.serve_router:
+        serve_router(int(args.serve_router[0]), args.serve_router[1], args.serve_router[2])
+    elif args.load:
+        import uvloop
+
+        spec = json.loads(args.load)
+        print(json.dumps(uvloop.run(_load(**spec))))
+    else:
+        targets = ["bare", "router"] + ([] if args.no_litellm else ["litellm"])
+        bench(targets, args.concurrency, args.duration_s,
+              f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process")
+
+
+if __name__ == "__main__":
+    main()
