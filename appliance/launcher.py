@@ -53,6 +53,7 @@ class ChildSpec:
         depends_on: names of children that must be ready first.
         ready_timeout_s: seconds to wait for `health_url` at start.
         env: variables added to the supervisor's environment for this child.
+        optional: a child whose failure at start is logged and left to the restart loop instead of aborting `up`.
     """
 
     name: str
@@ -64,6 +65,7 @@ class ChildSpec:
     depends_on: tuple[str, ...] = ()
     ready_timeout_s: float = 60.0
     env: dict[str, str] = field(default_factory=dict)
+    optional: bool = False
 
 
 @dataclass
@@ -167,7 +169,13 @@ class Supervisor:
                 if stop.is_set():
                     break
                 self._spawn(child)
-                self._wait_ready(child, stop)
+                try:
+                    self._wait_ready(child, stop)
+                except ChildFailed as exc:
+                    if not child.spec.optional:
+                        raise
+                    log.error("%s (optional) failed to start; it will be retried with backoff: %s", child.spec.name, exc)
+                    child.state = "starting"  # the supervision loop notices the exit (or the late readiness)
         except BaseException:
             self.stop()
             raise
@@ -393,6 +401,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
             name="coordinator", argv=[*run, *coordinator[0]], health_url=f"http://127.0.0.1:{f.status_port}/status",
             ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
             url=f"tcp://{_shown(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=base_env,
+            optional=True,
         ))
     console = None if "console" in without else _first_command([["ui"], ["ui", "start"]])
     if console is not None:
@@ -405,6 +414,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
             name="console", argv=[*run, *console[0], *flags], health_url=f"http://127.0.0.1:{u.port}/",
             ports=(u.port,), host=u.host, url=f"http://{_shown(u.host)}:{u.port}",
             depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator")), ready_timeout_s=120.0, env=base_env,
+            optional=True,
         ))
     return children
 

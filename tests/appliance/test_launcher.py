@@ -188,3 +188,22 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
         proc.wait()
     assert wait_until(lambda: not pid_alive(pid), timeout_s=10)  # PR_SET_PDEATHSIG
     assert read_state(tmp_path / "up.json") is None  # a stale state file of a dead supervisor reads as "not running"
+
+
+def test_an_optional_child_that_fails_at_start_is_retried_instead_of_aborting(supervisor_factory, caplog):
+    flaky = fake_spec("console", "--exit-after-s", "0", depends_on=("core",))
+    sup = supervisor_factory([fake_spec("core"), ChildSpec(**{**flaky.__dict__, "optional": True})], backoff_initial_s=0.1)
+
+    sup.start()
+
+    assert sup.child("core").state == "ready"
+    assert "console (optional) failed to start" in caplog.text
+    stop = threading.Event()
+    thread = threading.Thread(target=sup.supervise, args=(stop,))
+    thread.start()
+    try:
+        assert wait_until(lambda: sup.child("console").restarts >= 1)
+    finally:
+        stop.set()
+        thread.join()
+    assert sup.child("core").restarts == 0
