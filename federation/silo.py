@@ -116,7 +116,10 @@ class SiloClient:
     async def stop(self, say_bye: bool = True) -> None:
         """Leave (BYE unless `say_bye` is False, as a crash would) and close the socket."""
         if self._transport is not None and say_bye:
-            await self._send(make_header(MsgType.BYE, Bye(reason="stopping"), silo_id=self.silo_id))
+            try:  # a DEALER with no live connection blocks on send; do not hang on the way out
+                await asyncio.wait_for(self._send(make_header(MsgType.BYE, Bye(reason="stopping"), silo_id=self.silo_id)), 1.0)
+            except asyncio.TimeoutError:
+                logger.info("silo %s: coordinator unreachable, left without BYE", self.silo_id)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -1,0 +1,179 @@
+"""Dropouts, coordinator restarts, unenrolled keys and bad updates, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from federation import codec, wire
+from federation.checkpoint import load_latest
+from federation.coordinator import Coordinator
+from federation.keys import ensure_keypair
+from federation.protocol import Hello, MsgType, UpdateResult, make_header
+from federation.silo import SiloClient
+from federation.strategies import make_strategy
+from federation.transport import ClientTransport
+from tests.factories import make_settings
+from tests.federation.conftest import SHAPES, FakeTrainer, fed_settings, initial_state, silo_settings, wait_for
+
+
+async def _start_silos(address, tmp_path, trainers, **kw):
+    silos = [SiloClient(silo_settings(tmp_path / f"s{i}", address, f"s{i}", plaintext=True, **kw), t) for i, t in enumerate(trainers)]
+    for s in silos:
+        await s.start()
+    return silos
+
+
+async def test_killed_silo_round_completes_with_the_rest(tmp_path):
+    # Arrange: three silos, one slow; min_silos=2
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=2)
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    trainers = [FakeTrainer(0), FakeTrainer(1), FakeTrainer(2)]
+    trainers[2].fit_delay_s = 3.0
+    silos = await _start_silos(address, tmp_path, trainers)
+    try:
+        await wait_for(lambda: coord.current is not None and len(trainers[2].calls) == 1)
+        # Act: the slow silo dies mid-round, without a BYE
+        await silos[2].stop(say_bye=False)
+        await coord.wait_done(20)
+    finally:
+        for s in silos[:2]:
+            await s.stop()
+        await coord.stop()
+    # Assert
+    assert coord.phase == "done"
+    assert coord.history[-1]["participants"] == ["s0", "s1"]
+    assert coord.history[-1]["failures"] == ["s2"]
+
+
+async def test_round_fails_cleanly_below_min_silos(tmp_path, caplog):
+    # Arrange: min_silos=3, one of three silos dies mid-round
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=3, start_timeout_s=0.5)
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    trainers = [FakeTrainer(0), FakeTrainer(1), FakeTrainer(2)]
+    trainers[2].fit_delay_s = 3.0
+    silos = await _start_silos(address, tmp_path, trainers)
+    before = {k: v.clone() for k, v in coord.global_state.items()}
+    try:
+        with caplog.at_level(logging.ERROR, logger="federation.coordinator"):
+            await wait_for(lambda: len(trainers[2].calls) == 1)
+            await silos[2].stop(say_bye=False)
+            await coord.wait_done(20)
+    finally:
+        for s in silos[:2]:
+            await s.stop()
+        await coord.stop()
+    # Assert: the run stops as failed, with the reason logged, and the global adapter untouched
+    assert coord.phase == "failed" and coord.round == 0
+    assert any("round 1 failed" in r.getMessage() and "min_silos=3" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(before[k], coord.global_state[k]) for k in before)
+    assert load_latest(coord.run_dir) is None
+
+
+async def test_restarted_coordinator_resumes_with_identical_state(tmp_path):
+    # Arrange: FedAdam (server optimiser state) on a fixed ipc endpoint, so silos can reconnect to the new process
+    endpoint = f"ipc://{tmp_path}/coord.sock"
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=4, min_silos=2, bind_address=endpoint)
+    coord = Coordinator(settings, make_strategy("fedadam"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    silos = await _start_silos(address, tmp_path, [FakeTrainer(0), FakeTrainer(1)])
+    try:
+        await wait_for(lambda: coord.round >= 2, 20)
+        # Act: kill the coordinator (no graceful end of the round), then start a new one on the same home
+        await coord.stop()
+        ckpt = load_latest(coord.run_dir)
+        strategy2 = make_strategy("fedadam")
+        coord2 = Coordinator(settings, strategy2, initial_state=initial_state(seed=99), exporter=False)
+        await coord2.start()
+        # Assert: it resumes after the last checkpointed round with the checkpoint's exact state
+        assert coord2.round == ckpt.round_id >= 2
+        assert all(torch.equal(coord2.global_state[k], ckpt.global_state[k]) for k in ckpt.global_state)
+        s1, s2 = strategy2.state_dict(), ckpt.strategy_state
+        assert s1.keys() == s2.keys() and s1 and all(torch.equal(s1[k], s2[k]) for k in s1)
+        assert [r["round"] for r in coord2.history] == list(range(1, ckpt.round_id + 1))
+        await coord2.wait_done(30)
+        assert coord2.phase == "done" and [r["round"] for r in coord2.history] == [1, 2, 3, 4]
+        assert all(4 in s.rounds_done for s in silos)
+    finally:
+        for s in silos:
+            await s.stop()
+        await coord.stop()
+        if "coord2" in locals():
+            await coord2.stop()
+
+
+async def test_unenrolled_key_is_refused(curve_homes, tmp_path):
+    # Arrange
+    coord_home, coord_keys, silo_homes = curve_homes
+    settings = fed_settings(coord_home, rounds=1, min_silos=3)
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    stranger_home = tmp_path / "stranger"
+    ensure_keypair(make_settings(stranger_home).keys_dir, "silo")
+    stranger = SiloClient(silo_settings(stranger_home, address, "alpha", coord_keys.public), FakeTrainer(9))
+    member = SiloClient(silo_settings(silo_homes["beta"], address, "beta", coord_keys.public), FakeTrainer(1))
+    try:
+        # Act: the stranger even claims an enrolled name
+        await stranger.start()
+        await member.start()
+        await asyncio.wait_for(member.welcomed.wait(), 10)
+        await asyncio.sleep(1.0)
+    finally:
+        await stranger.stop()
+        await member.stop()
+        await coord.stop()
+    # Assert
+    assert not stranger.welcomed.is_set()
+    assert [s["id"] for s in coord.status()["silos"]] == ["beta"]
+
+
+async def test_bad_updates_get_error_and_round_continues(tmp_path):
+    # Arrange: two honest silos and a raw client that answers each TRAIN with a different bad update
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=4, min_silos=2, silo_timeout_s=1.0)
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    silos = await _start_silos(address, tmp_path, [FakeTrainer(0), FakeTrainer(1)])
+    evil = ClientTransport(address, server_key=None, keypair=None, plaintext=True)
+    evil.connect()
+    good = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    first = next(iter(SHAPES))
+    bad_updates = {
+        1: ("manifest", {**good, first: torch.zeros(3, 3)}, 0),
+        2: ("non_finite", {**good, first: torch.full(SHAPES[first], float("nan"))}, 0),
+        3: ("oversized", {**good, "padding": torch.zeros(1 << 19)}, 0),
+        4: ("stale_round", good, -1),
+    }
+    errors: dict[int, str] = {}
+
+    async def play_evil():
+        await evil.send(wire.encode(make_header(MsgType.HELLO, Hello(), silo_id="evil")))
+        while len(errors) < 4:
+            frames = await evil.recv(timeout_s=20)
+            header = wire.decode_header(frames)
+            if header.type == MsgType.TRAIN:
+                _code, tensors, shift = bad_updates[header.round_id]
+                payload, meta = codec.encode(tensors, "fp32")
+                body = UpdateResult(num_examples=5, encoding=meta)
+                await evil.send(wire.encode(make_header(MsgType.UPDATE, body, round_id=header.round_id + shift, silo_id="evil"), payload))
+                current = header.round_id
+            elif header.type == MsgType.ERROR:
+                errors[current] = header.body["code"]
+
+    try:
+        # Act
+        await asyncio.wait_for(play_evil(), 40)
+        await coord.wait_done(30)
+    finally:
+        evil.close()
+        for s in silos:
+            await s.stop()
+        await coord.stop()
+    # Assert
+    assert errors == {r: code for r, (code, _, _) in bad_updates.items()}
+    assert coord.phase == "done"
+    assert [r["participants"] for r in coord.history] == [["s0", "s1"]] * 4
+    assert all(torch.isfinite(v).all() for v in coord.global_state.values())
