@@ -11,7 +11,8 @@ and its throughput as a share of direct's and of the bare pass-through's. LiteLL
 `/tmp/litellm-venv/bin/litellm` exists (`python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install
 'litellm[proxy]'`); otherwise the table says why it was skipped. It is never a dependency of the project.
 
-Internal roles (used by the script itself): `--serve-bare PORT UPSTREAM`, `--serve-router PORT UPSTREAM HOME`.
+Internal roles (used by the script itself): `--serve-bare PORT UPSTREAM`, `--serve-router PORT UPSTREAMS HOME POLICY`,
+`--load JSON`.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def serve_bare(port: int, upstream: str) -> None:
 
 
 # ---------------------------------------------------------------- our router, fully configured
-def serve_router(port: int, upstream: str, home: str) -> None:
-    """Our router with the score policy, API keys (one with generous rpm/tpm limits) and metrics on."""
+def serve_router(port: int, upstream: str, home: str, policy: str = "score") -> None:
+    """Our router (`upstream` may list several workers, comma-separated) with API keys and metrics on."""
     sys.path.insert(0, str(REPO))
     import logging
 
@@ -74,8 +75,8 @@ def serve_router(port: int, upstream: str, home: str) -> None:
     from serve import run_router
 
     logging.basicConfig(level=logging.WARNING)
-    settings = load_settings(overrides={"home": home, "serve": {"port": port, "policy": "score",
-                                                               "workers": [{"url": upstream, "region": "local"}]}})
+    workers = [{"url": u, "region": "local"} for u in upstream.split(",")]
+    settings = load_settings(overrides={"home": home, "serve": {"port": port, "policy": policy, "workers": workers}})
     run_router(settings)
 
 
@@ -126,7 +127,7 @@ def spawn(cmd: list[str], env: dict | None = None, log: Path | None = None) -> s
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0, headers: dict | None = None) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0, headers: dict | None = None, model: str = MODEL) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -134,7 +135,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0, heade
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited with {proc.returncode}")
         try:
-            r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+            r = httpx.post(url, json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
                            headers=headers, timeout=5)
             if r.status_code == 200:
                 return
@@ -160,16 +161,16 @@ def start_bare(upstream: str) -> Server:
     return Server("bare proxy", url, proc, {})
 
 
-def start_router(upstream: str, home: Path) -> Server:
+def start_router(upstream: str, home: Path, policy: str = "score", model: str = MODEL) -> Server:
     sys.path.insert(0, str(REPO))
     from serve.keys import create_key
 
     key = create_key(home / "keys", f"{API_KEY_NAME}-{int(time.time() * 1000)}", rpm=10_000_000, tpm=10_000_000_000)
     port = free_port()
-    proc = spawn([PYTHON, __file__, "--serve-router", str(port), upstream, str(home)], log=home / "router.log")
+    proc = spawn([PYTHON, __file__, "--serve-router", str(port), upstream, str(home), policy], log=home / f"router-{port}.log")
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}"}
-    wait_ready(url + "/v1/chat/completions", proc, headers=headers)
+    wait_ready(url + "/v1/chat/completions", proc, headers=headers, model=model)
     return Server("our router", url, proc, headers)
 
 
@@ -203,53 +204,68 @@ def start_litellm(upstream: str, home: Path) -> Server | str:
 
 
 # ---------------------------------------------------------------- the load generator (its own process)
-async def _load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float) -> dict:
+async def _load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float,
+                model: str = MODEL, max_tokens: int = 16, systems: list[str] | None = None) -> dict:
+    """A closed loop of `concurrency` clients. With `systems`, request i uses system prompt i % len(systems)."""
     import aiohttp
 
-    body = json.dumps({"model": MODEL, "stream": stream, "max_tokens": 16,
-                       "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]}).encode()
+    def encode(system: str, i: int) -> bytes:
+        return json.dumps({"model": model, "stream": stream, "max_tokens": max_tokens, "temperature": 0,
+                           "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Say hi ({i % 7})."}]}).encode()
+
+    bodies = [encode(sys_prompt, i) for i, sys_prompt in enumerate(systems)] if systems else [encode("You are terse.", 0)]
     hdrs = {"content-type": "application/json", **headers}
     latencies: list[float] = []
+    ttfts: list[float] = []
     errors = 0
     total = 0
     start = time.perf_counter()
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
 
-    async def client(session):
+    async def client(session, index):
         nonlocal errors, total
+        k = index
         while True:
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 return
+            body = bodies[k % len(bodies)]
+            k += concurrency
+            first = None
             try:
                 async with session.post(url + "/v1/chat/completions", data=body, headers=hdrs) as r:
                     async for _ in r.content.iter_any():
-                        pass
+                        if first is None:
+                            first = time.perf_counter()
                     ok = r.status == 200
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 ok = False
             t1 = time.perf_counter()
             total += 1
             if t0 >= measure_from:
                 if ok:
                     latencies.append(t1 - t0)
+                    ttfts.append((first or t1) - t0)
                 else:
                     errors += 1
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=60)) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=300)) as session:
+        await asyncio.gather(*(client(session, i) for i in range(concurrency)))
     latencies.sort()
+    ttfts.sort()
     n = len(latencies)
     return {"n": n, "errors": errors, "total": total, "rps": n / duration_s,
             "p50_ms": statistics.median(latencies) * 1000 if n else float("nan"),
-            "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else float("nan")}
+            "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else float("nan"),
+            "ttft_p50_ms": statistics.median(ttfts) * 1000 if n else float("nan")}
 
 
-def run_load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float = 0.5) -> dict:
+def run_load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float = 0.5, **extra) -> dict:
     """One cell, measured by a separate load-generator process (so it does not share a core's event loop)."""
-    spec = json.dumps({"url": url, "headers": headers, "concurrency": concurrency, "stream": stream, "duration_s": duration_s, "warmup_s": warmup_s})
-    out = subprocess.run([PYTHON, __file__, "--load", spec], cwd=REPO, capture_output=True, text=True, timeout=duration_s + 120)
+    spec = json.dumps({"url": url, "headers": headers, "concurrency": concurrency, "stream": stream, "duration_s": duration_s,
+                       "warmup_s": warmup_s, **extra})
+    out = subprocess.run([PYTHON, __file__, "--load", spec], cwd=REPO, capture_output=True, text=True, timeout=duration_s + 600)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -318,7 +334,7 @@ def bench(targets: list[str], concurrencies: list[int], duration_s: float, title
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "UPSTREAM"))
-    parser.add_argument("--serve-router", nargs=3, metavar=("PORT", "UPSTREAM", "HOME"))
+    parser.add_argument("--serve-router", nargs=4, metavar=("PORT", "UPSTREAMS", "HOME", "POLICY"))
     parser.add_argument("--load", metavar="JSON")
     parser.add_argument("--duration-s", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
@@ -327,7 +343,7 @@ def main() -> None:
     if args.serve_bare:
         serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
     elif args.serve_router:
-        serve_router(int(args.serve_router[0]), args.serve_router[1], args.serve_router[2])
+        serve_router(int(args.serve_router[0]), args.serve_router[1], args.serve_router[2], args.serve_router[3])
     elif args.load:
         import uvloop
 

@@ -8,6 +8,7 @@ else. Imports only pydantic and the standard library.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -72,8 +73,13 @@ def sse_error_event(message: str, *, type_: str = "upstream_error", code: int = 
     return b"data: " + json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode() + b"\n\n"
 
 
-class RequestFields(BaseModel):
-    """The few fields the router reads from a completion request (the body itself is forwarded untouched)."""
+@dataclass(slots=True)
+class RequestFields:
+    """The few fields the router reads from a completion request (the body itself is forwarded untouched).
+
+    A plain slotted dataclass, not a pydantic model: it is built once per request on the hot path, from values
+    `read_fields` has already checked.
+    """
 
     model: str
     stream: bool = False
@@ -97,8 +103,7 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
         raise ValueError("`max_tokens` must be an integer")
     user = data.get("user")
-    # Validated above by hand: model_construct skips pydantic's second pass on the hot path.
-    return RequestFields.model_construct(
+    return RequestFields(
         model=model, stream=bool(data.get("stream")), max_tokens=max_tokens,
         user=user if isinstance(user, str) else None, prefix=_prefix(data, prefix_chars),
     )
