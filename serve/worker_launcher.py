@@ -115,23 +115,45 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _child_preexec() -> None:  # pragma: no cover - runs in the forked child
-    """New process group, and SIGTERM when the parent dies (Linux), so no worker outlives its launcher."""
-    os.setsid()
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """SIGTERM when the parent dies (Linux), so no child outlives its launcher."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `argv` as the leader of a new process group, stdout and stderr appended to `log_path`."""
+def _new_group_die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    os.setsid()
+    _die_with_parent()
+
+
+def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | None = None, *, new_group: bool = True) -> subprocess.Popen:
+    """Start `argv` with stdout and stderr appended to `log_path`, SIGTERMed if this process dies.
+
+    With `new_group` (the default) it leads a new process group, so `stop_process_group` reaches all its descendants;
+    without, it stays in the caller's group (whoever supervises the caller then stops both with one group signal).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
         logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         logf.flush()
-        return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=_child_preexec, close_fds=True)
+        return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, close_fds=True,
+                                preexec_fn=_new_group_die_with_parent if new_group else _die_with_parent)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
+    """SIGTERM `proc` alone, wait up to `timeout_s`, then SIGKILL it. Returns the exit code."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            log.warning("process %s did not stop after %s", proc.pid, sig.name)
+    return proc.returncode
 
 
 def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
@@ -161,7 +183,10 @@ def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> int |
 class VLLMWorker:
     """One vLLM OpenAI server child process.
 
-    Use as `with VLLMWorker(...).start() as w: w.wait_ready(); ...` or call `stop()` yourself.
+    Use as `with VLLMWorker(...).start() as w: w.wait_ready(); ...` or call `stop()` yourself. By default the server
+    leads its own process group (stopping it takes vLLM's engine-core process along); with `own_process_group=False`
+    it stays in the caller's group, for a caller that is itself supervised as a group (`appliance worker start`
+    under `appliance up`), so that even a SIGKILLed caller leaves no vLLM process behind.
     """
 
     def __init__(
@@ -174,8 +199,10 @@ class VLLMWorker:
         *,
         host: str = "127.0.0.1",
         device: str | None = None,
+        own_process_group: bool = True,
     ):
         self.cfg = cfg
+        self.own_process_group = own_process_group
         self.model_dir = Path(model_dir)
         self.model = served_name
         self.host = host
@@ -197,7 +224,7 @@ class VLLMWorker:
     def start(self) -> "VLLMWorker":
         """Start the child (returns at once; see `wait_ready`)."""
         log.info("starting vLLM worker %s on %s (log %s)", self.model, self.url, self.log_path)
-        self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device))
+        self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device), new_group=self.own_process_group)
         return self
 
     def alive(self) -> bool:
@@ -240,7 +267,10 @@ class VLLMWorker:
         """Stop the server and every process of its group (SIGTERM, then SIGKILL)."""
         if self.proc is not None and self.proc.returncode is None:
             log.info("stopping vLLM worker on %s", self.url)
-            stop_process_group(self.proc, timeout_s)
+            if self.own_process_group:
+                stop_process_group(self.proc, timeout_s)
+            else:
+                stop_process(self.proc, timeout_s)
 
     def __enter__(self) -> "VLLMWorker":
         return self

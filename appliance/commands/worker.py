@@ -24,7 +24,9 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
 
     model_dir = resolve_model(settings.models_dir, model or settings.model)
     # The served name is the store name (or the folder's name for a path), as `appliance up` announces it.
-    return VLLMWorker(settings.worker, model_dir, model_dir.name, port or settings.worker.base_port, settings.logs_dir, host=host)
+    # vLLM stays in this command's process group: whoever stops the group (Ctrl-C, `appliance up`) stops vLLM too.
+    return VLLMWorker(settings.worker, model_dir, model_dir.name, port or settings.worker.base_port, settings.logs_dir,
+                      host=host, own_process_group=False)
 
 
 @worker_app.command("start")

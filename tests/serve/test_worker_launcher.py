@@ -201,3 +201,15 @@ def test_two_real_vllm_workers_answer_and_accept_runtime_lora(vllm_workers, embe
         assert resp.status == 200
     assert "wl-test" in w.served_models()
     assert isinstance(_chat(w.url, "wl-test"), str)
+
+
+def test_a_worker_in_the_callers_group_is_stopped_alone(tmp_path):
+    worker = _fake_worker(tmp_path)
+    worker.own_process_group = False
+    worker.start()
+    try:
+        assert os.getpgid(worker.pid) == os.getpgid(0)
+        worker.wait_ready(timeout_s=20, poll_s=0.1)
+    finally:
+        worker.stop()  # must not signal our own group (that would end this test run)
+    assert worker.proc.returncode is not None
