@@ -78,14 +78,13 @@ def test_callback_never_blocks_when_router_is_down(tmp_path):
 
 
 def test_newer_version_supersedes_one_still_retrying(fake_router, tmp_path):
-    fake_router.state.fail_publish = 1000  # v1 cannot get through
+    fake_router.state.reject_names.add("fed-v1")  # v1 cannot get through
     publisher = RouterPublisher(fake_router.url, fake_router.state.admin_token, initial_backoff_s=0.05, max_backoff_s=0.1)
     try:
         publisher(_version(tmp_path, "fed", 1))
         deadline = time.monotonic() + 10
         while publisher.status()["fed-v1"]["attempts"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        fake_router.state.fail_publish = 0
         publisher(_version(tmp_path, "fed", 2))
         assert publisher.wait_published("fed-v2", timeout_s=10)
         status = publisher.status()

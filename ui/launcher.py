@@ -124,5 +124,6 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the wrapper outlives a stop so it can record the exit code
+    # The wrapper and the child lead separate sessions: a stop (killpg of the child) never reaches the wrapper,
+    # which lives on to record the exit code. (Ignoring SIGTERM here instead would be inherited by the child.)
     sys.exit(_main(sys.argv[1:]))

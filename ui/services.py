@@ -52,8 +52,9 @@ class ServiceClient:
             ServiceUnavailable: connection failed, timed out, or the answer was an HTTP error.
         """
         url = f"{self.base_url.rstrip('/')}{path}"
+        kwargs.setdefault("timeout", self.timeout_s)
         try:
-            resp = httpx.request(method, url, headers=self._headers(), timeout=self.timeout_s, **kwargs)
+            resp = httpx.request(method, url, headers=self._headers(), **kwargs)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(
                 f"The {self.name} at {self.base_url} is not reachable ({type(exc).__name__}). {self.hint}".strip()

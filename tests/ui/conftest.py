@@ -69,14 +69,14 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fake_router() -> Iterator[FakeRouter]:
     router = FakeRouter(admin_token=ADMIN_TOKEN).start()
     yield router
     router.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def console(fake_router: FakeRouter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     """A console in front of the fake router; the coordinator URL points at a closed port (service down)."""
     home = tmp_path_factory.mktemp("console-home")

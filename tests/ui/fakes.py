@@ -25,6 +25,7 @@ class FakeRouterState:
     admin_token: str
     base_model: str = "smollm2-135m-instruct"
     fail_publish: int = 0
+    reject_names: set[str] = field(default_factory=set)  # publishes of these names always answer 503
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
     publish_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -99,6 +100,8 @@ def build_app(state: FakeRouterState):
         check_admin(request)
         body = await request.json()
         state.publish_calls.append(body)
+        if body["name"] in state.reject_names:
+            raise HTTPException(503, "worker cannot load this adapter")
         if state.fail_publish > 0:
             state.fail_publish -= 1
             raise HTTPException(503, "worker busy")
@@ -123,28 +126,60 @@ def build_app(state: FakeRouterState):
     return app
 
 
-class FakeRouter:
-    """The fake router on 127.0.0.1:<free port> in a background thread; `stop()` shuts it down."""
+class ServerThread:
+    """Serve an ASGI app with uvicorn on 127.0.0.1:<free port> in a background thread; `stop()` shuts it down."""
 
-    def __init__(self, admin_token: str = "test-admin-token", port: int | None = None):
+    def __init__(self, app, port: int | None = None):
         import uvicorn
 
-        self.state = FakeRouterState(admin_token=admin_token)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port, log_level="warning")
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def start(self) -> "FakeRouter":
+    def start(self):
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake router did not start")
+                raise RuntimeError("fake server did not start")
             time.sleep(0.05)
         return self
 
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+
+class FakeRouter(ServerThread):
+    """The fake router on loopback; `state` holds what it was told."""
+
+    def __init__(self, admin_token: str = "test-admin-token", port: int | None = None):
+        self.state = FakeRouterState(admin_token=admin_token)
+        super().__init__(build_app(self.state), port)
+
+
+class FakeCoordinator(ServerThread):
+    """A coordinator status endpoint (`GET /status`, docs/CONTRACTS.md) serving `self.status`."""
+
+    def __init__(self, status: dict[str, Any]):
+        self.status = status
+        app = FastAPI()
+        app.get("/status")(lambda: self.status)
+        super().__init__(app)
+
+
+def sample_status(now: float) -> dict[str, Any]:
+    """A federation three rounds in, with three silos (one offline), for the Federation tab."""
+    silos = ["hospital-a", "hospital-b", "clinic-c"]
+    rounds = []
+    for r in range(1, 4):
+        per_silo = {s: {"train_loss": 2.4 - 0.3 * r + 0.1 * i, "eval_loss": 2.5 - 0.28 * r + 0.12 * i} for i, s in enumerate(silos)}
+        rounds.append({"round": r, "participants": silos, "metrics": {"train_loss": 2.45 - 0.3 * r, "eval_loss": 2.55 - 0.29 * r},
+                       "per_silo": per_silo, "bytes_in": 3_686_400, "bytes_out": 3_686_400, "duration_s": 41.5 + r,
+                       "epsilon": 0.8 * r, "adapter": f"federation:{r}"})
+    return {"run": "federation", "round": 4, "rounds_total": 10, "phase": "collecting", "deadline": now + 420,
+            "strategy": "fedavg",
+            "silos": [{"id": s, "online": i != 2, "last_seen": now - 3 - 60 * (i == 2), "rounds": 3, "examples": 120 + 40 * i}
+                      for i, s in enumerate(silos)],
+            "rounds": rounds}

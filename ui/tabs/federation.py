@@ -66,7 +66,7 @@ def eval_frame(status: dict[str, Any]):
             value = sm.get("eval_loss", sm.get("train_loss")) if isinstance(sm, dict) else None
             if isinstance(value, (int, float)):
                 rows.append({"round": r["round"], "eval_loss": float(value), "series": str(silo)})
-    return pd.DataFrame(rows, columns=["round", "eval_loss", "series"])
+    return pd.DataFrame(rows, columns=["round", "eval_loss", "series"]).astype({"round": "int64", "eval_loss": "float64", "series": "str"})
 
 
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:

@@ -107,7 +107,20 @@ def loss_frame(run: RunView | None):
             rows.append({"step": int(m["step"]), "loss": s, "series": "smoothed"})
         rows += [{"step": int(m["step"]), "loss": float(m["eval_loss"]), "series": "eval"}
                  for m in run.metrics if "eval_loss" in m and "step" in m]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # Typed columns even when empty: the plot takes its axis types (quantitative, not nominal) from them.
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64", "series": "str"})
+
+
+def loss_caption(run: RunView | None) -> str:
+    """One line under the plot: how many steps are plotted, last raw and smoothed loss, last eval loss."""
+    if run is None:
+        return ""
+    raw = [float(m["loss"]) for m in run.metrics if "loss" in m and "step" in m]
+    if not raw:
+        return "No loss yet: the first step is on its way."
+    evals = [float(m["eval_loss"]) for m in run.metrics if "eval_loss" in m]
+    text = f"{len(raw)} steps plotted · last loss {raw[-1]:.4f} · smoothed {smooth(raw)[-1]:.4f}"
+    return text + (f" · eval loss {evals[-1]:.4f}" if evals else "")
 
 
 def runs_table(runs: list[RunView]) -> list[list[Any]]:
@@ -151,12 +164,13 @@ def build(ctx: ConsoleContext) -> None:
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
     gr.Markdown("### Runs")
     with gr.Row():
-        run_pick = gr.Dropdown(label="Run", choices=[], value=None, scale=4, elem_id="train-run")
+        run_pick = gr.Dropdown(label="Run", choices=[], value=None, allow_custom_value=True, scale=4, elem_id="train-run")
         stop = gr.Button("Stop", scale=1, elem_id="train-stop")
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(progress_html(None), elem_id="train-progress")
     plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss", height=280,
                        elem_id="train-loss")
+    caption = gr.Markdown("", elem_id="train-loss-caption")
     log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, interactive=False, elem_id="train-log")
     table = gr.Dataframe(headers=RUN_HEADERS, value=[], interactive=False, label="All runs", elem_id="train-runs")
     live_status = gr.Markdown("", elem_id="train-live-status")
@@ -169,12 +183,12 @@ def build(ctx: ConsoleContext) -> None:
             rows = validate_jsonl(Path(path))
         except DataError as exc:
             text = str(exc).replace(str(path), Path(path).name)
-            return f"❌ **Invalid data** - nothing was saved:\n```\n{text}\n```", gr.Dropdown()
+            return f"**Invalid data** - nothing was saved:\n```\n{text}\n```", gr.Dropdown()
         d = data_dir(ctx)
         d.mkdir(parents=True, exist_ok=True)
         dest = d / Path(path).name
         shutil.copyfile(path, dest)
-        return f"✅ {dest.name}: {rows} valid records", gr.Dropdown(choices=data_choices(ctx), value=str(dest))
+        return f"**Valid:** {dest.name}: {rows} valid records", gr.Dropdown(choices=data_choices(ctx), value=str(dest))
 
     @guarded(lambda msg: (msg, gr.Dropdown()))
     def on_start(data_path: str | None, model_name: str, out: str, steps: float, rate: float, bs: float, r: float,
@@ -185,7 +199,10 @@ def build(ctx: ConsoleContext) -> None:
                             max_steps=int(steps), lr=float(rate), lora_r=int(r), lora_alpha=int(alpha),
                             batch_size=int(bs), max_seq_len=int(seq), home=ctx.settings.home)
         record = launcher.launch(ctx.settings.home, "train", cmd)
-        return f"Started `appliance train` (pid {record.get('pid')}).", gr.Dropdown(value=f"launch-{record['id']}")
+        value = f"launch-{record['id']}"
+        choices = [r.id for r in list_runs(ctx.settings.runs_dir, ctx.settings.home)]
+        return (f"Started `appliance train` (pid {record.get('pid')}).",
+                gr.Dropdown(choices=choices if value in choices else [value, *choices], value=value))
 
     def find(runs: list[RunView], run_id: str | None) -> RunView | None:
         if run_id and run_id.startswith("launch-"):
@@ -194,14 +211,14 @@ def build(ctx: ConsoleContext) -> None:
             return next((r for r in runs if r.launch_id == launch_id), None)
         return next((r for r in runs if r.id == run_id), runs[0] if runs else None)
 
-    @guarded(lambda msg: (gr.Dropdown(), progress_html(None), loss_frame(None), "", [], msg))
+    @guarded(lambda msg: (gr.Dropdown(), progress_html(None), loss_frame(None), "", "", [], msg))
     def refresh(run_id: str | None):
         runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
         run = find(runs, run_id)
         choices = [r.id for r in runs]
         log_text = tail(run.log_path, 25) if run else ""
         return (gr.Dropdown(choices=choices, value=run.id if run else None), progress_html(run), loss_frame(run),
-                log_text, runs_table(runs), "")
+                loss_caption(run), log_text, runs_table(runs), "")
 
     @guarded(lambda msg: msg)
     def on_stop(run_id: str | None):
@@ -224,9 +241,10 @@ def build(ctx: ConsoleContext) -> None:
 
     upload.upload(on_upload, upload, [data_check, data])
     start.click(on_start, [data, model, output, max_steps, lr, batch_size, lora_r, lora_alpha, max_seq_len], [status, run_pick])
-    outputs = [run_pick, progress, plot, log, table, live_status]
+    outputs = [run_pick, progress, plot, caption, log, table, live_status]
     timer.tick(refresh, run_pick, outputs, show_progress="hidden")
     run_pick.input(refresh, run_pick, outputs, show_progress="hidden")
     stop.click(on_stop, run_pick, status)
     resume.click(on_resume, run_pick, status)
     ctx.on_load.append((refresh, [run_pick], outputs))
+    ctx.on_load.append((lambda current: gr.Dropdown(choices=data_choices(ctx), value=current), [data], [data]))
