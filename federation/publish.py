@@ -182,3 +182,19 @@ class RouterPublisher:
             record.history.append(error)
         logger.warning("publish of %s failed (attempt %d): %s; will retry", record.served_name, record.attempts, error)
         return False
+
+
+def publisher_from_settings(settings: Any) -> RouterPublisher | None:
+    """The closed loop for `appliance up` / `coordinator start`: a publisher to the local router, or None.
+
+    None when `federation.auto_publish` is off. The router is the one this machine's settings describe
+    (`http://127.0.0.1:<serve.port>`, or `serve.host` when it is a specific address); the admin token comes from
+    settings or `keys/admin_token`, as the router itself resolves it.
+    """
+    from appliance.core.secrets import ensure_token
+
+    if not settings.federation.auto_publish:
+        return None
+    host = settings.serve.host if settings.serve.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+    return RouterPublisher(f"http://{host}:{settings.serve.port}", token)

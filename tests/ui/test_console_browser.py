@@ -39,3 +39,28 @@ def test_tabs_show_service_down_without_crashing(page, console):
     open_tab(page, "Adapters")
     expect(page.locator("#adapters-status")).to_contain_text("No adapters yet")
     screenshot(page, "adapters")
+
+
+@pytest.mark.vllm
+def test_chat_streams_through_real_router_and_vllm(page, vllm_worker, tmp_path):
+    from tests.factories import free_port
+    from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
+    from tests.ui.services import start_router
+
+    router = start_router(tmp_path / "router-home", [vllm_worker.url], ADMIN_TOKEN)
+    console = None
+    try:
+        console = start_console(tmp_path / "console-home", router.url, f"http://127.0.0.1:{free_port()}")
+        page.goto(console.url)
+        expect(page.locator("#chat-model input")).to_have_value(vllm_worker.model)
+        page.locator("#chat-input textarea").fill("What is the capital of France? Answer in one word.")
+        page.locator("#chat-send").click()
+        # The assistant bubble fills in while vLLM streams; the input is cleared once the turn starts.
+        bot_text = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+        expect(bot_text).not_to_be_empty(timeout=120_000)
+        expect(page.locator("#chat-status")).not_to_contain_text("⚠")
+        screenshot(page, "chat-vllm")
+    finally:
+        if console is not None:
+            stop_process(console.process)
+        router.stop()
