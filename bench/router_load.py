@@ -4,7 +4,7 @@ Every server runs as its own process under uvicorn (uvloop + httptools), and the
 process, so they share the machine's cores the same way for every target. Each cell is a closed loop of
 `concurrency` clients for `--duration-s` seconds (after a short warm-up), streaming or not.
 
-    .venv/bin/python bench/router_load.py [--duration-s 4] [--concurrency 1 64 256] [--no-litellm]
+    .venv/bin/python bench/router_load.py [--duration-s 4] [--concurrency 1 64 256] [--no-litellm] [--vllm]
 
 Prints one table: requests/s, p50/p99 latency, and for each proxy the added p50/p99 (its latency minus direct's)
 and its throughput as a share of direct's and of the bare pass-through's. LiteLLM runs only if
@@ -13,6 +13,10 @@ and its throughput as a share of direct's and of the bare pass-through's. LiteLL
 
 Internal roles (used by the script itself): `--serve-bare PORT UPSTREAM`, `--serve-router PORT UPSTREAMS HOME POLICY`,
 `--load JSON`.
+
+With `--vllm`, a second part runs two real vLLM workers (CPU, prefix caching on) behind two routers, one with
+round robin and one with the score policy (prefix affinity), on a workload of shared system prompts, and prints
+throughput and time to first token for each.
 """
 
 from __future__ import annotations
@@ -331,6 +335,64 @@ def bench(targets: list[str], concurrencies: list[int], duration_s: float, title
     return rows
 
 
+# ---------------------------------------------------------------- prefix affinity on two real vLLM workers
+def _system_prompts(n: int, words: int = 220) -> list[str]:
+    """`n` distinct long system prompts (shared by many requests, so a worker's prefix cache can reuse them)."""
+    topics = ["tax law", "marine biology", "compilers", "baking", "medieval history", "cardiology", "jazz", "rocket engines"]
+    return [f"You are an assistant for team {i} specialised in {topics[i % len(topics)]}. " +
+            " ".join(f"Rule {j}: answer about {topics[i % len(topics)]} carefully and cite section {i}.{j}." for j in range(words // 10))
+            for i in range(n)]
+
+
+def affinity_part(duration_s: float, concurrency: int, prompts: int = 8) -> None:
+    """Prefix affinity (score policy) vs round robin through our router in front of two real vLLM workers (CPU)."""
+    sys.path.insert(0, str(REPO))
+    from appliance.core.model_store import list_models
+    from appliance.core.sections.serve import WorkerSettings
+    from appliance.core.settings import DEFAULT_MODEL, load_settings
+    from serve.worker_launcher import VLLMWorker
+
+    dirs = [load_settings().models_dir, REPO / ".cache" / "test-home" / "models"]
+    model_dir = next((m.path for d in dirs if d.exists() for m in list_models(d) if m.name == DEFAULT_MODEL), None)
+    if model_dir is None:
+        print(f"\nvLLM affinity part skipped: {DEFAULT_MODEL} is not prepared (run `appliance model prepare`)")
+        return
+    systems = _system_prompts(prompts)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="router-affinity-") as tmp:
+        home = Path(tmp)
+        cfg = WorkerSettings(kv_cache_gib=1, max_model_len=2048, extra_args=["--enable-prefix-caching"])
+        workers = [VLLMWorker(cfg, model_dir, DEFAULT_MODEL, free_port(), home) for _ in range(2)]
+        routers: list[Server] = []
+        try:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.wait_ready()
+            upstreams = ",".join(w.url for w in workers)
+            for policy in ("round_robin", "score"):
+                router = start_router(upstreams, home, policy=policy, model=DEFAULT_MODEL)
+                routers.append(router)
+                r = run_load(router.url, router.headers, concurrency, True, duration_s, warmup_s=3.0, model=DEFAULT_MODEL,
+                             max_tokens=8, systems=systems)
+                rows.append((policy, r))
+                print(f"  measured affinity {policy}: {r['rps']:.2f} req/s", file=sys.stderr, flush=True)
+                router.stop()
+        finally:
+            for router in routers:
+                router.stop()
+            for w in workers:
+                w.stop()
+    print(f"\nrouter_load, vLLM part: two CPU vLLM workers ({DEFAULT_MODEL}, prefix caching on), {prompts} shared system "
+          f"prompts of ~{len(systems[0].split())} words, streaming, max_tokens 8, concurrency {concurrency}, {duration_s:.0f} s per policy")
+    print(f"{'policy':<12} {'req/s':>7} {'p50 ms':>9} {'p99 ms':>9} {'TTFT p50 ms':>12} {'errors':>6}")
+    for policy, r in rows:
+        print(f"{policy:<12} {r['rps']:>7.2f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['ttft_p50_ms']:>12.1f} {r['errors']:>6}")
+    if len(rows) == 2 and rows[0][1]["rps"]:
+        print(f"score (prefix affinity) / round robin: throughput x{rows[1][1]['rps'] / rows[0][1]['rps']:.2f}, "
+              f"TTFT p50 x{rows[1][1]['ttft_p50_ms'] / rows[0][1]['ttft_p50_ms']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "UPSTREAM"))
@@ -339,6 +401,10 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--vllm", action="store_true", help="Also run the prefix-affinity vs round-robin part on two real vLLM workers.")
+    parser.add_argument("--vllm-duration-s", type=float, default=30.0)
+    parser.add_argument("--vllm-concurrency", type=int, default=8)
+    parser.add_argument("--vllm-only", action="store_true", help="Skip the fake-backend table.")
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
@@ -351,8 +417,11 @@ def main() -> None:
         print(json.dumps(uvloop.run(_load(**spec))))
     else:
         targets = ["bare", "router"] + ([] if args.no_litellm else ["litellm"])
-        bench(targets, args.concurrency, args.duration_s,
-              f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process")
+        if not args.vllm_only:
+            bench(targets, args.concurrency, args.duration_s,
+                  f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process")
+        if args.vllm or args.vllm_only:
+            affinity_part(args.vllm_duration_s, args.vllm_concurrency)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,21 @@ async def test_publish_refused_by_every_worker_is_an_error(fake_factory, router_
         await c.post("/admin/adapters", json={"name": "dup", "path": "/p"}, headers=admin)
         r = await c.post("/admin/adapters", json={"name": "other", "path": "/q", "aliases": ["dup"]}, headers=admin)
         assert r.status_code == 409
+
+
+async def test_hot_adapter_spreads_to_another_worker(fake_factory, router_factory):
+    a, b = fake_factory("base", "--delay-s", "0.3"), fake_factory("base", "--delay-s", "0.3")
+    router = await router_factory([a, b], adapter_replicas=1, max_adapter_replicas=2, worker_capacity=1)
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
+        await c.post("/admin/adapters", json={"name": "hot", "path": "/p/hot"}, headers=admin)
+        assert len(_loads(a) + _loads(b)) == 1
+        # Two requests at once fill the single holder (capacity 1): the router loads it on the other worker too.
+        codes = await asyncio.gather(*(c.post("/v1/chat/completions", json={"model": "hot"}) for _ in range(3)))
+        assert [r.status_code for r in codes] == [200, 200, 200]
+        for _ in range(100):
+            if _loads(a) == ["hot"] and _loads(b) == ["hot"]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"hot adapter not spread: {_loads(a)} {_loads(b)}")
