@@ -32,9 +32,11 @@ def serve(
 ) -> None:
     """Run the OpenAI-compatible router in the foreground (workers from settings or `POST /admin/workers`)."""
     from serve import run_router
+    from serve.app import check_exposure
 
     with cli_errors():
         settings = settings_from(ctx, {"serve": {"host": host, "port": port, "policy": policy}})
+        check_exposure(settings)
         console.print(f"router on http://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops it)", highlight=False)
         run_router(settings)
 

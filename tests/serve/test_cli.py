@@ -55,3 +55,9 @@ async def test_fleet_and_adapters_commands(fake_factory, router_factory, tmp_pat
 
     down = await asyncio.to_thread(_invoke, home, "fleet", "--router", "http://127.0.0.1:9")
     assert down.exit_code == 1 and "cannot reach the router" in down.output
+
+
+def test_serve_refuses_public_bind_without_keys(tmp_path):
+    result = _invoke(tmp_path, "serve", "--host", "0.0.0.0", "--port", "0")
+    assert result.exit_code == 2 and "refusing to listen on 0.0.0.0" in result.output
+    assert "router on" not in result.output
