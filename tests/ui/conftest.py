@@ -32,17 +32,18 @@ class Console:
     log: Path
 
 
-def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: dict[str, str] | None = None) -> Console:
-    """`appliance ui` as a real process on 127.0.0.1:<free port>; waits until it answers."""
+def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: dict[str, str] | None = None,
+                  host: str = "127.0.0.1") -> Console:
+    """`appliance ui` as a real process on HOST:<free port>; waits until it answers."""
     port = free_port()
     log = home / "console.log"
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__ADMIN_TOKEN": ADMIN_TOKEN,
            "APPLIANCE_UI__POLL_INTERVAL_S": "1.0", "GRADIO_ANALYTICS_ENABLED": "False", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "appliance", "--home", str(home), "ui", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "appliance", "--home", str(home), "ui", "--host", host, "--port", str(port),
            "--router-url", router_url, "--coordinator-url", coordinator_url]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -21,6 +21,10 @@ def test_chat_streams_answer_through_router(page, console, fake_router):
     expect(page.locator("#chat-model input")).to_have_value("smollm2-135m-instruct")
     page.locator("#chat-input textarea").fill("Say hello")
     page.locator("#chat-send").click()
+    # Streamed: the answer is seen part-way (first words, not yet the last ones) before it is complete.
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#chatbot [data-testid=bot]')?.innerText || '';"
+        " return t.includes('Hello') && !t.includes('word by word'); }", timeout=20_000, polling=10)
     bot = page.locator("#chatbot")
     expect(bot).to_contain_text("Hello from smollm2-135m-instruct", timeout=20_000)
     expect(bot).to_contain_text("word by word", timeout=20_000)
@@ -56,7 +60,7 @@ def test_chat_streams_through_real_router_and_vllm(page, vllm_worker, tmp_path):
         page.locator("#chat-input textarea").fill("What is the capital of France? Answer in one word.")
         page.locator("#chat-send").click()
         # The assistant bubble fills in while vLLM streams; the input is cleared once the turn starts.
-        bot_text = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+        bot_text = page.locator("#chatbot [data-testid='bot']").last
         expect(bot_text).not_to_be_empty(timeout=120_000)
         expect(page.locator("#chat-status")).not_to_contain_text("⚠")
         screenshot(page, "chat-vllm")

@@ -98,7 +98,7 @@ def test_every_tab_shows_its_state(page, showcase):
     page.get_by_role("tab", name="Adapters").click()
     table = page.locator("#adapters-table")
     expect(table).to_contain_text("support-bot:1")
-    expect(table).to_contain_text("federation federation round 3")
+    expect(table).to_contain_text("round 3 of federation federation")
     expect(page.locator("#adapters-pick input")).to_have_value("support-bot:1")
     page.locator("#adapters-publish").click()
     expect(page.locator("#adapters-action")).to_contain_text("Published support-bot-v1 (alias support-bot-latest)")

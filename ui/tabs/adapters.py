@@ -18,7 +18,8 @@ ADAPTER_HEADERS = ["adapter", "served as", "base model", "from", "data sha256", 
 def lineage_source(meta: dict[str, Any]) -> str:
     """Where a version came from: a training run or a federation round."""
     if meta.get("round") is not None:
-        return f"federation {meta.get('federation') or meta.get('run') or ''} round {meta['round']}".replace("  ", " ")
+        fed = meta.get("federation") or meta.get("run")
+        return f"round {meta['round']} of federation {fed}" if fed else f"federation round {meta['round']}"
     run = meta.get("run_id") or meta.get("run")
     return f"run {run}" if run else str(meta.get("source", ""))
 
@@ -68,7 +69,7 @@ def build(ctx: ConsoleContext) -> None:
         unpublish = gr.Button("Unpublish", scale=1, elem_id="adapters-unpublish")
         export = gr.Button("Export (zip)", scale=1, elem_id="adapters-export")
         refresh_btn = gr.Button("Refresh", scale=1)
-    download = gr.File(label="Download", interactive=False, elem_id="adapters-download")
+    download = gr.File(label="Download", interactive=False, height=90, elem_id="adapters-download")
     detail = gr.Code(label="meta.json", language="json", elem_id="adapters-meta")
     action = gr.Markdown("", elem_id="adapters-action")
 
