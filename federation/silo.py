@@ -208,13 +208,15 @@ class SiloClient:
 
 
 def _privatise(delta: StateDict, clip_norm: float, noise_multiplier: float) -> StateDict:
-    """Silo-side DP: clip the update to `clip_norm`, then add Gaussian noise of std `noise_multiplier * clip_norm`."""
+    """Silo-side DP: clip the update to `clip_norm`, add Gaussian noise of std `noise_multiplier * clip_norm`."""
+    import os
+
+    import torch
+
     from federation import privacy
 
-    clipped, _norm = privacy.clip_update(delta, clip_norm)
-    if noise_multiplier > 0:
-        clipped = privacy.add_gaussian_noise(clipped, noise_multiplier * clip_norm)
-    return clipped
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    return privacy.privatize_update(delta, clip_norm, noise_multiplier, generator)
 
 
 def _peek_type(frames: list[bytes]) -> MsgType | None:
@@ -263,11 +265,9 @@ class EngineTrainer:
         import train
 
         result = train.fit_adapter(self.cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
-                                   prox_mu=float(config.get("prox_mu", 0.0)), run_dir=self.run_dir)
+                                   prox_mu=float(config.get("prox_mu", 0.0)), run_dir=self.run_dir, eval_data=self.eval_data)
         self._state = result.state
-        metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
-        metrics.update(self.evaluate())
-        return result.num_examples, metrics
+        return result.num_examples, dict(result.metrics)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:

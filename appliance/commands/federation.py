@@ -1,0 +1,129 @@
+"""`appliance federation init|enroll|status`, `appliance coordinator start`, `appliance silo keygen|join`,
+`appliance demo federation`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from appliance.commands.common import cli_errors, console, settings_from
+
+federation_app = typer.Typer(help="Federation admin: coordinator keys, silo enrolment, status.", no_args_is_help=True)
+coordinator_app = typer.Typer(help="Run the federation coordinator.", no_args_is_help=True)
+silo_app = typer.Typer(help="Join a federation as a data silo (outbound connections only).", no_args_is_help=True)
+demo_app = typer.Typer(help="Self-contained demos on the embedded model.", no_args_is_help=True)
+
+
+@federation_app.command("init")
+def init(ctx: typer.Context) -> None:
+    """Create (once) the coordinator's CURVE key pair and print its public key for the silos."""
+    from federation.keys import ensure_keypair
+
+    with cli_errors():
+        kp = ensure_keypair(settings_from(ctx).keys_dir, "coordinator")
+        console.print(f"coordinator public key: {kp.public}", highlight=False)
+
+
+@federation_app.command("enroll")
+def enroll(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."),
+           public_key: str = typer.Argument(..., help="The silo's public key from `appliance silo keygen`.")) -> None:
+    """Admit a silo's public key (takes effect at the silo's next connection, no restart needed)."""
+    from federation.keys import enroll_silo
+
+    with cli_errors():
+        silos = enroll_silo(settings_from(ctx).keys_dir, name, public_key)
+        console.print(f"enrolled silo {name} ({len(silos)} enrolled)", highlight=False)
+
+
+@federation_app.command("status")
+def status(ctx: typer.Context, url: Optional[str] = typer.Option(None, "--url", help="Status URL (default: local coordinator).")) -> None:
+    """Show silos (online, last seen, rounds) and rounds (participants, metrics, bytes, duration)."""
+    from federation.report import fetch_status, format_status
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        console.print(format_status(fetch_status(url or f"http://127.0.0.1:{settings.federation.status_port}/status")), highlight=False)
+
+
+@coordinator_app.command("start")
+def start(
+    ctx: typer.Context,
+    rounds: Optional[int] = typer.Option(None, "--rounds"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg fedprox fedavgm fedadam fedyogi median trimmed_mean krum multikrum"),
+    min_silos: Optional[int] = typer.Option(None, "--min-silos"),
+    round_deadline: Optional[float] = typer.Option(None, "--round-deadline", help="Seconds a round waits for updates."),
+    local_steps: Optional[int] = typer.Option(None, "--local-steps"),
+    port: Optional[int] = typer.Option(None, "--port"),
+    host: Optional[str] = typer.Option(None, "--host", help="Interface to bind (0.0.0.0 for remote silos)."),
+    run_name: Optional[str] = typer.Option(None, "--run", help="Run name (adapter name in the registry)."),
+    compression: Optional[str] = typer.Option(None, "--compression", help="fp32 | bf16 | int8 | topk"),
+    dp: Optional[str] = typer.Option(None, "--dp", help="off | central | silo"),
+    plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
+) -> None:
+    """Run the federation until its last round (Ctrl-C stops it; a restart resumes from the last checkpoint)."""
+    from federation.service import run_coordinator
+
+    with cli_errors():
+        settings = settings_from(ctx, {"federation": {
+            "rounds": rounds, "strategy": strategy, "min_silos": min_silos, "round_deadline_s": round_deadline,
+            "local_steps": local_steps, "port": port, "bind_host": host, "run_name": run_name,
+            "compression": compression, "dp_mode": dp, "plaintext": plaintext or None}})
+        final = run_coordinator(settings, on_ready=lambda c: console.print(
+            f"coordinator at {c.address}, status at {c.status_url}", highlight=False))
+        console.print(f"run {final['run']}: {final['phase']} after {final['completed_rounds']} round(s)", highlight=False)
+
+
+@silo_app.command("keygen")
+def keygen(ctx: typer.Context) -> None:
+    """Create (once) this silo's CURVE key pair and print the public key to give the coordinator's operator."""
+    from federation.keys import ensure_keypair
+
+    with cli_errors():
+        kp = ensure_keypair(settings_from(ctx).keys_dir, "silo")
+        console.print(f"silo public key: {kp.public}", highlight=False)
+
+
+@silo_app.command("join")
+def join(
+    ctx: typer.Context,
+    coordinator: str = typer.Option(..., "--coordinator", help="tcp://HOST:PORT"),
+    coordinator_key: Optional[str] = typer.Option(None, "--coordinator-key", help="The coordinator's public key."),
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="Private training JSONL (never leaves this machine)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", exists=True, dir_okay=False, help="Held-out JSONL."),
+    name: Optional[str] = typer.Option(None, "--name", help="Silo name (as enrolled)."),
+    plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
+) -> None:
+    """Train every round the coordinator sends, until the run ends (reconnects by itself)."""
+    from federation.service import run_silo
+
+    with cli_errors():
+        settings = settings_from(ctx, {"federation": {"coordinator": coordinator, "coordinator_key": coordinator_key,
+                                                      "silo_id": name, "plaintext": plaintext or None}})
+        rounds = run_silo(settings, data, eval_data)
+        console.print(f"silo done: trained rounds {rounds}", highlight=False)
+
+
+@demo_app.command("federation")
+def demo_federation(
+    ctx: typer.Context,
+    rounds: int = typer.Option(3, "--rounds"),
+    local_steps: int = typer.Option(4, "--local-steps"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the demo's home (default: a temp folder)."),
+) -> None:
+    """Coordinator + three hospital silos on the embedded model; prints held-out losses for base, local-only,
+    federated and centralized adapters."""
+    from federation.demo import run_demo
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        result = run_demo(settings, rounds=rounds, local_steps=local_steps, out_dir=out, echo=console.print)
+        console.print(result.table(), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(federation_app, name="federation")
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(silo_app, name="silo")
+    app.add_typer(demo_app, name="demo")

@@ -1,0 +1,102 @@
+"""Run a coordinator or a silo from settings: what `appliance coordinator start` and `appliance silo join` call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.core.sections import FederationSettings
+    from appliance.core.settings import ApplianceSettings
+    from federation.strategies import Strategy
+
+logger = logging.getLogger(__name__)
+
+
+def build_strategy(cfg: "FederationSettings") -> "Strategy":
+    """The configured strategy, wrapped for differential privacy when `dp_mode` asks for it.
+
+    Raises:
+        ConfigError: unknown strategy or parameters, or central DP over a non-mean strategy.
+    """
+    from federation import privacy
+    from federation.strategies import make_strategy
+
+    try:
+        strategy = make_strategy(cfg.strategy, min_results=cfg.min_silos, **cfg.strategy_params)
+        if cfg.dp_mode == "central":
+            strategy = privacy.CentralDP(strategy, cfg.dp_clip_norm, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
+        elif cfg.dp_mode == "silo":
+            strategy = privacy.SiloDPAccounting(strategy, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
+    except ValueError as exc:
+        raise ConfigError(f"federation strategy: {exc}") from exc
+    return strategy
+
+
+def router_publisher(settings: "ApplianceSettings") -> Any:
+    """A RouterPublisher for the local router (`serve.port`), with the stored admin token."""
+    from appliance.core.secrets import ensure_token
+    from federation.publish import RouterPublisher
+
+    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+    return RouterPublisher(f"http://127.0.0.1:{settings.serve.port}", token, max_attempts=5)
+
+
+async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, done}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+
+
+def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str, Any]:
+    """Run the federation to the end (or Ctrl-C); returns the final status document."""
+    from federation.coordinator import Coordinator
+
+    publishers = [router_publisher(settings)] if settings.federation.auto_publish else []
+
+    async def main() -> dict[str, Any]:
+        coord = Coordinator(settings, build_strategy(settings.federation), on_publish=publishers)
+        await coord.start()
+        if on_ready is not None:
+            on_ready(coord)
+        try:
+            await _until_signal(coord._run_task)
+        finally:
+            await coord.stop()
+        return coord.status()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        for p in publishers:
+            p.close()
+
+
+def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None = None) -> list[int]:
+    """Join the federation with the built-in engine trainer on `data`; returns the rounds this silo trained."""
+    from federation.silo import EngineTrainer, SiloClient
+
+    model_dir = settings.models_dir / settings.model
+    if not model_dir.exists():
+        raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
+    trainer = EngineTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None)
+
+    async def main() -> list[int]:
+        silo = SiloClient(settings, trainer)
+        await silo.start()
+        try:
+            await _until_signal(asyncio.create_task(silo.finished.wait()))
+        finally:
+            await silo.stop()
+        return silo.rounds_done
+
+    return asyncio.run(main())
