@@ -287,6 +287,9 @@ def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list
         add99 = f"{r['p99_ms'] - d['p99_ms']:+.3f}" if d and name != "direct" else ""
         vs_d = f"{r['rps'] / d['rps']:.0%}" if d and name != "direct" else ""
         vs_b = f"{r['rps'] / b['rps']:.0%}" if b and name not in ("direct", "bare proxy") else ""
+        if r["n"] == 0:
+            print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4}  no request finished inside the window ({r['errors']} errors)")
+            continue
         print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6}")
     print("+p50/+p99: latency added over direct at the same concurrency; vs direct/bare: throughput share; "
           "cpu us/req: CPU time of that server's own process per request (for direct, the backend's).")
@@ -321,7 +324,8 @@ def bench(targets: list[str], concurrencies: list[int], duration_s: float, title
             for stream in (False, True):
                 for c in concurrencies:
                     for name, server in by_name.items():
-                        d = duration_s if name != "litellm" else max(duration_s, 4.0)
+                        # LiteLLM answers a 256-wide wave in seconds: give it a window long enough to finish some.
+                        d = duration_s if name != "litellm" else max(duration_s, 10.0)
                         cpu0 = group_cpu_s(server.proc.pid)
                         result = run_load(server.url, server.headers, c, stream, d)
                         # CPU of the proxy process itself (the backend's is excluded), per request: robust to a busy machine.
