@@ -35,6 +35,7 @@ class Console:
 def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: dict[str, str] | None = None,
                   host: str = "127.0.0.1") -> Console:
     """`appliance ui` as a real process on HOST:<free port>; waits until it answers."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "console.log"
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__ADMIN_TOKEN": ADMIN_TOKEN,

@@ -62,6 +62,11 @@ def test_chat_streams_through_real_router_and_vllm(page, vllm_worker, tmp_path):
         # The assistant bubble fills in while vLLM streams; the input is cleared once the turn starts.
         bot_text = page.locator("#chatbot [data-testid='bot']").last
         expect(bot_text).not_to_be_empty(timeout=120_000)
+        first = bot_text.inner_text()
+        # Streamed: the same bubble keeps growing as vLLM's tokens arrive through the router.
+        page.wait_for_function(
+            "n => (document.querySelectorAll('#chatbot [data-testid=bot]')[0]?.innerText || '').length > n",
+            arg=len(first), timeout=120_000)
         expect(page.locator("#chat-status")).not_to_contain_text("⚠")
         screenshot(page, "chat-vllm")
     finally:
