@@ -86,3 +86,8 @@ def write(out_dir: Path, seed: int = 0) -> dict[str, dict[str, Path]]:
             p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             paths[org][split] = p
     return paths
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL file written by `write`."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

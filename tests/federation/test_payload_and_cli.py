@@ -1,0 +1,101 @@
+"""What a silo sends (only the manifest's tensors), compression on the wire, and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from federation import codec, wire
+from federation.coordinator import Coordinator
+from federation.protocol import MsgType
+from federation.silo import SiloClient
+from federation.strategies import make_strategy
+from tests.federation.conftest import SHAPES, FakeTrainer, fed_settings, initial_state, silo_settings
+
+
+async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
+    # Arrange: a trainer that holds "private" text; int8 compression on the wire
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=1, compression="int8")
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    secret = "PATIENT Jane Roe, MRN 00471123"
+    trainer = FakeTrainer(0, secret_text=secret)
+    silo = SiloClient(silo_settings(tmp_path / "s", address, "s0", plaintext=True), trainer)
+    try:
+        await silo.start()
+        await coord.wait_done(20)
+    finally:
+        await silo.stop()
+        await coord.stop()
+    # Act
+    frames = silo.sent_frames
+    header, tensors = wire.decode(frames)
+    update = codec.decode(tensors, header.body["encoding"])
+    # Assert
+    assert header.type == MsgType.UPDATE and len(frames) == 2
+    assert {t.name for t in header.manifest} == set(tensors)
+    assert set(update) == set(SHAPES) and all(tuple(update[k].shape) == SHAPES[k] for k in SHAPES)
+    assert all(secret.encode() not in f and b"PATIENT" not in f for f in frames)
+    assert set(header.body) == {"num_examples", "metrics", "encoding", "train_s"}
+    assert all(isinstance(v, float) for v in header.body["metrics"].values())
+    # the update travelled int8-quantised
+    assert header.body["encoding"]["method"] == "int8" and any(t.dtype == "int8" for t in header.manifest)
+
+
+def test_cli_init_enroll_keygen_and_status(tmp_path):
+    from appliance.cli import app
+
+    runner = CliRunner()
+    coord_home, silo_home = tmp_path / "coord", tmp_path / "silo"
+    # Act / Assert: keys
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "init"])
+    assert r.exit_code == 0 and "coordinator public key:" in r.output
+    coord_key = r.output.split("coordinator public key:")[1].split()[0]
+    r2 = runner.invoke(app, ["--home", str(coord_home), "federation", "init"])
+    assert coord_key in r2.output  # idempotent
+    r = runner.invoke(app, ["--home", str(silo_home), "silo", "keygen"])
+    assert r.exit_code == 0
+    silo_key = r.output.split("silo public key:")[1].split()[0]
+    assert len(silo_key) == 40 and silo_key != coord_key
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "hospital-a", silo_key])
+    assert r.exit_code == 0 and "enrolled silo hospital-a" in r.output
+    enrolled = json.loads((coord_home / "keys" / "federation" / "enrolled.json").read_text())
+    assert enrolled == {"hospital-a": silo_key}
+    secret_file = coord_home / "keys" / "federation" / "coordinator.key_secret"
+    assert secret_file.stat().st_mode & 0o077 == 0
+    # bad input exits 2
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "bad name!", silo_key])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "b", "short"])
+    assert r.exit_code == 2
+    # status of a coordinator that is not running: a clear failure
+    from tests.factories import free_port
+
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "status", "--url", f"http://127.0.0.1:{free_port()}/status"])
+    assert r.exit_code == 1 and "unavailable" in r.output
+
+
+async def test_status_endpoint_and_report(tmp_path):
+    import httpx
+
+    from federation.report import format_status
+
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=2, min_silos=1)
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    silo = SiloClient(silo_settings(tmp_path / "s", address, "s0", plaintext=True), FakeTrainer(0))
+    try:
+        await silo.start()
+        await coord.wait_done(20)
+        async with httpx.AsyncClient() as client:
+            doc = (await client.get(coord.status_url)).json()
+    finally:
+        await silo.stop()
+        await coord.stop()
+    assert doc["run"] == "testrun" and doc["phase"] == "done" and doc["rounds_total"] == 2
+    assert [s["id"] for s in doc["silos"]] == ["s0"] and doc["silos"][0]["rounds"] == 2
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    assert {"participants", "metrics", "per_silo", "bytes_in", "bytes_out", "duration_s", "epsilon", "adapter"} <= set(doc["rounds"][0])
+    text = format_status(doc)
+    assert "s0" in text and "done" in text
