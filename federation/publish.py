@@ -115,12 +115,16 @@ class RouterPublisher:
                     return False
                 self._cond.wait(left)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the background thread; versions still pending are reported as not published."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Give pending versions up to `timeout_s` to get through (a federation's last round publishes just before
+        it ends), then stop the background thread; what is still pending is logged as not published."""
+        deadline = time.monotonic() + timeout_s
         with self._cond:
+            while self._pending and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout_s)
+        self._thread.join(max(0.1, deadline - time.monotonic()))
         for name in self._pending:
             logger.warning("router publisher closed before %s was published", self._pending[name].served_name)
 
@@ -183,18 +187,3 @@ class RouterPublisher:
         logger.warning("publish of %s failed (attempt %d): %s; will retry", record.served_name, record.attempts, error)
         return False
 
-
-def publisher_from_settings(settings: Any) -> RouterPublisher | None:
-    """The closed loop for `appliance up` / `coordinator start`: a publisher to the local router, or None.
-
-    None when `federation.auto_publish` is off. The router is the one this machine's settings describe
-    (`http://127.0.0.1:<serve.port>`, or `serve.host` when it is a specific address); the admin token comes from
-    settings or `keys/admin_token`, as the router itself resolves it.
-    """
-    from appliance.core.secrets import ensure_token
-
-    if not settings.federation.auto_publish:
-        return None
-    host = settings.serve.host if settings.serve.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
-    return RouterPublisher(f"http://{host}:{settings.serve.port}", token)

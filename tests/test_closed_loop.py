@@ -73,9 +73,19 @@ def test_callback_never_blocks_when_router_is_down(tmp_path):
         assert not publisher.wait_published("fed-v1", timeout_s=1.0)
         record = publisher.status()["fed-v1"]
     finally:
-        publisher.close()
+        publisher.close(timeout_s=0.5)
     assert returned_after < 1.0, "the on_publish callback must only queue the version"
     assert record["attempts"] >= 2 and "unreachable" in record["last_error"]
+
+
+def test_close_lets_the_last_version_through(fake_router, tmp_path):
+    # The coordinator closes its publishers right after its last round: that round's version must still land.
+    fake_router.state.fail_publish = 1
+    publisher = RouterPublisher(fake_router.url, fake_router.state.admin_token, initial_backoff_s=0.2)
+    publisher(_version(tmp_path, "fed", 3))
+    publisher.close(timeout_s=10)
+    assert publisher.status()["fed-v3"]["published"]
+    assert "fed-v3" in fake_router.state.adapters
 
 
 def test_newer_version_supersedes_one_still_retrying(fake_router, tmp_path):

@@ -85,6 +85,19 @@ def test_every_tab_shows_its_state(page, showcase):
     expect(page.locator("#fed-silos")).to_contain_text("clinic-c")
     expect(page.locator("#fed-rounds")).to_contain_text("federation:3")
     screenshot(page, "tab-federation")
+    import zmq
+
+    public_key = zmq.curve_keypair()[0].decode()
+    page.locator("#fed-silo-name").get_by_role("textbox").fill("hospital-d")
+    page.locator("#fed-silo-key").get_by_role("textbox").fill(public_key)
+    page.locator("#fed-enrol").click()
+    expect(page.locator("#fed-action")).to_contain_text("Enrolled silo hospital-d")
+    from federation.keys import enrolled_silos
+
+    assert enrolled_silos(console.home / "keys")["hospital-d"] == public_key
+    page.locator("#fed-silo-key").get_by_role("textbox").fill("not-a-key")
+    page.locator("#fed-enrol").click()
+    expect(page.locator("#fed-action")).to_contain_text("⚠")
 
     page.get_by_role("tab", name="Fleet").click()
     expect(page.locator("#fleet-workers")).to_contain_text("eu-west")

@@ -6,6 +6,7 @@ import html
 import importlib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ui import launcher
@@ -79,6 +80,23 @@ def running_launch(ctx: ConsoleContext, kind: str) -> dict[str, Any] | None:
     return next((r for r in launcher.list_records(ctx.settings.home, kind) if launcher.pid_alive(r.get("pid"))), None)
 
 
+def launch_checked(ctx: ConsoleContext, kind: str, cmd: list[str], grace_s: float = 1.5) -> dict[str, Any]:
+    """Launch `cmd` detached and give it `grace_s` to fail fast (bad flags, port taken).
+
+    Raises:
+        ServiceUnavailable: it exited with an error within the grace period (message has its log tail).
+    """
+    record = launcher.launch(ctx.settings.home, kind, cmd)
+    path = launcher.launches_dir(ctx.settings.home) / f"{record['id']}.json"
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and record.get("exit_code") is None:
+        time.sleep(0.1)
+        record = launcher.read_record(path)
+    if record.get("exit_code") not in (None, 0):
+        raise ServiceUnavailable(f"The {kind} exited with code {record['exit_code']}:\n```\n{tail(Path(record['log']), 12)}\n```")
+    return record
+
+
 def build(ctx: ConsoleContext) -> None:
     """Lay out the Federation tab inside the current `gr.Tab`."""
     import gradio as gr
@@ -134,7 +152,7 @@ def build(ctx: ConsoleContext) -> None:
             return problem("A coordinator started from this console is already running; stop it first.")
         cmd = appliance_cmd(ctx, "coordinator", "start", "--rounds", str(int(rounds_n)), "--strategy", strat,
                             "--min-silos", str(int(min_n)), "--local-steps", str(int(steps)))
-        record = launcher.launch(ctx.settings.home, "coordinator", cmd)
+        record = launch_checked(ctx, "coordinator", cmd)
         return f"Started the coordinator (pid {record.get('pid')}); log: `{record['log']}`."
 
     @guarded(lambda msg: msg)
@@ -149,12 +167,10 @@ def build(ctx: ConsoleContext) -> None:
     def on_demo():
         if running_launch(ctx, "demo"):
             return problem("The demo is already running.")
-        record = launcher.launch(ctx.settings.home, "demo", appliance_cmd(ctx, "federation", "demo"))
-        time.sleep(1.0)
-        record = launcher.read_record(launcher.launches_dir(ctx.settings.home) / f"{record['id']}.json")
-        if record.get("exit_code") not in (None, 0):
-            return problem(f"The demo exited with code {record['exit_code']}:\n```\n{tail(record['log'], 12)}\n```")
-        return f"Started the 3-silo demo (pid {record.get('pid')}); rounds appear above as they finish."
+        out = ctx.settings.home / "ui" / "demo"
+        record = launch_checked(ctx, "demo", appliance_cmd(ctx, "demo", "federation", "--out", str(out)))
+        return (f"Started the 3-silo demo (pid {record.get('pid')}) in `{out}`; it prints base, local-only, federated and "
+                f"centralized held-out losses at the end of its log: `{record['log']}`.")
 
     outputs = [status_md, summary, silos, rounds, plot]
     timer.tick(refresh, None, outputs, show_progress="hidden")
