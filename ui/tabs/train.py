@@ -182,8 +182,9 @@ def build(ctx: ConsoleContext) -> None:
         try:
             rows = validate_jsonl(Path(path))
         except DataError as exc:
-            text = str(exc).replace(str(path), Path(path).name)
-            return f"**Invalid data** - nothing was saved:\n```\n{text}\n```", gr.Dropdown()
+            lines = [html.escape(x.strip()) for x in str(exc).replace(str(path), Path(path).name).splitlines() if x.strip()]
+            bullets = "\n".join(f"- {x}" for x in lines[1:])
+            return f"**Invalid data** - nothing was saved. {lines[0] if lines else ''}\n\n{bullets}", gr.Dropdown()
         d = data_dir(ctx)
         d.mkdir(parents=True, exist_ok=True)
         dest = d / Path(path).name
