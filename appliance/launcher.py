@@ -5,7 +5,8 @@ leader of its own process group with its output in `logs/NAME.log`. The supervis
 
 - refuses to start when a port a child needs is taken (checked for every child before any starts);
 - starts children in dependency order and waits for each one's health URL to answer 2xx before the next;
-- restarts a child that exits, after an exponential backoff (logged), reset once the child has run stably;
+- restarts a child that fails (exits non-zero or by a signal) after an exponential backoff (logged), reset once the
+  child has run stably; a child that exits 0 has finished (a coordinator after its last round) and is left alone;
 - stops every child (reverse order, SIGTERM then SIGKILL of its whole group) when asked;
 - keeps `run/up.json` (its pid, every child's pid, URL, state and restarts) for `appliance status`.
 """
@@ -72,7 +73,7 @@ class ChildSpec:
 class _Child:
     spec: ChildSpec
     proc: subprocess.Popen | None = None
-    state: str = "pending"  # pending | starting | ready | backoff | stopped
+    state: str = "pending"  # pending | starting | ready | backoff | done (exited 0) | stopped
     restarts: int = 0
     failures: int = 0  # consecutive crashes; reset once the child stays up for `stable_after_s`
     started_at: float = 0.0
@@ -220,6 +221,11 @@ class Supervisor:
             if child.state in ("starting", "ready") and proc is not None and proc.poll() is not None:
                 child.last_exit = proc.returncode
                 stop_process_group(proc, timeout_s=5.0)  # members of its group may linger (vLLM's engine core)
+                if proc.returncode == 0:  # finished its work (a coordinator after its last round), or stopped on purpose
+                    child.state = "done"
+                    log.info("%s finished (exit code 0); it is not restarted", child.spec.name)
+                    changed = True
+                    continue
                 child.failures += 1
                 delay = backoff_delay(child.failures, self.backoff_initial_s, self.backoff_max_s)
                 child.state, child.next_start_at = "backoff", now + delay

@@ -74,6 +74,7 @@ def up(
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        sup.check_ports()
         console.print(f"starting {', '.join(c.name for c in children)} (logs in {settings.logs_dir})", highlight=False)
         sup.start(stop)
         if not stop.is_set():

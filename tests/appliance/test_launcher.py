@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -207,3 +208,20 @@ def test_an_optional_child_that_fails_at_start_is_retried_instead_of_aborting(su
         stop.set()
         thread.join()
     assert sup.child("core").restarts == 0
+
+
+def test_a_child_that_exits_0_has_finished_and_is_not_restarted(supervisor_factory, caplog):
+    caplog.set_level(logging.INFO, logger="appliance.launcher")
+    sup = supervisor_factory([fake_spec("coordinator", "--exit-after-s", "2", "--exit-code", "0")], backoff_initial_s=0.05)
+    sup.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=sup.supervise, args=(stop,))
+    thread.start()
+    try:
+        assert wait_until(lambda: sup.child("coordinator").state == "done")
+        time.sleep(0.3)  # several supervision steps: still no restart
+    finally:
+        stop.set()
+        thread.join()
+    assert sup.child("coordinator").restarts == 0
+    assert "coordinator finished (exit code 0)" in caplog.text
