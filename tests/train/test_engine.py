@@ -34,9 +34,11 @@ def test_loss_falls_and_the_run_folder_follows_the_contract(tiny_model_dir: Path
 
 
 def test_zero_stages_0_2_3_train_to_the_same_adapter_layout(tiny_model_dir: Path, records) -> None:
-    results = {stage: fit_adapter(small_cfg(zero_stage=stage), tiny_model_dir, records, max_steps=3) for stage in (0, 2, 3)}
+    variants = {0: small_cfg(zero_stage=0), 2: small_cfg(zero_stage=2), 3: small_cfg(zero_stage=3),
+                "3+offload": small_cfg(zero_stage=3, offload_optimizer=True, offload_param=True)}
+    results = {stage: fit_adapter(cfg, tiny_model_dir, records, max_steps=3) for stage, cfg in variants.items()}
     layouts = {stage: {k: tuple(v.shape) for k, v in r.state.items()} for stage, r in results.items()}
-    assert layouts[0] == layouts[2] == layouts[3] and len(layouts[0]) == 16
+    assert layouts[0] == layouts[2] == layouts[3] == layouts["3+offload"] and len(layouts[0]) == 16
     init = initial_adapter_state(small_cfg(), tiny_model_dir)
     for r in results.values():
         assert _dist(r.state, init) > 0  # every stage really updated the adapter
