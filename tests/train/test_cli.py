@@ -75,3 +75,17 @@ def test_train_registers_then_eval_export_and_resume(cli, tiny_model_dir: Path, 
 def test_resume_of_an_unknown_run_exits_2(cli, tmp_path: Path) -> None:
     result = cli("--home", tmp_path, "train", "--resume", "nope")
     assert result.exit_code == 2 and "unknown run" in " ".join(result.output.split())
+
+
+def test_launcher_entry_point_trains_and_writes_a_peft_folder(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`python -m train` (what `deepspeed --module train` runs on every rank), in process as rank 0."""
+    from train.__main__ import main
+
+    config = tmp_path / "appliance.yaml"
+    config.write_text("train:\n  max_seq_len: 128\n  zero_stage: 0\n  batch_size: 2\n", encoding="utf-8")
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
+    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_records(4))
+    code = main(["--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "out"), "--config", str(config),
+                 "--max-steps", "1", "--run-dir", str(tmp_path / "run"), "--local_rank=0"])
+    assert code == 0 and (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "done"
