@@ -6,7 +6,8 @@ leader of its own process group with its output in `logs/NAME.log`. The supervis
 - refuses to start when a port a child needs is taken (checked for every child before any starts);
 - starts children in dependency order and waits for each one's health URL to answer 2xx before the next;
 - restarts a child that fails (exits non-zero or by a signal) after an exponential backoff (logged), reset once the
-  child has run stably; a child that exits 0 has finished (a coordinator after its last round) and is left alone;
+  child has run stably; a child that exits 0 has finished (a coordinator after its last round) and one that exits 2
+  refused its settings, and neither is restarted;
 - stops every child (reverse order, SIGTERM then SIGKILL of its whole group) when asked;
 - keeps `run/up.json` (its pid, every child's pid, URL, state and restarts) for `appliance status`.
 """
@@ -30,6 +31,8 @@ from appliance.core.errors import ApplianceError, ConfigError
 from serve.worker_launcher import http_ok, log_tail, start_process_group, stop_process_group
 
 log = logging.getLogger(__name__)
+
+BAD_INPUT_EXIT = 2  # the CLI's exit code for bad settings or input (appliance.commands.common.cli_errors)
 
 
 class PortInUse(ApplianceError):
@@ -73,7 +76,7 @@ class ChildSpec:
 class _Child:
     spec: ChildSpec
     proc: subprocess.Popen | None = None
-    state: str = "pending"  # pending | starting | ready | backoff | done (exited 0) | stopped
+    state: str = "pending"  # pending | starting | ready | backoff | done (exited 0) | failed (exited 2) | stopped
     restarts: int = 0
     failures: int = 0  # consecutive crashes; reset once the child stays up for `stable_after_s`
     started_at: float = 0.0
@@ -224,6 +227,12 @@ class Supervisor:
                 if proc.returncode == 0:  # finished its work (a coordinator after its last round), or stopped on purpose
                     child.state = "done"
                     log.info("%s finished (exit code 0); it is not restarted", child.spec.name)
+                    changed = True
+                    continue
+                if proc.returncode == BAD_INPUT_EXIT:  # bad settings do not fix themselves; restarting would only loop
+                    child.state = "failed"
+                    log.error("%s refused its settings (exit code 2); it is not restarted. %s",
+                              child.spec.name, self._failure(child, "failed"))
                     changed = True
                     continue
                 child.failures += 1

@@ -30,10 +30,21 @@ def _prepared_model(settings: ApplianceSettings) -> str:
     return resolve_model(settings.models_dir, settings.model).name
 
 
-def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_token: str) -> str:
+def _coordinator_key(settings: ApplianceSettings) -> str | None:
+    """Create (once) the coordinator's CURVE key pair, as `appliance federation init` does; its public key."""
+    if settings.federation.plaintext:
+        return None
+    from federation.keys import ensure_keypair
+
+    return ensure_keypair(settings.keys_dir, "coordinator").public
+
+
+def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_token: str, coordinator_key: str | None) -> str:
     lines = ["", "FedLLM Appliance is up. Ctrl-C stops everything.", ""]
     lines += [f"  {c.name:<12} {c.url}" for c in children if c.url]
     lines += ["", f"  admin token  {admin_token}   (stored in {settings.keys_dir / 'admin_token'})", f"  logs         {settings.logs_dir}", ""]
+    if coordinator_key:
+        lines += [f"  coordinator public key (for silos)  {coordinator_key}", ""]
     chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)
     if any(c.name == "router" for c in children):
         lines += ["Another machine's GPU worker joins with:",
@@ -69,6 +80,7 @@ def up(
         ensure_token(settings.keys_dir, "join_token", settings.serve.join_token)
         children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"),
                                        without=frozenset(without))
+        coordinator_key = _coordinator_key(settings) if any(c.name == "coordinator" for c in children) else None
         urls = {c.name: c.url for c in children}
         sup = Supervisor(children, settings.logs_dir, path, backoff_initial_s=backoff_s, info={"home": str(settings.home), "urls": urls})
         stop = threading.Event()
@@ -78,7 +90,7 @@ def up(
         console.print(f"starting {', '.join(c.name for c in children)} (logs in {settings.logs_dir})", highlight=False)
         sup.start(stop)
         if not stop.is_set():
-            console.print(_banner(settings, children, model, admin_token), highlight=False, soft_wrap=True)
+            console.print(_banner(settings, children, model, admin_token, coordinator_key), highlight=False, soft_wrap=True)
         try:
             sup.supervise(stop)
         finally:

@@ -225,3 +225,19 @@ def test_a_child_that_exits_0_has_finished_and_is_not_restarted(supervisor_facto
         thread.join()
     assert sup.child("coordinator").restarts == 0
     assert "coordinator finished (exit code 0)" in caplog.text
+
+
+def test_a_child_that_refuses_its_settings_is_not_restarted(supervisor_factory, caplog):
+    sup = supervisor_factory([fake_spec("coordinator", "--exit-after-s", "2", "--exit-code", "2")], backoff_initial_s=0.05)
+    sup.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=sup.supervise, args=(stop,))
+    thread.start()
+    try:
+        assert wait_until(lambda: sup.child("coordinator").state == "failed")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    assert sup.child("coordinator").restarts == 0
+    assert "coordinator refused its settings (exit code 2)" in caplog.text and "fake service starting" in caplog.text
