@@ -290,7 +290,7 @@ def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list
         if r["n"] == 0:
             print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4}  no request finished inside the window ({r['errors']} errors)")
             continue
-        print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6}")
+        print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.1f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6}")
     print("+p50/+p99: latency added over direct at the same concurrency; vs direct/bare: throughput share; "
           "cpu us/req: CPU time of that server's own process per request (for direct, the backend's).")
     for note in notes:

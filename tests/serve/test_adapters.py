@@ -92,7 +92,7 @@ async def test_publish_refused_by_every_worker_is_an_error(fake_factory, router_
 
 
 async def test_hot_adapter_spreads_to_another_worker(fake_factory, router_factory):
-    a, b = fake_factory("base", "--delay-s", "0.3"), fake_factory("base", "--delay-s", "0.3")
+    a, b = fake_factory("base", "--delay-s", "0.6"), fake_factory("base", "--delay-s", "0.6")
     router = await router_factory([a, b], adapter_replicas=1, max_adapter_replicas=2, worker_capacity=1)
     admin = router.admin_headers()
     async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:

@@ -99,3 +99,25 @@ async def test_upstream_4xx_passes_through(fake_factory, router_factory):
     async with httpx.AsyncClient(base_url=router.url) as c:
         r = await c.post("/v1/chat/completions", json={"model": "m"})
     assert r.status_code == 400 and _err(r)["message"] == "injected failure"
+
+
+async def test_region_header_and_session_affinity_steer_routing(fake_factory, router_factory):
+    eu, us = fake_factory("m"), fake_factory("m")
+    router = await router_factory([{"url": eu.url, "region": "eu-west"}, {"url": us.url, "region": "us-east"}], region="us-east")
+    name = {eu.url.replace("http://127.0.0.1:", "fake-"): "eu", us.url.replace("http://127.0.0.1:", "fake-"): "us"}
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        served = [name[(await c.post("/v1/chat/completions", json={"model": "m"}, headers={"X-Region": "eu-west"})).json()["served_by"]] for _ in range(6)]
+        assert served == ["eu"] * 6
+        served = [name[(await c.post("/v1/chat/completions", json={"model": "m"})).json()["served_by"]] for _ in range(6)]
+        assert served == ["us"] * 6  # no header: the router's own region
+    same_region = await router_factory([eu, us])
+    async with httpx.AsyncClient(base_url=same_region.url) as c:
+        homes = set()
+        for i in range(10):
+            picks = set()
+            for _ in range(4):
+                r = await c.post("/v1/chat/completions", json={"model": "m", "user": f"user-{i}"})
+                picks.add(name[r.json()["served_by"]])
+            assert len(picks) == 1  # a session sticks to one worker while load is low
+            homes |= picks
+        assert homes == {"eu", "us"}  # and sessions spread over the workers (consistent hashing)
