@@ -348,7 +348,7 @@ def _system_prompts(n: int, words: int = 220) -> list[str]:
             for i in range(n)]
 
 
-def affinity_part(duration_s: float, concurrency: int, prompts: int = 8) -> None:
+def affinity_part(duration_s: float, concurrency: int, prompts: int = 8, policies: tuple[str, ...] = ("round_robin", "score")) -> None:
     """Prefix affinity (score policy) vs round robin through our router in front of two real vLLM workers (CPU)."""
     sys.path.insert(0, str(REPO))
     from appliance.core.model_store import list_models
@@ -374,7 +374,7 @@ def affinity_part(duration_s: float, concurrency: int, prompts: int = 8) -> None
             for w in workers:
                 w.wait_ready()
             upstreams = ",".join(w.url for w in workers)
-            for policy in ("round_robin", "score"):
+            for policy in policies:
                 router = start_router(upstreams, home, policy=policy, model=DEFAULT_MODEL)
                 routers.append(router)
                 r = run_load(router.url, router.headers, concurrency, True, duration_s, warmup_s=3.0, model=DEFAULT_MODEL,
@@ -392,9 +392,10 @@ def affinity_part(duration_s: float, concurrency: int, prompts: int = 8) -> None
     print(f"{'policy':<12} {'req/s':>7} {'p50 ms':>9} {'p99 ms':>9} {'TTFT p50 ms':>12} {'errors':>6}")
     for policy, r in rows:
         print(f"{policy:<12} {r['rps']:>7.2f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['ttft_p50_ms']:>12.1f} {r['errors']:>6}")
-    if len(rows) == 2 and rows[0][1]["rps"]:
-        print(f"score (prefix affinity) / round robin: throughput x{rows[1][1]['rps'] / rows[0][1]['rps']:.2f}, "
-              f"TTFT p50 x{rows[1][1]['ttft_p50_ms'] / rows[0][1]['ttft_p50_ms']:.2f}")
+    by_policy = dict(rows)
+    if {"score", "round_robin"} <= set(by_policy) and by_policy["round_robin"]["rps"]:
+        rr, sc = by_policy["round_robin"], by_policy["score"]
+        print(f"score (prefix affinity) / round robin: throughput x{sc['rps'] / rr['rps']:.2f}, TTFT p50 x{sc['ttft_p50_ms'] / rr['ttft_p50_ms']:.2f}")
 
 
 def main() -> None:
@@ -409,6 +410,7 @@ def main() -> None:
     parser.add_argument("--vllm-duration-s", type=float, default=30.0)
     parser.add_argument("--vllm-concurrency", type=int, default=8)
     parser.add_argument("--vllm-only", action="store_true", help="Skip the fake-backend table.")
+    parser.add_argument("--vllm-policies", nargs="+", default=["round_robin", "score"], help="Order of the policies measured.")
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
@@ -425,7 +427,7 @@ def main() -> None:
             bench(targets, args.concurrency, args.duration_s,
                   f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process")
         if args.vllm or args.vllm_only:
-            affinity_part(args.vllm_duration_s, args.vllm_concurrency)
+            affinity_part(args.vllm_duration_s, args.vllm_concurrency, policies=tuple(args.vllm_policies))
 
 
 if __name__ == "__main__":
