@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
@@ -244,7 +245,12 @@ class EngineTrainer:
         data: training JSONL path or rows (never leaves this process).
         eval_data: optional held-out JSONL path or rows; evaluated after each round's training.
         run_dir: optional folder for the engine's run files.
+
+    Fits and evaluations take a process-wide lock: the engine's process group (gloo on CPU) must not run two
+    trainings at once, so several silos in one process (demo, tests) train one after the other.
     """
+
+    _engine_lock = threading.Lock()
 
     def __init__(self, cfg: "TrainSettings", model_dir: Path, data: Path | Sequence[dict], eval_data: Path | Sequence[dict] | None = None,
                  run_dir: Path | None = None) -> None:
@@ -264,8 +270,9 @@ class EngineTrainer:
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
         import train
 
-        result = train.fit_adapter(self.cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
-                                   prox_mu=float(config.get("prox_mu", 0.0)), run_dir=self.run_dir, eval_data=self.eval_data)
+        with self._engine_lock:
+            result = train.fit_adapter(self.cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
+                                       prox_mu=float(config.get("prox_mu", 0.0)), run_dir=self.run_dir, eval_data=self.eval_data)
         self._state = result.state
         return result.num_examples, dict(result.metrics)
 
@@ -274,5 +281,6 @@ class EngineTrainer:
             return {}
         import train
 
-        out = train.evaluate_adapter(self.cfg, self.model_dir, self.get_state(), self.eval_data)
+        with self._engine_lock:
+            out = train.evaluate_adapter(self.cfg, self.model_dir, self.get_state(), self.eval_data)
         return {k: float(v) for k, v in out.items() if k in ("eval_loss", "perplexity")}
