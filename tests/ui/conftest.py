@@ -24,6 +24,16 @@ ARTIFACTS = REPO / "artifacts" / "ui"
 ADMIN_TOKEN = "ui-test-admin-token-0123456789"
 
 
+def _patient_expect() -> None:
+    """Assertions wait up to 30 s (not 5): the machine is shared, and a page's first load can be slow under load."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+
+
+_patient_expect()
+
+
 @dataclass
 class Console:
     url: str
