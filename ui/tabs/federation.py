@@ -54,20 +54,30 @@ def _num(x: Any, digits: int = 4) -> Any:
     return round(float(x), digits) if isinstance(x, (int, float)) else ""
 
 
+def _loss_point(metrics: Any) -> tuple[float, str] | None:
+    """(loss, suffix): eval loss when the metrics have it, else train loss marked as such."""
+    if not isinstance(metrics, dict):
+        return None
+    for key, suffix in (("eval_loss", ""), ("train_loss", " (train)")):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key]), suffix
+    return None
+
+
 def eval_frame(status: dict[str, Any]):
-    """A long table (round, eval_loss, series) of the global and per-silo eval loss across rounds."""
+    """A long table (round, loss, series) of the global and per-silo loss across rounds (eval loss, else train)."""
     import pandas as pd
 
     rows = []
     for r in status.get("rounds", []):
-        m = r.get("metrics") or {}
-        if isinstance(m.get("eval_loss"), (int, float)):
-            rows.append({"round": r["round"], "eval_loss": float(m["eval_loss"]), "series": "global"})
+        point = _loss_point(r.get("metrics"))
+        if point:
+            rows.append({"round": r["round"], "loss": point[0], "series": "global" + point[1]})
         for silo, sm in (r.get("per_silo") or {}).items():
-            value = sm.get("eval_loss", sm.get("train_loss")) if isinstance(sm, dict) else None
-            if isinstance(value, (int, float)):
-                rows.append({"round": r["round"], "eval_loss": float(value), "series": str(silo)})
-    return pd.DataFrame(rows, columns=["round", "eval_loss", "series"]).astype({"round": "int64", "eval_loss": "float64", "series": "str"})
+            point = _loss_point(sm)
+            if point:
+                rows.append({"round": r["round"], "loss": point[0], "series": str(silo) + point[1]})
+    return pd.DataFrame(rows, columns=["round", "loss", "series"]).astype({"round": "int64", "loss": "float64", "series": "str"})
 
 
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
@@ -106,7 +116,7 @@ def build(ctx: ConsoleContext) -> None:
     summary = gr.Markdown("", elem_id="fed-summary")
     with gr.Row():
         silos = gr.Dataframe(headers=SILO_HEADERS, value=[], interactive=False, label="Silos", elem_id="fed-silos")
-        plot = gr.LinePlot(eval_frame({}), x="round", y="eval_loss", color="series", title="Eval loss per round",
+        plot = gr.LinePlot(eval_frame({}), x="round", y="loss", color="series", title="Eval loss per round, global and per silo",
                            height=260, elem_id="fed-plot")
     rounds = gr.Dataframe(headers=ROUND_HEADERS, value=[], interactive=False, label="Rounds", elem_id="fed-rounds")
     with gr.Row():

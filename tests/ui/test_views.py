@@ -1,0 +1,48 @@
+"""Pure view helpers of the tabs: what the tables and plots are made of."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.core.adapter_registry import AdapterVersion
+from tests.ui.fakes import sample_status
+from ui.runs import RunView
+from ui.tabs.adapters import adapter_rows, lineage_source, served_names
+from ui.tabs.federation import eval_frame, round_rows, silo_rows, summary_markdown
+from ui.tabs.train import loss_caption, loss_frame, progress_html
+
+
+def test_federation_views_from_a_status_document():
+    status = sample_status(now=1000.0)
+    assert "**round** 4 / 10" in summary_markdown(status, now=1000.0) and "7:00 left" in summary_markdown(status, now=1000.0)
+    assert silo_rows(status, now=1000.0)[2][:3] == ["clinic-c", "no", "1:03 ago"]
+    assert round_rows(status)[0][0] == 1 and round_rows(status)[0][-1] == "federation:1"
+    frame = eval_frame(status)
+    assert set(frame["series"]) == {"global", "hospital-a", "hospital-b", "clinic-c"}
+    assert len(frame) == 3 * 4
+
+
+def test_federation_plot_falls_back_to_train_loss_and_says_so():
+    status = {"rounds": [{"round": 1, "metrics": {"train_loss": 2.0}, "per_silo": {"a": {"train_loss": 2.1}}}]}
+    assert set(eval_frame(status)["series"]) == {"global (train)", "a (train)"}
+    assert eval_frame({}).empty and str(eval_frame({})["loss"].dtype) == "float64"
+
+
+def test_adapter_views_show_lineage_and_what_is_served(tmp_path: Path):
+    fed = AdapterVersion("fed", 2, tmp_path, {"round": 2, "run": "fed", "base_model": "m", "metrics": {"eval_loss": 1.23456}})
+    trained = AdapterVersion("bot", 1, tmp_path, {"run_id": "r1", "data_sha256": "ab" * 32, "base_model": "m"})
+    served = served_names([{"name": "fed-v2", "aliases": ["fed-latest"]}, "other"])
+    assert served == {"fed-v2", "fed-latest", "other"}
+    rows = adapter_rows([fed, trained], served)
+    assert rows[0] == ["fed:2", "fed-v2", "m", "round 2 of federation fed", "", "eval_loss=1.235", "yes"]
+    assert rows[1][3:5] == ["run r1", "ab" * 6] and rows[1][-1] == "no"
+    assert lineage_source({}) == ""
+
+
+def test_train_views_for_a_failed_run():
+    run = RunView(id="r9", state="failed", exit_code=-9, error="the training process (pid 7) is gone",
+                  metrics=[{"step": 1, "total_steps": 10, "loss": 3.0}, {"step": 2, "total_steps": 10, "loss": 2.5}])
+    html = progress_html(run)
+    assert "data-state='failed'" in html and "exit code -9" in html and "step 2 / 10" in html
+    assert list(loss_frame(run)["series"]) == ["raw", "smoothed", "raw", "smoothed"]
+    assert loss_caption(run).startswith("2 steps plotted · last loss 2.5000")
