@@ -125,7 +125,8 @@ class Coordinator:
         if self._transport is not None:
             bye = Bye(reason="done" if self.phase == "done" else "stopping")
             for silo in self.silos.values():
-                await self._send(silo.peer, make_header(MsgType.BYE, bye, run=self.cfg.run_name, round_id=self.round))
+                if silo.last_seen > 0:  # silos that said BYE are gone already
+                    await self._send(silo.peer, make_header(MsgType.BYE, bye, run=self.cfg.run_name, round_id=self.round))
         for task in [*self._tasks, *([self._run_task] if self._run_task else [])]:
             task.cancel()
         for task in [*self._tasks, *([self._run_task] if self._run_task else [])]:
@@ -402,11 +403,12 @@ class Coordinator:
         eps_fn = getattr(self.strategy, "epsilon", None)
         if callable(eps_fn):
             epsilon = float(eps_fn(self.cfg.dp_delta))
+            epsilon = epsilon if math.isfinite(epsilon) else None  # no noise: no finite guarantee (JSON has no inf)
         return {"round": rs.round_id, "participants": sorted(rs.answered), "failures": failures, "examples": total,
                 "metrics": metrics, "per_silo": {s: a["metrics"] for s, a in rs.answered.items()},
                 "rejected": rs.rejected, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out, "duration_s": duration,
                 "train_s_max": train_s, "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
-                "epsilon": epsilon, "strategy": self.strategy.name, "adapter": None, "time": time.time()}
+                "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.strategy.name, "adapter": None, "time": time.time()}
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
