@@ -43,15 +43,15 @@ async def test_worker_killed_during_load(fake_factory, router_factory):
         return outcome
 
     async def killer():
-        while done < 60:  # kill in the middle of the load, however fast the machine is
+        while done < 40:  # kill in the middle of the load, however fast the machine is
             await asyncio.sleep(0.005)
         fakes[1].proc.kill()
 
     async with httpx.AsyncClient(base_url=router.url, timeout=30, limits=limits) as client:
-        results = await asyncio.wait_for(asyncio.gather(killer(), *(counted(client, i) for i in range(300))), timeout=90)
+        results = await asyncio.wait_for(asyncio.gather(killer(), *(counted(client, i) for i in range(200))), timeout=90)
         outcomes = results[1:]
         assert set(outcomes) <= {"ok", "error"}
-        assert outcomes.count("ok") >= 250, outcomes.count("error")  # only streams in flight on the killed one may fail
+        assert outcomes.count("ok") >= 170, outcomes.count("error")  # only streams in flight on the killed one may fail
         workers = (await client.get("/admin/workers", headers=router.admin_headers())).json()
         assert [w["healthy"] for w in workers] == [True, False, True]
         assert all(w["outstanding"] == 0 for w in workers)
@@ -74,8 +74,6 @@ async def test_broken_stream_ends_with_error_event(fake_factory, router_factory)
 
 
 async def test_worker_restarted_is_readmitted(fake_factory, router_factory):
-    from tests.serve.conftest import start_fake
-
     a = fake_factory("m")
     router = await router_factory([a])
     a.control(unhealthy=True)
