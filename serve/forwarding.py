@@ -96,7 +96,10 @@ class Forwarder:
             await send_error(send, exc)
         except Exception:  # the service boundary: log it, answer 500, never leak the request
             logger.exception("unexpected error while forwarding %s", path)
-            await send_error(send, RouterError(500, "internal router error; see the router's log"))
+            try:
+                await send_error(send, RouterError(500, "internal router error; see the router's log"))
+            except RuntimeError:  # the response had already started: the server closes the connection
+                pass
 
     # -- admission --
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey | None:
