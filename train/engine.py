@@ -12,6 +12,7 @@ run would have done.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.atomic import append_jsonl, write_json_atomic
+from appliance.core.atomic import append_jsonl, write_json_atomic, write_text_atomic
 from appliance.core.errors import ApplianceError, ConfigError
 from train import data as datamod
 from train import lora
@@ -306,7 +307,9 @@ def _train(
     )
     try:
         start_step = run.load_checkpoint(engine) if resume else 0
-        metrics = _loop(cfg, engine, rows, tokenizer.pad_token_id, cfg.packing, start_step, total_steps, rank, world, run, progress)
+        earlier = run.truncate_metrics(start_step) if resume and rank == 0 else []
+        metrics = _loop(cfg, engine, rows, tokenizer.pad_token_id, cfg.packing, start_step, total_steps, rank, world, run, progress,
+                        earlier)
         if eval_rows:
             ev = _evaluate_engine(engine, eval_rows, tokenizer.pad_token_id, cfg.batch_size)
             metrics.update(ev)
@@ -330,6 +333,7 @@ def _loop(
     world: int,
     run: "_RunFolder",
     progress: Progress | None,
+    earlier_losses: list[float],
 ) -> dict[str, float]:
     """Run optimizer steps start_step..total_steps-1; returns the training metrics."""
     import torch
@@ -337,7 +341,7 @@ def _loop(
     engine.train()
     t0 = time.perf_counter()
     tokens_total = 0
-    recent: list[float] = []
+    recent: list[float] = earlier_losses[-10:]
     for step in range(start_step, total_steps):
         step_tokens, ce_sum, ce_n = 0, 0.0, 0
         for k in range(cfg.grad_accum):
@@ -453,6 +457,15 @@ class _RunFolder:
         if handler is not None:
             logging.getLogger("train").removeHandler(handler)
             handler.close()
+
+    def truncate_metrics(self, step: int) -> list[float]:
+        """On resume: drop metrics lines after the checkpointed `step` (they will be redone); return earlier losses."""
+        if self.path is None or not (self.path / "metrics.jsonl").exists():
+            return []
+        lines = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in lines if r.get("step", 0) <= step and "eval_loss" not in r]
+        write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        return [r["loss"] for r in kept if "loss" in r]
 
     @property
     def checkpoints(self) -> Path:

@@ -106,17 +106,22 @@ def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: b
     eval_data = Path(conf["eval_data"]) if conf.get("eval_data") else None
     result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=progress,
                          eval_data=eval_data, resume=resume)
-    adapter = register_result(settings, result, cfg, model_dir, conf["output"], meta={
-        "base_model": conf["model"],
-        "base_model_dir": str(model_dir),
-        "data_sha256": datamod.data_sha256(data),
-        "data": str(data),
-        "config": conf["train"],
-        "metrics": result.metrics,
-        "num_examples": result.num_examples,
-        "run_id": run_id,
-    })
     status = json.loads((run_dir / "status.json").read_text())
+    try:
+        adapter = register_result(settings, result, cfg, model_dir, conf["output"], meta={
+            "base_model": conf["model"],
+            "base_model_dir": str(model_dir),
+            "data_sha256": datamod.data_sha256(data),
+            "data": str(data),
+            "config": conf["train"],
+            "metrics": result.metrics,
+            "num_examples": result.num_examples,
+            "run_id": run_id,
+        })
+    except Exception as exc:  # training finished but the adapter is not registered: say so in the run folder
+        write_json_atomic(run_dir / "status.json", {**status, "state": "failed", "exit_code": 1,
+                                                    "error": f"registering the adapter failed: {exc}"})
+        raise
     write_json_atomic(run_dir / "status.json", {**status, "adapter": adapter.ref})
     return RunOutcome(run_id, run_dir, adapter, result)
 

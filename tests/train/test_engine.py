@@ -60,11 +60,14 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_model_dir: P
 
     with pytest.raises(TrainingFailed):
         fit_adapter(cfg, tiny_model_dir, records, max_steps=6, run_dir=tmp_path / "cut", progress=stop_at_3)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint is redone
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
     assert json.loads((tmp_path / "cut" / "status.json").read_text())["state"] == "failed"
     resumed = fit_adapter(cfg, tiny_model_dir, records, max_steps=6, run_dir=tmp_path / "cut", resume=True)
 
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], rel=1e-5)
     assert resumed.state.keys() == full.state.keys()
     for k in full.state:
         assert resumed.state[k].allclose(full.state[k], atol=1e-6, rtol=1e-5), k
