@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import tempfile
+import threading
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -42,8 +43,10 @@ class HFSilo:
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         set_peft_model_state_dict(self.model, state)
 
+    _lock = threading.Lock()  # accelerate keeps process-wide state: one Trainer at a time per process
+
     def fit(self, steps: int, config: dict) -> tuple[int, dict[str, float]]:
-        with tempfile.TemporaryDirectory() as out:
+        with self._lock, tempfile.TemporaryDirectory() as out:
             args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=self.batch_size,
                                      learning_rate=self.lr, report_to=[], save_strategy="no", logging_steps=1,
                                      use_cpu=True, disable_tqdm=True)

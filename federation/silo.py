@@ -190,6 +190,11 @@ class SiloClient:
         started = time.monotonic()
         try:
             num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
+        except Exception as exc:  # tell the coordinator now, so the round need not wait for its deadline
+            logger.error("silo %s: training for round %d failed: %s", self.silo_id, header.round_id, exc, exc_info=True)
+            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="train_failed", message=f"{type(exc).__name__}: {exc}"),
+                                         run=header.run, round_id=header.round_id, silo_id=self.silo_id))
+            return
         finally:
             self._busy = False
         train_s = time.monotonic() - started

@@ -177,3 +177,27 @@ async def test_bad_updates_get_error_and_round_continues(tmp_path):
     assert coord.phase == "done"
     assert [r["participants"] for r in coord.history] == [["s0", "s1"]] * 4
     assert all(torch.isfinite(v).all() for v in coord.global_state.values())
+
+
+class _FailingTrainer(FakeTrainer):
+    def fit(self, steps, config):
+        raise RuntimeError("disk full")
+
+
+async def test_silo_training_failure_is_reported_and_round_goes_on(tmp_path):
+    # Arrange: a long deadline, so only the silo's ERROR can end its wait
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=2, round_deadline_s=600, silo_timeout_s=600)
+    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    silos = await _start_silos(address, tmp_path, [FakeTrainer(0), FakeTrainer(1), _FailingTrainer(2)])
+    try:
+        # Act
+        await coord.wait_done(30)
+    finally:
+        for s in silos:
+            await s.stop()
+        await coord.stop()
+    # Assert
+    record = coord.history[-1]
+    assert record["participants"] == ["s0", "s1"] and record["failures"] == ["s2"]
+    assert "disk full" in record["rejected"]["s2"]
