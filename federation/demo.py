@@ -13,7 +13,6 @@ import asyncio
 import logging
 import random
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,34 +59,25 @@ def demo_train_settings(settings: "ApplianceSettings"):
                                              "lr": 2e-3, "lora_dropout": 0.0, "zero_stage": 0, "checkpoint_every_steps": 10_000})
 
 
-class _SerialTrainer:
-    """An EngineTrainer whose `fit` takes a process-wide lock, so silos in one process train one at a time."""
-
-    def __init__(self, inner: Any, lock: threading.Lock) -> None:
-        self.inner, self.lock = inner, lock
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, state):
-        self.inner.set_state(state)
-
-    def fit(self, steps, config):
-        with self.lock:
-            return self.inner.fit(steps, config)
-
-    def evaluate(self):
-        return self.inner.evaluate()
-
-
 def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int = 4, out_dir: Path | None = None,
-             echo: Callable[[str], None] = print) -> DemoResult:
-    """Run the whole demo and return its table (see the module docstring)."""
+             echo: Callable[[str], None] = print, model_dir: Path | None = None) -> DemoResult:
+    """Run the whole demo and return its table (see the module docstring).
+
+    Args:
+        settings: appliance settings (the base model store; the demo keeps its own state under `out_dir`).
+        rounds: federation rounds; local-only adapters train `rounds * local_steps` steps, the centralized one
+            `silos * rounds * local_steps` (the federation's total).
+        local_steps: optimizer steps per silo per round.
+        out_dir: the demo's home (keys, checkpoints, registry, data); default a new temp folder.
+        echo: progress lines go here.
+        model_dir: base model folder; default the embedded SmolLM2, prepared on first use.
+    """
     from appliance.core.model_store import prepare_model
 
     home = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedllm-demo-"))
     home.mkdir(parents=True, exist_ok=True)
-    model_dir = prepare_model(settings.models_dir, cache_dir=settings.home / "cache").path
+    if model_dir is None:
+        model_dir = prepare_model(settings.models_dir, cache_dir=settings.home / "cache").path
     cfg = demo_train_settings(settings)
     paths = demo_data.write(home / "data")
     orgs = list(paths)
@@ -95,7 +85,7 @@ def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int
     echo(f"demo home {home}; model {model_dir}; {rounds} rounds x {local_steps} local steps, {len(orgs)} silos")
 
     t0 = time.monotonic()
-    fed_state, history = asyncio.run(_federate(settings, home, model_dir, cfg, paths, rounds, local_steps))
+    fed_state, history = asyncio.run(_federate(settings, home, Path(model_dir), cfg, paths, rounds, local_steps))
     timings["federation"] = time.monotonic() - t0
     echo(f"federation done in {timings['federation']:.0f} s")
 
@@ -153,12 +143,11 @@ async def _federate(settings, home: Path, model_dir: Path, cfg, paths, rounds: i
     coord = Coordinator(coord_settings, build_strategy(coord_settings.federation),
                         initial_state=train.initial_adapter_state(cfg, model_dir), exporter=exporter)
     address = await coord.start()
-    lock = threading.Lock()
     silos = []
     try:
         for org, s in silo_settings.items():
             s = s.model_copy(update={"federation": s.federation.model_copy(update={"coordinator": address, "coordinator_key": coord_key.public})})
-            silo = SiloClient(s, _SerialTrainer(EngineTrainer(cfg, model_dir, paths[org]["train"]), lock))
+            silo = SiloClient(s, EngineTrainer(cfg, model_dir, paths[org]["train"]))  # engine runs are serialised
             await silo.start()
             silos.append(silo)
         await coord.wait_done()

@@ -1,0 +1,34 @@
+"""The demo's wiring on the tiny model (the real run on SmolLM2 is `appliance demo federation`), and its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from federation.demo import DemoResult, run_demo
+from federation.demo_data import generate
+from tests.factories import make_settings
+
+
+def test_demo_data_is_deterministic_and_org_specific():
+    a, b = generate(seed=0), generate(seed=0)
+    assert a == b and generate(seed=1) != a
+    assert set(a) == {"northbridge", "lakeside", "redwood"}
+    for org, splits in a.items():
+        answers = {r["messages"][1]["content"] for r in splits["train"]}
+        assert {r["messages"][1]["content"] for r in splits["eval"]} <= answers  # eval asks known facts, new wording
+        assert not {r["messages"][0]["content"] for r in splits["eval"]} & {r["messages"][0]["content"] for r in splits["train"]}
+        others = {r["messages"][1]["content"] for o, s in a.items() if o != org for r in s["train"]}
+        assert not answers & others  # knowledge the other silos lack
+
+
+def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_model_dir: Path):
+    lines: list[str] = []
+    result = run_demo(make_settings(tmp_path / "home"), rounds=1, local_steps=1, out_dir=tmp_path / "demo",
+                      echo=lines.append, model_dir=tiny_model_dir)
+    assert isinstance(result, DemoResult)
+    assert set(result.losses) == {"base", "local:northbridge", "local:lakeside", "local:redwood", "federated", "centralized"}
+    assert all(set(v) == set(result.orgs) for v in result.losses.values())
+    table = result.table()
+    assert "federated beats every local-only adapter" in table and "eval:redwood" in table
+    assert len(result.federation) == 1 and result.federation[0]["participants"] == ["lakeside", "northbridge", "redwood"]
+    assert (tmp_path / "demo" / "coordinator" / "adapters" / "demo-federation" / "1" / "meta.json").exists()
