@@ -42,6 +42,8 @@ def upload_and_fill(page, data: Path, model: str, steps: int) -> None:
     expect(page.locator("#train-data-check")).to_contain_text("valid records")
     page.locator("#train-model").get_by_role("textbox").fill(model)
     page.locator("#train-steps").get_by_role("spinbutton").fill(str(steps))
+    page.locator("#train-batch").get_by_role("spinbutton").fill("2")
+    page.locator("#train-seq").get_by_role("spinbutton").fill("128")
 
 
 def test_bad_upload_shows_every_error(page, console, tmp_path):
@@ -58,7 +60,7 @@ def test_bad_upload_shows_every_error(page, console, tmp_path):
 
 def test_training_progress_and_loss_survive_reload(page, console, good_jsonl, tiny_model_dir):
     page.goto(console.url)
-    upload_and_fill(page, good_jsonl, str(tiny_model_dir), steps=16)
+    upload_and_fill(page, good_jsonl, str(tiny_model_dir), steps=10)
     page.locator("#train-start").click()
     expect(page.locator("#train-status")).to_contain_text("Started", timeout=20_000)
     # Progress arrives from runs/ID/metrics.jsonl while the subprocess trains.
@@ -73,12 +75,13 @@ def test_training_progress_and_loss_survive_reload(page, console, good_jsonl, ti
     assert step_of(page) >= first_step  # nothing of the progress was lost with the page
     expect(progress(page)).to_have_attribute("data-state", "done", timeout=180_000)
     screenshot(page, "train")
-    expect(page.locator("#train-progress .run-steps")).to_contain_text("step 16 / 16")
-    expect(page.locator("#train-loss-caption")).to_contain_text("16 steps")
+    expect(page.locator("#train-progress .run-steps")).to_contain_text("step 10 / 10")
+    expect(page.locator("#train-loss-caption")).to_contain_text("10 steps")
     expect(page.locator("#train-loss-caption")).to_contain_text("smoothed")
+    expect(page.locator("#train-loss")).to_contain_text("smoothed")  # the legend: both curves are drawn
     expect(page.locator("#train-runs")).to_contain_text(run_id)
     metrics = [json.loads(line) for line in (console.home / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
-    assert len([m for m in metrics if "loss" in m]) == 16
+    assert len([m for m in metrics if "loss" in m]) == 10
 
 
 def test_unknown_model_run_is_failed_with_exit_code(page, console, good_jsonl):

@@ -80,6 +80,15 @@ def eval_frame(status: dict[str, Any]):
     return pd.DataFrame(rows, columns=["round", "loss", "series"]).astype({"round": "int64", "loss": "float64", "series": "str"})
 
 
+PALETTE = ["#1d4ed8", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"]
+
+
+def color_map(frame) -> dict[str, str]:
+    """A colour per series, global first. The plot needs it given: it does not pick up series added after its first draw."""
+    names = sorted(set(frame["series"]), key=lambda n: (not n.startswith("global"), n))
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+
+
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
     """`python -m appliance --home HOME ARGS...`."""
     return [sys.executable, "-m", "appliance", "--home", str(ctx.settings.home), *args]
@@ -148,7 +157,8 @@ def build(ctx: ConsoleContext) -> None:
             return problem(exc), "", [], [], eval_frame({})
         if not isinstance(status, dict):
             return problem("The coordinator's /status did not answer a JSON object."), "", [], [], eval_frame({})
-        return "", summary_markdown(status), silo_rows(status), round_rows(status), eval_frame(status)
+        frame = eval_frame(status)
+        return "", summary_markdown(status), silo_rows(status), round_rows(status), gr.LinePlot(frame, color_map=color_map(frame))
 
     @guarded(lambda msg: msg)
     def on_enrol(name: str, key: str):

@@ -156,11 +156,11 @@ def build(ctx: ConsoleContext) -> None:
             with gr.Row():
                 max_steps = gr.Number(label="Max steps", value=cfg.max_steps, precision=0, minimum=1, elem_id="train-steps")
                 lr = gr.Number(label="Learning rate", value=cfg.lr)
-                batch_size = gr.Number(label="Batch size", value=cfg.batch_size, precision=0, minimum=1)
+                batch_size = gr.Number(label="Batch size", value=cfg.batch_size, precision=0, minimum=1, elem_id="train-batch")
             with gr.Row():
                 lora_r = gr.Number(label="LoRA r", value=cfg.lora_r, precision=0, minimum=1)
                 lora_alpha = gr.Number(label="LoRA alpha", value=cfg.lora_alpha, precision=0, minimum=1)
-                max_seq_len = gr.Number(label="Max sequence length", value=cfg.max_seq_len, precision=0, minimum=16)
+                max_seq_len = gr.Number(label="Max sequence length", value=cfg.max_seq_len, precision=0, minimum=16, elem_id="train-seq")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
     gr.Markdown("### Runs")
     with gr.Row():
@@ -169,6 +169,7 @@ def build(ctx: ConsoleContext) -> None:
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(progress_html(None), elem_id="train-progress")
     plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss", height=280,
+                       color_map={"raw": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#dc2626"},
                        elem_id="train-loss")
     caption = gr.Markdown("", elem_id="train-loss-caption")
     log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, interactive=False, elem_id="train-log")
