@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from federation.demo import DemoResult, run_demo
 from federation.demo_data import generate
 from tests.factories import make_settings
@@ -21,6 +23,7 @@ def test_demo_data_is_deterministic_and_org_specific():
         assert not answers & others  # knowledge the other silos lack
 
 
+@pytest.mark.slow  # ~25 engine calls (7 fits, 18 evals): ~30 s quiet, ~100 s on a busy 2-core box
 def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     lines: list[str] = []
     result = run_demo(make_settings(tmp_path / "home"), rounds=1, local_steps=1, out_dir=tmp_path / "demo",
