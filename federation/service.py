@@ -61,6 +61,9 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str
     """Run the federation to the end (or Ctrl-C); returns the final status document."""
     from federation.coordinator import Coordinator
 
+    model_dir = settings.models_dir / settings.model
+    if not model_dir.exists():
+        raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
     publishers = [router_publisher(settings)] if settings.federation.auto_publish else []
 
     async def main() -> dict[str, Any]:
