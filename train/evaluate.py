@@ -79,11 +79,12 @@ def loss_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], 
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def generation_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 64) -> dict[str, float]:
-    """Greedy answers to each prompt, scored against the reference answer (records with one answer only)."""
+def generation_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
+                       max_examples: int = 50) -> dict[str, float]:
+    """Greedy answers to the first `max_examples` prompts, scored against their reference answers (text records skipped)."""
     import torch
 
-    pairs = [pa for r in records if (pa := datamod.prompt_and_answer(r)) is not None]
+    pairs = [pa for r in records if (pa := datamod.prompt_and_answer(r)) is not None][:max_examples]
     if not pairs:
         return {}
     em = f1 = 0.0
@@ -109,17 +110,18 @@ def evaluate_adapter(
     *,
     generate: bool = False,
     max_new_tokens: int = 64,
+    max_generate: int = 50,
 ) -> dict[str, float]:
     """Evaluate an adapter state (None = the base model) on records of any supported format.
 
     Returns:
         {"eval_loss", "perplexity", "tokens"} and, with `generate=True` on prompt/answer data,
-        {"exact_match", "token_f1", "generated"} as well.
+        {"exact_match", "token_f1", "generated"} as well (greedy, over the first `max_generate` examples).
     """
     records = datamod.load_data(data)
     tokenizer = lora.load_tokenizer(model_dir)
     model = _model(cfg, Path(model_dir), state)
     metrics = loss_metrics(model, tokenizer, records, cfg.max_seq_len, cfg.batch_size)
     if generate:
-        metrics.update(generation_metrics(model, tokenizer, records, max_new_tokens))
+        metrics.update(generation_metrics(model, tokenizer, records, max_new_tokens, max_generate))
     return metrics

@@ -81,6 +81,7 @@ def eval_(
     data: Optional[Path] = typer.Option(None, "--data", help="Eval JSONL (default: the adapter's training data)."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also score generated answers (exact match, token F1)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation budget per answer."),
+    max_generate: int = typer.Option(50, "--max-generate", help="Score generated answers of at most this many examples."),
 ) -> None:
     """Evaluate a registered adapter: loss, perplexity, and exact-match / token-F1 of generated answers."""
     with cli_errors():
@@ -94,7 +95,7 @@ def eval_(
         if source is None:
             raise typer.BadParameter("--data is required: the adapter's meta names no training data")
         m = evaluate_adapter(adapter_train_settings(settings, av), adapter_base_dir(settings, av), load_adapter_state(av.path),
-                             source, generate=generate, max_new_tokens=max_new_tokens)
+                             source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate)
         for key, value in m.items():
             console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
 

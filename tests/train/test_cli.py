@@ -53,8 +53,9 @@ def test_train_registers_then_eval_export_and_resume(cli, tiny_model_dir: Path, 
     meta = json.loads((home / "adapters" / "sums" / "1" / "meta.json").read_text())
     assert len(meta["data_sha256"]) == 64 and meta["run_id"] == run_dir.name and meta["metrics"]["steps"] == 2
 
-    evaluated = cli("--home", home, "eval", "--adapter", "sums", "--max-new-tokens", 3)
+    evaluated = cli("--home", home, "eval", "--adapter", "sums", "--max-new-tokens", 3, "--max-generate", 2)
     assert evaluated.exit_code == 0, evaluated.output
+    assert "generated: 2" in evaluated.output
     assert "eval_loss:" in evaluated.output and "exact_match:" in evaluated.output and "token_f1:" in evaluated.output
 
     out = tmp_path / "exported"
