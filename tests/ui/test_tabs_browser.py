@@ -117,6 +117,9 @@ def test_every_tab_shows_its_state(page, showcase):
     page.locator("#adapters-publish").click()
     expect(page.locator("#adapters-action")).to_contain_text("Published support-bot-v1 (alias support-bot-latest)")
     expect(table).to_contain_text("yes")  # federation-v3 is served by the fleet
+    page.locator("#adapters-export").click()
+    expect(page.locator("#adapters-download")).to_contain_text("support-bot-v1")
+    expect(page.locator("#adapters-action")).to_contain_text("Exported support-bot:1")
     screenshot(page, "tab-adapters")
     assert router.state.publish_calls[-1]["aliases"] == ["support-bot-latest"]
 

@@ -34,8 +34,8 @@ def test_adapter_views_show_lineage_and_what_is_served(tmp_path: Path):
     served = served_names([{"name": "fed-v2", "aliases": ["fed-latest"]}, "other"])
     assert served == {"fed-v2", "fed-latest", "other"}
     rows = adapter_rows([fed, trained], served)
-    assert rows[0] == ["fed:2", "fed-v2", "m", "round 2 of federation fed", "", "eval_loss=1.235", "yes"]
-    assert rows[1][3:5] == ["run r1", "ab" * 6] and rows[1][-1] == "no"
+    assert rows[0] == ["fed:2", "yes", "fed-v2", "m", "round 2 of federation fed", "", "eval_loss=1.235"]
+    assert rows[1][4:6] == ["run r1", "ab" * 6] and rows[1][1] == "no"
     assert lineage_source({}) == ""
 
 

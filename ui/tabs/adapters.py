@@ -12,7 +12,7 @@ from appliance.core.adapter_registry import AdapterVersion
 from ui.context import ConsoleContext, guarded, problem
 from ui.services import ServiceUnavailable
 
-ADAPTER_HEADERS = ["adapter", "served as", "base model", "from", "data sha256", "metrics", "published"]
+ADAPTER_HEADERS = ["adapter", "served", "served as", "base model", "from", "data sha256", "metrics"]
 
 
 def lineage_source(meta: dict[str, Any]) -> str:
@@ -33,8 +33,8 @@ def adapter_rows(versions: list[AdapterVersion], served: set[str]) -> list[list[
         metric_text = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in metrics.items()
                                 if isinstance(val, (int, float)))
         data_hash = str(m.get("data_sha256") or m.get("data_hash") or "")[:12]
-        rows.append([v.ref, v.served_name, m.get("base_model") or m.get("model") or "", lineage_source(m), data_hash,
-                     metric_text, "yes" if v.served_name in served else "no"])
+        rows.append([v.ref, "yes" if v.served_name in served else "no", v.served_name, m.get("base_model") or m.get("model") or "",
+                     lineage_source(m), data_hash, metric_text])
     return rows
 
 
@@ -69,7 +69,7 @@ def build(ctx: ConsoleContext) -> None:
         unpublish = gr.Button("Unpublish", scale=1, elem_id="adapters-unpublish")
         export = gr.Button("Export (zip)", scale=1, elem_id="adapters-export")
         refresh_btn = gr.Button("Refresh", scale=1)
-    download = gr.File(label="Download", interactive=False, height=90, elem_id="adapters-download")
+    download = gr.File(label="Download", interactive=False, visible=False, elem_id="adapters-download")
     detail = gr.Code(label="meta.json", language="json", elem_id="adapters-meta")
     action = gr.Markdown("", elem_id="adapters-action")
 
@@ -106,12 +106,12 @@ def build(ctx: ConsoleContext) -> None:
         ctx.router.unpublish(v.served_name)
         return f"Unpublished `{v.served_name}`."
 
-    @guarded(lambda msg: (None, msg))
+    @guarded(lambda msg: (gr.File(visible=False), msg))
     def on_export(ref: str | None):
         if not ref:
-            return None, problem("Pick an adapter version.")
+            return gr.File(visible=False), problem("Pick an adapter version.")
         path = zip_adapter(ctx.registry.get(ref))
-        return str(path), f"Exported `{ref}` as {path.name} (PEFT folder: adapter_config.json, adapter_model.safetensors, meta.json)."
+        return gr.File(value=str(path), visible=True), f"Exported `{ref}` as {path.name} (PEFT folder: adapter_config.json, adapter_model.safetensors, meta.json)."
 
     outputs = [status, table, pick]
     refresh_btn.click(refresh, pick, outputs)
