@@ -39,6 +39,17 @@ def test_adapter_views_show_lineage_and_what_is_served(tmp_path: Path):
     assert lineage_source({}) == ""
 
 
+def test_plots_draw_one_line_per_series_with_a_legend():
+    from ui.tabs.federation import federation_figure
+    from ui.tabs.train import loss_figure
+
+    ax = federation_figure(sample_status(now=1000.0)).axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["global", "hospital-a", "hospital-b", "clinic-c"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["global", "hospital-a", "hospital-b", "clinic-c"]
+    empty = loss_figure(None).axes[0]
+    assert not empty.get_lines() and empty.texts[0].get_text() == "No run selected"
+
+
 def test_train_views_for_a_failed_run():
     run = RunView(id="r9", state="failed", exit_code=-9, error="the training process (pid 7) is gone",
                   metrics=[{"step": 1, "total_steps": 10, "loss": 3.0}, {"step": 2, "total_steps": 10, "loss": 2.5}])

@@ -11,6 +11,7 @@ from typing import Any
 
 from ui import launcher
 from ui.context import ConsoleContext, guarded, problem
+from ui.plots import line_figure
 from ui.runs import format_duration, tail
 from ui.services import ServiceUnavailable
 
@@ -80,13 +81,11 @@ def eval_frame(status: dict[str, Any]):
     return pd.DataFrame(rows, columns=["round", "loss", "series"]).astype({"round": "int64", "loss": "float64", "series": "str"})
 
 
-PALETTE = ["#1d4ed8", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"]
-
-
-def color_map(frame) -> dict[str, str]:
-    """A colour per series, global first. The plot needs it given: it does not pick up series added after its first draw."""
-    names = sorted(set(frame["series"]), key=lambda n: (not n.startswith("global"), n))
-    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+def federation_figure(status: dict[str, Any]):
+    """Global and per-silo loss across rounds (eval loss, else train loss, labelled)."""
+    frame = eval_frame(status)
+    global_first = {n: "#111827" for n in frame["series"] if n.startswith("global")}
+    return line_figure(frame, "round", "loss", "Loss per round: global and per silo", global_first, empty_text="No rounds yet")
 
 
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
@@ -125,8 +124,7 @@ def build(ctx: ConsoleContext) -> None:
     summary = gr.Markdown("", elem_id="fed-summary")
     with gr.Row():
         silos = gr.Dataframe(headers=SILO_HEADERS, value=[], interactive=False, label="Silos", elem_id="fed-silos")
-        plot = gr.LinePlot(eval_frame({}), x="round", y="loss", color="series", title="Eval loss per round, global and per silo",
-                           height=260, elem_id="fed-plot")
+        plot = gr.Plot(federation_figure({}), label="Loss per round", elem_id="fed-plot")
     rounds = gr.Dataframe(headers=ROUND_HEADERS, value=[], interactive=False, label="Rounds", elem_id="fed-rounds")
     with gr.Row():
         with gr.Column():
@@ -154,11 +152,10 @@ def build(ctx: ConsoleContext) -> None:
         try:
             status = ctx.coordinator.request("GET", "/status")
         except ServiceUnavailable as exc:
-            return problem(exc), "", [], [], eval_frame({})
+            return problem(exc), "", [], [], federation_figure({})
         if not isinstance(status, dict):
-            return problem("The coordinator's /status did not answer a JSON object."), "", [], [], eval_frame({})
-        frame = eval_frame(status)
-        return "", summary_markdown(status), silo_rows(status), round_rows(status), gr.LinePlot(frame, color_map=color_map(frame))
+            return problem("The coordinator's /status did not answer a JSON object."), "", [], [], federation_figure({})
+        return "", summary_markdown(status), silo_rows(status), round_rows(status), federation_figure(status)
 
     @guarded(lambda msg: msg)
     def on_enrol(name: str, key: str):

@@ -17,6 +17,7 @@ from typing import Any
 from appliance.core.errors import DataError
 from ui import launcher
 from ui.context import ConsoleContext, guarded, problem
+from ui.plots import line_figure
 from ui.runs import RunView, format_duration, list_runs, resume_command, smooth, tail, train_command
 
 STATE_COLOURS = {"running": "#2563eb", "starting": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}
@@ -95,7 +96,7 @@ def progress_html(run: RunView | None) -> str:
 
 
 def loss_frame(run: RunView | None):
-    """A long-format table (step, loss, series) of raw and smoothed loss, plus eval loss, for `gr.LinePlot`."""
+    """A long-format table (step, loss, series) of raw and smoothed loss, plus eval loss."""
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
@@ -109,6 +110,15 @@ def loss_frame(run: RunView | None):
                  for m in run.metrics if "eval_loss" in m and "step" in m]
     # Typed columns even when empty: the plot takes its axis types (quantitative, not nominal) from them.
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64", "series": "str"})
+
+
+LOSS_COLOURS = {"raw": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#dc2626"}
+
+
+def loss_figure(run: RunView | None):
+    """The loss plot of a run: raw and smoothed training loss, and eval loss where there is one."""
+    return line_figure(loss_frame(run), "step", "loss", "Training loss (raw and smoothed)", LOSS_COLOURS,
+                       empty_text="No loss yet" if run is not None else "No run selected")
 
 
 def loss_caption(run: RunView | None) -> str:
@@ -168,9 +178,7 @@ def build(ctx: ConsoleContext) -> None:
         stop = gr.Button("Stop", scale=1, elem_id="train-stop")
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(progress_html(None), elem_id="train-progress")
-    plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss", height=280,
-                       color_map={"raw": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#dc2626"},
-                       elem_id="train-loss")
+    plot = gr.Plot(loss_figure(None), label="Training loss", elem_id="train-loss")
     caption = gr.Markdown("", elem_id="train-loss-caption")
     log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, interactive=False, elem_id="train-log")
     table = gr.Dataframe(headers=RUN_HEADERS, value=[], interactive=False, label="All runs", elem_id="train-runs")
@@ -213,13 +221,13 @@ def build(ctx: ConsoleContext) -> None:
             return next((r for r in runs if r.launch_id == launch_id), None)
         return next((r for r in runs if r.id == run_id), runs[0] if runs else None)
 
-    @guarded(lambda msg: (gr.Dropdown(), progress_html(None), loss_frame(None), "", "", [], msg))
+    @guarded(lambda msg: (gr.Dropdown(), progress_html(None), loss_figure(None), "", "", [], msg))
     def refresh(run_id: str | None):
         runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
         run = find(runs, run_id)
         choices = [r.id for r in runs]
         log_text = tail(run.log_path, 25) if run else ""
-        return (gr.Dropdown(choices=choices, value=run.id if run else None), progress_html(run), loss_frame(run),
+        return (gr.Dropdown(choices=choices, value=run.id if run else None), progress_html(run), loss_figure(run),
                 loss_caption(run), log_text, runs_table(runs), "")
 
     @guarded(lambda msg: msg)
