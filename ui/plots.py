@@ -11,16 +11,18 @@ from typing import Any
 PALETTE = ["#1d4ed8", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"]
 
 
-def line_figure(frame: Any, x: str, y: str, title: str, colors: dict[str, str] | None = None, *, empty_text: str = "No data yet") -> Any:
+def line_figure(frame: Any, x: str, y: str, title: str, colors: dict[str, str] | None = None, *, empty_text: str = "No data yet",
+                size_in: tuple[float, float] = (10.0, 3.0)) -> Any:
     """A figure with one line per `series` of `frame` (pandas DataFrame with columns x, y, series).
 
     Args:
         colors: fixed colours for known series; other series take the palette in order.
+        size_in: figure width and height in inches (100 dpi).
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 3.0), dpi=100, layout="constrained")
+    fig = Figure(figsize=size_in, dpi=100, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(x)

@@ -85,7 +85,8 @@ def federation_figure(status: dict[str, Any]):
     """Global and per-silo loss across rounds (eval loss, else train loss, labelled)."""
     frame = eval_frame(status)
     global_first = {n: "#111827" for n in frame["series"] if n.startswith("global")}
-    return line_figure(frame, "round", "loss", "Loss per round: global and per silo", global_first, empty_text="No rounds yet")
+    return line_figure(frame, "round", "loss", "Loss per round: global and per silo", global_first, empty_text="No rounds yet",
+                       size_in=(6.0, 3.2))
 
 
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
@@ -124,7 +125,7 @@ def build(ctx: ConsoleContext) -> None:
     summary = gr.Markdown("", elem_id="fed-summary")
     with gr.Row():
         silos = gr.Dataframe(headers=SILO_HEADERS, value=[], interactive=False, label="Silos", elem_id="fed-silos")
-        plot = gr.Plot(federation_figure({}), label="Loss per round", elem_id="fed-plot")
+        plot = gr.Plot(federation_figure({}), show_label=False, elem_id="fed-plot")
     rounds = gr.Dataframe(headers=ROUND_HEADERS, value=[], interactive=False, label="Rounds", elem_id="fed-rounds")
     with gr.Row():
         with gr.Column():

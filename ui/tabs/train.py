@@ -178,7 +178,7 @@ def build(ctx: ConsoleContext) -> None:
         stop = gr.Button("Stop", scale=1, elem_id="train-stop")
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(progress_html(None), elem_id="train-progress")
-    plot = gr.Plot(loss_figure(None), label="Training loss", elem_id="train-loss")
+    plot = gr.Plot(loss_figure(None), show_label=False, elem_id="train-loss")
     caption = gr.Markdown("", elem_id="train-loss-caption")
     log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, interactive=False, elem_id="train-log")
     table = gr.Dataframe(headers=RUN_HEADERS, value=[], interactive=False, label="All runs", elem_id="train-runs")
