@@ -28,6 +28,7 @@ from typing import Any
 
 from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.processes import pid_alive
 from serve.worker_launcher import http_ok, log_tail, start_process_group, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -313,23 +314,6 @@ def read_state(state_path: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):
         return None
     return state if pid_alive(int(state.get("pid", 0))) else None
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (and is not a zombie we could reap)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
 
 
 def child_health(state: dict[str, Any]) -> list[dict[str, Any]]:

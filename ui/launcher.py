@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.atomic import write_json_atomic
+from appliance.core.processes import pid_alive
 
 
 def launches_dir(home: Path) -> Path:
@@ -72,23 +73,6 @@ def list_records(home: Path, kind: str | None = None) -> list[dict[str, Any]]:
         return []
     records = [read_record(p) for p in sorted(d.glob("*.json"), reverse=True)]
     return [r for r in records if r and (kind is None or r.get("kind") == kind)]
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists (and is not a zombie)."""
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def stop(home: Path, launch_id: str, sig: int = signal.SIGTERM) -> bool:
