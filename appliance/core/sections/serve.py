@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
+
+from appliance.core.sections.base import Section
 
 
-class WorkerSpec(BaseModel):
+class WorkerSpec(Section):
     """A worker named in settings (as opposed to one that registers itself)."""
 
     url: str = Field(..., description="Base URL of the worker's OpenAI server, e.g. http://127.0.0.1:8100.")
@@ -13,10 +15,9 @@ class WorkerSpec(BaseModel):
     models: list[str] = Field(default_factory=list, description="Models it serves; empty = ask its /v1/models.")
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     """How a local vLLM worker is launched (`appliance worker start`, `appliance up`)."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
 
     count: int = Field(1, ge=0, description="Local workers `appliance up` starts.")
     base_port: int = Field(8100, ge=1, le=65535, description="Port of the first local worker; the next ones count up.")
@@ -32,7 +33,7 @@ class WorkerSettings(BaseModel):
     extra_args: list[str] = Field(default_factory=list, description="Extra arguments passed to vLLM's api_server.")
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(Section):
     """The router: where it listens, who may call it, and how it picks workers."""
 
     host: str = Field("127.0.0.1", description="Router bind address; beyond 127.0.0.1 API keys are required.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from appliance.core.sections.base import Section
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(Section):
     """LoRA and optimisation defaults; every `appliance train` flag overrides one of these."""
 
     lora_r: int = Field(8, ge=1, description="LoRA rank r.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
+
+from appliance.core.sections.base import Section
 
 
-class UISettings(BaseModel):
+class UISettings(Section):
     """Where the console listens, how it logs people in, and where it finds the services it fronts."""
 
     host: str = Field("127.0.0.1", description="Console bind address; beyond 127.0.0.1 a login is required.")
