@@ -118,8 +118,8 @@ def demo_federation(
 
     with cli_errors():
         settings = settings_from(ctx)
-        result = run_demo(settings, rounds=rounds, local_steps=local_steps, out_dir=out, echo=console.print)
-        console.print(result.table(), highlight=False)
+        result = run_demo(settings, rounds=rounds, local_steps=local_steps, out_dir=out, echo=typer.echo)
+        typer.echo(result.table())  # plain echo: the table must not be re-wrapped to the terminal width
 
 
 def register(app: typer.Typer) -> None:
