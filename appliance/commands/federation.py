@@ -44,7 +44,7 @@ def status(ctx: typer.Context, url: Optional[str] = typer.Option(None, "--url", 
 
     with cli_errors():
         settings = settings_from(ctx)
-        console.print(format_status(fetch_status(url or f"http://127.0.0.1:{settings.federation.status_port}/status")), highlight=False)
+        typer.echo(format_status(fetch_status(url or f"http://127.0.0.1:{settings.federation.status_port}/status")))
 
 
 @coordinator_app.command("start")
