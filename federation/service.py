@@ -44,7 +44,7 @@ def router_publisher(settings: "ApplianceSettings") -> Any:
     from federation.publish import RouterPublisher
 
     token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
-    return RouterPublisher(f"http://127.0.0.1:{settings.serve.port}", token, max_attempts=5)
+    return RouterPublisher(f"http://127.0.0.1:{settings.serve.port}", token, max_attempts=0)  # retry until a newer round supersedes it
 
 
 async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
+
+from appliance.core.sections.base import Section
 
 
-class FederationSettings(BaseModel):
+class FederationSettings(Section):
     """Coordinator and silo defaults; `appliance coordinator start` / `appliance silo join` flags override them."""
 
     bind_host: str = Field("127.0.0.1", description="Interface the coordinator's ZeroMQ ROUTER binds to.")
