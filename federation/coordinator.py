@@ -25,7 +25,8 @@ from appliance.core.errors import ProtocolError, RoundFailed
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from federation.keys import enrolled_silos, load_keypair
-from federation.protocol import Bye, ErrorInfo, Header, MsgType, TrainTask, UpdateResult, Welcome, make_header
+from federation.protocol import (Bye, ErrorInfo, Header, MsgType, SecAggStep, TrainTask, UpdateResult, Welcome,
+                                 make_header)
 from federation.transport import Incoming, ServerTransport
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class RoundState:
     bytes_in: int = 0
     bytes_out: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
 
 
 class Coordinator:
@@ -104,6 +106,11 @@ class Coordinator:
         self.status_url: str | None = None
         self.address: str | None = None
         self._registry = AdapterRegistry(settings.adapters_dir)
+        self.secure_inputs: dict[int, dict[str, bytes]] = {}  # round -> silo -> masked vector received (audit, tests)
+        if self.cfg.secure_aggregation:
+            from federation.secure_round import check_strategy
+
+            check_strategy(strategy, self.cfg)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
@@ -215,6 +222,8 @@ class Coordinator:
             silo.busy = bool(header.body.get("busy", False))
         elif header.type == MsgType.UPDATE:
             await self._on_update(silo, header, msg.frames)
+        elif header.type == MsgType.SECAGG:
+            await self._on_secagg(silo, header, msg.frames)
         elif header.type == MsgType.BYE:
             silo.last_seen = 0.0
             logger.info("silo %s left: %s", silo_id, header.body.get("reason", ""))
@@ -231,7 +240,8 @@ class Coordinator:
         await self._send(silo.peer, make_header(MsgType.WELCOME, welcome, run=self.cfg.run_name, round_id=self.round, silo_id=silo.id))
         logger.info("silo %s is online", silo.id)
         rs = self.current
-        if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline:
+        if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline \
+                and (rs.secure is None or rs.secure.step == "advertise"):
             rs.selected.add(silo.id)  # a silo that (re)connects mid-round picks up the current round
             await self._send_train(rs, silo)
 
@@ -255,6 +265,43 @@ class Coordinator:
         silo.examples += body.num_examples
         rs.changed.set()
         logger.info("round %d: accepted the update of %s (%d examples, %d bytes)", rs.round_id, silo.id, body.num_examples, size)
+
+    async def _on_secagg(self, silo: SiloInfo, header: Header, frames: list[bytes]) -> None:
+        rs = self.current
+        if rs is None or rs.secure is None or header.round_id != rs.round_id:
+            await self._error(silo.peer, "stale_round", f"secure-aggregation message for round {header.round_id}, "
+                              f"no secure round {header.round_id} is running", header.round_id)
+            return
+        size = sum(len(f) for f in frames)
+        rs.bytes_in += size
+        try:
+            rs.secure.handle(silo.id, header, wire.decode_payload(header, frames), size)
+        except ProtocolError as exc:
+            rs.rejected[silo.id] = f"secagg: {exc}"
+            rs.changed.set()
+            await self._error(silo.peer, "secagg", str(exc), header.round_id)
+
+    async def _send_secagg(self, rs: RoundState, silo_id: str, step: str, data: dict[str, Any]) -> bool:
+        header = make_header(MsgType.SECAGG, SecAggStep(step=step, data=data), run=self.cfg.run_name,
+                             round_id=rs.round_id, silo_id=silo_id)
+        sent = await self._send(self.silos[silo_id].peer, header)
+        rs.bytes_out += sent
+        return bool(sent)
+
+    async def _run_secure(self, rs: RoundState) -> None:
+        """Steps 1-5 of a secure round; the survivors' mean goes into the strategy's accumulator."""
+        def alive(sid: str) -> bool:
+            return time.time() - self.silos[sid].last_seen <= self.cfg.silo_timeout_s
+
+        mean, survivors = await rs.secure.run(lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive)
+        self.secure_inputs[rs.round_id] = dict(rs.secure.received)
+        for sid, info in sorted(survivors.items()):
+            # The secure mean once per survivor, weighted by its examples: the weighted mean is the secure mean, and
+            # the accumulator's count and example total are those of the plain path.
+            rs.acc.add(sid, mean, info["num_examples"])
+            rs.answered[sid] = info
+            self.silos[sid].rounds += 1
+            self.silos[sid].examples += info["num_examples"]
 
     def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> tuple[str, str] | None:
         """Validate an UPDATE and add it to the accumulator; returns (code, message) when it is refused."""
@@ -343,10 +390,16 @@ class Coordinator:
         method = codec.downlink_method(self.cfg.compression)
         tensors, meta = codec.encode(rs.global_state, method)
         dp_silo = self.cfg.dp_mode == "silo"
+        secure = None
+        if rs.secure is not None:
+            from federation.secure_round import config_body
+
+            secure = config_body(rs.secure.config)
         task = TrainTask(local_steps=self.cfg.local_steps, config=self.strategy.plan_round(rs.round_id),
                          compression=self.cfg.compression, encoding=meta, deadline_unix=rs.deadline,
                          dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
-                         dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0)
+                         dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,
+                         secure_aggregation=secure)
         header = make_header(MsgType.TRAIN, task, run=self.cfg.run_name, round_id=rs.round_id, silo_id=silo.id)
         sent = await self._send(silo.peer, header, tensors)
         rs.bytes_out += sent
@@ -358,11 +411,20 @@ class Coordinator:
         now = time.time()
         rs = RoundState(round_id, set(selected), self.strategy.start_round(round_id, self.global_state), self.global_state,
                         deadline=now + self.cfg.round_deadline_s, started=now)
+        if self.cfg.secure_aggregation:
+            from federation.secure_round import SecureRound, round_config
+
+            rs.secure = SecureRound(round_config(self.cfg, round_id, len(selected)), self.global_state, rs, self.cfg.min_silos)
         self.current, self.phase = rs, "training"
-        logger.info("round %d: TRAIN to %s", round_id, ", ".join(selected))
+        logger.info("round %d: TRAIN to %s%s", round_id, ", ".join(selected), " (secure aggregation)" if rs.secure else "")
         for sid in selected:
             await self._send_train(rs, self.silos[sid])
-        while True:
+        if rs.secure is not None:
+            try:
+                await self._run_secure(rs)
+            finally:
+                self.current = None
+        while rs.secure is None:
             pending = rs.selected - rs.answered.keys() - rs.rejected.keys()
             alive = [s for s in pending if time.time() - self.silos[s].last_seen <= self.cfg.silo_timeout_s]
             if not pending or not alive or time.time() >= rs.deadline:
@@ -408,7 +470,8 @@ class Coordinator:
                 "metrics": metrics, "per_silo": {s: a["metrics"] for s, a in rs.answered.items()},
                 "rejected": rs.rejected, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out, "duration_s": duration,
                 "train_s_max": train_s, "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
-                "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.strategy.name, "adapter": None, "time": time.time()}
+                "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.strategy.name, "adapter": None, "time": time.time(),
+                "secure_aggregation": rs.secure is not None}
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)

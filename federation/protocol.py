@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -31,6 +31,7 @@ class MsgType(str, Enum):
     HEARTBEAT = "HEARTBEAT"  # both ways: liveness
     ERROR = "ERROR"  # both ways: what was wrong with a message
     BYE = "BYE"  # both ways: leaving
+    SECAGG = "SECAGG"  # both ways: one step of a secure-aggregation round (see SecAggStep)
 
 
 class TensorSpec(BaseModel):
@@ -82,6 +83,9 @@ class TrainTask(BaseModel):
     dp_clip_norm: float | None = Field(None, description="Set when the silo must clip (and noise) its update.")
     dp_noise_multiplier: float = 0.0
     deadline_unix: float = 0.0
+    secure_aggregation: dict[str, Any] | None = Field(
+        None, description="Set for a secure round: SecAggConfig fields {threshold, clip_range, bits, context}; the silo "
+                          "answers with SECAGG steps instead of an UPDATE.")
 
 
 class UpdateResult(BaseModel):
@@ -118,6 +122,21 @@ class Bye(BaseModel):
     reason: str = ""
 
 
+class SecAggStep(BaseModel):
+    """SECAGG body: one step of a secure round (federation/secure_round.py), JSON only.
+
+    silo -> coordinator: `advertise` {c_pk, s_pk, num_examples, metrics, train_s}, `share_keys` {ciphertexts},
+    `masked` {} with the masked vector as the payload (one tensor `masked`, int32 or int64 holding the uint32/uint64
+    words), `unmask` {shares}. coordinator -> silo: `roster` {roster, total_examples}, `shares` {ciphertexts},
+    `survivors` {survivors}.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: Literal["advertise", "roster", "share_keys", "shares", "masked", "survivors", "unmask"]
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 BODY_TYPES: dict[MsgType, type[BaseModel]] = {
     MsgType.HELLO: Hello,
     MsgType.WELCOME: Welcome,
@@ -127,6 +146,7 @@ BODY_TYPES: dict[MsgType, type[BaseModel]] = {
     MsgType.HEARTBEAT: Heartbeat,
     MsgType.ERROR: ErrorInfo,
     MsgType.BYE: Bye,
+    MsgType.SECAGG: SecAggStep,
 }
 
 

@@ -22,7 +22,8 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
     """The configured strategy, wrapped for differential privacy when `dp_mode` asks for it.
 
     Raises:
-        ConfigError: unknown strategy or parameters, or central DP over a non-mean strategy.
+        ConfigError: unknown strategy or parameters, central DP over a non-mean strategy, or secure aggregation with
+            a strategy that needs the individual updates (robust strategies, per-update clipping, central DP).
     """
     from federation import privacy
     from federation.strategies import make_strategy
@@ -35,6 +36,10 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
             strategy = privacy.SiloDPAccounting(strategy, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
     except ValueError as exc:
         raise ConfigError(f"federation strategy: {exc}") from exc
+    if cfg.secure_aggregation:
+        from federation.secure_round import check_strategy
+
+        check_strategy(strategy, cfg)
     return strategy
 
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 from appliance.core.errors import ConfigError, ProtocolError
 from federation import codec, wire
 from federation.keys import load_keypair
-from federation.protocol import Bye, ErrorInfo, Heartbeat, Hello, MsgType, TrainTask, UpdateResult, make_header
+from federation.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
+                                 make_header)
 from federation.transport import ClientTransport
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class SiloClient:
         self.welcomed = asyncio.Event()
         self.finished = asyncio.Event()
         self.sent_frames: list[list[bytes]] = []  # the last UPDATE's frames, for inspection (tests, audits)
+        self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
+        self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
 
     @property
     def address(self) -> str:
@@ -179,6 +182,8 @@ class SiloClient:
             logger.info("coordinator said BYE: %s", header.body.get("reason", ""))
             if header.body.get("reason") == "done":
                 self.finished.set()
+        elif header.type == MsgType.SECAGG:
+            await self._secagg(header, frames)
         elif header.type == MsgType.HEARTBEAT:
             pass
 
@@ -200,12 +205,74 @@ class SiloClient:
         train_s = time.monotonic() - started
         if task.dp_clip_norm is not None:
             delta = _privatise(delta, task.dp_clip_norm, task.dp_noise_multiplier)
+        if task.secure_aggregation is not None:
+            await self._secure_advertise(header, task, num_examples, metrics, delta, train_s)
+            return
         tensors, meta = codec.encode(delta, task.compression, state=self._ef_state)
         body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=meta, train_s=train_s)
         self.sent_frames = await self._send(make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id,
                                                         silo_id=self.silo_id), tensors)
         self.rounds_done.append(header.round_id)
         logger.info("silo %s: round %d update sent (%d examples, %.1f s training)", self.silo_id, header.round_id, num_examples, train_s)
+
+    # ------------------------------------------------------------------ secure aggregation (federation/secure_round.py)
+    async def _secure_advertise(self, header, task: TrainTask, num_examples: int, metrics: dict[str, Any],
+                                delta: StateDict, train_s: float) -> None:
+        """After training in a secure round: keep the delta here and advertise this round's public keys."""
+        from federation.secagg import SecAggClient, SecAggConfig
+
+        silo_id = header.silo_id or self.silo_id  # the name the coordinator knows this silo by
+        client = SecAggClient(silo_id, SecAggConfig(**task.secure_aggregation))
+        self._secure = {header.round_id: {"client": client, "delta": delta, "num_examples": num_examples,
+                                          "run": header.run, "silo_id": silo_id}}  # older rounds are abandoned
+        data = {**client.advertise(), "num_examples": num_examples, "metrics": _scalars(metrics), "train_s": train_s}
+        data.pop("silo_id", None)
+        await self._send_step(header.round_id, "advertise", data)
+        logger.info("silo %s: round %d trained (%d examples), secure aggregation keys sent", self.silo_id,
+                    header.round_id, num_examples)
+
+    async def _send_step(self, round_id: int, step: str, data: dict[str, Any], tensors: StateDict | None = None) -> None:
+        st = self._secure[round_id]
+        await self._send(make_header(MsgType.SECAGG, SecAggStep(step=step, data=data), run=st["run"], round_id=round_id,
+                                     silo_id=st["silo_id"]), tensors)
+
+    async def _secagg(self, header, frames: list[bytes]) -> None:
+        """One coordinator step of a secure round: roster -> share_keys, shares -> masked, survivors -> unmask."""
+        body = SecAggStep.model_validate(header.body)
+        st = self._secure.get(header.round_id)
+        if st is None:
+            logger.warning("silo %s: secure-aggregation step %s for round %d, which this silo is not in", self.silo_id,
+                           body.step, header.round_id)
+            return
+        try:
+            await self._secagg_step(header.round_id, st, body)
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            logger.error("silo %s: secure aggregation step %s of round %d failed: %s", self.silo_id, body.step,
+                         header.round_id, exc)
+            self._secure.pop(header.round_id, None)
+            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="secagg_failed", message=f"{type(exc).__name__}: {exc}"),
+                                         run=header.run, round_id=header.round_id, silo_id=self.silo_id))
+
+    async def _secagg_step(self, round_id: int, st: dict[str, Any], body: SecAggStep) -> None:
+        client = st["client"]
+        if body.step == "roster":
+            # Pre-scale by the example weight n_u / N: the unmasked sum is then the weighted mean (see secure_round).
+            weight = st["num_examples"] / int(body.data["total_examples"])
+            st["delta"] = {k: v * weight for k, v in st["delta"].items()}
+            await self._send_step(round_id, "share_keys", {"ciphertexts": client.share_keys(body.data["roster"])})
+        elif body.step == "shares":
+            from federation.secure_round import masked_tensor
+
+            masked = await asyncio.to_thread(client.mask, body.data["ciphertexts"], st["delta"])
+            self.secure_masked_update = st["delta"]
+            await self._send_step(round_id, "masked", {}, {"masked": masked_tensor(masked, client.config.bits)})
+        elif body.step == "survivors":
+            await self._send_step(round_id, "unmask", {"shares": client.unmask(body.data["survivors"])})
+            self._secure.pop(round_id, None)
+            self.rounds_done.append(round_id)
+            logger.info("silo %s: round %d secure aggregation done", self.silo_id, round_id)
+        else:
+            raise ProtocolError(f"a silo does not handle the secure-aggregation step {body.step!r}")
 
     def _fit(self, global_state: StateDict, task: TrainTask) -> tuple[int, dict[str, float], StateDict]:
         self.trainer.set_state({k: v.clone() for k, v in global_state.items()})

@@ -61,6 +61,9 @@ def start(
     compression: Optional[str] = typer.Option(None, "--compression", help="fp32 | bf16 | int8 | topk"),
     dp: Optional[str] = typer.Option(None, "--dp", help="off | central | silo"),
     plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
+                                            help="Pairwise-masked secure aggregation: the coordinator learns only the sum "
+                                                 "(fedavg fedprox fedavgm fedadam fedyogi only)."),
 ) -> None:
     """Run the federation until its last round (Ctrl-C stops it; a restart resumes from the last checkpoint)."""
     from federation.service import run_coordinator
@@ -69,7 +72,8 @@ def start(
         settings = settings_from(ctx, {"federation": {
             "rounds": rounds, "strategy": strategy, "min_silos": min_silos, "round_deadline_s": round_deadline,
             "local_steps": local_steps, "port": port, "bind_host": host, "run_name": run_name,
-            "compression": compression, "dp_mode": dp, "plaintext": plaintext or None}})
+            "compression": compression, "dp_mode": dp, "plaintext": plaintext or None,
+            "secure_aggregation": secure_aggregation or None}})
         final = run_coordinator(settings, on_ready=lambda c: console.print(
             f"coordinator at {c.address}, status at {c.status_url}", highlight=False))
         console.print(f"run {final['run']}: {final['phase']} after {final['completed_rounds']} round(s)", highlight=False)

@@ -34,6 +34,9 @@ class FederationSettings(Section):
     dp_clip_norm: float = Field(1.0, gt=0, description="L2 clip bound C of each update under DP.")
     dp_noise_multiplier: float = Field(0.0, ge=0, description="Gaussian noise multiplier z (std = z * C).")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="Delta for the reported epsilon.")
+    secure_aggregation: bool = Field(False, description="Secure aggregation (pairwise masks): the coordinator sees only masked updates and learns only their sum; mean-based strategies only.")
+    secagg_threshold: int | None = Field(None, ge=2, description="Secure aggregation: silos needed to unmask (None = a majority of the round's silos, at least 2).")
+    secagg_clip_range: float = Field(1.0, gt=0, description="Secure aggregation: each update coordinate is clamped to +-this before quantisation.")
     auto_publish: bool = Field(True, description="Publish each round's global adapter to the router as soon as it is checkpointed.")
     # silo side
     coordinator: str | None = Field(None, description="Silo: coordinator endpoint, e.g. tcp://host:5555.")
