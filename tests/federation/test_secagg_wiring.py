@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from appliance.core.errors import ConfigError
 from federation import secagg
@@ -139,10 +138,10 @@ def test_secure_aggregation_refuses_strategies_that_need_individual_updates(tmp_
     settings = fed_settings(tmp_path, plaintext=True, secure_aggregation=True, **fed)
     with pytest.raises(ConfigError, match="secure aggregation"):
         build_strategy(settings.federation)
+    # The coordinator refuses it too, whoever built the strategy.
+    plain_strategy = build_strategy(fed_settings(tmp_path / "p", plaintext=True, **fed).federation)
     with pytest.raises(ConfigError, match="secure aggregation"):
-        Coordinator(settings, make_strategy(fed["strategy"]) if "dp_mode" not in fed and "strategy_params" not in fed
-                    else build_strategy(fed_settings(tmp_path / "p", plaintext=True, **fed).federation),
-                    initial_state=initial_state(), exporter=False)
+        Coordinator(settings, plain_strategy, initial_state=initial_state(), exporter=False)
 
 
 async def test_secure_rounds_over_curve_with_enrolled_names_and_a_server_optimiser(curve_homes):
