@@ -56,6 +56,9 @@ class TrainingFailed(ApplianceError):
 # ---------------------------------------------------------------- distributed setup
 
 
+_SELF_ASSIGNED = "APPLIANCE_SINGLE_PROCESS_DIST"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,11 +76,13 @@ def init_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # A process that set these variables for itself passes them on to every child it starts (an `appliance train`
+    # subprocess, a console, a test's CLI run); a child must not reuse the parent's MASTER_PORT, which the parent's
+    # store still holds. The marker tells a self-assigned setup from one made by the `deepspeed` launcher.
+    if "MASTER_PORT" not in os.environ or os.environ.get(_SELF_ASSIGNED) == "1":
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ[_SELF_ASSIGNED] = "1"
     if _use_cuda():
         import torch
 
