@@ -269,7 +269,33 @@ class RDPAccountant:
 # --------------------------------------------------------------------------------------------------------------
 # Central DP wrapper strategy
 # --------------------------------------------------------------------------------------------------------------
-class CentralDP:
+class _AccountedWrapper:
+    """What both DP wrappers share: epsilon so far, and checkpoints of the inner strategy plus the accountant."""
+
+    inner: Any
+    accountant: "RDPAccountant"
+    delta: float
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at `delta` (default: the configured one)."""
+        return self.accountant.get_epsilon(self.delta if delta is None else delta)
+
+    def state_dict(self) -> StateDict:
+        """Inner state under `inner.`, accountant under `dp.`."""
+        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
+        state.update({f"dp.{k}": v for k, v in self.accountant.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore what `state_dict` returned."""
+        inner: dict[str, Any] = {k[6:]: v for k, v in state.items() if k.startswith("inner.")}
+        dp = {k[3:]: v for k, v in state.items() if k.startswith("dp.")}
+        self.inner.load_state_dict(inner)
+        if dp:
+            self.accountant.load_state_dict(dp)
+
+
+class CentralDP(_AccountedWrapper):
     """Wraps a mean-based strategy (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi) with central client-level DP.
 
     Each update is clipped to `clip_norm` and counted with weight 1 (so one silo moves the mean by at most
@@ -343,26 +369,8 @@ class CentralDP:
                     round_id, self.noise_multiplier * self.clip_norm / n, n, self.epsilon(), self.delta)
         return self.inner.apply_delta(round_id, global_state, noisy)
 
-    def epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at `delta` (default: the configured one)."""
-        return self.accountant.get_epsilon(self.delta if delta is None else delta)
 
-    def state_dict(self) -> StateDict:
-        """Inner state under `inner.`, accountant under `dp.`."""
-        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
-        state.update({f"dp.{k}": v for k, v in self.accountant.state_dict().items()})
-        return state
-
-    def load_state_dict(self, state: StateDict) -> None:
-        """Restore what `state_dict` returned."""
-        inner: dict[str, Any] = {k[6:]: v for k, v in state.items() if k.startswith("inner.")}
-        dp = {k[3:]: v for k, v in state.items() if k.startswith("dp.")}
-        self.inner.load_state_dict(inner)
-        if dp:
-            self.accountant.load_state_dict(dp)
-
-
-class SiloDPAccounting:
+class SiloDPAccounting(_AccountedWrapper):
     """Wraps any strategy when the silos add the noise themselves (`privatize_update`): accounts, changes nothing.
 
     Each round that produces a new global state is recorded as one Gaussian mechanism with multiplier `z`
@@ -392,23 +400,6 @@ class SiloDPAccounting:
         if new_state is not None:
             self.accountant.step(self.noise_multiplier, 1.0)
         return new_state
-
-    def epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at `delta` (default: the configured one)."""
-        return self.accountant.get_epsilon(self.delta if delta is None else delta)
-
-    def state_dict(self) -> StateDict:
-        """Inner state under `inner.`, accountant under `dp.`."""
-        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
-        state.update({f"dp.{k}": v for k, v in self.accountant.state_dict().items()})
-        return state
-
-    def load_state_dict(self, state: StateDict) -> None:
-        """Restore what `state_dict` returned."""
-        self.inner.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("inner.")})
-        dp = {k[3:]: v for k, v in state.items() if k.startswith("dp.")}
-        if dp:
-            self.accountant.load_state_dict(dp)
 
 
 def strategy_from_settings(cfg: Any) -> Any:
