@@ -14,7 +14,8 @@ names): `fail_next` (the next N completion requests answer `fail_status`, defaul
 answering), `chunk_delay_s` (sleep between stream chunks), `break_after_chunks` (a stream stops after K chunks
 without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `die_after` (the process exits
 after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400). `GET /fake/requests` lists what was received
-(path, model, headers named `x-*`/`authorization` presence), for assertions.
+(path, model, headers named `x-*`/`authorization` presence), for assertions; a completion whose client disconnected
+during its `delay_s` is abandoned, as vLLM aborts it, and its entry gets `"cancelled": true`.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class FakeBackend:
             return
         body = await _read_body(receive)
         if path in ("/v1/chat/completions", "/v1/completions"):
-            await self._complete(scope, path, body, send)
+            await self._complete(scope, path, body, receive, send)
         elif path == "/v1/load_lora_adapter":
             await self._load(body, send)
         elif path == "/v1/unload_lora_adapter":
@@ -150,7 +151,7 @@ class FakeBackend:
             return
         await self._send(send, 200, f"Success: LoRA adapter '{req['lora_name']}' removed successfully.".encode(), b"text/plain")
 
-    async def _complete(self, scope: Scope, path: str, body: bytes, send: Send) -> None:
+    async def _complete(self, scope: Scope, path: str, body: bytes, receive: Receive, send: Send) -> None:
         try:
             req = json.loads(body)
         except ValueError:
@@ -158,14 +159,17 @@ class FakeBackend:
             return
         model = req.get("model")
         headers = {k.decode(): v.decode() for k, v in scope.get("headers", []) if k.startswith(b"x-")}
-        self.requests.append({"path": path, "model": model, "stream": bool(req.get("stream")), "headers": headers})
+        entry: dict[str, Any] = {"path": path, "model": model, "stream": bool(req.get("stream")), "headers": headers}
+        self.requests.append(entry)
         if self.die_after is not None:
             self.die_after -= 1
             if self.die_after < 0:
                 logger.warning("fake backend %s dying as asked", self.name)
                 os._exit(1)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        if self.delay_s and await _client_left_within(receive, self.delay_s):
+            entry["cancelled"] = True
+            logger.info("fake backend %s: the client left during the delay; request abandoned", self.name)
+            return
         if self.fail_next > 0:
             self.fail_next -= 1
             await self._send_json(send, self.fail_status, _error("injected failure", "InternalServerError", self.fail_status))
@@ -229,6 +233,21 @@ async def _read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+async def _client_left_within(receive: Receive, seconds: float) -> bool:
+    """Wait `seconds`, or less if the client disconnects first; returns whether it did."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({watch}, timeout=seconds)
+    finally:
+        watch.cancel()
+    return bool(done)
 
 
 def create_fake_app(model: str = "fake", **options: Any) -> FakeBackend:

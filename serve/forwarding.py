@@ -5,9 +5,14 @@ It is raw ASGI (no framework layers): `Forwarder.handle(scope, receive, send, pa
 
 Retries happen only before the client has seen a byte: connection errors, timeouts and 5xx answers move on to the
 next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
-a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line. A client
-that disconnects mid-stream stops the relay and closes the upstream connection, so the worker aborts the
-request. Prompts and keys are never logged.
+a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line.
+
+A client that disconnects aborts the upstream request, streamed or not: once the body is read, one task waits on
+`receive()` (which returns only `http.disconnect` from then on). Until the answer starts, its completion cancels
+the request's own task, which closes the upstream connection (the worker aborts the generation) wherever the
+request is waiting: the worker's headers, a non-streamed body, a retry's backoff. During a stream the relay checks
+it between chunks. Either way it counts in `router_client_aborts_total` and in `router_requests_total` with status
+499, and logs one line without the prompt. Prompts and keys are never logged.
 """
 
 from __future__ import annotations
@@ -52,6 +57,50 @@ DEFAULT_TOKEN_CHARGE = 256  # tokens charged up front to a tpm-limited key when 
 _UPSTREAM_HEADERS = {"content-type": "application/json"}
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class ClientWatch:
+    """Watches one request's client for a disconnect once its body has been read.
+
+    While armed, a disconnect cancels the task that created the watch (the request's own task), so whatever the
+    request awaits upstream is abandoned and its connection closed; `forward` turns that cancellation into a client
+    abort. `disarm()` before the first byte of the answer is sent: from then on `gone` is only polled.
+    """
+
+    __slots__ = ("task", "_target", "_armed", "fired", "worker")
+
+    def __init__(self, receive: Receive) -> None:
+        self._target = asyncio.current_task()
+        self._armed = True
+        self.fired = False
+        self.worker: Worker | None = None  # the worker being tried, for the abort's log line and metrics
+        self.task = asyncio.ensure_future(_until_disconnect(receive))
+        self.task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Future) -> None:
+        if self._armed and not task.cancelled() and task.exception() is None and self._target is not None:
+            self.fired = True
+            self._target.cancel()
+
+    @property
+    def gone(self) -> bool:
+        """Whether the client has disconnected."""
+        return self.task.done() and not self.task.cancelled() and self.task.exception() is None
+
+    def disarm(self) -> None:
+        """Stop cancelling the request on a disconnect (the answer is about to be sent)."""
+        self._armed = False
+
+    def close(self) -> None:
+        """Stop watching (the request is over)."""
+        self._armed = False
+        self.task.cancel()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects (after the body, ASGI's `receive()` yields nothing else)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def request_headers(scope: Mapping[str, Any]) -> dict[str, str]:
@@ -221,80 +270,105 @@ class Forwarder:
         workers, adapter = self.choose(model, headers, fields)
         if self._timeout is None:
             self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
+        watch = ClientWatch(receive)
+        try:
+            await self._try_workers(workers, adapter, path, body, fields, model, started, key, charged, watch, send)
+        except asyncio.CancelledError:
+            if not watch.fired:
+                raise  # not the client: the server is shutting down
+            asyncio.current_task().uncancel()
+            self._client_abort(path, model, watch.worker)
+        finally:
+            watch.close()
+
+    async def _try_workers(self, workers: list[Worker], adapter: PublishedAdapter | None, path: str, body: bytes,
+                           fields: RequestFields, model: str, started: float, key: ApiKey | None, charged: int,
+                           watch: ClientWatch, send: Send) -> None:
         reasons: list[str] = []
         for attempt, worker in enumerate(workers):
+            watch.worker = worker
             if attempt:
                 self.metrics.retries.inc()
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             try:
                 if adapter is not None and model not in worker.adapters:
-                    await self.placement.ensure_on(worker, adapter)
-                await self._attempt(worker, path, body, fields, model, started, key, charged, receive, send)
+                    # Shielded: a client that leaves must not abandon a load that later requests will need.
+                    await asyncio.shield(self.placement.ensure_on(worker, adapter))
+                await self._attempt(worker, path, body, fields, model, started, key, charged, watch, send)
                 return
             except UpstreamError as exc:
                 logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
                                "trying another" if attempt + 1 < len(workers) else "no more workers to try")
                 reasons.append(str(exc))
+        watch.disarm()
         self.metrics.error("upstream")
         self.metrics.requests.labels(path, model, "-", "502").inc()
         raise RouterError(502, f"the request failed on {len(workers)} worker(s) before any answer: {'; '.join(reasons)}")
 
     async def _attempt(self, worker: Worker, path: str, body: bytes, fields: RequestFields, model: str, started: float,
-                       key: ApiKey | None, charged: int, receive: Receive, send: Send) -> None:
+                       key: ApiKey | None, charged: int, watch: ClientWatch, send: Send) -> None:
         import aiohttp
 
         worker.outstanding += 1
+        held = True  # this call still counts in worker.outstanding (the relay takes it over for a stream)
         sent = time.perf_counter()
         try:
-            resp = await self.session.post(worker.url + path, data=body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            worker.outstanding -= 1
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
-            self.registry.probe_soon(worker)
-            raise UpstreamError(worker.id, f"{type(exc).__name__}: {exc}") from exc
-        if resp.status >= 500:
-            text = await _safe_text(resp)
-            worker.outstanding -= 1
-            self.registry.probe_soon(worker)
-            raise UpstreamError(worker.id, f"answered {resp.status}: {text[:200]}")
-        if adapter_used := model in worker.adapters:
-            worker.adapter_used[model] = time.monotonic()
-        if not (fields.stream and resp.status == 200):
             try:
-                payload = await resp.read()
+                resp = await self.session.post(worker.url + path, data=body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                resp.close()
-                worker.outstanding -= 1
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
                 self.registry.probe_soon(worker)
-                raise UpstreamError(worker.id, f"broke before the answer was complete: {exc!r}") from exc
-            resp.release()
-            worker.outstanding -= 1
-            now = time.perf_counter()
-            worker.observe_ttft((now - sent) * 1000)
-            content_type = resp.headers.get("content-type", "application/json").encode()
-            await send({"type": "http.response.start", "status": resp.status,
-                        "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-            self._observe(path, model, worker, resp.status, started, now - sent, time.perf_counter())
-            if key is not None and key.tpm and resp.status == 200:
-                self._settle(key, charged, payload)
+                raise UpstreamError(worker.id, f"{type(exc).__name__}: {exc}") from exc
+            if resp.status >= 500:
+                text = await _safe_text(resp)
+                self.registry.probe_soon(worker)
+                raise UpstreamError(worker.id, f"answered {resp.status}: {text[:200]}")
+            if adapter_used := model in worker.adapters:
+                worker.adapter_used[model] = time.monotonic()
+            if not (fields.stream and resp.status == 200):
+                try:
+                    payload = await resp.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    resp.close()
+                    self.registry.probe_soon(worker)
+                    raise UpstreamError(worker.id, f"broke before the answer was complete: {exc!r}") from exc
+                except asyncio.CancelledError:
+                    resp.close()  # the client left: close the upstream connection so the worker aborts
+                    raise
+                watch.disarm()
+                resp.release()
+                worker.outstanding -= 1
+                held = False
+                now = time.perf_counter()
+                worker.observe_ttft((now - sent) * 1000)
+                content_type = resp.headers.get("content-type", "application/json").encode()
+                await send({"type": "http.response.start", "status": resp.status,
+                            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+                self._observe(path, model, worker, resp.status, started, now - sent, time.perf_counter())
+                if key is not None and key.tpm and resp.status == 200:
+                    self._settle(key, charged, payload)
+                if adapter_used:
+                    self.placement.note_hot(model)
+                return
+            watch.disarm()
             if adapter_used:
                 self.placement.note_hot(model)
-            return
-        if adapter_used:
-            self.placement.note_hot(model)
-        await self._relay(resp, worker, path, model, started, sent, receive, send)
+            held = False
+            await self._relay(resp, worker, path, model, started, sent, watch, send)
+        finally:
+            if held:
+                worker.outstanding -= 1
 
     async def _relay(self, resp: aiohttp.ClientResponse, worker: Worker, path: str, model: str, started: float, sent: float,
-                     receive: Receive, send: Send) -> None:
+                     watch: ClientWatch, send: Send) -> None:
         """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it."""
         import aiohttp
 
-        disconnect = asyncio.ensure_future(receive())  # completes only when the client goes away
         tail = b""
         ttft = None
-        complete = False
+        status = 502
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             try:
@@ -302,14 +376,14 @@ class Forwarder:
                     if ttft is None:
                         ttft = time.perf_counter() - sent
                         worker.observe_ttft(ttft * 1000)
-                    if disconnect.done():
-                        logger.info("client left a stream from worker %s; aborting the upstream request", worker.id)
+                    if watch.gone:
+                        status = 499
                         return
                     tail = (tail + chunk)[-32:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if b"[DONE]" not in tail:
                     raise aiohttp.ClientPayloadError("the worker ended the stream without its [DONE] event")
-                complete = True
+                status = 200
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 logger.warning("stream from worker %s broke after the first byte: %s", worker.id, exc)
                 self.metrics.error("stream_broken")
@@ -318,13 +392,15 @@ class Forwarder:
                             "body": sse_error_event(f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete")})
             await send({"type": "http.response.body", "body": b""})
         finally:
-            disconnect.cancel()
-            if complete:
+            if status == 200:
                 resp.release()
             else:
                 resp.close()  # closes the upstream connection: the worker aborts the generation
             worker.outstanding -= 1
-            self._observe(path, model, worker, 200 if complete else 502, started, ttft, time.perf_counter())
+            if status == 499:
+                self._client_abort(path, model, worker)
+            else:
+                self._observe(path, model, worker, status, started, ttft, time.perf_counter())
 
     # -- bookkeeping --
     def _observe(self, path: str, model: str, worker: Worker, status: int, started: float, ttft_s: float | None, now: float) -> None:
@@ -337,6 +413,13 @@ class Forwarder:
         series[1].observe(now - started)
         if ttft_s is not None:
             series[2].observe(ttft_s)
+
+    def _client_abort(self, path: str, model: str, worker: Worker | None) -> None:
+        """Count and log a request whose client left before its answer was complete (its upstream is closed)."""
+        worker_id = worker.id if worker is not None else "-"
+        self.metrics.client_aborts.labels(path).inc()
+        self.metrics.requests.labels(path, model, worker_id, "499").inc()
+        logger.info("client disconnected from %s (model %s, worker %s); aborted the upstream request", path, model, worker_id)
 
     def outstanding(self) -> None:
         """Copy each worker's in-flight count into the gauge (called when /metrics is scraped)."""

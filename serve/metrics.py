@@ -22,6 +22,7 @@ class RouterMetrics:
         self.latency = Histogram("router_request_seconds", "Time from request to last byte, per route, model and worker.", ["route", "model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("router_ttft_seconds", "Time to the worker's first byte, per model and worker.", ["model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
         self.outstanding = Gauge("router_outstanding", "Requests in flight per worker.", ["worker"], registry=r)
+        self.client_aborts = Counter("router_client_aborts", "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.", ["route"], registry=r)
         self.retries = Counter("router_retries", "Requests retried on another worker before the first byte.", registry=r)
         self.adapter_loads = Counter("router_adapter_loads", "Adapter loads on workers, by result.", ["result"], registry=r)
         self.workers_healthy = Gauge("router_workers_healthy", "Healthy workers.", registry=r)
