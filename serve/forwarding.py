@@ -284,6 +284,7 @@ class Forwarder:
     async def _try_workers(self, workers: list[Worker], adapter: PublishedAdapter | None, path: str, body: bytes,
                            fields: RequestFields, model: str, started: float, key: ApiKey | None, charged: int,
                            watch: ClientWatch, send: Send) -> None:
+        """Try `workers` in order until one answers; raises RouterError 502 when all fail before the first byte."""
         reasons: list[str] = []
         for attempt, worker in enumerate(workers):
             watch.worker = worker
