@@ -8,7 +8,8 @@ next worker in the policy's order (bounded by `max_retries`, with doubling backo
 a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line.
 
 A client that disconnects aborts the upstream request, streamed or not: once the body is read, one task waits on
-`receive()` (which returns only `http.disconnect` from then on). Until the answer starts, its completion cancels
+`receive()` (which returns only `http.disconnect` from then on), started only if the request is still waiting
+after `DISCONNECT_WATCH_DELAY_S` (so fast answers pay a timer, not a task). Until the answer starts, its completion cancels
 the request's own task, which closes the upstream connection (the worker aborts the generation) wherever the
 request is waiting: the worker's headers, a non-streamed body, a retry's backoff. During a stream the relay checks
 it between chunks. Either way it counts in `router_client_aborts_total` and in `router_requests_total` with status
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
+DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after this long starts watching its client
 DEFAULT_TOKEN_CHARGE = 256  # tokens charged up front to a tpm-limited key when a request names no max_tokens
 _UPSTREAM_HEADERS = {"content-type": "application/json"}
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
@@ -65,16 +67,25 @@ class ClientWatch:
     While armed, a disconnect cancels the task that created the watch (the request's own task), so whatever the
     request awaits upstream is abandoned and its connection closed; `forward` turns that cancellation into a client
     abort. `disarm()` before the first byte of the answer is sent: from then on `gone` is only polled.
+
+    The watching task starts only after `delay_s`: a request answered sooner (the common fast case) costs a timer,
+    not a task, and a client that leaves is noticed at most `delay_s` late, which is nothing next to a generation.
     """
 
-    __slots__ = ("task", "_target", "_armed", "fired", "worker")
+    __slots__ = ("task", "_receive", "_target", "_armed", "_timer", "fired", "worker")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, delay_s: float = DISCONNECT_WATCH_DELAY_S) -> None:
+        self._receive = receive
         self._target = asyncio.current_task()
         self._armed = True
         self.fired = False
         self.worker: Worker | None = None  # the worker being tried, for the abort's log line and metrics
-        self.task = asyncio.ensure_future(_until_disconnect(receive))
+        self.task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay_s, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        self.task = asyncio.ensure_future(_until_disconnect(self._receive))
         self.task.add_done_callback(self._on_done)
 
     def _on_done(self, task: asyncio.Future) -> None:
@@ -84,8 +95,9 @@ class ClientWatch:
 
     @property
     def gone(self) -> bool:
-        """Whether the client has disconnected."""
-        return self.task.done() and not self.task.cancelled() and self.task.exception() is None
+        """Whether the client has disconnected (as far as the watch has seen)."""
+        task = self.task
+        return task is not None and task.done() and not task.cancelled() and task.exception() is None
 
     def disarm(self) -> None:
         """Stop cancelling the request on a disconnect (the answer is about to be sent)."""
@@ -94,7 +106,11 @@ class ClientWatch:
     def close(self) -> None:
         """Stop watching (the request is over)."""
         self._armed = False
-        self.task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.task is not None:
+            self.task.cancel()
 
 
 async def _until_disconnect(receive: Receive) -> None:
