@@ -71,6 +71,14 @@ class RoundState:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
 
+    async def wait_for_change(self, max_wait_s: float = 0.25) -> None:
+        """Sleep until something about the round changes (an answer, a silo leaving), the deadline, or `max_wait_s`."""
+        self.changed.clear()
+        try:
+            await asyncio.wait_for(self.changed.wait(), timeout=min(max_wait_s, max(0.01, self.deadline - time.time())))
+        except asyncio.TimeoutError:
+            pass
+
 
 class Coordinator:
     """Runs a federation. `await start()`, then `await wait_done()` or `await stop()`.
@@ -429,11 +437,7 @@ class Coordinator:
             alive = [s for s in pending if time.time() - self.silos[s].last_seen <= self.cfg.silo_timeout_s]
             if not pending or not alive or time.time() >= rs.deadline:
                 break
-            rs.changed.clear()
-            try:
-                await asyncio.wait_for(rs.changed.wait(), timeout=min(0.25, max(0.01, rs.deadline - time.time())))
-            except asyncio.TimeoutError:
-                pass
+            await rs.wait_for_change()
         self.phase = "aggregating"
         self.current = None
         failures = sorted((rs.selected - rs.answered.keys()) | rs.rejected.keys())

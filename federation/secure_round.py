@@ -29,7 +29,6 @@ clamped to `secagg_clip_range` by the quantiser instead.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -179,11 +178,7 @@ class SecureRound:
             pending = self.expected - self.answers[step] - rs.rejected.keys()
             if not pending or not any(alive(s) for s in pending) or time.time() >= rs.deadline:
                 break
-            rs.changed.clear()
-            try:
-                await asyncio.wait_for(rs.changed.wait(), timeout=min(0.25, max(0.01, rs.deadline - time.time())))
-            except asyncio.TimeoutError:
-                pass
+            await rs.wait_for_change()
         got = self.answers[step] - rs.rejected.keys()
         for sid in sorted(self.expected - got - rs.rejected.keys()):
             logger.warning("secure round %d: no %s from %s (%s)", rs.round_id, step, sid,
