@@ -16,14 +16,19 @@ silo_app = typer.Typer(help="Join a federation as a data silo (outbound connecti
 demo_app = typer.Typer(help="Self-contained demos on the embedded model.", no_args_is_help=True)
 
 
-@federation_app.command("init")
-def init(ctx: typer.Context) -> None:
-    """Create (once) the coordinator's CURVE key pair and print its public key for the silos."""
+def _print_keypair(ctx: typer.Context, role: str) -> None:
+    """Create (once) the CURVE key pair of `role` under keys/ and print its public key."""
     from federation.keys import ensure_keypair
 
     with cli_errors():
-        kp = ensure_keypair(settings_from(ctx).keys_dir, "coordinator")
-        console.print(f"coordinator public key: {kp.public}", highlight=False)
+        kp = ensure_keypair(settings_from(ctx).keys_dir, role)
+        console.print(f"{role} public key: {kp.public}", highlight=False)
+
+
+@federation_app.command("init")
+def init(ctx: typer.Context) -> None:
+    """Create (once) the coordinator's CURVE key pair and print its public key for the silos."""
+    _print_keypair(ctx, "coordinator")
 
 
 @federation_app.command("enroll")
@@ -82,11 +87,7 @@ def start(
 @silo_app.command("keygen")
 def keygen(ctx: typer.Context) -> None:
     """Create (once) this silo's CURVE key pair and print the public key to give the coordinator's operator."""
-    from federation.keys import ensure_keypair
-
-    with cli_errors():
-        kp = ensure_keypair(settings_from(ctx).keys_dir, "silo")
-        console.print(f"silo public key: {kp.public}", highlight=False)
+    _print_keypair(ctx, "silo")
 
 
 @silo_app.command("join")
