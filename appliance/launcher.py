@@ -28,8 +28,8 @@ from typing import Any
 
 from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.processes import pid_alive
-from serve.worker_launcher import http_ok, log_tail, start_process_group, stop_process_group
+from appliance.core.net import connectable_host
+from appliance.core.processes import http_ok, log_tail, pid_alive, start_process_group, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         local = [{"url": f"http://127.0.0.1:{w.base_port + i}", "region": w.region, "models": [model]} for i in range(w.count)]
         children.append(ChildSpec(
             name="router", argv=[*run, *router[0], "--host", s.host, "--port", str(s.port)],
-            health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host, url=f"http://{_shown(s.host)}:{s.port}/v1",
+            health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host, url=f"http://{connectable_host(s.host)}:{s.port}/v1",
             depends_on=tuple(workers), env={**base_env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
         ))
     f = settings.federation
@@ -399,7 +399,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         children.append(ChildSpec(
             name="coordinator", argv=[*run, *coordinator[0]], health_url=f"http://127.0.0.1:{f.status_port}/status",
             ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
-            url=f"tcp://{_shown(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=base_env,
+            url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=base_env,
             optional=True,
         ))
     console = None if "console" in without else _first_command([["ui"], ["ui", "start"]])
@@ -411,13 +411,8 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         flags = [x for opt, value in wanted.items() if opt in console[1] for x in (opt, value)]
         children.append(ChildSpec(
             name="console", argv=[*run, *console[0], *flags], health_url=f"http://127.0.0.1:{u.port}/",
-            ports=(u.port,), host=u.host, url=f"http://{_shown(u.host)}:{u.port}",
+            ports=(u.port,), host=u.host, url=f"http://{connectable_host(u.host)}:{u.port}",
             depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator")), ready_timeout_s=120.0, env=base_env,
             optional=True,
         ))
     return children
-
-
-def _shown(host: str) -> str:
-    """A host as a user can type it into a URL (a wildcard bind is reached via localhost)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.atomic import replace_dir_atomic, write_json_atomic
-
-StateDict = dict
+from appliance.core.types import StateDict
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-StateDict = dict[str, torch.Tensor]
+from appliance.core.types import StateDict
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "encode", "decode", "payload_bytes"]
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
 from appliance.core.atomic import append_jsonl
 from appliance.core.errors import ProtocolError, RoundFailed
+from appliance.core.net import connectable_host
+from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from federation.keys import enrolled_silos, load_keypair
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-StateDict = dict[str, "torch.Tensor"]
 Exporter = Callable[[StateDict, Path], None]  # writes a PEFT folder for a state dict
 MAX_FAILED_ROUNDS = 3
 
@@ -548,8 +549,8 @@ class Coordinator:
         app.router.add_get("/status", handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.cfg.bind_host if self.cfg.bind_host != "0.0.0.0" else "0.0.0.0", self.cfg.status_port)
+        site = web.TCPSite(runner, self.cfg.bind_host, self.cfg.status_port)
         await site.start()
         self._status_runner = runner
         port = runner.addresses[0][1]
-        self.status_url = f"http://{'127.0.0.1' if self.cfg.bind_host in ('0.0.0.0', '') else self.cfg.bind_host}:{port}/status"
+        self.status_url = f"http://{connectable_host(self.cfg.bind_host)}:{port}/status"

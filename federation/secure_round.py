@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ConfigError, ProtocolError, RoundFailed
+from appliance.core.types import StateDict
 from federation.secagg import SecAggConfig, SecAggServer, flat_layout
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-StateDict = dict[str, "torch.Tensor"]
 MEAN_STRATEGIES = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"})
 # await send(silo_id, step, data) -> whether it was delivered
 Sender = Callable[[str, str, dict[str, Any]], Awaitable[bool]]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 from appliance.core.errors import ConfigError, ProtocolError
+from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.keys import load_keypair
 from federation.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from appliance.core.settings import ApplianceSettings
 
 logger = logging.getLogger(__name__)
-
-StateDict = dict[str, "torch.Tensor"]
 
 
 @runtime_checkable

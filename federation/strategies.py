@@ -24,9 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-logger = logging.getLogger(__name__)
+from appliance.core.types import StateDict
 
-StateDict = dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "StateDict",

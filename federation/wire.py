@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from appliance.core.errors import ProtocolError
+from appliance.core.types import StateDict
 from federation.protocol import Header, HeaderError, TensorSpec, dump_header, load_header
 
 if TYPE_CHECKING:
     import torch
-
-StateDict = dict[str, "torch.Tensor"]
 
 
 def dtype_name(t: "torch.Tensor") -> str:

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from appliance.core.errors import ApplianceError
+from appliance.core.net import connectable_host
 
 
 class RouterUnavailable(ApplianceError):
@@ -53,6 +54,4 @@ class AdminClient:
 
 def router_url(host: str, port: int) -> str:
     """The URL a local client uses for a router bound to `host:port` (a wildcard bind is reached on loopback)."""
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{host}:{port}"
+    return f"http://{connectable_host(host)}:{port}"

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from appliance.core.errors import ConfigError
+from appliance.core.net import is_loopback
 from appliance.core.secrets import ensure_token
 from serve.errors import RouterError
 from serve.forwarding import Forwarder
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _error_response(status: int, message: str, *, param: str | None = None, retry_after_s: float | None = None) -> Response:
@@ -132,7 +132,7 @@ def check_exposure(settings: ApplianceSettings) -> None:
         ConfigError: `serve.host` is not a loopback address and no API key is configured.
     """
     cfg = settings.serve
-    if cfg.host in LOOPBACK_HOSTS:
+    if is_loopback(cfg.host):
         return
     if not KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys]).required:
         raise ConfigError(

@@ -15,14 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.core.types import StateDict
 from train.engine import FitResult, TrainingFailed, fit_adapter
 from train.evaluate import evaluate_adapter
 
 if TYPE_CHECKING:
     import torch
     from appliance.core.sections.train import TrainSettings
-
-StateDict = dict[str, "torch.Tensor"]
 
 __all__ = [
     "FitResult",

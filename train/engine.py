@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.core.atomic import append_jsonl, write_json_atomic, write_text_atomic
 from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.types import StateDict
 from train import data as datamod
 from train import lora
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, "torch.Tensor"]
 Progress = Callable[[dict[str, Any]], None]
 KEEP_CHECKPOINTS = 2
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.core.types import StateDict
 from train import data as datamod
 from train import lora
 
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
     from appliance.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
-
-StateDict = dict[str, "torch.Tensor"]
 
 
 def normalize_answer(text: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ConfigError, DataError
+from appliance.core.types import StateDict
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, "torch.Tensor"]
 ALL_LINEAR = "all-linear"
 
 # Attention projections by default: what vLLM's LoRA kernels serve for every one of these architectures.

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.core.errors import ConfigError
+from appliance.core.net import is_loopback
 from appliance.core.secrets import same_secret
 from appliance.core.settings import ApplianceSettings
 from ui.context import ConsoleContext
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 TITLE = "FedLLM Appliance"
 
 
@@ -43,7 +43,7 @@ def build_console(settings: ApplianceSettings, ctx: ConsoleContext | None = None
 
 def needs_login(host: str) -> bool:
     """Whether the console must ask for a login: any bind address other than loopback."""
-    return host not in LOOPBACK_HOSTS
+    return not is_loopback(host)
 
 
 def make_auth(admin_token: str, users: dict[str, str]) -> Callable[[str, str], bool]:

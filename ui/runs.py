@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.processes import log_tail
 from ui.launcher import list_records, pid_alive
 
 FINAL_STATES = ("done", "failed", "stopped")
@@ -67,20 +68,6 @@ def smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def tail(path: Path | None, lines: int = 25) -> str:
-    """The last `lines` lines of a text file ("" if it does not exist)."""
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _read_status(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
@@ -131,7 +118,7 @@ def _merge(run_dir: Path, status: dict[str, Any], launch: dict[str, Any] | None)
             view.state = "failed"
             view.error = view.error or f"the training process (pid {pid}) is gone without finishing (crashed or killed)"
     if view.state == "failed" and launch and Path(launch["log"]).exists():
-        view.log_path = Path(launch["log"]) if not tail(view.log_path) else view.log_path
+        view.log_path = Path(launch["log"]) if not log_tail(view.log_path) else view.log_path
     return view
 
 

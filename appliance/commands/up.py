@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +11,7 @@ import typer
 
 from appliance.commands.common import cli_errors, console, err_console, settings_from
 from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
+from appliance.core.processes import stop_on_signals
 from appliance.core.secrets import ensure_token
 from appliance.core.settings import ApplianceSettings
 
@@ -83,9 +82,7 @@ def up(
         coordinator_key = _coordinator_key(settings) if any(c.name == "coordinator" for c in children) else None
         urls = {c.name: c.url for c in children}
         sup = Supervisor(children, settings.logs_dir, path, backoff_initial_s=backoff_s, info={"home": str(settings.home), "urls": urls})
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        stop = stop_on_signals()
         sup.check_ports()
         console.print(f"starting {', '.join(c.name for c in children)} (logs in {settings.logs_dir})", highlight=False)
         sup.start(stop)

@@ -8,6 +8,7 @@ import typer
 
 from appliance.commands.common import cli_errors, console, err_console, settings_from
 from appliance.core.model_store import resolve_model
+from appliance.core.processes import stop_on_signals, wait_for_signal
 from appliance.core.settings import ApplianceSettings
 
 worker_app = typer.Typer(help="Run a vLLM worker (LoRA enabled) on this machine.", no_args_is_help=True)
@@ -33,7 +34,7 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
 def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int] = _PORT,
           device: Optional[str] = _DEVICE, host: str = _HOST) -> None:
     """Start vLLM's OpenAI server on one model and keep it running until Ctrl-C."""
-    from serve.worker_launcher import run_until_signal, stop_on_signals
+    from serve.worker_launcher import run_until_signal
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
@@ -60,7 +61,7 @@ def join(
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
 ) -> None:
     """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C)."""
-    from serve.worker_launcher import RouterRegistration, run_until_signal, served_models, stop_on_signals, wait_for_signal
+    from serve.worker_launcher import RouterRegistration, run_until_signal, served_models
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})

@@ -1,8 +1,27 @@
-"""Process helpers shared by the supervisor and the console."""
+"""Child processes and their logs, shared by `appliance up`, the worker launcher and the console.
+
+Process groups (start one, stop all of it), a signal-to-event switch for commands that must stop their children
+in order, a health probe, and the tail of a log file.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_TAIL_BYTES = 64 * 1024
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -20,3 +39,111 @@ def pid_alive(pid: int | None) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def log_tail(path: Path | None, lines: int = 30) -> str:
+    """The last `lines` lines of a text file, joined by newlines ("" if there is no such file).
+
+    Reads at most the last 64 KiB, so a huge log costs no more than a small one.
+    """
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _TAIL_BYTES))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx within `timeout_s`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """SIGTERM when the parent dies (Linux), so no child outlives its launcher."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _new_group_die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    os.setsid()
+    _die_with_parent()
+
+
+def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | None = None, *, new_group: bool = True) -> subprocess.Popen:
+    """Start `argv` with stdout and stderr appended to `log_path`, SIGTERMed if this process dies.
+
+    With `new_group` (the default) it leads a new process group, so `stop_process_group` reaches all its descendants;
+    without, it stays in the caller's group (whoever supervises the caller then stops both with one group signal).
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as logf:
+        logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        logf.flush()
+        return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, close_fds=True,
+                                preexec_fn=_new_group_die_with_parent if new_group else _die_with_parent)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
+    """SIGTERM `proc` alone, wait up to `timeout_s`, then SIGKILL it. Returns the exit code."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            log.warning("process %s did not stop after %s", proc.pid, sig.name)
+    return proc.returncode
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
+    """SIGTERM the whole process group of `proc`, wait up to `timeout_s`, then SIGKILL it. Returns the exit code."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = proc.pid
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            log.warning("process %s did not stop after %s; sending SIGKILL", proc.pid, sig.name)
+    # Members of the group (vLLM's engine core) may outlive the leader by a moment; make sure they go.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.returncode
+
+
+def stop_on_signals() -> threading.Event:
+    """Install SIGINT/SIGTERM handlers that set (and return) an event, so a command can shut its children down
+    in order instead of dying at once and orphaning them. Call it before starting any child."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_signal(stop: threading.Event, still_running: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> bool:
+    """Block until `stop` is set (returns True) or `still_running()` turns False (returns False)."""
+    while not stop.wait(poll_s):
+        if not still_running():
+            return False
+    return True

@@ -18,7 +18,6 @@ from serve.worker_launcher import (
     RouterRegistration,
     VLLMWorker,
     WorkerStartError,
-    log_tail,
     vllm_command,
     vllm_env,
 )
@@ -68,14 +67,6 @@ def test_env_allows_runtime_lora_and_sets_whole_gib_kv_cache_on_cpu():
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM parses an int; round up rather than fail
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_env(WorkerSettings(), "cuda", base={})
-
-
-def test_log_tail_keeps_the_last_lines(tmp_path):
-    path = tmp_path / "x.log"
-    path.write_text("".join(f"line {i}\n" for i in range(100)))
-    tail = log_tail(path, 30)
-    assert tail.splitlines()[0] == "line 70" and tail.splitlines()[-1] == "line 99"
-    assert log_tail(tmp_path / "missing.log") == ""
 
 
 def test_wait_ready_then_stop_kills_the_process(tmp_path):

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.core.processes import log_tail
 from ui import launcher
 from ui.context import ConsoleContext, guarded, problem
 from ui.plots import line_figure
-from ui.runs import format_duration, tail
+from ui.runs import format_duration
 from ui.services import ServiceUnavailable
 
 SILO_HEADERS = ["silo", "online", "last seen", "rounds", "examples"]
@@ -112,7 +113,7 @@ def launch_checked(ctx: ConsoleContext, kind: str, cmd: list[str], grace_s: floa
         time.sleep(0.1)
         record = launcher.read_record(path)
     if record.get("exit_code") not in (None, 0):
-        raise ServiceUnavailable(f"The {kind} exited with code {record['exit_code']}:\n```\n{tail(Path(record['log']), 12)}\n```")
+        raise ServiceUnavailable(f"The {kind} exited with code {record['exit_code']}:\n```\n{log_tail(Path(record['log']), 12)}\n```")
     return record
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import DataError
+from appliance.core.processes import log_tail
 from ui import launcher
 from ui.context import ConsoleContext, guarded, problem
 from ui.plots import line_figure
-from ui.runs import RunView, format_duration, list_runs, resume_command, smooth, tail, train_command
+from ui.runs import RunView, format_duration, list_runs, resume_command, smooth, train_command
 
 STATE_COLOURS = {"running": "#2563eb", "starting": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}
 
@@ -226,7 +227,7 @@ def build(ctx: ConsoleContext) -> None:
         runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
         run = find(runs, run_id)
         choices = [r.id for r in runs]
-        log_text = tail(run.log_path, 25) if run else ""
+        log_text = log_tail(run.log_path, 25) if run else ""
         return (gr.Dropdown(choices=choices, value=run.id if run else None), progress_html(run), loss_figure(run),
                 loss_caption(run), log_text, runs_table(runs), "")
 
