@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from appliance.commands import config, federation, model, serve, train, ui, up, worker
 
 app = typer.Typer(
     help=(
@@ -16,9 +17,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-# Each module adds its commands; a module that fails to import must not take the whole CLI down silently.
-COMMAND_MODULES = ("config", "model", "worker", "serve", "train", "federation", "ui", "up")
 
 
 @app.callback()
@@ -30,11 +28,6 @@ def main(
     ctx.obj = {"config": config, "home": home}
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"appliance.commands.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"appliance.commands.{_name}":
-            raise
-        continue
+# Each command module adds its commands (the order is the order of `appliance --help`).
+for _module in (config, model, worker, serve, train, federation, ui, up):
     _module.register(app)

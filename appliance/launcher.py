@@ -328,35 +328,12 @@ def child_health(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 # -- the appliance's own children ------------------------------------------------------------------------------------
 
-def cli_command(path: list[str]) -> Any | None:
-    """The click command at `appliance PATH...` if this installation has it (None otherwise), without running it."""
-    import typer
-
-    from appliance.cli import app
-
-    # Duck-typed: recent Typer vendors its own click, so a group is "a command with .commands".
-    cmd: Any = typer.main.get_command(app)
-    for part in path:
-        subcommands = getattr(cmd, "commands", None)
-        if not isinstance(subcommands, dict) or part not in subcommands:
-            return None
-        cmd = subcommands[part]
-    return None if isinstance(getattr(cmd, "commands", None), dict) else cmd
-
-
-def _first_command(candidates: list[list[str]]) -> tuple[list[str], set[str]] | None:
-    """The first of `candidates` that exists, with the option names it accepts."""
-    for path in candidates:
-        cmd = cli_command(path)
-        if cmd is not None:
-            return path, {opt for p in cmd.params for opt in getattr(p, "opts", [])}
-    return None
+OPTIONAL_PARTS = ("router", "coordinator", "console")
 
 
 def appliance_children(settings: Any, model: str, python: str, *, config_file: Path | None = None,
                        without: frozenset[str] = frozenset()) -> list[ChildSpec]:
-    """The processes of `appliance up` for `settings`: local workers, then the router, coordinator and console
-    where this installation has their commands (each found by its CLI path, so parts can land independently).
+    """The processes of `appliance up` for `settings`: local workers, then the router, coordinator and console.
 
     Args:
         settings: the effective ApplianceSettings.
@@ -364,55 +341,74 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         python: the interpreter that runs `-m appliance`.
         config_file: the YAML file `up` was given, passed on to every child.
         without: names of optional children to leave out ("router", "coordinator", "console").
+
+    Raises:
+        ConfigError: `without` names something that is not optional.
     """
-    unknown = set(without) - {"router", "coordinator", "console"}
+    unknown = set(without) - set(OPTIONAL_PARTS)
     if unknown:
-        raise ConfigError(f"cannot leave out {', '.join(sorted(unknown))}: only router, coordinator or console are optional")
-    base_env = {"APPLIANCE_HOME": str(settings.home)}
+        raise ConfigError(f"cannot leave out {', '.join(sorted(unknown))}: only {', '.join(OPTIONAL_PARTS)} are optional")
+    env = {"APPLIANCE_HOME": str(settings.home)}
     if config_file is not None:
-        base_env["APPLIANCE_CONFIG"] = str(config_file)
+        env["APPLIANCE_CONFIG"] = str(config_file)
     run = [python, "-m", "appliance"]
+    children = _worker_children(settings, model, run, env)
+    if "router" not in without:
+        children.append(_router_child(settings, model, run, env, depends_on=tuple(c.name for c in children)))
+    if "coordinator" not in without:
+        children.append(_coordinator_child(settings, run, env))
+    if "console" not in without:
+        children.append(_console_child(settings, run, env, with_coordinator="coordinator" not in without,
+                                       depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator"))))
+    return children
+
+
+def _worker_children(settings: Any, model: str, run: list[str], env: dict[str, str]) -> list[ChildSpec]:
+    """`worker-N`: `appliance worker start` on consecutive ports from `worker.base_port`."""
     w = settings.worker
-    children: list[ChildSpec] = []
-    for i in range(w.count):
-        port = w.base_port + i
-        children.append(ChildSpec(
+    return [
+        ChildSpec(
             name=f"worker-{i}", argv=[*run, "worker", "start", "--model", model, "--port", str(port), "--device", w.device],
             health_url=f"http://127.0.0.1:{port}/health", ports=(port,), url=f"http://127.0.0.1:{port}/v1",
-            ready_timeout_s=w.startup_timeout_s, env=base_env,
-        ))
-    workers = [c.name for c in children]
-    s = settings.serve
-    router = None if "router" in without else _first_command([["serve"], ["serve", "start"]])
-    if router is not None:
-        static = [ws.model_dump() for ws in s.workers]
-        local = [{"url": f"http://127.0.0.1:{w.base_port + i}", "region": w.region, "models": [model]} for i in range(w.count)]
-        children.append(ChildSpec(
-            name="router", argv=[*run, *router[0], "--host", s.host, "--port", str(s.port)],
-            health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host, url=f"http://{connectable_host(s.host)}:{s.port}/v1",
-            depends_on=tuple(workers), env={**base_env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
-        ))
+            ready_timeout_s=w.startup_timeout_s, env=env,
+        )
+        for i, port in enumerate(range(w.base_port, w.base_port + w.count))
+    ]
+
+
+def _router_child(settings: Any, model: str, run: list[str], env: dict[str, str], depends_on: tuple[str, ...]) -> ChildSpec:
+    """`router`: `appliance serve`, told about the local workers beside the configured `serve.workers`."""
+    s, w = settings.serve, settings.worker
+    static = [ws.model_dump() for ws in s.workers]
+    local = [{"url": f"http://127.0.0.1:{w.base_port + i}", "region": w.region, "models": [model]} for i in range(w.count)]
+    return ChildSpec(
+        name="router", argv=[*run, "serve", "--host", s.host, "--port", str(s.port)],
+        health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host,
+        url=f"http://{connectable_host(s.host)}:{s.port}/v1",
+        depends_on=depends_on, env={**env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
+    )
+
+
+def _coordinator_child(settings: Any, run: list[str], env: dict[str, str]) -> ChildSpec:
+    """`coordinator`: `appliance coordinator start` (optional: a failed start is retried with backoff)."""
     f = settings.federation
-    coordinator = None if "coordinator" in without else _first_command(
-        [["coordinator", "start"], ["federation", "coordinator"], ["federation", "server"]])
-    if coordinator is not None:
-        children.append(ChildSpec(
-            name="coordinator", argv=[*run, *coordinator[0]], health_url=f"http://127.0.0.1:{f.status_port}/status",
-            ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
-            url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=base_env,
-            optional=True,
-        ))
-    console = None if "console" in without else _first_command([["ui"], ["ui", "start"]])
-    if console is not None:
-        u = settings.ui
-        wanted = {"--host": u.host, "--port": str(u.port), "--router-url": f"http://127.0.0.1:{s.port}"}
-        if coordinator is not None:
-            wanted["--coordinator-url"] = f"http://127.0.0.1:{f.status_port}"
-        flags = [x for opt, value in wanted.items() if opt in console[1] for x in (opt, value)]
-        children.append(ChildSpec(
-            name="console", argv=[*run, *console[0], *flags], health_url=f"http://127.0.0.1:{u.port}/",
-            ports=(u.port,), host=u.host, url=f"http://{connectable_host(u.host)}:{u.port}",
-            depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator")), ready_timeout_s=120.0, env=base_env,
-            optional=True,
-        ))
-    return children
+    return ChildSpec(
+        name="coordinator", argv=[*run, "coordinator", "start"], health_url=f"http://127.0.0.1:{f.status_port}/status",
+        ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
+        url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=env,
+        optional=True,
+    )
+
+
+def _console_child(settings: Any, run: list[str], env: dict[str, str], *, with_coordinator: bool,
+                   depends_on: tuple[str, ...]) -> ChildSpec:
+    """`console`: `appliance ui`, pointed at the local router (and coordinator, when `up` runs one)."""
+    u = settings.ui
+    argv = [*run, "ui", "--host", u.host, "--port", str(u.port), "--router-url", f"http://127.0.0.1:{settings.serve.port}"]
+    if with_coordinator:
+        argv += ["--coordinator-url", f"http://127.0.0.1:{settings.federation.status_port}"]
+    return ChildSpec(
+        name="console", argv=argv, health_url=f"http://127.0.0.1:{u.port}/", ports=(u.port,), host=u.host,
+        url=f"http://{connectable_host(u.host)}:{u.port}", depends_on=depends_on, ready_timeout_s=120.0, env=env,
+        optional=True,
+    )

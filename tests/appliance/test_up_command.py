@@ -31,9 +31,20 @@ def test_children_in_dependency_order_with_the_router_told_about_local_workers(t
     assert router.depends_on == ("worker-0", "worker-1") and router.ports == (9100,)
     assert [w["url"] for w in json.loads(router.env["APPLIANCE_SERVE__WORKERS"])] == ["http://127.0.0.1:9200", "http://127.0.0.1:9201"]
     assert all(c.env["APPLIANCE_HOME"] == str(tmp_path) for c in children)
-    if "console" in names:  # the console, where installed, comes last and is pointed at the router
-        console = children[names.index("console")]
-        assert "router" in console.depends_on
+    assert names[3:] == ["coordinator", "console"]
+    assert children[3].argv[3:] == ["coordinator", "start"]
+    console = children[4]
+    assert console.argv[3] == "ui" and console.depends_on == ("router", "coordinator")
+    assert console.argv[console.argv.index("--router-url") + 1] == "http://127.0.0.1:9100"
+    assert "--coordinator-url" in console.argv
+
+
+def test_a_console_without_coordinator_is_not_pointed_at_one(tmp_path):
+    settings = make_settings(tmp_path)
+
+    console = appliance_children(settings, "m", "/py", without=frozenset({"coordinator"}))[-1]
+
+    assert console.name == "console" and "--coordinator-url" not in console.argv and console.depends_on == ("router",)
 
 
 def test_optional_parts_can_be_left_out_but_not_workers(tmp_path):
