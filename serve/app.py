@@ -86,7 +86,8 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     for spec in cfg.workers:
         registry.add(spec.url, region=spec.region, models=spec.models, static=True)
     placement = AdapterPlacement(cfg, registry, metrics)
-    keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm)
+    keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
+                    public=cfg.host not in LOOPBACK_HOSTS)
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
 
     @contextlib.asynccontextmanager
@@ -126,7 +127,8 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
 
 
 def check_exposure(settings: ApplianceSettings) -> None:
-    """Refuse to listen beyond loopback without API keys.
+    """Refuse to start listening beyond loopback without API keys (once running, such a router answers 401 to
+    every /v1 request while it has none: `KeyStore.public`).
 
     Raises:
         ConfigError: `serve.host` is not a loopback address and no API key is configured.
@@ -134,7 +136,7 @@ def check_exposure(settings: ApplianceSettings) -> None:
     cfg = settings.serve
     if is_loopback(cfg.host):
         return
-    if not KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys]).required:
+    if KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys]).empty:
         raise ConfigError(
             f"refusing to listen on {cfg.host}: beyond 127.0.0.1 the router requires API keys; "
             "create one with `appliance keys create --name NAME` or set serve.api_keys"

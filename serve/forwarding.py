@@ -168,17 +168,23 @@ class Forwarder:
 
     # -- admission --
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey | None:
-        """The caller's key record; None when no keys are configured.
+        """The caller's key record; None when keys are not required (a loopback router without keys).
 
         Raises:
-            RouterError: 401 when keys are configured and the request carries none or a wrong one.
+            RouterError: 401 when keys are required and the request carries none or a wrong one, or when the
+                router binds beyond loopback and no key exists at all.
         """
-        if not self.keys.required:
+        keys = self.keys
+        keys.refresh()
+        if not keys.required:
             return None
         scheme, _, presented = headers.get("authorization", "").partition(" ")
-        key = self.keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
+        key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
         if key is None:
             self.metrics.error("auth")
+            if keys.empty:
+                raise RouterError(401, "this router listens beyond loopback and has no API key, so it accepts no request: "
+                                       "create one with `appliance keys create --name NAME` and send `Authorization: Bearer <key>`")
             raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
         return key
 

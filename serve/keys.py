@@ -1,12 +1,17 @@
 """API keys: created once by `appliance keys create`, stored only as SHA-256 hashes in `keys/api_keys.json`.
 
 The file is `{"keys": [{"name", "hash", "rpm", "tpm", "created"}]}`, written atomically with mode 0600.
-The plain key is shown once at creation and never stored or logged.
+The plain key is shown once at creation and never stored or logged. A key's public id is the head of its hash
+(`ApiKey.id`): `appliance keys list` shows it and `appliance keys revoke NAME|ID` takes either.
+
+A running router re-reads the file when it changes (`KeyStore.refresh`, a `stat` at most once a second), so a
+revoked key stops working within about a second, without a restart.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -17,8 +22,12 @@ from appliance.core.atomic import write_text_atomic
 from appliance.core.errors import ConfigError, DataError
 from appliance.core.secrets import hash_secret
 
+logger = logging.getLogger(__name__)
+
 KEYS_FILE = "api_keys.json"
 KEY_PREFIX = "sk-fedllm-"
+KEY_ID_CHARS = 8  # hex digits of the hash shown as a key's id
+RELOAD_CHECK_S = 1.0  # the router stats the key file at most this often
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,12 @@ class ApiKey:
     hash: str
     rpm: int | None = None
     tpm: int | None = None
+    created: int | None = None  # unix seconds
+
+    @property
+    def id(self) -> str:
+        """The key's public id: the head of its hash (safe to show; reveals nothing of the key)."""
+        return self.hash[:KEY_ID_CHARS]
 
 
 def keys_path(keys_dir: Path) -> Path:
@@ -46,10 +61,18 @@ def load_keys(keys_dir: Path) -> list[ApiKey]:
     if not path.exists():
         return []
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["keys"]
-        return [ApiKey(r["name"], r["hash"], r.get("rpm"), r.get("tpm")) for r in rows]
+        text = path.read_text(encoding="utf-8")
+        rows = json.loads(text)["keys"] if text.strip() else []
+        return [ApiKey(r["name"], r["hash"], r.get("rpm"), r.get("tpm"), r.get("created")) for r in rows]
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path} is not a valid API key file ({exc}); expected {{\"keys\": [{{\"name\", \"hash\", ...}}]}}") from exc
+
+
+def _save_keys(keys_dir: Path, keys: list[ApiKey]) -> None:
+    rows = [{"name": k.name, "hash": k.hash, "rpm": k.rpm, "tpm": k.tpm, "created": k.created} for k in keys]
+    path = keys_path(keys_dir)
+    write_text_atomic(path, json.dumps({"keys": rows}, indent=2) + "\n")
+    os.chmod(path, 0o600)
 
 
 def create_key(keys_dir: Path, name: str, *, rpm: int | None = None, tpm: int | None = None) -> str:
@@ -67,47 +90,80 @@ def create_key(keys_dir: Path, name: str, *, rpm: int | None = None, tpm: int | 
     if any(k.name == name for k in keys):
         raise ConfigError(f"an API key named {name!r} exists already; choose another name")
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
-    rows = [{"name": k.name, "hash": k.hash, "rpm": k.rpm, "tpm": k.tpm} for k in keys]
-    rows.append({"name": name, "hash": hash_secret(plain), "rpm": rpm, "tpm": tpm, "created": int(time.time())})
-    path = keys_path(keys_dir)
-    write_text_atomic(path, json.dumps({"keys": rows}, indent=2) + "\n")
-    os.chmod(path, 0o600)
+    _save_keys(keys_dir, [*keys, ApiKey(name, hash_secret(plain), rpm, tpm, int(time.time()))])
     return plain
 
 
-class KeyStore:
-    """Accepted keys by hash: keys from settings plus the key file, re-read when the file changes (checked ~1/s)."""
+def revoke_key(keys_dir: Path, name_or_id: str) -> ApiKey:
+    """Remove the key whose name or id is `name_or_id`; returns it. A running router drops it within a second.
 
-    def __init__(self, keys_dir: Path, plain_keys: list[str], default_rpm: int | None = None, default_tpm: int | None = None):
+    Raises:
+        ConfigError: no key has this name or id, or the id is ambiguous.
+    """
+    keys = load_keys(keys_dir)
+    matches = [k for k in keys if k.name == name_or_id] or [k for k in keys if name_or_id and k.id == name_or_id]
+    if len(matches) != 1:
+        known = ", ".join(f"{k.name} ({k.id})" for k in keys) or "none"
+        problem = "matches several keys" if matches else "names no API key"
+        raise ConfigError(f"{name_or_id!r} {problem}; known keys: {known} (see `appliance keys list`)")
+    _save_keys(keys_dir, [k for k in keys if k is not matches[0]])
+    return matches[0]
+
+
+class KeyStore:
+    """Accepted keys by hash: keys from settings plus the key file, re-read when the file changes.
+
+    `public` (the router binds beyond loopback) makes a key required whatever the file holds: an empty or deleted
+    key file then means that no request is accepted, never that none needs a key.
+    """
+
+    def __init__(self, keys_dir: Path, plain_keys: list[str], default_rpm: int | None = None,
+                 default_tpm: int | None = None, *, public: bool = False):
         self.keys_dir = Path(keys_dir)
+        self.public = public
         self._static = {hash_secret(k): ApiKey(f"settings-{i}", hash_secret(k), default_rpm, default_tpm) for i, k in enumerate(plain_keys)}
         self._defaults = (default_rpm, default_tpm)
         self._by_hash: dict[str, ApiKey] = dict(self._static)
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self.refresh(force=True)
 
     @property
     def required(self) -> bool:
-        """True when any key is configured: then every /v1 request must carry one."""
-        return bool(self._by_hash)
+        """Whether /v1 requests must carry a key: always on a public bind, else when any key exists."""
+        return self.public or bool(self._by_hash)
+
+    @property
+    def empty(self) -> bool:
+        """No key is accepted at all (a public router then refuses every /v1 request)."""
+        return not self._by_hash
 
     def refresh(self, *, force: bool = False) -> None:
-        """Re-read the key file if it changed (at most once a second unless `force`)."""
+        """Re-read the key file if it changed (checked at most once per `RELOAD_CHECK_S` unless `force`).
+
+        A deleted file means no file keys; so does a file that cannot be parsed (fail closed: a key that was
+        meant to be revoked must not survive a bad edit), which is logged once per change.
+        """
         now = time.monotonic()
-        if not force and now - self._checked < 1.0:
+        if not force and now - self._checked < RELOAD_CHECK_S:
             return
         self._checked = now
-        path = keys_path(self.keys_dir)
-        mtime = path.stat().st_mtime if path.exists() else None
-        if mtime == self._mtime and not force:
+        try:
+            st = os.stat(keys_path(self.keys_dir))
+            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp and not force:
             return
-        self._mtime = mtime
+        self._stamp = stamp
         rpm, tpm = self._defaults
-        loaded = {k.hash: ApiKey(k.name, k.hash, k.rpm or rpm, k.tpm or tpm) for k in load_keys(self.keys_dir)}
+        try:
+            loaded = {k.hash: ApiKey(k.name, k.hash, k.rpm or rpm, k.tpm or tpm, k.created) for k in load_keys(self.keys_dir)}
+        except DataError as exc:
+            logger.error("%s; accepting no key from it until it is fixed", exc)
+            loaded = {}
         self._by_hash = {**loaded, **self._static}
 
     def lookup(self, presented: str) -> ApiKey | None:
         """The key record for a presented plain key, or None."""
-        self.refresh()
         return self._by_hash.get(hash_secret(presented))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import typer
@@ -60,12 +61,30 @@ def keys_create(
 
 @keys_app.command("list")
 def keys_list(ctx: typer.Context) -> None:
-    """List key names and limits (never the keys)."""
+    """List keys: name, id, limits and creation date (never the keys themselves)."""
+    from rich.table import Table
+
     from serve.keys import load_keys
 
     with cli_errors():
-        for k in load_keys(settings_from(ctx).keys_dir):
-            console.print(f"{k.name}\trpm={k.rpm or '-'}\ttpm={k.tpm or '-'}", highlight=False)
+        settings = settings_from(ctx)
+        table = Table("name", "id", "rpm", "tpm", "created")
+        for k in load_keys(settings.keys_dir):
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created)) + " UTC" if k.created else "-"
+            table.add_row(k.name, k.id, str(k.rpm or "-"), str(k.tpm or "-"), created)
+        console.print(table)
+        if settings.serve.api_keys:
+            typer.echo(f"plus {len(settings.serve.api_keys)} key(s) from settings (serve.api_keys)", err=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key's name or id (see `appliance keys list`).")) -> None:
+    """Revoke a key; a running router refuses it within about a second (no restart)."""
+    from serve.keys import revoke_key
+
+    with cli_errors():
+        gone = revoke_key(settings_from(ctx).keys_dir, key)
+        console.print(f"revoked key {gone.name!r} ({gone.id})", highlight=False)
 
 
 def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
