@@ -87,7 +87,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         registry.add(spec.url, region=spec.region, models=spec.models, static=True)
     placement = AdapterPlacement(cfg, registry, metrics)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
-                    public=cfg.host not in LOOPBACK_HOSTS)
+                    public=not is_loopback(cfg.host))
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
 
     @contextlib.asynccontextmanager
