@@ -1,8 +1,8 @@
 """The closed loop: publish each new global adapter version to the router as soon as its round is checkpointed.
 
 `RouterPublisher` is a coordinator `on_publish` callback `(AdapterVersion) -> None`. The call only queues the
-version and returns at once; a background thread POSTs it to the router's `POST /admin/adapters` under its
-versioned name (`NAME-vVERSION`) with the stable alias `<run>-latest`, retrying with exponential backoff. A failed
+version and returns at once; a background thread publishes it with `RouterClient.publish_version` (served as
+`NAME-vVERSION`, the alias `NAME-latest` moves to it), retrying with exponential backoff. A failed
 publish is logged and kept in `status()`, and never blocks or fails the federation. When a newer version of the same
 adapter arrives while an older one is still being retried, the older one is dropped: the alias must reach the newest.
 """
@@ -16,9 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from appliance.core.adapter_registry import AdapterVersion
+from appliance.core.router_client import RouterClient, ServiceUnavailable, latest_alias
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +36,12 @@ class PublishRecord:
     history: list[str] = field(default_factory=list)
 
 
-def latest_alias(name: str) -> str:
-    """The stable alias of an adapter (or federation run) `name`: `<name>-latest`."""
-    return f"{name}-latest"
-
-
 class RouterPublisher:
     """Publish adapter versions to a router in the background; usable as a coordinator `on_publish` callback.
 
     Args:
         router_url: Base URL of the router, e.g. `http://127.0.0.1:8000`.
         admin_token: Bearer token for the router's `/admin/*` API (never logged).
-        alias: Alias to give every version; default `<adapter name>-latest`.
         path_map: Optional function turning the registry folder into the path the workers can read (remote workers).
         initial_backoff_s: First retry delay; doubles after each failure up to `max_backoff_s`.
         max_backoff_s: Largest retry delay.
@@ -61,7 +54,6 @@ class RouterPublisher:
         router_url: str,
         admin_token: str,
         *,
-        alias: str | None = None,
         path_map: Any = None,
         initial_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
@@ -69,13 +61,11 @@ class RouterPublisher:
         timeout_s: float = 120.0,
     ) -> None:
         self.router_url = router_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {admin_token}"}
-        self._alias = alias
+        self._client = RouterClient(self.router_url, admin_token, timeout_s=timeout_s)
         self._path_map = path_map
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._max_attempts = max_attempts
-        self._timeout_s = timeout_s
         self._pending: OrderedDict[str, AdapterVersion] = OrderedDict()  # adapter name -> newest waiting version
         self._records: dict[str, PublishRecord] = {}
         self._cond = threading.Condition()
@@ -86,7 +76,7 @@ class RouterPublisher:
     # -- the callback --
     def __call__(self, version: AdapterVersion) -> None:
         """Queue `version` for publishing and return at once (never raises into the federation)."""
-        alias = self._alias or latest_alias(version.name)
+        alias = latest_alias(version.name)
         with self._cond:
             older = self._pending.pop(version.name, None)
             if older is not None and older.served_name in self._records:
@@ -130,30 +120,29 @@ class RouterPublisher:
 
     # -- the worker thread --
     def _run(self) -> None:
-        with httpx.Client(timeout=self._timeout_s) as client:
-            while True:
-                with self._cond:
-                    while not self._pending and not self._closed:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    name, version = next(iter(self._pending.items()))
-                    record = self._records[version.served_name]
-                ok = self._attempt(client, version, record)
-                with self._cond:
-                    if ok or self._gave_up(record):
-                        if self._pending.get(name) is version:
-                            del self._pending[name]
-                        self._cond.notify_all()
-                        continue
-                    delay = min(self._max_backoff_s, self._initial_backoff_s * 2 ** (record.attempts - 1))
-                    # Sleep, but wake early for close() or a newer version (which replaces this one).
-                    deadline = time.monotonic() + delay
-                    while not self._closed and self._pending.get(name) is version:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                name, version = next(iter(self._pending.items()))
+                record = self._records[version.served_name]
+            ok = self._attempt(version, record)
+            with self._cond:
+                if ok or self._gave_up(record):
+                    if self._pending.get(name) is version:
+                        del self._pending[name]
+                    self._cond.notify_all()
+                    continue
+                delay = min(self._max_backoff_s, self._initial_backoff_s * 2 ** (record.attempts - 1))
+                # Sleep, but wake early for close() or a newer version (which replaces this one).
+                deadline = time.monotonic() + delay
+                while not self._closed and self._pending.get(name) is version:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
 
     def _gave_up(self, record: PublishRecord) -> bool:
         if self._max_attempts and record.attempts >= self._max_attempts:
@@ -161,17 +150,14 @@ class RouterPublisher:
             return True
         return False
 
-    def _attempt(self, client: httpx.Client, version: AdapterVersion, record: PublishRecord) -> bool:
-        path = self._path_map(version.path) if self._path_map else version.path
-        body = {"name": version.served_name, "path": str(path), "aliases": [record.alias]}
+    def _attempt(self, version: AdapterVersion, record: PublishRecord) -> bool:
+        path = self._path_map(version.path) if self._path_map else None
         with self._cond:
             record.attempts += 1
         try:
-            resp = client.post(f"{self.router_url}/admin/adapters", json=body, headers=self._headers)
-        except httpx.HTTPError as exc:
-            return self._failed(record, f"router {self.router_url} unreachable: {type(exc).__name__}: {exc}")
-        if resp.status_code >= 300:
-            return self._failed(record, f"router answered HTTP {resp.status_code}: {resp.text[:300]}")
+            self._client.publish_version(version, path=path)
+        except ServiceUnavailable as exc:
+            return self._failed(record, str(exc))
         with self._cond:
             record.published = True
             record.published_at = time.time()

@@ -7,7 +7,6 @@ process group, so stopping it takes vLLM's engine-core processes along, and it r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -15,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+import httpx
 
 from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.router_client import RouterClient, ServiceUnavailable
 from appliance.core.processes import http_ok, log_tail, start_process_group, stop_process, stop_process_group, wait_for_signal
 from appliance.core.sections.serve import WorkerSettings
 
@@ -31,10 +31,6 @@ DEVICES = ("cpu", "cuda")
 
 class WorkerStartError(ApplianceError):
     """A vLLM worker exited or did not become ready in time; the message quotes the end of its log."""
-
-
-class RouterError(ApplianceError):
-    """The router refused or did not answer a worker registration call."""
 
 
 def vllm_command(
@@ -209,62 +205,59 @@ def run_until_signal(worker: VLLMWorker, stop: threading.Event, poll_s: float = 
         worker.stop()
 
 
-def served_models(url: str, timeout_s: float = 5.0) -> list[str]:
+def served_models(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> list[str]:
     """Model ids listed by an OpenAI server's `/v1/models` ([] if it does not answer)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout_s) as resp:
-            return [m["id"] for m in json.load(resp).get("data", [])]
-    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        resp = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s)
+        return [m["id"] for m in resp.json().get("data", [])] if resp.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         return []
 
 
-def _call(method: str, url: str, token: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:500]
-        raise RouterError(f"{method} {url} answered {exc.code}: {detail}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise RouterError(f"{method} {url} failed: {exc}") from exc
-    return json.loads(raw) if raw.strip() else {}
-
-
 class RouterRegistration:
-    """A worker's membership in a router's fleet: register, heartbeat in a thread, deregister.
+    """A worker's membership in a router's fleet: register (join token), heartbeat in a thread, leave.
 
-    Speaks the router admin API of docs/CONTRACTS.md (`POST /admin/workers`, `.../{id}/heartbeat`, `DELETE`).
+    Registration answers the worker's own secret, which authorises its heartbeats, drain and leave; the join token
+    is used only to register. `api_key` is the worker's own API key, handed to the router so that it can call the
+    worker (docs/CONTRACTS.md, router admin API).
     """
 
-    def __init__(self, router_url: str, token: str, worker_url: str, region: str, models: list[str], capacity: int = 1):
-        self.router_url = router_url.rstrip("/")
-        self.token = token
-        self.body = {"url": worker_url, "region": region, "models": models, "capacity": capacity}
+    def __init__(self, client: RouterClient, join_token: str, worker_url: str, region: str, models: list[str],
+                 capacity: int = 1, api_key: str | None = None):
+        self.client = client
+        self.join_token = join_token
+        self.worker_url, self.region, self.models, self.capacity = worker_url, region, models, capacity
+        self.api_key = api_key
         self.worker_id: str | None = None
+        self.secret: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def router_url(self) -> str:
+        return self.client.base_url
+
     def register(self) -> str:
-        """Register the worker; returns the id the router gave it.
+        """Register the worker; returns the id the router gave it (its secret is kept for later calls).
 
         Raises:
-            RouterError: the router refused (bad token: 401/403) or is unreachable.
+            ServiceUnavailable: the router refused (bad token: 401; models it cannot verify: 400) or is unreachable.
         """
-        answer = _call("POST", f"{self.router_url}/admin/workers", self.token, self.body)
+        answer = self.client.register_worker(self.worker_url, region=self.region, models=self.models, capacity=self.capacity,
+                                             api_key=self.api_key, token=self.join_token)
         if "id" not in answer:
-            raise RouterError(f"the router's answer to the registration has no id: {answer}")
-        self.worker_id = str(answer["id"])
-        log.info("registered worker %s with %s as %s", self.body["url"], self.router_url, self.worker_id)
+            raise ServiceUnavailable(f"the router's answer to the registration has no id (keys: {sorted(answer)})")
+        self.worker_id, self.secret = str(answer["id"]), answer.get("secret") or self.join_token
+        log.info("registered worker %s with %s as %s", self.worker_url, self.router_url, self.worker_id)
         return self.worker_id
 
     def heartbeat(self) -> None:
         """One heartbeat; re-registers if the router forgot the worker (404, e.g. after a router restart)."""
         try:
-            _call("POST", f"{self.router_url}/admin/workers/{self.worker_id}/heartbeat", self.token, {})
-        except RouterError as exc:
-            if " 404:" not in str(exc):
+            self.client.heartbeat(self.worker_id, token=self.secret)
+        except ServiceUnavailable as exc:
+            if exc.status != 404:
                 raise
             log.warning("router no longer knows worker %s; registering again", self.worker_id)
             self.register()
@@ -276,7 +269,7 @@ class RouterRegistration:
             while not self._stop.wait(interval_s):
                 try:
                     self.heartbeat()
-                except RouterError as exc:
+                except ServiceUnavailable as exc:
                     log.warning("heartbeat to %s failed: %s", self.router_url, exc)
                     if on_error:
                         on_error(exc)
@@ -290,8 +283,8 @@ class RouterRegistration:
         if self.worker_id is None:
             return
         try:
-            _call("DELETE", f"{self.router_url}/admin/workers/{self.worker_id}", self.token)
+            self.client.remove_worker(self.worker_id, token=self.secret)
             log.info("deregistered worker %s from %s", self.worker_id, self.router_url)
-        except RouterError as exc:
+        except ServiceUnavailable as exc:
             log.warning("could not deregister worker %s: %s", self.worker_id, exc)
-        self.worker_id = None
+        self.worker_id = self.secret = None

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from appliance.core.adapter_registry import AdapterVersion
-from federation.publish import RouterPublisher, latest_alias
+from appliance.core.router_client import latest_alias
+from federation.publish import RouterPublisher
 from tests.factories import free_port
 from tests.ui.fakes import FakeRouter
 
@@ -75,7 +76,7 @@ def test_callback_never_blocks_when_router_is_down(tmp_path):
     finally:
         publisher.close(timeout_s=0.5)
     assert returned_after < 1.0, "the on_publish callback must only queue the version"
-    assert record["attempts"] >= 2 and "unreachable" in record["last_error"]
+    assert record["attempts"] >= 2 and "not reachable" in record["last_error"]
 
 
 def test_close_lets_the_last_version_through(fake_router, tmp_path):

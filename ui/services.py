@@ -10,85 +10,23 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from appliance.core.errors import ApplianceError
+from appliance.core.router_client import RouterClient as AdminRouterClient
+from appliance.core.router_client import ServiceClient, ServiceUnavailable, error_text
 
 logger = logging.getLogger(__name__)
 
 
-class ServiceUnavailable(ApplianceError):
-    """A service the console talks to is down, refused the call, or answered something unexpected."""
-
-
-@dataclass(frozen=True)
-class ServiceClient:
-    """A small synchronous JSON client for one service.
-
-    Args:
-        name: What the service is, for messages ("router", "federation coordinator").
-        base_url: Its base URL.
-        token: Bearer token sent with every call, or None.
-        timeout_s: Timeout of one call.
-        hint: What to run when it is down.
-    """
-
-    name: str
-    base_url: str
-    token: str | None = None
-    timeout_s: float = 10.0
-    hint: str = ""
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Call `method path` and return the decoded JSON (or text for non-JSON answers).
-
-        Raises:
-            ServiceUnavailable: connection failed, timed out, or the answer was an HTTP error.
-        """
-        url = f"{self.base_url.rstrip('/')}{path}"
-        kwargs.setdefault("timeout", self.timeout_s)
-        try:
-            resp = httpx.request(method, url, headers=self._headers(), **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailable(
-                f"The {self.name} at {self.base_url} is not reachable ({type(exc).__name__}). {self.hint}".strip()
-            ) from exc
-        if resp.status_code >= 400:
-            raise ServiceUnavailable(f"The {self.name} answered HTTP {resp.status_code} to {method} {path}: {_error_text(resp)}")
-        if "json" in resp.headers.get("content-type", ""):
-            return resp.json()
-        return resp.text
-
-
-def _error_text(resp: httpx.Response) -> str:
-    """The message of an OpenAI-style or FastAPI error body, else the start of the body."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return resp.text[:300]
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if body.get("detail"):
-            return str(body["detail"])
-    return json.dumps(body)[:300]
-
-
-class RouterClient:
-    """The router: models and chat through `/v1/*` (API key), fleet and adapters through `/admin/*` (admin token)."""
+class RouterClient(AdminRouterClient):
+    """The router: fleet and adapters through `/admin/*` (admin token, `appliance.core.router_client`), models and
+    chat through `/v1/*` (API key)."""
 
     def __init__(self, base_url: str, admin_token: str | None, api_key: str | None = None, timeout_s: float = 10.0):
-        hint = "Start it with `appliance serve` or `appliance up`."
-        self.base_url = base_url.rstrip("/")
-        self.api = ServiceClient("router", self.base_url, api_key, timeout_s, hint)
-        self.admin = ServiceClient("router", self.base_url, admin_token, timeout_s, hint)
+        super().__init__(base_url, admin_token, timeout_s=timeout_s)
+        self.api = ServiceClient("router", self.base_url, api_key, timeout_s, self.hint)
 
     def models(self) -> list[str]:
         """Model and adapter names the router answers to (`GET /v1/models`)."""
@@ -104,10 +42,10 @@ class RouterClient:
         body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, "stream": True}
         url = f"{self.base_url}/v1/chat/completions"
         try:
-            with httpx.stream("POST", url, json=body, headers=self.api._headers(), timeout=httpx.Timeout(600.0, connect=5.0)) as resp:
+            with httpx.stream("POST", url, json=body, headers=self.api.headers(), timeout=httpx.Timeout(600.0, connect=5.0)) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise ServiceUnavailable(f"The router answered HTTP {resp.status_code}: {_error_text(resp)}")
+                    raise ServiceUnavailable(f"The router answered HTTP {resp.status_code}: {error_text(resp)}", resp.status_code)
                 for line in resp.iter_lines():
                     piece = parse_sse_line(line)
                     if piece is None:
@@ -116,34 +54,7 @@ class RouterClient:
                         return
                     yield piece
         except httpx.HTTPError as exc:
-            raise ServiceUnavailable(f"The router at {self.base_url} is not reachable ({type(exc).__name__}). {self.api.hint}") from exc
-
-    def workers(self) -> list[dict[str, Any]]:
-        """`GET /admin/workers`."""
-        return self.admin.request("GET", "/admin/workers")
-
-    def add_worker(self, url: str, region: str) -> str:
-        """`POST /admin/workers`; returns the new worker's id."""
-        return self.admin.request("POST", "/admin/workers", json={"url": url, "region": region, "models": [], "capacity": 1})["id"]
-
-    def drain_worker(self, worker_id: str) -> None:
-        """`POST /admin/workers/{id}/drain`."""
-        self.admin.request("POST", f"/admin/workers/{worker_id}/drain")
-
-    def adapters(self) -> list[dict[str, Any]]:
-        """`GET /admin/adapters`: what the fleet serves."""
-        data = self.admin.request("GET", "/admin/adapters")
-        if isinstance(data, dict):  # tolerate {"data": [...]} or {"adapters": [...]}
-            data = data.get("data", data.get("adapters", []))
-        return list(data)
-
-    def publish(self, name: str, path: str, aliases: list[str]) -> None:
-        """`POST /admin/adapters`: load a PEFT folder on the fleet under `name` and `aliases`."""
-        self.admin.request("POST", "/admin/adapters", json={"name": name, "path": path, "aliases": aliases}, timeout=120.0)
-
-    def unpublish(self, name: str) -> None:
-        """`DELETE /admin/adapters/{name}`."""
-        self.admin.request("DELETE", f"/admin/adapters/{name}")
+            raise ServiceUnavailable(f"The router at {self.base_url} is not reachable ({type(exc).__name__}). {self.hint}") from exc
 
     def metrics_text(self) -> str:
         """`GET /metrics` (Prometheus text)."""

@@ -15,11 +15,11 @@ adapters_app = typer.Typer(help="Publish registry adapters on the router's worke
 
 
 def _admin(ctx: typer.Context, router: Optional[str]):
-    from serve.admin_client import AdminClient, router_url
+    from appliance.core.router_client import RouterClient, router_url
 
     settings = settings_from(ctx)
     token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
-    return settings, AdminClient(router or router_url(settings.serve.host, settings.serve.port), token)
+    return settings, RouterClient(router or router_url(settings.serve.host, settings.serve.port), token)
 
 
 _ROUTER = typer.Option(None, "--router", help="Router URL (default: from settings, http://127.0.0.1:8000).")
@@ -104,13 +104,13 @@ def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
 def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
     """Registry versions, and which are published on the router (if it is running)."""
     from appliance.core.adapter_registry import AdapterRegistry
-    from serve.admin_client import RouterUnavailable
+    from appliance.core.router_client import ServiceUnavailable
 
     with cli_errors():
         settings, client = _admin(ctx, router)
         try:
             published = {a["name"]: a for a in client.adapters()}
-        except RouterUnavailable:
+        except ServiceUnavailable:
             published = {}
         for v in AdapterRegistry(settings.adapters_dir).list():
             row = published.get(v.served_name)
@@ -120,14 +120,14 @@ def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
 
 @adapters_app.command("publish")
 def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."), router: Optional[str] = _ROUTER) -> None:
-    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION and as NAME."""
+    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it."""
     from appliance.core.adapter_registry import AdapterRegistry
 
     with cli_errors():
         settings, client = _admin(ctx, router)
         version = AdapterRegistry(settings.adapters_dir).get(ref)
-        out = client.publish(version.served_name, str(version.path), [version.name])
-        console.print(f"published {version.served_name} (alias {version.name}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+        out = client.publish_version(version)
+        console.print(f"published {version.served_name} (alias {', '.join(out['aliases'])}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
 
 
 @adapters_app.command("unpublish")

@@ -61,6 +61,7 @@ def join(
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
 ) -> None:
     """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C)."""
+    from appliance.core.router_client import RouterClient
     from serve.worker_launcher import RouterRegistration, run_until_signal, served_models
 
     with cli_errors():
@@ -76,7 +77,7 @@ def join(
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
             raise typer.Exit(code=1)
-        membership = RouterRegistration(router, token, worker_url, region, models)
+        membership = RouterRegistration(RouterClient(router), token, worker_url, region, models)
         try:
             worker_id = membership.register()
             console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)

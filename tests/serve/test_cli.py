@@ -54,7 +54,7 @@ async def test_fleet_and_adapters_commands(fake_factory, router_factory, tmp_pat
     assert gone.exit_code == 0, gone.output
 
     down = await asyncio.to_thread(_invoke, home, "fleet", "--router", "http://127.0.0.1:9")
-    assert down.exit_code == 1 and "cannot reach the router" in down.output
+    assert down.exit_code == 1 and "not reachable" in down.output
 
 
 def test_serve_refuses_public_bind_without_keys(tmp_path):

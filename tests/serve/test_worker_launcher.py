@@ -14,8 +14,6 @@ import pytest
 from appliance.core.errors import ConfigError
 from appliance.core.sections.serve import WorkerSettings
 from serve.worker_launcher import (
-    RouterError,
-    RouterRegistration,
     VLLMWorker,
     WorkerStartError,
     vllm_command,
@@ -99,74 +97,6 @@ def test_a_worker_that_is_never_ready_times_out_and_is_stopped(tmp_path):
         worker.wait_ready(timeout_s=1, poll_s=0.1)
 
     assert not worker.alive()
-
-
-class _FakeRouter:
-    """A router admin API stand-in that records calls (runs in a thread on a free port)."""
-
-    def __init__(self, token: str):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        import threading
-
-        calls: list[tuple[str, str, dict]] = []
-        self.calls = calls
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if self.headers.get("Authorization") != f"Bearer {token}":
-                    self.send_response(401)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "bad token"}}')
-                    return
-                calls.append((method, self.path, body))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b'{"id": "w1"}' if method == "POST" and self.path == "/admin/workers" else b"{}")
-
-            def do_POST(self) -> None:  # noqa: N802
-                self._answer("POST")
-
-            def do_DELETE(self) -> None:  # noqa: N802
-                self._answer("DELETE")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_registration_heartbeats_and_deregisters():
-    router = _FakeRouter("join-secret")
-    try:
-        membership = RouterRegistration(router.url, "join-secret", "http://w:1", "eu", ["m"])
-        assert membership.register() == "w1"
-        membership.start_heartbeats(interval_s=0.05)
-        deadline = time.monotonic() + 10
-        while not any(p.endswith("/heartbeat") for _, p, _ in router.calls) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        membership.deregister()
-    finally:
-        router.close()
-    assert router.calls[0] == ("POST", "/admin/workers", {"url": "http://w:1", "region": "eu", "models": ["m"], "capacity": 1})
-    assert ("POST", "/admin/workers/w1/heartbeat", {}) in router.calls
-    assert router.calls[-1][:2] == ("DELETE", "/admin/workers/w1")
-
-
-def test_registration_with_a_wrong_token_is_refused_clearly():
-    router = _FakeRouter("right")
-    try:
-        with pytest.raises(RouterError, match="401"):
-            RouterRegistration(router.url, "wrong", "http://w:1", "eu", ["m"]).register()
-    finally:
-        router.close()
 
 
 def _chat(url: str, model: str) -> str:

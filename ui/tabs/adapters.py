@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.adapter_registry import AdapterVersion
+from appliance.core.router_client import latest_alias
 from ui.context import ConsoleContext, guarded, problem
 from ui.services import ServiceUnavailable
 
@@ -94,9 +95,8 @@ def build(ctx: ConsoleContext) -> None:
         if not ref:
             return problem("Pick an adapter version.")
         v = ctx.registry.get(ref)
-        alias = f"{v.name}-latest"
-        ctx.router.publish(v.served_name, str(v.path), [alias])
-        return f"Published `{v.served_name}` (alias `{alias}`): pick it in the Chat tab."
+        ctx.router.publish_version(v)
+        return f"Published `{v.served_name}` (alias `{latest_alias(v.name)}`): pick it in the Chat tab."
 
     @guarded(lambda msg: msg)
     def on_unpublish(ref: str | None):

@@ -67,14 +67,14 @@ def build(ctx: ConsoleContext) -> None:
     def on_add(worker_url: str, worker_region: str):
         if not worker_url.strip().startswith(("http://", "https://")):
             return problem("The worker URL must start with http:// or https://")
-        wid = ctx.router.add_worker(worker_url.strip(), worker_region.strip() or "local")
+        wid = ctx.router.register_worker(worker_url.strip(), region=worker_region.strip() or "local")["id"]
         return f"Added worker `{wid}`."
 
     @guarded(lambda msg: msg)
     def on_drain(wid: str | None):
         if not wid:
             return problem("Pick a worker to drain.")
-        ctx.router.drain_worker(wid)
+        ctx.router.drain(wid)
         return f"Draining `{wid}`: it takes no new requests and leaves when idle."
 
     outputs = [status, metrics, workers, worker_id]
