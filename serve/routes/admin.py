@@ -1,14 +1,18 @@
-"""The fleet admin API (docs/CONTRACTS.md): workers and adapters. Every route needs a bearer token."""
+"""The fleet admin API (docs/CONTRACTS.md): workers and adapters. Every route needs a bearer token.
+
+Bodies come through `serve.deps.json_body` (never as plain pydantic parameters), so the token is checked before the
+body is read, and the body is bounded.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from serve.deps import require_admin, require_admin_or_join
+from serve.deps import json_body, require_admin, require_admin_or_join
 from serve.errors import RouterError
 
 router = APIRouter(prefix="/admin")
@@ -40,7 +44,7 @@ def _worker(request: Request, worker_id: str):
 
 
 @router.post("/workers", dependencies=[Depends(require_admin_or_join)])
-async def register_worker(body: WorkerRegistration, request: Request) -> dict[str, Any]:
+async def register_worker(body: Annotated[WorkerRegistration, Depends(json_body(WorkerRegistration))], request: Request) -> dict[str, Any]:
     """Add a worker, probe it once, and return its id."""
     if not body.url.startswith(("http://", "https://")):
         raise RouterError(400, f"worker url {body.url!r} must start with http:// or https://", param="url")
@@ -81,7 +85,7 @@ async def list_workers(request: Request) -> list[dict[str, Any]]:
 
 
 @router.post("/adapters", dependencies=[Depends(require_admin)])
-async def publish_adapter(body: AdapterPublication, request: Request) -> dict[str, Any]:
+async def publish_adapter(body: Annotated[AdapterPublication, Depends(json_body(AdapterPublication))], request: Request) -> dict[str, Any]:
     """Load a PEFT adapter on a bounded number of workers; `model: <name>` or an alias then answers."""
     workers = await request.app.state.placement.publish(body.name, body.path, body.aliases, body.base_model)
     return {"name": body.name, "aliases": body.aliases, "workers": workers}

@@ -45,6 +45,7 @@ class ServeSettings(Section):
     policy: str = Field("score", description="round_robin | least_outstanding | score.")
     region: str = Field("local", description="The router's own region (default client region).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (bytes).")
+    max_admin_body_bytes: int = Field(1_048_576, ge=1024, description="Largest /admin/* request body accepted (bytes; read after the token check).")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes of each worker.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream timeout for one request.")
