@@ -71,7 +71,8 @@ class Bed:
     Args:
         regions: region name -> its link to the hub (one-way delay, jitter, bandwidth).
         workdir: folder for the logs of spawned processes.
-        use_netns: True needs namespaces (raises NetnsError without), False runs on loopback, None picks what works.
+        use_netns: True needs namespaces (raises NetnsError without), False runs on loopback, None picks what works
+            (`TESTBED_NETNS=0` in the environment forces loopback, to try the fallback as root).
         seed: seeds link jitter.
     """
 
@@ -82,6 +83,8 @@ class Bed:
         self.workdir = Path(workdir)
         self.id = uuid.uuid4().hex[:6]
         self.netns_skip_reason = netns.unavailable_reason()
+        if use_netns is None and os.environ.get("TESTBED_NETNS") == "0":
+            use_netns, self.netns_skip_reason = False, "TESTBED_NETNS=0"
         if use_netns and self.netns_skip_reason:
             raise netns.NetnsError(self.netns_skip_reason)
         self.use_netns = self.netns_skip_reason is None if use_netns is None else use_netns

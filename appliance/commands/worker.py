@@ -56,7 +56,7 @@ def join(
     token: str = typer.Option(..., "--token", envvar="APPLIANCE_JOIN_TOKEN", help="The router's join token (or admin token)."),
     region: str = typer.Option("local", "--region", help="Region label for region-aware routing."),
     url: Optional[str] = typer.Option(None, "--url", help="Join an already running worker at this URL instead of starting one."),
-    advertise: Optional[str] = typer.Option(None, "--advertise", help="URL the router should use to reach the started worker."),
+    advertise: Optional[str] = typer.Option(None, "--advertise", help="URL the router should use to reach the worker (behind NAT, a proxy or a tunnel); default its own URL."),
     heartbeat_s: float = typer.Option(10.0, "--heartbeat-s", help="Seconds between heartbeats."),
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
 ) -> None:
@@ -72,7 +72,7 @@ def join(
             worker.wait_ready(stop=stop)
             if stop.is_set():
                 raise typer.Exit(code=0)
-        worker_url = url or advertise or worker.url
+        worker_url = advertise or url or worker.url
         models = served_models(url) if url else [worker.model]
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")

@@ -1,0 +1,163 @@
+"""Serving across regions: a router in `hq`, fake workers in eu (5 ms), us (40 ms) and ap (120 ms) one way from it,
+each joined with `appliance worker join` from inside its region; clients in their regions send `X-Region`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from testbed.bed import Bed
+from testbed.fleet import FAKE_MODEL, GeoFleet
+from testbed.link import LinkSpec
+from tests.geo.conftest import needs_netns
+
+HEALTH_INTERVAL_S = 1.0
+REGIONS = {"hq": LinkSpec(0), "eu": LinkSpec(5), "us": LinkSpec(40), "ap": LinkSpec(120)}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("geo-fleet")
+    with Bed(REGIONS, workdir) as bed:
+        fleet = GeoFleet(bed, "hq", workdir / "router-home",
+                         serve_env={"HEALTH_INTERVAL_S": HEALTH_INTERVAL_S, "RETRY_BACKOFF_S": 0.01})
+        fleet.start_router()
+        for region in ("eu", "us", "ap"):
+            fleet.add_fake_worker(region)
+        fleet.wait_healthy()
+        yield fleet
+
+
+def _chat(stream: bool = False) -> dict:
+    return {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+def _send(fleet: GeoFleet, client: str, n: int, *, region: str | None = None, concurrent: bool = False) -> list[tuple[int, str]]:
+    """`n` chat requests from `client`'s region; returns (status, served_by or error message) per request."""
+    url = fleet.router_url(client)
+    headers = {"Authorization": f"Bearer {fleet.api_key}", **({"X-Region": region} if region else {})}
+
+    async def one(http: httpx.AsyncClient) -> tuple[int, str]:
+        r = await http.post(f"{url}/v1/chat/completions", json=_chat(), headers=headers)
+        body = r.json()
+        return r.status_code, body.get("served_by") if r.status_code == 200 else body["error"]["message"]
+
+    async def main() -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+            if concurrent:
+                return list(await asyncio.gather(*(one(http) for _ in range(n))))
+            return [await one(http) for _ in range(n)]
+
+    return fleet.bed.run(client, main)
+
+
+def _control(fleet: GeoFleet, **changes) -> None:
+    """Change every fake worker's behaviour (from inside its own region)."""
+    for w in fleet.workers.values():
+        fleet.bed.call(w.region, lambda w=w: httpx.post(f"{w.url}/fake/control", json=changes, timeout=5).raise_for_status())
+
+
+def test_workers_join_from_their_regions(fleet):
+    rows = {r["region"]: r for r in fleet.admin("GET", "/admin/workers")}
+
+    assert set(rows) == {"eu", "us", "ap"}
+    for region, row in rows.items():
+        assert row["healthy"] and FAKE_MODEL in row["models"]
+        assert row["url"] == fleet.workers[f"fake-{region}"].advertised  # the router reaches it through the WAN link
+
+
+def test_router_reaches_workers_only_through_links(fleet):
+    needs_netns()
+    worker = fleet.workers["fake-us"]
+    with pytest.raises(httpx.HTTPError):
+        fleet.bed.call("hq", lambda: httpx.get(f"{worker.url}/health", timeout=2))
+
+
+def test_requests_go_to_the_clients_region_while_it_has_capacity(fleet):
+    for client in ("eu", "ap"):
+        answers = _send(fleet, client, 6, region=client)
+        assert answers == [(200, f"fake-{client}")] * 6
+
+
+def test_load_spills_over_to_other_regions_with_bounded_load(fleet):
+    _control(fleet, delay_s=0.5)
+    try:
+        answers = _send(fleet, "eu", 12, region="eu", concurrent=True)
+    finally:
+        _control(fleet, delay_s=0.0)
+    served = [who for status, who in answers if status == 200]
+    assert len(served) == 12
+    counts = {w: served.count(w) for w in set(served)}
+    assert counts["fake-eu"] == max(counts.values())  # the client's region first
+    assert counts["fake-eu"] < 12 and len(counts) >= 2  # ...but not all of it: the rest spilled over
+
+
+def test_cutting_a_region_mid_load_leaves_no_request_hanging(fleet):
+    _control(fleet, delay_s=0.5)
+    url = fleet.router_url("eu")
+    headers = {"Authorization": f"Bearer {fleet.api_key}", "X-Region": "us"}
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+            async def one() -> int:
+                r = await http.post(f"{url}/v1/chat/completions", json=_chat(), headers=headers)
+                assert r.status_code == 200 or "error" in r.json()  # an answer, or an explicit OpenAI error
+                return r.status_code
+            tasks = [asyncio.ensure_future(one()) for _ in range(10)]
+            await asyncio.sleep(0.3)  # requests are now waiting on the workers
+            cut_at.append(time.monotonic())
+            await asyncio.get_running_loop().run_in_executor(None, fleet.bed.cut, "us")
+            return list(await asyncio.wait_for(asyncio.gather(*tasks), 120))  # none hangs
+
+    cut_at: list[float] = []
+    try:
+        statuses = fleet.bed.run("eu", load)
+        assert len(statuses) == 10 and statuses.count(200) >= 1
+
+        # marked unhealthy within the health-check interval (plus the probe's own round trips and this poll)
+        fleet.wait(lambda: not fleet.row("fake-us")["healthy"], 2 * HEALTH_INTERVAL_S + 3, "us to be marked unhealthy")
+        assert time.monotonic() - cut_at[0] <= 2 * HEALTH_INTERVAL_S + 3
+        after = _send(fleet, "eu", 3, region="us")
+        assert all(status == 200 and who != "fake-us" for status, who in after)  # served elsewhere meanwhile
+    finally:
+        fleet.bed.restore("us")
+        _control(fleet, delay_s=0.0)
+
+    fleet.wait_healthy(["fake-us"], timeout_s=30)
+    assert _send(fleet, "eu", 3, region="us") == [(200, "fake-us")] * 3  # re-admitted after the link returns
+
+
+def test_a_stream_over_a_cut_link_ends_with_an_error_event(fleet):
+    url = fleet.router_url("eu")
+    headers = {"Authorization": f"Bearer {fleet.api_key}", "X-Region": "ap"}
+    _control(fleet, chunk_delay_s=0.5)
+
+    async def stream() -> list[bytes]:
+        events: list[bytes] = []
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", f"{url}/v1/chat/completions", json=_chat(stream=True), headers=headers) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:].encode())
+                        if len(events) == 1:
+                            await asyncio.get_running_loop().run_in_executor(None, fleet.bed.cut, "ap")
+        return events
+
+    ap = fleet.workers["fake-ap"]
+    streams_at_ap = lambda: sum(e.get("stream", False) for e in fleet.bed.call("ap", lambda: httpx.get(f"{ap.url}/fake/requests", timeout=5).json()))
+    before = streams_at_ap()
+    try:
+        events = fleet.bed.run("eu", stream)
+    finally:
+        fleet.bed.restore("ap")
+        _control(fleet, chunk_delay_s=0.0)
+    assert streams_at_ap() == before + 1  # the stream ran over ap's link
+    assert b"[DONE]" not in events
+    last = json.loads(events[-1])
+    assert "error" in last and "incomplete" in last["error"]["message"]
+    fleet.wait_healthy(["fake-ap"], timeout_s=30)
