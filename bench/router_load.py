@@ -151,7 +151,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0, heade
 
 def start_backend(chunks: int = 8) -> Server:
     port = free_port()
-    proc = spawn([PYTHON, "-m", "serve.fake_backend", "--port", str(port), "--model", MODEL, "--chunks", str(chunks)])
+    proc = spawn([PYTHON, "-m", "testing.fake_vllm", "--port", str(port), "--model", MODEL, "--chunks", str(chunks)])
     url = f"http://127.0.0.1:{port}"
     wait_ready(url + "/v1/chat/completions", proc)
     return Server("direct", url, proc, {})

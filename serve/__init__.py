@@ -1,7 +1,7 @@
 """Inference: the OpenAI-compatible router in front of vLLM workers (see DESIGN.md, "Router").
 
-`create_app(settings)` builds the router app, `run_router(settings)` serves it; `serve.fake_backend` is a fast
-fake worker for tests and benchmarks.
+`create_app(settings)` builds the router app, `run_router(settings)` serves it. A fast fake worker for tests and
+benchmarks lives outside the product, in `testing.fake_vllm`.
 """
 
 from __future__ import annotations

@@ -55,18 +55,16 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _error_response(400, f"invalid request: {problems}")
 
 
-HOT_PATHS = {"/v1/chat/completions": "/v1/chat/completions", "/v1/completions": "/v1/completions"}
+HOT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 class RouterApp(FastAPI):
     """FastAPI, except that completion requests go straight to the forwarder (raw ASGI, no middleware)."""
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = HOT_PATHS.get(scope["path"])
-            if path is not None:
-                await self.state.forwarder.handle(scope, receive, send, path)
-                return
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in HOT_PATHS:
+            await self.state.forwarder.handle(scope, receive, send, scope["path"])
+            return
         await super().__call__(scope, receive, send)
 
 

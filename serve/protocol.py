@@ -14,21 +14,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
-class ErrorDetail(BaseModel):
-    """OpenAI's `error` object."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body: `{"error": {...}}`."""
-
-    error: ErrorDetail
-
-
 class ModelCard(BaseModel):
     """One entry of `GET /v1/models`."""
 

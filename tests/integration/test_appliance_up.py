@@ -113,7 +113,7 @@ def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
     router_url, backend_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{backend_port}"
     procs = [
         subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(router_port)], cwd=REPO, env=env),
-        subprocess.Popen([sys.executable, "-m", "serve.fake_backend", "--port", str(backend_port), "--model", "joined-model"], cwd=REPO, env=env),
+        subprocess.Popen([sys.executable, "-m", "testing.fake_vllm", "--port", str(backend_port), "--model", "joined-model"], cwd=REPO, env=env),
     ]
     try:
         for url in (f"{router_url}/health", f"{backend_url}/health"):

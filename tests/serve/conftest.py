@@ -51,10 +51,10 @@ def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen | None =
 
 
 def start_fake(model: str = "fake", *args: str) -> FakeProcess:
-    """Start `python -m serve.fake_backend` on a free port and wait until it answers."""
+    """Start `python -m testing.fake_vllm` on a free port and wait until it answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.fake_backend", "--port", str(port), "--model", model, "--name", f"fake-{port}", *args],
+        [sys.executable, "-m", "testing.fake_vllm", "--port", str(port), "--model", model, "--name", f"fake-{port}", *args],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

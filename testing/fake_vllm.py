@@ -1,20 +1,24 @@
-"""A tiny, fast OpenAI-speaking backend for tests and benchmarks (a stand-in for a vLLM worker).
+"""A tiny, fast fake vLLM OpenAI worker for tests and benchmarks (a test double: not part of the product).
 
 It is a raw ASGI app, so it costs almost nothing per request and can be mounted in process
 (`httpx.ASGITransport(app=create_fake_app())`) or run as a real process:
 
-    python -m serve.fake_backend --port 8101 --model fake
+    python -m testing.fake_vllm --port 8101 --model fake
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming SSE
 and not), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`. Loaded adapters appear in `/v1/models`
-with `parent` set to the base model, as in vLLM, and answer as `"model": <lora_name>`.
+with `parent` set to the base model, as in vLLM, and answer as `"model": <lora_name>`. With an API key (`api_key`,
+or the `VLLM_API_KEY` environment variable in process mode, as vLLM reads it) every `/v1/*` path answers 401
+`{"error": "Unauthorized"}` without `Authorization: Bearer <key>`, as vLLM's own middleware does; `/health` stays open.
+Every answer is `tok0 tok1 ...` (`chunks` tokens), whatever the prompt; `forge` replaces it with forged text (a
+lying worker).
 
 Failure injection (constructor arguments, or at run time with `POST /fake/control` and a JSON object of the same
 names): `fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before
 answering), `chunk_delay_s` (sleep between stream chunks), `break_after_chunks` (a stream stops after K chunks
 without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `die_after` (the process exits
-after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400). `GET /fake/requests` lists what was received
-(path, model, headers named `x-*`/`authorization` presence), for assertions; a completion whose client disconnected
+after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text instead). `GET /fake/requests` lists what was
+received (path, model, the last message or prompt as `prompt`, headers named `x-*`), for assertions; a completion whose client disconnected
 during its `delay_s` is abandoned, as vLLM aborts it, and its entry gets `"cancelled": true`.
 """
 
@@ -34,7 +38,8 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after", "refuse_loads")
+_CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after",
+                   "refuse_loads", "forge")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -58,6 +63,8 @@ class FakeBackend:
         unhealthy: bool = False,
         die_after: int | None = None,
         refuse_loads: bool = False,
+        forge: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.model = model
         self.name = name
@@ -70,6 +77,8 @@ class FakeBackend:
         self.unhealthy = unhealthy
         self.die_after = die_after
         self.refuse_loads = refuse_loads
+        self.forge = forge
+        self._auth = f"Bearer {api_key}".encode() if api_key else None
         self.adapters: dict[str, str] = {}
         self.requests: list[dict[str, Any]] = []
         self.created = int(time.time())
@@ -82,6 +91,9 @@ class FakeBackend:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        if self._auth is not None and path.startswith("/v1") and dict(scope["headers"]).get(b"authorization") != self._auth:
+            await self._send_json(send, 401, {"error": "Unauthorized"})
+            return
         if method == "GET":
             if path == "/health":
                 await self._send(send, 503 if self.unhealthy else 200, b"" if not self.unhealthy else b'{"status":"unhealthy"}')
@@ -159,7 +171,8 @@ class FakeBackend:
             return
         model = req.get("model")
         headers = {k.decode(): v.decode() for k, v in scope.get("headers", []) if k.startswith(b"x-")}
-        entry: dict[str, Any] = {"path": path, "model": model, "stream": bool(req.get("stream")), "headers": headers}
+        entry: dict[str, Any] = {"path": path, "model": model, "stream": bool(req.get("stream")), "headers": headers,
+                                 "prompt": _prompt(req)}
         self.requests.append(entry)
         if self.die_after is not None:
             self.die_after -= 1
@@ -183,9 +196,15 @@ class FakeBackend:
         else:
             await self._send_json(send, 200, self._completion(model, chat))
 
+    def _pieces(self) -> list[str]:
+        """The answer's stream pieces: `tok0 `, `tok1 `, ... or the forged text's words."""
+        words = self.forge.split() if self.forge is not None else [f"tok{i}" for i in range(self.chunks)]
+        return [w + " " for w in words]
+
     def _completion(self, model: str, chat: bool) -> dict[str, Any]:
-        text = " ".join(f"tok{i}" for i in range(self.chunks))
-        usage = {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 5 + self.chunks}
+        pieces = self._pieces()
+        text = "".join(pieces).rstrip()
+        usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
         if chat:
             return {"id": "chatcmpl-fake", "object": "chat.completion", "created": self.created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -196,17 +215,17 @@ class FakeBackend:
     async def _stream(self, send: Send, model: str, chat: bool) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
-        for i in range(self.chunks):
+        for i, piece in enumerate(self._pieces()):
             if self.break_after_chunks is not None and i >= self.break_after_chunks:
                 # End the response without [DONE]: to the client this is a connection that dies mid-stream.
                 raise ConnectionAbortedError("fake backend broke the stream as asked")
             if chat:
-                delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
                 chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": self.created, "model": model,
                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
             else:
                 chunk = {"id": "cmpl-fake", "object": "text_completion", "created": self.created, "model": model,
-                         "choices": [{"index": 0, "text": f"tok{i} ", "finish_reason": None}]}
+                         "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
             await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
@@ -220,6 +239,14 @@ class FakeBackend:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _prompt(req: dict[str, Any]) -> str:
+    """The last message's content (chat) or the prompt (completions), for `GET /fake/requests`."""
+    messages = req.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return str(messages[-1].get("content", ""))
+    return str(req.get("prompt", ""))
 
 
 def _error(message: str, type_: str, code: int) -> dict[str, Any]:
@@ -270,11 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-next", type=int, default=0)
     parser.add_argument("--break-after-chunks", type=int, default=None)
     parser.add_argument("--die-after", type=int, default=None)
+    parser.add_argument("--forge", default=None, help="Answer this text instead of tok0 tok1 ... (a lying worker).")
     args = parser.parse_args(argv)
     app = create_fake_app(
         args.model, name=args.name or f"{args.host}:{args.port}", chunks=args.chunks, delay_s=args.delay_s,
         chunk_delay_s=args.chunk_delay_s, fail_next=args.fail_next, break_after_chunks=args.break_after_chunks,
-        die_after=args.die_after,
+        die_after=args.die_after, forge=args.forge, api_key=os.environ.get("VLLM_API_KEY") or None,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on")
 

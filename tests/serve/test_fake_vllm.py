@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from serve.fake_backend import create_fake_app
+from testing.fake_vllm import create_fake_app
 
 
 async def _client(app) -> httpx.AsyncClient:
@@ -41,3 +41,16 @@ def test_process_mode_control(fake_factory):
     assert httpx.get(f"{fake.url}/health").status_code == 503
     assert httpx.post(f"{fake.url}/v1/chat/completions", json={"model": "m"}).status_code == 200
     assert fake.received()[0]["model"] == "m"
+
+
+async def test_api_key_guards_v1_like_vllm_and_forge_answers_other_text():
+    app = create_fake_app("m", chunks=2, api_key="worker-key", forge="I am forged")
+    async with await _client(app) as c:
+        assert (await c.get("/health")).status_code == 200  # vLLM leaves /health open
+        refused = await c.get("/v1/models")
+        assert (refused.status_code, refused.json()) == (401, {"error": "Unauthorized"})
+        assert (await c.post("/v1/chat/completions", json={"model": "m"}, headers={"Authorization": "Bearer nope"})).status_code == 401
+        ok = await c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"Authorization": "Bearer worker-key"})
+        assert ok.json()["choices"][0]["message"]["content"] == "I am forged"
+        assert app.requests[-1]["prompt"] == "hi"
