@@ -98,7 +98,7 @@ class GeoFleet:
         name = name or f"fake-{region}"
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"
-        self.bed.spawn(region, name, [sys.executable, "-m", "serve.fake_backend", "--host", self.bed.address(region),
+        self.bed.spawn(region, name, [sys.executable, "-m", "testing.fake_vllm", "--host", self.bed.address(region),
                                       "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args])
         self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 30, f"{name} to answer", name)
         return self._join(region, name, port, url, ["--url", url])
