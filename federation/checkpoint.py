@@ -2,20 +2,25 @@
 
 Layout: `rounds/NNNNNN/` holds `global.safetensors`, `strategy.safetensors` and `state.json` (round, participants,
 history of round records, accountant); `latest.json` names the newest complete one. A round folder is staged and
-renamed into place, then `latest.json` is replaced, so a crash at any point leaves the previous round intact.
+renamed into place, then `latest.json` is replaced, every file and folder fsynced, so a crash at any point leaves
+the previous round intact; `load_latest` falls back to the newest readable round if the latest one is torn.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import replace_dir_atomic, write_json_atomic
+from appliance.core.atomic import replace_dir_atomic, write_bytes_atomic, write_json_atomic
 from appliance.core.types import StateDict
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,32 +38,75 @@ def round_dir(run_dir: Path, round_id: int) -> Path:
     return Path(run_dir) / "rounds" / f"{round_id:06d}"
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (a file's fsync does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
-    """Write `ckpt` atomically and point `latest.json` at it; returns its folder."""
-    from safetensors.torch import save_file
+    """Write `ckpt` durably (every file and folder fsynced) and atomically, then point `latest.json` at it.
+
+    Returns:
+        The round's folder.
+    """
+    from safetensors.torch import save
 
     final = round_dir(run_dir, ckpt.round_id)
     if final.exists():  # left by a crash between the rename and latest.json: that round is being redone
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=final.parent))
-    save_file({k: v.contiguous() for k, v in ckpt.global_state.items()}, str(staging / "global.safetensors"))
-    save_file({k: v.contiguous() for k, v in ckpt.strategy_state.items()}, str(staging / "strategy.safetensors"))
+    write_bytes_atomic(staging / "global.safetensors", save({k: v.contiguous() for k, v in ckpt.global_state.items()}))
+    write_bytes_atomic(staging / "strategy.safetensors", save({k: v.contiguous() for k, v in ckpt.strategy_state.items()}))
     write_json_atomic(staging / "state.json", {"round": ckpt.round_id, **ckpt.state})
+    _fsync_dir(staging)
     replace_dir_atomic(staging, final)
+    _fsync_dir(final.parent)
     write_json_atomic(Path(run_dir) / "latest.json", {"round": ckpt.round_id, "dir": str(final.relative_to(run_dir))})
+    _fsync_dir(Path(run_dir))
     return final
 
 
-def load_latest(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of the run, or None if the run has none."""
+def _load_dir(d: Path, round_id: int) -> Checkpoint:
     from safetensors.torch import load_file
 
-    pointer = Path(run_dir) / "latest.json"
-    if not pointer.exists():
-        return None
-    info = json.loads(pointer.read_text(encoding="utf-8"))
-    d = Path(run_dir) / info["dir"]
     state = json.loads((d / "state.json").read_text(encoding="utf-8"))
-    return Checkpoint(int(info["round"]), load_file(str(d / "global.safetensors")),
-                      load_file(str(d / "strategy.safetensors")), state)
+    if int(state.get("round", -1)) != round_id:
+        raise ValueError(f"{d / 'state.json'} is for round {state.get('round')}, not {round_id}")
+    return Checkpoint(round_id, load_file(str(d / "global.safetensors")), load_file(str(d / "strategy.safetensors")), state)
+
+
+def load_latest(run_dir: Path) -> Checkpoint | None:
+    """The newest complete, readable checkpoint of the run, or None if the run has none.
+
+    `latest.json` names the newest; if it or the round it names cannot be read (a torn write, a lost file), the
+    previous rounds are tried newest first, and the fallback is logged.
+    """
+    from safetensors import SafetensorError
+
+    run_dir = Path(run_dir)
+    candidates: list[tuple[int, Path]] = []
+    pointer = run_dir / "latest.json"
+    if pointer.exists():
+        try:
+            info = json.loads(pointer.read_text(encoding="utf-8"))
+            candidates.append((int(info["round"]), run_dir / info["dir"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s is unreadable (%s); looking for the newest readable round", pointer, exc)
+    rounds = run_dir / "rounds"
+    if rounds.is_dir():
+        found = sorted((int(p.name), p) for p in rounds.iterdir() if p.is_dir() and p.name.isdigit())
+        newest_named = candidates[0][0] if candidates else None
+        candidates += [(r, p) for r, p in reversed(found) if newest_named is None or r < newest_named]
+    for round_id, d in candidates:
+        try:
+            ckpt = _load_dir(d, round_id)
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            logger.warning("checkpoint of round %d in %s is unreadable (%s); trying the previous one", round_id, d, exc)
+            continue
+        return ckpt
+    return None

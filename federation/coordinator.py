@@ -2,9 +2,13 @@
 
 A round: wait until `min_silos` silos are online, send each a TRAIN (global adapter + the strategy's plan),
 collect UPDATEs until every selected silo answered, went offline, or the deadline passed; check each update
-(round, manifest against the global adapter, finite values, size and norm bounds) and answer ERROR to bad or late
-ones; aggregate with the strategy; checkpoint atomically; register the new global adapter in the adapter registry
-and call the `on_publish` callbacks. A restarted coordinator resumes after its last checkpointed round.
+(round, manifest against the global adapter, shapes before decoding, finite values, size and norm bounds) and answer
+ERROR (a code of `protocol.ERROR_CODES`) to bad or late ones; weigh the accepted ones by example count, bounded by the
+count declared at enrolment and by `max_silo_share`; aggregate with the strategy; check the aggregate (finite, norm
+bound); checkpoint atomically; then register the new global adapter in the adapter registry and call the
+`on_publish` callbacks. A restarted coordinator resumes after its last checkpointed round (and registers it if the
+crash came before). In CURVE mode every message is checked against the current enrolment: a removed silo is dropped
+within a second.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
 from appliance.core.atomic import append_jsonl
 from appliance.core.errors import ProtocolError, RoundFailed
-from appliance.core.net import connectable_host
+from appliance.core.net import connectable_host, is_loopback
 from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
-from federation.keys import enrolled_silos, load_keypair
-from federation.protocol import (Bye, ErrorInfo, Header, MsgType, SecAggStep, TrainTask, UpdateResult, Welcome,
-                                 make_header)
+from federation.keys import Enrolment, load_keypair
+from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, MsgType, SecAggStep, TrainTask, UpdateResult,
+                                 Welcome, make_header)
 from federation.transport import Incoming, ServerTransport
 
 if TYPE_CHECKING:
@@ -52,7 +56,6 @@ class SiloInfo:
     last_seen: float
     rounds: int = 0
     examples: int = 0
-    busy: bool = False
 
 
 @dataclass
@@ -66,7 +69,8 @@ class RoundState:
     deadline: float
     started: float
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"num_examples", "metrics", "train_s"}
-    rejected: dict[str, str] = field(default_factory=dict)  # silo -> reason
+    rejected: dict[str, str] = field(default_factory=dict)  # silo -> error code (protocol.ERROR_CODES)
+    updates: dict[str, StateDict] = field(default_factory=dict)  # silo -> checked float32 update, weighed at the end
     bytes_in: int = 0
     bytes_out: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -115,7 +119,9 @@ class Coordinator:
         self.status_url: str | None = None
         self.address: str | None = None
         self._registry = AdapterRegistry(settings.adapters_dir)
-        self.secure_inputs: dict[int, dict[str, bytes]] = {}  # round -> silo -> masked vector received (audit, tests)
+        self._enrolment = None if self.cfg.plaintext else Enrolment(settings.keys_dir)
+        # The last secure round's masked vectors as received (audit, tests): {round: {silo: bytes}}, one round only.
+        self.secure_inputs: dict[int, dict[str, bytes]] = {}
         if self.cfg.secure_aggregation:
             from federation.secure_round import check_strategy
 
@@ -129,6 +135,8 @@ class Coordinator:
         self.address = await self._transport.start()
         await self._start_status_server()
         self._tasks.append(asyncio.create_task(self._recv_loop(), name="coordinator-recv"))
+        if self._enrolment is not None:
+            self._tasks.append(asyncio.create_task(self._watch_enrolment(), name="coordinator-enrolment"))
         self._run_task = asyncio.create_task(self._run_rounds(), name="coordinator-rounds")
         return self.address
 
@@ -165,10 +173,10 @@ class Coordinator:
             from appliance.core.errors import ConfigError
 
             raise ConfigError("no coordinator key pair: run `appliance federation init` first (or set federation.plaintext for tests)")
-        keys_dir = self.settings.keys_dir
+        enrolment = self._enrolment
 
         def lookup(public_key: str) -> str | None:
-            return next((name for name, key in enrolled_silos(keys_dir).items() if key == public_key), None)
+            return enrolment.name_of(public_key) if enrolment is not None else None
 
         return ServerTransport(endpoint, keypair=keypair, lookup=lookup, plaintext=self.cfg.plaintext,
                                max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
@@ -182,6 +190,7 @@ class Coordinator:
             for sid, info in ckpt.state.get("silos", {}).items():
                 self.silos[sid] = SiloInfo(sid, b"", 0.0, info.get("rounds", 0), info.get("examples", 0))
             logger.info("resuming run %s after round %d from %s", self.cfg.run_name, self.round, self.run_dir)
+            self._register_missing()
             return
         if self._initial_state is None:
             import train
@@ -198,6 +207,7 @@ class Coordinator:
         return sum(len(f) for f in frames) if ok else 0
 
     async def _error(self, peer: bytes, code: str, message: str, round_id: int = -1) -> None:
+        """ERROR `code` (one of protocol.ERROR_CODES) with a sentence of ours (never a raw exception) to one peer."""
         logger.warning("ERROR to %s: %s: %s", peer.hex()[:12], code, message)
         await self._send(peer, make_header(MsgType.ERROR, ErrorInfo(code=code, message=message), run=self.cfg.run_name, round_id=round_id))
 
@@ -207,8 +217,8 @@ class Coordinator:
             try:
                 await self._handle(msg)
             except Exception as exc:  # service boundary: one bad message never stops the coordinator
-                logger.error("failed to handle a message from %s: %s", msg.user_id or msg.peer.hex()[:12], exc, exc_info=True)
-                await self._error(msg.peer, "internal", f"{type(exc).__name__}: {exc}")
+                logger.error("failed to handle a message from %s: %s", msg.peer.hex()[:12], exc, exc_info=True)
+                await self._error(msg.peer, "internal", "the coordinator could not handle this message (see its log)")
 
     async def _handle(self, msg: Incoming) -> None:
         try:
@@ -216,7 +226,14 @@ class Coordinator:
         except ProtocolError as exc:
             await self._error(msg.peer, "malformed", str(exc))
             return
-        silo_id = msg.user_id if not self.cfg.plaintext else header.silo_id
+        if self._enrolment is not None:
+            # Checked on every message, not only at connect: a silo removed since keeps no session.
+            silo_id = self._enrolment.name_of(msg.public_key) if msg.public_key else None
+            if silo_id is None:
+                await self._error(msg.peer, "not_enrolled", "this silo's key is not enrolled (any more)", header.round_id)
+                return
+        else:
+            silo_id = header.silo_id
         if not silo_id:
             await self._error(msg.peer, "unknown_silo", "message without a silo id", header.round_id)
             return
@@ -228,7 +245,7 @@ class Coordinator:
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
             await self._welcome(silo)
         elif header.type == MsgType.HEARTBEAT:
-            silo.busy = bool(header.body.get("busy", False))
+            pass
         elif header.type == MsgType.UPDATE:
             await self._on_update(silo, header, msg.frames)
         elif header.type == MsgType.SECAGG:
@@ -237,10 +254,13 @@ class Coordinator:
             silo.last_seen = 0.0
             logger.info("silo %s left: %s", silo_id, header.body.get("reason", ""))
         elif header.type == MsgType.ERROR:
-            logger.warning("silo %s reported an error: %s", silo_id, header.body)
-            if self.current and silo_id in self.current.selected and header.round_id == self.current.round_id:
-                self.current.rejected[silo_id] = f"silo error: {header.body.get('message', '')}"
-                self.current.changed.set()
+            code = header.body.get("code", "")
+            code = code if code in ERROR_CODES else "silo_error"  # a code only: the silo's own text stays out of records
+            logger.warning("silo %s reported an error: %s", silo_id, code)
+            rs = self.current
+            if rs and silo_id in rs.selected and header.round_id == rs.round_id and silo_id not in rs.answered:
+                rs.rejected.setdefault(silo_id, code)
+                rs.changed.set()
         else:
             await self._error(msg.peer, "unexpected", f"a coordinator does not accept {header.type.value}", header.round_id)
 
@@ -261,14 +281,19 @@ class Coordinator:
             await self._error(silo.peer, "stale_round", f"update for round {header.round_id}, current round is {rs.round_id if rs else 'none'}", header.round_id)
             return
         rs.bytes_in += size
-        reason = self._check_update(silo.id, header, frames, rs)
-        if reason is not None:
-            code, message = reason
-            rs.rejected[silo.id] = f"{code}: {message}"
+        refusal = self._refuse_update(silo.id, header, rs)
+        if refusal is not None:  # not this silo's answer to this round: its first answer (if any) stands
+            await self._error(silo.peer, *refusal, header.round_id)
+            return
+        checked = self._check_update(silo.id, header, frames, rs)
+        if isinstance(checked, tuple):
+            code, message = checked
+            rs.rejected[silo.id] = code
             rs.changed.set()
             await self._error(silo.peer, code, message, header.round_id)
             return
         body = UpdateResult.model_validate(header.body)
+        rs.updates[silo.id] = checked
         rs.answered[silo.id] = {"num_examples": body.num_examples, "metrics": body.metrics, "train_s": body.train_s, "bytes": size}
         silo.rounds += 1
         silo.examples += body.num_examples
@@ -286,9 +311,11 @@ class Coordinator:
         try:
             rs.secure.handle(silo.id, header, wire.decode_payload(header, frames), size)
         except ProtocolError as exc:
-            rs.rejected[silo.id] = f"secagg: {exc}"
+            code = getattr(exc, "code", "secagg")
+            if silo.id in rs.secure.expected and silo.id not in rs.secure.answers[rs.secure.step]:
+                rs.rejected.setdefault(silo.id, code)  # a duplicate or out-of-turn step leaves the silo's answers alone
             rs.changed.set()
-            await self._error(silo.peer, "secagg", str(exc), header.round_id)
+            await self._error(silo.peer, code, str(exc), header.round_id)
 
     async def _send_secagg(self, rs: RoundState, silo_id: str, step: str, data: dict[str, Any]) -> bool:
         header = make_header(MsgType.SECAGG, SecAggStep(step=step, data=data), run=self.cfg.run_name,
@@ -302,57 +329,99 @@ class Coordinator:
         def alive(sid: str) -> bool:
             return time.time() - self.silos[sid].last_seen <= self.cfg.silo_timeout_s
 
-        mean, survivors = await rs.secure.run(lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive)
-        self.secure_inputs[rs.round_id] = dict(rs.secure.received)
+        mean, survivors = await rs.secure.run(lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive,
+                                              self._shares)
+        self.secure_inputs = {rs.round_id: dict(rs.secure.received)}  # the last round only: no growth over a run
         for sid, info in sorted(survivors.items()):
-            # The secure mean once per survivor, weighted by its examples: the weighted mean is the secure mean, and
-            # the accumulator's count and example total are those of the plain path.
-            rs.acc.add(sid, mean, info["num_examples"])
+            # The secure mean once per survivor: the weighted mean is the secure mean, and the accumulator's count is
+            # that of the plain path.
+            rs.acc.add(sid, mean, 1.0)
             rs.answered[sid] = info
             self.silos[sid].rounds += 1
             self.silos[sid].examples += info["num_examples"]
 
-    def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> tuple[str, str] | None:
-        """Validate an UPDATE and add it to the accumulator; returns (code, message) when it is refused."""
-        import torch
-
+    def _refuse_update(self, silo_id: str, header: Header, rs: RoundState) -> tuple[str, str] | None:
+        """(code, message) when an UPDATE is not this silo's first, timely answer to this round."""
         if silo_id not in rs.selected:
             return "not_selected", f"silo {silo_id} was not selected for round {rs.round_id}"
         if silo_id in rs.answered or silo_id in rs.rejected:
-            return "duplicate", f"silo {silo_id} already answered round {rs.round_id}"
+            return "duplicate", f"silo {silo_id} already answered round {rs.round_id}; the first answer stands"
         if time.time() > rs.deadline:
             return "late", f"round {rs.round_id} deadline passed"
+        return None
+
+    def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> StateDict | tuple[str, str]:
+        """The update, decoded (to the global adapter's shapes only) and checked; or (code, message) refusing it."""
+        from federation.strategies import InvalidUpdate, check_update, global_norm
+
         limit = 3 * sum(t.numel() * 4 for t in rs.global_state.values()) + (1 << 20)
         if header.payload_bytes > limit:
             return "oversized", f"payload of {header.payload_bytes} bytes exceeds the {limit}-byte bound for this adapter"
-        try:
-            body = UpdateResult.model_validate(header.body)
-            tensors = wire.decode_payload(header, frames)
-            update = codec.decode(tensors, body.encoding)
-        except (ProtocolError, ValueError) as exc:
-            return "malformed", str(exc)
-        if body.num_examples <= 0:
-            return "malformed", "num_examples must be positive"
-        if update.keys() != rs.global_state.keys():
-            extra, missing = sorted(update.keys() - rs.global_state.keys()), sorted(rs.global_state.keys() - update.keys())
+        shapes = {k: list(v.shape) for k, v in rs.global_state.items()}
+        body = UpdateResult.model_validate(header.body)  # validated with the header already (wire.decode_header)
+        declared = body.encoding.get("shapes")
+        if not isinstance(declared, dict) or not all(isinstance(v, list) for v in declared.values()):
+            return "malformed", "the update's encoding declares no shapes"
+        if declared.keys() != shapes.keys():
+            extra, missing = sorted(declared.keys() - shapes.keys()), sorted(shapes.keys() - declared.keys())
             return "manifest", f"tensor names differ from the global adapter: extra {extra[:3]}, missing {missing[:3]}"
-        norm_sq = 0.0
-        for name, ref in rs.global_state.items():
-            t = update[name]
-            if tuple(t.shape) != tuple(ref.shape):
-                return "manifest", f"tensor {name!r} has shape {tuple(t.shape)}, the global adapter has {tuple(ref.shape)}"
-            if not t.is_floating_point():
-                return "manifest", f"tensor {name!r} has dtype {t.dtype}, expected a float dtype"
-            if not bool(torch.isfinite(t).all()):
-                return "non_finite", f"tensor {name!r} holds NaN or infinite values"
-            norm_sq += float(t.float().pow(2).sum())
-        if self.cfg.max_update_norm is not None and math.sqrt(norm_sq) > self.cfg.max_update_norm:
-            return "norm", f"update L2 norm {math.sqrt(norm_sq):.4g} exceeds federation.max_update_norm={self.cfg.max_update_norm}"
+        wrong = next((k for k in sorted(shapes) if declared[k] != shapes[k]), None)
+        if wrong is not None:  # refused before decoding: the sender does not choose what the coordinator allocates
+            return "bad_shape", f"tensor {wrong!r} is declared {declared[wrong]}, the global adapter has {shapes[wrong]}"
         try:
-            rs.acc.add(silo_id, {k: v.float() for k, v in update.items()}, body.num_examples)
-        except ValueError as exc:
-            return "rejected", str(exc)
-        return None
+            update = codec.decode(wire.decode_payload(header, frames), body.encoding, expected_shapes=shapes)
+        except ProtocolError as exc:
+            return "malformed", str(exc)
+        try:
+            check_update(silo_id, update, rs.global_state)
+        except InvalidUpdate as exc:
+            return exc.code, str(exc)
+        norm = global_norm(update)
+        if self.cfg.max_update_norm is not None and norm > self.cfg.max_update_norm:
+            return "norm", f"update L2 norm {norm:.4g} exceeds federation.max_update_norm={self.cfg.max_update_norm}"
+        return {k: v.float() for k, v in update.items()}
+
+    def _shares(self, counts: dict[str, int]) -> dict[str, float]:
+        """Each silo's share of the round: its claimed count, bounded by the one declared at enrolment, capped at
+        `federation.max_silo_share` (`strategies.capped_weights`)."""
+        from federation.strategies import capped_weights
+
+        bounded = {}
+        for sid, n in counts.items():
+            declared = self._enrolment.declared_examples(sid) if self._enrolment is not None else None
+            bounded[sid] = min(n, declared) if declared is not None else n
+        return capped_weights(bounded, self.cfg.max_silo_share)
+
+    def _accumulate(self, rs: RoundState) -> None:
+        """Add the round's checked updates to the strategy's accumulator with their capped shares."""
+        shares = self._shares({sid: rs.answered[sid]["num_examples"] for sid in rs.updates})
+        for sid in sorted(rs.updates):
+            try:
+                rs.acc.add(sid, rs.updates[sid], shares[sid])
+            except ValueError as exc:  # the strategy's own refusal (e.g. its accumulator's checks)
+                logger.warning("round %d: strategy refused the update of %s: %s", rs.round_id, sid, exc)
+                rs.answered.pop(sid)
+                rs.rejected[sid] = getattr(exc, "code", "malformed")
+        rs.updates.clear()
+
+    async def _watch_enrolment(self, interval_s: float = 0.5) -> None:
+        """Drop, within `interval_s`, the session of a silo whose enrolment was removed (`appliance federation remove`)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            enrolled = self._enrolment.names()
+            for silo in list(self.silos.values()):
+                if silo.id not in enrolled and silo.peer:
+                    await self._drop_silo(silo)
+
+    async def _drop_silo(self, silo: SiloInfo) -> None:
+        logger.warning("silo %s was removed from the enrolment: dropping its session", silo.id)
+        await self._send(silo.peer, make_header(MsgType.BYE, Bye(reason="removed"), run=self.cfg.run_name, round_id=self.round))
+        silo.peer, silo.last_seen = b"", 0.0
+        rs = self.current
+        if rs is not None and silo.id in rs.selected and silo.id not in rs.answered:
+            rs.rejected.setdefault(silo.id, "not_enrolled")
+            rs.updates.pop(silo.id, None)
+            rs.changed.set()
 
     # ------------------------------------------------------------------ rounds
     def online(self) -> list[str]:
@@ -441,23 +510,43 @@ class Coordinator:
             await rs.wait_for_change()
         self.phase = "aggregating"
         self.current = None
-        failures = sorted((rs.selected - rs.answered.keys()) | rs.rejected.keys())
         for sid in sorted(rs.selected - rs.answered.keys() - rs.rejected.keys()):
             logger.warning("round %d: no update from %s (%s)", round_id, sid,
                            "deadline passed" if time.time() >= rs.deadline else "went offline")
+        if rs.secure is None:
+            self._accumulate(rs)
+        failures = sorted((rs.selected - rs.answered.keys()) | rs.rejected.keys())
         if len(rs.answered) < self.cfg.min_silos:
             failed = ", ".join(f"{s} ({rs.rejected.get(s, 'no answer')})" for s in failures) or "none"
             raise RoundFailed(f"{len(rs.answered)} valid update(s) < min_silos={self.cfg.min_silos}; failed: {failed}")
-        new_state = self.strategy.finish_round(round_id, self.global_state, rs.acc, failures)
-        if new_state is None:
-            raise RoundFailed(f"strategy {self.strategy.name} kept the previous global adapter (see its log line)")
-        self.global_state = {k: v.detach().float().contiguous() for k, v in new_state.items()}
+        self.global_state = self._aggregate(rs, failures)
         self.round = round_id
         record = self._round_record(rs, failures)
+        self._checkpoint(record)  # first: a registered (and published) version always has its checkpoint on disk
         version = self._register(record)
-        self._checkpoint(record)
+        self._append_round_log(record)
         if version is not None:
             self._notify(version)
+
+    def _aggregate(self, rs: RoundState, failures: list[str]) -> StateDict:
+        """The strategy's new global adapter, checked (finite, norm bound) before anything uses it.
+
+        Raises:
+            RoundFailed: the strategy kept the previous global, or the aggregate failed its checks (the strategy's
+                state is then rolled back, so the round leaves no trace).
+        """
+        from federation.strategies import check_aggregate
+
+        saved = {k: v.clone() for k, v in self.strategy.state_dict().items()}
+        new_state = self.strategy.finish_round(rs.round_id, self.global_state, rs.acc, failures)
+        if new_state is None:
+            raise RoundFailed(f"strategy {self.strategy.name} kept the previous global adapter (see its log line)")
+        bound = self.cfg.max_aggregate_norm if self.cfg.max_aggregate_norm is not None else self.cfg.max_update_norm
+        reason = check_aggregate(new_state, self.global_state, bound)
+        if reason is not None:
+            self.strategy.load_state_dict(saved)
+            raise RoundFailed(f"aggregate rejected, previous global adapter kept: {reason}")
+        return {k: v.detach().float().contiguous() for k, v in new_state.items()}
 
     def _round_record(self, rs: RoundState, failures: list[str]) -> dict[str, Any]:
         total = sum(a["num_examples"] for a in rs.answered.values())
@@ -487,8 +576,26 @@ class Coordinator:
         silos = {s.id: {"rounds": s.rounds, "examples": s.examples} for s in self.silos.values()}
         save_checkpoint(self.run_dir, Checkpoint(self.round, self.global_state, self.strategy.state_dict(),
                                                  {"history": self.history, "silos": silos, "run": self.cfg.run_name}))
-        append_jsonl(self.run_dir / "rounds.jsonl", record)
         logger.info("round %d checkpointed: participants %s, metrics %s", self.round, record["participants"], record["metrics"])
+
+    def _append_round_log(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.run_dir / "rounds.jsonl", record)
+
+    def _register_missing(self) -> None:
+        """After a restart: register the checkpointed round if the crash came between its checkpoint and its
+        registration, and fill the adapter reference into its record."""
+        if self._exporter is False or not self.history:
+            return
+        record = self.history[-1]
+        numbers = self._registry.versions(self.cfg.run_name)
+        latest = self._registry.get(f"{self.cfg.run_name}:{numbers[-1]}") if numbers else None
+        if latest is not None and latest.meta.get("round") == self.round:
+            record["adapter"] = latest.ref
+            return
+        logger.info("round %d was checkpointed but not registered: registering it now", self.round)
+        version = self._register(record)
+        if version is not None:
+            self._notify(version)
 
     def _register(self, record: dict[str, Any]) -> AdapterVersion | None:
         """Export the global adapter as a PEFT folder and register it as the next version of the run."""
@@ -539,14 +646,36 @@ class Coordinator:
             "rounds": self.history,
         }
 
+    def _status_token(self) -> str | None:
+        """The admin token `/status` requires when bound beyond loopback (None on a loopback bind)."""
+        if is_loopback(self.cfg.bind_host):
+            return None
+        from appliance.core.secrets import ensure_token
+
+        return ensure_token(self.settings.keys_dir, "admin_token", self.settings.serve.admin_token)
+
     async def _start_status_server(self) -> None:
         from aiohttp import web
 
-        async def handle(_request: web.Request) -> web.Response:
+        from appliance.core.secrets import same_secret
+
+        token = self._status_token()
+
+        async def status(request: web.Request) -> web.Response:
+            if token is not None:
+                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                if not given or not same_secret(given, token):
+                    return web.json_response({"error": "the coordinator's /status needs the admin token "
+                                                       "(Authorization: Bearer TOKEN) when it binds beyond loopback"},
+                                             status=401)
             return web.json_response(self.status())
 
+        async def health(_request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
         app = web.Application()
-        app.router.add_get("/status", handle)
+        app.router.add_get("/status", status)
+        app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.bind_host, self.cfg.status_port)

@@ -1,12 +1,14 @@
 """CURVE key pairs of the coordinator and silos, and the coordinator's list of enrolled silos, under `keys/`.
 
 Layout (`APPLIANCE_HOME/keys/federation/`): `coordinator.key_secret` + `coordinator.key` (z85), `silo.key_secret` +
-`silo.key`, and `enrolled.json` (`{"silo name": "z85 public key"}`). Secret files are mode 0600 and never logged.
+`silo.key`, and `enrolled.json` (`{"silo name": "z85 public key"}`, or `{"silo name": {"public_key": KEY,
+"num_examples": N}}` for a silo enrolled with the example count it declared). Secret files are mode 0600 and never logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from appliance.core.atomic import write_json_atomic, write_text_atomic
 from appliance.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 _SILO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -75,8 +79,8 @@ def load_keypair(keys_dir: Path, role: str) -> KeyPair | None:
     return KeyPair((d / f"{role}.key").read_text().strip(), (d / f"{role}.key_secret").read_text().strip())
 
 
-def enrolled_silos(keys_dir: Path) -> dict[str, str]:
-    """Enrolled silos: name -> z85 public key (empty if none)."""
+def _read_enrolment(keys_dir: Path) -> dict[str, dict]:
+    """`enrolled.json` as name -> {"public_key", "num_examples" (None when not declared)}."""
     path = federation_keys_dir(keys_dir) / ENROLLED_FILE
     if not path.exists():
         return {}
@@ -84,29 +88,102 @@ def enrolled_silos(keys_dir: Path) -> dict[str, str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    return {str(k): str(v) for k, v in data.items()}
+    out = {}
+    for name, entry in data.items():
+        entry = entry if isinstance(entry, dict) else {"public_key": entry}
+        out[str(name)] = {"public_key": str(entry["public_key"]), "num_examples": entry.get("num_examples")}
+    return out
 
 
-def enroll_silo(keys_dir: Path, name: str, public_key: str) -> dict[str, str]:
+def _write_enrolment(keys_dir: Path, entries: dict[str, dict]) -> None:
+    data = {n: e["public_key"] if e.get("num_examples") is None else e for n, e in entries.items()}
+    write_json_atomic(federation_keys_dir(keys_dir) / ENROLLED_FILE, data)
+
+
+def enrolled_silos(keys_dir: Path) -> dict[str, str]:
+    """Enrolled silos: name -> z85 public key (empty if none)."""
+    return {name: e["public_key"] for name, e in _read_enrolment(keys_dir).items()}
+
+
+def declared_examples(keys_dir: Path) -> dict[str, int]:
+    """The example counts silos declared when they were enrolled (only those that declared one)."""
+    return {name: int(e["num_examples"]) for name, e in _read_enrolment(keys_dir).items() if e["num_examples"] is not None}
+
+
+def enroll_silo(keys_dir: Path, name: str, public_key: str, num_examples: int | None = None) -> dict[str, str]:
     """Admit silo `name` with `public_key` (replacing an earlier key of that name); returns the new list.
 
+    Args:
+        num_examples: the example count the silo declared; it bounds the weight its updates get in every round.
+
     Raises:
-        ConfigError: invalid name or key, or the key is already enrolled under another name.
+        ConfigError: invalid name, key or count, or the key is already enrolled under another name.
     """
     name, public_key = check_silo_name(name), check_public_key(public_key)
-    silos = enrolled_silos(keys_dir)
-    other = [n for n, k in silos.items() if k == public_key and n != name]
+    if num_examples is not None and num_examples < 1:
+        raise ConfigError(f"a declared example count must be at least 1, got {num_examples}")
+    entries = _read_enrolment(keys_dir)
+    other = [n for n, e in entries.items() if e["public_key"] == public_key and n != name]
     if other:
         raise ConfigError(f"this public key is already enrolled as silo {other[0]!r}; remove it first")
-    silos[name] = public_key
-    write_json_atomic(federation_keys_dir(keys_dir) / ENROLLED_FILE, silos)
-    return silos
+    entries[name] = {"public_key": public_key, "num_examples": num_examples}
+    _write_enrolment(keys_dir, entries)
+    return {n: e["public_key"] for n, e in entries.items()}
 
 
 def remove_silo(keys_dir: Path, name: str) -> bool:
-    """Withdraw silo `name`; True if it was enrolled."""
-    silos = enrolled_silos(keys_dir)
-    if silos.pop(name, None) is None:
+    """Withdraw silo `name` (a running coordinator drops its session within a second); True if it was enrolled."""
+    entries = _read_enrolment(keys_dir)
+    if entries.pop(name, None) is None:
         return False
-    write_json_atomic(federation_keys_dir(keys_dir) / ENROLLED_FILE, silos)
+    _write_enrolment(keys_dir, entries)
     return True
+
+
+class Enrolment:
+    """The enrolment as the coordinator reads it: re-read whenever `enrolled.json` changes (a `stat` per check).
+
+    Args:
+        keys_dir: the appliance's keys folder.
+    """
+
+    def __init__(self, keys_dir: Path) -> None:
+        self.keys_dir = Path(keys_dir)
+        self._path = federation_keys_dir(keys_dir) / ENROLLED_FILE
+        self._stamp: tuple[int, int, int] | None = None
+        self._entries: dict[str, dict] = {}
+        self._by_key: dict[str, str] = {}
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True if it did."""
+        try:
+            st = self._path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp and self._stamp is not None:
+            return False
+        self._stamp = stamp
+        try:
+            self._entries = _read_enrolment(self.keys_dir)
+        except ConfigError:  # a half-edited file by hand: keep the previous enrolment and say so
+            logger.warning("%s is not valid JSON; keeping the previous enrolment", self._path)
+            return False
+        self._by_key = {e["public_key"]: name for name, e in self._entries.items()}
+        return True
+
+    def name_of(self, public_key: str) -> str | None:
+        """The silo enrolled with `public_key` now, or None."""
+        self.refresh()
+        return self._by_key.get(public_key)
+
+    def names(self) -> set[str]:
+        """Silos enrolled now."""
+        self.refresh()
+        return set(self._entries)
+
+    def declared_examples(self, name: str) -> int | None:
+        """The example count silo `name` declared at enrolment, or None."""
+        entry = self._entries.get(name)
+        return None if entry is None or entry["num_examples"] is None else int(entry["num_examples"])

@@ -32,6 +32,7 @@ from federation.strategies import (
     FedAvg,
     RoundAccumulator,
     StateDict,
+    StrategyWrapper,
     clip_update,
 )
 
@@ -46,7 +47,6 @@ __all__ = [
     "RDPAccountant",
     "CentralDP",
     "SiloDPAccounting",
-    "strategy_from_settings",
 ]
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
@@ -269,10 +269,9 @@ class RDPAccountant:
 # --------------------------------------------------------------------------------------------------------------
 # Central DP wrapper strategy
 # --------------------------------------------------------------------------------------------------------------
-class _AccountedWrapper:
+class _AccountedWrapper(StrategyWrapper):
     """What both DP wrappers share: epsilon so far, and checkpoints of the inner strategy plus the accountant."""
 
-    inner: Any
     accountant: "RDPAccountant"
     delta: float
 
@@ -329,18 +328,13 @@ class CentralDP(_AccountedWrapper):
             )
         if clip_norm <= 0 or noise_multiplier < 0:
             raise ValueError(f"need clip_norm > 0 and noise_multiplier >= 0, got {clip_norm}, {noise_multiplier}")
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.seed = seed
         self.population = population
         self.delta = delta
         self.accountant = RDPAccountant()
-
-    def plan_round(self, round_id: int) -> dict:
-        """The inner plan."""
-        return self.inner.plan_round(round_id)
 
     def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
         """An accumulator that clips each update to C and weighs it 1."""
@@ -378,19 +372,10 @@ class SiloDPAccounting(_AccountedWrapper):
     """
 
     def __init__(self, inner: Any, noise_multiplier: float, *, delta: float = 1e-5) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.accountant = RDPAccountant()
-
-    def plan_round(self, round_id: int) -> dict:
-        """The inner plan."""
-        return self.inner.plan_round(round_id)
-
-    def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
-        """The inner accumulator."""
-        return self.inner.start_round(round_id, global_state)
 
     def finish_round(
         self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]
@@ -400,21 +385,3 @@ class SiloDPAccounting(_AccountedWrapper):
         if new_state is not None:
             self.accountant.step(self.noise_multiplier, 1.0)
         return new_state
-
-
-def strategy_from_settings(cfg: Any) -> Any:
-    """The strategy a `FederationSettings` section asks for, wrapped for DP when `dp_mode` says so.
-
-    Uses `strategy`, `strategy_params`, `min_silos` (as `min_results`), `dp_mode` ("off" | "central" | "silo"),
-    `dp_clip_norm`, `dp_noise_multiplier` and `dp_delta`.
-    """
-    from federation.strategies import make_strategy
-
-    strategy = make_strategy(cfg.strategy, **{"min_results": cfg.min_silos, **dict(cfg.strategy_params)})
-    mode = getattr(cfg, "dp_mode", "off")
-    if mode == "central":
-        return CentralDP(strategy, cfg.dp_clip_norm, cfg.dp_noise_multiplier,  # type: ignore[arg-type]
-                         delta=cfg.dp_delta)
-    if mode == "silo":
-        return SiloDPAccounting(strategy, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
-    return strategy

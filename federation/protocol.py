@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -17,17 +17,19 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # a header is metadata only; 1 MiB is far above any real one
 MAX_TENSORS = 4096
 MAX_NAME_CHARS = 512
+MAX_EXAMPLES = 10**12  # far above any silo's data; keeps every weight a finite float
+MAX_METRICS = 64
+ERROR_CODE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"})
 
 
 class MsgType(str, Enum):
     """Every message type of the protocol."""
 
-    HELLO = "HELLO"  # silo -> coordinator: I am here, these are my capabilities
+    HELLO = "HELLO"  # silo -> coordinator: I am here
     WELCOME = "WELCOME"  # coordinator -> silo: run, current round, settings the silo must honour
     TRAIN = "TRAIN"  # coordinator -> silo: the round's task, global adapter in the payload
     UPDATE = "UPDATE"  # silo -> coordinator: the adapter delta in the payload, example count, metrics
-    EVALUATE = "EVALUATE"  # coordinator -> silo: evaluate the payload adapter on local eval data
     HEARTBEAT = "HEARTBEAT"  # both ways: liveness
     ERROR = "ERROR"  # both ways: what was wrong with a message
     BYE = "BYE"  # both ways: leaving
@@ -58,11 +60,14 @@ class TensorSpec(BaseModel):
         return v
 
 
-class Hello(BaseModel):
-    """HELLO body."""
+# A metric is a finite number (never text: text could carry training data); a name is short.
+Metric = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Metrics = Annotated[dict[Annotated[str, Field(max_length=64)], Metric], Field(max_length=MAX_METRICS)]
+NumExamples = Annotated[int, Field(ge=1, le=MAX_EXAMPLES, strict=True)]
 
-    capabilities: list[str] = Field(default_factory=list, description="e.g. ['bf16', 'int8', 'topk', 'dp'].")
-    num_examples: int = Field(0, ge=0, description="Local training examples (informational).")
+
+class Hello(BaseModel):
+    """HELLO body (empty: the silo's name comes from its enrolled key)."""
 
 
 class Welcome(BaseModel):
@@ -91,29 +96,62 @@ class TrainTask(BaseModel):
 class UpdateResult(BaseModel):
     """UPDATE body: the result of a round's local training; the delta travels in the payload."""
 
-    num_examples: int = Field(ge=0)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    num_examples: NumExamples
+    metrics: Metrics = Field(default_factory=dict)
     encoding: dict[str, Any] = Field(default_factory=dict, description="compression.decode's meta for the payload.")
-    train_s: float = 0.0
+    train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
-class EvaluateTask(BaseModel):
-    """EVALUATE body."""
+class Advertisement(BaseModel):
+    """The data of a secure round's `advertise` step (see SecAggStep): validated like an UPDATE's body."""
 
-    encoding: dict[str, Any] = Field(default_factory=dict)
+    c_pk: str = Field(max_length=256)
+    s_pk: str = Field(max_length=256)
+    num_examples: NumExamples
+    metrics: Metrics = Field(default_factory=dict)
+    train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class ErrorInfo(BaseModel):
-    """ERROR body: a machine-readable code and a sentence for the log."""
+    """ERROR body: a machine-readable code (`ERROR_CODES`) and, coordinator -> silo only, a sentence for its log.
 
-    code: str
-    message: str = ""
+    A silo sends the code alone: its exception text (file paths, data) stays in its own log.
+    """
+
+    code: str = Field(pattern=ERROR_CODE_PATTERN)
+    message: str = Field("", max_length=2000)
+
+
+# What ERROR codes mean (docs/CONTRACTS.md). Coordinator -> silo: why a message was refused; silo -> coordinator:
+# why it has no update this round.
+ERROR_CODES = {
+    "malformed": "the message or its payload is not valid",
+    "bad_metrics": "metrics that are not finite numbers, or too many of them",
+    "manifest": "tensor names differ from the global adapter",
+    "bad_shape": "a tensor's shape differs from the global adapter's",
+    "bad_dtype": "a tensor that is not floating point",
+    "non_finite": "NaN or infinite values",
+    "norm": "the update's L2 norm exceeds federation.max_update_norm",
+    "oversized": "the payload exceeds the bound for this adapter",
+    "not_selected": "the silo was not selected for this round",
+    "duplicate": "the silo already answered this round (the first answer stands)",
+    "late": "the round's deadline passed",
+    "stale_round": "the message is for another round",
+    "not_enrolled": "the sender's key is not (or no longer) enrolled",
+    "unknown_silo": "a message without a silo id",
+    "unexpected": "a message type this side does not accept",
+    "secagg": "a secure-aggregation step that is out of order or malformed",
+    "internal": "the coordinator failed to handle the message",
+    "train_failed": "the silo's local training failed",
+    "secagg_failed": "the silo could not complete a secure-aggregation step",
+    "silo_failure": "the silo failed to handle a message",
+    "unreachable": "the coordinator could not send the silo its task",
+    "silo_error": "the silo reported a code this coordinator does not know",
+}
 
 
 class Heartbeat(BaseModel):
-    """HEARTBEAT body."""
-
-    busy: bool = False
+    """HEARTBEAT body (empty: liveness only)."""
 
 
 class Bye(BaseModel):
@@ -142,7 +180,6 @@ BODY_TYPES: dict[MsgType, type[BaseModel]] = {
     MsgType.WELCOME: Welcome,
     MsgType.TRAIN: TrainTask,
     MsgType.UPDATE: UpdateResult,
-    MsgType.EVALUATE: EvaluateTask,
     MsgType.HEARTBEAT: Heartbeat,
     MsgType.ERROR: ErrorInfo,
     MsgType.BYE: Bye,
@@ -173,10 +210,6 @@ class Header(BaseModel):
             raise ValueError("manifest lists a tensor name twice")
         BODY_TYPES[self.type].model_validate(self.body)
         return self
-
-    def parsed_body(self) -> BaseModel:
-        """The body as its typed model (Hello, TrainTask, UpdateResult, ...)."""
-        return BODY_TYPES[self.type].model_validate(self.body)
 
 
 class HeaderError(ValueError):

@@ -8,16 +8,17 @@ from typing import Any
 from appliance.core.errors import ApplianceError
 
 
-def fetch_status(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """GET the coordinator's `/status`.
+def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None) -> dict[str, Any]:
+    """GET the coordinator's `/status` (with the admin token, which it needs when bound beyond loopback).
 
     Raises:
         ApplianceError: the coordinator is unreachable or answered an error.
     """
     import httpx
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = httpx.get(url, timeout=timeout_s)
+        resp = httpx.get(url, timeout=timeout_s, headers=headers)
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         raise ApplianceError(f"coordinator status at {url} unavailable: {exc}") from exc

@@ -486,11 +486,6 @@ class SecAggServer:
             logger.info("secure aggregation: removed the masks of %d dropped silo(s) %s", len(dropped), dropped)
         return _dequantise(total, self.layout, self.config, len(roster))
 
-    @property
-    def num_survivors(self) -> int:
-        """How many updates the sum holds."""
-        return len(self._masked)
-
 
 def random_bytes_from_seed(seed: int) -> RandomBytes:
     """A deterministic byte source for tests (never for production keys)."""

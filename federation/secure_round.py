@@ -5,13 +5,15 @@
 
 1. TRAIN (with `TrainTask.secure_aggregation` = the round's `SecAggConfig`) to the selected silos; each trains,
    then answers ``advertise`` (its two X25519 public keys, example count, metrics) instead of an UPDATE.
-2. ``roster`` (U1: the silos that advertised, and their total example count N) -> each silo answers ``share_keys``.
+2. ``roster`` (U1: the silos that advertised, their total example count N, and the silo's own weight ``w_u``: its
+   share of the round, ``n_u / N`` bounded by its enrolled count and capped at `federation.max_silo_share`) -> each
+   silo answers ``share_keys``.
 3. ``shares`` (the encrypted Shamir shares addressed to it; U2 = the silos that shared) -> each silo pre-scales its
-   delta by its example weight ``n_u / N`` and answers ``masked`` (the masked, quantised vector as the payload).
+   delta by its weight ``w_u`` and answers ``masked`` (the masked, quantised vector as the payload).
 4. ``survivors`` (U3 = the silos whose masked vector arrived) -> each answers ``unmask`` with its shares.
 5. With at least `threshold` unmask answers the server removes every mask and gets
-   ``S = sum_{u in U3} (n_u / N) * delta_u``; the coordinator applies ``S * N / N3`` (``N3`` = examples of U3),
-   which is exactly the example-weighted FedAvg mean of the survivors' updates, up to quantisation error.
+   ``S = sum_{u in U3} w_u * delta_u``; the coordinator applies ``S / sum_{u in U3} w_u``, which is exactly the
+   weighted FedAvg mean of the survivors' updates (the plain path's weights), up to quantisation error.
 
 What the sum covers: a silo whose masked vector reached the coordinator is in U3 and its update IS in the sum,
 even if it disappears before answering ``unmask`` (its self-mask seed is rebuilt from the other silos' shares).
@@ -24,7 +26,8 @@ The strategy sees the secure mean once per survivor with that survivor's example
 and example total are those of the plain path, and its weighted mean is the secure mean). Only mean-based strategies
 work on a masked sum: `check_strategy` refuses median, trimmed mean, Krum, per-update clipping and central DP.
 Per-update checks the plain path makes (norm bound, finite values) cannot be made on masked vectors; values are
-clamped to `secagg_clip_range` by the quantiser instead.
+clamped to `secagg_clip_range` by the quantiser instead, and the coordinator checks the aggregate. What the silos say
+in clear (example counts, metrics) is validated like an UPDATE's body (`protocol.Advertisement`).
 """
 
 from __future__ import annotations
@@ -46,10 +49,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MEAN_STRATEGIES = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"})
 # await send(silo_id, step, data) -> whether it was delivered
 Sender = Callable[[str, str, dict[str, Any]], Awaitable[bool]]
 Alive = Callable[[str], bool]
+Weigh = Callable[[dict[str, int]], dict[str, float]]  # silo -> example count  =>  silo -> share (summing to 1)
+
+
+class SecAggRefused(ProtocolError):
+    """A SECAGG message refused; `code` is the ERROR code the silo gets (protocol.ERROR_CODES)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def check_strategy(strategy: Any, cfg: "FederationSettings") -> None:
@@ -59,20 +70,18 @@ def check_strategy(strategy: Any, cfg: "FederationSettings") -> None:
         ConfigError: a robust strategy (median, trimmed mean, Krum), per-update clipping, or central DP.
     """
     from federation.privacy import CentralDP
-    from federation.strategies import Clipped
+    from federation.strategies import Clipped, FedAvg, innermost, is_wrapped_by, mean_strategy_names
 
-    if cfg.dp_mode == "central" or isinstance(strategy, CentralDP):
+    if cfg.dp_mode == "central" or is_wrapped_by(strategy, CentralDP):
         raise ConfigError("secure aggregation cannot be combined with central DP (it clips each update, which the "
                           "coordinator never sees); use federation.dp_mode=silo")
-    inner = strategy
-    while hasattr(inner, "inner"):
-        if isinstance(inner, Clipped):
-            raise ConfigError("secure aggregation cannot clip individual updates (strategy_params.clip_norm); "
-                              "use federation.secagg_clip_range or silo DP")
-        inner = inner.inner
-    if inner.name not in MEAN_STRATEGIES:
+    if is_wrapped_by(strategy, Clipped):
+        raise ConfigError("secure aggregation cannot clip individual updates (strategy_params.clip_norm); "
+                          "use federation.secagg_clip_range or silo DP")
+    inner = innermost(strategy)
+    if not isinstance(inner, FedAvg):
         raise ConfigError(f"strategy {inner.name!r} cannot run under secure aggregation: the coordinator learns only "
-                          f"the sum of the updates; use one of {', '.join(sorted(MEAN_STRATEGIES))}")
+                          f"the sum of the updates; use one of {', '.join(mean_strategy_names())}")
 
 
 def round_config(cfg: "FederationSettings", round_id: int, num_selected: int) -> SecAggConfig:
@@ -130,30 +139,41 @@ class SecureRound:
         self.info: dict[str, dict[str, Any]] = {}  # silo -> num_examples, metrics, train_s, bytes
         self.received: dict[str, bytes] = {}  # silo -> the masked vector as it arrived (all the coordinator sees)
         self.total_examples = 0
+        self.weights: dict[str, float] = {}  # silo -> its share of the round (sent with the roster)
 
     # ------------------------------------------------------------------ incoming
     def handle(self, silo_id: str, header: "Header", tensors: StateDict, size: int) -> None:
         """Feed one SECAGG message of this round into the state machine.
 
         Raises:
-            ProtocolError: an unexpected step, a silo that is not part of this step, or a malformed body.
+            SecAggRefused: an unexpected step (`secagg`), a silo that is not part of this step (`duplicate` if it
+                already answered it), or a malformed body (`malformed`, `bad_metrics`).
         """
-        from federation.protocol import SecAggStep
+        from pydantic import ValidationError
+
+        from federation.protocol import Advertisement, SecAggStep
 
         body = SecAggStep.model_validate(header.body)
         if body.step != self.step:
-            raise ProtocolError(f"secure round {self.rs.round_id}: got step {body.step!r} while at {self.step!r}")
-        if silo_id not in self.expected or silo_id in self.answers[self.step]:
-            raise ProtocolError(f"secure round {self.rs.round_id}: silo {silo_id} is not expected at step {self.step!r}")
+            raise SecAggRefused("secagg", f"secure round {self.rs.round_id}: got step {body.step!r} while at {self.step!r}")
+        if silo_id in self.answers[self.step]:
+            raise SecAggRefused("duplicate", f"secure round {self.rs.round_id}: silo {silo_id} already answered step "
+                                             f"{self.step!r}; the first answer stands")
+        if silo_id not in self.expected:
+            raise SecAggRefused("secagg", f"secure round {self.rs.round_id}: silo {silo_id} is not expected at step {self.step!r}")
         data = body.data
         try:
             if self.step == "advertise":
-                num_examples = int(data["num_examples"])
-                if num_examples <= 0:
-                    raise ProtocolError("num_examples must be positive")
-                self.server.add_advertisement({"silo_id": silo_id, "c_pk": data["c_pk"], "s_pk": data["s_pk"]})
-                self.info[silo_id] = {"num_examples": num_examples, "metrics": dict(data.get("metrics", {})),
-                                      "train_s": float(data.get("train_s", 0.0)), "bytes": size}
+                try:
+                    adv = Advertisement.model_validate(data)
+                except ValidationError as exc:
+                    fields = sorted({str(e["loc"][0]) for e in exc.errors()})
+                    code = "bad_metrics" if fields == ["metrics"] else "malformed"
+                    raise SecAggRefused(code, f"secure round {self.rs.round_id}: invalid advertise from {silo_id}: "
+                                              f"bad {', '.join(fields)}") from exc
+                self.server.add_advertisement({"silo_id": silo_id, "c_pk": adv.c_pk, "s_pk": adv.s_pk})
+                self.info[silo_id] = {"num_examples": adv.num_examples, "metrics": dict(adv.metrics),
+                                      "train_s": adv.train_s, "bytes": size}
             elif self.step == "share_keys":
                 self.server.add_shares(silo_id, dict(data["ciphertexts"]))
             elif self.step == "masked":
@@ -162,8 +182,11 @@ class SecureRound:
                 self.received[silo_id] = masked
             elif self.step == "unmask":
                 self.server.add_unmask(silo_id, dict(data["shares"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ProtocolError(f"secure round {self.rs.round_id}: malformed {self.step!r} from {silo_id}: {exc}") from exc
+        except SecAggRefused:
+            raise
+        except (ProtocolError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SecAggRefused("malformed", f"secure round {self.rs.round_id}: malformed {self.step!r} from {silo_id}: "
+                                             f"{type(exc).__name__}") from exc
         if self.step != "advertise":
             self.info[silo_id]["bytes"] += size
         self.answers[self.step].add(silo_id)
@@ -190,12 +213,13 @@ class SecureRound:
             raise RoundFailed(f"secure aggregation: {len(got)} silo(s) {what} < {floor} needed (threshold "
                               f"{self.config.threshold}, min_silos {self.min_silos})")
 
-    async def run(self, send: Sender, alive: Alive) -> tuple[StateDict, dict[str, dict[str, Any]]]:
+    async def run(self, send: Sender, alive: Alive, weigh: Weigh) -> tuple[StateDict, dict[str, dict[str, Any]]]:
         """Drive steps 1..5 after the TRAINs went out.
 
         Args:
             send: `await send(silo_id, step, data)`: a SECAGG message to a silo; False if it could not be sent.
             alive: whether a silo is still online.
+            weigh: each roster silo's share of the round from its example count (the coordinator's capping).
 
         Returns:
             The example-weighted mean delta of the survivors, and `{survivor: {num_examples, metrics, train_s, bytes}}`.
@@ -212,9 +236,10 @@ class SecureRound:
         except ProtocolError as exc:
             raise RoundFailed(str(exc)) from exc
         self.total_examples = sum(self.info[s]["num_examples"] for s in roster)
+        self.weights = weigh({s: self.info[s]["num_examples"] for s in roster})
         self.expected, self.step = set(roster), "share_keys"
         for sid in sorted(roster):
-            await send(sid, "roster", {"roster": roster, "total_examples": self.total_examples})
+            await send(sid, "roster", {"roster": roster, "total_examples": self.total_examples, "weight": self.weights[sid]})
         u2 = await self._collect("share_keys", alive)
         self._need(u2, "shared keys", floor)
         self.expected, self.step = set(u2), "masked"
@@ -235,9 +260,8 @@ class SecureRound:
             total = self.server.aggregate()
         except ProtocolError as exc:
             raise RoundFailed(f"secure aggregation could not unmask: {exc}") from exc
-        n3 = sum(self.info[s]["num_examples"] for s in survivors)
-        factor = self.total_examples / n3
-        mean = {k: v * factor for k, v in total.items()}
-        logger.info("secure round %d: unmasked the sum of %d silo(s) %s (%d of %d examples)", self.rs.round_id,
-                    len(survivors), survivors, n3, self.total_examples)
+        covered = sum(self.weights[s] for s in survivors)
+        mean = {k: v / covered for k, v in total.items()}
+        logger.info("secure round %d: unmasked the sum of %d silo(s) %s (%.3g of the round's weight)", self.rs.round_id,
+                    len(survivors), survivors, covered)
         return mean, {s: self.info[s] for s in survivors}

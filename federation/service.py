@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ConfigError
+from appliance.core.errors import ApplianceError, ConfigError, RoundFailed
 
 if TYPE_CHECKING:
     from appliance.core.sections import FederationSettings
@@ -63,7 +63,11 @@ async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:
 
 
 def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str, Any]:
-    """Run the federation to the end (or Ctrl-C); returns the final status document."""
+    """Run the federation to the end (or Ctrl-C); returns the final status document.
+
+    Raises:
+        RoundFailed: the run stopped after too many failed rounds (the CLI exits 1, so `appliance up` restarts it).
+    """
     from federation.coordinator import Coordinator
 
     model_dir = settings.models_dir / settings.model
@@ -83,14 +87,22 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str
         return coord.status()
 
     try:
-        return asyncio.run(main())
+        final = asyncio.run(main())
     finally:
         for p in publishers:
             p.close()
+    if final["phase"] == "failed":
+        last = next((r["failed"] for r in reversed(final["rounds"]) if "failed" in r), "see the coordinator's log")
+        raise RoundFailed(f"run {final['run']} failed after {final['completed_rounds']} completed round(s): {last}")
+    return final
 
 
 def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None = None) -> list[int]:
-    """Join the federation with the built-in engine trainer on `data`; returns the rounds this silo trained."""
+    """Join the federation with the built-in engine trainer on `data`; returns the rounds this silo trained.
+
+    Raises:
+        ApplianceError: the coordinator refused this silo's key or removed it (the message names the key and the fix).
+    """
     from federation.silo import EngineTrainer, SiloClient
 
     model_dir = settings.models_dir / settings.model
@@ -104,7 +116,9 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
         try:
             await _until_signal(asyncio.create_task(silo.finished.wait()))
         finally:
-            await silo.stop()
+            await silo.stop(say_bye=silo.refused is None)
+        if silo.refused is not None:
+            raise ApplianceError(silo.refused)
         return silo.rounds_done
 
     return asyncio.run(main())

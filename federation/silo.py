@@ -87,12 +87,12 @@ class SiloClient:
         self._keypair = keypair
         self._transport: ClientTransport | None = None
         self._tasks: list[asyncio.Task] = []
-        self._busy = False
         self._ef_state: dict = {}  # top-k error feedback, kept across rounds (codec updates it in place)
         self.rounds_done: list[int] = []
         self.last_error: dict[str, Any] | None = None
         self.welcomed = asyncio.Event()
-        self.finished = asyncio.Event()
+        self.finished = asyncio.Event()  # the run is over for this silo: done, refused or removed (see `refused`)
+        self.refused: str | None = None  # why the coordinator will not talk to this silo (names the key and the fix)
         self.sent_frames: list[list[bytes]] = []  # the last UPDATE's frames, for inspection (tests, audits)
         self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
         self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
@@ -108,9 +108,22 @@ class SiloClient:
                                           keypair=self._keypair, plaintext=self.cfg.plaintext,
                                           max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
         self._transport.connect()
-        await self._send(make_header(MsgType.HELLO, Hello(capabilities=["fp32", "bf16", "int8", "topk", "dp"]), silo_id=self.silo_id))
+        await self._send(make_header(MsgType.HELLO, Hello(), silo_id=self.silo_id))
         self._tasks = [asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
-                       asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat")]
+                       asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat"),
+                       asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake")]
+
+    async def _watch_refusal(self) -> None:
+        what = await self._transport.wait_refused()
+        self._refuse(f"the coordinator at {self.cfg.coordinator} refused this silo's key ({what}). Its public key is "
+                     f"{self._keypair.public}; ask the coordinator's operator to run "
+                     f"`appliance federation enroll {self.silo_id} {self._keypair.public}`")
+
+    def _refuse(self, reason: str) -> None:
+        if self.refused is None:
+            self.refused = reason
+            logger.error("silo %s: %s", self.silo_id, reason)
+        self.finished.set()
 
     async def wait_finished(self, timeout_s: float | None = None) -> None:
         """Wait until the coordinator says the run is done."""
@@ -143,7 +156,7 @@ class SiloClient:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
-            await self._send(make_header(MsgType.HEARTBEAT, Heartbeat(busy=self._busy), silo_id=self.silo_id))
+            await self._send(make_header(MsgType.HEARTBEAT, Heartbeat(), silo_id=self.silo_id))
 
     async def _loop(self) -> None:
         while True:
@@ -160,7 +173,7 @@ class SiloClient:
                     await self._dispatch(frames)
                 except Exception as exc:  # service boundary: report and keep serving
                     logger.error("silo %s failed to handle a message: %s", self.silo_id, exc, exc_info=True)
-                    await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure", message=f"{type(exc).__name__}: {exc}"),
+                    await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure"),
                                                  silo_id=self.silo_id))
 
     async def _dispatch(self, frames: list[bytes]) -> None:
@@ -177,10 +190,15 @@ class SiloClient:
         elif header.type == MsgType.ERROR:
             self.last_error = {"round": header.round_id, **header.body}
             logger.warning("coordinator refused our message (round %d): %s", header.round_id, header.body)
+            if header.body.get("code") == "not_enrolled":
+                self._refuse(f"the coordinator no longer accepts this silo's key {self._keypair.public if self._keypair else ''}"
+                             f" (not enrolled); ask its operator to enroll it again")
         elif header.type == MsgType.BYE:
             logger.info("coordinator said BYE: %s", header.body.get("reason", ""))
             if header.body.get("reason") == "done":
                 self.finished.set()
+            elif header.body.get("reason") == "removed":
+                self._refuse(f"the coordinator removed silo {self.silo_id} from its enrolment")
         elif header.type == MsgType.SECAGG:
             await self._secagg(header, frames)
         elif header.type == MsgType.HEARTBEAT:
@@ -190,17 +208,14 @@ class SiloClient:
         task = TrainTask.model_validate(header.body)
         global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
-        self._busy = True
         started = time.monotonic()
         try:
             num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
         except Exception as exc:  # tell the coordinator now, so the round need not wait for its deadline
             logger.error("silo %s: training for round %d failed: %s", self.silo_id, header.round_id, exc, exc_info=True)
-            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="train_failed", message=f"{type(exc).__name__}: {exc}"),
+            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="train_failed"),
                                          run=header.run, round_id=header.round_id, silo_id=self.silo_id))
             return
-        finally:
-            self._busy = False
         train_s = time.monotonic() - started
         if task.dp_clip_norm is not None:
             delta = _privatise(delta, task.dp_clip_norm, task.dp_noise_multiplier)
@@ -249,14 +264,16 @@ class SiloClient:
             logger.error("silo %s: secure aggregation step %s of round %d failed: %s", self.silo_id, body.step,
                          header.round_id, exc)
             self._secure.pop(header.round_id, None)
-            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="secagg_failed", message=f"{type(exc).__name__}: {exc}"),
+            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="secagg_failed"),
                                          run=header.run, round_id=header.round_id, silo_id=self.silo_id))
 
     async def _secagg_step(self, round_id: int, st: dict[str, Any], body: SecAggStep) -> None:
         client = st["client"]
         if body.step == "roster":
-            # Pre-scale by the example weight n_u / N: the unmasked sum is then the weighted mean (see secure_round).
-            weight = st["num_examples"] / int(body.data["total_examples"])
+            # Pre-scale by this silo's share of the round: the unmasked sum is then the weighted mean (see secure_round).
+            weight = float(body.data["weight"])
+            if not 0 < weight <= 1:
+                raise ProtocolError(f"a secure round's weight must be in (0, 1], got {weight}")
             st["delta"] = {k: v * weight for k, v in st["delta"].items()}
             await self._send_step(round_id, "share_keys", {"ciphertexts": client.share_keys(body.data["roster"])})
         elif body.step == "shares":

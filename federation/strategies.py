@@ -54,6 +54,13 @@ __all__ = [
     "TrimmedMean",
     "Krum",
     "Clipped",
+    "StrategyWrapper",
+    "innermost",
+    "is_wrapped_by",
+    "mean_strategy_names",
+    "InvalidUpdate",
+    "capped_weights",
+    "check_aggregate",
 ]
 
 
@@ -101,6 +108,17 @@ class Strategy(Protocol):
 # --------------------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------------------
+class InvalidUpdate(ValueError):
+    """An update that does not fit the global adapter; `code` says how (the ERROR code the silo gets).
+
+    Codes: `manifest` (a key missing or unexpected), `bad_shape`, `bad_dtype`, `non_finite`.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def check_update(silo_id: str, update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
     """Check that `update` has exactly `reference`'s keys and shapes, floating dtypes and finite values.
 
@@ -110,28 +128,29 @@ def check_update(silo_id: str, update: Mapping[str, torch.Tensor], reference: Ma
         reference: Tensors whose keys and shapes are expected (usually the global state).
 
     Raises:
-        ValueError: naming the silo and the first key (in sorted order) that is missing, unexpected,
+        InvalidUpdate: naming the silo and the first key (in sorted order) that is missing, unexpected,
             of the wrong shape, not floating point, or holding NaN/inf.
     """
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing:
-        raise ValueError(f"update from silo {silo_id!r}: key {missing[0]!r} is missing ({len(missing)} missing)")
+        raise InvalidUpdate("manifest", f"update from silo {silo_id!r}: key {missing[0]!r} is missing ({len(missing)} missing)")
     if extra:
-        raise ValueError(f"update from silo {silo_id!r}: key {extra[0]!r} is unexpected ({len(extra)} unexpected)")
+        raise InvalidUpdate("manifest", f"update from silo {silo_id!r}: key {extra[0]!r} is unexpected ({len(extra)} unexpected)")
     for key in sorted(reference):
         tensor = update[key]
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"update from silo {silo_id!r}: key {key!r} is a {type(tensor).__name__}, not a tensor")
+            raise InvalidUpdate("bad_dtype", f"update from silo {silo_id!r}: key {key!r} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != tuple(reference[key].shape):
-            raise ValueError(
+            raise InvalidUpdate(
+                "bad_shape",
                 f"update from silo {silo_id!r}: key {key!r} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(reference[key].shape)}"
+                f"expected {tuple(reference[key].shape)}",
             )
         if not tensor.is_floating_point():
-            raise ValueError(f"update from silo {silo_id!r}: key {key!r} has dtype {tensor.dtype}, expected floating")
+            raise InvalidUpdate("bad_dtype", f"update from silo {silo_id!r}: key {key!r} has dtype {tensor.dtype}, expected floating")
         if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"update from silo {silo_id!r}: key {key!r} holds NaN or inf values")
+            raise InvalidUpdate("non_finite", f"update from silo {silo_id!r}: key {key!r} holds NaN or inf values")
 
 
 def global_norm(update: Mapping[str, torch.Tensor]) -> float:
@@ -160,8 +179,76 @@ def clip_update(update: Mapping[str, torch.Tensor], max_norm: float) -> tuple[St
     return clipped, norm
 
 
-def _to_f32(update: Mapping[str, torch.Tensor]) -> StateDict:
-    return {k: v.detach().to(device="cpu", dtype=torch.float32) for k, v in update.items()}
+def capped_weights(counts: Mapping[str, float], max_share: float) -> dict[str, float]:
+    """Each silo's share of a round: proportional to its example count, but no share above `max_share`.
+
+    Water-filling: the largest counts are lowered to a common level `t` so that `t <= max_share * sum(min(c, t))`;
+    the others keep their proportions. When no split can respect the cap (`len(counts) * max_share < 1`) every silo
+    gets an equal share, the most even split there is.
+
+    Args:
+        counts: silo -> example count (> 0; any size: the maths is float64 on normalised counts).
+        max_share: largest share of one silo, in (0, 1]; 1 leaves the plain proportions.
+
+    Returns:
+        silo -> share in (0, 1]; the shares sum to 1.
+    """
+    if not counts:
+        return {}
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if any(not (c > 0 and math.isfinite(c)) for c in counts.values()):
+        raise ValueError(f"example counts must be finite and > 0, got {sorted(counts.values())[:3]}")
+    n = len(counts)
+    if n * max_share < 1:
+        return {s: 1.0 / n for s in counts}
+    top = max(counts.values())
+    w = {s: float(c) / top for s, c in counts.items()}  # in (0, 1]: no overflow, whatever the counts
+    ordered = sorted(w.values(), reverse=True)  # o_1 >= o_2 >= ... >= o_n
+    level = None
+    if ordered[0] <= max_share * sum(ordered):
+        level = ordered[0]  # nobody is above the cap
+    for k in range(1, n):  # cap the k largest at t = max_share * (k t + rest), i.e. t = max_share * rest / (1 - k max_share)
+        if level is not None:
+            break
+        rest = math.fsum(ordered[k:])  # summed afresh: subtracting would cancel when counts differ by 10^12
+        if k * max_share >= 1:
+            break
+        t = max_share * rest / (1 - k * max_share)
+        if ordered[k] <= t <= ordered[k - 1]:
+            level = t
+    if level is None:
+        return {s: 1.0 / n for s in counts}
+    capped = {s: min(v, level) for s, v in w.items()}
+    total = sum(capped.values())
+    return {s: v / total for s, v in capped.items()}
+
+
+def check_aggregate(new_state: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor],
+                    max_change_norm: float | None) -> str | None:
+    """Why a round's new global adapter must not be used, or None if it may.
+
+    Args:
+        new_state: The aggregate.
+        previous: The global adapter before the round (same keys).
+        max_change_norm: Largest allowed L2 norm of `new - previous` (None: only finiteness is checked).
+
+    Returns:
+        A reason (`non_finite: ...`, `norm: ...`, `manifest: ...`), or None.
+    """
+    if new_state.keys() != previous.keys():
+        return "manifest: the aggregate's tensor names differ from the global adapter's"
+    change_sq = 0.0
+    for key, tensor in new_state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            return f"non_finite: the aggregate holds NaN or infinite values in {key!r}"
+        change_sq += float(torch.sum((tensor.detach().to(torch.float64) - previous[key].detach().to(torch.float64)) ** 2))
+    change = math.sqrt(change_sq)
+    if not math.isfinite(change):
+        return "non_finite: the aggregate's change has an infinite norm"
+    if max_change_norm is not None and change > max_change_norm:
+        return f"norm: the aggregate changes the global adapter by L2 norm {change:.4g} > {max_change_norm}"
+    return None
 
 
 def _apply_delta(
@@ -632,14 +719,15 @@ class Krum(BaseStrategy):
         return weighted_mean([(inner.updates[i], 1) for i in chosen])
 
 
-class Clipped:
-    """Wrapper strategy: clip every update to a global L2 norm `max_norm` before the inner strategy sees it."""
+class StrategyWrapper:
+    """Base of the wrappers (clipping, DP): delegates every `Strategy` method to `inner`; subclasses override some.
 
-    def __init__(self, inner: BaseStrategy, max_norm: float) -> None:
-        if max_norm <= 0:
-            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    Args:
+        inner: The wrapped strategy; the wrapper takes its `name`.
+    """
+
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.max_norm = max_norm
         self.name = inner.name
 
     def plan_round(self, round_id: int) -> dict:
@@ -647,8 +735,8 @@ class Clipped:
         return self.inner.plan_round(round_id)
 
     def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
-        """The inner accumulator behind a clipping one."""
-        return ClippedAccumulator(self.inner.start_round(round_id, global_state), self.max_norm)
+        """The inner strategy's accumulator."""
+        return self.inner.start_round(round_id, global_state)
 
     def finish_round(
         self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]
@@ -665,6 +753,37 @@ class Clipped:
         self.inner.load_state_dict(state)
 
 
+def innermost(strategy: Any) -> Any:
+    """The strategy under every wrapper."""
+    while isinstance(strategy, StrategyWrapper):
+        strategy = strategy.inner
+    return strategy
+
+
+def is_wrapped_by(strategy: Any, wrapper: type) -> bool:
+    """Whether `strategy` is, or wraps somewhere inside it, a `wrapper` instance."""
+    while True:
+        if isinstance(strategy, wrapper):
+            return True
+        if not isinstance(strategy, StrategyWrapper):
+            return False
+        strategy = strategy.inner
+
+
+class Clipped(StrategyWrapper):
+    """Wrapper strategy: clip every update to a global L2 norm `max_norm` before the inner strategy sees it."""
+
+    def __init__(self, inner: BaseStrategy, max_norm: float) -> None:
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        super().__init__(inner)
+        self.max_norm = max_norm
+
+    def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
+        """The inner accumulator behind a clipping one."""
+        return ClippedAccumulator(self.inner.start_round(round_id, global_state), self.max_norm)
+
+
 _REGISTRY: dict[str, Any] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
@@ -677,6 +796,11 @@ _REGISTRY: dict[str, Any] = {
     "multikrum": Krum,
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def mean_strategy_names() -> tuple[str, ...]:
+    """The registered strategies that aggregate by an example-weighted mean (FedAvg and its server optimisers)."""
+    return tuple(name for name, cls in _REGISTRY.items() if isinstance(cls, type) and issubclass(cls, FedAvg))
 
 
 def make_strategy(name: str, **params: Any) -> Strategy:

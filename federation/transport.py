@@ -1,8 +1,8 @@
 """ZeroMQ transport: a ROUTER at the coordinator, a DEALER at each silo (outbound connections only).
 
 CURVE encryption and authentication are on by default: the coordinator runs a ZAP handler that accepts only
-enrolled silo public keys and names each connection after the silo the key was enrolled as, so a silo cannot
-claim another's name. Plaintext exists for tests and must be asked for (`plaintext=True`). The socket enforces
+enrolled silo public keys at connect, and every message carries the sender's public key (as its ZeroMQ User-Id),
+so the coordinator checks each message against the current enrolment and a silo cannot claim another's name. Plaintext exists for tests and must be asked for (`plaintext=True`). The socket enforces
 `max_message_bytes` (ZMQ_MAXMSGSIZE) and ZMTP heartbeats detect dead peers; DEALERs reconnect on their own.
 """
 
@@ -25,7 +25,7 @@ class Incoming:
     """One message received by the coordinator."""
 
     peer: bytes  # ZeroMQ routing id of the sending connection
-    user_id: str | None  # silo name from the ZAP handler (CURVE), None in plaintext mode
+    public_key: str | None  # the sender's z85 CURVE public key (from the handshake), None in plaintext mode
     frames: list[bytes]
 
 
@@ -91,13 +91,13 @@ class ServerTransport:
         import zmq
 
         parts = await self._sock.recv_multipart(copy=False)
-        user_id = None
+        public_key = None
         if self.keypair is not None:
             try:
-                user_id = parts[-1].get("User-Id") or None
+                public_key = parts[-1].get("User-Id") or None
             except zmq.ZMQError:
-                user_id = None
-        return Incoming(bytes(parts[0].bytes), user_id, [p.bytes for p in parts[1:]])
+                public_key = None
+        return Incoming(bytes(parts[0].bytes), public_key, [p.bytes for p in parts[1:]])
 
     async def send(self, peer: bytes, frames: list[bytes]) -> bool:
         """Send to one connection; False (and a log line) if that peer is gone."""
@@ -136,7 +136,8 @@ def _make_authenticator(ctx, lookup: Lookup):
 
     class _SiloAuthenticator(AsyncioAuthenticator):
         def curve_user_id(self, client_public_key: bytes) -> str:
-            return lookup(z85.encode(client_public_key).decode("ascii")) or ""
+            # The key itself, not the name: the coordinator resolves it against the enrolment on every message.
+            return z85.encode(client_public_key).decode("ascii")
 
     auth = _SiloAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
     auth.configure_curve_callback("federation", _Provider())
@@ -160,7 +161,7 @@ class ClientTransport:
             raise ConfigError("a silo needs its own key pair (run `appliance silo keygen`)")
         self.endpoint, self.server_key, self.keypair = endpoint, server_key, keypair
         self.max_message_bytes, self.heartbeat_s = max_message_bytes, heartbeat_s
-        self._ctx = self._sock = None
+        self._ctx = self._sock = self._monitor = None
 
     def connect(self) -> None:
         """Create the socket and start connecting (returns at once; ZeroMQ connects and reconnects in the background)."""
@@ -176,8 +177,28 @@ class ClientTransport:
             sock.curve_serverkey = self.server_key.encode("ascii")
             sock.curve_publickey = self.keypair.public.encode("ascii")
             sock.curve_secretkey = self.keypair.secret.encode("ascii")
+            # Watch the handshakes from the first one on: a refused key is otherwise silent (ZeroMQ just retries).
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.connect(self.endpoint)
         self._sock = sock
+
+    async def wait_refused(self) -> str:
+        """Wait until the coordinator refuses this silo's key in the CURVE handshake (never returns in plaintext).
+
+        Returns:
+            What the handshake reported, e.g. `authentication refused (ZAP status 400)`.
+        """
+        import asyncio
+
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        if self._monitor is None:
+            await asyncio.Event().wait()  # plaintext: there is no authentication to fail
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return f"authentication refused (ZAP status {event['value']})"
 
     async def send(self, frames: list[bytes]) -> None:
         """Queue a message for the coordinator (held while disconnected)."""
@@ -193,6 +214,10 @@ class ClientTransport:
 
     def close(self) -> None:
         """Close the socket and its context."""
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None

@@ -40,7 +40,7 @@ class ConsoleContext:
         return cls(
             settings=settings,
             router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s),
-            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s),
+            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s, admin_token),
             registry=AdapterRegistry(settings.adapters_dir),
             admin_token=admin_token,
         )

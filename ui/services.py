@@ -104,9 +104,9 @@ def summarize_metrics(text: str) -> dict[str, float]:
     return sums
 
 
-def coordinator_client(base_url: str, timeout_s: float = 10.0) -> ServiceClient:
-    """A client for the coordinator's HTTP status (`GET /status`)."""
+def coordinator_client(base_url: str, timeout_s: float = 10.0, admin_token: str | None = None) -> ServiceClient:
+    """A client for the coordinator's HTTP status (`GET /status`; the admin token is needed beyond loopback)."""
     return ServiceClient(
-        "federation coordinator", base_url, None, timeout_s,
+        "federation coordinator", base_url, admin_token, timeout_s,
         "Start one with `appliance coordinator start` (or `appliance up`), or run the demo from this tab.",
     )

@@ -1,4 +1,4 @@
-"""`appliance federation init|enroll|status`, `appliance coordinator start`, `appliance silo keygen|join`,
+"""`appliance federation init|enroll|remove|status`, `appliance coordinator start`, `appliance silo keygen|join`,
 `appliance demo federation`."""
 
 from __future__ import annotations
@@ -33,13 +33,27 @@ def init(ctx: typer.Context) -> None:
 
 @federation_app.command("enroll")
 def enroll(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."),
-           public_key: str = typer.Argument(..., help="The silo's public key from `appliance silo keygen`.")) -> None:
+           public_key: str = typer.Argument(..., help="The silo's public key from `appliance silo keygen`."),
+           examples: Optional[int] = typer.Option(None, "--examples", min=1,
+                                                  help="The silo's declared example count: its updates never weigh more.")) -> None:
     """Admit a silo's public key (takes effect at the silo's next connection, no restart needed)."""
     from federation.keys import enroll_silo
 
     with cli_errors():
-        silos = enroll_silo(settings_from(ctx).keys_dir, name, public_key)
+        silos = enroll_silo(settings_from(ctx).keys_dir, name, public_key, num_examples=examples)
         console.print(f"enrolled silo {name} ({len(silos)} enrolled)", highlight=False)
+
+
+@federation_app.command("remove")
+def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name.")) -> None:
+    """Withdraw a silo: a running coordinator drops its session within a second and ignores its messages."""
+    from federation.keys import remove_silo
+
+    with cli_errors():
+        if not remove_silo(settings_from(ctx).keys_dir, name):
+            console.print(f"silo {name} is not enrolled", highlight=False)
+            raise typer.Exit(code=2)
+        console.print(f"removed silo {name}", highlight=False)
 
 
 @federation_app.command("status")
@@ -47,16 +61,19 @@ def status(ctx: typer.Context, url: Optional[str] = typer.Option(None, "--url", 
     """Show silos (online, last seen, rounds) and rounds (participants, metrics, bytes, duration)."""
     from federation.report import fetch_status, format_status
 
+    from appliance.core.secrets import ensure_token
+
     with cli_errors():
         settings = settings_from(ctx)
-        typer.echo(format_status(fetch_status(url or f"http://127.0.0.1:{settings.federation.status_port}/status")))
+        token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        typer.echo(format_status(fetch_status(url or f"http://127.0.0.1:{settings.federation.status_port}/status", token=token)))
 
 
 @coordinator_app.command("start")
 def start(
     ctx: typer.Context,
     rounds: Optional[int] = typer.Option(None, "--rounds"),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg fedprox fedavgm fedadam fedyogi median trimmed_mean krum multikrum"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Aggregation strategy (default fedavg; an unknown name lists the others)."),
     min_silos: Optional[int] = typer.Option(None, "--min-silos"),
     round_deadline: Optional[float] = typer.Option(None, "--round-deadline", help="Seconds a round waits for updates."),
     local_steps: Optional[int] = typer.Option(None, "--local-steps"),
@@ -70,7 +87,9 @@ def start(
                                             help="Pairwise-masked secure aggregation: the coordinator learns only the sum "
                                                  "(fedavg fedprox fedavgm fedadam fedyogi only)."),
 ) -> None:
-    """Run the federation until its last round (Ctrl-C stops it; a restart resumes from the last checkpoint)."""
+    """Run the federation until its last round (Ctrl-C stops it; a restart resumes from the last checkpoint).
+
+    Exits 1 when the run fails (too many failed rounds in a row), so `appliance up` restarts it."""
     from federation.service import run_coordinator
 
     with cli_errors():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Sequence
 
 import pytest
 import torch
@@ -22,10 +23,15 @@ def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class FakeTrainer:
-    """A SiloTrainer without a model: `fit` moves every weight by a silo-specific, round-specific amount."""
+    """A SiloTrainer without a model: `fit` moves every weight by a silo-specific, round-specific amount.
 
-    def __init__(self, index: int, examples: int = 10, secret_text: str = "PATIENT RECORD 4711") -> None:
-        self.index, self.examples, self.secret_text = index, examples, secret_text
+    It holds private `data` rows (`{"text": ...}`) and, like a careless training loop, reports text from them among
+    its metrics (`sample`): what leaves the silo must never carry it.
+    """
+
+    def __init__(self, index: int, examples: int = 10, data: Sequence[dict] | None = None) -> None:
+        self.index, self.examples = index, examples
+        self.data = list(data or [{"text": f"PATIENT RECORD 47{index}1"}])
         self.state: dict[str, torch.Tensor] = {}
         self.calls: list[dict[str, Any]] = []
         self.fit_delay_s = 0.0
@@ -43,7 +49,8 @@ class FakeTrainer:
         time.sleep(self.fit_delay_s)
         g = torch.Generator().manual_seed(1000 * self.index + len(self.calls))
         self.state = {k: v + 0.01 * (self.index + 1) * torch.randn(v.shape, generator=g) for k, v in self.state.items()}
-        return self.examples, {"train_loss": 1.0 / (self.index + 1), "note_len": float(len(self.secret_text))}
+        text = " ".join(row["text"] for row in self.data)
+        return self.examples, {"train_loss": 1.0 / (self.index + 1), "note_len": float(len(text)), "sample": text}
 
     def evaluate(self):
         return {"eval_loss": 0.5}
@@ -74,6 +81,45 @@ def write_exporter(state, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
     (out_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+
+
+@asynccontextmanager
+async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = None, initial: dict | None = None,
+                     exporter: Any = False, on_publish: list | None = None, curve: tuple | None = None,
+                     silo_cls: type | None = None, silo_kw: dict | None = None,
+                     **fed: Any) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """A started coordinator with one started silo per trainer on loopback; everything is stopped on exit.
+
+    Plaintext with silos `s0, s1, ...` under `home`, or CURVE with `curve=curve_homes` (silos named as enrolled).
+    `strategy` defaults to `build_strategy(settings)`, `initial` to `initial_state()`. Yields `(coordinator, silos)`.
+    """
+    from federation.coordinator import Coordinator
+    from federation.service import build_strategy
+    from federation.silo import SiloClient
+
+    silo_cls = silo_cls or SiloClient
+    if curve is not None:
+        coord_home, coord_keys, silo_homes = curve
+        settings = fed_settings(coord_home, **fed)
+        homes = list(silo_homes.items())
+        key = coord_keys.public
+    else:
+        settings = fed_settings(home / "c", plaintext=True, **fed)
+        homes = [(f"s{i}", home / f"s{i}") for i in range(len(trainers))]
+        key = None
+    coord = Coordinator(settings, strategy or build_strategy(settings.federation), initial_state=initial or initial_state(),
+                        exporter=exporter, on_publish=on_publish)
+    address = await coord.start()
+    silos = [silo_cls(silo_settings(h, address, name, key, plaintext=curve is None, **(silo_kw or {})), t)
+             for (name, h), t in zip(homes, trainers)]
+    try:
+        for s in silos:
+            await s.start()
+        yield coord, silos
+    finally:
+        for s in silos:
+            await s.stop()
+        await coord.stop()
 
 
 async def wait_for(predicate, timeout_s: float = 15.0, interval_s: float = 0.05) -> None:

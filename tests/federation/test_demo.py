@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,24 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_model_dir: 
     assert isinstance(result, DemoResult)
     assert set(result.losses) == {"base", "local:northbridge", "local:lakeside", "local:redwood", "federated", "centralized"}
     assert all(set(v) == set(result.orgs) for v in result.losses.values())
-    table = result.table()
-    assert "federated beats every local-only adapter" in table and "eval:redwood" in table
+    assert all(v > 0 and math.isfinite(v) for per_org in result.losses.values() for v in per_org.values())
+    verdict = "YES" if result.federated_beats_local_cross_silo() else "NO"
+    assert result.table().splitlines()[-2].endswith(f": {verdict}")
     assert len(result.federation) == 1 and result.federation[0]["participants"] == ["lakeside", "northbridge", "redwood"]
     assert (tmp_path / "demo" / "coordinator" / "adapters" / "demo-federation" / "1" / "meta.json").exists()
+
+
+def _result(federated: float) -> DemoResult:
+    orgs = ["a", "b"]
+    losses = {"base": {"a": 3.0, "b": 3.0}, "local:a": {"a": 1.0, "b": 2.5}, "local:b": {"a": 2.5, "b": 1.0},
+              "federated": {"a": federated, "b": federated}}
+    return DemoResult(orgs, losses, {"federation": 1.0})
+
+
+def test_demo_verdict_follows_the_figures():
+    # federated 2.0 beats each local-only adapter on the other silo (2.5); 2.6 does not
+    yes, no = _result(2.0), _result(2.6)
+    assert yes.federated_beats_local_cross_silo() and not no.federated_beats_local_cross_silo()
+    assert yes.table().splitlines()[-2].endswith(": YES") and no.table().splitlines()[-2].endswith(": NO")
+    row = next(line for line in yes.table().splitlines() if line.startswith("federated "))
+    assert row.split()[1:] == ["2.0000", "2.0000", "2.0000"]  # eval:a, eval:b, mean

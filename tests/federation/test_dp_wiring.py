@@ -7,26 +7,13 @@ import math
 import torch
 
 from federation import codec, wire
-from federation.coordinator import Coordinator
-from federation.service import build_strategy
-from federation.silo import SiloClient
-from tests.federation.conftest import FakeTrainer, fed_settings, initial_state, silo_settings
+from tests.federation.conftest import FakeTrainer, federation
 
 
 async def _run(tmp_path, **fed):
-    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=2, min_silos=2, **fed)
-    coord = Coordinator(settings, build_strategy(settings.federation), initial_state=initial_state(), exporter=False)
-    address = await coord.start()
     trainers = [FakeTrainer(5), FakeTrainer(6)]  # big steps, so clipping bites
-    silos = [SiloClient(silo_settings(tmp_path / f"s{i}", address, f"s{i}", plaintext=True), t) for i, t in enumerate(trainers)]
-    try:
-        for s in silos:
-            await s.start()
+    async with federation(tmp_path, trainers, rounds=2, min_silos=2, **fed) as (coord, silos):
         await coord.wait_done(20)
-    finally:
-        for s in silos:
-            await s.stop()
-        await coord.stop()
     return coord, silos
 
 

@@ -7,38 +7,30 @@ import json
 from typer.testing import CliRunner
 
 from federation import codec, wire
-from federation.coordinator import Coordinator
 from federation.protocol import MsgType
-from federation.silo import SiloClient
-from federation.strategies import make_strategy
-from tests.federation.conftest import SHAPES, FakeTrainer, fed_settings, initial_state, silo_settings
+from tests.federation.conftest import SHAPES, FakeTrainer, federation
 
 
 async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
-    # Arrange: a trainer that holds "private" text; int8 compression on the wire
-    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=1, compression="int8")
-    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
-    address = await coord.start()
+    # Arrange: a trainer whose private rows hold a patient record and which reports text from them in its metrics;
+    # int8 compression on the wire
     secret = "PATIENT Jane Roe, MRN 00471123"
-    trainer = FakeTrainer(0, secret_text=secret)
-    silo = SiloClient(silo_settings(tmp_path / "s", address, "s0", plaintext=True), trainer)
-    try:
-        await silo.start()
+    trainer = FakeTrainer(0, data=[{"text": f"{secret} was admitted"}, {"text": "second row"}])
+    async with federation(tmp_path, [trainer], rounds=1, min_silos=1, compression="int8") as (coord, silos):
         await coord.wait_done(20)
-    finally:
-        await silo.stop()
-        await coord.stop()
     # Act
-    frames = silo.sent_frames
+    frames = silos[0].sent_frames
     header, tensors = wire.decode(frames)
     update = codec.decode(tensors, header.body["encoding"])
-    # Assert
+    # Assert: the trainer did see the secret and reported it; none of it left the silo
+    assert secret in trainer.fit(1, {})[1]["sample"]
     assert header.type == MsgType.UPDATE and len(frames) == 2
     assert {t.name for t in header.manifest} == set(tensors)
     assert set(update) == set(SHAPES) and all(tuple(update[k].shape) == SHAPES[k] for k in SHAPES)
-    assert all(secret.encode() not in f and b"PATIENT" not in f for f in frames)
+    assert all(secret.encode() not in f and b"PATIENT" not in f and b"MRN" not in f for f in frames)
     assert set(header.body) == {"num_examples", "metrics", "encoding", "train_s"}
-    assert all(isinstance(v, float) for v in header.body["metrics"].values())
+    assert set(header.body["metrics"]) == {"train_loss", "note_len"}  # the text metric was dropped
+    assert "PATIENT" not in json.dumps(coord.status())
     # the update travelled int8-quantised
     assert header.body["encoding"]["method"] == "int8" and any(t.dtype == "int8" for t in header.manifest)
 
@@ -81,18 +73,10 @@ async def test_status_endpoint_and_report(tmp_path):
 
     from federation.report import format_status
 
-    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=2, min_silos=1)
-    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=False)
-    address = await coord.start()
-    silo = SiloClient(silo_settings(tmp_path / "s", address, "s0", plaintext=True), FakeTrainer(0))
-    try:
-        await silo.start()
+    async with federation(tmp_path, [FakeTrainer(0)], rounds=2, min_silos=1) as (coord, _):
         await coord.wait_done(20)
         async with httpx.AsyncClient() as client:
             doc = (await client.get(coord.status_url)).json()
-    finally:
-        await silo.stop()
-        await coord.stop()
     assert doc["run"] == "testrun" and doc["phase"] == "done" and doc["rounds_total"] == 2
     assert [s["id"] for s in doc["silos"]] == ["s0"] and doc["silos"][0]["rounds"] == 2
     assert [r["round"] for r in doc["rounds"]] == [1, 2]

@@ -153,12 +153,13 @@ def test_epsilon_matches_opacus_reference_values():
     assert eps == pytest.approx(0.336, abs=5e-4) and order == 23
 
 
-def test_strategy_from_settings_wraps_for_each_dp_mode(tmp_path):
-    from federation.privacy import SiloDPAccounting, strategy_from_settings
+def test_build_strategy_wraps_for_each_dp_mode(tmp_path):
+    from federation.privacy import SiloDPAccounting
+    from federation.service import build_strategy
     from tests.factories import make_settings
 
     def build(**fed):
-        return strategy_from_settings(make_settings(tmp_path, federation=fed).federation)
+        return build_strategy(make_settings(tmp_path, federation=fed).federation)
 
     plain = build(strategy="fedprox", strategy_params={"prox_mu": 0.1}, min_silos=3)
     assert plain.name == "fedprox" and plain.min_results == 3 and plain.plan_round(1) == {"prox_mu": 0.1}

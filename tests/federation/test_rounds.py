@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import torch
 
-from federation.coordinator import Coordinator
-from federation.silo import SiloClient
 from federation.strategies import make_strategy
-from tests.federation.conftest import FakeTrainer, fed_settings, initial_state, silo_settings, write_exporter
+from tests.federation.conftest import FakeTrainer, federation, initial_state, write_exporter
 
 
 async def test_three_silos_three_rounds_change_global_every_round(curve_homes):
     # Arrange
-    coord_home, coord_keys, silo_homes = curve_homes
-    settings = fed_settings(coord_home, rounds=3, min_silos=3)
-    published = []
-    states = [initial_state()]
-    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=initial_state(), exporter=write_exporter,
-                        on_publish=[published.append, lambda v: states.append({k: t.clone() for k, t in coord.global_state.items()})])
-    address = await coord.start()
-    silos = [SiloClient(silo_settings(h, address, name, coord_keys.public), FakeTrainer(i)) for i, (name, h) in enumerate(silo_homes.items())]
-    try:
-        for s in silos:
-            await s.start()
+    published, states = [], [initial_state()]
+    trainers = [FakeTrainer(i) for i in range(3)]
+    snapshot = lambda v: states.append({k: t.clone() for k, t in coord.global_state.items()})  # noqa: E731
+    async with federation(None, trainers, curve=curve_homes, exporter=write_exporter, on_publish=[published.append, snapshot],
+                          strategy=make_strategy("fedavg"), rounds=3, min_silos=3) as (coord, silos):
         # Act
         await coord.wait_done(30)
-    finally:
-        for s in silos:
-            await s.stop()
-        await coord.stop()
     # Assert
     assert coord.phase == "done" and len(states) == 4
     for before, after in zip(states, states[1:]):
@@ -43,21 +29,12 @@ async def test_three_silos_three_rounds_change_global_every_round(curve_homes):
 
 
 async def test_fedavg_equals_independent_weighted_mean(tmp_path):
-    # Arrange: plaintext on ipc://, silos with 10, 30 and 60 examples
-    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=3, bind_address=f"ipc://{tmp_path}/fed.sock")
+    # Arrange: plaintext on ipc://, silos with 10, 30 and 60 examples, no share cap
     init = initial_state()
-    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=init, exporter=False)
-    address = await coord.start()
     trainers = [FakeTrainer(i, examples=n) for i, n in enumerate((10, 30, 60))]
-    silos = [SiloClient(silo_settings(tmp_path / f"s{i}", address, f"s{i}", plaintext=True), t) for i, t in enumerate(trainers)]
-    try:
-        for s in silos:
-            await s.start()
+    async with federation(tmp_path, trainers, initial=init, rounds=1, min_silos=3, max_silo_share=1.0,
+                          bind_address=f"ipc://{tmp_path}/fed.sock") as (coord, _):
         await coord.wait_done(30)
-    finally:
-        for s in silos:
-            await s.stop()
-        await coord.stop()
     # Act: the reference, computed from what each trainer ended with
     total = sum(t.examples for t in trainers)
     expected = {k: init[k] + sum((t.state[k] - init[k]) * t.examples for t in trainers) / total for k in init}
