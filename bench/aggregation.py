@@ -33,7 +33,6 @@ if str(REPO) not in sys.path:
 CONFIG = REPO / ".cache" / "test-home" / "models" / "smollm2-135m-instruct" / "config.json"
 SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
            "head_dim": 64}
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum")
 
 
 def lora_shapes(config_path: Path = CONFIG, r: int = 8) -> dict[str, tuple[int, int]]:
@@ -115,7 +114,9 @@ def measure_isolated(strategy_name: str, num_silos: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--silos", type=int, nargs="+", default=[2, 8, 32])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    from federation.strategies import STRATEGY_NAMES
+
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_NAMES))
     parser.add_argument("--json", action="store_true", help="print one JSON object per point instead of a table")
     parser.add_argument("--one", nargs=2, metavar=("STRATEGY", "SILOS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
