@@ -22,11 +22,12 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from serve.errors import RouterError, UpstreamError
 from serve.keys import ApiKey, KeyStore
-from serve.limits import RateLimiter
+from serve.limits import RateLimiter, token_budget
 from serve.policy import RouteHints, rank
 from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
 
@@ -55,7 +56,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after this long starts watching its client
-DEFAULT_TOKEN_CHARGE = 256  # tokens charged up front to a tpm-limited key when a request names no max_tokens
 _UPSTREAM_HEADERS = {"content-type": "application/json"}
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -192,7 +192,8 @@ class Forwarder:
         """The raw body, its parsed form, and the routed fields.
 
         Raises:
-            RouterError: 413 body too large, 400 invalid JSON / missing model / max_tokens over the cap.
+            RouterError: 413 body too large, 400 invalid JSON / missing model / token budget (the larger of
+                max_tokens and max_completion_tokens, times n or best_of) over `serve.max_tokens_cap`.
         """
         limit = self.cfg.max_body_bytes
         declared = headers.get("content-length")
@@ -220,20 +221,29 @@ class Forwarder:
         except ValueError as exc:
             self.metrics.error("bad_request")
             raise RouterError(400, str(exc), param="model" if "model" in str(exc) else None) from exc
-        if fields.max_tokens is not None and fields.max_tokens > self.cfg.max_tokens_cap:
+        cap = self.cfg.max_tokens_cap
+        if fields.max_tokens is not None and fields.max_tokens * fields.choices > cap:
             self.metrics.error("bad_request")
-            raise RouterError(400, f"max_tokens={fields.max_tokens} exceeds this router's cap of {self.cfg.max_tokens_cap} (serve.max_tokens_cap)", param="max_tokens")
+            asked = f"max_tokens={fields.max_tokens}" + (f" times n={fields.choices}" if fields.choices > 1 else "")
+            raise RouterError(400, f"{asked} exceeds this router's cap of {cap} tokens per request (serve.max_tokens_cap)", param="max_tokens")
+        if fields.max_tokens is None and token_budget(None, fields.choices) > cap:
+            self.metrics.error("bad_request")
+            raise RouterError(400, f"n={fields.choices} without max_tokens exceeds this router's cap of {cap} tokens per request; "
+                                   "set max_tokens (serve.max_tokens_cap)", param="n")
         return body, data, fields
 
     def admit(self, key: ApiKey | None, fields: RequestFields) -> int:
-        """Charge the key's buckets; returns the tokens charged.
+        """Charge the key's buckets with the request's token budget (settled once its usage is known).
+
+        Returns:
+            The token budget charged (0 without a key or limits).
 
         Raises:
             RouterError: 429 with Retry-After when the key is over its requests or tokens per minute.
         """
         if key is None or not (key.rpm or key.tpm):
             return 0
-        charge = fields.max_tokens or DEFAULT_TOKEN_CHARGE
+        charge = token_budget(fields.max_tokens, fields.choices)
         wait = self.limiter.admit(key.name, key.rpm, key.tpm, charge, time.monotonic())
         if wait > 0:
             self.metrics.error("rate_limit")
@@ -286,58 +296,59 @@ class Forwarder:
         body, data, fields = await self.read_request(headers, receive)
         charged = self.admit(key, fields)
         model = self.placement.resolve(fields.model)
-        if model != fields.model:
-            # An alias: the worker knows only the adapter's own name, so this one body is re-encoded.
-            body = _dumps({**data, "model": model})
+        # A tpm-limited stream is settled from its usage chunk: ask the worker for it, and hide it from a client
+        # that did not ask for it.
+        strip_usage = fields.stream and key is not None and bool(key.tpm) and not fields.stream_usage
+        if model != fields.model or strip_usage:
+            # The worker knows only the adapter's own name (an alias), or must be asked for usage: re-encode this body.
+            body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage))
         workers, adapter = self.choose(model, headers, fields)
         if self._timeout is None:
             self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
-        watch = ClientWatch(receive)
+        ctx = RequestContext(path, model, body, fields, started, key, charged, ClientWatch(receive), send, adapter, strip_usage)
         try:
-            await self._try_workers(workers, adapter, path, body, fields, model, started, key, charged, watch, send)
+            await self._try_workers(ctx, workers)
         except asyncio.CancelledError:
-            if not watch.fired:
+            if not ctx.watch.fired:
                 raise  # not the client: the server is shutting down
             asyncio.current_task().uncancel()
-            self._client_abort(path, model, watch.worker)
+            self._client_abort(path, model, ctx.watch.worker)
         finally:
-            watch.close()
+            ctx.watch.close()
 
-    async def _try_workers(self, workers: list[Worker], adapter: PublishedAdapter | None, path: str, body: bytes,
-                           fields: RequestFields, model: str, started: float, key: ApiKey | None, charged: int,
-                           watch: ClientWatch, send: Send) -> None:
+    async def _try_workers(self, ctx: RequestContext, workers: list[Worker]) -> None:
         """Try `workers` in order until one answers; raises RouterError 502 when all fail before the first byte."""
         reasons: list[str] = []
         for attempt, worker in enumerate(workers):
-            watch.worker = worker
+            ctx.watch.worker = worker
             if attempt:
                 self.metrics.retries.inc()
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             try:
-                if adapter is not None and model not in worker.adapters:
+                if ctx.adapter is not None and ctx.model not in worker.adapters:
                     # Shielded: a client that leaves must not abandon a load that later requests will need.
-                    await asyncio.shield(self.placement.ensure_on(worker, adapter))
-                await self._attempt(worker, path, body, fields, model, started, key, charged, watch, send)
+                    await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter))
+                await self._attempt(ctx, worker)
                 return
             except UpstreamError as exc:
                 logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
                                "trying another" if attempt + 1 < len(workers) else "no more workers to try")
                 reasons.append(str(exc))
-        watch.disarm()
+        ctx.watch.disarm()
         self.metrics.error("upstream")
-        self.metrics.requests.labels(path, model, "-", "502").inc()
+        self.metrics.requests.labels(ctx.path, ctx.model, "-", "502").inc()
         raise RouterError(502, f"the request failed on {len(workers)} worker(s) before any answer: {'; '.join(reasons)}")
 
-    async def _attempt(self, worker: Worker, path: str, body: bytes, fields: RequestFields, model: str, started: float,
-                       key: ApiKey | None, charged: int, watch: ClientWatch, send: Send) -> None:
+    async def _attempt(self, ctx: RequestContext, worker: Worker) -> None:
         import aiohttp
 
+        model = ctx.model
         worker.outstanding += 1
         held = True  # this call still counts in worker.outstanding (the relay takes it over for a stream)
         sent = time.perf_counter()
         try:
             try:
-                resp = await self.session.post(worker.url + path, data=body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
+                resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
@@ -349,7 +360,7 @@ class Forwarder:
                 raise UpstreamError(worker.id, f"answered {resp.status}: {text[:200]}")
             if adapter_used := model in worker.adapters:
                 worker.adapter_used[model] = time.monotonic()
-            if not (fields.stream and resp.status == 200):
+            if not (ctx.fields.stream and resp.status == 200):
                 try:
                     payload = await resp.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -359,36 +370,43 @@ class Forwarder:
                 except asyncio.CancelledError:
                     resp.close()  # the client left: close the upstream connection so the worker aborts
                     raise
-                watch.disarm()
+                ctx.watch.disarm()
                 resp.release()
                 worker.outstanding -= 1
                 held = False
                 now = time.perf_counter()
                 worker.observe_ttft((now - sent) * 1000)
                 content_type = resp.headers.get("content-type", "application/json").encode()
-                await send({"type": "http.response.start", "status": resp.status,
-                            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
-                await send({"type": "http.response.body", "body": payload})
-                self._observe(path, model, worker, resp.status, started, now - sent, time.perf_counter())
-                if key is not None and key.tpm and resp.status == 200:
-                    self._settle(key, charged, payload)
+                await ctx.send({"type": "http.response.start", "status": resp.status,
+                                "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
+                await ctx.send({"type": "http.response.body", "body": payload})
+                self._observe(ctx.path, model, worker, resp.status, ctx.started, now - sent, time.perf_counter())
+                if ctx.metered and resp.status == 200:
+                    self._settle(ctx, _usage_total(payload))
                 if adapter_used:
                     self.placement.note_hot(model)
                 return
-            watch.disarm()
+            ctx.watch.disarm()
             if adapter_used:
                 self.placement.note_hot(model)
             held = False
-            await self._relay(resp, worker, path, model, started, sent, watch, send)
+            await self._relay(ctx, resp, worker, sent)
         finally:
             if held:
                 worker.outstanding -= 1
 
-    async def _relay(self, resp: aiohttp.ClientResponse, worker: Worker, path: str, model: str, started: float, sent: float,
-                     watch: ClientWatch, send: Send) -> None:
-        """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it."""
+    async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float) -> None:
+        """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it.
+
+        A stream charged to a tpm-limited key is relayed event by event (a partial event waits for its end) so that
+        its usage chunk can be read, and dropped when the router asked for it on the client's behalf.
+        """
         import aiohttp
 
+        send, watch = ctx.send, ctx.watch
+        metered = ctx.metered
+        pending = b""  # metered only: the start of an event whose end has not arrived yet
+        used: int | None = None
         tail = b""
         ttft = None
         status = 502
@@ -402,8 +420,18 @@ class Forwarder:
                     if watch.gone:
                         status = 499
                         return
+                    if metered:
+                        chunk, pending = _complete_events(pending + chunk)
+                        if b'"usage"' in chunk:
+                            chunk, found = _take_usage(chunk, ctx.strip_usage)
+                            used = found if found is not None else used
+                        if not chunk:
+                            continue
                     tail = (tail + chunk)[-32:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if pending:
+                    tail = (tail + pending)[-32:]
+                    await send({"type": "http.response.body", "body": pending, "more_body": True})
                 if b"[DONE]" not in tail:
                     raise aiohttp.ClientPayloadError("the worker ended the stream without its [DONE] event")
                 status = 200
@@ -420,10 +448,12 @@ class Forwarder:
             else:
                 resp.close()  # closes the upstream connection: the worker aborts the generation
             worker.outstanding -= 1
+            if metered:
+                self._settle(ctx, used)  # no usage seen (a broken stream): the budget charged stays charged
             if status == 499:
-                self._client_abort(path, model, worker)
+                self._client_abort(ctx.path, ctx.model, worker)
             else:
-                self._observe(path, model, worker, status, started, ttft, time.perf_counter())
+                self._observe(ctx.path, ctx.model, worker, status, ctx.started, ttft, time.perf_counter())
 
     # -- bookkeeping --
     def _observe(self, path: str, model: str, worker: Worker, status: int, started: float, ttft_s: float | None, now: float) -> None:
@@ -449,12 +479,81 @@ class Forwarder:
         for worker in self.registry.workers.values():
             self.metrics.outstanding.labels(worker.id).set(worker.outstanding)
 
-    def _settle(self, key: ApiKey, charged: int, payload: bytes) -> None:
-        try:
-            used = int(_loads(payload)["usage"]["total_tokens"])
-        except (ValueError, KeyError, TypeError):
-            return
-        self.limiter.settle(key.name, key.tpm, charged, used, time.monotonic())
+    def _settle(self, ctx: RequestContext, used: int | None) -> None:
+        """Correct the key's token bucket with the tokens the request really used (None: unknown, keep the charge)."""
+        if used is not None and ctx.metered:
+            self.limiter.settle(ctx.key.name, ctx.key.tpm, ctx.charged, used, time.monotonic())
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One completion request on its way through the router: what every step after admission needs."""
+
+    path: str  # /v1/chat/completions or /v1/completions
+    model: str  # the name workers know (an alias resolved)
+    body: bytes  # the bytes sent to workers
+    fields: RequestFields
+    started: float  # perf_counter() when the request arrived
+    key: ApiKey | None
+    charged: int  # the token budget charged up front (0 without a key or limits)
+    watch: ClientWatch
+    send: Send
+    adapter: PublishedAdapter | None = None  # the published adapter behind `model`, if any
+    strip_usage: bool = False  # the router asked for the stream's usage chunk; the client did not: not relayed
+
+    @property
+    def metered(self) -> bool:
+        """Whether the request is settled against its real usage (its key has a tokens-per-minute limit)."""
+        return self.key is not None and bool(self.key.tpm)
+
+
+def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool) -> dict[str, Any]:
+    """The request with its model renamed and/or the stream's usage chunk asked for."""
+    out = dict(data)
+    if model is not None:
+        out["model"] = model
+    if ask_usage:
+        options = data.get("stream_options")
+        out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return out
+
+
+def _complete_events(buffer: bytes) -> tuple[bytes, bytes]:
+    """Split SSE bytes into the complete events and the start of an unfinished one."""
+    cut = buffer.rfind(b"\n\n")
+    if cut < 0:
+        return b"", buffer
+    return buffer[:cut + 2], buffer[cut + 2:]
+
+
+def _take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
+    """Find the usage chunk among complete SSE `events`: returns the events to relay (without it when `strip`)
+    and its `total_tokens` (None when there is none)."""
+    kept: list[bytes] = []
+    used = None
+    for event in events.split(b"\n\n")[:-1]:
+        total = None
+        if b'"usage"' in event and event.startswith(b"data: {"):
+            try:
+                chunk = _loads(event[6:])
+                total = int(chunk["usage"]["total_tokens"])
+            except (ValueError, KeyError, TypeError):
+                total = None
+        if total is None:
+            kept.append(event + b"\n\n")
+            continue
+        used = total
+        if not (strip and not chunk.get("choices")):
+            kept.append(event + b"\n\n")
+    return b"".join(kept), used
+
+
+def _usage_total(payload: bytes) -> int | None:
+    """`usage.total_tokens` of a non-streamed answer (None when absent or malformed)."""
+    try:
+        return int(_loads(payload)["usage"]["total_tokens"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def _safe_text(resp: aiohttp.ClientResponse) -> str:

@@ -1,8 +1,26 @@
-"""Per-key rate limits: token buckets for requests per minute and tokens per minute."""
+"""Per-key rate limits: token buckets for requests per minute and tokens per minute, and what a request costs.
+
+A request is charged its token budget up front (`token_budget`) and settled against the usage the worker reports
+once it is done (`RateLimiter.settle`): refunded when it used less, charged the rest when it used more (the prompt).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+DEFAULT_TOKEN_BUDGET = 256  # tokens per choice charged up front when a request names neither max_tokens spelling
+
+
+def token_budget(max_tokens: int | None, choices: int, default: int = DEFAULT_TOKEN_BUDGET) -> int:
+    """The most completion tokens a request may make a worker generate: its per-choice cap times its choices.
+
+    Args:
+        max_tokens: the larger of `max_tokens` and `max_completion_tokens`, None when neither was given (then
+            `default` stands in; the settlement corrects it once the real usage is known).
+        choices: the larger of `n` and `best_of` (at least 1).
+    """
+    return (default if max_tokens is None else max_tokens) * choices
 
 
 @dataclass
@@ -10,11 +28,11 @@ class TokenBucket:
     """A bucket of `per_minute` tokens refilling continuously. Times are seconds from any monotonic clock."""
 
     per_minute: float
-    level: float = -1.0
-    stamp: float = 0.0
+    level: float = 0.0  # may go below zero: a debt (usage beyond the charge) that refills pay back first
+    stamp: float | None = None  # None: never used yet (the bucket starts full)
 
     def _refill(self, now: float) -> None:
-        if self.level < 0:
+        if self.stamp is None:
             self.level, self.stamp = self.per_minute, now
             return
         self.level = min(self.per_minute, self.level + (now - self.stamp) * self.per_minute / 60.0)

@@ -1,8 +1,8 @@
 """The OpenAI-compatible wire shapes the router reads and writes.
 
-The router forwards request bodies as bytes; it only reads a few fields (`model`, `stream`, `max_tokens`, `user`,
-and the first message or prompt prefix for affinity). Errors leave in OpenAI's JSON shape, built here and nowhere
-else. Imports only pydantic and the standard library.
+The router forwards request bodies as bytes; it only reads a few fields (`model`, `stream`, `max_tokens`,
+`max_completion_tokens`, `n`, `best_of`, `stream_options`, `user`, and the first message or prompt prefix for
+affinity). Errors leave in OpenAI's JSON shape, built here and nowhere else. Imports only pydantic and the standard library.
 """
 
 from __future__ import annotations
@@ -68,29 +68,49 @@ class RequestFields:
 
     model: str
     stream: bool = False
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # the larger of max_tokens and max_completion_tokens (None: neither given)
+    choices: int = 1  # completions generated: the larger of n and best_of
     user: str | None = None
     prefix: str | None = None  # our extension: the system prompt / prompt head, for prefix affinity (never logged)
+    stream_usage: bool = False  # the client asked for the usage chunk (stream_options.include_usage)
+
+
+def _count(data: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer of at least {minimum}")
+    return value
 
 
 def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     """Pick the routed fields out of a parsed request body.
 
+    Token caps read both spellings: workers honour `max_completion_tokens` over `max_tokens` (vLLM), so the
+    effective cap is the larger of the two, and `n`/`best_of` multiply it.
+
     Raises:
-        ValueError: the body is not an object, or `model` is missing or not a string, or `max_tokens` is not an int.
+        ValueError: the body is not an object, `model` is missing or not a string, or `max_tokens`,
+            `max_completion_tokens` (integers >= 0), `n` or `best_of` (integers >= 1) are of the wrong type.
     """
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ValueError("the request must name a `model` (a non-empty string)")
-    max_tokens = data.get("max_tokens", data.get("max_completion_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
-        raise ValueError("`max_tokens` must be an integer")
+    max_tokens = _count(data, "max_tokens", 0)
+    max_completion = _count(data, "max_completion_tokens", 0)
+    if max_completion is not None and (max_tokens is None or max_completion > max_tokens):
+        max_tokens = max_completion
+    choices = max(_count(data, "n", 1) or 1, _count(data, "best_of", 1) or 1)
+    stream = bool(data.get("stream"))
+    options = data.get("stream_options") if stream else None
     user = data.get("user")
     return RequestFields(
-        model=model, stream=bool(data.get("stream")), max_tokens=max_tokens,
+        model=model, stream=stream, max_tokens=max_tokens, choices=choices,
         user=user if isinstance(user, str) else None, prefix=_prefix(data, prefix_chars),
+        stream_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
 
 

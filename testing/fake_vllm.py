@@ -11,7 +11,10 @@ with `parent` set to the base model, as in vLLM, and answer as `"model": <lora_n
 or the `VLLM_API_KEY` environment variable in process mode, as vLLM reads it) every `/v1/*` path answers 401
 `{"error": "Unauthorized"}` without `Authorization: Bearer <key>`, as vLLM's own middleware does; `/health` stays open.
 Every answer is `tok0 tok1 ...` (`chunks` tokens), whatever the prompt; `forge` replaces it with forged text (a
-lying worker).
+lying worker). Token accounting follows vLLM: an answer stops at `max_completion_tokens`, else `max_tokens` (the
+former wins when both are given), each of `n` choices is generated, and `usage` counts one prompt token per word of
+the prompt plus 5 (the chat template) and every choice's tokens. A stream ends with a usage chunk (`"choices": []`)
+when the request asks for `stream_options.include_usage`, as vLLM's does.
 
 Failure injection (constructor arguments, or at run time with `POST /fake/control` and a JSON object of the same
 names): `fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before
@@ -191,44 +194,59 @@ class FakeBackend:
             await self._send_json(send, 404, _error(f"The model `{model}` does not exist.", "NotFoundError", 404))
             return
         chat = path.endswith("chat/completions")
+        pieces = self._pieces(req)
+        choices = req.get("n") if isinstance(req.get("n"), int) and req.get("n") > 0 else 1
+        completion = len(pieces) * choices
+        prompt_tokens = 5 + len(_all_prompt_text(req).split())
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
         if req.get("stream"):
-            await self._stream(send, model, chat)
+            options = req.get("stream_options")
+            with_usage = isinstance(options, dict) and options.get("include_usage") is True
+            await self._stream(send, model, chat, pieces, choices, usage if with_usage else None)
         else:
-            await self._send_json(send, 200, self._completion(model, chat))
+            await self._send_json(send, 200, self._completion(model, chat, pieces, choices, usage))
 
-    def _pieces(self) -> list[str]:
-        """The answer's stream pieces: `tok0 `, `tok1 `, ... or the forged text's words."""
+    def _pieces(self, req: dict[str, Any]) -> list[str]:
+        """The answer's stream pieces: `tok0 `, `tok1 `, ... or the forged text's words, cut at the request's limit."""
         words = self.forge.split() if self.forge is not None else [f"tok{i}" for i in range(self.chunks)]
+        limit = req.get("max_completion_tokens") or req.get("max_tokens")  # vLLM: max_completion_tokens wins
+        if isinstance(limit, int) and limit >= 0:
+            words = words[:limit]
         return [w + " " for w in words]
 
-    def _completion(self, model: str, chat: bool) -> dict[str, Any]:
-        pieces = self._pieces()
+    def _completion(self, model: str, chat: bool, pieces: list[str], choices: int, usage: dict[str, int]) -> dict[str, Any]:
         text = "".join(pieces).rstrip()
-        usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
         if chat:
             return {"id": "chatcmpl-fake", "object": "chat.completion", "created": self.created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                                for i in range(choices)],
                     "usage": usage, "served_by": self.name}
         return {"id": "cmpl-fake", "object": "text_completion", "created": self.created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage, "served_by": self.name}
+                "choices": [{"index": i, "text": text, "finish_reason": "stop"} for i in range(choices)],
+                "usage": usage, "served_by": self.name}
 
-    async def _stream(self, send: Send, model: str, chat: bool) -> None:
+    async def _stream(self, send: Send, model: str, chat: bool, pieces: list[str], choices: int,
+                      usage: dict[str, int] | None) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
-        for i, piece in enumerate(self._pieces()):
+        kind = ("chatcmpl-fake", "chat.completion.chunk") if chat else ("cmpl-fake", "text_completion")
+        for i, piece in enumerate(pieces):
             if self.break_after_chunks is not None and i >= self.break_after_chunks:
                 # End the response without [DONE]: to the client this is a connection that dies mid-stream.
                 raise ConnectionAbortedError("fake backend broke the stream as asked")
-            if chat:
-                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-                chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": self.created, "model": model,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            else:
-                chunk = {"id": "cmpl-fake", "object": "text_completion", "created": self.created, "model": model,
-                         "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
-            await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
+            for index in range(choices):
+                if chat:
+                    delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                    choice = {"index": index, "delta": delta, "finish_reason": None}
+                else:
+                    choice = {"index": index, "text": piece, "finish_reason": None}
+                chunk = {"id": kind[0], "object": kind[1], "created": self.created, "model": model, "choices": [choice]}
+                await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
+        if usage is not None:
+            chunk = {"id": kind[0], "object": kind[1], "created": self.created, "model": model, "choices": [], "usage": usage}
+            await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     async def _send_json(self, send: Send, status: int, obj: Any) -> None:
@@ -246,6 +264,14 @@ def _prompt(req: dict[str, Any]) -> str:
     messages = req.get("messages")
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         return str(messages[-1].get("content", ""))
+    return str(req.get("prompt", ""))
+
+
+def _all_prompt_text(req: dict[str, Any]) -> str:
+    """Every message's text (chat) or the prompt (completions), for the usage count."""
+    messages = req.get("messages")
+    if isinstance(messages, list):
+        return " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
     return str(req.get("prompt", ""))
 
 
