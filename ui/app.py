@@ -79,6 +79,6 @@ def launch_console(settings: ApplianceSettings, *, host: str | None = None, port
     logger.info("console on http://%s:%d (login %s)", host, port, "required" if kwargs else "not required on loopback")
     try:
         demo.launch(server_name=host, server_port=port, show_error=True, quiet=True, theme=gr.themes.Soft(),
-                    footer_links=[], ssr_mode=False, **kwargs)
+                    footer_links=[], ssr_mode=False, max_file_size=int(settings.ui.max_upload_mb * 2**20), **kwargs)
     except OSError as exc:
         raise ConfigError(f"cannot serve the console on {host}:{port}: {exc}; pick another with --port") from exc

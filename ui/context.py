@@ -46,6 +46,13 @@ class ConsoleContext:
         )
 
 
+def bind(fn: Callable[..., Any], ctx: ConsoleContext) -> Callable[..., Any]:
+    """`fn(ctx, *inputs)` as a Gradio event handler of the inputs alone (the tabs' handlers live at module level)."""
+    handler = functools.partial(fn, ctx)
+    handler.__name__ = fn.__name__  # type: ignore[attr-defined]  # Gradio names the event's API after it
+    return handler
+
+
 def problem(exc: BaseException) -> str:
     """A one-paragraph Markdown message for a failure shown in a tab."""
     return f"⚠️ {exc}"

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import html
-import importlib
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from appliance.core.processes import log_tail
+from appliance.core.sections.federation import STRATEGY_NAMES
 from ui import launcher
-from ui.context import ConsoleContext, guarded, problem
+from ui.context import ConsoleContext, bind, guarded, problem
 from ui.plots import line_figure
 from ui.runs import format_duration
 from ui.services import ServiceUnavailable
@@ -117,8 +118,62 @@ def launch_checked(ctx: ConsoleContext, kind: str, cmd: list[str], grace_s: floa
     return record
 
 
+def refresh(ctx: ConsoleContext):
+    """The live views from the coordinator's `/status`: (problem, summary, silos, rounds, plot)."""
+    try:
+        status = ctx.coordinator.request("GET", "/status")
+    except ServiceUnavailable as exc:
+        return problem(exc), "", [], [], federation_figure({})
+    if not isinstance(status, dict):
+        return problem("The coordinator's /status did not answer a JSON object."), "", [], [], federation_figure({})
+    return "", summary_markdown(status), silo_rows(status), round_rows(status), federation_figure(status)
+
+
+@guarded(lambda msg: msg)
+def on_enrol(ctx: ConsoleContext, name: str, key: str) -> str:
+    """Enrol a silo's public key with `appliance federation enroll` (which checks the name and the key)."""
+    name, key = name.strip(), key.strip()
+    result = subprocess.run(appliance_cmd(ctx, "federation", "enroll", "--", name, key), capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode != 0:
+        return problem(" ".join((result.stderr or result.stdout).split()) or f"enrolment failed (exit code {result.returncode})")
+    return f"Enrolled silo **{html.escape(name)}**; it can join at the next round."
+
+
+@guarded(lambda msg: msg)
+def on_start(ctx: ConsoleContext, rounds_n: float, strat: str, min_n: float, steps: float) -> str:
+    """Start `appliance coordinator start` detached with the tab's settings."""
+    if running_launch(ctx, "coordinator"):
+        return problem("A coordinator started from this console is already running; stop it first.")
+    cmd = appliance_cmd(ctx, "coordinator", "start", "--rounds", str(int(rounds_n)), "--strategy", strat,
+                        "--min-silos", str(int(min_n)), "--local-steps", str(int(steps)))
+    record = launch_checked(ctx, "coordinator", cmd)
+    return f"Started the coordinator (pid {record.get('pid')}); log: `{record['log']}`."
+
+
+@guarded(lambda msg: msg)
+def on_stop(ctx: ConsoleContext) -> str:
+    """Stop the coordinator or demo this console started."""
+    for kind in ("coordinator", "demo"):
+        record = running_launch(ctx, kind)
+        if record and launcher.stop(ctx.settings.home, record["id"]):
+            return f"Asked the {kind} (pid {record['pid']}) to stop."
+    return problem("No coordinator or demo started from this console is running.")
+
+
+@guarded(lambda msg: msg)
+def on_demo(ctx: ConsoleContext) -> str:
+    """Start `appliance demo federation` detached."""
+    if running_launch(ctx, "demo"):
+        return problem("The demo is already running.")
+    out = ctx.settings.home / "ui" / "demo"
+    record = launch_checked(ctx, "demo", appliance_cmd(ctx, "demo", "federation", "--out", str(out)))
+    return (f"Started the 3-silo demo (pid {record.get('pid')}) in `{out}`; it prints base, local-only, federated and "
+            f"centralized held-out losses at the end of its log: `{record['log']}`.")
+
+
 def build(ctx: ConsoleContext) -> None:
-    """Lay out the Federation tab inside the current `gr.Tab`."""
+    """Lay out the Federation tab inside the current `gr.Tab` and wire its handlers."""
     import gradio as gr
 
     fed = ctx.settings.federation
@@ -138,8 +193,7 @@ def build(ctx: ConsoleContext) -> None:
             gr.Markdown("#### Run a federation")
             with gr.Row():
                 n_rounds = gr.Number(label="Rounds", value=fed.rounds, precision=0, minimum=1)
-                strategy = gr.Dropdown(label="Strategy", value=fed.strategy, allow_custom_value=True,
-                                       choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum"])
+                strategy = gr.Dropdown(label="Strategy", value=fed.strategy, choices=list(STRATEGY_NAMES))
             with gr.Row():
                 min_silos = gr.Number(label="Min silos", value=fed.min_silos, precision=0, minimum=1)
                 local_steps = gr.Number(label="Local steps", value=fed.local_steps, precision=0, minimum=1)
@@ -150,51 +204,10 @@ def build(ctx: ConsoleContext) -> None:
     action = gr.Markdown("", elem_id="fed-action")
     timer = gr.Timer(ctx.settings.ui.poll_interval_s)
 
-    def refresh():
-        try:
-            status = ctx.coordinator.request("GET", "/status")
-        except ServiceUnavailable as exc:
-            return problem(exc), "", [], [], federation_figure({})
-        if not isinstance(status, dict):
-            return problem("The coordinator's /status did not answer a JSON object."), "", [], [], federation_figure({})
-        return "", summary_markdown(status), silo_rows(status), round_rows(status), federation_figure(status)
-
-    @guarded(lambda msg: msg)
-    def on_enrol(name: str, key: str):
-        keys = importlib.import_module("federation.keys")
-        keys.enroll_silo(ctx.settings.keys_dir, name.strip(), key.strip())
-        return f"Enrolled silo **{html.escape(name.strip())}**; it can join at the next round."
-
-    @guarded(lambda msg: msg)
-    def on_start(rounds_n: float, strat: str, min_n: float, steps: float):
-        if running_launch(ctx, "coordinator"):
-            return problem("A coordinator started from this console is already running; stop it first.")
-        cmd = appliance_cmd(ctx, "coordinator", "start", "--rounds", str(int(rounds_n)), "--strategy", strat,
-                            "--min-silos", str(int(min_n)), "--local-steps", str(int(steps)))
-        record = launch_checked(ctx, "coordinator", cmd)
-        return f"Started the coordinator (pid {record.get('pid')}); log: `{record['log']}`."
-
-    @guarded(lambda msg: msg)
-    def on_stop():
-        for kind in ("coordinator", "demo"):
-            record = running_launch(ctx, kind)
-            if record and launcher.stop(ctx.settings.home, record["id"]):
-                return f"Asked the {kind} (pid {record['pid']}) to stop."
-        return problem("No coordinator or demo started from this console is running.")
-
-    @guarded(lambda msg: msg)
-    def on_demo():
-        if running_launch(ctx, "demo"):
-            return problem("The demo is already running.")
-        out = ctx.settings.home / "ui" / "demo"
-        record = launch_checked(ctx, "demo", appliance_cmd(ctx, "demo", "federation", "--out", str(out)))
-        return (f"Started the 3-silo demo (pid {record.get('pid')}) in `{out}`; it prints base, local-only, federated and "
-                f"centralized held-out losses at the end of its log: `{record['log']}`.")
-
     outputs = [status_md, summary, silos, rounds, plot]
-    timer.tick(refresh, None, outputs, show_progress="hidden")
-    enrol.click(on_enrol, [silo_name, silo_key], action)
-    start.click(on_start, [n_rounds, strategy, min_silos, local_steps], action)
-    stop.click(on_stop, None, action)
-    demo.click(on_demo, None, action)
-    ctx.on_load.append((refresh, [], outputs))
+    timer.tick(bind(refresh, ctx), None, outputs, show_progress="hidden")
+    enrol.click(bind(on_enrol, ctx), [silo_name, silo_key], action)
+    start.click(bind(on_start, ctx), [n_rounds, strategy, min_silos, local_steps], action)
+    stop.click(bind(on_stop, ctx), None, action)
+    demo.click(bind(on_demo, ctx), None, action)
+    ctx.on_load.append((bind(refresh, ctx), [], outputs))

@@ -7,17 +7,16 @@ progress and the loss plot survive a page reload and keep moving while the run t
 from __future__ import annotations
 
 import html
-import importlib
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from appliance.core.atomic import write_bytes_atomic
 from appliance.core.errors import DataError
 from appliance.core.processes import log_tail
+from appliance.core.records import load_jsonl
 from ui import launcher
-from ui.context import ConsoleContext, guarded, problem
+from ui.context import ConsoleContext, bind, guarded, problem
 from ui.plots import line_figure
 from ui.runs import RunView, format_duration, list_runs, resume_command, smooth, train_command
 
@@ -27,36 +26,6 @@ STATE_COLOURS = {"running": "#2563eb", "starting": "#2563eb", "done": "#16a34a",
 def data_dir(ctx: ConsoleContext) -> Path:
     """Where the console keeps uploaded training files."""
     return ctx.settings.home / "ui" / "data"
-
-
-def validate_jsonl(path: Path) -> int:
-    """Validate a training file with the training engine's own validator; return the number of records.
-
-    Raises:
-        DataError: every problem found, with line numbers.
-    """
-    try:
-        data = importlib.import_module("train.data")
-    except ImportError:
-        data = None
-    if data is not None:
-        return len(data.load_jsonl(path))
-    rows, errors = 0, []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            errors.append(f"line {n}: bad JSON ({exc})")
-            continue
-        if not isinstance(record, dict) or not ({"messages"} <= record.keys() or {"prompt", "completion"} <= record.keys()
-                                               or {"instruction", "output"} <= record.keys() or "text" in record):
-            errors.append(f"line {n}: not a messages / prompt+completion / instruction+output / text record")
-        rows += 1
-    if errors or not rows:
-        raise DataError(f"{len(errors)} invalid record(s) in {path}:\n  " + "\n  ".join(errors[:20]) if errors else f"{path}: no records")
-    return rows
 
 
 def data_choices(ctx: ConsoleContext) -> list[str]:
@@ -149,8 +118,124 @@ def runs_table(runs: list[RunView]) -> list[list[Any]]:
 RUN_HEADERS = ["run", "state", "steps", "last loss", "adapter", "exit code", "started"]
 
 
+def save_upload(ctx: ConsoleContext, path: Path) -> tuple[Path, int]:
+    """Check an uploaded training file and keep a copy under `data_dir` (mode 0600, written atomically).
+
+    Returns:
+        The stored copy and its number of records.
+
+    Raises:
+        DataError: the file is larger than `ui.max_upload_mb`, or is not valid training data (every problem listed).
+    """
+    limit_mb = ctx.settings.ui.max_upload_mb
+    size = path.stat().st_size
+    if size > limit_mb * 2**20:
+        raise DataError(f"{path.name} is {size / 2**20:.1f} MB; the console accepts training files up to {limit_mb:g} MB "
+                        "(ui.max_upload_mb), or start `appliance train` on the file where it lies")
+    records = load_jsonl(path)
+    dest = data_dir(ctx) / path.name
+    write_bytes_atomic(dest, path.read_bytes())
+    return dest, len(records)
+
+
+def on_upload(ctx: ConsoleContext, path: str | None):
+    """Validate and store an uploaded file: (message, data dropdown update)."""
+    import gradio as gr
+
+    if not path:
+        return "", gr.Dropdown()
+    try:
+        dest, rows = save_upload(ctx, Path(path))
+    except DataError as exc:
+        lines = [html.escape(x.strip()) for x in str(exc).replace(str(path), Path(path).name).splitlines() if x.strip()]
+        bullets = "\n".join(f"- {x}" for x in lines[1:])
+        return f"**Invalid data** - nothing was saved. {lines[0] if lines else ''}\n\n{bullets}", gr.Dropdown()
+    return f"**Valid:** {dest.name}: {rows} valid records", gr.Dropdown(choices=data_choices(ctx), value=str(dest))
+
+
+def _dropdown_unchanged(msg: str):
+    import gradio as gr
+
+    return msg, gr.Dropdown()
+
+
+@guarded(_dropdown_unchanged)
+def on_start(ctx: ConsoleContext, data_path: str | None, model_name: str, out: str, steps: float, rate: float, bs: float,
+             r: float, alpha: float, seq: float):
+    """Start `appliance train` detached: (message, run dropdown update following the new launch)."""
+    import gradio as gr
+
+    if not data_path:
+        return problem("Upload or pick a training file first."), gr.Dropdown()
+    cmd = train_command(Path(data_path), model=model_name.strip() or None, output=out.strip() or None,
+                        max_steps=int(steps), lr=float(rate), lora_r=int(r), lora_alpha=int(alpha),
+                        batch_size=int(bs), max_seq_len=int(seq), home=ctx.settings.home)
+    record = launcher.launch(ctx.settings.home, "train", cmd)
+    value = f"launch-{record['id']}"
+    choices = [run.id for run in list_runs(ctx.settings.runs_dir, ctx.settings.home)]
+    return (f"Started `appliance train` (pid {record.get('pid')}).",
+            gr.Dropdown(choices=choices if value in choices else [value, *choices], value=value))
+
+
+def find_run(runs: list[RunView], run_id: str | None) -> RunView | None:
+    """The run picked as `run_id` (a launch id follows its run once it has one); the newest run when none is picked."""
+    if run_id and run_id.startswith("launch-"):
+        # A launch becomes a real run once its process writes status.json: follow it.
+        launch_id = run_id[len("launch-"):]
+        return next((r for r in runs if r.launch_id == launch_id), None)
+    return next((r for r in runs if r.id == run_id), runs[0] if runs else None)
+
+
+def _refresh_failed(msg: str):
+    import gradio as gr
+
+    return gr.Dropdown(), progress_html(None), loss_figure(None), "", "", [], msg
+
+
+@guarded(_refresh_failed)
+def refresh(ctx: ConsoleContext, run_id: str | None):
+    """The run views from disk: (run dropdown, progress, plot, caption, log tail, runs table, problem)."""
+    import gradio as gr
+
+    runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
+    run = find_run(runs, run_id)
+    log_text = log_tail(run.log_path, 25) if run else ""
+    return (gr.Dropdown(choices=[r.id for r in runs], value=run.id if run else None), progress_html(run), loss_figure(run),
+            loss_caption(run), log_text, runs_table(runs), "")
+
+
+@guarded(lambda msg: msg)
+def on_stop(ctx: ConsoleContext, run_id: str | None) -> str:
+    """Stop a run this console launched."""
+    run = find_run(list_runs(ctx.settings.runs_dir, ctx.settings.home), run_id)
+    if run is None or run.state not in ("running", "starting"):
+        return problem("That run is not running.")
+    if run.launch_id and launcher.stop(ctx.settings.home, run.launch_id):
+        return f"Asked {run.id} to stop."
+    return problem(f"{run.id} was not started from this console; stop it where it runs (pid {run.pid}).")
+
+
+@guarded(lambda msg: msg)
+def on_resume(ctx: ConsoleContext, run_id: str | None) -> str:
+    """Resume a stopped or failed run from its last checkpoint (`appliance train --resume`)."""
+    run = find_run(list_runs(ctx.settings.runs_dir, ctx.settings.home), run_id)
+    if run is None or run.run_dir is None:
+        return problem("Pick a run that has a run folder to resume.")
+    if run.state in ("running", "starting"):
+        return problem(f"{run.id} is still running.")
+    record = launcher.launch(ctx.settings.home, "train", resume_command(run.id, ctx.settings.home))
+    return f"Resuming {run.id} (pid {record.get('pid')})."
+
+
+def refresh_data_choices(ctx: ConsoleContext, current: str | None):
+    """The data dropdown with the stored files, keeping the current pick."""
+    import gradio as gr
+
+    return gr.Dropdown(choices=data_choices(ctx), value=current)
+
+
 def build(ctx: ConsoleContext) -> None:
-    """Lay out the Train tab inside the current `gr.Tab`."""
+    """Lay out the Train tab inside the current `gr.Tab` and wire its handlers."""
     import gradio as gr
 
     cfg = ctx.settings.train
@@ -186,76 +271,13 @@ def build(ctx: ConsoleContext) -> None:
     live_status = gr.Markdown("", elem_id="train-live-status")
     timer = gr.Timer(ctx.settings.ui.poll_interval_s)
 
-    def on_upload(path: str | None):
-        if not path:
-            return "", gr.Dropdown()
-        try:
-            rows = validate_jsonl(Path(path))
-        except DataError as exc:
-            lines = [html.escape(x.strip()) for x in str(exc).replace(str(path), Path(path).name).splitlines() if x.strip()]
-            bullets = "\n".join(f"- {x}" for x in lines[1:])
-            return f"**Invalid data** - nothing was saved. {lines[0] if lines else ''}\n\n{bullets}", gr.Dropdown()
-        d = data_dir(ctx)
-        d.mkdir(parents=True, exist_ok=True)
-        dest = d / Path(path).name
-        shutil.copyfile(path, dest)
-        return f"**Valid:** {dest.name}: {rows} valid records", gr.Dropdown(choices=data_choices(ctx), value=str(dest))
-
-    @guarded(lambda msg: (msg, gr.Dropdown()))
-    def on_start(data_path: str | None, model_name: str, out: str, steps: float, rate: float, bs: float, r: float,
-                 alpha: float, seq: float):
-        if not data_path:
-            return problem("Upload or pick a training file first."), gr.Dropdown()
-        cmd = train_command(Path(data_path), model=model_name.strip() or None, output=out.strip() or None,
-                            max_steps=int(steps), lr=float(rate), lora_r=int(r), lora_alpha=int(alpha),
-                            batch_size=int(bs), max_seq_len=int(seq), home=ctx.settings.home)
-        record = launcher.launch(ctx.settings.home, "train", cmd)
-        value = f"launch-{record['id']}"
-        choices = [r.id for r in list_runs(ctx.settings.runs_dir, ctx.settings.home)]
-        return (f"Started `appliance train` (pid {record.get('pid')}).",
-                gr.Dropdown(choices=choices if value in choices else [value, *choices], value=value))
-
-    def find(runs: list[RunView], run_id: str | None) -> RunView | None:
-        if run_id and run_id.startswith("launch-"):
-            # A launch becomes a real run once its process writes status.json: follow it.
-            launch_id = run_id[len("launch-"):]
-            return next((r for r in runs if r.launch_id == launch_id), None)
-        return next((r for r in runs if r.id == run_id), runs[0] if runs else None)
-
-    @guarded(lambda msg: (gr.Dropdown(), progress_html(None), loss_figure(None), "", "", [], msg))
-    def refresh(run_id: str | None):
-        runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
-        run = find(runs, run_id)
-        choices = [r.id for r in runs]
-        log_text = log_tail(run.log_path, 25) if run else ""
-        return (gr.Dropdown(choices=choices, value=run.id if run else None), progress_html(run), loss_figure(run),
-                loss_caption(run), log_text, runs_table(runs), "")
-
-    @guarded(lambda msg: msg)
-    def on_stop(run_id: str | None):
-        run = find(list_runs(ctx.settings.runs_dir, ctx.settings.home), run_id)
-        if run is None or run.state not in ("running", "starting"):
-            return problem("That run is not running.")
-        if run.launch_id and launcher.stop(ctx.settings.home, run.launch_id):
-            return f"Asked {run.id} to stop."
-        return problem(f"{run.id} was not started from this console; stop it where it runs (pid {run.pid}).")
-
-    @guarded(lambda msg: msg)
-    def on_resume(run_id: str | None):
-        run = find(list_runs(ctx.settings.runs_dir, ctx.settings.home), run_id)
-        if run is None or run.run_dir is None:
-            return problem("Pick a run that has a run folder to resume.")
-        if run.state in ("running", "starting"):
-            return problem(f"{run.id} is still running.")
-        record = launcher.launch(ctx.settings.home, "train", resume_command(run.id, ctx.settings.home))
-        return f"Resuming {run.id} (pid {record.get('pid')})."
-
-    upload.upload(on_upload, upload, [data_check, data])
-    start.click(on_start, [data, model, output, max_steps, lr, batch_size, lora_r, lora_alpha, max_seq_len], [status, run_pick])
+    upload.upload(bind(on_upload, ctx), upload, [data_check, data])
+    start.click(bind(on_start, ctx), [data, model, output, max_steps, lr, batch_size, lora_r, lora_alpha, max_seq_len],
+                [status, run_pick])
     outputs = [run_pick, progress, plot, caption, log, table, live_status]
-    timer.tick(refresh, run_pick, outputs, show_progress="hidden")
-    run_pick.input(refresh, run_pick, outputs, show_progress="hidden")
-    stop.click(on_stop, run_pick, status)
-    resume.click(on_resume, run_pick, status)
-    ctx.on_load.append((refresh, [run_pick], outputs))
-    ctx.on_load.append((lambda current: gr.Dropdown(choices=data_choices(ctx), value=current), [data], [data]))
+    timer.tick(bind(refresh, ctx), run_pick, outputs, show_progress="hidden")
+    run_pick.input(bind(refresh, ctx), run_pick, outputs, show_progress="hidden")
+    stop.click(bind(on_stop, ctx), run_pick, status)
+    resume.click(bind(on_resume, ctx), run_pick, status)
+    ctx.on_load.append((bind(refresh, ctx), [run_pick], outputs))
+    ctx.on_load.append((bind(refresh_data_choices, ctx), [data], [data]))

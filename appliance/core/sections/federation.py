@@ -8,6 +8,10 @@ from pydantic import Field, model_validator
 
 from appliance.core.sections.base import Section
 
+# The names `federation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
+# (tests/appliance/test_settings.py keeps the two equal).
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum")
+
 
 class FederationSettings(Section):
     """Coordinator and silo defaults; `appliance coordinator start` / `appliance silo join` flags override them."""

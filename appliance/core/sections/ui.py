@@ -20,4 +20,5 @@ class UISettings(Section):
         default_factory=dict, description="Extra console logins (user -> password); user 'admin' with the admin token always works."
     )
     poll_interval_s: float = Field(2.0, gt=0, description="Seconds between refreshes of live views (training progress, federation).")
+    max_upload_mb: float = Field(100.0, gt=0, description="Largest training file the console accepts, in MB (1 MB = 2**20 bytes).")
     request_timeout_s: float = Field(10.0, gt=0, description="Timeout of the console's calls to the router and coordinator (not chat streams).")

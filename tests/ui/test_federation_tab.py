@@ -1,0 +1,58 @@
+"""The Federation tab's handlers, called directly with a console context (no browser)."""
+
+from __future__ import annotations
+
+import zmq
+
+from tests.factories import free_port, make_settings
+from ui.context import ConsoleContext
+from ui.tabs import federation as tab
+
+
+def _ctx(home) -> ConsoleContext:
+    return ConsoleContext.from_settings(make_settings(home, ui={"coordinator_url": f"http://127.0.0.1:{free_port()}"}))
+
+
+def test_enrol_admits_a_silo_key_through_the_cli(tmp_path):
+    ctx = _ctx(tmp_path)
+    public, _secret = zmq.curve_keypair()
+
+    message = tab.on_enrol(ctx, " hospital-a ", public.decode())
+
+    assert "Enrolled silo **hospital-a**" in message
+    enrolled = (ctx.settings.keys_dir).rglob("*.json")
+    assert any(public.decode() in p.read_text() for p in enrolled)
+
+
+def test_enrol_of_a_bad_key_shows_the_cli_error_and_enrols_nothing(tmp_path):
+    ctx = _ctx(tmp_path)
+
+    message = tab.on_enrol(ctx, "hospital-a", "not-a-key")
+
+    assert message.startswith("⚠️") and "key" in message.lower()
+    assert not any("hospital-a" in p.read_text() for p in ctx.settings.keys_dir.rglob("*.json"))
+
+
+def test_refresh_with_the_coordinator_down_says_so_and_shows_empty_views(tmp_path):
+    problem, summary, silos, rounds, _plot = tab.refresh(_ctx(tmp_path))
+    assert problem.startswith("⚠️") and summary == "" and silos == [] and rounds == []
+
+
+def test_stop_with_nothing_running_says_so(tmp_path):
+    assert "No coordinator or demo" in tab.on_stop(_ctx(tmp_path))
+
+
+def test_refresh_shows_the_coordinator_status(tmp_path):
+    import time
+
+    from tests.ui.fakes import FakeCoordinator, sample_status
+
+    coordinator = FakeCoordinator(sample_status(time.time())).start()
+    try:
+        ctx = ConsoleContext.from_settings(make_settings(tmp_path, ui={"coordinator_url": coordinator.url}))
+        problem, summary, silos, rounds, _plot = tab.refresh(ctx)
+    finally:
+        coordinator.stop()
+
+    assert problem == "" and "**round** 4 / 10" in summary
+    assert [row[0] for row in silos] == ["hospital-a", "hospital-b", "clinic-c"] and len(rounds) == 3
