@@ -12,7 +12,7 @@ import typer
 from appliance.commands.common import cli_errors, console, err_console, settings_from
 from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
 from appliance.core.processes import stop_on_signals
-from appliance.core.secrets import ensure_token
+from appliance.core.secrets import ensure_token, masked
 from appliance.core.settings import ApplianceSettings
 
 
@@ -41,7 +41,8 @@ def _coordinator_key(settings: ApplianceSettings) -> str | None:
 def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_token: str, coordinator_key: str | None) -> str:
     lines = ["", "FedLLM Appliance is up. Ctrl-C stops everything.", ""]
     lines += [f"  {c.name:<12} {c.url}" for c in children if c.url]
-    lines += ["", f"  admin token  {admin_token}   (stored in {settings.keys_dir / 'admin_token'})", f"  logs         {settings.logs_dir}", ""]
+    where = "serve.admin_token" if settings.serve.admin_token else f"cat {settings.keys_dir / 'admin_token'}"
+    lines += ["", f"  admin token  {masked(admin_token)}   (the whole token: {where})", f"  logs         {settings.logs_dir}", ""]
     if coordinator_key:
         lines += [f"  coordinator public key (for silos)  {coordinator_key}", ""]
     chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)

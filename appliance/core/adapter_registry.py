@@ -7,7 +7,9 @@ never rewritten; a new version is staged in a temp folder and renamed into place
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -16,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import replace_dir_atomic, write_json_atomic
+from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import DataError, ModelNotFound
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_VERSION_ATTEMPTS = 100
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -76,18 +79,24 @@ class AdapterRegistry:
             raise DataError(f"{source_dir} is not a PEFT adapter folder: missing {', '.join(missing)}")
         (self.root / name).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=self.root / name))
-        for f in ADAPTER_FILES:
-            shutil.copy2(Path(source_dir) / f, staging / f)
-        for version in range(self._next_version(name), self._next_version(name) + 100):
-            full_meta = {"name": name, "version": version, "created_at": time.time(), **(meta or {})}
-            write_json_atomic(staging / "meta.json", full_meta)
-            try:
-                replace_dir_atomic(staging, self.root / name / str(version))
-                return AdapterVersion(name, version, self.root / name / str(version), full_meta)
-            except (FileExistsError, OSError):
-                if not staging.exists():
-                    raise
-        raise DataError(f"could not allocate a new version for adapter {name!r}")
+        try:
+            for f in ADAPTER_FILES:
+                shutil.copy2(Path(source_dir) / f, staging / f)
+            for _ in range(_VERSION_ATTEMPTS):
+                version = self._next_version(name)
+                full_meta = {"name": name, "version": version, "created_at": time.time(), **(meta or {})}
+                write_json_atomic(staging / "meta.json", full_meta)
+                final = self.root / name / str(version)
+                try:
+                    os.rename(staging, final)  # fails while `final` holds a version: another writer took the number
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    continue
+                return AdapterVersion(name, version, final, full_meta)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+        raise DataError(f"could not allocate a new version for adapter {name!r} after {_VERSION_ATTEMPTS} attempts")
 
     def _next_version(self, name: str) -> int:
         return max(self.versions(name), default=0) + 1

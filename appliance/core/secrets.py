@@ -6,24 +6,53 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from pydantic import SecretStr
 
-from appliance.core.atomic import write_text_atomic
+from appliance.core.errors import ConfigError
 
 
 def ensure_token(keys_dir: Path, name: str, configured: SecretStr | None = None) -> str:
-    """The configured token if set, else the one stored in `keys_dir/name`, else a new random one stored there."""
-    if configured is not None and configured.get_secret_value():
-        return configured.get_secret_value()
+    """The configured token if set, else the one stored in `keys_dir/name`, else a new random one stored there (0600).
+
+    A blank configured value counts as unset. Two processes starting at once get the same new token.
+
+    Raises:
+        ConfigError: the stored file is empty or holds only whitespace (an empty token would accept an empty password).
+    """
+    if configured is not None and configured.get_secret_value().strip():
+        return configured.get_secret_value().strip()
     path = Path(keys_dir) / name
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    token = secrets.token_urlsafe(32)
-    write_text_atomic(path, token + "\n")
-    os.chmod(path, 0o600)
+    if not path.exists():
+        _create_once(path, secrets.token_urlsafe(32) + "\n")
+    token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ConfigError(f"{path} is empty; delete it to have a new {name} generated, or write a token into it")
     return token
+
+
+def _create_once(path: Path, text: str) -> None:
+    """Create `path` (mode 0600) with `text` unless it exists: a hard link of a finished temp file, so a concurrent
+    creator's file is never overwritten and no reader sees it half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def masked(token: str, shown: int = 4) -> str:
+    """The first `shown` characters of a secret and an ellipsis, for output that must not reveal it."""
+    return f"{token[:shown]}…" if len(token) > 2 * shown else "…"
 
 
 def hash_secret(value: str) -> str:

@@ -71,3 +71,37 @@ def test_unknown_adapter_or_version(tmp_path, adapter_src):
     reg.register("legal", adapter_src)
     with pytest.raises(ModelNotFound, match=r"no version 7 \(versions: \[1\]\)"):
         reg.get("legal:7")
+
+
+def test_register_takes_the_next_number_when_another_writer_took_its_version(tmp_path, adapter_src, monkeypatch):
+    reg = AdapterRegistry(tmp_path / "adapters")
+    reg.register("legal", adapter_src, {"round": 1})
+    counted = iter([1])  # this writer counted before the other one registered version 1
+    real_next = AdapterRegistry._next_version
+    monkeypatch.setattr(AdapterRegistry, "_next_version", lambda self, name: next(counted, None) or real_next(self, name))
+
+    v = reg.register("legal", adapter_src, {"round": 2})
+
+    assert v.version == 2 and reg.get("legal:1").meta["round"] == 1 and reg.get("legal:2").meta["round"] == 2
+    assert sorted(p.name for p in (tmp_path / "adapters" / "legal").iterdir()) == ["1", "2"]  # no staging left
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path, adapter_src):
+    import threading
+
+    reg = AdapterRegistry(tmp_path / "adapters")
+    got, errors = [], []
+
+    def register(i: int) -> None:
+        try:
+            got.append(reg.register("legal", adapter_src, {"i": i}).version)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted empty
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == [] and sorted(got) == list(range(1, 9))
