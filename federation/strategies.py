@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from appliance.core.types import StateDict
+from federation import lora_aggregate as la
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ __all__ = [
     "InvalidUpdate",
     "capped_weights",
     "check_aggregate",
+    "LORA_AGGREGATIONS",
+    "ProductAccumulator",
+    "ProductAggregation",
+    "FrozenA",
 ]
 
 
@@ -467,6 +472,53 @@ class ClippedAccumulator:
         return self.inner.silo_ids
 
 
+class ProductAccumulator(_AccumulatorBase):
+    """Running example-weighted sum of each silo's dense weight change `s_i B_i' A_i' - s_i B_i A_i`.
+
+    Each silo's update is checked against, and multiplied out from, the state it was sent (`set_base`; the
+    global state by default), so silos may train at different ranks. Memory: one dense adapter (see
+    `federation.lora_aggregate`), whatever the number of silos.
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], scale: float) -> None:
+        super().__init__(global_state)
+        self._global = {k: v.detach().to(torch.float32) for k, v in global_state.items()}
+        self.scale = scale
+        self._bases: dict[str, tuple[StateDict, float]] = {}
+        self._sum: StateDict = {}
+        self._weight = 0.0
+
+    def set_base(self, silo_id: str, base: Mapping[str, torch.Tensor], scale: float) -> None:
+        """The state (and its lora_alpha / r) that `silo_id` was sent this round."""
+        self._bases[silo_id] = ({k: v.detach().to(torch.float32) for k, v in base.items()}, scale)
+
+    def base_for(self, silo_id: str) -> tuple[StateDict, float]:
+        """(state, scale) the silo's update is relative to."""
+        return self._bases.get(silo_id, (self._global, self.scale))
+
+    def add(self, silo_id: str, update: StateDict, num_examples: int) -> None:
+        """Add `num_examples * (silo's dense weight change)` to the running sum."""
+        if silo_id in self.examples:
+            raise ValueError(f"update from silo {silo_id!r}: this silo already sent an update this round")
+        if not num_examples > 0:
+            raise ValueError(f"update from silo {silo_id!r}: num_examples must be > 0, got {num_examples}")
+        base, scale = self.base_for(silo_id)
+        check_update(silo_id, update, base)
+        for prefix, d in la.product_delta(base, update, scale).items():
+            if prefix in self._sum:
+                self._sum[prefix].add_(d, alpha=float(num_examples))
+            else:
+                self._sum[prefix] = d * float(num_examples)
+        self._weight += float(num_examples)
+        self._record(silo_id, num_examples)
+
+    def mean(self) -> StateDict:
+        """The weighted mean dense weight change `{prefix: (out, in)}` (a new dict)."""
+        if self._weight <= 0:
+            raise ValueError("no updates were accumulated")
+        return {k: v / self._weight for k, v in self._sum.items()}
+
+
 def _unwrap(acc: Any) -> Any:
     while isinstance(acc, ClippedAccumulator):
         acc = acc.inner
@@ -784,6 +836,130 @@ class Clipped(StrategyWrapper):
         return ClippedAccumulator(self.inner.start_round(round_id, global_state), self.max_norm)
 
 
+LORA_AGGREGATIONS: tuple[str, ...] = ("factors", "product", "frozen_a")
+_MEAN_BASED = (FedAvg,)  # FedAvg and its server-optimiser / FedProx subclasses
+
+
+class ProductAggregation:
+    """LoRA product aggregation (FlexLoRA-style) around a mean-based strategy that acts as the server optimiser.
+
+    The round's example-weighted mean dense weight change `mean_i(s_i B_i' A_i' - s_i B_i A_i)` is the
+    pseudo-gradient; the inner strategy's `apply_delta` steps the global dense product with it (FedAvg:
+    `G + server_lr * d`; FedAvgM: momentum; FedAdam/FedYogi: adaptive, with dense moments of one (out, in)
+    matrix per module); the result is re-factorised to the global rank by truncated SVD. With plain FedAvg at
+    server_lr 1 the new global product is exactly the best rank-r approximation of `mean_i(s_i B_i' A_i')`.
+    The adaptive steps are full-rank, so their truncation to rank r keeps only their leading directions.
+
+    Silos may train at their own rank: `state_for_silo` gives each the global product truncated to its rank.
+    Needs every update on its own: not with secure aggregation, central DP or per-update clipping.
+
+    Args:
+        server: the mean-based strategy whose plan, round rules and `apply_delta` are used.
+        lora_alpha: the global adapter's lora_alpha (the coordinator binds its train.lora_alpha).
+    """
+
+    def __init__(self, server: BaseStrategy, *, lora_alpha: float | None = None) -> None:
+        if not isinstance(server, _MEAN_BASED):
+            raise ValueError(f"lora_aggregation=product composes with mean-based strategies (fedavg fedprox fedavgm "
+                             f"fedadam fedyogi), not {server.name!r}")
+        self.server = server
+        self.lora_alpha = lora_alpha
+        self.name = f"{server.name}+product"
+
+    def bind_lora(self, lora_alpha: float) -> None:
+        """Set the global adapter's lora_alpha when it was not given."""
+        if self.lora_alpha is None:
+            self.lora_alpha = float(lora_alpha)
+
+    def _scale(self, state: Mapping[str, torch.Tensor]) -> float:
+        return la.lora_scale(self.lora_alpha, la.lora_rank(state)) if self.lora_alpha else 1.0
+
+    def state_for_silo(self, global_state: StateDict, lora_r: int | None, lora_alpha: float | None) -> tuple[StateDict, float]:
+        """(the state to send a silo training at rank `lora_r`, its scale); the global state at the global rank."""
+        scale = self._scale(global_state)
+        if lora_r is None or lora_r == la.lora_rank(global_state) and (lora_alpha is None or
+                                                                     math.isclose(lora_alpha / lora_r, scale)):
+            return global_state, scale
+        if lora_alpha is None or self.lora_alpha is None:
+            raise ValueError("heterogeneous ranks need each silo's and the global lora_alpha")
+        silo_scale = la.lora_scale(lora_alpha, lora_r)
+        return la.project_state(global_state, scale, lora_r, silo_scale), silo_scale
+
+    def plan_round(self, round_id: int) -> dict:
+        """The server strategy's plan (e.g. FedProx's mu)."""
+        return self.server.plan_round(round_id)
+
+    def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
+        """A `ProductAccumulator` (call its `set_base` for silos sent another rank)."""
+        return ProductAccumulator(global_state, self._scale(global_state))
+
+    def finish_round(
+        self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]
+    ) -> StateDict | None:
+        """Step the global product with the mean dense change, then re-factorise to the global rank."""
+        if not self.server.round_counts(round_id, acc, failures):
+            return None
+        scale = self._scale(global_state)
+        dense_global = la.dense_products(global_state, scale)
+        dense_new = self.server.apply_delta(round_id, dense_global, _unwrap(acc).mean())
+        return la.refactorize(dense_new, global_state, la.lora_rank(global_state), scale)
+
+    def state_dict(self) -> StateDict:
+        """The server optimiser's state (dense moments keyed by module)."""
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore the server optimiser's state."""
+        self.server.load_state_dict(state)
+
+
+class FrozenA(StrategyWrapper):
+    """Frozen-A LoRA (FFA-LoRA-style) around any strategy: silos train B only, A stays the shared seeded init.
+
+    `plan_round` asks silos for `lora_freeze_a`; every aggregated delta has its lora_A part zeroed before the
+    server step, so A never moves (also under DP noise) and averaging B is exact: mean(B_i) A = mean(B_i A).
+    Server optimisers compose unchanged (a zero A pseudo-gradient leaves momentum and Adam moments of A at zero).
+    """
+
+    def __init__(self, inner: BaseStrategy) -> None:
+        super().__init__(inner)
+        self.name = f"{inner.name}+frozen_a"
+
+    @property
+    def streaming(self) -> bool:
+        """The inner strategy's accumulator kind."""
+        return self.inner.streaming
+
+    def plan_round(self, round_id: int) -> dict:
+        """The inner plan plus `lora_freeze_a`."""
+        return {**self.inner.plan_round(round_id), "lora_freeze_a": True}
+
+    def round_counts(self, round_id: int, acc: RoundAccumulator, failures: list[str]) -> bool:
+        """The inner rule."""
+        return self.inner.round_counts(round_id, acc, failures)
+
+    def aggregate(self, acc: RoundAccumulator) -> StateDict:
+        """The inner aggregate with its lora_A part zeroed."""
+        return la.zero_lora_a(self.inner.aggregate(acc))
+
+    def apply_delta(self, round_id: int, global_state: StateDict, delta: StateDict) -> StateDict:
+        """The inner server step on a delta whose lora_A part is zero."""
+        return self.inner.apply_delta(round_id, global_state, la.zero_lora_a(delta))
+
+    def finish_round(
+        self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]
+    ) -> StateDict | None:
+        """Aggregate and apply with A held fixed; None if the round does not count."""
+        if not self.round_counts(round_id, acc, failures):
+            return None
+        return self.apply_delta(round_id, global_state, self.aggregate(acc))
+
+
+def _fedavg_factory(**kw: Any) -> FedAvg:
+    """FedAvg for the LoRA-aware names (a function, so `mean_strategy_names` lists only plain mean strategies)."""
+    return FedAvg(**kw)
+
+
 _REGISTRY: dict[str, Any] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
@@ -794,7 +970,10 @@ _REGISTRY: dict[str, Any] = {
     "trimmed_mean": TrimmedMean,
     "krum": Krum,
     "multikrum": Krum,
+    "flexlora": _fedavg_factory,  # FedAvg with lora_aggregation=product
+    "ffa": _fedavg_factory,  # FedAvg with lora_aggregation=frozen_a
 }
+_DEFAULT_LORA_AGGREGATION = {"flexlora": "product", "ffa": "frozen_a"}
 STRATEGY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -807,10 +986,13 @@ def make_strategy(name: str, **params: Any) -> Strategy:
     """Build a strategy by name.
 
     Args:
-        name: One of `STRATEGY_NAMES` (fedavg fedprox fedavgm fedadam fedyogi median trimmed_mean krum multikrum).
+        name: One of `STRATEGY_NAMES` (fedavg fedprox fedavgm fedadam fedyogi median trimmed_mean krum multikrum
+            flexlora ffa; flexlora = fedavg with product aggregation, ffa = fedavg with frozen A).
         **params: Constructor arguments (`min_results`, `accept_failures`, `server_lr`, `prox_mu`,
             `server_momentum`, `beta_1`, `beta_2`, `tau`, `trim_ratio`, `num_byzantine`, `num_selected`), plus
-            `clip_norm` to wrap the strategy in `Clipped`. `None` values are ignored (use the default).
+            `clip_norm` to wrap the strategy in `Clipped`, `lora_aggregation` (factors | product | frozen_a:
+            how LoRA's A and B are combined, see `LORA_AGGREGATIONS`) and `lora_alpha` (product aggregation).
+            `None` values are ignored (use the default).
 
     Raises:
         ValueError: for an unknown name or parameter.
@@ -820,11 +1002,23 @@ def make_strategy(name: str, **params: Any) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGY_NAMES)}")
     params = {k: v for k, v in params.items() if v is not None}
     clip_norm = params.pop("clip_norm", None)
+    lora_alpha = params.pop("lora_alpha", None)
+    aggregation = params.pop("lora_aggregation", _DEFAULT_LORA_AGGREGATION.get(key, "factors"))
+    if aggregation not in LORA_AGGREGATIONS:
+        raise ValueError(f"unknown lora_aggregation {aggregation!r}; expected one of {', '.join(LORA_AGGREGATIONS)}")
+    if aggregation == "product" and clip_norm is not None:
+        raise ValueError("lora_aggregation=product does not take clip_norm (it clips factors, not the products)")
     if key == "multikrum":
         params.setdefault("num_selected", None)
     try:
         strategy = _REGISTRY[key](**params)
     except TypeError as exc:
         raise ValueError(f"strategy {name!r}: bad parameters {sorted(params)}: {exc}") from exc
-    strategy.name = key
+    strategy.name = key if key not in _DEFAULT_LORA_AGGREGATION else "fedavg"
+    if aggregation == "product":
+        strategy = ProductAggregation(strategy, lora_alpha=lora_alpha)
+    elif aggregation == "frozen_a":
+        strategy = FrozenA(strategy)
+    if key in _DEFAULT_LORA_AGGREGATION:
+        strategy.name = key
     return Clipped(strategy, clip_norm) if clip_norm is not None else strategy

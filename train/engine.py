@@ -92,6 +92,29 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
+def set_threads(threads: int | None) -> int:
+    """Size torch's intra-op (OpenMP) thread pool: `threads`, else the cores this process may run on.
+
+    `os.sched_getaffinity` gives the cores a process is pinned to (by `taskset`, a container's cpuset, or a
+    parent that divides the machine among several silos), so the default never oversubscribes them. Returns the
+    number set.
+    """
+    import torch
+
+    n = threads if threads is not None else usable_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on (its CPU affinity; os.cpu_count where affinity is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _use_cuda() -> bool:
     import torch
 
@@ -138,14 +161,27 @@ def deepspeed_config(cfg: "TrainSettings", precision: str, world_size: int = 1) 
     }
 
 
-def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup from 0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+LR_SCHEDULERS = ("cosine", "linear", "constant")
 
-    def f(step: int) -> float:
+
+def lr_lambda(warmup_steps: int, total_steps: int, kind: str = "cosine", offset: int = 0) -> Callable[[int], float]:
+    """The LR multiplier at each step of this call: linear warmup from 0 to 1 over `warmup_steps`, then `kind`.
+
+    `kind` is cosine (decay to 0 at `total_steps`), linear (decay to 0) or constant (stay at 1). `offset` shifts the
+    call's steps into a longer schedule: step s of this call is step `offset + s` of a schedule of `total_steps`
+    (a federation drives one schedule across its rounds this way).
+    """
+    if kind not in LR_SCHEDULERS:
+        raise ConfigError(f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {kind!r}")
+
+    def f(call_step: int) -> float:
+        step = offset + call_step
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
 
@@ -228,6 +264,7 @@ def fit_adapter(
     progress: Progress | None = None,
     eval_data: Path | Sequence[dict[str, Any]] | None = None,
     resume: bool = False,
+    schedule_span: tuple[int, int] | None = None,
 ) -> FitResult:
     """Train a LoRA adapter on `data` and return its state.
 
@@ -243,6 +280,9 @@ def fit_adapter(
         progress: called after every optimizer step with the metrics.jsonl record.
         eval_data: held-out records; else cfg.eval_fraction of `data` is held out. Evaluated at the end.
         resume: continue from the latest checkpoint in run_dir/checkpoints (exactly, same steps and batches).
+        schedule_span: `(offset, total)`: this call's steps are steps offset.. of one LR schedule of `total` steps
+            (warmup then cfg.lr_scheduler), for a schedule that spans several calls such as a federation's rounds.
+            None: the schedule spans this call's steps.
 
     Returns:
         FitResult(state, num_examples, metrics) with train_loss (mean of the last steps), steps, tokens,
@@ -261,7 +301,8 @@ def fit_adapter(
     run.start(cfg, model_dir, data)
     handler = run.attach_log()
     try:
-        result = _train(cfg, Path(model_dir), train_records, eval_records, init_state, max_steps, prox_mu, run, progress, resume)
+        result = _train(cfg, Path(model_dir), train_records, eval_records, init_state, max_steps, prox_mu, run, progress, resume,
+                        schedule_span)
     except BaseException as exc:
         state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
         run.finish(state, exit_code=130 if state == "stopped" else 1, error=f"{type(exc).__name__}: {exc}")
@@ -285,12 +326,14 @@ def _train(
     run: "_RunFolder",
     progress: Progress | None,
     resume: bool,
+    schedule_span: tuple[int, int] | None = None,
 ) -> FitResult:
     import deepspeed
     import torch
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    set_threads(cfg.threads)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     precision = resolve_precision(cfg.precision)
@@ -302,11 +345,16 @@ def _train(
     total_steps = plan_steps(cfg, len(rows), max_steps, world)
 
     peft_model = lora.build_peft_model(cfg, model_dir, dtype, init_state)
+    if cfg.lora_freeze_a:
+        lora.freeze_lora_a(peft_model)
     ref = init_state if init_state is not None else (lora.adapter_state(peft_model) if prox_mu > 0 else None)
     module = _loss_module(peft_model, ref, prox_mu, cfg.zero_stage)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    offset, span = schedule_span if schedule_span is not None else (0, total_steps)
+    if offset < 0 or span < offset + 1:
+        raise ConfigError(f"schedule_span {schedule_span} must be (offset >= 0, total > offset)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, span, cfg.lr_scheduler, offset))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, precision, world)
     )

@@ -117,6 +117,9 @@ def evaluate_adapter(
         {"eval_loss", "perplexity", "tokens"} and, with `generate=True` on prompt/answer data,
         {"exact_match", "token_f1", "generated"} as well (greedy, over the first `max_generate` examples).
     """
+    from train.engine import set_threads
+
+    set_threads(cfg.threads)
     records = datamod.load_data(data)
     tokenizer = lora.load_tokenizer(model_dir)
     model = _model(cfg, Path(model_dir), state)

@@ -205,6 +205,19 @@ def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype"
     return model
 
 
+def freeze_lora_a(model: Any) -> int:
+    """Stop training every lora_A matrix (FFA-LoRA: A stays at its initial value, only B learns); returns how many.
+
+    With A fixed and shared, federated averaging of B is exact: mean_i(B_i) A = mean_i(B_i A).
+    """
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def adapter_state(model: Any) -> StateDict:
     """The adapter weights of a peft model as a detached CPU float32 dict (adapter-name-free keys)."""
     from peft import get_peft_model_state_dict

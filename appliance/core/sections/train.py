@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from appliance.core.sections.base import Section
@@ -23,7 +25,11 @@ class TrainSettings(Section):
     max_steps: int = Field(100, ge=1, description="Optimizer steps to train (ignored when epochs is set).")
     epochs: float | None = Field(None, gt=0, description="Passes over the data; overrides max_steps when set.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps before the cosine decay.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps before the decay.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR after warmup: cosine or linear decay to 0 at the last step, or constant.")
+    lora_freeze_a: bool = Field(False, description="Train only LoRA's B; A stays at its seeded init (FFA-LoRA).")
+    threads: int | None = Field(None, ge=1, description="torch/OpenMP threads; None = the cores this process may use.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     batch_size: int = Field(4, ge=1, description="Micro-batch size per device (sequences).")
