@@ -31,6 +31,7 @@ from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from federation.keys import Enrolment, load_keypair
+from federation.local_training import round_schedule
 from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, MsgType, SecAggStep, TrainTask, UpdateResult,
                                  Welcome, make_header)
 from federation.transport import Incoming, ServerTransport
@@ -56,6 +57,8 @@ class SiloInfo:
     last_seen: float
     rounds: int = 0
     examples: int = 0
+    lora_r: int | None = None  # the rank it trains at (HELLO); None = the global rank
+    lora_alpha: float | None = None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class RoundState:
     bytes_out: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
+    sent: dict[str, StateDict] = field(default_factory=dict)  # silo -> the adapter it was sent, when not the global one
 
     async def wait_for_change(self, max_wait_s: float = 0.25) -> None:
         """Sleep until something about the round changes (an answer, a silo leaving), the deadline, or `max_wait_s`."""
@@ -126,6 +130,8 @@ class Coordinator:
             from federation.secure_round import check_strategy
 
             check_strategy(strategy, self.cfg)
+        if callable(getattr(strategy, "bind_lora", None)):  # product aggregation scales products by lora_alpha / r
+            strategy.bind_lora(settings.train.lora_alpha)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
@@ -242,6 +248,8 @@ class Coordinator:
         if silo is None:
             silo = self.silos[silo_id] = SiloInfo(silo_id, msg.peer, time.time())
         silo.peer, silo.last_seen = msg.peer, time.time()
+        if header.type == MsgType.HELLO:
+            self._note_lora(silo, header.body)
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
             await self._welcome(silo)
         elif header.type == MsgType.HEARTBEAT:
@@ -350,14 +358,39 @@ class Coordinator:
             return "late", f"round {rs.round_id} deadline passed"
         return None
 
+    def _note_lora(self, silo: SiloInfo, body: dict[str, Any]) -> None:
+        """Remember the rank a silo trains at (HELLO's lora_r / lora_alpha; a malformed body keeps the global rank)."""
+        from pydantic import ValidationError
+
+        from federation.protocol import Hello
+
+        try:
+            hello = Hello.model_validate(body)
+        except ValidationError as exc:
+            logger.warning("silo %s: ignoring a malformed HELLO body: %s", silo.id, exc)
+            return
+        silo.lora_r, silo.lora_alpha = hello.lora_r, hello.lora_alpha
+
+    def _state_for(self, rs: RoundState, silo: SiloInfo) -> StateDict:
+        """The adapter a silo trains from: the global one, or (product aggregation) its projection to the silo's rank."""
+        project = getattr(self.strategy, "state_for_silo", None)
+        if not callable(project) or silo.lora_r is None:
+            return rs.global_state
+        state, scale = project(rs.global_state, silo.lora_r, silo.lora_alpha)
+        if state is not rs.global_state:
+            rs.sent[silo.id] = state
+            rs.acc.set_base(silo.id, state, scale)
+        return state
+
     def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> StateDict | tuple[str, str]:
         """The update, decoded (to the global adapter's shapes only) and checked; or (code, message) refusing it."""
         from federation.strategies import InvalidUpdate, check_update, global_norm
 
-        limit = 3 * sum(t.numel() * 4 for t in rs.global_state.values()) + (1 << 20)
+        reference = rs.sent.get(silo_id, rs.global_state)  # the adapter this silo was sent (its own rank)
+        limit = 3 * sum(t.numel() * 4 for t in reference.values()) + (1 << 20)
         if header.payload_bytes > limit:
             return "oversized", f"payload of {header.payload_bytes} bytes exceeds the {limit}-byte bound for this adapter"
-        shapes = {k: list(v.shape) for k, v in rs.global_state.items()}
+        shapes = {k: list(v.shape) for k, v in reference.items()}
         body = UpdateResult.model_validate(header.body)  # validated with the header already (wire.decode_header)
         declared = body.encoding.get("shapes")
         if not isinstance(declared, dict) or not all(isinstance(v, list) for v in declared.values()):
@@ -373,7 +406,7 @@ class Coordinator:
         except ProtocolError as exc:
             return "malformed", str(exc)
         try:
-            check_update(silo_id, update, rs.global_state)
+            check_update(silo_id, update, reference)
         except InvalidUpdate as exc:
             return exc.code, str(exc)
         norm = global_norm(update)
@@ -466,14 +499,16 @@ class Coordinator:
 
     async def _send_train(self, rs: RoundState, silo: SiloInfo) -> None:
         method = codec.downlink_method(self.cfg.compression)
-        tensors, meta = codec.encode(rs.global_state, method)
+        tensors, meta = codec.encode(self._state_for(rs, silo), method)
         dp_silo = self.cfg.dp_mode == "silo"
         secure = None
         if rs.secure is not None:
             from federation.secure_round import config_body
 
             secure = config_body(rs.secure.config)
-        task = TrainTask(local_steps=self.cfg.local_steps, config=self.strategy.plan_round(rs.round_id),
+        config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds),
+                  **self.strategy.plan_round(rs.round_id)}
+        task = TrainTask(local_steps=self.cfg.local_steps, config=config,
                          compression=self.cfg.compression, encoding=meta, deadline_unix=rs.deadline,
                          dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
                          dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,

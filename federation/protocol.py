@@ -67,7 +67,10 @@ NumExamples = Annotated[int, Field(ge=1, le=MAX_EXAMPLES, strict=True)]
 
 
 class Hello(BaseModel):
-    """HELLO body (empty: the silo's name comes from its enrolled key)."""
+    """HELLO body (the silo's name comes from its enrolled key): the LoRA rank it trains at, when it says."""
+
+    lora_r: int | None = Field(None, ge=1, le=1024, description="The LoRA rank this silo trains at (None: the global rank).")
+    lora_alpha: float | None = Field(None, gt=0, le=1e6, description="The silo's lora_alpha (its scale is lora_alpha / lora_r).")
 
 
 class Welcome(BaseModel):

@@ -26,10 +26,16 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
             a strategy that needs the individual updates (robust strategies, per-update clipping, central DP).
     """
     from federation import privacy
-    from federation.strategies import make_strategy
+    from federation.strategies import ProductAggregation, make_strategy
 
+    params = dict(cfg.strategy_params)
+    if cfg.lora_aggregation != "factors":
+        params.setdefault("lora_aggregation", cfg.lora_aggregation)
     try:
-        strategy = make_strategy(cfg.strategy, min_results=cfg.min_silos, **cfg.strategy_params)
+        strategy = make_strategy(cfg.strategy, min_results=cfg.min_silos, **params)
+        if isinstance(strategy, ProductAggregation) and cfg.dp_mode != "off":
+            raise ValueError(f"lora_aggregation=product needs each silo's own update; not with dp_mode={cfg.dp_mode} "
+                             f"(use lora_aggregation=frozen_a, which composes with DP and secure aggregation)")
         if cfg.dp_mode == "central":
             strategy = privacy.CentralDP(strategy, cfg.dp_clip_norm, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
         elif cfg.dp_mode == "silo":

@@ -108,7 +108,8 @@ class SiloClient:
                                           keypair=self._keypair, plaintext=self.cfg.plaintext,
                                           max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
         self._transport.connect()
-        await self._send(make_header(MsgType.HELLO, Hello(), silo_id=self.silo_id))
+        hello = Hello(lora_r=getattr(self.trainer, "lora_r", None), lora_alpha=getattr(self.trainer, "lora_alpha", None))
+        await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
         self._tasks = [asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
                        asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat"),
                        asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake")]
@@ -334,6 +335,10 @@ class EngineTrainer:
         eval_data: optional held-out JSONL path or rows; evaluated after each round's training.
         run_dir: optional folder for the engine's run files.
 
+    `lora_r` / `lora_alpha` (from `cfg`) are announced to the coordinator: with product aggregation a silo may
+    train at its own rank and is sent the global adapter projected to it. A round's config may switch the LR
+    schedule and freeze A (`federation.local_training.train_overrides`).
+
     Fits and evaluations take a process-wide lock: the engine's process group (gloo on CPU) must not run two
     trainings at once, so several silos in one process (demo, tests) train one after the other.
     """
@@ -344,6 +349,7 @@ class EngineTrainer:
                  run_dir: Path | None = None) -> None:
         self.cfg, self.model_dir, self.data, self.eval_data, self.run_dir = cfg, Path(model_dir), data, eval_data, run_dir
         self._state: StateDict | None = None
+        self.lora_r, self.lora_alpha = cfg.lora_r, float(cfg.lora_alpha)
 
     def get_state(self) -> StateDict:
         if self._state is None:
@@ -358,9 +364,13 @@ class EngineTrainer:
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
         import train
 
+        from federation.local_training import train_overrides
+
+        updates, kwargs = train_overrides(config)
+        cfg = self.cfg.model_copy(update=updates) if updates else self.cfg
         with self._engine_lock:
-            result = train.fit_adapter(self.cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
-                                       prox_mu=float(config.get("prox_mu", 0.0)), run_dir=self.run_dir, eval_data=self.eval_data)
+            result = train.fit_adapter(cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
+                                       run_dir=self.run_dir, eval_data=self.eval_data, **kwargs)
         self._state = result.state
         return result.num_examples, dict(result.metrics)
 

@@ -178,3 +178,19 @@ def test_lora_aggregation_errors_name_the_problem():
     acc = make_strategy("flexlora", lora_alpha=ALPHA).start_round(1, _state(4, 0))
     with pytest.raises(ValueError, match="silo 'bad'.*shape"):
         acc.add("bad", _state(8, 1), 1)
+
+
+def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path):
+    from appliance.core.errors import ConfigError
+    from federation.service import build_strategy
+    from tests.factories import make_settings
+
+    fed = lambda **kw: make_settings(tmp_path, federation=kw).federation  # noqa: E731
+    assert isinstance(build_strategy(fed(strategy="fedadam", lora_aggregation="product")), ProductAggregation)
+    assert build_strategy(fed(strategy="fedadam", lora_aggregation="product")).name == "fedadam+product"
+    assert isinstance(build_strategy(fed(strategy="fedavgm", lora_aggregation="frozen_a")), FrozenA)
+    assert isinstance(build_strategy(fed(strategy="flexlora")), ProductAggregation)  # factors = the strategy's own
+    with pytest.raises(ConfigError, match="dp_mode=central"):
+        build_strategy(fed(strategy="flexlora", dp_mode="central"))
+    with pytest.raises(ConfigError, match="secure aggregation"):
+        build_strategy(fed(strategy="flexlora", secure_aggregation=True))

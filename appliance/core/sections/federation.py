@@ -25,6 +25,14 @@ class FederationSettings(Section):
     rounds: int = Field(10, ge=1, description="Rounds to run.")
     strategy: str = Field("fedavg", description="Aggregation strategy: one of federation.strategies.STRATEGY_NAMES.")
     strategy_params: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the strategy (e.g. prox_mu, server_lr).")
+    lora_aggregation: Literal["factors", "product", "frozen_a"] = Field(
+        "factors", description="How LoRA's A and B combine: factors = average A and B (plain FedAvg); product = average the "
+                               "products B_i A_i, SVD back to the global rank (silos may train at their own rank); "
+                               "frozen_a = silos train B only from a shared A (exact averaging).")
+    lr_schedule: Literal["constant", "round", "federation"] = Field(
+        "constant", description="Silos' learning rate: constant = train.lr after train.warmup_steps of round 1; round = "
+                                "train.lr_scheduler restarted inside every round; federation = one warmup + "
+                                "train.lr_scheduler across all rounds' local steps.")
     min_silos: int = Field(2, ge=1, description="Answers needed for a round to count.")
     round_deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for updates.")
     start_timeout_s: float = Field(3600.0, gt=0, description="Seconds the coordinator waits for min_silos to connect before a round.")

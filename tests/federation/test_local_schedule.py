@@ -1,0 +1,52 @@
+"""The local-training part of a round's plan: LR schedule across rounds and frozen A, from coordinator to trainer."""
+
+from __future__ import annotations
+
+import pytest
+
+from federation.coordinator import Coordinator
+from federation.local_training import round_schedule, train_overrides
+from federation.silo import SiloClient
+from federation.strategies import make_strategy
+from tests.federation.conftest import FakeTrainer, fed_settings, initial_state, silo_settings
+
+
+def test_round_schedules():
+    assert round_schedule("round", 2, 4, 3) == {}
+    assert round_schedule("constant", 2, 4, 3) == {"schedule_span": [4, 12], "lr_scheduler": "constant"}
+    assert round_schedule("federation", 3, 4, 3) == {"schedule_span": [8, 12]}
+    with pytest.raises(ValueError, match="lr_schedule"):
+        round_schedule("cosine", 1, 4, 3)
+
+
+def test_train_overrides_turn_a_plan_into_settings_and_keywords():
+    updates, kwargs = train_overrides({"schedule_span": [4, 12], "lr_scheduler": "constant", "lora_freeze_a": True, "prox_mu": 0.1})
+    assert updates == {"lr_scheduler": "constant", "lora_freeze_a": True}
+    assert kwargs == {"prox_mu": 0.1, "schedule_span": (4, 12)}
+    assert train_overrides({}) == ({}, {"prox_mu": 0.0})
+    with pytest.raises(ValueError, match="schedule_span"):
+        train_overrides({"schedule_span": "0:12"})
+
+
+@pytest.mark.parametrize("lr_schedule, strategy", [("federation", "ffa"), ("constant", "fedavg")])
+async def test_every_round_tells_silos_where_they_stand_in_the_schedule(tmp_path, lr_schedule, strategy):
+    # Arrange
+    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=3, min_silos=2, local_steps=4, lr_schedule=lr_schedule)
+    coord = Coordinator(settings, make_strategy(strategy), initial_state=initial_state(), exporter=False)
+    address = await coord.start()
+    trainers = [FakeTrainer(i) for i in range(2)]
+    silos = [SiloClient(silo_settings(tmp_path / f"s{i}", address, f"s{i}", plaintext=True), t) for i, t in enumerate(trainers)]
+    try:
+        for s in silos:
+            await s.start()
+        # Act
+        await coord.wait_done(30)
+    finally:
+        for s in silos:
+            await s.stop()
+        await coord.stop()
+    # Assert
+    for t in trainers:
+        assert [c["config"]["schedule_span"] for c in t.calls] == [[0, 12], [4, 12], [8, 12]]
+        assert all(c["config"].get("lr_scheduler") == ("constant" if lr_schedule == "constant" else None) for c in t.calls)
+        assert all(c["config"].get("lora_freeze_a", False) == (strategy == "ffa") for c in t.calls)
