@@ -10,7 +10,7 @@ from appliance.core.sections.base import Section
 
 # The names `federation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
 # (tests/appliance/test_settings.py keeps the two equal).
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum")
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum", "flexlora", "ffa")
 
 
 class FederationSettings(Section):
