@@ -227,19 +227,24 @@ class Coordinator:
                 await self._error(msg.peer, "internal", "the coordinator could not handle this message (see its log)")
 
     async def _handle(self, msg: Incoming) -> None:
-        try:
-            header = wire.decode_header(msg.frames)
-        except ProtocolError as exc:
-            await self._error(msg.peer, "malformed", str(exc))
-            return
+        silo_id = None
         if self._enrolment is not None:
             # Checked on every message, not only at connect: a silo removed since keeps no session.
             silo_id = self._enrolment.name_of(msg.public_key) if msg.public_key else None
             if silo_id is None:
-                await self._error(msg.peer, "not_enrolled", "this silo's key is not enrolled (any more)", header.round_id)
+                await self._error(msg.peer, "not_enrolled", "this silo's key is not enrolled (any more)")
                 return
-        else:
-            silo_id = header.silo_id
+        try:
+            header = wire.decode_header(msg.frames)
+        except ProtocolError as exc:
+            rs = self.current
+            if silo_id is not None and rs is not None and silo_id in rs.selected and silo_id not in rs.answered:
+                rs.rejected.setdefault(silo_id, "malformed")  # an authenticated silo's broken answer ends its wait
+                rs.changed.set()
+            await self._error(msg.peer, "malformed", str(exc))
+            return
+        if silo_id is None:
+            silo_id = header.silo_id  # plaintext (tests only): the header's word
         if not silo_id:
             await self._error(msg.peer, "unknown_silo", "message without a silo id", header.round_id)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import gc
 import weakref
 
@@ -302,3 +303,58 @@ def test_make_strategy_names_and_errors():
         make_strategy("sgd")
     with pytest.raises(ValueError, match="bad parameters"):
         make_strategy("fedavg", prox_mu=0.1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Capped silo shares and the aggregate check
+# --------------------------------------------------------------------------------------------------------------
+def test_capped_weights_by_hand():
+    from federation.strategies import capped_weights
+
+    # 10/30/60 with a 0.5 cap: 60 is lowered to t with t / (10 + 30 + t) = 0.5, t = 40 -> 10/80, 30/80, 40/80
+    assert capped_weights({"a": 10, "b": 30, "c": 60}, 0.5) == pytest.approx({"a": 0.125, "b": 0.375, "c": 0.5})
+    assert capped_weights({"a": 10, "b": 30, "c": 60}, 1.0) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
+    assert capped_weights({"a": 1, "b": 10**12}, 0.5) == pytest.approx({"a": 0.5, "b": 0.5})
+    assert capped_weights({"a": 1, "b": 1, "c": 10**30}, 0.4) == pytest.approx({"a": 0.3, "b": 0.3, "c": 0.4})
+    assert capped_weights({"a": 5, "b": 7}, 0.3) == pytest.approx({"a": 0.5, "b": 0.5})  # 2 x 0.3 < 1: the most even
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_capped_weights_properties(seed):
+    from federation.strategies import capped_weights
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 8, (1,), generator=g))
+    counts = {f"s{i}": float(10 ** torch.randint(0, 15, (1,), generator=g)) for i in range(n)}
+    cap = float(torch.rand(1, generator=g)) * 0.9 + 0.1
+    shares = capped_weights(counts, cap)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert all(math.isfinite(v) and v > 0 for v in shares.values())
+    if n * cap >= 1:
+        assert max(shares.values()) <= cap + 1e-9
+    # order is kept: more examples never means a smaller share
+    ranked = sorted(counts, key=counts.get)
+    assert all(shares[a] <= shares[b] + 1e-12 for a, b in zip(ranked, ranked[1:]))
+
+
+def test_check_aggregate():
+    from federation.strategies import check_aggregate
+
+    old = {"w": torch.zeros(3)}
+    assert check_aggregate({"w": torch.tensor([3.0, 4.0, 0.0])}, old, None) is None
+    assert check_aggregate({"w": torch.tensor([3.0, 4.0, 0.0])}, old, 5.0) is None
+    assert check_aggregate({"w": torch.tensor([3.0, 4.0, 0.1])}, old, 5.0).startswith("norm:")
+    assert check_aggregate({"w": torch.tensor([float("nan"), 0.0, 0.0])}, old, None).startswith("non_finite:")
+    assert check_aggregate({"v": torch.zeros(3)}, old, None).startswith("manifest:")
+
+
+def test_check_update_names_the_problem_with_a_code():
+    from federation.strategies import InvalidUpdate, check_update
+
+    ref = {"w": torch.zeros(2, 2)}
+    cases = {"manifest": {"x": torch.zeros(2, 2)}, "bad_shape": {"w": torch.zeros(3)},
+             "bad_dtype": {"w": torch.zeros(2, 2, dtype=torch.int32)}, "non_finite": {"w": torch.full((2, 2), float("inf"))}}
+    for code, update in cases.items():
+        with pytest.raises(InvalidUpdate, match="silo 'x'") as info:
+            check_update("x", update, ref)
+        assert info.value.code == code
