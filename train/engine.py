@@ -12,11 +12,9 @@ run would have done.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -24,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.atomic import append_jsonl, write_json_atomic, write_text_atomic
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.types import StateDict
 from train import data as datamod
 from train import lora
+from train.run_folder import RunFolder, run_config
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -297,8 +294,8 @@ def fit_adapter(
         train_records, eval_records = records, datamod.load_data(eval_data)
     else:
         train_records, eval_records = datamod.split_eval(records, cfg.eval_fraction, cfg.seed)
-    run = _RunFolder(run_dir)
-    run.start(cfg, model_dir, data)
+    run = RunFolder(run_dir)
+    run.start(run_config(cfg, model_dir, data, eval_data=eval_data, max_steps=max_steps))
     handler = run.attach_log()
     try:
         result = _train(cfg, Path(model_dir), train_records, eval_records, init_state, max_steps, prox_mu, run, progress, resume,
@@ -323,7 +320,7 @@ def _train(
     init_state: StateDict | None,
     max_steps: int | None,
     prox_mu: float,
-    run: "_RunFolder",
+    run: RunFolder,
     progress: Progress | None,
     resume: bool,
     schedule_span: tuple[int, int] | None = None,
@@ -384,7 +381,7 @@ def _loop(
     total_steps: int,
     rank: int,
     world: int,
-    run: "_RunFolder",
+    run: RunFolder,
     progress: Progress | None,
     earlier_losses: list[float],
 ) -> dict[str, float]:
@@ -464,91 +461,3 @@ def _gathered_state(engine: Any, peft_model: Any, zero_stage: int) -> StateDict:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return lora.adapter_state(peft_model)
     return lora.adapter_state(peft_model)
-
-
-# ---------------------------------------------------------------- the run folder
-
-
-class _RunFolder:
-    """config.json, status.json, metrics.jsonl, train.log and checkpoints/ of one run (no-ops without a folder)."""
-
-    def __init__(self, path: Path | None):
-        self.path = Path(path) if path is not None else None
-
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
-    def start(self, cfg: "TrainSettings", model_dir: Path, data: Any) -> None:
-        if self.path is None or _rank() != 0:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        config_path = self.path / "config.json"
-        if not config_path.exists():
-            write_json_atomic(config_path, {"train": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
-                                            "data": str(data) if isinstance(data, (str, Path)) else "<records>"})
-        write_json_atomic(self.path / "status.json", {"state": "running", "pid": os.getpid(), "exit_code": None, "adapter": None, "error": None})
-
-    def finish(self, state: str, exit_code: int, error: str | None = None) -> None:
-        if self.path is None or _rank() != 0:
-            return
-        write_json_atomic(self.path / "status.json", {"state": state, "pid": os.getpid(), "exit_code": exit_code, "adapter": None, "error": error})
-
-    def append(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            append_jsonl(self.path / "metrics.jsonl", record)
-
-    def attach_log(self) -> logging.Handler | None:
-        if self.path is None or _rank() != 0:
-            return None
-        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("train").addHandler(handler)
-        return handler
-
-    def detach_log(self, handler: logging.Handler | None) -> None:
-        if handler is not None:
-            logging.getLogger("train").removeHandler(handler)
-            handler.close()
-
-    def truncate_metrics(self, step: int) -> list[float]:
-        """On resume: drop metrics lines after the checkpointed `step` (they will be redone); return earlier losses."""
-        if self.path is None or not (self.path / "metrics.jsonl").exists():
-            return []
-        lines = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [r for r in lines if r.get("step", 0) <= step and "eval_loss" not in r]
-        write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        return [r["loss"] for r in kept if "loss" in r]
-
-    @property
-    def checkpoints(self) -> Path:
-        assert self.path is not None
-        return self.path / "checkpoints"
-
-    def save_checkpoint(self, engine: Any, step: int) -> None:
-        """DeepSpeed checkpoint of the LoRA weights, optimizer, schedule and step; older ones are pruned."""
-        tag = f"step-{step:08d}"
-        engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
-        if _rank() == 0:
-            tags = sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
-            for old in tags[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s saved", tag)
-
-    def load_checkpoint(self, engine: Any) -> int:
-        """Load the latest checkpoint; returns the step to continue from.
-
-        Raises:
-            ConfigError: there is no run folder or no checkpoint in it.
-        """
-        if self.path is None or not (self.checkpoints / "latest").exists():
-            raise ConfigError(f"nothing to resume: no checkpoint under {self.path}/checkpoints")
-        _, client = engine.load_checkpoint(str(self.checkpoints), load_module_strict=False)
-        if client is None:
-            raise ConfigError(f"the latest checkpoint under {self.checkpoints} could not be loaded")
-        log.info("resumed from step %d", client["step"])
-        return int(client["step"])
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))

@@ -1,7 +1,7 @@
 """Training runs as the CLI and console see them: a run folder under runs/ID, then a registered adapter version.
 
-`start_run` writes runs/ID/config.json (resolved settings, secrets redacted, plus the data and output
-arguments), trains with `fit_adapter`, registers the adapter in the registry with its lineage, and records the
+`start_run` writes runs/ID/config.json (`train.run_folder.run_config`: resolved settings, secrets redacted, the
+data and the output name), trains with `fit_adapter`, registers the adapter in the registry with its lineage, and records the
 adapter in status.json. `resume_run` re-reads config.json and continues from the last checkpoint.
 """
 
@@ -24,6 +24,7 @@ from appliance.core.model_store import resolve_model
 from appliance.core.sections.train import TrainSettings
 from train import data as datamod
 from train.engine import FitResult, fit_adapter
+from train.run_folder import run_config
 
 if TYPE_CHECKING:
     from appliance.core.settings import ApplianceSettings
@@ -73,16 +74,9 @@ def start_run(
     run_id = run_id or new_run_id()
     run_dir = settings.runs_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_json_atomic(run_dir / "config.json", {
-        "settings": redacted_dump(settings),
-        "train": settings.train.model_dump(mode="json"),
-        "model": model_name,
-        "model_dir": str(model_dir),
-        "data": str(Path(data).resolve()),
-        "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
-        "output": name,
-        "max_steps": max_steps,
-    })
+    write_json_atomic(run_dir / "config.json", run_config(
+        settings.train, model_dir, data, eval_data=eval_data, max_steps=max_steps, model=model_name, output=name,
+        settings=redacted_dump(settings)))
     return _run(settings, run_id, run_dir, resume=False, progress=progress)
 
 
@@ -100,6 +94,8 @@ def resume_run(settings: "ApplianceSettings", run_id: str, progress: Callable[[d
 
 def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: bool, progress: Any) -> RunOutcome:
     conf = json.loads((run_dir / "config.json").read_text())
+    if not conf.get("output"):
+        raise ConfigError(f"run {run_id!r} was not started by `appliance train` (its config.json names no adapter to register)")
     cfg = TrainSettings(**conf["train"])
     model_dir = Path(conf["model_dir"])
     data = Path(conf["data"])

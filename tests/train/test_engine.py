@@ -50,7 +50,7 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_model_dir: Path, records, tmp_path: Path) -> None:
+def test_resume_after_interruption_equals_an_uninterrupted_run_despite_a_torn_metrics_line(tiny_model_dir: Path, records, tmp_path: Path) -> None:
     cfg = small_cfg(zero_stage=2, grad_accum=2, lora_dropout=0.1, warmup_steps=1, checkpoint_every_steps=2)
     full = fit_adapter(cfg, tiny_model_dir, records, max_steps=4, run_dir=tmp_path / "full")
 
@@ -62,6 +62,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_model_dir: P
         fit_adapter(cfg, tiny_model_dir, records, max_steps=4, run_dir=tmp_path / "cut", progress=stop_at_2)
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint is redone
         f.write(json.dumps({"step": 3, "loss": 99.0}) + "\n")
+        f.write('{"step": 4, "lo')  # and the process died while writing the next line
     assert json.loads((tmp_path / "cut" / "status.json").read_text())["state"] == "failed"
     resumed = fit_adapter(cfg, tiny_model_dir, records, max_steps=4, run_dir=tmp_path / "cut", resume=True)
 
