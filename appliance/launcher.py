@@ -30,6 +30,7 @@ from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.net import connectable_host
 from appliance.core.processes import http_ok, log_tail, pid_alive, start_process_group, stop_process_group
+from appliance.core.secrets import ensure_token
 
 log = logging.getLogger(__name__)
 
@@ -363,12 +364,19 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
     return children
 
 
+def worker_key_file(settings: Any, port: int) -> Path:
+    """The file holding the API key of the local worker on `port`, made once (mode 0600) under `keys/`."""
+    ensure_token(settings.keys_dir, f"worker_{port}_api_key")
+    return settings.keys_dir / f"worker_{port}_api_key"
+
+
 def _worker_children(settings: Any, model: str, run: list[str], env: dict[str, str]) -> list[ChildSpec]:
-    """`worker-N`: `appliance worker start` on consecutive ports from `worker.base_port`."""
+    """`worker-N`: `appliance worker start` on consecutive ports from `worker.base_port`, each with its own API key."""
     w = settings.worker
     return [
         ChildSpec(
-            name=f"worker-{i}", argv=[*run, "worker", "start", "--model", model, "--port", str(port), "--device", w.device],
+            name=f"worker-{i}", argv=[*run, "worker", "start", "--model", model, "--port", str(port), "--device", w.device,
+                                      "--api-key-file", str(worker_key_file(settings, port))],
             health_url=f"http://127.0.0.1:{port}/health", ports=(port,), url=f"http://127.0.0.1:{port}/v1",
             ready_timeout_s=w.startup_timeout_s, env=env,
         )
@@ -377,10 +385,14 @@ def _worker_children(settings: Any, model: str, run: list[str], env: dict[str, s
 
 
 def _router_child(settings: Any, model: str, run: list[str], env: dict[str, str], depends_on: tuple[str, ...]) -> ChildSpec:
-    """`router`: `appliance serve`, told about the local workers beside the configured `serve.workers`."""
+    """`router`: `appliance serve`, told about the local workers (with their API keys, in its environment only)
+    beside the configured `serve.workers`."""
     s, w = settings.serve, settings.worker
-    static = [ws.model_dump() for ws in s.workers]
-    local = [{"url": f"http://127.0.0.1:{w.base_port + i}", "region": w.region, "models": [model]} for i in range(w.count)]
+    static = [{**ws.model_dump(exclude={"api_key"}), "api_key": ws.api_key.get_secret_value() if ws.api_key else None}
+              for ws in s.workers]
+    local = [{"url": f"http://127.0.0.1:{port}", "region": w.region, "models": [model],
+              "api_key": ensure_token(settings.keys_dir, f"worker_{port}_api_key")}
+             for port in range(w.base_port, w.base_port + w.count)]
     return ChildSpec(
         name="router", argv=[*run, "serve", "--host", s.host, "--port", str(s.port)],
         health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host,

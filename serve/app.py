@@ -21,6 +21,7 @@ from starlette.responses import Response
 from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
 from appliance.core.secrets import ensure_token
+from serve.canary import CanaryChecker
 from serve.errors import RouterError
 from serve.forwarding import Forwarder
 from serve.keys import KeyStore
@@ -82,8 +83,10 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     metrics = RouterMetrics()
     registry = registry or WorkerRegistry(cfg)
     for spec in cfg.workers:
-        registry.add(spec.url, region=spec.region, models=spec.models, static=True)
+        registry.add_static(spec.url, region=spec.region, models=spec.models,
+                            api_key=spec.api_key.get_secret_value() if spec.api_key else None)
     placement = AdapterPlacement(cfg, registry, metrics)
+    canaries = CanaryChecker(cfg, registry)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
                     public=not is_loopback(cfg.host))
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
@@ -97,10 +100,12 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         if own_session:
             registry.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         await registry.start()
+        await canaries.start()
         logger.info("router ready: %d worker(s), %d healthy, policy %s", len(registry.workers), len(registry.healthy()), cfg.policy)
         try:
             yield
         finally:
+            await canaries.stop()
             await registry.stop()
             if own_session:
                 await registry.session.close()
@@ -110,6 +115,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     app.state.settings = settings
     app.state.registry = registry
     app.state.placement = placement
+    app.state.canaries = canaries
     app.state.metrics = metrics
     app.state.forwarder = forwarder
     app.state.admin_token = ensure_token(settings.keys_dir, "admin_token", cfg.admin_token)

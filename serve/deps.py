@@ -55,6 +55,24 @@ def require_admin_or_join(request: Request) -> None:
         raise RouterError(401, "worker registration needs `Authorization: Bearer <join token>` (keys/join_token on the router)")
 
 
+def require_worker_or_admin(request: Request, worker_id: str) -> None:
+    """Allow the admin token or the secret the router gave worker `worker_id` when it joined.
+
+    Raises:
+        RouterError: 401 without either; 404 (for the admin, or a caller that does not hold any worker's secret)
+            when no worker has that id.
+    """
+    token = bearer(request)
+    state = request.app.state
+    admin = same_secret(token, state.admin_token)
+    worker = state.registry.workers.get(worker_id)
+    if admin or (worker is not None and worker.owns(token)):
+        return
+    if worker is None:
+        raise RouterError(404, f"no worker with id {worker_id!r}; join again")
+    raise RouterError(401, f"this route needs `Authorization: Bearer <worker {worker_id}'s secret>` (answered when it joined) or the admin token")
+
+
 async def read_bounded(request: Request, limit: int) -> bytes:
     """The request body, read only up to `limit` bytes.
 

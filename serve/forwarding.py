@@ -56,7 +56,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after this long starts watching its client
-_UPSTREAM_HEADERS = {"content-type": "application/json"}
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
@@ -348,7 +347,7 @@ class Forwarder:
         sent = time.perf_counter()
         try:
             try:
-                resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=_UPSTREAM_HEADERS, timeout=self._timeout)
+                resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self._timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise

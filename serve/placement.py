@@ -67,8 +67,8 @@ class AdapterPlacement:
         return [w for w in self.registry.workers.values() if name in w.adapters]
 
     def hosts(self, adapter: PublishedAdapter) -> list[Worker]:
-        """Workers that could load `adapter` (they serve its base model, or any worker if the base is unknown)."""
-        workers = list(self.registry.workers.values())
+        """Routable workers that could load `adapter` (they serve its base model, or any if the base is unknown)."""
+        workers = [w for w in self.registry.workers.values() if w.routable]
         if adapter.base_model:
             return [w for w in workers if adapter.base_model in w.models]
         return workers
@@ -193,7 +193,7 @@ class AdapterPlacement:
 
         try:
             timeout = aiohttp.ClientTimeout(total=self.cfg.adapter_load_timeout_s, connect=self.cfg.connect_timeout_s)
-            async with self.session.post(worker.url + path, json=payload, timeout=timeout) as resp:
+            async with self.session.post(worker.url + path, json=payload, headers=worker.headers, timeout=timeout) as resp:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.registry.probe_soon(worker)

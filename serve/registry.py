@@ -9,12 +9,14 @@ re-admitted as soon as a probe succeeds; a joined worker unhealthy or silent for
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from appliance.core.secrets import hash_secret, same_secret
+from serve.errors import RouterError
 from serve.policy import Candidate
 
 if TYPE_CHECKING:
@@ -25,6 +27,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.2
+
+
+def new_worker_id() -> str:
+    """A random worker id (never a counter: ids must not repeat after a router restart)."""
+    return f"w-{secrets.token_hex(5)}"
+
+
+def upstream_headers(api_key: str | None) -> dict[str, str]:
+    """The headers of every call to a worker: JSON, and its API key when it has one."""
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 @dataclass
@@ -46,10 +61,24 @@ class Worker:
     last_heartbeat: float = field(default_factory=time.monotonic)
     adapter_used: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time of its last request
     declared_models: tuple[str, ...] = ()
+    secret_hash: str | None = None  # a joined worker's own secret (heartbeat, drain, leave), hashed
+    headers: dict[str, str] = field(default_factory=lambda: upstream_headers(None))  # sent with every call to it
+    quarantined: bool = False  # failed a canary check: no traffic until an operator clears it
+    canary: str = "off"  # trusted (static) | off | pending | passed | unverified | failed | cleared (serve.canary)
+
+    @property
+    def routable(self) -> bool:
+        """Whether it may be given requests at all: not quarantined, and not waiting for its first canary check."""
+        return not self.quarantined and self.canary != "pending"
+
+    def owns(self, token: str) -> bool:
+        """Whether `token` is this worker's own secret (constant time)."""
+        return self.secret_hash is not None and same_secret(hash_secret(token), self.secret_hash)
 
     def candidate(self, resident: bool = True) -> Candidate:
         """The snapshot the policy sees."""
-        return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy, self.draining, resident)
+        return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy and self.routable,
+                         self.draining, resident)
 
     def observe_ttft(self, ms: float) -> None:
         """Fold one time-to-first-byte measurement into the EWMA."""
@@ -61,6 +90,7 @@ class Worker:
             "id": self.id, "url": self.url, "region": self.region, "healthy": self.healthy, "draining": self.draining,
             "outstanding": self.outstanding, "latency_ms": round(self.ttft_ms, 3), "capacity": self.capacity,
             "models": sorted(self.models), "adapters": sorted(self.adapters), "static": self.static,
+            "quarantined": self.quarantined, "canary": self.canary,
         }
 
 
@@ -71,25 +101,55 @@ class WorkerRegistry:
         self.cfg = cfg
         self.session = session
         self.workers: dict[str, Worker] = {}
-        self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
         self._probing: dict[str, asyncio.Task] = {}
 
     # -- membership --
-    def add(self, url: str, *, region: str = "local", models: Iterable[str] = (), capacity: int | None = None, static: bool = False) -> Worker:
-        """Add a worker (or return the existing one with the same URL, updated). It is healthy once probed."""
-        url = url.rstrip("/")
-        for worker in self.workers.values():
-            if worker.url == url:
-                worker.region, worker.draining = region, False
-                worker.capacity = capacity or worker.capacity
-                worker.last_heartbeat = time.monotonic()
-                return worker
-        wid = f"w{next(self._ids)}"
-        worker = Worker(wid, url, region, capacity or self.cfg.worker_capacity, static, models=set(models), declared_models=tuple(models))
-        self.workers[wid] = worker
-        logger.info("worker %s added: %s region=%s", wid, url, region)
+    def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None) -> Worker:
+        """Add a worker named in settings: trusted, never expired or removed. It is healthy once probed."""
+        worker = Worker(new_worker_id(), url.rstrip("/"), region, self.cfg.worker_capacity, static=True,
+                        declared_models=tuple(models), headers=upstream_headers(api_key), canary="trusted")
+        self.workers[worker.id] = worker
+        logger.info("static worker %s: %s region=%s", worker.id, worker.url, region)
         return worker
+
+    async def join(self, url: str, *, region: str = "local", models: Iterable[str] = (), capacity: int | None = None,
+                   api_key: str | None = None) -> tuple[Worker, str]:
+        """Admit a worker that registered itself, after reading what it serves; returns it and its new secret.
+
+        Its models are those its `/v1/models` lists; every declared one must be among them. Joining again under the
+        URL of a joined worker replaces that entry but keeps its draining and quarantine marks.
+
+        Raises:
+            RouterError: 400 the worker does not serve a declared model or lists none; 409 the URL is a static
+                worker; 502 its `/v1/models` could not be read (unreachable, wrong API key).
+        """
+        url = url.rstrip("/")
+        headers = upstream_headers(api_key)
+        try:
+            listing = await self._fetch_models(url, headers)
+        except RouterError as exc:
+            raise RouterError(502, f"cannot verify the worker at {url}: {exc.message}") from exc
+        seen = {card["id"] for card in _cards(listing) if not card.get("parent")}
+        declared = tuple(models)
+        missing = [m for m in declared if m not in seen]
+        if missing or not seen:
+            raise RouterError(400, f"the worker at {url} does not serve {', '.join(missing) or 'any model'}: its /v1/models lists "
+                                   f"{', '.join(sorted(seen)) or 'nothing'}", param="models")
+        previous = next((w for w in self.workers.values() if w.url == url), None)
+        if previous is not None and previous.static:
+            raise RouterError(409, f"{url} is the static worker {previous.id} (serve.workers); it cannot join")
+        secret = secrets.token_urlsafe(32)
+        worker = Worker(new_worker_id(), url, region, capacity or self.cfg.worker_capacity, declared_models=declared,
+                        secret_hash=hash_secret(secret), headers=headers)
+        if previous is not None:  # a worker cannot shed its marks by joining again
+            worker.draining, worker.quarantined = previous.draining, previous.quarantined
+            worker.canary = "failed" if previous.quarantined else worker.canary
+            self.remove(previous.id)
+        self._apply_listing(worker, listing)
+        self.workers[worker.id] = worker
+        logger.info("worker %s joined: %s region=%s models=%s", worker.id, url, region, ",".join(sorted(worker.models)))
+        return worker, secret
 
     def remove(self, worker_id: str) -> Worker | None:
         """Forget a worker; returns it, or None if unknown."""
@@ -99,12 +159,16 @@ class WorkerRegistry:
         return worker
 
     def healthy(self) -> list[Worker]:
-        """Workers that are healthy (draining ones included: they finish what they have)."""
-        return [w for w in self.workers.values() if w.healthy]
+        """Workers that are healthy and routable (draining ones included: they finish what they have)."""
+        return [w for w in self.workers.values() if w.healthy and w.routable]
 
     def serving(self, model: str) -> list[Worker]:
-        """Workers that list `model` as a base model or a loaded adapter (healthy or not)."""
-        return [w for w in self.workers.values() if model in w.models or model in w.adapters]
+        """Routable workers that list `model` as a base model or a loaded adapter (healthy or not)."""
+        return [w for w in self.workers.values() if (model in w.models or model in w.adapters) and w.routable]
+
+    def trusted(self) -> list[Worker]:
+        """Healthy static workers: the reference answers of canary checks come from them."""
+        return [w for w in self.workers.values() if w.static and w.healthy]
 
     # -- health --
     async def start(self) -> None:
@@ -142,16 +206,12 @@ class WorkerRegistry:
         """Check `/health` and re-list `/v1/models`; update health, models and adapters. Returns healthy."""
         import aiohttp
 
-        timeout = aiohttp.ClientTimeout(total=max(2.0, min(10.0, self.cfg.health_interval_s * 2)))
         try:
-            async with self.session.get(f"{worker.url}/health", timeout=timeout) as resp:
+            async with self.session.get(f"{worker.url}/health", timeout=self._probe_timeout()) as resp:
                 ok = resp.status == 200
             if ok:
-                async with self.session.get(f"{worker.url}/v1/models", timeout=timeout) as resp:
-                    ok = resp.status == 200
-                    listing = await resp.json(content_type=None) if ok else {}
-                self._apply_listing(worker, listing)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                self._apply_listing(worker, await self._fetch_models(worker.url, worker.headers))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RouterError) as exc:
             ok = False
             logger.debug("probe of %s failed: %s", worker.id, exc)
         if ok != worker.healthy:
@@ -161,13 +221,42 @@ class WorkerRegistry:
             worker.last_ok = time.monotonic()
         return ok
 
+    def _probe_timeout(self):
+        import aiohttp
+
+        return aiohttp.ClientTimeout(total=max(2.0, min(10.0, self.cfg.health_interval_s * 2)))
+
+    async def _fetch_models(self, url: str, headers: dict[str, str]) -> dict[str, Any]:
+        """The worker's `/v1/models` answer.
+
+        Raises:
+            RouterError: it did not answer 200 with JSON (the message says what it answered).
+        """
+        import aiohttp
+
+        try:
+            async with self.session.get(f"{url}/v1/models", headers=headers, timeout=self._probe_timeout()) as resp:
+                if resp.status != 200:
+                    hint = " (wrong or missing worker API key)" if resp.status == 401 else ""
+                    raise RouterError(502, f"GET /v1/models answered {resp.status}{hint}")
+                listing = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise RouterError(502, f"GET /v1/models failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(listing, dict):
+            raise RouterError(502, "GET /v1/models did not answer a JSON object")
+        return listing
+
     @staticmethod
     def _apply_listing(worker: Worker, listing: dict[str, Any]) -> None:
-        models, adapters = set(worker.declared_models), set()
-        for card in listing.get("data", []):
-            if not isinstance(card, dict) or not isinstance(card.get("id"), str):
-                continue
+        """Models: what the worker lists (only the declared ones, if it declared some). Adapters: what it lists; for a
+        joined worker only among those the router itself loaded there (it cannot attract traffic for others)."""
+        models, adapters = set(), set()
+        for card in _cards(listing):
             (adapters if card.get("parent") else models).add(card["id"])
+        if worker.declared_models:
+            models &= set(worker.declared_models)
+        if not worker.static:
+            adapters &= worker.adapters
         worker.models, worker.adapters = models, adapters
 
     def _expire(self) -> None:
@@ -179,3 +268,9 @@ class WorkerRegistry:
             if silent > self.cfg.worker_expiry_s:
                 logger.warning("worker %s (%s) removed after %.0f s unhealthy", worker.id, worker.url, silent)
                 self.remove(worker.id)
+
+
+def _cards(listing: dict[str, Any]) -> list[dict[str, Any]]:
+    """The well-formed model cards of a `/v1/models` answer."""
+    data = listing.get("data")
+    return [c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)] if isinstance(data, list) else []

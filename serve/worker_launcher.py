@@ -79,9 +79,15 @@ def vllm_command(
     return argv + list(cfg.extra_args)
 
 
-def vllm_env(cfg: WorkerSettings, device: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a vLLM child: runtime LoRA updates allowed, and on the CPU a KV cache size in GiB."""
+def vllm_env(cfg: WorkerSettings, device: str | None = None, base: dict[str, str] | None = None,
+             api_key: str | None = None) -> dict[str, str]:
+    """The environment of a vLLM child: its API key (`VLLM_API_KEY`: vLLM then answers 401 on `/v1/*` without it,
+    runtime LoRA loading included; never on the command line), runtime LoRA updates allowed, and on the CPU a KV
+    cache size in GiB."""
     env = dict(os.environ if base is None else base)
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,7 +103,8 @@ class VLLMWorker:
     Use as `with VLLMWorker(...).start() as w: w.wait_ready(); ...` or call `stop()` yourself. By default the server
     leads its own process group (stopping it takes vLLM's engine-core process along); with `own_process_group=False`
     it stays in the caller's group, for a caller that is itself supervised as a group (`appliance worker start`
-    under `appliance up`), so that even a SIGKILLed caller leaves no vLLM process behind.
+    under `appliance up`), so that even a SIGKILLed caller leaves no vLLM process behind. With `api_key` the server
+    answers `/v1/*` only to callers that send it (the router does).
     """
 
     def __init__(
@@ -111,8 +118,10 @@ class VLLMWorker:
         host: str = "127.0.0.1",
         device: str | None = None,
         own_process_group: bool = True,
+        api_key: str | None = None,
     ):
         self.cfg = cfg
+        self.api_key = api_key
         self.own_process_group = own_process_group
         self.model_dir = Path(model_dir)
         self.model = served_name
@@ -135,7 +144,7 @@ class VLLMWorker:
     def start(self) -> "VLLMWorker":
         """Start the child (returns at once; see `wait_ready`)."""
         log.info("starting vLLM worker %s on %s (log %s)", self.model, self.url, self.log_path)
-        self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device), new_group=self.own_process_group)
+        self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device, api_key=self.api_key), new_group=self.own_process_group)
         return self
 
     def alive(self) -> bool:
@@ -169,7 +178,7 @@ class VLLMWorker:
 
     def served_models(self) -> list[str]:
         """Model ids from the worker's `/v1/models` ([] if it does not answer)."""
-        return served_models(self.url)
+        return served_models(self.url, self.api_key)
 
     def _failure(self, what: str) -> str:
         return f"vLLM worker {self.model} on port {self.port} {what}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"

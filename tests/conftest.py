@@ -35,15 +35,22 @@ def vllm_workers(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
     Each is a `serve.worker_launcher.VLLMWorker` with `.url` (no `/v1`), `.port` and `.model`
     ("smollm2-135m-instruct"); LoRA is enabled with runtime loading, the KV cache is 1 GiB each, and the logs are
-    `worker-PORT.log` in a temp folder (`.log_path`). Started lazily: only tests that ask for it pay for it.
+    `worker-PORT.log` in a temp folder (`.log_path`). Each has its own API key (`.api_key`, as `appliance up` gives
+    its workers): `/v1/*` answers 401 without it; `.spec` is the router's `serve.workers` entry for it.
+    Started lazily: only tests that ask for it pay for it.
     """
+    import secrets
+
     from appliance.core.sections.serve import WorkerSettings
     from serve.worker_launcher import VLLMWorker
     from tests.factories import free_port
 
     cfg = WorkerSettings(kv_cache_gib=1, max_model_len=2048, max_lora_rank=16, max_loras=2, startup_timeout_s=400)
     logs = tmp_path_factory.mktemp("vllm-logs")
-    workers = [VLLMWorker(cfg, embedded_model_dir, embedded_model_dir.name, free_port(), logs) for _ in range(2)]
+    workers = [VLLMWorker(cfg, embedded_model_dir, embedded_model_dir.name, free_port(), logs, api_key=secrets.token_urlsafe(24))
+               for _ in range(2)]
+    for w in workers:
+        w.spec = {"url": w.url, "region": "local", "api_key": w.api_key}
     try:
         for w in workers:
             w.start()

@@ -121,7 +121,7 @@ async def test_round_output_answers_under_alias_through_router(vllm_worker, embe
     from tests.ui.services import start_router
 
     admin_token = "closed-loop-admin-token-0123456789"
-    router = start_router(tmp_path / "router-home", [vllm_worker.url], admin_token)
+    router = start_router(tmp_path / "router-home", [vllm_worker.spec], admin_token)
     train_cfg = {"lora_r": 8, "lora_alpha": 16, "max_seq_len": 128, "batch_size": 2, "zero_stage": 0, "warmup_steps": 0}
     fed = {"bind_host": "127.0.0.1", "port": 0, "status_port": 0, "plaintext": True, "rounds": 1, "min_silos": 1,
            "round_deadline_s": 300.0, "heartbeat_interval_s": 0.5, "local_steps": 1, "compression": "fp32",

@@ -87,17 +87,36 @@ def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key
         console.print(f"revoked key {gone.name!r} ({gone.id})", highlight=False)
 
 
-def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
-    """List the router's workers: region, health, load, latency, models and adapters."""
-    from rich.table import Table
+fleet_app = typer.Typer(help="The router's workers: list them (default), clear a quarantined one.")
 
+
+@fleet_app.callback(invoke_without_command=True)
+def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
+    """List the router's workers: region, health, load, latency, canary verdict, models and adapters."""
+    from rich.table import Column, Table
+
+    if ctx.invoked_subcommand is not None:
+        return
     with cli_errors():
         _, client = _admin(ctx, router)
-        table = Table("id", "url", "region", "healthy", "draining", "outstanding", "latency ms", "models", "adapters")
+        # The id (what `fleet clear` takes) and the canary verdict are never cut, however narrow the terminal.
+        table = Table(Column("id", no_wrap=True), "url", "region", "healthy", "draining", Column("canary", no_wrap=True),
+                      "outstanding", "latency ms", "models", "adapters")
         for w in client.workers():
+            canary = "QUARANTINED" if w.get("quarantined") else w.get("canary", "")
             table.add_row(w["id"], w["url"], w["region"], "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
-                          str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
+                          canary, str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
         console.print(table)
+
+
+@fleet_app.command("clear")
+def fleet_clear(ctx: typer.Context, worker_id: str = typer.Argument(..., help="The quarantined worker's id."),
+                router: Optional[str] = _ROUTER) -> None:
+    """Lift a worker's quarantine (after checking why its canary answers differed); it is checked again later."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.clear(worker_id)
+        console.print(f"worker {out['id']} cleared (canary {out['canary']})", highlight=False)
 
 
 @adapters_app.command("list")
@@ -141,6 +160,6 @@ def adapters_unpublish(ctx: typer.Context, name: str = typer.Argument(..., help=
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
-    app.command("fleet")(fleet)
+    app.add_typer(fleet_app, name="fleet")
     app.add_typer(keys_app, name="keys")
     app.add_typer(adapters_app, name="adapters")

@@ -1,13 +1,23 @@
-"""`appliance worker start|join`: one local vLLM worker in the foreground, optionally joined to a remote router."""
+"""`appliance worker start|join`: one local vLLM worker in the foreground, optionally joined to a remote router.
+
+Secrets never travel on the command line: the worker's API key comes from `--api-key-file` or `VLLM_API_KEY`, the
+router's join token from `--token-file` or `APPLIANCE_JOIN_TOKEN`. `worker join` makes a fresh API key for the worker
+it starts and hands it to the router over the join call.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.core.errors import ConfigError
 from appliance.core.model_store import resolve_model
+from appliance.core.net import is_loopback
 from appliance.core.processes import stop_on_signals, wait_for_signal
 from appliance.core.settings import ApplianceSettings
 
@@ -17,28 +27,56 @@ _MODEL = typer.Option(None, "--model", "-m", help="Prepared model name or HF mod
 _PORT = typer.Option(None, "--port", "-p", help="Port (default: worker.base_port).")
 _DEVICE = typer.Option(None, "--device", help="cpu | cuda (default: worker.device).")
 _HOST = typer.Option("127.0.0.1", "--host", help="Bind address of the worker.")
+_KEY_FILE = typer.Option(None, "--api-key-file", help="File holding the worker's API key (else $VLLM_API_KEY).")
 
 
-def _worker(settings: ApplianceSettings, model: str | None, port: int | None, host: str):
-    """A not-yet-started VLLMWorker for `model` (a store name or a folder) with the settings' worker section."""
+def read_secret(path: Path | None, env_var: str, what: str, *, required: bool) -> str | None:
+    """A secret from a file (first line) or else an environment variable; never from the command line.
+
+    Raises:
+        ConfigError: the file is missing or empty, or `required` and neither source has a value.
+    """
+    if path is not None:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the {what} from {path}: {exc.strerror}") from exc
+        if not value:
+            raise ConfigError(f"{path} is empty; it must hold the {what}")
+        return value
+    value = os.environ.get(env_var, "").strip() or None
+    if required and value is None:
+        raise ConfigError(f"the {what} is needed: pass a file holding it, or set {env_var}")
+    return value
+
+
+def _worker(settings: ApplianceSettings, model: str | None, port: int | None, host: str, api_key: str | None):
+    """A not-yet-started VLLMWorker for `model` (a store name or a folder) with the settings' worker section.
+
+    Raises:
+        ConfigError: the worker would listen beyond loopback without an API key.
+    """
     from serve.worker_launcher import VLLMWorker
 
+    if not api_key and not is_loopback(host):
+        raise ConfigError(f"refusing to start a worker on {host} without an API key: anyone reaching it could use and "
+                          "reconfigure it; pass --api-key-file or set VLLM_API_KEY")
     model_dir = resolve_model(settings.models_dir, model or settings.model)
     # The served name is the store name (or the folder's name for a path), as `appliance up` announces it.
     # vLLM stays in this command's process group: whoever stops the group (Ctrl-C, `appliance up`) stops vLLM too.
     return VLLMWorker(settings.worker, model_dir, model_dir.name, port or settings.worker.base_port, settings.logs_dir,
-                      host=host, own_process_group=False)
+                      host=host, own_process_group=False, api_key=api_key)
 
 
 @worker_app.command("start")
 def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int] = _PORT,
-          device: Optional[str] = _DEVICE, host: str = _HOST) -> None:
+          device: Optional[str] = _DEVICE, host: str = _HOST, api_key_file: Optional[Path] = _KEY_FILE) -> None:
     """Start vLLM's OpenAI server on one model and keep it running until Ctrl-C."""
     from serve.worker_launcher import run_until_signal
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
-        worker = _worker(settings, model, port, host)
+        worker = _worker(settings, model, port, host, read_secret(api_key_file, "VLLM_API_KEY", "worker API key", required=False))
         stop = stop_on_signals()  # before the child starts: a SIGTERM while vLLM loads must still stop it
         worker.start()
         console.print(f"starting vLLM worker for [bold]{worker.model}[/] on {worker.url} (log {worker.log_path})", highlight=False)
@@ -53,31 +91,37 @@ def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int]
 def join(
     ctx: typer.Context,
     router: str = typer.Option(..., "--router", help="Router base URL, e.g. http://router-host:8000."),
-    token: str = typer.Option(..., "--token", envvar="APPLIANCE_JOIN_TOKEN", help="The router's join token (or admin token)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the router's join token (else $APPLIANCE_JOIN_TOKEN)."),
     region: str = typer.Option("local", "--region", help="Region label for region-aware routing."),
     url: Optional[str] = typer.Option(None, "--url", help="Join an already running worker at this URL instead of starting one."),
     advertise: Optional[str] = typer.Option(None, "--advertise", help="URL the router should use to reach the worker (behind NAT, a proxy or a tunnel); default its own URL."),
     heartbeat_s: float = typer.Option(10.0, "--heartbeat-s", help="Seconds between heartbeats."),
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="With --url: the running worker's API key file (else $VLLM_API_KEY)."),
 ) -> None:
-    """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C)."""
+    """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C).
+
+    A worker started here gets a fresh API key, which the router receives over the join call.
+    """
     from appliance.core.router_client import RouterClient
     from serve.worker_launcher import RouterRegistration, run_until_signal, served_models
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
+        token = read_secret(token_file, "APPLIANCE_JOIN_TOKEN", "router's join token", required=True)
+        api_key = read_secret(api_key_file, "VLLM_API_KEY", "worker API key", required=False) if url else secrets.token_urlsafe(32)
         stop = stop_on_signals()
-        worker = None if url else _worker(settings, model, port, host).start()
+        worker = None if url else _worker(settings, model, port, host, api_key).start()
         if worker is not None:
             worker.wait_ready(stop=stop)
             if stop.is_set():
                 raise typer.Exit(code=0)
         worker_url = advertise or url or worker.url
-        models = served_models(url) if url else [worker.model]
+        models = served_models(url, api_key) if url else [worker.model]
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
             raise typer.Exit(code=1)
-        membership = RouterRegistration(RouterClient(router), token, worker_url, region, models)
+        membership = RouterRegistration(RouterClient(router), token, worker_url, region, models, api_key=api_key)
         try:
             worker_id = membership.register()
             console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)

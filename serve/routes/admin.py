@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from serve.deps import json_body, require_admin, require_admin_or_join
+from serve.deps import json_body, require_admin, require_admin_or_join, require_worker_or_admin
 from serve.errors import RouterError
 
 router = APIRouter(prefix="/admin")
@@ -23,8 +23,9 @@ class WorkerRegistration(BaseModel):
 
     url: str = Field(..., description="Base URL of the worker's OpenAI server.")
     region: str = "local"
-    models: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list, description="Models it serves; each must be in its /v1/models.")
     capacity: int | None = Field(None, ge=1)
+    api_key: str | None = Field(None, min_length=16, description="The worker's own API key; the router sends it on every call.")
 
 
 class AdapterPublication(BaseModel):
@@ -45,35 +46,47 @@ def _worker(request: Request, worker_id: str):
 
 @router.post("/workers", dependencies=[Depends(require_admin_or_join)])
 async def register_worker(body: Annotated[WorkerRegistration, Depends(json_body(WorkerRegistration))], request: Request) -> dict[str, Any]:
-    """Add a worker, probe it once, and return its id."""
+    """Admit a worker after reading its `/v1/models`; answers its id and its own secret (shown only here)."""
     if not body.url.startswith(("http://", "https://")):
         raise RouterError(400, f"worker url {body.url!r} must start with http:// or https://", param="url")
-    registry = request.app.state.registry
-    worker = registry.add(body.url, region=body.region, models=body.models, capacity=body.capacity)
-    await registry.probe(worker)
-    return {"id": worker.id, "healthy": worker.healthy}
+    state = request.app.state
+    worker, secret = await state.registry.join(body.url, region=body.region, models=body.models, capacity=body.capacity,
+                                               api_key=body.api_key)
+    await state.registry.probe(worker)
+    state.canaries.on_join(worker)
+    return {"id": worker.id, "secret": secret, "healthy": worker.healthy, "models": sorted(worker.models), "canary": worker.canary}
 
 
-@router.post("/workers/{worker_id}/heartbeat", dependencies=[Depends(require_admin_or_join)])
+@router.post("/workers/{worker_id}/heartbeat", dependencies=[Depends(require_worker_or_admin)])
 async def heartbeat(worker_id: str, request: Request) -> dict[str, Any]:
-    """Note that the worker is alive."""
+    """Note that the worker is alive (its own secret, or the admin token)."""
     worker = _worker(request, worker_id)
     worker.last_heartbeat = time.monotonic()
-    return {"id": worker.id, "healthy": worker.healthy}
+    return {"id": worker.id, "healthy": worker.healthy, "draining": worker.draining, "quarantined": worker.quarantined}
 
 
-@router.post("/workers/{worker_id}/drain", dependencies=[Depends(require_admin)])
+@router.post("/workers/{worker_id}/drain", dependencies=[Depends(require_worker_or_admin)])
 async def drain(worker_id: str, request: Request) -> dict[str, Any]:
-    """Stop sending new requests to the worker; requests in flight finish."""
+    """Stop sending new requests to the worker; requests in flight finish. Only leaving undoes it."""
     worker = _worker(request, worker_id)
     worker.draining = True
     return {"id": worker.id, "draining": True, "outstanding": worker.outstanding}
 
 
-@router.delete("/workers/{worker_id}", dependencies=[Depends(require_admin_or_join)])
+@router.post("/workers/{worker_id}/clear", dependencies=[Depends(require_admin)])
+async def clear(worker_id: str, request: Request) -> dict[str, Any]:
+    """Lift a worker's quarantine (an operator's decision); it is checked again at the next canary round."""
+    worker = _worker(request, worker_id)
+    request.app.state.canaries.clear(worker)
+    return {"id": worker.id, "quarantined": worker.quarantined, "canary": worker.canary}
+
+
+@router.delete("/workers/{worker_id}", dependencies=[Depends(require_worker_or_admin)])
 async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
-    """Forget the worker."""
-    _worker(request, worker_id)
+    """Forget a joined worker (its own secret, or the admin token). Static workers stay: they come from settings."""
+    worker = _worker(request, worker_id)
+    if worker.static:
+        raise RouterError(409, f"worker {worker_id} comes from settings (serve.workers); remove it there and restart the router")
     request.app.state.registry.remove(worker_id)
     return {"id": worker_id, "removed": True}
 

@@ -30,6 +30,12 @@ def test_children_in_dependency_order_with_the_router_told_about_local_workers(t
     router = children[2]
     assert router.depends_on == ("worker-0", "worker-1") and router.ports == (9100,)
     assert [w["url"] for w in json.loads(router.env["APPLIANCE_SERVE__WORKERS"])] == ["http://127.0.0.1:9200", "http://127.0.0.1:9201"]
+    # Each local worker has its own API key: in a 0600 file it reads, and in the router's environment; never on argv.
+    keys = [w["api_key"] for w in json.loads(router.env["APPLIANCE_SERVE__WORKERS"])]
+    key_files = [c.argv[c.argv.index("--api-key-file") + 1] for c in children[:2]]
+    assert len(set(keys)) == 2 and [open(f).read().strip() for f in key_files] == keys
+    assert all(oct(os.stat(f).st_mode & 0o777) == "0o600" for f in key_files)
+    assert not any(k in arg for k in keys for c in children for arg in c.argv)
     assert all(c.env["APPLIANCE_HOME"] == str(tmp_path) for c in children)
     assert names[3:] == ["coordinator", "console"]
     assert children[3].argv[3:] == ["coordinator", "start"]

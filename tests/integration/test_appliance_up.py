@@ -118,13 +118,17 @@ def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
     try:
         for url in (f"{router_url}/health", f"{backend_url}/health"):
             wait_until(lambda: _get(url) is not None, 60, 0.1, what=url)
-        bad = subprocess.run([sys.executable, "-m", "appliance", "worker", "join", "--router", router_url, "--token", "wrong",
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("wrong\n")
+        bad = subprocess.run([sys.executable, "-m", "appliance", "worker", "join", "--router", router_url, "--token-file", str(wrong),
                               "--url", backend_url], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "401" in bad.stderr + bad.stdout
 
-        join = subprocess.Popen([sys.executable, "-m", "appliance", "worker", "join", "--router", router_url, "--token", join_token,
+        # The token travels in the environment, never on the command line (`ps` shows command lines).
+        join = subprocess.Popen([sys.executable, "-m", "appliance", "worker", "join", "--router", router_url,
                                  "--region", "eu-west", "--url", backend_url, "--heartbeat-s", "1"],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, env={**env, "APPLIANCE_JOIN_TOKEN": join_token}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         procs.append(join)
         wait_until(lambda: "joined-model" in [m["id"] for m in (_get(f"{router_url}/v1/models") or {}).get("data", [])],
                    60, 0.2, what="the joined worker's model in the router's /v1/models")

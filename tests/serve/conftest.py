@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -50,12 +51,14 @@ def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen | None =
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
-def start_fake(model: str = "fake", *args: str) -> FakeProcess:
-    """Start `python -m testing.fake_vllm` on a free port and wait until it answers."""
+def start_fake(model: str = "fake", *args: str, api_key: str | None = None) -> FakeProcess:
+    """Start `python -m testing.fake_vllm` on a free port and wait until it answers (with `api_key` as vLLM's
+    VLLM_API_KEY: every /v1 call then needs it)."""
     port = free_port()
+    env = {**os.environ, "VLLM_API_KEY": api_key or ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "testing.fake_vllm", "--port", str(port), "--model", model, "--name", f"fake-{port}", *args],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,8 +75,8 @@ def fake_factory() -> Iterator:
     """A function that starts fake backends; all are stopped at the end of the test."""
     started: list[FakeProcess] = []
 
-    def make(model: str = "fake", *args: str) -> FakeProcess:
-        fake = start_fake(model, *args)
+    def make(model: str = "fake", *args: str, api_key: str | None = None) -> FakeProcess:
+        fake = start_fake(model, *args, api_key=api_key)
         started.append(fake)
         return fake
 

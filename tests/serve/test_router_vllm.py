@@ -13,7 +13,7 @@ MODEL = "smollm2-135m-instruct"
 async def test_chat_stream_models_and_adapter_through_router(vllm_workers, router_factory, embedded_lora_dir):
     from openai import AsyncOpenAI
 
-    router = await router_factory([{"url": w.url, "region": "local"} for w in vllm_workers], request_timeout_s=120)
+    router = await router_factory([w.spec for w in vllm_workers], request_timeout_s=120)
     client = AsyncOpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=120)
     try:
         ids = [m.id async for m in client.models.list()]

@@ -28,7 +28,8 @@ async def test_chat_and_completion_forwarded_and_streamed(fake_factory, router_f
         assert [m["id"] for m in models["data"]] == ["m"]
         assert (await c.get("/health")).json()["workers_healthy"] == 1
         metrics = (await c.get("/metrics")).text
-        assert 'router_requests_total{model="m",route="/v1/chat/completions",status="200",worker="w1"} 2.0' in metrics
+        (worker_id,) = router.app.state.registry.workers
+        assert f'router_requests_total{{model="m",route="/v1/chat/completions",status="200",worker="{worker_id}"}} 2.0' in metrics
 
 
 async def test_openai_client_works_through_router(fake_factory, router_factory):

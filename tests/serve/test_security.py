@@ -81,15 +81,17 @@ async def test_admin_needs_token_and_join_token_registers_a_worker(fake_factory,
         assert (await c.get("/admin/workers", headers=join)).status_code == 401  # the join token is not admin
         r = await c.post("/admin/workers", json={"url": fake.url, "region": "eu-west", "capacity": 4}, headers=join)
         assert r.status_code == 200 and r.json()["healthy"] is True
-        wid = r.json()["id"]
+        wid, own = r.json()["id"], {"Authorization": f"Bearer {r.json()['secret']}"}
         assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == ["joined-model"]
-        assert (await c.post(f"/admin/workers/{wid}/heartbeat", headers=join)).status_code == 200
+        assert (await c.post(f"/admin/workers/{wid}/heartbeat", headers=join)).status_code == 401  # join token only joins
+        assert (await c.post(f"/admin/workers/{wid}/heartbeat", headers=own)).status_code == 200
         rows = (await c.get("/admin/workers", headers=router.admin_headers())).json()
         assert rows[0]["region"] == "eu-west" and rows[0]["models"] == ["joined-model"]
         assert (await c.post("/v1/chat/completions", json={"model": "joined-model"})).status_code == 200
         assert (await c.post(f"/admin/workers/{wid}/drain", headers=router.admin_headers())).json()["draining"] is True
         assert (await c.post("/v1/chat/completions", json={"model": "joined-model"})).status_code == 503
-        assert (await c.delete(f"/admin/workers/{wid}", headers=join)).status_code == 200
+        assert (await c.delete(f"/admin/workers/{wid}", headers=join)).status_code == 401
+        assert (await c.delete(f"/admin/workers/{wid}", headers=own)).status_code == 200
         assert (await c.get("/admin/workers", headers=router.admin_headers())).json() == []
         r = await c.post("/admin/workers", json={"region": "x"}, headers=join)
         assert r.status_code == 400 and "url" in r.json()["error"]["message"]

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -99,12 +100,22 @@ def test_a_worker_that_is_never_ready_times_out_and_is_stopped(tmp_path):
     assert not worker.alive()
 
 
-def _chat(url: str, model: str) -> str:
+def _post(url: str, body: dict, api_key: str | None) -> tuple[int, dict | str]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read()
+            return resp.status, (json.loads(raw) if raw.startswith(b"{") else raw.decode())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _chat(url: str, model: str, api_key: str | None) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
-    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.load(resp)["choices"][0]["message"]["content"]
+    status, answer = _post(f"{url}/v1/chat/completions", body, api_key)
+    assert status == 200, answer
+    return answer["choices"][0]["message"]["content"]
 
 
 @pytest.mark.vllm
@@ -112,16 +123,26 @@ def test_two_real_vllm_workers_answer_and_accept_runtime_lora(vllm_workers, embe
     assert len({w.port for w in vllm_workers}) == 2
     for w in vllm_workers:
         assert w.model == "smollm2-135m-instruct"
-        assert _chat(w.url, w.model).strip()
+        assert _chat(w.url, w.model, w.api_key).strip()
 
     # Runtime LoRA loading is enabled: the adapter appears and answers under its own name.
     w = vllm_workers[0]
-    req = urllib.request.Request(f"{w.url}/v1/load_lora_adapter", method="POST", headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"lora_name": "wl-test", "lora_path": str(embedded_lora_dir)}).encode())
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        assert resp.status == 200
+    load = {"lora_name": "wl-test", "lora_path": str(embedded_lora_dir)}
+    assert _post(f"{w.url}/v1/load_lora_adapter", load, w.api_key)[0] == 200
     assert "wl-test" in w.served_models()
-    assert isinstance(_chat(w.url, "wl-test"), str)
+    assert isinstance(_chat(w.url, "wl-test", w.api_key), str)
+
+
+@pytest.mark.vllm
+def test_a_real_vllm_worker_answers_401_without_its_api_key(vllm_workers, embedded_lora_dir):
+    # Reached directly, a worker started with its own key serves nothing and loads nothing without it.
+    w = vllm_workers[1]
+    chat = {"model": w.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert _post(f"{w.url}/v1/chat/completions", chat, None)[0] == 401
+    assert _post(f"{w.url}/v1/chat/completions", chat, "not-the-key")[0] == 401
+    assert _post(f"{w.url}/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(embedded_lora_dir)}, None)[0] == 401
+    assert _post(f"{w.url}/v1/chat/completions", chat, w.api_key)[0] == 200
+    assert w.api_key not in " ".join(w.argv)  # the key travels in the environment (VLLM_API_KEY), not on argv
 
 
 def test_a_worker_in_the_callers_group_is_stopped_alone(tmp_path):

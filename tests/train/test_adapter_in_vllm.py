@@ -21,7 +21,8 @@ def test_trained_adapter_loads_into_vllm_at_run_time(embedded_model_dir: Path, v
     adapter_dir = save_adapter_dir(result.state, cfg, embedded_model_dir, tmp_path / "adapter")
     name = f"train-test-{uuid.uuid4().hex[:8]}"
 
-    with httpx.Client(base_url=vllm_worker.url, timeout=120) as client:
+    auth = {"Authorization": f"Bearer {vllm_worker.api_key}"}  # the fixture's workers guard /v1 with their own key
+    with httpx.Client(base_url=vllm_worker.url, timeout=120, headers=auth) as client:
         loaded = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter_dir)})
         assert loaded.status_code == 200, loaded.text
         assert name in [m["id"] for m in client.get("/v1/models").json()["data"]]

@@ -26,13 +26,14 @@ class RouterProcess:
         stop_process(self.process)
 
 
-def start_router(home: Path, worker_urls: list[str], admin_token: str, timeout_s: float = 120.0) -> RouterProcess:
-    """`appliance serve` on 127.0.0.1:<free port> in front of `worker_urls`; waits for /health and a model."""
+def start_router(home: Path, workers: list[dict], admin_token: str, timeout_s: float = 120.0) -> RouterProcess:
+    """`appliance serve` on 127.0.0.1:<free port> in front of `workers` (`serve.workers` entries: url, api_key);
+    waits for /health and a model."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "router.log"
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__ADMIN_TOKEN": admin_token,
-           "APPLIANCE_SERVE__WORKERS": json.dumps([{"url": u} for u in worker_urls]),
+           "APPLIANCE_SERVE__WORKERS": json.dumps(workers),
            "APPLIANCE_SERVE__HEALTH_INTERVAL_S": "1.0"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--host", "127.0.0.1", "--port", str(port)],

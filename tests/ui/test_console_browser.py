@@ -49,7 +49,7 @@ def test_chat_streams_through_real_router_and_vllm(page, vllm_worker, tmp_path):
     from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
     from tests.ui.services import start_router
 
-    router = start_router(tmp_path / "router-home", [vllm_worker.url], ADMIN_TOKEN)
+    router = start_router(tmp_path / "router-home", [vllm_worker.spec], ADMIN_TOKEN)
     console = None
     try:
         console = start_console(tmp_path / "console-home", router.url, f"http://127.0.0.1:{free_port()}")

@@ -57,3 +57,13 @@ def test_train_views_for_a_failed_run():
     assert "data-state='failed'" in html and "exit code -9" in html and "step 2 / 10" in html
     assert list(loss_frame(run)["series"]) == ["raw", "smoothed", "raw", "smoothed"]
     assert loss_caption(run).startswith("2 steps plotted · last loss 2.5000")
+
+
+def test_fleet_rows_show_a_quarantined_worker():
+    from ui.tabs.fleet import WORKER_HEADERS, worker_rows
+
+    rows = worker_rows([{"id": "w-1", "url": "u", "region": "eu", "healthy": True, "draining": False, "quarantined": True,
+                         "canary": "failed", "outstanding": 0, "latency_ms": 1.0, "models": ["m"], "adapters": []},
+                        {"id": "w-2", "url": "v", "region": "eu", "healthy": True, "canary": "passed", "models": ["m"]}])
+    column = WORKER_HEADERS.index("canary")
+    assert [r[column] for r in rows] == ["QUARANTINED", "passed"]

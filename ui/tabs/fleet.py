@@ -7,13 +7,18 @@ from typing import Any
 from ui.context import ConsoleContext, guarded, problem
 from ui.services import ServiceUnavailable, summarize_metrics
 
-WORKER_HEADERS = ["id", "url", "region", "healthy", "draining", "outstanding", "latency (ms)", "models", "adapters"]
+WORKER_HEADERS = ["id", "url", "region", "healthy", "draining", "canary", "outstanding", "latency (ms)", "models", "adapters"]
+
+
+def canary_cell(worker: dict[str, Any]) -> str:
+    """The canary column: QUARANTINED (no traffic until `appliance fleet clear ID`), else the last verdict."""
+    return "QUARANTINED" if worker.get("quarantined") else str(worker.get("canary") or "")
 
 
 def worker_rows(workers: list[dict[str, Any]]) -> list[list[Any]]:
     """Rows of the workers table."""
     return [[w.get("id"), w.get("url"), w.get("region"), "yes" if w.get("healthy") else "no",
-             "yes" if w.get("draining") else "no", w.get("outstanding", 0),
+             "yes" if w.get("draining") else "no", canary_cell(w), w.get("outstanding", 0),
              round(float(w["latency_ms"]), 1) if isinstance(w.get("latency_ms"), (int, float)) else "",
              ", ".join(w.get("models") or []), ", ".join(w.get("adapters") or [])] for w in workers]
 

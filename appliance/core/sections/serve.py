@@ -12,7 +12,8 @@ class WorkerSpec(Section):
 
     url: str = Field(..., description="Base URL of the worker's OpenAI server, e.g. http://127.0.0.1:8100.")
     region: str = Field("local", description="Region label used for region-aware routing.")
-    models: list[str] = Field(default_factory=list, description="Models it serves; empty = ask its /v1/models.")
+    models: list[str] = Field(default_factory=list, description="Models it serves; empty = all its /v1/models lists.")
+    api_key: SecretStr | None = Field(None, description="The worker's own API key (vLLM --api-key); the router sends it.")
 
 
 class WorkerSettings(Section):
@@ -54,6 +55,9 @@ class ServeSettings(Section):
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout (seconds).")
     worker_capacity: int = Field(16, ge=1, description="Default concurrent requests a worker takes (policy scale).")
     worker_expiry_s: float = Field(60.0, gt=0, description="A joined worker unhealthy or silent this long is removed.")
+    canary_prompts: int = Field(2, ge=0, description="Canary prompts per check of a joined worker (0 = no checks).")
+    canary_interval_s: float = Field(300.0, gt=0, description="Seconds between canary checks of each joined worker.")
+    canary_max_tokens: int = Field(16, ge=1, description="max_tokens of a canary prompt (answers compared at temperature 0).")
     affinity_load_factor: float = Field(1.25, ge=1.0, description="Bounded-load factor of prefix/session affinity.")
     adapter_replicas: int = Field(1, ge=1, description="Workers an adapter is loaded on when published.")
     max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
