@@ -264,14 +264,6 @@ class Supervisor:
         while not stop.wait(self.poll_s):
             self.poll_once()
 
-    def run(self, stop: threading.Event) -> None:
-        """start(), supervise() until `stop` is set, then stop() (also on errors)."""
-        self.start(stop)
-        try:
-            self.supervise(stop)
-        finally:
-            self.stop()
-
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every child, dependants first, and remove the state file."""
         for child in reversed(self.children):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,10 +124,6 @@ class ParamReport:
     target_modules: list[str]
     targeted_layers: int
     adapter_tensors: int
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return asdict(self)
 
 
 def count_parameters(cfg: "TrainSettings", model_dir: Path) -> ParamReport:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from appliance.commands.common import cli_errors, console, settings_from
+from appliance.commands.progress import progress_bar
 
 
 def _overrides(**train: Any) -> dict[str, Any]:
@@ -45,7 +46,6 @@ def train(
         if dry_run:
             _print_dry_run(settings)
             return
-        from train.progress import progress_bar
         from train.runs import resume_run, start_run
 
         if resume is None and data is None:

@@ -134,10 +134,3 @@ class AdapterRegistry:
     def list(self) -> list[AdapterVersion]:
         """Every version of every adapter, by name then version."""
         return [self.get(f"{n}:{v}") for n in self.names() for v in self.versions(n)]
-
-    def update_meta(self, ref: str, **fields: Any) -> AdapterVersion:
-        """Merge `fields` into a version's meta.json (for example metrics computed after registration)."""
-        av = self.get(ref)
-        meta = {**av.meta, **fields}
-        write_json_atomic(av.path / "meta.json", meta)
-        return AdapterVersion(av.name, av.version, av.path, meta)

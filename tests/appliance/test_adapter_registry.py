@@ -33,16 +33,13 @@ def test_versions_count_up_and_latest_is_default(tmp_path, adapter_src):
     assert (v2.path / "adapter_model.safetensors").read_bytes() == b"weights"
 
 
-def test_meta_records_lineage_and_can_be_extended(tmp_path, adapter_src):
+def test_meta_records_lineage(tmp_path, adapter_src):
     reg = AdapterRegistry(tmp_path / "adapters")
     v = reg.register("med", adapter_src, {"base_model": "smollm2-135m-instruct", "federation_run": "r1", "round": 3})
 
     meta = json.loads((v.path / "meta.json").read_text())
     assert meta["name"] == "med" and meta["version"] == 1 and meta["base_model"] == "smollm2-135m-instruct"
     assert meta["federation_run"] == "r1" and "created_at" in meta
-
-    updated = reg.update_meta("med:1", metrics={"eval_loss": 1.5})
-    assert updated.meta["metrics"] == {"eval_loss": 1.5} and reg.get("med").meta["round"] == 3
 
 
 @pytest.mark.parametrize("name", ["../evil", "", "has space", "-lead", "x" * 65, "a/b", "name.tmp"])

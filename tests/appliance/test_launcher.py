@@ -148,13 +148,18 @@ def _up_process(tmp_path: Path, specs: list[ChildSpec]) -> subprocess.Popen:
     """A real supervisor process (as `appliance up` runs it) over `specs`, driven by the script below."""
     script = tmp_path / "sup.py"
     script.write_text(
-        "import json, signal, sys, threading\n"
+        "import json, sys\n"
         "from pathlib import Path\n"
+        "from appliance.core.processes import stop_on_signals\n"
         "from appliance.launcher import ChildSpec, Supervisor\n"
         "specs = [ChildSpec(**{**d, 'ports': tuple(d['ports'])}) for d in json.loads(sys.argv[1])]\n"
-        "stop = threading.Event()\n"
-        "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, lambda *_: stop.set())\n"
-        "Supervisor(specs, Path(sys.argv[2]) / 'logs', Path(sys.argv[2]) / 'up.json', poll_s=0.05).run(stop)\n"
+        "stop = stop_on_signals()\n"
+        "sup = Supervisor(specs, Path(sys.argv[2]) / 'logs', Path(sys.argv[2]) / 'up.json', poll_s=0.05)\n"
+        "sup.start(stop)\n"
+        "try:\n"
+        "    sup.supervise(stop)\n"
+        "finally:\n"
+        "    sup.stop()\n"
     )
     payload = json.dumps([{"name": s.name, "argv": s.argv, "health_url": s.health_url, "ports": list(s.ports)} for s in specs])
     return subprocess.Popen([sys.executable, str(script), payload, str(tmp_path)], cwd=REPO,
