@@ -698,6 +698,7 @@ class Coordinator:
         from aiohttp import web
 
         from appliance.core.secrets import same_secret
+        from appliance.core.tls import server_context
 
         token = self._status_token()
 
@@ -718,8 +719,10 @@ class Coordinator:
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.cfg.bind_host, self.cfg.status_port)
+        # HTTPS with federation.tls_cert/tls_key (appliance.core.tls), else plain HTTP.
+        tls = server_context(self.cfg.tls_cert, self.cfg.tls_key) if self.cfg.tls_cert is not None else None
+        site = web.TCPSite(runner, self.cfg.bind_host, self.cfg.status_port, ssl_context=tls)
         await site.start()
         self._status_runner = runner
         port = runner.addresses[0][1]
-        self.status_url = f"http://{connectable_host(self.cfg.bind_host)}:{port}/status"
+        self.status_url = f"{self.cfg.scheme}://{connectable_host(self.cfg.bind_host)}:{port}/status"

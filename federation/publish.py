@@ -47,6 +47,7 @@ class RouterPublisher:
         max_backoff_s: Largest retry delay.
         max_attempts: Attempts before a version is given up (0 = retry until superseded or closed).
         timeout_s: HTTP timeout of one attempt (loading an adapter on a worker can take a few seconds).
+        verify: TLS verification of an https router: True (system store) or an `ssl.SSLContext` (a private CA).
     """
 
     def __init__(
@@ -59,9 +60,10 @@ class RouterPublisher:
         max_backoff_s: float = 30.0,
         max_attempts: int = 0,
         timeout_s: float = 120.0,
+        verify: Any = True,
     ) -> None:
         self.router_url = router_url.rstrip("/")
-        self._client = RouterClient(self.router_url, admin_token, timeout_s=timeout_s)
+        self._client = RouterClient(self.router_url, admin_token, timeout_s=timeout_s, verify=verify)
         self._path_map = path_map
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s

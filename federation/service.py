@@ -52,10 +52,12 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
 def router_publisher(settings: "ApplianceSettings") -> Any:
     """A RouterPublisher for the local router (`serve.port`), with the stored admin token."""
     from appliance.core.secrets import ensure_token
+    from appliance.core.tls import client_context
     from federation.publish import RouterPublisher
 
     token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
-    return RouterPublisher(f"http://127.0.0.1:{settings.serve.port}", token, max_attempts=0)  # retry until a newer round supersedes it
+    return RouterPublisher(f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}", token, max_attempts=0,
+                           verify=client_context(settings.tls_ca_file))  # retry until a newer round supersedes it
 
 
 async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
 from appliance.core.secrets import ensure_token
+from appliance.core.tls import check_server_files, client_context
 from serve.canary import CanaryChecker
 from serve.errors import RouterError
 from serve.forwarding import Forwarder
@@ -90,12 +91,14 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
                     public=not is_loopback(cfg.host))
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
+    worker_tls = client_context(settings.tls_ca_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        # Calls to workers over HTTPS verify their certificates (system store, or the private CA of tls_ca_file).
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60, ssl=worker_tls)
         own_session = registry.session is None
         if own_session:
             registry.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
@@ -148,20 +151,26 @@ def check_exposure(settings: ApplianceSettings) -> None:
 
 
 def run_router(settings: ApplianceSettings) -> None:
-    """Serve the router with uvicorn (uvloop and httptools when installed) until interrupted.
+    """Serve the router with uvicorn (uvloop and httptools when installed) until interrupted; over HTTPS when
+    `serve.tls_cert` and `serve.tls_key` are set.
 
     Raises:
-        ConfigError: the bind address needs API keys and none exist.
+        ConfigError: the bind address needs API keys and none exist, or the certificate or key cannot be used.
     """
     import uvicorn
 
+    cfg = settings.serve
     check_exposure(settings)
+    tls: dict[str, str] = {}
+    if cfg.tls_cert is not None:
+        check_server_files(cfg.tls_cert, cfg.tls_key)
+        tls = {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)}
     app = create_app(settings)
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
-    logger.info("router listening on http://%s:%d", settings.serve.host, settings.serve.port)
-    uvicorn.run(app, host=settings.serve.host, port=settings.serve.port, loop=loop, http=http,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    logger.info("router listening on %s://%s:%d", cfg.scheme, cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, loop=loop, http=http,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5, **tls)
 
 
 def _has(module: str) -> bool:

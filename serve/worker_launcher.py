@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 
@@ -214,11 +214,12 @@ def run_until_signal(worker: VLLMWorker, stop: threading.Event, poll_s: float = 
         worker.stop()
 
 
-def served_models(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> list[str]:
-    """Model ids listed by an OpenAI server's `/v1/models` ([] if it does not answer)."""
+def served_models(url: str, api_key: str | None = None, timeout_s: float = 5.0, verify: Any = True) -> list[str]:
+    """Model ids listed by an OpenAI server's `/v1/models` ([] if it does not answer; `verify`: TLS verification,
+    True or an `ssl.SSLContext`)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s)
+        resp = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s, verify=verify)
         return [m["id"] for m in resp.json().get("data", [])] if resp.status_code == 200 else []
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         return []

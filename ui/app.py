@@ -14,6 +14,7 @@ from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
 from appliance.core.secrets import same_secret
 from appliance.core.settings import ApplianceSettings
+from appliance.core.tls import check_server_files
 from ui.context import ConsoleContext
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def launch_console(settings: ApplianceSettings, *, host: str | None = None, port
     """Serve the console until interrupted.
 
     Raises:
-        ConfigError: the port is taken.
+        ConfigError: the port is taken, or the certificate or key (ui.tls_cert, ui.tls_key) cannot be used.
     """
     import gradio as gr
 
@@ -75,8 +76,13 @@ def launch_console(settings: ApplianceSettings, *, host: str | None = None, port
         users = {u: p.get_secret_value() for u, p in settings.ui.users.items()}
         kwargs["auth"] = make_auth(ctx.admin_token, users)
         kwargs["auth_message"] = "Log in as admin with the admin token (printed by `appliance up`), or a configured user."
+    if settings.ui.tls_cert is not None:
+        check_server_files(settings.ui.tls_cert, settings.ui.tls_key)
+        # ssl_verify only concerns Gradio's start-up probe of its own loopback URL, which a certificate made for the
+        # console's public name would not match; every peer the console calls is still verified (ConsoleContext).
+        kwargs.update(ssl_certfile=str(settings.ui.tls_cert), ssl_keyfile=str(settings.ui.tls_key), ssl_verify=False)
     demo.queue(default_concurrency_limit=16)
-    logger.info("console on http://%s:%d (login %s)", host, port, "required" if kwargs else "not required on loopback")
+    logger.info("console on %s://%s:%d (login %s)", settings.ui.scheme, host, port, "required" if "auth" in kwargs else "not required on loopback")
     try:
         demo.launch(server_name=host, server_port=port, show_error=True, quiet=True, theme=gr.themes.Soft(),
                     footer_links=[], ssr_mode=False, max_file_size=int(settings.ui.max_upload_mb * 2**20), **kwargs)

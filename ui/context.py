@@ -12,6 +12,7 @@ from appliance.core.adapter_registry import AdapterRegistry
 from appliance.core.errors import ApplianceError
 from appliance.core.secrets import ensure_token
 from appliance.core.settings import ApplianceSettings
+from appliance.core.tls import client_context
 from ui.services import RouterClient, ServiceClient, coordinator_client
 
 logger = logging.getLogger(__name__)
@@ -33,14 +34,15 @@ class ConsoleContext:
     def from_settings(cls, settings: ApplianceSettings) -> "ConsoleContext":
         """Resolve service URLs and tokens (the admin token from settings or `keys/admin_token`)."""
         ui = settings.ui
-        router_url = ui.router_url or f"http://127.0.0.1:{settings.serve.port}"
-        coordinator_url = ui.coordinator_url or f"http://127.0.0.1:{settings.federation.status_port}"
+        router_url = ui.router_url or f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}"
+        coordinator_url = ui.coordinator_url or f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"
+        verify = client_context(settings.tls_ca_file)
         admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
         api_key = settings.serve.api_keys[0].get_secret_value() if settings.serve.api_keys else None
         return cls(
             settings=settings,
-            router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s),
-            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s, admin_token),
+            router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s, verify),
+            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s, admin_token, verify),
             registry=AdapterRegistry(settings.adapters_dir),
             admin_token=admin_token,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,9 +25,10 @@ class RouterClient(AdminRouterClient):
     """The router: fleet and adapters through `/admin/*` (admin token, `appliance.core.router_client`), models and
     chat through `/v1/*` (API key)."""
 
-    def __init__(self, base_url: str, admin_token: str | None, api_key: str | None = None, timeout_s: float = 10.0):
-        super().__init__(base_url, admin_token, timeout_s=timeout_s)
-        self.api = ServiceClient("router", self.base_url, api_key, timeout_s, self.hint)
+    def __init__(self, base_url: str, admin_token: str | None, api_key: str | None = None, timeout_s: float = 10.0,
+                 verify: bool | ssl.SSLContext = True):
+        super().__init__(base_url, admin_token, timeout_s=timeout_s, verify=verify)
+        self.api = ServiceClient("router", self.base_url, api_key, timeout_s, self.hint, verify)
 
     def models(self) -> list[str]:
         """Model and adapter names the router answers to (`GET /v1/models`)."""
@@ -42,7 +44,8 @@ class RouterClient(AdminRouterClient):
         body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, "stream": True}
         url = f"{self.base_url}/v1/chat/completions"
         try:
-            with httpx.stream("POST", url, json=body, headers=self.api.headers(), timeout=httpx.Timeout(600.0, connect=5.0)) as resp:
+            with httpx.stream("POST", url, json=body, headers=self.api.headers(), timeout=httpx.Timeout(600.0, connect=5.0),
+                              verify=self.verify) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     raise ServiceUnavailable(f"The router answered HTTP {resp.status_code}: {error_text(resp)}", resp.status_code)
@@ -104,9 +107,10 @@ def summarize_metrics(text: str) -> dict[str, float]:
     return sums
 
 
-def coordinator_client(base_url: str, timeout_s: float = 10.0, admin_token: str | None = None) -> ServiceClient:
+def coordinator_client(base_url: str, timeout_s: float = 10.0, admin_token: str | None = None,
+                       verify: bool | ssl.SSLContext = True) -> ServiceClient:
     """A client for the coordinator's HTTP status (`GET /status`; the admin token is needed beyond loopback)."""
     return ServiceClient(
         "federation coordinator", base_url, admin_token, timeout_s,
-        "Start one with `appliance coordinator start` (or `appliance up`), or run the demo from this tab.",
+        "Start one with `appliance coordinator start` (or `appliance up`), or run the demo from this tab.", verify,
     )

@@ -16,10 +16,12 @@ adapters_app = typer.Typer(help="Publish registry adapters on the router's worke
 
 def _admin(ctx: typer.Context, router: Optional[str]):
     from appliance.core.router_client import RouterClient, router_url
+    from appliance.core.tls import client_context
 
     settings = settings_from(ctx)
     token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
-    return settings, RouterClient(router or router_url(settings.serve.host, settings.serve.port), token)
+    url = router or router_url(settings.serve.host, settings.serve.port, settings.serve.scheme)
+    return settings, RouterClient(url, token, verify=client_context(settings.tls_ca_file))
 
 
 _ROUTER = typer.Option(None, "--router", help="Router URL (default: from settings, http://127.0.0.1:8000).")
@@ -38,7 +40,7 @@ def serve(
     with cli_errors():
         settings = settings_from(ctx, {"serve": {"host": host, "port": port, "policy": policy}})
         check_exposure(settings)
-        console.print(f"router on http://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops it)", highlight=False)
+        console.print(f"router on {settings.serve.scheme}://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops it)", highlight=False)
         run_router(settings)
 
 

@@ -21,7 +21,7 @@ def ui(
         settings = settings_from(ctx, {"ui": {"host": host, "port": port, "router_url": router_url, "coordinator_url": coordinator_url}})
         from ui import launch_console
 
-        console.print(f"console on http://{settings.ui.host}:{settings.ui.port}", highlight=False)
+        console.print(f"console on {settings.ui.scheme}://{settings.ui.host}:{settings.ui.port}", highlight=False)
         launch_console(settings)
 
 

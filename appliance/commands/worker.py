@@ -104,6 +104,7 @@ def join(
     A worker started here gets a fresh API key, which the router receives over the join call.
     """
     from appliance.core.router_client import RouterClient
+    from appliance.core.tls import client_context
     from serve.worker_launcher import RouterRegistration, run_until_signal, served_models
 
     with cli_errors():
@@ -117,11 +118,12 @@ def join(
             if stop.is_set():
                 raise typer.Exit(code=0)
         worker_url = advertise or url or worker.url
-        models = served_models(url, api_key) if url else [worker.model]
+        verify = client_context(settings.tls_ca_file)  # an https router's or worker's certificate is verified
+        models = served_models(url, api_key, verify=verify) if url else [worker.model]
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
             raise typer.Exit(code=1)
-        membership = RouterRegistration(RouterClient(router), token, worker_url, region, models, api_key=api_key)
+        membership = RouterRegistration(RouterClient(router, verify=verify), token, worker_url, region, models, api_key=api_key)
         try:
             worker_id = membership.register()
             console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)

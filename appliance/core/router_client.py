@@ -12,6 +12,7 @@ alias `NAME-latest` (`latest_alias`). The router moves an alias atomically to th
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,8 @@ class ServiceClient:
         token: Bearer token sent with every call, or None.
         timeout_s: Timeout of one call.
         hint: What to run when it is down.
-        verify: TLS verification: True, False, or the path of a CA bundle.
+        verify: TLS verification of an https service: True (the system's trust store) or an `ssl.SSLContext`
+            (`appliance.core.tls.client_context(settings.tls_ca_file)` for a private CA).
     """
 
     name: str
@@ -56,7 +58,7 @@ class ServiceClient:
     token: str | None = None
     timeout_s: float = 10.0
     hint: str = ""
-    verify: bool | str = True
+    verify: bool | ssl.SSLContext = True
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         """The Authorization header for `token` (default: the client's own), or none."""
@@ -115,7 +117,7 @@ def latest_alias(name: str) -> str:
 class RouterClient(ServiceClient):
     """The router's admin API (`/admin/*`, admin token by default; the join and worker calls pass their own)."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 30.0, verify: bool | str = True):
+    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 30.0, verify: bool | ssl.SSLContext = True):
         super().__init__("router", base_url.rstrip("/"), token, timeout_s, ROUTER_HINT, verify)
 
     # -- workers --

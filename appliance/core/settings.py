@@ -58,6 +58,7 @@ class ApplianceSettings(BaseSettings):
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses placeholder secrets.")
     model: str = Field(DEFAULT_MODEL, description="Base model name in the model store.")
     log_level: str = Field("INFO", description="Python logging level.")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle trusted instead of the system's when this appliance calls its services over HTTPS (private CAs).")
     train: TrainSettings = Field(default_factory=TrainSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)

@@ -100,7 +100,8 @@ class RunningRouter:
 
 @pytest.fixture
 async def router_factory(tmp_path):
-    """An async function `(workers=[FakeProcess|url...], **serve_overrides) -> RunningRouter`; all are stopped after."""
+    """An async function `(workers=[FakeProcess|url...], *, home, tls_ca_file, **serve_overrides) -> RunningRouter`;
+    all are stopped after."""
     import asyncio
 
     import uvicorn
@@ -110,10 +111,11 @@ async def router_factory(tmp_path):
 
     servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
 
-    async def make(workers=(), *, home=None, **serve_overrides) -> RunningRouter:
+    async def make(workers=(), *, home=None, tls_ca_file=None, **serve_overrides) -> RunningRouter:
         specs = [{"url": w if isinstance(w, str) else w.url, "region": "local"} if not isinstance(w, dict) else w for w in workers]
         overrides = {"workers": specs, "health_interval_s": 0.5, "retry_backoff_s": 0.01, **serve_overrides}
-        settings = make_settings(home or tmp_path / f"home{len(servers)}", serve=overrides)
+        top = {"tls_ca_file": str(tls_ca_file)} if tls_ca_file else {}
+        settings = make_settings(home or tmp_path / f"home{len(servers)}", serve=overrides, **top)
         app = create_app(settings)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,8 +44,9 @@ class Console:
 
 
 def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: dict[str, str] | None = None,
-                  host: str = "127.0.0.1") -> Console:
-    """`appliance ui` as a real process on HOST:<free port>; waits until it answers."""
+                  host: str = "127.0.0.1", scheme: str = "http", verify: Any = True) -> Console:
+    """`appliance ui` as a real process on HOST:<free port>; waits until it answers (over `scheme`, checking its
+    certificate with `verify`)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "console.log"
@@ -54,13 +56,13 @@ def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: 
            "--router-url", router_url, "--coordinator-url", coordinator_url]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{host}:{port}"
+    url = f"{scheme}://{host}:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"console exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2, verify=verify).status_code == 200:
                 return Console(url, home, proc, log)
         except httpx.HTTPError:
             pass

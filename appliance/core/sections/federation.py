@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from appliance.core.sections.base import Section
+from appliance.core.sections.tls import ServesTLS
 
 # The names `federation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
 # (tests/appliance/test_settings.py keeps the two equal).
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum", "flexlora", "ffa")
 
 
-class FederationSettings(Section):
+class FederationSettings(ServesTLS):
     """Coordinator and silo defaults; `appliance coordinator start` / `appliance silo join` flags override them."""
 
     bind_host: str = Field("127.0.0.1", description="Interface the coordinator's ZeroMQ ROUTER binds to.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 
 from appliance.core.sections.base import Section
+from appliance.core.sections.tls import ServesTLS
 
 
 class WorkerSpec(Section):
@@ -34,7 +35,7 @@ class WorkerSettings(Section):
     extra_args: list[str] = Field(default_factory=list, description="Extra arguments passed to vLLM's api_server.")
 
 
-class ServeSettings(Section):
+class ServeSettings(ServesTLS):
     """The router: where it listens, who may call it, and how it picks workers."""
 
     host: str = Field("127.0.0.1", description="Router bind address; beyond 127.0.0.1 API keys are required.")

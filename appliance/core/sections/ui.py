@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from appliance.core.sections.base import Section
+from appliance.core.sections.tls import ServesTLS
 
 
-class UISettings(Section):
+class UISettings(ServesTLS):
     """Where the console listens, how it logs people in, and where it finds the services it fronts."""
 
     host: str = Field("127.0.0.1", description="Console bind address; beyond 127.0.0.1 a login is required.")

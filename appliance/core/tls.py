@@ -1,0 +1,59 @@
+"""TLS for the appliance's HTTP services and their clients.
+
+Servers (router, console, coordinator status) serve HTTPS when their section has `tls_cert` and `tls_key`
+(`appliance.core.sections.tls.ServesTLS`). Clients (the router calling workers, `appliance worker join`, the CLI, the
+console and the federation's publisher calling the router) always verify certificates: against the system's trust
+store, or against `tls_ca_file` (settings, top level) for a private CA. Nothing here turns verification off.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from appliance.core.errors import ConfigError
+
+
+def client_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
+    """A client context that verifies the peer's certificate and host name: against `ca_file` if given, else the
+    system's trust store.
+
+    Raises:
+        ConfigError: `ca_file` does not exist or holds no usable certificate.
+    """
+    if ca_file is None:
+        return ssl.create_default_context()
+    path = Path(ca_file)
+    if not path.is_file():
+        raise ConfigError(f"tls_ca_file {path} does not exist; point it at the PEM file of the CA that signed the services' certificates")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls_ca_file {path} holds no usable CA certificate ({exc})") from exc
+
+
+def server_context(cert: Path | str, key: Path | str) -> ssl.SSLContext:
+    """A server context for `cert` (PEM, with its chain) and its private `key`.
+
+    Raises:
+        ConfigError: a file is missing, or the key does not match the certificate.
+    """
+    check_server_files(cert, key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def check_server_files(cert: Path | str, key: Path | str) -> None:
+    """Refuse before starting when the certificate or key cannot be used.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, or the key does not match the certificate.
+    """
+    for label, path in (("tls_cert", cert), ("tls_key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{label} {path} does not exist")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot serve HTTPS with tls_cert {cert} and tls_key {key}: {exc}") from exc
