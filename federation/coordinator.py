@@ -37,8 +37,6 @@ from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, MsgType, S
 from federation.transport import Incoming, ServerTransport
 
 if TYPE_CHECKING:
-    import torch
-
     from appliance.core.settings import ApplianceSettings
     from federation.strategies import Strategy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import pytest
 import torch
@@ -86,18 +86,21 @@ def write_exporter(state, out_dir: Path) -> None:
 @asynccontextmanager
 async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = None, initial: dict | None = None,
                      exporter: Any = False, on_publish: list | None = None, curve: tuple | None = None,
-                     silo_cls: type | None = None, silo_kw: dict | None = None,
+                     silo_cls: Callable[[Any, Any], Any] | None = None, silo_kw: dict | None = None,
                      **fed: Any) -> AsyncIterator[tuple[Any, list[Any]]]:
     """A started coordinator with one started silo per trainer on loopback; everything is stopped on exit.
 
     Plaintext with silos `s0, s1, ...` under `home`, or CURVE with `curve=curve_homes` (silos named as enrolled).
-    `strategy` defaults to `build_strategy(settings)`, `initial` to `initial_state()`. Yields `(coordinator, silos)`.
+    `strategy` (an object, or a name for the settings) defaults to `build_strategy(settings)`, `initial` to `initial_state()`; `silo_cls(settings, trainer)` makes
+    each silo (default `SiloClient`). Yields `(coordinator, silos)`.
     """
     from federation.coordinator import Coordinator
     from federation.service import build_strategy
     from federation.silo import SiloClient
 
     silo_cls = silo_cls or SiloClient
+    if isinstance(strategy, str):  # a name: it goes into the settings, and build_strategy builds it
+        fed["strategy"], strategy = strategy, None
     if curve is not None:
         coord_home, coord_keys, silo_homes = curve
         settings = fed_settings(coord_home, **fed)

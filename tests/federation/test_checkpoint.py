@@ -8,7 +8,7 @@ import torch
 
 from appliance.core.adapter_registry import AdapterRegistry
 from federation.checkpoint import Checkpoint, load_latest, round_dir, save_checkpoint
-from tests.federation.conftest import FakeTrainer, federation, initial_state, write_exporter
+from tests.federation.conftest import FakeTrainer, federation, write_exporter
 
 
 def _ckpt(round_id: int) -> Checkpoint:

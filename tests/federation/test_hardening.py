@@ -262,17 +262,18 @@ async def test_a_refused_key_is_reported_within_seconds(curve_homes, tmp_path):
     # Arrange: a silo with a key nobody enrolled, which even claims an enrolled name
     stranger_home = tmp_path / "stranger"
     stranger_key = ensure_keypair(make_settings(stranger_home).keys_dir, "silo").public
-    async with federation(None, [], curve=curve_homes, rounds=1, min_silos=3) as (coord, _):
-        stranger = SiloClient(silo_settings(stranger_home, coord.address, "alpha", curve_homes[1].public), FakeTrainer(9))
+    async with federation(None, [FakeTrainer(0)], curve=curve_homes, rounds=1, min_silos=3) as (coord, members):
+        stranger = SiloClient(silo_settings(stranger_home, coord.address, "beta", curve_homes[1].public), FakeTrainer(9))
         await stranger.start()
         try:
             # Act / Assert: the handshake's refusal reaches the silo, which says which key and what to run
             await asyncio.wait_for(stranger.finished.wait(), 10)
+            await asyncio.wait_for(members[0].welcomed.wait(), 10)
         finally:
             await stranger.stop(say_bye=False)
-        assert [s["id"] for s in coord.status()["silos"]] == []
+        assert [s["id"] for s in coord.status()["silos"]] == ["alpha"]  # the stranger never became "beta"
     assert not stranger.welcomed.is_set()
-    assert stranger_key in stranger.refused and f"appliance federation enroll alpha {stranger_key}" in stranger.refused
+    assert stranger_key in stranger.refused and f"appliance federation enroll beta {stranger_key}" in stranger.refused
 
 
 async def test_silo_join_with_a_refused_key_exits_non_zero(curve_homes, tmp_path):

@@ -14,7 +14,7 @@ from federation.coordinator import Coordinator
 from federation.service import build_strategy
 from federation.silo import SiloClient
 from federation.strategies import make_strategy
-from tests.federation.conftest import FakeTrainer, fed_settings, initial_state, silo_settings, wait_for
+from tests.federation.conftest import FakeTrainer, fed_settings, federation, initial_state, wait_for
 
 EXAMPLES = (10, 20, 40)
 
@@ -60,30 +60,21 @@ def _fedavg(start, deltas, examples):
 
 
 async def _secure_round(tmp_path, drop: dict[int, str] | None = None, **fed):
-    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=2, secure_aggregation=True,
-                            silo_timeout_s=1.0, max_silo_share=1.0, **fed)
     start = initial_state()
-    coord = Coordinator(settings, build_strategy(settings.federation), initial_state=start, exporter=False)
-    address = await coord.start()
     gate = threading.Event()
     trainers = [GatedTrainer(i, gate, examples=n) for i, n in enumerate(EXAMPLES)]
-    silos = []
-    for i, t in enumerate(trainers):
-        s_settings = silo_settings(tmp_path / f"s{i}", address, f"s{i}", plaintext=True, heartbeat_interval_s=0.2)
-        kind = (drop or {}).get(i)
-        silos.append(DroppingSilo(s_settings, t, drop_at=kind) if kind else SiloClient(s_settings, t))
-    try:
-        for s in silos:
-            await s.start()
+
+    def make_silo(settings, trainer):
+        kind = (drop or {}).get(trainers.index(trainer))
+        return DroppingSilo(settings, trainer, drop_at=kind) if kind else SiloClient(settings, trainer)
+
+    async with federation(tmp_path, trainers, initial=start, silo_cls=make_silo, rounds=1, min_silos=2,
+                          secure_aggregation=True, silo_timeout_s=1.0, max_silo_share=1.0, **fed) as (coord, silos):
         # No silo finishes training before all three are online: a silo that connects after the round started is
         # picked up while the round still collects keys, so all three take part.
         await wait_for(lambda: len(coord.online()) == 3)
         gate.set()
         await coord.wait_done(25)
-    finally:
-        for s in silos:
-            await s.stop(say_bye=False)
-        await coord.stop()
     return coord, silos, trainers, start
 
 
@@ -145,21 +136,11 @@ def test_secure_aggregation_refuses_strategies_that_need_individual_updates(tmp_
 
 
 async def test_secure_rounds_over_curve_with_enrolled_names_and_a_server_optimiser(curve_homes):
-    # Silos are known by their enrolled names (ZAP user ids), which the secure round must use for its roster.
-    coord_home, coord_keys, silo_homes = curve_homes
-    settings = fed_settings(coord_home, rounds=2, min_silos=3, secure_aggregation=True, strategy="fedadam")
-    coord = Coordinator(settings, build_strategy(settings.federation), initial_state=initial_state(), exporter=False)
-    address = await coord.start()
-    silos = [SiloClient(silo_settings(h, address, name, coord_keys.public), FakeTrainer(i))
-             for i, (name, h) in enumerate(silo_homes.items())]
-    try:
-        for s in silos:
-            await s.start()
+    # Silos are known by their enrolled names (ZAP), which the secure round must use for its roster.
+    trainers = [FakeTrainer(i) for i in range(3)]
+    async with federation(None, trainers, curve=curve_homes, rounds=2, min_silos=3, secure_aggregation=True,
+                          strategy="fedadam") as (coord, silos):
         await coord.wait_done(25)
-    finally:
-        for s in silos:
-            await s.stop()
-        await coord.stop()
     assert coord.phase == "done"
     assert [r["participants"] for r in coord.history] == [["alpha", "beta", "gamma"]] * 2
     assert all(r["secure_aggregation"] and r["bytes_in"] > 0 for r in coord.history)
