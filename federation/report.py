@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import ApplianceError
 
 
-def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None) -> dict[str, Any]:
-    """GET the coordinator's `/status` (with the admin token, which it needs when bound beyond loopback).
+def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_file: Path | str | None = None) -> dict[str, Any]:
+    """GET the coordinator's `/status` (with the admin token, which it needs when bound beyond loopback); an HTTPS
+    URL's certificate is verified (against `ca_file` for a private CA).
 
     Raises:
         ApplianceError: the coordinator is unreachable or answered an error.
     """
     import httpx
 
+    from appliance.core.tls import client_context
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = httpx.get(url, timeout=timeout_s, headers=headers)
+        resp = httpx.get(url, timeout=timeout_s, headers=headers, verify=client_context(ca_file))
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         raise ApplianceError(f"coordinator status at {url} unavailable: {exc}") from exc

@@ -247,6 +247,12 @@ async def test_status_needs_the_admin_token_beyond_loopback(tmp_path):
             wrong = await client.get(coord.status_url, headers={"Authorization": "Bearer nope"})
             admin = await client.get(coord.status_url, headers={"Authorization": f"Bearer {token}"})
             health = await client.get(coord.status_url.replace("/status", "/health"))
+        # the CLI sends the stored admin token (in a thread: this loop serves the coordinator)
+        from appliance.cli import app
+
+        home = coord.settings.home
+        shown = await asyncio.to_thread(CliRunner().invoke, app, ["--home", str(home), "federation", "status", "--url", coord.status_url])
+    assert shown.exit_code == 0 and "run testrun" in shown.output
     assert anonymous.status_code == 401 and wrong.status_code == 401 and "admin token" in anonymous.text
     assert admin.status_code == 200 and admin.json()["run"] == "testrun"
     assert health.status_code == 200
