@@ -1,4 +1,4 @@
-"""Cross-silo federated LoRA: protocol, transport, coordinator, silo agent, strategies, privacy (see DESIGN.md).
+"""Cross-silo federated LoRA: protocol, transport, coordinator, silo, strategies, privacy (see docs/CONTRACTS.md).
 
 The public surface, imported lazily so `import federation` stays cheap (no torch, no zmq):
 
