@@ -387,8 +387,8 @@ def _router_child(settings: Any, model: str, run: list[str], env: dict[str, str]
              for port in range(w.base_port, w.base_port + w.count)]
     return ChildSpec(
         name="router", argv=[*run, "serve", "--host", s.host, "--port", str(s.port)],
-        health_url=f"http://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host,
-        url=f"http://{connectable_host(s.host)}:{s.port}/v1",
+        health_url=f"{s.scheme}://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host,
+        url=f"{s.scheme}://{connectable_host(s.host)}:{s.port}/v1",
         depends_on=depends_on, env={**env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
     )
 
@@ -397,9 +397,9 @@ def _coordinator_child(settings: Any, run: list[str], env: dict[str, str]) -> Ch
     """`coordinator`: `appliance coordinator start` (optional: a failed start is retried with backoff)."""
     f = settings.federation
     return ChildSpec(
-        name="coordinator", argv=[*run, "coordinator", "start"], health_url=f"http://127.0.0.1:{f.status_port}/health",
+        name="coordinator", argv=[*run, "coordinator", "start"], health_url=f"{f.scheme}://127.0.0.1:{f.status_port}/health",
         ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
-        url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status http://127.0.0.1:{f.status_port}/status)", env=env,
+        url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status {f.scheme}://127.0.0.1:{f.status_port}/status)", env=env,
         optional=True,
     )
 
@@ -408,11 +408,12 @@ def _console_child(settings: Any, run: list[str], env: dict[str, str], *, with_c
                    depends_on: tuple[str, ...]) -> ChildSpec:
     """`console`: `appliance ui`, pointed at the local router (and coordinator, when `up` runs one)."""
     u = settings.ui
-    argv = [*run, "ui", "--host", u.host, "--port", str(u.port), "--router-url", f"http://127.0.0.1:{settings.serve.port}"]
+    argv = [*run, "ui", "--host", u.host, "--port", str(u.port),
+            "--router-url", f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}"]
     if with_coordinator:
-        argv += ["--coordinator-url", f"http://127.0.0.1:{settings.federation.status_port}"]
+        argv += ["--coordinator-url", f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"]
     return ChildSpec(
-        name="console", argv=argv, health_url=f"http://127.0.0.1:{u.port}/", ports=(u.port,), host=u.host,
-        url=f"http://{connectable_host(u.host)}:{u.port}", depends_on=depends_on, ready_timeout_s=120.0, env=env,
+        name="console", argv=argv, health_url=f"{u.scheme}://127.0.0.1:{u.port}/", ports=(u.port,), host=u.host,
+        url=f"{u.scheme}://{connectable_host(u.host)}:{u.port}", depends_on=depends_on, ready_timeout_s=120.0, env=env,
         optional=True,
     )

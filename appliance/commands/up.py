@@ -48,7 +48,7 @@ def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_
     chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)
     if any(c.name == "router" for c in children):
         lines += ["Another machine's GPU worker joins with:",
-                  f"  appliance worker join --router http://<this-host>:{settings.serve.port} --token-file join_token --region REGION",
+                  f"  appliance worker join --router {settings.serve.scheme}://<this-host>:{settings.serve.port} --token-file join_token --region REGION",
                   f"  (join_token: a copy of {settings.keys_dir / 'join_token'}, mode 0600; or set APPLIANCE_JOIN_TOKEN)", ""]
     if chat:
         auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if settings.serve.api_keys else ""
