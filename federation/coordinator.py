@@ -77,6 +77,7 @@ class RoundState:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
     sent: dict[str, StateDict] = field(default_factory=dict)  # silo -> the adapter it was sent, when not the global one
+    shares: dict[str, float] = field(default_factory=dict)  # silo -> its (capped) share of the aggregate
 
     async def wait_for_change(self, max_wait_s: float = 0.25) -> None:
         """Sleep until something about the round changes (an answer, a silo leaving), the deadline, or `max_wait_s`."""
@@ -347,6 +348,7 @@ class Coordinator:
             # The secure mean once per survivor: the weighted mean is the secure mean, and the accumulator's count is
             # that of the plain path.
             rs.acc.add(sid, mean, 1.0)
+            rs.shares[sid] = rs.secure.weights[sid]
             rs.answered[sid] = info
             self.silos[sid].rounds += 1
             self.silos[sid].examples += info["num_examples"]
@@ -430,7 +432,7 @@ class Coordinator:
 
     def _accumulate(self, rs: RoundState) -> None:
         """Add the round's checked updates to the strategy's accumulator with their capped shares."""
-        shares = self._shares({sid: rs.answered[sid]["num_examples"] for sid in rs.updates})
+        shares = rs.shares = self._shares({sid: rs.answered[sid]["num_examples"] for sid in rs.updates})
         for sid in sorted(rs.updates):
             try:
                 rs.acc.add(sid, rs.updates[sid], shares[sid])
@@ -603,7 +605,8 @@ class Coordinator:
                 "rejected": rs.rejected, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out, "duration_s": duration,
                 "train_s_max": train_s, "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
                 "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.strategy.name, "adapter": None, "time": time.time(),
-                "secure_aggregation": rs.secure is not None}
+                "secure_aggregation": rs.secure is not None,
+                "shares": {s: round(rs.shares[s], 6) for s in sorted(rs.answered) if s in rs.shares}}
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)

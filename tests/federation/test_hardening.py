@@ -45,6 +45,7 @@ async def test_a_silo_cannot_outweigh_its_share_of_a_round(tmp_path):
         await coord.wait_done(20)
     # Assert: s2 gets exactly the cap (1/2), the honest two share the rest equally
     assert coord.phase == "done" and coord.history[-1]["participants"] == ["s0", "s1", "s2"]
+    assert coord.history[-1]["shares"] == {"s0": 0.25, "s1": 0.25, "s2": 0.5}
     expected = _weighted(init, trainers, [0.25, 0.25, 0.5])
     for k in init:
         torch.testing.assert_close(coord.global_state[k], expected[k], rtol=1e-5, atol=1e-6)
