@@ -47,3 +47,14 @@ async def test_a_bounded_body_with_the_token_still_works_and_bad_ones_are_400(fa
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
         r = await c.post("/admin/adapters", json={"name": "a"})
         assert r.status_code == 400 and "path" in r.json()["error"]["message"]
+
+
+def test_no_admin_route_takes_a_body_that_fastapi_would_parse_before_the_token(tmp_path):
+    from fastapi.routing import APIRoute
+
+    from serve import create_app
+    from tests.factories import make_settings
+
+    app = create_app(make_settings(tmp_path))
+    admin = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/admin")]
+    assert admin and all(r.body_field is None for r in admin), [r.path for r in admin if r.body_field is not None]
