@@ -342,8 +342,8 @@ class Forwarder:
         import aiohttp
 
         model = ctx.model
-        worker.outstanding += 1
-        held = True  # this call still counts in worker.outstanding (the relay takes it over for a stream)
+        worker.begin(model)
+        held = True  # this call still counts in the worker's in-flight requests (the relay takes it over for a stream)
         sent = time.perf_counter()
         try:
             try:
@@ -371,7 +371,7 @@ class Forwarder:
                     raise
                 ctx.watch.disarm()
                 resp.release()
-                worker.outstanding -= 1
+                worker.end(model)
                 held = False
                 now = time.perf_counter()
                 worker.observe_ttft((now - sent) * 1000)
@@ -392,7 +392,7 @@ class Forwarder:
             await self._relay(ctx, resp, worker, sent)
         finally:
             if held:
-                worker.outstanding -= 1
+                worker.end(model)
 
     async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float) -> None:
         """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it.
@@ -446,7 +446,7 @@ class Forwarder:
                 resp.release()
             else:
                 resp.close()  # closes the upstream connection: the worker aborts the generation
-            worker.outstanding -= 1
+            worker.end(ctx.model)
             if metered:
                 self._settle(ctx, used)  # no usage seen (a broken stream): the budget charged stays charged
             if status == 499:

@@ -4,7 +4,12 @@ Publishing an adapter (`POST /admin/adapters`) loads it on `adapter_replicas` wo
 `/v1/load_lora_adapter`. A request for a published adapter that no healthy worker holds loads it on the best
 worker first (load on demand). When the workers holding an adapter are all at capacity it is loaded on one more,
 up to `max_adapter_replicas`. Each worker keeps at most `max_adapters_per_worker` adapters: loading one more
-unloads the least recently used. Aliases map other names onto an adapter.
+unloads the least recently used one that has no request in flight. Aliases map other names onto an adapter.
+
+Publishing a new version with an alias moves the alias to it in one step, once the new version is loaded (so a
+request for the alias never meets a version that is not ready): `NAME-latest` always names the newest version
+published. The old version keeps answering under its own name until it is unpublished or unloaded as least recently
+used. An adapter is never unloaded while requests are in flight on it: unpublishing waits for them to finish.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ if TYPE_CHECKING:
     from serve.registry import Worker, WorkerRegistry
 
 logger = logging.getLogger(__name__)
+
+
+class NoRoom(UpstreamError):
+    """A worker cannot load another adapter now: every resident one has requests in flight (try another worker)."""
 
 
 @dataclass
@@ -53,6 +62,7 @@ class AdapterPlacement:
         self.aliases: dict[str, str] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._spreading: set[str] = set()
+        self._retiring: set[asyncio.Task] = set()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -75,18 +85,23 @@ class AdapterPlacement:
 
     # -- publish / unpublish --
     async def publish(self, name: str, path: str, aliases: list[str], base_model: str | None = None) -> list[str]:
-        """Record `name` and load it on up to `adapter_replicas` of the best workers; returns their ids.
+        """Record `name`, load it on up to `adapter_replicas` of the best workers, then move `aliases` to it.
+
+        Returns:
+            The ids of the workers holding it.
 
         Raises:
-            RouterError: an alias is taken by another adapter (409), or every worker refused the adapter (400/502).
+            RouterError: an alias is the name of a published adapter, or `name` is an alias (409); every worker
+                refused the adapter (400/502), in which case the aliases stay where they were.
         """
         for alias in aliases:
-            if self.aliases.get(alias, name) != name or (alias in self.published and alias != name):
-                raise RouterError(409, f"alias {alias!r} already names adapter {self.aliases.get(alias, alias)!r}; unpublish it first")
-        adapter = PublishedAdapter(name, path, list(aliases), base_model)
+            if alias in self.published and alias != name:
+                raise RouterError(409, f"alias {alias!r} is the name of a published adapter; choose another alias", param="aliases")
+        if name in self.aliases:
+            raise RouterError(409, f"{name!r} is an alias of adapter {self.aliases[name]!r}; publish under another name", param="name")
+        old = self.published.get(name)  # published again (a new path): it keeps its aliases
+        adapter = PublishedAdapter(name, path, list(old.aliases) if old else [], base_model)
         self.published[name] = adapter
-        for alias in aliases:
-            self.aliases[alias] = name
         loaded = [w.id for w in self.holders(name) if w.healthy]
         errors: list[str] = []
         for worker in self._ranked(adapter):
@@ -97,22 +112,50 @@ class AdapterPlacement:
             try:
                 await self.ensure_on(worker, adapter)
                 loaded.append(worker.id)
+            except NoRoom as exc:  # busy, not broken: the adapter loads there (or elsewhere) on demand
+                logger.info("adapter %s not loaded on %s now: %s", name, worker.id, exc.reason)
             except (UpstreamError, RouterError) as exc:
                 errors.append(str(exc))
         if not loaded and errors:
             await self.unpublish(name)
             raise RouterError(502, f"no worker could load adapter {name!r}: {'; '.join(errors)}")
+        self._move_aliases(adapter, aliases)
         logger.info("adapter %s published on %s", name, ", ".join(loaded) or "no worker yet (loads on demand)")
         return loaded
 
+    def _move_aliases(self, adapter: PublishedAdapter, aliases: list[str]) -> None:
+        """Point every alias at `adapter` (no await in here: a request sees the old target or the new one)."""
+        for alias in aliases:
+            previous = self.published.get(self.aliases.get(alias, ""))
+            if previous is not None and previous is not adapter:
+                previous.aliases.remove(alias)
+                logger.info("alias %s moves from %s to %s", alias, previous.name, adapter.name)
+            self.aliases[alias] = adapter.name
+            if alias not in adapter.aliases:
+                adapter.aliases.append(alias)
+
     async def unpublish(self, name: str) -> bool:
-        """Unload `name` everywhere and forget it and its aliases. Returns False if it was not published."""
+        """Forget `name` and its aliases (no new request reaches it), and unload it everywhere: at once where it is
+        idle, after its requests in flight finish elsewhere. Returns False if it was not published."""
         adapter = self.published.pop(name, None)
         for alias in [a for a, n in self.aliases.items() if n == name]:
             del self.aliases[alias]
         for worker in self.holders(name):
-            await self._unload(worker, name)
+            if worker.busy_with(name):
+                task = asyncio.create_task(self._unload_when_idle(worker, name))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            else:
+                await self._unload(worker, name)
         return adapter is not None
+
+    async def _unload_when_idle(self, worker: Worker, name: str) -> None:
+        """Unload `name` from `worker` once its requests there are done (unless it was published again meanwhile)."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while worker.busy_with(name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if name not in self.published:
+            await self._unload(worker, name)
 
     def describe(self) -> list[dict[str, Any]]:
         """All published adapters with the workers holding them."""
@@ -136,8 +179,12 @@ class AdapterPlacement:
             if adapter.name in worker.adapters:
                 return
             while len(worker.adapters) >= self.cfg.max_adapters_per_worker:
-                victim = min(worker.adapters, key=lambda a: worker.adapter_used.get(a, 0.0))
-                await self._unload(worker, victim)
+                idle = [a for a in worker.adapters if not worker.busy_with(a)]
+                if not idle:  # every resident adapter is answering someone: this worker cannot take another now
+                    raise NoRoom(worker.id, f"all {len(worker.adapters)} adapters loaded there have requests in flight")
+                victim = min(idle, key=lambda a: worker.adapter_used.get(a, 0.0))
+                if not await self._unload(worker, victim):
+                    raise UpstreamError(worker.id, f"could not unload adapter {victim!r} to make room")
             await self._load(worker, adapter)
 
     def note_hot(self, name: str) -> None:
@@ -175,18 +222,20 @@ class AdapterPlacement:
             raise UpstreamError(worker.id, f"load_lora_adapter answered {status}: {text[:300]}")
         raise RouterError(400, f"worker {worker.id} refused adapter {adapter.name!r} ({status}): {text[:300]}")
 
-    async def _unload(self, worker: Worker, name: str) -> None:
+    async def _unload(self, worker: Worker, name: str) -> bool:
+        """Unload `name` from `worker`; returns whether it is gone (a failure is logged)."""
         try:
             status, text = await self._post(worker, "/v1/unload_lora_adapter", {"lora_name": name})
         except UpstreamError as exc:
             logger.warning("unload of %s from %s failed: %s", name, worker.id, exc)
-            return
+            return False
         if status not in (200, 404):
             logger.warning("unload of %s from %s answered %s: %s", name, worker.id, status, text[:200])
-            return
+            return False
         worker.adapters.discard(name)
         worker.adapter_used.pop(name, None)
         logger.info("adapter %s unloaded from %s", name, worker.id)
+        return True
 
     async def _post(self, worker: Worker, path: str, payload: dict[str, Any]) -> tuple[int, str]:
         import aiohttp

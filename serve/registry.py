@@ -60,6 +60,7 @@ class Worker:
     last_ok: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
     adapter_used: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time of its last request
+    inflight: dict[str, int] = field(default_factory=dict)  # model or adapter -> requests in flight on it
     declared_models: tuple[str, ...] = ()
     secret_hash: str | None = None  # a joined worker's own secret (heartbeat, drain, leave), hashed
     headers: dict[str, str] = field(default_factory=lambda: upstream_headers(None))  # sent with every call to it
@@ -79,6 +80,20 @@ class Worker:
         """The snapshot the policy sees."""
         return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy and self.routable,
                          self.draining, resident)
+
+    def begin(self, model: str) -> None:
+        """A request for `model` starts on this worker (an adapter with requests in flight is never unloaded)."""
+        self.outstanding += 1
+        self.inflight[model] = self.inflight.get(model, 0) + 1
+
+    def end(self, model: str) -> None:
+        """A request for `model` is over on this worker."""
+        self.outstanding -= 1
+        self.inflight[model] -= 1
+
+    def busy_with(self, model: str) -> bool:
+        """Whether requests for `model` are in flight here."""
+        return self.inflight.get(model, 0) > 0
 
     def observe_ttft(self, ms: float) -> None:
         """Fold one time-to-first-byte measurement into the EWMA."""

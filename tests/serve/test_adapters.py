@@ -107,3 +107,68 @@ async def test_hot_adapter_spreads_to_another_worker(fake_factory, router_factor
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f"hot adapter not spread: {_loads(a)} {_loads(b)}")
+
+
+def _paths(fake, path: str) -> list[str]:
+    return [r["model"] for r in fake.received() if r["path"] == path]
+
+
+async def test_publishing_a_new_version_moves_its_alias(fake_factory, router_factory):
+    # Before: 409 "alias already names adapter ...; unpublish it first", and `run-latest` stayed on v1 for ever.
+    fake = fake_factory("base")
+    router = await router_factory([fake])
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
+        answers = []
+        for version in (1, 2, 3):
+            r = await c.post("/admin/adapters", json={"name": f"run-v{version}", "path": f"/a/{version}", "aliases": ["run-latest"]},
+                             headers=admin)
+            assert r.status_code == 200, r.text
+            answers.append((await c.post("/v1/chat/completions", json={"model": "run-latest"})).json()["model"])
+        old = await c.post("/v1/chat/completions", json={"model": "run-v1"})
+        listed = {a["name"]: a["aliases"] for a in (await c.get("/admin/adapters", headers=admin)).json()}
+    assert answers == ["run-v1", "run-v2", "run-v3"]  # the alias answers from the newest version each time
+    assert old.status_code == 200 and old.json()["model"] == "run-v1"  # the old version still answers by its own name
+    assert listed == {"run-v1": [], "run-v2": [], "run-v3": ["run-latest"]}
+
+
+async def test_a_failed_publish_leaves_the_alias_where_it_was(fake_factory, router_factory):
+    fake = fake_factory("base")
+    router = await router_factory([fake])
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
+        await c.post("/admin/adapters", json={"name": "run-v1", "path": "/a/1", "aliases": ["run-latest"]}, headers=admin)
+        fake.control(refuse_loads=True)
+        refused = await c.post("/admin/adapters", json={"name": "run-v2", "path": "/a/2", "aliases": ["run-latest"]}, headers=admin)
+        answer = await c.post("/v1/chat/completions", json={"model": "run-latest"})
+    assert refused.status_code == 502
+    assert answer.status_code == 200 and answer.json()["model"] == "run-v1"
+
+
+async def test_an_adapter_with_requests_in_flight_is_not_unloaded(fake_factory, router_factory):
+    # One worker with room for one adapter; a slow request is in flight on run-v1 (through the alias).
+    fake = fake_factory("base", "--delay-s", "1.0")
+    router = await router_factory([fake], max_adapters_per_worker=1, max_retries=0)
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
+        await c.post("/admin/adapters", json={"name": "run-v1", "path": "/a/1", "aliases": ["run-latest"]}, headers=admin)
+        in_flight = asyncio.create_task(c.post("/v1/chat/completions", json={"model": "run-latest"}))
+        while not any(r["path"] == "/v1/chat/completions" for r in fake.received()):
+            await asyncio.sleep(0.02)
+        # Publishing v2 needs v1's slot: it must not take it while v1 answers someone (v2 then loads on demand).
+        moved = await c.post("/admin/adapters", json={"name": "run-v2", "path": "/a/2", "aliases": ["run-latest"]}, headers=admin)
+        unloads_during = _paths(fake, "/v1/unload_lora_adapter")
+        # Unpublishing v1 while its request runs: it is forgotten at once, unloaded only after the request ends.
+        gone = await c.delete("/admin/adapters/run-v1", headers=admin)
+        unloads_before_end = _paths(fake, "/v1/unload_lora_adapter")
+        first = await in_flight
+        for _ in range(100):
+            if _paths(fake, "/v1/unload_lora_adapter"):
+                break
+            await asyncio.sleep(0.05)
+        newest = await c.post("/v1/chat/completions", json={"model": "run-latest"})
+    assert moved.status_code == 200 and gone.status_code == 200
+    assert unloads_during == [] and unloads_before_end == []
+    assert first.status_code == 200 and first.json()["model"] == "run-v1"
+    assert _paths(fake, "/v1/unload_lora_adapter")[0] == "run-v1"
+    assert newest.status_code == 200 and newest.json()["model"] == "run-v2"
