@@ -242,4 +242,6 @@ async def test_federation_latest_answers_from_the_newest_round_every_round(vllm_
         if silo is not None:
             await silo.stop()
         await coordinator.stop()
+        for n in range(1, rounds + 1):  # leave the session's vLLM workers as they were
+            httpx.delete(f"{router.url}/admin/adapters/loop-v{n}", headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
         router.stop()
