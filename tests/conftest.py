@@ -1,4 +1,8 @@
-"""Fixtures for the whole suite. Heavy ones are session-scoped and cached under the repo's .cache/."""
+"""Fixtures for the whole suite. Heavy ones are session-scoped and cached under the repo's .cache/.
+
+Every test runs isolated from the developer's machine: its own APPLIANCE_HOME in a temp folder (so no
+~/.appliance/config.yaml or keys are read) and no APPLIANCE_* variable from the calling shell.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,18 @@ from tests.factories import TEST_CACHE, make_tiny_llama
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh APPLIANCE_HOME for this test (not created yet), with every APPLIANCE_* variable of the caller's shell
+    removed."""
+    for key in list(os.environ):
+        if key.startswith("APPLIANCE_"):
+            monkeypatch.delenv(key)
+    home = tmp_path_factory.mktemp("isolated") / "home"
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    return home
 
 
 @pytest.fixture(scope="session")

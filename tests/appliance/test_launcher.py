@@ -28,7 +28,7 @@ from appliance.launcher import (
     port_in_use,
     read_state,
 )
-from tests.factories import REPO, free_port
+from tests.factories import REPO, free_port, wait_until
 
 FAKE = REPO / "tests" / "appliance" / "fake_service.py"
 
@@ -40,15 +40,6 @@ def fake_spec(name: str, *extra: str, depends_on: tuple[str, ...] = (), port: in
         health_url=f"http://127.0.0.1:{port}/health", ports=(port,), url=f"http://127.0.0.1:{port}",
         depends_on=depends_on, ready_timeout_s=timeout_s,
     )
-
-
-def wait_until(predicate, timeout_s: float = 20.0, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()
 
 
 @pytest.fixture

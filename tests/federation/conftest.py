@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from tests.factories import make_settings
+from tests.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
 
 SHAPES = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 16),
           "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": (16, 4)}
@@ -123,16 +123,6 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
         for s in silos:
             await s.stop()
         await coord.stop()
-
-
-async def wait_for(predicate, timeout_s: float = 15.0, interval_s: float = 0.05) -> None:
-    """Poll `predicate` until true; fail the test with a clear message on timeout."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(interval_s)
 
 
 @pytest.fixture

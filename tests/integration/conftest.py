@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 
@@ -22,13 +21,3 @@ def pids_with(fragment: str) -> list[int]:
             found.append(int(entry.name))
     return found
 
-
-def wait_until(predicate, timeout_s: float, step_s: float = 0.5, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy (returned), or fail naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

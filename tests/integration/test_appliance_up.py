@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from appliance.launcher import pid_alive, read_state
-from tests.factories import REPO, free_port
-from tests.integration.conftest import pids_with, wait_until
+from tests.factories import REPO, free_port, wait_until
+from tests.integration.conftest import pids_with
 
 MODEL = "smollm2-135m-instruct"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import wait_until
 from ui import launcher
 from ui.runs import list_runs, read_jsonl, smooth
 
@@ -25,16 +26,6 @@ for step in range(1, 100000):
     print("step", step, flush=True)
     time.sleep(0.05)
 """
-
-
-def wait_for(predicate, timeout_s: float = 20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture
@@ -54,11 +45,11 @@ def launch_fake(home: Path, run_id: str) -> dict:
 
 def test_killed_run_is_failed_with_exit_code_and_log(home):
     record = launch_fake(home, "r1")
-    run = wait_for(lambda: next((r for r in list_runs(home / "runs", home) if r.id == "r1" and r.metrics), None))
+    run = wait_until(lambda: next((r for r in list_runs(home / "runs", home) if r.id == "r1" and r.metrics), None))
     assert run.state == "running" and run.launch_id == record["id"]
 
     os.kill(record["pid"], signal.SIGKILL)
-    run = wait_for(lambda: next((r for r in list_runs(home / "runs", home) if r.id == "r1" and r.exit_code is not None), None))
+    run = wait_until(lambda: next((r for r in list_runs(home / "runs", home) if r.id == "r1" and r.exit_code is not None), None))
     assert run.state == "failed"
     assert run.exit_code == -9
     assert "gone without finishing" in run.error
@@ -67,9 +58,9 @@ def test_killed_run_is_failed_with_exit_code_and_log(home):
 
 def test_stopped_run_is_stopped_not_failed(home):
     record = launch_fake(home, "r2")
-    wait_for(lambda: (home / "runs" / "r2" / "metrics.jsonl").exists())
+    wait_until(lambda: (home / "runs" / "r2" / "metrics.jsonl").exists())
     assert launcher.stop(home, record["id"])
-    run = wait_for(lambda: next((r for r in list_runs(home / "runs", home) if r.exit_code is not None), None))
+    run = wait_until(lambda: next((r for r in list_runs(home / "runs", home) if r.exit_code is not None), None))
     assert run.state == "stopped"
 
 
@@ -84,7 +75,7 @@ def test_running_status_with_dead_pid_is_a_crash(home):
 
 def test_launch_that_failed_before_a_run_folder_is_listed(home):
     record = launcher.launch(home, "train", [sys.executable, "-c", "import sys; print('bad data at line 3'); sys.exit(2)"])
-    run = wait_for(lambda: next((r for r in list_runs(home / "runs", home) if r.exit_code is not None), None))
+    run = wait_until(lambda: next((r for r in list_runs(home / "runs", home) if r.exit_code is not None), None))
     assert run.id == f"launch-{record['id']}" and run.state == "failed" and run.exit_code == 2
     assert "bad data at line 3" in Path(run.log_path).read_text()
 
