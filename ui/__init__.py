@@ -1,4 +1,4 @@
-"""The Gradio console (see DESIGN.md). It talks to the services over HTTP and reads the state folder.
+"""The Gradio console (README.md, "The console"). It talks to the services over HTTP and reads the state folder.
 
 Gradio is imported only when the console is built, so `import ui` stays cheap.
 """

@@ -82,7 +82,7 @@ class ApplianceSettings(BaseSettings):
             raise ConfigError(f"placeholder secrets are refused when env=prod: {', '.join(bad)}; set real values")
         return self
 
-    # -- the on-disk layout (DESIGN.md, "State on disk") --
+    # -- the on-disk layout (README.md, "State on disk") --
     @property
     def models_dir(self) -> Path:
         return self.home / "models"

@@ -24,7 +24,7 @@ def test_dry_run_counts_equal_peft(tiny_model_dir: Path, targets) -> None:
 
 
 def test_dry_run_on_the_embedded_model_loads_no_weights(embedded_model_dir: Path) -> None:
-    # SmolLM2-135M, r=8 on q/k/v/o: 921,600 trainable parameters in 240 tensors (ENVIRONMENT.md, checked with peft)
+    # SmolLM2-135M, r=8 on q/k/v/o: 921,600 trainable parameters in 240 tensors (checked with peft)
     report = lora.count_parameters(small_cfg(lora_r=8), embedded_model_dir / "config.json")
     assert report.trainable_params == 921_600 and report.adapter_tensors == 240
     assert report.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
