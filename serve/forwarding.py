@@ -420,7 +420,8 @@ class Forwarder:
                         status = 499
                         return
                     if metered:
-                        chunk, pending = _complete_events(pending + chunk)
+                        if pending or not chunk.endswith(b"\n\n"):  # most chunks are whole events: no copy then
+                            chunk, pending = _complete_events(pending + chunk)
                         if b'"usage"' in chunk:
                             chunk, found = _take_usage(chunk, ctx.strip_usage)
                             used = found if found is not None else used

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serve.forwarding import _take_usage
+from serve.forwarding import _complete_events, _take_usage
 from serve.keys import create_key
 from serve.limits import DEFAULT_TOKEN_BUDGET, RateLimiter, TokenBucket, token_budget
 from serve.protocol import read_fields
@@ -61,6 +61,12 @@ def test_take_usage_finds_the_usage_chunk_and_strips_it_only_when_asked():
     assert _take_usage(content + usage + done, strip=False) == (content + usage + done, 5)
     nulls = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'  # OpenAI's style
     assert _take_usage(nulls + done, strip=True) == (nulls + done, None)
+
+
+def test_events_split_across_chunks_wait_for_their_end():
+    assert _complete_events(b'data: {"a"') == (b"", b'data: {"a"')
+    assert _complete_events(b"data: 1\n\ndata: 2") == (b"data: 1\n\n", b"data: 2")
+    assert _complete_events(b"data: 1\n\n") == (b"data: 1\n\n", b"")
 
 
 # ---------------------------------------------------------------- on a real router and fake worker
