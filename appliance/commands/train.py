@@ -77,26 +77,31 @@ def _print_dry_run(settings: Any) -> None:
 
 def eval_(
     ctx: typer.Context,
-    adapter: str = typer.Option(..., "--adapter", help="NAME[:VERSION] of a registered adapter."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Eval JSONL (default: the adapter's training data)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="NAME[:VERSION] of a registered adapter."),
+    model: Optional[str] = typer.Option(None, "--model", help="Evaluate this base model (no adapter); with --compare, the base."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="base,NAME[:VERSION],...: score each on the same data, one table."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Eval data (default: the adapter's training data)."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also score generated answers (exact match, token F1)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation budget per answer."),
     max_generate: int = typer.Option(50, "--max-generate", help="Score generated answers of at most this many examples."),
 ) -> None:
-    """Evaluate a registered adapter: loss, perplexity, and exact-match / token-F1 of generated answers."""
+    """Evaluate a base model or adapters: loss, perplexity, and exact-match / token-F1 of generated answers."""
     with cli_errors():
-        from appliance.core.adapter_registry import AdapterRegistry
-        from train import evaluate_adapter, load_adapter_state
-        from train.runs import adapter_base_dir, adapter_train_settings
+        from train.compare import BASE, default_data, evaluate_targets, format_table, parse_targets, resolve_targets
 
+        if (adapter is not None and compare is not None) or (adapter is None and compare is None and model is None):
+            raise typer.BadParameter("give --adapter NAME[:V], --model BASE, or --compare base,NAME[:V],...")
         settings = settings_from(ctx)
-        av = AdapterRegistry(settings.adapters_dir).get(adapter)
-        source = data or (Path(av.meta["data"]) if av.meta.get("data") else None)
+        refs = parse_targets(compare) if compare else [adapter or BASE]
+        targets = resolve_targets(settings, refs, model)
+        source = data or default_data(targets)
         if source is None:
-            raise typer.BadParameter("--data is required: the adapter's meta names no training data")
-        m = evaluate_adapter(adapter_train_settings(settings, av), adapter_base_dir(settings, av), load_adapter_state(av.path),
-                             source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate)
-        for key, value in m.items():
+            raise typer.BadParameter("--data is required: no adapter's meta names its training data")
+        rows = evaluate_targets(targets, source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate)
+        if compare:
+            console.print(format_table(rows), highlight=False)
+            return
+        for key, value in rows[0][1].items():
             console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
 
 
