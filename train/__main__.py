@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, and (rank 0) save the adapter folder; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m train", description="Train a LoRA adapter (DeepSpeed launcher entry point).")
     parser.add_argument("--model-dir", type=Path, required=True, help="HF model folder.")
-    parser.add_argument("--data", type=Path, required=True, help="Training JSONL.")
-    parser.add_argument("--eval", type=Path, default=None, help="Held-out JSONL.")
+    parser.add_argument("--data", type=Path, required=True, help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder.")
+    parser.add_argument("--eval", type=Path, default=None, help="Held-out data (same formats as --data).")
     parser.add_argument("--out", type=Path, required=True, help="Folder for the PEFT adapter (written by rank 0).")
     parser.add_argument("--run-dir", type=Path, default=None, help="Run folder (metrics, status, checkpoints); same on every rank.")
     parser.add_argument("--config", type=Path, default=None, help="Appliance YAML settings (its `train:` section is used).")

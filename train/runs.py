@@ -67,9 +67,9 @@ def start_run(
 
     model_name = model or settings.model
     model_dir = resolve_model(settings.models_dir, model_name)
-    datamod.load_jsonl(Path(data))  # fail before creating a run folder
+    datamod.load_data(Path(data))  # fail before creating a run folder
     if eval_data is not None:
-        datamod.load_jsonl(Path(eval_data))
+        datamod.load_data(Path(eval_data))
     name = check_name(output or f"{Path(data).stem}-lora")
     run_id = run_id or new_run_id()
     run_dir = settings.runs_dir / run_id

@@ -116,8 +116,8 @@ def join(
     ctx: typer.Context,
     coordinator: str = typer.Option(..., "--coordinator", help="tcp://HOST:PORT"),
     coordinator_key: Optional[str] = typer.Option(None, "--coordinator-key", help="The coordinator's public key."),
-    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="Private training JSONL (never leaves this machine)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval", exists=True, dir_okay=False, help="Held-out JSONL."),
+    data: Path = typer.Option(..., "--data", exists=True, help="Private training data: JSONL, JSON, CSV, Parquet or a saved datasets folder (never leaves this machine)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", exists=True, help="Held-out data (same formats as --data)."),
     name: Optional[str] = typer.Option(None, "--name", help="Silo name (as enrolled)."),
     plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
 ) -> None:

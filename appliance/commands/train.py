@@ -17,8 +17,8 @@ def _overrides(**train: Any) -> dict[str, Any]:
 
 def train(
     ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Training JSONL (messages, prompt/completion, instruction/output, or text)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out JSONL evaluated at the end."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder (messages, prompt/completion, instruction/output, or text)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data (same formats as --data) evaluated at the end."),
     model: Optional[str] = typer.Option(None, "--model", help="Prepared model name or HF model folder (default: settings.model)."),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha."),

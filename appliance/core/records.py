@@ -93,13 +93,13 @@ def _check_messages(messages: Any) -> str | None:
     return None
 
 
-def validate_records(records: Sequence[Any], source: str = "<rows>") -> list[dict[str, Any]]:
-    """Check every record; raise once with all problems (``source:line: problem``), else return them.
+def validate_records(records: Sequence[Any], source: str = "<rows>", unit: str = "") -> list[dict[str, Any]]:
+    """Check every record; raise once with all problems (``source:{unit}N: problem``, N from 1), else return them.
 
     Raises:
         DataError: at least one record is invalid, or there are none.
     """
-    errors = [f"{source}:{i}: {p}" for i, r in enumerate(records, start=1) if (p := _check_record(r))]
+    errors = [f"{source}:{unit}{i}: {p}" for i, r in enumerate(records, start=1) if (p := _check_record(r))]
     if errors:
         raise _collected(source, errors)
     if not records:
