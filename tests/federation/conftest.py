@@ -86,7 +86,7 @@ def write_exporter(state, out_dir: Path) -> None:
 @asynccontextmanager
 async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = None, initial: dict | None = None,
                      exporter: Any = False, on_publish: list | None = None, curve: tuple | None = None,
-                     silo_cls: Callable[[Any, Any], Any] | None = None, silo_kw: dict | None = None,
+                     silo_cls: Callable[[Any, Any], Any] | None = None,
                      **fed: Any) -> AsyncIterator[tuple[Any, list[Any]]]:
     """A started coordinator with one started silo per trainer on loopback; everything is stopped on exit.
 
@@ -113,7 +113,8 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
     coord = Coordinator(settings, strategy or build_strategy(settings.federation), initial_state=initial or initial_state(),
                         exporter=exporter, on_publish=on_publish)
     address = await coord.start()
-    silos = [silo_cls(silo_settings(h, address, name, key, plaintext=curve is None, **(silo_kw or {})), t)
+    silo_kw = {k: fed[k] for k in ("heartbeat_interval_s", "silo_timeout_s") if k in fed}  # silos keep the coordinator's
+    silos = [silo_cls(silo_settings(h, address, name, key, plaintext=curve is None, **silo_kw), t)
              for (name, h), t in zip(homes, trainers)]
     try:
         for s in silos:

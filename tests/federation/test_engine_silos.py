@@ -7,12 +7,10 @@ from pathlib import Path
 
 import torch
 
-from federation.coordinator import Coordinator
 from federation.demo_data import generate
-from federation.silo import EngineTrainer, SiloClient
-from federation.strategies import make_strategy
-from tests.factories import REPO
-from tests.federation.conftest import fed_settings, silo_settings
+from federation.silo import EngineTrainer
+from tests.factories import REPO, make_settings
+from tests.federation.conftest import federation
 
 
 def _load_example():
@@ -25,7 +23,6 @@ def _load_example():
 async def test_custom_hf_trainer_example_federates_over_curve(curve_homes, tiny_model_dir: Path):
     # Arrange: two silos running the example's HF Trainer loop, the coordinator starting from the same LoRA shape
     example = _load_example()
-    coord_home, coord_keys, silo_homes = curve_homes
     data = generate()
     trainers = {}
     for name, org in zip(("alpha", "beta"), ("northbridge", "lakeside")):
@@ -33,19 +30,10 @@ async def test_custom_hf_trainer_example_federates_over_curve(curve_homes, tiny_
         texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in data[org]["train"][:8]]
         trainers[name] = example.HFSilo(str(tiny_model_dir), texts, seed=0)
     init = trainers["alpha"].get_state()
-    settings = fed_settings(coord_home, rounds=2, min_silos=2, local_steps=2, compression="bf16", round_deadline_s=120, silo_timeout_s=30)
-    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=init, exporter=False)
-    address = await coord.start()
-    silos = [SiloClient(silo_settings(silo_homes[n], address, n, coord_keys.public, silo_timeout_s=30), t) for n, t in trainers.items()]
-    try:
-        for s in silos:
-            await s.start()
+    async with federation(None, [trainers["alpha"], trainers["beta"]], curve=curve_homes, initial=init, rounds=2,
+                          min_silos=2, local_steps=2, compression="bf16", round_deadline_s=120, silo_timeout_s=30) as (coord, silos):
         # Act
         await coord.wait_done(180)
-    finally:
-        for s in silos:
-            await s.stop()
-        await coord.stop()
     # Assert
     assert coord.phase == "done" and [r["participants"] for r in coord.history] == [["alpha", "beta"]] * 2
     assert any(not torch.equal(init[k], coord.global_state[k]) for k in init)
@@ -58,30 +46,20 @@ async def test_engine_trainer_round_registers_a_loadable_adapter(tmp_path, tiny_
 
     from appliance.core.adapter_registry import AdapterRegistry
 
-    settings = fed_settings(tmp_path / "c", plaintext=True, rounds=1, min_silos=2, local_steps=2, round_deadline_s=300, silo_timeout_s=60)
-    cfg = settings.train.model_copy(update={"max_seq_len": 64, "batch_size": 2, "warmup_steps": 0, "zero_stage": 0})
+    cfg = make_settings(tmp_path).train.model_copy(update={"max_seq_len": 64, "batch_size": 2, "warmup_steps": 0, "zero_stage": 0})
     data = generate()
     init = train.initial_adapter_state(cfg, tiny_model_dir)
     published = []
-    coord = Coordinator(settings, make_strategy("fedavg"), initial_state=init, on_publish=[published.append],
-                        exporter=lambda state, out: train.save_adapter_dir(state, cfg, tiny_model_dir, out))
-    address = await coord.start()
-    silos = [SiloClient(silo_settings(tmp_path / org, address, org, plaintext=True, silo_timeout_s=60),
-                        EngineTrainer(cfg, tiny_model_dir, data[org]["train"][:12], data[org]["eval"][:4]))
-             for org in ("northbridge", "redwood")]
-    try:
-        for s in silos:
-            await s.start()
+    trainers = [EngineTrainer(cfg, tiny_model_dir, data[org]["train"][:12], data[org]["eval"][:4]) for org in ("northbridge", "redwood")]
+    async with federation(tmp_path, trainers, initial=init, on_publish=[published.append],
+                          exporter=lambda state, out: train.save_adapter_dir(state, cfg, tiny_model_dir, out),
+                          rounds=1, min_silos=2, local_steps=2, round_deadline_s=300, silo_timeout_s=60) as (coord, _):
         # Act
         await coord.wait_done(240)
-    finally:
-        for s in silos:
-            await s.stop()
-        await coord.stop()
     # Assert: one registered version, with lineage, whose weights are the global state
     assert coord.phase == "done" and len(published) == 1
-    version = AdapterRegistry(settings.adapters_dir).get("testrun:1")
-    assert version.meta["round"] == 1 and version.meta["participants"] == ["northbridge", "redwood"]
+    version = AdapterRegistry(coord.settings.adapters_dir).get("testrun:1")
+    assert version.meta["round"] == 1 and version.meta["participants"] == ["s0", "s1"]
     assert "eval_loss" in version.meta["metrics"] and "train_loss" in version.meta["metrics"]
     loaded = train.load_adapter_state(version.path)
     assert loaded.keys() == coord.global_state.keys()
