@@ -59,6 +59,7 @@ def test_leftover_gguf_quantization_config_is_dropped(tmp_path):
     assert "quantization_config" in json.loads((tmp_path / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_an_hf_folder_is_prepared_once_and_resolved_by_name(tmp_path, tiny_model_dir):
     models = tmp_path / "models"
 

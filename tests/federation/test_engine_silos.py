@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from federation.demo_data import generate
@@ -20,6 +21,7 @@ def _load_example():
     return module
 
 
+@pytest.mark.slow
 async def test_custom_hf_trainer_example_federates_over_curve(curve_homes, tiny_model_dir: Path):
     # Arrange: two silos running the example's HF Trainer loop, the coordinator starting from the same LoRA shape
     example = _load_example()
@@ -40,6 +42,7 @@ async def test_custom_hf_trainer_example_federates_over_curve(curve_homes, tiny_
     assert all(s.rounds_done == [1, 2] for s in silos)
 
 
+@pytest.mark.slow
 async def test_engine_trainer_round_registers_a_loadable_adapter(tmp_path, tiny_model_dir: Path):
     # Arrange: the built-in engine in two silos, the global adapter exported with train.save_adapter_dir
     import train

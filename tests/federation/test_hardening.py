@@ -8,6 +8,7 @@ import math
 import sys
 
 import httpx
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -283,6 +284,7 @@ async def test_a_refused_key_is_reported_within_seconds(curve_homes, tmp_path):
     assert stranger_key in stranger.refused and f"appliance federation enroll beta {stranger_key}" in stranger.refused
 
 
+@pytest.mark.slow
 async def test_silo_join_with_a_refused_key_exits_non_zero(curve_homes, tmp_path):
     stranger_home = tmp_path / "stranger"
     settings = make_settings(stranger_home)

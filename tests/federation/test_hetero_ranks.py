@@ -69,6 +69,7 @@ def _rank(state) -> int:
     return lora_rank(state)
 
 
+@pytest.mark.slow
 def test_a_round_of_ranks_4_8_16_gives_each_silo_its_own_rank(tiny_model_dir: Path, tmp_path: Path):
     # Act
     coord, trainers, cfgs, base = _federate(tiny_model_dir, tmp_path)

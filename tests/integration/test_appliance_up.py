@@ -102,6 +102,7 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
     assert not pids_with(f"--port {worker_port}") and not state_file.exists()
 
 
+@pytest.mark.slow
 def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
     from appliance.core.secrets import ensure_token
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 
 
 async def _one(c: httpx.AsyncClient, i: int, stream: bool) -> str:
@@ -30,6 +31,7 @@ async def _one(c: httpx.AsyncClient, i: int, stream: bool) -> str:
     return "error"
 
 
+@pytest.mark.slow
 async def test_worker_killed_during_load(fake_factory, router_factory):
     fakes = [fake_factory("m", "--chunk-delay-s", "0.01") for _ in range(3)]
     router = await router_factory(fakes, policy="least_outstanding")

@@ -41,6 +41,7 @@ def test_bad_data_exits_2_naming_file_and_line(cli, tiny_model_dir: Path, tmp_pa
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_train_registers_then_eval_export_and_resume(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "sums.jsonl", arithmetic_records(8))
     home = tmp_path / "home"
@@ -78,6 +79,7 @@ def test_resume_of_an_unknown_run_exits_2(cli, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "unknown run" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_launcher_entry_point_trains_and_writes_a_peft_folder(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """`python -m train` (what `deepspeed --module train` runs on every rank), in process as rank 0."""
     from train.__main__ import main

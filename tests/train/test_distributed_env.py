@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.factories import REPO, free_port
 
 
+@pytest.mark.slow
 def test_a_child_process_gets_its_own_master_port_after_the_parent_initialised() -> None:
     # Arrange: the parent (this test process) initialises a single-process group, which holds MASTER_PORT.
     from train.engine import init_distributed
@@ -26,6 +29,7 @@ def test_a_child_process_gets_its_own_master_port_after_the_parent_initialised()
     assert child_port.isdigit() and child_port != parent_port
 
 
+@pytest.mark.slow
 def test_a_launcher_assigned_port_is_kept() -> None:
     # Arrange: variables as the `deepspeed` launcher sets them (no self-assigned marker).
     env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_SINGLE_PROCESS_DIST"}

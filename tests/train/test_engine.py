@@ -15,6 +15,7 @@ def _dist(a, b) -> float:
     return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_run_folder_follows_the_contract(tiny_model_dir: Path, records, tmp_path: Path) -> None:
     seen: list[dict] = []
     result = fit_adapter(small_cfg(checkpoint_every_steps=4), tiny_model_dir, records, max_steps=8, run_dir=tmp_path / "run",
@@ -33,6 +34,7 @@ def test_loss_falls_and_the_run_folder_follows_the_contract(tiny_model_dir: Path
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000008"
 
 
+@pytest.mark.slow
 def test_zero_stages_0_2_3_train_to_the_same_adapter_layout(tiny_model_dir: Path, records) -> None:
     variants = {0: small_cfg(zero_stage=0), 2: small_cfg(zero_stage=2), 3: small_cfg(zero_stage=3),
                 "3+offload": small_cfg(zero_stage=3, offload_optimizer=True, offload_param=True)}
@@ -50,6 +52,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_an_uninterrupted_run_despite_a_torn_metrics_line(tiny_model_dir: Path, records, tmp_path: Path) -> None:
     cfg = small_cfg(zero_stage=2, grad_accum=2, lora_dropout=0.1, warmup_steps=1, checkpoint_every_steps=2)
     full = fit_adapter(cfg, tiny_model_dir, records, max_steps=4, run_dir=tmp_path / "full")
@@ -74,6 +77,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run_despite_a_torn_me
         assert resumed.state[k].allclose(full.state[k], atol=1e-6, rtol=1e-5), k
 
 
+@pytest.mark.slow
 def test_proximal_term_pulls_toward_the_reference(tiny_model_dir: Path, records) -> None:
     cfg = small_cfg(lr=2e-2)
     ref = initial_adapter_state(cfg, tiny_model_dir)

@@ -21,6 +21,7 @@ def test_token_f1_hand_computed() -> None:
     assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
 
 
+@pytest.mark.slow
 def test_evaluate_base_model_and_adapter_state(tiny_model_dir: Path) -> None:
     from train import initial_adapter_state
 

@@ -39,6 +39,7 @@ def test_unknown_schedule_is_refused():
         lr_lambda(0, 5, "step")
 
 
+@pytest.mark.slow
 def test_frozen_a_trains_b_only(tiny_model_dir: Path, records) -> None:
     from train import fit_adapter, initial_adapter_state
 
@@ -51,6 +52,7 @@ def test_frozen_a_trains_b_only(tiny_model_dir: Path, records) -> None:
     assert any(not torch.equal(result.state[k], init[k]) for k in b_keys)
 
 
+@pytest.mark.slow
 def test_constant_schedule_and_span_reach_the_engine(tiny_model_dir: Path, records, tmp_path: Path) -> None:
     import json
 
@@ -65,6 +67,7 @@ def test_constant_schedule_and_span_reach_the_engine(tiny_model_dir: Path, recor
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+@pytest.mark.slow
 def test_threads_follow_the_cores_a_process_may_use():
     code = ("import os, torch; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); torch.set_num_threads(4);"
             "from train.engine import set_threads; print(set_threads(None), torch.get_num_threads(), set_threads(3))")

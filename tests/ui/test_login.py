@@ -30,6 +30,7 @@ def exposed_console(tmp_path):
     stop_process(console.process)
 
 
+@pytest.mark.slow
 def test_console_beyond_loopback_requires_login(exposed_console):
     url = exposed_console.url
     assert httpx.get(f"{url}/config", timeout=10).status_code == 401
