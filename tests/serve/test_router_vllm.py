@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -41,3 +43,24 @@ async def test_chat_stream_models_and_adapter_through_router(vllm_workers, route
             assert (await c.delete("/admin/adapters/lora-test", headers=router.admin_headers())).status_code == 200
     finally:
         await client.close()
+
+
+async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, router_factory):
+    # The first worker is trusted (static); the second joins through the join token with its own API key. Same
+    # weights, temperature 0: the canary answers agree and the joined worker takes traffic.
+    trusted, joining = vllm_workers
+    router = await router_factory([trusted.spec], request_timeout_s=120, canary_prompts=2, policy="round_robin")
+    async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
+        joined = await c.post("/admin/workers", json={"url": joining.url, "api_key": joining.api_key},
+                              headers={"Authorization": f"Bearer {router.join_token}"})
+        assert joined.status_code == 200, joined.text
+        wid = joined.json()["id"]
+        for _ in range(600):
+            row = next(w for w in (await c.get("/admin/workers", headers=router.admin_headers())).json() if w["id"] == wid)
+            if row["canary"] != "pending":
+                break
+            await asyncio.sleep(0.2)
+        assert (row["canary"], row["quarantined"]) == ("passed", False)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+        served = [(await c.post("/v1/chat/completions", json=body)).status_code for _ in range(2)]
+        assert served == [200, 200]
