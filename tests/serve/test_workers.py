@@ -213,3 +213,18 @@ async def test_an_operator_clears_a_quarantined_worker(fake_factory, router_fact
     assert cleared.exit_code == 0 and f"worker {again['id']} cleared" in cleared.output
     row = next(w for w in await _workers(router) if w["id"] == again["id"])
     assert row["quarantined"] is False
+
+
+async def test_canaries_run_periodically_and_catch_a_worker_that_starts_lying_later(fake_factory, router_factory):
+    trusted, joiner = fake_factory("m"), fake_factory("m")
+    router = await router_factory([trusted], canary_interval_s=0.2)
+    async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
+        wid = (await _join(c, router, joiner.url)).json()["id"]
+        assert await _canary_verdict(router, wid) == "passed"
+        joiner.control(forge="now I lie")  # honest on joining, forging afterwards
+        for _ in range(200):
+            row = next(w for w in await _workers(router) if w["id"] == wid)
+            if row["quarantined"]:
+                break
+            await asyncio.sleep(0.05)
+    assert (row["quarantined"], row["canary"]) == (True, "failed")
