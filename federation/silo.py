@@ -94,6 +94,7 @@ class SiloClient:
         self.finished = asyncio.Event()  # the run is over for this silo: done, refused or removed (see `refused`)
         self.refused: str | None = None  # why the coordinator will not talk to this silo (names the key and the fix)
         self.sent_frames: list[list[bytes]] = []  # the last UPDATE's frames, for inspection (tests, audits)
+        self._sent_for: tuple[str, int] | None = None  # (run, round) of `sent_frames`
         self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
         self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
 
@@ -206,6 +207,13 @@ class SiloClient:
             pass
 
     async def _train(self, header, frames: list[bytes]) -> None:
+        if self._sent_for == (header.run, header.round_id) and self.sent_frames:
+            # The coordinator sends a round's TRAIN again when this silo reconnects without having answered: the
+            # connection broke, maybe with our UPDATE in flight. Resend it rather than train the round again (the
+            # coordinator refuses a second copy as a duplicate, so it is never counted twice).
+            logger.info("silo %s: round %d asked again after a reconnect; resending its update", self.silo_id, header.round_id)
+            await self._transport.send(self.sent_frames)
+            return
         task = TrainTask.model_validate(header.body)
         global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
@@ -227,6 +235,7 @@ class SiloClient:
         body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=meta, train_s=train_s)
         self.sent_frames = await self._send(make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id,
                                                         silo_id=self.silo_id), tensors)
+        self._sent_for = (header.run, header.round_id)
         self.rounds_done.append(header.round_id)
         logger.info("silo %s: round %d update sent (%d examples, %.1f s training)", self.silo_id, header.round_id, num_examples, train_s)
 
