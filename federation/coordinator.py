@@ -281,6 +281,8 @@ class Coordinator:
         await self._send(silo.peer, make_header(MsgType.WELCOME, welcome, run=self.cfg.run_name, round_id=self.round, silo_id=silo.id))
         logger.info("silo %s is online", silo.id)
         rs = self.current
+        if rs is not None and rs.rejected.get(silo.id) == "unreachable":
+            del rs.rejected[silo.id]  # its connection dropped as TRAIN went out; it is back, so it gets TRAIN again
         if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline \
                 and (rs.secure is None or rs.secure.step == "advertise"):
             rs.selected.add(silo.id)  # a silo that (re)connects mid-round picks up the current round
