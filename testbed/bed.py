@@ -235,6 +235,14 @@ class Bed:
 
         self._flaps[region] = self._run(_spawn_task(flapping()))
 
+    def reset_after(self, client: str, nbytes: int, direction: str = "up") -> None:
+        """Once `nbytes` more bytes go `direction` on a link from region `client`, reset its connections (once)."""
+        async def arm() -> None:
+            for (c, _, _), link in self._links.items():
+                if c == client:
+                    link.reset_after(nbytes, direction)
+        self._run(arm())
+
     # -- processes and clients --
     def spawn(self, region: str, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Start `argv` inside `region` (its own process group, output in `workdir/NAME.log`)."""

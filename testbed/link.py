@@ -152,10 +152,17 @@ class _Relay:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
+                cut = self.link.armed_cut(direction, len(data))
+                if cut is not None:  # an armed reset falls inside this chunk: deliver up to it, then drop everything
+                    writer.write(data[:cut])
+                    await writer.drain()
+                    self.link.count(direction, cut)
+                    self.link.reset_connections()
+                    return
                 writer.write(data)
                 await writer.drain()
                 queued -= len(data)
-                self.link.bytes[direction] += len(data)
+                self.link.count(direction, len(data))
                 if queued <= shaper.buffer_limit():
                     room.set()
 
@@ -201,6 +208,7 @@ class Link:
         self.down = Shaper(spec, self._rng)
         self.bytes = {"up": 0, "down": 0}
         self.connections = 0
+        self._reset_at: dict[str, int] = {}  # direction -> byte count at which to reset every connection once
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[_Relay] = set()
         self._cut = False
@@ -258,6 +266,24 @@ class Link:
             sock.close()
             raise
         return await asyncio.open_connection(sock=sock)
+
+    def count(self, direction: str, nbytes: int) -> None:
+        """Account `nbytes` delivered in `direction` ("up": client to target)."""
+        self.bytes[direction] += nbytes
+
+    def armed_cut(self, direction: str, nbytes: int) -> int | None:
+        """If an armed `reset_after` falls within the next `nbytes` of `direction`, disarm it and return how many of
+        them still pass; else None."""
+        at = self._reset_at.get(direction)
+        if at is None or self.bytes[direction] + nbytes < at:
+            return None
+        del self._reset_at[direction]
+        logger.info("link %s: resetting after %d bytes %s, as armed", self.name, at, direction)
+        return at - self.bytes[direction]
+
+    def reset_after(self, nbytes: int, direction: str = "up") -> None:
+        """Reset every connection once, as soon as `nbytes` more bytes went `direction` (a drop in mid-transfer)."""
+        self._reset_at[direction] = self.bytes[direction] + nbytes
 
     def reset_connections(self) -> int:
         """Reset every open connection (RST both ends) but keep accepting new ones; returns how many were reset."""

@@ -37,7 +37,8 @@ async def _sink_server() -> tuple[asyncio.AbstractServer, int, asyncio.Future]:
         total = 0
         while data := await reader.read(65536):
             total += len(data)
-        done.set_result(total)
+        if not done.done():
+            done.set_result(total)
         writer.close()
 
     server = await asyncio.start_server(sink, "127.0.0.1", 0)
@@ -200,3 +201,33 @@ async def test_unreachable_target_resets_the_client():
             await asyncio.wait_for(reader.read(1), 10)
     finally:
         await link.stop()
+
+
+async def test_reset_after_drops_a_transfer_in_flight_once():
+    server, port, total = await _sink_server()
+    link = Link(("127.0.0.1", port), LinkSpec(bandwidth_mbit=80))
+    host, lport = await link.start()
+    try:
+        link.reset_after(100_000)
+        reader, writer = await asyncio.open_connection(host, lport)
+        writer.write(b"x" * 1_000_000)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(1), 30)
+        assert link.bytes["up"] == 100_000  # cut exactly there, in the middle of the transfer
+        before = link.bytes["up"]
+        await _send_and_close(host, lport, b"y" * 10)
+        for _ in range(100):  # armed once: the next connection goes through
+            if link.bytes["up"] == before + 10:
+                break
+            await asyncio.sleep(0.05)
+        assert link.bytes["up"] == before + 10
+    finally:
+        await link.stop()
+        server.close()
+
+
+async def _send_and_close(host: str, port: int, payload: bytes) -> None:
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(payload)
+    await writer.drain()
+    writer.close()
