@@ -19,6 +19,8 @@ from testbed.federation import GeoFederation
 from testbed.link import LinkSpec
 from tests.geo.conftest import needs_netns
 
+pytestmark = pytest.mark.slow  # starts processes (router, workers, coordinator, silos)
+
 ROUNDS = 3
 REGIONS = {"hq": LinkSpec(0), "a": LinkSpec.parse("50ms/100mbit"), "b": LinkSpec.parse("100ms/10mbit"),
            "c": LinkSpec.parse("150ms/10mbit")}
