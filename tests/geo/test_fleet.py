@@ -15,7 +15,6 @@ from testbed.fleet import FAKE_MODEL, GeoFleet
 from testbed.link import LinkSpec
 from tests.geo.conftest import needs_netns
 
-pytestmark = pytest.mark.slow  # starts processes (router, workers, coordinator, silos)
 
 pytestmark = pytest.mark.slow  # starts a router and three joined workers in namespaces
 HEALTH_INTERVAL_S = 1.0
