@@ -257,7 +257,7 @@ class Coordinator:
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
             await self._welcome(silo)
         elif header.type == MsgType.HEARTBEAT:
-            pass
+            pass  # liveness only: last_seen was updated above
         elif header.type == MsgType.UPDATE:
             await self._on_update(silo, header, msg.frames)
         elif header.type == MsgType.SECAGG:

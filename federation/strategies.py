@@ -247,7 +247,8 @@ def check_aggregate(new_state: Mapping[str, torch.Tensor], previous: Mapping[str
     for key, tensor in new_state.items():
         if not bool(torch.isfinite(tensor).all()):
             return f"non_finite: the aggregate holds NaN or infinite values in {key!r}"
-        change_sq += float(torch.sum((tensor.detach().to(torch.float64) - previous[key].detach().to(torch.float64)) ** 2))
+        diff = tensor.detach().to(torch.float32) - previous[key].detach().to(torch.float32)
+        change_sq += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
     change = math.sqrt(change_sq)
     if not math.isfinite(change):
         return "non_finite: the aggregate's change has an infinite norm"
