@@ -326,8 +326,8 @@ class Coordinator:
             rs.secure.handle(silo.id, header, wire.decode_payload(header, frames), size)
         except ProtocolError as exc:
             code = getattr(exc, "code", "secagg")
-            if silo.id in rs.secure.expected and silo.id not in rs.secure.answers[rs.secure.step]:
-                rs.rejected.setdefault(silo.id, code)  # a duplicate or out-of-turn step leaves the silo's answers alone
+            if code != "duplicate" and silo.id in rs.secure.expected and silo.id not in rs.secure.answers[rs.secure.step]:
+                rs.rejected.setdefault(silo.id, code)  # a repeated step leaves the silo's first answers alone
             rs.changed.set()
             await self._error(silo.peer, code, str(exc), header.round_id)
 

@@ -154,11 +154,11 @@ class SecureRound:
         from federation.protocol import Advertisement, SecAggStep
 
         body = SecAggStep.model_validate(header.body)
+        if silo_id in self.answers.get(body.step, ()):  # a repeat, even of a step the round has moved past
+            raise SecAggRefused("duplicate", f"secure round {self.rs.round_id}: silo {silo_id} already answered step "
+                                             f"{body.step!r}; the first answer stands")
         if body.step != self.step:
             raise SecAggRefused("secagg", f"secure round {self.rs.round_id}: got step {body.step!r} while at {self.step!r}")
-        if silo_id in self.answers[self.step]:
-            raise SecAggRefused("duplicate", f"secure round {self.rs.round_id}: silo {silo_id} already answered step "
-                                             f"{self.step!r}; the first answer stands")
         if silo_id not in self.expected:
             raise SecAggRefused("secagg", f"secure round {self.rs.round_id}: silo {silo_id} is not expected at step {self.step!r}")
         data = body.data

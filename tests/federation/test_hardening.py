@@ -333,3 +333,21 @@ def test_enrolment_keeps_the_declared_count_and_follows_the_file(tmp_path):
     assert enrolled_silos(keys_dir) == {"a": a, "b": b} and declared_examples(keys_dir) == {"b": 120}
     assert enrolment.name_of(b) == "b" and enrolment.declared_examples("b") == 120  # re-read on change
     assert remove_silo(keys_dir, "b") and enrolment.name_of(b) is None and enrolment.names() == {"a"}
+
+
+class _TwiceSilo(SiloClient):
+    """A real silo that sends every secure-aggregation step twice."""
+
+    async def _send_step(self, round_id, step, data, tensors=None):
+        await super()._send_step(round_id, step, data, tensors)
+        await super()._send_step(round_id, step, data, tensors)
+
+
+async def test_a_repeated_secure_step_does_not_fail_the_silo(tmp_path):
+    trainers = [FakeTrainer(0), FakeTrainer(1), FakeTrainer(2)]
+    async with federation(tmp_path, trainers, rounds=1, min_silos=3, secure_aggregation=True,
+                          silo_cls=lambda s, t: (_TwiceSilo if t is trainers[2] else SiloClient)(s, t)) as (coord, silos):
+        await coord.wait_done(30)
+    record = coord.history[-1]
+    assert coord.phase == "done" and record["participants"] == ["s0", "s1", "s2"] and record["rejected"] == {}
+    assert silos[2].last_error["code"] == "duplicate"
