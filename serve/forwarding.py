@@ -298,9 +298,11 @@ class Forwarder:
         # A tpm-limited stream is settled from its usage chunk: ask the worker for it, and hide it from a client
         # that did not ask for it.
         strip_usage = fields.stream and key is not None and bool(key.tpm) and not fields.stream_usage
-        if model != fields.model or strip_usage:
+        if model != fields.model or (strip_usage and "stream_options" in data):
             # The worker knows only the adapter's own name (an alias), or must be asked for usage: re-encode this body.
             body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage))
+        elif strip_usage:
+            body = _with_usage_asked(body)
         workers, adapter = self.choose(model, headers, fields)
         if self._timeout is None:
             self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
@@ -526,26 +528,37 @@ def _complete_events(buffer: bytes) -> tuple[bytes, bytes]:
     return buffer[:cut + 2], buffer[cut + 2:]
 
 
+def _with_usage_asked(body: bytes) -> bytes:
+    """A JSON object's bytes (without `stream_options`) with `"stream_options": {"include_usage": true}` added,
+    spliced before its closing brace instead of re-encoding the whole request."""
+    return body.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
+
+
 def _take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
     """Find the usage chunk among complete SSE `events`: returns the events to relay (without it when `strip`)
-    and its `total_tokens` (None when there is none)."""
-    kept: list[bytes] = []
+    and its `total_tokens` (None when there is none).
+
+    Only the events that mention `"usage"` are parsed; OpenAI-style chunks carrying `"usage": null` are relayed.
+    """
     used = None
-    for event in events.split(b"\n\n")[:-1]:
-        total = None
-        if b'"usage"' in event and event.startswith(b"data: {"):
-            try:
-                chunk = _loads(event[6:])
-                total = int(chunk["usage"]["total_tokens"])
-            except (ValueError, KeyError, TypeError):
-                total = None
-        if total is None:
-            kept.append(event + b"\n\n")
-            continue
-        used = total
-        if not (strip and not chunk.get("choices")):
-            kept.append(event + b"\n\n")
-    return b"".join(kept), used
+    pos = events.find(b'"usage"')
+    while pos >= 0:
+        cut = events.rfind(b"\n\n", 0, pos)
+        start = 0 if cut < 0 else cut + 2
+        end = events.find(b"\n\n", pos) + 2  # the events are complete: each ends with a blank line
+        event = events[start:end - 2]
+        try:
+            chunk = _loads(event[6:]) if event.startswith(b"data: {") else None
+            total = int(chunk["usage"]["total_tokens"])
+        except (ValueError, KeyError, TypeError):
+            total = None
+        if total is not None:
+            used = total
+            if strip and not chunk.get("choices"):
+                events = events[:start] + events[end:]
+                end = start
+        pos = events.find(b'"usage"', end)
+    return events, used
 
 
 def _usage_total(payload: bytes) -> int | None:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serve.forwarding import _complete_events, _take_usage
+from serve.forwarding import _complete_events, _take_usage, _with_usage_asked
 from serve.keys import create_key
 from serve.limits import DEFAULT_TOKEN_BUDGET, RateLimiter, TokenBucket, token_budget
 from serve.protocol import read_fields
@@ -61,6 +61,14 @@ def test_take_usage_finds_the_usage_chunk_and_strips_it_only_when_asked():
     assert _take_usage(content + usage + done, strip=False) == (content + usage + done, 5)
     nulls = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'  # OpenAI's style
     assert _take_usage(nulls + done, strip=True) == (nulls + done, None)
+    assert _take_usage(usage, strip=True) == (b"", 5)  # alone in its chunk
+    assert _take_usage(nulls + usage + done, strip=True) == (nulls + done, 5)
+
+
+def test_usage_is_asked_for_by_splicing_the_body():
+    body = json.dumps({"model": "m", "stream": True, "messages": MESSAGES}).encode() + b"  \n"
+    assert json.loads(_with_usage_asked(body)) == {"model": "m", "stream": True, "messages": MESSAGES,
+                                                    "stream_options": {"include_usage": True}}
 
 
 def test_events_split_across_chunks_wait_for_their_end():
@@ -153,3 +161,14 @@ async def test_unmetered_streams_are_relayed_untouched(fake_factory, router_fact
     async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
         r = await c.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
         assert '"usage"' not in r.text and r.text.count("tok") == 4
+
+
+async def test_a_stream_with_other_stream_options_is_settled_too(fake_factory, router_factory, tmp_path):
+    fake, router, auth = await _router_with_key(fake_factory, router_factory, tmp_path, tpm=1000)
+    async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
+        r = await c.post("/v1/chat/completions", headers=auth,
+                         json={"model": "m", "messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 10,
+                               "stream": True, "stream_options": {"include_usage": False}})
+        assert r.status_code == 200 and '"usage"' not in r.text
+        r = await c.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": MESSAGES, "max_tokens": 10})
+        assert r.status_code == 429
