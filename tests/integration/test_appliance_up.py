@@ -68,6 +68,9 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
 
         client = OpenAI(base_url=f"http://127.0.0.1:{router_port}/v1", api_key="unused", timeout=120, max_retries=0)
         assert MODEL in [m.id for m in client.models.list()]
+        # The worker `up` started has its own API key, which the router sends: reached directly without it, 401.
+        assert httpx.get(f"http://127.0.0.1:{worker_port}/v1/models", timeout=10).status_code == 401
+        assert pids_with(f"--port {worker_port}") and not pids_with((home / "keys" / f"worker_{worker_port}_api_key").read_text().strip())
         answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16)
         assert answer.choices[0].message.content.strip() and answer.model == MODEL
         stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to five."}],
