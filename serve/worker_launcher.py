@@ -256,9 +256,9 @@ class RouterRegistration:
         """
         answer = self.client.register_worker(self.worker_url, region=self.region, models=self.models, capacity=self.capacity,
                                              api_key=self.api_key, token=self.join_token)
-        if "id" not in answer:
-            raise ServiceUnavailable(f"the router's answer to the registration has no id (keys: {sorted(answer)})")
-        self.worker_id, self.secret = str(answer["id"]), answer.get("secret") or self.join_token
+        if "id" not in answer or "secret" not in answer:
+            raise ServiceUnavailable(f"the router's answer to the registration has no id or secret (keys: {sorted(answer)})")
+        self.worker_id, self.secret = str(answer["id"]), str(answer["secret"])
         log.info("registered worker %s with %s as %s", self.worker_url, self.router_url, self.worker_id)
         return self.worker_id
 

@@ -228,3 +228,14 @@ async def test_canaries_run_periodically_and_catch_a_worker_that_starts_lying_la
                 break
             await asyncio.sleep(0.05)
     assert (row["quarantined"], row["canary"]) == (True, "failed")
+
+
+async def test_a_joined_worker_heartbeats_and_leaves_with_its_own_secret_not_the_join_token(fake_factory, router_factory):
+    router = await router_factory()
+    fake = fake_factory("m")
+    membership = RouterRegistration(RouterClient(router.url), router.join_token, fake.url, "eu", ["m"])
+    await asyncio.to_thread(membership.register)
+    router.app.state.join_token = "rotated-join-token-0123456789"  # the join token is not needed after joining
+    await asyncio.to_thread(membership.heartbeat)
+    await asyncio.to_thread(membership.deregister)
+    assert await _workers(router) == []
