@@ -57,7 +57,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _error_response(400, f"invalid request: {problems}")
 
 
-HOT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+HOT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
 class RouterApp(FastAPI):

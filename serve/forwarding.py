@@ -1,7 +1,7 @@
 """The hot path: authenticate, check limits, pick a worker, forward the body as bytes, relay the answer.
 
 It is raw ASGI (no framework layers): `Forwarder.handle(scope, receive, send, path)` is called by the app for
-`POST /v1/chat/completions` and `POST /v1/completions`, and answers errors itself in OpenAI's shape.
+`POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/responses`, and answers errors itself in OpenAI's shape.
 
 Retries happen only before the client has seen a byte: connection errors, timeouts and 5xx answers move on to the
 next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
@@ -58,6 +58,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after this long starts watching its client
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+# Streams end with `data: [DONE]`, except the Responses API's: its last event is one of these (no [DONE]).
+_STREAM_ENDS = {"/v1/responses": (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")}
 
 
 class ClientWatch:
@@ -297,7 +299,8 @@ class Forwarder:
         model = self.placement.resolve(fields.model)
         # A tpm-limited stream is settled from its usage chunk: ask the worker for it, and hide it from a client
         # that did not ask for it.
-        strip_usage = fields.stream and key is not None and bool(key.tpm) and not fields.stream_usage
+        # (A Responses stream always ends with the response and its usage: nothing to ask for.)
+        strip_usage = fields.stream and key is not None and bool(key.tpm) and not fields.stream_usage and path not in _STREAM_ENDS
         if model != fields.model or (strip_usage and "stream_options" in data):
             # The worker knows only the adapter's own name (an alias), or must be asked for usage: re-encode this body.
             body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage))
@@ -409,6 +412,8 @@ class Forwarder:
         pending = b""  # metered only: the start of an event whose end has not arrived yet
         used: int | None = None
         tail = b""
+        ends = _STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
+        finished = False
         ttft = None
         status = 502
         try:
@@ -429,13 +434,16 @@ class Forwarder:
                             used = found if found is not None else used
                         if not chunk:
                             continue
+                    if ends is not None and not finished:
+                        window = tail + chunk
+                        finished = any(end in window for end in ends)
                     tail = (tail + chunk)[-32:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if pending:
                     tail = (tail + pending)[-32:]
                     await send({"type": "http.response.body", "body": pending, "more_body": True})
-                if b"[DONE]" not in tail:
-                    raise aiohttp.ClientPayloadError("the worker ended the stream without its [DONE] event")
+                if not (finished or b"[DONE]" in tail):
+                    raise aiohttp.ClientPayloadError("the worker ended the stream without its final event")
                 status = 200
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 logger.warning("stream from worker %s broke after the first byte: %s", worker.id, exc)
@@ -491,7 +499,7 @@ class Forwarder:
 class RequestContext:
     """One completion request on its way through the router: what every step after admission needs."""
 
-    path: str  # /v1/chat/completions or /v1/completions
+    path: str  # /v1/chat/completions, /v1/completions or /v1/responses
     model: str  # the name workers know (an alias resolved)
     body: bytes  # the bytes sent to workers
     fields: RequestFields
@@ -548,8 +556,9 @@ def _take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
         end = events.find(b"\n\n", pos) + 2  # the events are complete: each ends with a blank line
         event = events[start:end - 2]
         try:
-            chunk = _loads(event[6:]) if event.startswith(b"data: {") else None
-            total = int(chunk["usage"]["total_tokens"])
+            data_at = event.find(b"data: {")  # after an `event:` line in Responses streams
+            chunk = _loads(event[data_at + 6:]) if data_at >= 0 else None
+            total = int((chunk["response"] if "response" in chunk else chunk)["usage"]["total_tokens"])
         except (ValueError, KeyError, TypeError):
             total = None
         if total is not None:

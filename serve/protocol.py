@@ -87,8 +87,8 @@ def _count(data: dict[str, Any], name: str, minimum: int) -> int | None:
 def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     """Pick the routed fields out of a parsed request body.
 
-    Token caps read both spellings: workers honour `max_completion_tokens` over `max_tokens` (vLLM), so the
-    effective cap is the larger of the two, and `n`/`best_of` multiply it.
+    Token caps read every spelling: workers honour `max_completion_tokens` over `max_tokens` (vLLM), and the
+    Responses API says `max_output_tokens`, so the effective cap is the largest of them; `n`/`best_of` multiply it.
 
     Raises:
         ValueError: the body is not an object, `model` is missing or not a string, or `max_tokens`,
@@ -100,9 +100,10 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     if not isinstance(model, str) or not model:
         raise ValueError("the request must name a `model` (a non-empty string)")
     max_tokens = _count(data, "max_tokens", 0)
-    max_completion = _count(data, "max_completion_tokens", 0)
-    if max_completion is not None and (max_tokens is None or max_completion > max_tokens):
-        max_tokens = max_completion
+    for other in ("max_completion_tokens", "max_output_tokens"):
+        value = _count(data, other, 0)
+        if value is not None and (max_tokens is None or value > max_tokens):
+            max_tokens = value
     choices = max(_count(data, "n", 1) or 1, _count(data, "best_of", 1) or 1)
     stream = bool(data.get("stream"))
     options = data.get("stream_options") if stream else None
@@ -121,7 +122,7 @@ def _prefix(data: dict[str, Any], chars: int) -> str | None:
         if isinstance(content, str):
             return content[:chars]
         return None
-    prompt = data.get("prompt")
+    prompt = data.get("prompt", data.get("input"))  # completions' prompt, the Responses API's input
     if isinstance(prompt, str):
         return prompt[:chars]
     return None
