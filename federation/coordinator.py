@@ -27,6 +27,7 @@ from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
 from appliance.core.atomic import append_jsonl
 from appliance.core.errors import ProtocolError, RoundFailed
 from appliance.core.net import connectable_host, is_loopback
+from appliance.core.tracking import Tracker
 from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
@@ -118,6 +119,7 @@ class Coordinator:
         self._transport: ServerTransport | None = None
         self._tasks: list[asyncio.Task] = []
         self._run_task: asyncio.Task | None = None
+        self._tracker: Tracker | None = None
         self._status_runner = None
         self.status_url: str | None = None
         self.address: str | None = None
@@ -136,6 +138,7 @@ class Coordinator:
     async def start(self) -> str:
         """Load the last checkpoint (or the initial state), bind the socket and status endpoint, start the rounds."""
         self._restore()
+        self._tracker = self._open_tracker()
         self._transport = self._make_transport()
         self.address = await self._transport.start()
         await self._start_status_server()
@@ -158,6 +161,9 @@ class Coordinator:
                     await self._send(silo.peer, make_header(MsgType.BYE, bye, run=self.cfg.run_name, round_id=self.round))
         for task in [*self._tasks, *([self._run_task] if self._run_task else [])]:
             task.cancel()
+        if self._tracker is not None:
+            self._tracker.close(ok=self.phase == "done")
+            self._tracker = None
         for task in [*self._tasks, *([self._run_task] if self._run_task else [])]:
             try:
                 await task
@@ -614,8 +620,26 @@ class Coordinator:
         self.history.append(record)
         append_jsonl(self.run_dir / "rounds.jsonl", record)
 
+    def _open_tracker(self) -> Tracker:
+        """TensorBoard files in federation/RUN/tb/ (and an MLflow run with tracking.mlflow_uri): one step per round."""
+        from appliance.core.settings import redacted_dump
+
+        dump = redacted_dump(self.settings)
+        return Tracker(self.settings.tracking, self.run_dir / "tb", run_name=f"federation-{self.cfg.run_name}",
+                       params={"federation": dump["federation"], "train": dump["train"], "strategy": self.strategy.name},
+                       tags={"appliance.kind": "federation"})
+
+    def _track(self, record: dict[str, Any]) -> None:
+        if self._tracker is None:
+            return
+        per_silo = {f"silo/{silo}/{k}": v for silo, m in record.get("per_silo", {}).items() for k, v in m.items()}
+        self._tracker.log({**record["metrics"], **per_silo, "participants": len(record["participants"]),
+                           **{k: record.get(k) for k in ("examples", "bytes_in", "bytes_out", "duration_s", "non_training_share", "epsilon")}},
+                          record["round"])
+
     def _checkpoint(self, record: dict[str, Any]) -> None:
         self.history.append(record)
+        self._track(record)
         silos = {s.id: {"rounds": s.rounds, "examples": s.examples} for s in self.silos.values()}
         save_checkpoint(self.run_dir, Checkpoint(self.round, self.global_state, self.strategy.state_dict(),
                                                  {"history": self.history, "silos": silos, "run": self.cfg.run_name}))

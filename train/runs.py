@@ -21,6 +21,7 @@ from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion, che
 from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import ConfigError
 from appliance.core.model_store import resolve_model
+from appliance.core.tracking import Tracker
 from appliance.core.sections.train import TrainSettings
 from train import data as datamod
 from train.engine import FitResult, fit_adapter
@@ -100,8 +101,17 @@ def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: b
     model_dir = Path(conf["model_dir"])
     data = Path(conf["data"])
     eval_data = Path(conf["eval_data"]) if conf.get("eval_data") else None
-    result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=progress,
-                         eval_data=eval_data, resume=resume)
+    with Tracker(settings.tracking, run_dir / "tb", run_name=f"train-{run_id}", tags={"appliance.kind": "train"},
+                 params={"run_id": run_id, "model": conf["model"], "data": str(data), "max_steps": conf.get("max_steps"),
+                         "train": conf["train"]}) as tracker:
+        def on_step(record: dict[str, Any]) -> None:
+            tracker.log({k: v for k, v in record.items() if k not in ("step", "total_steps", "time")}, int(record["step"]))
+            if progress is not None:
+                progress(record)
+
+        result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=on_step,
+                             eval_data=eval_data, resume=resume)
+        tracker.log({f"final/{k}": v for k, v in result.metrics.items()}, int(result.metrics["steps"]))
     status = json.loads((run_dir / "status.json").read_text())
     try:
         adapter = register_result(settings, result, cfg, model_dir, conf["output"], meta={

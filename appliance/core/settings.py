@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.errors import ConfigError
-from appliance.core.sections import FederationSettings, ServeSettings, TrainSettings, UISettings, WorkerSettings
+from appliance.core.sections import FederationSettings, ServeSettings, TrackingSettings, TrainSettings, UISettings, WorkerSettings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "admin", "token", ""}
@@ -64,6 +64,7 @@ class ApplianceSettings(BaseSettings):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ui: UISettings = Field(default_factory=UISettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -2,7 +2,8 @@
 
 from appliance.core.sections.federation import FederationSettings
 from appliance.core.sections.serve import ServeSettings, WorkerSettings, WorkerSpec
+from appliance.core.sections.tracking import TrackingSettings
 from appliance.core.sections.train import TrainSettings
 from appliance.core.sections.ui import UISettings
 
-__all__ = ["FederationSettings", "ServeSettings", "TrainSettings", "UISettings", "WorkerSettings", "WorkerSpec"]
+__all__ = ["FederationSettings", "ServeSettings", "TrackingSettings", "TrainSettings", "UISettings", "WorkerSettings", "WorkerSpec"]

@@ -1,0 +1,34 @@
+"""Virtualenvs of outside tools that the tests drive as their users would (MLflow, lm-evaluation-harness).
+
+Each lives in `.cache/venvs/NAME` (gitignored), created once with pip from the package registry and reused; none is
+a dependency of the appliance. `tool_venv` fails the test, naming the log, if pip cannot install the tool.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.factories import TEST_CACHE
+
+
+def tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:
+    """The folder of virtualenv `name` with `requirements` installed (created on first use)."""
+    venv = TEST_CACHE / "venvs" / name
+    marker = venv / ".installed"
+    if marker.exists():
+        return venv
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    log = venv.parent / f"{name}.install.log"
+    with open(log, "w") as out:
+        try:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, stdout=out, stderr=out, timeout=120)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *requirements], check=True, stdout=out, stderr=out,
+                           timeout=timeout_s)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            pytest.fail(f"could not install {' '.join(requirements)} into {venv} ({exc}); see {log}")
+    marker.write_text(" ".join(requirements) + "\n")
+    return venv
