@@ -129,11 +129,12 @@ async def test_training_and_federation_log_to_a_real_mlflow_server(mlflow_server
 
     uri, venv = mlflow_server
     settings = make_settings(tmp_path / "home", train={"max_seq_len": 64, "batch_size": 2, "zero_stage": 0},
-                             tracking={"mlflow_uri": uri, "mlflow_experiment": "appliance-test"})
+                             tracking={"mlflow_uri": uri, "mlflow_experiment": "appliance-test", "mlflow_timeout_s": 120})
     outcome = await asyncio.to_thread(start_run, settings, write_jsonl(tmp_path / "d.jsonl", arithmetic_records(4)),
                                       model=str(tiny_model_dir), max_steps=2)
     monkeypatch.setenv("APPLIANCE_TRACKING__MLFLOW_URI", uri)
     monkeypatch.setenv("APPLIANCE_TRACKING__MLFLOW_EXPERIMENT", "appliance-test")
+    monkeypatch.setenv("APPLIANCE_TRACKING__MLFLOW_TIMEOUT_S", "120")
     async with federation(tmp_path, [FakeTrainer(0), FakeTrainer(1)], rounds=2, min_silos=2) as (coord, _):
         await coord.wait_done(30)
 
