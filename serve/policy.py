@@ -7,7 +7,8 @@ The first is used; the rest are the failover order.
 Policies (`settings.serve.policy`):
 - `round_robin`: rotate over eligible workers.
 - `least_outstanding`: fewest in-flight requests relative to capacity.
-- `score` (default): a cost per worker = load + latency + region mismatch + adapter not resident - affinity,
+- `score` (default): a cost per worker = load + latency + region mismatch + adapter not resident - affinity
+  (region mismatch weighs a full worker while the worker's latency is unmeasured, 50 ms of latency once it is),
   where affinity is consistent hashing with bounded load (Mirrokni et al., 2018): a request's affinity key
   (session, user, or prompt prefix) maps to a point on a hash ring, and the first worker clockwise whose load is
   below `load_factor` times the mean load gets the bonus, so one hot prefix spills over instead of piling up.
@@ -26,7 +27,13 @@ POLICIES = ("round_robin", "least_outstanding", "score")
 
 # Weights of the score policy, in units of "one worker's full capacity of outstanding requests".
 LATENCY_SCALE_MS = 1000.0  # 1 s of EWMA time-to-first-token costs as much as a full worker
-REGION_PENALTY = 1.0  # another region costs as much as a full worker
+REGION_PENALTY = 1.0  # another region, while the worker's latency is unmeasured, costs as much as a full worker
+# Once a worker's latency is measured it says how far the worker really is from the router, which the client's
+# region label does not: every request goes through the router, so a worker in the client's region but far from the
+# router is slower for that client than a near one elsewhere (measured on the WAN test bed, bench/geo_fleet.py).
+# Workers within NEAR_BAND_MS of the nearest count as equally near: region and affinity choose among those only.
+NEAR_BAND_MS = 50.0
+REGION_PENALTY_MEASURED = NEAR_BAND_MS / LATENCY_SCALE_MS
 NOT_RESIDENT_PENALTY = 4.0  # loading an adapter first is slow: only when no holder can take the request
 AFFINITY_BONUS = 0.75  # the affinity target wins unless it is much busier than another worker
 VNODES = 64  # ring points per worker
@@ -116,7 +123,7 @@ def cost(c: Candidate, hints: RouteHints, target: str | None) -> float:
     """The score policy's cost of sending the request to `c` (lower is better)."""
     value = c.outstanding / c.capacity + c.ttft_ms / LATENCY_SCALE_MS
     if hints.region is not None and c.region != hints.region:
-        value += REGION_PENALTY
+        value += REGION_PENALTY if c.ttft_ms == 0.0 else REGION_PENALTY_MEASURED
     if not c.resident:
         value += NOT_RESIDENT_PENALTY
     if target is not None and c.id == target:
@@ -131,9 +138,12 @@ def score(candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, 
         return []
     target = None
     if hints.affinity_key is not None:
-        # Affinity only among workers that hold the model/adapter already (and in the client's region if any do).
+        # Affinity only among workers that hold the model/adapter already, are about as near as the nearest of them
+        # (a cached prefix never saves a WAN round trip), and are in the client's region if any of those are.
         resident = [c for c in pool if c.resident] or pool
-        local = [c for c in resident if hints.region is None or c.region == hints.region] or resident
+        fastest = min(c.ttft_ms for c in resident)
+        near = [c for c in resident if c.ttft_ms - fastest <= NEAR_BAND_MS]
+        local = [c for c in near if hints.region is None or c.region == hints.region] or near
         target = affinity_target(local, hints.affinity_key, load_factor)
     n = len(pool)
     ranked = sorted((cost(c, hints, target), (i - counter) % n, c) for i, c in enumerate(pool))

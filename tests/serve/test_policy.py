@@ -44,6 +44,19 @@ def test_score_prefers_client_region_until_it_is_busy():
     assert rank("score", busy_eu, RouteHints(region="eu"))[0].id == "us"
 
 
+def test_score_prefers_a_measured_nearer_worker_over_the_clients_region():
+    # Arrange: the client is in ap; ap's worker is far from the router (measured), eu's is near
+    far_ap, near_eu = Candidate("ap", region="ap", ttft_ms=250.0), Candidate("eu", region="eu", ttft_ms=15.0)
+    # Act / Assert: measured latency beats the region label...
+    assert rank("score", [far_ap, near_eu], RouteHints(region="ap"))[0].id == "eu"
+    # ...which still breaks the tie between workers within about 50 ms of each other
+    assert rank("score", [replace(far_ap, ttft_ms=40.0), near_eu], RouteHints(region="ap"))[0].id == "ap"
+    # ...also when the request has an affinity key (a cached prefix does not save a WAN round trip)
+    assert rank("score", [far_ap, near_eu], RouteHints(region="ap", affinity_key="same prompt"))[0].id == "eu"
+    # ...and weighs a full worker while latency is unmeasured
+    assert rank("score", [replace(far_ap, ttft_ms=0.0), replace(near_eu, ttft_ms=0.0)], RouteHints(region="ap"))[0].id == "ap"
+
+
 def test_score_prefers_adapter_residency():
     ws = [Candidate("cold", resident=False), Candidate("warm", resident=True, outstanding=8)]
     assert rank("score", ws, RouteHints())[0].id == "warm"
