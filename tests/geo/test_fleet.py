@@ -17,6 +17,7 @@ from tests.geo.conftest import needs_netns
 
 
 pytestmark = pytest.mark.slow  # starts a router and three joined workers in namespaces
+
 HEALTH_INTERVAL_S = 1.0
 REGIONS = {"hq": LinkSpec(0), "eu": LinkSpec(5), "us": LinkSpec(40), "ap": LinkSpec(120)}
 
@@ -59,7 +60,11 @@ def _send(fleet: GeoFleet, client: str, n: int, *, region: str | None = None, co
 
 def _control(fleet: GeoFleet, **changes) -> None:
     """Change every fake worker's behaviour (from inside its own region)."""
-    for w in fleet.workers.values():
+    _control_only(fleet, list(fleet.workers), **changes)
+
+
+def _control_only(fleet: GeoFleet, names: list[str], **changes) -> None:
+    for w in (fleet.workers[n] for n in names):
         fleet.bed.call(w.region, lambda w=w: httpx.post(f"{w.url}/fake/control", json=changes, timeout=5).raise_for_status())
 
 
@@ -79,10 +84,14 @@ def test_router_reaches_workers_only_through_links(fleet):
         fleet.bed.call("hq", lambda: httpx.get(f"{worker.url}/health", timeout=2))
 
 
-def test_requests_go_to_the_clients_region_while_it_has_capacity(fleet):
+def test_requests_go_to_the_nearest_region_while_it_has_capacity(fleet):
+    # Arrange: one request per region, so the router has measured each worker's latency
+    for region in ("eu", "us", "ap"):
+        _send(fleet, region, 1, region=region)
+    # Act / Assert: eu is 5 ms from the router; ap's clients get it too (through the router, ap's own worker is
+    # 120 ms further away), as long as eu has capacity (one request at a time here)
     for client in ("eu", "ap"):
-        answers = _send(fleet, client, 6, region=client)
-        assert answers == [(200, f"fake-{client}")] * 6
+        assert _send(fleet, client, 6, region=client) == [(200, "fake-eu")] * 6
 
 
 def test_load_spills_over_to_other_regions_with_bounded_load(fleet):
@@ -130,7 +139,12 @@ def test_cutting_a_region_mid_load_leaves_no_request_hanging(fleet):
         _control(fleet, delay_s=0.0)
 
     fleet.wait_healthy(["fake-us"], timeout_s=30)
-    assert _send(fleet, "eu", 3, region="us") == [(200, "fake-us")] * 3  # re-admitted after the link returns
+    _control(fleet, delay_s=0.5)
+    try:
+        again = _send(fleet, "eu", 9, region="us", concurrent=True)
+    finally:
+        _control(fleet, delay_s=0.0)
+    assert all(status == 200 for status, _ in again) and ("fake-us" in {who for _, who in again})  # takes traffic again
 
 
 def test_a_stream_over_a_cut_link_ends_with_an_error_event(fleet):
@@ -150,6 +164,9 @@ def test_a_stream_over_a_cut_link_ends_with_an_error_event(fleet):
                             await asyncio.get_running_loop().run_in_executor(None, fleet.bed.cut, "ap")
         return events
 
+    # only ap may take the stream: the other workers report unhealthy for the moment
+    _control_only(fleet, ["fake-eu", "fake-us"], unhealthy=True)
+    fleet.wait(lambda: not fleet.row("fake-eu")["healthy"] and not fleet.row("fake-us")["healthy"], 30, "eu, us unhealthy")
     ap = fleet.workers["fake-ap"]
     streams_at_ap = lambda: sum(e.get("stream", False) for e in fleet.bed.call("ap", lambda: httpx.get(f"{ap.url}/fake/requests", timeout=5).json()))
     before = streams_at_ap()
@@ -157,9 +174,9 @@ def test_a_stream_over_a_cut_link_ends_with_an_error_event(fleet):
         events = fleet.bed.run("eu", stream)
     finally:
         fleet.bed.restore("ap")
-        _control(fleet, chunk_delay_s=0.0)
+        _control(fleet, chunk_delay_s=0.0, unhealthy=False)
     assert streams_at_ap() == before + 1  # the stream ran over ap's link
     assert b"[DONE]" not in events
     last = json.loads(events[-1])
     assert "error" in last and "incomplete" in last["error"]["message"]
-    fleet.wait_healthy(["fake-ap"], timeout_s=30)
+    fleet.wait_healthy(timeout_s=30)
