@@ -40,7 +40,7 @@ def run_policy(bed: Bed, home: Path, policy: str, args: argparse.Namespace) -> d
     fleet.start_router()
     for region in WORKER_REGIONS:
         fleet.add_fake_worker(region, f"{policy}-{region}", "--delay-s", str(args.service_s), "--chunks", "8",
-                              "--chunk-delay-s", "0.005")
+                              "--chunk-delay-s", "0.005", join_args=("--capacity", str(args.capacity)))
     fleet.wait_healthy()
     out: dict[tuple[bool, str], LoadResult] = {}
     try:
@@ -72,13 +72,15 @@ def main() -> None:
     p.add_argument("--duration-s", type=float, default=12.0, help="Load per scenario (seconds).")
     p.add_argument("--concurrency", type=int, default=3, help="Concurrent streams per client region.")
     p.add_argument("--service-s", type=float, default=0.02, help="Fake worker's time before the first token (s).")
+    p.add_argument("--capacity", type=int, default=4, help="Each worker's --capacity at join (concurrent requests).")
     p.add_argument("--policies", default=",".join(POLICIES))
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="geo-fleet-") as tmp, Bed(REGIONS, Path(tmp) / "bed") as bed:
         mode = "network namespaces" if bed.use_netns else f"loopback links ({bed.netns_skip_reason})"
         results = {policy: run_policy(bed, Path(tmp), policy, args) for policy in args.policies.split(",")}
     print(f"bed: {mode}; router in hq; workers eu 5 ms, us 40 ms, ap 120 ms one way; clients in eu (5 ms) and ap (120 ms);")
-    print(f"{args.concurrency} streams per client region for {args.duration_s:g} s; cut = region us cut halfway")
+    print(f"{args.concurrency} streams per client region for {args.duration_s:g} s; worker capacity {args.capacity}; "
+          f"service {1000 * args.service_s:g} ms to first token; cut = region us cut halfway")
     print(f"{'policy':<19}{'cut':<5}{'client':<8}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'req/s':>8}{'errors':>8}{'p50 vs rr':>11}")
     for policy, rows in results.items():
         for (cut, region), r in rows.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
 import urllib.error
@@ -93,15 +94,17 @@ class GeoFleet:
         """The router's base URL as seen from `client_region` (through the bed's link)."""
         return self.bed.url(client_region, self.router_region, self.router_port)
 
-    def add_fake_worker(self, region: str, name: str | None = None, *fake_args: str) -> FleetWorker:
-        """Start the fake OpenAI backend in `region` and join it with `appliance worker join --url ... --advertise ...`."""
+    def add_fake_worker(self, region: str, name: str | None = None, *fake_args: str, join_args: tuple[str, ...] = ()) -> FleetWorker:
+        """Start the fake vLLM worker in `region` with its own API key (`VLLM_API_KEY`, as vLLM reads it) and join it
+        with `appliance worker join --url ... --advertise ...` (the key in the same variable)."""
         name = name or f"fake-{region}"
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"
+        key = {"VLLM_API_KEY": secrets.token_urlsafe(24)}
         self.bed.spawn(region, name, [sys.executable, "-m", "testing.fake_vllm", "--host", self.bed.address(region),
-                                      "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args])
+                                      "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args], env=key)
         self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 30, f"{name} to answer", name)
-        return self._join(region, name, port, url, ["--url", url])
+        return self._join(region, name, port, url, ["--url", url, *join_args], key)
 
     def add_vllm_worker(self, region: str, model_dir: Path, name: str | None = None, extra_env: dict[str, str] | None = None) -> FleetWorker:
         """Start and join a real vLLM worker with `appliance worker join --model DIR --host ADDR --port P --advertise URL`."""

@@ -96,6 +96,7 @@ def join(
     url: Optional[str] = typer.Option(None, "--url", help="Join an already running worker at this URL instead of starting one."),
     advertise: Optional[str] = typer.Option(None, "--advertise", help="URL the router should use to reach the worker (behind NAT, a proxy or a tunnel); default its own URL."),
     heartbeat_s: float = typer.Option(10.0, "--heartbeat-s", help="Seconds between heartbeats."),
+    capacity: int = typer.Option(1, "--capacity", min=1, help="Concurrent requests the worker takes before the router prefers others."),
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="With --url: the running worker's API key file (else $VLLM_API_KEY)."),
 ) -> None:
@@ -123,7 +124,7 @@ def join(
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
             raise typer.Exit(code=1)
-        membership = RouterRegistration(RouterClient(router, verify=verify), token, worker_url, region, models, api_key=api_key)
+        membership = RouterRegistration(RouterClient(router, verify=verify), token, worker_url, region, models, capacity=capacity, api_key=api_key)
         try:
             worker_id = membership.register()
             console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)
