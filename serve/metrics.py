@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from appliance.core import router_metrics as names  # the names, shared with the console
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -17,15 +19,15 @@ class RouterMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter("router_requests", "Requests answered, by route, model, worker and status.", ["route", "model", "worker", "status"], registry=r)
-        self.errors = Counter("router_errors", "Errors by kind (auth, rate_limit, too_large, bad_request, unknown_model, no_worker, upstream, stream_broken).", ["kind"], registry=r)
-        self.latency = Histogram("router_request_seconds", "Time from request to last byte, per route, model and worker.", ["route", "model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("router_ttft_seconds", "Time to the worker's first byte, per model and worker.", ["model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.outstanding = Gauge("router_outstanding", "Requests in flight per worker.", ["worker"], registry=r)
-        self.client_aborts = Counter("router_client_aborts", "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.", ["route"], registry=r)
-        self.retries = Counter("router_retries", "Requests retried on another worker before the first byte.", registry=r)
-        self.adapter_loads = Counter("router_adapter_loads", "Adapter loads on workers, by result.", ["result"], registry=r)
-        self.workers_healthy = Gauge("router_workers_healthy", "Healthy workers.", registry=r)
+        self.requests = Counter(names.REQUESTS, "Requests answered, by route, model, worker and status.", ["route", "model", "worker", "status"], registry=r)
+        self.errors = Counter(names.ERRORS, "Errors by kind (auth, rate_limit, too_large, bad_request, unknown_model, no_worker, upstream, stream_broken).", ["kind"], registry=r)
+        self.latency = Histogram(names.LATENCY, "Time from request to last byte, per route, model and worker.", ["route", "model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(names.TTFT, "Time to the worker's first byte, per model and worker.", ["model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.outstanding = Gauge(names.OUTSTANDING, "Requests in flight per worker.", ["worker"], registry=r)
+        self.client_aborts = Counter(names.CLIENT_ABORTS, "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.", ["route"], registry=r)
+        self.retries = Counter(names.RETRIES, "Requests retried on another worker before the first byte.", registry=r)
+        self.adapter_loads = Counter(names.ADAPTER_LOADS, "Adapter loads on workers, by result.", ["result"], registry=r)
+        self.workers_healthy = Gauge(names.WORKERS_HEALTHY, "Healthy workers.", registry=r)
 
     def error(self, kind: str) -> None:
         """Count one error of `kind`."""

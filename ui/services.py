@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -89,22 +88,6 @@ def parse_sse_line(line: str) -> Any:
     if not choices:
         return None
     return (choices[0].get("delta") or {}).get("content") or None
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
-
-
-def summarize_metrics(text: str) -> dict[str, float]:
-    """Sum Prometheus samples by metric name (labels dropped): enough for "metrics at a glance"."""
-    sums: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            try:
-                sums[m.group(1)] = sums.get(m.group(1), 0.0) + float(m.group(3))
-            except ValueError:
-                continue
-    return sums
 
 
 def coordinator_client(base_url: str, timeout_s: float = 10.0, admin_token: str | None = None,

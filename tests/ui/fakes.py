@@ -119,8 +119,10 @@ def build_app(state: FakeRouterState):
     @app.get("/metrics")
     def metrics():
         return PlainTextResponse(
-            "# TYPE router_requests_total counter\nrouter_requests_total{status=\"200\"} 42\n"
-            "router_request_latency_seconds_sum 1.5\nrouter_request_latency_seconds_count 42\n"
+            "# TYPE router_requests_total counter\nrouter_requests_total{status=\"200\"} 42\n"  # the router's names
+            "router_request_seconds_sum 1.5\nrouter_request_seconds_count 42\n"
+            "router_ttft_seconds_bucket{model=\"m\",worker=\"w0\",le=\"0.05\"} 42\n"
+            "router_ttft_seconds_bucket{model=\"m\",worker=\"w0\",le=\"+Inf\"} 42\n"
         )
 
     return app

@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from appliance.cli import app
 from tests.factories import free_port
-from ui.services import STREAM_DONE, RouterClient, ServiceUnavailable, parse_sse_line, summarize_metrics
-from ui.tabs.fleet import metrics_markdown
+from ui.services import STREAM_DONE, RouterClient, ServiceUnavailable, parse_sse_line
 
 
 def test_parse_sse_line_content_done_and_error():
@@ -29,15 +28,6 @@ def test_router_down_is_a_clear_message_not_a_crash():
         router.models()
     with pytest.raises(ServiceUnavailable, match="not reachable"):
         list(router.stream_chat("m", [{"role": "user", "content": "hi"}], 0.7, 8))
-
-
-def test_metrics_at_a_glance_from_prometheus_text():
-    text = ('# HELP router_requests_total x\nrouter_requests_total{route="/v1/chat/completions",status="200"} 40\n'
-            'router_requests_total{route="/v1/models",status="200"} 2\nrouter_errors_total{kind="upstream"} 3\n'
-            'router_request_latency_seconds_sum{route="a"} 2.0\nrouter_request_latency_seconds_count{route="a"} 40\n')
-    sums = summarize_metrics(text)
-    assert sums["router_requests_total"] == 42
-    assert metrics_markdown(sums) == "**Requests** 42 · **errors** 3 · **mean latency** 50.0 ms"
 
 
 def test_cli_has_ui_command_with_its_flags():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ui.context import ConsoleContext, guarded, problem
-from ui.services import ServiceUnavailable, summarize_metrics
+from appliance.core.router_metrics import snapshot
+from ui.fleet_history import FleetHistory, figures, summary_markdown
+from ui.services import ServiceUnavailable
 
 WORKER_HEADERS = ["id", "url", "region", "healthy", "draining", "canary", "outstanding", "latency (ms)", "models", "adapters"]
 
@@ -23,29 +26,16 @@ def worker_rows(workers: list[dict[str, Any]]) -> list[list[Any]]:
              ", ".join(w.get("models") or []), ", ".join(w.get("adapters") or [])] for w in workers]
 
 
-def metrics_markdown(sums: dict[str, float]) -> str:
-    """Requests, errors and mean latency from summed Prometheus samples (names matched loosely)."""
-    def pick(*needles: str, suffix: str = "") -> float | None:
-        for name, value in sums.items():
-            if all(n in name for n in needles) and name.endswith(suffix):
-                return value
-        return None
-
-    requests = pick("request", suffix="_total")
-    errors = pick("error", suffix="_total")
-    lat_sum, lat_count = pick("latency", suffix="_sum") or pick("duration", suffix="_sum"), \
-        pick("latency", suffix="_count") or pick("duration", suffix="_count")
-    mean_ms = f"{1000 * lat_sum / lat_count:.1f} ms" if lat_sum is not None and lat_count else "-"
-    return (f"**Requests** {int(requests) if requests is not None else '-'} · **errors** "
-            f"{int(errors) if errors is not None else 0} · **mean latency** {mean_ms}")
-
-
 def build(ctx: ConsoleContext) -> None:
     """Lay out the Fleet tab inside the current `gr.Tab`."""
     import gradio as gr
 
     status = gr.Markdown("", elem_id="fleet-status")
     metrics = gr.Markdown("", elem_id="fleet-metrics")
+    with gr.Row():
+        rate_plot = gr.Plot(label="Requests and errors", elem_id="fleet-rate-plot")
+        ttft_plot = gr.Plot(label="Time to first token", elem_id="fleet-ttft-plot")
+    history = FleetHistory(window_s=600.0)
     workers = gr.Dataframe(headers=WORKER_HEADERS, value=[], interactive=False, label="Workers", elem_id="fleet-workers")
     with gr.Row():
         url = gr.Textbox(label="Worker URL", placeholder="http://10.0.0.5:8100", scale=3, elem_id="fleet-url")
@@ -61,12 +51,13 @@ def build(ctx: ConsoleContext) -> None:
     def refresh():
         try:
             rows = ctx.router.workers()
-            sums = summarize_metrics(ctx.router.metrics_text())
+            snap = snapshot(ctx.router.metrics_text(), time.time())
         except ServiceUnavailable as exc:
-            return problem(exc), "", [], gr.Dropdown()
+            return problem(exc), "", [], gr.Dropdown(), gr.Plot(), gr.Plot()
+        history.add(snap)
         ids = [w.get("id") for w in rows]
         note = "" if rows else "No workers yet: `appliance up` starts one; remote GPUs join with `appliance worker join`."
-        return note, metrics_markdown(sums), worker_rows(rows), gr.Dropdown(choices=ids)
+        return (note, summary_markdown(snap), worker_rows(rows), gr.Dropdown(choices=ids), *figures(history))
 
     @guarded(lambda msg: msg)
     def on_add(worker_url: str, worker_region: str):
@@ -82,7 +73,7 @@ def build(ctx: ConsoleContext) -> None:
         ctx.router.drain(wid)
         return f"Draining `{wid}`: it takes no new requests and leaves when idle."
 
-    outputs = [status, metrics, workers, worker_id]
+    outputs = [status, metrics, workers, worker_id, rate_plot, ttft_plot]
     timer.tick(refresh, None, outputs, show_progress="hidden")
     refresh_btn.click(refresh, None, outputs)
     add.click(on_add, [url, region], action).then(refresh, None, outputs)
