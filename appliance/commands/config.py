@@ -16,7 +16,7 @@ def show(ctx: typer.Context) -> None:
     """Print the effective settings as YAML, with every secret masked."""
     with cli_errors():
         settings = settings_from(ctx)
-        console.print(yaml.safe_dump(redacted_dump(settings), sort_keys=False), highlight=False, end="")
+        console.print(yaml.safe_dump(redacted_dump(settings), sort_keys=False), highlight=False, markup=False, end="")
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ def _print_keypair(ctx: typer.Context, role: str) -> None:
 
     with cli_errors():
         kp = ensure_keypair(settings_from(ctx).keys_dir, role)
-        console.print(f"{role} public key: {kp.public}", highlight=False)
+        console.print(f"{role} public key: {kp.public}", highlight=False, markup=False)
 
 
 @federation_app.command("init")

@@ -57,7 +57,7 @@ def keys_create(
     with cli_errors():
         settings = settings_from(ctx)
         key = create_key(settings.keys_dir, name, rpm=rpm, tpm=tpm)
-        console.print(key, highlight=False, soft_wrap=True)
+        console.print(key, highlight=False, markup=False, soft_wrap=True)
         typer.echo(f"key {name!r} created (rpm={rpm or 'unlimited'}, tpm={tpm or 'unlimited'}); it is shown only now", err=True)
 
 

@@ -89,7 +89,7 @@ def up(
         console.print(f"starting {', '.join(c.name for c in children)} (logs in {settings.logs_dir})", highlight=False)
         sup.start(stop)
         if not stop.is_set():
-            console.print(_banner(settings, children, model, admin_token, coordinator_key), highlight=False, soft_wrap=True)
+            console.print(_banner(settings, children, model, admin_token, coordinator_key), highlight=False, markup=False, soft_wrap=True)
         try:
             sup.supervise(stop)
         finally:

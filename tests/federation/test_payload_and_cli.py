@@ -83,3 +83,16 @@ async def test_status_endpoint_and_report(tmp_path):
     assert {"participants", "metrics", "per_silo", "bytes_in", "bytes_out", "duration_s", "epsilon", "adapter"} <= set(doc["rounds"][0])
     text = format_status(doc)
     assert "s0" in text and "done" in text
+
+
+def test_keygen_prints_a_key_with_brackets_intact(tmp_path, monkeypatch):
+    """Z85 keys contain '[' and ']': printed through rich markup, '[...]' vanished and operators copied a wrong key."""
+    import zmq
+
+    from appliance.cli import app
+
+    bracketed = (b"ab[cd]ef" + b"x" * 32, b"s" * 40)
+    monkeypatch.setattr(zmq, "curve_keypair", lambda: bracketed)
+    r = CliRunner().invoke(app, ["--home", str(tmp_path), "silo", "keygen"])
+    assert r.exit_code == 0, r.output
+    assert "ab[cd]ef" + "x" * 32 in r.output
