@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from appliance.core.errors import ApplianceError, ConfigError, DataError, ModelNotFound
 from appliance.core.settings import ApplianceSettings, load_settings
@@ -39,8 +40,8 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, ModelNotFound) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(code=2) from exc
     except ApplianceError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(code=1) from exc
