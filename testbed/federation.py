@@ -80,7 +80,7 @@ class GeoFederation:
         self._cli(self.home("coordinator"), "federation", "enroll", name, key)
         self.silos[name] = region
 
-    def start_coordinator(self, *args: str, timeout_s: float = 120.0) -> None:
+    def start_coordinator(self, *args: str, timeout_s: float = 600.0) -> None:
         """`appliance coordinator start --host ADDR --port P ARGS` in the coordinator's region; waits for /status."""
         self.port, self.status_port = self.bed.free_port(self.region), self.bed.free_port(self.region)
         home = self.home("coordinator")
@@ -129,7 +129,7 @@ class GeoFederation:
         tails = "\n".join(f"--- {n}.log\n{self.bed.log(n)[-2500:]}" for n in names)
         raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tails}")
 
-    def wait_round(self, n: int, timeout_s: float = 180.0) -> dict[str, Any]:
+    def wait_round(self, n: int, timeout_s: float = 600.0) -> dict[str, Any]:
         """Wait until round `n` has a record (completed or failed); returns it."""
         found: dict[str, Any] = {}
 

@@ -46,7 +46,7 @@ def wan_run(tmp_path_factory, tiny_model_dir):
         for name in SILOS:
             fed.start_silo(name, data[name]["train"])
 
-        fed.wait_round(1, 300)
+        fed.wait_round(1)
         bed.flap("c", FLAP_EVERY_S)
         bed.cut("b")  # round 2 has just started: lakeside got its TRAIN (or not), its answer cannot come back
         bed.reset_after("a", 20_000)  # northbridge's round-2 update (64 KB in fp32) breaks off after 20 KB
