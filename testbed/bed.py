@@ -244,7 +244,8 @@ class Bed:
         self._run(arm())
 
     # -- processes and clients --
-    def spawn(self, region: str, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, region: str, name: str, argv: list[str], env: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
         """Start `argv` inside `region` (its own process group, output in `workdir/NAME.log`)."""
         if name in self.processes:
             raise ValueError(f"a process named {name!r} already runs in the bed")
@@ -253,7 +254,7 @@ class Bed:
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(ns.exec_argv(argv) if ns else argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, start_new_session=True)
         self.processes[name] = proc
         logger.info("spawned %s in %s (pid %d, log %s)", name, region, proc.pid, log_path)
         return proc

@@ -25,6 +25,7 @@ from testbed.bed import Bed
 logger = logging.getLogger(__name__)
 
 FAKE_MODEL = "geo-fake"
+CHECKOUT = Path(__file__).resolve().parents[1]  # testing/ (the fake worker) lives in the source checkout, not installed
 
 
 def appliance_argv(*args: str) -> list[str]:
@@ -97,12 +98,15 @@ class GeoFleet:
     def add_fake_worker(self, region: str, name: str | None = None, *fake_args: str, join_args: tuple[str, ...] = ()) -> FleetWorker:
         """Start the fake vLLM worker in `region` with its own API key (`VLLM_API_KEY`, as vLLM reads it) and join it
         with `appliance worker join --url ... --advertise ...` (the key in the same variable)."""
+        if not (CHECKOUT / "testing" / "fake_vllm.py").exists():
+            raise FileNotFoundError(f"the fake vLLM worker (testing/fake_vllm.py) is not in {CHECKOUT}: the test bed's fake "
+                                    "workers need a source checkout of the appliance")
         name = name or f"fake-{region}"
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"
         key = {"VLLM_API_KEY": secrets.token_urlsafe(24)}
         self.bed.spawn(region, name, [sys.executable, "-m", "testing.fake_vllm", "--host", self.bed.address(region),
-                                      "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args], env=key)
+                                      "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args], env=key, cwd=CHECKOUT)
         self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 30, f"{name} to answer", name)
         return self._join(region, name, port, url, ["--url", url, *join_args], key)
 
