@@ -35,8 +35,9 @@ def _start_echo(bed: Bed, region: str) -> int:
     return port
 
 
-async def _rtt(host: str, port: int, timeout_s: float = 10.0) -> float:
-    """One echo round trip; retried while the echo process is still starting (the link resets or refuses)."""
+async def _rtt(host: str, port: int, timeout_s: float = 120.0) -> float:
+    """One echo round trip; retried while the echo process is still starting (the link resets or refuses), which on
+    a loaded machine can take a while."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
