@@ -14,6 +14,7 @@ TTFT is measured by the client, so it includes the client's own round trip to th
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -75,6 +76,7 @@ def main() -> None:
     p.add_argument("--capacity", type=int, default=4, help="Each worker's --capacity at join (concurrent requests).")
     p.add_argument("--policies", default=",".join(POLICIES))
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds too: the bed's namespaces are removed
     with tempfile.TemporaryDirectory(prefix="geo-fleet-") as tmp, Bed(REGIONS, Path(tmp) / "bed") as bed:
         mode = "network namespaces" if bed.use_netns else f"loopback links ({bed.netns_skip_reason})"
         results = {policy: run_policy(bed, Path(tmp), policy, args) for policy in args.policies.split(",")}

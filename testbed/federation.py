@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from appliance.core.secrets import ensure_token
 from testbed.bed import Bed
 from testbed.fleet import appliance_argv
 
@@ -80,10 +81,15 @@ class GeoFederation:
         self._cli(self.home("coordinator"), "federation", "enroll", name, key)
         self.silos[name] = region
 
+    @property
+    def admin_token(self) -> str:
+        return ensure_token(self.home("coordinator") / "keys", "admin_token")
+
     def start_coordinator(self, *args: str, timeout_s: float = 600.0) -> None:
         """`appliance coordinator start --host ADDR --port P ARGS` in the coordinator's region; waits for /status."""
         self.port, self.status_port = self.bed.free_port(self.region), self.bed.free_port(self.region)
         home = self.home("coordinator")
+        self.admin_token  # noqa: B018 - made before the coordinator reads it
         env = {**self._env(home), "APPLIANCE_FEDERATION__STATUS_PORT": str(self.status_port),
                "APPLIANCE_FEDERATION__AUTO_PUBLISH": "false"}
         self.bed.spawn(self.region, "coordinator", appliance_argv(
@@ -101,10 +107,12 @@ class GeoFederation:
     def status(self) -> dict[str, Any] | None:
         """The coordinator's status document (read inside its region), or None if it does not answer."""
         url = f"http://{self.bed.address(self.region)}:{self.status_port}/status"
+        # beyond loopback /status needs the admin token of the coordinator's home
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.admin_token}"})
 
         def get() -> dict[str, Any] | None:
             try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
+                with urllib.request.urlopen(req, timeout=5) as resp:
                     return json.load(resp)
             except (urllib.error.URLError, OSError, ValueError):
                 return None

@@ -76,7 +76,7 @@ class GeoFleet:
         env.update({f"APPLIANCE_SERVE__{k.upper()}": str(v) for k, v in self.serve_env.items()})
         return env
 
-    def start_router(self, timeout_s: float = 60.0) -> str:
+    def start_router(self, timeout_s: float = 180.0) -> str:
         """Create an API key (`appliance keys create`) and start `appliance serve` in the router's region."""
         import subprocess
 
@@ -107,7 +107,7 @@ class GeoFleet:
         key = {"VLLM_API_KEY": secrets.token_urlsafe(24)}
         self.bed.spawn(region, name, [sys.executable, "-m", "testing.fake_vllm", "--host", self.bed.address(region),
                                       "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args], env=key, cwd=CHECKOUT)
-        self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 30, f"{name} to answer", name)
+        self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 120, f"{name} to answer", name)
         return self._join(region, name, port, url, ["--url", url, *join_args], key)
 
     def add_vllm_worker(self, region: str, model_dir: Path, name: str | None = None, extra_env: dict[str, str] | None = None) -> FleetWorker:
@@ -129,7 +129,7 @@ class GeoFleet:
         self.workers[name] = worker
         return worker
 
-    def wait_healthy(self, names: list[str] | None = None, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    def wait_healthy(self, names: list[str] | None = None, timeout_s: float = 180.0) -> list[dict[str, Any]]:
         """Wait until the router lists the named workers (default: all) as healthy; returns the worker rows."""
         wanted = {self.workers[n].advertised for n in (names or list(self.workers))}
         rows: list[dict[str, Any]] = []

@@ -41,7 +41,7 @@ def wan_run(tmp_path_factory, tiny_model_dir):
         fed.init()
         for name, region in SILOS.items():
             fed.enroll(name, region)
-        fed.start_coordinator("--rounds", str(ROUNDS), "--min-silos", "2", "--round-deadline", "120",
+        fed.start_coordinator("--rounds", str(ROUNDS), "--min-silos", "2", "--round-deadline", "600",
                               "--local-steps", "2", "--compression", "fp32")
         for name in SILOS:
             fed.start_silo(name, data[name]["train"])
