@@ -327,18 +327,23 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
 
 
 def micro_batch(rows: Sequence[Row], index: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> list[Row]:
-    """The rows of global micro-batch number `index` (0-based) for this rank; epochs wrap around.
+    """This rank's share of global micro-batch number `index` (0-based) of `batch_size` rows; epochs wrap around.
 
-    A micro-batch is a pure function of (index, seed), which is what makes resuming exact.
+    The global micro-batch is a pure function of (index, seed), whatever the number of ranks: rank r of
+    `world_size` takes its rows r*b..(r+1)*b-1 (b = batch_size / world_size), so N ranks see exactly the rows one
+    rank would. That is what makes resuming exact and results independent of the rank count.
     """
-    per_epoch = batches_per_epoch(len(rows), batch_size, world_size)
+    if batch_size % world_size:
+        raise ValueError(f"a global micro-batch of {batch_size} rows does not split across {world_size} ranks")
+    per_epoch = batches_per_epoch(len(rows), batch_size)
     epoch, k = divmod(index, per_epoch)
     order = epoch_order(len(rows), seed, epoch)
-    start = (k * world_size + rank) * batch_size
-    picked = [order[(start + j) % len(order)] for j in range(batch_size)]
+    share = batch_size // world_size
+    start = k * batch_size + rank * share
+    picked = [order[(start + j) % len(order)] for j in range(share)]
     return [rows[i] for i in picked]
 
 
-def batches_per_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
-    """Micro-batches in one pass over the rows (at least 1)."""
-    return max(1, num_rows // (batch_size * world_size))
+def batches_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Global micro-batches of `batch_size` rows in one pass over the rows (at least 1)."""
+    return max(1, num_rows // batch_size)

@@ -133,9 +133,48 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def deepspeed_config(cfg: "TrainSettings", precision: str, world_size: int = 1) -> dict[str, Any]:
-    """The DeepSpeed config for these settings (optimizer and schedule are passed as objects)."""
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's reduce/allgather bucket default, sized for full fine-tuning
+MIN_BUCKET = 1 << 20  # elements (4 MiB in fp32): below this, more collectives for no memory worth saving
+
+
+def bucket_elements(trainable_params: int) -> int:
+    """Elements per ZeRO gradient bucket for a model with `trainable_params` trainable parameters.
+
+    DeepSpeed allocates its reduce bucket up front (stage 2 keeps one or two flat buffers of `reduce_bucket_size`
+    elements; 5e8 fp32 elements are 2 GB each) although a LoRA of under a million parameters fills a
+    thousandth of it. One bucket holding every trainable parameter reduces them in one collective; the size is
+    clamped to [MIN_BUCKET, DeepSpeed's default] so full fine-tuning keeps DeepSpeed's own choice.
+    """
+    if trainable_params < 1:
+        raise ConfigError(f"nothing to train: {trainable_params} trainable parameters")
+    return max(MIN_BUCKET, min(DEEPSPEED_DEFAULT_BUCKET, int(trainable_params)))
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """Sequences each rank takes of every global micro-batch of `batch_size` (which the ranks split evenly).
+
+    Raises:
+        ConfigError: the batch does not split evenly across the ranks.
+    """
+    if batch_size % world_size:
+        raise ConfigError(f"train.batch_size={batch_size} (the global micro-batch) must be a multiple of the {world_size} ranks; "
+                          f"set it to {max(world_size, batch_size // world_size * world_size)} or use fewer ranks")
+    return batch_size // world_size
+
+
+def deepspeed_config(cfg: "TrainSettings", precision: str, world_size: int = 1, trainable_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for these settings (optimizer and schedule are passed as objects).
+
+    `cfg.batch_size` is the global micro-batch: each of the `world_size` ranks takes its share. With
+    `trainable_params`, the gradient buckets are sized from it (`bucket_elements`); else DeepSpeed's defaults.
+    """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if trainable_params is not None:
+        bucket = bucket_elements(trainable_params)
+        zero["reduce_bucket_size"] = bucket
+        if cfg.zero_stage in (1, 2):
+            zero["allgather_bucket_size"] = bucket
+        # stage 3's prefetch/live-parameter limits concern fetching the (frozen) base weights: left to DeepSpeed.
     if cfg.offload_optimizer and cfg.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _use_cuda()}
     if cfg.offload_param:
@@ -143,9 +182,9 @@ def deepspeed_config(cfg: "TrainSettings", precision: str, world_size: int = 1) 
             raise ConfigError("train.offload_param needs zero_stage=3 (ZeRO-Infinity parameter offload)")
         zero["offload_param"] = {"device": "cpu", "pin_memory": _use_cuda()}
     return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": per_rank_batch(cfg.batch_size, world_size),
         "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
@@ -186,8 +225,13 @@ def lr_lambda(warmup_steps: int, total_steps: int, kind: str = "cosine", offset:
 # ---------------------------------------------------------------- the loss module
 
 
-def _loss_module(peft_model: Any, prox_ref: StateDict | None, prox_mu: float, zero_stage: int) -> Any:
-    """Wrap a peft model so forward returns (loss, ce_sum, label_tokens) with the optional proximal term."""
+def _loss_module(peft_model: Any, prox_ref: StateDict | None, prox_mu: float, zero_stage: int, world_size: int = 1) -> Any:
+    """Wrap a peft model so forward returns (loss, ce_sum, label_tokens) with the optional proximal term.
+
+    On several ranks each rank's cross-entropy is weighted by its share of the global micro-batch's label tokens
+    (times `world_size`, which DeepSpeed's gradient averaging divides out), so the gradient is that of the mean
+    over the whole global batch, as on one rank, however the tokens fall across ranks.
+    """
     import torch
 
     class LossModule(torch.nn.Module):
@@ -210,6 +254,12 @@ def _loss_module(peft_model: Any, prox_ref: StateDict | None, prox_mu: float, ze
             out = self.model(input_ids=input_ids, labels=labels, use_cache=False, **kw)
             n = (labels[:, 1:] != datamod.IGNORE_INDEX).sum()
             loss = out.loss
+            if world_size > 1:
+                import torch.distributed as dist
+
+                n_global = n.detach().clone()
+                dist.all_reduce(n_global)
+                loss = loss * (n * world_size / n_global.clamp(min=1))
             if self.prox_pairs:
                 prox = sum(((p - ref.to(p.device, p.dtype)) ** 2).sum() for p, ref in self.prox_pairs)
                 loss = loss + 0.5 * prox_mu * prox
@@ -230,14 +280,14 @@ def _named_lora_params(peft_model: Any) -> list[tuple[str, Any]]:
 # ---------------------------------------------------------------- the public entry point
 
 
-def plan_steps(cfg: "TrainSettings", num_rows: int, max_steps: int | None, world_size: int = 1) -> int:
+def plan_steps(cfg: "TrainSettings", num_rows: int, max_steps: int | None) -> int:
     """Optimizer steps to run: the explicit `max_steps`, else cfg.epochs over the rows, else cfg.max_steps."""
     if max_steps is not None:
         if max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
         return max_steps
     if cfg.epochs is not None:
-        per_epoch = datamod.batches_per_epoch(num_rows, cfg.batch_size, world_size)
+        per_epoch = datamod.batches_per_epoch(num_rows, cfg.batch_size)
         return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     return cfg.max_steps
 
@@ -339,13 +389,13 @@ def _train(
     tokenizer = lora.load_tokenizer(model_dir)
     rows = prepare_rows(cfg, tokenizer, train_records)
     eval_rows = datamod.unpacked_rows(datamod.tokenize_records(tokenizer, eval_records, cfg.max_seq_len)) if eval_records else []
-    total_steps = plan_steps(cfg, len(rows), max_steps, world)
+    total_steps = plan_steps(cfg, len(rows), max_steps)
 
     peft_model = lora.build_peft_model(cfg, model_dir, dtype, init_state)
     if cfg.lora_freeze_a:
         lora.freeze_lora_a(peft_model)
     ref = init_state if init_state is not None else (lora.adapter_state(peft_model) if prox_mu > 0 else None)
-    module = _loss_module(peft_model, ref, prox_mu, cfg.zero_stage)
+    module = _loss_module(peft_model, ref, prox_mu, cfg.zero_stage, world)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     offset, span = schedule_span if schedule_span is not None else (0, total_steps)
@@ -353,7 +403,8 @@ def _train(
         raise ConfigError(f"schedule_span {schedule_span} must be (offset >= 0, total > offset)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, span, cfg.lr_scheduler, offset))
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, precision, world)
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, precision, world, trainable_params=sum(p.numel() for p in params))
     )
     try:
         start_step = run.load_checkpoint(engine) if resume else 0
@@ -405,7 +456,9 @@ def _loop(
             step_tokens += sum(r.num_tokens for r in mb)
             ce_sum += float(s)
             ce_n += int(n)
-        tokens_total += step_tokens * world
+        if world > 1:  # the step's loss and tokens over the whole global batch, as one rank would report them
+            step_tokens, ce_sum, ce_n = _sum_over_ranks(step_tokens, ce_sum, ce_n)
+        tokens_total += step_tokens
         elapsed = time.perf_counter() - t0
         done = step + 1 - start_step
         record = {
@@ -433,6 +486,18 @@ def _loop(
         "tokens_per_s": tokens_total / elapsed if elapsed > 0 else 0.0,
         "elapsed_s": elapsed,
     }
+
+
+def _sum_over_ranks(*values: float) -> list[Any]:
+    """Each value summed over all ranks (one all-reduce); integers stay integers."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return [type(v)(x) for v, x in zip(values, t.tolist())]
 
 
 def _evaluate_engine(engine: Any, rows: list[datamod.Row], pad_id: int, batch_size: int) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import tempfile
 import time
@@ -109,8 +110,11 @@ def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: b
             if progress is not None:
                 progress(record)
 
-        result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=on_step,
-                             eval_data=eval_data, resume=resume)
+        if cfg.ranks > 1 or cfg.hostfile:
+            result = _launch(run_dir, cfg, resume=resume, progress=on_step)
+        else:
+            result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=on_step,
+                                 eval_data=eval_data, resume=resume)
         tracker.log({f"final/{k}": v for k, v in result.metrics.items()}, int(result.metrics["steps"]))
     status = json.loads((run_dir / "status.json").read_text())
     try:
@@ -130,6 +134,23 @@ def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: b
         raise
     write_json_atomic(run_dir / "status.json", {**status, "adapter": adapter.ref})
     return RunOutcome(run_id, run_dir, adapter, result)
+
+
+def _launch(run_dir: Path, cfg: TrainSettings, *, resume: bool, progress: Any) -> FitResult:
+    """Train on cfg.ranks ranks (per node of cfg.hostfile) under DeepSpeed's launcher (train.distributed)."""
+    from train.distributed import launch_run
+
+    try:
+        out = launch_run(run_dir, cfg.ranks, resume=resume, hostfile=Path(cfg.hostfile) if cfg.hostfile else None, progress=progress)
+    except BaseException as exc:  # the ranks may have died before rank 0 could record it
+        status_path = run_dir / "status.json"
+        status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+        if status.get("state") in (None, "running"):
+            stopped = isinstance(exc, KeyboardInterrupt)
+            write_json_atomic(status_path, {"pid": os.getpid(), "adapter": None, **status, "state": "stopped" if stopped else "failed", "exit_code": 130 if stopped else 1,
+                                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+        raise
+    return FitResult(state=out.state, num_examples=out.num_examples, metrics=out.metrics)
 
 
 def register_result(settings: "ApplianceSettings", result: FitResult, cfg: TrainSettings, model_dir: Path, name: str,

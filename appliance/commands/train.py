@@ -31,6 +31,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch size (sequences)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Tokens per (packed) sequence."),
+    ranks: Optional[int] = typer.Option(None, "--ranks", help="Ranks per node (GPUs, or CPU processes), via DeepSpeed's launcher."),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (HOST slots=N lines) for several nodes."),
     output: Optional[str] = typer.Option(None, "--output", help="Adapter name to register (default: DATA-lora)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue run RUN_ID from its last checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Load no weights: print parameter counts and targeted modules."),
@@ -42,7 +44,8 @@ def train(
         targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
         settings = settings_from(ctx, {"model": model, **_overrides(
             lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, zero_stage=zero_stage,
-            max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len)})
+            max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
+            ranks=ranks, hostfile=str(hostfile.resolve()) if hostfile else None)})
         if dry_run:
             _print_dry_run(settings)
             return
