@@ -7,15 +7,22 @@ second of training (model loading excluded).
 
     .venv/bin/python bench/train_throughput.py [--model DIR_OR_NAME] [--steps 3] [--batch-size 4] [--seq-len 256]
 
+Each run is a fresh child process, so its peak resident memory (ru_maxrss: model, optimizer, DeepSpeed's buffers)
+is its own and is printed beside its tokens/s. `--ranks 2` adds the engine on 2 CPU ranks (DeepSpeed's launcher,
+the same global batches) beside 1 rank.
+
 Prints one line per run and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,6 +133,47 @@ def run_hf_trainer(cfg: Any, model_dir: Path, records: list[dict[str, Any]], ste
             "train_loss": losses[-1] if losses else float("nan"), "steady_tokens_per_s": steady(step_times, per_step)}
 
 
+RUNS = ("engine, packing off", "HF Trainer + peft, packing off", "engine, packing on")
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """One run in this (fresh) process; adds peak_rss_mb, this process's peak resident memory."""
+    from appliance.core.sections.train import TrainSettings
+
+    model_dir = resolve(args.model)
+    records = mixed_chat_records(args.examples)
+    cfg = TrainSettings(batch_size=args.batch_size, max_seq_len=args.seq_len, lora_r=8, lr=2e-4, warmup_steps=1,
+                        zero_stage=args.zero_stage, packing=name.endswith("packing on"))
+    m = (run_hf_trainer if name.startswith("HF") else run_engine)(cfg, model_dir, records, args.steps)
+    return {**m, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_ranks(ranks: int, args: argparse.Namespace) -> dict[str, float]:
+    """The engine (packing on) on `ranks` CPU ranks under DeepSpeed's launcher: the same global batches as 1 rank."""
+    from appliance.core.atomic import write_json_atomic
+    from appliance.core.sections.train import TrainSettings
+    from train.distributed import launch_run
+    from train.run_folder import run_config
+
+    cfg = TrainSettings(batch_size=args.batch_size, max_seq_len=args.seq_len, lora_r=8, lr=2e-4, warmup_steps=1,
+                        zero_stage=args.zero_stage, packing=True, ranks=ranks, threads=max(1, (os.cpu_count() or 1) // ranks))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in mixed_chat_records(args.examples)))
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        write_json_atomic(run_dir / "config.json", run_config(cfg, resolve(args.model), data, max_steps=args.steps, output="bench"))
+        m = launch_run(run_dir, ranks).metrics
+    return {**m, "steady_tokens_per_s": float("nan")}
+
+
+def _child(name: str, argv: list[str]) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, __file__, *argv, "--only", name], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Model folder or store name (default: embedded SmolLM2-135M).")
@@ -134,32 +182,35 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--ranks", type=int, default=1, help="Also run the engine on this many CPU ranks (DeepSpeed's launcher).")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a child process: one run, JSON on stdout
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.only is not None:
+        result = run_ranks(int(args.only[len("ranks:"):]), args) if args.only.startswith("ranks:") else run_one(args.only, args)
+        print(json.dumps(result))
+        return
 
-    from appliance.core.sections.train import TrainSettings
-
-    model_dir = resolve(args.model)
-    records = mixed_chat_records(args.examples)
-    base = dict(batch_size=args.batch_size, max_seq_len=args.seq_len, lora_r=8, lr=2e-4, warmup_steps=1, zero_stage=args.zero_stage)
-    packed_cfg = TrainSettings(**base, packing=True)
-    unpacked_cfg = TrainSettings(**base, packing=False)
-
-    print(f"model {model_dir.name}, {args.steps} steps, batch {args.batch_size} x seq {args.seq_len}, ZeRO-{args.zero_stage}, "
-          f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}")
-    results = {
-        "engine, packing off": run_engine(unpacked_cfg, model_dir, records, args.steps),
-        "HF Trainer + peft, packing off": run_hf_trainer(unpacked_cfg, model_dir, records, args.steps),
-        "engine, packing on": run_engine(packed_cfg, model_dir, records, args.steps),
-    }
+    argv = sys.argv[1:]
+    print(f"model {resolve(args.model).name}, {args.steps} steps, batch {args.batch_size} x seq {args.seq_len}, ZeRO-{args.zero_stage}, "
+          f"{os.cpu_count()} CPUs, each run in a fresh process")
+    results = {name: _child(name, argv) for name in RUNS}
+    if args.ranks > 1:
+        results[f"engine, {args.ranks} ranks, packing on"] = _child(f"ranks:{args.ranks}", argv)
     for name, m in results.items():
+        rss = f", peak RSS {m['peak_rss_mb']:7.0f} MB" if "peak_rss_mb" in m else ""
         print(f"{name:32s} {m['tokens_per_s']:8.1f} tokens/s all steps, {m['steady_tokens_per_s']:8.1f} tokens/s after step 1 "
-              f"({m['tokens']:.0f} tokens in {m['elapsed_s']:.1f} s, {m['elapsed_s'] / args.steps:.2f} s/step, last loss {m['train_loss']:.3f})")
+              f"({m['tokens']:.0f} tokens in {m['elapsed_s']:.1f} s, {m['elapsed_s'] / args.steps:.2f} s/step, last loss {m['train_loss']:.3f}{rss})")
     for key, label in (("tokens_per_s", "all steps"), ("steady_tokens_per_s", "after step 1")):
-        eng, hf, packed = (results[k][key] for k in results)
+        eng, hf, packed = (results[k][key] for k in RUNS)
         print(f"ratio engine / HF Trainer (same batches), {label}: {eng / hf:.2f}")
         print(f"ratio packing on / off (engine), {label}:          {packed / eng:.2f}")
+    eng, hf = (results[k]["peak_rss_mb"] for k in RUNS[:2])
+    print(f"ratio peak RSS engine / HF Trainer (same batches):  {eng / hf:.2f}")
+    if args.ranks > 1:
+        many = results[f"engine, {args.ranks} ranks, packing on"]["tokens_per_s"]
+        print(f"ratio {args.ranks} ranks / 1 rank (engine, packing on), all steps: {many / results[RUNS[2]]['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

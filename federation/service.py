@@ -116,7 +116,14 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
         raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
-    trainer = EngineTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None)
+    if settings.federation.silo_ranks > 1 or settings.train.hostfile:
+        from federation.rank_group import RankGroupTrainer
+
+        trainer = RankGroupTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None,
+                                   ranks=settings.federation.silo_ranks,
+                                   hostfile=Path(settings.train.hostfile) if settings.train.hostfile else None)
+    else:
+        trainer = EngineTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None)
 
     async def main() -> list[int]:
         silo = SiloClient(settings, trainer)
@@ -125,6 +132,8 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
             await _until_signal(asyncio.create_task(silo.finished.wait()))
         finally:
             await silo.stop(say_bye=silo.refused is None)
+            if hasattr(trainer, "close"):
+                trainer.close()
         if silo.refused is not None:
             raise ApplianceError(silo.refused)
         return silo.rounds_done

@@ -76,6 +76,12 @@ def vllm_command(
             "--tensor-parallel-size", str(cfg.tensor_parallel_size),
             "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
         ]
+    elif cfg.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+    if cfg.pipeline_parallel_size > 1:
+        argv += ["--pipeline-parallel-size", str(cfg.pipeline_parallel_size)]
+    if cfg.distributed_executor_backend is not None:
+        argv += ["--distributed-executor-backend", cfg.distributed_executor_backend]
     return argv + list(cfg.extra_args)
 
 

@@ -120,13 +120,15 @@ def join(
     eval_data: Optional[Path] = typer.Option(None, "--eval", exists=True, help="Held-out data (same formats as --data)."),
     name: Optional[str] = typer.Option(None, "--name", help="Silo name (as enrolled)."),
     plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
+    ranks: Optional[int] = typer.Option(None, "--ranks", help="Train on N ranks per node (GPUs or CPU processes), kept alive across rounds."),
 ) -> None:
     """Train every round the coordinator sends, until the run ends (reconnects by itself)."""
     from federation.service import run_silo
 
     with cli_errors():
         settings = settings_from(ctx, {"federation": {"coordinator": coordinator, "coordinator_key": coordinator_key,
-                                                      "silo_id": name, "plaintext": plaintext or None}})
+                                                      "silo_id": name, "plaintext": plaintext or None,
+                                                      "silo_ranks": ranks}})
         rounds = run_silo(settings, data, eval_data)
         console.print(f"silo done: trained rounds {rounds}", highlight=False)
 

@@ -56,6 +56,21 @@ def test_cuda_command_adds_gpu_flags():
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.5"
 
 
+def test_model_parallel_settings_reach_vllm_on_any_device():
+    # Arrange: a model split in 2 tensor-parallel shards x 2 pipeline stages across a Ray cluster.
+    cfg = WorkerSettings(tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray")
+
+    # Act
+    gpu, cpu = vllm_command(cfg, Path("/m"), "m", 1, device="cuda"), vllm_command(cfg, Path("/m"), "m", 1, device="cpu")
+
+    # Assert
+    for argv in (gpu, cpu):
+        assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+        assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
+        assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
+    assert "--pipeline-parallel-size" not in vllm_command(WorkerSettings(), Path("/m"), "m", 1, device="cuda")
+
+
 def test_unknown_device_is_a_config_error():
     with pytest.raises(ConfigError, match="tpu"):
         vllm_command(WorkerSettings(), Path("/m"), "m", 1, device="tpu")

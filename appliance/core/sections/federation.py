@@ -56,6 +56,7 @@ class FederationSettings(ServesTLS):
     coordinator: str | None = Field(None, description="Silo: coordinator endpoint, e.g. tcp://host:5555.")
     coordinator_key: str | None = Field(None, description="Silo: coordinator's CURVE public key (z85, 40 chars).")
     silo_id: str | None = Field(None, description="Silo: name this silo was enrolled under (default: host name).")
+    silo_ranks: int = Field(1, ge=1, description="Silo: training ranks per node (GPUs, or CPU processes), started once and kept across rounds; train.hostfile spans nodes.")
 
     @model_validator(mode="after")
     def _check(self) -> "FederationSettings":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 
 from appliance.core.sections.base import Section
@@ -27,7 +29,10 @@ class WorkerSettings(Section):
     max_model_len: int = Field(2048, ge=64, description="vLLM --max-model-len.")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB; rounded up to a whole GiB).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM --gpu-memory-utilization on CUDA.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size on CUDA.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size: GPUs (CPU: NUMA-bound processes) one model is split across.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM --pipeline-parallel-size: stages of layers, e.g. one per node.")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM --distributed-executor-backend: mp (one node) or ray (a model across nodes of a Ray cluster); None = vLLM's choice.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM --max-lora-rank (largest adapter rank it can load).")
     max_loras: int = Field(4, ge=1, description="vLLM --max-loras (adapters resident at once).")
     startup_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for a worker to become ready.")
