@@ -87,7 +87,8 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
     cmd = launcher_command(ranks, args, hostfile=hostfile)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     log_path = run_dir / LAUNCHER_LOG
-    seen = len(read_metrics(run_dir / "metrics.jsonl")) if resume else 0
+    latest = run_dir / "checkpoints" / "latest"
+    seen = int("".join(c for c in latest.read_text() if c.isdigit()) or 0) if resume and latest.is_file() else 0  # last step reported
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
         try:
@@ -105,13 +106,14 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
     return LaunchResult(load_state_dir(run_dir / ADAPTER_DIR), int(result["num_examples"]), result["metrics"])
 
 
-def _forward_progress(run_dir: Path, seen: int, progress: Callable[[dict[str, Any]], None] | None) -> int:
-    records = read_metrics(run_dir / "metrics.jsonl")
-    if progress is not None:
-        for record in records[seen:]:
-            if "loss" in record:
+def _forward_progress(run_dir: Path, last_step: int, progress: Callable[[dict[str, Any]], None] | None) -> int:
+    """Hand `progress` the step records after `last_step`; returns the last step handed on."""
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        if "loss" in record and record.get("step", 0) > last_step:
+            if progress is not None:
                 progress(record)
-    return max(seen, len(records))
+            last_step = record["step"]
+    return last_step
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
