@@ -93,12 +93,13 @@ def set_threads(threads: int | None) -> int:
     """Size torch's intra-op (OpenMP) thread pool: `threads`, else the cores this process may run on.
 
     `os.sched_getaffinity` gives the cores a process is pinned to (by `taskset`, a container's cpuset, or a
-    parent that divides the machine among several silos), so the default never oversubscribes them. Returns the
-    number set.
+    parent that divides the machine among several silos), so the default never oversubscribes them; ranks that
+    DeepSpeed's launcher started on one node (LOCAL_SIZE of them) share those cores. Returns the number set.
     """
     import torch
 
-    n = threads if threads is not None else usable_cores()
+    local_ranks = int(os.environ.get("LOCAL_SIZE", "1")) if os.environ.get(_SELF_ASSIGNED) != "1" else 1
+    n = threads if threads is not None else max(1, usable_cores() // max(1, local_ranks))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
