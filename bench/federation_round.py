@@ -3,6 +3,7 @@ round's wall time; plus aggregation time / peak memory from bench/aggregation.py
 
     .venv/bin/python bench/federation_round.py                       # everything, ~1 min
     .venv/bin/python bench/federation_round.py --skip-aggregation --train-s 5 --rounds 3
+    .venv/bin/python bench/federation_round.py --silo-ranks --rounds 3   # time outside training: 1-rank vs 2-rank silo
 
 Bytes: a real TRAIN (global adapter) and UPDATE (delta) message for SmolLM2-135M's LoRA r=8 on q/k/v/o
 (240 tensors, 921,600 parameters) encoded by `federation.wire` with each compression method, against the full
@@ -111,12 +112,44 @@ async def round_overhead(shapes, rounds: int, train_s: float, compression: str) 
     return coord.history
 
 
+def silo_rank_overhead(rounds: int, steps: int) -> list[tuple[str, int, float, float]]:
+    """Per round, a 1-rank silo's trainer vs a 2-rank one (`RankGroupTrainer`) on the embedded model, `steps` local
+    steps each: (silo, round, fit wall s, engine training-loop s). Wall minus loop is the time outside training
+    (model build, DeepSpeed init, the adapter's broadcast and return; round 1 of the 2-rank silo also starts its group).
+    """
+    from appliance.core.sections.train import TrainSettings
+    from bench.train_throughput import mixed_chat_records, resolve
+    from federation.rank_group import RankGroupTrainer
+    from federation.silo import EngineTrainer
+
+    model_dir, records = resolve(None), mixed_chat_records(32)
+    cfg = TrainSettings(batch_size=2, max_seq_len=256, warmup_steps=0, zero_stage=2)
+    out = []
+    for name, trainer in (("1 rank", EngineTrainer(cfg, model_dir, records)),
+                          ("2 ranks", RankGroupTrainer(cfg.model_copy(update={"threads": 1}), model_dir, records, ranks=2))):
+        try:
+            for r in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                _, metrics = trainer.fit(steps, {})
+                out.append((name, r, time.perf_counter() - t0, float(metrics["elapsed_s"])))
+        finally:
+            if hasattr(trainer, "close"):
+                trainer.close()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-s", type=float, default=10.0, help="simulated local training per round (s)")
     p.add_argument("--skip-aggregation", action="store_true")
+    p.add_argument("--silo-ranks", action="store_true", help="only: time outside training per round, 1-rank vs 2-rank silo")
     a = p.parse_args()
+    if a.silo_ranks:
+        print(f"{'silo':<9}{'round':>6}{'fit wall s':>12}{'training s':>12}{'outside s':>11}")
+        for name, r, wall, loop in silo_rank_overhead(a.rounds, 2):
+            print(f"{name:<9}{r:>6}{wall:>12.2f}{loop:>12.2f}{wall - loop:>11.2f}")
+        return
     shapes = lora_shapes()
     params = sum(x * y for x, y in shapes.values())
     full = FULL_MODEL_PARAMS * 4
