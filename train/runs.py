@@ -25,7 +25,7 @@ from appliance.core.model_store import resolve_model
 from appliance.core.tracking import Tracker
 from appliance.core.sections.train import TrainSettings
 from train import data as datamod
-from train.engine import FitResult, fit_adapter
+from train.engine import FitResult, fit_adapter, per_rank_batch
 from train.run_folder import run_config
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ def start_run(
     datamod.load_data(Path(data))  # fail before creating a run folder
     if eval_data is not None:
         datamod.load_data(Path(eval_data))
+    if settings.train.ranks > 1 and not settings.train.hostfile:
+        per_rank_batch(settings.train.batch_size, settings.train.ranks)  # refuse before a run folder or rank exists
     name = check_name(output or f"{Path(data).stem}-lora")
     run_id = run_id or new_run_id()
     run_dir = settings.runs_dir / run_id

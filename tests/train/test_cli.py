@@ -92,3 +92,11 @@ def test_launcher_entry_point_trains_and_writes_a_peft_folder(tiny_model_dir: Pa
                  "--max-steps", "1", "--run-dir", str(tmp_path / "run"), "--local_rank=0"])
     assert code == 0 and (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "done"
+
+
+def test_ranks_that_do_not_split_the_global_batch_exit_2_before_anything_starts(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_records(8))
+    result = cli("--home", tmp_path, "train", "--data", data, "--model", tiny_model_dir, "--ranks", 3, "--batch-size", 4)
+    assert result.exit_code == 2
+    assert "multiple of the 3 ranks" in " ".join(result.output.split())
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
