@@ -167,10 +167,13 @@ def run_ranks(ranks: int, args: argparse.Namespace) -> dict[str, float]:
     return {**m, "steady_tokens_per_s": float("nan")}
 
 
-def _child(name: str, argv: list[str]) -> dict[str, float]:
+def _child(name: str, argv: list[str]) -> dict[str, float] | None:
+    """One run in a fresh process; None (said on stdout) when it failed, e.g. killed for memory."""
     proc = subprocess.run([sys.executable, __file__, *argv, "--only", name], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        why = "killed by signal %d (SIGKILL: often the out-of-memory killer)" % -proc.returncode if proc.returncode < 0 else f"exit {proc.returncode}"
+        print(f"{name}: failed, {why}; stderr ends with:\n{proc.stderr[-1500:]}", flush=True)
+        return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -198,6 +201,11 @@ def main() -> None:
     results = {name: _child(name, argv) for name in RUNS}
     if args.ranks > 1:
         results[f"engine, {args.ranks} ranks, packing on"] = _child(f"ranks:{args.ranks}", argv)
+    if any(m is None for m in results.values()):
+        results = {k: m for k, m in results.items() if m is not None}
+        for name, m in results.items():
+            print(f"{name:32s} {m['tokens_per_s']:8.1f} tokens/s, peak RSS {m.get('peak_rss_mb', float('nan')):7.0f} MB")
+        raise SystemExit("some runs failed: no ratios")
     for name, m in results.items():
         rss = f", peak RSS {m['peak_rss_mb']:7.0f} MB" if "peak_rss_mb" in m else ""
         print(f"{name:32s} {m['tokens_per_s']:8.1f} tokens/s all steps, {m['steady_tokens_per_s']:8.1f} tokens/s after step 1 "

@@ -33,8 +33,7 @@ async def test_a_two_rank_silo_completes_three_rounds_with_a_one_rank_silo_on_on
     big, small, init = _trainers(tiny_model_dir)
     try:
         async with federation(tmp_path, [big, small], initial=init, rounds=3, min_silos=2, local_steps=2,
-                              round_deadline_s=600, silo_timeout_s=600, start_timeout_s=600,
-                              silo_kw={"silo_timeout_s": 600}) as (coord, silos):
+                              round_deadline_s=600, silo_timeout_s=600, start_timeout_s=600) as (coord, silos):
             # Act
             await coord.wait_done(1500)
         # Assert: both silos in every round; the 2-rank group was started once and really had 2 ranks.
@@ -51,8 +50,7 @@ async def test_killing_rank_1_mid_round_fails_that_round_for_the_silo_and_the_ne
     big, small, init = _trainers(tiny_model_dir)
     try:
         async with federation(tmp_path, [big, small], initial=init, rounds=1, min_silos=2, local_steps=20,
-                              round_deadline_s=600, silo_timeout_s=600, start_timeout_s=600,
-                              silo_kw={"silo_timeout_s": 600}) as (coord, silos):
+                              round_deadline_s=600, silo_timeout_s=600, start_timeout_s=600) as (coord, silos):
             await wait_for(lambda: big.group.busy and 1 in big.group.rank_pids(), timeout_s=600)
 
             # Act: rank 1 dies in the middle of round 1's training.
