@@ -74,10 +74,55 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def write(out_dir: Path, seed: int = 0) -> dict[str, dict[str, Path]]:
-    """Write `ORG/train.jsonl` and `ORG/eval.jsonl` under `out_dir`; returns the paths."""
+# The second bundled set: three support desks of one router maker share the same facts but answer in different
+# registers (formal, casual, terse field notes), and hold very unequal amounts of data (40, 20 and 10 rows).
+DEVICE_FACTS = [
+    ("factory reset", "hold the rear pin button for {n} seconds until the ring blinks {colour}"),
+    ("guest network", "open Settings > Wireless > Guest and set the limit to {n} devices"),
+    ("firmware update", "updates install nightly at {t}; a manual update takes about {n} minutes"),
+    ("status light", "a {colour} light means the uplink is down; {n} blinks mean overheating"),
+    ("admin password", "the default admin password is printed under the {colour} sticker, code {ext}"),
+    ("port forwarding", "forward ports under Advanced > NAT rule {ext}, at most {n} rules"),
+    ("warranty", "the warranty lasts {n} months; claims go to desk {ext}"),
+    ("mesh pairing", "press the pair key on both units within {n} seconds"),
+    ("parental controls", "schedules live under Family > Profile {ext}, {n} profiles at most"),
+    ("power supply", "use the {n} volt adapter with the {colour} plug only"),
+]
+REGISTERS = {
+    "enterprise": {"train": ["Could you please advise on the {topic} procedure?", "What is the documented process for {topic}?",
+                             "Kindly explain the {topic} steps for our fleet.", "Which steps apply to {topic} on this model?"],
+                   "eval": ["Please provide guidance regarding {topic}.", "What does the manual state about {topic}?"],
+                   "answer": "Thank you for contacting support. To address {topic}, {value}. Kind regards."},
+    "forum": {"train": ["hey how do i do the {topic} thing??", "anyone know {topic} on this router lol"],
+              "eval": ["ugh {topic} again, what do i do", "quick q about {topic}"],
+              "answer": "ok so for {topic} just {value} and ur good :)"},
+    "field": {"train": ["{topic}?"],
+              "eval": ["notes: {topic}", "{topic} proc"],
+              "answer": "{TOPIC}: {value}. done."},
+}
+
+
+def generate_registers(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
+    """The second set: same facts, different registers and unequal sizes; `{"desk": {"train": [...], "eval": [...]}}`."""
+    rng = random.Random(seed * 1000 + 77)
+    facts = [(topic, _fill(template, rng)) for topic, template in DEVICE_FACTS]
+    out: dict[str, dict[str, list[dict]]] = {}
+    for i, (desk, reg) in enumerate(REGISTERS.items()):
+        answer = lambda t, v: reg["answer"].format(topic=t, TOPIC=t.upper(), value=v)  # noqa: E731
+        train = [_chat(q.format(topic=t), answer(t, v)) for t, v in facts for q in reg["train"]]
+        evals = [_chat(q.format(topic=t), answer(t, v)) for t, v in facts for q in reg["eval"]]
+        random.Random(seed * 1000 + i).shuffle(train)
+        out[desk] = {"train": train, "eval": evals}
+    return out
+
+
+DATASETS = {"hospitals": generate, "registers": generate_registers}
+
+
+def write(out_dir: Path, seed: int = 0, dataset: str = "hospitals") -> dict[str, dict[str, Path]]:
+    """Write `ORG/train.jsonl` and `ORG/eval.jsonl` of a bundled set (`DATASETS`) under `out_dir`; returns the paths."""
     paths: dict[str, dict[str, Path]] = {}
-    for org, splits in generate(seed).items():
+    for org, splits in DATASETS[dataset](seed).items():
         d = Path(out_dir) / org
         d.mkdir(parents=True, exist_ok=True)
         paths[org] = {}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.core.types import StateDict
 from train.engine import FitResult, TrainingFailed, fit_adapter
-from train.evaluate import evaluate_adapter
+from train.evaluate import evaluate_adapter, evaluate_adapters
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,7 @@ __all__ = [
     "adapter_state",
     "count_parameters",
     "evaluate_adapter",
+    "evaluate_adapters",
     "fit_adapter",
     "initial_adapter_state",
     "load_adapter_state",

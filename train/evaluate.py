@@ -127,3 +127,35 @@ def evaluate_adapter(
     if generate:
         metrics.update(generation_metrics(model, tokenizer, records, max_new_tokens, max_generate))
     return metrics
+
+
+def evaluate_adapters(
+    cfg: "TrainSettings",
+    model_dir: Path,
+    states: dict[str, StateDict | None],
+    datasets: dict[str, Path | Sequence[dict[str, Any]]],
+) -> dict[str, dict[str, float]]:
+    """Eval loss of several adapters (None = the base model) on several data sets, loading the model once.
+
+    All states must fit `cfg`'s LoRA shape (rank, targets). Returns `{adapter: {data set: eval_loss}}`.
+    """
+    import torch
+
+    from train.engine import set_threads
+
+    set_threads(cfg.threads)
+    tokenizer = lora.load_tokenizer(model_dir)
+    records = {name: datamod.load_data(data) for name, data in datasets.items()}
+    model = lora.build_peft_model(cfg, Path(model_dir), torch.float32).eval()
+    out: dict[str, dict[str, float]] = {}
+    for adapter, state in states.items():
+        if state is not None:
+            lora.set_adapter_state(model, state)
+        out[adapter] = {}
+        for name, rows in records.items():
+            if state is None:
+                with model.disable_adapter():
+                    out[adapter][name] = loss_metrics(model, tokenizer, rows, cfg.max_seq_len, cfg.batch_size)["eval_loss"]
+            else:
+                out[adapter][name] = loss_metrics(model, tokenizer, rows, cfg.max_seq_len, cfg.batch_size)["eval_loss"]
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,25 @@ import pytest
 from federation.demo import DemoResult, run_demo
 from federation.demo_data import generate
 from tests.factories import make_settings
+
+
+def test_recovered_share_is_the_share_of_the_centralized_gain():
+    from federation.demo import recovered_share
+
+    losses = {"base": {"a": 4.0, "b": 2.0}, "centralized": {"a": 2.0, "b": 2.0}, "federated": {"a": 2.5, "b": 1.0}}
+    shares = recovered_share(losses, ["a", "b"], "federated")
+    assert shares["a"] == 0.75 and math.isnan(shares["b"])  # no centralized gain on b: undefined, not a division by 0
+
+
+def test_second_bundled_set_shares_facts_across_registers_and_sizes():
+    from federation.demo_data import generate_registers
+
+    data = generate_registers()
+    assert [len(d["train"]) for d in data.values()] == [40, 20, 10] and generate_registers() == data
+    facts = [{r["messages"][1]["content"].split(" ", 6)[-1][:30] for r in d["train"]} for d in data.values()]
+    assert all(len(f) == 10 for f in facts)
+    styles = [d["train"][0]["messages"][1]["content"][:8] for d in data.values()]
+    assert len(set(styles)) == 3
 
 
 def test_demo_data_is_deterministic_and_org_specific():
@@ -37,6 +58,12 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_model_dir: 
     assert result.table().splitlines()[-2].endswith(f": {verdict}")
     assert len(result.federation) == 1 and result.federation[0]["participants"] == ["lakeside", "northbridge", "redwood"]
     assert (tmp_path / "demo" / "coordinator" / "adapters" / "demo-federation" / "1" / "meta.json").exists()
+    # the recovered share of the centralized gain, per silo, in the table and in result.json (the console reads it)
+    doc = json.loads((tmp_path / "demo" / "result.json").read_text())
+    for org in result.orgs:
+        base, fed, central = (result.losses[k][org] for k in ("base", "federated", "centralized"))
+        assert math.isclose(doc["recovered"][org], (base - fed) / (base - central), rel_tol=1e-9)
+    assert "recovered (fed)" in table and doc["method"] == {"strategy": "fedavg", "lr_schedule": "constant"}
 
 
 def _result(federated: float) -> DemoResult:

@@ -56,3 +56,20 @@ def test_refresh_shows_the_coordinator_status(tmp_path):
 
     assert problem == "" and "**round** 4 / 10" in summary
     assert [row[0] for row in silos] == ["hospital-a", "hospital-b", "clinic-c"] and len(rounds) == 3
+
+
+def test_demo_result_shows_the_recovered_share_per_silo(tmp_path):
+    import json
+
+    ctx = _ctx(tmp_path)
+    assert tab.demo_markdown(ctx) == ""  # no demo yet
+    out = ctx.settings.home / "ui" / "demo"
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({"recovered": {"northbridge": 0.981, "lakeside": 0.97},
+                                                  "federated_beats_local_cross_silo": True}))
+
+    text = tab.demo_markdown(ctx)
+
+    assert "northbridge **98%**" in text and "lakeside **97%**" in text and "beats every local-only" in text
+    (out / "result.json").write_text("{not json")
+    assert tab.demo_markdown(ctx) == ""

@@ -161,6 +161,21 @@ def on_stop(ctx: ConsoleContext) -> str:
     return problem("No coordinator or demo started from this console is running.")
 
 
+def demo_markdown(ctx: ConsoleContext) -> str:
+    """The last demo's verdict from its `result.json`: the share of the centralized gain recovered on each silo."""
+    import json
+
+    path = ctx.settings.home / "ui" / "demo" / "result.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        shares = ", ".join(f"{html.escape(str(org))} **{float(share):.0%}**" for org, share in doc["recovered"].items())
+        beats = "beats" if doc.get("federated_beats_local_cross_silo") else "does not beat"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    return (f"**Last demo**: the federated adapter recovered {shares} of the centralized gain (held-out loss); it {beats} "
+            f"every local-only adapter on the other silos' data.")
+
+
 @guarded(lambda msg: msg)
 def on_demo(ctx: ConsoleContext) -> str:
     """Start `appliance demo federation` detached."""
@@ -202,7 +217,10 @@ def build(ctx: ConsoleContext) -> None:
                 stop = gr.Button("Stop", elem_id="fed-stop")
                 demo = gr.Button("Run the 3-silo demo", elem_id="fed-demo")
     action = gr.Markdown("", elem_id="fed-action")
+    demo_result = gr.Markdown("", elem_id="fed-demo-result")
     timer = gr.Timer(ctx.settings.ui.poll_interval_s)
+    timer.tick(bind(demo_markdown, ctx), None, demo_result, show_progress="hidden")
+    ctx.on_load.append((bind(demo_markdown, ctx), [], [demo_result]))
 
     outputs = [status_md, summary, silos, rounds, plot]
     timer.tick(bind(refresh, ctx), None, outputs, show_progress="hidden")
