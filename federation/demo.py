@@ -60,10 +60,10 @@ class DemoResult:
         rows.append(f"{'recovered (fed)':<20}" + "".join(f"{v:>18.1%}" for v in shares) + f"{sum(shares) / len(shares):>10.1%}")
         verdict = "YES" if self.federated_beats_local_cross_silo() else "NO"
         method = ", ".join(f"{k} {v}" for k, v in self.method.items())
-        rows += ["", "recovered = (base - federated) / (base - centralized) held-out loss, at equal total steps",
-                 f"federated beats every local-only adapter on the other silos' eval data: {verdict}"]
+        rows += ["", "recovered = (base - federated) / (base - centralized) held-out loss, at equal total steps"]
         rows += [f"federation: {method}"] if method else []
-        rows += ["timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings_s.items())]
+        rows += [f"federated beats every local-only adapter on the other silos' eval data: {verdict}",
+                 "timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings_s.items())]
         return "\n".join(rows)
 
     def to_json(self) -> dict[str, Any]:
