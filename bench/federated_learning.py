@@ -38,7 +38,12 @@ METHODS: dict[str, dict] = {
     "ffa": {"strategy": "ffa", "lr_schedule": "constant"},
     "fedavgm product": {"strategy": "fedavgm", "lora_aggregation": "product", "lr_schedule": "constant",
                         "strategy_params": {"server_momentum": 0.5}},
-    "fedavg slr1.5": {"strategy": "fedavg", "lr_schedule": "constant", "strategy_params": {"server_lr": 1.5}},
+    # server_lr = number of silos: the sum of the silos' deltas rather than their mean. With silos that hold different
+    # knowledge, a mean moves each silo's part by 1/n of what that silo learned; centralized training moves all of it.
+    "fedavg slr2": {"strategy": "fedavg", "lr_schedule": "constant", "strategy_params": {"server_lr": 2.0}},
+    "fedavg slr3": {"strategy": "fedavg", "lr_schedule": "constant", "strategy_params": {"server_lr": 3.0}},
+    "flexlora slr3": {"strategy": "flexlora", "lr_schedule": "constant", "strategy_params": {"server_lr": 3.0}},
+    "ffa slr3": {"strategy": "ffa", "lr_schedule": "constant", "strategy_params": {"server_lr": 3.0}},
 }
 
 
@@ -67,15 +72,17 @@ def run(args: argparse.Namespace) -> list[dict]:
             t0 = time.monotonic()
             adapters = {"base": None, **demo.baselines(cfg, model_dir, paths, steps, log)}
             log(f"{dataset} x{factor}: local-only and centralized trained in {time.monotonic() - t0:.0f} s")
+            losses = demo.evaluate_all(cfg, model_dir, adapters, paths)
+            log(f"{dataset} x{factor}: " + json.dumps(losses))
             timings = {}
-            for name, fed in methods.items():
+            for name, fed in methods.items():  # each evaluated as soon as it is trained: a cut-short run still tells
                 t0 = time.monotonic()
                 state, _ = asyncio.run(demo.federate(settings, home / "runs" / f"{dataset}-{factor}-{name.replace(' ', '_')}",
                                                      model_dir, cfg, paths, rounds, args.local_steps, fed))
-                adapters[name] = state
                 timings[name] = time.monotonic() - t0
-                log(f"{dataset} x{factor}: {name} federated in {timings[name]:.0f} s")
-            losses = demo.evaluate_all(cfg, model_dir, adapters, paths)
+                losses[name] = demo.evaluate_all(cfg, model_dir, {name: state}, paths)[name]
+                log(f"{dataset} x{factor}: {name} federated in {timings[name]:.0f} s; losses {json.dumps(losses[name])}; "
+                    f"recovered {json.dumps(demo.recovered_share(losses, orgs, name))}")
             for adapter, per_org in losses.items():
                 row = {"set": dataset, "rounds": rounds, "local_steps": args.local_steps, "adapter": adapter, "loss": per_org}
                 if adapter in methods:

@@ -26,13 +26,18 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
             a strategy that needs the individual updates (robust strategies, per-update clipping, central DP).
     """
     from federation import privacy
-    from federation.strategies import ProductAggregation, make_strategy
+    from federation.strategies import FrozenA, ProductAggregation, make_strategy
 
     params = dict(cfg.strategy_params)
+    name = cfg.strategy
     if cfg.lora_aggregation != "factors":
         params.setdefault("lora_aggregation", cfg.lora_aggregation)
+    # Under DP, frozen A wraps the DP strategy (DP needs the mean strategy itself; A is reset after its noise).
+    frozen_outside = cfg.dp_mode != "off" and (params.get("lora_aggregation") == "frozen_a" or name == "ffa")
+    if frozen_outside:
+        params["lora_aggregation"], name = "factors", "fedavg" if name == "ffa" else name
     try:
-        strategy = make_strategy(cfg.strategy, min_results=cfg.min_silos, **params)
+        strategy = make_strategy(name, min_results=cfg.min_silos, **params)
         if isinstance(strategy, ProductAggregation) and cfg.dp_mode != "off":
             raise ValueError(f"lora_aggregation=product needs each silo's own update; not with dp_mode={cfg.dp_mode} "
                              f"(use lora_aggregation=frozen_a, which composes with DP and secure aggregation)")
@@ -40,6 +45,8 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
             strategy = privacy.CentralDP(strategy, cfg.dp_clip_norm, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
         elif cfg.dp_mode == "silo":
             strategy = privacy.SiloDPAccounting(strategy, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
+        if frozen_outside:
+            strategy = FrozenA(strategy)
     except ValueError as exc:
         raise ConfigError(f"federation strategy: {exc}") from exc
     if cfg.secure_aggregation:

@@ -926,6 +926,12 @@ class FrozenA(StrategyWrapper):
         super().__init__(inner)
         self.name = f"{inner.name}+frozen_a"
 
+    def __getattr__(self, name: str) -> Any:
+        # what a wrapped DP strategy offers beyond `Strategy` (epsilon, accounting) stays reachable
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     @property
     def streaming(self) -> bool:
         """The inner strategy's accumulator kind."""
@@ -950,10 +956,19 @@ class FrozenA(StrategyWrapper):
     def finish_round(
         self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]
     ) -> StateDict | None:
-        """Aggregate and apply with A held fixed; None if the round does not count."""
-        if not self.round_counts(round_id, acc, failures):
+        """Aggregate and apply with A held fixed; None if the round does not count.
+
+        Around a plain strategy the A part of the pseudo-gradient is zeroed before the server step (its optimiser
+        state for A stays zero); around a wrapper (DP) the wrapper's result gets the global A back.
+        """
+        if isinstance(self.inner, BaseStrategy):
+            if not self.round_counts(round_id, acc, failures):
+                return None
+            return self.apply_delta(round_id, global_state, self.aggregate(acc))
+        new_state = self.inner.finish_round(round_id, global_state, acc, failures)
+        if new_state is None:
             return None
-        return self.apply_delta(round_id, global_state, self.aggregate(acc))
+        return {k: global_state[k].clone() if k.endswith(la.A_SUFFIX) else v for k, v in new_state.items()}
 
 
 def _fedavg_factory(**kw: Any) -> FedAvg:

@@ -194,3 +194,18 @@ def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path
         build_strategy(fed(strategy="flexlora", dp_mode="central"))
     with pytest.raises(ConfigError, match="secure aggregation"):
         build_strategy(fed(strategy="flexlora", secure_aggregation=True))
+
+
+def test_frozen_a_under_central_dp_keeps_a_and_reports_epsilon(tmp_path):
+    from federation.service import build_strategy
+    from tests.factories import make_settings
+
+    strategy = build_strategy(make_settings(tmp_path, federation={"strategy": "ffa", "dp_mode": "central", "min_silos": 2,
+                                                                 "dp_noise_multiplier": 0.5, "dp_clip_norm": 1.0}).federation)
+    g = _state(4, 0, b_scale=0.0)
+    moved = [{k: v + 0.1 for k, v in g.items()} for _ in range(3)]  # these silos also moved A
+    new = _round(strategy, g, moved, [1, 1, 1])
+    for p in MODULES:
+        assert torch.equal(new[p + "lora_A.weight"], g[p + "lora_A.weight"])
+        assert not torch.equal(new[p + "lora_B.weight"], g[p + "lora_B.weight"])
+    assert strategy.epsilon(1e-5) > 0 and strategy.plan_round(2)["lora_freeze_a"] is True
