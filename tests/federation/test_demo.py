@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.demo import DemoResult, run_demo
+from federation.demo import DEMO_FEDERATION, DemoResult, run_demo
 from federation.demo_data import generate
 from tests.factories import make_settings
 
@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_model_dir: 
     for org in result.orgs:
         base, fed, central = (result.losses[k][org] for k in ("base", "federated", "centralized"))
         assert math.isclose(doc["recovered"][org], (base - fed) / (base - central), rel_tol=1e-9)
-    assert "recovered (fed)" in table and doc["method"] == {"strategy": "fedavg", "lr_schedule": "constant"}
+    assert "recovered (fed)" in result.table() and doc["method"] == DEMO_FEDERATION
 
 
 def _result(federated: float) -> DemoResult:
