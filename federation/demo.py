@@ -56,8 +56,9 @@ class DemoResult:
         for name, per_org in self.losses.items():
             vals = [per_org[o] for o in self.orgs]
             rows.append(f"{name:<20}" + "".join(f"{v:>18.4f}" for v in vals) + f"{sum(vals) / len(vals):>10.4f}")
-        shares = [self.recovered()[o] for o in self.orgs]
-        rows.append(f"{'recovered (fed)':<20}" + "".join(f"{v:>18.1%}" for v in shares) + f"{sum(shares) / len(shares):>10.1%}")
+        if {"base", "centralized"} <= self.losses.keys():
+            shares = [self.recovered()[o] for o in self.orgs]
+            rows.append(f"{'recovered (fed)':<20}" + "".join(f"{v:>18.1%}" for v in shares) + f"{sum(shares) / len(shares):>10.1%}")
         verdict = "YES" if self.federated_beats_local_cross_silo() else "NO"
         method = ", ".join(f"{k} {v}" for k, v in self.method.items())
         rows += ["", "recovered = (base - federated) / (base - centralized) held-out loss, at equal total steps"]
