@@ -33,7 +33,7 @@ from tests.factories import TEST_CACHE, make_tiny_llama  # noqa: E402
 METHODS = ("fp32", "bf16", "int8", "topk")
 REGIONS = {"hq": LinkSpec(0), "a": LinkSpec.parse("50ms/10mbit"), "c": LinkSpec.parse("150ms/10mbit")}
 SILOS = {"northbridge": "a", "redwood": "c"}
-TRAIN_ENV = {"APPLIANCE_TRAIN__MAX_SEQ_LEN": "32", "APPLIANCE_TRAIN__BATCH_SIZE": "1", "APPLIANCE_TRAIN__WARMUP_STEPS": "0",
+TRAIN_ENV = {"APPLIANCE_TRAIN__MAX_SEQ_LEN": "128", "APPLIANCE_TRAIN__BATCH_SIZE": "1", "APPLIANCE_TRAIN__WARMUP_STEPS": "0",
              "APPLIANCE_TRAIN__ZERO_STAGE": "0", "APPLIANCE_TRAIN__LORA_R": "64", "APPLIANCE_TRAIN__LORA_ALPHA": "128",
              "APPLIANCE_FEDERATION__HEARTBEAT_INTERVAL_S": "2", "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "30"}
 
