@@ -551,7 +551,9 @@ class Coordinator:
             finally:
                 self.current = None
         while rs.secure is None:
-            pending = rs.selected - rs.answered.keys() - rs.rejected.keys()
+            # A silo whose TRAIN could not be delivered (its connection was being re-established) stays pending while
+            # it is alive: when it reconnects it gets the TRAIN again (`_welcome`).
+            pending = rs.selected - rs.answered.keys() - {s for s, why in rs.rejected.items() if why != "unreachable"}
             alive = [s for s in pending if time.time() - self.silos[s].last_seen <= self.cfg.silo_timeout_s]
             if not pending or not alive or time.time() >= rs.deadline:
                 break
