@@ -27,8 +27,8 @@ REGIONS = {"hq": LinkSpec(0), "a": LinkSpec.parse("50ms/100mbit"), "b": LinkSpec
 SILOS = {"northbridge": "a", "lakeside": "b", "redwood": "c"}
 FLAP_EVERY_S = 3.0
 TINY_TRAIN = {"APPLIANCE_TRAIN__MAX_SEQ_LEN": "64", "APPLIANCE_TRAIN__BATCH_SIZE": "2", "APPLIANCE_TRAIN__WARMUP_STEPS": "0",
-              "APPLIANCE_TRAIN__ZERO_STAGE": "0", "APPLIANCE_FEDERATION__HEARTBEAT_INTERVAL_S": "1",
-              "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "5"}
+              "APPLIANCE_TRAIN__ZERO_STAGE": "0", "APPLIANCE_FEDERATION__HEARTBEAT_INTERVAL_S": "2",
+              "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "10"}
 
 
 @pytest.fixture(scope="module")
