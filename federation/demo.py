@@ -1,6 +1,6 @@
 """`appliance demo federation`: a coordinator and three hospital silos on the embedded model, on this machine.
 
-It runs, on the deterministic data of `demo_data`: a federation (real CURVE sockets on loopback, FedAvg, the
+It runs, on the deterministic data of `demo_data`: a federation (real CURVE sockets on loopback, `DEMO_FEDERATION`, the
 training engine in every silo), each silo alone for the same number of steps ("local-only"), and one centralized
 run on the union with the federation's total steps. Then it evaluates every adapter (and the base model) on every
 silo's held-out questions and returns the table. Training runs one silo at a time: on a small CPU machine
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# The demo's federation: chosen by bench/federated_learning.py (see README: "Federated learning quality").
-DEMO_FEDERATION: dict[str, Any] = {"strategy": "fedavg", "lr_schedule": "constant"}
+# The demo's federation, chosen by bench/federated_learning.py: frozen-A LoRA (exact averaging of B) at a constant
+# rate recovered the most of the centralized gain on both bundled sets (its worst silo: 99.7 % and 100.0 %, against
+# 96.2 % for product aggregation and 87.8 % / 19.1 % for FedAvg of A and B; tiny model, see the README).
+DEMO_FEDERATION: dict[str, Any] = {"strategy": "ffa", "lr_schedule": "constant"}
 
 
 @dataclass
