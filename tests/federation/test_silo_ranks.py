@@ -14,7 +14,7 @@ from federation.rank_group import RankGroupTrainer
 from federation.silo import EngineTrainer
 from tests.federation.conftest import federation, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches; minutes on a loaded 2-core machine
 
 
 def _trainers(tiny_model_dir: Path):

@@ -18,7 +18,7 @@ import pytest
 from tests.factories import REPO, make_settings
 from tests.train.conftest import arithmetic_records, small_cfg, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches; minutes on a loaded 2-core machine
 
 TRAIN = dict(max_seq_len=128, batch_size=4, lr=1e-2, warmup_steps=1, lora_dropout=0.0, zero_stage=2, seed=0,
              max_steps=4, checkpoint_every_steps=2, threads=1)
