@@ -414,9 +414,14 @@ class StreamingAccumulator(_AccumulatorBase):
 
     def mean(self) -> StateDict:
         """The weighted mean of the updates so far (a new dict)."""
-        if self._weight <= 0:
-            raise ValueError("no updates were accumulated")
-        return {k: v / self._weight for k, v in self._sum.items()}
+        return _weighted_sum_mean(self._sum, self._weight)
+
+
+def _weighted_sum_mean(total: StateDict, weight: float) -> StateDict:
+    """`total / weight` per tensor (a new dict); the mean of a running example-weighted sum."""
+    if weight <= 0:
+        raise ValueError("no updates were accumulated")
+    return {k: v / weight for k, v in total.items()}
 
 
 class StoringAccumulator(_AccumulatorBase):
@@ -515,9 +520,7 @@ class ProductAccumulator(_AccumulatorBase):
 
     def mean(self) -> StateDict:
         """The weighted mean dense weight change `{prefix: (out, in)}` (a new dict)."""
-        if self._weight <= 0:
-            raise ValueError("no updates were accumulated")
-        return {k: v / self._weight for k, v in self._sum.items()}
+        return _weighted_sum_mean(self._sum, self._weight)
 
 
 def _unwrap(acc: Any) -> Any:
