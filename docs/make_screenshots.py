@@ -181,7 +181,11 @@ def shoot(console_url: str, question: str, compare_question: str, rounds: int) -
 
         page.get_by_role("tab", name="Fleet").click()
         expect(page.locator("#fleet-workers")).to_contain_text("127.0.0.1")
-        time.sleep(2)
+        # The tab was drawn at page load, before the chats; its timer samples the router's /metrics every few
+        # seconds: wait for a sample that counts the chats, and a second one so the rate plots have an interval.
+        expect(page.locator("#fleet-metrics")).to_contain_text("Requests")
+        expect(page.locator("#fleet-metrics")).not_to_contain_text("Requests 0 ")
+        time.sleep(12)  # the plots are images: give the timer (at least 5 s) two more samples
         page.screenshot(path=str(OUT / "fleet.png"), full_page=True)
 
         page.get_by_role("tab", name="Adapters").click()
@@ -207,7 +211,9 @@ def main() -> int:
     ports = {name: free_port() for name in ("worker", "router", "console", "federation", "status")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env.update(APPLIANCE_HOME=str(home), PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False")
-    write_config(home, ports, args.rounds, args.local_steps)
+    # One round more than the screenshots wait for: a coordinator exits after its last round, and the console's
+    # Federation tab is shot while it is still serving its status.
+    write_config(home, ports, args.rounds + 1, args.local_steps)
     coordinator_key, silo_homes, data = prepare(home, env)
     print(f"home {home}", flush=True)
 
