@@ -32,7 +32,7 @@ ADAPTER_DIR = "adapter"  # inside the run folder: the PEFT folder rank 0 writes
 RESULT_FILE = "result.json"  # inside the run folder: {"num_examples", "metrics"} from rank 0
 LAUNCHER_LOG = "launcher.log"  # inside the run folder: the launcher's and every rank's output
 # Set by `python -m train` itself (engine.init_distributed) when it had no launcher: a child must not inherit it.
-_INHERITED = ("APPLIANCE_SINGLE_PROCESS_DIST", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_INHERITED = ("FEDLLM_SELF_ASSIGNED_DIST", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)

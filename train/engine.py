@@ -53,7 +53,7 @@ class TrainingFailed(ApplianceError):
 # ---------------------------------------------------------------- distributed setup
 
 
-_SELF_ASSIGNED = "APPLIANCE_SINGLE_PROCESS_DIST"
+_SELF_ASSIGNED = "FEDLLM_SELF_ASSIGNED_DIST"  # not APPLIANCE_*: settings and the tests' isolation treat those as configuration
 
 
 def _free_port() -> int:

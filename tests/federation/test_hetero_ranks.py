@@ -98,7 +98,7 @@ def test_heterogeneous_rank_adapters_load_into_vllm(embedded_model_dir: Path, vl
     # Arrange: a two-round federation of ranks 4, 8, 16 on the embedded model
     coord, trainers, cfgs, _ = _federate(embedded_model_dir, tmp_path)
     assert coord.phase == "done"
-    with httpx.Client(base_url=vllm_worker.url, timeout=120) as client:
+    with httpx.Client(base_url=vllm_worker.url, timeout=120, headers={"Authorization": f"Bearer {vllm_worker.api_key}"}) as client:
         for org, trainer in trainers.items():
             out = train.save_adapter_dir(trainer.received[-1], cfgs[org], embedded_model_dir, tmp_path / f"adapter-{org}")
             name = f"hetero-{org}-{uuid.uuid4().hex[:6]}"

@@ -32,7 +32,7 @@ def test_a_child_process_gets_its_own_master_port_after_the_parent_initialised()
 @pytest.mark.slow
 def test_a_launcher_assigned_port_is_kept() -> None:
     # Arrange: variables as the `deepspeed` launcher sets them (no self-assigned marker).
-    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_SINGLE_PROCESS_DIST"}
+    env = {k: v for k, v in os.environ.items() if k != "FEDLLM_SELF_ASSIGNED_DIST"}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     code = "import os; from train.engine import init_distributed; init_distributed(); print(os.environ['MASTER_PORT'])"
 

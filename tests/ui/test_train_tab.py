@@ -81,3 +81,18 @@ def test_a_launch_is_followed_to_its_run_and_no_pick_means_the_newest(tmp_path):
     assert tab.find_run(runs, "launch-L2") is newest
     assert tab.find_run(runs, "launch-unknown") is None
     assert tab.find_run(runs, "r1") is older and tab.find_run(runs, None) is newest
+
+
+def test_a_refresh_keeps_the_pick_it_was_computed_from_and_sets_it_only_to_follow(tmp_path):
+    # A timer tick computed from pick "r1" may answer after Start picked "launch-L2": it must not take the pick back.
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"state": "done", "exit_code": 0}), encoding="utf-8")
+    ctx = _ctx(tmp_path)
+
+    kept = tab.refresh(ctx, "r1")[0]
+    followed = tab.refresh(ctx, None)[0]
+
+    # What an update sends is what its constructor was given (gradio's `constructor_args`).
+    assert "value" not in kept.constructor_args and kept.constructor_args["choices"] == ["r1"]
+    assert followed.constructor_args["value"] == "r1"  # no pick: the newest run is picked

@@ -200,8 +200,11 @@ def refresh(ctx: ConsoleContext, run_id: str | None):
     runs = list_runs(ctx.settings.runs_dir, ctx.settings.home)
     run = find_run(runs, run_id)
     log_text = log_tail(run.log_path, 25) if run else ""
-    return (gr.Dropdown(choices=[r.id for r in runs], value=run.id if run else None), progress_html(run), loss_figure(run),
-            loss_caption(run), log_text, runs_table(runs), "")
+    choices = [r.id for r in runs]
+    # Set the pick only to follow a launch to its run (or to pick the newest when none is picked): a timer tick
+    # computed from the previous pick must not take back a pick the user (or Start) made while it was in flight.
+    picks = gr.Dropdown(choices=choices, value=run.id) if run is not None and run.id != run_id else gr.Dropdown(choices=choices)
+    return (picks, progress_html(run), loss_figure(run), loss_caption(run), log_text, runs_table(runs), "")
 
 
 @guarded(lambda msg: msg)
