@@ -21,7 +21,7 @@ from tests.geo.conftest import needs_netns
 
 pytestmark = pytest.mark.slow  # starts processes (router, workers, coordinator, silos)
 
-ROUNDS = 3
+ROUNDS = 4  # round 3 may start before the restored silo is back (two silos meet min_silos): it rejoins by 4
 REGIONS = {"hq": LinkSpec(0), "a": LinkSpec.parse("50ms/100mbit"), "b": LinkSpec.parse("100ms/10mbit"),
            "c": LinkSpec.parse("150ms/10mbit")}
 SILOS = {"northbridge": "a", "lakeside": "b", "redwood": "c"}
@@ -82,7 +82,9 @@ def test_a_silo_cut_mid_round_misses_it_and_rejoins_the_next(wan_run):
     second = next(r for r in records if r.get("round") == 2 and "participants" in r)
     assert "lakeside" not in second["participants"] and "lakeside" in second["failures"]
     assert sorted(second["participants"]) == ["northbridge", "redwood"]  # the deadline held; the others carried it
-    assert "lakeside" in _participants(records, 3)  # back after the link returned, with no manual step
+    # Back after the link returned, with no manual step: in the first round that starts once it has reconnected
+    # (round 3 may already have started with the two others, which meet min_silos).
+    assert any("lakeside" in _participants(records, n) for n in range(3, ROUNDS + 1))
 
 
 def test_a_silo_behind_a_dropping_link_contributes_every_round_counted_once(wan_run):
