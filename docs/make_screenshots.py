@@ -26,6 +26,11 @@ from typing import Any, Callable
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from appliance.core.cores import CoreShare, divide_cores  # noqa: E402
+
 OUT = REPO / "docs" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -66,9 +71,10 @@ def appliance(home: Path, *args: str, env: dict[str, str]) -> str:
     return result.stdout
 
 
-def start(home: Path, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(home: Path, args: list[str], env: dict[str, str], log: Path, share: CoreShare | None = None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "appliance", "--home", str(home), *args]
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), *args], cwd=REPO, env=env,
+        return subprocess.Popen(share.argv(argv) if share else argv, cwd=REPO, env={**env, **(share.env() if share else {})},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -232,10 +238,10 @@ def main() -> int:
         appliance(home, "train", "--data", str(data[SILOS[0]]["train"]), "--max-steps", str(args.train_steps), "--output", "support-bot", env=env)
         print("trained support-bot:1", flush=True)
 
-        for org in SILOS:
+        for org, share in zip(SILOS, divide_cores(len(SILOS))):  # the silos train at once: a share of the cores each
             procs.append(start(silo_homes[org], [
                 "silo", "join", "--coordinator", f"tcp://127.0.0.1:{ports['federation']}", "--coordinator-key", coordinator_key,
-                "--data", str(data[org]["train"]), "--eval", str(data[org]["eval"]), "--name", org], env, root / f"silo-{org}.log"))
+                "--data", str(data[org]["train"]), "--eval", str(data[org]["eval"]), "--name", org], env, root / f"silo-{org}.log", share))
         status_url = f"http://127.0.0.1:{ports['status']}/status"
         wait_until(lambda: (get_json(status_url) or {}).get("completed_rounds", 0) >= args.rounds, 3600,
                    f"{args.rounds} federation rounds", step_s=5)

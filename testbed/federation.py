@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from appliance.core.cores import divide_cores
 from appliance.core.secrets import ensure_token
 from testbed.bed import Bed
 from testbed.fleet import appliance_argv
@@ -97,12 +98,16 @@ class GeoFederation:
         self.wait(lambda: self.status() is not None, timeout_s, "the coordinator's /status")
 
     def start_silo(self, name: str, data: Path, eval_data: Path | None = None) -> None:
-        """`appliance silo join --coordinator tcp://LINK --coordinator-key KEY --data FILE --name NAME` in its region."""
+        """`appliance silo join --coordinator tcp://LINK --coordinator-key KEY --data FILE --name NAME` in its region,
+        pinned to its share of this machine's cores (`divide_cores` over the enrolled silos)."""
         region = self.silos[name]
         host, port = self.bed.link(region, self.region, self.port)
         args = ["silo", "join", "--coordinator", f"tcp://{host}:{port}", "--coordinator-key", self.coordinator_key,
                 "--data", str(data), "--name", name, *(["--eval", str(eval_data)] if eval_data else [])]
-        self.bed.spawn(region, f"silo-{name}", appliance_argv(*args), env=self._env(self.home(f"silo-{name}")))
+        # The enrolled silos train at once on this one machine: each gets its own share of the cores.
+        share = divide_cores(len(self.silos))[list(self.silos).index(name)]
+        self.bed.spawn(region, f"silo-{name}", share.argv(appliance_argv(*args)),
+                       env={**self._env(self.home(f"silo-{name}")), **share.env()})
 
     def status(self) -> dict[str, Any] | None:
         """The coordinator's status document (read inside its region), or None if it does not answer."""

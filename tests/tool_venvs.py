@@ -1,7 +1,9 @@
-"""Virtualenvs of outside tools that the tests drive as their users would (MLflow, lm-evaluation-harness).
+"""Virtualenvs of outside tools that the tests and benches drive as their users would (MLflow, lm-evaluation-harness,
+Flower).
 
 Each lives in `.cache/venvs/NAME` (gitignored), created once with pip from the package registry and reused; none is
-a dependency of the appliance. `tool_venv` fails the test, naming the log, if pip cannot install the tool.
+a dependency of the appliance. `tool_venv` fails the test, naming the log, if pip cannot install the tool;
+`build_tool_venv` (for benches) raises `RuntimeError` instead.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.factories import TEST_CACHE
 
 
-def tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:
-    """The folder of virtualenv `name` with `requirements` installed (created on first use)."""
+def build_tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:
+    """The folder of virtualenv `name` with `requirements` installed (created on first use).
+
+    Raises:
+        RuntimeError: the venv could not be made or pip could not install `requirements` (names the install log).
+    """
     venv = TEST_CACHE / "venvs" / name
     marker = venv / ".installed"
     if marker.exists():
@@ -29,6 +33,16 @@ def tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *requirements], check=True, stdout=out, stderr=out,
                            timeout=timeout_s)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(f"could not install {' '.join(requirements)} into {venv} ({exc}); see {log}")
+            raise RuntimeError(f"could not install {' '.join(requirements)} into {venv} ({exc}); see {log}") from exc
     marker.write_text(" ".join(requirements) + "\n")
     return venv
+
+
+def tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:
+    """`build_tool_venv` for a test: a failed install fails the test with the error."""
+    import pytest
+
+    try:
+        return build_tool_venv(name, *requirements, timeout_s=timeout_s)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.core.cores import usable_cores
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.types import StateDict
 from train import data as datamod
@@ -103,14 +104,6 @@ def set_threads(threads: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
-
-
-def usable_cores() -> int:
-    """How many cores this process may run on (its CPU affinity; os.cpu_count where affinity is unknown)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _use_cuda() -> bool:
