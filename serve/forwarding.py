@@ -23,9 +23,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from serve.errors import RouterError, UpstreamError
+from serve.hedging import Hedger
 from serve.keys import ApiKey, KeyStore
 from serve.limits import RateLimiter, token_budget
 from serve.policy import RouteHints, rank
@@ -148,6 +149,7 @@ class Forwarder:
         self.counter = 0
         self._timeout: aiohttp.ClientTimeout | None = None
         self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
+        self.hedger = Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -285,7 +287,8 @@ class Forwarder:
             self.metrics.error("no_worker")
             raise RouterError(503, f"no healthy worker serves `{model}` right now; check `appliance fleet`")
         by_id = {w.id: w for w in hosts}
-        return [by_id[c.id] for c in ranked[: 1 + self.cfg.max_retries]], adapter
+        tries = 1 + self.cfg.max_retries + (self.hedger is not None)  # a hedge does not use up a retry
+        return [by_id[c.id] for c in ranked[:tries]], adapter
 
     async def forward(self, scope: Mapping[str, Any], receive: Receive, send: Send, path: str) -> None:
         """Admit, route and relay one request (raises RouterError for the client)."""
@@ -322,6 +325,9 @@ class Forwarder:
 
     async def _try_workers(self, ctx: RequestContext, workers: list[Worker]) -> None:
         """Try `workers` in order until one answers; raises RouterError 502 when all fail before the first byte."""
+        if self.hedger is not None and len(workers) > 1:
+            await self._race(ctx, workers)
+            return
         reasons: list[str] = []
         for attempt, worker in enumerate(workers):
             ctx.watch.worker = worker
@@ -338,18 +344,136 @@ class Forwarder:
                 logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
                                "trying another" if attempt + 1 < len(workers) else "no more workers to try")
                 reasons.append(str(exc))
+        self._all_failed(ctx, len(workers), reasons)
+
+    def _all_failed(self, ctx: RequestContext, tried: int, reasons: list[str]) -> None:
         ctx.watch.disarm()
         self.metrics.error("upstream")
         self.metrics.requests.labels(ctx.path, ctx.model, "-", "502").inc()
-        raise RouterError(502, f"the request failed on {len(workers)} worker(s) before any answer: {'; '.join(reasons)}")
+        raise RouterError(502, f"the request failed on {tried} worker(s) before any answer: {'; '.join(reasons)}")
+
+    async def _race(self, ctx: RequestContext, workers: list[Worker]) -> None:
+        """Forward with hedging (serve/hedging.py): the first worker in `workers` is asked; if its first byte is later
+        than its learned delay, the next one is asked too, and the first answer to start is delivered. The other
+        attempt is cancelled, which closes its upstream connection (the worker aborts it) and ends its count. Nothing
+        reaches the client before the race is decided, so a request is never doubled once its first byte is out.
+        An attempt that fails is replaced by the next worker (a retry, as without hedging) once none is left running.
+        """
+        hedger, loop, cfg = self.hedger, asyncio.get_running_loop(), self.cfg
+        assert hedger is not None
+        hedger.request()
+        queue = list(workers)
+        running: dict[asyncio.Future, tuple[Worker, float]] = {}  # attempt -> its worker, loop time it started
+        reasons: list[str] = []
+        winner: tuple[asyncio.Future, Opened] | None = None
+        primary: asyncio.Future | None = None
+        hedge: asyncio.Future | None = None
+        hedge_at: float | None = None
+        retries = 0
+
+        def launch(worker: Worker) -> asyncio.Future:
+            task = asyncio.ensure_future(self._open_on(ctx, worker))
+            running[task] = (worker, loop.time())
+            return task
+
+        def arm(worker: Worker) -> float | None:
+            delay = hedger.delay_s(worker.id)
+            return None if delay is None or hedge is not None else loop.time() + delay
+
+        ctx.watch.worker = queue[0]
+        primary = launch(queue.pop(0))
+        hedge_at = arm(ctx.watch.worker)
+        try:
+            while running:
+                timeout = None if hedge_at is None or not queue else max(0.0, hedge_at - loop.time())
+                done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # the first byte is late: hedge, once, if the next worker can take it and the budget allows
+                    hedge_at = None
+                    if self._may_hedge(ctx, queue[0]) and hedger.take():
+                        logger.info("worker %s has not answered after its hedge delay; hedging on %s", ctx.watch.worker.id, queue[0].id)
+                        hedge = launch(queue.pop(0))
+                    continue
+                unexpected = None
+                for task in done:
+                    worker, _ = running.pop(task)
+                    exc = task.exception()
+                    if exc is None and winner is None:
+                        winner = (task, task.result())
+                    elif exc is None:
+                        self._discard(ctx, task.result())
+                    elif isinstance(exc, UpstreamError):
+                        logger.warning("worker %s failed before the first byte (%s)", worker.id, exc.reason)
+                        reasons.append(str(exc))
+                    else:
+                        unexpected = exc
+                if unexpected is not None:
+                    if winner is not None:
+                        self._discard(ctx, winner[1])
+                        winner = None
+                    raise unexpected
+                if winner is not None:
+                    break
+                if not running and queue and retries < cfg.max_retries:
+                    retries += 1
+                    self.metrics.retries.inc()
+                    await asyncio.sleep(cfg.retry_backoff_s * 2 ** (retries - 1))
+                    ctx.watch.worker = queue[0]
+                    hedge_at = arm(queue[0])
+                    launch(queue.pop(0))
+        except asyncio.CancelledError:
+            if hedge is not None:
+                self.metrics.hedges.labels("aborted").inc()
+            raise
+        finally:
+            for task, (worker, started) in running.items():
+                task.cancel()  # the loser: its connection is closed as it unwinds (the worker aborts the request)
+                _unwinding.add(task)
+                task.add_done_callback(_unwound)
+                if winner is not None and task is primary:
+                    hedger.observe(worker.id, loop.time() - started)  # it waited at least this long: a lower bound
+        if winner is None:
+            if hedge is not None:
+                self.metrics.hedges.labels("failed").inc()
+            self._all_failed(ctx, len(reasons), reasons)
+            return
+        task, opened = winner
+        if hedge is not None:
+            self.metrics.hedges.labels("won" if task is hedge else "lost").inc()
+        hedger.observe(opened.worker.id, opened.ttft_s)
+        ctx.watch.worker = opened.worker
+        await self._deliver(ctx, opened)
+
+    async def _open_on(self, ctx: RequestContext, worker: Worker) -> Opened:
+        """`_open` up to the first chunk, after loading the request's adapter on `worker` if it lacks it."""
+        if ctx.adapter is not None and ctx.model not in worker.adapters:
+            await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter))
+        return await self._open(ctx, worker, first_chunk=True)
+
+    @staticmethod
+    def _may_hedge(ctx: RequestContext, worker: Worker) -> bool:
+        """Whether `worker` may take a hedge now: routable, below its capacity, and holding the adapter if any."""
+        return (worker.healthy and worker.routable and not worker.draining and worker.outstanding < worker.capacity
+                and (ctx.adapter is None or ctx.model in worker.adapters))
 
     async def _attempt(self, ctx: RequestContext, worker: Worker) -> None:
+        await self._deliver(ctx, await self._open(ctx, worker, first_chunk=False))
+
+    async def _open(self, ctx: RequestContext, worker: Worker, first_chunk: bool) -> Opened:
+        """Send the request to `worker` and wait for its answer to start: the whole body of a non-streamed answer,
+        a stream's headers (or, with `first_chunk`, its first chunk too). Nothing is sent to the client.
+
+        The worker counts the request in flight from here on; `_deliver` or `_discard` ends that. On any failure or
+        cancellation the upstream connection is closed (the worker aborts the generation) and the count is returned.
+
+        Raises:
+            UpstreamError: the worker failed before its first byte (connection error, timeout, 5xx, broken answer).
+        """
         import aiohttp
 
         model = ctx.model
         worker.begin(model)
-        held = True  # this call still counts in the worker's in-flight requests (the relay takes it over for a stream)
         sent = time.perf_counter()
+        resp = None
         try:
             try:
                 resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self._timeout)
@@ -359,48 +483,67 @@ class Forwarder:
                 self.registry.probe_soon(worker)
                 raise UpstreamError(worker.id, f"{type(exc).__name__}: {exc}") from exc
             if resp.status >= 500:
-                text = await _safe_text(resp)
+                status, text = resp.status, await _safe_text(resp)
+                resp = None  # released by _safe_text
                 self.registry.probe_soon(worker)
-                raise UpstreamError(worker.id, f"answered {resp.status}: {text[:200]}")
-            if adapter_used := model in worker.adapters:
-                worker.adapter_used[model] = time.monotonic()
+                raise UpstreamError(worker.id, f"answered {status}: {text[:200]}")
             if not (ctx.fields.stream and resp.status == 200):
                 try:
                     payload = await resp.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    resp.close()
                     self.registry.probe_soon(worker)
                     raise UpstreamError(worker.id, f"broke before the answer was complete: {exc!r}") from exc
-                except asyncio.CancelledError:
-                    resp.close()  # the client left: close the upstream connection so the worker aborts
-                    raise
-                ctx.watch.disarm()
                 resp.release()
-                worker.end(model)
-                held = False
-                now = time.perf_counter()
-                worker.observe_ttft((now - sent) * 1000)
-                content_type = resp.headers.get("content-type", "application/json").encode()
-                await ctx.send({"type": "http.response.start", "status": resp.status,
-                                "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
-                await ctx.send({"type": "http.response.body", "body": payload})
-                self._observe(ctx.path, model, worker, resp.status, ctx.started, now - sent, time.perf_counter())
-                if ctx.metered and resp.status == 200:
-                    self._settle(ctx, _usage_total(payload))
-                if adapter_used:
-                    self.placement.note_hot(model)
-                return
-            ctx.watch.disarm()
-            if adapter_used:
-                self.placement.note_hot(model)
-            held = False
-            await self._relay(ctx, resp, worker, sent)
-        finally:
-            if held:
-                worker.end(model)
+                return Opened(worker, resp, sent, time.perf_counter() - sent, payload=payload)
+            if not first_chunk:
+                return Opened(worker, resp, sent)
+            try:
+                chunk = await resp.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                self.registry.probe_soon(worker)
+                raise UpstreamError(worker.id, f"stream broke before its first byte: {exc!r}") from exc
+            if not chunk:
+                raise UpstreamError(worker.id, "the stream ended before its first byte")
+            return Opened(worker, resp, sent, time.perf_counter() - sent, first=chunk)
+        except BaseException:
+            if resp is not None:
+                resp.close()  # closes the upstream connection: the worker aborts the generation
+            worker.end(model)
+            raise
 
-    async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float) -> None:
+    async def _deliver(self, ctx: RequestContext, opened: Opened) -> None:
+        """Send an answer that has started (`_open`) to the client: the point of no return."""
+        worker, resp, model = opened.worker, opened.resp, ctx.model
+        if adapter_used := model in worker.adapters:
+            worker.adapter_used[model] = time.monotonic()
+        ctx.watch.disarm()
+        if adapter_used:
+            self.placement.note_hot(model)
+        if opened.payload is None:
+            await self._relay(ctx, resp, worker, opened.sent, opened.first, opened.ttft_s)
+            return
+        payload = opened.payload
+        worker.end(model)
+        worker.observe_ttft(opened.ttft_s * 1000)
+        content_type = resp.headers.get("content-type", "application/json").encode()
+        await ctx.send({"type": "http.response.start", "status": resp.status,
+                        "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
+        await ctx.send({"type": "http.response.body", "body": payload})
+        self._observe(ctx.path, model, worker, resp.status, ctx.started, opened.ttft_s, time.perf_counter())
+        if ctx.metered and resp.status == 200:
+            self._settle(ctx, _usage_total(payload))
+
+    @staticmethod
+    def _discard(ctx: RequestContext, opened: Opened) -> None:
+        """Drop an answer that started but lost the race: close its connection (the worker aborts it)."""
+        opened.resp.close()
+        opened.worker.end(ctx.model)
+
+    async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float,
+                     first: bytes | None = None, ttft: float | None = None) -> None:
         """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it.
+
+        `first` is the stream's first chunk when it was already read (a hedged race), `ttft` the seconds it took.
 
         A stream charged to a tpm-limited key is relayed event by event (a partial event waits for its end) so that
         its usage chunk can be read, and dropped when the router asked for it on the client's behalf.
@@ -414,12 +557,13 @@ class Forwarder:
         tail = b""
         ends = _STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
         finished = False
-        ttft = None
         status = 502
+        if ttft is not None:
+            worker.observe_ttft(ttft * 1000)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in (resp.content.iter_any() if first is None else _prefixed(first, resp)):
                     if ttft is None:
                         ttft = time.perf_counter() - sent
                         worker.observe_ttft(ttft * 1000)
@@ -517,6 +661,27 @@ class RequestContext:
         return self.key is not None and bool(self.key.tpm)
 
 
+@dataclass(slots=True)
+class Opened:
+    """An answer that has started on one worker (`Forwarder._open`) and not yet been sent to the client."""
+
+    worker: Worker
+    resp: aiohttp.ClientResponse
+    sent: float  # perf_counter() when the request was sent to the worker
+    ttft_s: float | None = None  # seconds to the first byte read (None: only the headers were awaited)
+    payload: bytes | None = None  # a non-streamed answer, read whole
+    first: bytes | None = None  # a stream's first chunk, when it was awaited
+
+
+_unwinding: set[asyncio.Future] = set()  # cancelled race losers, held until they have closed their connections
+
+
+def _unwound(task: asyncio.Future) -> None:
+    _unwinding.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a loser that failed as it was cancelled is no error of the request
+
+
 def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool) -> dict[str, Any]:
     """The request with its model renamed and/or the stream's usage chunk asked for."""
     out = dict(data)
@@ -526,6 +691,13 @@ def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool) -> dict
         options = data.get("stream_options")
         out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return out
+
+
+async def _prefixed(first: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """`first`, then the rest of the stream."""
+    yield first
+    async for chunk in resp.content.iter_any():
+        yield chunk
 
 
 def _complete_events(buffer: bytes) -> tuple[bytes, bytes]:

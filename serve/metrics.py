@@ -26,6 +26,7 @@ class RouterMetrics:
         self.outstanding = Gauge(names.OUTSTANDING, "Requests in flight per worker.", ["worker"], registry=r)
         self.client_aborts = Counter(names.CLIENT_ABORTS, "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.", ["route"], registry=r)
         self.retries = Counter(names.RETRIES, "Requests retried on another worker before the first byte.", registry=r)
+        self.hedges = Counter(names.HEDGES, "Hedges sent (serve.hedge), by result: won (the hedge answered first), lost (the first worker did), failed (neither answered), aborted (the client left).", ["result"], registry=r)
         self.adapter_loads = Counter(names.ADAPTER_LOADS, "Adapter loads on workers, by result.", ["result"], registry=r)
         self.workers_healthy = Gauge(names.WORKERS_HEALTHY, "Healthy workers.", registry=r)
 

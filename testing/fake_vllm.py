@@ -18,11 +18,14 @@ when the request asks for `stream_options.include_usage`, as vLLM's does.
 
 Failure injection (constructor arguments, or at run time with `POST /fake/control` and a JSON object of the same
 names): `fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before
-answering), `chunk_delay_s` (sleep between stream chunks), `break_after_chunks` (a stream stops after K chunks
+answering), `first_byte_delay_s` (a slow first token: a stream sends its headers at once, as vLLM does, then waits
+this long before its first chunk; a non-streamed answer waits before answering) on a `first_byte_delay_fraction` of the
+completion requests (default all; drawn from a generator seeded by `seed`: a heavy tail), `chunk_delay_s` (sleep
+between stream chunks), `break_after_chunks` (a stream stops after K chunks
 without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `die_after` (the process exits
 after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text instead). `GET /fake/requests` lists what was
 received (path, model, the last message or prompt as `prompt`, headers named `x-*`), for assertions; a completion whose client disconnected
-during its `delay_s` is abandoned, as vLLM aborts it, and its entry gets `"cancelled": true`.
+during its `delay_s` or `first_byte_delay_s` is abandoned, as vLLM aborts it, and its entry gets `"cancelled": true`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import time
 from typing import Any, Awaitable, Callable
 
@@ -42,7 +46,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after",
-                   "refuse_loads", "forge")
+                   "refuse_loads", "forge", "first_byte_delay_s", "first_byte_delay_fraction")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -68,6 +72,9 @@ class FakeBackend:
         refuse_loads: bool = False,
         forge: str | None = None,
         api_key: str | None = None,
+        first_byte_delay_s: float = 0.0,
+        first_byte_delay_fraction: float = 1.0,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.name = name
@@ -81,6 +88,9 @@ class FakeBackend:
         self.die_after = die_after
         self.refuse_loads = refuse_loads
         self.forge = forge
+        self.first_byte_delay_s = first_byte_delay_s
+        self.first_byte_delay_fraction = first_byte_delay_fraction
+        self._rng = random.Random(seed)
         self._auth = f"Bearer {api_key}".encode() if api_key else None
         self.adapters: dict[str, str] = {}
         self.requests: list[dict[str, Any]] = []
@@ -186,6 +196,11 @@ class FakeBackend:
             entry["cancelled"] = True
             logger.info("fake backend %s: the client left during the delay; request abandoned", self.name)
             return
+        late = self.first_byte_delay_s if self.first_byte_delay_s and self._rng.random() < self.first_byte_delay_fraction else 0.0
+        if late and not req.get("stream") and await _client_left_within(receive, late):
+            entry["cancelled"] = True
+            logger.info("fake backend %s: the client left before the first byte; request abandoned", self.name)
+            return
         if self.fail_next > 0:
             self.fail_next -= 1
             await self._send_json(send, self.fail_status, _error("injected failure", "InternalServerError", self.fail_status))
@@ -202,7 +217,9 @@ class FakeBackend:
         if req.get("stream"):
             options = req.get("stream_options")
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
-            await self._stream(send, model, chat, pieces, choices, usage if with_usage else None)
+            if not await self._stream(send, model, chat, pieces, choices, usage if with_usage else None, late, receive):
+                entry["cancelled"] = True
+                logger.info("fake backend %s: the client left before the first chunk; stream abandoned", self.name)
         else:
             await self._send_json(send, 200, self._completion(model, chat, pieces, choices, usage))
 
@@ -226,9 +243,12 @@ class FakeBackend:
                 "usage": usage, "served_by": self.name}
 
     async def _stream(self, send: Send, model: str, chat: bool, pieces: list[str], choices: int,
-                      usage: dict[str, int] | None) -> None:
+                      usage: dict[str, int] | None, late: float = 0.0, receive: Receive | None = None) -> bool:
+        """Stream the answer; False when the client left during the `late` wait before the first chunk."""
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
+        if late and receive is not None and await _client_left_within(receive, late):
+            return False
         kind = ("chatcmpl-fake", "chat.completion.chunk") if chat else ("cmpl-fake", "text_completion")
         for i, piece in enumerate(pieces):
             if self.break_after_chunks is not None and i >= self.break_after_chunks:
@@ -248,6 +268,7 @@ class FakeBackend:
             chunk = {"id": kind[0], "object": kind[1], "created": self.created, "model": model, "choices": [], "usage": usage}
             await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        return True
 
     async def _send_json(self, send: Send, status: int, obj: Any) -> None:
         await self._send(send, status, _dumps(obj))
@@ -320,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=4, help="Tokens per answer (stream chunks).")
     parser.add_argument("--delay-s", type=float, default=0.0)
     parser.add_argument("--chunk-delay-s", type=float, default=0.0)
+    parser.add_argument("--first-byte-delay-s", type=float, default=0.0, help="A slow first token (after a stream's headers).")
+    parser.add_argument("--first-byte-delay-fraction", type=float, default=1.0, help="Share of requests with the slow first token.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the draw of slow requests.")
     parser.add_argument("--fail-next", type=int, default=0)
     parser.add_argument("--break-after-chunks", type=int, default=None)
     parser.add_argument("--die-after", type=int, default=None)
@@ -328,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_fake_app(
         args.model, name=args.name or f"{args.host}:{args.port}", chunks=args.chunks, delay_s=args.delay_s,
         chunk_delay_s=args.chunk_delay_s, fail_next=args.fail_next, break_after_chunks=args.break_after_chunks,
-        die_after=args.die_after, forge=args.forge, api_key=os.environ.get("VLLM_API_KEY") or None,
+        die_after=args.die_after, forge=args.forge, first_byte_delay_s=args.first_byte_delay_s,
+        first_byte_delay_fraction=args.first_byte_delay_fraction, seed=args.seed, api_key=os.environ.get("VLLM_API_KEY") or None,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on")
 

@@ -19,6 +19,7 @@ TTFT = "router_ttft_seconds"  # histogram: model, worker (time to the worker's f
 OUTSTANDING = "router_outstanding"  # gauge: worker
 CLIENT_ABORTS = "router_client_aborts"  # counter: route
 RETRIES = "router_retries"  # counter
+HEDGES = "router_hedges"  # counter: result (won, lost, failed, aborted)
 ADAPTER_LOADS = "router_adapter_loads"  # counter: result
 WORKERS_HEALTHY = "router_workers_healthy"  # gauge
 

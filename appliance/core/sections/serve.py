@@ -69,6 +69,12 @@ class ServeSettings(ServesTLS):
     max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
     max_adapters_per_worker: int = Field(4, ge=1, description="Adapters kept loaded per worker; the LRU one is unloaded beyond.")
     adapter_load_timeout_s: float = Field(120.0, gt=0, description="Seconds a worker may take to load an adapter.")
+    hedge: Literal["off", "on"] = Field(
+        "off", description="Hedged requests: off | on. On: a request whose first byte is later than its worker's learned "
+                           "hedge_percentile is also sent to the next-best worker; the first to answer wins, the other is aborted.")
+    hedge_percentile: float = Field(95.0, ge=50.0, lt=100.0, description="Percentile of a worker's time to first byte after which a request is hedged.")
+    hedge_min_delay_s: float = Field(0.05, gt=0, description="Never hedge a request sooner than this (seconds; the floor of the learned delay).")
+    hedge_max_extra: float = Field(0.1, gt=0, le=1.0, description="Most hedges per request on average (0.1 = at most 10% extra requests).")
     default_rpm: int | None = Field(None, ge=1, description="Requests per minute per API key unless the key says otherwise.")
     default_tpm: int | None = Field(None, ge=1, description="Tokens per minute per API key unless the key says otherwise.")
 
