@@ -1,13 +1,14 @@
 """Hedged requests on the WAN test bed: client TTFT p50/p99 with `serve.hedge` off and on, side by side, one run.
 
-    .venv/bin/python bench/hedging.py                       # ~1.5 min; root for namespaces, else loopback links
+    .venv/bin/python bench/hedging.py                       # ~5 min; root for namespaces, else loopback links
     .venv/bin/python bench/hedging.py --duration-s 20 --tail-fraction 0.05
 
 The bed (testbed.Bed) is bench/geo_fleet.py's: the router in `hq`; fake OpenAI workers in eu, us and ap at 5, 40 and
 120 ms one way from the router, each joined with `appliance worker join`; clients in eu send `X-Region: eu`. The eu
 worker, the nearest and so the one the router prefers, has a heavy tail: a `--tail-fraction` of its requests wait
 `--tail-s` before their first token (after the stream's headers, as a stalled vLLM prefill would). Each setting gets a
-fresh router and fresh workers with the same seeded tail. TTFT is measured by the client (first `data:` event).
+fresh router and fresh workers with the same seeded tail; the same fleet without the tail shows what hedging costs
+where it has nothing to cut. TTFT is measured by the client (first `data:` event).
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ CLIENT_REGION = "eu"
 TAIL_REGION = "eu"
 
 
-def run_setting(bed: Bed, home: Path, hedge: str, args: argparse.Namespace) -> tuple[LoadResult, dict[str, float]]:
+def run_setting(bed: Bed, home: Path, hedge: str, tail_fraction: float, args: argparse.Namespace) -> tuple[LoadResult, dict[str, float]]:
     """One router with `serve.hedge: hedge`; returns the client's result and the router's hedge counts by result."""
-    fleet = GeoFleet(bed, "hq", home / f"router-hedge-{hedge}", serve_env={"HEDGE": hedge, "HEDGE_PERCENTILE": args.percentile,
+    fleet = GeoFleet(bed, "hq", home / f"router-hedge-{hedge}-{tail_fraction:g}", serve_env={"HEDGE": hedge, "HEDGE_PERCENTILE": args.percentile,
                                                                            "HEDGE_MIN_DELAY_S": args.min_delay_s,
                                                                            "HEALTH_INTERVAL_S": 1.0})
     fleet.start_router()
     for region in WORKER_REGIONS:
-        tail = ("--first-byte-delay-s", str(args.tail_s), "--first-byte-delay-fraction", str(args.tail_fraction),
-                "--seed", "7") if region == TAIL_REGION else ()
+        tail = ("--first-byte-delay-s", str(args.tail_s), "--first-byte-delay-fraction", str(tail_fraction),
+                "--seed", "7") if region == TAIL_REGION and tail_fraction else ()
         fleet.add_fake_worker(region, f"hedge-{hedge}-{region}", "--delay-s", str(args.service_s), "--chunks", "8",
                               "--chunk-delay-s", "0.005", *tail, join_args=("--capacity", str(args.capacity)))
     fleet.wait_healthy()
@@ -53,7 +54,7 @@ def run_setting(bed: Bed, home: Path, hedge: str, args: argparse.Namespace) -> t
         metrics_url = f"http://{bed.address('hq')}:{fleet.router_port}/metrics"
         text = bed.call("hq", lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
         hedges = {s.labels["result"]: s.value for s in parse(text) if s.name == f"{HEDGES}_total"}
-        print(f"  hedge={hedge}: {result.summary()} hedges={hedges}", file=sys.stderr, flush=True)
+        print(f"  tail={tail_fraction:g} hedge={hedge}: {result.summary()} hedges={hedges}", file=sys.stderr, flush=True)
         return result, hedges
     finally:
         for name in [n for n in bed.processes if n.startswith(("join-", "hedge-")) or n == "router"]:
@@ -72,27 +73,28 @@ def main() -> None:
     p.add_argument("--min-delay-s", type=float, default=0.05, help="serve.hedge_min_delay_s.")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds too: the bed's namespaces are removed
+    scenarios = (args.tail_fraction, 0.0)  # the heavy tail, and the same fleet without it (what hedging costs there)
     with tempfile.TemporaryDirectory(prefix="hedging-") as tmp, Bed(REGIONS, Path(tmp) / "bed") as bed:
         mode = "network namespaces" if bed.use_netns else f"loopback links ({bed.netns_skip_reason})"
-        results = {hedge: run_setting(bed, Path(tmp), hedge, args) for hedge in ("off", "on")}
+        results = {(tail, hedge): run_setting(bed, Path(tmp), hedge, tail, args) for tail in scenarios for hedge in ("off", "on")}
     print(f"bed: {mode}; router in hq; workers eu 5 ms, us 40 ms, ap 120 ms one way; client in eu (5 ms), "
-          f"{args.concurrency} streams for {args.duration_s:g} s per setting")
-    print(f"eu worker's tail: {100 * args.tail_fraction:g}% of requests +{1000 * args.tail_s:g} ms to first token; service "
+          f"{args.concurrency} streams for {args.duration_s:g} s per row")
+    print(f"tail: that share of the eu worker's requests wait +{1000 * args.tail_s:g} ms for their first token; service "
           f"{1000 * args.service_s:g} ms; hedge after the p{args.percentile:g} of the worker's first byte, at least "
-          f"{1000 * args.min_delay_s:g} ms")
-    head = f"{'hedge':<7}{'requests':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'req/s':>8}{'errors':>8}{'hedges':>8}{'won':>6}{'extra':>8}"
-    print(head)
-    for hedge, (r, hedges) in results.items():
-        fired = sum(hedges.values())
-        extra = f"{100 * fired / len(r.ttft_s):.1f}%" if r.ttft_s else "-"
-        print(f"{hedge:<7}{len(r.ttft_s):>9}{r.percentile(50):>9.0f}{r.percentile(90):>9.0f}{r.percentile(99):>9.0f}"
-              f"{r.percentile(99.9):>10.0f}{r.throughput:>8.1f}{sum(r.errors.values()):>8}{fired:>8.0f}"
-              f"{hedges.get('won', 0):>6.0f}{extra:>8}")
-    off, on = results["off"][0], results["on"][0]
-    print(f"{'on/off':<7}{'':>9}{on.percentile(50) / off.percentile(50):>8.2f}x{on.percentile(90) / off.percentile(90):>8.2f}x"
-          f"{on.percentile(99) / off.percentile(99):>8.2f}x{on.percentile(99.9) / off.percentile(99.9):>9.2f}x"
-          f"{on.throughput / off.throughput:>7.2f}x")
-
+          f"{1000 * args.min_delay_s:g} ms; client TTFT in ms")
+    print(f"{'tail':<6}{'hedge':<7}{'requests':>9}{'p50':>7}{'p90':>7}{'p99':>7}{'p99.9':>7}{'req/s':>8}{'errors':>8}"
+          f"{'hedges':>8}{'won':>6}{'extra':>8}")
+    for tail in scenarios:
+        for hedge in ("off", "on"):
+            r, hedges = results[(tail, hedge)]
+            fired = sum(hedges.values())
+            extra = f"{100 * fired / len(r.ttft_s):.1f}%" if r.ttft_s else "-"
+            print(f"{100 * tail:<5g}%{hedge:<7}{len(r.ttft_s):>9}{r.percentile(50):>7.0f}{r.percentile(90):>7.0f}"
+                  f"{r.percentile(99):>7.0f}{r.percentile(99.9):>7.0f}{r.throughput:>8.1f}{sum(r.errors.values()):>8}"
+                  f"{fired:>8.0f}{hedges.get('won', 0):>6.0f}{extra:>8}")
+        off, on = results[(tail, "off")][0], results[(tail, "on")][0]
+        print(f"{100 * tail:<5g}%{'on/off':<7}{'':>9}" + "".join(f"{on.percentile(q) / off.percentile(q):>6.2f}x" for q in (50, 90, 99, 99.9))
+              + f"{on.throughput / off.throughput:>7.2f}x")
 
 if __name__ == "__main__":
     main()
