@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from serve.hedging import BURST, MIN_SAMPLES, FirstByteWindow, Hedger
+from tests.factories import wait_until_async
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -97,14 +98,6 @@ async def _chat(c: httpx.AsyncClient, stream: bool) -> str:
     return "".join(json.loads(x)["choices"][0]["delta"]["content"] for x in lines[:-1]).strip()
 
 
-async def _poll(predicate, what: str) -> None:
-    for _ in range(200):
-        if await predicate():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(what)
-
-
 def _completions(fake) -> list[dict]:
     return [r for r in fake.received() if r["path"] == "/v1/chat/completions"]
 
@@ -116,15 +109,9 @@ async def test_a_late_first_byte_is_hedged_and_the_loser_aborted(fake_factory, r
     async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
         assert await _chat(c, stream) == "tok0 tok1 tok2 tok3"  # far's answer, long before near's minute
 
-        async def near_aborted() -> bool:
-            return _completions(near)[-1].get("cancelled") is True
-
-        async def released() -> bool:
-            rows = (await c.get("/admin/workers", headers=router.admin_headers())).json()
-            return [w["outstanding"] for w in rows] == [0, 0]
-
-        await _poll(near_aborted, "the losing worker did not see its request aborted")
-        await _poll(released, "the outstanding counts did not return to 0")
+        await wait_until_async(lambda: _completions(near)[-1].get("cancelled") is True, what="the loser's worker to see the abort")
+        workers = router.app.state.registry.workers.values()
+        await wait_until_async(lambda: all(w.outstanding == 0 for w in workers), what="the outstanding counts to return to 0")
         metrics = (await c.get("/metrics")).text
     assert [r["stream"] for r in _completions(far)] == [stream]
     assert 'router_hedges_total{result="won"} 1.0' in metrics
