@@ -3,6 +3,7 @@
     .venv/bin/python bench/federation_vs_flower.py                  # embedded SmolLM2-135M, 2 silos, 4 rounds x 8 steps
     .venv/bin/python bench/federation_vs_flower.py --tiny           # a tiny random Llama: a smoke run (~3 min)
     .venv/bin/python bench/federation_vs_flower.py --silos 3 --rounds 3 --local-steps 4 --json out.json
+    .venv/bin/python bench/federation_vs_flower.py --systems ours,ours:ffa,flower   # also our demo's method
 
 The job: the bundled data of `federation.demo_data` (`--set`; the first `--silos` organisations), the same base model,
 the same LoRA initialisation (`train.initial_adapter_state`, seed 0; r/alpha/targets from the train settings), the
@@ -117,7 +118,7 @@ def relay_bytes(bed: Bed) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------ ours
-def run_ours(job: Job, work: Path, compression: str, timeout_s: float) -> dict[str, Any]:
+def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy: str = "fedavg") -> dict[str, Any]:
     """Our coordinator and silos as separate CLI processes (CURVE on), through `testbed.federation.GeoFederation`."""
     from federation.checkpoint import load_latest
     from testbed.federation import GeoFederation
@@ -138,7 +139,7 @@ def run_ours(job: Job, work: Path, compression: str, timeout_s: float) -> dict[s
             fed.enroll(org, f"r-{i}")
         t0 = time.time()
         fed.start_coordinator("--rounds", str(job.rounds), "--min-silos", str(len(job.orgs)), "--local-steps",
-                              str(job.local_steps), "--strategy", "fedavg", "--round-deadline", str(timeout_s),
+                              str(job.local_steps), "--strategy", strategy, "--round-deadline", str(timeout_s),
                               "--compression", compression)
         for org in job.orgs:  # GeoFederation pins each silo to its share of the cores (divide_cores over the silos)
             fed.start_silo(org, job.paths[org]["train"])
@@ -151,7 +152,7 @@ def run_ours(job: Job, work: Path, compression: str, timeout_s: float) -> dict[s
     ckpt = load_latest(work / "coordinator" / "federation" / fed.run_name)
     rounds = [{"round": r["round"], "duration_s": r["duration_s"], "bytes": r["bytes_in"] + r["bytes_out"],
                "train_loop_s": max(m["elapsed_s"] for m in r["per_silo"].values())} for r in records]
-    return {"system": f"ours (fedavg, {compression} updates)", "wall_s": records[-1]["time"] - t0, "rounds": rounds,
+    return {"system": f"ours ({strategy}, {compression} updates)", "wall_s": records[-1]["time"] - t0, "rounds": rounds,
             "tcp_bytes": tcp, "state": ckpt.global_state, "raw": records}
 
 
@@ -281,7 +282,8 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="silo learning rate (default: the demo's)")
     p.add_argument("--compression", default="bf16", help="our update compression (the product's default: bf16)")
-    p.add_argument("--systems", default="ours,flower", help="which to run: ours, flower or both")
+    p.add_argument("--systems", default="ours,flower",
+                   help="which to run, in order: ours (plain FedAvg), ours:STRATEGY (e.g. ours:ffa, the demo's), flower")
     p.add_argument("--timeout-s", type=float, default=3600)
     p.add_argument("--home", default="", help="working folder (default: a temp folder)")
     p.add_argument("--json", default="", help="also write every number here")
@@ -296,12 +298,13 @@ def main() -> None:
     results = []
     for system in systems:
         log(f"{system}: running")
-        if system == "ours":
-            results.append(run_ours(job, work / "ours", args.compression, args.timeout_s))
+        if system.split(":")[0] == "ours":
+            strategy = system.partition(":")[2] or "fedavg"
+            results.append(run_ours(job, work / system.replace(":", "-"), args.compression, args.timeout_s, strategy))
         elif system == "flower":
             results.append(run_flower(job, work / "flower", venv, args.timeout_s))
         else:
-            raise SystemExit(f"unknown system {system!r}; use ours, flower")
+            raise SystemExit(f"unknown system {system!r}; use ours, ours:STRATEGY, flower")
         s = summary(results[-1], job.rounds)
         log(f"{system}: " + ", ".join(f"{k} {v:,.1f}" for k, v in s.items()))
     from federation import demo
