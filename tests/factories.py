@@ -82,3 +82,21 @@ def make_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layers
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def write_format(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as the file (or folder) kind that `path`'s suffix names, with pandas / datasets."""
+    import json
+
+    import datasets
+    import pandas as pd
+
+    if path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")  # one JSON array
+    else:
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path

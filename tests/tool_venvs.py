@@ -16,25 +16,29 @@ from tests.factories import TEST_CACHE
 
 
 def build_tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:
-    """The folder of virtualenv `name` with `requirements` installed (created on first use).
+    """The folder of virtualenv `name` with `requirements` installed (created on first use; an existing one whose
+    marker lists other requirements gets them installed on top).
 
     Raises:
         RuntimeError: the venv could not be made or pip could not install `requirements` (names the install log).
     """
     venv = TEST_CACHE / "venvs" / name
     marker = venv / ".installed"
-    if marker.exists():
+    wanted = " ".join(requirements) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
         return venv
     venv.parent.mkdir(parents=True, exist_ok=True)
     log = venv.parent / f"{name}.install.log"
     with open(log, "w") as out:
         try:
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, stdout=out, stderr=out, timeout=120)
+            if not (venv / "bin" / "pip").exists():
+                subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, stdout=out, stderr=out,
+                               timeout=120)
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *requirements], check=True, stdout=out, stderr=out,
                            timeout=timeout_s)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"could not install {' '.join(requirements)} into {venv} ({exc}); see {log}") from exc
-    marker.write_text(" ".join(requirements) + "\n")
+    marker.write_text(wanted)
     return venv
 
 

@@ -1,8 +1,8 @@
 """Training data: loading and validation, chat-template tokenisation, answer-only loss masks, packing.
 
 Files: JSONL, or JSON, CSV, Parquet and folders saved by Hugging Face `datasets` (read by `datasets`).
-The record formats and their validation live in `appliance/core/records.py` (the console checks uploads with them);
-``load_jsonl`` and ``validate_records`` are re-exported here for the engine.
+The record formats, the file reader and their validation live in `appliance/core/records.py` (the console checks
+uploads with them); ``load_file``, ``load_jsonl`` and ``validate_records`` are re-exported here for the engine.
 
 Packing puts several short examples into one ``max_seq_len`` row. Attention never crosses an example
 boundary: each packed row carries ``position_ids`` that restart at 0 for every example and no 2D attention
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import DataError
-from appliance.core.records import load_jsonl, record_format, validate_records
+from appliance.core.records import load_file, load_jsonl, record_format, validate_records
 
 log = logging.getLogger(__name__)
 
@@ -49,70 +49,11 @@ class ChatExample:
 # ---------------------------------------------------------------- loading and validation
 
 
-# Readers of Hugging Face `datasets` by file suffix; JSONL keeps its own reader (bad JSON is named by line).
-DATASETS_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SUPPORTED = "JSONL, JSON, CSV, Parquet, or a folder saved with datasets' save_to_disk"
-
-
 def load_data(data: Path | str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records from a data path (see `load_file`) or an in-memory sequence of dicts, validated."""
     if isinstance(data, (str, Path)):
         return load_file(Path(data))
     return validate_records(list(data))
-
-
-def load_file(path: Path) -> list[dict[str, Any]]:
-    """Read and validate a data file: JSONL (any other suffix too), or JSON, CSV, Parquet or a saved `datasets` folder.
-
-    JSONL problems are named by line, the others by row (1-based, header not counted); cells that are empty
-    (null) count as absent fields, so tables that mix formats in one schema work.
-
-    Raises:
-        DataError: the path is missing or unreadable, or records are invalid (all listed, with file and row).
-    """
-    path = Path(path)
-    if path.is_dir():
-        rows = _read_saved_dataset(path)
-    elif not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    elif path.suffix.lower() in DATASETS_BUILDERS:
-        rows = _read_with_datasets(path, DATASETS_BUILDERS[path.suffix.lower()])
-    else:
-        return load_jsonl(path)
-    return validate_records([_table_record(row) for row in rows], str(path), unit="row ")
-
-
-def _table_record(row: dict[str, Any]) -> dict[str, Any]:
-    """A table row as a record: null cells are absent fields, unless then no format fits (then they are empty
-    strings, so that an empty answer cell is reported as an empty answer)."""
-    record = {k: v for k, v in row.items() if v is not None}
-    return record if record_format(record) is not None else {k: "" if v is None else v for k, v in row.items()}
-
-
-def _read_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
-    """The rows of a JSON/CSV/Parquet file, streamed by `datasets` (no cache copy of private data is written)."""
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True))
-    except Exception as exc:  # the input edge: pyarrow, pandas and json errors all mean "cannot read this file"
-        raise DataError(f"{path}: cannot read it as {builder.upper()} ({type(exc).__name__}: {exc}); expected {SUPPORTED}") from exc
-
-
-def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
-    """The rows of a folder written by `Dataset.save_to_disk` (a DatasetDict: its 'train' split, or its only one)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path} is a folder but not a saved dataset ({exc}); expected {SUPPORTED}") from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if "train" not in loaded and len(splits) != 1:
-            raise DataError(f"{path}: a dataset with splits {splits} and none named 'train'; save the split to use")
-        loaded = loaded["train" if "train" in loaded else splits[0]]
-    return loaded.to_list()
 
 
 def data_sha256(data: Path | str | Sequence[dict[str, Any]]) -> str:

@@ -1,12 +1,13 @@
-"""Training data records: the JSONL formats the appliance accepts, and their validation (pure, torch-free).
+"""Training data records: the formats the appliance accepts, the file reader, and their validation (torch-free).
 
-Supported record formats (one JSON object per line):
+Files: JSONL (read here, problems named by line), or JSON, CSV, Parquet and folders saved by Hugging Face
+`datasets` (read by `datasets`, imported only then; problems named by row). Supported record formats:
   - OpenAI chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
   - prompt/answer: ``{"prompt": "...", "completion": "..."}``
   - alpaca: ``{"instruction": "...", "input": "...", "output": "..."}``
   - plain text: ``{"text": "..."}`` (loss on every token)
 
-The training engine (`train.data`) and the console's upload check both validate with these functions.
+The training engine (`train.data`) and the console's upload check both read and validate with these functions.
 """
 
 from __future__ import annotations
@@ -142,3 +143,75 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     if not records:
         raise DataError(f"{path}: no records (expected JSONL with one example per line)")
     return records
+
+
+# Readers of Hugging Face `datasets` by file suffix; JSONL keeps its own reader (bad JSON is named by line).
+DATASETS_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SUPPORTED = "JSONL, JSON, CSV, Parquet, or a folder saved with datasets' save_to_disk"
+
+
+def load_file(path: Path) -> list[dict[str, Any]]:
+    """Read and validate a data file: JSONL (any other suffix too), or JSON, CSV, Parquet or a saved `datasets` folder.
+
+    JSONL problems are named by line, the others by row (1-based, header not counted); cells that are empty
+    (null) count as absent fields, so tables that mix formats in one schema work.
+
+    Raises:
+        DataError: the path is missing or unreadable, or records are invalid (all listed, with file and row).
+    """
+    path = Path(path)
+    if path.is_dir():
+        rows = _read_saved_dataset(path)
+    elif not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    elif path.suffix.lower() in DATASETS_BUILDERS:
+        rows = _read_with_datasets(path, DATASETS_BUILDERS[path.suffix.lower()])
+    else:
+        return load_jsonl(path)
+    return validate_records([_table_record(row) for row in rows], str(path), unit="row ")
+
+
+def _table_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A table row as a record: null cells are absent fields, unless then no format fits (then they are empty
+    strings, so that an empty answer cell is reported as an empty answer)."""
+    record = {k: v for k, v in row.items() if v is not None}
+    return record if record_format(record) is not None else {k: "" if v is None else v for k, v in row.items()}
+
+
+def _read_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
+    """The rows of a JSON/CSV/Parquet file, streamed by `datasets` (no cache copy of private data is written)."""
+    import datasets
+
+    try:
+        # CSV cells are text: without string features pandas would turn an answer "4" into the integer 4.
+        options = {"features": _csv_string_features(path)} if builder == "csv" else {}
+        return list(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options))
+    except Exception as exc:  # the input edge: pyarrow, pandas and json errors all mean "cannot read this file"
+        raise DataError(f"{path}: cannot read it as {builder.upper()} ({type(exc).__name__}: {exc}); expected {SUPPORTED}") from exc
+
+
+def _csv_string_features(path: Path) -> Any:
+    """`datasets.Features` reading every column of a CSV file (named by its header row) as a string."""
+    import csv
+
+    import datasets
+
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
+    """The rows of a folder written by `Dataset.save_to_disk` (a DatasetDict: its 'train' split, or its only one)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise DataError(f"{path} is a folder but not a saved dataset ({exc}); expected {SUPPORTED}") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if "train" not in loaded and len(splits) != 1:
+            raise DataError(f"{path}: a dataset with splits {splits} and none named 'train'; save the split to use")
+        loaded = loaded["train" if "train" in loaded else splits[0]]
+    return loaded.to_list()

@@ -3,33 +3,17 @@ row by row with the file and row named, and trained on (locally and in a federat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.core.errors import DataError
+from tests.factories import write_format
 from tests.train.conftest import small_cfg
 from train.data import data_sha256, load_data
 
 PAIRS = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(6)]
-
-
-def write_format(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write rows as the file (or folder) kind that `path`'s suffix names, with pandas / datasets."""
-    import datasets
-    import pandas as pd
-
-    if path.suffix == ".csv":
-        pd.DataFrame(rows).to_csv(path, index=False)
-    elif path.suffix == ".parquet":
-        pd.DataFrame(rows).to_parquet(path)
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows), encoding="utf-8")  # one JSON array
-    else:
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    return path
 
 
 @pytest.mark.parametrize("name", ["data.csv", "data.parquet", "data.json", "saved-dataset"])

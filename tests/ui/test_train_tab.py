@@ -6,7 +6,9 @@ import json
 import stat
 from pathlib import Path
 
-from tests.factories import make_settings
+import pytest
+
+from tests.factories import make_settings, write_format
 from ui.context import ConsoleContext
 from ui.runs import RunView
 from ui.tabs import train as tab
@@ -46,6 +48,37 @@ def test_an_invalid_upload_lists_its_problems_and_saves_nothing(tmp_path):
 
     assert message.startswith("**Invalid data** - nothing was saved") and "bad.jsonl:1" in message and "bad.jsonl:2" in message
     assert not (tab.data_dir(ctx) / "bad.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["good.csv", "good.parquet", "good.json"])
+def test_csv_parquet_and_json_uploads_are_read_by_the_one_validator_and_offered(tmp_path, name):
+    ctx = _ctx(tmp_path / "home")
+    src = write_format(tmp_path / name, [{"prompt": "What is 2+2?", "completion": "4"}, {"text": "plain text"}])
+
+    message, dropdown = tab.on_upload(ctx, str(src))
+
+    assert message.startswith("**Valid:**") and "2 valid records" in message
+    assert dropdown.value == str(tab.data_dir(ctx) / name) and dropdown.value in tab.data_choices(ctx)
+
+
+def test_a_malformed_csv_row_is_named_and_nothing_is_saved(tmp_path):
+    ctx = _ctx(tmp_path / "home")
+    src = write_format(tmp_path / "bad.csv", [{"prompt": "q", "completion": "a"}, {"prompt": "q2", "completion": None}])
+
+    message, _ = tab.on_upload(ctx, str(src))
+
+    assert message.startswith("**Invalid data** - nothing was saved") and "bad.csv:row 2: empty answer" in message
+    assert not (tab.data_dir(ctx) / "bad.csv").exists()
+
+
+def test_an_upload_of_another_file_type_names_the_accepted_ones(tmp_path):
+    ctx = _ctx(tmp_path / "home")
+    src = _jsonl(tmp_path / "notes.txt", GOOD)
+
+    message, _ = tab.on_upload(ctx, str(src))
+
+    assert "Invalid data" in message and ".jsonl, .json, .csv, .parquet" in message
+    assert not tab.data_dir(ctx).exists()
 
 
 def test_an_upload_over_the_size_limit_is_refused_with_the_setting_named(tmp_path):

@@ -1,4 +1,4 @@
-"""Train tab: validate a JSONL file, start `appliance train` as a detached process, and watch runs from disk.
+"""Train tab: validate a data file (JSONL, JSON, CSV, Parquet), start `appliance train` as a detached process, and watch runs from disk.
 
 Everything shown comes from `runs/ID/` and the launch records (see `ui.runs`), polled by a `gr.Timer`, so the
 progress and the loss plot survive a page reload and keep moving while the run trains.
@@ -14,7 +14,7 @@ from typing import Any
 from appliance.core.atomic import write_bytes_atomic
 from appliance.core.errors import DataError
 from appliance.core.processes import log_tail
-from appliance.core.records import load_jsonl
+from appliance.core.records import load_file
 from ui import launcher
 from ui.context import ConsoleContext, bind, guarded, problem
 from ui.plots import line_figure
@@ -28,10 +28,16 @@ def data_dir(ctx: ConsoleContext) -> Path:
     return ctx.settings.home / "ui" / "data"
 
 
+# File types an upload may have (read by `appliance.core.records.load_file`; a saved `datasets` folder is not a file
+# a browser uploads: train on it with `appliance train --data FOLDER`).
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
 def data_choices(ctx: ConsoleContext) -> list[str]:
-    """Uploaded JSONL files, newest first."""
+    """Uploaded data files, newest first."""
     d = data_dir(ctx)
-    files = sorted(d.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []
+    found = [p for p in d.iterdir() if p.is_file() and p.suffix.lower() in UPLOAD_SUFFIXES] if d.is_dir() else []
+    files = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     return [str(p) for p in files]
 
 
@@ -125,14 +131,18 @@ def save_upload(ctx: ConsoleContext, path: Path) -> tuple[Path, int]:
         The stored copy and its number of records.
 
     Raises:
-        DataError: the file is larger than `ui.max_upload_mb`, or is not valid training data (every problem listed).
+        DataError: the file is not JSONL, JSON, CSV or Parquet, is larger than `ui.max_upload_mb`, or is not valid
+            training data (every problem listed, by line or row).
     """
+    if path.suffix.lower() not in UPLOAD_SUFFIXES:
+        raise DataError(f"{path.name}: the console reads {', '.join(UPLOAD_SUFFIXES)} files (a saved datasets folder: "
+                        "`appliance train --data FOLDER`)")
     limit_mb = ctx.settings.ui.max_upload_mb
     size = path.stat().st_size
     if size > limit_mb * 2**20:
         raise DataError(f"{path.name} is {size / 2**20:.1f} MB; the console accepts training files up to {limit_mb:g} MB "
                         "(ui.max_upload_mb), or start `appliance train` on the file where it lies")
-    records = load_jsonl(path)
+    records = load_file(path)
     dest = data_dir(ctx) / path.name
     write_bytes_atomic(dest, path.read_bytes())
     return dest, len(records)
@@ -245,7 +255,8 @@ def build(ctx: ConsoleContext) -> None:
     status = gr.Markdown("", elem_id="train-status")
     with gr.Row():
         with gr.Column(scale=1):
-            upload = gr.File(label="Upload training data (JSONL)", file_types=[".jsonl"], type="filepath", elem_id="train-upload")
+            upload = gr.File(label="Upload training data (JSONL, JSON, CSV, Parquet)", file_types=list(UPLOAD_SUFFIXES),
+                             type="filepath", elem_id="train-upload")
             data_check = gr.Markdown("", elem_id="train-data-check")
             data = gr.Dropdown(label="Training data", choices=data_choices(ctx), value=None, elem_id="train-data")
         with gr.Column(scale=2):
