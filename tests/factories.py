@@ -98,5 +98,5 @@ def write_format(path: Path, rows: list[dict[str, Any]]) -> Path:
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows), encoding="utf-8")  # one JSON array
     else:
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+        datasets.Dataset.from_pandas(pd.DataFrame(rows)).save_to_disk(str(path))  # from_list keeps only row 1's keys
     return path

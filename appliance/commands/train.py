@@ -35,7 +35,7 @@ def train(
     hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (HOST slots=N lines) for several nodes."),
     output: Optional[str] = typer.Option(None, "--output", help="Adapter name to register (default: DATA-lora)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue run RUN_ID from its last checkpoint."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Load no weights: print parameter counts and targeted modules."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Train nothing: check --data/--eval (if given) and print parameter counts and targeted modules."),
 ) -> None:
     """Fine-tune a LoRA adapter and register it (APPLIANCE_HOME/adapters/NAME/VERSION)."""
     with cli_errors():
@@ -47,7 +47,7 @@ def train(
             max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
             ranks=ranks, hostfile=str(hostfile.resolve()) if hostfile else None)})
         if dry_run:
-            _print_dry_run(settings)
+            _print_dry_run(settings, [p for p in (data, eval_data) if p is not None])
             return
         from train.runs import resume_run, start_run
 
@@ -64,9 +64,17 @@ def train(
         console.print(f"registered adapter [bold]{outcome.adapter.ref}[/] (served as {outcome.adapter.served_name}) at {outcome.adapter.path}")
 
 
-def _print_dry_run(settings: Any) -> None:
+def _print_dry_run(settings: Any, data_paths: list[Path]) -> None:
+    from collections import Counter
+
     from appliance.core.model_store import resolve_model
+    from train.data import load_data, record_format
     from train.lora import count_parameters
+
+    for path in data_paths:  # checked first: bad data is named (file and line or row) before any weights are read
+        kinds = Counter(record_format(r) for r in load_data(path))
+        console.print(f"data: {path}: {sum(kinds.values())} records ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})",
+                      highlight=False)
 
     path = Path(settings.model)
     model_dir = path if path.is_file() else resolve_model(settings.models_dir, settings.model)

@@ -33,6 +33,23 @@ def test_dry_run_prints_peft_equal_counts(cli, tiny_model_dir: Path, tmp_path: P
     assert "q_proj, v_proj" in result.output
 
 
+def test_dry_run_checks_csv_parquet_and_datasets_data_and_names_a_bad_row(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tests.factories import write_format
+
+    rows = [{"prompt": "What is 2+2?", "completion": "4"}, {"instruction": "Add 1 and 1.", "output": "2"}]
+    good = [write_format(tmp_path / name, rows) for name in ("d.csv", "d.parquet", "d-saved")]
+    bad = write_format(tmp_path / "bad.parquet", [rows[0], {"prompt": "q", "completion": ""}])
+
+    results = [cli("--home", tmp_path, "train", "--dry-run", "--model", tiny_model_dir, "--data", p) for p in good]
+    failed = cli("--home", tmp_path, "train", "--dry-run", "--model", tiny_model_dir, "--data", good[0], "--eval", bad)
+
+    for path, result in zip(good, results):
+        assert result.exit_code == 0, result.output
+        assert f"data: {path}: 2 records (1 prompt, 1 alpaca)" in " ".join(result.output.split())
+    assert failed.exit_code == 2
+    assert f"{bad}:row 2: empty answer" in " ".join(failed.output.split())
+
+
 def test_bad_data_exits_2_naming_file_and_line(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "q"', {"prompt": "q", "completion": "a"}])
     result = cli("--home", tmp_path, "train", "--data", bad, "--model", tiny_model_dir, "--max-steps", 1)
