@@ -5,8 +5,8 @@ It is a raw ASGI app, so it costs almost nothing per request and can be mounted 
 
     python -m testing.fake_vllm --port 8101 --model fake
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming SSE
-and not), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`. Loaded adapters appear in `/v1/models`
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`
+(streaming SSE and not), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`. Loaded adapters appear in `/v1/models`
 with `parent` set to the base model, as in vLLM, and answer as `"model": <lora_name>`. With an API key (`api_key`,
 or the `VLLM_API_KEY` environment variable in process mode, as vLLM reads it) every `/v1/*` path answers 401
 `{"error": "Unauthorized"}` without `Authorization: Bearer <key>`, as vLLM's own middleware does; `/health` stays open.
@@ -14,7 +14,13 @@ Every answer is `tok0 tok1 ...` (`chunks` tokens), whatever the prompt; `forge` 
 lying worker). Token accounting follows vLLM: an answer stops at `max_completion_tokens`, else `max_tokens` (the
 former wins when both are given), each of `n` choices is generated, and `usage` counts one prompt token per word of
 the prompt plus 5 (the chat template) and every choice's tokens. A stream ends with a usage chunk (`"choices": []`)
-when the request asks for `stream_options.include_usage`, as vLLM's does.
+when the request asks for `stream_options.include_usage`, as vLLM's does. `/v1/responses` answers vLLM's Responses
+object (`output` holds one assistant message with one `output_text` part; `usage` has `input_tokens`, `output_tokens`,
+`total_tokens`; an answer cut at `max_output_tokens` is `incomplete` with reason `max_output_tokens`), and its stream
+is vLLM's event sequence (`event: TYPE` + `data: {...}` with a `sequence_number`): `response.created`,
+`response.in_progress`, `response.output_item.added`, `response.content_part.added`, one `response.output_text.delta`
+per token, `response.output_text.done`, `response.content_part.done`, `response.output_item.done`, then
+`response.completed` carrying the whole response (its status `incomplete` when cut), and no `[DONE]`.
 
 Failure injection (constructor arguments, or at run time with `POST /fake/control` and a JSON object of the same
 names): `fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before
@@ -118,7 +124,7 @@ class FakeBackend:
                 await self._send_json(send, 404, _error("not found", "NotFoundError", 404))
             return
         body = await _read_body(receive)
-        if path in ("/v1/chat/completions", "/v1/completions"):
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             await self._complete(scope, path, body, receive, send)
         elif path == "/v1/load_lora_adapter":
             await self._load(body, send)
@@ -208,6 +214,9 @@ class FakeBackend:
         if model != self.model and model not in self.adapters:
             await self._send_json(send, 404, _error(f"The model `{model}` does not exist.", "NotFoundError", 404))
             return
+        if path == "/v1/responses":
+            await self._respond(send, model, req)
+            return
         chat = path.endswith("chat/completions")
         pieces = self._pieces(req)
         choices = req.get("n") if isinstance(req.get("n"), int) and req.get("n") > 0 else 1
@@ -223,10 +232,14 @@ class FakeBackend:
         else:
             await self._send_json(send, 200, self._completion(model, chat, pieces, choices, usage))
 
-    def _pieces(self, req: dict[str, Any]) -> list[str]:
+    def _words(self) -> list[str]:
+        return self.forge.split() if self.forge is not None else [f"tok{i}" for i in range(self.chunks)]
+
+    def _pieces(self, req: dict[str, Any], limit: Any = None) -> list[str]:
         """The answer's stream pieces: `tok0 `, `tok1 `, ... or the forged text's words, cut at the request's limit."""
-        words = self.forge.split() if self.forge is not None else [f"tok{i}" for i in range(self.chunks)]
-        limit = req.get("max_completion_tokens") or req.get("max_tokens")  # vLLM: max_completion_tokens wins
+        words = self._words()
+        if limit is None:  # chat and completions: max_completion_tokens wins over max_tokens, as in vLLM
+            limit = req.get("max_completion_tokens") or req.get("max_tokens")
         if isinstance(limit, int) and limit >= 0:
             words = words[:limit]
         return [w + " " for w in words]
@@ -270,6 +283,66 @@ class FakeBackend:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         return True
 
+    # -- the Responses API, in vLLM's shapes --
+    def _response(self, model: str, req: dict[str, Any], pieces: list[str], status: str) -> dict[str, Any]:
+        """A Responses object: `status` "in_progress" (no output, no usage yet), "completed" or "incomplete"."""
+        text = "".join(pieces)
+        output = [] if status == "in_progress" else [
+            {"id": "msg_fake", "type": "message", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}]
+        input_tokens = 5 + len(_all_prompt_text(req).split())
+        usage = None if status == "in_progress" else {
+            "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(pieces),
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": input_tokens + len(pieces)}
+        return {"id": "resp_fake", "created_at": self.created, "model": model, "object": "response", "status": status,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": req.get("instructions"), "metadata": req.get("metadata"), "output": output,
+                "parallel_tool_calls": True, "temperature": req.get("temperature", 1.0), "tool_choice": "auto", "tools": [],
+                "top_p": req.get("top_p", 1.0), "background": False, "max_output_tokens": req.get("max_output_tokens") or 2048,
+                "max_tool_calls": None, "previous_response_id": None, "prompt": None, "reasoning": None,
+                "service_tier": "auto", "text": None, "top_logprobs": None, "truncation": "disabled", "usage": usage,
+                "user": None, "served_by": self.name}
+
+    async def _respond(self, send: Send, model: str, req: dict[str, Any]) -> None:
+        # Tokens as a tokenizer splits words ("tok0", " tok1", ...): the deltas add up to the answer's text exactly.
+        pieces = [("" if i == 0 else " ") + p.rstrip() for i, p in enumerate(self._pieces(req, req.get("max_output_tokens")))]
+        status = "incomplete" if len(pieces) < len(self._words()) else "completed"
+        if not req.get("stream"):
+            await self._send_json(send, 200, self._response(model, req, pieces, status))
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
+        seq = 0
+
+        async def event(body: dict[str, Any], more: bool = True) -> None:
+            nonlocal seq
+            body = {**body, "sequence_number": seq}
+            seq += 1
+            data = b"event: " + body["type"].encode() + b"\ndata: " + _dumps(body) + b"\n\n"
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        text = "".join(pieces)
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+        await event({"type": "response.created", "response": self._response(model, req, [], "in_progress")})
+        await event({"type": "response.in_progress", "response": self._response(model, req, [], "in_progress")})
+        await event({"type": "response.output_item.added", "output_index": 0, "item": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "content": [], "status": "in_progress"}})
+        await event({"type": "response.content_part.added", **where, "part": part})
+        for i, piece in enumerate(pieces):
+            if self.break_after_chunks is not None and i >= self.break_after_chunks:
+                raise ConnectionAbortedError("fake backend broke the stream as asked")
+            await event({"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []})
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+        done_part = {"type": "output_text", "text": text, "annotations": []}
+        await event({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
+        await event({"type": "response.content_part.done", **where, "part": done_part})
+        await event({"type": "response.output_item.done", "output_index": 0, "item": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "content": [done_part], "status": "completed"}})
+        # vLLM ends every stream with response.completed, whose response says "incomplete" when it was cut.
+        await event({"type": "response.completed", "response": self._response(model, req, pieces, status)}, more=False)
+
     async def _send_json(self, send: Send, status: int, obj: Any) -> None:
         await self._send(send, status, _dumps(obj))
 
@@ -280,20 +353,34 @@ class FakeBackend:
         await send({"type": "http.response.body", "body": body})
 
 
+def _messages(req: dict[str, Any]) -> list[Any] | None:
+    """The messages of a chat request, or of a Responses request whose `input` is a list of them."""
+    messages = req.get("messages", req.get("input"))
+    return messages if isinstance(messages, list) else None
+
+
+def _content_text(content: Any) -> str:
+    """A message's content as text: a string, or the `text` of its parts (Responses `input_text` parts)."""
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content)
+
+
 def _prompt(req: dict[str, Any]) -> str:
-    """The last message's content (chat) or the prompt (completions), for `GET /fake/requests`."""
-    messages = req.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
-        return str(messages[-1].get("content", ""))
-    return str(req.get("prompt", ""))
+    """The last message's content (chat, responses) or the prompt / input text, for `GET /fake/requests`."""
+    messages = _messages(req)
+    if messages and isinstance(messages[-1], dict):
+        return _content_text(messages[-1].get("content", ""))
+    return str(req.get("prompt", req.get("input", "")))
 
 
 def _all_prompt_text(req: dict[str, Any]) -> str:
-    """Every message's text (chat) or the prompt (completions), for the usage count."""
-    messages = req.get("messages")
-    if isinstance(messages, list):
-        return " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-    return str(req.get("prompt", ""))
+    """Every message's text (chat, responses; with the instructions) or the prompt / input text, for the usage count."""
+    messages = _messages(req)
+    head = str(req.get("instructions") or "")
+    if messages is not None:
+        return " ".join([head, *(_content_text(m.get("content", "")) for m in messages if isinstance(m, dict))])
+    return " ".join([head, str(req.get("prompt", req.get("input", "")))])
 
 
 def _error(message: str, type_: str, code: int) -> dict[str, Any]:

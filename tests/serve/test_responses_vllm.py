@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from serve.keys import create_key
+from tests.serve.responses_contract import assert_responses_contract
 
 pytestmark = pytest.mark.vllm
 
@@ -21,19 +22,7 @@ async def test_openai_client_responses_create_through_the_router(vllm_worker, ro
     router = await router_factory([vllm_worker.spec], home=home, request_timeout_s=120, max_tokens_cap=64)
     client = AsyncOpenAI(base_url=f"{router.url}/v1", api_key=key, timeout=120, max_retries=0)
     try:
-        # Act: one answer, then one stream
-        out = await client.responses.create(model=MODEL, input="What is the capital of France? Answer in one word.",
-                                            max_output_tokens=8, temperature=0)
-        stream = await client.responses.create(model=MODEL, input="Name a colour.", max_output_tokens=8, temperature=0, stream=True)
-        events = [event async for event in stream]
-
-        # Assert
-        assert out.status in ("completed", "incomplete") and out.output_text.strip() and out.model == MODEL
-        assert out.usage.total_tokens > out.usage.output_tokens > 0
-        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
-        assert len(deltas) >= 2 and "".join(deltas).strip()
-        assert events[-1].type in ("response.completed", "response.incomplete")
-        assert events[-1].response.output_text == "".join(deltas)
+        await assert_responses_contract(client, MODEL)
 
         # the same limits as chat: the token cap reads max_output_tokens, the key's rpm holds (2 per minute)
         with pytest.raises(BadRequestError, match="max_tokens=100 exceeds this router's cap of 64"):
