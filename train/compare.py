@@ -8,12 +8,13 @@ generation budget.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
+from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import ConfigError
 from appliance.core.model_store import resolve_model
 from train.runs import adapter_base_dir, adapter_train_settings
@@ -87,16 +88,28 @@ def default_data(targets: Sequence[EvalTarget]) -> Path | None:
 
 
 def evaluate_targets(targets: Sequence[EvalTarget], data: Path | Sequence[dict[str, Any]], *, generate: bool = True,
-                     max_new_tokens: int = 64, max_generate: int = 50) -> list[tuple[str, dict[str, float]]]:
-    """Score each target on the same data with `train.evaluate_adapter`; returns (label, metrics) in order."""
+                     max_new_tokens: int = 64, max_generate: int = 50,
+                     on_row: Callable[[list[tuple[str, dict[str, float]]]], None] | None = None) -> list[tuple[str, dict[str, float]]]:
+    """Score each target on the same data with `train.evaluate_adapter`; returns (label, metrics) in order.
+
+    `on_row(rows_so_far)` is called after each target is scored (progress for a caller that shows it)."""
     from train import evaluate_adapter, load_adapter_state
 
-    rows = []
+    rows: list[tuple[str, dict[str, float]]] = []
     for t in targets:
         state = load_adapter_state(t.adapter.path) if t.adapter is not None else None
         rows.append((t.label, evaluate_adapter(t.cfg, t.model_dir, state, data, generate=generate,
                                                max_new_tokens=max_new_tokens, max_generate=max_generate)))
+        if on_row is not None:
+            on_row(list(rows))
     return rows
+
+
+def write_report(path: Path, refs: Sequence[str], data: Path | str, rows: Sequence[tuple[str, dict[str, float]]]) -> None:
+    """Write (atomically) the comparison as JSON, as `appliance eval --json-out` does before the first model and after
+    each: `{"targets": [...], "data", "done", "total", "rows": [{"model", "metrics"}]}`."""
+    write_json_atomic(Path(path), {"targets": list(refs), "data": str(data), "done": len(rows), "total": len(refs),
+                                   "rows": [{"model": label, "metrics": m} for label, m in rows]})
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, float]]]) -> str:

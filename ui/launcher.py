@@ -3,7 +3,7 @@
 The console starts training runs, coordinators and the demo through this wrapper so they outlive the page and the
 console itself, and so a run that dies before writing its own status (bad arguments, bad data, a kill) is still
 reported with its exit code and the end of its log. A launch record is `APPLIANCE_HOME/ui/launches/ID.json`:
-`{"id", "kind", "cmd", "pid", "log", "started_at", "exit_code", "ended_at", "stop_requested"}`.
+`{"id", "kind", "cmd", "pid", "wrapper_pid", "log", "started_at", "exit_code", "ended_at", "stop_requested"}`.
 
 Run as `python -m ui.launcher RECORD -- CMD...` (done by `launch()`; not meant for people).
 """
@@ -75,6 +75,18 @@ def list_records(home: Path, kind: str | None = None) -> list[dict[str, Any]]:
     return [r for r in records if r and (kind is None or r.get("kind") == kind)]
 
 
+def record_state(record: dict[str, Any], alive: str = "running") -> str:
+    """What a launch record says of its process: `alive` (no exit code yet, and the process or the wrapper that will
+    write its exit code alive), "done" (exit 0), "stopped" (it exited after a stop), or "failed" (another exit code,
+    or gone without one)."""
+    code = record.get("exit_code")
+    if code is None:
+        return alive if pid_alive(record.get("pid")) or pid_alive(record.get("wrapper_pid")) else "failed"
+    if record.get("stop_requested"):
+        return "stopped"
+    return "done" if code == 0 else "failed"
+
+
 def stop(home: Path, launch_id: str, sig: int = signal.SIGTERM) -> bool:
     """Ask a launched process to stop (SIGTERM to its process group); marks the record. False if not running."""
     path = launches_dir(home) / f"{launch_id}.json"
@@ -99,6 +111,7 @@ def _main(argv: list[str]) -> int:
         # The child leads its own process group so a stop reaches everything it starts (DeepSpeed, compilers).
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         record["pid"] = child.pid
+        record["wrapper_pid"] = os.getpid()  # alive until the exit code is written: no gap that reads as a crash
         write_json_atomic(record_path, record)
         code = child.wait()
     record = read_record(record_path) or record  # keep stop_requested written by stop()

@@ -1,6 +1,6 @@
-"""Line charts for the console, drawn with matplotlib (an image: the same picture on every page load).
+"""Line and bar charts for the console, drawn with matplotlib (an image: the same picture on every page load).
 
-The frames are long tables (x, y, series). `matplotlib.figure.Figure` is used directly, not pyplot, so no figure
+Line charts take long tables (x, y, series). `matplotlib.figure.Figure` is used directly, not pyplot, so no figure
 is kept in a global registry between the console's refreshes.
 """
 
@@ -42,4 +42,30 @@ def line_figure(frame: Any, x: str, y: str, title: str, colors: dict[str, str] |
         ax.plot(part[x], part[y], label=name, color=colour, marker=marker, markersize=3, linewidth=1.6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
     ax.legend(loc="upper right", fontsize=9, frameon=False)
+    return fig
+
+
+def bar_figure(labels: list[str], values: list[float], title: str, ylabel: str, colors: dict[str, str] | None = None, *,
+               empty_text: str = "No data yet", size_in: tuple[float, float] = (8.0, 3.0)) -> Any:
+    """A figure with one labelled bar per value (in order).
+
+    Args:
+        colors: fixed colours for known labels; the others take the palette's first colour.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size_in, dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel(ylabel)
+    if not values:
+        ax.text(0.5, 0.5, empty_text, ha="center", va="center", transform=ax.transAxes, color="#6b7280")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return fig
+    bars = ax.bar(range(len(values)), values, color=[(colors or {}).get(label, PALETTE[0]) for label in labels])
+    ax.set_xticks(range(len(values)), labels)
+    ax.bar_label(bars, fmt="%.4f", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.15)
     return fig

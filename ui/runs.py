@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.processes import log_tail
-from ui.launcher import list_records, pid_alive
+from ui.launcher import list_records, pid_alive, record_state
 
 FINAL_STATES = ("done", "failed", "stopped")
 
@@ -124,12 +124,7 @@ def _merge(run_dir: Path, status: dict[str, Any], launch: dict[str, Any] | None)
 
 def _launch_only(record: dict[str, Any]) -> RunView:
     code = record.get("exit_code")
-    if code is None:
-        state = "starting" if pid_alive(record.get("pid")) else "failed"
-    elif record.get("stop_requested"):
-        state = "stopped"
-    else:
-        state = "done" if code == 0 else "failed"
+    state = record_state(record, alive="starting")
     error = None
     if state == "failed":
         error = f"`appliance train` exited with code {code}" if code is not None else "the launcher died before the run started"

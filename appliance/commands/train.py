@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -95,10 +96,11 @@ def eval_(
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also score generated answers (exact match, token F1)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation budget per answer."),
     max_generate: int = typer.Option(50, "--max-generate", help="Score generated answers of at most this many examples."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the results as JSON here (after each model)."),
 ) -> None:
     """Evaluate a base model or adapters: loss, perplexity, and exact-match / token-F1 of generated answers."""
     with cli_errors():
-        from train.compare import BASE, default_data, evaluate_targets, format_table, parse_targets, resolve_targets
+        from train.compare import BASE, default_data, evaluate_targets, format_table, parse_targets, resolve_targets, write_report
 
         if (adapter is not None and compare is not None) or (adapter is None and compare is None and model is None):
             raise typer.BadParameter("give --adapter NAME[:V], --model BASE, or --compare base,NAME[:V],...")
@@ -108,7 +110,11 @@ def eval_(
         source = data or default_data(targets)
         if source is None:
             raise typer.BadParameter("--data is required: no adapter's meta names its training data")
-        rows = evaluate_targets(targets, source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate)
+        report = functools.partial(write_report, json_out, refs, source) if json_out else None
+        if report:
+            report([])  # 0 of N scored: a watcher (the console) sees the run has started
+        rows = evaluate_targets(targets, source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate,
+                                on_row=report)
         if compare:
             console.print(format_table(rows), highlight=False)
             return

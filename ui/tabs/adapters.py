@@ -1,17 +1,23 @@
-"""Adapters tab: every registered version with its lineage; publish to / unpublish from the fleet; download."""
+"""Adapters tab: every registered version with its lineage; publish to / unpublish from the fleet; download; compare
+the base model and adapter versions on eval data (`appliance eval --compare`, launched detached, read from disk)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 from appliance.core.adapter_registry import AdapterVersion
+from appliance.core.errors import ConfigError
+from appliance.core.records import load_file
 from appliance.core.router_client import latest_alias
-from ui.context import ConsoleContext, guarded, problem
+from ui import evals, launcher
+from ui.context import ConsoleContext, bind, guarded, problem
 from ui.services import ServiceUnavailable
+from ui.tabs.train import UPLOAD_SUFFIXES, data_choices, on_upload
 
 ADAPTER_HEADERS = ["adapter", "served", "served as", "base model", "from", "data sha256", "metrics"]
 
@@ -55,6 +61,59 @@ def zip_adapter(version: AdapterVersion) -> Path:
     """A zip of the version's PEFT folder (with meta.json) in a temp folder, for download."""
     out_dir = Path(tempfile.mkdtemp(prefix="adapter-export-"))
     return Path(shutil.make_archive(str(out_dir / version.served_name), "zip", version.path))
+
+
+def compare_choices(ctx: ConsoleContext) -> list[str]:
+    """What a comparison may score: the base model, then every registered version (NAME:VERSION)."""
+    return [evals.BASE, *(v.ref for v in ctx.registry.list())]
+
+
+@guarded(lambda msg: msg)
+def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | None, generate: bool, max_generate: float) -> str:
+    """Check the form, then start `appliance eval --compare` detached; returns the message shown under the button.
+
+    Everything a person could get wrong is checked here, before anything starts: no model or one alone, no data, a
+    data file that is missing or has a bad row (named), an unknown adapter, a comparison already running.
+    """
+    picked = [t for t in (targets or []) if t]
+    if len(picked) < 2:
+        return problem("Pick at least two models to compare (for example base and an adapter version).")
+    if not data_path:
+        return problem("Upload or pick an eval data file.")
+    records = load_file(Path(data_path))  # DataError names the file and the bad line or row
+    for ref in picked:
+        if ref != evals.BASE:
+            ctx.registry.get(ref)  # ModelNotFound names it
+    running = evals.latest_compare(ctx.settings.home)
+    if running is not None and running.state == "running":
+        raise ConfigError(f"a comparison is already running (launch {running.id}); wait for it to finish")
+    out = evals.evals_dir(ctx.settings.home) / f"{uuid.uuid4().hex[:12]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = evals.compare_command(ctx.settings.home, picked, Path(data_path), out, generate=bool(generate),
+                                max_generate=int(max_generate))
+    record = launcher.launch(ctx.settings.home, evals.KIND, cmd)
+    return (f"Started `appliance eval --compare {','.join(picked)}` on {Path(data_path).name} ({len(records)} records, "
+            f"pid {record.get('pid')}). The table fills in as each model is scored.")
+
+
+def _compare_failed(msg: str):
+    return msg, [], evals.loss_figure(None)
+
+
+@guarded(_compare_failed)
+def refresh_compare(ctx: ConsoleContext):
+    """The newest comparison from disk: (progress, table rows, loss bars)."""
+    view = evals.latest_compare(ctx.settings.home)
+    return evals.progress_html(view), evals.table_rows(view), evals.loss_figure(view)
+
+
+def refresh_compare_form(ctx: ConsoleContext, picked: list[str] | None, data: str | None):
+    """The model checkboxes and the data dropdown with what exists now, keeping the current picks."""
+    import gradio as gr
+
+    choices = compare_choices(ctx)
+    return (gr.CheckboxGroup(choices=choices, value=[p for p in (picked or []) if p in choices]),
+            gr.Dropdown(choices=data_choices(ctx), value=data))
 
 
 def build(ctx: ConsoleContext) -> None:
@@ -113,8 +172,40 @@ def build(ctx: ConsoleContext) -> None:
         path = zip_adapter(ctx.registry.get(ref))
         return gr.File(value=str(path), visible=True), f"Exported `{ref}` as {path.name} (PEFT folder: adapter_config.json, adapter_model.safetensors, meta.json)."
 
+    gr.Markdown("### Compare on eval data")
+    with gr.Row():
+        with gr.Column(scale=2):
+            compare_pick = gr.CheckboxGroup(label="Models", choices=compare_choices(ctx), value=[], elem_id="compare-models")
+            with gr.Row():
+                compare_generate = gr.Checkbox(label="Also generate answers (exact match, token F1)", value=True,
+                                               elem_id="compare-generate")
+                compare_max = gr.Number(label="Generate for at most (examples)", value=20, precision=0, minimum=1,
+                                        elem_id="compare-max-generate")
+        with gr.Column(scale=2):
+            compare_upload = gr.File(label="Upload eval data (JSONL, JSON, CSV, Parquet)", file_types=list(UPLOAD_SUFFIXES),
+                                     type="filepath", elem_id="compare-upload")
+            compare_check = gr.Markdown("", elem_id="compare-data-check")
+            compare_data = gr.Dropdown(label="Eval data", choices=data_choices(ctx), value=None, allow_custom_value=True,
+                                       elem_id="compare-data")
+    compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-start")
+    compare_msg = gr.Markdown("", elem_id="compare-message")
+    compare_progress = gr.HTML(evals.progress_html(None), elem_id="compare-progress")
+    compare_table = gr.Dataframe(headers=evals.HEADERS, value=[], interactive=False, label="Scores on the same data",
+                                 elem_id="compare-table")
+    compare_plot = gr.Plot(evals.loss_figure(None), show_label=False, elem_id="compare-plot")
+    compare_timer = gr.Timer(ctx.settings.ui.poll_interval_s)
+
+    compare_outputs = [compare_progress, compare_table, compare_plot]
+    compare_upload.upload(bind(on_upload, ctx), compare_upload, [compare_check, compare_data])
+    compare_btn.click(bind(on_compare, ctx), [compare_pick, compare_data, compare_generate, compare_max], compare_msg).then(
+        bind(refresh_compare, ctx), None, compare_outputs)
+    compare_timer.tick(bind(refresh_compare, ctx), None, compare_outputs, show_progress="hidden")
+    ctx.on_load.append((bind(refresh_compare, ctx), [], compare_outputs))
+    ctx.on_load.append((bind(refresh_compare_form, ctx), [compare_pick, compare_data], [compare_pick, compare_data]))
+
     outputs = [status, table, pick]
-    refresh_btn.click(refresh, pick, outputs)
+    refresh_btn.click(refresh, pick, outputs).then(bind(refresh_compare_form, ctx), [compare_pick, compare_data],
+                                                   [compare_pick, compare_data])
     pick.change(show_meta, pick, detail)
     publish.click(on_publish, pick, action).then(refresh, pick, outputs)
     unpublish.click(on_unpublish, pick, action).then(refresh, pick, outputs)
