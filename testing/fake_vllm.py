@@ -215,7 +215,9 @@ class FakeBackend:
             await self._send_json(send, 404, _error(f"The model `{model}` does not exist.", "NotFoundError", 404))
             return
         if path == "/v1/responses":
-            await self._respond(send, model, req)
+            if not await self._respond(send, model, req, late, receive):
+                entry["cancelled"] = True
+                logger.info("fake backend %s: the client left before the first event; stream abandoned", self.name)
             return
         chat = path.endswith("chat/completions")
         pieces = self._pieces(req)
@@ -303,15 +305,19 @@ class FakeBackend:
                 "service_tier": "auto", "text": None, "top_logprobs": None, "truncation": "disabled", "usage": usage,
                 "user": None, "served_by": self.name}
 
-    async def _respond(self, send: Send, model: str, req: dict[str, Any]) -> None:
+    async def _respond(self, send: Send, model: str, req: dict[str, Any], late: float = 0.0,
+                       receive: Receive | None = None) -> bool:
+        """Answer a Responses request; False when the client left during the `late` wait before the first event."""
         # Tokens as a tokenizer splits words ("tok0", " tok1", ...): the deltas add up to the answer's text exactly.
         pieces = [("" if i == 0 else " ") + p.rstrip() for i, p in enumerate(self._pieces(req, req.get("max_output_tokens")))]
         status = "incomplete" if len(pieces) < len(self._words()) else "completed"
         if not req.get("stream"):
             await self._send_json(send, 200, self._response(model, req, pieces, status))
-            return
+            return True
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
+        if late and receive is not None and await _client_left_within(receive, late):
+            return False
         seq = 0
 
         async def event(body: dict[str, Any], more: bool = True) -> None:
@@ -342,6 +348,7 @@ class FakeBackend:
             "id": "msg_fake", "type": "message", "role": "assistant", "content": [done_part], "status": "completed"}})
         # vLLM ends every stream with response.completed, whose response says "incomplete" when it was cut.
         await event({"type": "response.completed", "response": self._response(model, req, pieces, status)}, more=False)
+        return True
 
     async def _send_json(self, send: Send, status: int, obj: Any) -> None:
         await self._send(send, status, _dumps(obj))
