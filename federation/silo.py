@@ -379,7 +379,7 @@ class EngineTrainer:
         cfg = self.cfg.model_copy(update=updates) if updates else self.cfg
         with self._engine_lock:
             result = train.fit_adapter(cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
-                                       run_dir=self.run_dir, eval_data=self.eval_data, **kwargs)
+                                       run_dir=self.run_dir, eval_data=self.eval_data, reuse_base=True, **kwargs)
         self._state = result.state
         return result.num_examples, dict(result.metrics)
 

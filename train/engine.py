@@ -306,6 +306,7 @@ def fit_adapter(
     eval_data: Path | Sequence[dict[str, Any]] | None = None,
     resume: bool = False,
     schedule_span: tuple[int, int] | None = None,
+    reuse_base: bool = False,
 ) -> FitResult:
     """Train a LoRA adapter on `data` and return its state.
 
@@ -324,6 +325,8 @@ def fit_adapter(
         schedule_span: `(offset, total)`: this call's steps are steps offset.. of one LR schedule of `total` steps
             (warmup then cfg.lr_scheduler), for a schedule that spans several calls such as a federation's rounds.
             None: the schedule spans this call's steps.
+        reuse_base: keep the loaded base model in this process for the next call with the same model folder
+            (a silo's or a rank group's rounds), instead of loading it from disk each time; ZeRO-3 always loads.
 
     Returns:
         FitResult(state, num_examples, metrics) with train_loss (mean of the last steps), steps, tokens,
@@ -343,7 +346,7 @@ def fit_adapter(
     handler = run.attach_log()
     try:
         result = _train(cfg, Path(model_dir), train_records, eval_records, init_state, max_steps, prox_mu, run, progress, resume,
-                        schedule_span)
+                        schedule_span, reuse_base)
     except BaseException as exc:
         state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
         run.finish(state, exit_code=130 if state == "stopped" else 1, error=f"{type(exc).__name__}: {exc}")
@@ -368,6 +371,7 @@ def _train(
     progress: Progress | None,
     resume: bool,
     schedule_span: tuple[int, int] | None = None,
+    reuse_base: bool = False,
 ) -> FitResult:
     import deepspeed
     import torch
@@ -385,7 +389,9 @@ def _train(
     eval_rows = datamod.unpacked_rows(datamod.tokenize_records(tokenizer, eval_records, cfg.max_seq_len)) if eval_records else []
     total_steps = plan_steps(cfg, len(rows), max_steps)
 
-    peft_model = lora.build_peft_model(cfg, model_dir, dtype, init_state)
+    reuse_base = reuse_base and cfg.zero_stage < 3  # ZeRO-3 partitions the base weights: never kept
+    base = lora.take_base_model(model_dir, dtype) if reuse_base else None
+    peft_model = lora.build_peft_model(cfg, model_dir, dtype, init_state, base=base)
     if cfg.lora_freeze_a:
         lora.freeze_lora_a(peft_model)
     ref = init_state if init_state is not None else (lora.adapter_state(peft_model) if prox_mu > 0 else None)
@@ -413,6 +419,8 @@ def _train(
         state = _gathered_state(engine, peft_model, cfg.zero_stage)
     finally:
         engine.destroy()
+    if reuse_base:
+        lora.keep_base_model(peft_model, model_dir, dtype)
     return FitResult(state=state, num_examples=len(train_records), metrics=metrics)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,8 +184,40 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tok
 
 
-def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype", init_state: StateDict | None = None) -> Any:
+# Base models kept between trainings of a long-lived process (a silo's rounds, a rank group's rounds), by folder
+# and dtype. A model is taken out while it trains (a second, concurrent training loads its own) and put back,
+# LoRA layers removed, when that training ends well. Only frozen base weights are kept, which training never writes.
+_idle_bases: dict[tuple[str, str], Any] = {}
+_idle_lock = threading.Lock()
+
+
+def take_base_model(model_dir: Path, dtype: "torch.dtype") -> Any:
+    """A base model kept by `keep_base_model` for this folder and dtype, else a fresh `load_base_model`."""
+    with _idle_lock:
+        model = _idle_bases.pop((str(Path(model_dir).resolve()), str(dtype)), None)
+    if model is not None:
+        log.debug("reusing the loaded base model of %s", model_dir)
+        return model
+    return load_base_model(model_dir, dtype)
+
+
+def keep_base_model(peft_model: Any, model_dir: Path, dtype: "torch.dtype") -> None:
+    """Remove the LoRA layers from a peft model built on `take_base_model` and keep its base for the next training.
+
+    Not for ZeRO-3, whose engine partitions the base weights themselves.
+    """
+    base = peft_model.unload()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    with _idle_lock:
+        _idle_bases[(str(Path(model_dir).resolve()), str(dtype))] = base
+
+
+def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype", init_state: StateDict | None = None,
+                     base: Any = None) -> Any:
     """Base model + fresh LoRA (seeded by cfg.seed), optionally starting from `init_state`.
+
+    `base`: an already loaded base model of `model_dir` (see `take_base_model`); default: loaded here.
 
     Raises:
         DataError: `init_state` does not fit this model and configuration (names the first missing/extra key).
@@ -192,7 +225,8 @@ def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype"
     import torch
     from peft import get_peft_model
 
-    base = load_base_model(model_dir, dtype)
+    if base is None:
+        base = load_base_model(model_dir, dtype)
     targets = resolve_targets(cfg, base)
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base, lora_config(cfg, targets, str(model_dir)))

@@ -270,7 +270,7 @@ def serve_ranks(socket_path: str) -> None:
         result = fit_adapter(TrainSettings(**header["train"]), Path(header["model_dir"]), Path(header["data"]),
                              init_state=state if header["has_init"] else None, max_steps=header["max_steps"],
                              eval_data=Path(header["eval_data"]) if header["eval_data"] else None,
-                             run_dir=Path(header["run_dir"]) if header["run_dir"] else None, **kwargs)
+                             run_dir=Path(header["run_dir"]) if header["run_dir"] else None, reuse_base=True, **kwargs)
         if conn is not None:
             _send(conn, pack({"op": "result", "num_examples": result.num_examples, "metrics": result.metrics}, result.state))
     if conn is not None:
