@@ -322,9 +322,10 @@ def fit_adapter(
         progress: called after every optimizer step with the metrics.jsonl record.
         eval_data: held-out records; else cfg.eval_fraction of `data` is held out. Evaluated at the end.
         resume: continue from the latest checkpoint in run_dir/checkpoints (exactly, same steps and batches).
-        schedule_span: `(offset, total)`: this call's steps are steps offset.. of one LR schedule of `total` steps
-            (warmup then cfg.lr_scheduler), for a schedule that spans several calls such as a federation's rounds.
-            None: the schedule spans this call's steps.
+        schedule_span: `(offset, total)`: this call's steps are steps offset.. of one run of `total` steps that spans
+            several calls, such as a federation's rounds: of its LR schedule (warmup then cfg.lr_scheduler) and of
+            its pass over the data (micro-batches continue from batch offset, so consecutive calls see consecutive
+            batches rather than the first ones again). None: both start afresh at this call's first step.
         reuse_base: keep the loaded base model in this process for the next call with the same model folder
             (a silo's or a rank group's rounds), instead of loading it from disk each time; ZeRO-3 always loads.
 
@@ -410,7 +411,7 @@ def _train(
         start_step = run.load_checkpoint(engine) if resume else 0
         earlier = run.truncate_metrics(start_step) if resume and rank == 0 else []
         metrics = _loop(cfg, engine, rows, tokenizer.pad_token_id, cfg.packing, start_step, total_steps, rank, world, run, progress,
-                        earlier)
+                        earlier, data_offset=offset)
         if eval_rows:
             ev = _evaluate_engine(engine, eval_rows, tokenizer.pad_token_id, cfg.batch_size)
             metrics.update(ev)
@@ -437,8 +438,10 @@ def _loop(
     run: RunFolder,
     progress: Progress | None,
     earlier_losses: list[float],
+    data_offset: int = 0,
 ) -> dict[str, float]:
-    """Run optimizer steps start_step..total_steps-1; returns the training metrics."""
+    """Run optimizer steps start_step..total_steps-1 on micro-batches from step data_offset + start_step on; returns the
+    training metrics."""
     import torch
 
     engine.train()
@@ -448,7 +451,7 @@ def _loop(
     for step in range(start_step, total_steps):
         step_tokens, ce_sum, ce_n = 0, 0.0, 0
         for k in range(cfg.grad_accum):
-            index = step * cfg.grad_accum + k
+            index = (data_offset + step) * cfg.grad_accum + k
             mb = datamod.micro_batch(rows, index, cfg.batch_size, cfg.seed, rank, world)
             batch = {key: v.to(engine.device) for key, v in datamod.collate(mb, pad_id, packed).items()}
             torch.manual_seed(cfg.seed * 1_000_003 + index)  # dropout depends on the step only: exact resume

@@ -66,6 +66,25 @@ def test_constant_schedule_and_span_reach_the_engine(tiny_model_dir: Path, recor
     assert lrs("s") == pytest.approx([1e-3 * lr_lambda(0, 4)(s) for s in (3, 4)])
 
 
+@pytest.mark.slow
+def test_a_span_continues_the_pass_over_the_data_where_the_previous_call_stopped(tiny_model_dir: Path, records, tmp_path: Path) -> None:
+    # Arrange: a learning rate so small that a step's loss depends on its batch only; 24 rows = 6 batches of 4.
+    import json
+
+    from train import fit_adapter, initial_adapter_state
+
+    cfg = small_cfg(lr=1e-9, lr_scheduler="constant", packing=False)
+    init = initial_adapter_state(cfg, tiny_model_dir)
+    losses = lambda d: [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    # Act: one 4-step run; then its second half alone, told where it stands (a federation's round 2 of 2 x 2 steps)
+    fit_adapter(cfg, tiny_model_dir, records, init_state=init, max_steps=4, run_dir=tmp_path / "whole")
+    fit_adapter(cfg, tiny_model_dir, records, init_state=init, max_steps=2, run_dir=tmp_path / "round2", schedule_span=(2, 4))
+    # Assert: round 2 trained on batches 3 and 4 of the pass, not on batches 1 and 2 again
+    whole, round2 = losses("whole"), losses("round2")
+    assert round2 == pytest.approx(whole[2:], rel=1e-4)
+    assert round2 != pytest.approx(whole[:2], rel=1e-2)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
 @pytest.mark.slow
 def test_threads_follow_the_cores_a_process_may_use():
