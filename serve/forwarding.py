@@ -377,7 +377,7 @@ class Forwarder:
             return task
 
         def arm(worker: Worker) -> float | None:
-            delay = hedger.delay_s(worker.id)
+            delay = hedger.delay_s((worker.id, ctx.fields.stream))
             return None if delay is None or hedge is not None else loop.time() + delay
 
         ctx.watch.worker = queue[0]
@@ -430,7 +430,7 @@ class Forwarder:
                 _unwinding.add(task)
                 task.add_done_callback(_unwound)
                 if winner is not None and task is primary:
-                    hedger.observe(worker.id, loop.time() - started)  # it waited at least this long: a lower bound
+                    hedger.observe((worker.id, ctx.fields.stream), loop.time() - started)  # it waited at least this long
         if winner is None:
             if hedge is not None:
                 self.metrics.hedges.labels("failed").inc()
@@ -439,7 +439,7 @@ class Forwarder:
         task, opened = winner
         if hedge is not None:
             self.metrics.hedges.labels("won" if task is hedge else "lost").inc()
-        hedger.observe(opened.worker.id, opened.ttft_s)
+        hedger.observe((opened.worker.id, ctx.fields.stream), opened.ttft_s)
         ctx.watch.worker = opened.worker
         await self._deliver(ctx, opened)
 

@@ -6,7 +6,8 @@ to start wins and the other is aborted (Dean and Barroso, "The Tail at Scale", 2
 `serve.hedge_max_extra` hedges per request on average (a token bucket), never onto a full worker.
 
 This module is the bookkeeping only, with no sockets or clocks: the forwarder passes in the times it measured.
-Each worker's percentile comes from its last `WINDOW` first-byte times. A primary that loses to its hedge never shows
+Each worker's percentile comes from its last `WINDOW` first-byte times, streamed and non-streamed requests apart (a
+non-streamed answer's first byte comes with its last, after the whole generation). A primary that loses to its hedge never shows
 its own first byte; the time it had waited when it was aborted is recorded instead (a lower bound, already at or past
 the percentile), so the tail keeps its weight and the learned percentile does not drift down as hedges win.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Hashable
 
 WINDOW = 256  # first-byte times kept per worker
 MIN_SAMPLES = 20  # a worker with fewer measured first bytes is not hedged (its percentile is unknown)
@@ -61,22 +63,19 @@ class Hedger:
         self.min_delay_s = min_delay_s
         self.max_extra = max_extra
         self.credit = 0.0
-        self.windows: dict[str, FirstByteWindow] = {}
+        self.windows: dict[Hashable, FirstByteWindow] = {}
 
-    def observe(self, worker_id: str, seconds: float) -> None:
-        """A first byte from `worker_id` after `seconds` (or an abort after that long: a lower bound)."""
-        window = self.windows.get(worker_id)
+    def observe(self, key: Hashable, seconds: float) -> None:
+        """A first byte after `seconds` (or an abort after that long: a lower bound) for `key` (the forwarder's key is
+        the worker's id and whether the request streams)."""
+        window = self.windows.get(key)
         if window is None:
-            window = self.windows[worker_id] = FirstByteWindow(self.percentile)
+            window = self.windows[key] = FirstByteWindow(self.percentile)
         window.add(seconds)
 
-    def forget(self, worker_id: str) -> None:
-        """Drop what was learned about a worker (it left)."""
-        self.windows.pop(worker_id, None)
-
-    def delay_s(self, worker_id: str) -> float | None:
-        """How long to wait for `worker_id`'s first byte before hedging; None: do not hedge (not learned yet)."""
-        window = self.windows.get(worker_id)
+    def delay_s(self, key: Hashable) -> float | None:
+        """How long to wait for the first byte of `key` before hedging; None: do not hedge (not learned yet)."""
+        window = self.windows.get(key)
         value = window.value() if window is not None else None
         return None if value is None else max(self.min_delay_s, value)
 

@@ -81,6 +81,7 @@ async def _fleet(fake_factory, router_factory, **serve):
         for _ in range(MIN_SAMPLES + 5):  # the router learns near's first-byte times (and earns hedge budget)
             r = await c.post("/v1/chat/completions", json=CHAT)
             assert r.status_code == 200 and r.json()["served_by"] == f"fake-{near.url.rsplit(':', 1)[1]}"
+            assert await _chat(c, stream=True) == "tok0 tok1 tok2 tok3"  # streams are learned apart
     assert await asyncio.to_thread(far.received) == []
     return near, far, router
 
