@@ -222,6 +222,7 @@ async def _load(url: str, headers: dict, concurrency: int, stream: bool, duratio
     latencies: list[float] = []
     ttfts: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}  # what the errors were: "http STATUS: body start" or the exception
     total = 0
     start = time.perf_counter()
     measure_from = start + warmup_s
@@ -237,14 +238,21 @@ async def _load(url: str, headers: dict, concurrency: int, stream: bool, duratio
             body = bodies[k % len(bodies)]
             k += concurrency
             first = None
+            kind = None
             try:
                 async with session.post(url + "/v1/chat/completions", data=body, headers=hdrs) as r:
-                    async for _ in r.content.iter_any():
+                    head = b""
+                    async for chunk in r.content.iter_any():
                         if first is None:
                             first = time.perf_counter()
+                        if r.status != 200 and len(head) < 200:
+                            head += chunk
                     ok = r.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+                    if not ok:
+                        kind = f"http {r.status}: {head[:160].decode(errors='replace')}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 ok = False
+                kind = f"{type(exc).__name__}: {str(exc)[:120]}"
             t1 = time.perf_counter()
             total += 1
             if t0 >= measure_from:
@@ -253,13 +261,14 @@ async def _load(url: str, headers: dict, concurrency: int, stream: bool, duratio
                     ttfts.append((first or t1) - t0)
                 else:
                     errors += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=300)) as session:
         await asyncio.gather(*(client(session, i) for i in range(concurrency)))
     latencies.sort()
     ttfts.sort()
     n = len(latencies)
-    return {"n": n, "errors": errors, "total": total, "rps": n / duration_s,
+    return {"n": n, "errors": errors, "error_kinds": kinds, "total": total, "rps": n / duration_s,
             "p50_ms": statistics.median(latencies) * 1000 if n else float("nan"),
             "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else float("nan"),
             "ttft_p50_ms": statistics.median(ttfts) * 1000 if n else float("nan")}
@@ -293,6 +302,9 @@ def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list
         print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.1f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6}")
     print("+p50/+p99: latency added over direct at the same concurrency; vs direct/bare: throughput share; "
           "cpu us/req: CPU time of that server's own process per request (for direct, the backend's).")
+    for name, c, s, r in rows:
+        for kind, count in r.get("error_kinds", {}).items():
+            print(f"errors of {name} stream={'yes' if s else 'no'} c={c}: {count} x {kind}")
     for note in notes:
         print(note)
 
@@ -335,8 +347,22 @@ def bench(targets: list[str], concurrencies: list[int], duration_s: float, title
         finally:
             for s in reversed(servers):
                 s.stop()
+            notes += router_log_notes(home)
     print_table(title, rows, notes)
     return rows
+
+
+def router_log_notes(home: Path, most: int = 8) -> list[str]:
+    """The router's own warnings and errors during the run (distinct lines, counted), so the table's errors have a cause."""
+    import collections
+    import re
+
+    seen: collections.Counter[str] = collections.Counter()
+    for log in home.glob("router-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(("WARNING", "ERROR", "CRITICAL")) or "Traceback" in line:
+                seen[re.sub(r"w-[0-9a-f]{10}", "w-…", line)[:200]] += 1
+    return [f"router log: {count} x {line}" for line, count in seen.most_common(most)]
 
 
 # ---------------------------------------------------------------- prefix affinity on two real vLLM workers
