@@ -6,6 +6,8 @@ It is raw ASGI (no framework layers): `Forwarder.handle(scope, receive, send, pa
 Retries happen only before the client has seen a byte: connection errors, timeouts and 5xx answers move on to the
 next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
 a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line.
+With `serve.hedge: on` (`serve/hedging.py`) a request waits for its answer's first chunk before anything is sent, and
+one that is late is raced against the next worker (`Forwarder._race`); the loser's connection is closed.
 
 A client that disconnects aborts the upstream request, streamed or not: once the body is read, one task waits on
 `receive()` (which returns only `http.disconnect` from then on), started only if the request is still waiting
