@@ -29,11 +29,12 @@ def evals_dir(home: Path) -> Path:
     return Path(home) / "ui" / "evals"
 
 
-def compare_command(home: Path, targets: list[str], data: Path, out: Path, *, generate: bool, max_generate: int) -> list[str]:
+def compare_command(home: Path, targets: list[str], data: Path, out: Path, *, generate: bool, max_generate: int,
+                    max_new_tokens: int) -> list[str]:
     """The `appliance eval --compare` command line for the Adapters tab's form."""
     return [sys.executable, "-m", "appliance", "--home", str(home), "eval", "--compare", ",".join(targets),
             "--data", str(data), "--json-out", str(out), "--generate" if generate else "--no-generate",
-            "--max-generate", str(int(max_generate))]
+            "--max-generate", str(int(max_generate)), "--max-new-tokens", str(int(max_new_tokens))]
 
 
 @dataclass

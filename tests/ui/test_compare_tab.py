@@ -77,9 +77,9 @@ def test_compare_runs_appliance_eval_and_fills_the_table_and_the_chart(tiny_mode
     message, dropdown = tab.on_upload(ctx, str(write_format(tmp_path / "qa.parquet", QA)))
     assert "4 valid records" in message
 
-    started = tab.on_compare(ctx, ["base", ref], dropdown.value, True, 1)
+    started = tab.on_compare(ctx, ["base", ref], dropdown.value, True, 1, 4)
     assert started.startswith("Started `appliance eval --compare base,sums:1` on qa.parquet (4 records"), started
-    again = tab.on_compare(ctx, ["base", ref], dropdown.value, True, 1)  # one comparison at a time
+    again = tab.on_compare(ctx, ["base", ref], dropdown.value, True, 1, 4)  # one comparison at a time
     view = wait_until(lambda: (v := evals.latest_compare(ctx.settings.home)) and v.state != "running" and v, timeout_s=600,
                       step_s=0.5, what="the comparison to end")
     progress, rows, figure = tab.refresh_compare(ctx)

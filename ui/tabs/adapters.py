@@ -69,7 +69,8 @@ def compare_choices(ctx: ConsoleContext) -> list[str]:
 
 
 @guarded(lambda msg: msg)
-def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | None, generate: bool, max_generate: float) -> str:
+def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | None, generate: bool, max_generate: float,
+               max_new_tokens: float = 64) -> str:
     """Check the form, then start `appliance eval --compare` detached; returns the message shown under the button.
 
     Everything a person could get wrong is checked here, before anything starts: no model or one alone, no data, a
@@ -90,7 +91,7 @@ def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | 
     out = evals.evals_dir(ctx.settings.home) / f"{uuid.uuid4().hex[:12]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = evals.compare_command(ctx.settings.home, picked, Path(data_path), out, generate=bool(generate),
-                                max_generate=int(max_generate))
+                                max_generate=int(max_generate), max_new_tokens=int(max_new_tokens))
     record = launcher.launch(ctx.settings.home, evals.KIND, cmd)
     return (f"Started `appliance eval --compare {','.join(picked)}` on {Path(data_path).name} ({len(records)} records, "
             f"pid {record.get('pid')}). The table fills in as each model is scored.")
@@ -181,6 +182,8 @@ def build(ctx: ConsoleContext) -> None:
                                                elem_id="compare-generate")
                 compare_max = gr.Number(label="Generate for at most (examples)", value=20, precision=0, minimum=1,
                                         elem_id="compare-max-generate")
+                compare_tokens = gr.Number(label="Max new tokens per answer", value=64, precision=0, minimum=1,
+                                           elem_id="compare-max-new-tokens")
         with gr.Column(scale=2):
             compare_upload = gr.File(label="Upload eval data (JSONL, JSON, CSV, Parquet)", file_types=list(UPLOAD_SUFFIXES),
                                      type="filepath", elem_id="compare-upload")
@@ -197,8 +200,8 @@ def build(ctx: ConsoleContext) -> None:
 
     compare_outputs = [compare_progress, compare_table, compare_plot]
     compare_upload.upload(bind(on_upload, ctx), compare_upload, [compare_check, compare_data])
-    compare_btn.click(bind(on_compare, ctx), [compare_pick, compare_data, compare_generate, compare_max], compare_msg).then(
-        bind(refresh_compare, ctx), None, compare_outputs)
+    compare_inputs = [compare_pick, compare_data, compare_generate, compare_max, compare_tokens]
+    compare_btn.click(bind(on_compare, ctx), compare_inputs, compare_msg).then(bind(refresh_compare, ctx), None, compare_outputs)
     compare_timer.tick(bind(refresh_compare, ctx), None, compare_outputs, show_progress="hidden")
     ctx.on_load.append((bind(refresh_compare, ctx), [], compare_outputs))
     ctx.on_load.append((bind(refresh_compare_form, ctx), [compare_pick, compare_data], [compare_pick, compare_data]))
