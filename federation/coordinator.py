@@ -33,8 +33,9 @@ from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from federation.keys import Enrolment, load_keypair
 from federation.local_training import round_schedule
-from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, MsgType, SecAggStep, TrainTask, UpdateResult,
-                                 Welcome, make_header)
+from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, SecAggStep, TrainTask,
+                                 UpdateResult, Welcome, make_header)
+from federation.timing import connection_timeout
 from federation.transport import Incoming, ServerTransport
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class SiloInfo:
     examples: int = 0
     lora_r: int | None = None  # the rank it trains at (HELLO); None = the global rank
     lora_alpha: float | None = None
+    down_bps: float | None = None  # throughput of its last measured TRAIN transfer (bytes/s, latency included)
+    up_bps: float | None = None  # ... and of its last measured UPDATE transfer
+    last_update_bytes: int | None = None
 
 
 @dataclass
@@ -68,8 +72,13 @@ class RoundState:
     selected: set[str]
     acc: Any
     global_state: StateDict
-    deadline: float
+    deadline: float  # the latest of the selected silos' deadlines (each silo has its own: `deadlines`)
     started: float
+    deadlines: dict[str, float] = field(default_factory=dict)  # silo -> its deadline (train allowance + its transfer allowance)
+    allowances: dict[str, float] = field(default_factory=dict)  # silo -> its transfer allowance (s)
+    train_sent: dict[str, float] = field(default_factory=dict)  # silo -> when its first TRAIN of the round went out
+    bytes_down: dict[str, int] = field(default_factory=dict)  # silo -> size of the TRAIN it was sent
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> federation.timing.silo_timings
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"num_examples", "metrics", "train_s"}
     rejected: dict[str, str] = field(default_factory=dict)  # silo -> error code (protocol.ERROR_CODES)
     updates: dict[str, StateDict] = field(default_factory=dict)  # silo -> checked float32 update, weighed at the end
@@ -79,6 +88,10 @@ class RoundState:
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
     sent: dict[str, StateDict] = field(default_factory=dict)  # silo -> the adapter it was sent, when not the global one
     shares: dict[str, float] = field(default_factory=dict)  # silo -> its (capped) share of the aggregate
+
+    def deadline_of(self, silo_id: str) -> float:
+        """The silo's own deadline (the round's latest one for a silo not yet given one)."""
+        return self.deadlines.get(silo_id, self.deadline)
 
     async def wait_for_change(self, max_wait_s: float = 0.25) -> None:
         """Sleep until something about the round changes (an answer, a silo leaving), the deadline, or `max_wait_s`."""
@@ -190,7 +203,8 @@ class Coordinator:
             return enrolment.name_of(public_key) if enrolment is not None else None
 
         return ServerTransport(endpoint, keypair=keypair, lookup=lookup, plaintext=self.cfg.plaintext,
-                               max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
+                               max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s,
+                               heartbeat_timeout_s=connection_timeout(self.cfg))
 
     def _restore(self) -> None:
         ckpt = load_latest(self.run_dir)
@@ -263,9 +277,9 @@ class Coordinator:
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
             await self._welcome(silo)
         elif header.type == MsgType.HEARTBEAT:
-            pass  # liveness only: last_seen was updated above
+            await self._echo(silo, header)
         elif header.type == MsgType.UPDATE:
-            await self._on_update(silo, header, msg.frames)
+            await self._on_update(silo, header, msg.frames, msg.received_at or time.time())
         elif header.type == MsgType.SECAGG:
             await self._on_secagg(silo, header, msg.frames)
         elif header.type == MsgType.BYE:
@@ -282,6 +296,13 @@ class Coordinator:
         else:
             await self._error(msg.peer, "unexpected", f"a coordinator does not accept {header.type.value}", header.round_id)
 
+    async def _echo(self, silo: SiloInfo, header: Header) -> None:
+        """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks (federation.timing)."""
+        sent_at = header.body.get("sent_at")
+        if sent_at is not None:
+            await self._send(silo.peer, make_header(MsgType.HEARTBEAT, Heartbeat(echo=sent_at, sent_at=time.time()),
+                                                    run=self.cfg.run_name, round_id=self.round, silo_id=silo.id))
+
     async def _welcome(self, silo: SiloInfo) -> None:
         welcome = Welcome(rounds_total=self.cfg.rounds, strategy=self.strategy.name, heartbeat_interval_s=self.cfg.heartbeat_interval_s)
         await self._send(silo.peer, make_header(MsgType.WELCOME, welcome, run=self.cfg.run_name, round_id=self.round, silo_id=silo.id))
@@ -289,12 +310,12 @@ class Coordinator:
         rs = self.current
         if rs is not None and rs.rejected.get(silo.id) == "unreachable":
             del rs.rejected[silo.id]  # its connection dropped as TRAIN went out; it is back, so it gets TRAIN again
-        if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline \
+        if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline_of(silo.id) \
                 and (rs.secure is None or rs.secure.step == "advertise"):
             rs.selected.add(silo.id)  # a silo that (re)connects mid-round picks up the current round
             await self._send_train(rs, silo)
 
-    async def _on_update(self, silo: SiloInfo, header: Header, frames: list[bytes]) -> None:
+    async def _on_update(self, silo: SiloInfo, header: Header, frames: list[bytes], received_at: float) -> None:
         rs = self.current
         size = sum(len(f) for f in frames)
         if rs is None or header.round_id != rs.round_id:
@@ -315,10 +336,28 @@ class Coordinator:
         body = UpdateResult.model_validate(header.body)
         rs.updates[silo.id] = checked
         rs.answered[silo.id] = {"num_examples": body.num_examples, "metrics": body.metrics, "train_s": body.train_s, "bytes": size}
+        self._note_timings(rs, silo, body, received_at, size)
         silo.rounds += 1
         silo.examples += body.num_examples
         rs.changed.set()
         logger.info("round %d: accepted the update of %s (%d examples, %d bytes)", rs.round_id, silo.id, body.num_examples, size)
+
+    def _note_timings(self, rs: RoundState, silo: SiloInfo, body: UpdateResult, received_at: float, size: int) -> None:
+        """The silo's download/train/upload of this round (federation.timing), and its link's throughput for the
+        transfer allowance of its next deadlines."""
+        from federation.timing import silo_timings, throughput_bps
+
+        sent = rs.train_sent.get(silo.id)
+        if sent is None:
+            return
+        t = silo_timings(train_sent=sent, update_received=received_at, train_received=body.received_at,
+                         update_sent=body.sent_at, train_s=body.train_s, offset_s=body.clock_offset_s,
+                         bytes_down=rs.bytes_down.get(silo.id, 0), bytes_up=size)
+        rs.timings[silo.id] = t
+        silo.last_update_bytes = size
+        if t["download_s"] is not None:
+            silo.down_bps = throughput_bps(t["bytes_down"], t["download_s"])
+            silo.up_bps = throughput_bps(size, t["upload_s"])
 
     async def _on_secagg(self, silo: SiloInfo, header: Header, frames: list[bytes]) -> None:
         rs = self.current
@@ -367,8 +406,8 @@ class Coordinator:
             return "not_selected", f"silo {silo_id} was not selected for round {rs.round_id}"
         if silo_id in rs.answered or silo_id in rs.rejected:
             return "duplicate", f"silo {silo_id} already answered round {rs.round_id}; the first answer stands"
-        if time.time() > rs.deadline:
-            return "late", f"round {rs.round_id} deadline passed"
+        if time.time() > rs.deadline_of(silo_id):
+            return "late", f"round {rs.round_id}: the deadline of silo {silo_id} passed"
         return None
 
     def _note_lora(self, silo: SiloInfo, body: dict[str, Any]) -> None:
@@ -521,8 +560,11 @@ class Coordinator:
             secure = config_body(rs.secure.config)
         config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds),
                   **self.strategy.plan_round(rs.round_id)}
-        task = TrainTask(local_steps=self.cfg.local_steps, config=config,
-                         compression=self.cfg.compression, encoding=meta, deadline_unix=rs.deadline,
+        from federation.compression import payload_bytes
+
+        deadline = self._silo_deadline(rs, silo, payload_bytes(tensors))
+        task = TrainTask(local_steps=self.cfg.local_steps, config=config, rounds_total=self.cfg.rounds,
+                         compression=self.cfg.compression, encoding=meta, deadline_unix=deadline,
                          dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
                          dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,
                          secure_aggregation=secure)
@@ -531,12 +573,29 @@ class Coordinator:
         rs.bytes_out += sent
         if not sent:
             rs.rejected[silo.id] = "unreachable"
+            return
+        rs.train_sent.setdefault(silo.id, time.time())  # a TRAIN sent again after a reconnect counts from the first
+        rs.bytes_down[silo.id] = sent
+
+    def _silo_deadline(self, rs: RoundState, silo: SiloInfo, train_bytes: int) -> float:
+        """The silo's deadline of this round: the round's start + `round_deadline_s` (training) + its transfer
+        allowance (the TRAIN's and its expected UPDATE's bytes over its link's measured throughput); set once."""
+        from federation.timing import transfer_allowance_s
+
+        if silo.id not in rs.deadlines:
+            allowance = transfer_allowance_s(train_bytes, silo.last_update_bytes or train_bytes, down_bps=silo.down_bps,
+                                             up_bps=silo.up_bps, assumed_mbit=self.cfg.assumed_link_mbit,
+                                             slack=self.cfg.transfer_slack)
+            rs.allowances[silo.id] = allowance
+            rs.deadlines[silo.id] = rs.started + self.cfg.round_deadline_s + allowance
+            rs.deadline = max(rs.deadlines.values())
+        return rs.deadlines[silo.id]
 
     async def _run_round(self, round_id: int) -> None:
         selected = self.online()
         now = time.time()
         rs = RoundState(round_id, set(selected), self.strategy.start_round(round_id, self.global_state), self.global_state,
-                        deadline=now + self.cfg.round_deadline_s, started=now)
+                        deadline=now + self.cfg.round_deadline_s, started=now)  # silos' own deadlines extend it (_send_train)
         if self.cfg.secure_aggregation:
             from federation.secure_round import SecureRound, round_config
 
@@ -554,15 +613,19 @@ class Coordinator:
             # A silo whose TRAIN could not be delivered (its connection was being re-established) stays pending while
             # it is alive: when it reconnects it gets the TRAIN again (`_welcome`).
             pending = rs.selected - rs.answered.keys() - {s for s, why in rs.rejected.items() if why != "unreachable"}
-            alive = [s for s in pending if time.time() - self.silos[s].last_seen <= self.cfg.silo_timeout_s]
-            if not pending or not alive or time.time() >= rs.deadline:
+            now = time.time()
+            # A silo is silent while its update crosses a slow link (its heartbeats queue behind it): silence counts
+            # against it only beyond silo_timeout_s + its transfer allowance.
+            waiting = [s for s in pending if now < rs.deadline_of(s)
+                       and now - self.silos[s].last_seen <= self.cfg.silo_timeout_s + rs.allowances.get(s, 0.0)]
+            if not waiting:
                 break
             await rs.wait_for_change()
         self.phase = "aggregating"
         self.current = None
         for sid in sorted(rs.selected - rs.answered.keys() - rs.rejected.keys()):
             logger.warning("round %d: no update from %s (%s)", round_id, sid,
-                           "deadline passed" if time.time() >= rs.deadline else "went offline")
+                           "deadline passed" if time.time() >= rs.deadline_of(sid) else "went offline")
         if rs.secure is None:
             self._accumulate(rs)
         failures = sorted((rs.selected - rs.answered.keys()) | rs.rejected.keys())
@@ -616,7 +679,9 @@ class Coordinator:
                 "train_s_max": train_s, "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
                 "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.strategy.name, "adapter": None, "time": time.time(),
                 "secure_aggregation": rs.secure is not None,
-                "shares": {s: round(rs.shares[s], 6) for s in sorted(rs.answered) if s in rs.shares}}
+                "shares": {s: round(rs.shares[s], 6) for s in sorted(rs.answered) if s in rs.shares},
+                "timings": {s: rs.timings.get(s) or {"train_s": round(rs.answered[s]["train_s"], 3)} for s in sorted(rs.answered)},
+                "deadlines_s": {s: round(d - rs.started, 3) for s, d in sorted(rs.deadlines.items())}}
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)

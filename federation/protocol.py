@@ -90,7 +90,9 @@ class TrainTask(BaseModel):
     encoding: dict[str, Any] = Field(default_factory=dict, description="How the payload (global adapter) is encoded.")
     dp_clip_norm: float | None = Field(None, description="Set when the silo must clip (and noise) its update.")
     dp_noise_multiplier: float = 0.0
-    deadline_unix: float = 0.0
+    deadline_unix: float = Field(0.0, description="This silo's deadline for the round (coordinator clock, Unix seconds).")
+    rounds_total: int = Field(0, ge=0, description="The run's last round (0: not said); a silo that has had that round's "
+                                                  "TRAIN and then hears nothing for federation.end_silence_s stops.")
     secure_aggregation: dict[str, Any] | None = Field(
         None, description="Set for a secure round: SecAggConfig fields {threshold, clip_range, bits, context}; the silo "
                           "answers with SECAGG steps instead of an UPDATE.")
@@ -103,6 +105,12 @@ class UpdateResult(BaseModel):
     metrics: Metrics = Field(default_factory=dict)
     encoding: dict[str, Any] = Field(default_factory=dict, description="compression.decode's meta for the payload.")
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    # Timings (docs/CONTRACTS.md, "Per-silo timings"): the silo's own clock, and its estimate of the coordinator's.
+    received_at: float | None = Field(None, ge=0, allow_inf_nan=False, description="Silo clock: when the TRAIN arrived.")
+    sent_at: float | None = Field(None, ge=0, allow_inf_nan=False, description="Silo clock: when this UPDATE went to the socket.")
+    clock_offset_s: float | None = Field(None, allow_inf_nan=False,
+                                         description="Coordinator clock minus silo clock, estimated from HEARTBEAT echoes.")
+    clock_rtt_s: float | None = Field(None, ge=0, allow_inf_nan=False, description="Round trip of the echo that estimate came from.")
 
 
 class Advertisement(BaseModel):
@@ -154,7 +162,12 @@ ERROR_CODES = {
 
 
 class Heartbeat(BaseModel):
-    """HEARTBEAT body (empty: liveness only)."""
+    """HEARTBEAT body. Silo -> coordinator: `sent_at` (silo clock); the coordinator answers each with a HEARTBEAT of
+    `echo` (that `sent_at`) and `sent_at` (its clock), so a silo knows the coordinator is alive and can estimate the
+    offset between the two clocks (`federation.timing.ClockOffset`). Both fields are optional (liveness only)."""
+
+    sent_at: float | None = Field(None, ge=0, allow_inf_nan=False)
+    echo: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class Bye(BaseModel):

@@ -23,6 +23,7 @@ from federation import codec, wire
 from federation.keys import load_keypair
 from federation.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
                                  make_header)
+from federation.timing import ClockOffset, connection_timeout
 from federation.transport import ClientTransport
 
 if TYPE_CHECKING:
@@ -97,6 +98,11 @@ class SiloClient:
         self._sent_for: tuple[str, int] | None = None  # (run, round) of `sent_frames`
         self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
         self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
+        self._clock = ClockOffset()  # coordinator clock - ours, from HEARTBEAT echoes (round timings)
+        self._heard_at = time.monotonic()  # when this silo finished handling the coordinator's last message
+        self._busy = False  # handling messages (e.g. training): the coordinator's silence is not counted meanwhile
+        self._last_round: int | None = None  # set once this silo had the TRAIN of the run's last round
+        self.ended_by_silence = False  # finished because the coordinator fell silent after the last round (BYE lost)
 
     @property
     def address(self) -> str:
@@ -107,13 +113,29 @@ class SiloClient:
         """Connect (outbound only), say HELLO, start heartbeats and the message loop."""
         self._transport = ClientTransport(self.cfg.coordinator, server_key=None if self.cfg.plaintext else self.cfg.coordinator_key,
                                           keypair=self._keypair, plaintext=self.cfg.plaintext,
-                                          max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s)
+                                          max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s,
+                                          heartbeat_timeout_s=connection_timeout(self.cfg))
         self._transport.connect()
         hello = Hello(lora_r=getattr(self.trainer, "lora_r", None), lora_alpha=getattr(self.trainer, "lora_alpha", None))
         await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
+        await self._send(self._heartbeat())  # its echo gives a first clock-offset sample before round 1's TRAIN is done
         self._tasks = [asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
                        asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat"),
-                       asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake")]
+                       asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake"),
+                       asyncio.create_task(self._watch_end(), name=f"silo-{self.silo_id}-end")]
+
+    async def _watch_end(self) -> None:
+        """Stop once the run is over though its BYE never came: this silo had the last round's TRAIN, and the coordinator
+        (which answers every heartbeat) has been silent for `end_silence_s`. Silence before the last round never ends
+        a silo: a restarted coordinator resumes, and the silo reconnects."""
+        while not self.finished.is_set():
+            await asyncio.sleep(min(1.0, self.cfg.end_silence_s / 4))
+            silent_s = time.monotonic() - self._heard_at
+            if self._last_round is not None and not self._busy and silent_s >= self.cfg.end_silence_s:
+                logger.warning("silo %s: no word from the coordinator for %.0f s since the last round (%d) began; the run is "
+                               "over (its BYE was lost), stopping", self.silo_id, silent_s, self._last_round)
+                self.ended_by_silence = True
+                self.finished.set()
 
     async def _watch_refusal(self) -> None:
         what = await self._transport.wait_refused()
@@ -158,27 +180,39 @@ class SiloClient:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
-            await self._send(make_header(MsgType.HEARTBEAT, Heartbeat(), silo_id=self.silo_id))
+            await self._send(self._heartbeat())
+
+    def _heartbeat(self):
+        return make_header(MsgType.HEARTBEAT, Heartbeat(sent_at=time.time()), silo_id=self.silo_id)
 
     async def _loop(self) -> None:
         while True:
             batch = [await self._transport.recv()]
+            received_at = time.time()
             while (more := await self._transport.recv(timeout_s=0)) is not None:
                 batch.append(more)
-            # TRAINs that queued up while we trained (e.g. a restarted coordinator): only the newest matters.
-            trains = [f for f in batch if _peek_type(f) == MsgType.TRAIN]
-            for frames in batch:
-                if trains and frames is not trains[-1] and _peek_type(frames) == MsgType.TRAIN:
-                    logger.info("silo %s: skipping a superseded TRAIN", self.silo_id)
-                    continue
-                try:
-                    await self._dispatch(frames)
-                except Exception as exc:  # service boundary: report and keep serving
-                    logger.error("silo %s failed to handle a message: %s", self.silo_id, exc, exc_info=True)
-                    await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure"),
-                                                 silo_id=self.silo_id))
+            self._busy = True
+            try:
+                await self._dispatch_batch(batch, received_at)
+            finally:  # silence is counted only while this silo listens: a long training is not the coordinator's silence
+                self._busy = False
+                self._heard_at = time.monotonic()
 
-    async def _dispatch(self, frames: list[bytes]) -> None:
+    async def _dispatch_batch(self, batch: list[list[bytes]], received_at: float) -> None:
+        # TRAINs that queued up while we trained (e.g. a restarted coordinator): only the newest matters.
+        trains = [f for f in batch if _peek_type(f) == MsgType.TRAIN]
+        for frames in batch:
+            if trains and frames is not trains[-1] and _peek_type(frames) == MsgType.TRAIN:
+                logger.info("silo %s: skipping a superseded TRAIN", self.silo_id)
+                continue
+            try:
+                await self._dispatch(frames, received_at)
+            except Exception as exc:  # service boundary: report and keep serving
+                logger.error("silo %s failed to handle a message: %s", self.silo_id, exc, exc_info=True)
+                await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure"),
+                                             silo_id=self.silo_id))
+
+    async def _dispatch(self, frames: list[bytes], received_at: float) -> None:
         try:
             header = wire.decode_header(frames)
         except ProtocolError as exc:
@@ -188,7 +222,7 @@ class SiloClient:
             logger.info("silo %s joined run %s (round %d)", self.silo_id, header.run, header.round_id)
             self.welcomed.set()
         elif header.type == MsgType.TRAIN:
-            await self._train(header, frames)
+            await self._train(header, frames, received_at)
         elif header.type == MsgType.ERROR:
             self.last_error = {"round": header.round_id, **header.body}
             logger.warning("coordinator refused our message (round %d): %s", header.round_id, header.body)
@@ -204,9 +238,11 @@ class SiloClient:
         elif header.type == MsgType.SECAGG:
             await self._secagg(header, frames)
         elif header.type == MsgType.HEARTBEAT:
-            pass
+            echo, remote = header.body.get("echo"), header.body.get("sent_at")
+            if echo is not None and remote is not None:
+                self._clock.add(echo, remote, received_at)
 
-    async def _train(self, header, frames: list[bytes]) -> None:
+    async def _train(self, header, frames: list[bytes], received_at: float) -> None:
         if self._sent_for == (header.run, header.round_id) and self.sent_frames:
             # The coordinator sends a round's TRAIN again when this silo reconnects without having answered: the
             # connection broke, maybe with our UPDATE in flight. Resend it rather than train the round again (the
@@ -215,6 +251,8 @@ class SiloClient:
             await self._transport.send(self.sent_frames)
             return
         task = TrainTask.model_validate(header.body)
+        if task.rounds_total and header.round_id >= task.rounds_total:
+            self._last_round = header.round_id
         global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
         started = time.monotonic()
@@ -232,7 +270,9 @@ class SiloClient:
             await self._secure_advertise(header, task, num_examples, metrics, delta, train_s)
             return
         tensors, meta = codec.encode(delta, task.compression, state=self._ef_state)
-        body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=meta, train_s=train_s)
+        rtt, offset = self._clock.best or (None, None)
+        body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=meta, train_s=train_s,
+                            received_at=received_at, sent_at=time.time(), clock_offset_s=offset, clock_rtt_s=rtt)
         self.sent_frames = await self._send(make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id,
                                                         silo_id=self.silo_id), tensors)
         self._sent_for = (header.run, header.round_id)

@@ -9,6 +9,7 @@ so the coordinator checks each message against the current enrolment and a silo 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,16 +28,20 @@ class Incoming:
     peer: bytes  # ZeroMQ routing id of the sending connection
     public_key: str | None  # the sender's z85 CURVE public key (from the handshake), None in plaintext mode
     frames: list[bytes]
+    received_at: float = 0.0  # time.time() when the transport had the whole message (round timings)
 
 
-def _common_options(sock, max_message_bytes: int, heartbeat_s: float) -> None:
+def _common_options(sock, max_message_bytes: int, heartbeat_s: float, heartbeat_timeout_s: float | None) -> None:
     import zmq
 
+    # ZeroMQ counts only whole messages as a sign of life, so the timeout must outlast the longest single transfer
+    # (an adapter on a slow link); federation.timing.connection_timeout_s sizes it.
+    timeout_ms = int((heartbeat_timeout_s or 3 * heartbeat_s) * 1000)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 3000))
-    sock.setsockopt(zmq.HEARTBEAT_TTL, int(heartbeat_s * 3000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)
 
 
 class ServerTransport:
@@ -50,16 +55,17 @@ class ServerTransport:
         plaintext: explicitly allow running without encryption and authentication.
         max_message_bytes: largest message the socket accepts; bigger ones drop the connection.
         heartbeat_s: ZMTP heartbeat interval.
+        heartbeat_timeout_s: a connection that brings no whole message for this long is dropped (default 3 heartbeats).
     """
 
     def __init__(self, endpoint: str, *, keypair: KeyPair | None, lookup: Lookup | None = None, plaintext: bool = False,
-                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0) -> None:
+                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0, heartbeat_timeout_s: float | None = None) -> None:
         if keypair is None and not plaintext:
             raise ConfigError("the coordinator needs a CURVE key pair (run `appliance federation init`) or plaintext=True")
         if keypair is not None and lookup is None:
             raise ConfigError("CURVE mode needs a lookup of enrolled silo keys")
         self.endpoint, self.keypair, self.lookup = endpoint, keypair, lookup
-        self.max_message_bytes, self.heartbeat_s = max_message_bytes, heartbeat_s
+        self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
         self._ctx = self._sock = self._auth = None
         self.address: str | None = None
 
@@ -73,7 +79,7 @@ class ServerTransport:
             self._auth = _make_authenticator(self._ctx, self.lookup)
             self._auth.start()
         sock = self._ctx.socket(zmq.ROUTER)
-        _common_options(sock, self.max_message_bytes, self.heartbeat_s)
+        _common_options(sock, self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.keypair is not None:
             sock.curve_server = True
@@ -97,7 +103,7 @@ class ServerTransport:
                 public_key = parts[-1].get("User-Id") or None
             except zmq.ZMQError:
                 public_key = None
-        return Incoming(bytes(parts[0].bytes), public_key, [p.bytes for p in parts[1:]])
+        return Incoming(bytes(parts[0].bytes), public_key, [p.bytes for p in parts[1:]], time.time())
 
     async def send(self, peer: bytes, frames: list[bytes]) -> bool:
         """Send to one connection; False (and a log line) if that peer is gone."""
@@ -151,16 +157,17 @@ class ClientTransport:
         endpoint: the coordinator's address, e.g. `tcp://host:5555`.
         server_key: the coordinator's z85 CURVE public key; None means plaintext, which needs `plaintext=True`.
         keypair: this silo's CURVE key pair (required with `server_key`).
+        heartbeat_s, heartbeat_timeout_s: as for `ServerTransport`.
     """
 
     def __init__(self, endpoint: str, *, server_key: str | None, keypair: KeyPair | None, plaintext: bool = False,
-                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0) -> None:
+                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0, heartbeat_timeout_s: float | None = None) -> None:
         if server_key is None and not plaintext:
             raise ConfigError("a silo needs the coordinator's public key (--coordinator-key) or plaintext=True")
         if server_key is not None and keypair is None:
             raise ConfigError("a silo needs its own key pair (run `appliance silo keygen`)")
         self.endpoint, self.server_key, self.keypair = endpoint, server_key, keypair
-        self.max_message_bytes, self.heartbeat_s = max_message_bytes, heartbeat_s
+        self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
         self._ctx = self._sock = self._monitor = None
 
     def connect(self) -> None:
@@ -170,7 +177,7 @@ class ClientTransport:
 
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.DEALER)
-        _common_options(sock, self.max_message_bytes, self.heartbeat_s)
+        _common_options(sock, self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s)
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         if self.server_key is not None:

@@ -211,6 +211,7 @@ class Link:
         self._reset_at: dict[str, int] = {}  # direction -> byte count at which to reset every connection once
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[_Relay] = set()
+        self._accepting: set[asyncio.Task] = set()  # connection handlers still running (awaited by `stop`)
         self._cut = False
 
     @property
@@ -252,10 +253,12 @@ class Link:
         self.connections += 1
         relay = _Relay(self, (reader, writer), upstream)
         self._relays.add(relay)
+        self._accepting.add(asyncio.current_task())
         try:
             await relay.run()
         finally:
             self._relays.discard(relay)
+            self._accepting.discard(asyncio.current_task())
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sock = self._connect_factory()
@@ -310,8 +313,10 @@ class Link:
             logger.info("link %s restored", self.name)
 
     async def stop(self) -> None:
-        """Stop listening and reset whatever is still open."""
+        """Stop listening, reset whatever is still open, and let the connection handlers finish."""
         await self.cut()
+        if self._accepting:
+            await asyncio.wait(set(self._accepting), timeout=5)
 
 
 def _tcp_socket() -> socket.socket:

@@ -77,7 +77,7 @@ def start(
     rounds: Optional[int] = typer.Option(None, "--rounds"),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Aggregation strategy (default fedavg; an unknown name lists the others)."),
     min_silos: Optional[int] = typer.Option(None, "--min-silos"),
-    round_deadline: Optional[float] = typer.Option(None, "--round-deadline", help="Seconds a round waits for updates."),
+    round_deadline: Optional[float] = typer.Option(None, "--round-deadline", help="Seconds a round gives silos to train; each silo's deadline adds its transfer allowance."),
     local_steps: Optional[int] = typer.Option(None, "--local-steps"),
     port: Optional[int] = typer.Option(None, "--port"),
     host: Optional[str] = typer.Option(None, "--host", help="Interface to bind (0.0.0.0 for remote silos)."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 import torch
@@ -87,12 +87,14 @@ def write_exporter(state, out_dir: Path) -> None:
 async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = None, initial: dict | None = None,
                      exporter: Any = False, on_publish: list | None = None, curve: tuple | None = None,
                      silo_cls: Callable[[Any, Any], Any] | None = None,
+                     route: Callable[[int, str], Awaitable[str]] | None = None,
                      **fed: Any) -> AsyncIterator[tuple[Any, list[Any]]]:
     """A started coordinator with one started silo per trainer on loopback; everything is stopped on exit.
 
     Plaintext with silos `s0, s1, ...` under `home`, or CURVE with `curve=curve_homes` (silos named as enrolled).
     `strategy` (an object, or a name for the settings) defaults to `build_strategy(settings)`, `initial` to `initial_state()`; `silo_cls(settings, trainer)` makes
-    each silo (default `SiloClient`). Yields `(coordinator, silos)`.
+    each silo (default `SiloClient`); `await route(i, address)` gives the address silo i connects to (e.g. a
+    `testbed.link.Link` in front of the coordinator). Yields `(coordinator, silos)`.
     """
     from federation.coordinator import Coordinator
     from federation.service import build_strategy
@@ -114,8 +116,10 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
                         exporter=exporter, on_publish=on_publish)
     address = await coord.start()
     silo_kw = {k: fed[k] for k in ("heartbeat_interval_s", "silo_timeout_s") if k in fed}  # silos keep the coordinator's
-    silos = [silo_cls(silo_settings(h, address, name, key, plaintext=curve is None, **silo_kw), t)
-             for (name, h), t in zip(homes, trainers)]
+    silo_kw.update({k: fed[k] for k in ("end_silence_s",) if k in fed})
+    silos = [silo_cls(silo_settings(h, await route(i, address) if route else address, name, key, plaintext=curve is None,
+                                    **silo_kw), t)
+             for i, ((name, h), t) in enumerate(zip(homes, trainers))]
     try:
         for s in silos:
             await s.start()

@@ -28,7 +28,9 @@ async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
     assert {t.name for t in header.manifest} == set(tensors)
     assert set(update) == set(SHAPES) and all(tuple(update[k].shape) == SHAPES[k] for k in SHAPES)
     assert all(secret.encode() not in f and b"PATIENT" not in f and b"MRN" not in f for f in frames)
-    assert set(header.body) == {"num_examples", "metrics", "encoding", "train_s"}
+    timings = {"train_s", "received_at", "sent_at", "clock_offset_s", "clock_rtt_s"}  # numbers only (round timings)
+    assert set(header.body) == {"num_examples", "metrics", "encoding"} | timings
+    assert all(isinstance(header.body[k], (int, float)) for k in timings)
     assert set(header.body["metrics"]) == {"train_loss", "note_len"}  # the text metric was dropped
     assert "PATIENT" not in json.dumps(coord.status())
     # the update travelled int8-quantised

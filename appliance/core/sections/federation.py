@@ -34,7 +34,9 @@ class FederationSettings(ServesTLS):
                                 "train.lr_scheduler restarted inside every round; federation = one warmup + "
                                 "train.lr_scheduler across all rounds' local steps.")
     min_silos: int = Field(2, ge=1, description="Answers needed for a round to count.")
-    round_deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for updates.")
+    round_deadline_s: float = Field(600.0, gt=0, description="Seconds a round gives silos to train; each silo's deadline adds its transfer allowance (see assumed_link_mbit, transfer_slack).")
+    assumed_link_mbit: float = Field(10.0, gt=0, description="Bandwidth (Mbit/s) assumed for a silo's link until its transfers were measured; sizes the transfer allowance of its first round.")
+    transfer_slack: float = Field(3.0, ge=1, description="A silo's transfer allowance is this many times its expected transfer time (adapter bytes both ways over its measured throughput).")
     start_timeout_s: float = Field(3600.0, gt=0, description="Seconds the coordinator waits for min_silos to connect before a round.")
     local_steps: int = Field(50, ge=1, description="Optimizer steps each silo trains per round.")
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Largest message accepted on the socket.")
@@ -43,6 +45,7 @@ class FederationSettings(ServesTLS):
     max_aggregate_norm: float | None = Field(None, gt=0, description="A round whose global adapter change (L2 norm of new - previous) exceeds this fails and keeps the previous global (None = max_update_norm when set, else only NaN/inf are refused).")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="Silo heartbeat period.")
     silo_timeout_s: float = Field(30.0, gt=0, description="A silo silent for this long is shown offline and not selected.")
+    end_silence_s: float = Field(120.0, gt=0, description="Silo: once it has had the last round's TRAIN, it stops after this long without a word from the coordinator (the run's BYE was lost); a restarted coordinator must be back within it.")
     compression: Literal["fp32", "bf16", "int8", "topk"] = Field("bf16", description="Encoding of updates on the wire.")
     dp_mode: Literal["off", "central", "silo"] = Field("off", description="Client-level differential privacy: at the coordinator or at each silo.")
     dp_clip_norm: float = Field(1.0, gt=0, description="L2 clip bound C of each update under DP.")
