@@ -179,7 +179,11 @@ def sample_status(now: float) -> dict[str, Any]:
         per_silo = {s: {"train_loss": 2.4 - 0.3 * r + 0.1 * i, "eval_loss": 2.5 - 0.28 * r + 0.12 * i} for i, s in enumerate(silos)}
         rounds.append({"round": r, "participants": silos, "metrics": {"train_loss": 2.45 - 0.3 * r, "eval_loss": 2.55 - 0.29 * r},
                        "per_silo": per_silo, "bytes_in": 3_686_400, "bytes_out": 3_686_400, "duration_s": 41.5 + r,
-                       "epsilon": 0.8 * r, "adapter": f"federation:{r}"})
+                       "epsilon": 0.8 * r, "adapter": f"federation:{r}",
+                       "timings": {s: {"download_s": 0.2 + i, "train_s": 30.0, "upload_s": 0.4 + 2 * i, "transfer_s": 0.6 + 3 * i,
+                                       "span_s": 31.0 + 3 * i, "bytes_down": 1_228_800, "bytes_up": 1_228_800}
+                                   for i, s in enumerate(silos)},
+                       "deadlines_s": {s: 600.0 + 10 * i for i, s in enumerate(silos)}})
     return {"run": "federation", "round": 4, "rounds_total": 10, "phase": "collecting", "deadline": now + 420,
             "strategy": "fedavg",
             "silos": [{"id": s, "online": i != 2, "last_seen": now - 3 - 60 * (i == 2), "rounds": 3, "examples": 120 + 40 * i}

@@ -34,8 +34,8 @@ def test_enrol_of_a_bad_key_shows_the_cli_error_and_enrols_nothing(tmp_path):
 
 
 def test_refresh_with_the_coordinator_down_says_so_and_shows_empty_views(tmp_path):
-    problem, summary, silos, rounds, _plot = tab.refresh(_ctx(tmp_path))
-    assert problem.startswith("⚠️") and summary == "" and silos == [] and rounds == []
+    problem, summary, silos, rounds, _plot, timings, _timing_plot = tab.refresh(_ctx(tmp_path))
+    assert problem.startswith("⚠️") and summary == "" and silos == [] and rounds == [] and timings == []
 
 
 def test_stop_with_nothing_running_says_so(tmp_path):
@@ -50,12 +50,17 @@ def test_refresh_shows_the_coordinator_status(tmp_path):
     coordinator = FakeCoordinator(sample_status(time.time())).start()
     try:
         ctx = ConsoleContext.from_settings(make_settings(tmp_path, ui={"coordinator_url": coordinator.url}))
-        problem, summary, silos, rounds, _plot = tab.refresh(ctx)
+        problem, summary, silos, rounds, _plot, timings, timing_plot = tab.refresh(ctx)
     finally:
         coordinator.stop()
 
     assert problem == "" and "**round** 4 / 10" in summary
     assert [row[0] for row in silos] == ["hospital-a", "hospital-b", "clinic-c"] and len(rounds) == 3
+    # the last round's per-silo timings: a table row per silo and a stacked bar per silo
+    assert [row[:2] for row in timings] == [[3, "clinic-c"], [3, "hospital-a"], [3, "hospital-b"]]
+    assert timings[0][2:] == [2.2, 30.0, 4.4, 0.4, 620.0, 1.23, 1.23]  # download, train, upload, other, deadline, MB
+    bars = timing_plot.axes[0].patches
+    assert len(bars) == 3 * len(tab.TIMING_PARTS)
 
 
 def test_demo_result_shows_the_recovered_share_per_silo(tmp_path):
@@ -73,3 +78,13 @@ def test_demo_result_shows_the_recovered_share_per_silo(tmp_path):
     assert "northbridge **98%**" in text and "lakeside **97%**" in text and "beats every local-only" in text
     (out / "result.json").write_text("{not json")
     assert tab.demo_markdown(ctx) == ""
+
+
+def test_timing_parts_put_unknown_transfers_in_other_and_skip_rounds_without_timings():
+    # an older silo (no timestamps): the span is training plus what cannot be split
+    assert tab.silo_timing_parts({"train_s": 3.0, "span_s": 5.0, "download_s": None, "upload_s": None}) == \
+        {"download": 0.0, "train": 3.0, "upload": 0.0, "other": 2.0}
+    status = {"rounds": [{"round": 1, "timings": {"a": {"download_s": 0.1, "train_s": 1.0, "upload_s": 0.2, "span_s": 1.5}}},
+                         {"round": 2, "failed": "1 valid update(s) < min_silos=2"}]}
+    assert tab.timing_rows(status) == [[1, "a", 0.1, 1.0, 0.2, 0.2, "", "", ""]]  # the last round that has timings
+    assert tab.timing_rows({"rounds": []}) == []

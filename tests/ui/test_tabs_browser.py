@@ -85,6 +85,8 @@ def test_every_tab_shows_its_state(page, showcase):
     expect(page.locator("#fed-silos")).to_contain_text("clinic-c")
     expect(page.locator("#fed-rounds")).to_contain_text("federation:3")
     expect(page.locator("#fed-plot img")).to_be_visible()
+    expect(page.locator("#fed-timings")).to_contain_text("clinic-c")  # the last round's per-silo timings
+    expect(page.locator("#fed-timing-plot img")).to_be_visible()
     screenshot(page, "tab-federation")
     import zmq
 

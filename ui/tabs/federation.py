@@ -13,12 +13,14 @@ from appliance.core.processes import log_tail
 from appliance.core.sections.federation import STRATEGY_NAMES
 from ui import launcher
 from ui.context import ConsoleContext, bind, guarded, problem
-from ui.plots import line_figure
+from ui.plots import line_figure, stacked_bar_figure
 from ui.runs import format_duration
 from ui.services import ServiceUnavailable
 
 SILO_HEADERS = ["silo", "online", "last seen", "rounds", "examples"]
 ROUND_HEADERS = ["round", "participants", "train loss", "eval loss", "bytes in", "bytes out", "duration (s)", "epsilon", "adapter"]
+TIMING_HEADERS = ["round", "silo", "download (s)", "train (s)", "upload (s)", "other (s)", "deadline (s)", "MB down", "MB up"]
+TIMING_PARTS = ["download", "train", "upload", "other"]  # of a silo's span, TRAIN sent to UPDATE received
 
 
 def summary_markdown(status: dict[str, Any], now: float | None = None) -> str:
@@ -51,6 +53,46 @@ def round_rows(status: dict[str, Any]) -> list[list[Any]]:
                      _num(m.get("eval_loss")), r.get("bytes_in"), r.get("bytes_out"), _num(r.get("duration_s"), 1),
                      _num(r.get("epsilon"), 3), r.get("adapter") or ""])
     return rows
+
+
+def _last_timed_round(status: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in reversed(status.get("rounds", [])) if r.get("timings")), None)
+
+
+def silo_timing_parts(timing: dict[str, Any]) -> dict[str, float]:
+    """A silo's span split into download, train, upload and other (the silo's decoding and encoding; also the transfers
+    when the silo sent no timestamps or clock offset, so download and upload are unknown)."""
+    def num(key: str) -> float:
+        value = timing.get(key)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+    parts = {"download": num("download_s"), "train": num("train_s"), "upload": num("upload_s")}
+    parts["other"] = max(0.0, num("span_s") - sum(parts.values()))
+    return parts
+
+
+def timing_rows(status: dict[str, Any]) -> list[list[Any]]:
+    """Rows of the per-silo timings table: every silo of the last round that has timings."""
+    record = _last_timed_round(status)
+    if record is None:
+        return []
+    rows = []
+    for silo, t in sorted(record["timings"].items()):
+        if not isinstance(t, dict):
+            continue
+        other = silo_timing_parts(t)["other"] if isinstance(t.get("span_s"), (int, float)) else None
+        mb = [round(t[k] / 1e6, 2) if isinstance(t.get(k), (int, float)) else "" for k in ("bytes_down", "bytes_up")]
+        rows.append([record.get("round"), silo, _num(t.get("download_s"), 3), _num(t.get("train_s"), 3), _num(t.get("upload_s"), 3),
+                     _num(other, 3), _num((record.get("deadlines_s") or {}).get(silo), 1), *mb])
+    return rows
+
+
+def timing_figure(status: dict[str, Any]):
+    """Stacked bars per silo of the last round: download, train, upload, other (seconds)."""
+    record = _last_timed_round(status)
+    rows = [] if record is None else [(str(s), silo_timing_parts(t)) for s, t in sorted(record["timings"].items()) if isinstance(t, dict)]
+    title = f"Round {record.get('round')}: where each silo's time went" if record else "Per-silo timings"
+    return stacked_bar_figure(rows, TIMING_PARTS, title, "seconds", empty_text="No round yet")
 
 
 def _num(x: Any, digits: int = 4) -> Any:
@@ -119,14 +161,16 @@ def launch_checked(ctx: ConsoleContext, kind: str, cmd: list[str], grace_s: floa
 
 
 def refresh(ctx: ConsoleContext):
-    """The live views from the coordinator's `/status`: (problem, summary, silos, rounds, plot)."""
+    """The live views from the coordinator's `/status`: (problem, summary, silos, rounds, plot, timings, timing plot)."""
     try:
         status = ctx.coordinator.request("GET", "/status")
     except ServiceUnavailable as exc:
-        return problem(exc), "", [], [], federation_figure({})
+        return problem(exc), "", [], [], federation_figure({}), [], timing_figure({})
     if not isinstance(status, dict):
-        return problem("The coordinator's /status did not answer a JSON object."), "", [], [], federation_figure({})
-    return "", summary_markdown(status), silo_rows(status), round_rows(status), federation_figure(status)
+        return (problem("The coordinator's /status did not answer a JSON object."), "", [], [], federation_figure({}), [],
+                timing_figure({}))
+    return ("", summary_markdown(status), silo_rows(status), round_rows(status), federation_figure(status),
+            timing_rows(status), timing_figure(status))
 
 
 @guarded(lambda msg: msg)
@@ -199,6 +243,10 @@ def build(ctx: ConsoleContext) -> None:
         plot = gr.Plot(federation_figure({}), show_label=False, elem_id="fed-plot")
     rounds = gr.Dataframe(headers=ROUND_HEADERS, value=[], interactive=False, label="Rounds", elem_id="fed-rounds")
     with gr.Row():
+        timings = gr.Dataframe(headers=TIMING_HEADERS, value=[], interactive=False, elem_id="fed-timings",
+                               label="Last round per silo: download, train, upload (s); deadline after the round's start")
+        timing_plot = gr.Plot(timing_figure({}), show_label=False, elem_id="fed-timing-plot")
+    with gr.Row():
         with gr.Column():
             gr.Markdown("#### Enrol a silo")
             silo_name = gr.Textbox(label="Silo name", elem_id="fed-silo-name")
@@ -222,7 +270,7 @@ def build(ctx: ConsoleContext) -> None:
     timer.tick(bind(demo_markdown, ctx), None, demo_result, show_progress="hidden")
     ctx.on_load.append((bind(demo_markdown, ctx), [], [demo_result]))
 
-    outputs = [status_md, summary, silos, rounds, plot]
+    outputs = [status_md, summary, silos, rounds, plot, timings, timing_plot]
     timer.tick(bind(refresh, ctx), None, outputs, show_progress="hidden")
     enrol.click(bind(on_enrol, ctx), [silo_name, silo_key], action)
     start.click(bind(on_start, ctx), [n_rounds, strategy, min_silos, local_steps], action)
