@@ -99,8 +99,8 @@ class SiloClient:
         self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
         self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
         self._clock = ClockOffset()  # coordinator clock - ours, from HEARTBEAT echoes (round timings)
-        self._heard_at = time.monotonic()  # when this silo finished handling the coordinator's last message
-        self._busy = False  # handling messages (e.g. training): the coordinator's silence is not counted meanwhile
+        self._quiet_since = time.monotonic()  # the coordinator's last message, or the end of our last training
+        self._training = False  # while it trains, the coordinator's messages wait unread: silence is not counted
         self._last_round: int | None = None  # set once this silo had the TRAIN of the run's last round
         self.ended_by_silence = False  # finished because the coordinator fell silent after the last round (BYE lost)
 
@@ -130,10 +130,10 @@ class SiloClient:
         a silo: a restarted coordinator resumes, and the silo reconnects."""
         while not self.finished.is_set():
             await asyncio.sleep(min(1.0, self.cfg.end_silence_s / 4))
-            silent_s = time.monotonic() - self._heard_at
-            if self._last_round is not None and not self._busy and silent_s >= self.cfg.end_silence_s:
-                logger.warning("silo %s: no word from the coordinator for %.0f s since the last round (%d) began; the run is "
-                               "over (its BYE was lost), stopping", self.silo_id, silent_s, self._last_round)
+            silent_s = time.monotonic() - self._quiet_since
+            if self._last_round is not None and not self._training and silent_s >= self.cfg.end_silence_s:
+                logger.warning("silo %s: no word from the coordinator for %.0f s in or after its last round (%d): the run is "
+                               "over and its BYE was lost; stopping", self.silo_id, silent_s, self._last_round)
                 self.ended_by_silence = True
                 self.finished.set()
 
@@ -189,14 +189,10 @@ class SiloClient:
         while True:
             batch = [await self._transport.recv()]
             received_at = time.time()
+            self._quiet_since = time.monotonic()
             while (more := await self._transport.recv(timeout_s=0)) is not None:
                 batch.append(more)
-            self._busy = True
-            try:
-                await self._dispatch_batch(batch, received_at)
-            finally:  # silence is counted only while this silo listens: a long training is not the coordinator's silence
-                self._busy = False
-                self._heard_at = time.monotonic()
+            await self._dispatch_batch(batch, received_at)
 
     async def _dispatch_batch(self, batch: list[list[bytes]], received_at: float) -> None:
         # TRAINs that queued up while we trained (e.g. a restarted coordinator): only the newest matters.
@@ -256,8 +252,12 @@ class SiloClient:
         global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
         started = time.monotonic()
+        self._training = True
         try:
-            num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
+            try:
+                num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
+            finally:  # the coordinator's silence is counted again from now (its messages waited while we trained)
+                self._training, self._quiet_since = False, time.monotonic()
         except Exception as exc:  # tell the coordinator now, so the round need not wait for its deadline
             logger.error("silo %s: training for round %d failed: %s", self.silo_id, header.round_id, exc, exc_info=True)
             await self._send(make_header(MsgType.ERROR, ErrorInfo(code="train_failed"),

@@ -243,6 +243,15 @@ class Bed:
                     link.reset_after(nbytes, direction)
         self._run(arm())
 
+    def drop(self, client: str, direction: str = "down", on: bool = True) -> None:
+        """Silently lose every byte going `direction` on the links from region `client` (connections stay up) until
+        `drop(client, direction, False)`: e.g. `drop("a")` loses whatever the other regions send to `a`."""
+        async def set_all() -> None:
+            for (c, _, _), link in self._links.items():
+                if c == client:
+                    link.drop(direction, on)
+        self._run(set_all())
+
     # -- processes and clients --
     def spawn(self, region: str, name: str, argv: list[str], env: Mapping[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen:

@@ -7,6 +7,7 @@ of one link share one `Shaper` per direction, as packets share a real link. Orde
 
 `cut()` resets every open connection (TCP RST to both ends) and stops listening, so new connects are refused until
 `restore()`. `reset_connections()` resets the open connections but keeps accepting (a flapping NAT or proxy).
+`drop(direction)` silently discards one direction's bytes (a message lost on the way, e.g. a final BYE).
 
 Sockets come from a `socket_factory`, so the relay can listen and connect inside a network namespace (see
 `testbed.netns`) while running in an ordinary asyncio loop.
@@ -152,6 +153,11 @@ class _Relay:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
+                if direction in self.link.dropping:  # a one-way black hole: the bytes vanish, the connection stays up
+                    queued -= len(data)
+                    self.link.dropped[direction] += len(data)
+                    room.set()
+                    continue
                 cut = self.link.armed_cut(direction, len(data))
                 if cut is not None:  # an armed reset falls inside this chunk: deliver up to it, then drop everything
                     writer.write(data[:cut])
@@ -207,6 +213,8 @@ class Link:
         self.up = Shaper(spec, self._rng)
         self.down = Shaper(spec, self._rng)
         self.bytes = {"up": 0, "down": 0}
+        self.dropped = {"up": 0, "down": 0}  # bytes swallowed by `drop`
+        self.dropping: set[str] = set()
         self.connections = 0
         self._reset_at: dict[str, int] = {}  # direction -> byte count at which to reset every connection once
         self._server: asyncio.AbstractServer | None = None
@@ -287,6 +295,14 @@ class Link:
     def reset_after(self, nbytes: int, direction: str = "up") -> None:
         """Reset every connection once, as soon as `nbytes` more bytes went `direction` (a drop in mid-transfer)."""
         self._reset_at[direction] = self.bytes[direction] + nbytes
+
+    def drop(self, direction: str, on: bool = True) -> None:
+        """Silently discard every byte going `direction` ("up": client to target, "down") until `drop(direction,
+        False)`: connections stay open and nothing is reset, as on a path that loses packets one way."""
+        if direction not in self.bytes:
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        (self.dropping.add if on else self.dropping.discard)(direction)
+        logger.info("link %s: %s dropping %s", self.name, "now" if on else "no longer", direction)
 
     def reset_connections(self) -> int:
         """Reset every open connection (RST both ends) but keep accepting new ones; returns how many were reset."""

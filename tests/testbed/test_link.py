@@ -231,3 +231,33 @@ async def _send_and_close(host: str, port: int, payload: bytes) -> None:
     writer.write(payload)
     await writer.drain()
     writer.close()
+
+
+async def test_drop_swallows_one_direction_and_keeps_the_connection_open():
+    # Arrange: an echo server behind a link; one connection that works both ways
+    server, port = await _echo_server()
+    link = Link(("127.0.0.1", port), LinkSpec(0))
+    host, lport = await link.start()
+    try:
+        reader, writer = await asyncio.open_connection(host, lport)
+        writer.write(b"one")
+        await writer.drain()
+        assert await reader.readexactly(3) == b"one"
+        # Act: the echoes back (down) vanish; what goes up still arrives
+        link.drop("down")
+        writer.write(b"two")
+        await writer.drain()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.readexactly(3), 0.5)
+        # Assert: nothing was reset, the server got it (and echoed it into the void); undone, traffic flows again
+        assert link.connections == 1 and link.bytes["up"] == 6 and link.dropped["down"] == 3
+        link.drop("down", False)
+        writer.write(b"six")
+        await writer.drain()
+        assert await reader.readexactly(3) == b"six"
+        writer.close()
+        with pytest.raises(ValueError, match="direction"):
+            link.drop("sideways")
+    finally:
+        await link.stop()
+        server.close()
