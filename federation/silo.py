@@ -99,8 +99,8 @@ class SiloClient:
         self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
         self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
         self._clock = ClockOffset()  # coordinator clock - ours, from HEARTBEAT echoes (round timings)
-        self._quiet_since = time.monotonic()  # the coordinator's last message, or the end of our last training
-        self._training = False  # while it trains, the coordinator's messages wait unread: silence is not counted
+        self._quiet_since = time.monotonic()  # when the coordinator's last message arrived
+        self._inbox: asyncio.Queue[tuple[float, list[bytes]]] = asyncio.Queue()  # (arrival time, frames), for `_loop`
         self._last_round: int | None = None  # set once this silo had the TRAIN of the run's last round
         self.ended_by_silence = False  # finished because the coordinator fell silent after the last round (BYE lost)
 
@@ -118,8 +118,8 @@ class SiloClient:
         self._transport.connect()
         hello = Hello(lora_r=getattr(self.trainer, "lora_r", None), lora_alpha=getattr(self.trainer, "lora_alpha", None))
         await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
-        await self._send(self._heartbeat())  # its echo gives a first clock-offset sample before round 1's TRAIN is done
-        self._tasks = [asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
+        self._tasks = [asyncio.create_task(self._read(), name=f"silo-{self.silo_id}-read"),
+                       asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
                        asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat"),
                        asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake"),
                        asyncio.create_task(self._watch_end(), name=f"silo-{self.silo_id}-end")]
@@ -131,7 +131,7 @@ class SiloClient:
         while not self.finished.is_set():
             await asyncio.sleep(min(1.0, self.cfg.end_silence_s / 4))
             silent_s = time.monotonic() - self._quiet_since
-            if self._last_round is not None and not self._training and silent_s >= self.cfg.end_silence_s:
+            if self._last_round is not None and silent_s >= self.cfg.end_silence_s:
                 logger.warning("silo %s: no word from the coordinator for %.0f s in or after its last round (%d): the run is "
                                "over and its BYE was lost; stopping", self.silo_id, silent_s, self._last_round)
                 self.ended_by_silence = True
@@ -185,19 +185,34 @@ class SiloClient:
     def _heartbeat(self):
         return make_header(MsgType.HEARTBEAT, Heartbeat(sent_at=time.time()), silo_id=self.silo_id)
 
-    async def _loop(self) -> None:
+    async def _read(self) -> None:
+        """Take each message off the socket as it arrives, also while `_loop` trains: its arrival time is then true
+        (round timings), heartbeat echoes are timed at once (clock offset), and the coordinator's silence is known."""
         while True:
-            batch = [await self._transport.recv()]
+            frames = await self._transport.recv()
             received_at = time.time()
             self._quiet_since = time.monotonic()
-            while (more := await self._transport.recv(timeout_s=0)) is not None:
-                batch.append(more)
-            await self._dispatch_batch(batch, received_at)
+            if _peek_type(frames) == MsgType.HEARTBEAT:
+                self._on_echo(wire.decode_header(frames).body, received_at)
+            else:
+                self._inbox.put_nowait((received_at, frames))
 
-    async def _dispatch_batch(self, batch: list[list[bytes]], received_at: float) -> None:
+    def _on_echo(self, body: dict[str, Any], received_at: float) -> None:
+        echo, remote = body.get("echo"), body.get("sent_at")
+        if isinstance(echo, (int, float)) and isinstance(remote, (int, float)):
+            self._clock.add(echo, remote, received_at)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._inbox.get()]
+            while not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            await self._dispatch_batch(batch)
+
+    async def _dispatch_batch(self, batch: list[tuple[float, list[bytes]]]) -> None:
         # TRAINs that queued up while we trained (e.g. a restarted coordinator): only the newest matters.
-        trains = [f for f in batch if _peek_type(f) == MsgType.TRAIN]
-        for frames in batch:
+        trains = [f for _, f in batch if _peek_type(f) == MsgType.TRAIN]
+        for received_at, frames in batch:
             if trains and frames is not trains[-1] and _peek_type(frames) == MsgType.TRAIN:
                 logger.info("silo %s: skipping a superseded TRAIN", self.silo_id)
                 continue
@@ -217,6 +232,9 @@ class SiloClient:
         if header.type == MsgType.WELCOME:
             logger.info("silo %s joined run %s (round %d)", self.silo_id, header.run, header.round_id)
             self.welcomed.set()
+            # A heartbeat now, on a connection known to be up, gives a clean clock-offset sample before round 1's
+            # UPDATE (one queued before the connection was up would count its handshake as one-way delay).
+            await self._send(self._heartbeat())
         elif header.type == MsgType.TRAIN:
             await self._train(header, frames, received_at)
         elif header.type == MsgType.ERROR:
@@ -233,10 +251,8 @@ class SiloClient:
                 self._refuse(f"the coordinator removed silo {self.silo_id} from its enrolment")
         elif header.type == MsgType.SECAGG:
             await self._secagg(header, frames)
-        elif header.type == MsgType.HEARTBEAT:
-            echo, remote = header.body.get("echo"), header.body.get("sent_at")
-            if echo is not None and remote is not None:
-                self._clock.add(echo, remote, received_at)
+        elif header.type == MsgType.HEARTBEAT:  # echoes are handled as they arrive (`_read`)
+            self._on_echo(header.body, received_at)
 
     async def _train(self, header, frames: list[bytes], received_at: float) -> None:
         if self._sent_for == (header.run, header.round_id) and self.sent_frames:
@@ -252,12 +268,8 @@ class SiloClient:
         global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
         started = time.monotonic()
-        self._training = True
         try:
-            try:
-                num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
-            finally:  # the coordinator's silence is counted again from now (its messages waited while we trained)
-                self._training, self._quiet_since = False, time.monotonic()
+            num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
         except Exception as exc:  # tell the coordinator now, so the round need not wait for its deadline
             logger.error("silo %s: training for round %d failed: %s", self.silo_id, header.round_id, exc, exc_info=True)
             await self._send(make_header(MsgType.ERROR, ErrorInfo(code="train_failed"),

@@ -97,16 +97,22 @@ def _big_state(numel: int) -> dict[str, torch.Tensor]:
 
 
 async def test_a_slow_link_shows_as_longer_download_and_upload_in_the_round_record(tmp_path):
-    # Arrange: s0 straight to the coordinator, s1 behind 300 ms each way
-    async with _links({1: LinkSpec(300)}) as (route, _), \
-            federation(tmp_path, [FakeTrainer(0), FakeTrainer(1)], rounds=2, min_silos=2, route=route) as (coord, _silos):
+    # Arrange: s0 straight to the coordinator, s1 behind 600 ms each way (far more than a busy machine's stalls). Heartbeats are rare, so the clock offset
+    # comes from the one echo each silo asks for once it is welcomed (not from one sent before its connection was up);
+    # training takes longer than s1's round trip, so that echo is back before the first UPDATE leaves.
+    trainers = [FakeTrainer(0), FakeTrainer(1)]
+    for t in trainers:
+        t.fit_delay_s = 1.5
+    async with _links({1: LinkSpec(600)}) as (route, _), \
+            federation(tmp_path, trainers, rounds=2, min_silos=2, route=route,
+                       heartbeat_interval_s=60.0, silo_timeout_s=120.0) as (coord, _silos):
         # Act
         await coord.wait_done(60)
     # Assert: both rounds carry each silo's timings; s1's transfers each take its link's delay more than s0's
     assert coord.phase == "done"
     for record in coord.history:
         fast, slow = record["timings"]["s0"], record["timings"]["s1"]
-        assert slow["download_s"] - fast["download_s"] >= 0.25 and slow["upload_s"] - fast["upload_s"] >= 0.25
+        assert slow["download_s"] - fast["download_s"] >= 0.3 and slow["upload_s"] - fast["upload_s"] >= 0.3
         for t in (fast, slow):
             assert t["transfer_s"] == pytest.approx(t["download_s"] + t["upload_s"], abs=2e-3)
             assert t["span_s"] >= t["transfer_s"] + t["train_s"] - 2e-3 and t["bytes_down"] > 0 and t["bytes_up"] > 0
