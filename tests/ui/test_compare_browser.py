@@ -50,7 +50,7 @@ def test_compare_base_and_a_20_step_adapter_in_the_adapters_tab(page, fake_route
         page.locator("#compare-max-new-tokens").get_by_role("spinbutton").fill("12")
         page.locator("#compare-start").click()
 
-        expect(page.locator("#compare-message")).to_contain_text("Started `appliance eval --compare base,sums:1`")
+        expect(page.locator("#compare-message")).to_contain_text("Started appliance eval --compare base,sums:1 on sums.jsonl (8 records")
         progress = page.locator("#compare-progress .compare-progress")
         expect(progress).to_have_attribute("data-state", "running", timeout=60_000)
         expect(progress).to_have_attribute("data-state", "done", timeout=900_000)
