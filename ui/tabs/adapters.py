@@ -188,8 +188,8 @@ def build(ctx: ConsoleContext) -> None:
             compare_upload = gr.File(label="Upload eval data (JSONL, JSON, CSV, Parquet)", file_types=list(UPLOAD_SUFFIXES),
                                      type="filepath", elem_id="compare-upload")
             compare_check = gr.Markdown("", elem_id="compare-data-check")
-            compare_data = gr.Dropdown(label="Eval data", choices=data_choices(ctx), value=None, allow_custom_value=True,
-                                       elem_id="compare-data")
+            # Only files uploaded to the console (as in the Train tab): a typed path would let the page read any file.
+            compare_data = gr.Dropdown(label="Eval data", choices=data_choices(ctx), value=None, elem_id="compare-data")
     compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-start")
     compare_msg = gr.Markdown("", elem_id="compare-message")
     compare_progress = gr.HTML(evals.progress_html(None), elem_id="compare-progress")
