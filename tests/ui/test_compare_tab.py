@@ -38,20 +38,27 @@ def _register_adapter(ctx: ConsoleContext, model_dir: Path, tmp_path: Path, name
 
 def test_bad_input_is_refused_with_the_problem_named_and_nothing_starts(tmp_path):
     ctx = _ctx(tmp_path / "home")
-    bad_csv = write_format(tmp_path / "bad.csv", [QA[0], {"prompt": "q", "completion": None}])
-    good = write_format(tmp_path / "good.json", QA)
+    uploads = tab.data_dir(ctx)
+    uploads.mkdir(parents=True)
+    good = write_format(uploads / "good.json", QA)
+    bad_csv = write_format(uploads / "bad.csv", [QA[0], {"prompt": "q", "completion": None}])  # changed after its upload
+    outside = write_format(tmp_path / "outside.json", QA)
 
     one_model = tab.on_compare(ctx, ["base"], str(good), True, 5)
     no_data = tab.on_compare(ctx, ["base", "sums:1"], None, True, 5)
-    missing = tab.on_compare(ctx, ["base", "sums:1"], str(tmp_path / "nope.jsonl"), True, 5)
+    not_uploaded = tab.on_compare(ctx, ["base", "sums:1"], str(outside), True, 5)
+    missing = tab.on_compare(ctx, ["base", "sums:1"], str(uploads / "nope.jsonl"), True, 5)
     bad_row = tab.on_compare(ctx, ["base", "sums:1"], str(bad_csv), True, 5)
     unknown = tab.on_compare(ctx, ["base", "sums:1"], str(good), True, 5)
+    upload_message, _ = tab.on_upload(ctx, str(write_format(tmp_path / "typo.parquet", [QA[0], {"prompt": "", "completion": "a"}])))
 
     assert "at least two models" in one_model
     assert "eval data file" in no_data
+    assert "uploaded to the console" in not_uploaded
     assert "nope.jsonl does not exist" in missing
     assert f"{bad_csv}:row 2: empty answer" in bad_row
     assert "sums" in unknown and "⚠️" in unknown
+    assert "Invalid data" in upload_message and "typo.parquet:row 2: empty or non-string" in upload_message
     assert launcher.list_records(ctx.settings.home, evals.KIND) == []
 
 

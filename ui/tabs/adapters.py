@@ -17,7 +17,7 @@ from appliance.core.router_client import latest_alias
 from ui import evals, launcher
 from ui.context import ConsoleContext, bind, guarded, problem
 from ui.services import ServiceUnavailable
-from ui.tabs.train import UPLOAD_SUFFIXES, data_choices, on_upload
+from ui.tabs.train import UPLOAD_SUFFIXES, data_choices, data_dir, on_upload
 
 ADAPTER_HEADERS = ["adapter", "served", "served as", "base model", "from", "data sha256", "metrics"]
 
@@ -73,15 +73,18 @@ def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | 
                max_new_tokens: float = 64) -> str:
     """Check the form, then start `appliance eval --compare` detached; returns the message shown under the button.
 
-    Everything a person could get wrong is checked here, before anything starts: no model or one alone, no data, a
-    data file that is missing or has a bad row (named), an unknown adapter, a comparison already running.
+    Everything a person could get wrong is checked here, before anything starts: no model or one alone, no data or a
+    file the console did not receive as an upload, a data file that is missing or has a bad row (named), an unknown
+    adapter, a comparison already running.
     """
     picked = [t for t in (targets or []) if t]
     if len(picked) < 2:
         return problem("Pick at least two models to compare (for example base and an adapter version).")
     if not data_path:
         return problem("Upload or pick an eval data file.")
-    records = load_file(Path(data_path))  # DataError names the file and the bad line or row
+    if Path(data_path).resolve().parent != data_dir(ctx).resolve():
+        return problem("Pick an eval data file uploaded to the console (or run `appliance eval --compare` on a file where it lies).")
+    records = load_file(Path(data_path))  # DataError names the file and the bad line or row (changed since its upload)
     for ref in picked:
         if ref != evals.BASE:
             ctx.registry.get(ref)  # ModelNotFound names it
