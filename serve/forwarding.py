@@ -431,8 +431,10 @@ class Forwarder:
                 task.cancel()  # the loser: its connection is closed as it unwinds (the worker aborts the request)
                 _unwinding.add(task)
                 task.add_done_callback(_unwound)
-                if winner is not None and task is primary:
-                    hedger.observe((worker.id, ctx.fields.stream), loop.time() - started)  # it waited at least this long
+                if winner is not None and task is primary:  # it was at least this slow: tell the hedger and the policy
+                    waited = loop.time() - started
+                    hedger.observe((worker.id, ctx.fields.stream), waited)
+                    worker.observe_ttft(waited * 1000)
         if winner is None:
             if hedge is not None:
                 self.metrics.hedges.labels("failed").inc()

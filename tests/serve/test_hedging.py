@@ -113,6 +113,8 @@ async def test_a_late_first_byte_is_hedged_and_the_loser_aborted(fake_factory, r
         await wait_until_async(lambda: _completions(near)[-1].get("cancelled") is True, what="the loser's worker to see the abort")
         workers = router.app.state.registry.workers.values()
         await wait_until_async(lambda: all(w.outstanding == 0 for w in workers), what="the outstanding counts to return to 0")
+        # The loser waited at least the 50 ms floor: the policy's latency EWMA (weight 0.2) learns that it was slow.
+        assert next(w for w in workers if w.url == near.url).ttft_ms >= 0.2 * 50
         metrics = (await c.get("/metrics")).text
     assert [r["stream"] for r in _completions(far)] == [stream]
     assert 'router_hedges_total{result="won"} 1.0' in metrics
