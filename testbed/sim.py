@@ -69,6 +69,13 @@ class SimReport:
                 lines.append(f"{r['round']:<7}{', '.join(r['participants']):<40}{r['duration_s']:>8.1f}{r['non_training_share']:>14.1%}")
             else:
                 lines.append(f"{r['round']:<7}failed: {r.get('failed', '')}")
+        last = next((r for r in reversed(self.rounds) if r.get("timings")), None)
+        if last is not None:  # where each silo's time went in the last round (download and upload cross its link)
+            lines.append(f"{'silo (round ' + str(last['round']) + ')':<28}{'download s':>11}{'train s':>9}{'upload s':>10}")
+            for silo, t in sorted(last["timings"].items()):
+                cells = [f"{t[k]:>{w}.2f}" if isinstance(t.get(k), (int, float)) else f"{'-':>{w}}"
+                         for k, w in (("download_s", 11), ("train_s", 9), ("upload_s", 10))]
+                lines.append(f"{silo:<28}{''.join(cells)}")
         return "\n".join(lines)
 
 

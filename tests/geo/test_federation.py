@@ -4,7 +4,9 @@
 One run of three rounds on the tiny Llama carries every scenario (the machine is small):
 round 2: silo `lakeside` (region b) is cut off mid-round and restored when the round is over, and the connection of
 silo `northbridge` (region a) is reset while its update is in flight;
-rounds 2-3: silo `redwood` (region c) sits behind a link that drops every connection every few seconds.
+rounds 2-3: silo `redwood` (region c) sits behind a link that drops every connection every few seconds;
+round 4 (the last): everything the coordinator sends `northbridge` is lost once it has its TRAIN, so the run's BYE
+never reaches it.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ SILOS = {"northbridge": "a", "lakeside": "b", "redwood": "c"}
 FLAP_EVERY_S = 3.0
 TINY_TRAIN = {"APPLIANCE_TRAIN__MAX_SEQ_LEN": "64", "APPLIANCE_TRAIN__BATCH_SIZE": "2", "APPLIANCE_TRAIN__WARMUP_STEPS": "0",
               "APPLIANCE_TRAIN__ZERO_STAGE": "0", "APPLIANCE_FEDERATION__HEARTBEAT_INTERVAL_S": "2",
-              "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "10"}
+              "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "10", "APPLIANCE_FEDERATION__END_SILENCE_S": "6"}
 
 
 @pytest.fixture(scope="module")
 def wan_run(tmp_path_factory, tiny_model_dir):
-    """Run the whole scenario once; returns (round records, logs by process name, the address of hq)."""
+    """Run the whole scenario once; returns (round records, logs by process name, the address of hq, silo exit codes)."""
     work = tmp_path_factory.mktemp("geo-fed")
     data = demo_data.write(work / "data")
     with Bed(REGIONS, work / "bed") as bed:
@@ -52,10 +54,14 @@ def wan_run(tmp_path_factory, tiny_model_dir):
         bed.reset_after("a", 20_000)  # northbridge's round-2 update (64 KB in fp32) breaks off after 20 KB
         fed.wait_round(2)
         bed.restore("b")
+        fed.wait(lambda: f"round {ROUNDS}, 2 local steps" in bed.log("silo-northbridge"), 600, "northbridge's last TRAIN")
+        bed.drop("a")  # from now on nothing reaches northbridge (its update still goes up): its BYE will be lost
         fed.wait_round(ROUNDS)
         fed.wait(lambda: bed.processes["coordinator"].poll() is not None, 60, "the coordinator to finish")
+        silos = {s: bed.processes[f"silo-{s}"] for s in SILOS}
+        fed.wait(lambda: all(p.poll() is not None for p in silos.values()), 60, "every silo to stop")
         logs = {name: bed.log(name) for name in ["coordinator", *(f"silo-{s}" for s in SILOS)]}
-        yield fed.rounds(), logs, bed.address("hq")
+        yield fed.rounds(), logs, bed.address("hq"), {s: p.returncode for s, p in silos.items()}
 
 
 def _participants(records, n):
@@ -63,7 +69,7 @@ def _participants(records, n):
 
 
 def test_rounds_complete_across_the_wan_with_curve(wan_run):
-    records, logs, hq = wan_run
+    records, logs, hq, _ = wan_run
     done = [r for r in records if "participants" in r]
     assert [r["round"] for r in done] == list(range(1, ROUNDS + 1))
     assert all(len(r["participants"]) >= 2 for r in done)
@@ -73,7 +79,7 @@ def test_rounds_complete_across_the_wan_with_curve(wan_run):
 
 def test_coordinator_listens_only_in_its_region(wan_run):
     needs_netns()
-    *_, hq = wan_run
+    _, _, hq, _ = wan_run
     assert hq.startswith("10.77.")  # silos reached it only through their WAN links (the hub does not forward)
 
 
@@ -88,15 +94,33 @@ def test_a_silo_cut_mid_round_misses_it_and_rejoins_the_next(wan_run):
 
 
 def test_a_silo_behind_a_dropping_link_contributes_every_round_counted_once(wan_run):
-    records, logs, _ = wan_run
+    records, logs, *_ = wan_run
     assert all("redwood" in _participants(records, n) for n in range(1, ROUNDS + 1))
     assert logs["coordinator"].count("silo redwood is online") >= 3  # its connections did drop (and came back)
     assert logs["coordinator"].count("accepted the update of redwood") == ROUNDS  # one per round, never two
 
 
 def test_an_update_dropped_in_flight_is_resent_not_retrained(wan_run):
-    records, logs, _ = wan_run
+    records, logs, *_ = wan_run
     assert "northbridge" in _participants(records, 2)
     assert logs["silo-northbridge"].count("round 2, 2 local steps") == 1  # trained once...
     assert "round 2 asked again after a reconnect; resending its update" in logs["silo-northbridge"]  # ...sent twice
     assert logs["coordinator"].count("accepted the update of northbridge") == ROUNDS
+
+
+def test_per_silo_timings_show_the_slow_links(wan_run):
+    # Round 1 is undisturbed: northbridge is 50 ms / 100 Mbit/s from hq, lakeside 100 ms and redwood 150 ms at 10 Mbit/s
+    records, *_ = wan_run
+    timings = next(r for r in records if r.get("round") == 1)["timings"]
+    fast = timings["northbridge"]
+    for slow in (timings["lakeside"], timings["redwood"]):
+        assert slow["download_s"] > fast["download_s"] and slow["upload_s"] > fast["upload_s"]
+    assert all(t["transfer_s"] >= 0.1 for t in timings.values())  # at least the link's delay each way (50 ms or more)
+
+
+def test_a_silo_whose_bye_is_lost_stops_by_itself_after_the_last_round(wan_run):
+    records, logs, _, exit_codes = wan_run
+    assert "northbridge" in _participants(records, ROUNDS)  # its last update went up; only the way back was lost
+    assert "its BYE was lost; stopping" in logs["silo-northbridge"]
+    assert exit_codes == {s: 0 for s in SILOS}  # every silo finished cleanly, the others on the coordinator's BYE
+    assert "its BYE was lost" not in logs["silo-lakeside"]
