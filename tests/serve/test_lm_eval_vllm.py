@@ -85,6 +85,7 @@ async def test_lm_eval_completions_log_likelihood_through_the_router(target, vll
     # Assert: lm-eval's accuracy came back from log-likelihoods the router forwarded (4 questions x 4 choices)
     assert results["appliance_qa_mc"]["sample_len"] == 4
     assert 0.0 <= results["appliance_qa_mc"]["acc,none"] <= 1.0
+    print(f"lm-eval appliance_qa_mc via local-completions, {model}: acc {results['appliance_qa_mc']['acc,none']:.3f}")
     async with httpx.AsyncClient(base_url=router.url) as c:
         metrics = (await c.get("/metrics")).text
     assert _served(metrics, "/v1/completions", model) >= 4
