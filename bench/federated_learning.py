@@ -71,9 +71,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             rounds = args.rounds * factor
             steps = rounds * args.local_steps
             t0 = time.monotonic()
-            adapters = {"base": None, **demo.baselines(cfg, model_dir, paths, steps, log)}
-            log(f"{dataset} x{factor}: local-only and centralized trained in {time.monotonic() - t0:.0f} s")
-            losses = demo.evaluate_all(cfg, model_dir, adapters, paths)
+            losses = earlier_baselines(args.baselines_from, dataset, rounds, args.local_steps)
+            if losses is None:
+                adapters = {"base": None, **demo.baselines(cfg, model_dir, paths, steps, log)}
+                log(f"{dataset} x{factor}: local-only and centralized trained in {time.monotonic() - t0:.0f} s")
+                losses = demo.evaluate_all(cfg, model_dir, adapters, paths)
             log(f"{dataset} x{factor}: " + json.dumps(losses))
             timings = {}
             budget_methods = {m: methods[m] for m in args.long_methods.split(",")} if factor > 1 and args.long_methods else methods
@@ -96,6 +98,17 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.json:  # after every block: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def earlier_baselines(path: str, dataset: str, rounds: int, local_steps: int) -> dict[str, dict[str, float]] | None:
+    """The base, local-only and centralized losses of an earlier `--json` of this bench for the same set and budget
+    (they depend only on the code, model and data, not on the methods), or None when it has none."""
+    if not path:
+        return None
+    rows = [r for r in json.loads(Path(path).read_text()) if r["set"] == dataset and r["rounds"] == rounds
+            and r["local_steps"] == local_steps and "recovered" not in r]
+    losses = {r["adapter"]: r["loss"] for r in rows}
+    return losses if "base" in losses and "centralized" in losses else None
 
 
 def model_folder(args: argparse.Namespace, home: Path) -> Path:
@@ -136,6 +149,8 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--methods", default="", help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--long-methods", default="", help="the methods of budgets above x1 (default: --methods)")
+    parser.add_argument("--baselines-from", default="", help="reuse base/local-only/centralized losses from an earlier --json "
+                        "of the same code (only new methods are trained)")
     parser.add_argument("--lr", type=float, default=None, help="silo learning rate (default: the demo's)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of the embedded model")
     parser.add_argument("--home", default="", help="working folder (default: a temp folder)")
