@@ -10,7 +10,8 @@ random Llama (4 layers, hidden 576, SmolLM2's tokenizer) with LoRA r=64 on q/k/v
 size of SmolLM2-135M's r=8 adapter (921,600), so each message weighs what it would on the real model (3.7 MB in fp32)
 while a local step takes well under a second. Each method gets a fresh coordinator and runs `--rounds` rounds; the
 table shows the last round (the first one pays the silos' start-up). Non-training share = (round wall - longest
-silo's local training) / round wall: download, upload, checks, aggregation and checkpoint.
+silo's local training) / round wall: download, upload, checks, aggregation and checkpoint. `down s` / `up s`: the
+slowest silo's download and upload of that round (the round record's per-silo timings).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def run_method(bed: Bed, work: Path, model_dir: Path, data: dict, method: str, r
     return record
 
 
+def _slowest(record: dict, key: str) -> float:
+    """The round's slowest silo's `key` of its timings (download_s, upload_s); NaN when none was measured."""
+    values = [t[key] for t in (record.get("timings") or {}).values() if isinstance(t.get(key), (int, float))]
+    return max(values) if values else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -73,13 +80,15 @@ def main() -> None:
             records = {m: run_method(bed, work, model_dir, data, m, args.rounds) for m in args.methods.split(",")}
     print(f"bed: {mode}; coordinator in hq (CURVE); silos behind 10 Mbit/s links, 50 and 150 ms one way; "
           f"adapter 917,504 params; round {args.rounds} of {args.rounds}")
-    print(f"{'method':<7}{'round s':>9}{'train s':>9}{'other s':>9}{'non-training':>14}{'up B/silo':>12}{'down B/silo':>13}{'vs fp32':>9}")
+    print(f"{'method':<7}{'round s':>9}{'train s':>9}{'other s':>9}{'non-training':>14}{'up B/silo':>12}{'down B/silo':>13}"
+          f"{'down s':>8}{'up s':>8}{'vs fp32':>9}")
     base = records.get("fp32")
     for method, r in records.items():
         other = r["duration_s"] - r["train_s_max"]
         ratio = f"{r['duration_s'] / base['duration_s']:.2f}x" if base else "-"
         print(f"{method:<7}{r['duration_s']:>9.2f}{r['train_s_max']:>9.2f}{other:>9.2f}{r['non_training_share']:>14.1%}"
-              f"{r['bytes_in'] / len(SILOS):>12,.0f}{r['bytes_out'] / len(SILOS):>13,.0f}{ratio:>9}")
+              f"{r['bytes_in'] / len(SILOS):>12,.0f}{r['bytes_out'] / len(SILOS):>13,.0f}"
+              f"{_slowest(r, 'download_s'):>8.2f}{_slowest(r, 'upload_s'):>8.2f}{ratio:>9}")
 
 
 if __name__ == "__main__":
