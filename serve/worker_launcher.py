@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import httpx
 
+from appliance.core.cores import divide_cores
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.router_client import RouterClient, ServiceUnavailable
 from appliance.core.processes import http_ok, log_tail, start_process_group, stop_process, stop_process_group, wait_for_signal
@@ -100,7 +101,26 @@ def vllm_env(cfg: WorkerSettings, device: str | None = None, base: dict[str, str
     if (device or cfg.device) == "cpu":
         # vLLM reads this variable as a whole number of GiB.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_gib)))
+        ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+        if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env and numa_nodes() < ranks:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(ranks)
     return env
+
+
+def numa_nodes() -> int:
+    """NUMA nodes of this machine (1 where the kernel does not say)."""
+    nodes = Path("/sys/devices/system/node")
+    return max(1, len(list(nodes.glob("node[0-9]*")))) if nodes.is_dir() else 1
+
+
+def cpu_rank_binding(ranks: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` CPU ranks of one model (tensor x pipeline parallel): this process's
+    cores divided among them, e.g. "0|1" or "0-3|4-7" as "0,1,2,3|4,5,6,7".
+
+    vLLM's own default binds one rank per NUMA node and refuses to start when there are fewer nodes than ranks
+    (one-socket machines); where there are enough nodes it is left to do so.
+    """
+    return "|".join(",".join(map(str, share.cores)) for share in divide_cores(ranks))
 
 
 class VLLMWorker:

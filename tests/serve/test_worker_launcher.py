@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.core.cores import divide_cores
 from appliance.core.errors import ConfigError
 from appliance.core.sections.serve import WorkerSettings
 from serve.worker_launcher import (
@@ -81,6 +82,20 @@ def test_env_allows_runtime_lora_and_sets_whole_gib_kv_cache_on_cpu():
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM parses an int; round up rather than fail
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_env(WorkerSettings(), "cuda", base={})
+
+
+def test_cpu_model_parallel_ranks_get_their_own_cores_unless_the_caller_chose(monkeypatch):
+    from serve import worker_launcher
+
+    monkeypatch.setattr(worker_launcher, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(worker_launcher, "divide_cores", lambda n: divide_cores(n, (0, 1, 2, 3)))
+    assert vllm_env(WorkerSettings(tensor_parallel_size=2), "cpu", base={})["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert vllm_env(WorkerSettings(tensor_parallel_size=2, pipeline_parallel_size=2), "cpu", base={})["VLLM_CPU_OMP_THREADS_BIND"] == "0|1|2|3"
+    assert vllm_env(WorkerSettings(tensor_parallel_size=2), "cpu", base={"VLLM_CPU_OMP_THREADS_BIND": "0|3"})["VLLM_CPU_OMP_THREADS_BIND"] == "0|3"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_env(WorkerSettings(), "cpu", base={})
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_env(WorkerSettings(tensor_parallel_size=2), "cuda", base={})
+    monkeypatch.setattr(worker_launcher, "numa_nodes", lambda: 2)  # enough nodes: vLLM's own per-node binding
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_env(WorkerSettings(tensor_parallel_size=2), "cpu", base={})
 
 
 def test_wait_ready_then_stop_kills_the_process(tmp_path):
