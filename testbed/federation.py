@@ -79,7 +79,7 @@ class GeoFederation:
     def enroll(self, name: str, region: str) -> None:
         """`appliance silo keygen` in the silo's home, then `appliance federation enroll NAME KEY` at the coordinator."""
         key = _KEY.search(self._cli(self.home(f"silo-{name}"), "silo", "keygen"))[1]
-        self._cli(self.home("coordinator"), "federation", "enroll", name, key)
+        self._cli(self.home("coordinator"), "federation", "enroll", "--", name, key)  # a Z85 key may start with "-"
         self.silos[name] = region
 
     @property

@@ -36,7 +36,10 @@ def enroll(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."
            public_key: str = typer.Argument(..., help="The silo's public key from `appliance silo keygen`."),
            examples: Optional[int] = typer.Option(None, "--examples", min=1,
                                                   help="The silo's declared example count: its updates never weigh more.")) -> None:
-    """Admit a silo's public key (takes effect at the silo's next connection, no restart needed)."""
+    """Admit a silo's public key (takes effect at the silo's next connection, no restart needed).
+
+    Put `--` before NAME: a key may start with "-" (`appliance federation enroll -- NAME KEY`).
+    """
     from federation.keys import enroll_silo
 
     with cli_errors():

@@ -28,9 +28,11 @@ async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
     assert {t.name for t in header.manifest} == set(tensors)
     assert set(update) == set(SHAPES) and all(tuple(update[k].shape) == SHAPES[k] for k in SHAPES)
     assert all(secret.encode() not in f and b"PATIENT" not in f and b"MRN" not in f for f in frames)
-    timings = {"train_s", "received_at", "sent_at", "clock_offset_s", "clock_rtt_s"}  # numbers only (round timings)
-    assert set(header.body) == {"num_examples", "metrics", "encoding"} | timings
+    timings = {"train_s", "received_at", "sent_at"}  # numbers only (round timings)
+    clock = {"clock_offset_s", "clock_rtt_s"}  # numbers, or null before the first heartbeat echo came back
+    assert set(header.body) == {"num_examples", "metrics", "encoding"} | timings | clock
     assert all(isinstance(header.body[k], (int, float)) for k in timings)
+    assert all(header.body[k] is None or isinstance(header.body[k], (int, float)) for k in clock)
     assert set(header.body["metrics"]) == {"train_loss", "note_len"}  # the text metric was dropped
     assert "PATIENT" not in json.dumps(coord.status())
     # the update travelled int8-quantised
@@ -52,10 +54,17 @@ def test_cli_init_enroll_keygen_and_status(tmp_path):
     assert r.exit_code == 0
     silo_key = r.output.split("silo public key:")[1].split()[0]
     assert len(silo_key) == 40 and silo_key != coord_key
-    r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "hospital-a", silo_key])
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "--", "hospital-a", silo_key])
     assert r.exit_code == 0 and "enrolled silo hospital-a" in r.output
     enrolled = json.loads((coord_home / "keys" / "federation" / "enrolled.json").read_text())
     assert enrolled == {"hospital-a": silo_key}
+    # a Z85 key may start with "-": after `--` it is the key, not an option (1 key in 85 does)
+    import zmq
+
+    dash_key = next(k for k in (zmq.curve_keypair()[0].decode() for _ in range(100_000)) if k.startswith("-"))
+    r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "--", "hospital-d", dash_key])
+    assert r.exit_code == 0, r.output
+    assert json.loads((coord_home / "keys" / "federation" / "enrolled.json").read_text())["hospital-d"] == dash_key
     secret_file = coord_home / "keys" / "federation" / "coordinator.key_secret"
     assert secret_file.stat().st_mode & 0o077 == 0
     # bad input exits 2
