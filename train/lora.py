@@ -191,10 +191,14 @@ _idle_bases: dict[tuple[str, str], Any] = {}
 _idle_lock = threading.Lock()
 
 
+def _base_key(model_dir: Path, dtype: "torch.dtype") -> tuple[str, str]:
+    return str(Path(model_dir).resolve()), str(dtype)
+
+
 def take_base_model(model_dir: Path, dtype: "torch.dtype") -> Any:
     """A base model kept by `keep_base_model` for this folder and dtype, else a fresh `load_base_model`."""
     with _idle_lock:
-        model = _idle_bases.pop((str(Path(model_dir).resolve()), str(dtype)), None)
+        model = _idle_bases.pop(_base_key(model_dir, dtype), None)
     if model is not None:
         log.debug("reusing the loaded base model of %s", model_dir)
         return model
@@ -210,7 +214,7 @@ def keep_base_model(peft_model: Any, model_dir: Path, dtype: "torch.dtype") -> N
     for p in base.parameters():
         p.requires_grad_(False)
     with _idle_lock:
-        _idle_bases[(str(Path(model_dir).resolve()), str(dtype))] = base
+        _idle_bases[_base_key(model_dir, dtype)] = base
 
 
 def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype", init_state: StateDict | None = None,
