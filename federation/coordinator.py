@@ -558,7 +558,8 @@ class Coordinator:
             from federation.secure_round import config_body
 
             secure = config_body(rs.secure.config)
-        config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds),
+        config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds,
+                                    self.cfg.local_optimizer),
                   **self.strategy.plan_round(rs.round_id)}
         from federation.compression import payload_bytes
 

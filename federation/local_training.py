@@ -12,19 +12,25 @@ from typing import Any
 __all__ = ["round_schedule", "train_overrides"]
 
 
-def round_schedule(lr_schedule: str, round_id: int, local_steps: int, rounds: int) -> dict[str, Any]:
+def round_schedule(lr_schedule: str, round_id: int, local_steps: int, rounds: int, local_optimizer: str = "fresh") -> dict[str, Any]:
     """The schedule part of round `round_id`'s config (rounds count from 1).
 
     Args:
-        lr_schedule: `federation.lr_schedule`: "round" (the engine's own schedule restarted in every round: nothing
-            to send), "constant" (warmup once over the federation, then the peak rate), or "federation" (one warmup
+        lr_schedule: `federation.lr_schedule`: "round" (the engine's own schedule restarted in every round),
+            "constant" (warmup once over the federation, then the peak rate), or "federation" (one warmup
             and `train.lr_scheduler` decay across all `rounds * local_steps` steps).
+        local_optimizer: `federation.local_optimizer`: "keep" sends `local_optimizer` = "fresh" in round 1 (a silo
+            drops what an earlier run left) and "keep" after it (a silo continues its own AdamW moments); "fresh"
+            sends nothing (a new optimizer every round).
     """
+    if local_optimizer not in ("keep", "fresh"):
+        raise ValueError(f"federation.local_optimizer must be keep or fresh, not {local_optimizer!r}")
+    plan: dict[str, Any] = {"local_optimizer": "fresh" if round_id == 1 else "keep"} if local_optimizer == "keep" else {}
     if lr_schedule == "round":
-        return {}
+        return plan
     if lr_schedule not in ("constant", "federation"):
         raise ValueError(f"federation.lr_schedule must be constant, round or federation, not {lr_schedule!r}")
-    plan: dict[str, Any] = {"schedule_span": [(round_id - 1) * local_steps, rounds * local_steps]}
+    plan["schedule_span"] = [(round_id - 1) * local_steps, rounds * local_steps]
     if lr_schedule == "constant":
         plan["lr_scheduler"] = "constant"
     return plan
@@ -33,8 +39,11 @@ def round_schedule(lr_schedule: str, round_id: int, local_steps: int, rounds: in
 def train_overrides(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(train-settings updates, `fit_adapter` keywords) for a round's config; unknown keys are ignored.
 
+    A `local_optimizer` entry becomes `reset_optimizer` (True for "fresh"); the trainer adds the `optimizer_slot` it
+    keeps its moments under. Without the entry neither is set: a fresh optimizer, nothing kept.
+
     Raises:
-        ValueError: a malformed schedule_span.
+        ValueError: a malformed schedule_span or local_optimizer.
     """
     updates: dict[str, Any] = {}
     if config.get("lr_scheduler") is not None:
@@ -42,6 +51,11 @@ def train_overrides(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     if config.get("lora_freeze_a"):
         updates["lora_freeze_a"] = True
     kwargs: dict[str, Any] = {"prox_mu": float(config.get("prox_mu", 0.0))}
+    local_optimizer = config.get("local_optimizer")
+    if local_optimizer is not None:
+        if local_optimizer not in ("keep", "fresh"):
+            raise ValueError(f"local_optimizer must be keep or fresh, got {local_optimizer!r}")
+        kwargs["reset_optimizer"] = local_optimizer == "fresh"
     span = config.get("schedule_span")
     if span is not None:
         if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) for v in span)):

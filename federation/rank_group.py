@@ -41,9 +41,7 @@ class RankGroupTrainer(EngineTrainer):
         self.group = RankGroup(ranks, hostfile=hostfile)
 
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
-        from federation.local_training import train_overrides
-
-        updates, kwargs = train_overrides(config)
+        updates, kwargs = self.round_overrides(config)
         cfg = self.cfg.model_copy(update=updates) if updates else self.cfg
         result = self.group.fit(cfg, self.model_dir, self.data_path, init_state=self.get_state(), max_steps=steps,
                                 eval_data=self.eval_path, run_dir=self.run_dir, **kwargs)

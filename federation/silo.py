@@ -14,6 +14,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
@@ -398,7 +399,8 @@ class EngineTrainer:
 
     `lora_r` / `lora_alpha` (from `cfg`) are announced to the coordinator: with product aggregation a silo may
     train at its own rank and is sent the global adapter projected to it. A round's config may switch the LR
-    schedule and freeze A (`federation.local_training.train_overrides`).
+    schedule, freeze A and keep this silo's optimizer moments from round to round
+    (`federation.local_training.train_overrides`; the moments stay in this process, under `optimizer_slot`).
 
     Fits and evaluations take a process-wide lock: the engine's process group (gloo on CPU) must not run two
     trainings at once, so several silos in one process (demo, tests) train one after the other.
@@ -411,6 +413,7 @@ class EngineTrainer:
         self.cfg, self.model_dir, self.data, self.eval_data, self.run_dir = cfg, Path(model_dir), data, eval_data, run_dir
         self._state: StateDict | None = None
         self.lora_r, self.lora_alpha = cfg.lora_r, float(cfg.lora_alpha)
+        self.optimizer_slot = f"silo-trainer-{uuid.uuid4().hex}"  # where this silo's AdamW moments wait between rounds
 
     def get_state(self) -> StateDict:
         if self._state is None:
@@ -425,15 +428,22 @@ class EngineTrainer:
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
         import train
 
-        from federation.local_training import train_overrides
-
-        updates, kwargs = train_overrides(config)
+        updates, kwargs = self.round_overrides(config)
         cfg = self.cfg.model_copy(update=updates) if updates else self.cfg
         with self._engine_lock:
             result = train.fit_adapter(cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
                                        run_dir=self.run_dir, eval_data=self.eval_data, reuse_base=True, **kwargs)
         self._state = result.state
         return result.num_examples, dict(result.metrics)
+
+    def round_overrides(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`train_overrides(config)`, plus this trainer's optimizer slot when the round asks to keep or reset it."""
+        from federation.local_training import train_overrides
+
+        updates, kwargs = train_overrides(config)
+        if "reset_optimizer" in kwargs:
+            kwargs["optimizer_slot"] = self.optimizer_slot
+        return updates, kwargs
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:

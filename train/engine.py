@@ -26,7 +26,7 @@ from appliance.core.cores import usable_cores
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.types import StateDict
 from train import data as datamod
-from train import lora
+from train import lora, optimizer_memory
 from train.run_folder import RunFolder, run_config
 
 if TYPE_CHECKING:
@@ -307,6 +307,8 @@ def fit_adapter(
     resume: bool = False,
     schedule_span: tuple[int, int] | None = None,
     reuse_base: bool = False,
+    optimizer_slot: str | None = None,
+    reset_optimizer: bool = False,
 ) -> FitResult:
     """Train a LoRA adapter on `data` and return its state.
 
@@ -328,6 +330,11 @@ def fit_adapter(
             batches rather than the first ones again). None: both start afresh at this call's first step.
         reuse_base: keep the loaded base model in this process for the next call with the same model folder
             (a silo's or a rank group's rounds), instead of loading it from disk each time; ZeRO-3 always loads.
+        optimizer_slot: a name under which this process keeps the optimizer's state (AdamW moments and step count)
+            between calls: the call starts from what the previous call with this slot left, when it fits (same
+            trainable shapes, ZeRO stage and ranks; else it starts fresh and logs why), and leaves its own state
+            there. A silo's rounds continue one optimizer this way, as one long run would. None: a fresh optimizer.
+        reset_optimizer: drop what `optimizer_slot` holds first (a federation's first round).
 
     Returns:
         FitResult(state, num_examples, metrics) with train_loss (mean of the last steps), steps, tokens,
@@ -347,7 +354,7 @@ def fit_adapter(
     handler = run.attach_log()
     try:
         result = _train(cfg, Path(model_dir), train_records, eval_records, init_state, max_steps, prox_mu, run, progress, resume,
-                        schedule_span, reuse_base)
+                        schedule_span, reuse_base, optimizer_slot, reset_optimizer)
     except BaseException as exc:
         state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
         run.finish(state, exit_code=130 if state == "stopped" else 1, error=f"{type(exc).__name__}: {exc}")
@@ -373,6 +380,8 @@ def _train(
     resume: bool,
     schedule_span: tuple[int, int] | None = None,
     reuse_base: bool = False,
+    optimizer_slot: str | None = None,
+    reset_optimizer: bool = False,
 ) -> FitResult:
     import deepspeed
     import torch
@@ -408,6 +417,8 @@ def _train(
         config=deepspeed_config(cfg, precision, world, trainable_params=sum(p.numel() for p in params))
     )
     try:
+        if optimizer_slot is not None:
+            optimizer_memory.restore(optimizer_slot, engine.optimizer, reset=reset_optimizer)
         start_step = run.load_checkpoint(engine) if resume else 0
         earlier = run.truncate_metrics(start_step) if resume and rank == 0 else []
         metrics = _loop(cfg, engine, rows, tokenizer.pad_token_id, cfg.packing, start_step, total_steps, rank, world, run, progress,
@@ -418,6 +429,8 @@ def _train(
             if rank == 0:
                 run.append({"step": total_steps, "total_steps": total_steps, **ev, "time": time.time()})
         state = _gathered_state(engine, peft_model, cfg.zero_stage)
+        if optimizer_slot is not None:
+            optimizer_memory.keep(optimizer_slot, engine.optimizer)
     finally:
         engine.destroy()
     if reuse_base:

@@ -17,6 +17,11 @@ def test_round_schedules():
     assert round_schedule("federation", 3, 4, 3) == {"schedule_span": [8, 12]}
     with pytest.raises(ValueError, match="lr_schedule"):
         round_schedule("cosine", 1, 4, 3)
+    # keeping the silos' optimizers: round 1 drops what an earlier run left, later rounds continue
+    assert round_schedule("round", 1, 4, 3, "keep") == {"local_optimizer": "fresh"}
+    assert round_schedule("constant", 2, 4, 3, "keep") == {"local_optimizer": "keep", "schedule_span": [4, 12], "lr_scheduler": "constant"}
+    with pytest.raises(ValueError, match="local_optimizer"):
+        round_schedule("constant", 1, 4, 3, "sometimes")
 
 
 def test_train_overrides_turn_a_plan_into_settings_and_keywords():
@@ -26,6 +31,20 @@ def test_train_overrides_turn_a_plan_into_settings_and_keywords():
     assert train_overrides({}) == ({}, {"prox_mu": 0.0})
     with pytest.raises(ValueError, match="schedule_span"):
         train_overrides({"schedule_span": "0:12"})
+    assert train_overrides({"local_optimizer": "fresh"})[1] == {"prox_mu": 0.0, "reset_optimizer": True}
+    assert train_overrides({"local_optimizer": "keep"})[1] == {"prox_mu": 0.0, "reset_optimizer": False}
+    with pytest.raises(ValueError, match="local_optimizer"):
+        train_overrides({"local_optimizer": "always"})
+
+
+def test_an_engine_silo_keeps_its_moments_under_its_own_slot(tmp_path):
+    from federation.silo import EngineTrainer
+    from tests.train.conftest import small_cfg
+
+    a, b = (EngineTrainer(small_cfg(), tmp_path, []) for _ in range(2))
+    _, kwargs = a.round_overrides({"local_optimizer": "keep"})
+    assert kwargs["optimizer_slot"] == a.optimizer_slot != b.optimizer_slot and kwargs["reset_optimizer"] is False
+    assert "optimizer_slot" not in a.round_overrides({})[1]  # federation.local_optimizer=fresh sends nothing
 
 
 @pytest.mark.parametrize("lr_schedule, strategy", [("federation", "ffa"), ("constant", "fedavg")])
@@ -50,3 +69,4 @@ async def test_every_round_tells_silos_where_they_stand_in_the_schedule(tmp_path
         assert [c["config"]["schedule_span"] for c in t.calls] == [[0, 12], [4, 12], [8, 12]]
         assert all(c["config"].get("lr_scheduler") == ("constant" if lr_schedule == "constant" else None) for c in t.calls)
         assert all(c["config"].get("lora_freeze_a", False) == (strategy == "ffa") for c in t.calls)
+        assert [c["config"]["local_optimizer"] for c in t.calls] == ["fresh", "keep", "keep"]  # the default: keep

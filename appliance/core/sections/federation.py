@@ -33,6 +33,10 @@ class FederationSettings(ServesTLS):
         "constant", description="Silos' learning rate: constant = train.lr after train.warmup_steps of round 1; round = "
                                 "train.lr_scheduler restarted inside every round; federation = one warmup + "
                                 "train.lr_scheduler across all rounds' local steps.")
+    local_optimizer: Literal["keep", "fresh"] = Field(
+        "keep", description="Silos' AdamW moments between rounds: keep = each silo carries its own optimizer state (moments "
+                            "and step count, never sent) from round to round, as one long local run would; fresh = a new "
+                            "optimizer every round (what Flower's and most FL clients do).")
     min_silos: int = Field(2, ge=1, description="Answers needed for a round to count.")
     round_deadline_s: float = Field(600.0, gt=0, description="Seconds a round gives silos to train; each silo's deadline adds its transfer allowance (see assumed_link_mbit, transfer_slack).")
     assumed_link_mbit: float = Field(10.0, gt=0, description="Bandwidth (Mbit/s) assumed for a silo's link until its transfers were measured; sizes the transfer allowance of its first round.")
