@@ -31,7 +31,10 @@ sys.path.insert(0, str(REPO))
 
 # name -> federation settings. "fedavg round-lr" is the engine's warmup + cosine restarted inside every round (the
 # behaviour before federation.lr_schedule existed); the others keep the peak rate (constant) unless they say otherwise.
+# Silos start a fresh AdamW every round (federation.local_optimizer=fresh) unless the method keeps it ("keep-opt").
 METHODS: dict[str, dict] = {
+    "fedavg keep-opt": {"strategy": "fedavg", "lr_schedule": "constant", "local_optimizer": "keep"},
+    "flexlora keep-opt": {"strategy": "flexlora", "lr_schedule": "constant", "local_optimizer": "keep"},
     "fedavg round-lr": {"strategy": "fedavg", "lr_schedule": "round"},
     "fedavg": {"strategy": "fedavg", "lr_schedule": "constant"},
     "fedavg fed-lr": {"strategy": "fedavg", "lr_schedule": "federation"},
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             for name, fed in budget_methods.items():  # each evaluated as soon as it is trained: a cut-short run still tells
                 t0 = time.monotonic()
                 state, _ = asyncio.run(demo.federate(settings, home / "runs" / f"{dataset}-{factor}-{name.replace(' ', '_')}",
-                                                     model_dir, cfg, paths, rounds, args.local_steps, fed))
+                                                     model_dir, cfg, paths, rounds, args.local_steps,
+                                                     {"local_optimizer": "fresh", **fed}))
                 timings[name] = time.monotonic() - t0
                 losses[name] = demo.evaluate_all(cfg, model_dir, {name: state}, paths)[name]
                 log(f"{dataset} x{factor}: {name} federated in {timings[name]:.0f} s; losses {json.dumps(losses[name])}; "

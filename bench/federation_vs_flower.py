@@ -3,16 +3,20 @@
     .venv/bin/python bench/federation_vs_flower.py                  # embedded SmolLM2-135M, 2 silos, 4 rounds x 8 steps
     .venv/bin/python bench/federation_vs_flower.py --tiny           # a tiny random Llama: a smoke run (~3 min)
     .venv/bin/python bench/federation_vs_flower.py --silos 3 --rounds 3 --local-steps 4 --json out.json
-    .venv/bin/python bench/federation_vs_flower.py --systems ours,ours:ffa,flower   # also our demo's method
+    .venv/bin/python bench/federation_vs_flower.py --systems ours,ours:fedavg:fresh,flower   # also ours with Flower's
+                                                                       # per-round fresh optimizer
+    .venv/bin/python bench/federation_vs_flower.py --seeds 0,1,2        # the whole job per seed, then the means
 
 The job: the bundled data of `federation.demo_data` (`--set`; the first `--silos` organisations), the same base model,
-the same LoRA initialisation (`train.initial_adapter_state`, seed 0; r/alpha/targets from the train settings), the
+the same LoRA initialisation (`train.initial_adapter_state` at the run's seed; r/alpha/targets from the train settings), the
 same rounds, local steps, batch, learning rate (constant: no warmup, no decay), gradient clipping and sequence
 length, no packing, plain example-weighted FedAvg of the LoRA factors.
 
 - Ours: the product's own commands as a silo operator runs them, each a separate process: `appliance federation
   init`, `silo keygen`, `federation enroll`, `coordinator start --strategy fedavg` and `silo join` (CURVE on), with
-  `federation.lr_schedule: constant` and the product's default update compression (`--compression`, bf16).
+  `federation.lr_schedule: constant`, the product's default update compression (`--compression`, bf16) and its default
+  `federation.local_optimizer: keep` (each silo carries its AdamW moments from round to round; `ours:fedavg:fresh`
+  starts a fresh AdamW every round, as Flower's ClientApp does).
 - Flower (`flwr==1.42.0`, built once into `.cache/venvs/flower`, never a dependency of the appliance): its deployment
   runtime on loopback: `flower-superlink --insecure`, one `flower-supernode --insecure` per silo (its data path in
   `--node-config`), and `flwr run bench/flower_app` (a ServerApp with Flower's own `FedAvg`, a ClientApp that trains
@@ -87,8 +91,8 @@ class Job:
         return list(self.paths)
 
 
-def prepare(args: argparse.Namespace, work: Path) -> Job:
-    """Data, model, train settings and the shared LoRA initialisation."""
+def prepare(args: argparse.Namespace, work: Path, seed: int = 0) -> Job:
+    """Data, model, train settings (at `seed`: LoRA init and batch order) and the shared LoRA initialisation."""
     import train
     from safetensors.torch import save_file
 
@@ -97,7 +101,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Job:
     from federation import demo, demo_data
 
     cfg = demo.demo_train_settings(load_settings(overrides={"home": str(work / "appliance")}))
-    cfg = cfg.model_copy(update={"packing": False, "lr_scheduler": "constant", **({"lr": args.lr} if args.lr else {})})
+    cfg = cfg.model_copy(update={"packing": False, "lr_scheduler": "constant", "seed": seed, **({"lr": args.lr} if args.lr else {})})
     paths = demo_data.write(work / "data", dataset=args.set)
     if not 2 <= args.silos <= len(paths):
         raise SystemExit(f"--silos must be 2..{len(paths)} for set {args.set}")
@@ -118,7 +122,8 @@ def relay_bytes(bed: Bed) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------ ours
-def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy: str = "fedavg") -> dict[str, Any]:
+def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy: str = "fedavg",
+             local_optimizer: str = "keep") -> dict[str, Any]:
     """Our coordinator and silos as separate CLI processes (CURVE on), through `testbed.federation.GeoFederation`."""
     from federation.checkpoint import load_latest
     from testbed.federation import GeoFederation
@@ -131,7 +136,8 @@ def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy:
            "APPLIANCE_TRAIN__PACKING": "false", "APPLIANCE_TRAIN__MAX_GRAD_NORM": str(c.max_grad_norm),
            "APPLIANCE_TRAIN__WEIGHT_DECAY": str(c.weight_decay), "APPLIANCE_TRAIN__SEED": str(c.seed),
            "APPLIANCE_TRAIN__CHECKPOINT_EVERY_STEPS": "100000", "APPLIANCE_FEDERATION__LR_SCHEDULE": "constant",
-           "APPLIANCE_FEDERATION__HEARTBEAT_INTERVAL_S": "2", "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "120"}
+           "APPLIANCE_FEDERATION__HEARTBEAT_INTERVAL_S": "2", "APPLIANCE_FEDERATION__SILO_TIMEOUT_S": "120",
+           "APPLIANCE_FEDERATION__LOCAL_OPTIMIZER": local_optimizer}
     with make_bed(job, work / "bed") as bed:
         fed = GeoFederation(bed, SERVER, work, job.model_dir, env=env)
         fed.init()
@@ -152,7 +158,7 @@ def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy:
     ckpt = load_latest(work / "coordinator" / "federation" / fed.run_name)
     rounds = [{"round": r["round"], "duration_s": r["duration_s"], "bytes": r["bytes_in"] + r["bytes_out"],
                "train_loop_s": max(m["elapsed_s"] for m in r["per_silo"].values())} for r in records]
-    return {"system": f"ours ({strategy}, {compression} updates)", "wall_s": records[-1]["time"] - t0, "rounds": rounds,
+    return {"system": f"ours ({strategy}, {compression}, {local_optimizer} opt)", "wall_s": records[-1]["time"] - t0, "rounds": rounds,
             "tcp_bytes": tcp, "state": ckpt.global_state, "raw": records}
 
 
@@ -283,41 +289,68 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="silo learning rate (default: the demo's)")
     p.add_argument("--compression", default="bf16", help="our update compression (the product's default: bf16)")
     p.add_argument("--systems", default="ours,flower",
-                   help="which to run, in order: ours (plain FedAvg), ours:STRATEGY (e.g. ours:ffa, the demo's), flower")
+                   help="which to run, in order: ours (FedAvg, the product's defaults), ours:STRATEGY[:LOCAL_OPTIMIZER] "
+                        "(e.g. ours:ffa, ours:fedavg:fresh), flower")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (LoRA init and batch order); the job runs once "
+                                                "per seed, then a table of the means")
     p.add_argument("--timeout-s", type=float, default=3600)
     p.add_argument("--home", default="", help="working folder (default: a temp folder)")
-    p.add_argument("--json", default="", help="also write every number here")
+    p.add_argument("--json", default="", help="also write every number here (after each seed)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the beds stop every process they started
     work = Path(args.home or tempfile.mkdtemp(prefix="fed-vs-flower-"))
     t0 = time.monotonic()
-    job = prepare(args, work)
     systems = args.systems.split(",")
     venv = flower_venv() if "flower" in systems else None
-    log(f"work {work}; model {job.model_dir}; silos {job.orgs}; cores {[s.cores for s in job.shares]}")
-    results = []
-    for system in systems:
-        log(f"{system}: running")
-        if system.split(":")[0] == "ours":
-            strategy = system.partition(":")[2] or "fedavg"
-            results.append(run_ours(job, work / system.replace(":", "-"), args.compression, args.timeout_s, strategy))
-        elif system == "flower":
-            results.append(run_flower(job, work / "flower", venv, args.timeout_s))
-        else:
-            raise SystemExit(f"unknown system {system!r}; use ours, ours:STRATEGY, flower")
-        s = summary(results[-1], job.rounds)
-        log(f"{system}: " + ", ".join(f"{k} {v:,.1f}" for k, v in s.items()))
-    from federation import demo
+    runs: list[dict[str, Any]] = []
+    for seed in (int(v) for v in args.seeds.split(",")):
+        job = prepare(args, work / f"seed-{seed}", seed)
+        log(f"seed {seed}: work {work}; model {job.model_dir}; silos {job.orgs}; cores {[s.cores for s in job.shares]}")
+        results = [run_system(system, job, work / f"seed-{seed}", args, venv) for system in systems]
+        from federation import demo
 
-    losses = demo.evaluate_all(job.cfg, job.model_dir, {"base": None, **{r["system"]: r["state"] for r in results}}, job.paths)
-    print(table(results, losses, job), flush=True)
+        losses = demo.evaluate_all(job.cfg, job.model_dir, {"base": None, **{r["system"]: r["state"] for r in results}}, job.paths)
+        print(f"seed {seed}\n" + table(results, losses, job), flush=True)
+        runs.append({"seed": seed, "losses": losses,
+                     "systems": [{k: v for k, v in r.items() if k != "state"} | {"summary": summary(r, job.rounds)} for r in results]})
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": " ".join(map(shlex.quote, sys.argv)), "runs": runs},
+                                                  indent=1, default=str))
+    if len(runs) > 1:
+        print(mean_table(runs, job.orgs), flush=True)
     log(f"done in {time.monotonic() - t0:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "command": " ".join(map(shlex.quote, sys.argv)), "losses": losses,
-            "systems": [{k: v for k, v in r.items() if k != "state"} | {"summary": summary(r, job.rounds)} for r in results]},
-            indent=1, default=str))
 
+
+def run_system(system: str, job: Job, work: Path, args: argparse.Namespace, venv: Path | None) -> dict[str, Any]:
+    log(f"{system}: running")
+    name, _, rest = system.partition(":")
+    if name == "ours":
+        strategy, _, local_optimizer = rest.partition(":")
+        result = run_ours(job, work / system.replace(":", "-"), args.compression, args.timeout_s, strategy or "fedavg",
+                          local_optimizer or "keep")
+    elif system == "flower":
+        result = run_flower(job, work / "flower", venv, args.timeout_s)
+    else:
+        raise SystemExit(f"unknown system {system!r}; use ours, ours:STRATEGY[:LOCAL_OPTIMIZER], flower")
+    log(f"{system}: " + ", ".join(f"{k} {v:,.1f}" for k, v in summary(result, job.rounds).items()))
+    return result
+
+
+def mean_table(runs: list[dict[str, Any]], orgs: list[str]) -> str:
+    """Per system, over the seeds: mean wall s, other s/round and held-out loss per silo (and the spread of the mean)."""
+    head = f"{'mean over seeds ' + ','.join(str(r['seed']) for r in runs):<40}{'wall s':>8}{'other s':>9}" + "".join(
+        f"{'loss:' + o[:9]:>16}" for o in orgs) + f"{'mean':>8}{'min..max of mean':>20}"
+    out = [head, "-" * len(head)]
+    for i, first in enumerate(runs[0]["systems"]):
+        name = first["system"]
+        per = [r["systems"][i] for r in runs]
+        losses = [[r["losses"][name][o] for o in orgs] for r in runs]
+        means = [sum(v) / len(v) for v in losses]
+        cols = [sum(v[j] for v in losses) / len(losses) for j in range(len(orgs))]
+        out.append(f"{name:<40}{sum(p['summary']['wall_s'] for p in per) / len(per):>8.1f}"
+                   f"{sum(p['summary']['other_s'] for p in per) / len(per):>9.1f}" + "".join(f"{v:>16.4f}" for v in cols)
+                   + f"{sum(means) / len(means):>8.4f}{f'{min(means):.4f}..{max(means):.4f}':>20}")
+    return "\n".join(out) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -25,12 +25,25 @@ def test_both_systems_complete_every_round_learn_and_their_bytes_add_up(tmp_path
     # Assert: one table row per system; every round of each completed with both silos (the bench checks Flower's
     # ClientApps ran one torch thread per core of their share); the final adapters beat the base model on every silo;
     # the relays saw at least every byte of every message.
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text())["runs"][0]
     systems = {s["system"]: s for s in result["systems"]}
-    assert set(systems) == {"ours (fedavg, bf16 updates)", "Flower 1.42 (FedAvg)"}
+    assert set(systems) == {"ours (fedavg, bf16, keep opt)", "Flower 1.42 (FedAvg)"}
     assert all(name in done.stdout for name in systems)
     for name, s in systems.items():
         assert [r["round"] for r in s["rounds"]] == [1, 2]
         assert all(0 < r["train_loop_s"] < r["duration_s"] for r in s["rounds"])
         assert s["tcp_bytes"] >= sum(r["bytes"] for r in s["rounds"]) > 0
         assert all(result["losses"][name][org] < result["losses"]["base"][org] for org in result["losses"]["base"])
+
+
+def test_the_mean_table_averages_each_system_over_the_seeds() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    from federation_vs_flower import mean_table
+
+    def run(seed: int, loss: float, wall: float) -> dict:
+        return {"seed": seed, "losses": {"sys": {"a": loss, "b": loss + 0.2}},
+                "systems": [{"system": "sys", "summary": {"wall_s": wall, "other_s": 1.0}}]}
+
+    text = mean_table([run(0, 0.4, 10.0), run(1, 0.6, 30.0)], ["a", "b"])
+    row = next(line for line in text.splitlines() if line.startswith("sys"))
+    assert row.split()[1:] == ["20.0", "1.0", "0.5000", "0.7000", "0.6000", "0.5000..0.7000"]
