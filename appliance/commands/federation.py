@@ -86,6 +86,9 @@ def start(
     host: Optional[str] = typer.Option(None, "--host", help="Interface to bind (0.0.0.0 for remote silos)."),
     run_name: Optional[str] = typer.Option(None, "--run", help="Run name (adapter name in the registry)."),
     compression: Optional[str] = typer.Option(None, "--compression", help="fp32 | bf16 | int8 | topk"),
+    local_optimizer: Optional[str] = typer.Option(
+        None, "--local-optimizer", help="keep (default): each silo carries its own AdamW moments from round to round; "
+                                        "fresh: a new optimizer every round."),
     dp: Optional[str] = typer.Option(None, "--dp", help="off | central | silo"),
     plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
@@ -101,7 +104,7 @@ def start(
         settings = settings_from(ctx, {"federation": {
             "rounds": rounds, "strategy": strategy, "min_silos": min_silos, "round_deadline_s": round_deadline,
             "local_steps": local_steps, "port": port, "bind_host": host, "run_name": run_name,
-            "compression": compression, "dp_mode": dp, "plaintext": plaintext or None,
+            "compression": compression, "local_optimizer": local_optimizer, "dp_mode": dp, "plaintext": plaintext or None,
             "secure_aggregation": secure_aggregation or None}})
         final = run_coordinator(settings, on_ready=lambda c: console.print(
             f"coordinator at {c.address}, status at {c.status_url}", highlight=False))

@@ -322,6 +322,14 @@ def test_a_failed_run_exits_non_zero(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
 
 
+def test_an_unknown_local_optimizer_is_refused_by_name(tmp_path):
+    from appliance.cli import app
+
+    result = CliRunner().invoke(app, ["--home", str(tmp_path), "coordinator", "start", "--plaintext", "--port", "0",
+                                      "--local-optimizer", "sometimes"])
+    assert result.exit_code != 0 and "local_optimizer" in result.output and "keep" in result.output, result.output
+
+
 def test_enrolment_keeps_the_declared_count_and_follows_the_file(tmp_path):
     from federation.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
 
