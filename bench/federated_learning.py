@@ -4,7 +4,8 @@ For each bundled data set (`hospitals`: the demo's three hospitals, each with fa
 `registers`: three support desks that share the same facts but answer in different registers and hold 40, 20
 and 10 rows) and each budget (the demo's rounds, and three times as many), it trains, from one LoRA init:
 each silo alone ("local:ORG", rounds x local steps), the union ("centralized", silos x rounds x local steps:
-the federation's total), and the federation of every method, through the real coordinator and silos (CURVE on
+the federation's total), "centralized wide" (the union, rounds x local steps of silos x the batch: the federation's
+examples and number of sequential updates), and the federation of every method, through the real coordinator and silos (CURVE on
 loopback, exactly the demo's path). Then it prints the held-out loss of every adapter on every silo and the share of
 the centralized gain each federated adapter recovers, (base - federated) / (base - centralized), per silo.
 
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             t0 = time.monotonic()
             losses = earlier_baselines(args.baselines_from, dataset, rounds, args.local_steps)
             if losses is None:
-                adapters = {"base": None, **demo.baselines(cfg, model_dir, paths, steps, log)}
+                adapters = {"base": None, **demo.baselines(cfg, model_dir, paths, steps, log),
+                            "centralized wide": wide_centralized(cfg, model_dir, paths, steps)}
                 log(f"{dataset} x{factor}: local-only and centralized trained in {time.monotonic() - t0:.0f} s")
                 losses = demo.evaluate_all(cfg, model_dir, adapters, paths)
             log(f"{dataset} x{factor}: " + json.dumps(losses))
@@ -102,6 +104,20 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.json:  # after every block: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def wide_centralized(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: int):
+    """The union at (silos x batch) rows a step for `steps` steps: the federation's examples AND its number of sequential
+    updates (the "centralized" baseline takes silos x as many updates of one batch each)."""
+    import random
+
+    import train
+    from federation import demo_data
+
+    union = [r for org in paths for r in demo_data.load_rows(paths[org]["train"])]
+    random.Random(0).shuffle(union)
+    wide = cfg.model_copy(update={"batch_size": cfg.batch_size * len(paths)})
+    return train.fit_adapter(wide, model_dir, union, init_state=train.initial_adapter_state(cfg, model_dir), max_steps=steps).state
 
 
 def earlier_baselines(path: str, dataset: str, rounds: int, local_steps: int) -> dict[str, dict[str, float]] | None:
@@ -141,7 +157,8 @@ def table(rows: list[dict], orgs: list[str]) -> str:
             line += "".join(f"{v:>11.1%}" for v in rec) + f"{min(rec):>7.1%}  {'yes' if r['beats_local'] else 'no'}"
         out.append(line)
     out.append(f"({r0['rounds']} rounds x {r0['local_steps']} local steps; local-only {r0['rounds'] * r0['local_steps']} steps, "
-               f"centralized {len(orgs) * r0['rounds'] * r0['local_steps']} steps)")
+               f"centralized {len(orgs) * r0['rounds'] * r0['local_steps']} steps; centralized wide "
+               f"{r0['rounds'] * r0['local_steps']} steps of {len(orgs)}x the batch: the federation's sequential updates)")
     return "\n".join(out) + "\n"
 
 
