@@ -61,19 +61,19 @@ def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(model, tokenizer, rows, cfg: dict, seed: int) -> dict[str, float]:
-    """`local-steps` AdamW steps on shuffled batches; returns the mean loss and the loop's wall time."""
+def train(model, tokenizer, rows, cfg: dict, seed: int, batches=None) -> dict[str, float]:
+    """`local-steps` AdamW steps on shuffled batches; returns the mean loss and the loop's wall time.
+
+    `batches`: the row indices of each step instead (a test feeds the engine's batches to compare the two loops).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"]))
-    order, batch_size = [], int(cfg["batch-size"])
-    rng = random.Random(seed)
+    batches = list(batches) if batches is not None else shuffled_batches(len(rows), int(cfg["batch-size"]),
+                                                                         int(cfg["local-steps"]), seed)
     model.train()
     losses, t0 = [], time.perf_counter()
-    for _ in range(int(cfg["local-steps"])):
-        if len(order) < batch_size:  # a fresh shuffled epoch (what a DataLoader with shuffle=True gives)
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-        batch = collate([rows[order.pop()] for _ in range(batch_size)], tokenizer.pad_token_id)
+    for indices in batches:
+        batch = collate([rows[i] for i in indices], tokenizer.pad_token_id)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float(cfg["max-grad-norm"]))
@@ -81,6 +81,17 @@ def train(model, tokenizer, rows, cfg: dict, seed: int) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     return {"train-loss": sum(losses) / len(losses), "train-loop-s": time.perf_counter() - t0}
+
+
+def shuffled_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of row indices from shuffled epochs (what a DataLoader with shuffle=True gives)."""
+    rng, order, out = random.Random(seed), [], []
+    for _ in range(steps):
+        if len(order) < batch_size:  # a fresh shuffled epoch
+            order = list(range(num_rows))
+            rng.shuffle(order)
+        out.append([order.pop() for _ in range(batch_size)])
+    return out
 
 
 def get_state(model) -> dict[str, torch.Tensor]:
