@@ -109,15 +109,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 def wide_centralized(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: int):
     """The union at (silos x batch) rows a step for `steps` steps: the federation's examples AND its number of sequential
     updates (the "centralized" baseline takes silos x as many updates of one batch each)."""
-    import random
-
     import train
-    from federation import demo_data
+    from federation import demo
 
-    union = [r for org in paths for r in demo_data.load_rows(paths[org]["train"])]
-    random.Random(0).shuffle(union)
     wide = cfg.model_copy(update={"batch_size": cfg.batch_size * len(paths)})
-    return train.fit_adapter(wide, model_dir, union, init_state=train.initial_adapter_state(cfg, model_dir), max_steps=steps).state
+    return train.fit_adapter(wide, model_dir, demo.shuffled_union(paths), init_state=train.initial_adapter_state(cfg, model_dir), max_steps=steps).state
 
 
 def earlier_baselines(path: str, dataset: str, rounds: int, local_steps: int) -> dict[str, dict[str, float]] | None:

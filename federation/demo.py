@@ -163,12 +163,18 @@ def baselines(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: in
         out[f"local:{org}"] = res.state
         echo(f"local-only {org}: train_loss {res.metrics.get('train_loss', float('nan')):.4f}")
     t1 = time.monotonic()
-    union = [r for org in paths for r in demo_data.load_rows(paths[org]["train"])]
-    random.Random(0).shuffle(union)
+    union = shuffled_union(paths)
     out["centralized"] = train.fit_adapter(cfg, model_dir, union, init_state=init, max_steps=len(paths) * steps).state
     if timings is not None:
         timings["local-only"], timings["centralized"] = t1 - t0, time.monotonic() - t1
     return out
+
+
+def shuffled_union(paths: dict[str, dict[str, Path]]) -> list[dict[str, Any]]:
+    """Every silo's training rows in one list, shuffled with a fixed seed (what a centralized run trains on)."""
+    union = [r for org in paths for r in demo_data.load_rows(paths[org]["train"])]
+    random.Random(0).shuffle(union)
+    return union
 
 
 def evaluate_all(cfg, model_dir: Path, adapters: dict[str, Any], paths: dict[str, dict[str, Path]]) -> dict[str, dict[str, float]]:

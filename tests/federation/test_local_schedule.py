@@ -70,3 +70,24 @@ async def test_every_round_tells_silos_where_they_stand_in_the_schedule(tmp_path
         assert all(c["config"].get("lr_scheduler") == ("constant" if lr_schedule == "constant" else None) for c in t.calls)
         assert all(c["config"].get("lora_freeze_a", False) == (strategy == "ffa") for c in t.calls)
         assert [c["config"]["local_optimizer"] for c in t.calls] == ["fresh", "keep", "keep"]  # the default: keep
+
+
+@pytest.mark.slow
+def test_a_real_engine_silo_keeps_its_optimizer_across_the_rounds_the_coordinator_plans(tiny_model_dir):
+    # What the FakeTrainer tests above take on trust, on the real engine: two planned rounds of 2 steps under
+    # local_optimizer=keep train exactly as one 4-step run (same weights, optimizer moments and batches).
+    import torch
+
+    import train
+    from federation.silo import EngineTrainer
+    from tests.train.conftest import arithmetic_records, small_cfg
+
+    records = arithmetic_records()
+    cfg = small_cfg(lr=1e-3, lr_scheduler="constant", packing=False)
+    whole = train.fit_adapter(cfg, tiny_model_dir, records, init_state=train.initial_adapter_state(cfg, tiny_model_dir),
+                              max_steps=4).state
+    trainer = EngineTrainer(cfg, tiny_model_dir, records)
+    for round_id in (1, 2):
+        trainer.fit(2, round_schedule("constant", round_id, 2, 2, "keep"))
+    state = trainer.get_state()
+    assert all(torch.allclose(state[k], whole[k], rtol=1e-4, atol=1e-6) for k in whole)
