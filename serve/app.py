@@ -26,6 +26,7 @@ from serve.canary import CanaryChecker
 from serve.errors import RouterError
 from serve.forwarding import Forwarder
 from serve.keys import KeyStore
+from serve.quarantine import QuarantineBook
 from serve.metrics import RouterMetrics
 from serve.placement import AdapterPlacement
 from serve.protocol import error_body
@@ -87,10 +88,12 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         registry.add_static(spec.url, region=spec.region, models=spec.models,
                             api_key=spec.api_key.get_secret_value() if spec.api_key else None)
     placement = AdapterPlacement(cfg, registry, metrics)
-    canaries = CanaryChecker(cfg, registry)
+    registry.quarantine = QuarantineBook(settings.keys_dir)
+    canaries = CanaryChecker(cfg, registry, registry.quarantine)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
-                    public=not is_loopback(cfg.host))
+                    public=not is_loopback(cfg.host), require=cfg.require_keys)
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
+    forwarder.on_routed = canaries.on_routed
     worker_tls = client_context(settings.tls_ca_file)
 
     @contextlib.asynccontextmanager

@@ -152,6 +152,7 @@ class Forwarder:
         self._timeout: aiohttp.ClientTimeout | None = None
         self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         self.hedger = Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
+        self.on_routed: Callable[[Worker], None] | None = None  # told of each request sent to a joined worker (canaries)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -176,19 +177,24 @@ class Forwarder:
         """The caller's key record; None when keys are not required (a loopback router without keys).
 
         Raises:
-            RouterError: 401 when keys are required and the request carries none or a wrong one, or when the
-                router binds beyond loopback and no key exists at all.
+            RouterError: 401 when keys are required (serve.keys: a public bind, serve.require_keys, or a router that
+                has had keys) and the request carries none or a wrong one, or none exists at all; 503 while the key
+                file cannot be read or parsed.
         """
         keys = self.keys
         keys.refresh()
         if not keys.required:
             return None
         scheme, _, presented = headers.get("authorization", "").partition(" ")
+        if keys.broken is not None:
+            self.metrics.error("auth")
+            raise RouterError(503, "this router's API key file cannot be read, so it accepts no request until its operator "
+                                   "fixes it (see the router's log)")
         key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
         if key is None:
             self.metrics.error("auth")
             if keys.empty:
-                raise RouterError(401, "this router listens beyond loopback and has no API key, so it accepts no request: "
+                raise RouterError(401, "this router requires API keys and has no API key, so it accepts no request: "
                                        "create one with `appliance keys create --name NAME` and send `Authorization: Bearer <key>`")
             raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
         return key
@@ -480,6 +486,8 @@ class Forwarder:
         resp = None
         try:
             try:
+                if not worker.static and self.on_routed is not None:  # a joined worker: maybe a canary check soon
+                    self.on_routed(worker)
                 resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self._timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):

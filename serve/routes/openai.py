@@ -18,7 +18,7 @@ async def list_models(request: Request) -> Response:
     cards: dict[str, ModelCard] = {}
     created = int(time.time())
     for worker in registry.healthy():
-        for model in sorted(worker.models):
+        for model in sorted(worker.models - worker.unverified):
             cards.setdefault(model, ModelCard(id=model, created=created, root=model))
     for worker in registry.healthy():
         for adapter in sorted(worker.adapters):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -61,9 +62,16 @@ class ServeSettings(ServesTLS):
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout (seconds).")
     worker_capacity: int = Field(16, ge=1, description="Default concurrent requests a worker takes (policy scale).")
     worker_expiry_s: float = Field(60.0, gt=0, description="A joined worker unhealthy or silent this long is removed.")
-    canary_prompts: int = Field(2, ge=0, description="Canary prompts per check of a joined worker (0 = no checks).")
-    canary_interval_s: float = Field(300.0, gt=0, description="Seconds between canary checks of each joined worker.")
-    canary_max_tokens: int = Field(16, ge=1, description="max_tokens of a canary prompt (answers compared at temperature 0).")
+    canary_prompts: int = Field(1, ge=0, description="Canary prompts per check of a joined worker (0 = no checks).")
+    canary_rate: float = Field(0.05, ge=0, le=1, description="Chance that a user request routed to a joined worker triggers a check of it.")
+    canary_pending_rate: float = Field(0.25, ge=0, le=1, description="The same until it has passed canary_passes checks (a new or cleared worker).")
+    canary_passes: int = Field(3, ge=1, description="Checks a joined worker passes before it counts as verified (state `passed`).")
+    canary_delay_s: float = Field(5.0, ge=0, description="Most seconds a triggered check waits (a random delay, so it hides among traffic).")
+    canary_interval_s: float = Field(300.0, gt=0, description="Mean seconds between the random timer's checks of each joined worker.")
+    canary_max_tokens: int = Field(48, ge=1, description="Largest max_tokens of a canary (drawn at random; answers compared at temperature 0).")
+    canary_prompts_file: Path | None = Field(None, description="JSONL of the operator's private canary conversations (chat messages), mixed with the built-in pool.")
+    allow_unverified: bool = Field(False, description="Route to a joined worker's models that no trusted worker serves (cannot be canary-checked).")
+    require_keys: bool = Field(False, description="Require API keys on /v1/* even on loopback, also when the key file is empty or missing.")
     affinity_load_factor: float = Field(1.25, ge=1.0, description="Bounded-load factor of prefix/session affinity.")
     adapter_replicas: int = Field(1, ge=1, description="Workers an adapter is loaded on when published.")
     max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
