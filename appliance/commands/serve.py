@@ -89,7 +89,7 @@ def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key
         console.print(f"revoked key {gone.name!r} ({gone.id})", highlight=False)
 
 
-fleet_app = typer.Typer(help="The router's workers: list them (default), clear a quarantined one.")
+fleet_app = typer.Typer(help="The router's workers: list them (default), clear a quarantined one or address.")
 
 
 @fleet_app.callback(invoke_without_command=True)
@@ -119,6 +119,28 @@ def fleet_clear(ctx: typer.Context, worker_id: str = typer.Argument(..., help="T
         _, client = _admin(ctx, router)
         out = client.clear(worker_id)
         console.print(f"worker {out['id']} cleared (canary {out['canary']})", highlight=False)
+
+
+@fleet_app.command("quarantine")
+def fleet_quarantine(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
+    """List the sticky quarantine: workers refused (by address or API key) until you clear them."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        rows = client.quarantine()
+        for r in rows:
+            console.print(f"{r['address']}  worker {r['worker_id']}  since {r['since']}  {r['reason']}", highlight=False)
+        if not rows:
+            console.print("no worker is quarantined")
+
+
+@fleet_app.command("unquarantine")
+def fleet_unquarantine(ctx: typer.Context, address: str = typer.Argument(..., help="The worker's host:port or URL."),
+                       router: Optional[str] = _ROUTER) -> None:
+    """Clear the quarantine of the worker at ADDRESS, also after it is gone; it may join again."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.unquarantine(address)
+        console.print(f"cleared {', '.join(out['cleared'])}", highlight=False)
 
 
 @adapters_app.command("list")

@@ -150,6 +150,16 @@ class RouterClient(ServiceClient):
         """`POST /admin/workers/{id}/clear` (admin): lift a worker's quarantine."""
         return self.request("POST", f"/admin/workers/{worker_id}/clear")
 
+    def quarantine(self) -> list[dict[str, Any]]:
+        """`GET /admin/quarantine` (admin): the sticky quarantine records."""
+        return self.request("GET", "/admin/quarantine")
+
+    def unquarantine(self, address: str) -> dict[str, Any]:
+        """`DELETE /admin/quarantine/{address}` (admin): clear the quarantine of the worker at host:port (or URL)."""
+        from urllib.parse import quote
+
+        return self.request("DELETE", f"/admin/quarantine/{quote(address, safe='')}")
+
     def remove_worker(self, worker_id: str, *, token: str | None = None) -> dict[str, Any]:
         """`DELETE /admin/workers/{id}` (the worker's secret or the admin token)."""
         return self.request("DELETE", f"/admin/workers/{worker_id}", token=token)
