@@ -72,7 +72,9 @@ class GeoFleet:
         return ensure_token(self.home / "keys", "join_token")
 
     def _router_env(self) -> dict[str, str]:
-        env = {"APPLIANCE_HOME": str(self.home)}
+        # Every worker of this fleet joins and no trusted (static) worker serves their model, so nothing could check
+        # them: the test bed allows unverified models (serve.allow_unverified) unless serve_env says otherwise.
+        env = {"APPLIANCE_HOME": str(self.home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"}
         env.update({f"APPLIANCE_SERVE__{k.upper()}": str(v) for k, v in self.serve_env.items()})
         return env
 
