@@ -129,13 +129,11 @@ class CanaryChecker:
         unverified = {m for m in worker.models | worker.adapters if not any(m in t.models or m in t.adapters for t in trusted)}
         worker.unverified = set() if self.cfg.allow_unverified else unverified
         served = worker.models | worker.adapters
-        if worker.unverified and worker.unverified >= served:
-            worker.hold = UNVERIFIED_REASON.format(models=", ".join(sorted(unverified)))
-        else:
-            worker.hold = ""
-        if unverified >= served and worker.canary == "pending" and self.enabled:
+        nothing_checkable = bool(served) and unverified >= served
+        worker.hold = UNVERIFIED_REASON.format(models=", ".join(sorted(unverified))) if nothing_checkable and worker.unverified else ""
+        if nothing_checkable and worker.canary == "pending" and self.enabled:
             worker.canary = "unverified"
-        elif worker.canary == "unverified" and not unverified >= served:
+        elif worker.canary == "unverified" and not nothing_checkable:
             worker.canary = "pending"
 
     def clear(self, worker: Worker) -> None:

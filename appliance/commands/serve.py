@@ -99,13 +99,15 @@ def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
 
     if ctx.invoked_subcommand is not None:
         return
+    from appliance.core.router_client import canary_label
+
     with cli_errors():
         _, client = _admin(ctx, router)
         # The id (what `fleet clear` takes) and the canary verdict are never cut, however narrow the terminal.
         table = Table(Column("id", no_wrap=True), "url", "region", "healthy", "draining", Column("canary", no_wrap=True),
                       "outstanding", "latency ms", "models", "adapters")
         for w in client.workers():
-            canary = "QUARANTINED" if w.get("quarantined") else w.get("canary", "")
+            canary = canary_label(w)
             table.add_row(w["id"], w["url"], w["region"], "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
                           canary, str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
         console.print(table)

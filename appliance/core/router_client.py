@@ -199,3 +199,15 @@ class RouterClient(ServiceClient):
 def router_url(host: str, port: int, scheme: str = "http") -> str:
     """The URL a local client uses for a router bound to `host:port` (a wildcard bind is reached on loopback)."""
     return f"{scheme}://{connectable_host(host)}:{port}"
+
+
+def canary_label(worker: dict[str, Any]) -> str:
+    """The canary column of a `GET /admin/workers` row (CLI and console): QUARANTINED, NO TRAFFIC with its reason, the
+    verdict with the models it gets no traffic for, or the verdict alone."""
+    if worker.get("quarantined"):
+        return "QUARANTINED"
+    verdict = str(worker.get("canary") or "")
+    unverified = ", ".join(worker.get("unverified") or [])
+    if worker.get("no_traffic"):
+        return f"NO TRAFFIC: {worker['no_traffic']}"
+    return f"{verdict} (no traffic for unverified {unverified})" if unverified else verdict

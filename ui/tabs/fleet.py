@@ -9,13 +9,15 @@ from ui.context import ConsoleContext, guarded, problem
 from appliance.core.router_metrics import snapshot
 from ui.fleet_history import FleetHistory, figures, summary_markdown
 from ui.services import ServiceUnavailable
+from appliance.core.router_client import canary_label
 
 WORKER_HEADERS = ["id", "url", "region", "healthy", "draining", "canary", "outstanding", "latency (ms)", "models", "adapters"]
 
 
 def canary_cell(worker: dict[str, Any]) -> str:
-    """The canary column: QUARANTINED (no traffic until `appliance fleet clear ID`), else the last verdict."""
-    return "QUARANTINED" if worker.get("quarantined") else str(worker.get("canary") or "")
+    """The canary column: QUARANTINED (no traffic until `appliance fleet clear ID`), NO TRAFFIC and why (models no
+    trusted worker serves), else the last verdict."""
+    return canary_label(worker)
 
 
 def worker_rows(workers: list[dict[str, Any]]) -> list[list[Any]]:
