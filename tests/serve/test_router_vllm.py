@@ -47,9 +47,22 @@ async def test_chat_stream_models_and_adapter_through_router(vllm_workers, route
 
 async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, router_factory):
     # The first worker is trusted (static); the second joins through the join token with its own API key. Same
-    # weights, temperature 0: the canary answers agree and the joined worker takes traffic.
+    # weights, temperature 0: the canary answers agree and the joined worker takes traffic. The checks come from the
+    # random timer here (every 0.5 s on average, no delay) instead of among user traffic.
     trusted, joining = vllm_workers
-    router = await router_factory([trusted.spec], request_timeout_s=120, canary_prompts=2, policy="round_robin")
+    router = await router_factory([trusted.spec], request_timeout_s=120, canary_prompts=2, policy="round_robin",
+                                  canary_interval_s=0.5, canary_delay_s=0)
+    # Real vLLM accepts the canary's shape (system prompt, seed, temperature 0, a drawn max_tokens), and two workers
+    # on the same weights answer it alike.
+    checker = router.app.state.canaries
+    canary = checker.request(MODEL, [{"role": "system", "content": "You are a concise assistant."},
+                                     {"role": "user", "content": "Name two benefits of regular exercise."}])
+    async with httpx.AsyncClient(timeout=120) as c:
+        direct = [await c.post(f"{w.url}/v1/chat/completions", json=canary, headers={"Authorization": f"Bearer {w.api_key}"})
+                  for w in (trusted, joining, trusted)]
+    assert [r.status_code for r in direct] == [200, 200, 200], direct[0].text
+    texts = [r.json()["choices"][0]["message"]["content"] for r in direct]
+    assert texts[0].strip() and texts[0] == texts[1] == texts[2]
     async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
         joined = await c.post("/admin/workers", json={"url": joining.url, "api_key": joining.api_key},
                               headers={"Authorization": f"Bearer {router.join_token}"})
@@ -57,7 +70,7 @@ async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, r
         wid = joined.json()["id"]
         for _ in range(600):
             row = next(w for w in (await c.get("/admin/workers", headers=router.admin_headers())).json() if w["id"] == wid)
-            if row["canary"] != "pending":
+            if row["canary"] != "pending":  # passed after serve.canary_passes checks, or failed
                 break
             await asyncio.sleep(0.2)
         assert (row["canary"], row["quarantined"]) == ("passed", False)
