@@ -18,7 +18,8 @@ path, headers and JSON). It is sent at random times among real traffic, never as
 
 A new joined worker therefore takes traffic at once (state `pending`) and is checked among it; a worker that forges
 every answer it does not recognise as a canary is caught, with probability 1 - 1e-6, within
-ln(1e-6) / ln(1 - canary_pending_rate) of its user requests (55 at the default 0.25). A worker that serves a model
+ln(1e-6) / ln(1 - canary_pending_rate) of its user requests (49 at the default 0.25); one that turns to forging
+after it passed is caught within ln(1e-6) / ln(1 - canary_rate) (270 at the default 0.05). A worker that serves a model
 no trusted worker serves cannot be checked: that model gets no traffic from it (`unverified`) unless
 `serve.allow_unverified` is true.
 
