@@ -154,9 +154,13 @@ class CanaryChecker:
     def quarantine(self, worker: Worker, reason: str) -> None:
         """Take `worker` out of traffic, and remember its key and addresses (serve/quarantine.py)."""
         worker.quarantined, worker.canary = True, "failed"
-        if self.book is not None:
-            self.book.add(set(worker.addresses), worker.address, worker.key_hash, worker_id=worker.id, url=worker.url, reason=reason)
         logger.warning("worker %s (%s) QUARANTINED: %s", worker.id, worker.url, reason)
+        if self.book is not None:
+            try:
+                self.book.add(set(worker.addresses), worker.address, worker.key_hash, worker_id=worker.id, url=worker.url, reason=reason)
+            except OSError as exc:  # it stays quarantined while this router runs
+                logger.error("cannot save the quarantine of worker %s to %s (%s): it would not survive a restart",
+                             worker.id, self.book.path, exc)
 
     # -- the check --
     def _pairs(self, worker: Worker) -> list[tuple[str, Worker]]:

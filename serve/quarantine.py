@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.atomic import write_text_atomic
+from appliance.core.errors import DataError
 from serve.worker_address import normalised_address
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class QuarantineBook:
     """The quarantine records of one router, persisted in `keys_dir/quarantine.json`."""
 
     def __init__(self, keys_dir: Path):
+        """Read the records.
+
+        Raises:
+            DataError: the file exists but cannot be read or is not a quarantine file.
+        """
         self.path = Path(keys_dir) / QUARANTINE_FILE
         self.records: list[QuarantineRecord] = self._load()
 
@@ -82,9 +88,9 @@ class QuarantineBook:
             rows = json.loads(self.path.read_text(encoding="utf-8"))["records"]
             return [QuarantineRecord(**row) for row in rows]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Fail closed would mean refusing every join; an operator must see this instead of losing the records.
-            raise RuntimeError(f"{self.path} is not a valid quarantine file ({exc}); fix or remove it "
-                               "(removing it clears every quarantine)") from exc
+            # The router does not start: going on without the records would let every quarantined worker back in.
+            raise DataError(f"{self.path} is not a valid quarantine file ({exc}); fix it, or remove it to clear "
+                            "every quarantine") from exc
 
     def _save(self) -> None:
         write_text_atomic(self.path, json.dumps({"records": [asdict(r) for r in self.records]}, indent=2) + "\n")

@@ -265,3 +265,15 @@ async def test_a_joined_workers_model_list_is_fixed_at_join(fake_factory, router
     assert row["models"] == ["m"]
     assert [r.status_code for r in chats] == [404] * 4  # no worker serves m2 for the router
     assert not any(r.get("model") == "m2" for r in joiner.received())
+
+
+def test_a_damaged_quarantine_file_stops_the_router_from_starting(tmp_path):
+    from appliance.core.errors import DataError
+    from serve import create_app
+    from tests.factories import make_settings
+
+    settings = make_settings(tmp_path)
+    settings.keys_dir.mkdir(parents=True, exist_ok=True)
+    (settings.keys_dir / "quarantine.json").write_text('{"records": [{"adress": "x"}]}')
+    with pytest.raises(DataError, match=r"quarantine.json is not a valid quarantine file.*remove it to clear"):
+        create_app(settings)
