@@ -203,10 +203,14 @@ class CanaryChecker:
         return True
 
     def request(self, model: str, messages: Messages | None = None) -> dict[str, Any]:
-        """A canary request body: a drawn conversation, a random max_tokens and seed, temperature 0."""
-        return {"model": model, "messages": messages or self.pool.draw(),
-                "max_tokens": self._rng.randint(min(MIN_CANARY_TOKENS, self.cfg.canary_max_tokens), self.cfg.canary_max_tokens),
-                "temperature": 0, "seed": self._rng.randrange(2**31)}
+        """A canary request body: a drawn conversation, a random max_tokens and seed, temperature 0, streamed or not
+        (as user traffic is)."""
+        body: dict[str, Any] = {"model": model, "messages": messages or self.pool.draw(),
+                                "max_tokens": self._rng.randint(min(MIN_CANARY_TOKENS, self.cfg.canary_max_tokens), self.cfg.canary_max_tokens),
+                                "temperature": 0, "seed": self._rng.randrange(2**31)}
+        if self._rng.random() < 0.5:
+            body["stream"] = True
+        return body
 
     async def _ask(self, worker: Worker, body: dict[str, Any]) -> str:
         """One canary chat completion, sent as the router forwards user requests; returns the answer's text.
@@ -223,7 +227,26 @@ class CanaryChecker:
                                                   timeout=timeout) as resp:
                 if resp.status != 200:
                     raise RouterError(502, f"answered {resp.status}")
+                if body.get("stream"):
+                    return _streamed_text((await resp.read()).decode("utf-8", "replace"))
                 answer = await resp.json(content_type=None)
             return str(answer["choices"][0]["message"]["content"] or "")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise RouterError(502, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _streamed_text(sse: str) -> str:
+    """The answer's text from a chat completion's server-sent events (the deltas of choice 0, in order).
+
+    Raises:
+        ValueError: an event is not JSON.
+    """
+    pieces = []
+    for line in sse.splitlines():
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        event = json.loads(line[5:])
+        for choice in event.get("choices") or []:
+            if choice.get("index", 0) == 0:
+                pieces.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(pieces)

@@ -224,6 +224,7 @@ def test_canaries_are_drawn_from_a_varied_pool_with_the_operators_own(tmp_path):
     assert any(b["messages"][0]["role"] == "user" for b in bodies)
     assert all(b["temperature"] == 0 and 8 <= b["max_tokens"] <= cfg.canary_max_tokens for b in bodies)
     assert len({b["max_tokens"] for b in bodies}) > 20 and len({b["seed"] for b in bodies}) == 400
+    assert 100 < sum(bool(b.get("stream")) for b in bodies) < 300  # streamed or not, as user traffic is
     bad = tmp_path / "bad.jsonl"
     bad.write_text('[{"role": "user", "content": "ok"}]\n[{"role": "robot", "content": "x"}]\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl, line 2.*role"):
