@@ -228,14 +228,14 @@ class CanaryChecker:
                 if resp.status != 200:
                     raise RouterError(502, f"answered {resp.status}")
                 if body.get("stream"):
-                    return _streamed_text((await resp.read()).decode("utf-8", "replace"))
+                    return streamed_text((await resp.read()).decode("utf-8", "replace"))
                 answer = await resp.json(content_type=None)
             return str(answer["choices"][0]["message"]["content"] or "")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise RouterError(502, f"{type(exc).__name__}: {exc}") from exc
 
 
-def _streamed_text(sse: str) -> str:
+def streamed_text(sse: str) -> str:
     """The answer's text from a chat completion's server-sent events (the deltas of choice 0, in order).
 
     Raises:

@@ -7,6 +7,8 @@ import asyncio
 import httpx
 import pytest
 
+from serve.canary import streamed_text
+
 pytestmark = pytest.mark.vllm
 
 MODEL = "smollm2-135m-instruct"
@@ -60,9 +62,12 @@ async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, r
     async with httpx.AsyncClient(timeout=120) as c:
         direct = [await c.post(f"{w.url}/v1/chat/completions", json=canary, headers={"Authorization": f"Bearer {w.api_key}"})
                   for w in (trusted, joining, trusted)]
-    assert [r.status_code for r in direct] == [200, 200, 200], direct[0].text
+        streamed = [await c.post(f"{w.url}/v1/chat/completions", json={**canary, "stream": True},
+                                 headers={"Authorization": f"Bearer {w.api_key}"}) for w in (trusted, joining)]
+    assert [r.status_code for r in direct + streamed] == [200] * 5, direct[0].text
     texts = [r.json()["choices"][0]["message"]["content"] for r in direct]
     assert texts[0].strip() and texts[0] == texts[1] == texts[2]
+    assert [streamed_text(r.text) for r in streamed] == [texts[0]] * 2  # a streamed canary reads the same
     async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
         joined = await c.post("/admin/workers", json={"url": joining.url, "api_key": joining.api_key},
                               headers={"Authorization": f"Bearer {router.join_token}"})
