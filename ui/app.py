@@ -1,7 +1,8 @@
 """The console: one Gradio app with the Chat, Train, Federation, Fleet and Adapters tabs.
 
 `build_console(settings)` returns the `gr.Blocks`; `launch_console(settings)` serves it, with a login in front
-when it listens beyond the loopback interface (user `admin` with the router's admin token, or `ui.users`).
+when it listens beyond the loopback interface (user `admin` with the console password, `ui.admin_password` or
+`keys/console_password`, never the router's admin token; or `ui.users`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
 from appliance.core.secrets import same_secret
 from appliance.core.settings import ApplianceSettings
-from appliance.core.tls import check_server_files
+from appliance.core.tls import check_public_bind, check_server_files
 from ui.context import ConsoleContext
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ def needs_login(host: str) -> bool:
     return not is_loopback(host)
 
 
-def make_auth(admin_token: str, users: dict[str, str]) -> Callable[[str, str], bool]:
-    """A Gradio auth function: `admin` + the admin token, or a configured user and password (constant-time)."""
+def make_auth(admin_password: str, users: dict[str, str]) -> Callable[[str, str], bool]:
+    """A Gradio auth function: `admin` + the console password, or a configured user and password (constant-time)."""
 
     def check(username: str, password: str) -> bool:
-        if username == "admin" and same_secret(password, admin_token):
+        if username == "admin" and same_secret(password, admin_password):
             return True
         expected = users.get(username)
         return expected is not None and same_secret(password, expected)
@@ -69,13 +70,14 @@ def launch_console(settings: ApplianceSettings, *, host: str | None = None, port
 
     host = host or settings.ui.host
     port = settings.ui.port if port is None else port
+    check_public_bind("console", host, settings.ui.tls_cert is not None, settings.env, "ui")
     ctx = ConsoleContext.from_settings(settings)
     demo = build_console(settings, ctx)
     kwargs: dict[str, Any] = {}
     if needs_login(host):
         users = {u: p.get_secret_value() for u, p in settings.ui.users.items()}
-        kwargs["auth"] = make_auth(ctx.admin_token, users)
-        kwargs["auth_message"] = "Log in as admin with the admin token (printed by `appliance up`), or a configured user."
+        kwargs["auth"] = make_auth(ctx.login_password, users)
+        kwargs["auth_message"] = "Log in as admin with the console password (keys/console_password, shown by `appliance up`), or a configured user."
     if settings.ui.tls_cert is not None:
         check_server_files(settings.ui.tls_cert, settings.ui.tls_key)
         # ssl_verify only concerns Gradio's start-up probe of its own loopback URL, which a certificate made for the

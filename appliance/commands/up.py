@@ -13,6 +13,7 @@ from appliance.commands.common import cli_errors, console, err_console, settings
 from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
 from appliance.core.processes import stop_on_signals
 from appliance.core.secrets import ensure_token, masked
+from appliance.core.tokens import console_password, router_admin_token
 from appliance.core.settings import ApplianceSettings
 
 
@@ -42,7 +43,12 @@ def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_
     lines = ["", "FedLLM Appliance is up. Ctrl-C stops everything.", ""]
     lines += [f"  {c.name:<12} {c.url}" for c in children if c.url]
     where = "serve.admin_token" if settings.serve.admin_token else f"cat {settings.keys_dir / 'admin_token'}"
-    lines += ["", f"  admin token  {masked(admin_token)}   (the whole token: {where})", f"  logs         {settings.logs_dir}", ""]
+    lines += ["", f"  admin token  {masked(admin_token)}   (the whole token: {where})"]
+    if any(c.name == "console" for c in children):
+        password = console_password(settings)
+        shown = "ui.admin_password" if settings.ui.admin_password else f"cat {settings.keys_dir / 'console_password'}"
+        lines += [f"  console      user admin, password {masked(password)}   (the whole password: {shown})"]
+    lines += [f"  logs         {settings.logs_dir}", ""]
     if coordinator_key:
         lines += [f"  coordinator public key (for silos)  {coordinator_key}", ""]
     chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)
@@ -77,7 +83,7 @@ def up(
             err_console.print(f"[bold red]error:[/] `appliance up` already runs here (pid {running['pid']}); see `appliance status`")
             raise typer.Exit(code=1)
         model = _prepared_model(settings)
-        admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        admin_token = router_admin_token(settings)
         ensure_token(settings.keys_dir, "join_token", settings.serve.join_token)
         children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"),
                                        without=frozenset(without))
