@@ -37,3 +37,27 @@ def coordinator_status_token(settings: ApplianceSettings) -> str:
 def console_password(settings: ApplianceSettings) -> str:
     """The console's password for user `admin` (`ui.admin_password`, else `keys/console_password`)."""
     return ensure_token(settings.keys_dir, CONSOLE_PASSWORD_FILE, settings.ui.admin_password)
+
+LOGIN_LINK_FILE = "console_login_link"
+
+
+def issue_login_link(settings: ApplianceSettings) -> str:
+    """A new one-time console login token (replacing any earlier one), stored 0600 for the console to take at start.
+
+    `appliance up` prints it as a link (`/login-link#TOKEN`), so a newcomer logs in with one click; it opens the
+    console once, as user admin, and is gone from disk as soon as the console has started.
+    """
+    path = settings.keys_dir / LOGIN_LINK_FILE
+    path.unlink(missing_ok=True)
+    return ensure_token(settings.keys_dir, LOGIN_LINK_FILE)
+
+
+def take_login_link(settings: ApplianceSettings) -> str | None:
+    """The one-time login token `appliance up` left for this console, removed from disk (None when there is none)."""
+    path = settings.keys_dir / LOGIN_LINK_FILE
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    path.unlink(missing_ok=True)
+    return token or None

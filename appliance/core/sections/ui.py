@@ -11,6 +11,7 @@ class UISettings(ServesTLS):
     """Where the console listens, how it logs people in, and where it finds the services it fronts."""
 
     host: str = Field("127.0.0.1", description="Console bind address; beyond 127.0.0.1 a login is required.")
+    require_login: bool = Field(True, description="Ask for a login on loopback too (beyond loopback it is always asked); `appliance up` prints a one-time login link.")
     port: int = Field(7860, ge=0, le=65535, description="Console port.")
     router_url: str | None = Field(None, description="Router base URL; None = http://127.0.0.1:<serve.port>.")
     coordinator_url: str | None = Field(
