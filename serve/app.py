@@ -21,7 +21,8 @@ from starlette.responses import Response
 from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
 from appliance.core.secrets import ensure_token
-from appliance.core.tls import check_server_files, client_context
+from appliance.core.tls import check_public_bind, check_server_files, client_context
+from appliance.core.tokens import router_admin_token
 from serve.canary import CanaryChecker
 from serve.errors import RouterError
 from serve.forwarding import Forwarder
@@ -124,7 +125,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     app.state.canaries = canaries
     app.state.metrics = metrics
     app.state.forwarder = forwarder
-    app.state.admin_token = ensure_token(settings.keys_dir, "admin_token", cfg.admin_token)
+    app.state.admin_token = router_admin_token(settings)
     app.state.join_token = ensure_token(settings.keys_dir, "join_token", cfg.join_token)
     app.add_exception_handler(RouterError, _router_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -164,6 +165,7 @@ def run_router(settings: ApplianceSettings) -> None:
 
     cfg = settings.serve
     check_exposure(settings)
+    check_public_bind("router", cfg.host, cfg.tls_cert is not None, settings.env, "serve")
     tls: dict[str, str] = {}
     if cfg.tls_cert is not None:
         check_server_files(cfg.tls_cert, cfg.tls_key)

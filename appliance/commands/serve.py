@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from appliance.commands.common import cli_errors, console, settings_from
-from appliance.core.secrets import ensure_token
+from appliance.core.tokens import router_admin_token
 
 keys_app = typer.Typer(help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True)
 adapters_app = typer.Typer(help="Publish registry adapters on the router's workers.", no_args_is_help=True)
@@ -19,9 +19,9 @@ def _admin(ctx: typer.Context, router: Optional[str]):
     from appliance.core.tls import client_context
 
     settings = settings_from(ctx)
-    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+    token = router_admin_token(settings)
     url = router or router_url(settings.serve.host, settings.serve.port, settings.serve.scheme)
-    return settings, RouterClient(url, token, verify=client_context(settings.tls_ca_file))
+    return settings, RouterClient(url, token, verify=client_context(settings.tls_ca_file), allow_plain_http=settings.allow_plain_http)
 
 
 _ROUTER = typer.Option(None, "--router", help="Router URL (default: from settings, http://127.0.0.1:8000).")
