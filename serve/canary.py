@@ -8,7 +8,8 @@ sticks to its key and address until an operator clears it (serve/quarantine.py).
 A canary must not be recognisable. Its conversation is drawn from a pool (serve/canary_pool.py: a large built-in
 one, mixed with the operator's private `serve.canary_prompts_file`), with a system prompt or not, a random
 `max_tokens` (up to `serve.canary_max_tokens`) and a random `seed`, sent as the router sends user requests (same
-path, headers and JSON). It is sent at random times among real traffic, never as a burst on joining:
+headers and JSON), on the path and streaming of the user request that triggered it (serve/canary_shapes.py: chat,
+completions or responses). It is sent at random times among real traffic, never as a burst on joining:
 
 - each user request routed to a joined worker triggers a check of it with probability `serve.canary_rate`
   (`serve.canary_pending_rate` until it has passed `serve.canary_passes` checks), after a random delay of up to
@@ -37,6 +38,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from serve.canary_pool import CanaryPool, Messages
+from serve.canary_shapes import CHAT, PATHS, answer_text, build
 from serve.errors import RouterError
 
 if TYPE_CHECKING:
@@ -116,13 +118,14 @@ class CanaryChecker:
         worker.canary = "pending" if self.enabled else "off"
         self.review(worker)
 
-    def on_routed(self, worker: Worker) -> None:
-        """A user request is being sent to joined `worker`: maybe check it soon (serve.canary_rate)."""
+    def on_routed(self, worker: Worker, path: str = CHAT, stream: bool = False) -> None:
+        """A user request (on `path`, streamed or not) is being sent to joined `worker`: maybe check it soon, with a
+        canary of the same shape (serve.canary_rate)."""
         if not self.enabled or worker.quarantined:
             return
         rate = self.cfg.canary_rate if worker.canary == "passed" else self.cfg.canary_pending_rate
         if self._rng.random() < rate:
-            self.check_soon(worker)
+            self.check_soon(worker, path if path in PATHS else CHAT, stream)
 
     def review(self, worker: Worker) -> None:
         """Hold the models of `worker` that no trusted worker serves (unless serve.allow_unverified)."""
@@ -145,11 +148,13 @@ class CanaryChecker:
             self.book.clear(set(worker.addresses), worker.key_hash)
         logger.warning("worker %s (%s) cleared by the operator", worker.id, worker.url)
 
-    def check_soon(self, worker: Worker) -> None:
-        """Check `worker` in the background after a random delay (at most one check per worker at a time)."""
+    def check_soon(self, worker: Worker, path: str | None = None, stream: bool | None = None) -> None:
+        """Check `worker` in the background after a random delay (at most one check per worker at a time); canaries
+        on `path`, streamed or not (drawn when not given)."""
         running = self._checks.get(worker.id)
         if running is None or running.done():
-            self._checks[worker.id] = asyncio.create_task(self.check(worker, delay=True), name=f"canary-{worker.id}")
+            self._checks[worker.id] = asyncio.create_task(self.check(worker, delay=True, path=path, stream=stream),
+                                                          name=f"canary-{worker.id}")
 
     def quarantine(self, worker: Worker, reason: str) -> None:
         """Take `worker` out of traffic, and remember its key and addresses (serve/quarantine.py)."""
@@ -172,8 +177,9 @@ class CanaryChecker:
                 pairs.append((model, reference))
         return pairs
 
-    async def check(self, worker: Worker, *, delay: bool = False) -> bool:
-        """Ask `worker` and a trusted worker the same canaries; quarantine `worker` if they differ. Returns passed."""
+    async def check(self, worker: Worker, *, delay: bool = False, path: str | None = None, stream: bool | None = None) -> bool:
+        """Ask `worker` and a trusted worker the same canaries (on `path`, streamed or not; drawn when not given);
+        quarantine `worker` if they differ. Returns passed."""
         for _ in range(self.cfg.canary_prompts):
             if delay:
                 await asyncio.sleep(self._rng.uniform(0, self.cfg.canary_delay_s))
@@ -181,7 +187,7 @@ class CanaryChecker:
             if not pairs or worker.quarantined or worker.id not in self.registry.workers:
                 return not worker.quarantined
             model, reference = self._rng.choice(pairs)
-            body = self.request(model)
+            body = self.request(model, path=path, stream=stream)
             try:
                 expected = await self._ask(reference, body)
             except RouterError as exc:  # the reference failed: no verdict this time
@@ -202,51 +208,31 @@ class CanaryChecker:
             logger.info("worker %s passed %d canary checks", worker.id, worker.canary_passes)
         return True
 
-    def request(self, model: str, messages: Messages | None = None) -> dict[str, Any]:
-        """A canary request body: a drawn conversation, a random max_tokens and seed, temperature 0, streamed or not
-        (as user traffic is)."""
-        body: dict[str, Any] = {"model": model, "messages": messages or self.pool.draw(),
-                                "max_tokens": self._rng.randint(min(MIN_CANARY_TOKENS, self.cfg.canary_max_tokens), self.cfg.canary_max_tokens),
-                                "temperature": 0, "seed": self._rng.randrange(2**31)}
-        if self._rng.random() < 0.5:
-            body["stream"] = True
-        return body
+    def request(self, model: str, messages: Messages | None = None, *, path: str | None = None,
+                stream: bool | None = None) -> tuple[str, dict[str, Any]]:
+        """A canary: its path and body. A drawn conversation (or `messages`), a random max_tokens and seed,
+        temperature 0; on `path` and streamed or not as given (as the triggering user request was), else drawn."""
+        path = path or self._rng.choice(PATHS)
+        stream = self._rng.random() < 0.5 if stream is None else stream
+        max_tokens = self._rng.randint(min(MIN_CANARY_TOKENS, self.cfg.canary_max_tokens), self.cfg.canary_max_tokens)
+        return path, build(path, model, messages or self.pool.draw(), max_tokens, self._rng.randrange(2**31), stream)
 
-    async def _ask(self, worker: Worker, body: dict[str, Any]) -> str:
-        """One canary chat completion, sent as the router forwards user requests; returns the answer's text.
+    async def _ask(self, worker: Worker, canary: tuple[str, dict[str, Any]]) -> str:
+        """Send one canary as the router forwards user requests (same path, headers, JSON); returns the answer's text.
 
         Raises:
-            RouterError: the worker did not answer 200 with a chat completion.
+            RouterError: the worker did not answer 200 with an answer of the path's shape.
         """
         import aiohttp
 
+        path, body = canary
         data = json.dumps(body, separators=(",", ":") if self._rng.random() < 0.5 else None)
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s)
         try:
-            async with self.registry.session.post(f"{worker.url}/v1/chat/completions", data=data, headers=worker.headers,
-                                                  timeout=timeout) as resp:
+            async with self.registry.session.post(f"{worker.url}{path}", data=data, headers=worker.headers, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise RouterError(502, f"answered {resp.status}")
-                if body.get("stream"):
-                    return streamed_text((await resp.read()).decode("utf-8", "replace"))
-                answer = await resp.json(content_type=None)
-            return str(answer["choices"][0]["message"]["content"] or "")
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+                return answer_text(path, await resp.read(), bool(body.get("stream")))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise RouterError(502, f"{type(exc).__name__}: {exc}") from exc
 
-
-def streamed_text(sse: str) -> str:
-    """The answer's text from a chat completion's server-sent events (the deltas of choice 0, in order).
-
-    Raises:
-        ValueError: an event is not JSON.
-    """
-    pieces = []
-    for line in sse.splitlines():
-        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-            continue
-        event = json.loads(line[5:])
-        for choice in event.get("choices") or []:
-            if choice.get("index", 0) == 0:
-                pieces.append((choice.get("delta") or {}).get("content") or "")
-    return "".join(pieces)

@@ -153,7 +153,8 @@ class Forwarder:
         self._timeout: aiohttp.ClientTimeout | None = None
         self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         self.hedger = Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
-        self.on_routed: Callable[[Worker], None] | None = None  # told of each request sent to a joined worker (canaries)
+        # Told of each request sent to a joined worker, with its path and streaming (serve.canary).
+        self.on_routed: Callable[[Worker, str, bool], None] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -495,7 +496,7 @@ class Forwarder:
         try:
             try:
                 if not worker.static and self.on_routed is not None:  # a joined worker: maybe a canary check soon
-                    self.on_routed(worker)
+                    self.on_routed(worker, ctx.path, ctx.fields.stream)
                 resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self._timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from serve.canary import streamed_text
+from serve.canary_shapes import CHAT, PATHS, answer_text
 
 pytestmark = pytest.mark.vllm
 
@@ -54,20 +54,23 @@ async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, r
     trusted, joining = vllm_workers
     router = await router_factory([trusted.spec], request_timeout_s=120, canary_prompts=2, policy="round_robin",
                                   canary_interval_s=0.5, canary_delay_s=0)
-    # Real vLLM accepts the canary's shape (system prompt, seed, temperature 0, a drawn max_tokens), and two workers
-    # on the same weights answer it alike.
+    # Real vLLM accepts every canary shape (chat, completions, responses; streamed or not; system prompt, seed,
+    # temperature 0, a drawn max_tokens), and two workers on the same weights answer it alike.
     checker = router.app.state.canaries
-    canary = checker.request(MODEL, [{"role": "system", "content": "You are a concise assistant."},
-                                     {"role": "user", "content": "Name two benefits of regular exercise."}])
+    messages = [{"role": "system", "content": "You are a concise assistant."},
+                {"role": "user", "content": "Name two benefits of regular exercise."}]
+    texts: dict[tuple[str, bool], list[str]] = {}
     async with httpx.AsyncClient(timeout=120) as c:
-        direct = [await c.post(f"{w.url}/v1/chat/completions", json=canary, headers={"Authorization": f"Bearer {w.api_key}"})
-                  for w in (trusted, joining, trusted)]
-        streamed = [await c.post(f"{w.url}/v1/chat/completions", json={**canary, "stream": True},
-                                 headers={"Authorization": f"Bearer {w.api_key}"}) for w in (trusted, joining)]
-    assert [r.status_code for r in direct + streamed] == [200] * 5, direct[0].text
-    texts = [r.json()["choices"][0]["message"]["content"] for r in direct]
-    assert texts[0].strip() and texts[0] == texts[1] == texts[2]
-    assert [streamed_text(r.text) for r in streamed] == [texts[0]] * 2  # a streamed canary reads the same
+        for path in PATHS:
+            for stream in (False, True):
+                _, body = checker.request(MODEL, messages, path=path, stream=stream)
+                replies = [await c.post(f"{w.url}{path}", json=body, headers={"Authorization": f"Bearer {w.api_key}"})
+                           for w in (trusted, joining, trusted)]
+                assert [r.status_code for r in replies] == [200] * 3, (path, replies[0].text)
+                texts[path, stream] = [answer_text(path, r.content, stream) for r in replies]
+    for (path, stream), (first, other, again) in texts.items():
+        assert first.strip() and first == other == again, (path, stream, first, other, again)
+    assert texts[CHAT, True] == texts[CHAT, False]  # a streamed canary reads the same
     async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
         joined = await c.post("/admin/workers", json={"url": joining.url, "api_key": joining.api_key},
                               headers={"Authorization": f"Bearer {router.join_token}"})

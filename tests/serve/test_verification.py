@@ -208,6 +208,7 @@ def test_canaries_are_drawn_from_a_varied_pool_with_the_operators_own(tmp_path):
 
     from appliance.core.errors import ConfigError
     from serve.canary import CanaryChecker
+    from serve.canary_shapes import CHAT, COMPLETIONS, PATHS
     from tests.factories import make_settings
 
     private = tmp_path / "canaries.jsonl"
@@ -215,7 +216,7 @@ def test_canaries_are_drawn_from_a_varied_pool_with_the_operators_own(tmp_path):
                        '\n{"messages": [{"role": "user", "content": "private-2"}]}\n')
     cfg = make_settings(tmp_path, serve={"canary_prompts_file": str(private)}).serve
     checker = CanaryChecker(cfg, registry=None, rng=random.Random(7))
-    bodies = [checker.request("m") for _ in range(400)]
+    bodies = [checker.request("m", path=CHAT)[1] for _ in range(400)]
     users = [b["messages"][-1]["content"] for b in bodies]
     assert len(checker.pool) > 300 and len(set(users)) > 40
     assert not set(users) & OLD_CANARY_PROMPTS
@@ -224,7 +225,9 @@ def test_canaries_are_drawn_from_a_varied_pool_with_the_operators_own(tmp_path):
     assert any(b["messages"][0]["role"] == "user" for b in bodies)
     assert all(b["temperature"] == 0 and 8 <= b["max_tokens"] <= cfg.canary_max_tokens for b in bodies)
     assert len({b["max_tokens"] for b in bodies}) > 20 and len({b["seed"] for b in bodies}) == 400
-    assert 100 < sum(bool(b.get("stream")) for b in bodies) < 300  # streamed or not, as user traffic is
+    assert 100 < sum(bool(b.get("stream")) for b in bodies) < 300  # streamed or not, when no user request said
+    assert {checker.request("m")[0] for _ in range(100)} == set(PATHS)
+    assert checker.request("m", path=COMPLETIONS, stream=True)[0] == COMPLETIONS  # the triggering request's shape
     bad = tmp_path / "bad.jsonl"
     bad.write_text('[{"role": "user", "content": "ok"}]\n[{"role": "robot", "content": "x"}]\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl, line 2.*role"):
@@ -278,3 +281,18 @@ def test_a_damaged_quarantine_file_stops_the_router_from_starting(tmp_path):
     (settings.keys_dir / "quarantine.json").write_text('{"records": [{"adress": "x"}]}')
     with pytest.raises(DataError, match=r"quarantine.json is not a valid quarantine file.*remove it to clear"):
         create_app(settings)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_canary_shape_is_read_back_from_a_worker(fake_factory, stream):
+    from serve.canary_shapes import PATHS, answer_text, build
+
+    fake = fake_factory("m")
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi there"}]
+    async with httpx.AsyncClient(base_url=fake.url, timeout=10) as c:
+        replies = {path: await c.post(path, json=build(path, "m", messages, 3, 42, stream)) for path in PATHS}
+    texts = {path: " ".join(answer_text(path, r.content, stream).split()) for path, r in replies.items()}  # as same_answer
+    assert texts == {"/v1/chat/completions": "tok0 tok1 tok2", "/v1/completions": "tok0 tok1 tok2",
+                     "/v1/responses": "tok0 tok1 tok2 tok3"}  # responses: at least 16 tokens asked, the fake has 4
+    with pytest.raises(ValueError, match="not a /v1/chat/completions answer"):
+        answer_text("/v1/chat/completions", b'{"choices": []}', False)
