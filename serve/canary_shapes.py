@@ -19,8 +19,9 @@ MIN_OUTPUT_TOKENS = 16  # /v1/responses refuses a smaller max_output_tokens in O
 
 def build(path: str, model: str, messages: Messages, max_tokens: int, seed: int, stream: bool) -> dict[str, Any]:
     """The request body of a canary on `path` (temperature 0): `messages` as chat messages, as a completion prompt
-    (the system text, then `Question: ...` and `Answer: ...` turns ending in `Answer:`, so that a model continues
-    it), or as a response's instructions (the system message) and input.
+    (the texts of its turns without the system message, one paragraph each: an instruct model given a system line
+    and a finished question as raw text tends to stop at once), or as a response's instructions (the system message)
+    and input.
 
     Raises:
         ValueError: `path` is not one of PATHS.
@@ -28,9 +29,7 @@ def build(path: str, model: str, messages: Messages, max_tokens: int, seed: int,
     if path == CHAT:
         body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": seed}
     elif path == COMPLETIONS:
-        system = [m["content"] for m in messages if m["role"] == "system"]
-        turns = [f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}" for m in messages if m["role"] != "system"]
-        prompt = "\n\n".join([*system, *turns]) + "\nAnswer:"
+        prompt = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "seed": seed}
     elif path == RESPONSES:
         system = [m["content"] for m in messages if m["role"] == "system"]

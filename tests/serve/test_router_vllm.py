@@ -70,7 +70,8 @@ async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, r
                 texts[path, stream] = [answer_text(path, r.content, stream) for r in replies]
     for (path, stream), (first, other, again) in texts.items():
         assert first.strip() and first == other == again, (path, stream, first, other, again)
-    assert texts[CHAT, True] == texts[CHAT, False]  # a streamed canary reads the same
+    short, long = sorted([texts[CHAT, True][0], texts[CHAT, False][0]], key=len)
+    assert long.startswith(short)  # a streamed canary reads the same (cut at its own drawn max_tokens)
     async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
         joined = await c.post("/admin/workers", json={"url": joining.url, "api_key": joining.api_key},
                               headers={"Authorization": f"Bearer {router.join_token}"})
