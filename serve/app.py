@@ -91,6 +91,8 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
                     public=not is_loopback(cfg.host))
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
+    # A removed worker leaves nothing behind: metric series, hedging windows, load locks, its canary check.
+    registry.on_remove += [forwarder.forget_worker, placement.forget_worker, canaries.forget]
     worker_tls = client_context(settings.tls_ca_file)
 
     @contextlib.asynccontextmanager

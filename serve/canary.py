@@ -100,6 +100,12 @@ class CanaryChecker:
         worker.canary = "cleared"
         logger.warning("worker %s (%s) cleared by the operator", worker.id, worker.url)
 
+    def forget(self, worker: Worker) -> None:
+        """A worker was removed: drop (and stop) its check."""
+        task = self._checks.pop(worker.id, None)
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+
     def check_soon(self, worker: Worker) -> None:
         """Check `worker` in the background (at most one check per worker at a time)."""
         running = self._checks.get(worker.id)
