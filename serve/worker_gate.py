@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024  # far above any request the router forwards (serve.max_body_bytes: 1 MiB)
 IDLE_REUSE_S = 4.0  # an idle connection to vLLM older than this is not reused (uvicorn closes them after 5 s)
 MAX_IDLE = 256  # idle connections to vLLM kept for reuse
+MAX_HEAD_BYTES = 64 * 1024  # largest request line plus headers
 _SAFE_V1_PATH = re.compile(r"^/v1/[A-Za-z0-9_\-.:~/]*$")
 # Request headers not passed on (hop-by-hop, RFC 9110 7.6.1, and those the gate writes itself).
 _DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
@@ -245,6 +246,7 @@ class _Client(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0
         self.refusal: bytes | None = None
+        self.head_size = 0
 
     # -- the connection --
     def connection_made(self, transport) -> None:
@@ -284,8 +286,12 @@ class _Client(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
         lower = name.lower()
         if lower == b"authorization":
             self.auth = value
@@ -293,6 +299,8 @@ class _Client(asyncio.Protocol):
             self.headers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
+        if self.head_size > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
         self.refusal = self.gate.verdict(self.parser.get_method(), self.url, self.auth)
 
     def on_body(self, body: bytes) -> None:

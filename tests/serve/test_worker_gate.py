@@ -135,3 +135,9 @@ def test_health_says_503_when_the_model_server_is_gone(tmp_path):
         assert r.status_code == 502 and "nothing.sock" not in r.text
     finally:
         gate.stop()
+
+
+def test_an_oversized_request_head_is_refused(behind):
+    url, _ = behind
+    r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}", "x-pad": "a" * 70_000})
+    assert r.status_code == 400
