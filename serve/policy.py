@@ -131,7 +131,9 @@ def cost(c: Candidate, hints: RouteHints, target: str | None) -> float:
     """The score policy's cost of sending the request to `c` (lower is better)."""
     value = c.outstanding / c.capacity + c.ttft_ms / LATENCY_SCALE_MS
     if not in_region(c, hints.region):
-        value += REGION_PENALTY if c.ttft_ms == 0.0 else REGION_PENALTY_MEASURED
+        # A joined worker's region is a claim, no evidence either way: it always weighs as if measured, so that an
+        # unmeasured one is still tried (and measured) but never preferred to a placed worker of the client's region.
+        value += REGION_PENALTY if c.ttft_ms == 0.0 and c.placed else REGION_PENALTY_MEASURED
     if not c.resident:
         value += NOT_RESIDENT_PENALTY
     if target is not None and c.id == target:

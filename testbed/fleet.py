@@ -72,7 +72,8 @@ class GeoFleet:
         return ensure_token(self.home / "keys", "join_token")
 
     def _router_env(self) -> dict[str, str]:
-        env = {"APPLIANCE_HOME": str(self.home)}
+        # The bed's links are plain HTTP between simulated regions (no certificates): the operator's explicit opt-in.
+        env = {"APPLIANCE_HOME": str(self.home), "APPLIANCE_SERVE__ALLOW_PLAIN_HTTP_WORKERS": "true"}
         env.update({f"APPLIANCE_SERVE__{k.upper()}": str(v) for k, v in self.serve_env.items()})
         return env
 

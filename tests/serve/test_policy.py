@@ -117,5 +117,8 @@ def test_a_joined_workers_region_claim_is_not_routed_on_its_measured_latency_is(
     home = Candidate("static-eu", region="eu")
     for counter in range(4):
         assert score([fresh, home], RouteHints(region="eu"), counter)[0].id == "static-eu"
+    # A joined worker not measured yet is still tried before a measured, farther one (so that it gets measured).
+    far = Candidate("joined-measured", region="us", ttft_ms=80.0, placed=False)
+    assert score([far, fresh], RouteHints(region="eu"))[0].id == "joined-eu"
     # The same worker placed by the operator in eu keeps its region bonus.
     assert score([Candidate("placed-eu", region="eu", ttft_ms=100.0), placed], RouteHints(region="eu"))[0].id == "placed-eu"
