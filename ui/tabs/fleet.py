@@ -40,6 +40,7 @@ def build(ctx: ConsoleContext) -> None:
     with gr.Row():
         url = gr.Textbox(label="Worker URL", placeholder="http://10.0.0.5:8100", scale=3, elem_id="fleet-url")
         region = gr.Textbox(label="Region", value=ctx.settings.serve.region, scale=1)
+        key = gr.Textbox(label="Worker API key", type="password", scale=2, elem_id="fleet-key")
         add = gr.Button("Add worker", scale=1, elem_id="fleet-add")
     with gr.Row():
         worker_id = gr.Dropdown(label="Worker", choices=[], scale=3, elem_id="fleet-worker")
@@ -60,10 +61,12 @@ def build(ctx: ConsoleContext) -> None:
         return (note, summary_markdown(snap), worker_rows(rows), gr.Dropdown(choices=ids), *figures(history))
 
     @guarded(lambda msg: msg)
-    def on_add(worker_url: str, worker_region: str):
+    def on_add(worker_url: str, worker_region: str, worker_key: str):
         if not worker_url.strip().startswith(("http://", "https://")):
             return problem("The worker URL must start with http:// or https://")
-        wid = ctx.router.register_worker(worker_url.strip(), region=worker_region.strip() or "local")["id"]
+        if not worker_key.strip():
+            return problem("The worker's API key is needed: the router sends it on every call (the worker's gate refuses calls without it)")
+        wid = ctx.router.register_worker(worker_url.strip(), region=worker_region.strip() or "local", api_key=worker_key.strip())["id"]
         return f"Added worker `{wid}`."
 
     @guarded(lambda msg: msg)
@@ -76,6 +79,6 @@ def build(ctx: ConsoleContext) -> None:
     outputs = [status, metrics, workers, worker_id, rate_plot, ttft_plot]
     timer.tick(refresh, None, outputs, show_progress="hidden")
     refresh_btn.click(refresh, None, outputs)
-    add.click(on_add, [url, region], action).then(refresh, None, outputs)
+    add.click(on_add, [url, region, key], action).then(refresh, None, outputs)
     drain.click(on_drain, worker_id, action).then(refresh, None, outputs)
     ctx.on_load.append((refresh, [], outputs))
