@@ -41,6 +41,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # far above any request the router forwards (
 IDLE_REUSE_S = 4.0  # an idle connection to vLLM older than this is not reused (uvicorn closes them after 5 s)
 MAX_IDLE = 256  # idle connections to vLLM kept for reuse
 MAX_HEAD_BYTES = 64 * 1024  # largest request line plus headers
+CLIENT_IDLE_S = 75.0  # a caller's connection without a whole request for this long is closed (slow or idle callers)
 _SAFE_V1_PATH = re.compile(r"^/v1/[A-Za-z0-9_\-.:~/]*$")
 # Request headers not passed on (hop-by-hop, RFC 9110 7.6.1, and those the gate writes itself).
 _DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
@@ -80,9 +81,12 @@ class WorkerGate:
         upstream: where vLLM listens: `unix:/path/to/socket` or `http://127.0.0.1:PORT`.
         api_key: the worker's key; None only on a loopback worker without one (then paths are filtered, not callers).
         max_body_bytes: largest request body accepted.
+        client_idle_s: a caller's connection that sends no whole request for this long is closed (not while its
+            answer is being relayed).
     """
 
-    def __init__(self, upstream: str, api_key: str | None, *, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, upstream: str, api_key: str | None, *, max_body_bytes: int = MAX_BODY_BYTES,
+                 client_idle_s: float = CLIENT_IDLE_S):
         if upstream.startswith("unix:"):
             self._socket_path: str | None = upstream[len("unix:"):]
             self._address: tuple[str, int] | None = None
@@ -93,6 +97,7 @@ class WorkerGate:
             raise ValueError(f"the gate's upstream must be unix:PATH or http://HOST:PORT, not {upstream!r}")
         self._digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body = max_body_bytes
+        self.client_idle_s = client_idle_s
         self._idle: list[_Upstream] = []
         self._clients: set[_Client] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -237,7 +242,17 @@ class _Client(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.upstream: _Upstream | None = None
         self.busy = False
+        self._timer: asyncio.TimerHandle | None = None
         self._reset()
+
+    def _arm(self) -> None:
+        """Close the connection unless a whole request arrives within `client_idle_s`."""
+        self._timer = asyncio.get_running_loop().call_later(self.gate.client_idle_s, self.transport.close)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _reset(self) -> None:
         self.url = b""
@@ -252,6 +267,7 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.gate._clients.add(self)
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -264,6 +280,7 @@ class _Client(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
+        self._disarm()
         self.gate._clients.discard(self)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:  # the caller left mid-answer: vLLM sees the disconnect and aborts the request
@@ -313,10 +330,13 @@ class _Client(asyncio.Protocol):
                 self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self._disarm()
         if self.refusal is not None:
             self.transport.write(self.refusal)
             if not self.parser.should_keep_alive() or b"\r\nconnection: close\r\n" in self.refusal:
                 self.transport.close()
+            else:
+                self._arm()
             return
         self.busy = True
         self.keep_alive = self.parser.should_keep_alive()
@@ -359,6 +379,8 @@ class _Client(asyncio.Protocol):
         self.request = b""
         if not (upstream_keeps_alive and self.keep_alive):
             self.transport.close()
+        else:
+            self._arm()
 
     def upstream_lost(self, answered: bool) -> None:
         """vLLM's connection closed before the answer was complete."""
@@ -378,8 +400,8 @@ class _Client(asyncio.Protocol):
 class GateThread:
     """A `WorkerGate` serving in a daemon thread with its own event loop (uvloop when installed)."""
 
-    def __init__(self, upstream: str, api_key: str | None, host: str, port: int):
-        self.gate = WorkerGate(upstream, api_key)
+    def __init__(self, upstream: str, api_key: str | None, host: str, port: int, **options: Any):
+        self.gate = WorkerGate(upstream, api_key, **options)
         self.host, self.requested_port = host, port
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -141,3 +141,13 @@ def test_an_oversized_request_head_is_refused(behind):
     url, _ = behind
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}", "x-pad": "a" * 70_000})
     assert r.status_code == 400
+
+
+def test_a_caller_that_sends_no_request_is_disconnected(tmp_path):
+    gate = GateThread(f"unix:{tmp_path / 'nothing.sock'}", KEY, "127.0.0.1", 0, client_idle_s=0.2).start()
+    try:
+        with socket.create_connection(("127.0.0.1", gate.port), timeout=30) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+            assert conn.recv(1024) == b""  # closed by the gate, not by this test's timeout (that would raise)
+    finally:
+        gate.stop()
