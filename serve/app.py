@@ -95,6 +95,8 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
                     public=not is_loopback(cfg.host), require=cfg.require_keys)
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
     forwarder.on_routed = canaries.on_routed
+    # A removed worker leaves nothing behind: metric series, hedging windows, load locks, its canary check.
+    registry.on_remove += [forwarder.forget_worker, placement.forget_worker, canaries.forget]
     worker_tls = client_context(settings.tls_ca_file)
 
     @contextlib.asynccontextmanager

@@ -148,6 +148,12 @@ class CanaryChecker:
             self.book.clear(set(worker.addresses), worker.key_hash)
         logger.warning("worker %s (%s) cleared by the operator", worker.id, worker.url)
 
+    def forget(self, worker: Worker) -> None:
+        """A worker was removed: drop (and stop) its check."""
+        task = self._checks.pop(worker.id, None)
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+
     def check_soon(self, worker: Worker, path: str | None = None, stream: bool | None = None) -> None:
         """Check `worker` in the background after a random delay (at most one check per worker at a time); canaries
         on `path`, streamed or not (drawn when not given)."""

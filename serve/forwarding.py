@@ -367,7 +367,9 @@ class Forwarder:
         ctx.watch.disarm()
         self.metrics.error("upstream")
         self.metrics.requests.labels(ctx.path, ctx.model, "-", "502").inc()
-        raise RouterError(502, f"the request failed on {tried} worker(s) before any answer: {'; '.join(reasons)}")
+        # The reasons name workers' addresses and their errors: the router's log has them, the client does not.
+        logger.warning("%s for %s failed on %d worker(s) before any answer: %s", ctx.path, ctx.model, tried, "; ".join(reasons))
+        raise RouterError(502, f"the request failed on {tried} worker(s) before any answer; the router's log has the details")
 
     async def _race(self, ctx: RequestContext, workers: list[Worker]) -> None:
         """Forward with hedging (serve/hedging.py): the first worker in `workers` is asked; if its first byte is later
@@ -652,6 +654,14 @@ class Forwarder:
         self.metrics.client_aborts.labels(path).inc()
         self.metrics.requests.labels(path, model, worker_id, "499").inc()
         logger.info("client disconnected from %s (model %s, worker %s); aborted the upstream request", path, model, worker_id)
+
+    def forget_worker(self, worker: Worker) -> None:
+        """Drop the cached metric series and hedging windows of a removed worker."""
+        for key in [k for k in self._series if k[2] == worker.id]:
+            del self._series[key]
+        self.metrics.forget_worker(worker.id)
+        if self.hedger is not None:
+            self.hedger.forget(worker.id)
 
     def outstanding(self) -> None:
         """Copy each worker's in-flight count into the gauge (called when /metrics is scraped)."""

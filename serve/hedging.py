@@ -75,6 +75,11 @@ class Hedger:
             window = self.windows[key] = FirstByteWindow(self.percentile)
         window.add(seconds)
 
+    def forget(self, worker_id: str) -> None:
+        """Drop what was learned about a removed worker (keys whose first part is its id)."""
+        for key in [k for k in self.windows if isinstance(k, tuple) and k and k[0] == worker_id]:
+            del self.windows[key]
+
     def delay_s(self, key: Hashable) -> float | None:
         """How long to wait for the first byte of `key` before hedging; None: do not hedge (not learned yet)."""
         window = self.windows.get(key)

@@ -30,6 +30,17 @@ class RouterMetrics:
         self.adapter_loads = Counter(names.ADAPTER_LOADS, "Adapter loads on workers, by result.", ["result"], registry=r)
         self.workers_healthy = Gauge(names.WORKERS_HEALTHY, "Healthy workers.", registry=r)
 
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop every labelled series of a removed worker (requests, latency, time to first byte, outstanding), so
+        that workers coming and going do not grow the exposition without bound."""
+        for metric in (self.requests, self.latency, self.ttft, self.outstanding):
+            position = list(metric._labelnames).index("worker")
+            # prometheus_client has no "remove by one label": list the children (its own dict, under its lock).
+            with metric._lock:
+                stale = [values for values in metric._metrics if values[position] == worker_id]
+            for values in stale:
+                metric.remove(*values)
+
     def error(self, kind: str) -> None:
         """Count one error of `kind`."""
         self.errors.labels(kind).inc()

@@ -37,6 +37,10 @@ class NoRoom(UpstreamError):
     """A worker cannot load another adapter now: every resident one has requests in flight (try another worker)."""
 
 
+class LoadRefused(UpstreamError):
+    """A worker answered 4xx to loading an adapter (a path it cannot read, a rank too large): try another worker."""
+
+
 @dataclass
 class PublishedAdapter:
     """An adapter the router may place on workers."""
@@ -77,8 +81,10 @@ class AdapterPlacement:
         return [w for w in self.registry.workers.values() if name in w.adapters]
 
     def hosts(self, adapter: PublishedAdapter) -> list[Worker]:
-        """Routable workers that could load `adapter` (they serve its base model, or any if the base is unknown)."""
-        workers = [w for w in self.registry.workers.values() if w.routable]
+        """Routable trusted workers that could load `adapter`: static or local ones (joined ones too with
+        `serve.place_adapters_on_joined`) that serve its base model (any model if the base is unknown)."""
+        joined_ok = self.cfg.place_adapters_on_joined
+        workers = [w for w in self.registry.workers.values() if w.routable and (w.static or joined_ok)]
         if adapter.base_model:
             return [w for w in workers if adapter.base_model in w.models]
         return workers
@@ -161,6 +167,11 @@ class AdapterPlacement:
         """All published adapters with the workers holding them."""
         return [a.describe([w.id for w in self.holders(a.name)]) for a in self.published.values()]
 
+    def forget_worker(self, worker: Worker) -> None:
+        """Drop the load locks of a removed worker (a load in progress keeps its own reference)."""
+        for key in [k for k in self._locks if k[0] == worker.id]:
+            del self._locks[key]
+
     # -- on the request path --
     def _ranked(self, adapter: PublishedAdapter) -> list[Worker]:
         hosts = {w.id: w for w in self.hosts(adapter)}
@@ -171,8 +182,8 @@ class AdapterPlacement:
         """Make sure `worker` holds `adapter`, loading it (after an LRU unload if the worker is full).
 
         Raises:
-            UpstreamError: the worker failed (connection, timeout, 5xx): try another.
-            RouterError: the worker refused the adapter (4xx), e.g. a path it cannot read.
+            UpstreamError: the worker failed (connection, timeout, 5xx) or refused the adapter (4xx, `LoadRefused`,
+                e.g. a path it cannot read): try another.
         """
         lock = self._locks.setdefault((worker.id, adapter.name), asyncio.Lock())
         async with lock:
@@ -220,7 +231,8 @@ class AdapterPlacement:
         self.metrics.adapter_loads.labels("failed").inc()
         if status >= 500:
             raise UpstreamError(worker.id, f"load_lora_adapter answered {status}: {text[:300]}")
-        raise RouterError(400, f"worker {worker.id} refused adapter {adapter.name!r} ({status}): {text[:300]}")
+        logger.warning("worker %s refused adapter %s (%s): %s", worker.id, adapter.name, status, text[:300])
+        raise LoadRefused(worker.id, f"refused adapter {adapter.name!r} ({status}): {text[:300]}")
 
     async def _unload(self, worker: Worker, name: str) -> bool:
         """Unload `name` from `worker`; returns whether it is gone (a failure is logged)."""

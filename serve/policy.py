@@ -8,7 +8,8 @@ Policies (`settings.serve.policy`):
 - `round_robin`: rotate over eligible workers.
 - `least_outstanding`: fewest in-flight requests relative to capacity.
 - `score` (default): a cost per worker = load + latency + region mismatch + adapter not resident - affinity
-  (region mismatch weighs a full worker while the worker's latency is unmeasured, 50 ms of latency once it is),
+  (region mismatch weighs a full worker while the worker's latency is unmeasured, 50 ms of latency once it is;
+  only a worker the operator placed can match a region: a joined worker's region label is a claim),
   where affinity is consistent hashing with bounded load (Mirrokni et al., 2018): a request's affinity key
   (session, user, or prompt prefix) maps to a point on a hash ring, and the first worker clockwise whose load is
   below `load_factor` times the mean load gets the bonus, so one hot prefix spills over instead of piling up.
@@ -51,6 +52,13 @@ class Candidate:
     healthy: bool = True
     draining: bool = False
     resident: bool = True  # serves the requested model, or holds the requested adapter loaded
+    placed: bool = True  # the operator placed it (static or local): its region label is trusted; a joined one's is not
+
+
+def in_region(c: Candidate, region: str | None) -> bool:
+    """Whether `c` counts as in `region`: only a worker the operator placed is believed (a joined worker's region is
+    a claim, shown but not routed on; its measured latency says how near it is)."""
+    return region is None or (c.placed and c.region == region)
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,10 @@ def affinity_target(candidates: Sequence[Candidate], key: str, load_factor: floa
 def cost(c: Candidate, hints: RouteHints, target: str | None) -> float:
     """The score policy's cost of sending the request to `c` (lower is better)."""
     value = c.outstanding / c.capacity + c.ttft_ms / LATENCY_SCALE_MS
-    if hints.region is not None and c.region != hints.region:
-        value += REGION_PENALTY if c.ttft_ms == 0.0 else REGION_PENALTY_MEASURED
+    if not in_region(c, hints.region):
+        # A joined worker's region is a claim, no evidence either way: it always weighs as if measured, so that an
+        # unmeasured one is still tried (and measured) but never preferred to a placed worker of the client's region.
+        value += REGION_PENALTY if c.ttft_ms == 0.0 and c.placed else REGION_PENALTY_MEASURED
     if not c.resident:
         value += NOT_RESIDENT_PENALTY
     if target is not None and c.id == target:
@@ -143,7 +153,7 @@ def score(candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, 
         resident = [c for c in pool if c.resident] or pool
         fastest = min(c.ttft_ms for c in resident)
         near = [c for c in resident if c.ttft_ms - fastest <= NEAR_BAND_MS]
-        local = [c for c in near if hints.region is None or c.region == hints.region] or near
+        local = [c for c in near if in_region(c, hints.region)] or near
         target = affinity_target(local, hints.affinity_key, load_factor)
     n = len(pool)
     ranked = sorted((cost(c, hints, target), (i - counter) % n, c) for i, c in enumerate(pool))

@@ -13,13 +13,13 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from appliance.core.secrets import hash_secret, same_secret
 from serve.errors import RouterError
 from serve.policy import Candidate
 from serve.quarantine import QuarantineBook, addresses_of
-from serve.worker_address import normalised_address
+from serve.worker_address import WorkerAddress, is_own_address, local_hosts, normalised_address, parse_worker_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -87,7 +87,7 @@ class Worker:
     def candidate(self, resident: bool = True) -> Candidate:
         """The snapshot the policy sees."""
         return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy and self.routable,
-                         self.draining, resident)
+                         self.draining, resident, self.static)
 
     def begin(self, model: str) -> None:
         """A request for `model` starts on this worker (an adapter with requests in flight is never unloaded)."""
@@ -128,6 +128,8 @@ class WorkerRegistry:
         self._task: asyncio.Task | None = None
         self._probing: dict[str, asyncio.Task] = {}
         self.quarantine: QuarantineBook | None = None  # sticky quarantine records (set by the app)
+        self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (serve.app wires them)
+        self._local_hosts: frozenset[str] | None = None
 
     # -- membership --
     def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None) -> Worker:
@@ -139,20 +141,61 @@ class WorkerRegistry:
         logger.info("static worker %s: %s region=%s", worker.id, worker.url, region)
         return worker
 
+    def check_join(self, url: str, api_key: str | None, capacity: int | None) -> WorkerAddress:
+        """The join rules that need no network (docs/CONTRACTS.md, "Join rules"); returns the normalised address.
+
+        Raises:
+            RouterError: 400 a URL that is not scheme://host:port, no API key, plain HTTP beyond loopback (unless
+                `serve.allow_plain_http_workers`), the router's own address, a capacity over
+                `serve.max_worker_capacity`; 409 the fleet already has `serve.max_workers` workers.
+        """
+        try:
+            address = parse_worker_url(url)
+        except ValueError as exc:
+            raise RouterError(400, str(exc), param="url") from None
+        if not api_key:
+            raise RouterError(400, "a worker joins with its own API key (api_key): the router sends it on every call, "
+                                   "and the worker's gate refuses calls without it", param="api_key")
+        if address.scheme == "http" and not address.loopback and not self.cfg.allow_plain_http_workers:
+            raise RouterError(400, f"refusing plain http:// for the worker at {address.key}: its API key and every prompt "
+                                   "would cross the network in clear; serve it over https:// (tls_cert/tls_key) or set "
+                                   "serve.allow_plain_http_workers: true", param="url")
+        if self._is_own(address):
+            raise RouterError(400, f"{address.key} is this router's own address; a worker must be another server", param="url")
+        if capacity is not None and capacity > self.cfg.max_worker_capacity:
+            raise RouterError(400, f"capacity {capacity} is over this router's ceiling of {self.cfg.max_worker_capacity} "
+                                   "(serve.max_worker_capacity)", param="capacity")
+        replacing = any(_address_key(w.url) == address.key for w in self.workers.values())
+        if not replacing and len(self.workers) >= self.cfg.max_workers:
+            raise RouterError(409, f"the fleet is full: {len(self.workers)} workers (serve.max_workers); "
+                                   "remove one or raise the limit")
+        return address
+
+    def _is_own(self, address: WorkerAddress) -> bool:
+        if self._local_hosts is None:
+            self._local_hosts = local_hosts()
+        return is_own_address(address, self.cfg.host, self.cfg.port, self._local_hosts)
+
     async def join(self, url: str, *, region: str = "local", models: Iterable[str] = (), capacity: int | None = None,
                    api_key: str | None = None) -> tuple[Worker, str]:
         """Admit a worker that registered itself, after reading what it serves; returns it and its new secret.
 
-        Its models are those its `/v1/models` lists; every declared one must be among them, and its list is fixed
-        from now on (the declared ones, else those listed now). Joining again under the address of a joined worker
-        replaces that entry but keeps its draining mark. A quarantined worker (by address or API key) cannot join.
+        The join rules (`check_join`) come first. Its models are those its `/v1/models` lists; every declared one must
+        be among them, and its list is fixed from now on (the declared ones, else those listed now). Joining again
+        under any spelling of the address of a joined worker replaces that entry but keeps its draining and quarantine
+        marks. A quarantined worker (by address or API key) cannot join. No answer of the worker is echoed to the
+        caller (it is logged).
 
         Raises:
-            RouterError: 400 the worker does not serve a declared model or lists none, or the URL is invalid; 403 it
-                is quarantined (serve/quarantine.py); 409 the URL is a static worker; 502 its `/v1/models` could not
+            RouterError: see `check_join`; 400 the worker does not serve a declared model or lists none; 403 it is
+                quarantined (serve/quarantine.py); 409 the address is a static worker; 502 its `/v1/models` could not
                 be read (unreachable, wrong API key).
         """
-        url = url.rstrip("/")
+        address = self.check_join(url, api_key, capacity)
+        url = address.url
+        previous = next((w for w in self.workers.values() if w.address == address.key or _address_key(w.url) == address.key), None)
+        if previous is not None and previous.static:
+            raise RouterError(409, f"{address.key} is the static worker {previous.id} (serve.workers); it cannot join")
         headers = upstream_headers(api_key)
         try:
             addresses = await addresses_of(url)
@@ -167,22 +210,21 @@ class WorkerRegistry:
         try:
             listing = await self._fetch_models(url, headers)
         except RouterError as exc:
-            raise RouterError(502, f"cannot verify the worker at {url}: {exc.message}") from exc
+            logger.warning("join of %s refused: %s", url, exc.message)
+            raise RouterError(502, f"cannot verify the worker at {address.key}: its GET /v1/models did not answer a model "
+                                   "list with the API key given (is it running, and is this its key?)") from exc
         seen = {card["id"] for card in _cards(listing) if not card.get("parent")}
         declared = tuple(models)
         missing = [m for m in declared if m not in seen]
         if missing or not seen:
-            raise RouterError(400, f"the worker at {url} does not serve {', '.join(missing) or 'any model'}: its /v1/models lists "
-                                   f"{', '.join(sorted(seen)) or 'nothing'}", param="models")
-        address = normalised_address(url)
-        previous = next((w for w in self.workers.values() if w.url == url or w.address == address), None)
-        if previous is not None and previous.static:
-            raise RouterError(409, f"{url} is the static worker {previous.id} (serve.workers); it cannot join")
+            logger.warning("join of %s refused: declared %s, its /v1/models lists %s", url, declared, sorted(seen))
+            raise RouterError(400, f"the worker at {address.key} does not serve "
+                                   f"{', '.join(missing) if missing else 'any model'} (its /v1/models)", param="models")
         secret = secrets.token_urlsafe(32)
         # Its model list is fixed here: what it declared, else what it lists now (a change needs a new join).
         worker = Worker(new_worker_id(), url, region, capacity or self.cfg.worker_capacity,
                         declared_models=declared or tuple(sorted(seen)), secret_hash=hash_secret(secret), headers=headers,
-                        address=address, addresses=frozenset(addresses), key_hash=key_hash)
+                        address=address.key, addresses=frozenset(addresses), key_hash=key_hash)
         if previous is not None:  # a worker cannot shed its marks by joining again
             worker.draining, worker.quarantined = previous.draining, previous.quarantined
             worker.canary = "failed" if previous.quarantined else worker.canary
@@ -193,9 +235,15 @@ class WorkerRegistry:
         return worker, secret
 
     def remove(self, worker_id: str) -> Worker | None:
-        """Forget a worker; returns it, or None if unknown."""
+        """Forget a worker and every piece of state kept for it (its probe, then each `on_remove` hook: metrics
+        series, locks, latency tables); returns it, or None if unknown."""
         worker = self.workers.pop(worker_id, None)
         if worker is not None:
+            probe = self._probing.pop(worker_id, None)
+            if probe is not None and not probe.done() and probe is not asyncio.current_task():
+                probe.cancel()
+            for forget in self.on_remove:
+                forget(worker)
             logger.info("worker %s removed: %s", worker_id, worker.url)
         return worker
 
@@ -311,6 +359,14 @@ class WorkerRegistry:
             if silent > self.cfg.worker_expiry_s:
                 logger.warning("worker %s (%s) removed after %.0f s unhealthy", worker.id, worker.url, silent)
                 self.remove(worker.id)
+
+
+def _address_key(url: str) -> str:
+    """The normalised host:port of a worker's URL (the URL itself for a static one that is not scheme://host:port)."""
+    try:
+        return normalised_address(url)
+    except ValueError:
+        return url
 
 
 def _cards(listing: dict[str, Any]) -> list[dict[str, Any]]:

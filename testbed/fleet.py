@@ -73,8 +73,10 @@ class GeoFleet:
 
     def _router_env(self) -> dict[str, str]:
         # Every worker of this fleet joins and no trusted (static) worker serves their model, so nothing could check
-        # them: the test bed allows unverified models (serve.allow_unverified) unless serve_env says otherwise.
-        env = {"APPLIANCE_HOME": str(self.home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"}
+        # them: the test bed allows unverified models (serve.allow_unverified) unless serve_env says otherwise. Its
+        # links are plain HTTP between simulated regions (no certificates): the operator's explicit opt-in.
+        env = {"APPLIANCE_HOME": str(self.home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true",
+               "APPLIANCE_SERVE__ALLOW_PLAIN_HTTP_WORKERS": "true"}
         env.update({f"APPLIANCE_SERVE__{k.upper()}": str(v) for k, v in self.serve_env.items()})
         return env
 

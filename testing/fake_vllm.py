@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="A fast fake OpenAI backend for tests and benchmarks.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uds", default=None, help="Listen on this Unix socket instead of host:port (as vLLM's --uds).")
     parser.add_argument("--model", default="fake")
     parser.add_argument("--name", default=None, help="Label returned as served_by / x-served-by (default host:port).")
     parser.add_argument("--chunks", type=int, default=4, help="Tokens per answer (stream chunks).")
@@ -452,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         die_after=args.die_after, forge=args.forge, first_byte_delay_s=args.first_byte_delay_s,
         first_byte_delay_fraction=args.first_byte_delay_fraction, seed=args.seed, api_key=os.environ.get("VLLM_API_KEY") or None,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on")
+    where = {"uds": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    uvicorn.run(app, **where, log_level="warning", access_log=False, lifespan="on")
 
 
 if __name__ == "__main__":

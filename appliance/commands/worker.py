@@ -111,7 +111,8 @@ def join(
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
         token = read_secret(token_file, "APPLIANCE_JOIN_TOKEN", "router's join token", required=True)
-        api_key = read_secret(api_key_file, "VLLM_API_KEY", "worker API key", required=False) if url else secrets.token_urlsafe(32)
+        # The router refuses a worker without a key (its gate would answer anyone): a running one must have one.
+        api_key = read_secret(api_key_file, "VLLM_API_KEY", "worker API key", required=True) if url else secrets.token_urlsafe(32)
         stop = stop_on_signals()
         worker = None if url else _worker(settings, model, port, host, api_key).start()
         if worker is not None:

@@ -200,9 +200,18 @@ class RouterClient(ServiceClient):
             timeout_s: timeout of the call (loading on a worker can take a while).
 
         Returns:
-            The router's answer (`{"name", "aliases", "workers"}`).
+            The router's answer (`{"name", "aliases", "workers"}`). The version's base model goes along, so the
+            router loads it only on workers of that model.
         """
-        return self.publish(version.served_name, str(path or version.path), [latest_alias(version.name)], timeout_s=timeout_s)
+        return self.publish(version.served_name, str(path or version.path), [latest_alias(version.name)],
+                            base_model=served_base_model(version), timeout_s=timeout_s)
+
+
+def served_base_model(version: AdapterVersion) -> str | None:
+    """The name workers serve a version's base model under (its folder's or store name's last part, as `appliance
+    worker` names it), from the version's `base_model` meta; None when the version does not say."""
+    base = version.meta.get("base_model")
+    return Path(str(base)).name or None if base else None
 
 
 def router_url(host: str, port: int, scheme: str = "http") -> str:

@@ -24,11 +24,11 @@ router = APIRouter(prefix="/admin")
 class WorkerRegistration(BaseModel):
     """`POST /admin/workers`."""
 
-    url: str = Field(..., description="Base URL of the worker's OpenAI server.")
-    region: str = "local"
+    url: str = Field(..., max_length=512, description="The worker's address, scheme://host:port (no path, query or user info).")
+    region: str = Field("local", max_length=64, description="Its region claim: shown, not routed on (measured latency is).")
     models: list[str] = Field(default_factory=list, description="Models it serves; each must be in its /v1/models.")
     capacity: int | None = Field(None, ge=1)
-    api_key: str | None = Field(None, min_length=16, description="The worker's own API key; the router sends it on every call.")
+    api_key: str | None = Field(None, min_length=16, description="The worker's own API key (required); the router sends it on every call.")
 
 
 class AdapterPublication(BaseModel):
@@ -50,8 +50,6 @@ def _worker(request: Request, worker_id: str):
 @router.post("/workers", dependencies=[Depends(require_admin_or_join)])
 async def register_worker(body: Annotated[WorkerRegistration, Depends(json_body(WorkerRegistration))], request: Request) -> dict[str, Any]:
     """Admit a worker after reading its `/v1/models`; answers its id and its own secret (shown only here)."""
-    if not body.url.startswith(("http://", "https://")):
-        raise RouterError(400, f"worker url {body.url!r} must start with http:// or https://", param="url")
     state = request.app.state
     worker, secret = await state.registry.join(body.url, region=body.region, models=body.models, capacity=body.capacity,
                                                api_key=body.api_key)

@@ -45,3 +45,11 @@ def test_worker_start_refuses_a_public_bind_without_an_api_key(tmp_path):
     result = CliRunner().invoke(app, ["--home", str(tmp_path), "worker", "start", "--host", "0.0.0.0", "--port", "1"],
                                 env={"VLLM_API_KEY": ""})
     assert result.exit_code == 2 and "without an API key" in " ".join(result.output.split())
+
+
+def test_worker_join_of_a_running_worker_needs_its_api_key(tmp_path):
+    # The router refuses a worker without a key: joining a running one without it fails here, before any call.
+    result = CliRunner().invoke(app, ["--home", str(tmp_path), "worker", "join", "--router", "http://127.0.0.1:1",
+                                      "--url", "http://127.0.0.1:1"],
+                                env={"APPLIANCE_JOIN_TOKEN": "join-token-0123456789", "VLLM_API_KEY": ""})
+    assert result.exit_code == 2 and "worker API key is needed" in result.output

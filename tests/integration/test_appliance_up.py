@@ -115,12 +115,15 @@ def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
     admin = {"Authorization": f"Bearer {ensure_token(home / 'keys', 'admin_token')}"}
     router_port, backend_port = free_port(), free_port()
     router_url, backend_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{backend_port}"
+    worker_key = {"VLLM_API_KEY": "joined-worker-key-0123456789"}  # a running worker joins with its key (the router requires one)
     procs = [
         # The joiner is the only worker: nothing can check its model, so the router is told to allow that.
         subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(router_port)], cwd=REPO,
                          env={**env, "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"}),
-        subprocess.Popen([sys.executable, "-m", "testing.fake_vllm", "--port", str(backend_port), "--model", "joined-model"], cwd=REPO, env=env),
+        subprocess.Popen([sys.executable, "-m", "testing.fake_vllm", "--port", str(backend_port), "--model", "joined-model"], cwd=REPO,
+                         env={**env, **worker_key}),
     ]
+    env = {**env, **worker_key}
     try:
         for url in (f"{router_url}/health", f"{backend_url}/health"):
             wait_until(lambda: _get(url) is not None, 60, 0.1, what=url)

@@ -113,11 +113,11 @@ async def router_factory(tmp_path):
 
     async def make(workers=(), *, home=None, tls_ca_file=None, **serve_overrides) -> RunningRouter:
         specs = [{"url": w if isinstance(w, str) else w.url, "region": "local"} if not isinstance(w, dict) else w for w in workers]
-        overrides = {"workers": specs, "health_interval_s": 0.5, "retry_backoff_s": 0.01, **serve_overrides}
+        port = free_port()
+        overrides = {"workers": specs, "health_interval_s": 0.5, "retry_backoff_s": 0.01, "port": port, **serve_overrides}
         top = {"tls_ca_file": str(tls_ca_file)} if tls_ca_file else {}
         settings = make_settings(home or tmp_path / f"home{len(servers)}", serve=overrides, **top)
         app = create_app(settings)
-        port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
         task = asyncio.create_task(server.serve())
         servers.append((server, task))

@@ -41,7 +41,7 @@ async def test_a_bounded_body_with_the_token_still_works_and_bad_ones_are_400(fa
     router = await router_factory([], home=tmp_path / "h")
     fake = fake_factory("m")
     async with httpx.AsyncClient(base_url=router.url, headers=router.admin_headers()) as c:
-        r = await c.post("/admin/workers", json={"url": fake.url, "region": "eu"})
+        r = await c.post("/admin/workers", json={"url": fake.url, "region": "eu", "api_key": "any-key-the-fake-accepts-0123"})
         assert r.status_code == 200, r.text
         r = await c.post("/admin/workers", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from serve.policy import Candidate, RouteHints, affinity_target, rank
+from serve.policy import Candidate, RouteHints, affinity_target, rank, score
 
 
 def _workers(n: int, **kw) -> list[Candidate]:
@@ -105,3 +105,20 @@ def test_affinity_sticks_while_under_the_bound():
 def test_unknown_policy_raises():
     with pytest.raises(ValueError, match="unknown routing policy"):
         rank("random", _workers(2), RouteHints())
+
+
+def test_a_joined_workers_region_claim_is_not_routed_on_its_measured_latency_is():
+    # The client is in eu. A joined worker claims eu but measures 100 ms; a placed worker in us measures 60 ms.
+    claimed = Candidate("joined-eu", region="eu", ttft_ms=100.0, placed=False)
+    placed = Candidate("static-us", region="us", ttft_ms=60.0)
+    assert [c.id for c in score([claimed, placed], RouteHints(region="eu"))] == ["static-us", "joined-eu"]
+    # Unmeasured, a claim alone does not beat a placed worker of the client's region either (nor tie with it).
+    fresh = Candidate("joined-eu", region="eu", placed=False)
+    home = Candidate("static-eu", region="eu")
+    for counter in range(4):
+        assert score([fresh, home], RouteHints(region="eu"), counter)[0].id == "static-eu"
+    # A joined worker not measured yet is still tried before a measured, farther one (so that it gets measured).
+    far = Candidate("joined-measured", region="us", ttft_ms=80.0, placed=False)
+    assert score([far, fresh], RouteHints(region="eu"))[0].id == "joined-eu"
+    # The same worker placed by the operator in eu keeps its region bonus.
+    assert score([Candidate("placed-eu", region="eu", ttft_ms=100.0), placed], RouteHints(region="eu"))[0].id == "placed-eu"

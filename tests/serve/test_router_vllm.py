@@ -86,3 +86,76 @@ async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, r
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
         served = [(await c.post("/v1/chat/completions", json=body)).status_code for _ in range(2)]
         assert served == [200, 200]
+
+
+def _listening_tcp(pids: set[int]) -> set[tuple[str, int]]:
+    """The TCP (v4 and v6) addresses the processes `pids` listen on (Linux /proc)."""
+    import ipaddress
+    import os
+
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw_ip, raw_port = fields[1].split(":")
+            packed = bytes.fromhex(raw_ip)
+            packed = b"".join(packed[i:i + 4][::-1] for i in range(0, width, 4))  # /proc prints 32-bit words host-endian
+            found.add((str(ipaddress.ip_address(packed)), int(raw_port, 16)))
+    return found
+
+
+def _process_tree(root: int) -> set[int]:
+    import os
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+async def test_a_real_worker_answers_only_v1_with_its_key_and_vllm_is_not_reachable(vllm_workers, router_factory, embedded_lora_dir):
+    # A worker as `appliance worker start` runs it (VLLMWorker: vLLM on a private socket, the gate on the worker's
+    # address), reached directly at its advertised host:port.
+    worker = vllm_workers[0]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+    lora = {"name": "swapped", "src": str(embedded_lora_dir)}
+    keyed = {"Authorization": f"Bearer {worker.api_key}"}
+    async with httpx.AsyncClient(base_url=worker.url, timeout=120) as c:
+        assert (await c.post("/v1/chat/completions", json=chat)).status_code == 401
+        for headers in ({}, keyed):  # the rest of vLLM's routes answer nobody, key or not
+            assert (await c.post("/invocations", json=chat, headers=headers)).status_code == 404
+            assert (await c.post("/adapters", json=lora, headers=headers)).status_code == 404
+            assert (await c.delete("/adapters/swapped", headers=headers)).status_code == 404
+            assert (await c.get("/metrics", headers=headers)).status_code == 404
+        assert (await c.post("/v1/chat/completions", json=chat, headers=keyed)).status_code == 200
+    # vLLM's own processes listen on loopback only (its HTTP server on a Unix socket, not on any port).
+    vllm_listens = _listening_tcp(_process_tree(worker.pid))
+    assert all(ip in ("127.0.0.1", "::1") for ip, _ in vllm_listens), vllm_listens
+    assert worker.port not in {port for _, port in vllm_listens}
+    assert "--uds" in worker.argv and "--port" not in worker.argv
+    # The router, with the key, is served.
+    router = await router_factory([worker.spec], request_timeout_s=120)
+    async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
+        assert (await c.post("/v1/chat/completions", json=chat)).status_code == 200

@@ -80,7 +80,8 @@ async def test_admin_needs_token_and_join_token_registers_a_worker(fake_factory,
         assert (await c.get("/admin/workers")).status_code == 401
         join = {"Authorization": f"Bearer {router.join_token}"}
         assert (await c.get("/admin/workers", headers=join)).status_code == 401  # the join token is not admin
-        r = await c.post("/admin/workers", json={"url": fake.url, "region": "eu-west", "capacity": 4}, headers=join)
+        r = await c.post("/admin/workers", json={"url": fake.url, "region": "eu-west", "capacity": 4,
+                                                 "api_key": "any-key-the-fake-accepts-0123"}, headers=join)
         assert r.status_code == 200 and r.json()["healthy"] is True
         wid, own = r.json()["id"], {"Authorization": f"Bearer {r.json()['secret']}"}
         assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == ["joined-model"]

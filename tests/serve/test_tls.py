@@ -56,11 +56,14 @@ def _stop(proc: subprocess.Popen) -> str:
     return proc.stdout.read() if proc.stdout else ""
 
 
+WORKER_KEY = "tls-test-worker-key-0123456789"
+
+
 def test_router_over_https_a_worker_joins_and_clients_without_the_ca_are_refused(fake_factory, tmp_path):
     pki = make_pki(tmp_path / "pki")
     stranger = make_pki(tmp_path / "other", name="other")  # a CA that did not sign the router's certificate
     trust = client_context(pki.ca)
-    fake = fake_factory("m")
+    fake = fake_factory("m", api_key=WORKER_KEY)
     home = tmp_path / "router-home"
     port = free_port()
     # No trusted worker serves the joiner's model: allowed here (serve.allow_unverified), as this test is about TLS.
@@ -76,7 +79,8 @@ def test_router_over_https_a_worker_joins_and_clients_without_the_ca_are_refused
 
         # A worker joins over HTTPS, trusting the private CA (tls_ca_file); the token is never on its command line.
         joined = _appliance("worker", "join", "--router", url, "--url", fake.url, "--region", "eu", "--heartbeat-s", "0.5",
-                            env=_env(tmp_path / "worker-home", APPLIANCE_JOIN_TOKEN=join_token, APPLIANCE_TLS_CA_FILE=str(pki.ca)))
+                            env=_env(tmp_path / "worker-home", APPLIANCE_JOIN_TOKEN=join_token, APPLIANCE_TLS_CA_FILE=str(pki.ca),
+                                     VLLM_API_KEY=WORKER_KEY))
         deadline = time.monotonic() + 60
         rows: list = []
         while time.monotonic() < deadline and not rows:
@@ -93,7 +97,7 @@ def test_router_over_https_a_worker_joins_and_clients_without_the_ca_are_refused
                 httpx.get(f"{url}/health", verify=verify, timeout=5)
         for extra in ({}, {"APPLIANCE_TLS_CA_FILE": str(stranger.ca)}):
             refused = _appliance("worker", "join", "--router", url, "--url", fake.url,
-                                 env=_env(tmp_path / "stranger-home", APPLIANCE_JOIN_TOKEN=join_token, **extra))
+                                 env=_env(tmp_path / "stranger-home", APPLIANCE_JOIN_TOKEN=join_token, VLLM_API_KEY=WORKER_KEY, **extra))
             out, _ = refused.communicate(timeout=60)
             assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in out.replace("\n", ""), out
         assert len(httpx.get(f"{url}/admin/workers", headers=admin, verify=trust, timeout=5).json()) == 1

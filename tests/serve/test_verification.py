@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from serve.canary import requests_to_catch
+from serve.worker_address import normalised_address
 from tests.factories import REPO, free_port
 from tests.serve.conftest import wait_http
 from testing.hostile_worker import OLD_CANARY_PROMPTS
@@ -62,6 +63,9 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 async def _join(c: httpx.AsyncClient, router, url: str, **body) -> httpx.Response:
+    """Join `url` with the join token and a worker API key of its own (a join needs one; a fake started without a key
+    takes any; the quarantine knows a worker by its key too, so each address gets its own)."""
+    body.setdefault("api_key", f"worker-key-{normalised_address(url)}")
     return await c.post("/admin/workers", json={"url": url, **body}, headers=_bearer(router.join_token))
 
 
@@ -165,7 +169,9 @@ async def test_the_operator_clears_by_worker_id_or_by_address_from_the_cli(fake_
 
     trusted = fake_factory("m")
     home = tmp_path / "router-home"
-    router = await router_factory([trusted], home=home, canary_pending_rate=1.0, canary_delay_s=0, canary_interval_s=1e9)
+    # round robin: the liars get traffic (the score policy prefers the measured, trusted worker of the client's region)
+    router = await router_factory([trusted], home=home, policy="round_robin", canary_pending_rate=1.0, canary_delay_s=0,
+                                  canary_interval_s=1e9)
     liars = [fake_factory("m", "--forge", "forged") for _ in range(2)]
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
         ids = [(await _join(c, router, liar.url)).json()["id"] for liar in liars]

@@ -27,9 +27,12 @@ FAKE_SERVICE = REPO / "tests" / "appliance" / "fake_service.py"
 
 
 def _fake_worker(tmp_path: Path, *extra: str, model: str = "m") -> VLLMWorker:
-    """A VLLMWorker whose command is the tiny fake service instead of vLLM (same readiness protocol)."""
+    """A VLLMWorker whose command is the tiny fake service instead of vLLM (same readiness protocol), behind the
+    worker's gate like vLLM (on a private loopback port instead of vLLM's socket)."""
     worker = VLLMWorker(WorkerSettings(startup_timeout_s=20), tmp_path, model, free_port(), tmp_path / "logs")
-    worker.argv = [sys.executable, str(FAKE_SERVICE), "--port", str(worker.port), "--model", model, *extra]
+    private = free_port()
+    worker.upstream = f"http://127.0.0.1:{private}"
+    worker.argv = [sys.executable, str(FAKE_SERVICE), "--port", str(private), "--model", model, *extra]
     return worker
 
 
@@ -42,6 +45,7 @@ def test_cpu_command_enables_lora_without_gpu_flags():
     flags = dict(zip(argv[3::1], argv[4::1]))
     assert flags["--model"] == "/models/m" and flags["--served-model-name"] == "m"
     assert flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
+    assert "--uds" not in argv
     assert flags["--max-model-len"] == "1024" and flags["--max-lora-rank"] == "8" and flags["--max-loras"] == "3"
     assert "--enable-lora" in argv
     assert "--tensor-parallel-size" not in argv and "--gpu-memory-utilization" not in argv

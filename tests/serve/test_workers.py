@@ -28,7 +28,7 @@ async def test_registration_heartbeats_and_deregisters(fake_factory, router_fact
     # Arrange: a router with no worker, and a fake worker joining it with the join token.
     router = await router_factory()
     fake = fake_factory("m")
-    membership = RouterRegistration(RouterClient(router.url), router.join_token, fake.url, "eu", ["m"])
+    membership = RouterRegistration(RouterClient(router.url), router.join_token, fake.url, "eu", ["m"], api_key=ANY_KEY)
 
     # Act
     worker_id = await asyncio.to_thread(membership.register)
@@ -68,8 +68,11 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+ANY_KEY = "any-key-the-fake-accepts-0123"  # a fake started without a key of its own accepts any
+
+
 async def _join(c: httpx.AsyncClient, router, url: str, **body) -> httpx.Response:
-    return await c.post("/admin/workers", json={"url": url, **body}, headers=_bearer(router.join_token))
+    return await c.post("/admin/workers", json={"url": url, "api_key": ANY_KEY, **body}, headers=_bearer(router.join_token))
 
 
 async def test_the_join_token_only_registers_and_each_worker_holds_its_own_secret(fake_factory, router_factory):
@@ -159,7 +162,8 @@ async def test_the_router_sends_each_worker_its_own_api_key(fake_factory, router
     adapter.mkdir()
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
         # Act
-        keyless = await _join(c, router, joining.url)
+        keyless = await _join(c, router, joining.url, api_key=None)
+        wrong = await _join(c, router, joining.url, api_key="not-the-worker-key-0123456789")
         joined = await _join(c, router, joining.url, api_key="joined-worker-key-0123456789")
         verdict = await _canary_verdict(router, joined.json()["id"])
         user = {"model": "m", "messages": [{"role": "user", "content": "user-q"}]}
@@ -168,7 +172,8 @@ async def test_the_router_sends_each_worker_its_own_api_key(fake_factory, router
         direct = await c.post(f"{joining.url}/v1/chat/completions", json={"model": "m", "messages": []})
 
     # Assert
-    assert keyless.status_code == 502 and "API key" in keyless.json()["error"]["message"]
+    assert keyless.status_code == 400 and "API key" in keyless.json()["error"]["message"]
+    assert wrong.status_code == 502 and "key" in wrong.json()["error"]["message"]
     assert joined.status_code == 200 and verdict == "passed"
     assert [r.status_code for r in chats] == [200] * 6
     assert published.status_code == 200 and published.json()["workers"]
@@ -239,7 +244,7 @@ async def test_canaries_run_periodically_and_catch_a_worker_that_starts_lying_la
 async def test_a_joined_worker_heartbeats_and_leaves_with_its_own_secret_not_the_join_token(fake_factory, router_factory):
     router = await router_factory()
     fake = fake_factory("m")
-    membership = RouterRegistration(RouterClient(router.url), router.join_token, fake.url, "eu", ["m"])
+    membership = RouterRegistration(RouterClient(router.url), router.join_token, fake.url, "eu", ["m"], api_key=ANY_KEY)
     await asyncio.to_thread(membership.register)
     router.app.state.join_token = "rotated-join-token-0123456789"  # the join token is not needed after joining
     await asyncio.to_thread(membership.heartbeat)

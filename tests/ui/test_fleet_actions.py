@@ -30,7 +30,8 @@ def test_the_console_adds_a_worker_with_its_key_and_clears_it(tmp_path):
         assert clear_quarantine(ctx, row["id"]).startswith("Cleared")
         assert next(w for w in ctx.router.workers() if w["id"] == row["id"])["quarantined"] is False
         assert "Pick a worker" in clear_quarantine(ctx, None)
-        assert "must start with http" in add_worker(ctx, "10.0.0.7:8100", "eu")
+        assert "must start with http" in add_worker(ctx, "10.0.0.7:8100", "eu", "k")
+        assert "API key is needed" in add_worker(ctx, keyed.url, "eu")
     finally:
         router.stop()
         static.stop()

@@ -106,6 +106,8 @@ def test_every_tab_shows_its_state(page, showcase):
     expect(page.locator("#fleet-workers")).to_contain_text("eu-west")
     expect(page.locator("#fleet-metrics")).to_contain_text("Requests 42")
     page.locator("#fleet-url").get_by_role("textbox").fill("http://10.0.0.7:8100")
+    page.locator("#fleet-add").click()
+    expect(page.locator("#fleet-action")).to_contain_text("API key is needed")
     page.locator("#fleet-api-key").get_by_role("textbox").fill("worker-key-0123456789")
     page.locator("#fleet-add").click()
     expect(page.locator("#fleet-action")).to_contain_text("with its API key")

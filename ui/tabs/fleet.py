@@ -34,8 +34,11 @@ def add_worker(ctx: ConsoleContext, worker_url: str, worker_region: str, api_key
     worker_url = worker_url.strip()
     if not worker_url.startswith(("http://", "https://")):
         return problem("The worker URL must start with http:// or https://")
-    wid = ctx.router.register_worker(worker_url, region=worker_region.strip() or "local", api_key=api_key.strip() or None)["id"]
-    return f"Added worker `{wid}`" + (" with its API key." if api_key.strip() else " (no API key: only for a worker that asks none).")
+    if not api_key.strip():
+        return problem("The worker's API key is needed: the router sends it on every call (the worker's gate refuses calls "
+                       "without it)")
+    wid = ctx.router.register_worker(worker_url, region=worker_region.strip() or "local", api_key=api_key.strip())["id"]
+    return f"Added worker `{wid}` with its API key."
 
 
 def clear_quarantine(ctx: ConsoleContext, wid: str | None) -> str:
