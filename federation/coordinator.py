@@ -30,13 +30,13 @@ from appliance.core.net import connectable_host, is_loopback
 from appliance.core.tracking import Tracker
 from appliance.core.types import StateDict
 from federation import codec, wire
-from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from federation.checkpoint import Checkpoint, load_latest, prune_checkpoints, save_checkpoint
 from federation.keys import Enrolment, load_keypair
 from federation.local_training import round_schedule
 from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, SecAggStep, TrainTask,
                                  UpdateResult, Welcome, make_header)
 from federation.timing import connection_timeout
-from federation.transport import Incoming, ServerTransport
+from federation.transport import Incoming, ServerTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
     from appliance.core.settings import ApplianceSettings
@@ -197,6 +197,7 @@ class Coordinator:
 
     def _make_transport(self) -> ServerTransport:
         endpoint = self.cfg.bind_address or f"tcp://{self.cfg.bind_host}:{self.cfg.port}"
+        check_plaintext_endpoint(endpoint, self.cfg.plaintext, "bind")
         keypair = None if self.cfg.plaintext else load_keypair(self.settings.keys_dir, "coordinator")
         if keypair is None and not self.cfg.plaintext:
             from appliance.core.errors import ConfigError
@@ -217,12 +218,25 @@ class Coordinator:
                                heartbeat_timeout_s=connection_timeout(self.cfg, 2 * self.message_limit),
                                receive_hwm=self.cfg.receive_hwm)
 
+    def _restored_history(self, ckpt: Checkpoint) -> list[dict[str, Any]]:
+        """The run's records from `rounds.jsonl`, plus the checkpointed round's own record when the crash came before
+        it reached the log (an older checkpoint's full `history` is read as it is)."""
+        from federation.checkpoint import read_round_log
+
+        if "history" in ckpt.state:  # written before the history moved out of state.json
+            return list(ckpt.state["history"])
+        history = read_round_log(self.run_dir)
+        last = ckpt.state.get("record")
+        if isinstance(last, dict) and not any(r.get("round") == ckpt.round_id and "failed" not in r for r in history):
+            history.append(last)
+        return history
+
     def _restore(self) -> None:
         ckpt = load_latest(self.run_dir)
         if ckpt is not None:
             self.global_state, self.round = ckpt.global_state, ckpt.round_id
             self.strategy.load_state_dict(ckpt.strategy_state)
-            self.history = list(ckpt.state.get("history", []))
+            self.history = self._restored_history(ckpt)
             for sid, info in ckpt.state.get("silos", {}).items():
                 self.silos[sid] = SiloInfo(sid, b"", 0.0, info.get("rounds", 0), info.get("examples", 0))
             logger.info("resuming run %s after round %d from %s", self.cfg.run_name, self.round, self.run_dir)
@@ -715,6 +729,7 @@ class Coordinator:
         self._checkpoint(record)  # first: a registered (and published) version always has its checkpoint on disk
         version = self._register(record)
         self._append_round_log(record)
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         if version is not None:
             self._notify(version)
 
@@ -791,8 +806,9 @@ class Coordinator:
         self.history.append(record)
         self._track(record)
         silos = {s.id: {"rounds": s.rounds, "examples": s.examples} for s in self.silos.values()}
+        # The round's own record only: the history is the append-only rounds.jsonl, so state.json stays bounded.
         save_checkpoint(self.run_dir, Checkpoint(self.round, self.global_state, self.strategy.state_dict(),
-                                                 {"history": self.history, "silos": silos, "run": self.cfg.run_name}))
+                                                 {"record": record, "silos": silos, "run": self.cfg.run_name}))
         logger.info("round %d checkpointed: participants %s, metrics %s", self.round, record["participants"], record["metrics"])
 
     def _append_round_log(self, record: dict[str, Any]) -> None:
@@ -913,3 +929,4 @@ def _plaintext_sender(frame: bytes) -> str | None:
         return load_header(frame).silo_id or None
     except HeaderError:
         return None
+

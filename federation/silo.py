@@ -26,7 +26,7 @@ from federation.keys import load_keypair
 from federation.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
                                  make_header)
 from federation.timing import ClockOffset, connection_timeout
-from federation.transport import ClientTransport
+from federation.transport import ClientTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,7 @@ class SiloClient:
         if not self.cfg.coordinator:
             raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
         self.silo_id = self.cfg.silo_id or socket.gethostname()
+        check_plaintext_endpoint(self.cfg.coordinator, self.cfg.plaintext, "connect to")
         if not self.cfg.plaintext and keypair is None:
             keypair = load_keypair(settings.keys_dir, "silo")
             if keypair is None:

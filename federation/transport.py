@@ -135,6 +135,24 @@ class ServerTransport:
             self._ctx = None
 
 
+def check_plaintext_endpoint(endpoint: str, plaintext: bool, what: str) -> None:
+    """Refuse plaintext federation beyond loopback: without CURVE, anyone on the network could be a silo or read updates.
+
+    Raises:
+        ConfigError: `plaintext` with a tcp endpoint whose host is not a loopback address.
+    """
+    from urllib.parse import urlsplit
+
+    from appliance.core.net import is_loopback
+
+    if not plaintext or not endpoint.startswith("tcp://"):
+        return  # CURVE, or ipc:// / inproc:// (local by nature)
+    host = (urlsplit(endpoint).hostname or "").strip("[]")
+    if not is_loopback(host):
+        raise ConfigError(f"federation.plaintext (--plaintext) cannot {what} {endpoint}: plaintext is for tests on "
+                          f"loopback (127.0.0.1) only; beyond it, use CURVE (`appliance federation init` and enrolment)")
+
+
 def _make_authenticator(ctx, lookup: Lookup):
     from zmq.auth.asyncio import AsyncioAuthenticator
     from zmq.utils import z85

@@ -250,3 +250,81 @@ async def test_an_oversized_secure_aggregation_message_is_refused_by_name_before
     # Assert: refused as oversized, naming the limit; no payload was decoded at the coordinator
     assert errors[0]["code"] == "oversized" and str(coord.message_limit) in errors[0]["message"], errors
     assert all(n < (1 << 20) for n in loads)  # only the small TRAIN payloads the honest silo decoded
+
+
+# ------------------------------------------------------------------------------------------------------- state on disk
+async def test_only_the_newest_checkpoints_are_kept_and_state_json_stays_bounded(tmp_path):
+    import json
+
+    from appliance.core.adapter_registry import AdapterRegistry
+    from tests.federation.conftest import write_exporter
+
+    async with federation(tmp_path, [FakeTrainer(0), FakeTrainer(1)], exporter=write_exporter, rounds=6,
+                          min_silos=2) as (coord, _):
+        await coord.wait_done(30)
+    rounds = sorted(p.name for p in (coord.run_dir / "rounds").iterdir())
+    # Assert: the default keeps 3 round checkpoints, every registered version stays, no staging folder is left
+    assert rounds == ["000004", "000005", "000006"]
+    assert AdapterRegistry(coord.settings.adapters_dir).versions("testrun") == [1, 2, 3, 4, 5, 6]
+    assert not list(coord.run_dir.glob(".export.*")) and not list((coord.run_dir / "rounds").glob(".staging.*"))
+    # state.json holds the round's own record, not the history (which is rounds.jsonl)
+    state = json.loads((coord.run_dir / "rounds" / "000006" / "state.json").read_text())
+    assert "history" not in state and state["record"]["round"] == 6
+    assert [r["round"] for r in coord.history] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_restart_restores_the_history_from_the_round_log(tmp_path):
+    async with federation(tmp_path, [FakeTrainer(0), FakeTrainer(1)], rounds=4, min_silos=2, keep_checkpoints=1) as (coord, _):
+        await coord.wait_done(30)
+    assert sorted(p.name for p in (coord.run_dir / "rounds").iterdir()) == ["000004"]
+    async with federation(tmp_path, [], rounds=4, min_silos=2) as (coord2, _):
+        await coord2.wait_done(20)
+    assert coord2.round == 4 and [r["round"] for r in coord2.history] == [1, 2, 3, 4]
+
+
+def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
+    from federation.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
+    from tests.factories import make_settings
+
+    keys_dir = make_settings(tmp_path).keys_dir
+    key = ensure_keypair(make_settings(tmp_path / "a").keys_dir, "silo").public
+    enroll_silo(keys_dir, "a", key)
+    enrolment = Enrolment(keys_dir)
+    assert enrolment.name_of(key) == "a"
+    path = federation_keys_dir(keys_dir) / ENROLLED_FILE
+    good = path.read_text()
+    for broken in ('{"a": ', '["a"]', '{"a": {"num_examples": 5}}'):
+        path.write_text(broken)
+        with caplog.at_level("ERROR", logger="federation.keys"):
+            caplog.clear()
+            # Assert: nobody is enrolled while the file is broken, and it is said once, with the path
+            assert enrolment.name_of(key) is None and enrolment.names() == set()
+            assert enrolment.name_of(key) is None
+        said = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+        assert len(said) == 1 and "no silo is accepted" in said[0], (broken, said)
+    path.write_text(good)
+    assert enrolment.name_of(key) == "a"
+
+
+async def test_plaintext_is_refused_beyond_loopback(tmp_path):
+    import pytest
+
+    from appliance.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="plaintext.*loopback"):
+        async with federation(tmp_path, [], rounds=1, min_silos=1, bind_host="0.0.0.0"):
+            pass
+    from tests.federation.conftest import silo_settings
+
+    with pytest.raises(ConfigError, match="plaintext.*loopback"):
+        SiloClient(silo_settings(tmp_path / "s", "tcp://10.0.0.9:5555", "s", plaintext=True), FakeTrainer(0))
+
+
+def test_coordinator_start_refuses_plaintext_on_a_public_bind(tmp_path):
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    result = CliRunner().invoke(app, ["--home", str(tmp_path), "coordinator", "start", "--plaintext", "--host",
+                                      "0.0.0.0", "--port", "0"])
+    assert result.exit_code == 2 and "loopback" in result.output, result.output
