@@ -45,8 +45,10 @@ def test_resume_refuses_a_checkpoint_that_carries_code(tiny_model_dir: Path, rec
 
 
 @pytest.mark.slow
-def test_resume_loads_every_file_weights_only(tiny_model_dir: Path, records, tmp_path: Path, monkeypatch) -> None:
-    cfg = small_cfg(zero_stage=2, checkpoint_every_steps=2)
+@pytest.mark.parametrize("variant", [{"zero_stage": 0}, {"zero_stage": 2}, {"zero_stage": 3},
+                                     {"zero_stage": 3, "offload_optimizer": True, "offload_param": True}])
+def test_resume_loads_every_file_weights_only(tiny_model_dir: Path, records, tmp_path: Path, monkeypatch, variant) -> None:
+    cfg = small_cfg(checkpoint_every_steps=2, **variant)
     fit_adapter(cfg, tiny_model_dir, records, max_steps=2, run_dir=tmp_path / "run")
     calls: list[object] = []
     real_load = torch.load
