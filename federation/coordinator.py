@@ -440,7 +440,7 @@ class Coordinator:
             return time.time() - self.silos[sid].last_seen <= self.cfg.silo_timeout_s
 
         mean, survivors = await rs.secure.run(lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive,
-                                              self._shares, self._secure_bound(rs))
+                                              self._shares, self._secure_bound)
         self.secure_inputs = {rs.round_id: dict(rs.secure.received)}  # the last round only: no growth over a run
         rs.norm_bound = rs.secure.norm_bound
         rs.norms = {s: i["update_norm"] for s, i in survivors.items() if i.get("update_norm") is not None}
@@ -530,11 +530,11 @@ class Coordinator:
             bounded[sid] = min(n, declared) if declared is not None else n
         return capped_weights(bounded, self.cfg.max_silo_share)
 
-    def _secure_bound(self, rs: RoundState):
-        """How a secure round bounds its updates: silo -> advertised norm => the bound issued with the roster."""
+    def _secure_bound(self, norms: dict[str, float]) -> float | None:
+        """A secure round's norm bound, issued with the roster: from the norms the silos advertised."""
         from federation.bounds import adaptive_norm_bound
 
-        return lambda norms: adaptive_norm_bound(norms, self.cfg)
+        return adaptive_norm_bound(norms, self.cfg)
 
     def _drop_unenrolled(self, rs: RoundState) -> None:
         """Leave out the answers of silos whose enrolment was removed after they answered (named in `dropped`)."""
