@@ -328,3 +328,17 @@ def test_coordinator_start_refuses_plaintext_on_a_public_bind(tmp_path):
     result = CliRunner().invoke(app, ["--home", str(tmp_path), "coordinator", "start", "--plaintext", "--host",
                                       "0.0.0.0", "--port", "0"])
     assert result.exit_code == 2 and "loopback" in result.output, result.output
+
+
+def test_enroll_without_a_declared_count_says_what_bounds_the_silo(tmp_path):
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from federation.keys import ensure_keypair
+    from tests.factories import make_settings
+
+    key = ensure_keypair(make_settings(tmp_path / "s").keys_dir, "silo").public
+    bare = CliRunner().invoke(app, ["--home", str(tmp_path / "c"), "federation", "enroll", "--", "a", key])
+    assert bare.exit_code == 0 and "no --examples declared" in bare.output and "max_silo_share" in bare.output
+    counted = CliRunner().invoke(app, ["--home", str(tmp_path / "c"), "federation", "enroll", "--examples", "50", "--", "a", key])
+    assert counted.exit_code == 0 and "no --examples" not in counted.output
