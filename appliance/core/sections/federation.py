@@ -46,7 +46,7 @@ class FederationSettings(ServesTLS):
     max_message_bytes: int | None = Field(None, ge=1024, description="Largest message accepted on the socket (None = derived from the global adapter: max(1 MiB, 4 x its fp32 bytes + 1 MiB); set = that exact bound).")
     receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark (messages queued per connection before the socket stops reading).")
     max_update_norm: float | None = Field(None, gt=0, description="Updates whose L2 norm exceeds this are rejected (None = the adaptive bound: update_norm_multiple x the round's median update norm, at least update_norm_floor).")
-    update_norm_multiple: float = Field(3.0, gt=0, description="Adaptive bound: updates above this multiple of the round's median update L2 norm are clipped to it (the silo is named in the round record).")
+    update_norm_multiple: float = Field(3.0, ge=1, description="Adaptive bound: updates above this multiple of the round's median update L2 norm are clipped to it (the silo is named in the round record).")
     update_norm_floor: float = Field(1e-3, gt=0, description="Adaptive bound: never below this L2 norm (a round of tiny updates does not clip a normal one to nothing).")
     max_silo_share: float = Field(0.5, gt=0, le=1, description="Largest share of a round's aggregate one silo's update may weigh (1 = plain example weights); a silo's count is also bounded by the one declared at enrolment.")
     max_aggregate_norm: float | None = Field(None, gt=0, description="A round whose global adapter change (L2 norm of new - previous) exceeds this fails and keeps the previous global (None = max_update_norm when set, else the round's adaptive bound for plain-mean strategies without DP).")
