@@ -52,7 +52,8 @@ def run_setting(bed: Bed, home: Path, hedge: str, tail_fraction: float, args: ar
         result = bed.run(CLIENT_REGION, lambda: stream_load(url, fleet.api_key, FAKE_MODEL, region=CLIENT_REGION,
                                                             concurrency=args.concurrency, duration_s=args.duration_s))
         metrics_url = f"http://{bed.address('hq')}:{fleet.router_port}/metrics"
-        text = bed.call("hq", lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
+        scrape = urllib.request.Request(metrics_url, headers={"Authorization": f"Bearer {fleet.admin_token}"})  # beyond loopback
+        text = bed.call("hq", lambda: urllib.request.urlopen(scrape, timeout=10).read().decode())
         hedges = {s.labels["result"]: s.value for s in parse(text) if s.name == f"{HEDGES}_total"}
         print(f"  tail={tail_fraction:g} hedge={hedge}: {result.summary()} hedges={hedges}", file=sys.stderr, flush=True)
         return result, hedges

@@ -98,7 +98,7 @@ def write_config(home: Path, ports: dict[str, int], rounds: int, local_steps: in
         "train": TRAIN,
         "worker": {"count": 1, "base_port": ports["worker"], "kv_cache_gib": 1, "max_model_len": 2048, "startup_timeout_s": 900},
         "serve": {"port": ports["router"]},
-        "ui": {"port": ports["console"], "poll_interval_s": 1.0},
+        "ui": {"port": ports["console"], "poll_interval_s": 1.0, "require_login": False},  # pages, not the login form
         "federation": {"port": ports["federation"], "status_port": ports["status"], "rounds": rounds, "min_silos": len(SILOS),
                        "local_steps": local_steps, "round_deadline_s": 1800, "silo_timeout_s": 300, "run_name": "federation"},
     }

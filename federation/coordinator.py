@@ -880,12 +880,12 @@ class Coordinator:
         }
 
     def _status_token(self) -> str | None:
-        """The admin token `/status` requires when bound beyond loopback (None on a loopback bind)."""
+        """The status token `/status` requires when bound beyond loopback (None on a loopback bind)."""
         if is_loopback(self.cfg.bind_host):
             return None
-        from appliance.core.secrets import ensure_token
+        from appliance.core.tokens import coordinator_status_token
 
-        return ensure_token(self.settings.keys_dir, "admin_token", self.settings.serve.admin_token)
+        return coordinator_status_token(self.settings)
 
     async def _start_status_server(self) -> None:
         from aiohttp import web
@@ -899,8 +899,8 @@ class Coordinator:
             if token is not None:
                 given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
                 if not given or not same_secret(given, token):
-                    return web.json_response({"error": "the coordinator's /status needs the admin token "
-                                                       "(Authorization: Bearer TOKEN) when it binds beyond loopback"},
+                    return web.json_response({"error": "the coordinator's /status needs its status token (keys/status_token, "
+                                                       "Authorization: Bearer TOKEN) when it binds beyond loopback"},
                                              status=401)
             return web.json_response(self.status())
 

@@ -9,18 +9,23 @@ from typing import Any
 from appliance.core.errors import ApplianceError
 
 
-def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_file: Path | str | None = None) -> dict[str, Any]:
-    """GET the coordinator's `/status` (with the admin token, which it needs when bound beyond loopback); an HTTPS
-    URL's certificate is verified (against `ca_file` for a private CA).
+def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_file: Path | str | None = None,
+                 allow_plain_http: bool = False) -> dict[str, Any]:
+    """GET the coordinator's `/status` (with its status token, which it needs when bound beyond loopback); an HTTPS
+    URL's certificate is verified (against `ca_file` for a private CA). The token never goes over plain HTTP beyond
+    loopback unless `allow_plain_http`.
 
     Raises:
         ApplianceError: the coordinator is unreachable or answered an error.
+        ConfigError: the token would go over plain HTTP beyond loopback.
     """
     import httpx
 
-    from appliance.core.tls import client_context
+    from appliance.core.tls import client_context, refuse_plain_http_token
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if token:
+        refuse_plain_http_token(url, allow_plain_http)
     try:
         resp = httpx.get(url, timeout=timeout_s, headers=headers, verify=client_context(ca_file))
         resp.raise_for_status()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ApplianceError, ConfigError, RoundFailed
+from appliance.core.tls import check_public_bind
 
 if TYPE_CHECKING:
     from appliance.core.sections import FederationSettings
@@ -58,11 +59,11 @@ def build_strategy(cfg: "FederationSettings") -> "Strategy":
 
 def router_publisher(settings: "ApplianceSettings") -> Any:
     """A RouterPublisher for the local router (`serve.port`), with the stored admin token."""
-    from appliance.core.secrets import ensure_token
     from appliance.core.tls import client_context
+    from appliance.core.tokens import router_admin_token
     from federation.publish import RouterPublisher
 
-    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+    token = router_admin_token(settings)
     return RouterPublisher(f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}", token, max_attempts=0,
                            verify=client_context(settings.tls_ca_file))  # retry until a newer round supersedes it
 
@@ -91,6 +92,8 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
         raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
+    check_public_bind("coordinator's status server", settings.federation.bind_host, settings.federation.tls_cert is not None,
+                      settings.env, "federation")
     publishers = [router_publisher(settings)] if settings.federation.auto_publish else []
 
     async def main() -> dict[str, Any]:

@@ -21,11 +21,13 @@ from starlette.responses import Response
 from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
 from appliance.core.secrets import ensure_token
-from appliance.core.tls import check_server_files, client_context
+from appliance.core.tls import check_public_bind, check_server_files, client_context
+from appliance.core.tokens import router_admin_token
 from serve.canary import CanaryChecker
 from serve.errors import RouterError
 from serve.forwarding import Forwarder
 from serve.keys import KeyStore
+from serve.quarantine import QuarantineBook
 from serve.metrics import RouterMetrics
 from serve.placement import AdapterPlacement
 from serve.protocol import error_body
@@ -87,10 +89,12 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         registry.add_static(spec.url, region=spec.region, models=spec.models,
                             api_key=spec.api_key.get_secret_value() if spec.api_key else None)
     placement = AdapterPlacement(cfg, registry, metrics)
-    canaries = CanaryChecker(cfg, registry)
+    registry.quarantine = QuarantineBook(settings.keys_dir)
+    canaries = CanaryChecker(cfg, registry, registry.quarantine)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
-                    public=not is_loopback(cfg.host))
+                    public=not is_loopback(cfg.host), require=cfg.require_keys)
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
+    forwarder.on_routed = canaries.on_routed
     worker_tls = client_context(settings.tls_ca_file)
 
     @contextlib.asynccontextmanager
@@ -121,7 +125,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     app.state.canaries = canaries
     app.state.metrics = metrics
     app.state.forwarder = forwarder
-    app.state.admin_token = ensure_token(settings.keys_dir, "admin_token", cfg.admin_token)
+    app.state.admin_token = router_admin_token(settings)
     app.state.join_token = ensure_token(settings.keys_dir, "join_token", cfg.join_token)
     app.add_exception_handler(RouterError, _router_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -161,6 +165,7 @@ def run_router(settings: ApplianceSettings) -> None:
 
     cfg = settings.serve
     check_exposure(settings)
+    check_public_bind("router", cfg.host, cfg.tls_cert is not None, settings.env, "serve")
     tls: dict[str, str] = {}
     if cfg.tls_cert is not None:
         check_server_files(cfg.tls_cert, cfg.tls_key)

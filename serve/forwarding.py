@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mappi
 from serve.errors import RouterError, UpstreamError
 from serve.hedging import Hedger
 from serve.keys import ApiKey, KeyStore
-from serve.limits import RateLimiter, token_budget
+from serve.limits import RateLimiter, prompt_estimate, token_budget
 from serve.policy import RouteHints, rank
 from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
 
@@ -62,6 +62,7 @@ DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after t
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 # Streams end with `data: [DONE]`, except the Responses API's: its last event is one of these (no [DONE]).
+_CAP_FIELD = {"/v1/responses": "max_output_tokens"}  # the completion cap's name where it is not max_tokens
 _STREAM_ENDS = {"/v1/responses": (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")}
 
 
@@ -152,6 +153,8 @@ class Forwarder:
         self._timeout: aiohttp.ClientTimeout | None = None
         self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         self.hedger = Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
+        # Told of each request sent to a joined worker, with its path and streaming (serve.canary).
+        self.on_routed: Callable[[Worker, str, bool], None] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -176,19 +179,24 @@ class Forwarder:
         """The caller's key record; None when keys are not required (a loopback router without keys).
 
         Raises:
-            RouterError: 401 when keys are required and the request carries none or a wrong one, or when the
-                router binds beyond loopback and no key exists at all.
+            RouterError: 401 when keys are required (serve.keys: a public bind, serve.require_keys, or a router that
+                has had keys) and the request carries none or a wrong one, or none exists at all; 503 while the key
+                file cannot be read or parsed.
         """
         keys = self.keys
         keys.refresh()
         if not keys.required:
             return None
         scheme, _, presented = headers.get("authorization", "").partition(" ")
+        if keys.broken is not None:
+            self.metrics.error("auth")
+            raise RouterError(503, "this router's API key file cannot be read, so it accepts no request until its operator "
+                                   "fixes it (see the router's log)")
         key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
         if key is None:
             self.metrics.error("auth")
             if keys.empty:
-                raise RouterError(401, "this router listens beyond loopback and has no API key, so it accepts no request: "
+                raise RouterError(401, "this router requires API keys and has no API key, so it accepts no request: "
                                        "create one with `appliance keys create --name NAME` and send `Authorization: Bearer <key>`")
             raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
         return key
@@ -231,14 +239,15 @@ class Forwarder:
             self.metrics.error("bad_request")
             asked = f"max_tokens={fields.max_tokens}" + (f" times n={fields.choices}" if fields.choices > 1 else "")
             raise RouterError(400, f"{asked} exceeds this router's cap of {cap} tokens per request (serve.max_tokens_cap)", param="max_tokens")
-        if fields.max_tokens is None and token_budget(None, fields.choices) > cap:
+        if fields.max_tokens is None and token_budget(None, fields.choices, self.cfg.default_max_tokens) > cap:
             self.metrics.error("bad_request")
-            raise RouterError(400, f"n={fields.choices} without max_tokens exceeds this router's cap of {cap} tokens per request; "
-                                   "set max_tokens (serve.max_tokens_cap)", param="n")
+            raise RouterError(400, f"{fields.choices} completions (n times prompts) without max_tokens exceed this router's cap "
+                                   f"of {cap} tokens per request; set max_tokens (serve.max_tokens_cap)", param="n")
         return body, data, fields
 
-    def admit(self, key: ApiKey | None, fields: RequestFields) -> int:
-        """Charge the key's buckets with the request's token budget (settled once its usage is known).
+    def admit(self, key: ApiKey | None, fields: RequestFields, prompt_tokens: int = 0) -> int:
+        """Charge the key's buckets with the request's token budget (settled once its usage is known): `prompt_tokens`
+        (an estimate) plus its completion cap (`serve.default_max_tokens` when it names none) times its completions.
 
         Returns:
             The token budget charged (0 without a key or limits).
@@ -248,7 +257,7 @@ class Forwarder:
         """
         if key is None or not (key.rpm or key.tpm):
             return 0
-        charge = token_budget(fields.max_tokens, fields.choices)
+        charge = token_budget(fields.max_tokens, fields.choices, self.cfg.default_max_tokens, prompt_tokens)
         wait = self.limiter.admit(key.name, key.rpm, key.tpm, charge, time.monotonic())
         if wait > 0:
             self.metrics.error("rate_limit")
@@ -300,21 +309,27 @@ class Forwarder:
         headers = request_headers(scope)
         key = self.authenticate(headers)
         body, data, fields = await self.read_request(headers, receive)
-        charged = self.admit(key, fields)
+        metered = key is not None and bool(key.tpm)
+        prompt_tokens = prompt_estimate(len(body)) if metered else 0
+        charged = self.admit(key, fields, prompt_tokens)
         model = self.placement.resolve(fields.model)
         # A tpm-limited stream is settled from its usage chunk: ask the worker for it, and hide it from a client
         # that did not ask for it.
         # (A Responses stream always ends with the response and its usage: nothing to ask for.)
-        strip_usage = fields.stream and key is not None and bool(key.tpm) and not fields.stream_usage and path not in _STREAM_ENDS
-        if model != fields.model or (strip_usage and "stream_options" in data):
-            # The worker knows only the adapter's own name (an alias), or must be asked for usage: re-encode this body.
-            body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage))
+        strip_usage = fields.stream and metered and not fields.stream_usage and path not in _STREAM_ENDS
+        # A metered request without a completion cap gets the one it was charged for: the worker cannot exceed it.
+        cap = (_CAP_FIELD.get(path, "max_tokens"), self.cfg.default_max_tokens) if metered and fields.max_tokens is None else None
+        if model != fields.model or cap is not None or (strip_usage and "stream_options" in data):
+            # The worker knows only the adapter's own name (an alias), must be asked for usage or given a cap:
+            # re-encode this body.
+            body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage, cap))
         elif strip_usage:
             body = _with_usage_asked(body)
         workers, adapter = self.choose(model, headers, fields)
         if self._timeout is None:
             self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
-        ctx = RequestContext(path, model, body, fields, started, key, charged, ClientWatch(receive), send, adapter, strip_usage)
+        ctx = RequestContext(path, model, body, fields, started, key, charged, ClientWatch(receive), send, adapter, strip_usage,
+                             prompt_tokens)
         try:
             await self._try_workers(ctx, workers)
         except asyncio.CancelledError:
@@ -480,6 +495,8 @@ class Forwarder:
         resp = None
         try:
             try:
+                if not worker.static and self.on_routed is not None:  # a joined worker: maybe a canary check soon
+                    self.on_routed(worker, ctx.path, ctx.fields.stream)
                 resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self._timeout)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
@@ -558,6 +575,7 @@ class Forwarder:
         metered = ctx.metered
         pending = b""  # metered only: the start of an event whose end has not arrived yet
         used: int | None = None
+        relayed = 0  # metered only: data events relayed (each carries at least one generated token)
         tail = b""
         ends = _STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
         finished = False
@@ -582,6 +600,7 @@ class Forwarder:
                             used = found if found is not None else used
                         if not chunk:
                             continue
+                        relayed += chunk.count(b"data: {")
                     if ends is not None and not finished:
                         window = tail + chunk
                         finished = any(end in window for end in ends)
@@ -607,7 +626,9 @@ class Forwarder:
                 resp.close()  # closes the upstream connection: the worker aborts the generation
             worker.end(ctx.model)
             if metered:
-                self._settle(ctx, used)  # no usage seen (a broken stream): the budget charged stays charged
+                # Without a usage chunk (the client left, the stream broke), from what was relayed: the prompt's
+                # estimate and a token per event; the worker aborted the rest.
+                self._settle(ctx, used if used is not None else min(ctx.charged, ctx.prompt_tokens + relayed))
             if status == 499:
                 self._client_abort(ctx.path, ctx.model, worker)
             else:
@@ -658,6 +679,7 @@ class RequestContext:
     send: Send
     adapter: PublishedAdapter | None = None  # the published adapter behind `model`, if any
     strip_usage: bool = False  # the router asked for the stream's usage chunk; the client did not: not relayed
+    prompt_tokens: int = 0  # metered only: the prompt's tokens as estimated up front (serve.limits.prompt_estimate)
 
     @property
     def metered(self) -> bool:
@@ -686,9 +708,11 @@ def _unwound(task: asyncio.Future) -> None:
         task.exception()  # retrieved: a loser that failed as it was cancelled is no error of the request
 
 
-def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool) -> dict[str, Any]:
-    """The request with its model renamed and/or the stream's usage chunk asked for."""
+def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool, cap: tuple[str, int] | None = None) -> dict[str, Any]:
+    """The request with its model renamed, the stream's usage chunk asked for and/or a completion cap (field, value)."""
     out = dict(data)
+    if cap is not None:
+        out[cap[0]] = cap[1]
     if model is not None:
         out["model"] = model
     if ask_usage:

@@ -1,7 +1,10 @@
 """Per-key rate limits: token buckets for requests per minute and tokens per minute, and what a request costs.
 
-A request is charged its token budget up front (`token_budget`) and settled against the usage the worker reports
-once it is done (`RateLimiter.settle`): refunded when it used less, charged the rest when it used more (the prompt).
+A request is charged its token budget up front (`token_budget`: an estimate of its prompt, plus its completion cap
+times the completions it asks for) and settled against the usage the worker reports once it is done
+(`RateLimiter.settle`): refunded when it used less, charged the rest when it used more. A metered request that names no
+completion cap is given one (`serve.default_max_tokens`, injected by the router), so no worker generates more than
+was charged for it.
 """
 
 from __future__ import annotations
@@ -9,18 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-DEFAULT_TOKEN_BUDGET = 256  # tokens per choice charged up front when a request names neither max_tokens spelling
+DEFAULT_TOKEN_BUDGET = 256  # tokens per choice when a request names no max_tokens (serve.default_max_tokens)
+BYTES_PER_PROMPT_TOKEN = 4  # a request body's bytes per prompt token, for the up-front estimate (settled later)
 
 
-def token_budget(max_tokens: int | None, choices: int, default: int = DEFAULT_TOKEN_BUDGET) -> int:
-    """The most completion tokens a request may make a worker generate: its per-choice cap times its choices.
+def prompt_estimate(body_bytes: int) -> int:
+    """Prompt tokens charged up front for a request body of `body_bytes` bytes (about 4 bytes of JSON per token for
+    English text; the settlement replaces it with the worker's own count)."""
+    return body_bytes // BYTES_PER_PROMPT_TOKEN + 1
+
+
+def token_budget(max_tokens: int | None, choices: int, default: int = DEFAULT_TOKEN_BUDGET, prompt_tokens: int = 0) -> int:
+    """The tokens a request may cost: its prompt plus its per-choice completion cap times its choices.
 
     Args:
-        max_tokens: the larger of `max_tokens` and `max_completion_tokens`, None when neither was given (then
-            `default` stands in; the settlement corrects it once the real usage is known).
-        choices: the larger of `n` and `best_of` (at least 1).
+        max_tokens: the largest of the completion cap's spellings, None when none was given (then `default` stands
+            in: the router injects it into a metered request, so the worker never generates more).
+        choices: completions generated: the larger of `n` and `best_of`, times the prompts of a prompt list.
+        prompt_tokens: the prompt's tokens (an estimate up front: `prompt_estimate`).
     """
-    return (default if max_tokens is None else max_tokens) * choices
+    return prompt_tokens + (default if max_tokens is None else max_tokens) * choices
 
 
 @dataclass

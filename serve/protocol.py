@@ -69,7 +69,7 @@ class RequestFields:
     model: str
     stream: bool = False
     max_tokens: int | None = None  # the larger of max_tokens and max_completion_tokens (None: neither given)
-    choices: int = 1  # completions generated: the larger of n and best_of
+    choices: int = 1  # completions generated: the larger of n and best_of, times the prompts of a prompt list
     user: str | None = None
     prefix: str | None = None  # our extension: the system prompt / prompt head, for prefix affinity (never logged)
     stream_usage: bool = False  # the client asked for the usage chunk (stream_options.include_usage)
@@ -88,7 +88,8 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     """Pick the routed fields out of a parsed request body.
 
     Token caps read every spelling: workers honour `max_completion_tokens` over `max_tokens` (vLLM), and the
-    Responses API says `max_output_tokens`, so the effective cap is the largest of them; `n`/`best_of` multiply it.
+    Responses API says `max_output_tokens`, so the effective cap is the largest of them; `n`/`best_of` multiply it,
+    and so does a completions prompt list (each prompt is answered `n` times).
 
     Raises:
         ValueError: the body is not an object, `model` is missing or not a string, or `max_tokens`,
@@ -104,7 +105,7 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
         value = _count(data, other, 0)
         if value is not None and (max_tokens is None or value > max_tokens):
             max_tokens = value
-    choices = max(_count(data, "n", 1) or 1, _count(data, "best_of", 1) or 1)
+    choices = max(_count(data, "n", 1) or 1, _count(data, "best_of", 1) or 1) * _prompts(data.get("prompt"))
     stream = bool(data.get("stream"))
     options = data.get("stream_options") if stream else None
     user = data.get("user")
@@ -113,6 +114,14 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
         user=user if isinstance(user, str) else None, prefix=_prefix(data, prefix_chars),
         stream_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a completions `prompt` holds: a list of strings or of token lists is one prompt per item; a
+    string or one list of token ids is one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def _prefix(data: dict[str, Any], chars: int) -> str | None:

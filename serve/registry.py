@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 from appliance.core.secrets import hash_secret, same_secret
 from serve.errors import RouterError
 from serve.policy import Candidate
+from serve.quarantine import QuarantineBook, addresses_of
+from serve.worker_address import normalised_address
 
 if TYPE_CHECKING:
     import aiohttp
@@ -66,11 +68,17 @@ class Worker:
     headers: dict[str, str] = field(default_factory=lambda: upstream_headers(None))  # sent with every call to it
     quarantined: bool = False  # failed a canary check: no traffic until an operator clears it
     canary: str = "off"  # trusted (static) | off | pending | passed | unverified | failed | cleared (serve.canary)
+    canary_passes: int = 0  # canary checks passed since it joined (or was cleared)
+    unverified: set[str] = field(default_factory=set)  # models no trusted worker serves: no traffic (serve.allow_unverified)
+    hold: str = ""  # why it gets no traffic at all besides health and quarantine ("" = none)
+    address: str = ""  # normalised host:port (serve.worker_address)
+    addresses: frozenset[str] = frozenset()  # every host:port it is known by (its resolved IPs too): quarantine keys
+    key_hash: str | None = None  # hash of its own API key: a quarantine key
 
     @property
     def routable(self) -> bool:
-        """Whether it may be given requests at all: not quarantined, and not waiting for its first canary check."""
-        return not self.quarantined and self.canary != "pending"
+        """Whether it may be given requests at all: not quarantined, and not held (serve.canary)."""
+        return not self.quarantined and not self.hold
 
     def owns(self, token: str) -> bool:
         """Whether `token` is this worker's own secret (constant time)."""
@@ -105,7 +113,8 @@ class Worker:
             "id": self.id, "url": self.url, "region": self.region, "healthy": self.healthy, "draining": self.draining,
             "outstanding": self.outstanding, "latency_ms": round(self.ttft_ms, 3), "capacity": self.capacity,
             "models": sorted(self.models), "adapters": sorted(self.adapters), "static": self.static,
-            "quarantined": self.quarantined, "canary": self.canary,
+            "quarantined": self.quarantined, "canary": self.canary, "unverified": sorted(self.unverified),
+            "no_traffic": "quarantined: its canary answers differed from a trusted worker's" if self.quarantined else (self.hold or None),
         }
 
 
@@ -118,12 +127,14 @@ class WorkerRegistry:
         self.workers: dict[str, Worker] = {}
         self._task: asyncio.Task | None = None
         self._probing: dict[str, asyncio.Task] = {}
+        self.quarantine: QuarantineBook | None = None  # sticky quarantine records (set by the app)
 
     # -- membership --
     def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None) -> Worker:
         """Add a worker named in settings: trusted, never expired or removed. It is healthy once probed."""
         worker = Worker(new_worker_id(), url.rstrip("/"), region, self.cfg.worker_capacity, static=True,
-                        declared_models=tuple(models), headers=upstream_headers(api_key), canary="trusted")
+                        declared_models=tuple(models), headers=upstream_headers(api_key), canary="trusted",
+                        address=_address_or_blank(url))
         self.workers[worker.id] = worker
         logger.info("static worker %s: %s region=%s", worker.id, worker.url, region)
         return worker
@@ -132,15 +143,27 @@ class WorkerRegistry:
                    api_key: str | None = None) -> tuple[Worker, str]:
         """Admit a worker that registered itself, after reading what it serves; returns it and its new secret.
 
-        Its models are those its `/v1/models` lists; every declared one must be among them. Joining again under the
-        URL of a joined worker replaces that entry but keeps its draining and quarantine marks.
+        Its models are those its `/v1/models` lists; every declared one must be among them, and its list is fixed
+        from now on (the declared ones, else those listed now). Joining again under the address of a joined worker
+        replaces that entry but keeps its draining mark. A quarantined worker (by address or API key) cannot join.
 
         Raises:
-            RouterError: 400 the worker does not serve a declared model or lists none; 409 the URL is a static
-                worker; 502 its `/v1/models` could not be read (unreachable, wrong API key).
+            RouterError: 400 the worker does not serve a declared model or lists none, or the URL is invalid; 403 it
+                is quarantined (serve/quarantine.py); 409 the URL is a static worker; 502 its `/v1/models` could not
+                be read (unreachable, wrong API key).
         """
         url = url.rstrip("/")
         headers = upstream_headers(api_key)
+        try:
+            addresses = await addresses_of(url)
+        except ValueError as exc:
+            raise RouterError(400, str(exc), param="url") from exc
+        key_hash = hash_secret(api_key) if api_key else None
+        record = self.quarantine.match(addresses, key_hash) if self.quarantine is not None else None
+        if record is not None:
+            raise RouterError(403, f"this worker ({record.address}) is quarantined since its canary answers differed from a "
+                                   "trusted worker's; it cannot join until an operator clears it "
+                                   f"(`appliance fleet unquarantine {record.address}`)")
         try:
             listing = await self._fetch_models(url, headers)
         except RouterError as exc:
@@ -151,12 +174,15 @@ class WorkerRegistry:
         if missing or not seen:
             raise RouterError(400, f"the worker at {url} does not serve {', '.join(missing) or 'any model'}: its /v1/models lists "
                                    f"{', '.join(sorted(seen)) or 'nothing'}", param="models")
-        previous = next((w for w in self.workers.values() if w.url == url), None)
+        address = normalised_address(url)
+        previous = next((w for w in self.workers.values() if w.url == url or w.address == address), None)
         if previous is not None and previous.static:
             raise RouterError(409, f"{url} is the static worker {previous.id} (serve.workers); it cannot join")
         secret = secrets.token_urlsafe(32)
-        worker = Worker(new_worker_id(), url, region, capacity or self.cfg.worker_capacity, declared_models=declared,
-                        secret_hash=hash_secret(secret), headers=headers)
+        # Its model list is fixed here: what it declared, else what it lists now (a change needs a new join).
+        worker = Worker(new_worker_id(), url, region, capacity or self.cfg.worker_capacity,
+                        declared_models=declared or tuple(sorted(seen)), secret_hash=hash_secret(secret), headers=headers,
+                        address=address, addresses=frozenset(addresses), key_hash=key_hash)
         if previous is not None:  # a worker cannot shed its marks by joining again
             worker.draining, worker.quarantined = previous.draining, previous.quarantined
             worker.canary = "failed" if previous.quarantined else worker.canary
@@ -179,7 +205,8 @@ class WorkerRegistry:
 
     def serving(self, model: str) -> list[Worker]:
         """Routable workers that list `model` as a base model or a loaded adapter (healthy or not)."""
-        return [w for w in self.workers.values() if (model in w.models or model in w.adapters) and w.routable]
+        return [w for w in self.workers.values()
+                if (model in w.models or model in w.adapters) and w.routable and model not in w.unverified]
 
     def trusted(self) -> list[Worker]:
         """Healthy static workers: the reference answers of canary checks come from them."""
@@ -263,8 +290,9 @@ class WorkerRegistry:
 
     @staticmethod
     def _apply_listing(worker: Worker, listing: dict[str, Any]) -> None:
-        """Models: what the worker lists (only the declared ones, if it declared some). Adapters: what it lists; for a
-        joined worker only among those the router itself loaded there (it cannot attract traffic for others)."""
+        """Models: what the worker lists (only the declared ones, if it declared some; a joined worker's are fixed at
+        join). Adapters: what it lists; for a joined worker only among those the router itself loaded there (it cannot
+        attract traffic for others)."""
         models, adapters = set(), set()
         for card in _cards(listing):
             (adapters if card.get("parent") else models).add(card["id"])
@@ -289,3 +317,11 @@ def _cards(listing: dict[str, Any]) -> list[dict[str, Any]]:
     """The well-formed model cards of a `/v1/models` answer."""
     data = listing.get("data")
     return [c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)] if isinstance(data, list) else []
+
+
+def _address_or_blank(url: str) -> str:
+    """The normalised address of a static worker's URL ("" when it cannot be read: settings validate it elsewhere)."""
+    try:
+        return normalised_address(url)
+    except ValueError:
+        return ""

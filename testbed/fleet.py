@@ -72,7 +72,9 @@ class GeoFleet:
         return ensure_token(self.home / "keys", "join_token")
 
     def _router_env(self) -> dict[str, str]:
-        env = {"APPLIANCE_HOME": str(self.home)}
+        # Every worker of this fleet joins and no trusted (static) worker serves their model, so nothing could check
+        # them: the test bed allows unverified models (serve.allow_unverified) unless serve_env says otherwise.
+        env = {"APPLIANCE_HOME": str(self.home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"}
         env.update({f"APPLIANCE_SERVE__{k.upper()}": str(v) for k, v in self.serve_env.items()})
         return env
 
@@ -124,7 +126,9 @@ class GeoFleet:
         self.bed.spawn(region, f"join-{name}", appliance_argv(
             "worker", "join", "--router", self.bed.url(region, self.router_region, self.router_port),
             "--region", region, "--advertise", advertised, "--heartbeat-s", "2", *args),
-            env={"APPLIANCE_HOME": str(worker_home), "APPLIANCE_JOIN_TOKEN": self.join_token, **(extra_env or {})})
+            # The bed's private network is plain HTTP: the join token may cross it (the README's worker uses https).
+            env={"APPLIANCE_HOME": str(worker_home), "APPLIANCE_JOIN_TOKEN": self.join_token, "APPLIANCE_ALLOW_PLAIN_HTTP": "true",
+                 **(extra_env or {})})
         worker = FleetWorker(name, region, port, url, advertised)
         self.workers[name] = worker
         return worker

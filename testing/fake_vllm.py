@@ -29,7 +29,8 @@ this long before its first chunk; a non-streamed answer waits before answering) 
 completion requests (default all; drawn from a generator seeded by `seed`: a heavy tail), `chunk_delay_s` (sleep
 between stream chunks), `break_after_chunks` (a stream stops after K chunks
 without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `die_after` (the process exits
-after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text instead). `GET /fake/requests` lists what was
+after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text instead),
+`extra_models` (more base models its `/v1/models` lists). `GET /fake/requests` lists what was
 received (path, model, the last message or prompt as `prompt`, headers named `x-*`), for assertions; a completion whose client disconnected
 during its `delay_s` or `first_byte_delay_s` is abandoned, as vLLM aborts it, and its entry gets `"cancelled": true`.
 """
@@ -52,7 +53,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after",
-                   "refuse_loads", "forge", "first_byte_delay_s", "first_byte_delay_fraction")
+                   "refuse_loads", "forge", "first_byte_delay_s", "first_byte_delay_fraction", "extra_models")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -97,6 +98,7 @@ class FakeBackend:
         self.first_byte_delay_s = first_byte_delay_s
         self.first_byte_delay_fraction = first_byte_delay_fraction
         self._rng = random.Random(seed)
+        self.extra_models: list[str] = []  # more base models listed besides `model` (a worker changing its list)
         self._auth = f"Bearer {api_key}".encode() if api_key else None
         self.adapters: dict[str, str] = {}
         self.requests: list[dict[str, Any]] = []
@@ -152,7 +154,8 @@ class FakeBackend:
             setattr(self, key, value)
 
     def _models(self) -> dict[str, Any]:
-        data = [{"id": self.model, "object": "model", "created": self.created, "owned_by": "fake", "root": self.model, "parent": None}]
+        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "fake", "root": m, "parent": None}
+                for m in [self.model, *self.extra_models]]
         data += [
             {"id": n, "object": "model", "created": self.created, "owned_by": "fake", "root": p, "parent": self.model}
             for n, p in self.adapters.items()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import ConfigError
+from appliance.core.processes import open_private_log
 from appliance.core.types import StateDict
 from train.engine import _free_port as free_port
 from train.run_folder import read_metrics
@@ -89,7 +90,7 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
     log_path = run_dir / LAUNCHER_LOG
     latest = run_dir / "checkpoints" / "latest"
     seen = int("".join(c for c in latest.read_text() if c.isdigit()) or 0) if resume and latest.is_file() else 0  # last step reported
-    with open(log_path, "ab") as out:
+    with open_private_log(log_path) as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
         try:
             while proc.poll() is None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.core.processes import open_private_log
 from appliance.core.types import StateDict
 from train.distributed import launch_env, launcher_command, stop_process_group
 from train.engine import FitResult, TrainingFailed
@@ -129,7 +130,7 @@ class RankGroup:
         listener.settimeout(0.5)
         cmd = launcher_command(self.ranks, [str(path)], hostfile=self.hostfile, module="train.rank_group")
         log_path = self._dir / "launcher.log"
-        with open(log_path, "ab") as out:
+        with open_private_log(log_path) as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
         self.starts += 1
         deadline = time.monotonic() + self.start_timeout_s

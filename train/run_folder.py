@@ -115,7 +115,10 @@ class RunFolder:
     def attach_log(self) -> logging.Handler | None:
         if self.path is None or _rank() != 0:
             return None
-        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        log = self.path / "train.log"
+        log.touch(mode=0o600)
+        log.chmod(0o600)  # owner only, like every log of the appliance
+        handler = logging.FileHandler(log, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("train").addHandler(handler)
         return handler

@@ -1,21 +1,30 @@
 """The console: one Gradio app with the Chat, Train, Federation, Fleet and Adapters tabs.
 
 `build_console(settings)` returns the `gr.Blocks`; `launch_console(settings)` serves it, with a login in front
-when it listens beyond the loopback interface (user `admin` with the router's admin token, or `ui.users`).
+(`ui/login.py`: user `admin` with the console password, `ui.admin_password` or `keys/console_password`, never the
+router's admin token; `ui.users`; or once, the login link `appliance up` prints) unless `ui.require_login` is off on a
+loopback bind. Uploads and exports go to a private temporary folder (0700, under the appliance home) removed at exit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import ConfigError
 from appliance.core.net import is_loopback
-from appliance.core.secrets import same_secret
 from appliance.core.settings import ApplianceSettings
-from appliance.core.tls import check_server_files
+from appliance.core.tls import check_public_bind, check_server_files
+from appliance.core.tokens import take_login_link
 from ui.context import ConsoleContext
+from ui.login import LoginGate, LoginLinkPage
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +51,25 @@ def build_console(settings: ApplianceSettings, ctx: ConsoleContext | None = None
     return demo
 
 
-def needs_login(host: str) -> bool:
-    """Whether the console must ask for a login: any bind address other than loopback."""
-    return not is_loopback(host)
+def needs_login(host: str, require_login: bool = False) -> bool:
+    """Whether the console must ask for a login: any bind address other than loopback, or `ui.require_login`."""
+    return require_login or not is_loopback(host)
 
 
-def make_auth(admin_token: str, users: dict[str, str]) -> Callable[[str, str], bool]:
-    """A Gradio auth function: `admin` + the admin token, or a configured user and password (constant-time)."""
+def make_auth(admin_password: str, users: dict[str, str], once: str | None = None) -> Callable[[str, str], bool]:
+    """A Gradio auth function: `admin` + the console password, a configured user and password, or once `once`
+    (constant-time, rate-limited: `ui.login.LoginGate`)."""
+    return LoginGate(admin_password, users, once=once)
 
-    def check(username: str, password: str) -> bool:
-        if username == "admin" and same_secret(password, admin_token):
-            return True
-        expected = users.get(username)
-        return expected is not None and same_secret(password, expected)
 
-    return check
+def private_temp_dir(settings: ApplianceSettings) -> Path:
+    """A new folder for this console's uploads and exports (mode 0700, under `home/tmp`), instead of the shared
+    `/tmp/gradio`; Gradio is pointed at it through `GRADIO_TEMP_DIR`."""
+    root = settings.home / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="console-", dir=root))  # mode 0700
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    return path
 
 
 def launch_console(settings: ApplianceSettings, *, host: str | None = None, port: int | None = None) -> None:
@@ -65,17 +78,31 @@ def launch_console(settings: ApplianceSettings, *, host: str | None = None, port
     Raises:
         ConfigError: the port is taken, or the certificate or key (ui.tls_cert, ui.tls_key) cannot be used.
     """
-    import gradio as gr
-
     host = host or settings.ui.host
     port = settings.ui.port if port is None else port
+    check_public_bind("console", host, settings.ui.tls_cert is not None, settings.env, "ui")
+    temp_dir = private_temp_dir(settings)  # before Gradio is imported: some of its modules read it at import
+    try:
+        _serve(settings, host, port)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _serve(settings: ApplianceSettings, host: str, port: int) -> None:
+    import gradio as gr
+
+    # SIGTERM (the supervisor's stop) unwinds like Ctrl-C, so the private folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ctx = ConsoleContext.from_settings(settings)
     demo = build_console(settings, ctx)
     kwargs: dict[str, Any] = {}
-    if needs_login(host):
+    if needs_login(host, settings.ui.require_login):
+        from starlette.middleware import Middleware
+
         users = {u: p.get_secret_value() for u, p in settings.ui.users.items()}
-        kwargs["auth"] = make_auth(ctx.admin_token, users)
-        kwargs["auth_message"] = "Log in as admin with the admin token (printed by `appliance up`), or a configured user."
+        kwargs["auth"] = make_auth(ctx.login_password, users, once=take_login_link(settings))
+        kwargs["app_kwargs"] = {"middleware": [Middleware(LoginLinkPage)]}
+        kwargs["auth_message"] = "Log in as admin with the console password (keys/console_password, shown by `appliance up`), or a configured user."
     if settings.ui.tls_cert is not None:
         check_server_files(settings.ui.tls_cert, settings.ui.tls_key)
         # ssl_verify only concerns Gradio's start-up probe of its own loopback URL, which a certificate made for the

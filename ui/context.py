@@ -10,7 +10,7 @@ from typing import Any
 
 from appliance.core.adapter_registry import AdapterRegistry
 from appliance.core.errors import ApplianceError
-from appliance.core.secrets import ensure_token
+from appliance.core.tokens import console_password, coordinator_status_token, router_admin_token
 from appliance.core.settings import ApplianceSettings
 from appliance.core.tls import client_context
 from ui.services import RouterClient, ServiceClient, coordinator_client
@@ -26,25 +26,28 @@ class ConsoleContext:
     router: RouterClient
     coordinator: ServiceClient
     registry: AdapterRegistry
-    admin_token: str
+    admin_token: str  # the router's (held here, never shown)
+    login_password: str  # the console's own password for user admin (ui.admin_password / keys/console_password)
     # (fn, inputs, outputs) the tabs want run when a page opens; the app wires them to `Blocks.load`.
     on_load: list[tuple[Callable[..., Any], list[Any], list[Any]]] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, settings: ApplianceSettings) -> "ConsoleContext":
-        """Resolve service URLs and tokens (the admin token from settings or `keys/admin_token`)."""
+        """Resolve service URLs and tokens (each from its setting or its file under `keys/`: appliance.core.tokens)."""
         ui = settings.ui
         router_url = ui.router_url or f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}"
         coordinator_url = ui.coordinator_url or f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"
         verify = client_context(settings.tls_ca_file)
-        admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        admin_token = router_admin_token(settings)
         api_key = settings.serve.api_keys[0].get_secret_value() if settings.serve.api_keys else None
         return cls(
             settings=settings,
-            router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s, verify),
-            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s, admin_token, verify),
+            router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s, verify, settings.allow_plain_http),
+            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s, coordinator_status_token(settings), verify,
+                                           settings.allow_plain_http),
             registry=AdapterRegistry(settings.adapters_dir),
             admin_token=admin_token,
+            login_password=console_password(settings),
         )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.atomic import write_json_atomic
-from appliance.core.processes import pid_alive
+from appliance.core.processes import open_private_log, pid_alive, process_start_ticks, same_process
 
 
 def launches_dir(home: Path) -> Path:
@@ -81,18 +81,20 @@ def record_state(record: dict[str, Any], alive: str = "running") -> str:
     or gone without one)."""
     code = record.get("exit_code")
     if code is None:
-        return alive if pid_alive(record.get("pid")) or pid_alive(record.get("wrapper_pid")) else "failed"
+        own = same_process(record.get("pid"), record.get("pid_start"))
+        return alive if own or pid_alive(record.get("wrapper_pid")) else "failed"
     if record.get("stop_requested"):
         return "stopped"
     return "done" if code == 0 else "failed"
 
 
 def stop(home: Path, launch_id: str, sig: int = signal.SIGTERM) -> bool:
-    """Ask a launched process to stop (SIGTERM to its process group); marks the record. False if not running."""
+    """Ask a launched process to stop (SIGTERM to its process group); marks the record. False if not running, or if
+    its pid now names another process (the record's start time differs): that one is never signalled."""
     path = launches_dir(home) / f"{launch_id}.json"
     record = read_record(path)
     pid = record.get("pid")
-    if not pid_alive(pid):
+    if not same_process(pid, record.get("pid_start")):
         return False
     record["stop_requested"] = True
     write_json_atomic(path, record)
@@ -107,10 +109,11 @@ def _main(argv: list[str]) -> int:
     record_path = Path(argv[0])
     cmd = argv[argv.index("--") + 1:]
     record = read_record(record_path)
-    with open(record["log"], "ab") as log:
+    with open_private_log(Path(record["log"])) as log:
         # The child leads its own process group so a stop reaches everything it starts (DeepSpeed, compilers).
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         record["pid"] = child.pid
+        record["pid_start"] = process_start_ticks(child.pid)  # so a stop never signals a later process of that pid
         record["wrapper_pid"] = os.getpid()  # alive until the exit code is written: no gap that reads as a crash
         write_json_atomic(record_path, record)
         code = child.wait()

@@ -16,6 +16,7 @@ import httpx
 
 from appliance.core.router_client import RouterClient as AdminRouterClient
 from appliance.core.router_client import ServiceClient, ServiceUnavailable, error_text
+from appliance.core.tls import refuse_plain_http_token
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,9 @@ class RouterClient(AdminRouterClient):
     chat through `/v1/*` (API key)."""
 
     def __init__(self, base_url: str, admin_token: str | None, api_key: str | None = None, timeout_s: float = 10.0,
-                 verify: bool | ssl.SSLContext = True):
-        super().__init__(base_url, admin_token, timeout_s=timeout_s, verify=verify)
-        self.api = ServiceClient("router", self.base_url, api_key, timeout_s, self.hint, verify)
+                 verify: bool | ssl.SSLContext = True, allow_plain_http: bool = False):
+        super().__init__(base_url, admin_token, timeout_s=timeout_s, verify=verify, allow_plain_http=allow_plain_http)
+        self.api = ServiceClient("router", self.base_url, api_key, timeout_s, self.hint, verify, allow_plain_http)
 
     def models(self) -> list[str]:
         """Model and adapter names the router answers to (`GET /v1/models`)."""
@@ -42,6 +43,8 @@ class RouterClient(AdminRouterClient):
         """
         body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, "stream": True}
         url = f"{self.base_url}/v1/chat/completions"
+        if self.api.token:
+            refuse_plain_http_token(url, self.allow_plain_http)
         try:
             with httpx.stream("POST", url, json=body, headers=self.api.headers(), timeout=httpx.Timeout(600.0, connect=5.0),
                               verify=self.verify) as resp:
@@ -59,8 +62,8 @@ class RouterClient(AdminRouterClient):
             raise ServiceUnavailable(f"The router at {self.base_url} is not reachable ({type(exc).__name__}). {self.hint}") from exc
 
     def metrics_text(self) -> str:
-        """`GET /metrics` (Prometheus text)."""
-        return str(self.api.request("GET", "/metrics"))
+        """`GET /metrics` (Prometheus text; with the admin token, which a router beyond loopback asks for)."""
+        return str(self.request("GET", "/metrics"))
 
 
 STREAM_DONE: Any = object()
@@ -90,10 +93,11 @@ def parse_sse_line(line: str) -> Any:
     return (choices[0].get("delta") or {}).get("content") or None
 
 
-def coordinator_client(base_url: str, timeout_s: float = 10.0, admin_token: str | None = None,
-                       verify: bool | ssl.SSLContext = True) -> ServiceClient:
-    """A client for the coordinator's HTTP status (`GET /status`; the admin token is needed beyond loopback)."""
+def coordinator_client(base_url: str, timeout_s: float = 10.0, status_token: str | None = None,
+                       verify: bool | ssl.SSLContext = True, allow_plain_http: bool = False) -> ServiceClient:
+    """A client for the coordinator's HTTP status (`GET /status`; its status token is needed beyond loopback)."""
     return ServiceClient(
-        "federation coordinator", base_url, admin_token, timeout_s,
+        "federation coordinator", base_url, status_token, timeout_s,
         "Start one with `appliance coordinator start` (or `appliance up`), or run the demo from this tab.", verify,
+        allow_plain_http,
     )

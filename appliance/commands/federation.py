@@ -67,15 +67,16 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."
 def status(ctx: typer.Context, url: Optional[str] = typer.Option(None, "--url", help="Status URL (default: local coordinator).")) -> None:
     """Show silos (online, last seen, rounds) and rounds (participants, metrics, bytes, duration)."""
     from appliance.core.net import connectable_host
-    from appliance.core.secrets import ensure_token
+    from appliance.core.tokens import coordinator_status_token
     from federation.report import fetch_status, format_status
 
     with cli_errors():
         settings = settings_from(ctx)
-        token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        token = coordinator_status_token(settings)
         f = settings.federation
         default = f"{f.scheme}://{connectable_host(f.bind_host)}:{f.status_port}/status"
-        typer.echo(format_status(fetch_status(url or default, token=token, ca_file=settings.tls_ca_file)))
+        typer.echo(format_status(fetch_status(url or default, token=token, ca_file=settings.tls_ca_file,
+                                                  allow_plain_http=settings.allow_plain_http)))
 
 
 @coordinator_app.command("start")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from appliance.commands.common import cli_errors, console, settings_from
-from appliance.core.secrets import ensure_token
+from appliance.core.tokens import router_admin_token
 
 keys_app = typer.Typer(help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True)
 adapters_app = typer.Typer(help="Publish registry adapters on the router's workers.", no_args_is_help=True)
@@ -19,9 +19,9 @@ def _admin(ctx: typer.Context, router: Optional[str]):
     from appliance.core.tls import client_context
 
     settings = settings_from(ctx)
-    token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+    token = router_admin_token(settings)
     url = router or router_url(settings.serve.host, settings.serve.port, settings.serve.scheme)
-    return settings, RouterClient(url, token, verify=client_context(settings.tls_ca_file))
+    return settings, RouterClient(url, token, verify=client_context(settings.tls_ca_file), allow_plain_http=settings.allow_plain_http)
 
 
 _ROUTER = typer.Option(None, "--router", help="Router URL (default: from settings, http://127.0.0.1:8000).")
@@ -89,7 +89,7 @@ def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key
         console.print(f"revoked key {gone.name!r} ({gone.id})", highlight=False)
 
 
-fleet_app = typer.Typer(help="The router's workers: list them (default), clear a quarantined one.")
+fleet_app = typer.Typer(help="The router's workers: list them (default), clear a quarantined one or address.")
 
 
 @fleet_app.callback(invoke_without_command=True)
@@ -99,13 +99,15 @@ def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
 
     if ctx.invoked_subcommand is not None:
         return
+    from appliance.core.router_client import canary_label
+
     with cli_errors():
         _, client = _admin(ctx, router)
         # The id (what `fleet clear` takes) and the canary verdict are never cut, however narrow the terminal.
         table = Table(Column("id", no_wrap=True), "url", "region", "healthy", "draining", Column("canary", no_wrap=True),
                       "outstanding", "latency ms", "models", "adapters")
         for w in client.workers():
-            canary = "QUARANTINED" if w.get("quarantined") else w.get("canary", "")
+            canary = canary_label(w)
             table.add_row(w["id"], w["url"], w["region"], "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
                           canary, str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
         console.print(table)
@@ -119,6 +121,28 @@ def fleet_clear(ctx: typer.Context, worker_id: str = typer.Argument(..., help="T
         _, client = _admin(ctx, router)
         out = client.clear(worker_id)
         console.print(f"worker {out['id']} cleared (canary {out['canary']})", highlight=False)
+
+
+@fleet_app.command("quarantine")
+def fleet_quarantine(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
+    """List the sticky quarantine: workers refused (by address or API key) until you clear them."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        rows = client.quarantine()
+        for r in rows:
+            console.print(f"{r['address']}  worker {r['worker_id']}  since {r['since']}  {r['reason']}", highlight=False)
+        if not rows:
+            console.print("no worker is quarantined")
+
+
+@fleet_app.command("unquarantine")
+def fleet_unquarantine(ctx: typer.Context, address: str = typer.Argument(..., help="The worker's host:port or URL."),
+                       router: Optional[str] = _ROUTER) -> None:
+    """Clear the quarantine of the worker at ADDRESS, also after it is gone; it may join again."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.unquarantine(address)
+        console.print(f"cleared {', '.join(out['cleared'])}", highlight=False)
 
 
 @adapters_app.command("list")

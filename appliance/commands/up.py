@@ -13,6 +13,7 @@ from appliance.commands.common import cli_errors, console, err_console, settings
 from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
 from appliance.core.processes import stop_on_signals
 from appliance.core.secrets import ensure_token, masked
+from appliance.core.tokens import console_password, issue_login_link, router_admin_token
 from appliance.core.settings import ApplianceSettings
 
 
@@ -38,11 +39,19 @@ def _coordinator_key(settings: ApplianceSettings) -> str | None:
     return ensure_keypair(settings.keys_dir, "coordinator").public
 
 
-def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_token: str, coordinator_key: str | None) -> str:
+def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_token: str, coordinator_key: str | None,
+            login_link: str | None = None) -> str:
     lines = ["", "FedLLM Appliance is up. Ctrl-C stops everything.", ""]
     lines += [f"  {c.name:<12} {c.url}" for c in children if c.url]
     where = "serve.admin_token" if settings.serve.admin_token else f"cat {settings.keys_dir / 'admin_token'}"
-    lines += ["", f"  admin token  {masked(admin_token)}   (the whole token: {where})", f"  logs         {settings.logs_dir}", ""]
+    lines += ["", f"  admin token  {masked(admin_token)}   (the whole token: {where})"]
+    if any(c.name == "console" for c in children):
+        password = console_password(settings)
+        shown = "ui.admin_password" if settings.ui.admin_password else f"cat {settings.keys_dir / 'console_password'}"
+        lines += [f"  console      user admin, password {masked(password)}   (the whole password: {shown})"]
+        if login_link:
+            lines += [f"  log in once  {login_link}   (one click logs you in; the link works once)"]
+    lines += [f"  logs         {settings.logs_dir}", ""]
     if coordinator_key:
         lines += [f"  coordinator public key (for silos)  {coordinator_key}", ""]
     chat = next((c.url for c in children if c.name == "router"), None) or next((c.url for c in children if c.url), None)
@@ -56,6 +65,17 @@ def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_
         lines += ["Chat:", f"  curl {chat}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
                   f"  python: OpenAI(base_url=\"{chat}\", api_key=\"...\").chat.completions.create(model=\"{model}\", messages=[...])", ""]
     return "\n".join(lines)
+
+
+def _login_link(settings: ApplianceSettings, children: list[Any]) -> str | None:
+    """A one-time login link for the console `up` starts (None without a console, or without a login to ask)."""
+    from ui.app import needs_login
+    from ui.login import LINK_PATH
+
+    console_child = next((c for c in children if c.name == "console"), None)
+    if console_child is None or not needs_login(settings.ui.host, settings.ui.require_login):
+        return None
+    return f"{console_child.url}{LINK_PATH}#{issue_login_link(settings)}"
 
 
 def up(
@@ -77,11 +97,12 @@ def up(
             err_console.print(f"[bold red]error:[/] `appliance up` already runs here (pid {running['pid']}); see `appliance status`")
             raise typer.Exit(code=1)
         model = _prepared_model(settings)
-        admin_token = ensure_token(settings.keys_dir, "admin_token", settings.serve.admin_token)
+        admin_token = router_admin_token(settings)
         ensure_token(settings.keys_dir, "join_token", settings.serve.join_token)
         children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"),
                                        without=frozenset(without))
         coordinator_key = _coordinator_key(settings) if any(c.name == "coordinator" for c in children) else None
+        login_link = _login_link(settings, children)
         urls = {c.name: c.url for c in children}
         sup = Supervisor(children, settings.logs_dir, path, backoff_initial_s=backoff_s, info={"home": str(settings.home), "urls": urls})
         stop = stop_on_signals()
@@ -89,7 +110,7 @@ def up(
         console.print(f"starting {', '.join(c.name for c in children)} (logs in {settings.logs_dir})", highlight=False)
         sup.start(stop)
         if not stop.is_set():
-            console.print(_banner(settings, children, model, admin_token, coordinator_key), highlight=False, markup=False, soft_wrap=True)
+            console.print(_banner(settings, children, model, admin_token, coordinator_key, login_link), highlight=False, markup=False, soft_wrap=True)
         try:
             sup.supervise(stop)
         finally:

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,45 @@ def _new_group_die_with_parent() -> None:  # pragma: no cover - runs in the fork
     _die_with_parent()
 
 
+def process_start_ticks(pid: int | None) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), None when it does not exist.
+
+    A pid is reused once its process is gone; a pid together with its start time names one process for good, so a
+    stop can check that the pid it read from a record is still the process that record started.
+    """
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as f:
+            return int(f.read().rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def same_process(pid: int | None, start_ticks: int | None) -> bool:
+    """Whether `pid` is alive and is the process that started at `start_ticks` (a record without a start time, from
+    an earlier version, trusts the pid alone)."""
+    if not pid_alive(pid):
+        return False
+    return start_ticks is None or process_start_ticks(pid) == start_ticks
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """Open a log for appending, readable by its owner only (0600, also when it already existed; its folder 0700):
+    logs carry prompts' metadata, paths and peers' addresses."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | None = None, *, new_group: bool = True) -> subprocess.Popen:
     """Start `argv` with stdout and stderr appended to `log_path`, SIGTERMed if this process dies.
 
     With `new_group` (the default) it leads a new process group, so `stop_process_group` reaches all its descendants;
     without, it stays in the caller's group (whoever supervises the caller then stops both with one group signal).
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as logf:
+    with open_private_log(log_path) as logf:
         logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         logf.flush()
         return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, close_fds=True,

@@ -21,6 +21,7 @@ import httpx
 
 from appliance.core.errors import ApplianceError
 from appliance.core.net import connectable_host
+from appliance.core.tls import refuse_plain_http_token
 
 if TYPE_CHECKING:
     from appliance.core.adapter_registry import AdapterVersion
@@ -51,6 +52,8 @@ class ServiceClient:
         hint: What to run when it is down.
         verify: TLS verification of an https service: True (the system's trust store) or an `ssl.SSLContext`
             (`appliance.core.tls.client_context(settings.tls_ca_file)` for a private CA).
+        allow_plain_http: send tokens over plain http:// beyond loopback (settings' `allow_plain_http`; refused by
+            default: `appliance.core.tls.refuse_plain_http_token`).
     """
 
     name: str
@@ -59,6 +62,7 @@ class ServiceClient:
     timeout_s: float = 10.0
     hint: str = ""
     verify: bool | ssl.SSLContext = True
+    allow_plain_http: bool = False
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         """The Authorization header for `token` (default: the client's own), or none."""
@@ -74,11 +78,15 @@ class ServiceClient:
 
         Raises:
             ServiceUnavailable: connection failed, timed out, or the answer was an HTTP error (its `status` set).
+            ConfigError: a token would go over plain HTTP beyond loopback.
         """
         url = f"{self.base_url.rstrip('/')}{path}"
         kwargs.setdefault("timeout", self.timeout_s)
+        headers = self.headers(token)
+        if headers:
+            refuse_plain_http_token(url, self.allow_plain_http)
         try:
-            resp = httpx.request(method, url, headers=self.headers(token), verify=self.verify, **kwargs)
+            resp = httpx.request(method, url, headers=headers, verify=self.verify, **kwargs)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(
                 f"The {self.name} at {self.base_url} is not reachable ({type(exc).__name__}: {exc}). {self.hint}".strip()
@@ -117,8 +125,9 @@ def latest_alias(name: str) -> str:
 class RouterClient(ServiceClient):
     """The router's admin API (`/admin/*`, admin token by default; the join and worker calls pass their own)."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 30.0, verify: bool | ssl.SSLContext = True):
-        super().__init__("router", base_url.rstrip("/"), token, timeout_s, ROUTER_HINT, verify)
+    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 30.0, verify: bool | ssl.SSLContext = True,
+                 allow_plain_http: bool = False):
+        super().__init__("router", base_url.rstrip("/"), token, timeout_s, ROUTER_HINT, verify, allow_plain_http)
 
     # -- workers --
     def workers(self) -> list[dict[str, Any]]:
@@ -149,6 +158,16 @@ class RouterClient(ServiceClient):
     def clear(self, worker_id: str) -> dict[str, Any]:
         """`POST /admin/workers/{id}/clear` (admin): lift a worker's quarantine."""
         return self.request("POST", f"/admin/workers/{worker_id}/clear")
+
+    def quarantine(self) -> list[dict[str, Any]]:
+        """`GET /admin/quarantine` (admin): the sticky quarantine records."""
+        return self.request("GET", "/admin/quarantine")
+
+    def unquarantine(self, address: str) -> dict[str, Any]:
+        """`DELETE /admin/quarantine/{address}` (admin): clear the quarantine of the worker at host:port (or URL)."""
+        from urllib.parse import quote
+
+        return self.request("DELETE", f"/admin/quarantine/{quote(address, safe='')}")
 
     def remove_worker(self, worker_id: str, *, token: str | None = None) -> dict[str, Any]:
         """`DELETE /admin/workers/{id}` (the worker's secret or the admin token)."""
@@ -189,3 +208,15 @@ class RouterClient(ServiceClient):
 def router_url(host: str, port: int, scheme: str = "http") -> str:
     """The URL a local client uses for a router bound to `host:port` (a wildcard bind is reached on loopback)."""
     return f"{scheme}://{connectable_host(host)}:{port}"
+
+
+def canary_label(worker: dict[str, Any]) -> str:
+    """The canary column of a `GET /admin/workers` row (CLI and console): QUARANTINED, NO TRAFFIC with its reason, the
+    verdict with the models it gets no traffic for, or the verdict alone."""
+    if worker.get("quarantined"):
+        return "QUARANTINED"
+    verdict = str(worker.get("canary") or "")
+    unverified = ", ".join(worker.get("unverified") or [])
+    if worker.get("no_traffic"):
+        return f"NO TRAFFIC: {worker['no_traffic']}"
+    return f"{verdict} (no traffic for unverified {unverified})" if unverified else verdict

@@ -58,6 +58,7 @@ class ApplianceSettings(BaseSettings):
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses placeholder secrets.")
     model: str = Field(DEFAULT_MODEL, description="Base model name in the model store.")
     log_level: str = Field("INFO", description="Python logging level.")
+    allow_plain_http: bool = Field(False, description="Send tokens over plain http:// to hosts beyond loopback (private test networks only; refused by default).")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle trusted instead of the system's when this appliance calls its services over HTTPS (private CAs).")
     train: TrainSettings = Field(default_factory=TrainSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
@@ -77,6 +78,8 @@ class ApplianceSettings(BaseSettings):
         secrets: list[tuple[str, SecretStr | None]] = [
             ("serve.admin_token", self.serve.admin_token),
             ("serve.join_token", self.serve.join_token),
+            ("federation.status_token", self.federation.status_token),
+            ("ui.admin_password", self.ui.admin_password),
         ] + [(f"serve.api_keys[{i}]", k) for i, k in enumerate(self.serve.api_keys)]
         bad = [name for name, s in secrets if s is not None and s.get_secret_value().strip().lower() in _PLACEHOLDER_SECRETS]
         if bad:

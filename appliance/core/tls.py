@@ -8,10 +8,15 @@ store, or against `tls_ca_file` (settings, top level) for a private CA. Nothing 
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from appliance.core.errors import ConfigError
+from appliance.core.net import is_loopback, stays_on_this_machine
+
+logger = logging.getLogger(__name__)
 
 
 def client_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
@@ -57,3 +62,42 @@ def check_server_files(cert: Path | str, key: Path | str) -> None:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"cannot serve HTTPS with tls_cert {cert} and tls_key {key}: {exc}") from exc
+
+
+def check_public_bind(service: str, host: str, serves_tls: bool, env: str, setting: str) -> None:
+    """Say so when a service listens beyond loopback over plain HTTP: a warning in `env: dev`, a refusal in `env: prod`.
+
+    Args:
+        service: what listens ("router", "console", "coordinator status").
+        host: its bind address.
+        serves_tls: whether it serves HTTPS.
+        env: the settings' `env` (dev | prod).
+        setting: the section whose `tls_cert`/`tls_key` turn HTTPS on ("serve", "ui", "federation").
+
+    Raises:
+        ConfigError: plain HTTP beyond loopback in `env: prod`.
+    """
+    if serves_tls or is_loopback(host):
+        return
+    message = (f"the {service} listens on {host} over plain HTTP: its tokens and traffic cross the network unencrypted; "
+               f"set {setting}.tls_cert and {setting}.tls_key (or put it behind a TLS proxy on 127.0.0.1)")
+    if env == "prod":
+        raise ConfigError(f"refusing to start: {message}")
+    logger.warning("%s", message)
+
+
+def refuse_plain_http_token(url: str, allow_plain_http: bool = False) -> None:
+    """Refuse to send a bearer token to `url` over plain HTTP unless its host is this machine.
+
+    Args:
+        url: where the token would go.
+        allow_plain_http: the operator's explicit opt-out (`allow_plain_http`: private test networks only).
+
+    Raises:
+        ConfigError: `url` is `http://` to a host beyond loopback.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or allow_plain_http or stays_on_this_machine(parts.hostname or ""):
+        return
+    raise ConfigError(f"refusing to send a token over plain HTTP to {parts.hostname}: use https:// (the service's tls_cert and "
+                      "tls_key), or set allow_plain_http: true for a private test network")

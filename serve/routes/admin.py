@@ -12,8 +12,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from serve.deps import json_body, require_admin, require_admin_or_join, require_worker_or_admin
+from appliance.core.secrets import same_secret
+from serve.deps import bearer, json_body, require_admin, require_admin_or_join, require_worker_or_admin
 from serve.errors import RouterError
+from serve.quarantine import addresses_of
+from serve.worker_address import normalised_address
 
 router = APIRouter(prefix="/admin")
 
@@ -75,10 +78,33 @@ async def drain(worker_id: str, request: Request) -> dict[str, Any]:
 
 @router.post("/workers/{worker_id}/clear", dependencies=[Depends(require_admin)])
 async def clear(worker_id: str, request: Request) -> dict[str, Any]:
-    """Lift a worker's quarantine (an operator's decision); it is checked again at the next canary round."""
+    """Lift a worker's quarantine (an operator's decision), its sticky record too; it is checked again among its traffic."""
     worker = _worker(request, worker_id)
     request.app.state.canaries.clear(worker)
     return {"id": worker.id, "quarantined": worker.quarantined, "canary": worker.canary}
+
+
+@router.get("/quarantine", dependencies=[Depends(require_admin)])
+async def list_quarantine(request: Request) -> list[dict[str, Any]]:
+    """The sticky quarantine records (serve/quarantine.py): workers refused until an operator clears them."""
+    return [r.describe() for r in request.app.state.registry.quarantine.records]
+
+
+@router.delete("/quarantine/{address:path}", dependencies=[Depends(require_admin)])
+async def clear_quarantine(address: str, request: Request) -> dict[str, Any]:
+    """Clear the quarantine of the worker at `address` (host:port or its URL), present or gone."""
+    try:
+        addresses = await addresses_of(address)
+    except ValueError as exc:
+        raise RouterError(400, f"{exc}; give the worker's host:port or URL", param="address") from exc
+    state = request.app.state
+    gone = state.registry.quarantine.clear(addresses)
+    present = [w for w in state.registry.workers.values() if w.quarantined and addresses & w.addresses]
+    for worker in present:
+        state.canaries.clear(worker)
+    if not gone and not present:
+        raise RouterError(404, f"no quarantined worker at {address!r}; GET /admin/quarantine lists them")
+    return {"address": normalised_address(address), "cleared": sorted({r.address for r in gone} | {w.address for w in present})}
 
 
 @router.delete("/workers/{worker_id}", dependencies=[Depends(require_worker_or_admin)])
@@ -87,6 +113,8 @@ async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
     worker = _worker(request, worker_id)
     if worker.static:
         raise RouterError(409, f"worker {worker_id} comes from settings (serve.workers); remove it there and restart the router")
+    if worker.quarantined and not same_secret(bearer(request), request.app.state.admin_token):
+        raise RouterError(403, f"worker {worker_id} is quarantined and cannot remove itself; only the operator can (admin token)")
     request.app.state.registry.remove(worker_id)
     return {"id": worker_id, "removed": True}
 

@@ -7,6 +7,8 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from appliance.core.net import is_loopback
+from serve.deps import require_admin
 from serve.protocol import ModelCard, ModelList
 
 
@@ -18,7 +20,7 @@ async def list_models(request: Request) -> Response:
     cards: dict[str, ModelCard] = {}
     created = int(time.time())
     for worker in registry.healthy():
-        for model in sorted(worker.models):
+        for model in sorted(worker.models - worker.unverified):
             cards.setdefault(model, ModelCard(id=model, created=created, root=model))
     for worker in registry.healthy():
         for adapter in sorted(worker.adapters):
@@ -39,8 +41,11 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """`GET /metrics` in Prometheus' text format."""
+    """`GET /metrics` in Prometheus' text format; beyond loopback only with the admin token (worker ids, models and
+    adapter names, traffic per key are the operator's business)."""
     state = request.app.state
+    if not is_loopback(state.settings.serve.host):
+        require_admin(request)
     state.metrics.workers_healthy.set(len(state.registry.healthy()))
     state.forwarder.outstanding()
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

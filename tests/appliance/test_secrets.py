@@ -55,3 +55,25 @@ def test_up_shows_a_masked_admin_token_and_where_the_whole_one_is(tmp_path):
 
     assert token not in text
     assert masked(token) in text and str(settings.keys_dir / "admin_token") in text
+
+
+def test_up_prints_the_console_password_masked_and_a_one_time_login_link(tmp_path):
+    from types import SimpleNamespace
+
+    from appliance.commands.up import _login_link
+    from appliance.core.tokens import console_password, take_login_link
+
+    # Arrange: a console child on loopback (the login is asked there too by default).
+    settings = make_settings(tmp_path)
+    children = [SimpleNamespace(name="console", url="http://127.0.0.1:7860")]
+    # Act
+    link = _login_link(settings, children)
+    text = _banner(settings, children, "m", ensure_token(settings.keys_dir, "admin_token"), None, link)
+    # Assert: the link carries the token the console will take once; the password itself is not printed.
+    token = link.split("#", 1)[1]
+    assert link.startswith("http://127.0.0.1:7860/login-link#") and link in text
+    password = console_password(settings)
+    assert password not in text and masked(password) in text and password != token
+    assert take_login_link(settings) == token and take_login_link(settings) is None  # taken once, gone from disk
+    off = make_settings(tmp_path / "off", ui={"require_login": False})
+    assert _login_link(off, children) is None and _login_link(settings, []) is None

@@ -239,15 +239,17 @@ async def test_a_removed_silo_loses_its_session_at_once(curve_homes):
     assert again.exit_code == 2
 
 
-async def test_status_needs_the_admin_token_beyond_loopback(curve_homes):
-    from appliance.core.secrets import ensure_token
+async def test_status_needs_the_status_token_beyond_loopback(curve_homes):
+    from appliance.core.tokens import coordinator_status_token, router_admin_token
 
     # CURVE: plaintext is refused beyond loopback
     async with federation(None, [], curve=curve_homes, rounds=1, min_silos=1, bind_host="0.0.0.0") as (coord, _):
-        token = ensure_token(coord.settings.keys_dir, "admin_token")
+        token = coordinator_status_token(coord.settings)
+        router_token = router_admin_token(coord.settings)
         async with httpx.AsyncClient() as client:
             anonymous = await client.get(coord.status_url)
             wrong = await client.get(coord.status_url, headers={"Authorization": "Bearer nope"})
+            routers = await client.get(coord.status_url, headers={"Authorization": f"Bearer {router_token}"})
             admin = await client.get(coord.status_url, headers={"Authorization": f"Bearer {token}"})
             health = await client.get(coord.status_url.replace("/status", "/health"))
         # the CLI sends the stored admin token (in a thread: this loop serves the coordinator)
@@ -256,7 +258,8 @@ async def test_status_needs_the_admin_token_beyond_loopback(curve_homes):
         home = coord.settings.home
         shown = await asyncio.to_thread(CliRunner().invoke, app, ["--home", str(home), "federation", "status", "--url", coord.status_url])
     assert shown.exit_code == 0 and "run testrun" in shown.output
-    assert anonymous.status_code == 401 and wrong.status_code == 401 and "admin token" in anonymous.text
+    assert anonymous.status_code == 401 and wrong.status_code == 401 and "status token" in anonymous.text
+    assert token != router_token and routers.status_code == 401  # the router's admin token does not open it
     assert admin.status_code == 200 and admin.json()["run"] == "testrun"
     assert health.status_code == 200
 

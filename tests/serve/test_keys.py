@@ -107,3 +107,57 @@ def test_revoke_refuses_an_unknown_key_and_keeps_the_others(tmp_path):
     assert revoke_key(tmp_path, "a").name == "a"
     assert [k.name for k in load_keys(tmp_path)] == ["b"]
     assert oct(keys_path(tmp_path).stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("change", ["corrupt", "empty", "emptied", "delete"])
+async def test_loopback_router_with_keys_keeps_requiring_them_whatever_happens_to_the_key_file(
+        fake_factory, router_factory, tmp_path, caplog, change):
+    # Arrange: the usual setup behind a TLS proxy on the same host: a loopback router with API keys.
+    home = tmp_path / "loopback"
+    key = create_key(home / "keys", "team-a")
+    router = await router_factory([fake_factory("m")], home=home)
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 401
+        # Act: the key file is damaged, emptied or deleted while the router runs.
+        path = keys_path(home / "keys")
+        if change == "corrupt":
+            path.write_text('{"keys": [{"name": "team-a", "hash": ')
+        elif change == "empty":
+            path.write_text("")
+        elif change == "emptied":
+            path.write_text('{"keys": []}\n')
+        else:
+            path.unlink()
+        expected = 503 if change == "corrupt" else 401
+        with_key = await _until_status(c, _bearer(key), expected)  # the router re-reads the file within a second
+        noticed = await c.post("/v1/chat/completions", json=BODY)
+        models = await c.get("/v1/models")
+
+    # Assert: never 200 without a key (today: 200); a corrupt file refuses everyone, clearly, and is logged with its path.
+    assert noticed.status_code == expected and models.status_code == expected
+    assert with_key.status_code == expected
+    message = noticed.json()["error"]["message"]
+    if change == "corrupt":
+        assert "key file cannot be read" in message
+        logged = [r.getMessage() for r in caplog.records if r.name == "serve.keys" and r.levelname == "ERROR"]
+        assert len(logged) == 1 and str(path) in logged[0] and key not in logged[0]
+    else:
+        assert "has no API key" in message
+
+
+async def test_require_keys_refuses_a_loopback_router_without_any_key(fake_factory, router_factory, tmp_path):
+    router = await router_factory([fake_factory("m")], home=tmp_path / "strict", require_keys=True)
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 401 and "has no API key" in r.json()["error"]["message"]
+
+
+async def test_an_unreadable_key_file_refuses_every_request(fake_factory, router_factory, tmp_path):
+    home = tmp_path / "unreadable"
+    create_key(home / "keys", "team-a")
+    keys_path(home / "keys").unlink()
+    keys_path(home / "keys").mkdir()  # read_text fails with an OSError (chmod 0 would not stop root)
+    router = await router_factory([fake_factory("m")], home=home)
+    async with httpx.AsyncClient(base_url=router.url) as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 503 and "key file cannot be read" in r.json()["error"]["message"]

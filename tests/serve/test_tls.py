@@ -63,8 +63,10 @@ def test_router_over_https_a_worker_joins_and_clients_without_the_ca_are_refused
     fake = fake_factory("m")
     home = tmp_path / "router-home"
     port = free_port()
+    # No trusted worker serves the joiner's model: allowed here (serve.allow_unverified), as this test is about TLS.
     router = _appliance("serve", "--port", str(port), env=_env(home, APPLIANCE_SERVE__TLS_CERT=str(pki.cert),
-                                                                APPLIANCE_SERVE__TLS_KEY=str(pki.key)))
+                                                                APPLIANCE_SERVE__TLS_KEY=str(pki.key),
+                                                                APPLIANCE_SERVE__ALLOW_UNVERIFIED="true"))
     joined = None
     try:
         url = f"https://127.0.0.1:{port}"

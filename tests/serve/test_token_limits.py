@@ -172,3 +172,83 @@ async def test_a_stream_with_other_stream_options_is_settled_too(fake_factory, r
         assert r.status_code == 200 and '"usage"' not in r.text
         r = await c.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": MESSAGES, "max_tokens": 10})
         assert r.status_code == 429
+
+
+# ---------------------------------------------------------------- budgets that hold (issue 19: token budgets)
+def test_a_prompt_list_multiplies_the_completions_and_the_prompt_is_estimated():
+    from serve.limits import prompt_estimate
+
+    # Arrange / Act / Assert: each prompt of a list is answered n times; a list of token ids is one prompt.
+    assert read_fields({"model": "m", "prompt": ["a", "b", "c"], "n": 2}).choices == 6
+    assert read_fields({"model": "m", "prompt": [[1, 2], [3]]}).choices == 2
+    assert read_fields({"model": "m", "prompt": [1, 2, 3]}).choices == 1
+    assert read_fields({"model": "m", "prompt": "one"}).choices == 1
+    assert prompt_estimate(4000) == 1001  # about four bytes of JSON per token, settled later
+    assert token_budget(10, 2, prompt_tokens=7) == 27
+
+
+async def test_a_metered_request_without_max_tokens_gets_the_cap_it_was_charged(fake_factory, router_factory, tmp_path):
+    # Arrange: a worker that would generate 500 tokens; a metered key; the router's default cap is 7.
+    home = tmp_path / "cap"
+    key = create_key(home / "keys", "metered", tpm=100_000)
+    fake = fake_factory("m", "--chunks", "500")
+    router = await router_factory([fake], home=home, default_max_tokens=7)
+    async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
+        # Act
+        r = await c.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES},
+                         headers={"Authorization": f"Bearer {key}"})
+        streamed = await c.post("/v1/responses", json={"model": "m", "input": "hi"}, headers={"Authorization": f"Bearer {key}"})
+    # Assert: the worker was given max_tokens=7 (max_output_tokens on the Responses API), not left unbounded.
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7, r.text
+    assert streamed.status_code == 200 and streamed.json()["usage"]["output_tokens"] == 7, streamed.text
+
+
+async def test_prompt_lists_and_prompt_tokens_are_charged_up_front(fake_factory, router_factory, tmp_path):
+    fake, router, auth = await _router_with_key(fake_factory, router_factory, tmp_path, tpm=400)
+    async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
+        # Ten prompts of 20 tokens each: 200 completion tokens are held while it runs (charged 20 on earlier code).
+        fake.control(delay_s=2.0)
+        task = asyncio.create_task(c.post("/v1/completions", headers=auth,
+                                          json={"model": "m", "prompt": ["p"] * 10, "max_tokens": 20}))
+        await _until_received(fake)
+        r2 = await c.post("/v1/completions", headers=auth, json={"model": "m", "prompt": "p", "max_tokens": 250})
+        assert (await task).status_code == 200 and r2.status_code == 429
+        fake.control(delay_s=0.0)
+    # A long prompt is charged before the worker counts it: the next request waits (earlier code charged 10).
+    fake2, router2, auth2 = await _router_with_key(fake_factory, router_factory, tmp_path / "b", tpm=1000)
+    async with httpx.AsyncClient(base_url=router2.url, timeout=30) as c:
+        codes = await _while_one_is_in_flight(c, fake2, auth2, {"messages": [{"role": "user", "content": "word " * 900}],
+                                                                "max_tokens": 10}, {"max_tokens": 10})
+    assert codes == (200, 429)
+    # The per-request cap counts every prompt of a list.
+    fake3 = fake_factory("m")
+    router3 = await router_factory([fake3], home=tmp_path / "c", max_tokens_cap=100)
+    async with httpx.AsyncClient(base_url=router3.url) as c:
+        r = await c.post("/v1/completions", json={"model": "m", "prompt": ["p"] * 11, "max_tokens": 10})
+        assert r.status_code == 400 and "serve.max_tokens_cap" in r.json()["error"]["message"]
+
+
+async def _until_received(fake, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(fake.received) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def test_a_stream_the_client_leaves_is_settled_from_what_was_relayed(fake_factory, router_factory, tmp_path):
+    # Arrange: a key of 1200 tokens a minute; a slow stream that may generate 1000 tokens (charged ~1000 up front).
+    fake, router, auth = await _router_with_key(fake_factory, router_factory, tmp_path, tpm=1200)
+    fake.control(chunk_delay_s=0.2)
+    async with httpx.AsyncClient(base_url=router.url, timeout=30) as c:
+        # Act: read two events, then leave before the usage chunk.
+        async with c.stream("POST", "/v1/chat/completions", headers=auth,
+                            json={"model": "m", "messages": MESSAGES, "max_tokens": 1000, "stream": True}) as r:
+            events = 0
+            async for line in r.aiter_lines():
+                events += line.startswith("data: {")
+                if events == 2:
+                    break
+        fake.control(chunk_delay_s=0.0)
+        await asyncio.sleep(0.5)  # the router notices the disconnect at its next chunk
+        # Assert: only what was relayed stays charged, so 500 more tokens fit now (earlier code kept all 1000).
+        r = await c.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": MESSAGES, "max_tokens": 500})
+    assert r.status_code == 200, r.text

@@ -50,12 +50,16 @@ async def test_registration_with_a_wrong_token_is_refused_clearly(fake_factory, 
     assert refused.value.status == 401
 
 
+# Canaries come at random times among traffic (serve/canary.py); these settings make the first check come at once.
+QUICK_CANARIES = {"canary_interval_s": 0.2, "canary_delay_s": 0, "canary_passes": 1}
+
+
 async def _canary_verdict(router, worker_id: str, timeout_s: float = 20.0) -> str:
     """The worker's canary verdict once its first check is over."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         row = next(w for w in await _workers(router) if w["id"] == worker_id)
-        if row["canary"] != "pending" or asyncio.get_running_loop().time() > deadline:
+        if row["canary"] not in ("pending", "cleared") or asyncio.get_running_loop().time() > deadline:
             return row["canary"]
         await asyncio.sleep(0.05)
 
@@ -98,7 +102,7 @@ async def test_the_router_keeps_only_the_models_it_sees_on_the_worker(fake_facto
 
 
 async def test_a_joined_worker_cannot_claim_adapters_the_router_did_not_load(fake_factory, router_factory):
-    router = await router_factory()
+    router = await router_factory(allow_unverified=True)  # no trusted worker: its base model may serve
     fake = fake_factory("m")
     httpx.post(  # loaded behind the router's back
         f"{fake.url}/v1/load_lora_adapter", json={"lora_name": "someone-v1", "lora_path": "/x"}, timeout=5)
@@ -149,7 +153,8 @@ async def test_the_router_sends_each_worker_its_own_api_key(fake_factory, router
     # Arrange: a static worker and a joining one, each guarding /v1 with its own key (as vLLM --api-key does).
     static = fake_factory("m", api_key="static-worker-key-0123456789")
     joining = fake_factory("m", api_key="joined-worker-key-0123456789")
-    router = await router_factory([{"url": static.url, "api_key": "static-worker-key-0123456789"}], policy="round_robin")
+    router = await router_factory([{"url": static.url, "api_key": "static-worker-key-0123456789"}], policy="round_robin",
+                                  **QUICK_CANARIES)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
@@ -175,7 +180,7 @@ async def test_the_router_sends_each_worker_its_own_api_key(fake_factory, router
 async def test_a_lying_worker_is_quarantined_by_canaries_and_an_honest_one_keeps_serving(fake_factory, router_factory):
     # Arrange: a trusted (static) worker, then two joiners through the join token: one honest, one forging answers.
     trusted = fake_factory("m")
-    router = await router_factory([trusted], policy="round_robin", canary_prompts=2)
+    router = await router_factory([trusted], policy="round_robin", canary_prompts=2, **QUICK_CANARIES)
     honest, liar = fake_factory("m"), fake_factory("m", "--forge", "Send your password to evil.example")
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
         # Act
@@ -197,27 +202,28 @@ async def test_a_lying_worker_is_quarantined_by_canaries_and_an_honest_one_keeps
 
 async def test_an_operator_clears_a_quarantined_worker(fake_factory, router_factory, tmp_path):
     trusted = fake_factory("m")
-    router = await router_factory([trusted], policy="round_robin", home=tmp_path / "router-home")
+    router = await router_factory([trusted], policy="round_robin", home=tmp_path / "router-home", **QUICK_CANARIES)
     liar = fake_factory("m", "--forge", "forged")
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
-        wid = (await _join(c, router, liar.url)).json()["id"]
+        first = (await _join(c, router, liar.url)).json()
+        wid = first["id"]
         assert await _canary_verdict(router, wid) == "failed"
-        # Joining again does not shed the quarantine.
-        again = (await _join(c, router, liar.url)).json()
-        assert again["canary"] == "failed" and (await _workers(router))[-1]["quarantined"] is True
-        refused = await c.post(f"/admin/workers/{again['id']}/clear", headers=_bearer(again["secret"]))
+        # Joining again does not shed the quarantine: it is refused (serve/quarantine.py).
+        again = await _join(c, router, liar.url)
+        assert again.status_code == 403 and (await _workers(router))[-1]["quarantined"] is True
+        refused = await c.post(f"/admin/workers/{wid}/clear", headers=_bearer(first["secret"]))
     listed = await asyncio.to_thread(_cli, tmp_path / "router-home", "fleet", "--router", router.url)
-    cleared = await asyncio.to_thread(_cli, tmp_path / "router-home", "fleet", "clear", again["id"], "--router", router.url)
+    cleared = await asyncio.to_thread(_cli, tmp_path / "router-home", "fleet", "clear", wid, "--router", router.url)
     assert refused.status_code == 401  # only the operator clears
     assert "QUARANTINED" in listed.output
-    assert cleared.exit_code == 0 and f"worker {again['id']} cleared" in cleared.output
-    row = next(w for w in await _workers(router) if w["id"] == again["id"])
+    assert cleared.exit_code == 0 and f"worker {wid} cleared" in cleared.output
+    row = next(w for w in await _workers(router) if w["id"] == wid)
     assert row["quarantined"] is False
 
 
 async def test_canaries_run_periodically_and_catch_a_worker_that_starts_lying_later(fake_factory, router_factory):
     trusted, joiner = fake_factory("m"), fake_factory("m")
-    router = await router_factory([trusted], canary_interval_s=0.2)
+    router = await router_factory([trusted], **QUICK_CANARIES)
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
         wid = (await _join(c, router, joiner.url)).json()["id"]
         assert await _canary_verdict(router, wid) == "passed"

@@ -46,12 +46,14 @@ class Console:
 def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: dict[str, str] | None = None,
                   host: str = "127.0.0.1", scheme: str = "http", verify: Any = True) -> Console:
     """`appliance ui` as a real process on HOST:<free port>; waits until it answers (over `scheme`, checking its
-    certificate with `verify`)."""
+    certificate with `verify`). The tabs' tests turn the loopback login off (`ui.require_login`); tests/ui/test_login.py
+    tests it on."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "console.log"
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__ADMIN_TOKEN": ADMIN_TOKEN,
-           "APPLIANCE_UI__POLL_INTERVAL_S": "1.0", "GRADIO_ANALYTICS_ENABLED": "False", **(extra_env or {})}
+           "APPLIANCE_UI__POLL_INTERVAL_S": "1.0", "GRADIO_ANALYTICS_ENABLED": "False", "APPLIANCE_UI__REQUIRE_LOGIN": "false",
+           **(extra_env or {})}
     cmd = [sys.executable, "-m", "appliance", "--home", str(home), "ui", "--host", host, "--port", str(port),
            "--router-url", router_url, "--coordinator-url", coordinator_url]
     with open(log, "wb") as out:

@@ -28,6 +28,7 @@ class FakeRouterState:
     reject_names: set[str] = field(default_factory=set)  # publishes of these names always answer 503
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
+    worker_keys: dict[str, str | None] = field(default_factory=dict)
     publish_calls: list[dict[str, Any]] = field(default_factory=list)
     chats: list[dict[str, Any]] = field(default_factory=list)
 
@@ -78,8 +79,18 @@ def build_app(state: FakeRouterState):
         wid = f"w{len(state.workers) + 1}"
         state.workers.append({"id": wid, "url": body["url"], "region": body.get("region", "local"), "healthy": True,
                               "draining": False, "outstanding": 0, "latency_ms": 12.5,
-                              "models": body.get("models", []), "adapters": []})
+                              "models": body.get("models", []), "adapters": [], "quarantined": False})
+        state.worker_keys[wid] = body.get("api_key")  # kept apart: the real router never lists a worker's key
         return {"id": wid}
+
+    @app.post("/admin/workers/{wid}/clear")
+    def clear(wid: str, request: Request):
+        check_admin(request)
+        for w in state.workers:
+            if w["id"] == wid:
+                w["quarantined"], w["canary"] = False, "cleared"
+                return {"id": wid}
+        raise HTTPException(404, "no such worker")
 
     @app.post("/admin/workers/{wid}/drain")
     def drain(wid: str, request: Request):

@@ -108,9 +108,12 @@ def test_every_tab_shows_its_state(page, showcase):
     expect(page.locator("#fleet-workers")).to_contain_text("eu-west")
     expect(page.locator("#fleet-metrics")).to_contain_text("Requests 42")
     page.locator("#fleet-url").get_by_role("textbox").fill("http://10.0.0.7:8100")
+    page.locator("#fleet-api-key").get_by_role("textbox").fill("worker-key-0123456789")
     page.locator("#fleet-add").click()
-    expect(page.locator("#fleet-action")).to_contain_text("Added worker")
+    expect(page.locator("#fleet-action")).to_contain_text("with its API key")
     expect(page.locator("#fleet-workers")).to_contain_text("10.0.0.7")
+    added = next(w["id"] for w in router.state.workers if w["url"] == "http://10.0.0.7:8100")
+    assert router.state.worker_keys[added] == "worker-key-0123456789"
     screenshot(page, "tab-fleet")
 
     page.get_by_role("tab", name="Adapters").click()

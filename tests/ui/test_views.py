@@ -67,3 +67,15 @@ def test_fleet_rows_show_a_quarantined_worker():
                         {"id": "w-2", "url": "v", "region": "eu", "healthy": True, "canary": "passed", "models": ["m"]}])
     column = WORKER_HEADERS.index("canary")
     assert [r[column] for r in rows] == ["QUARANTINED", "passed"]
+
+
+def test_fleet_rows_say_why_a_worker_gets_no_traffic():
+    from ui.tabs.fleet import WORKER_HEADERS, worker_rows
+
+    held = {"id": "w-3", "canary": "unverified", "unverified": ["other"],
+            "no_traffic": "no trusted worker serves other, so its answers cannot be checked (serve.allow_unverified is false)"}
+    partly = {"id": "w-4", "canary": "pending", "unverified": ["other"], "no_traffic": None}
+    column = WORKER_HEADERS.index("canary")
+    cells = [r[column] for r in worker_rows([held, partly])]
+    assert cells[0].startswith("NO TRAFFIC: no trusted worker serves other") and "serve.allow_unverified" in cells[0]
+    assert cells[1] == "pending (no traffic for unverified other)"

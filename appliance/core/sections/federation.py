@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from appliance.core.sections.tls import ServesTLS
 
@@ -19,6 +19,7 @@ class FederationSettings(ServesTLS):
     bind_host: str = Field("127.0.0.1", description="Interface the coordinator's ZeroMQ ROUTER binds to.")
     port: int = Field(5555, ge=0, le=65535, description="Coordinator ZeroMQ port (0 = any free port).")
     status_port: int = Field(5556, ge=0, le=65535, description="Coordinator HTTP status port (0 = any free port).")
+    status_token: SecretStr | None = Field(None, description="Bearer token of the coordinator's /status beyond loopback; generated under keys/status_token if unset (not the router's admin token).")
     bind_address: str | None = Field(None, description="Full ZeroMQ endpoint to bind (e.g. ipc:///tmp/x); overrides bind_host/port.")
     plaintext: bool = Field(False, description="Disable CURVE encryption; only for tests, must be asked for explicitly.")
     run_name: str = Field("federation", description="Name of the federation run; global adapters are published as NAME-latest.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -53,7 +54,8 @@ class ServeSettings(ServesTLS):
     region: str = Field("local", description="The router's own region (default client region).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (bytes).")
     max_admin_body_bytes: int = Field(1_048_576, ge=1024, description="Largest /admin/* request body accepted (bytes; read after the token check).")
-    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for (times its n and its prompts).")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens injected into a metered request (a key with a tokens-per-minute limit) that names none, and charged for it.")
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes of each worker.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream timeout for one request.")
     max_retries: int = Field(2, ge=0, description="Extra workers tried when one fails before the first byte.")
@@ -61,9 +63,16 @@ class ServeSettings(ServesTLS):
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout (seconds).")
     worker_capacity: int = Field(16, ge=1, description="Default concurrent requests a worker takes (policy scale).")
     worker_expiry_s: float = Field(60.0, gt=0, description="A joined worker unhealthy or silent this long is removed.")
-    canary_prompts: int = Field(2, ge=0, description="Canary prompts per check of a joined worker (0 = no checks).")
-    canary_interval_s: float = Field(300.0, gt=0, description="Seconds between canary checks of each joined worker.")
-    canary_max_tokens: int = Field(16, ge=1, description="max_tokens of a canary prompt (answers compared at temperature 0).")
+    canary_prompts: int = Field(1, ge=0, description="Canary prompts per check of a joined worker (0 = no checks).")
+    canary_rate: float = Field(0.05, ge=0, le=1, description="Chance that a user request routed to a joined worker triggers a check of it.")
+    canary_pending_rate: float = Field(0.25, ge=0, le=1, description="The same until it has passed canary_passes checks (a new or cleared worker).")
+    canary_passes: int = Field(3, ge=1, description="Checks a joined worker passes before it counts as verified (state `passed`).")
+    canary_delay_s: float = Field(5.0, ge=0, description="Most seconds a triggered check waits (a random delay, so it hides among traffic).")
+    canary_interval_s: float = Field(300.0, gt=0, description="Mean seconds between the random timer's checks of each joined worker.")
+    canary_max_tokens: int = Field(48, ge=1, description="Largest max_tokens of a canary (drawn at random; answers compared at temperature 0).")
+    canary_prompts_file: Path | None = Field(None, description="JSONL of the operator's private canary conversations (chat messages), mixed with the built-in pool.")
+    allow_unverified: bool = Field(False, description="Route to a joined worker's models that no trusted worker serves (cannot be canary-checked).")
+    require_keys: bool = Field(False, description="Require API keys on /v1/* even on loopback, also when the key file is empty or missing.")
     affinity_load_factor: float = Field(1.25, ge=1.0, description="Bounded-load factor of prefix/session affinity.")
     adapter_replicas: int = Field(1, ge=1, description="Workers an adapter is loaded on when published.")
     max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
