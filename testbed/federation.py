@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from appliance.core.cores import divide_cores
 from appliance.core.secrets import ensure_token
+from appliance.core.tokens import STATUS_TOKEN_FILE
 from testbed.bed import Bed
 from testbed.fleet import appliance_argv
 
@@ -83,14 +84,15 @@ class GeoFederation:
         self.silos[name] = region
 
     @property
-    def admin_token(self) -> str:
-        return ensure_token(self.home("coordinator") / "keys", "admin_token")
+    def status_token(self) -> str:
+        """The coordinator's status token (its /status needs it beyond loopback), made before the coordinator reads it."""
+        return ensure_token(self.home("coordinator") / "keys", STATUS_TOKEN_FILE)
 
     def start_coordinator(self, *args: str, timeout_s: float = 600.0) -> None:
         """`appliance coordinator start --host ADDR --port P ARGS` in the coordinator's region; waits for /status."""
         self.port, self.status_port = self.bed.free_port(self.region), self.bed.free_port(self.region)
         home = self.home("coordinator")
-        self.admin_token  # noqa: B018 - made before the coordinator reads it
+        self.status_token  # noqa: B018 - made before the coordinator reads it
         env = {**self._env(home), "APPLIANCE_FEDERATION__STATUS_PORT": str(self.status_port),
                "APPLIANCE_FEDERATION__AUTO_PUBLISH": "false"}
         self.bed.spawn(self.region, "coordinator", appliance_argv(
@@ -112,8 +114,8 @@ class GeoFederation:
     def status(self) -> dict[str, Any] | None:
         """The coordinator's status document (read inside its region), or None if it does not answer."""
         url = f"http://{self.bed.address(self.region)}:{self.status_port}/status"
-        # beyond loopback /status needs the admin token of the coordinator's home
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.admin_token}"})
+        # beyond loopback /status needs the status token of the coordinator's home
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.status_token}"})
 
         def get() -> dict[str, Any] | None:
             try:
