@@ -1,7 +1,8 @@
 """Round checkpoints under `federation/RUN/`: written atomically, read back on restart.
 
-Layout: `rounds/NNNNNN/` holds `global.safetensors`, `strategy.safetensors` and `state.json` (round, participants,
-history of round records, accountant); `latest.json` names the newest complete one. A round folder is staged and
+Layout: `rounds/NNNNNN/` holds `global.safetensors`, `strategy.safetensors` and `state.json` (round, silos, the
+round's own record: bounded, the history lives in the append-only `rounds.jsonl`); `latest.json` names the newest
+complete one; `prune_checkpoints` keeps the newest `federation.keep_checkpoints` of them. A round folder is staged and
 renamed into place, then `latest.json` is replaced, every file and folder fsynced, so a crash at any point leaves
 the previous round intact; `load_latest` falls back to the newest readable round if the latest one is torn.
 """
@@ -110,3 +111,52 @@ def load_latest(run_dir: Path) -> Checkpoint | None:
             continue
         return ckpt
     return None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` round folders (never the one `latest.json` names), and the staging folders
+    a crash left behind (`rounds/.staging.*`, the coordinator's `.export.*`). Registered adapter versions stay.
+
+    Returns:
+        The rounds whose folders were deleted.
+    """
+    run_dir = Path(run_dir)
+    rounds = run_dir / "rounds"
+    keep_named = None
+    try:
+        keep_named = int(json.loads((run_dir / "latest.json").read_text(encoding="utf-8"))["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    deleted: list[int] = []
+    if rounds.is_dir():
+        found = sorted(int(p.name) for p in rounds.iterdir() if p.is_dir() and p.name.isdigit())
+        for r in found[:-keep] if keep > 0 else found:
+            if r != keep_named:
+                shutil.rmtree(round_dir(run_dir, r), ignore_errors=True)
+                deleted.append(r)
+        for leftover in rounds.glob(".staging.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in run_dir.glob(".export.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if deleted:
+        logger.info("deleted the checkpoints of rounds %s (federation.keep_checkpoints=%d)", deleted, keep)
+    return deleted
+
+
+def read_round_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of `rounds.jsonl` (the run's history), skipping a line a crash cut short."""
+    path = Path(run_dir) / "rounds.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is not JSON (a write cut short?); skipped", path, n)
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out

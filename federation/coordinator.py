@@ -30,13 +30,13 @@ from appliance.core.net import connectable_host, is_loopback
 from appliance.core.tracking import Tracker
 from appliance.core.types import StateDict
 from federation import codec, wire
-from federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from federation.checkpoint import Checkpoint, load_latest, prune_checkpoints, save_checkpoint
 from federation.keys import Enrolment, load_keypair
 from federation.local_training import round_schedule
 from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, SecAggStep, TrainTask,
                                  UpdateResult, Welcome, make_header)
 from federation.timing import connection_timeout
-from federation.transport import Incoming, ServerTransport
+from federation.transport import Incoming, ServerTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
     from appliance.core.settings import ApplianceSettings
@@ -88,6 +88,10 @@ class RoundState:
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
     sent: dict[str, StateDict] = field(default_factory=dict)  # silo -> the adapter it was sent, when not the global one
     shares: dict[str, float] = field(default_factory=dict)  # silo -> its (capped) share of the aggregate
+    norm_bound: float | None = None  # the round's update norm bound (federation.bounds.adaptive_norm_bound)
+    norms: dict[str, float] = field(default_factory=dict)  # silo -> its update's L2 norm (secure: as advertised)
+    clipped: dict[str, dict[str, float]] = field(default_factory=dict)  # silo -> {"norm", "clipped_to"}
+    dropped: list[str] = field(default_factory=list)  # silos unenrolled after they answered: their updates left out
 
     def deadline_of(self, silo_id: str) -> float:
         """The silo's own deadline (the round's latest one for a silo not yet given one)."""
@@ -140,6 +144,7 @@ class Coordinator:
         self._enrolment = None if self.cfg.plaintext else Enrolment(settings.keys_dir)
         # The last secure round's masked vectors as received (audit, tests): {round: {silo: bytes}}, one round only.
         self.secure_inputs: dict[int, dict[str, bytes]] = {}
+        self.message_limit = 0  # the largest message read (federation.bounds.message_bound), set at start
         if self.cfg.secure_aggregation:
             from federation.secure_round import check_strategy
 
@@ -192,6 +197,7 @@ class Coordinator:
 
     def _make_transport(self) -> ServerTransport:
         endpoint = self.cfg.bind_address or f"tcp://{self.cfg.bind_host}:{self.cfg.port}"
+        check_plaintext_endpoint(endpoint, self.cfg.plaintext, "bind")
         keypair = None if self.cfg.plaintext else load_keypair(self.settings.keys_dir, "coordinator")
         if keypair is None and not self.cfg.plaintext:
             from appliance.core.errors import ConfigError
@@ -202,16 +208,35 @@ class Coordinator:
         def lookup(public_key: str) -> str | None:
             return enrolment.name_of(public_key) if enrolment is not None else None
 
+        from federation.bounds import message_bound
+
+        # Messages above the bound get an ERROR naming it (`_handle`, before any decoding); the socket itself drops a
+        # connection whose message exceeds twice the bound, so nothing bigger is ever read into memory.
+        self.message_limit = message_bound(self.cfg.max_message_bytes, self.global_state)
         return ServerTransport(endpoint, keypair=keypair, lookup=lookup, plaintext=self.cfg.plaintext,
-                               max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s,
-                               heartbeat_timeout_s=connection_timeout(self.cfg))
+                               max_message_bytes=2 * self.message_limit, heartbeat_s=self.cfg.heartbeat_interval_s,
+                               heartbeat_timeout_s=connection_timeout(self.cfg, 2 * self.message_limit),
+                               receive_hwm=self.cfg.receive_hwm)
+
+    def _restored_history(self, ckpt: Checkpoint) -> list[dict[str, Any]]:
+        """The run's records from `rounds.jsonl`, plus the checkpointed round's own record when the crash came before
+        it reached the log (an older checkpoint's full `history` is read as it is)."""
+        from federation.checkpoint import read_round_log
+
+        if "history" in ckpt.state:  # written before the history moved out of state.json
+            return list(ckpt.state["history"])
+        history = read_round_log(self.run_dir)
+        last = ckpt.state.get("record")
+        if isinstance(last, dict) and not any(r.get("round") == ckpt.round_id and "failed" not in r for r in history):
+            history.append(last)
+        return history
 
     def _restore(self) -> None:
         ckpt = load_latest(self.run_dir)
         if ckpt is not None:
             self.global_state, self.round = ckpt.global_state, ckpt.round_id
             self.strategy.load_state_dict(ckpt.strategy_state)
-            self.history = list(ckpt.state.get("history", []))
+            self.history = self._restored_history(ckpt)
             for sid, info in ckpt.state.get("silos", {}).items():
                 self.silos[sid] = SiloInfo(sid, b"", 0.0, info.get("rounds", 0), info.get("examples", 0))
             logger.info("resuming run %s after round %d from %s", self.cfg.run_name, self.round, self.run_dir)
@@ -253,6 +278,20 @@ class Coordinator:
             if silo_id is None:
                 await self._error(msg.peer, "not_enrolled", "this silo's key is not enrolled (any more)")
                 return
+        size = sum(len(f) for f in msg.frames)
+        if size > self.message_limit:  # before any decoding of the payload
+            if silo_id is None:
+                silo_id = _plaintext_sender(msg.frames[0])  # plaintext (tests only): the header's word
+            known = self.silos.get(silo_id) if silo_id else None
+            if known is not None and known.peer == msg.peer:
+                known.last_seen = time.time()  # it is alive; its answer is refused, not lost
+            rs = self.current
+            if silo_id is not None and rs is not None and silo_id in rs.selected and silo_id not in rs.answered:
+                rs.rejected.setdefault(silo_id, "oversized")
+                rs.changed.set()
+            await self._error(msg.peer, "oversized", f"a message of {size} bytes exceeds this coordinator's limit of "
+                                                     f"{self.message_limit} bytes (federation.max_message_bytes)")
+            return
         try:
             header = wire.decode_header(msg.frames)
         except ProtocolError as exc:
@@ -288,7 +327,11 @@ class Coordinator:
         elif header.type == MsgType.ERROR:
             code = header.body.get("code", "")
             code = code if code in ERROR_CODES else "silo_error"  # a code only: the silo's own text stays out of records
-            logger.warning("silo %s reported an error: %s", silo_id, code)
+            if code == "silo_policy":  # the silo's own settings refused the task: say which, so the operator can act
+                logger.error("silo %s refused round %d by its own policy: %r", silo_id, header.round_id,
+                             str(header.body.get("message", ""))[:300])
+            else:
+                logger.warning("silo %s reported an error: %s", silo_id, code)
             rs = self.current
             if rs and silo_id in rs.selected and header.round_id == rs.round_id and silo_id not in rs.answered:
                 rs.rejected.setdefault(silo_id, code)
@@ -367,6 +410,14 @@ class Coordinator:
             return
         size = sum(len(f) for f in frames)
         rs.bytes_in += size
+        limit = rs.secure.payload_limit()
+        if header.payload_bytes > limit:  # before decoding: a masked vector is one word per adapter weight
+            if silo.id in rs.secure.expected and silo.id not in rs.secure.answers[rs.secure.step]:
+                rs.rejected.setdefault(silo.id, "oversized")
+            rs.changed.set()
+            await self._error(silo.peer, "oversized", f"a secure-aggregation payload of {header.payload_bytes} bytes "
+                                                      f"exceeds the {limit}-byte bound for this adapter", header.round_id)
+            return
         try:
             rs.secure.handle(silo.id, header, wire.decode_payload(header, frames), size)
         except ProtocolError as exc:
@@ -389,8 +440,10 @@ class Coordinator:
             return time.time() - self.silos[sid].last_seen <= self.cfg.silo_timeout_s
 
         mean, survivors = await rs.secure.run(lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive,
-                                              self._shares)
+                                              self._shares, self._secure_bound)
         self.secure_inputs = {rs.round_id: dict(rs.secure.received)}  # the last round only: no growth over a run
+        rs.norm_bound = rs.secure.norm_bound
+        rs.norms = {s: i["update_norm"] for s, i in survivors.items() if i.get("update_norm") is not None}
         for sid, info in sorted(survivors.items()):
             # The secure mean once per survivor: the weighted mean is the secure mean, and the accumulator's count is
             # that of the plain path.
@@ -477,8 +530,43 @@ class Coordinator:
             bounded[sid] = min(n, declared) if declared is not None else n
         return capped_weights(bounded, self.cfg.max_silo_share)
 
+    def _secure_bound(self, norms: dict[str, float]) -> float | None:
+        """A secure round's norm bound, issued with the roster: from the norms the silos advertised."""
+        from federation.bounds import adaptive_norm_bound
+
+        return adaptive_norm_bound(norms, self.cfg)
+
+    def _drop_unenrolled(self, rs: RoundState) -> None:
+        """Leave out the answers of silos whose enrolment was removed after they answered (named in `dropped`)."""
+        if self._enrolment is None:
+            return
+        enrolled = self._enrolment.names()
+        for sid in sorted(set(rs.answered) - enrolled):
+            self._forget_answer(rs, sid)
+
+    def _forget_answer(self, rs: RoundState, sid: str) -> None:
+        if sid in rs.answered and sid not in rs.dropped:
+            logger.warning("round %d: silo %s was removed from the enrolment after it answered: its update is dropped",
+                           rs.round_id, sid)
+            rs.answered.pop(sid)
+            rs.updates.pop(sid, None)
+            rs.dropped.append(sid)
+            rs.rejected[sid] = "not_enrolled"
+            rs.changed.set()
+
     def _accumulate(self, rs: RoundState) -> None:
-        """Add the round's checked updates to the strategy's accumulator with their capped shares."""
+        """Clip the round's checked updates to its norm bound (federation.bounds), then add them to the strategy's
+        accumulator with their capped shares."""
+        from federation.bounds import adaptive_norm_bound, clip_round, norms_of
+
+        self._drop_unenrolled(rs)
+        rs.norms = norms_of(rs.updates)
+        rs.norm_bound = adaptive_norm_bound(rs.norms, self.cfg)
+        if rs.norm_bound is not None:
+            rs.clipped = clip_round(rs.updates, rs.norm_bound)
+            for sid, c in rs.clipped.items():
+                logger.warning("round %d: the update of %s (L2 norm %.4g) was clipped to the round's bound %.4g",
+                               rs.round_id, sid, c["norm"], c["clipped_to"])
         shares = rs.shares = self._shares({sid: rs.answered[sid]["num_examples"] for sid in rs.updates})
         for sid in sorted(rs.updates):
             try:
@@ -507,6 +595,8 @@ class Coordinator:
             rs.rejected.setdefault(silo.id, "not_enrolled")
             rs.updates.pop(silo.id, None)
             rs.changed.set()
+        elif rs is not None and rs.secure is None and silo.id in rs.answered:
+            self._forget_answer(rs, silo.id)  # its update is not aggregated yet (`_accumulate`): it leaves with it
 
     # ------------------------------------------------------------------ rounds
     def online(self) -> list[str]:
@@ -639,6 +729,7 @@ class Coordinator:
         self._checkpoint(record)  # first: a registered (and published) version always has its checkpoint on disk
         version = self._register(record)
         self._append_round_log(record)
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         if version is not None:
             self._notify(version)
 
@@ -655,7 +746,11 @@ class Coordinator:
         new_state = self.strategy.finish_round(rs.round_id, self.global_state, rs.acc, failures)
         if new_state is None:
             raise RoundFailed(f"strategy {self.strategy.name} kept the previous global adapter (see its log line)")
-        bound = self.cfg.max_aggregate_norm if self.cfg.max_aggregate_norm is not None else self.cfg.max_update_norm
+        from federation.bounds import aggregate_bound
+
+        bound = aggregate_bound(self.cfg, self.strategy, rs.norm_bound)
+        if rs.secure is not None and bound is not None and self.cfg.max_aggregate_norm is None:
+            bound += rs.secure.quantisation_slack()  # the masked sum's rounding error
         reason = check_aggregate(new_state, self.global_state, bound)
         if reason is not None:
             self.strategy.load_state_dict(saved)
@@ -681,6 +776,8 @@ class Coordinator:
                 "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.strategy.name, "adapter": None, "time": time.time(),
                 "secure_aggregation": rs.secure is not None,
                 "shares": {s: round(rs.shares[s], 6) for s in sorted(rs.answered) if s in rs.shares},
+                "norm_bound": rs.norm_bound, "clipped": rs.clipped, "dropped": rs.dropped,
+                "update_norms": {s: rs.norms[s] for s in sorted(rs.answered) if s in rs.norms},
                 "timings": {s: rs.timings.get(s) or {"train_s": round(rs.answered[s]["train_s"], 3)} for s in sorted(rs.answered)},
                 "deadlines_s": {s: round(d - rs.started, 3) for s, d in sorted(rs.deadlines.items())}}
 
@@ -709,8 +806,9 @@ class Coordinator:
         self.history.append(record)
         self._track(record)
         silos = {s.id: {"rounds": s.rounds, "examples": s.examples} for s in self.silos.values()}
+        # The round's own record only: the history is the append-only rounds.jsonl, so state.json stays bounded.
         save_checkpoint(self.run_dir, Checkpoint(self.round, self.global_state, self.strategy.state_dict(),
-                                                 {"history": self.history, "silos": silos, "run": self.cfg.run_name}))
+                                                 {"record": record, "silos": silos, "run": self.cfg.run_name}))
         logger.info("round %d checkpointed: participants %s, metrics %s", self.round, record["participants"], record["metrics"])
 
     def _append_round_log(self, record: dict[str, Any]) -> None:
@@ -821,3 +919,14 @@ class Coordinator:
         self._status_runner = runner
         port = runner.addresses[0][1]
         self.status_url = f"{self.cfg.scheme}://{connectable_host(self.cfg.bind_host)}:{port}/status"
+
+
+def _plaintext_sender(frame: bytes) -> str | None:
+    """The silo id a plaintext header claims (its frame alone, at most protocol.MAX_HEADER_BYTES); None if unreadable."""
+    from federation.protocol import HeaderError, load_header
+
+    try:
+        return load_header(frame).silo_id or None
+    except HeaderError:
+        return None
+

@@ -86,12 +86,18 @@ def _read_enrolment(keys_dir: Path) -> dict[str, dict]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is unreadable or not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of silo name -> public key, got {type(data).__name__}")
     out = {}
     for name, entry in data.items():
         entry = entry if isinstance(entry, dict) else {"public_key": entry}
-        out[str(name)] = {"public_key": str(entry["public_key"]), "num_examples": entry.get("num_examples")}
+        key, count = entry.get("public_key"), entry.get("num_examples")
+        if not isinstance(key, str) or (count is not None and (not isinstance(count, int) or count < 1)):
+            raise ConfigError(f"{path}: the entry of silo {name!r} needs a public_key string and, if given, a "
+                              f"num_examples integer >= 1")
+        out[str(name)] = {"public_key": key, "num_examples": count}
     return out
 
 
@@ -142,6 +148,7 @@ def remove_silo(keys_dir: Path, name: str) -> bool:
 
 class Enrolment:
     """The enrolment as the coordinator reads it: re-read whenever `enrolled.json` changes (a `stat` per check).
+    A malformed or unreadable file fails closed: no silo is enrolled until it is fixed (logged once, with its path).
 
     Args:
         keys_dir: the appliance's keys folder.
@@ -162,14 +169,17 @@ class Enrolment:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
+        except OSError:  # e.g. a folder on the way that is not readable: read (and fail) below
+            stamp = (-1, -1, -1)
         if stamp == self._stamp and self._stamp is not None:
             return False
         self._stamp = stamp
         try:
             self._entries = _read_enrolment(self.keys_dir)
-        except ConfigError:  # a half-edited file by hand: keep the previous enrolment and say so
-            logger.warning("%s is not valid JSON; keeping the previous enrolment", self._path)
-            return False
+        except ConfigError as exc:  # fail closed: no silo is accepted until the file is fixed (logged once per change)
+            logger.error("%s; no silo is accepted until it is fixed (%s)", exc, self._path)
+            self._entries, self._by_key = {}, {}
+            return True
         self._by_key = {e["public_key"]: name for name, e in self._entries.items()}
         return True
 

@@ -121,6 +121,9 @@ class Advertisement(BaseModel):
     num_examples: NumExamples
     metrics: Metrics = Field(default_factory=dict)
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    update_norm: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                      description="The L2 norm of the silo's update: the round's norm bound is a multiple "
+                                                  "of their median (federation.bounds).")
 
 
 class ErrorInfo(BaseModel):
@@ -158,6 +161,7 @@ ERROR_CODES = {
     "silo_failure": "the silo failed to handle a message",
     "unreachable": "the coordinator could not send the silo its task",
     "silo_error": "the silo reported a code this coordinator does not know",
+    "silo_policy": "the silo's own policy refused the task (it requires DP or secure aggregation the TRAIN did not ask for)",
 }
 
 

@@ -5,11 +5,12 @@
 
 1. TRAIN (with `TrainTask.secure_aggregation` = the round's `SecAggConfig`) to the selected silos; each trains,
    then answers ``advertise`` (its two X25519 public keys, example count, metrics) instead of an UPDATE.
-2. ``roster`` (U1: the silos that advertised, their total example count N, and the silo's own weight ``w_u``: its
-   share of the round, ``n_u / N`` bounded by its enrolled count and capped at `federation.max_silo_share`) -> each
-   silo answers ``share_keys``.
-3. ``shares`` (the encrypted Shamir shares addressed to it; U2 = the silos that shared) -> each silo pre-scales its
-   delta by its weight ``w_u`` and answers ``masked`` (the masked, quantised vector as the payload).
+2. ``roster`` (U1: the silos that advertised, their total example count N, the silo's own weight ``w_u``: its
+   share of the round, ``n_u / N`` bounded by its enrolled count and capped at `federation.max_silo_share`, and the
+   round's update norm bound ``B``: `federation.bounds.adaptive_norm_bound` of the norms the silos advertised) ->
+   each silo answers ``share_keys``.
+3. ``shares`` (the encrypted Shamir shares addressed to it; U2 = the silos that shared) -> each silo clips its delta
+   to ``B``, pre-scales it by its weight ``w_u`` and answers ``masked`` (the masked, quantised vector as the payload).
 4. ``survivors`` (U3 = the silos whose masked vector arrived) -> each answers ``unmask`` with its shares.
 5. With at least `threshold` unmask answers the server removes every mask and gets
    ``S = sum_{u in U3} w_u * delta_u``; the coordinator applies ``S / sum_{u in U3} w_u``, which is exactly the
@@ -25,8 +26,10 @@ fails the round (`RoundFailed`), and the round is retried as any failed round is
 The strategy sees the secure mean once per survivor with that survivor's example count (so its accumulator's count
 and example total are those of the plain path, and its weighted mean is the secure mean). Only mean-based strategies
 work on a masked sum: `check_strategy` refuses median, trimmed mean, Krum, per-update clipping and central DP.
-Per-update checks the plain path makes (norm bound, finite values) cannot be made on masked vectors; values are
-clamped to `secagg_clip_range` by the quantiser instead, and the coordinator checks the aggregate. What the silos say
+Per-update checks the plain path makes (norm bound, finite values) cannot be made on masked vectors: the silo's own
+clip to the issued ``B`` is the enforcement, values are clamped to `secagg_clip_range` by the quantiser, and the
+coordinator checks the aggregate against ``B`` (a weighted mean of updates clipped to ``B`` moves by at most ``B``):
+a silo that skipped its clip fails the round (the previous global is kept) rather than moving the global adapter. What the silos say
 in clear (example counts, metrics) is validated like an UPDATE's body (`protocol.Advertisement`).
 """
 
@@ -53,6 +56,7 @@ logger = logging.getLogger(__name__)
 Sender = Callable[[str, str, dict[str, Any]], Awaitable[bool]]
 Alive = Callable[[str], bool]
 Weigh = Callable[[dict[str, int]], dict[str, float]]  # silo -> example count  =>  silo -> share (summing to 1)
+Bound = Callable[[dict[str, float]], "float | None"]  # silo -> advertised update norm  =>  the round's norm bound
 
 
 class SecAggRefused(ProtocolError):
@@ -140,7 +144,21 @@ class SecureRound:
         self.received: dict[str, bytes] = {}  # silo -> the masked vector as it arrived (all the coordinator sees)
         self.total_examples = 0
         self.weights: dict[str, float] = {}  # silo -> its share of the round (sent with the roster)
+        self.norm_bound: float | None = None  # the update norm bound sent with the roster
 
+    def payload_limit(self) -> int:
+        """The largest SECAGG payload of this round: one 64-bit word per adapter weight, plus the safetensors header."""
+        from federation.bounds import HEADER_ALLOWANCE
+
+        return 8 * self.server.numel + HEADER_ALLOWANCE
+
+    def quantisation_slack(self) -> float:
+        """A bound on the L2 error quantisation adds to the unmasked mean (see federation.secagg)."""
+        import math
+
+        n = max(1, len(self.weights))
+        covered = max(1e-12, min(self.weights.values(), default=1.0))
+        return math.sqrt(max(1, self.server.numel)) * n / self.config.scale(n) / covered
     # ------------------------------------------------------------------ incoming
     def handle(self, silo_id: str, header: "Header", tensors: StateDict, size: int) -> None:
         """Feed one SECAGG message of this round into the state machine.
@@ -173,7 +191,7 @@ class SecureRound:
                                               f"bad {', '.join(fields)}") from exc
                 self.server.add_advertisement({"silo_id": silo_id, "c_pk": adv.c_pk, "s_pk": adv.s_pk})
                 self.info[silo_id] = {"num_examples": adv.num_examples, "metrics": dict(adv.metrics),
-                                      "train_s": adv.train_s, "bytes": size}
+                                      "train_s": adv.train_s, "bytes": size, "update_norm": adv.update_norm}
             elif self.step == "share_keys":
                 self.server.add_shares(silo_id, dict(data["ciphertexts"]))
             elif self.step == "masked":
@@ -213,13 +231,15 @@ class SecureRound:
             raise RoundFailed(f"secure aggregation: {len(got)} silo(s) {what} < {floor} needed (threshold "
                               f"{self.config.threshold}, min_silos {self.min_silos})")
 
-    async def run(self, send: Sender, alive: Alive, weigh: Weigh) -> tuple[StateDict, dict[str, dict[str, Any]]]:
+    async def run(self, send: Sender, alive: Alive, weigh: Weigh,
+                  bound: Bound | None = None) -> tuple[StateDict, dict[str, dict[str, Any]]]:
         """Drive steps 1..5 after the TRAINs went out.
 
         Args:
             send: `await send(silo_id, step, data)`: a SECAGG message to a silo; False if it could not be sent.
             alive: whether a silo is still online.
             weigh: each roster silo's share of the round from its example count (the coordinator's capping).
+            bound: the round's update norm bound from the advertised norms (None: no bound is issued).
 
         Returns:
             The example-weighted mean delta of the survivors, and `{survivor: {num_examples, metrics, train_s, bytes}}`.
@@ -237,9 +257,12 @@ class SecureRound:
             raise RoundFailed(str(exc)) from exc
         self.total_examples = sum(self.info[s]["num_examples"] for s in roster)
         self.weights = weigh({s: self.info[s]["num_examples"] for s in roster})
+        norms = {s: self.info[s]["update_norm"] for s in roster if self.info[s].get("update_norm") is not None}
+        self.norm_bound = bound(norms) if bound is not None else None
         self.expected, self.step = set(roster), "share_keys"
         for sid in sorted(roster):
-            await send(sid, "roster", {"roster": roster, "total_examples": self.total_examples, "weight": self.weights[sid]})
+            await send(sid, "roster", {"roster": roster, "total_examples": self.total_examples, "weight": self.weights[sid],
+                                       "norm_bound": self.norm_bound})
         u2 = await self._collect("share_keys", alive)
         self._need(u2, "shared keys", floor)
         self.expected, self.step = set(u2), "masked"

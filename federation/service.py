@@ -85,7 +85,10 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str
         RoundFailed: the run stopped after too many failed rounds (the CLI exits 1, so `appliance up` restarts it).
     """
     from federation.coordinator import Coordinator
+    from federation.transport import check_plaintext_endpoint
 
+    fed = settings.federation
+    check_plaintext_endpoint(fed.bind_address or f"tcp://{fed.bind_host}:{fed.port}", fed.plaintext, "bind")
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
         raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 from appliance.core.errors import ConfigError, ProtocolError
 from appliance.core.types import StateDict
 from federation import codec, wire
+from federation.bounds import SILO_MAX_MESSAGE_BYTES
 from federation.keys import load_keypair
 from federation.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
                                  make_header)
 from federation.timing import ClockOffset, connection_timeout
-from federation.transport import ClientTransport
+from federation.transport import ClientTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +83,7 @@ class SiloClient:
         if not self.cfg.coordinator:
             raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
         self.silo_id = self.cfg.silo_id or socket.gethostname()
+        check_plaintext_endpoint(self.cfg.coordinator, self.cfg.plaintext, "connect to")
         if not self.cfg.plaintext and keypair is None:
             keypair = load_keypair(settings.keys_dir, "silo")
             if keypair is None:
@@ -104,6 +106,7 @@ class SiloClient:
         self._inbox: asyncio.Queue[tuple[float, list[bytes]]] = asyncio.Queue()  # (arrival time, frames), for `_loop`
         self._last_round: int | None = None  # set once this silo had the TRAIN of the run's last round
         self.ended_by_silence = False  # finished because the coordinator fell silent after the last round (BYE lost)
+        self.policy_refusals: list[str] = []  # why this silo's own policy refused TRAINs (federation.silo_require_*)
 
     @property
     def address(self) -> str:
@@ -114,7 +117,7 @@ class SiloClient:
         """Connect (outbound only), say HELLO, start heartbeats and the message loop."""
         self._transport = ClientTransport(self.cfg.coordinator, server_key=None if self.cfg.plaintext else self.cfg.coordinator_key,
                                           keypair=self._keypair, plaintext=self.cfg.plaintext,
-                                          max_message_bytes=self.cfg.max_message_bytes, heartbeat_s=self.cfg.heartbeat_interval_s,
+                                          max_message_bytes=self.cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES, heartbeat_s=self.cfg.heartbeat_interval_s,
                                           heartbeat_timeout_s=connection_timeout(self.cfg))
         self._transport.connect()
         hello = Hello(lora_r=getattr(self.trainer, "lora_r", None), lora_alpha=getattr(self.trainer, "lora_alpha", None))
@@ -266,6 +269,13 @@ class SiloClient:
         task = TrainTask.model_validate(header.body)
         if task.rounds_total and header.round_id >= task.rounds_total:
             self._last_round = header.round_id
+        refusal = policy_refusal(self.cfg, task)
+        if refusal is not None:  # before training: nothing is computed, nothing leaves this silo
+            logger.error("silo %s: refused round %d: %s", self.silo_id, header.round_id, refusal)
+            self.policy_refusals.append(refusal)
+            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_policy", message=refusal),
+                                         run=header.run, round_id=header.round_id, silo_id=self.silo_id))
+            return
         global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
         started = time.monotonic()
@@ -302,7 +312,10 @@ class SiloClient:
         client = SecAggClient(silo_id, SecAggConfig(**task.secure_aggregation))
         self._secure = {header.round_id: {"client": client, "delta": delta, "num_examples": num_examples,
                                           "run": header.run, "silo_id": silo_id}}  # older rounds are abandoned
-        data = {**client.advertise(), "num_examples": num_examples, "metrics": _scalars(metrics), "train_s": train_s}
+        from federation.strategies import global_norm
+
+        data = {**client.advertise(), "num_examples": num_examples, "metrics": _scalars(metrics), "train_s": train_s,
+                "update_norm": global_norm(delta)}
         data.pop("silo_id", None)
         await self._send_step(header.round_id, "advertise", data)
         logger.info("silo %s: round %d trained (%d examples), secure aggregation keys sent", self.silo_id,
@@ -334,9 +347,20 @@ class SiloClient:
         client = st["client"]
         if body.step == "roster":
             # Pre-scale by this silo's share of the round: the unmasked sum is then the weighted mean (see secure_round).
+            # First clip to the round's norm bound (the coordinator cannot clip a masked update: this is the enforcement).
             weight = float(body.data["weight"])
             if not 0 < weight <= 1:
                 raise ProtocolError(f"a secure round's weight must be in (0, 1], got {weight}")
+            bound = body.data.get("norm_bound")
+            if bound is not None:
+                from federation.strategies import clip_update
+
+                if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+                    raise ProtocolError(f"a secure round's norm bound must be a finite number > 0, got {bound!r}")
+                st["delta"], norm = clip_update(st["delta"], float(bound))
+                if norm > bound:
+                    logger.info("silo %s: round %d update clipped from L2 norm %.4g to the round's bound %.4g",
+                                self.silo_id, round_id, norm, bound)
             st["delta"] = {k: v * weight for k, v in st["delta"].items()}
             await self._send_step(round_id, "share_keys", {"ciphertexts": client.share_keys(body.data["roster"])})
         elif body.step == "shares":
@@ -357,6 +381,25 @@ class SiloClient:
         self.trainer.set_state({k: v.clone() for k, v in global_state.items()})
         num_examples, metrics = self.trainer.fit(task.local_steps, dict(task.config))
         return num_examples, metrics, state_delta(self.trainer.get_state(), global_state)
+
+
+def policy_refusal(cfg: Any, task: TrainTask) -> str | None:
+    """Why this silo's own settings refuse `task` (`federation.silo_require_dp`, `silo_min_noise_multiplier`,
+    `silo_max_clip_norm`, `silo_require_secagg`), or None when it may train."""
+    if cfg.silo_require_secagg and task.secure_aggregation is None:
+        return ("this silo requires secure aggregation (federation.silo_require_secagg) and the TRAIN did not ask for "
+                "it: its update would reach the coordinator in clear")
+    if cfg.silo_require_dp:
+        if task.dp_clip_norm is None:
+            return ("this silo requires silo-side differential privacy (federation.silo_require_dp) and the TRAIN did "
+                    "not ask for it (the coordinator must run with federation.dp_mode=silo)")
+        if task.dp_noise_multiplier < cfg.silo_min_noise_multiplier:
+            return (f"this silo requires a DP noise multiplier of at least {cfg.silo_min_noise_multiplier} "
+                    f"(federation.silo_min_noise_multiplier); the TRAIN asked for {task.dp_noise_multiplier}")
+        if cfg.silo_max_clip_norm is not None and task.dp_clip_norm > cfg.silo_max_clip_norm:
+            return (f"this silo accepts a DP clip norm of at most {cfg.silo_max_clip_norm} "
+                    f"(federation.silo_max_clip_norm); the TRAIN asked for {task.dp_clip_norm}")
+    return None
 
 
 def _privatise(delta: StateDict, clip_norm: float, noise_multiplier: float) -> StateDict:

@@ -83,9 +83,13 @@ def connection_timeout_s(heartbeat_s: float, silo_timeout_s: float, max_message_
     return max(3 * heartbeat_s, silo_timeout_s) + max_message_bytes * 8 / (assumed_mbit * 1e6)
 
 
-def connection_timeout(cfg: Any) -> float:
-    """`connection_timeout_s` of a `FederationSettings` (coordinator and silo size it alike)."""
-    return connection_timeout_s(cfg.heartbeat_interval_s, cfg.silo_timeout_s, cfg.max_message_bytes, cfg.assumed_link_mbit)
+def connection_timeout(cfg: Any, max_message_bytes: int | None = None) -> float:
+    """`connection_timeout_s` of a `FederationSettings` for messages up to `max_message_bytes` (default:
+    `cfg.max_message_bytes`, or a silo's bound when that is derived)."""
+    from federation.bounds import SILO_MAX_MESSAGE_BYTES
+
+    size = max_message_bytes or cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES
+    return connection_timeout_s(cfg.heartbeat_interval_s, cfg.silo_timeout_s, size, cfg.assumed_link_mbit)
 
 
 def transfer_allowance_s(bytes_down: int, bytes_up: int, *, down_bps: float | None, up_bps: float | None,

@@ -3,7 +3,8 @@
 CURVE encryption and authentication are on by default: the coordinator runs a ZAP handler that accepts only
 enrolled silo public keys at connect, and every message carries the sender's public key (as its ZeroMQ User-Id),
 so the coordinator checks each message against the current enrolment and a silo cannot claim another's name. Plaintext exists for tests and must be asked for (`plaintext=True`). The socket enforces
-`max_message_bytes` (ZMQ_MAXMSGSIZE) and ZMTP heartbeats detect dead peers; DEALERs reconnect on their own.
+`max_message_bytes` (ZMQ_MAXMSGSIZE) and a bounded receive queue (ZMQ_RCVHWM); ZMTP heartbeats detect dead peers;
+DEALERs reconnect on their own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Incoming:
     received_at: float = 0.0  # time.time() when the transport had the whole message (round timings)
 
 
-def _common_options(sock, max_message_bytes: int, heartbeat_s: float, heartbeat_timeout_s: float | None) -> None:
+def _common_options(sock, max_message_bytes: int, heartbeat_s: float, heartbeat_timeout_s: float | None,
+                    receive_hwm: int = 1000) -> None:
     import zmq
 
     # ZeroMQ counts only whole messages as a sign of life, so the timeout must outlast the longest single transfer
@@ -39,6 +41,7 @@ def _common_options(sock, max_message_bytes: int, heartbeat_s: float, heartbeat_
     timeout_ms = int((heartbeat_timeout_s or 3 * heartbeat_s) * 1000)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.RCVHWM, receive_hwm)
     sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)
@@ -56,16 +59,19 @@ class ServerTransport:
         max_message_bytes: largest message the socket accepts; bigger ones drop the connection.
         heartbeat_s: ZMTP heartbeat interval.
         heartbeat_timeout_s: a connection that brings no whole message for this long is dropped (default 3 heartbeats).
+        receive_hwm: messages ZeroMQ queues for reading before it stops reading from the peers (ZMQ_RCVHWM).
     """
 
     def __init__(self, endpoint: str, *, keypair: KeyPair | None, lookup: Lookup | None = None, plaintext: bool = False,
-                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0, heartbeat_timeout_s: float | None = None) -> None:
+                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0, heartbeat_timeout_s: float | None = None,
+                 receive_hwm: int = 64) -> None:
         if keypair is None and not plaintext:
             raise ConfigError("the coordinator needs a CURVE key pair (run `appliance federation init`) or plaintext=True")
         if keypair is not None and lookup is None:
             raise ConfigError("CURVE mode needs a lookup of enrolled silo keys")
         self.endpoint, self.keypair, self.lookup = endpoint, keypair, lookup
         self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
+        self.receive_hwm = receive_hwm
         self._ctx = self._sock = self._auth = None
         self.address: str | None = None
 
@@ -79,7 +85,7 @@ class ServerTransport:
             self._auth = _make_authenticator(self._ctx, self.lookup)
             self._auth.start()
         sock = self._ctx.socket(zmq.ROUTER)
-        _common_options(sock, self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s)
+        _common_options(sock, self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s, self.receive_hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.keypair is not None:
             sock.curve_server = True
@@ -127,6 +133,24 @@ class ServerTransport:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+
+def check_plaintext_endpoint(endpoint: str, plaintext: bool, what: str) -> None:
+    """Refuse plaintext federation beyond loopback: without CURVE, anyone on the network could be a silo or read updates.
+
+    Raises:
+        ConfigError: `plaintext` with a tcp endpoint whose host is not a loopback address.
+    """
+    from urllib.parse import urlsplit
+
+    from appliance.core.net import is_loopback
+
+    if not plaintext or not endpoint.startswith("tcp://"):
+        return  # CURVE, or ipc:// / inproc:// (local by nature)
+    host = (urlsplit(endpoint).hostname or "").strip("[]")
+    if not is_loopback(host):
+        raise ConfigError(f"federation.plaintext (--plaintext) cannot {what} {endpoint}: plaintext is for tests on "
+                          f"loopback (127.0.0.1) only; beyond it, use CURVE (`appliance federation init` and enrolment)")
 
 
 def _make_authenticator(ctx, lookup: Lookup):

@@ -159,7 +159,15 @@ class RunFolder:
         """
         if self.path is None or not (self.checkpoints / "latest").exists():
             raise ConfigError(f"nothing to resume: no checkpoint under {self.path}/checkpoints")
-        _, client = engine.load_checkpoint(str(self.checkpoints), load_module_strict=False)
+        from train.safe_checkpoint import weights_only_engine
+
+        # Never pickle's arbitrary code: every file of the checkpoint is loaded weights-only (train/safe_checkpoint.py).
+        saving = engine.checkpoint_engine
+        engine.checkpoint_engine = weights_only_engine()
+        try:
+            _, client = engine.load_checkpoint(str(self.checkpoints), load_module_strict=False)
+        finally:
+            engine.checkpoint_engine = saving
         if client is None:
             raise ConfigError(f"the latest checkpoint under {self.checkpoints} could not be loaded")
         log.info("resumed from step %d", client["step"])

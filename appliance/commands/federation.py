@@ -45,6 +45,10 @@ def enroll(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."
     with cli_errors():
         silos = enroll_silo(settings_from(ctx).keys_dir, name, public_key, num_examples=examples)
         console.print(f"enrolled silo {name} ({len(silos)} enrolled)", highlight=False)
+        if examples is None:
+            console.print(f"note: no --examples declared: silo {name}'s weight in a round is bounded only by "
+                          f"federation.max_silo_share; enrol it again with --examples N to bound it by its data",
+                          highlight=False, markup=False)
 
 
 @federation_app.command("remove")

@@ -239,10 +239,11 @@ async def test_a_removed_silo_loses_its_session_at_once(curve_homes):
     assert again.exit_code == 2
 
 
-async def test_status_needs_the_status_token_beyond_loopback(tmp_path):
+async def test_status_needs_the_status_token_beyond_loopback(curve_homes):
     from appliance.core.tokens import coordinator_status_token, router_admin_token
 
-    async with federation(tmp_path, [], rounds=1, min_silos=1, bind_host="0.0.0.0") as (coord, _):
+    # CURVE: plaintext is refused beyond loopback
+    async with federation(None, [], curve=curve_homes, rounds=1, min_silos=1, bind_host="0.0.0.0") as (coord, _):
         token = coordinator_status_token(coord.settings)
         router_token = router_admin_token(coord.settings)
         async with httpx.AsyncClient() as client:

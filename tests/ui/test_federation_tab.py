@@ -13,21 +13,34 @@ def _ctx(home) -> ConsoleContext:
     return ConsoleContext.from_settings(make_settings(home, ui={"coordinator_url": f"http://127.0.0.1:{free_port()}"}))
 
 
-def test_enrol_admits_a_silo_key_through_the_cli(tmp_path):
+def test_enrol_admits_a_silo_key_with_its_declared_count_through_the_cli(tmp_path):
+    from federation.keys import declared_examples
+
     ctx = _ctx(tmp_path)
     public, _secret = zmq.curve_keypair()
 
-    message = tab.on_enrol(ctx, " hospital-a ", public.decode())
+    message = tab.on_enrol(ctx, " hospital-a ", public.decode(), 120)
 
-    assert "Enrolled silo **hospital-a**" in message
+    assert "Enrolled silo **hospital-a**" in message and "120 examples" in message
     enrolled = (ctx.settings.keys_dir).rglob("*.json")
     assert any(public.decode() in p.read_text() for p in enrolled)
+    assert declared_examples(ctx.settings.keys_dir) == {"hospital-a": 120}
+
+
+def test_enrol_without_an_example_count_is_refused(tmp_path):
+    ctx = _ctx(tmp_path)
+    public, _secret = zmq.curve_keypair()
+
+    for missing in (None, 0, 2.5):
+        message = tab.on_enrol(ctx, "hospital-a", public.decode(), missing)
+        assert message.startswith("⚠️") and "example count" in message
+    assert not any("hospital-a" in p.read_text() for p in ctx.settings.keys_dir.rglob("*.json"))
 
 
 def test_enrol_of_a_bad_key_shows_the_cli_error_and_enrols_nothing(tmp_path):
     ctx = _ctx(tmp_path)
 
-    message = tab.on_enrol(ctx, "hospital-a", "not-a-key")
+    message = tab.on_enrol(ctx, "hospital-a", "not-a-key", 10)
 
     assert message.startswith("⚠️") and "key" in message.lower()
     assert not any("hospital-a" in p.read_text() for p in ctx.settings.keys_dir.rglob("*.json"))

@@ -93,11 +93,13 @@ def test_every_tab_shows_its_state(page, showcase):
     public_key = zmq.curve_keypair()[0].decode()
     page.locator("#fed-silo-name").get_by_role("textbox").fill("hospital-d")
     page.locator("#fed-silo-key").get_by_role("textbox").fill(public_key)
+    page.locator("#fed-silo-examples").get_by_role("spinbutton").fill("250")
     page.locator("#fed-enrol").click()
     expect(page.locator("#fed-action")).to_contain_text("Enrolled silo hospital-d")
-    from federation.keys import enrolled_silos
+    from federation.keys import declared_examples, enrolled_silos
 
     assert enrolled_silos(console.home / "keys")["hospital-d"] == public_key
+    assert declared_examples(console.home / "keys")["hospital-d"] == 250
     page.locator("#fed-silo-key").get_by_role("textbox").fill("not-a-key")
     page.locator("#fed-enrol").click()
     expect(page.locator("#fed-action")).to_contain_text("⚠")

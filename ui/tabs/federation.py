@@ -174,14 +174,18 @@ def refresh(ctx: ConsoleContext):
 
 
 @guarded(lambda msg: msg)
-def on_enrol(ctx: ConsoleContext, name: str, key: str) -> str:
-    """Enrol a silo's public key with `appliance federation enroll` (which checks the name and the key)."""
+def on_enrol(ctx: ConsoleContext, name: str, key: str, examples: float | None = None) -> str:
+    """Enrol a silo's public key and its declared example count with `appliance federation enroll --examples N`
+    (which checks the name and the key); the count bounds the weight the silo's updates get in every round."""
     name, key = name.strip(), key.strip()
-    result = subprocess.run(appliance_cmd(ctx, "federation", "enroll", "--", name, key), capture_output=True, text=True,
-                            timeout=60)
+    if examples is None or examples != examples or examples < 1 or int(examples) != examples:
+        return problem("Declare the silo's example count (a whole number, at least 1): its updates never weigh more "
+                       "than that in a round.")
+    result = subprocess.run(appliance_cmd(ctx, "federation", "enroll", "--examples", str(int(examples)), "--", name, key),
+                            capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         return problem(" ".join((result.stderr or result.stdout).split()) or f"enrolment failed (exit code {result.returncode})")
-    return f"Enrolled silo **{html.escape(name)}**; it can join at the next round."
+    return f"Enrolled silo **{html.escape(name)}** ({int(examples)} examples declared); it can join at the next round."
 
 
 @guarded(lambda msg: msg)
@@ -251,6 +255,8 @@ def build(ctx: ConsoleContext) -> None:
             gr.Markdown("#### Enrol a silo")
             silo_name = gr.Textbox(label="Silo name", elem_id="fed-silo-name")
             silo_key = gr.Textbox(label="Silo public key (z85, 40 characters)", elem_id="fed-silo-key")
+            silo_examples = gr.Number(label="Declared example count (bounds the silo's weight)", value=None, precision=0,
+                                      minimum=1, elem_id="fed-silo-examples")
             enrol = gr.Button("Enrol", elem_id="fed-enrol")
         with gr.Column():
             gr.Markdown("#### Run a federation")
@@ -272,7 +278,7 @@ def build(ctx: ConsoleContext) -> None:
 
     outputs = [status_md, summary, silos, rounds, plot, timings, timing_plot]
     timer.tick(bind(refresh, ctx), None, outputs, show_progress="hidden")
-    enrol.click(bind(on_enrol, ctx), [silo_name, silo_key], action)
+    enrol.click(bind(on_enrol, ctx), [silo_name, silo_key, silo_examples], action)
     start.click(bind(on_start, ctx), [n_rounds, strategy, min_silos, local_steps], action)
     stop.click(bind(on_stop, ctx), None, action)
     demo.click(bind(on_demo, ctx), None, action)
