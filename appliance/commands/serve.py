@@ -130,7 +130,9 @@ def fleet_quarantine(ctx: typer.Context, router: Optional[str] = _ROUTER) -> Non
         _, client = _admin(ctx, router)
         rows = client.quarantine()
         for r in rows:
-            console.print(f"{r['address']}  worker {r['worker_id']}  since {r['since']}  {r['reason']}", highlight=False)
+            stamp = r.get("since")
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else stamp
+            console.print(f"{r['address']}  worker {r['worker_id']}  since {since}  {r['reason']}", highlight=False)
         if not rows:
             console.print("no worker is quarantined")
 
