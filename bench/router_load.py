@@ -5,6 +5,11 @@ process, so they share the machine's cores the same way for every target. Each c
 `concurrency` clients for `--duration-s` seconds (after a short warm-up), streaming or not.
 
     .venv/bin/python bench/router_load.py [--duration-s 4] [--concurrency 1 64 256] [--no-litellm] [--vllm]
+        [--baseline DIR]
+
+With `--baseline DIR` (another checkout of this repository, e.g. `git worktree add /tmp/before REV`), the router
+of that checkout runs beside today's, as "router@base", measured cell by cell between the same backend and the same
+load generator: a before/after comparison in one run (the table's "vs base" column is today's throughput over it).
 
 Prints one table: requests/s, p50/p99 latency, and for each proxy the added p50/p99 (its latency minus direct's)
 and its throughput as a share of direct's and of the bare pass-through's. LiteLLM runs only if
@@ -165,17 +170,23 @@ def start_bare(upstream: str) -> Server:
     return Server("bare proxy", url, proc, {})
 
 
-def start_router(upstream: str, home: Path, policy: str = "score", model: str = MODEL) -> Server:
-    sys.path.insert(0, str(REPO))
-    from serve.keys import create_key
-
-    key = create_key(home / "keys", f"{API_KEY_NAME}-{int(time.time() * 1000)}", rpm=10_000_000, tpm=10_000_000_000)
+def start_router(upstream: str, home: Path, policy: str = "score", model: str = MODEL, tree: Path = REPO,
+                 name: str = "our router") -> Server:
+    """Our router from checkout `tree` (default: this one), with a metered API key of its own in `home`."""
+    home.mkdir(parents=True, exist_ok=True)
+    make_key = ("import sys; from serve.keys import create_key; "
+                "print(create_key(__import__('pathlib').Path(sys.argv[1]), sys.argv[2], rpm=10_000_000, tpm=10_000_000_000))")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    key = subprocess.run([PYTHON, "-c", make_key, str(home / "keys"), f"{API_KEY_NAME}-{int(time.time() * 1000)}"], cwd=tree,
+                         env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     port = free_port()
-    proc = spawn([PYTHON, __file__, "--serve-router", str(port), upstream, str(home), policy], log=home / f"router-{port}.log")
+    proc = subprocess.Popen([PYTHON, str(tree / "bench" / "router_load.py"), "--serve-router", str(port), upstream, str(home), policy],
+                            cwd=tree, env=env, stdout=open(home / f"router-{port}.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}"}
     wait_ready(url + "/v1/chat/completions", proc, headers=headers, model=model)
-    return Server("our router", url, proc, headers)
+    return Server(name, url, proc, headers)
 
 
 def start_litellm(upstream: str, home: Path) -> Server | str:
@@ -287,7 +298,8 @@ def run_load(url: str, headers: dict, concurrency: int, stream: bool, duration_s
 # ---------------------------------------------------------------- the table
 def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list[str]) -> None:
     print(f"\n{title}")
-    print(f"{'target':<12} {'stream':<6} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'vs direct':>9} {'vs bare':>8} {'cpu us/req':>10} {'errors':>6}")
+    print(f"{'target':<12} {'stream':<6} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'vs direct':>9} {'vs bare':>8} {'cpu us/req':>10} {'errors':>6} {'vs base':>7}")
+    before = {(c, s): r for name, c, s, r in rows if name == "router@base"}
     base = {(c, s): r for name, c, s, r in rows if name == "direct"}
     bare = {(c, s): r for name, c, s, r in rows if name == "bare proxy"}
     for name, c, s, r in rows:
@@ -299,7 +311,9 @@ def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list
         if r["n"] == 0:
             print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4}  no request finished inside the window ({r['errors']} errors)")
             continue
-        print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.1f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6}")
+        old = before.get((c, s))
+        vs_base = f"{r['rps'] / old['rps']:.0%}" if old and old["rps"] and name == "our router" else ""
+        print(f"{name:<12} {'yes' if s else 'no':<6} {c:>4} {r['rps']:>9.1f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {add50:>8} {add99:>8} {vs_d:>9} {vs_b:>8} {r['cpu_us']:>10.0f} {r['errors']:>6} {vs_base:>7}")
     print("+p50/+p99: latency added over direct at the same concurrency; vs direct/bare: throughput share; "
           "cpu us/req: CPU time of that server's own process per request (for direct, the backend's).")
     for name, c, s, r in rows:
@@ -309,7 +323,8 @@ def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list
         print(note)
 
 
-def bench(targets: list[str], concurrencies: list[int], duration_s: float, title: str) -> list[tuple[str, int, bool, dict]]:
+def bench(targets: list[str], concurrencies: list[int], duration_s: float, title: str,
+          baseline: Path | None = None) -> list[tuple[str, int, bool, dict]]:
     """Start the backend and the chosen proxies, measure every cell, print the table, stop everything."""
     servers: list[Server] = []
     notes: list[str] = []
@@ -324,8 +339,11 @@ def bench(targets: list[str], concurrencies: list[int], duration_s: float, title
                 by_name["bare proxy"] = start_bare(backend.url)
                 servers.append(by_name["bare proxy"])
             if "router" in targets:
-                by_name["our router"] = start_router(backend.url, home)
+                by_name["our router"] = start_router(backend.url, home / "router")
                 servers.append(by_name["our router"])
+            if baseline is not None:
+                by_name["router@base"] = start_router(backend.url, home / "base", tree=baseline, name="router@base")
+                servers.append(by_name["router@base"])
             if "litellm" in targets:
                 lite = start_litellm(backend.url, home)
                 if isinstance(lite, str):
@@ -358,7 +376,7 @@ def router_log_notes(home: Path, most: int = 8) -> list[str]:
     import re
 
     seen: collections.Counter[str] = collections.Counter()
-    for log in home.glob("router-*.log"):
+    for log in home.glob("**/router-*.log"):
         for line in log.read_text(errors="replace").splitlines():
             if line.startswith(("WARNING", "ERROR", "CRITICAL")) or "Traceback" in line:
                 seen[re.sub(r"w-[0-9a-f]{10}", "w-…", line)[:200]] += 1
@@ -437,6 +455,7 @@ def main() -> None:
     parser.add_argument("--vllm-concurrency", type=int, default=8)
     parser.add_argument("--vllm-only", action="store_true", help="Skip the fake-backend table.")
     parser.add_argument("--vllm-policies", nargs="+", default=["round_robin", "score"], help="Order of the policies measured.")
+    parser.add_argument("--baseline", type=Path, help="Another checkout whose router runs beside today's (before/after in one run).")
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
@@ -451,7 +470,8 @@ def main() -> None:
         targets = ["bare", "router"] + ([] if args.no_litellm else ["litellm"])
         if not args.vllm_only:
             bench(targets, args.concurrency, args.duration_s,
-                  f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process")
+                  f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process",
+                  baseline=args.baseline.resolve() if args.baseline else None)
         if args.vllm or args.vllm_only:
             affinity_part(args.vllm_duration_s, args.vllm_concurrency, policies=tuple(args.vllm_policies))
 
