@@ -6,8 +6,6 @@ wrappers (`CentralDP`, `SiloDPAccounting`) are in `federation.privacy`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from appliance.core.types import StateDict
 from federation import lora_aggregate as la
 from federation.accumulators import ClippedAccumulator, RoundAccumulator
