@@ -54,6 +54,8 @@ def message_bytes(shapes: dict[str, tuple[int, int]], method: str) -> tuple[int,
 class SleepTrainer:
     """A SiloTrainer whose training is `train_s` seconds of sleep and a small random step."""
 
+    lora_r = lora_alpha = None  # the global adapter's LoRA shape
+
     def __init__(self, train_s: float, seed: int) -> None:
         self.train_s, self.seed, self.state = train_s, seed, {}
 

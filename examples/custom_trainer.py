@@ -22,10 +22,10 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from appliance.core.settings import load_settings
-from federation.silo import SiloClient
+from federation.silo import SiloClient, SiloTrainer
 
 
-class HFSilo:
+class HFSilo(SiloTrainer):
     """A `SiloTrainer` around transformers' `Trainer` and a peft LoRA model."""
 
     def __init__(self, model_dir: str, texts: list[str], lr: float = 1e-3, batch_size: int = 2, seed: int = 0) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     from appliance.core.types import StateDict
+    from federation.server_strategies import Strategy
 
 MIN_MESSAGE_BYTES = 1 << 20  # an empty adapter's messages still fit (headers, SECAGG steps)
 HEADER_ALLOWANCE = 1 << 20  # protocol.MAX_HEADER_BYTES: the header frame on top of the payload
@@ -53,7 +54,7 @@ def clip_round(updates: dict[str, "StateDict"], bound: float) -> dict[str, dict[
     Returns:
         silo -> {"norm": its norm before, "clipped_to": bound} for each clipped silo (the round record's `clipped`).
     """
-    from federation.strategies import clip_update
+    from federation.aggregate import clip_update
 
     clipped: dict[str, dict[str, float]] = {}
     for sid in sorted(updates):
@@ -66,25 +67,21 @@ def clip_round(updates: dict[str, "StateDict"], bound: float) -> dict[str, dict[
 
 def norms_of(updates: Mapping[str, "StateDict"]) -> dict[str, float]:
     """silo -> the global L2 norm of its update."""
-    from federation.strategies import global_norm
+    from federation.aggregate import global_norm
 
     return {sid: global_norm(u) for sid, u in updates.items()}
 
 
-def aggregate_bound(cfg: Any, strategy: Any, round_bound: float | None) -> float | None:
+def aggregate_bound(cfg: Any, strategy: "Strategy", round_bound: float | None) -> float | None:
     """The bound on the global adapter's change in a round: `max_aggregate_norm`, else `max_update_norm`, else the
-    round's adaptive bound (times FedAvg's server_lr) for a plain mean strategy without DP over LoRA factors (a
-    weighted mean of updates clipped to B moves by at most B); None where no such bound holds (server optimisers,
-    robust strategies, product aggregation, DP noise): the per-update clip still bounds what goes in."""
-    from federation.strategies import FedAvg, ProductAggregation, _ServerOptimiser, innermost
-
+    strategy's `change_bound` of the round's adaptive bound (FedAvg: times its server_lr) without DP (a weighted mean
+    of updates clipped to B moves by at most B); None where no such bound holds (server optimisers, robust
+    strategies, product aggregation, DP noise): the per-update clip still bounds what goes in."""
     if cfg.max_aggregate_norm is not None:
         return float(cfg.max_aggregate_norm)
     if cfg.max_update_norm is not None:
         return float(cfg.max_update_norm)
-    inner = innermost(strategy)
-    if round_bound is None or cfg.dp_mode != "off" or isinstance(strategy, ProductAggregation):
+    if round_bound is None or cfg.dp_mode != "off":
         return None
-    if not isinstance(inner, FedAvg) or isinstance(inner, _ServerOptimiser):
-        return None
-    return round_bound * max(1.0, float(getattr(inner, "server_lr", 1.0))) * (1 + 1e-4)  # float32 rounding slack
+    bound = strategy.change_bound(round_bound)
+    return None if bound is None else bound * (1 + 1e-4)  # float32 rounding slack

@@ -40,7 +40,7 @@ from federation.transport import Incoming, ServerTransport, check_plaintext_endp
 
 if TYPE_CHECKING:
     from appliance.core.settings import ApplianceSettings
-    from federation.strategies import Strategy
+    from federation.server_strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ class Coordinator:
 
     Args:
         settings: the appliance settings (uses `federation`, `train`, the home layout).
-        strategy: aggregation strategy (`federation.strategies.make_strategy(...)`).
+        strategy: aggregation strategy (`federation.service.build_strategy(...)` or
+            `federation.strategy_factory.make_strategy(...)`; product aggregation takes its lora_alpha there).
         initial_state: the round-0 global adapter; default `train.initial_adapter_state(settings.train, model)`.
         on_publish: callbacks `(AdapterVersion) -> None` called after each round's checkpoint (errors are logged).
         exporter: writes a PEFT folder for a state dict; default `train.save_adapter_dir` on the base model.
@@ -149,8 +150,6 @@ class Coordinator:
             from federation.secure_round import check_strategy
 
             check_strategy(strategy, self.cfg)
-        if callable(getattr(strategy, "bind_lora", None)):  # product aggregation scales products by lora_alpha / r
-            strategy.bind_lora(settings.train.lora_alpha)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
@@ -478,18 +477,15 @@ class Coordinator:
 
     def _state_for(self, rs: RoundState, silo: SiloInfo) -> StateDict:
         """The adapter a silo trains from: the global one, or (product aggregation) its projection to the silo's rank."""
-        project = getattr(self.strategy, "state_for_silo", None)
-        if not callable(project) or silo.lora_r is None:
-            return rs.global_state
-        state, scale = project(rs.global_state, silo.lora_r, silo.lora_alpha)
+        state, scale = self.strategy.state_for_silo(rs.global_state, silo.lora_r, silo.lora_alpha)
         if state is not rs.global_state:
             rs.sent[silo.id] = state
-            rs.acc.set_base(silo.id, state, scale)
+            rs.acc.set_base(silo.id, state, scale)  # type: ignore[attr-defined]  # a ProductAccumulator
         return state
 
     def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> StateDict | tuple[str, str]:
         """The update, decoded (to the global adapter's shapes only) and checked; or (code, message) refusing it."""
-        from federation.strategies import InvalidUpdate, check_update, global_norm
+        from federation.aggregate import InvalidUpdate, check_update, global_norm
 
         reference = rs.sent.get(silo_id, rs.global_state)  # the adapter this silo was sent (its own rank)
         limit = 3 * sum(t.numel() * 4 for t in reference.values()) + (1 << 20)
@@ -522,7 +518,7 @@ class Coordinator:
     def _shares(self, counts: dict[str, int]) -> dict[str, float]:
         """Each silo's share of the round: its claimed count, bounded by the one declared at enrolment, capped at
         `federation.max_silo_share` (`strategies.capped_weights`)."""
-        from federation.strategies import capped_weights
+        from federation.aggregate import capped_weights
 
         bounded = {}
         for sid, n in counts.items():
@@ -740,7 +736,7 @@ class Coordinator:
             RoundFailed: the strategy kept the previous global, or the aggregate failed its checks (the strategy's
                 state is then rolled back, so the round leaves no trace).
         """
-        from federation.strategies import check_aggregate
+        from federation.aggregate import check_aggregate
 
         saved = {k: v.clone() for k, v in self.strategy.state_dict().items()}
         new_state = self.strategy.finish_round(rs.round_id, self.global_state, rs.acc, failures)
@@ -764,11 +760,9 @@ class Coordinator:
                    max(1, sum(a["num_examples"] for a in rs.answered.values() if k in a["metrics"])) for k in keys}
         duration = time.time() - rs.started
         train_s = max((a["train_s"] for a in rs.answered.values()), default=0.0)
-        epsilon = None
-        eps_fn = getattr(self.strategy, "epsilon", None)
-        if callable(eps_fn):
-            epsilon = float(eps_fn(self.cfg.dp_delta))
-            epsilon = epsilon if math.isfinite(epsilon) else None  # no noise: no finite guarantee (JSON has no inf)
+        epsilon = self.strategy.epsilon(self.cfg.dp_delta)
+        if epsilon is not None:
+            epsilon = float(epsilon) if math.isfinite(epsilon) else None  # no noise: no finite guarantee (JSON has no inf)
         return {"round": rs.round_id, "participants": sorted(rs.answered), "failures": failures, "examples": total,
                 "metrics": metrics, "per_silo": {s: a["metrics"] for s, a in rs.answered.items()},
                 "rejected": rs.rejected, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out, "duration_s": duration,

@@ -213,8 +213,8 @@ async def federate(settings, home: Path, model_dir: Path, cfg, paths, rounds: in
     def exporter(state, out: Path) -> None:
         train.save_adapter_dir(state, cfg, model_dir, out)
 
-    coord = Coordinator(coord_settings, build_strategy(coord_settings.federation),
-                        initial_state=train.initial_adapter_state(cfg, model_dir), exporter=exporter)
+    strategy = build_strategy(coord_settings.federation, lora_alpha=coord_settings.train.lora_alpha)
+    coord = Coordinator(coord_settings, strategy, initial_state=train.initial_adapter_state(cfg, model_dir), exporter=exporter)
     address = await coord.start()
     silos = []
     try:

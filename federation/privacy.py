@@ -27,14 +27,11 @@ from typing import Any
 
 import torch
 
-from federation.strategies import (
-    ClippedAccumulator,
-    FedAvg,
-    RoundAccumulator,
-    StateDict,
-    StrategyWrapper,
-    clip_update,
-)
+from appliance.core.types import StateDict
+from federation.accumulators import ClippedAccumulator, RoundAccumulator
+from federation.aggregate import clip_update
+from federation.server_strategies import FedAvg, Strategy
+from federation.strategy_wrappers import StrategyWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +272,13 @@ class _AccountedWrapper(StrategyWrapper):
     accountant: "RDPAccountant"
     delta: float
 
-    def epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at `delta` (default: the configured one)."""
+    def epsilon(self, delta: float | None = None) -> float | None:
+        """Epsilon spent so far at `delta` (default: the configured one); inf without noise."""
         return self.accountant.get_epsilon(self.delta if delta is None else delta)
+
+    def change_bound(self, update_bound: float) -> float | None:
+        """None: DP noise is not bounded by the round's updates."""
+        return None
 
     def state_dict(self) -> StateDict:
         """Inner state under `inner.`, accountant under `dp.`."""
@@ -324,21 +325,31 @@ class CentralDP(_AccountedWrapper):
         if not isinstance(inner, FedAvg):
             raise ValueError(
                 f"CentralDP needs a mean-based strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi), got "
-                f"{getattr(inner, 'name', type(inner).__name__)!r}: its sensitivity is not C/n"
+                f"{inner.name!r}: its sensitivity is not C/n"
             )
         if clip_norm <= 0 or noise_multiplier < 0:
             raise ValueError(f"need clip_norm > 0 and noise_multiplier >= 0, got {clip_norm}, {noise_multiplier}")
         super().__init__(inner)
-        self.clip_norm = clip_norm
+        self._clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.seed = seed
         self.population = population
         self.delta = delta
         self.accountant = RDPAccountant()
 
+    @property
+    def central_dp(self) -> bool:
+        """True: this wrapper adds the noise."""
+        return True
+
+    @property
+    def clip_norm(self) -> float | None:
+        """`C`: every update is clipped to it."""
+        return self._clip_norm
+
     def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
         """An accumulator that clips each update to C and weighs it 1."""
-        return ClippedAccumulator(self.inner.start_round(round_id, global_state), self.clip_norm, uniform_weights=True)
+        return ClippedAccumulator(self.inner.start_round(round_id, global_state), self._clip_norm, uniform_weights=True)
 
     def _generator(self, round_id: int) -> torch.Generator:
         gen = torch.Generator()
@@ -356,11 +367,11 @@ class CentralDP(_AccountedWrapper):
             return None
         n = acc.count  # type: ignore[attr-defined]
         mean = self.inner.aggregate(acc)
-        noisy = add_gaussian_noise(mean, self.noise_multiplier * self.clip_norm / n, self._generator(round_id))
+        noisy = add_gaussian_noise(mean, self.noise_multiplier * self._clip_norm / n, self._generator(round_id))
         q = min(1.0, n / self.population) if self.population else 1.0
         self.accountant.step(self.noise_multiplier, q)
         logger.info("round %d: DP noise std %.3g on the mean of %d clipped updates; epsilon %.3f at delta %g",
-                    round_id, self.noise_multiplier * self.clip_norm / n, n, self.epsilon(), self.delta)
+                    round_id, self.noise_multiplier * self._clip_norm / n, n, self.epsilon(), self.delta)
         return self.inner.apply_delta(round_id, global_state, noisy)
 
 
@@ -371,7 +382,7 @@ class SiloDPAccounting(_AccountedWrapper):
     (every silo's own update is `(C, z)`-Gaussian; `q` = 1), so `epsilon()` is each silo's guarantee.
     """
 
-    def __init__(self, inner: Any, noise_multiplier: float, *, delta: float = 1e-5) -> None:
+    def __init__(self, inner: Strategy, noise_multiplier: float, *, delta: float = 1e-5) -> None:
         super().__init__(inner)
         self.noise_multiplier = noise_multiplier
         self.delta = delta

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from appliance.core.sections import FederationSettings
     from federation.protocol import Header
+    from federation.server_strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +68,23 @@ class SecAggRefused(ProtocolError):
         self.code = code
 
 
-def check_strategy(strategy: Any, cfg: "FederationSettings") -> None:
+def check_strategy(strategy: "Strategy", cfg: "FederationSettings") -> None:
     """Refuse strategies that cannot run on a masked sum.
 
     Raises:
         ConfigError: a robust strategy (median, trimmed mean, Krum), per-update clipping, or central DP.
     """
-    from federation.privacy import CentralDP
-    from federation.strategies import Clipped, FedAvg, innermost, is_wrapped_by, mean_strategy_names
+    from federation.strategy_factory import mean_strategy_names
 
-    if cfg.dp_mode == "central" or is_wrapped_by(strategy, CentralDP):
+    if cfg.dp_mode == "central" or strategy.central_dp:
         raise ConfigError("secure aggregation cannot be combined with central DP (it clips each update, which the "
                           "coordinator never sees); use federation.dp_mode=silo")
-    if is_wrapped_by(strategy, Clipped):
+    if strategy.clip_norm is not None:
         raise ConfigError("secure aggregation cannot clip individual updates (strategy_params.clip_norm); "
                           "use federation.secagg_clip_range or silo DP")
-    inner = innermost(strategy)
-    if not isinstance(inner, FedAvg):
-        raise ConfigError(f"strategy {inner.name!r} cannot run under secure aggregation: the coordinator learns only "
-                          f"the sum of the updates; use one of {', '.join(mean_strategy_names())}")
+    if not strategy.mean_based:
+        raise ConfigError(f"strategy {strategy.name!r} cannot run under secure aggregation: the coordinator learns "
+                          f"only the sum of the updates; use one of {', '.join(mean_strategy_names())}")
 
 
 def round_config(cfg: "FederationSettings", round_id: int, num_selected: int) -> SecAggConfig:

@@ -14,22 +14,31 @@ from appliance.core.tls import check_public_bind
 if TYPE_CHECKING:
     from appliance.core.sections import FederationSettings
     from appliance.core.settings import ApplianceSettings
-    from federation.strategies import Strategy
+    from federation.server_strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
 
-def build_strategy(cfg: "FederationSettings") -> "Strategy":
+def build_strategy(cfg: "FederationSettings", *, lora_alpha: float | None = None) -> "Strategy":
     """The configured strategy, wrapped for differential privacy when `dp_mode` asks for it.
+
+    Args:
+        cfg: the federation settings (strategy, strategy_params, lora_aggregation, dp_mode, secure_aggregation).
+        lora_alpha: the global adapter's `train.lora_alpha`, the scale of product aggregation (unless
+            `strategy_params` sets one); without it products are taken at scale 1.
 
     Raises:
         ConfigError: unknown strategy or parameters, central DP over a non-mean strategy, or secure aggregation with
             a strategy that needs the individual updates (robust strategies, per-update clipping, central DP).
     """
     from federation import privacy
-    from federation.strategies import FrozenA, ProductAggregation, make_strategy
+    from federation.server_strategies import ProductAggregation
+    from federation.strategy_factory import make_strategy
+    from federation.strategy_wrappers import FrozenA
 
     params = dict(cfg.strategy_params)
+    if lora_alpha is not None:
+        params.setdefault("lora_alpha", float(lora_alpha))
     name = cfg.strategy
     if cfg.lora_aggregation != "factors":
         params.setdefault("lora_aggregation", cfg.lora_aggregation)
@@ -97,7 +106,8 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str
     publishers = [router_publisher(settings)] if settings.federation.auto_publish else []
 
     async def main() -> dict[str, Any]:
-        coord = Coordinator(settings, build_strategy(settings.federation), on_publish=publishers)
+        coord = Coordinator(settings, build_strategy(settings.federation, lora_alpha=settings.train.lora_alpha),
+                            on_publish=publishers)
         await coord.start()
         if on_ready is not None:
             on_ready(coord)

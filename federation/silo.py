@@ -39,7 +39,18 @@ logger = logging.getLogger(__name__)
 
 @runtime_checkable
 class SiloTrainer(Protocol):
-    """What a silo needs from a training loop. Keys are the adapter-name-free peft state-dict keys."""
+    """What a silo needs from a training loop. Keys are the adapter-name-free peft state-dict keys.
+
+    A trainer may subclass this protocol to take the defaults of its attributes (None: the global adapter's LoRA
+    shape); `SiloClient` refuses an object that does not offer every member.
+    """
+
+    lora_r: int | None = None
+    """The LoRA rank this trainer trains at, announced in HELLO (product aggregation then sends the global adapter
+    projected to it); None: the global adapter's rank."""
+
+    lora_alpha: float | None = None
+    """This trainer's LoRA alpha (its scale is `lora_alpha / lora_r`), announced with `lora_r`; None: unknown."""
 
     def get_state(self) -> StateDict:
         """The current adapter weights."""
@@ -80,6 +91,11 @@ class SiloClient:
 
     def __init__(self, settings: "ApplianceSettings", trainer: SiloTrainer, *, keypair=None) -> None:
         self.settings, self.cfg, self.trainer = settings, settings.federation, trainer
+        if not isinstance(trainer, SiloTrainer):
+            missing = [m for m in ("get_state", "set_state", "fit", "evaluate", "lora_r", "lora_alpha")
+                       if not hasattr(trainer, m)]
+            raise ConfigError(f"the silo's trainer {type(trainer).__name__} is not a federation.SiloTrainer: it lacks "
+                              f"{', '.join(missing)} (subclass SiloTrainer for the defaults of lora_r and lora_alpha)")
         if not self.cfg.coordinator:
             raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
         self.silo_id = self.cfg.silo_id or socket.gethostname()
@@ -120,7 +136,7 @@ class SiloClient:
                                           max_message_bytes=self.cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES, heartbeat_s=self.cfg.heartbeat_interval_s,
                                           heartbeat_timeout_s=connection_timeout(self.cfg))
         self._transport.connect()
-        hello = Hello(lora_r=getattr(self.trainer, "lora_r", None), lora_alpha=getattr(self.trainer, "lora_alpha", None))
+        hello = Hello(lora_r=self.trainer.lora_r, lora_alpha=self.trainer.lora_alpha)
         await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
         self._tasks = [asyncio.create_task(self._read(), name=f"silo-{self.silo_id}-read"),
                        asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
@@ -430,7 +446,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class EngineTrainer:
+class EngineTrainer(SiloTrainer):
     """`SiloTrainer` on the appliance's training engine (`train.fit_adapter` / `train.evaluate_adapter`).
 
     Args:

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import pytest
 import torch
 
+from federation.silo import SiloTrainer
 from tests.factories import make_settings
 from tests.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
 
@@ -22,7 +23,7 @@ def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}
 
 
-class FakeTrainer:
+class FakeTrainer(SiloTrainer):
     """A SiloTrainer without a model: `fit` moves every weight by a silo-specific, round-specific amount.
 
     It holds private `data` rows (`{"text": ...}`) and, like a careless training loop, reports text from them among
@@ -112,7 +113,8 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
         settings = fed_settings(home / "c", plaintext=True, **fed)
         homes = [(f"s{i}", home / f"s{i}") for i in range(len(trainers))]
         key = None
-    coord = Coordinator(settings, strategy or build_strategy(settings.federation), initial_state=initial or initial_state(),
+    strategy = strategy or build_strategy(settings.federation, lora_alpha=settings.train.lora_alpha)
+    coord = Coordinator(settings, strategy, initial_state=initial or initial_state(),
                         exporter=exporter, on_publish=on_publish)
     address = await coord.start()
     silo_kw = {k: fed[k] for k in ("heartbeat_interval_s", "silo_timeout_s") if k in fed}  # silos keep the coordinator's

@@ -42,7 +42,7 @@ def _federate(model_dir: Path, tmp_path: Path, rounds: int = 2):
     data = generate()
     cfgs = {org: base.model_copy(update={"lora_r": r}) for org, r in RANKS.items()}
     trainers = {org: RecordingTrainer(cfgs[org], model_dir, data[org]["train"][:6]) for org in RANKS}
-    strategy = make_strategy("flexlora")
+    strategy = make_strategy("flexlora", lora_alpha=base.lora_alpha)
 
     async def main():
         coord = Coordinator(settings, strategy, initial_state=train.initial_adapter_state(base, model_dir), exporter=False)
