@@ -126,7 +126,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
     try:
         keep_named = int(json.loads((run_dir / "latest.json").read_text(encoding="utf-8"))["round"])
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass  # no readable latest.json: no round is kept beyond the newest ones
     deleted: list[int] = []
     if rounds.is_dir():
         found = sorted(int(p.name) for p in rounds.iterdir() if p.is_dir() and p.name.isdigit())

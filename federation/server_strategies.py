@@ -194,7 +194,7 @@ class BaseStrategy(StrategyDefaults):
         return True
 
     def aggregate(self, acc: RoundAccumulator) -> StateDict:
-        """The round's aggregated delta (float32)."""
+        """The round's aggregated delta (float32); each concrete strategy (FedAvg, Median, ...) says how."""
         raise NotImplementedError
 
     def apply_delta(self, round_id: int, global_state: StateDict, delta: StateDict) -> StateDict:

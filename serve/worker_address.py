@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from appliance.core.net import stays_on_this_machine
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")  # 127.1, 0x7f.0.0.1, 2130706433
@@ -122,12 +124,7 @@ def is_loopback_host(host: str) -> bool:
         host = normal_host(host)
     except ValueError:
         return False
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host in LOOPBACK_NAMES or host.endswith(".localhost") or stays_on_this_machine(host)
 
 
 def is_wildcard_host(host: str) -> bool:
@@ -161,12 +158,12 @@ def local_hosts() -> frozenset[str]:
         try:
             found.add(normal_host(name))
         except ValueError:
-            pass
+            pass  # a host name that is no valid URL host cannot be joined under, so it need not be matched
         try:
             for info in socket.getaddrinfo(name, None):
                 found.add(normal_host(str(info[4][0])))
         except (OSError, ValueError):
-            pass
+            pass  # unresolvable here: the interfaces' own addresses below still count
     found |= _interface_addresses()
     return frozenset(found)
 
@@ -181,14 +178,14 @@ def _interface_addresses() -> set[str]:
             if "/32 host LOCAL" in line and i > 0:
                 found.add(lines[i - 1].split()[-1])
     except OSError:
-        pass
+        pass  # no /proc (not Linux): only the names above
     try:
         with open("/proc/net/if_inet6", encoding="ascii") as f:
             for line in f:
                 raw = line.split()[0]
                 found.add(str(ipaddress.IPv6Address(int(raw, 16))))
     except (OSError, ValueError, IndexError):
-        pass
+        pass  # no IPv6 on this machine
     return found
 
 
