@@ -13,6 +13,8 @@ Policies (`settings.serve.policy`):
   where affinity is consistent hashing with bounded load (Mirrokni et al., 2018): a request's affinity key
   (session, user, or prompt prefix) maps to a point on a hash ring, and the first worker clockwise whose load is
   below `load_factor` times the mean load gets the bonus, so one hot prefix spills over instead of piling up.
+  Affinity only chooses among workers within `NEAR_BAND_MS` of the nearest, by distance: each worker's shortest
+  recent round trip (health probes and requests), which one slow answer on a busy machine does not change.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ class Candidate:
     draining: bool = False
     resident: bool = True  # serves the requested model, or holds the requested adapter loaded
     placed: bool = True  # the operator placed it (static or local): its region label is trusted; a joined one's is not
+    distance_ms: float | None = None  # shortest recent round trip (probes and requests); None: use ttft_ms
+
+
+def distance(c: Candidate) -> float:
+    """How far `c` is from the router: its shortest recent round trip, which a busy moment does not lengthen (one
+    slow answer moves the EWMA, not this), else its EWMA time to first byte."""
+    return c.ttft_ms if c.distance_ms is None else c.distance_ms
 
 
 def in_region(c: Candidate, region: str | None) -> bool:
@@ -151,8 +160,8 @@ def score(candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, 
         # Affinity only among workers that hold the model/adapter already, are about as near as the nearest of them
         # (a cached prefix never saves a WAN round trip), and are in the client's region if any of those are.
         resident = [c for c in pool if c.resident] or pool
-        fastest = min(c.ttft_ms for c in resident)
-        near = [c for c in resident if c.ttft_ms - fastest <= NEAR_BAND_MS]
+        fastest = min(distance(c) for c in resident)
+        near = [c for c in resident if distance(c) - fastest <= NEAR_BAND_MS]
         local = [c for c in near if in_region(c, hints.region)] or near
         target = affinity_target(local, hints.affinity_key, load_factor)
     n = len(pool)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.2
+ROUND_TRIP_WINDOW = 16  # round trips kept per worker for its distance (the shortest of them)
 
 
 def new_worker_id() -> str:
@@ -59,6 +61,9 @@ class Worker:
     draining: bool = False
     outstanding: int = 0
     ttft_ms: float = 0.0
+    round_trips: deque[float] = field(default_factory=lambda: deque(maxlen=ROUND_TRIP_WINDOW))  # recent, ms
+    measured_since_probe: bool = False  # a request measured its latency since the last health probe
+    probe_timeouts: int = 0  # consecutive periodic probes that timed out (one alone is not proof it is down)
     last_ok: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
     adapter_used: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time of its last request
@@ -87,7 +92,7 @@ class Worker:
     def candidate(self, resident: bool = True) -> Candidate:
         """The snapshot the policy sees."""
         return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy and self.routable,
-                         self.draining, resident, self.static)
+                         self.draining, resident, self.static, self.distance_ms)
 
     def begin(self, model: str) -> None:
         """A request for `model` starts on this worker (an adapter with requests in flight is never unloaded)."""
@@ -106,12 +111,30 @@ class Worker:
     def observe_ttft(self, ms: float) -> None:
         """Fold one time-to-first-byte measurement into the EWMA."""
         self.ttft_ms = ms if self.ttft_ms == 0.0 else (1 - EWMA_ALPHA) * self.ttft_ms + EWMA_ALPHA * ms
+        self.measured_since_probe = True
+        self.round_trips.append(ms)
+
+    def observe_probe(self, ms: float) -> None:
+        """A health probe's round trip. While requests measure the worker, they alone set its latency; a worker no
+        request has measured since the last probe (the policy prefers others) has a stale estimate, and one slow
+        request would otherwise keep it out for good: the probe's time then folds into the EWMA, so it is tried and
+        measured by requests again once it is near again."""
+        if self.ttft_ms != 0.0 and not self.measured_since_probe:
+            self.ttft_ms = (1 - EWMA_ALPHA) * self.ttft_ms + EWMA_ALPHA * ms
+        self.measured_since_probe = False
+        self.round_trips.append(ms)
+
+    @property
+    def distance_ms(self) -> float | None:
+        """The shortest of its recent round trips (probes and requests), None before the first."""
+        return min(self.round_trips) if self.round_trips else None
 
     def describe(self) -> dict[str, Any]:
         """The row of `GET /admin/workers` (docs/CONTRACTS.md)."""
         return {
             "id": self.id, "url": self.url, "region": self.region, "healthy": self.healthy, "draining": self.draining,
-            "outstanding": self.outstanding, "latency_ms": round(self.ttft_ms, 3), "capacity": self.capacity,
+            "outstanding": self.outstanding, "latency_ms": round(self.ttft_ms, 3),
+            "distance_ms": None if self.distance_ms is None else round(self.distance_ms, 3), "capacity": self.capacity,
             "models": sorted(self.models), "adapters": sorted(self.adapters), "static": self.static,
             "quarantined": self.quarantined, "canary": self.canary, "unverified": sorted(self.unverified),
             "no_traffic": "quarantined: its canary answers differed from a trusted worker's" if self.quarantined else (self.hold or None),
@@ -290,20 +313,34 @@ class WorkerRegistry:
         """Schedule an immediate probe of `worker` (after a forwarding failure), at most one at a time."""
         running = self._probing.get(worker.id)
         if running is None or running.done():
-            self._probing[worker.id] = asyncio.create_task(self.probe(worker))
+            self._probing[worker.id] = asyncio.create_task(self.probe(worker, suspect=True))
 
-    async def probe(self, worker: Worker) -> bool:
-        """Check `/health` and re-list `/v1/models`; update health, models and adapters. Returns healthy."""
+    async def probe(self, worker: Worker, suspect: bool = False) -> bool:
+        """Check `/health` and re-list `/v1/models`; update health, latency, models and adapters. Returns healthy.
+
+        A refused connection or a bad answer marks the worker unhealthy at once. A timeout does so only when it
+        confirms something: a forwarding failure (`suspect`, from `probe_soon`) or the previous probe's timeout; a
+        lone periodic probe that timed out on a busy machine leaves a worker that answers requests in service."""
         import aiohttp
 
+        timed_out = False
         try:
+            sent = time.perf_counter()
             async with self.session.get(f"{worker.url}/health", timeout=self._probe_timeout()) as resp:
                 ok = resp.status == 200
             if ok:
+                worker.observe_probe((time.perf_counter() - sent) * 1000)
                 self._apply_listing(worker, await self._fetch_models(worker.url, worker.headers))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RouterError) as exc:
+        except asyncio.TimeoutError as exc:
+            ok, timed_out = False, True
+            logger.debug("probe of %s timed out: %s", worker.id, exc)
+        except (aiohttp.ClientError, ValueError, RouterError) as exc:
             ok = False
             logger.debug("probe of %s failed: %s", worker.id, exc)
+        worker.probe_timeouts = worker.probe_timeouts + 1 if timed_out else 0
+        if timed_out and worker.healthy and not suspect and worker.probe_timeouts < 2:
+            logger.info("probe of worker %s (%s) timed out once; it stays in service until a second one", worker.id, worker.url)
+            return True
         if ok != worker.healthy:
             logger.log(logging.INFO if ok else logging.WARNING, "worker %s (%s) is now %s", worker.id, worker.url, "healthy" if ok else "unhealthy")
         worker.healthy = ok

@@ -28,7 +28,7 @@ answering), `first_byte_delay_s` (a slow first token: a stream sends its headers
 this long before its first chunk; a non-streamed answer waits before answering) on a `first_byte_delay_fraction` of the
 completion requests (default all; drawn from a generator seeded by `seed`: a heavy tail), `chunk_delay_s` (sleep
 between stream chunks), `break_after_chunks` (a stream stops after K chunks
-without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `die_after` (the process exits
+without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `health_delay_s` (`/health` answers late), `die_after` (the process exits
 after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text instead),
 `extra_models` (more base models its `/v1/models` lists). `GET /fake/requests` lists what was
 received (path, model, the last message or prompt as `prompt`, headers named `x-*`), for assertions; a completion whose client disconnected
@@ -53,7 +53,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after",
-                   "refuse_loads", "forge", "first_byte_delay_s", "first_byte_delay_fraction", "extra_models")
+                   "refuse_loads", "forge", "first_byte_delay_s", "first_byte_delay_fraction", "extra_models",
+                   "health_delay_s")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -99,6 +100,7 @@ class FakeBackend:
         self.first_byte_delay_fraction = first_byte_delay_fraction
         self._rng = random.Random(seed)
         self.extra_models: list[str] = []  # more base models listed besides `model` (a worker changing its list)
+        self.health_delay_s = 0.0  # `/health` answers this late (a probe that times out on a busy machine)
         self._auth = f"Bearer {api_key}".encode() if api_key else None
         self.adapters: dict[str, str] = {}
         self.requests: list[dict[str, Any]] = []
@@ -117,6 +119,8 @@ class FakeBackend:
             return
         if method == "GET":
             if path == "/health":
+                if self.health_delay_s:
+                    await asyncio.sleep(self.health_delay_s)
                 await self._send(send, 503 if self.unhealthy else 200, b"" if not self.unhealthy else b'{"status":"unhealthy"}')
             elif path == "/v1/models":
                 await self._send_json(send, 200, self._models())

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from serve.policy import NEAR_BAND_MS
 from testbed.bed import Bed
 from testbed.fleet import FAKE_MODEL, GeoFleet
 from testbed.link import LinkSpec
@@ -35,17 +36,18 @@ def fleet(tmp_path_factory):
         yield fleet
 
 
-def _chat(stream: bool = False) -> dict:
-    return {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+def _chat(stream: bool = False, text: str = "hi") -> dict:
+    return {"model": FAKE_MODEL, "messages": [{"role": "user", "content": text}], "stream": stream}
 
 
-def _send(fleet: GeoFleet, client: str, n: int, *, region: str | None = None, concurrent: bool = False) -> list[tuple[int, str]]:
+def _send(fleet: GeoFleet, client: str, n: int, *, region: str | None = None, concurrent: bool = False,
+          text: str = "hi") -> list[tuple[int, str]]:
     """`n` chat requests from `client`'s region; returns (status, served_by or error message) per request."""
     url = fleet.router_url(client)
     headers = {"Authorization": f"Bearer {fleet.api_key}", **({"X-Region": region} if region else {})}
 
     async def one(http: httpx.AsyncClient) -> tuple[int, str]:
-        r = await http.post(f"{url}/v1/chat/completions", json=_chat(), headers=headers)
+        r = await http.post(f"{url}/v1/chat/completions", json=_chat(text=text), headers=headers)
         body = r.json()
         return r.status_code, body.get("served_by") if r.status_code == 200 else body["error"]["message"]
 
@@ -56,6 +58,12 @@ def _send(fleet: GeoFleet, client: str, n: int, *, region: str | None = None, co
             return [await one(http) for _ in range(n)]
 
     return fleet.bed.run(client, main)
+
+
+def _table(fleet: GeoFleet) -> list[tuple]:
+    """What the router knows of each worker (for assertion messages)."""
+    return [(w["url"], w["healthy"], w["latency_ms"], w["distance_ms"], w["outstanding"])
+            for w in fleet.admin("GET", "/admin/workers")]
 
 
 def _control(fleet: GeoFleet, **changes) -> None:
@@ -85,13 +93,23 @@ def test_router_reaches_workers_only_through_links(fleet):
 
 
 def test_requests_go_to_the_nearest_region_while_it_has_capacity(fleet):
-    # Arrange: one request per region, so the router has measured each worker's latency
+    # Arrange: one request per region, then wait until the router has eu's and us's distances (probes measure them):
+    # prefix affinity chooses among the workers within NEAR_BAND_MS of the nearest, and us is 70 ms further than eu
     for region in ("eu", "us", "ap"):
         _send(fleet, region, 1, region=region)
+    deadline = time.monotonic() + 30
+    while True:
+        distance = {w["url"]: w["distance_ms"] for w in fleet.admin("GET", "/admin/workers")}
+        eu, us = (distance[fleet.workers[f"fake-{region}"].advertised] for region in ("eu", "us"))
+        if eu is not None and us is not None and eu + NEAR_BAND_MS < us:
+            break
+        assert time.monotonic() < deadline, ("the router never measured eu as nearer than us", _table(fleet))
+        time.sleep(0.2)
     # Act / Assert: eu is 5 ms from the router; ap's clients get it too (through the router, ap's own worker is
     # 120 ms further away), as long as eu has capacity (one request at a time here)
     for client in ("eu", "ap"):
-        assert _send(fleet, client, 6, region=client) == [(200, "fake-eu")] * 6
+        answers = _send(fleet, client, 6, region=client)
+        assert answers == [(200, "fake-eu")] * 6, _table(fleet)
 
 
 def test_load_spills_over_to_other_regions_with_bounded_load(fleet):

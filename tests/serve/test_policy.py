@@ -122,3 +122,12 @@ def test_a_joined_workers_region_claim_is_not_routed_on_its_measured_latency_is(
     assert score([far, fresh], RouteHints(region="eu"))[0].id == "joined-eu"
     # The same worker placed by the operator in eu keeps its region bonus.
     assert score([Candidate("placed-eu", region="eu", ttft_ms=100.0), placed], RouteHints(region="eu"))[0].id == "placed-eu"
+
+
+def test_affinity_chooses_by_distance_so_one_slow_answer_does_not_move_it_to_a_farther_worker():
+    # eu is 10 ms away but its EWMA took one slow answer (33 ms); us is 80 ms away. By EWMA the two are within the
+    # 50 ms near band and a prefix could stick to us; by distance only eu is near (the geo fleet's CI failure).
+    eu = Candidate("eu", ttft_ms=33.0, distance_ms=10.0, placed=False)
+    us = Candidate("us", ttft_ms=82.0, distance_ms=80.0, placed=False)
+    firsts = {score([eu, us], RouteHints(affinity_key=f"prefix {i}"))[0].id for i in range(50)}
+    assert firsts == {"eu"}
