@@ -38,6 +38,7 @@ from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat,
 from federation.timing import connection_timeout
 from federation.transport import Incoming, ServerTransport, check_plaintext_endpoint
 from federation.train_payload import TrainPayloads
+from federation.train_window import TrainWindow, acknowledges
 from federation.update_spool import UpdateSpool, open_round_spool, remove_spool
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class RoundState:
     clipped: dict[str, dict[str, float]] = field(default_factory=dict)  # silo -> {"norm", "clipped_to"}
     dropped: list[str] = field(default_factory=list)  # silos unenrolled after they answered: their updates left out
     train_payloads: TrainPayloads = field(default_factory=TrainPayloads)  # the global adapter encoded once per round
+    train_window: TrainWindow | None = None  # TRAINs on the way at once (federation.train_window_bytes)
 
     def deadline_of(self, silo_id: str) -> float:
         """The silo's own deadline (the round's latest one for a silo not yet given one)."""
@@ -314,6 +316,8 @@ class Coordinator:
         if silo is None:
             silo = self.silos[silo_id] = SiloInfo(silo_id, msg.peer, time.time())
         silo.peer, silo.last_seen = msg.peer, time.time()
+        if self.current is not None and self.current.train_window is not None and acknowledges(header, self.current.round_id):
+            self.current.train_window.release(silo_id)  # its TRAIN arrived (or it answered, or left): next one may go
         if header.type == MsgType.HELLO:
             self._note_lora(silo, header.body)
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
@@ -640,7 +644,7 @@ class Coordinator:
                 raise RoundFailed(f"only {len(self.online())} of min_silos={self.cfg.min_silos} silos online after {self.cfg.start_timeout_s:.0f} s")
             await asyncio.sleep(0.05)
 
-    async def _send_train(self, rs: RoundState, silo: SiloInfo) -> None:
+    async def _send_train(self, rs: RoundState, silo: SiloInfo, *, windowed: bool = False) -> None:
         method = codec.downlink_method(self.cfg.compression)
         encoded = rs.train_payloads.get(self._state_for(rs, silo), method, rs.global_state)  # one payload for all silos
         tensors, meta = encoded.tensors, encoded.meta
@@ -662,6 +666,8 @@ class Coordinator:
                          dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,
                          secure_aggregation=secure)
         header = make_header(MsgType.TRAIN, task, run=self.cfg.run_name, round_id=rs.round_id, silo_id=silo.id)
+        if windowed and rs.train_window is not None:  # not from the receive loop (`_welcome`): it brings the acks
+            await rs.train_window.acquire(silo.id, len(encoded.payload), timeout_s=rs.allowances.get(silo.id, 30.0))
         sent = await self._send(silo.peer, header, encoded=encoded)
         rs.bytes_out += sent
         if not sent:
@@ -690,6 +696,7 @@ class Coordinator:
         rs = RoundState(round_id, set(selected), self.strategy.start_round(round_id, self.global_state), self.global_state,
                         deadline=now + self.cfg.round_deadline_s, started=now)  # silos' own deadlines extend it (_send_train)
         rs.updates = open_round_spool(self.run_dir, round_id, rs.acc)  # checked updates wait on disk, not in RAM
+        rs.train_window = TrainWindow(self.cfg.train_window_bytes)
         if self.cfg.secure_aggregation:
             from federation.secure_round import SecureRound, round_config
 
@@ -697,7 +704,7 @@ class Coordinator:
         self.current, self.phase = rs, "training"
         logger.info("round %d: TRAIN to %s%s", round_id, ", ".join(selected), " (secure aggregation)" if rs.secure else "")
         for sid in selected:
-            await self._send_train(rs, self.silos[sid])
+            await self._send_train(rs, self.silos[sid], windowed=True)
         if rs.secure is not None:
             try:
                 await self._run_secure(rs)

@@ -172,6 +172,8 @@ class Heartbeat(BaseModel):
 
     sent_at: float | None = Field(None, ge=0, allow_inf_nan=False)
     echo: float | None = Field(None, ge=0, allow_inf_nan=False)
+    got_train: int | None = Field(None, ge=0, description="Silo: the round whose TRAIN just arrived (frees its place in "
+                                                           "the coordinator's TRAIN window, federation.train_window).")
 
 
 class Bye(BaseModel):
