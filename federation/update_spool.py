@@ -20,9 +20,11 @@ in-memory path: the same float32 values are read back, in the same key order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,7 @@ class SpooledUpdate(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._shapes:
             raise KeyError(key)
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as f:  # opened per read: no mapping stays resident
-            return f.get_tensor(key)
+        return read_safetensors(self.path, [key])[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -60,10 +59,7 @@ class SpooledUpdate(Mapping[str, torch.Tensor]):
 
     def load(self) -> StateDict:
         """Every tensor, in the update's key order (one whole update in RAM)."""
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.path))
-        return {k: tensors[k] for k in self._keys}
+        return read_safetensors(self.path, self._keys)
 
 
 class UpdateSpool:
@@ -87,8 +83,6 @@ class UpdateSpool:
 
     def __setitem__(self, silo_id: str, update: Mapping[str, torch.Tensor]) -> None:
         """Write the update (as float32) and note its global L2 norm."""
-        from safetensors.torch import save_file
-
         from federation.aggregate import global_norm
 
         if silo_id in self._entries:
@@ -97,7 +91,7 @@ class UpdateSpool:
         path = self.directory / f"{self._next:06d}.safetensors"
         self._next += 1
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        write_safetensors(tmp, tensors)
         os.replace(tmp, path)
         self._entries[silo_id] = (path, list(tensors), {k: tuple(v.shape) for k, v in tensors.items()})
         self._norms[silo_id] = global_norm(tensors)
@@ -137,12 +131,10 @@ class UpdateSpool:
         from federation.aggregate import clip_update
 
         update = self[silo_id]
-        if bound is None:
+        if bound is None or self._norms[silo_id] <= bound:  # not clipped: as is (clip_round keeps it as is too)
             return update, None
         clipped, norm = clip_update(update, bound)
-        if norm > bound:
-            return clipped, {"norm": float(norm), "clipped_to": float(bound)}
-        return update, None
+        return clipped, {"norm": float(norm), "clipped_to": float(bound)}
 
     def clear(self) -> None:
         """Delete every update file (the folder stays for a storing accumulator's files)."""
@@ -154,6 +146,50 @@ class UpdateSpool:
         self._entries.clear()
         self._norms.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write float32 CPU `tensors` as a safetensors file tensor by tensor (`safetensors.torch.save_file` first builds
+    the whole file in memory: a second copy of the update). Not fsynced: a spool does not outlive a crash (the next
+    round removes it), the rename only keeps a half-written file from ever being read."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"{key!r}: the spool writes float32 only, got {t.dtype}")
+        size = t.numel() * 4
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for t in tensors.values():
+            fh.write(memoryview(t.contiguous().numpy()).cast("B"))
+
+
+def read_safetensors(path: Path, keys: list[str] | None = None) -> StateDict:
+    """The float32 tensors `keys` (default: all, in file order) of a file `write_safetensors` wrote, read into fresh
+    tensors with plain reads (no memory mapping: nothing of the file stays resident)."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        header.pop("__metadata__", None)
+        start = 8 + length
+        out: StateDict = {}
+        for key in keys if keys is not None else list(header):
+            spec = header[key]
+            if spec["dtype"] != "F32":
+                raise ValueError(f"{path}: {key!r} is {spec['dtype']}, the spool holds F32 only")
+            begin, end = spec["data_offsets"]
+            tensor = torch.empty(spec["shape"], dtype=torch.float32)
+            fh.seek(start + begin)
+            view = memoryview(tensor.numpy()).cast("B")
+            if fh.readinto(view) != end - begin:
+                raise ValueError(f"{path}: {key!r} is truncated")
+            out[key] = tensor
+    return out
 
 
 def remove_spool(run_dir: Path) -> None:

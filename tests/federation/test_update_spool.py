@@ -112,3 +112,16 @@ async def test_a_coordinator_round_leaves_no_spooled_update_behind(tmp_path):
         assert [r["round"] for r in coord.history] == [1, 2]
         assert not list((run_dir / "spool").rglob("*.safetensors"))
     assert not (run_dir / "spool").exists()
+
+
+def test_spool_files_are_safetensors_that_the_library_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    _glob, ups, _ = _updates(1)
+    spool = UpdateSpool(tmp_path / "r")
+    spool["silo00"] = ups["silo00"]
+    (path,) = list((tmp_path / "r").glob("*.safetensors"))
+    loaded = load_file(str(path))
+    assert loaded.keys() == ups["silo00"].keys()
+    assert all(torch.equal(loaded[k], ups["silo00"][k]) for k in loaded)
+    assert all(torch.equal(spool["silo00"][k], ups["silo00"][k]) for k in loaded)
