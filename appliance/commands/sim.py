@@ -59,8 +59,8 @@ def silos(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds to run."),
     adapter: str = typer.Option("embedded", "--adapter", help="Adapter size: embedded (the embedded model at train.lora_r) or 7b (Llama-2-7B r=16, all linear, ~40M parameters)."),
     fit_s: float = typer.Option(0.0, "--fit-s", min=0.0, help="Seconds each simulated silo spends 'training' per round."),
-    part: str = typer.Option("all", "--part", help="all: coordinator and silos in this process; coordinator or silos: one part (run the other with the same --home)."),
-    home: Optional[Path] = typer.Option(None, "--home", help="Folder for the simulation's homes and keys (default: a temp folder, removed); needed with --part."),
+    part: str = typer.Option("all", "--part", help="all: coordinator and silos in this process; coordinator or silos: one part (run the other with the same --sim-dir)."),
+    home: Optional[Path] = typer.Option(None, "--sim-dir", help="Folder for the simulation's homes and keys (default: a temp folder, removed); needed with --part."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the report (rounds, peak memory) as JSON here."),
 ) -> None:
     """Run COUNT simulated silos (real silo agents over CURVE with a model-free trainer) against the real
@@ -77,8 +77,12 @@ def silos(
         if part not in ("all", "coordinator", "silos"):
             raise ConfigError(f"--part must be all, coordinator or silos, got {part!r}")
         if part != "all" and home is None:
-            raise ConfigError("--part coordinator/silos needs --home (the same folder for both parts)")
+            raise ConfigError("--part coordinator/silos needs --sim-dir (the same folder for both parts)")
         user = settings_from(ctx)  # its model store and train.lora_r size the embedded adapter
+        import logging
+
+        for name in ("federation.silo", "federation.coordinator"):  # a line per silo per round: too many to read
+            logging.getLogger(name).setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)
             root.mkdir(parents=True, exist_ok=True)

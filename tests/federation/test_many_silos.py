@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _coordinator(home: Path, report: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "appliance", "sim", "silos", str(SILOS), "--part", "coordinator",
-                             "--rounds", str(ROUNDS), "--home", str(home), "--report", str(report)],
+                             "--rounds", str(ROUNDS), "--sim-dir", str(home), "--report", str(report)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
