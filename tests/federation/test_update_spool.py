@@ -125,3 +125,22 @@ def test_spool_files_are_safetensors_that_the_library_reads(tmp_path):
     assert loaded.keys() == ups["silo00"].keys()
     assert all(torch.equal(loaded[k], ups["silo00"][k]) for k in loaded)
     assert all(torch.equal(spool["silo00"][k], ups["silo00"][k]) for k in loaded)
+
+
+async def test_a_robust_strategy_over_real_sockets_reads_its_updates_from_the_round_spool(tmp_path, monkeypatch):
+    from federation.accumulators import StoringAccumulator
+
+    spooled: list[int] = []
+    original = StoringAccumulator.spool_to
+
+    def recording(self, directory):
+        original(self, directory)
+        spooled.append(1)
+
+    monkeypatch.setattr(StoringAccumulator, "spool_to", recording)
+    trainers = [FakeTrainer(i) for i in range(3)]
+    async with federation(tmp_path, trainers, strategy="median", rounds=2, min_silos=3) as (coord, _silos):
+        await coord.wait_done(60)
+        assert [len(r["participants"]) for r in coord.history] == [3, 3]
+        assert not list((coord.run_dir / "spool").rglob("*.safetensors"))
+    assert spooled == [1, 1]  # each round's median read its updates from disk
