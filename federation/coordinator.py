@@ -647,7 +647,7 @@ class Coordinator:
     async def _send_train(self, rs: RoundState, silo: SiloInfo, *, windowed: bool = False) -> None:
         method = codec.downlink_method(self.cfg.compression)
         encoded = rs.train_payloads.get(self._state_for(rs, silo), method, rs.global_state)  # one payload for all silos
-        tensors, meta = encoded.tensors, encoded.meta
+        meta = encoded.meta
         dp_silo = self.cfg.dp_mode == "silo"
         secure = None
         if rs.secure is not None:
@@ -657,9 +657,7 @@ class Coordinator:
         config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds,
                                     self.cfg.local_optimizer),
                   **self.strategy.plan_round(rs.round_id)}
-        from federation.compression import payload_bytes
-
-        deadline = self._silo_deadline(rs, silo, payload_bytes(tensors))
+        deadline = self._silo_deadline(rs, silo, encoded.tensor_bytes)
         task = TrainTask(local_steps=self.cfg.local_steps, config=config, rounds_total=self.cfg.rounds,
                          compression=self.cfg.compression, encoding=meta, deadline_unix=deadline,
                          dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,

@@ -22,9 +22,10 @@ __all__ = ["EncodedState", "TrainPayloads"]
 
 @dataclass(frozen=True)
 class EncodedState:
-    """An adapter encoded for the wire: the codec's tensors and meta, and the safetensors bytes of the tensors."""
+    """An adapter encoded for the wire: the codec's meta, the safetensors bytes of its tensors and their size (the
+    tensors themselves are not kept: the payload is all that is sent)."""
 
-    tensors: StateDict
+    tensor_bytes: int  # federation.compression.payload_bytes of the encoded tensors
     meta: dict[str, Any]
     payload: bytes
     manifest: list
@@ -39,11 +40,12 @@ def encode_state(state: StateDict, method: str) -> EncodedState:
     """`state` encoded with the downlink `method`, as one safetensors payload."""
     from safetensors.torch import save
 
+    from federation.compression import payload_bytes
     from federation.wire import manifest_of
 
     tensors, meta = codec.encode(state, method)
     payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    return EncodedState(tensors, meta, payload, manifest_of(tensors))
+    return EncodedState(payload_bytes(tensors), meta, payload, manifest_of(tensors))
 
 
 class TrainPayloads:
