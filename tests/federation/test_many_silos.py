@@ -18,24 +18,25 @@ ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _coordinator(home: Path, report: Path) -> subprocess.Popen:
+def _coordinator(home: Path, report: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "appliance", "sim", "silos", str(SILOS), "--part", "coordinator",
-                             "--rounds", str(ROUNDS), "--sim-dir", str(home), "--report", str(report)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home / "user"), "sim", "silos", str(SILOS),
+                             "--part", "coordinator", "--rounds", str(ROUNDS), "--sim-dir", str(home), "--report", str(report)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 
 
 async def test_100_simulated_silos_complete_3_rounds_with_the_coordinator_memory_bounded(tmp_path):
     report = tmp_path / "report.json"
-    proc = _coordinator(tmp_path, report)
+    log = tmp_path / "coordinator.log"
+    proc = _coordinator(tmp_path, report, log)
     try:
         trained = await sim.silos_part(tmp_path, SILOS, timeout_s=600)
-        _out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, log.read_text()[-3000:]
     result = json.loads(report.read_text())
     rounds = result["history"]
     assert [r["round"] for r in rounds] == [1, 2, 3] and not any("failed" in r for r in rounds)
@@ -51,5 +52,6 @@ async def test_100_simulated_silos_complete_3_rounds_with_the_coordinator_memory
     adapter = result["parameters"] * 4
     bound = (64 << 20) + 25 * adapter
     grown = result["peak_rss_bytes"] - result["start_rss_bytes"]
-    assert grown < bound, f"the coordinator grew by {grown / 2**20:.0f} MiB over 3 rounds of {SILOS} silos (bound {bound / 2**20:.0f} MiB)"
+    assert grown < bound, (f"the coordinator grew by {grown / 2**20:.0f} MiB over 3 rounds of {SILOS} silos (bound "
+                           f"{bound / 2**20:.0f} MiB); rounds {result['rounds']}; its log ends:\n{log.read_text()[-3000:]}")
     assert not (tmp_path / "coordinator" / "federation" / "sim" / "spool").exists()  # no update left on disk
