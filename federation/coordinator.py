@@ -38,7 +38,7 @@ from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat,
 from federation.timing import connection_timeout
 from federation.transport import Incoming, ServerTransport, check_plaintext_endpoint
 from federation.train_payload import TrainPayloads
-from federation.train_window import TrainWindow, acknowledges
+from federation.train_window import TrainWindow, acknowledges, train_wait_s
 from federation.update_spool import UpdateSpool, open_round_spool, remove_spool
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class SiloInfo:
     down_bps: float | None = None  # throughput of its last measured TRAIN transfer (bytes/s, latency included)
     up_bps: float | None = None  # ... and of its last measured UPDATE transfer
     last_update_bytes: int | None = None
+    acks_train: bool = False  # it acknowledges TRAINs as they arrive (HELLO): the TRAIN window waits for it
 
 
 @dataclass
@@ -482,6 +483,7 @@ class Coordinator:
             logger.warning("silo %s: ignoring a malformed HELLO body: %s", silo.id, exc)
             return
         silo.lora_r, silo.lora_alpha = hello.lora_r, hello.lora_alpha
+        silo.acks_train = hello.acks_train
 
     def _state_for(self, rs: RoundState, silo: SiloInfo) -> StateDict:
         """The adapter a silo trains from: the global one, or (product aggregation) its projection to the silo's rank."""
@@ -665,7 +667,8 @@ class Coordinator:
                          secure_aggregation=secure)
         header = make_header(MsgType.TRAIN, task, run=self.cfg.run_name, round_id=rs.round_id, silo_id=silo.id)
         if windowed and rs.train_window is not None:  # not from the receive loop (`_welcome`): it brings the acks
-            await rs.train_window.acquire(silo.id, len(encoded.payload), timeout_s=rs.allowances.get(silo.id, 30.0))
+            await rs.train_window.acquire(silo.id, len(encoded.payload), timeout_s=train_wait_s(
+                rs.allowances.get(silo.id, 30.0), silo.acks_train, self.cfg.heartbeat_interval_s))
         sent = await self._send(silo.peer, header, encoded=encoded)
         rs.bytes_out += sent
         if not sent:

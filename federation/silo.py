@@ -136,7 +136,7 @@ class SiloClient:
                                           max_message_bytes=self.cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES, heartbeat_s=self.cfg.heartbeat_interval_s,
                                           heartbeat_timeout_s=connection_timeout(self.cfg))
         self._transport.connect()
-        hello = Hello(lora_r=self.trainer.lora_r, lora_alpha=self.trainer.lora_alpha)
+        hello = Hello(lora_r=self.trainer.lora_r, lora_alpha=self.trainer.lora_alpha, acks_train=True)
         await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
         self._tasks = [asyncio.create_task(self._read(), name=f"silo-{self.silo_id}-read"),
                        asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),

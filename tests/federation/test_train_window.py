@@ -42,3 +42,11 @@ async def test_a_one_train_window_sends_one_at_a_time_and_each_is_freed_by_its_s
     assert len(windows) == 2
     assert all(w.peak_in_flight == 1 for w in windows)  # one TRAIN on the way at a time
     assert all(w.expired == 0 for w in windows)  # each freed by the silo's got_train heartbeat, not a timeout
+
+
+def test_a_silo_that_does_not_acknowledge_holds_the_window_two_heartbeats_at_most():
+    from federation.train_window import train_wait_s
+
+    assert train_wait_s(300.0, True, 5.0) == 300.0  # it acknowledges: its allowance is only the fallback
+    assert train_wait_s(300.0, False, 5.0) == 10.0  # an older silo: never its whole allowance
+    assert train_wait_s(3.0, False, 5.0) == 3.0
