@@ -8,7 +8,8 @@ second of training (model loading excluded).
     .venv/bin/python bench/train_throughput.py [--model DIR_OR_NAME] [--steps 3] [--batch-size 4] [--seq-len 256]
 
 Each run is a fresh child process, so its peak resident memory (ru_maxrss: model, optimizer, DeepSpeed's buffers)
-is its own and is printed beside its tokens/s. `--ranks 2` adds the engine on 2 CPU ranks (DeepSpeed's launcher,
+is its own and is printed beside its tokens/s. Every run uses `train.gradient_checkpointing` (on by default; the HF
+Trainer gets the same through TrainingArguments) except "no checkpointing", the engine with it off. `--ranks 2` adds the engine on 2 CPU ranks (DeepSpeed's launcher,
 the same global batches) beside 1 rank.
 
 Prints one line per run and the ratios.
@@ -123,6 +124,7 @@ def run_hf_trainer(cfg: Any, model_dir: Path, records: list[dict[str, Any]], ste
             max_steps=steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine",
             max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
             dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed, remove_unused_columns=False,
+            gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[StepClock()])
         t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def run_hf_trainer(cfg: Any, model_dir: Path, records: list[dict[str, Any]], ste
             "train_loss": losses[-1] if losses else float("nan"), "steady_tokens_per_s": steady(step_times, per_step)}
 
 
-RUNS = ("engine, packing off", "HF Trainer + peft, packing off", "engine, packing on")
+RUNS = ("engine, packing off", "HF Trainer + peft, packing off", "engine, packing on", "engine, packing on, no checkpointing")
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -143,7 +145,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, float]:
     model_dir = resolve(args.model)
     records = mixed_chat_records(args.examples)
     cfg = TrainSettings(batch_size=args.batch_size, max_seq_len=args.seq_len, lora_r=8, lr=2e-4, warmup_steps=1,
-                        zero_stage=args.zero_stage, packing=name.endswith("packing on"))
+                        zero_stage=args.zero_stage, packing="packing on" in name,
+                        gradient_checkpointing=not name.endswith("no checkpointing"))
     m = (run_hf_trainer if name.startswith("HF") else run_engine)(cfg, model_dir, records, args.steps)
     return {**m, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -211,11 +214,14 @@ def main() -> None:
         print(f"{name:32s} {m['tokens_per_s']:8.1f} tokens/s all steps, {m['steady_tokens_per_s']:8.1f} tokens/s after step 1 "
               f"({m['tokens']:.0f} tokens in {m['elapsed_s']:.1f} s, {m['elapsed_s'] / args.steps:.2f} s/step, last loss {m['train_loss']:.3f}{rss})")
     for key, label in (("tokens_per_s", "all steps"), ("steady_tokens_per_s", "after step 1")):
-        eng, hf, packed = (results[k][key] for k in RUNS)
+        eng, hf, packed = (results[k][key] for k in RUNS[:3])
         print(f"ratio engine / HF Trainer (same batches), {label}: {eng / hf:.2f}")
         print(f"ratio packing on / off (engine), {label}:          {packed / eng:.2f}")
+        print(f"ratio checkpointing on / off (engine, packing on), {label}: {packed / results[RUNS[3]][key]:.2f}")
     eng, hf = (results[k]["peak_rss_mb"] for k in RUNS[:2])
     print(f"ratio peak RSS engine / HF Trainer (same batches):  {eng / hf:.2f}")
+    on, off = (results[k]["peak_rss_mb"] for k in RUNS[2:4])
+    print(f"ratio peak RSS checkpointing on / off (engine, packing on): {on / off:.2f} ({on:.0f} / {off:.0f} MB)")
     if args.ranks > 1:
         many = results[f"engine, {args.ranks} ranks, packing on"]["tokens_per_s"]
         print(f"ratio {args.ranks} ranks / 1 rank (engine, packing on), all steps: {many / results[RUNS[2]]['tokens_per_s']:.2f}")

@@ -2,7 +2,8 @@
 
 Streaming accumulators (FedAvg and its server optimisers; LoRA products) keep one running float32 weighted sum, so
 their memory does not grow with the number of silos; the storing one (median, trimmed mean, Krum) keeps every update
-(about `silos x adapter size x 4 bytes`); the clipping one wraps either and clips each update first.
+(about `silos x adapter size x 4 bytes` in RAM, or on disk once the coordinator attached a spool: then RAM is
+`silos x the largest tensor` while the strategy works key by key, see `federation.update_spool`); the clipping one wraps either and clips each update first.
 """
 
 from __future__ import annotations
@@ -96,12 +97,24 @@ class StoringAccumulator(_AccumulatorBase):
 
     def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
         super().__init__(reference)
-        self.updates: list[StateDict] = []
+        self.updates: list[Mapping[str, torch.Tensor]] = []
+        self._spool: Any = None  # a federation.update_spool.UpdateSpool once `spool_to` was called
+
+    def spool_to(self, directory: Any) -> None:
+        """Keep the updates added from now on in `directory` (safetensors) instead of RAM: `updates` then holds
+        `SpooledUpdate`s that read one tensor per access (see `federation.update_spool`)."""
+        from federation.update_spool import UpdateSpool
+
+        self._spool = UpdateSpool(directory)
 
     def add(self, silo_id: str, update: StateDict, num_examples: int) -> None:
-        """Store a float32 copy of `update` (after `check_update`)."""
+        """Store a float32 copy of `update` (after `check_update`): in RAM, or in the spool when one is attached."""
         self._check(silo_id, update, num_examples)
-        self.updates.append({k: v.detach().to(torch.float32).clone() for k, v in update.items()})
+        if self._spool is not None:
+            self._spool[silo_id] = update
+            self.updates.append(self._spool.lazy(silo_id))
+        else:
+            self.updates.append({k: v.detach().to(torch.float32).clone() for k, v in update.items()})
         self._record(silo_id, num_examples)
 
 

@@ -37,6 +37,9 @@ from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat,
                                  UpdateResult, Welcome, make_header)
 from federation.timing import connection_timeout
 from federation.transport import Incoming, ServerTransport, check_plaintext_endpoint
+from federation.train_payload import TrainPayloads
+from federation.train_window import TrainWindow, acknowledges, train_wait_s
+from federation.update_spool import UpdateSpool, open_round_spool, remove_spool
 
 if TYPE_CHECKING:
     from appliance.core.settings import ApplianceSettings
@@ -62,6 +65,7 @@ class SiloInfo:
     down_bps: float | None = None  # throughput of its last measured TRAIN transfer (bytes/s, latency included)
     up_bps: float | None = None  # ... and of its last measured UPDATE transfer
     last_update_bytes: int | None = None
+    acks_train: bool = False  # it acknowledges TRAINs as they arrive (HELLO): the TRAIN window waits for it
 
 
 @dataclass
@@ -81,7 +85,7 @@ class RoundState:
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> federation.timing.silo_timings
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"num_examples", "metrics", "train_s"}
     rejected: dict[str, str] = field(default_factory=dict)  # silo -> error code (protocol.ERROR_CODES)
-    updates: dict[str, StateDict] = field(default_factory=dict)  # silo -> checked float32 update, weighed at the end
+    updates: Any = field(default_factory=dict)  # silo -> checked float32 update, weighed at the end (an update_spool.UpdateSpool: on disk)
     bytes_in: int = 0
     bytes_out: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -92,6 +96,8 @@ class RoundState:
     norms: dict[str, float] = field(default_factory=dict)  # silo -> its update's L2 norm (secure: as advertised)
     clipped: dict[str, dict[str, float]] = field(default_factory=dict)  # silo -> {"norm", "clipped_to"}
     dropped: list[str] = field(default_factory=list)  # silos unenrolled after they answered: their updates left out
+    train_payloads: TrainPayloads = field(default_factory=TrainPayloads)  # the global adapter encoded once per round
+    train_window: TrainWindow | None = None  # TRAINs on the way at once (federation.train_window_bytes)
 
     def deadline_of(self, silo_id: str) -> float:
         """The silo's own deadline (the round's latest one for a silo not yet given one)."""
@@ -193,6 +199,7 @@ class Coordinator:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        remove_spool(self.run_dir)  # a round cut short leaves no update files behind
 
     def _make_transport(self) -> ServerTransport:
         endpoint = self.cfg.bind_address or f"tcp://{self.cfg.bind_host}:{self.cfg.port}"
@@ -248,10 +255,10 @@ class Coordinator:
         self.global_state = {k: v.detach().clone().float() for k, v in self._initial_state.items()}
 
     # ------------------------------------------------------------------ messages
-    async def _send(self, peer: bytes, header: Header, tensors: StateDict | None = None) -> int:
+    async def _send(self, peer: bytes, header: Header, tensors: StateDict | None = None, *, encoded: Any = None) -> int:
         if self._transport is None or not peer:
             return 0
-        frames = wire.encode(header, tensors)
+        frames = encoded.frames(header) if encoded is not None else wire.encode(header, tensors)
         ok = await self._transport.send(peer, frames)
         return sum(len(f) for f in frames) if ok else 0
 
@@ -310,6 +317,8 @@ class Coordinator:
         if silo is None:
             silo = self.silos[silo_id] = SiloInfo(silo_id, msg.peer, time.time())
         silo.peer, silo.last_seen = msg.peer, time.time()
+        if self.current is not None and self.current.train_window is not None and acknowledges(header, self.current.round_id):
+            self.current.train_window.release(silo_id)  # its TRAIN arrived (or it answered, or left): next one may go
         if header.type == MsgType.HELLO:
             self._note_lora(silo, header.body)
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
@@ -474,6 +483,7 @@ class Coordinator:
             logger.warning("silo %s: ignoring a malformed HELLO body: %s", silo.id, exc)
             return
         silo.lora_r, silo.lora_alpha = hello.lora_r, hello.lora_alpha
+        silo.acks_train = hello.acks_train
 
     def _state_for(self, rs: RoundState, silo: SiloInfo) -> StateDict:
         """The adapter a silo trains from: the global one, or (product aggregation) its projection to the silo's rank."""
@@ -552,21 +562,22 @@ class Coordinator:
 
     def _accumulate(self, rs: RoundState) -> None:
         """Clip the round's checked updates to its norm bound (federation.bounds), then add them to the strategy's
-        accumulator with their capped shares."""
-        from federation.bounds import adaptive_norm_bound, clip_round, norms_of
+        accumulator with their capped shares: the bound and shares come from the norms and counts noted on arrival,
+        and the updates are read back from the spool one at a time (federation.update_spool)."""
+        from federation.bounds import adaptive_norm_bound
 
         self._drop_unenrolled(rs)
-        rs.norms = norms_of(rs.updates)
+        rs.norms = rs.updates.norms()
         rs.norm_bound = adaptive_norm_bound(rs.norms, self.cfg)
-        if rs.norm_bound is not None:
-            rs.clipped = clip_round(rs.updates, rs.norm_bound)
-            for sid, c in rs.clipped.items():
-                logger.warning("round %d: the update of %s (L2 norm %.4g) was clipped to the round's bound %.4g",
-                               rs.round_id, sid, c["norm"], c["clipped_to"])
         shares = rs.shares = self._shares({sid: rs.answered[sid]["num_examples"] for sid in rs.updates})
         for sid in sorted(rs.updates):
+            update, clipped = rs.updates.load_clipped(sid, rs.norm_bound)
+            if clipped is not None:
+                rs.clipped[sid] = clipped
+                logger.warning("round %d: the update of %s (L2 norm %.4g) was clipped to the round's bound %.4g",
+                               rs.round_id, sid, clipped["norm"], clipped["clipped_to"])
             try:
-                rs.acc.add(sid, rs.updates[sid], shares[sid])
+                rs.acc.add(sid, update, shares[sid])
             except ValueError as exc:  # the strategy's own refusal (e.g. its accumulator's checks)
                 logger.warning("round %d: strategy refused the update of %s: %s", rs.round_id, sid, exc)
                 rs.answered.pop(sid)
@@ -635,9 +646,10 @@ class Coordinator:
                 raise RoundFailed(f"only {len(self.online())} of min_silos={self.cfg.min_silos} silos online after {self.cfg.start_timeout_s:.0f} s")
             await asyncio.sleep(0.05)
 
-    async def _send_train(self, rs: RoundState, silo: SiloInfo) -> None:
+    async def _send_train(self, rs: RoundState, silo: SiloInfo, *, windowed: bool = False) -> None:
         method = codec.downlink_method(self.cfg.compression)
-        tensors, meta = codec.encode(self._state_for(rs, silo), method)
+        encoded = rs.train_payloads.get(self._state_for(rs, silo), method, rs.global_state)  # one payload for all silos
+        meta = encoded.meta
         dp_silo = self.cfg.dp_mode == "silo"
         secure = None
         if rs.secure is not None:
@@ -647,16 +659,17 @@ class Coordinator:
         config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds,
                                     self.cfg.local_optimizer),
                   **self.strategy.plan_round(rs.round_id)}
-        from federation.compression import payload_bytes
-
-        deadline = self._silo_deadline(rs, silo, payload_bytes(tensors))
+        deadline = self._silo_deadline(rs, silo, encoded.tensor_bytes)
         task = TrainTask(local_steps=self.cfg.local_steps, config=config, rounds_total=self.cfg.rounds,
                          compression=self.cfg.compression, encoding=meta, deadline_unix=deadline,
                          dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
                          dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,
                          secure_aggregation=secure)
         header = make_header(MsgType.TRAIN, task, run=self.cfg.run_name, round_id=rs.round_id, silo_id=silo.id)
-        sent = await self._send(silo.peer, header, tensors)
+        if windowed and rs.train_window is not None:  # not from the receive loop (`_welcome`): it brings the acks
+            await rs.train_window.acquire(silo.id, len(encoded.payload), timeout_s=train_wait_s(
+                rs.allowances.get(silo.id, 30.0), silo.acks_train, self.cfg.heartbeat_interval_s))
+        sent = await self._send(silo.peer, header, encoded=encoded)
         rs.bytes_out += sent
         if not sent:
             rs.rejected[silo.id] = "unreachable"
@@ -683,6 +696,8 @@ class Coordinator:
         now = time.time()
         rs = RoundState(round_id, set(selected), self.strategy.start_round(round_id, self.global_state), self.global_state,
                         deadline=now + self.cfg.round_deadline_s, started=now)  # silos' own deadlines extend it (_send_train)
+        rs.updates = open_round_spool(self.run_dir, round_id, rs.acc)  # checked updates wait on disk, not in RAM
+        rs.train_window = TrainWindow(self.cfg.train_window_bytes)
         if self.cfg.secure_aggregation:
             from federation.secure_round import SecureRound, round_config
 
@@ -690,7 +705,7 @@ class Coordinator:
         self.current, self.phase = rs, "training"
         logger.info("round %d: TRAIN to %s%s", round_id, ", ".join(selected), " (secure aggregation)" if rs.secure else "")
         for sid in selected:
-            await self._send_train(rs, self.silos[sid])
+            await self._send_train(rs, self.silos[sid], windowed=True)
         if rs.secure is not None:
             try:
                 await self._run_secure(rs)
@@ -740,6 +755,8 @@ class Coordinator:
 
         saved = {k: v.clone() for k, v in self.strategy.state_dict().items()}
         new_state = self.strategy.finish_round(rs.round_id, self.global_state, rs.acc, failures)
+        if isinstance(rs.updates, UpdateSpool):
+            rs.updates.close()  # the round's spooled files (also a robust strategy's) are no longer needed
         if new_state is None:
             raise RoundFailed(f"strategy {self.strategy.name} kept the previous global adapter (see its log line)")
         from federation.bounds import aggregate_bound

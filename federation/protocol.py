@@ -71,6 +71,8 @@ class Hello(BaseModel):
 
     lora_r: int | None = Field(None, ge=1, le=1024, description="The LoRA rank this silo trains at (None: the global rank).")
     lora_alpha: float | None = Field(None, gt=0, le=1e6, description="The silo's lora_alpha (its scale is lora_alpha / lora_r).")
+    acks_train: bool = Field(False, description="The silo acknowledges each TRAIN as it arrives (HEARTBEAT got_train): "
+                                                "the coordinator's TRAIN window waits for it (federation.train_window).")
 
 
 class Welcome(BaseModel):
@@ -172,6 +174,8 @@ class Heartbeat(BaseModel):
 
     sent_at: float | None = Field(None, ge=0, allow_inf_nan=False)
     echo: float | None = Field(None, ge=0, allow_inf_nan=False)
+    got_train: int | None = Field(None, ge=0, description="Silo: the round whose TRAIN just arrived (frees its place in "
+                                                           "the coordinator's TRAIN window, federation.train_window).")
 
 
 class Bye(BaseModel):

@@ -11,8 +11,9 @@ An update is a DELTA, `local_state - global_state`, with the adapter-name-free k
 
 Streaming strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi) keep one running float32 weighted sum, so
 their memory does not grow with the number of silos. Robust strategies (median, trimmed mean, Krum,
-multi-Krum) need every update at once to compare them, so their accumulator KEEPS all updates (memory grows
-linearly with the silo count: about `silos x adapter size x 4 bytes`).
+multi-Krum) need every update at once to compare them, so their accumulator KEEPS all updates: in RAM (about
+`silos x adapter size x 4 bytes`) when used on their own, on disk in the coordinator (`federation.update_spool`:
+RAM `silos x the largest tensor`, disk `silos x adapter size x 4 bytes` for the round).
 
 All maths is float32 on the CPU; the new global state is cast back to the global state's dtypes. The wrappers
 (clipping, frozen A) are in `federation.strategy_wrappers`, the DP ones in `federation.privacy`, the factory by name
@@ -349,7 +350,7 @@ class FedYogi(FedAdam):
 
 
 class Median(BaseStrategy):
-    """Coordinate-wise median of the updates (Yin et al. 2018). Keeps all updates (memory grows with silos)."""
+    """Coordinate-wise median of the updates (Yin et al. 2018). Keeps all updates (on disk in the coordinator: see the module doc)."""
 
     name = "median"
     streaming = False
@@ -360,7 +361,7 @@ class Median(BaseStrategy):
 
 
 class TrimmedMean(BaseStrategy):
-    """Coordinate-wise trimmed mean (Yin et al. 2018). Keeps all updates (memory grows with silos)."""
+    """Coordinate-wise trimmed mean (Yin et al. 2018). Keeps all updates (on disk in the coordinator: see the module doc)."""
 
     name = "trimmed_mean"
     streaming = False
@@ -379,7 +380,7 @@ class TrimmedMean(BaseStrategy):
 class Krum(BaseStrategy):
     """Krum (`num_selected=1`) or multi-Krum (mean of the `num_selected` best; default `n - f`).
 
-    Keeps all updates (memory grows with silos). The multi-Krum mean is unweighted, as in Blanchard et al. 2017.
+    Keeps all updates (on disk in the coordinator: see the module doc). The multi-Krum mean is unweighted, as in Blanchard et al. 2017.
     """
 
     name = "krum"

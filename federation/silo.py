@@ -136,7 +136,7 @@ class SiloClient:
                                           max_message_bytes=self.cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES, heartbeat_s=self.cfg.heartbeat_interval_s,
                                           heartbeat_timeout_s=connection_timeout(self.cfg))
         self._transport.connect()
-        hello = Hello(lora_r=self.trainer.lora_r, lora_alpha=self.trainer.lora_alpha)
+        hello = Hello(lora_r=self.trainer.lora_r, lora_alpha=self.trainer.lora_alpha, acks_train=True)
         await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
         self._tasks = [asyncio.create_task(self._read(), name=f"silo-{self.silo_id}-read"),
                        asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
@@ -212,10 +212,21 @@ class SiloClient:
             frames = await self._transport.recv()
             received_at = time.time()
             self._quiet_since = time.monotonic()
-            if _peek_type(frames) == MsgType.HEARTBEAT:
+            kind = _peek_type(frames)
+            if kind == MsgType.HEARTBEAT:
                 self._on_echo(wire.decode_header(frames).body, received_at)
             else:
                 self._inbox.put_nowait((received_at, frames))
+            if kind == MsgType.TRAIN:  # acknowledged at once: the coordinator's TRAIN window (federation.train_window)
+                await self._ack_train(frames)
+
+    async def _ack_train(self, frames: list[bytes]) -> None:
+        try:
+            round_id = wire.decode_header(frames).round_id
+        except ProtocolError:
+            return  # `_dispatch` logs the malformed message
+        await self._send(make_header(MsgType.HEARTBEAT, Heartbeat(sent_at=time.time(), got_train=round_id),
+                                     silo_id=self.silo_id))
 
     def _on_echo(self, body: dict[str, Any], received_at: float) -> None:
         echo, remote = body.get("echo"), body.get("sent_at")

@@ -26,7 +26,7 @@ from appliance.core.cores import usable_cores
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.types import StateDict
 from train import data as datamod
-from train import lora, optimizer_memory
+from train import lora, memory, optimizer_memory
 from train.run_folder import RunFolder, run_config
 
 if TYPE_CHECKING:
@@ -402,6 +402,7 @@ def _train(
     reuse_base = reuse_base and cfg.zero_stage < 3  # ZeRO-3 partitions the base weights: never kept
     base = lora.take_base_model(model_dir, dtype) if reuse_base else None
     peft_model = lora.build_peft_model(cfg, model_dir, dtype, init_state, base=base)
+    lora.set_gradient_checkpointing(peft_model, cfg.gradient_checkpointing)
     if cfg.lora_freeze_a:
         lora.freeze_lora_a(peft_model)
     ref = init_state if init_state is not None else (lora.adapter_state(peft_model) if prox_mu > 0 else None)
@@ -463,6 +464,7 @@ def _loop(
     recent: list[float] = earlier_losses[-10:]
     for step in range(start_step, total_steps):
         step_tokens, ce_sum, ce_n = 0, 0.0, 0
+        memory.reset_peak()
         for k in range(cfg.grad_accum):
             index = (data_offset + step) * cfg.grad_accum + k
             mb = datamod.micro_batch(rows, index, cfg.batch_size, cfg.seed, rank, world)
@@ -488,6 +490,7 @@ def _loop(
             "elapsed_s": elapsed,
             "eta_s": elapsed / done * (total_steps - step - 1),
             "time": time.time(),
+            **memory.step_peak(),  # this step's peak resident memory (and GPU memory)
         }
         recent = (recent + [record["loss"]])[-10:]
         if rank == 0:

@@ -239,6 +239,21 @@ def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype"
     return model
 
 
+def set_gradient_checkpointing(model: Any, on: bool) -> None:
+    """Turn activation checkpointing of the base model's decoder layers on or off (`train.gradient_checkpointing`).
+
+    Non-reentrant checkpointing: gradients reach the LoRA weights inside each layer though the frozen embeddings
+    need none, and dropout is replayed with the same random state, so a step computes the same update either way.
+    """
+    base = model.get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        return
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def freeze_lora_a(model: Any) -> int:
     """Stop training every lora_A matrix (FFA-LoRA: A stays at its initial value, only B learns); returns how many.
 

@@ -1,4 +1,5 @@
-"""`appliance sim geo`: a demo fleet and federation across emulated regions (network namespaces, or loopback links)."""
+"""`appliance sim geo`: a demo fleet and federation across emulated regions (network namespaces, or loopback links);
+`appliance sim silos N`: N simulated silos against the real coordinator (`federation.simulate`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,64 @@ def geo(
         typer.echo(report.fleet_table())
         if report.rounds:
             typer.echo(report.federation_table())
+
+
+@sim_app.command("silos")
+def silos(
+    ctx: typer.Context,
+    count: int = typer.Argument(..., min=1, help="Number of simulated silos."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds to run."),
+    adapter: str = typer.Option("embedded", "--adapter", help="Adapter size: embedded (the embedded model at train.lora_r) or 7b (Llama-2-7B r=16, all linear, ~40M parameters)."),
+    fit_s: float = typer.Option(0.0, "--fit-s", min=0.0, help="Seconds each simulated silo spends 'training' per round."),
+    part: str = typer.Option("all", "--part", help="all: coordinator and silos in this process; coordinator or silos: one part (run the other with the same --sim-dir)."),
+    home: Optional[Path] = typer.Option(None, "--sim-dir", help="Folder for the simulation's homes and keys (default: a temp folder, removed); needed with --part."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the report (rounds, peak memory) as JSON here."),
+) -> None:
+    """Run COUNT simulated silos (real silo agents over CURVE with a model-free trainer) against the real
+    coordinator, and print each round's participants, time outside training and bytes. With --part the coordinator
+    and the silos run in separate processes (the coordinator part reports its own peak memory)."""
+    import asyncio
+    import json
+
+    from federation import simulate as sim
+
+    with cli_errors():
+        if adapter not in sim.PRESETS:
+            raise ConfigError(f"--adapter must be one of {', '.join(sim.PRESETS)}, got {adapter!r}")
+        if part not in ("all", "coordinator", "silos"):
+            raise ConfigError(f"--part must be all, coordinator or silos, got {part!r}")
+        if part != "all" and home is None:
+            raise ConfigError("--part coordinator/silos needs --sim-dir (the same folder for both parts)")
+        user = settings_from(ctx)  # its model store and train.lora_r size the embedded adapter
+        import logging
+
+        for name in ("federation.silo", "federation.coordinator"):  # a line per silo per round: too many to read
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
+            root = home or Path(tmp)
+            root.mkdir(parents=True, exist_ok=True)
+            if part == "silos":
+                trained = asyncio.run(sim.silos_part(root, count, fit_s=fit_s))
+                result = {"silos": count, "rounds_trained": trained}
+            elif part == "coordinator":
+                result = asyncio.run(sim.coordinator_part(root, count, rounds, preset=adapter, model_settings=user))
+            else:
+                result = asyncio.run(sim.simulate(root, count, rounds, preset=adapter, fit_s=fit_s, model_settings=user))
+                result.pop("history")
+                result["peak_rss_bytes"] = sim.peak_rss_bytes()
+        if report is not None:
+            report.write_text(json.dumps(result, indent=1))
+        if "rounds" in result:
+            typer.echo(f"{count} silos, {result['adapter']} ({result['parameters']:,} parameters)")
+            typer.echo(f"{'round':>5} {'silos':>6} {'overhead_s':>10} {'MB':>10}")
+            for row in result["rounds"]:
+                if "failed" in row:
+                    typer.echo(f"{row['round']:>5} failed: {row['failed']}")
+                else:
+                    typer.echo(f"{row['round']:>5} {row['participants']:>6} {row['overhead_s']:>10.2f} {row['bytes'] / 1e6:>10.1f}")
+            typer.echo(f"peak resident memory of this process: {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+        else:
+            typer.echo(f"{count} simulated silos trained {result['rounds_trained']} silo-rounds")
 
 
 def register(app: typer.Typer) -> None:

@@ -45,6 +45,7 @@ class FederationSettings(ServesTLS):
     start_timeout_s: float = Field(3600.0, gt=0, description="Seconds the coordinator waits for min_silos to connect before a round.")
     local_steps: int = Field(50, ge=1, description="Optimizer steps each silo trains per round.")
     max_message_bytes: int | None = Field(None, ge=1024, description="Largest message accepted on the socket (None = derived from the global adapter: max(1 MiB, 4 x its fp32 bytes + 1 MiB); set = that exact bound).")
+    train_window_bytes: int = Field(64 << 20, ge=1, description="TRAIN bytes on the way to silos at once (sent, not yet acknowledged): bounds the coordinator's memory at a round's start (CURVE encrypts a copy per connection); one TRAIN bigger than this goes alone. Raise it for big adapters over slow silo links (more downloads at once).")
     receive_hwm: int = Field(64, ge=1, description="ZeroMQ receive high-water mark (messages queued per connection before the socket stops reading).")
     max_update_norm: float | None = Field(None, gt=0, description="Updates whose L2 norm exceeds this are rejected (None = the adaptive bound: update_norm_multiple x the round's median update norm, at least update_norm_floor).")
     update_norm_multiple: float = Field(3.0, ge=1, description="Adaptive bound: updates above this multiple of the round's median update L2 norm are clipped to it (the silo is named in the round record).")
