@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +18,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from appliance.cluster.ray_env import spare_port as free_port  # noqa: E402  (ports away from Ray's random ones)
 
 
 def _pgid_alive(pgid: int) -> bool:
@@ -139,9 +135,9 @@ class LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         self._spawn("head", ["cluster", "head"])
         self.wait(lambda: self.cli("node", "ls", check=False).returncode == 0, timeout_s, "the head's job API")
-        for name in self.nodes:
+        for i, name in enumerate(self.nodes, start=2):  # one at a time: four raylets starting at once starve 2 cores
             self.join(name)
-        self.wait(lambda: len(self.alive_nodes()) == 1 + len(self.nodes), timeout_s, "every node alive")
+            self.wait(lambda: len(self.alive_nodes()) == i, timeout_s, f"node {name} alive")
         return self
 
     def join(self, name: str, token_file: Path | None = None) -> subprocess.Popen:
@@ -183,7 +179,7 @@ class LocalCluster:
         order = [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else [])
         for name in order:
             proc = self.procs[name]
-            kill_groups(process_groups(proc.pid), grace_s=10.0)
+            kill_groups(process_groups(proc.pid), grace_s=2.0)
             proc.wait(timeout=10)
         import shutil
 

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from pathlib import Path
 
 from appliance.cluster.head import node_env
 from appliance.cluster.nodes import node_start_argv
-from appliance.cluster.ray_env import read_token
+from appliance.cluster.ray_env import read_token, spare_port
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.processes import log_tail, start_process_group, stop_process_group
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port of this machine that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def run_node(settings, *, head: str, token_file: Path, group: str, labels: dict[str, str], gpus: int | None,
@@ -40,7 +32,7 @@ def run_node(settings, *, head: str, token_file: Path, group: str, labels: dict[
     read_token(token_file)  # fail early, naming the file
     log_path = settings.logs_dir / f"ray-node-{name}.log"
     # Nodes sharing a machine each need their own dashboard agent port (job logs are read through it).
-    ports = {"dashboard-agent-listen-port": free_port()}
+    ports = {"dashboard-agent-listen-port": spare_port()}
     argv = node_start_argv(head=head, group=group, labels={"node": name, **labels}, cpus=cpus, gpus=gpus, slots=slots,
                            temp_dir=settings.cluster.temp_dir, ports=ports, node_ip=node_ip)
     proc = start_process_group(argv, log_path, node_env(token_file, group, name))

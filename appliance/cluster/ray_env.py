@@ -52,3 +52,20 @@ def ray_executable() -> str:
 
     beside = Path(sys.executable).with_name("ray")
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def spare_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768+), where
+    Ray's own randomly bound ports do not land, so a port chosen now is still free when Ray binds it."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port between {low} and {high}")

@@ -161,7 +161,10 @@ class JobScheduler:
         rec = self.store.get(job_id)
         parts = []
         for i, att in enumerate(rec.attempts, 1):
-            text = self.api.jobs().get_job_logs(att.submission_id)
+            try:
+                text = self.api.jobs().get_job_logs(att.submission_id)
+            except RuntimeError as exc:  # the node that held the log is gone (it died), or Ray lost the job
+                text = f"(the output of {att.submission_id} cannot be read: {str(exc).splitlines()[0][:200]})\n"
             parts.append(text if len(rec.attempts) == 1 else f"--- attempt {i} ({att.submission_id})\n{text}")
         return "".join(parts)
 
