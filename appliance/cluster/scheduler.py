@@ -23,6 +23,8 @@ from appliance.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+AGENT_WAIT_S = 30.0  # how long a submit waits for the job agent of a head that has just started
+
 
 class JobScheduler:
     """Submits, tracks and stops the appliance's jobs on one head.
@@ -103,9 +105,17 @@ class JobScheduler:
     def _start_attempt(self, rec: JobRecord) -> None:
         sid = f"{rec.job_id}-{len(rec.attempts) + 1}"
         env = {**rec.env, "APPLIANCE_JOB_ID": rec.job_id}
-        self.api.jobs().submit_job(entrypoint=rec.entrypoint(), submission_id=sid, runtime_env={"env_vars": env},
-                                   metadata={"appliance_job": rec.job_id, "group": rec.group},
-                                   **rec.need.ray_options(rec.group))
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                self.api.jobs().submit_job(entrypoint=rec.entrypoint(), submission_id=sid, runtime_env={"env_vars": env},
+                                           metadata={"appliance_job": rec.job_id, "group": rec.group},
+                                           **rec.need.ray_options(rec.group))
+                break
+            except RuntimeError as exc:  # a head just started answers before its job agent is up
+                if "agent" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         rec.attempts.append(Attempt(submission_id=sid, submitted_at=time.time()))
         rec.state, rec.reason = "PENDING", ""
         log.info("job %s: attempt %d submitted to group %s", rec.job_id, len(rec.attempts), rec.group)
