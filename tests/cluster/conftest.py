@@ -21,7 +21,9 @@ def where_it_ran(log_text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = LocalCluster(tmp_path_factory.mktemp("cluster") / "home", {"a1": ("a", 1, 1), "b1": ("b", 1, 1), "b2": ("b", 1, 1)})
+    # Group b runs one job at a time (cluster.max_jobs_per_group), though its two nodes could hold two.
+    c = LocalCluster(tmp_path_factory.mktemp("cluster") / "home", {"a1": ("a", 1, 1), "b1": ("b", 1, 1), "b2": ("b", 1, 1)},
+                     extra_env={"APPLIANCE_CLUSTER__MAX_JOBS_PER_GROUP": '{"b": 1}'})
     try:
         yield c.start()
     finally:

@@ -92,6 +92,20 @@ def test_two_jobs_needing_the_groups_only_slot_run_one_after_the_other(cluster, 
     assert second[0] >= first[1]  # the second started only after the first had ended
 
 
+def test_the_groups_limit_of_concurrent_jobs_holds_a_job_that_would_fit(cluster, tmp_path: Path) -> None:
+    code = "import sys, time; open(sys.argv[1], 'w').write(str(time.time())); time.sleep(3); open(sys.argv[1], 'a').write(' ' + str(time.time()))"
+    for name in ("lim1", "lim2"):
+        _submit(cluster, "--group", "b", "--name", name, "--program", "--", sys.executable, "-c", code, tmp_path / name)
+    _wait_state(cluster, "lim1", ("RUNNING",))
+    held = _state(cluster, "lim2")
+    for name in ("lim1", "lim2"):
+        _wait_state(cluster, name, ("SUCCEEDED",))
+    first, second = ([float(x) for x in (tmp_path / n).read_text().split()] for n in ("lim1", "lim2"))
+
+    assert held["state"] == "QUEUED" and "its limit" in held["reason"]
+    assert second[0] >= first[1]
+
+
 def test_job_stop_ends_the_jobs_whole_process_tree(cluster, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     script = f"sleep 300 & echo $! >> {pids}; sh -c 'sleep 301 & echo $! >> {pids}; wait' & echo $$ >> {pids}; wait"
