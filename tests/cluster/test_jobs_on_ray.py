@@ -185,3 +185,24 @@ def test_a_training_job_registers_its_adapter_and_show_names_run_adapter_and_nod
     assert done["adapter"] and done["adapter"].startswith("jobbed") and done["run"]
     assert where_it_ran(logs)[0]["node_name"] == "a1" and done["node_id"] == cluster.node_id("a1")
     assert (cluster.home / "adapters" / "jobbed").is_dir() and (cluster.home / "runs" / done["run"]).is_dir()
+
+
+def test_the_consoles_jobs_client_lists_groups_and_a_submitted_training_job_with_its_log(cluster, tmp_path: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ui.jobs_client import JobsClient
+    from ui.tabs.jobs import job_rows, node_rows
+
+    for key, value in cluster.env.items():
+        if key.startswith("APPLIANCE_CLUSTER__"):
+            monkeypatch.setenv(key, value)
+    client = JobsClient(cluster.home)
+    missing = tmp_path / "nowhere.jsonl"
+
+    answer = client.submit_training("a", str(missing), 2, 1, 0, "from-console")
+    job = answer.split()[1]
+    _wait_state(cluster, job, ("FAILED", "SUCCEEDED"))
+    rows = {r[0]: r for r in job_rows(client.jobs())}
+
+    assert {r[0] for r in node_rows(client.nodes())} == {"a", "b", "head"}
+    assert rows[job][1] == "FAILED" and rows[job][2] == "a"
+    assert str(missing) in client.log_tail(job)  # the training command names the file it could not read
