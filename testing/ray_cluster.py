@@ -56,8 +56,14 @@ def process_groups(root: int) -> set[int]:
     return groups
 
 
-def kill_groups(groups: set[int], grace_s: float) -> None:
-    """SIGTERM every group, wait up to `grace_s` for them to go, then SIGKILL what is left."""
+def kill_groups(groups: set[int], grace_s: float, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM every group, wait up to `grace_s` for them to go, then SIGKILL what is left. `proc` (our own child,
+    a member of one group) is reaped while waiting: unreaped, its zombie would keep its group alive."""
+    def alive() -> bool:
+        if proc is not None:
+            proc.poll()
+        return any(_pgid_alive(g) for g in groups)
+
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         for g in groups:
             try:
@@ -65,7 +71,7 @@ def kill_groups(groups: set[int], grace_s: float) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait_s
-        while any(_pgid_alive(g) for g in groups) and time.monotonic() < deadline:
+        while alive() and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
@@ -160,7 +166,7 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         """SIGKILL a node's whole process group (a machine that dies)."""
         proc = self.procs[name]
-        kill_groups(process_groups(proc.pid), grace_s=0.0)
+        kill_groups(process_groups(proc.pid), grace_s=0.0, proc=proc)
         proc.wait(timeout=30)
 
     @staticmethod
@@ -179,7 +185,7 @@ class LocalCluster:
         order = [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else [])
         for name in order:
             proc = self.procs[name]
-            kill_groups(process_groups(proc.pid), grace_s=2.0)
+            kill_groups(process_groups(proc.pid), grace_s=5.0, proc=proc)
             proc.wait(timeout=10)
         import shutil
 

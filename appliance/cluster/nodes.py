@@ -107,8 +107,8 @@ def node_start_argv(*, head: str | None, group: str, labels: dict[str, str], cpu
 
 
 def drain_node(head_address: str, token_file: Path, node_id: str, *, remove: bool) -> None:
-    """Ask Ray's GCS to drain `node_id`: no new work lands there (drain), or it is taken out of the cluster once idle
-    (remove; refused while it runs work).
+    """Ask Ray's GCS to drain `node_id`: no new work lands there and Ray takes the node out once idle (drain), or
+    takes it out now (remove; refused while it runs work).
 
     Raises:
         ApplianceError: Ray refused the request (its reason is in the message).

@@ -105,18 +105,19 @@ def _drain(ctx: typer.Context, node_id: str, remove: bool) -> None:
         node = find_node(list_nodes(connect(settings).api), node_id)
         address = settings.cluster.address or f"127.0.0.1:{settings.cluster.port}"
         drain_node(address, token_path(settings.keys_dir), node.node_id, remove=remove)
-        console.print(f"node {node.node_id[:12]} (group {node.group}) {'removed' if remove else 'drained: no new jobs land there'}", highlight=False)
+        console.print(f"node {node.node_id[:12]} (group {node.group}) "
+                      f"{'removed' if remove else 'drained: no new job lands there; it leaves once idle'}", highlight=False)
 
 
 @node_app.command("drain")
 def node_drain(ctx: typer.Context, node_id: str = typer.Argument(..., help="Node id (or a unique prefix).")) -> None:
-    """Let a node finish what it runs but take no new job."""
+    """Drain a node: no new job lands there, and Ray takes it out of the cluster once what it runs has ended."""
     _drain(ctx, node_id, remove=False)
 
 
 @node_app.command("remove")
 def node_remove(ctx: typer.Context, node_id: str = typer.Argument(..., help="Node id (or a unique prefix).")) -> None:
-    """Take an idle node out of the cluster (Ray refuses while it runs work)."""
+    """Take an idle node out of the cluster now (Ray refuses while it runs work: drain it instead)."""
     _drain(ctx, node_id, remove=True)
 
 

@@ -206,3 +206,17 @@ def test_the_consoles_jobs_client_lists_groups_and_a_submitted_training_job_with
     assert {r[0] for r in node_rows(client.nodes())} == {"a", "b", "head"}
     assert rows[job][1] == "FAILED" and rows[job][2] == "a"
     assert str(missing) in client.log_tail(job)  # the training command names the file it could not read
+
+
+def test_a_drained_node_leaves_once_idle_and_a_removed_one_leaves_too(cluster) -> None:
+    a1, b2 = cluster.node_id("a1"), cluster.node_id("b2")
+
+    drained = cluster.cli("node", "drain", a1[:12])
+    cluster.wait(lambda: not any(n["node_id"] == a1 for n in cluster.alive_nodes()), 60, "the drained (idle) node to leave")
+    refused = _submit(cluster, "--group", "a", "--program", "--", "true", check=False)
+    removed = cluster.cli("node", "remove", b2[:12])
+    cluster.wait(lambda: not any(n["node_id"] == b2 for n in cluster.alive_nodes()), 60, "the removed node to leave")
+
+    assert "drained" in drained.stdout and "removed" in removed.stdout
+    assert refused.returncode == 2 and "group 'a' has no live node" in " ".join(refused.stderr.split())
+    assert any(n["group"] == "b" for n in cluster.alive_nodes())  # the other node of group b stays
