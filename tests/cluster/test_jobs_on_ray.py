@@ -208,6 +208,55 @@ def test_the_consoles_jobs_client_lists_groups_and_a_submitted_training_job_with
     assert str(missing) in client.log_tail(job)  # the training command names the file it could not read
 
 
+def test_a_worker_join_job_serves_chat_through_the_router_and_stopping_it_removes_the_worker(cluster, tmp_path: Path) -> None:
+    import httpx
+
+    from appliance.cluster.ray_env import spare_port
+    from appliance.core.secrets import ensure_token
+
+    router_home = tmp_path / "router"
+    join_token, admin = ensure_token(router_home / "keys", "join_token"), ensure_token(router_home / "keys", "admin_token")
+    key_file = tmp_path / "worker_key"
+    key_file.write_text("job-worker-key-0123456789\n")
+    key_file.chmod(0o600)
+    router_port, backend_port = spare_port(), spare_port()
+    router_url = f"http://127.0.0.1:{router_port}"
+    router = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(router_port)], cwd=REPO,
+                              env={**cluster.env, "APPLIANCE_HOME": str(router_home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The job: a (fake) vLLM worker on its node and `appliance worker join` registering it; secrets come from files.
+    script = (f"export VLLM_API_KEY=$(cat {key_file}); "
+              f"{sys.executable} -m testing.fake_vllm --port {backend_port} --model joined-model & "
+              f"exec {sys.executable} -m appliance worker join --router {router_url} --token-file {router_home / 'keys' / 'join_token'} "
+              f"--url http://127.0.0.1:{backend_port} --region eu --heartbeat-s 1")
+    headers = {"Authorization": f"Bearer {admin}"}
+    try:
+        cluster.wait(lambda: _http_ok(f"{router_url}/health"), 60, "the router")
+        _submit(cluster, "--group", "a", "--name", "worker", "--program", "--", "sh", "-c", script)
+        cluster.wait(lambda: httpx.get(f"{router_url}/admin/workers", headers=headers, timeout=5).json(), 90, "the worker to join")
+        answer = httpx.post(f"{router_url}/v1/chat/completions", timeout=30,
+                            json={"model": "joined-model", "messages": [{"role": "user", "content": "hi"}]})
+        cluster.cli("job", "stop", "worker")
+        left = cluster.wait(lambda: httpx.get(f"{router_url}/admin/workers", headers=headers, timeout=5).json() == [], 30,
+                            "the worker to leave the router")
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+
+    assert join_token and answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+    assert left and _state(cluster, "worker")["state"] == "STOPPED"
+    assert not pids_with(f"--port {backend_port}")
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_a_drained_node_leaves_once_idle_and_a_removed_one_leaves_too(cluster) -> None:
     a1, b2 = cluster.node_id("a1"), cluster.node_id("b2")
 
