@@ -16,7 +16,7 @@ from pathlib import Path
 from appliance.cluster.head_api import HeadAPI, HeadUnavailable
 from appliance.cluster.jobs import JobStore
 from appliance.cluster.nodes import node_start_argv
-from appliance.cluster.ray_env import ray_env, read_token, token_path
+from appliance.cluster.ray_env import TOKEN_NAME, ray_env, read_token, token_path
 from appliance.cluster.scheduler import JobScheduler
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.processes import log_tail, start_process_group, stop_process_group
@@ -43,7 +43,11 @@ def node_env(token_file: Path, group: str, name: str) -> dict[str, str]:
 def connect(settings, token_file: Path | None = None) -> JobScheduler:
     """The scheduler of the head named by `settings.cluster` (this machine's head unless `dashboard_url` says other)."""
     c = settings.cluster
-    token = read_token(token_file or token_path(settings.keys_dir))
+    token_file = token_file or settings.keys_dir / TOKEN_NAME
+    if not Path(token_file).exists():
+        raise ConfigError(f"no cluster token at {token_file}: the head makes it when it starts (`appliance up`, or "
+                          "`appliance cluster head`); on another machine copy the head's keys/ray_token there")
+    token = read_token(token_file)
     home = c.shared_home or settings.home
     env = {"APPLIANCE_HOME": str(home)}
     return JobScheduler(HeadAPI(c.job_api_url(), token), JobStore(settings.jobs_dir), c.max_jobs, env)

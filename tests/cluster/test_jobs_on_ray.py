@@ -4,11 +4,9 @@ with and without retries, a node with a wrong token refused, and a training job 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -120,3 +120,17 @@ def test_cluster_settings_defaults_and_limits(tmp_path: Path) -> None:
     assert s.cluster.job_api_url() == "http://127.0.0.1:8265" and s.jobs_dir == tmp_path / "jobs"
     with pytest.raises(ConfigError, match="max_jobs_per_group"):
         make_settings(tmp_path, cluster={"max_jobs_per_group": {"a": 0}})
+
+
+def test_job_commands_without_a_head_say_where_the_token_should_be(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    listed = CliRunner().invoke(app, ["--home", str(tmp_path), "job", "ls"])
+    bad_label = CliRunner().invoke(app, ["--home", str(tmp_path), "node", "join", "--head", "h:1", "--token-file", str(tmp_path / "t"),
+                                         "--group", "g", "--label", "novalue"])
+
+    assert listed.exit_code == 2 and f"no cluster token at {tmp_path / 'keys' / 'ray_token'}" in " ".join(listed.output.split())
+    assert not (tmp_path / "keys").exists()  # a client never makes a token; the head does
+    assert bad_label.exit_code == 2 and "--label 'novalue' must be KEY=VALUE" in " ".join(bad_label.output.split())

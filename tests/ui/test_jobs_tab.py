@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 from tests.factories import make_settings
 from ui.tabs.jobs import job_rows, node_rows
