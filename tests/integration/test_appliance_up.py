@@ -119,14 +119,15 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
         assert vllm, "the vLLM server of the worker should be running"
     finally:
         _stop(up)
+        ray_left = pids_with(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     output = up.stdout.read()
     assert up.returncode == 0, output
     assert "admin token" in output and f"curl http://127.0.0.1:{router_port}/v1/chat/completions" in output
     assert "worker-0 exited with code -9; restarting it in" in output
     assert not [p for p in children + vllm if pid_alive(p)]
     assert not pids_with(f"--port {worker_port}") and not state_file.exists()
-    assert not pids_with(str(ray_tmp)), "every Ray process of the head `up` started should be gone"
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not ray_left, "every Ray process of the head `up` started should be gone"
 
 
 @pytest.mark.slow
