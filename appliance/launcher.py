@@ -321,7 +321,7 @@ def child_health(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 # -- the appliance's own children ------------------------------------------------------------------------------------
 
-OPTIONAL_PARTS = ("router", "coordinator", "console")
+OPTIONAL_PARTS = ("router", "coordinator", "console", "cluster")
 
 
 def appliance_children(settings: Any, model: str, python: str, *, config_file: Path | None = None,
@@ -333,7 +333,8 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
         model: the prepared model's store name.
         python: the interpreter that runs `-m appliance`.
         config_file: the YAML file `up` was given, passed on to every child.
-        without: names of optional children to leave out ("router", "coordinator", "console").
+        without: names of optional children to leave out ("router", "coordinator", "console"; "cluster" is
+            `cluster_children`'s).
 
     Raises:
         ConfigError: `without` names something that is not optional.
@@ -417,3 +418,21 @@ def _console_child(settings: Any, run: list[str], env: dict[str, str], *, with_c
         url=f"{u.scheme}://{connectable_host(u.host)}:{u.port}", depends_on=depends_on, ready_timeout_s=120.0, env=env,
         optional=True,
     )
+
+
+def cluster_children(settings: Any, python: str, *, config_file: Path | None = None,
+                     without: frozenset[str] = frozenset()) -> list[ChildSpec]:
+    """`cluster`: the Ray head and its job queue (`appliance cluster head`, see appliance/cluster/), so that
+    `appliance job submit` works once `up` runs; none when left out, when `cluster.enabled` is off, or when
+    `cluster.address` names a head elsewhere. Optional: a head that fails to start is retried, the rest runs on."""
+    c = settings.cluster
+    if "cluster" in without or not c.enabled or c.address:
+        return []
+    env = {"APPLIANCE_HOME": str(settings.home), **({"APPLIANCE_CONFIG": str(config_file)} if config_file else {})}
+    return [ChildSpec(
+        name="cluster", argv=[python, "-m", "appliance", "cluster", "head"],
+        health_url=f"http://127.0.0.1:{c.agent_port}/api/local_raylet_healthz",  # the head node and its job agent are up
+        ports=(c.port, c.dashboard_port, c.client_server_port, c.agent_port),
+        url=f"ray://{connectable_host(c.host)}:{c.port} (jobs: `appliance job submit`; nodes join with keys/ray_token)",
+        ready_timeout_s=c.start_timeout_s, env=env, optional=True,
+    )]

@@ -1,4 +1,4 @@
-"""The console: one Gradio app with the Chat, Train, Federation, Fleet and Adapters tabs.
+"""The console: one Gradio app with the Chat, Train, Federation, Fleet, Adapters and Jobs tabs.
 
 `build_console(settings)` returns the `gr.Blocks`; `launch_console(settings)` serves it, with a login in front
 (`ui/login.py`: user `admin` with the console password, `ui.admin_password` or `keys/console_password`, never the
@@ -35,7 +35,7 @@ def build_console(settings: ApplianceSettings, ctx: ConsoleContext | None = None
     """The console as a `gr.Blocks` (not launched)."""
     import gradio as gr
 
-    from ui.tabs import adapters, chat, federation, fleet, train
+    from ui.tabs import adapters, chat, federation, fleet, jobs, train
 
     ctx = ctx or ConsoleContext.from_settings(settings)
     with gr.Blocks(title=TITLE) as demo:
@@ -43,7 +43,7 @@ def build_console(settings: ApplianceSettings, ctx: ConsoleContext | None = None
                     f"home `{settings.home}`", elem_id="console-header")
         with gr.Tabs():
             for label, module in (("Chat", chat), ("Train", train), ("Federation", federation), ("Fleet", fleet),
-                                  ("Adapters", adapters)):
+                                  ("Adapters", adapters), ("Jobs", jobs)):
                 with gr.Tab(label, id=label.lower(), elem_id=f"tab-{label.lower()}"):
                     module.build(ctx)
         for fn, inputs, outputs in ctx.on_load:

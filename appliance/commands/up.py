@@ -84,10 +84,10 @@ def up(
     workers: Optional[int] = typer.Option(None, "--workers", help="Local vLLM workers (default: worker.count)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: worker.device)."),
     backoff_s: float = typer.Option(1.0, "--backoff-s", help="First restart delay of a crashed child; doubles up to 30 s."),
-    without: list[str] = typer.Option([], "--without", help="Leave out an optional part: router, coordinator or console (repeatable)."),
+    without: list[str] = typer.Option([], "--without", help="Leave out an optional part: router, coordinator, console or cluster (the Ray head for `appliance job`) (repeatable)."),
 ) -> None:
     """Start the appliance (workers, router, and coordinator and console where installed) until Ctrl-C."""
-    from appliance.launcher import Supervisor, appliance_children, read_state
+    from appliance.launcher import Supervisor, appliance_children, cluster_children, read_state
 
     with cli_errors():
         settings = settings_from(ctx, {"serve": {"port": port}, "worker": {"count": workers, "device": device}})
@@ -99,8 +99,9 @@ def up(
         model = _prepared_model(settings)
         admin_token = router_admin_token(settings)
         ensure_token(settings.keys_dir, "join_token", settings.serve.join_token)
-        children = appliance_children(settings, model, sys.executable, config_file=(ctx.find_root().obj or {}).get("config"),
-                                       without=frozenset(without))
+        config_file = (ctx.find_root().obj or {}).get("config")
+        children = appliance_children(settings, model, sys.executable, config_file=config_file, without=frozenset(without))
+        children += cluster_children(settings, sys.executable, config_file=config_file, without=frozenset(without))
         coordinator_key = _coordinator_key(settings) if any(c.name == "coordinator" for c in children) else None
         login_link = _login_link(settings, children)
         urls = {c.name: c.url for c in children}

@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.errors import ConfigError
-from appliance.core.sections import FederationSettings, ServeSettings, TrackingSettings, TrainSettings, UISettings, WorkerSettings
+from appliance.core.sections import ClusterSettings, FederationSettings, ServeSettings, TrackingSettings, TrainSettings, UISettings, WorkerSettings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "admin", "token", ""}
@@ -66,6 +66,7 @@ class ApplianceSettings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ui: UISettings = Field(default_factory=UISettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -110,6 +111,10 @@ class ApplianceSettings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
 
 
 def load_settings(config_file: Path | str | None = None, overrides: dict[str, Any] | None = None) -> ApplianceSettings:

@@ -3,15 +3,19 @@ and a clean stop. Plus `appliance worker join` against a real router with a fake
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
 
+from appliance.cluster.ray_env import spare_port
 from appliance.launcher import pid_alive, read_state
 from tests.factories import REPO, free_port, wait_until
 from tests.integration.conftest import pids_with
@@ -42,6 +46,7 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
 
     home = _home_with_model(tmp_path / "home", embedded_model_dir)
     router_port, worker_port = free_port(), free_port()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
         "APPLIANCE_HOME": str(home),
@@ -50,6 +55,10 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
         "APPLIANCE_WORKER__KV_CACHE_GIB": "1",
         "APPLIANCE_WORKER__MAX_LORAS": "1",
         "APPLIANCE_SERVE__HEALTH_INTERVAL_S": "1",
+        # The Ray head `up` starts for `appliance job`, on ports of its own.
+        "APPLIANCE_CLUSTER__PORT": str(spare_port()), "APPLIANCE_CLUSTER__DASHBOARD_PORT": str(spare_port()),
+        "APPLIANCE_CLUSTER__CLIENT_SERVER_PORT": str(spare_port()), "APPLIANCE_CLUSTER__AGENT_PORT": str(spare_port()),
+        "APPLIANCE_CLUSTER__TEMP_DIR": str(ray_tmp), "APPLIANCE_CLUSTER__NUM_CPUS": "1",
     }
     # The console and coordinator have their own tests; here they would only add start-up time.
     up = subprocess.Popen([sys.executable, "-m", "appliance", "up", "--without", "console", "--without", "coordinator"],
@@ -62,7 +71,20 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
             return state if state and all(c["state"] == "ready" for c in state["children"]) else None
 
         state = wait_until(all_ready, 600, what="appliance up to report every child ready")
-        assert [c["name"] for c in state["children"]] == ["worker-0", "router"]
+        assert [c["name"] for c in state["children"]] == ["worker-0", "router", "cluster"]
+        # With no further step, a job runs on the head `up` started (its group: cluster.group, "local").
+        submitted = subprocess.run([sys.executable, "-m", "appliance", "job", "submit", "--name", "hello", "--program", "--",
+                                    "echo", "hello from a job"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+
+        def job_done():
+            shown = subprocess.run([sys.executable, "-m", "appliance", "job", "show", "hello", "--json"], cwd=REPO, env=env,
+                                   capture_output=True, text=True, timeout=60)
+            return shown.returncode == 0 and json.loads(shown.stdout)["state"] in ("SUCCEEDED", "FAILED") and json.loads(shown.stdout)
+
+        assert wait_until(job_done, 120, what="the job to end")["state"] == "SUCCEEDED"
+        logs = subprocess.run([sys.executable, "-m", "appliance", "job", "logs", "hello"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert "hello from a job" in logs.stdout and '"group": "local"' in logs.stdout
         status = subprocess.run([sys.executable, "-m", "appliance", "status"], cwd=REPO, env=env, capture_output=True, text=True)
         assert status.returncode == 0 and "healthy" in status.stdout, status.stdout + status.stderr
 
@@ -97,12 +119,15 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
         assert vllm, "the vLLM server of the worker should be running"
     finally:
         _stop(up)
+        ray_left = pids_with(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     output = up.stdout.read()
     assert up.returncode == 0, output
     assert "admin token" in output and f"curl http://127.0.0.1:{router_port}/v1/chat/completions" in output
     assert "worker-0 exited with code -9; restarting it in" in output
     assert not [p for p in children + vllm if pid_alive(p)]
     assert not pids_with(f"--port {worker_port}") and not state_file.exists()
+    assert not ray_left, "every Ray process of the head `up` started should be gone"
 
 
 @pytest.mark.slow
