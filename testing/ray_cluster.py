@@ -18,6 +18,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+from testing.waiting import wait_until  # noqa: E402
 from appliance.cluster.ray_env import spare_port as free_port  # noqa: E402  (ports away from Ray's random ones)
 
 
@@ -140,10 +141,10 @@ class LocalCluster:
         """Start the head, wait for its job API, then join every node and wait until all are alive."""
         self.home.mkdir(parents=True, exist_ok=True)
         self._spawn("head", ["cluster", "head"])
-        self.wait(lambda: self.cli("node", "ls", check=False).returncode == 0, timeout_s, "the head's job API")
+        wait_until(lambda: self.cli("node", "ls", check=False).returncode == 0, timeout_s, 0.25, "the head's job API")
         for i, name in enumerate(self.nodes, start=2):  # one at a time: four raylets starting at once starve 2 cores
             self.join(name)
-            self.wait(lambda: len(self.alive_nodes()) == i, timeout_s, f"node {name} alive")
+            wait_until(lambda: len(self.alive_nodes()) == i, timeout_s, 0.25, f"node {name} alive")
         return self
 
     def join(self, name: str, token_file: Path | None = None) -> subprocess.Popen:
@@ -171,14 +172,8 @@ class LocalCluster:
 
     @staticmethod
     def wait(predicate, timeout_s: float, what: str, step_s: float = 0.25) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-            time.sleep(step_s)
+        """`testing.waiting.wait_until`, polling every quarter second."""
+        return wait_until(predicate, timeout_s, step_s, what)
 
     def stop(self) -> None:
         """Stop every process group this cluster started: nodes first, then the head (SIGTERM, 10 s, SIGKILL)."""

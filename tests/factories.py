@@ -3,12 +3,11 @@ random Llama model."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from testing.waiting import wait_until, wait_until_async  # noqa: F401 (the tests import them from here)
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO / ".cache"
@@ -19,31 +18,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, step_s: float = 0.05, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy, and return that; fail the test naming `what` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(step_s)
-
-
-async def wait_until_async(predicate: Callable[[], Any], timeout_s: float = 15.0, step_s: float = 0.05,
-                           what: str = "condition") -> Any:
-    """`wait_until` for tests running in an event loop: sleeps without blocking the loop."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        await asyncio.sleep(step_s)
 
 
 def make_settings(home: Path, **overrides: Any):

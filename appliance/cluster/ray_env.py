@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.core.errors import ConfigError
-from appliance.core.secrets import ensure_token
+from appliance.core.secrets import ensure_token, read_secret_file
 
 TOKEN_NAME = "ray_token"
 
@@ -27,13 +26,7 @@ def read_token(path: Path) -> str:
     Raises:
         ConfigError: the file cannot be read or is empty.
     """
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the cluster token from {path}: {exc.strerror}") from exc
-    if not token:
-        raise ConfigError(f"{path} is empty; it must hold the cluster token (keys/{TOKEN_NAME} on the head)")
-    return token
+    return read_secret_file(path, "cluster token", f" (keys/{TOKEN_NAME} on the head)")
 
 
 def ray_env(token_file: Path, base: dict[str, str] | None = None) -> dict[str, str]:

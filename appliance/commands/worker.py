@@ -7,7 +7,6 @@ it starts and hands it to the router over the join call.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from appliance.core.errors import ConfigError
 from appliance.core.model_store import resolve_model
 from appliance.core.net import is_loopback
 from appliance.core.processes import stop_on_signals, wait_for_signal
+from appliance.core.secrets import read_secret
 from appliance.core.settings import ApplianceSettings
 
 worker_app = typer.Typer(help="Run a vLLM worker (LoRA enabled) on this machine.", no_args_is_help=True)
@@ -28,26 +28,6 @@ _PORT = typer.Option(None, "--port", "-p", help="Port (default: worker.base_port
 _DEVICE = typer.Option(None, "--device", help="cpu | cuda (default: worker.device).")
 _HOST = typer.Option("127.0.0.1", "--host", help="Bind address of the worker.")
 _KEY_FILE = typer.Option(None, "--api-key-file", help="File holding the worker's API key (else $VLLM_API_KEY).")
-
-
-def read_secret(path: Path | None, env_var: str, what: str, *, required: bool) -> str | None:
-    """A secret from a file (first line) or else an environment variable; never from the command line.
-
-    Raises:
-        ConfigError: the file is missing or empty, or `required` and neither source has a value.
-    """
-    if path is not None:
-        try:
-            value = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the {what} from {path}: {exc.strerror}") from exc
-        if not value:
-            raise ConfigError(f"{path} is empty; it must hold the {what}")
-        return value
-    value = os.environ.get(env_var, "").strip() or None
-    if required and value is None:
-        raise ConfigError(f"the {what} is needed: pass a file holding it, or set {env_var}")
-    return value
 
 
 def _worker(settings: ApplianceSettings, model: str | None, port: int | None, host: str, api_key: str | None):

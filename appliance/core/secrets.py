@@ -50,6 +50,36 @@ def _create_once(path: Path, text: str) -> None:
         os.unlink(tmp)
 
 
+def read_secret_file(path: Path, what: str, hint: str = "") -> str:
+    """The secret held in `path` (its text, stripped); `what` names it in errors, `hint` says where it comes from.
+
+    Raises:
+        ConfigError: the file cannot be read or is empty.
+    """
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} from {path}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"{path} is empty; it must hold the {what}{hint}")
+    return value
+
+
+def read_secret(path: Path | None, env_var: str, what: str, *, required: bool) -> str | None:
+    """A secret from a file (see `read_secret_file`) or else the environment variable `env_var`; never from a
+    command line.
+
+    Raises:
+        ConfigError: the file is missing or empty, or `required` and neither source has a value.
+    """
+    if path is not None:
+        return read_secret_file(path, what)
+    value = os.environ.get(env_var, "").strip() or None
+    if required and value is None:
+        raise ConfigError(f"the {what} is needed: pass a file holding it, or set {env_var}")
+    return value
+
+
 def masked(token: str, shown: int = 4) -> str:
     """The first `shown` characters of a secret and an ellipsis, for output that must not reveal it."""
     return f"{token[:shown]}…" if len(token) > 2 * shown else "…"

@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 import httpx
+import pytest
 
 from serve.registry import Worker, WorkerRegistry, upstream_headers
 from tests.factories import make_settings
@@ -42,55 +43,45 @@ async def test_probes_refresh_a_stale_latency_but_one_slow_answer_leaves_the_dis
         assert (await row())["latency_ms"] < 100
 
 
-async def _registry_with(fake, home) -> tuple[WorkerRegistry, Worker, aiohttp.ClientSession]:
-    cfg = make_settings(home, serve={"health_interval_s": 0.5}).serve
-    session = aiohttp.ClientSession()
-    registry = WorkerRegistry(cfg, session)
-    worker = registry.add_static(fake.url, models=["m"])
-    assert await registry.probe(worker)
-    return registry, worker, session
+@pytest.fixture
+async def probed(fake_factory, tmp_path):
+    """(fake worker, registry, its Worker), probed healthy once; the registry's session is closed after."""
+    fake = fake_factory("m")
+    async with aiohttp.ClientSession() as session:
+        registry = WorkerRegistry(make_settings(tmp_path, serve={"health_interval_s": 0.5}).serve, session)
+        worker = registry.add_static(fake.url, models=["m"])
+        assert await registry.probe(worker)
+        yield fake, registry, worker
 
 
-async def test_one_probe_timeout_alone_keeps_a_worker_in_service_and_a_second_takes_it_out(fake_factory, tmp_path):
+async def test_one_probe_timeout_alone_keeps_a_worker_in_service_and_a_second_takes_it_out(probed):
     # Arrange: a healthy worker whose /health then answers later than the probe waits (2 s)
-    fake = fake_factory("m")
-    registry, worker, session = await _registry_with(fake, tmp_path)
-    try:
-        fake.control(health_delay_s=3.0)
-        # Act / Assert: one periodic probe times out: the worker stays in service
-        assert await registry.probe(worker)
-        assert worker.healthy and worker.probe_timeouts == 1
-        # a second in a row confirms it: out of service
-        assert not await registry.probe(worker)
-        assert not worker.healthy
-        # it answers in time again: back in service, the count reset
-        fake.control(health_delay_s=0.0)
-        assert await registry.probe(worker)
-        assert worker.healthy and worker.probe_timeouts == 0
-    finally:
-        await session.close()
+    fake, registry, worker = probed
+    fake.control(health_delay_s=3.0)
+    # Act / Assert: one periodic probe times out: the worker stays in service
+    assert await registry.probe(worker)
+    assert worker.healthy and worker.probe_timeouts == 1
+    # a second in a row confirms it: out of service
+    assert not await registry.probe(worker)
+    assert not worker.healthy
+    # it answers in time again: back in service, the count reset
+    fake.control(health_delay_s=0.0)
+    assert await registry.probe(worker)
+    assert worker.healthy and worker.probe_timeouts == 0
 
 
-async def test_a_probe_timeout_after_a_forwarding_failure_takes_the_worker_out_at_once(fake_factory, tmp_path):
-    fake = fake_factory("m")
-    registry, worker, session = await _registry_with(fake, tmp_path)
-    try:
-        fake.control(health_delay_s=3.0)
-        assert not await registry.probe(worker, suspect=True)  # what probe_soon runs after a failed request
-        assert not worker.healthy
-    finally:
-        await session.close()
+async def test_a_probe_timeout_after_a_forwarding_failure_takes_the_worker_out_at_once(probed):
+    fake, registry, worker = probed
+    fake.control(health_delay_s=3.0)
+    assert not await registry.probe(worker, suspect=True)  # what probe_soon runs after a failed request
+    assert not worker.healthy
 
 
-async def test_a_refused_connection_takes_the_worker_out_at_once(fake_factory, tmp_path):
-    fake = fake_factory("m")
-    registry, worker, session = await _registry_with(fake, tmp_path)
-    try:
-        fake.stop()
-        assert not await registry.probe(worker)
-        assert not worker.healthy and worker.probe_timeouts == 0
-    finally:
-        await session.close()
+async def test_a_refused_connection_takes_the_worker_out_at_once(probed):
+    fake, registry, worker = probed
+    fake.stop()
+    assert not await registry.probe(worker)
+    assert not worker.healthy and worker.probe_timeouts == 0
 
 
 def test_probe_round_trips_refresh_only_an_estimate_no_request_refreshed():
