@@ -346,6 +346,10 @@ class Coordinator:
                 rs.changed.set()
         else:
             await self._error(msg.peer, "unexpected", f"a coordinator does not accept {header.type.value}", header.round_id)
+        if not known and header.type in (MsgType.UPDATE, MsgType.SECAGG, MsgType.ERROR):
+            # Back on a new connection with an older message first (an update queued while its link was cut): that
+            # is its return, as a heartbeat from a new connection would be, so it picks up the current round.
+            await self._welcome(silo)
 
     async def _echo(self, silo: SiloInfo, header: Header) -> None:
         """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks (federation.timing)."""
