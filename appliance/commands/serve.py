@@ -174,7 +174,46 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
         settings, client = _admin(ctx, router)
         version = AdapterRegistry(settings.adapters_dir).get(ref)
         out = client.publish_version(version)
-        console.print(f"published {version.served_name} (alias {', '.join(out['aliases'])}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+        aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
+        console.print(f"published {version.served_name} (alias {aliases}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+
+
+@adapters_app.command("history")
+def adapters_history(ctx: typer.Context, name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
+                     as_json: bool = typer.Option(False, "--json", help="Print the router's answer as JSON."),
+                     router: Optional[str] = _ROUTER) -> None:
+    """Each move of an alias: the version it named, when, by whom (admin or a federation round), why."""
+    import json
+
+    from appliance.core.router_client import latest_alias
+
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.history(_alias(name, latest_alias))
+        if as_json:
+            console.print_json(json.dumps(out))
+            return
+        console.print(f"{out['alias']} -> {out['current'] or '(none)'}", highlight=False)
+        for row in out["history"]:
+            console.print(f"{row['at']}	{row['name']}	v{row['version']}	{row['by']}	{row['reason']}", highlight=False)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(ctx: typer.Context, name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
+                      to: Optional[str] = typer.Option(None, "--to", help="The version (number or NAME-vN) to go back to; default the one before."),
+                      router: Optional[str] = _ROUTER) -> None:
+    """Move the alias back at once; requests in flight finish on the version they started on."""
+    from appliance.core.router_client import latest_alias
+
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.rollback(_alias(name, latest_alias), to)
+        console.print(f"{out['alias']} now names {out['name']} (was {out['from']})", highlight=False)
+
+
+def _alias(name: str, latest_alias) -> str:
+    """An adapter name NAME means its alias NAME-latest; an alias is taken as given."""
+    return name if name.endswith("-latest") else latest_alias(name)
 
 
 @adapters_app.command("unpublish")

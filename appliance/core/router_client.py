@@ -179,19 +179,32 @@ class RouterClient(ServiceClient):
         return self.request("GET", "/admin/adapters")
 
     def publish(self, name: str, path: str, aliases: list[str], *, base_model: str | None = None,
-                timeout_s: float | None = None) -> dict[str, Any]:
-        """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it."""
+                version: int | None = None, by: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
+        newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
         if base_model:
             body["base_model"] = base_model
+        if version is not None:
+            body["version"] = version
+        if by:
+            body["by"] = by
         return self.request("POST", "/admin/adapters", json=body, timeout=timeout_s or max(self.timeout_s, 180.0))
+
+    def history(self, alias: str) -> dict[str, Any]:
+        """`GET /admin/adapters/{alias}/history`: each move of the alias."""
+        return self.request("GET", f"/admin/adapters/{alias}/history")
+
+    def rollback(self, alias: str, to: str | None = None) -> dict[str, Any]:
+        """`POST /admin/adapters/{alias}/rollback`: move the alias back (to `to`, else the version before)."""
+        return self.request("POST", f"/admin/adapters/{alias}/rollback", json={"to": to} if to else {})
 
     def unpublish(self, name: str) -> dict[str, Any]:
         """`DELETE /admin/adapters/{name}`."""
         return self.request("DELETE", f"/admin/adapters/{name}")
 
     def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
-                        timeout_s: float | None = None) -> dict[str, Any]:
+                        timeout_s: float | None = None, by: str | None = None) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
@@ -204,7 +217,15 @@ class RouterClient(ServiceClient):
             router loads it only on workers of that model.
         """
         return self.publish(version.served_name, str(path or version.path), [latest_alias(version.name)],
-                            base_model=served_base_model(version), timeout_s=timeout_s)
+                            base_model=served_base_model(version), version=version.version, by=by or published_by(version),
+                            timeout_s=timeout_s)
+
+
+def published_by(version: AdapterVersion) -> str:
+    """Who a version's publish is recorded as in the alias history: its federation round, else the admin."""
+    if version.meta.get("kind") == "federated" and version.meta.get("round") is not None:
+        return f"federation {version.meta.get('run', version.name)} round {version.meta['round']}"
+    return "admin"
 
 
 def served_base_model(version: AdapterVersion) -> str | None:
