@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -176,6 +177,41 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
         out = client.publish_version(version)
         aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
         console.print(f"published {version.served_name} (alias {aliases}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+
+
+@adapters_app.command("show")
+def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON.")) -> None:
+    """Where a registered adapter version came from: base model and hash, training or federation run and round, silos
+    and their weights, strategy, DP and secure aggregation, local steps and rate, metrics."""
+    import json
+
+    from appliance.core.adapter_registry import AdapterRegistry
+    from appliance.core.lineage import format_lineage, lineage
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        info = lineage(AdapterRegistry(settings.adapters_dir).get(ref).meta)
+        if as_json:
+            console.print_json(json.dumps(info, default=str))
+            return
+        for line in format_lineage(info):
+            console.print(line, highlight=False)
+
+
+@adapters_app.command("export")
+def adapters_export(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
+                    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./NAME-vVERSION).")) -> None:
+    """Write the PEFT folder with its model card (README.md, the YAML header peft and the Hub read, and the lineage)."""
+    from appliance.core.adapter_registry import AdapterRegistry
+    from train.export import export_adapter
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        version = AdapterRegistry(settings.adapters_dir).get(ref)
+        target = out or Path(version.served_name)
+        export_adapter(version.path, target)
+        console.print(f"exported {version.ref} to {target} (with README.md model card)", highlight=False)
 
 
 @adapters_app.command("history")
