@@ -204,7 +204,7 @@ class RouterClient(ServiceClient):
         return self.request("DELETE", f"/admin/adapters/{name}")
 
     def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
-                        timeout_s: float | None = None, by: str | None = None) -> dict[str, Any]:
+                        timeout_s: float | None = None, by: str | None = None, promote: bool = True) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
@@ -216,7 +216,8 @@ class RouterClient(ServiceClient):
             The router's answer (`{"name", "aliases", "workers"}`). The version's base model goes along, so the
             router loads it only on workers of that model.
         """
-        return self.publish(version.served_name, str(path or version.path), [latest_alias(version.name)],
+        aliases = [latest_alias(version.name)] if promote else []  # held back by the gate: its own name only
+        return self.publish(version.served_name, str(path or version.path), aliases,
                             base_model=served_base_model(version), version=version.version, by=by or published_by(version),
                             timeout_s=timeout_s)
 
