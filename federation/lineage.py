@@ -9,6 +9,8 @@ rate, and the round's metrics. `appliance adapters show` and the exported model 
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.lineage import base_model_hash
@@ -25,7 +27,7 @@ def round_meta(coordinator: Coordinator, record: dict[str, Any]) -> dict[str, An
         "kind": "federated", "run": cfg.run_name, "round": coordinator.round, "participants": record["participants"],
         "shares": record.get("shares") or {}, "strategy": coordinator.strategy.name, "lora_aggregation": cfg.lora_aggregation,
         "metrics": record["metrics"], "base_model": settings.model,
-        "base_model_hash": base_model_hash(settings.models_dir / settings.model),
+        "base_model_hash": _hash(str(settings.models_dir / settings.model)),
         "epsilon": record["epsilon"], "dp": {"mode": cfg.dp_mode, "delta": cfg.dp_delta if dp else None,
                                              "noise_multiplier": cfg.dp_noise_multiplier if dp else None,
                                              "clip_norm": cfg.dp_clip_norm if dp else None},
@@ -33,3 +35,9 @@ def round_meta(coordinator: Coordinator, record: dict[str, Any]) -> dict[str, An
         "lr": settings.train.lr, "lr_schedule": cfg.lr_schedule, "lora_r": settings.train.lora_r,
         "lora_alpha": settings.train.lora_alpha, "examples": record.get("examples"),
     }
+
+
+@lru_cache(maxsize=8)
+def _hash(model_dir: str) -> str | None:
+    """The base model's hash, computed once per process (a folder without store.json is hashed in full)."""
+    return base_model_hash(Path(model_dir))
