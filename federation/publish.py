@@ -163,7 +163,7 @@ class RouterPublisher:
             if self._gate is not None and record.gate is None:
                 record.gate = self._gate_decision(version)
             promote = record.gate is None or record.gate["decision"] == "promoted"
-            self._client.publish_version(version, path=path, promote=promote)
+            self._client.publish_version(version, path=path, promote=promote, gate=record.gate)
         except ServiceUnavailable as exc:
             return self._failed(record, str(exc))
         with self._cond:

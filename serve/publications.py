@@ -120,6 +120,15 @@ class PublicationStore:
                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by, "reason": reason})
         del rows[:-HISTORY_LIMIT]
 
+    def held_back(self, alias: str, adapter: PublishedAdapter, current: str | None, by: str, gate: dict[str, Any]) -> None:
+        """Record that a promotion gate kept `alias` off `adapter` (on `current`), with the two losses."""
+        rows = self.history.setdefault(alias, [])
+        rows.append({"name": adapter.name, "version": adapter.version, "from": current, "held_back": True,
+                     "loss": gate.get("loss"), "current_loss": gate.get("current_loss"),
+                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by,
+                     "reason": f"held back: loss {_fmt(gate.get('loss'))} vs {_fmt(gate.get('current_loss'))} of {current}"})
+        del rows[:-HISTORY_LIMIT]
+
     def describe(self, alias: str, placement: AdapterPlacement) -> dict[str, Any]:
         """The answer of `GET /admin/adapters/{alias}/history`.
 
@@ -129,6 +138,10 @@ class PublicationStore:
         if alias not in self.history and alias not in placement.aliases:
             raise RouterError(404, f"{alias!r} is not an alias of a published adapter; GET /admin/adapters lists them")
         return {"alias": alias, "current": placement.aliases.get(alias), "history": list(self.history.get(alias, []))}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def rollback(placement: AdapterPlacement, alias: str, to: str | int | None, by: str = "admin") -> dict[str, Any]:
@@ -144,7 +157,8 @@ def rollback(placement: AdapterPlacement, alias: str, to: str | int | None, by: 
         raise RouterError(404, f"{alias!r} is not an alias of a published adapter; GET /admin/adapters lists them")
     rows = placement.store.history.get(alias, [])
     if to is None:
-        earlier = [r["name"] for r in reversed(rows) if r["name"] != current and r["name"] in placement.published]
+        earlier = [r["name"] for r in reversed(rows)
+                   if r["name"] != current and r["name"] in placement.published and not r.get("held_back")]
         if not earlier:
             raise RouterError(409, f"alias {alias!r} has no earlier version still published to roll back to")
         target = earlier[0]

@@ -179,7 +179,8 @@ class RouterClient(ServiceClient):
         return self.request("GET", "/admin/adapters")
 
     def publish(self, name: str, path: str, aliases: list[str], *, base_model: str | None = None,
-                version: int | None = None, by: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+                version: int | None = None, by: str | None = None, held_back: dict[str, Any] | None = None,
+                timeout_s: float | None = None) -> dict[str, Any]:
         """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
         newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
@@ -189,6 +190,8 @@ class RouterClient(ServiceClient):
             body["version"] = version
         if by:
             body["by"] = by
+        if held_back:
+            body["held_back"] = held_back
         return self.request("POST", "/admin/adapters", json=body, timeout=timeout_s or max(self.timeout_s, 180.0))
 
     def history(self, alias: str) -> dict[str, Any]:
@@ -204,7 +207,8 @@ class RouterClient(ServiceClient):
         return self.request("DELETE", f"/admin/adapters/{name}")
 
     def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
-                        timeout_s: float | None = None, by: str | None = None, promote: bool = True) -> dict[str, Any]:
+                        timeout_s: float | None = None, by: str | None = None, promote: bool = True,
+                        gate: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
@@ -217,8 +221,10 @@ class RouterClient(ServiceClient):
             router loads it only on workers of that model.
         """
         aliases = [latest_alias(version.name)] if promote else []  # held back by the gate: its own name only
+        held_back = None if promote else {"alias": latest_alias(version.name), **{k: (gate or {}).get(k) for k in ("loss", "current_loss")}}
         return self.publish(version.served_name, str(path or version.path), aliases,
                             base_model=served_base_model(version), version=version.version, by=by or published_by(version),
+                            held_back=held_back,
                             timeout_s=timeout_s)
 
 

@@ -41,6 +41,7 @@ class AdapterPublication(BaseModel):
     base_model: str | None = None
     version: int | None = Field(None, ge=0, description="Its registry version: an alias never moves to an older one.")
     by: str = Field("admin", max_length=128, description="Who publishes (history): admin, or the federation round.")
+    held_back: dict[str, Any] | None = Field(None, description="A promotion gate held it back: {alias, loss, current_loss}; recorded in that alias's history.")
 
 
 class Rollback(BaseModel):
@@ -138,6 +139,10 @@ async def publish_adapter(body: Annotated[AdapterPublication, Depends(json_body(
     placement = request.app.state.placement
     workers = await placement.publish(body.name, body.path, body.aliases, body.base_model, version=body.version, by=body.by)
     moved = [a for a in body.aliases if placement.aliases.get(a) == body.name]
+    if body.held_back and isinstance(body.held_back.get("alias"), str):
+        alias = body.held_back["alias"]
+        placement.store.held_back(alias, placement.published[body.name], placement.aliases.get(alias), body.by, body.held_back)
+        placement.store.save(placement)
     return {"name": body.name, "aliases": moved, "workers": workers}
 
 

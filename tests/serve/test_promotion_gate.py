@@ -47,6 +47,7 @@ async def test_a_worse_round_is_held_back_and_a_good_one_promoted(fake_factory, 
                 answers[round_] = (await c.post("/v1/chat/completions", json={"model": "fed-latest"})).json()["model"]
             own = await c.post("/v1/chat/completions", json={"model": "fed-v2"})
             history = (await c.get("/admin/adapters/fed-latest/history", headers=router.admin_headers())).json()
+            back = (await c.post("/admin/adapters/fed-latest/rollback", json={}, headers=router.admin_headers())).json()
     finally:
         await asyncio.to_thread(publisher.close)
     decisions = [json.loads(line) for line in (home / "federation" / "fed" / "gate.jsonl").read_text().splitlines()]
@@ -55,8 +56,13 @@ async def test_a_worse_round_is_held_back_and_a_good_one_promoted(fake_factory, 
     assert held["current"] == "fed-v1" and held["loss"] > held["current_loss"] + 0.02
     assert answers == {1: "fed-v1", 2: "fed-v1", 3: "fed-v3"}
     assert own.status_code == 200 and own.json()["model"] == "fed-v2"  # held back, still served under its own name
-    assert [r["name"] for r in history["history"]] == ["fed-v1", "fed-v3"]
+    assert [(r["name"], r.get("held_back", False)) for r in history["history"]] == [
+        ("fed-v1", False), ("fed-v2", True), ("fed-v3", False)]
+    row = history["history"][1]
+    assert row["loss"] == held["loss"] and row["current_loss"] == held["current_loss"] and row["from"] == "fed-v1"
+    assert row["reason"].startswith("held back: loss ") and row["by"] == "federation fed round 2"
     assert publisher.status()["fed-v2"]["gate"]["decision"] == "held back"
+    assert back["name"] == "fed-v1"  # a rollback skips the held-back version
     # A restarted coordinator's gate knows which version is current.
     again = PromotionGate(settings, data, 0.02, home / "federation" / "fed" / "gate.jsonl", model_dir=tiny_model_dir)
     assert again.current == "fed-v3"
