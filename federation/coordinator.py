@@ -32,6 +32,7 @@ from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, prune_checkpoints, save_checkpoint
 from federation.keys import Enrolment, load_keypair
+from federation.lineage import round_meta
 from federation.local_training import round_schedule
 from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, SecAggStep, TrainTask,
                                  UpdateResult, Welcome, make_header)
@@ -855,9 +856,7 @@ class Coordinator:
         staging = Path(tempfile.mkdtemp(prefix=".export.", dir=self.run_dir))
         try:
             exporter(self.global_state, staging)
-            meta = {"kind": "federated", "run": self.cfg.run_name, "round": self.round, "participants": record["participants"],
-                    "strategy": self.strategy.name, "metrics": record["metrics"], "base_model": self.settings.model,
-                    "epsilon": record["epsilon"]}
+            meta = round_meta(self, record)  # federation/lineage.py
             version = self._registry.register(self.cfg.run_name, staging, meta)
         except Exception as exc:  # publishing must never fail the federation
             logger.error("round %d: could not register the global adapter: %s", self.round, exc, exc_info=True)

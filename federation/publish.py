@@ -34,6 +34,7 @@ class PublishRecord:
     last_error: str | None = None
     published_at: float | None = None
     history: list[str] = field(default_factory=list)
+    gate: dict[str, Any] | None = None  # the promotion gate's decision (federation/gate.py), if there is a gate
 
 
 class RouterPublisher:
@@ -61,10 +62,12 @@ class RouterPublisher:
         max_attempts: int = 0,
         timeout_s: float = 120.0,
         verify: Any = True,
+        gate: Any = None,
     ) -> None:
         self.router_url = router_url.rstrip("/")
         self._client = RouterClient(self.router_url, admin_token, timeout_s=timeout_s, verify=verify)
         self._path_map = path_map
+        self._gate = gate  # a federation.gate.PromotionGate: held-back versions are published without their alias
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._max_attempts = max_attempts
@@ -157,7 +160,10 @@ class RouterPublisher:
         with self._cond:
             record.attempts += 1
         try:
-            self._client.publish_version(version, path=path)
+            if self._gate is not None and record.gate is None:
+                record.gate = self._gate_decision(version)
+            promote = record.gate is None or record.gate["decision"] == "promoted"
+            self._client.publish_version(version, path=path, promote=promote, gate=record.gate)
         except ServiceUnavailable as exc:
             return self._failed(record, str(exc))
         with self._cond:
@@ -167,6 +173,14 @@ class RouterPublisher:
             record.history.append("published")
         logger.info("published %s to %s as %s", version.served_name, self.router_url, record.alias)
         return True
+
+    def _gate_decision(self, version: AdapterVersion) -> dict[str, Any]:
+        """The gate's decision; a gate that fails holds the version back (and says why) rather than promote blindly."""
+        try:
+            return self._gate.check(version)
+        except Exception as exc:  # the gate must never stop the publisher thread
+            logger.error("promotion gate failed for %s: %s; held back", version.served_name, exc, exc_info=True)
+            return {"adapter": version.served_name, "decision": "held back", "error": str(exc)}
 
     def _failed(self, record: PublishRecord, error: str) -> bool:
         with self._cond:

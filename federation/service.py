@@ -70,11 +70,12 @@ def router_publisher(settings: "ApplianceSettings") -> Any:
     """A RouterPublisher for the local router (`serve.port`), with the stored admin token."""
     from appliance.core.tls import client_context
     from appliance.core.tokens import router_admin_token
+    from federation.gate import gate_for
     from federation.publish import RouterPublisher
 
     token = router_admin_token(settings)
     return RouterPublisher(f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}", token, max_attempts=0,
-                           verify=client_context(settings.tls_ca_file))  # retry until a newer round supersedes it
+                           verify=client_context(settings.tls_ca_file), gate=gate_for(settings))  # retry until a newer round supersedes it
 
 
 async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:

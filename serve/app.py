@@ -7,6 +7,7 @@ handlers turn every error into OpenAI's `{"error": {...}}` shape.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -31,6 +32,7 @@ from serve.quarantine import QuarantineBook
 from serve.metrics import RouterMetrics
 from serve.placement import AdapterPlacement
 from serve.protocol import error_body
+from serve.publications import PublicationStore
 from serve.registry import WorkerRegistry
 from serve.routes import admin, openai
 
@@ -88,7 +90,11 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     for spec in cfg.workers:
         registry.add_static(spec.url, region=spec.region, models=spec.models,
                             api_key=spec.api_key.get_secret_value() if spec.api_key else None)
-    placement = AdapterPlacement(cfg, registry, metrics)
+    placement = AdapterPlacement(cfg, registry, metrics, PublicationStore(settings.home / "router" / "publications.json"))
+    try:
+        restored = placement.store.restore(placement)
+    except RouterError as exc:
+        raise ConfigError(exc.message) from exc
     registry.quarantine = QuarantineBook(settings.keys_dir)
     canaries = CanaryChecker(cfg, registry, registry.quarantine)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
@@ -110,10 +116,12 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
             registry.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         await registry.start()
         await canaries.start()
+        placing = asyncio.create_task(placement.place_restored(restored))
         logger.info("router ready: %d worker(s), %d healthy, policy %s", len(registry.workers), len(registry.healthy()), cfg.policy)
         try:
             yield
         finally:
+            placing.cancel()
             await canaries.stop()
             await registry.stop()
             if own_session:

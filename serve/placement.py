@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve.errors import RouterError, UpstreamError
 from serve.policy import RouteHints, rank
+from serve.publications import PublicationStore, fingerprint, newer
 
 if TYPE_CHECKING:
     import aiohttp
@@ -49,17 +50,23 @@ class PublishedAdapter:
     path: str
     aliases: list[str] = field(default_factory=list)
     base_model: str | None = None
+    version: int | None = None  # the registry version, if the publish named one (aliases never move to an older one)
+    seq: int = 0  # the order its publish began in (serve/publications.py)
+    fingerprint: str | None = None  # its files' digest when the router can read them (a change reloads it)
 
     def describe(self, workers: list[str]) -> dict[str, Any]:
         """The row of `GET /admin/adapters`."""
-        return {"name": self.name, "path": self.path, "aliases": self.aliases, "base_model": self.base_model, "workers": workers}
+        return {"name": self.name, "path": self.path, "aliases": self.aliases, "base_model": self.base_model,
+                "version": self.version, "workers": workers}
 
 
 class AdapterPlacement:
     """Published adapters, their aliases, and loading/unloading them on workers."""
 
-    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, metrics: RouterMetrics):
+    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, metrics: RouterMetrics,
+                 store: PublicationStore | None = None):
         self.cfg = cfg
+        self.store = store or PublicationStore(None)
         self.registry = registry
         self.metrics = metrics
         self.published: dict[str, PublishedAdapter] = {}
@@ -90,7 +97,8 @@ class AdapterPlacement:
         return workers
 
     # -- publish / unpublish --
-    async def publish(self, name: str, path: str, aliases: list[str], base_model: str | None = None) -> list[str]:
+    async def publish(self, name: str, path: str, aliases: list[str], base_model: str | None = None, *,
+                      version: int | None = None, by: str = "admin", reason: str = "published") -> list[str]:
         """Record `name`, load it on up to `adapter_replicas` of the best workers, then move `aliases` to it.
 
         Returns:
@@ -106,8 +114,11 @@ class AdapterPlacement:
         if name in self.aliases:
             raise RouterError(409, f"{name!r} is an alias of adapter {self.aliases[name]!r}; publish under another name", param="name")
         old = self.published.get(name)  # published again (a new path): it keeps its aliases
-        adapter = PublishedAdapter(name, path, list(old.aliases) if old else [], base_model)
+        adapter = PublishedAdapter(name, path, list(old.aliases) if old else [], base_model, version=version,
+                                   seq=self.store.next_seq(), fingerprint=fingerprint(path))
         self.published[name] = adapter
+        if old is not None and (old.path != path or old.fingerprint != adapter.fingerprint):
+            await self._unload_everywhere(name)  # its files changed: the workers load them again
         loaded = [w.id for w in self.holders(name) if w.healthy]
         errors: list[str] = []
         for worker in self._ranked(adapter):
@@ -125,20 +136,60 @@ class AdapterPlacement:
         if not loaded and errors:
             await self.unpublish(name)
             raise RouterError(502, f"no worker could load adapter {name!r}: {'; '.join(errors)}")
-        self._move_aliases(adapter, aliases)
+        self._move_aliases(adapter, aliases, by, reason)
+        self.store.save(self)
         logger.info("adapter %s published on %s", name, ", ".join(loaded) or "no worker yet (loads on demand)")
         return loaded
 
-    def _move_aliases(self, adapter: PublishedAdapter, aliases: list[str]) -> None:
-        """Point every alias at `adapter` (no await in here: a request sees the old target or the new one)."""
+    def _move_aliases(self, adapter: PublishedAdapter, aliases: list[str], by: str, reason: str) -> None:
+        """Point every alias at `adapter`, unless it names a newer publication already (a slower publish of an older
+        version that finishes last)."""
         for alias in aliases:
             previous = self.published.get(self.aliases.get(alias, ""))
-            if previous is not None and previous is not adapter:
-                previous.aliases.remove(alias)
-                logger.info("alias %s moves from %s to %s", alias, previous.name, adapter.name)
-            self.aliases[alias] = adapter.name
-            if alias not in adapter.aliases:
-                adapter.aliases.append(alias)
+            if previous is not None and previous is not adapter and not newer(adapter, previous):
+                logger.info("alias %s stays on %s: %s is older", alias, previous.name, adapter.name)
+                continue
+            self.move_alias(alias, adapter, by=by, reason=reason)
+
+    def move_alias(self, alias: str, adapter: PublishedAdapter, *, by: str, reason: str) -> None:
+        """Point `alias` at `adapter` and record the move (no await in here: a request sees the old target or the new
+        one, and one in flight finishes on the version it resolved)."""
+        previous = self.published.get(self.aliases.get(alias, ""))
+        if previous is adapter:
+            return
+        if previous is not None:
+            previous.aliases.remove(alias)
+            logger.info("alias %s moves from %s to %s", alias, previous.name, adapter.name)
+        self.aliases[alias] = adapter.name
+        if alias not in adapter.aliases:
+            adapter.aliases.append(alias)
+        self.store.moved(alias, adapter, previous.name if previous else None, by, reason)
+        self.store.save(self)
+
+    async def _unload_everywhere(self, name: str) -> None:
+        """Unload `name` from every holder, each once its requests in flight there are done (bounded wait)."""
+        for worker in self.holders(name):
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            while worker.busy_with(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await self._unload(worker, name)
+
+    async def place_restored(self, names: list[str]) -> None:
+        """Load restored adapters on workers as they come up (up to `adapter_replicas` each), until each is placed on
+        one at least or unpublished; requests load them on demand meanwhile."""
+        waiting = list(names)
+        while waiting:
+            for name in list(waiting):
+                adapter = self.published.get(name)
+                if adapter is None or self.holders(name):
+                    waiting.remove(name)
+                    continue
+                for worker in [w for w in self._ranked(adapter) if w.healthy][: self.cfg.adapter_replicas]:
+                    try:
+                        await self.ensure_on(worker, adapter)
+                    except (UpstreamError, RouterError) as exc:
+                        logger.info("restored adapter %s not loaded on %s yet: %s", name, worker.id, exc)
+            await asyncio.sleep(self.cfg.health_interval_s)
 
     async def unpublish(self, name: str) -> bool:
         """Forget `name` and its aliases (no new request reaches it), and unload it everywhere: at once where it is
@@ -146,6 +197,7 @@ class AdapterPlacement:
         adapter = self.published.pop(name, None)
         for alias in [a for a, n in self.aliases.items() if n == name]:
             del self.aliases[alias]
+        self.store.save(self)
         for worker in self.holders(name):
             if worker.busy_with(name):
                 task = asyncio.create_task(self._unload_when_idle(worker, name))

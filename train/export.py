@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -13,13 +14,19 @@ log = logging.getLogger(__name__)
 
 
 def export_adapter(adapter_dir: Path, out_dir: Path) -> Path:
-    """Copy the PEFT files of `adapter_dir` (config, weights, meta.json if any) to `out_dir`."""
+    """Copy the PEFT files of `adapter_dir` (config, weights, meta.json if any) to `out_dir`, with a Hugging Face model
+    card (README.md) when there is a meta.json."""
     lora.read_adapter_config(adapter_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors", "meta.json"):
         if (Path(adapter_dir) / name).exists():
             shutil.copy2(Path(adapter_dir) / name, out_dir / name)
+    if (out_dir / "meta.json").exists():  # a registry version: its model card (README.md) carries the lineage
+        from appliance.core.atomic import write_text_atomic
+        from appliance.core.lineage import model_card
+
+        write_text_atomic(out_dir / "README.md", model_card(json.loads((out_dir / "meta.json").read_text())))
     return out_dir
 
 

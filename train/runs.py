@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion, check_name
 from appliance.core.atomic import write_json_atomic
 from appliance.core.errors import ConfigError
+from appliance.core.lineage import base_model_hash
 from appliance.core.model_store import resolve_model
 from appliance.core.tracking import Tracker
 from appliance.core.sections.train import TrainSettings
@@ -123,6 +124,7 @@ def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: b
         adapter = register_result(settings, result, cfg, model_dir, conf["output"], meta={
             "base_model": conf["model"],
             "base_model_dir": str(model_dir),
+            "base_model_hash": base_model_hash(model_dir),
             "data_sha256": datamod.data_sha256(data),
             "data": str(data),
             "config": conf["train"],

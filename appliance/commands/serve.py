@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -174,7 +175,81 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
         settings, client = _admin(ctx, router)
         version = AdapterRegistry(settings.adapters_dir).get(ref)
         out = client.publish_version(version)
-        console.print(f"published {version.served_name} (alias {', '.join(out['aliases'])}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+        aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
+        console.print(f"published {version.served_name} (alias {aliases}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+
+
+@adapters_app.command("show")
+def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON.")) -> None:
+    """Where a registered adapter version came from: base model and hash, training or federation run and round, silos
+    and their weights, strategy, DP and secure aggregation, local steps and rate, metrics."""
+    import json
+
+    from appliance.core.adapter_registry import AdapterRegistry
+    from appliance.core.lineage import format_lineage, lineage
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        info = lineage(AdapterRegistry(settings.adapters_dir).get(ref).meta)
+        if as_json:
+            console.print_json(json.dumps(info, default=str))
+            return
+        for line in format_lineage(info):
+            console.print(line, highlight=False)
+
+
+@adapters_app.command("export")
+def adapters_export(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
+                    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./NAME-vVERSION).")) -> None:
+    """Write the PEFT folder with its model card (README.md, the YAML header peft and the Hub read, and the lineage)."""
+    from appliance.core.adapter_registry import AdapterRegistry
+    from train.export import export_adapter
+
+    with cli_errors():
+        settings = settings_from(ctx)
+        version = AdapterRegistry(settings.adapters_dir).get(ref)
+        target = out or Path(version.served_name)
+        export_adapter(version.path, target)
+        console.print(f"exported {version.ref} to {target} (with README.md model card)", highlight=False)
+
+
+@adapters_app.command("history")
+def adapters_history(ctx: typer.Context, name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
+                     as_json: bool = typer.Option(False, "--json", help="Print the router's answer as JSON."),
+                     router: Optional[str] = _ROUTER) -> None:
+    """Each move of an alias: the version it named, when, by whom (admin or a federation round), why."""
+    import json
+
+    from appliance.core.router_client import latest_alias
+
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.history(_alias(name, latest_alias))
+        if as_json:
+            console.print_json(json.dumps(out))
+            return
+        console.print(f"{out['alias']} -> {out['current'] or '(none)'}", highlight=False)
+        for row in out["history"]:
+            console.print(f"{row['at']}	{row['name']}	v{row['version']}	{row['by']}	{row['reason']}", highlight=False)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(ctx: typer.Context, name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
+                      to: Optional[str] = typer.Option(None, "--to", help="The version (number or NAME-vN) to go back to; default the one before."),
+                      router: Optional[str] = _ROUTER) -> None:
+    """Move the alias back at once; requests in flight finish on the version they started on."""
+    from appliance.core.router_client import latest_alias
+
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.rollback(_alias(name, latest_alias), to)
+        console.print(f"{out['alias']} now names {out['name']} (was {out['from']})", highlight=False)
+
+
+def _alias(name: str, latest_alias) -> str:
+    """An adapter name NAME means its alias NAME-latest; an alias is taken as given."""
+    return name if name.endswith("-latest") else latest_alias(name)
 
 
 @adapters_app.command("unpublish")

@@ -179,19 +179,36 @@ class RouterClient(ServiceClient):
         return self.request("GET", "/admin/adapters")
 
     def publish(self, name: str, path: str, aliases: list[str], *, base_model: str | None = None,
+                version: int | None = None, by: str | None = None, held_back: dict[str, Any] | None = None,
                 timeout_s: float | None = None) -> dict[str, Any]:
-        """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it."""
+        """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
+        newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
         if base_model:
             body["base_model"] = base_model
+        if version is not None:
+            body["version"] = version
+        if by:
+            body["by"] = by
+        if held_back:
+            body["held_back"] = held_back
         return self.request("POST", "/admin/adapters", json=body, timeout=timeout_s or max(self.timeout_s, 180.0))
+
+    def history(self, alias: str) -> dict[str, Any]:
+        """`GET /admin/adapters/{alias}/history`: each move of the alias."""
+        return self.request("GET", f"/admin/adapters/{alias}/history")
+
+    def rollback(self, alias: str, to: str | None = None) -> dict[str, Any]:
+        """`POST /admin/adapters/{alias}/rollback`: move the alias back (to `to`, else the version before)."""
+        return self.request("POST", f"/admin/adapters/{alias}/rollback", json={"to": to} if to else {})
 
     def unpublish(self, name: str) -> dict[str, Any]:
         """`DELETE /admin/adapters/{name}`."""
         return self.request("DELETE", f"/admin/adapters/{name}")
 
     def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
-                        timeout_s: float | None = None) -> dict[str, Any]:
+                        timeout_s: float | None = None, by: str | None = None, promote: bool = True,
+                        gate: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
@@ -203,8 +220,19 @@ class RouterClient(ServiceClient):
             The router's answer (`{"name", "aliases", "workers"}`). The version's base model goes along, so the
             router loads it only on workers of that model.
         """
-        return self.publish(version.served_name, str(path or version.path), [latest_alias(version.name)],
-                            base_model=served_base_model(version), timeout_s=timeout_s)
+        aliases = [latest_alias(version.name)] if promote else []  # held back by the gate: its own name only
+        held_back = None if promote else {"alias": latest_alias(version.name), **{k: (gate or {}).get(k) for k in ("loss", "current_loss")}}
+        return self.publish(version.served_name, str(path or version.path), aliases,
+                            base_model=served_base_model(version), version=version.version, by=by or published_by(version),
+                            held_back=held_back,
+                            timeout_s=timeout_s)
+
+
+def published_by(version: AdapterVersion) -> str:
+    """Who a version's publish is recorded as in the alias history: its federation round, else the admin."""
+    if version.meta.get("kind") == "federated" and version.meta.get("round") is not None:
+        return f"federation {version.meta.get('run', version.name)} round {version.meta['round']}"
+    return "admin"
 
 
 def served_base_model(version: AdapterVersion) -> str | None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from appliance.core.secrets import same_secret
 from serve.deps import bearer, json_body, require_admin, require_admin_or_join, require_worker_or_admin
 from serve.errors import RouterError
+from serve.publications import rollback
 from serve.quarantine import addresses_of
 from serve.worker_address import normalised_address
 
@@ -38,6 +39,15 @@ class AdapterPublication(BaseModel):
     path: str = Field(..., min_length=1, description="PEFT folder, readable by the workers.")
     aliases: list[str] = Field(default_factory=list)
     base_model: str | None = None
+    version: int | None = Field(None, ge=0, description="Its registry version: an alias never moves to an older one.")
+    by: str = Field("admin", max_length=128, description="Who publishes (history): admin, or the federation round.")
+    held_back: dict[str, Any] | None = Field(None, description="A promotion gate held it back: {alias, loss, current_loss}; recorded in that alias's history.")
+
+
+class Rollback(BaseModel):
+    """`POST /admin/adapters/{alias}/rollback`."""
+
+    to: str | int | None = Field(None, description="A published adapter name or version; default the one before.")
 
 
 def _worker(request: Request, worker_id: str):
@@ -126,8 +136,27 @@ async def list_workers(request: Request) -> list[dict[str, Any]]:
 @router.post("/adapters", dependencies=[Depends(require_admin)])
 async def publish_adapter(body: Annotated[AdapterPublication, Depends(json_body(AdapterPublication))], request: Request) -> dict[str, Any]:
     """Load a PEFT adapter on a bounded number of workers; `model: <name>` or an alias then answers."""
-    workers = await request.app.state.placement.publish(body.name, body.path, body.aliases, body.base_model)
-    return {"name": body.name, "aliases": body.aliases, "workers": workers}
+    placement = request.app.state.placement
+    workers = await placement.publish(body.name, body.path, body.aliases, body.base_model, version=body.version, by=body.by)
+    moved = [a for a in body.aliases if placement.aliases.get(a) == body.name]
+    if body.held_back and isinstance(body.held_back.get("alias"), str):
+        alias = body.held_back["alias"]
+        placement.store.held_back(alias, placement.published[body.name], placement.aliases.get(alias), body.by, body.held_back)
+        placement.store.save(placement)
+    return {"name": body.name, "aliases": moved, "workers": workers}
+
+
+@router.get("/adapters/{alias}/history", dependencies=[Depends(require_admin)])
+async def adapter_history(alias: str, request: Request) -> dict[str, Any]:
+    """Each move of an alias: the adapter and version it named, when, by whom, why."""
+    placement = request.app.state.placement
+    return placement.store.describe(alias, placement)
+
+
+@router.post("/adapters/{alias}/rollback", dependencies=[Depends(require_admin)])
+async def adapter_rollback(alias: str, body: Annotated[Rollback, Depends(json_body(Rollback))], request: Request) -> dict[str, Any]:
+    """Move an alias back at once (to `to`, else the version before); requests in flight finish where they started."""
+    return rollback(request.app.state.placement, alias, body.to)
 
 
 @router.delete("/adapters/{name}", dependencies=[Depends(require_admin)])

@@ -79,6 +79,7 @@ def test_train_registers_then_eval_export_and_resume(cli, tiny_model_dir: Path, 
     out = tmp_path / "exported"
     assert cli("--home", home, "export", "--adapter", "sums:1", "--out", out).exit_code == 0
     assert (out / "adapter_model.safetensors").exists() and (out / "meta.json").exists()
+    assert "library_name: peft" in (out / "README.md").read_text() and len(meta["base_model_hash"]) == 64
     merged = tmp_path / "merged"
     exported = cli("--home", home, "export", "--adapter", "sums", "--merge", "--out", merged)
     assert exported.exit_code == 0, exported.output

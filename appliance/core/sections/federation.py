@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -65,6 +66,9 @@ class FederationSettings(ServesTLS):
     secagg_threshold: int | None = Field(None, ge=2, description="Secure aggregation: silos needed to unmask (None = a majority of the round's silos, at least 2).")
     secagg_clip_range: float = Field(1.0, gt=0, description="Secure aggregation: each update coordinate is clamped to +-this before quantisation.")
     auto_publish: bool = Field(True, description="Publish each round's global adapter to the router as soon as it is checkpointed.")
+    gate: bool = Field(True, description="Promotion gate (with gate_data): a round's adapter moves NAME-latest only if its loss is not worse (federation/gate.py).")
+    gate_data: Path | None = Field(None, description="JSONL data set the promotion gate measures each round's adapter on (None = no gate).")
+    gate_tolerance: float = Field(0.02, ge=0, description="Promotion gate: how much higher (nats) a new version's loss may be than the current one's.")
     # silo side
     coordinator: str | None = Field(None, description="Silo: coordinator endpoint, e.g. tcp://host:5555.")
     coordinator_key: str | None = Field(None, description="Silo: coordinator's CURVE public key (z85, 40 chars).")

@@ -1,0 +1,77 @@
+"""The promotion gate (federation/gate.py) through the real publisher and router: a worse round's adapter is served
+under its own name while NAME-latest stays on the better one; a good round moves it again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+
+from appliance.core.adapter_registry import AdapterRegistry
+from federation.gate import PromotionGate
+from federation.publish import RouterPublisher
+from tests.factories import make_settings
+from tests.train.conftest import arithmetic_records, write_jsonl
+
+
+def _register(registry: AdapterRegistry, cfg, model_dir: Path, data: Path, tmp_path: Path, round_: int, *, worse: bool):
+    import train
+
+    if worse:  # a round gone wrong: back to the untrained adapter (the base model's loss)
+        state = train.initial_adapter_state(cfg, model_dir)
+    else:  # a good round: a few steps on the data
+        state = train.fit_adapter(cfg, model_dir, data, max_steps=4).state
+    folder = train.save_adapter_dir(state, cfg, model_dir, tmp_path / f"staging{round_}")
+    return registry.register("fed", folder, {"kind": "federated", "run": "fed", "round": round_})
+
+
+async def test_a_worse_round_is_held_back_and_a_good_one_promoted(fake_factory, router_factory, tiny_model_dir: Path, tmp_path: Path):
+    home = tmp_path / "home"
+    settings = make_settings(home, train={"max_seq_len": 64, "batch_size": 4, "lr": 0.01, "warmup_steps": 0, "zero_stage": 0})
+    data = write_jsonl(tmp_path / "gate.jsonl", arithmetic_records(8))
+    gate = PromotionGate(settings, data, 0.02, home / "federation" / "fed" / "gate.jsonl", model_dir=tiny_model_dir)
+    registry = AdapterRegistry(home / "adapters")
+    fake = fake_factory("base")
+    router = await router_factory([fake], home=home)
+    publisher = RouterPublisher(router.url, router.admin_token, gate=gate)
+    answers = {}
+    try:
+        async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
+            for round_, worse in ((1, False), (2, True), (3, False)):
+                version = await asyncio.to_thread(_register, registry, settings.train, tiny_model_dir, data, tmp_path, round_,
+                                                worse=worse)
+                publisher(version)
+                assert await asyncio.to_thread(publisher.wait_published, version.served_name, 120)
+                answers[round_] = (await c.post("/v1/chat/completions", json={"model": "fed-latest"})).json()["model"]
+            own = await c.post("/v1/chat/completions", json={"model": "fed-v2"})
+            history = (await c.get("/admin/adapters/fed-latest/history", headers=router.admin_headers())).json()
+            back = (await c.post("/admin/adapters/fed-latest/rollback", json={}, headers=router.admin_headers())).json()
+    finally:
+        await asyncio.to_thread(publisher.close)
+    decisions = [json.loads(line) for line in (home / "federation" / "fed" / "gate.jsonl").read_text().splitlines()]
+    assert [d["decision"] for d in decisions] == ["promoted", "held back", "promoted"]
+    held = decisions[1]
+    assert held["current"] == "fed-v1" and held["loss"] > held["current_loss"] + 0.02
+    assert answers == {1: "fed-v1", 2: "fed-v1", 3: "fed-v3"}
+    assert own.status_code == 200 and own.json()["model"] == "fed-v2"  # held back, still served under its own name
+    assert [(r["name"], r.get("held_back", False)) for r in history["history"]] == [
+        ("fed-v1", False), ("fed-v2", True), ("fed-v3", False)]
+    row = history["history"][1]
+    assert row["loss"] == held["loss"] and row["current_loss"] == held["current_loss"] and row["from"] == "fed-v1"
+    assert row["reason"].startswith("held back: loss ") and row["by"] == "federation fed round 2"
+    assert publisher.status()["fed-v2"]["gate"]["decision"] == "held back"
+    assert back["name"] == "fed-v1"  # a rollback skips the held-back version
+    # A restarted coordinator's gate knows which version is current.
+    again = PromotionGate(settings, data, 0.02, home / "federation" / "fed" / "gate.jsonl", model_dir=tiny_model_dir)
+    assert again.current == "fed-v3"
+
+
+def test_a_missing_gate_data_set_is_refused(tmp_path: Path):
+    import pytest
+
+    from appliance.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gate_data .* is not a file"):
+        PromotionGate(make_settings(tmp_path), tmp_path / "nope.jsonl", 0.02, tmp_path / "gate.jsonl")
