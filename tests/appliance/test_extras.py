@@ -52,7 +52,7 @@ def test_require_passes_when_installed() -> None:
     (("deepspeed",), ["train", "--data", "x.jsonl"], r"fedllm-appliance[silo]"),
     (("ray",), ["node", "ls"], r"fedllm-appliance[cluster]"),
     (("aiohttp",), ["coordinator", "start"], r"fedllm-appliance[coordinator]"),
-    (("httptools",), ["worker", "join", "--router", "http://127.0.0.1:9"], r"fedllm-appliance[worker]"),
+    (("httptools",), ["worker", "join", "--router", "http://127.0.0.1:9"], r"fedllm-appliance[worker,cpu]"),
     (("gradio",), ["up"], r"fedllm-appliance[console]"),
 ])
 def test_command_without_its_extra_names_it(blocked: tuple[str, ...], args: list[str], expected: str) -> None:
