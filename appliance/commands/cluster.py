@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
 from appliance.core.errors import ConfigError
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the head would drown the output
@@ -39,6 +39,7 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 
 
 @cluster_app.command("head")
+@needs('cluster', for_what="`appliance head`")
 def head(ctx: typer.Context) -> None:
     """Run the Ray head (token auth, job API on 127.0.0.1) and the job queue until Ctrl-C."""
     from appliance.cluster.head import run_head
@@ -51,6 +52,7 @@ def head(ctx: typer.Context) -> None:
 
 
 @node_app.command("join")
+@needs('cluster', for_what="`appliance node join`")
 def node_join(
     ctx: typer.Context,
     head: str = typer.Option(..., "--head", help="The head's HOST:PORT (cluster.port on the head, 6380 by default)."),
@@ -76,6 +78,7 @@ def node_join(
 
 
 @node_app.command("ls")
+@needs('cluster', for_what="`appliance node ls`")
 def node_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List nodes by group with total and free CPU, GPU, slot and memory (GiB), alive or not."""
     from appliance.cluster.head import connect
@@ -110,12 +113,14 @@ def _drain(ctx: typer.Context, node_id: str, remove: bool) -> None:
 
 
 @node_app.command("drain")
+@needs('cluster', for_what="`appliance node drain`")
 def node_drain(ctx: typer.Context, node_id: str = typer.Argument(..., help="Node id (or a unique prefix).")) -> None:
     """Drain a node: no new job lands there, and Ray takes it out of the cluster once what it runs has ended."""
     _drain(ctx, node_id, remove=False)
 
 
 @node_app.command("remove")
+@needs('cluster', for_what="`appliance node remove`")
 def node_remove(ctx: typer.Context, node_id: str = typer.Argument(..., help="Node id (or a unique prefix).")) -> None:
     """Take an idle node out of the cluster now (Ray refuses while it runs work: drain it instead)."""
     _drain(ctx, node_id, remove=True)
@@ -128,6 +133,7 @@ def _scheduler(ctx: typer.Context):
 
 
 @job_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@needs("cluster", for_what="`appliance job submit`")
 def job_submit(
     ctx: typer.Context,
     group: Optional[str] = typer.Option(None, "--group", help="Device group to run on (default: cluster.group, the head's)."),
@@ -160,6 +166,7 @@ def _age(seconds: float) -> str:
 
 
 @job_app.command("ls")
+@needs('cluster', for_what="`appliance job ls`")
 def job_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List jobs, newest last: state, group, node, age and (for waiting or failed jobs) the reason."""
     from appliance.cluster.jobs import view
@@ -178,6 +185,7 @@ def job_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
 
 
 @job_app.command("show")
+@needs('cluster', for_what="`appliance job show`")
 def job_show(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One job: state and reason, node, attempts and node failures, and for a training job its run and adapter."""
@@ -196,6 +204,7 @@ def job_show(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id 
 
 
 @job_app.command("logs")
+@needs('cluster', for_what="`appliance job logs`")
 def job_logs(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
              follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """Print a job's output (every attempt); with -f, stream it live."""
@@ -212,6 +221,7 @@ def job_logs(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id 
 
 
 @job_app.command("stop")
+@needs('cluster', for_what="`appliance job stop`")
 def job_stop(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
              wait_s: float = typer.Option(30.0, "--wait-s", help="Seconds to wait for the job to end.")) -> None:
     """Stop a job: its whole process tree ends (SIGTERM, then SIGKILL); a queued job never starts."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from appliance.core.extras import MissingExtra, require
 from appliance.core.errors import ApplianceError, ConfigError, DataError, ModelNotFound
 from appliance.core.settings import ApplianceSettings, load_settings
 
@@ -45,3 +47,22 @@ def cli_errors() -> Iterator[None]:
     except ApplianceError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(code=1) from exc
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def needs(*extras: str, for_what: str) -> Callable[[F], F]:
+    """Decorate a command that needs optional parts: before it runs (and imports them), a missing extra is reported
+    with the pip command that installs it, and the command exits 1."""
+    def wrap(command: F) -> F:
+        @functools.wraps(command)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                require(*extras, for_what=for_what)
+            except MissingExtra as exc:
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+                raise typer.Exit(code=1) from exc
+            return command(*args, **kwargs)
+        return checked  # type: ignore[return-value]
+    return wrap

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
+from appliance.commands.common import cli_errors, console, needs, settings_from
 
 federation_app = typer.Typer(help="Federation admin: coordinator keys, silo enrolment, status.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the federation coordinator.", no_args_is_help=True)
@@ -80,6 +80,7 @@ def status(ctx: typer.Context, url: Optional[str] = typer.Option(None, "--url", 
 
 
 @coordinator_app.command("start")
+@needs('coordinator', for_what="`appliance coordinator start`")
 def start(
     ctx: typer.Context,
     rounds: Optional[int] = typer.Option(None, "--rounds"),
@@ -123,6 +124,7 @@ def keygen(ctx: typer.Context) -> None:
 
 
 @silo_app.command("join")
+@needs('silo', for_what="`appliance silo join`")
 def join(
     ctx: typer.Context,
     coordinator: str = typer.Option(..., "--coordinator", help="tcp://HOST:PORT"),
@@ -145,6 +147,7 @@ def join(
 
 
 @demo_app.command("federation")
+@needs('coordinator', for_what="`appliance demo federation`")
 def demo_federation(
     ctx: typer.Context,
     rounds: int = typer.Option(3, "--rounds"),

@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
+from appliance.commands.common import cli_errors, console, needs, settings_from
 from appliance.core.model_store import list_models, prepare_model
 
 model_app = typer.Typer(help="Prepare and list base models (HF safetensors under APPLIANCE_HOME/models/).", no_args_is_help=True)
 
 
 @model_app.command("prepare")
+@needs('silo', for_what="`appliance model prepare`")
 def prepare(
     ctx: typer.Context,
     source: Optional[Path] = typer.Argument(None, help="A GGUF file or HF model folder; default: the embedded SmolLM2-135M-Instruct."),

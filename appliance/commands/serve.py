@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
+from appliance.commands.common import cli_errors, console, needs, settings_from
 from appliance.core.tokens import router_admin_token
 
 keys_app = typer.Typer(help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True)
@@ -262,7 +262,7 @@ def adapters_unpublish(ctx: typer.Context, name: str = typer.Argument(..., help=
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+    app.command("serve")(needs("router", for_what="`appliance serve` (the router)")(serve))
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(keys_app, name="keys")
     app.add_typer(adapters_app, name="adapters")

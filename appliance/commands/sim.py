@@ -9,13 +9,14 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
 from appliance.core.errors import ConfigError, ModelNotFound
 
 sim_app = typer.Typer(help="Simulations for demos.", no_args_is_help=True)
 
 
 @sim_app.command("geo")
+@needs('worker', 'engine', 'router', for_what="`appliance sim geo`")
 def geo(
     ctx: typer.Context,
     regions: str = typer.Option("eu:5ms,us:40ms,ap:120ms", "--regions",
@@ -53,6 +54,7 @@ def geo(
 
 
 @sim_app.command("silos")
+@needs('coordinator', for_what="`appliance sim silos`")
 def silos(
     ctx: typer.Context,
     count: int = typer.Argument(..., min=1, help="Number of simulated silos."),

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
+from appliance.commands.common import cli_errors, console, needs, settings_from
 from appliance.commands.progress import progress_bar
 
 
@@ -145,6 +145,6 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
-    app.command("eval")(eval_)
-    app.command("export")(export)
+    app.command("train")(needs("silo", for_what="`appliance train`")(train))
+    app.command("eval")(needs("silo", for_what="`appliance eval`")(eval_))
+    app.command("export")(needs("silo", for_what="`appliance export`")(export))

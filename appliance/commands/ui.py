@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
+from appliance.commands.common import cli_errors, console, needs, settings_from
 
 
 def ui(
@@ -26,4 +26,4 @@ def ui(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("ui")(ui)
+    app.command("ui")(needs("console", for_what="`appliance ui` (the web console)")(ui))

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
 from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
 from appliance.core.processes import stop_on_signals
 from appliance.core.secrets import ensure_token, masked
@@ -140,5 +140,6 @@ def status(ctx: typer.Context) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("up")(up)
+    app.command("up")(needs("silo", "coordinator", "worker", "engine", "router", "console",
+                              for_what="`appliance up` (the all-in-one operator install, `[all,cpu]`)")(up))
     app.command("status")(status)

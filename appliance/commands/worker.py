@@ -13,8 +13,9 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, settings_from
+from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
 from appliance.core.errors import ConfigError
+from appliance.core.extras import require
 from appliance.core.model_store import resolve_model
 from appliance.core.net import is_loopback
 from appliance.core.processes import stop_on_signals, wait_for_signal
@@ -49,6 +50,7 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
 
 
 @worker_app.command("start")
+@needs("worker", "engine", for_what="`appliance worker start`")
 def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int] = _PORT,
           device: Optional[str] = _DEVICE, host: str = _HOST, api_key_file: Optional[Path] = _KEY_FILE) -> None:
     """Start vLLM's OpenAI server on one model and keep it running until Ctrl-C."""
@@ -90,6 +92,8 @@ def join(
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
+        if not url:  # it starts a worker here; joining a running one (--url) needs only the base install
+            require("worker", "engine", for_what="`appliance worker join` (without --url it starts a worker)")
         token = read_secret(token_file, "APPLIANCE_JOIN_TOKEN", "router's join token", required=True)
         # The router refuses a worker without a key (its gate would answer anyone): a running one must have one.
         api_key = read_secret(api_key_file, "VLLM_API_KEY", "worker API key", required=True) if url else secrets.token_urlsafe(32)
