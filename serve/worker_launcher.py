@@ -347,6 +347,28 @@ class RouterRegistration:
         self._thread = threading.Thread(target=loop, name="worker-heartbeat", daemon=True)
         self._thread.start()
 
+    def drain(self, timeout_s: float, poll_s: float = 0.5) -> int:
+        """Ask the router to send this worker no new request and wait (up to `timeout_s`) until the requests it has in
+        flight here have finished; the number still in flight at the end (0: drained). A failure is logged, not raised."""
+        if self.worker_id is None or timeout_s <= 0:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        outstanding = 0
+        try:
+            while True:
+                outstanding = int(self.client.drain(self.worker_id, token=self.secret).get("outstanding", 0))
+                if outstanding <= 0 or time.monotonic() >= deadline:
+                    break
+                time.sleep(poll_s)
+        except ServiceUnavailable as exc:
+            log.warning("could not drain worker %s: %s", self.worker_id, exc)
+            return 0
+        if outstanding:
+            log.warning("worker %s still had %d requests in flight after %.0f s of draining", self.worker_id, outstanding, timeout_s)
+        else:
+            log.info("worker %s drained", self.worker_id)
+        return outstanding
+
     def deregister(self) -> None:
         """Stop heartbeats and remove the worker from the router (a failure is logged, not raised)."""
         self._stop.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -83,6 +84,29 @@ def start_run(
         settings.train, model_dir, data, eval_data=eval_data, max_steps=max_steps, model=model_name, output=name,
         settings=redacted_dump(settings)))
     return _run(settings, run_id, run_dir, resume=False, progress=progress)
+
+
+def job_run(settings: "ApplianceSettings", job_id: str) -> tuple[str, bool]:
+    """The run of training job `job_id` (`runs/job-<id>`, the same on every attempt) and whether to resume it.
+
+    A retried job (its node died) continues from the checkpoint its earlier attempt left when the run folder is
+    reachable (shared storage, or the same node). A folder without a checkpoint (the attempt died before its first
+    one) is kept under another name, its log and metrics intact, and the run starts again.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", job_id):
+        raise ConfigError(f"APPLIANCE_JOB_ID {job_id!r} is not a job id (letters, digits, '.', '_', '-')")
+    run_id = f"job-{job_id}"
+    run_dir = settings.runs_dir / run_id
+    if not run_dir.exists():
+        return run_id, False
+    if (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / "latest").is_file():
+        return run_id, True
+    n = 1
+    while (kept := run_dir.with_name(f"{run_id}.attempt-{n}")).exists():
+        n += 1
+    run_dir.rename(kept)
+    log.warning("run %s had no checkpoint to resume; its folder is kept as %s and the run starts again", run_id, kept.name)
+    return run_id, False
 
 
 def resume_run(settings: "ApplianceSettings", run_id: str, progress: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:

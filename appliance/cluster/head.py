@@ -49,7 +49,8 @@ def connect(settings, token_file: Path | None = None) -> JobScheduler:
                           "`appliance cluster head`); on another machine copy the head's keys/ray_token there")
     token = read_token(token_file)
     home = c.shared_home or settings.home
-    env = {"APPLIANCE_HOME": str(home)}
+    # Ray's job supervisor reads the grace period from the job's environment (SIGTERM, then SIGKILL after it).
+    env = {"APPLIANCE_HOME": str(home), "RAY_JOB_STOP_WAIT_TIME_S": str(c.stop_grace_s)}
     return JobScheduler(HeadAPI(c.job_api_url(), token), JobStore(settings.jobs_dir), c.max_jobs, env)
 
 

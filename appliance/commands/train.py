@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,15 +51,22 @@ def train(
         if dry_run:
             _print_dry_run(settings, [p for p in (data, eval_data) if p is not None])
             return
-        from train.runs import resume_run, start_run
+        from train.runs import job_run, resume_run, start_run
 
         if resume is None and data is None:
             raise typer.BadParameter("--data is required (or --resume RUN_ID, or --dry-run)")
+        run_id = None
+        if resume is None and (job_id := os.environ.get("APPLIANCE_JOB_ID")):  # a job's retry resumes its run
+            run_id, resumable = job_run(settings, job_id)
+            if resumable:
+                console.print(f"job {job_id}: resuming run {run_id} from its last checkpoint", highlight=False)
+                resume = run_id
         with progress_bar(console) as on_step:
             if resume:
                 outcome = resume_run(settings, resume, progress=on_step)
             else:
-                outcome = start_run(settings, data, eval_data=eval_data, max_steps=max_steps, output=output, progress=on_step)
+                outcome = start_run(settings, data, eval_data=eval_data, max_steps=max_steps, output=output,
+                                    progress=on_step, run_id=run_id)
         m = outcome.result.metrics
         extra = f", eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
         console.print(f"run {outcome.run_id}: train_loss {m['train_loss']:.4f}{extra}, {m['tokens_per_s']:.0f} tokens/s", highlight=False)

@@ -81,8 +81,9 @@ def join(
     capacity: int = typer.Option(1, "--capacity", min=1, help="Concurrent requests the worker takes before the router prefers others."),
     model: Optional[str] = _MODEL, port: Optional[int] = _PORT, device: Optional[str] = _DEVICE, host: str = _HOST,
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="With --url: the running worker's API key file (else $VLLM_API_KEY)."),
+    drain_s: float = typer.Option(30.0, "--drain-s", min=0, help="On exit, seconds to wait for the requests in flight on this worker to finish after the router stops sending new ones (0: leave at once)."),
 ) -> None:
-    """Register a worker with a router, heartbeat, and deregister on exit (Ctrl-C).
+    """Register a worker with a router, heartbeat, and on exit (Ctrl-C, SIGTERM, `appliance job stop`) drain, then leave.
 
     A worker started here gets a fresh API key, which the router receives over the join call.
     """
@@ -116,6 +117,7 @@ def join(
             membership.start_heartbeats(heartbeat_s)
             code = run_until_signal(worker, stop) if worker else int(not wait_for_signal(stop))
         finally:
+            membership.drain(drain_s)
             membership.deregister()
             if worker is not None:
                 worker.stop()

@@ -4,6 +4,7 @@ with and without retries, a node with a wrong token refused, and a training job 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,6 +186,40 @@ def test_a_training_job_registers_its_adapter_and_show_names_run_adapter_and_nod
     assert (cluster.home / "adapters" / "jobbed").is_dir() and (cluster.home / "runs" / done["run"]).is_dir()
 
 
+def _group_b_whole(cluster) -> None:
+    """Both nodes of group b alive again (an earlier test may have killed one)."""
+    for name in ("b1", "b2"):
+        if cluster.procs[name].poll() is not None:
+            cluster.join(name)
+    cluster.wait(lambda: sum(n["group"] == "b" for n in cluster.alive_nodes()) == 2, 90, "group b to have two nodes")
+
+
+def test_a_retried_training_job_resumes_its_run_from_the_last_checkpoint(cluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tests.train.conftest import arithmetic_records, write_jsonl
+
+    _group_b_whole(cluster)
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_records(16))
+    config = tmp_path / "often.yaml"
+    config.write_text("train:\n  checkpoint_every_steps: 2\n")
+    _submit(cluster, "--group", "b", "--slots", "1", "--cpus", "1", "--retries", "1", "--name", "train-r", "--",
+            "--config", config, "train", "--data", data, "--model", tiny_model_dir, "--max-steps", "150", "--batch-size", "2",
+            "--max-seq-len", "64", "--output", "resumed")
+    run_dir = cluster.home / "runs" / "job-train-r"
+    cluster.wait(lambda: (run_dir / "checkpoints" / "latest").is_file(), 180, "the first attempt's first checkpoint")
+    first = where_it_ran(cluster.cli("job", "logs", "train-r").stdout)[0]["node_name"]
+    cluster.kill(first)
+    done = _wait_state(cluster, "train-r", ("SUCCEEDED", "FAILED"), timeout_s=300)
+    logs = cluster.cli("job", "logs", "train-r").stdout
+    resumed_at = [int(line.rsplit(" ", 1)[1]) for line in (run_dir / "train.log").read_text().splitlines() if "resumed from step" in line]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+    assert done["state"] == "SUCCEEDED" and done["attempts"] == 2, logs[-3000:]
+    assert "resuming run job-train-r from its last checkpoint" in logs
+    assert len(resumed_at) == 1 and 2 <= resumed_at[0] < 150  # the second attempt started where the first one saved
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # one metric row per step, none repeated
+    assert done["run"] == "job-train-r" and done["adapter"].startswith("resumed") and where_it_ran(logs)[-1]["node_name"] != first
+
+
 def test_the_consoles_jobs_client_lists_groups_and_a_submitted_training_job_with_its_log(cluster, tmp_path: Path,
                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from ui.jobs_client import JobsClient
@@ -206,7 +241,9 @@ def test_the_consoles_jobs_client_lists_groups_and_a_submitted_training_job_with
     assert str(missing) in client.log_tail(job)  # the training command names the file it could not read
 
 
-def test_a_worker_join_job_serves_chat_through_the_router_and_stopping_it_removes_the_worker(cluster, tmp_path: Path) -> None:
+def test_a_worker_join_job_serves_chat_through_the_router_and_stopping_it_drains_then_removes_the_worker(cluster, tmp_path: Path) -> None:
+    import threading
+
     import httpx
 
     from appliance.cluster.ray_env import spare_port
@@ -222,28 +259,67 @@ def test_a_worker_join_job_serves_chat_through_the_router_and_stopping_it_remove
     router = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(router_port)], cwd=REPO,
                               env={**cluster.env, "APPLIANCE_HOME": str(router_home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # The job: a (fake) vLLM worker on its node and `appliance worker join` registering it; secrets come from files.
+    # The job: a (fake) vLLM worker on its node, 8 tokens 0.5 s apart, and `appliance worker join` registering it;
+    # secrets come from files.
     script = (f"export VLLM_API_KEY=$(cat {key_file}); "
-              f"{sys.executable} -m testing.fake_vllm --port {backend_port} --model joined-model & "
+              f"{sys.executable} -m testing.fake_vllm --port {backend_port} --model joined-model --chunks 8 --chunk-delay-s 0.5 & "
               f"exec {sys.executable} -m appliance worker join --router {router_url} --token-file {router_home / 'keys' / 'join_token'} "
               f"--url http://127.0.0.1:{backend_port} --region eu --heartbeat-s 1")
     headers = {"Authorization": f"Bearer {admin}"}
+    streamed: list[str] = []
+    first_token = threading.Event()
+    seen: list[dict] = []
+
+    def long_request() -> None:  # a stream in flight when the job is stopped
+        with httpx.stream("POST", f"{router_url}/v1/chat/completions", timeout=60, json={
+                "model": "joined-model", "stream": True, "messages": [{"role": "user", "content": "a long answer"}]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    streamed.append(line[6:])
+                    if len(streamed) == 2:
+                        first_token.set()
+
     try:
         cluster.wait(lambda: _http_ok(f"{router_url}/health"), 60, "the router")
         _submit(cluster, "--group", "a", "--name", "worker", "--program", "--", "sh", "-c", script)
         cluster.wait(lambda: httpx.get(f"{router_url}/admin/workers", headers=headers, timeout=5).json(), 90, "the worker to join")
         answer = httpx.post(f"{router_url}/v1/chat/completions", timeout=30,
                             json={"model": "joined-model", "messages": [{"role": "user", "content": "hi"}]})
+        in_flight = threading.Thread(target=long_request)
+        in_flight.start()
+        assert first_token.wait(30)
+        watcher = threading.Thread(target=lambda: seen.extend(_fleet_until_empty(router_url, headers, 90)))
+        watcher.start()  # what the router's fleet looks like from the stop until the worker has left
         cluster.cli("job", "stop", "worker")
-        left = cluster.wait(lambda: httpx.get(f"{router_url}/admin/workers", headers=headers, timeout=5).json() == [], 30,
-                            "the worker to leave the router")
+        in_flight.join(60)
+        watcher.join(100)
     finally:
         router.terminate()
         router.wait(timeout=30)
 
     assert join_token and answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
-    assert left and _state(cluster, "worker")["state"] == "STOPPED"
+    draining = [row["outstanding"] for row in seen if row and row["draining"]]
+    assert draining and draining[0] == 1  # stopped: first no new requests while the stream is in flight ...
+    assert streamed[-1] == "[DONE]" and sum('"content"' in c for c in streamed) >= 8  # ... which finished ...
+    assert seen[-1] == {} and _state(cluster, "worker")["state"] == "STOPPED"  # ... then it left
     assert not pids_with(f"--port {backend_port}")
+
+
+def _fleet_until_empty(router_url: str, headers: dict, timeout_s: float) -> list[dict]:
+    """The router's one worker row, polled every 0.1 s until the fleet is empty ({} then) or `timeout_s` passed."""
+    import time
+
+    import httpx
+
+    rows: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fleet = httpx.get(f"{router_url}/admin/workers", headers=headers, timeout=5).json()
+        rows.append(fleet[0] if fleet else {})
+        if not fleet:
+            break
+        time.sleep(0.1)
+    return rows
 
 
 def _http_ok(url: str) -> bool:

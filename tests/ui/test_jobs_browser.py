@@ -32,6 +32,7 @@ def test_jobs_tab_lists_the_group_and_runs_a_submitted_training_job(page, tmp_pa
         page.get_by_role("tab", name="Jobs").click()
         expect(page.locator("#jobs-nodes")).to_contain_text("gpu", timeout=60_000)
         expect(page.locator("#jobs-nodes")).to_contain_text("g1")
+        expect(page.locator("#jobs-groups")).to_contain_text("1/1")  # group gpu: one node, alive, its slot free
         page.get_by_text("Submit a training job").click()
         page.locator("#jobs-group textarea, #jobs-group input").first.fill("gpu")
         page.locator("#jobs-data textarea, #jobs-data input").first.fill(str(data))

@@ -1,4 +1,4 @@
-"""Jobs tab: device groups and their nodes (free/used resources), jobs (state, node, age, reason), a live log tail,
+"""Jobs tab: device groups (their nodes' resources summed, jobs running and waiting) and their nodes (free/used resources), jobs (state, node, age, reason), a live log tail,
 Stop, and a form that queues a training job on a group. Talks to the cluster through `appliance node|job` (ui.jobs_client)."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from ui.context import ConsoleContext, guarded, problem
 from ui.jobs_client import JobsClient
 from ui.services import ServiceUnavailable
 
+GROUP_HEADERS = ["group", "nodes alive/total", "CPU free/total", "GPU free/total", "slot free/total", "memory GiB free/total",
+                 "jobs running", "jobs waiting"]
 NODE_HEADERS = ["group", "node", "name", "state", "CPU free/total", "GPU free/total", "slot free/total", "memory GiB free/total"]
 JOB_HEADERS = ["job", "state", "group", "node", "age", "attempts", "reason / command"]
 
@@ -21,6 +23,27 @@ def node_rows(nodes: list[dict[str, Any]]) -> list[list[Any]]:
     """Rows of the nodes table, by group."""
     return [[n["group"], n["node_id"][:12], n["labels"].get("node", ""), "alive" if n["alive"] else "dead",
              _pair(n, "CPU"), _pair(n, "GPU"), _pair(n, "slot"), _pair(n, "memory_gb")] for n in nodes]
+
+
+def group_rows(nodes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per device group: its live nodes' free and total resources summed, and its jobs running and waiting
+    (queued or pending). A dead node counts in the group's nodes but not in its resources."""
+    groups: dict[str, dict[str, Any]] = {}
+    for n in nodes:
+        g = groups.setdefault(n["group"], {"alive": 0, "nodes": 0, "free": {}, "total": {}, "running": 0, "waiting": 0})
+        g["nodes"] += 1
+        if n["alive"]:
+            g["alive"] += 1
+            for side in ("free", "total"):
+                for key, value in n[side].items():
+                    g[side][key] = g[side].get(key, 0) + value
+    for j in jobs:
+        g = groups.get(j["group"])
+        if g is not None:
+            g["running"] += j["state"] == "RUNNING"
+            g["waiting"] += j["state"] in ("QUEUED", "PENDING")
+    return [[name, f"{g['alive']}/{g['nodes']}", *(_pair(g, key) for key in ("CPU", "GPU", "slot", "memory_gb")), g["running"],
+             g["waiting"]] for name, g in sorted(groups.items())]
 
 
 def age(seconds: float) -> str:
@@ -39,6 +62,7 @@ def build(ctx: ConsoleContext) -> None:
 
     client = JobsClient(ctx.settings.home)
     status = gr.Markdown("", elem_id="jobs-status")
+    groups = gr.Dataframe(headers=GROUP_HEADERS, value=[], interactive=False, label="Device groups", elem_id="jobs-groups")
     nodes = gr.Dataframe(headers=NODE_HEADERS, value=[], interactive=False, label="Groups and nodes", elem_id="jobs-nodes")
     jobs = gr.Dataframe(headers=JOB_HEADERS, value=[], interactive=False, label="Jobs", elem_id="jobs-table")
     with gr.Row():
@@ -64,10 +88,10 @@ def build(ctx: ConsoleContext) -> None:
             node_list, job_list = client.nodes(), client.jobs()
             tail = client.log_tail(selected) if selected else ""
         except ServiceUnavailable as exc:
-            return problem(exc), [], [], gr.Dropdown(), ""
+            return problem(exc), [], [], [], gr.Dropdown(), ""
         ids = [j["job_id"] for j in reversed(job_list)]
         note = "" if job_list else "No jobs yet: submit one below or with `appliance job submit --group NAME -- train ...`."
-        return note, node_rows(node_list), job_rows(job_list), gr.Dropdown(choices=ids, value=selected if selected in ids else None), tail
+        return note, group_rows(node_list, job_list), node_rows(node_list), job_rows(job_list), gr.Dropdown(choices=ids, value=selected if selected in ids else None), tail
 
     @guarded(lambda msg: msg)
     def on_stop(selected: str | None):
@@ -81,7 +105,7 @@ def build(ctx: ConsoleContext) -> None:
             return problem("The data path is needed (a file on the node that runs the job).")
         return client.submit_training(group_.strip(), data_.strip(), int(steps_ or 1), float(cpus_ or 1), float(slots_ or 0), output_.strip())
 
-    outputs = [status, nodes, jobs, job_id, log]
+    outputs = [status, groups, nodes, jobs, job_id, log]
     timer.tick(refresh, job_id, outputs, show_progress="hidden")
     refresh_btn.click(refresh, job_id, outputs)
     job_id.change(refresh, job_id, outputs, show_progress="hidden")

@@ -29,6 +29,7 @@ class ClusterSettings(Section):
     shared_home: Path | None = Field(None, description="APPLIANCE_HOME given to jobs (shared storage seen by every node); None = this appliance's home.")
     temp_dir: Path = Field(Path("/tmp/appliance-ray"), description="Ray's session folder, the same path on every node (Ray's agents assume so); short, as Ray's unix sockets live in it.")
     start_timeout_s: float = Field(90.0, gt=0, description="Seconds `appliance up` waits for the head's job API.")
+    stop_grace_s: int = Field(45, ge=1, description="Seconds a stopped job has between SIGTERM and SIGKILL (a `worker join` job drains its requests in it; keep it above its --drain-s).")
     reconcile_interval_s: float = Field(2.0, gt=0, description="Seconds between the head's passes over queued and retried jobs.")
 
     @model_validator(mode="after")
