@@ -63,6 +63,21 @@ def launcher_command(ranks: int, module_args: list[str], *, hostfile: Path | Non
     return cmd + ["--module", module, *module_args]
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shm_buffers(master_port: int, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Remove the shared-memory all-reduce buffers the ranks of one launch left (DeepSpeed's CPU accelerator makes
+    `deepspeed_allreduce_buffer_<n>_<addr>_<master_port>_<rank>`, 66 MB each, and never removes them: a silo that
+    trains for weeks would fill the machine's RAM). Call it once the launch's ranks have exited; returns what went."""
+    gone = []
+    for path in shm_dir.glob(f"deepspeed_allreduce_buffer_*_{master_port}_*"):
+        if path.name.split("_")[-2] == str(master_port):
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
+
+
 def launch_env() -> dict[str, str]:
     """This process's environment without the single-process torch.distributed variables (the launcher sets its own)."""
     env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
@@ -85,7 +100,8 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
 
     run_dir = Path(run_dir)
     args = ["--from-run", str(run_dir)] + (["--resume"] if resume else [])
-    cmd = launcher_command(ranks, args, hostfile=hostfile)
+    port = free_port()
+    cmd = launcher_command(ranks, args, hostfile=hostfile, master_port=port)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     log_path = run_dir / LAUNCHER_LOG
     latest = run_dir / "checkpoints" / "latest"
@@ -99,6 +115,9 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
         except BaseException:
             stop_process_group(proc)
             raise
+        finally:
+            if proc.poll() is not None:
+                remove_shm_buffers(port)
     _forward_progress(run_dir, seen, progress)
     if proc.returncode != 0 or not (run_dir / RESULT_FILE).is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]

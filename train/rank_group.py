@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.core.processes import open_private_log
 from appliance.core.types import StateDict
-from train.distributed import launch_env, launcher_command, stop_process_group
+from train.distributed import free_port, launch_env, launcher_command, remove_shm_buffers, stop_process_group
 from train.engine import FitResult, TrainingFailed
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class RankGroup:
         self.starts = 0  # how many times a group was started (1 across a healthy run)
         self.busy = False  # a call is in flight
         self._proc: subprocess.Popen | None = None
+        self._port = 0  # the master port of the current launch (its shared-memory buffers are named by it)
         self._conn: socket.socket | None = None
         self._dir: Path | None = None
         self.world_size = 0
@@ -128,7 +129,8 @@ class RankGroup:
         listener.bind(str(path))
         listener.listen(1)
         listener.settimeout(0.5)
-        cmd = launcher_command(self.ranks, [str(path)], hostfile=self.hostfile, module="train.rank_group")
+        self._port = free_port()
+        cmd = launcher_command(self.ranks, [str(path)], hostfile=self.hostfile, module="train.rank_group", master_port=self._port)
         log_path = self._dir / "launcher.log"
         with open_private_log(log_path) as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
@@ -221,6 +223,7 @@ class RankGroup:
             except subprocess.TimeoutExpired:
                 stop_process_group(self._proc)
             self._proc = None
+            remove_shm_buffers(self._port)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -37,6 +37,7 @@ def test_two_ranks_train_the_adapter_one_rank_trains_and_a_crashed_two_rank_run_
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(24))
     settings = make_settings(tmp_path / "home", model=str(tiny_model_dir), train={**TRAIN, "ranks": 2})
     steps: list[int] = []
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
 
     # Act: 4 steps on 2 ranks (launcher), and the same global batches on 1 rank in this process.
     two = start_run(settings, data, output="two", progress=lambda m: steps.append(m["step"]))
@@ -50,6 +51,8 @@ def test_two_ranks_train_the_adapter_one_rank_trains_and_a_crashed_two_rank_run_
     status = json.loads((two.run_dir / "status.json").read_text())
     assert (status["state"], status["adapter"]) == ("done", two.adapter.ref)
     assert _max_diff(load_adapter_state(two.adapter.path), two.result.state) <= 1e-6
+    # The ranks' shared-memory all-reduce buffers (2 x 66 MB that DeepSpeed leaves) went with the launch.
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before == set()
 
     # Arrange: a crash after step 2 (the step-4 checkpoint and its metrics never written).
     ckpts = two.run_dir / "checkpoints"
@@ -65,14 +68,18 @@ def test_two_ranks_train_the_adapter_one_rank_trains_and_a_crashed_two_rank_run_
 
 
 def test_zero3_on_two_ranks_gives_each_rank_about_half_of_the_parameters(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from train.distributed import launch_env, launcher_command
+    from train.distributed import free_port, launch_env, launcher_command, remove_shm_buffers
 
     # Arrange
-    cmd = launcher_command(2, [str(tiny_model_dir), str(tmp_path)], module="tests.train.zero3_probe")
+    port = free_port()
+    cmd = launcher_command(2, [str(tiny_model_dir), str(tmp_path)], module="tests.train.zero3_probe", master_port=port)
     env = {**launch_env(), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
     # Act
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        remove_shm_buffers(port)
 
     # Assert: each rank holds its partition (about half, padding aside), and the two make the whole model.
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -83,3 +90,17 @@ def test_zero3_on_two_ranks_gives_each_rank_about_half_of_the_parameters(tiny_mo
         assert 0.45 * total <= r["held"] <= 0.55 * total, r
     assert ranks[0]["held"] + ranks[1]["held"] >= total
     assert ranks[0]["loss"] == ranks[0]["loss"]  # a finite step ran (not NaN)
+
+
+def test_only_the_launchs_own_shared_memory_buffers_are_removed(tmp_path: Path) -> None:
+    from train.distributed import remove_shm_buffers
+
+    names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29500_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",
+             "deepspeed_allreduce_buffer_0_127.0.0.1_295001_0", "deepspeed_allreduce_buffer_0_127.0.0.1_39500_0", "other_29500_0"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+
+    gone = remove_shm_buffers(29500, shm_dir=tmp_path)
+
+    assert sorted(p.name for p in gone) == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
