@@ -19,6 +19,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -137,7 +138,8 @@ class Coordinator:
         self._initial_state = initial_state
         self.global_state: StateDict = {}
         self.round = 0  # last completed round
-        self.history: list[dict[str, Any]] = []
+        # The newest round records (status, console, publisher); the whole history is the append-only rounds.jsonl.
+        self.history: deque[dict[str, Any]] = deque(maxlen=self.cfg.history_in_memory)
         self.silos: dict[str, SiloInfo] = {}
         self.phase = "idle"
         self.current: RoundState | None = None
@@ -243,7 +245,7 @@ class Coordinator:
         if ckpt is not None:
             self.global_state, self.round = ckpt.global_state, ckpt.round_id
             self.strategy.load_state_dict(ckpt.strategy_state)
-            self.history = self._restored_history(ckpt)
+            self.history = deque(self._restored_history(ckpt), maxlen=self.cfg.history_in_memory)
             for sid, info in ckpt.state.get("silos", {}).items():
                 self.silos[sid] = SiloInfo(sid, b"", 0.0, info.get("rounds", 0), info.get("examples", 0))
             logger.info("resuming run %s after round %d from %s", self.cfg.run_name, self.round, self.run_dir)
@@ -890,7 +892,7 @@ class Coordinator:
             "silos": [{"id": s.id, "online": bool(s.peer) and now - s.last_seen <= self.cfg.silo_timeout_s,
                        "last_seen": s.last_seen or None, "rounds": s.rounds, "examples": s.examples}
                       for s in sorted(self.silos.values(), key=lambda s: s.id)],
-            "rounds": self.history,
+            "rounds": list(self.history),
         }
 
     def _status_token(self) -> str | None:

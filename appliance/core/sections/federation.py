@@ -54,6 +54,7 @@ class FederationSettings(ServesTLS):
     max_silo_share: float = Field(0.5, gt=0, le=1, description="Largest share of a round's aggregate one silo's update may weigh (1 = plain example weights); a silo's count is also bounded by the one declared at enrolment.")
     max_aggregate_norm: float | None = Field(None, gt=0, description="A round whose global adapter change (L2 norm of new - previous) exceeds this fails and keeps the previous global (None = max_update_norm when set, else the round's adaptive bound for plain-mean strategies without DP).")
     keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept on disk (older ones are deleted; registered adapter versions stay).")
+    history_in_memory: int = Field(1000, ge=1, description="Round records the coordinator keeps in memory and in its status document (the newest; the whole history is in the run's rounds.jsonl), so a run of months stays bounded.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="Silo heartbeat period.")
     silo_timeout_s: float = Field(30.0, gt=0, description="A silo silent for this long is shown offline and not selected.")
     end_silence_s: float = Field(120.0, gt=0, description="Silo: once it has had the last round's TRAIN, it stops after this long without a word from the coordinator (the run's BYE was lost); a restarted coordinator must be back within it.")
