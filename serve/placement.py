@@ -16,9 +16,9 @@ alias loads the version on every trusted worker of its base model (and region) b
 `serve.replicas.ReplicaKeeper` loads it on workers that come up, join or become eligible later, before they take
 traffic for it: while a worker that holds a promoted version is up, only holders get its requests (no load on the
 request path). Each worker holds at most `Worker.max_adapters` (its declared max_loras, capped by
-`max_adapters_per_worker`); a full worker unloads a version no alias names before a promoted one. Loads are counted
-by where they happened: ahead (publish, the keeper, restore, spreading) or on the request path (`loads` of
-`GET /admin/adapters`, metric `router_adapter_loads_when_total{when}`).
+`max_adapters_per_worker`); a full worker unloads a version no alias names before a promoted one. Load attempts are
+counted by where they happened: ahead (publish, the keeper, restore, spreading) or on the request path, a request
+waiting on it (`loads` of `GET /admin/adapters`, metric `router_adapter_loads_when_total{when}`).
 
 A publication may name `regions` (serve/residency.py): it is then placed and routed only on trusted workers whose
 operator-assigned region is one of them, and answers 503 when none is up.
@@ -67,7 +67,7 @@ class PublishedAdapter:
     seq: int = 0  # the order its publish began in (serve/publications.py)
     fingerprint: str | None = None  # its files' digest when the router can read them (a change reloads it)
     regions: list[str] | None = None  # data residency: served only in these operator-assigned regions (None: anywhere)
-    loads: dict[str, int] = field(default_factory=lambda: {"ahead": 0, "request": 0})  # loads on workers, by where
+    loads: dict[str, int] = field(default_factory=lambda: {"ahead": 0, "request": 0})  # load attempts on workers, by where
 
     def describe(self, workers: list[str]) -> dict[str, Any]:
         """The row of `GET /admin/adapters`."""
@@ -352,14 +352,14 @@ class AdapterPlacement:
 
     # -- the worker API --
     async def _load(self, worker: Worker, adapter: PublishedAdapter, on_request: bool = False) -> None:
+        when = "request" if on_request else "ahead"
+        adapter.loads[when] += 1  # attempts, failed ones too: a request that waited on a load counts, whatever came of it
+        self.metrics.adapter_loads_when.labels(when).inc()
         status, text = await self._post(worker, "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
         if status == 200 or (status == 400 and "already been loaded" in text):
             worker.adapters.add(adapter.name)
             worker.adapter_used[adapter.name] = time.monotonic()  # a fresh load counts as a use for the LRU
             self.metrics.adapter_loads.labels("ok").inc()
-            when = "request" if on_request else "ahead"
-            adapter.loads[when] += 1
-            self.metrics.adapter_loads_when.labels(when).inc()
             logger.info("adapter %s loaded on %s (%s)", adapter.name, worker.id,
                         "on the request path" if on_request else "ahead of traffic")
             return
