@@ -34,6 +34,7 @@ from serve.placement import AdapterPlacement
 from serve.protocol import error_body
 from serve.publications import PublicationStore
 from serve.registry import WorkerRegistry
+from serve.residency import RegionBook
 from serve.replicas import ReplicaKeeper
 from serve.routes import admin, openai
 
@@ -98,6 +99,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         raise ConfigError(exc.message) from exc
     replicas = ReplicaKeeper(cfg, registry, placement)
     registry.quarantine = QuarantineBook(settings.keys_dir)
+    registry.regions = RegionBook(settings.home / "router" / "worker_regions.json")
     canaries = CanaryChecker(cfg, registry, registry.quarantine)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
                     public=not is_loopback(cfg.host), require=cfg.require_keys)

@@ -20,6 +20,7 @@ from appliance.core.secrets import hash_secret, same_secret
 from serve.errors import RouterError
 from serve.policy import Candidate
 from serve.quarantine import QuarantineBook, addresses_of
+from serve.residency import RegionBook
 from serve.worker_address import WorkerAddress, is_own_address, local_hosts, normalised_address, parse_worker_url
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class WorkerRegistry:
         self._task: asyncio.Task | None = None
         self._probing: dict[str, asyncio.Task] = {}
         self.quarantine: QuarantineBook | None = None  # sticky quarantine records (set by the app)
+        self.regions: RegionBook | None = None  # the operator's region assignments of joined workers (set by the app)
         self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (serve.app wires them)
         self._local_hosts: frozenset[str] | None = None
 
@@ -265,6 +267,9 @@ class WorkerRegistry:
                 worker.region, worker.region_assigned = previous.region, True
             worker.canary = "failed" if previous.quarantined else worker.canary
             self.remove(previous.id)
+        assigned = self.regions.lookup(address.key) if self.regions is not None else None
+        if assigned is not None:  # the operator put the worker at this address in a region (serve.residency)
+            worker.region, worker.region_assigned = assigned, True
         self._apply_listing(worker, listing)
         self.workers[worker.id] = worker
         logger.info("worker %s joined: %s region=%s models=%s", worker.id, url, region, ",".join(sorted(worker.models)))

@@ -9,13 +9,19 @@ a request for the adapter answers 503 naming the adapter and its regions: it nev
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from appliance.core.atomic import write_json_atomic
 from serve.errors import RouterError
 
 if TYPE_CHECKING:
     from serve.registry import Worker
+
+logger = logging.getLogger(__name__)
 
 MAX_REGIONS = 32
 _REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -75,3 +81,37 @@ def no_eligible_worker(name: str, regions: list[str], base_model: str | None, fl
                             f"has an operator-assigned region among them (worker regions now: {', '.join(seen)}); "
                             "add one (serve.workers[].region, worker.region) or confirm a joined worker's region with "
                             "`appliance fleet region ID REGION`", param="regions")
+
+
+class RegionBook:
+    """The operator's region assignments of joined workers, by normalised `host:port`, kept in
+    `HOME/router/worker_regions.json` (`{address: region}`, written atomically), so that a worker joining again, also
+    after a router restart, is in the region the operator put it in (in memory only when `path` is None).
+
+    A worker that cannot be read back from the file is not assigned (safe side: its adapters limited to regions are
+    not placed there); the file's problem is logged with its path.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.regions: dict[str, str] = {}
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+                self.regions = {str(k): check_region(v) for k, v in data.items()}
+            except (OSError, ValueError, RouterError) as exc:
+                logger.error("cannot read the operator's worker regions %s (%s); joined workers start unassigned", path, exc)
+
+    def lookup(self, address: str) -> str | None:
+        """The region the operator assigned to the worker at `address`, if any."""
+        return self.regions.get(address)
+
+    def assign(self, address: str, region: str) -> None:
+        """Record that the worker at `address` is in `region` (the operator's word)."""
+        if not address:
+            return
+        self.regions[address] = region
+        if self.path is not None:
+            write_json_atomic(self.path, self.regions)

@@ -113,6 +113,8 @@ async def assign_region(worker_id: str, body: Annotated[RegionAssignment, Depend
                                "worker.region for local workers); change it there and restart the router")
     state = request.app.state
     worker.region, worker.region_assigned = check_region(body.region), True
+    if state.registry.regions is not None:
+        state.registry.regions.assign(worker.address, worker.region)  # it holds when the worker joins again
     state.placement.drop_disallowed(worker)
     state.replicas.kick()
     return {"id": worker.id, "region": worker.region, "region_assigned": True}

@@ -138,3 +138,15 @@ async def test_a_joined_worker_counts_for_residency_only_once_the_operator_assig
     assert {a.json()["served_by"] for a in answers} == {joining.url.replace("http://127.0.0.1:", "fake-")}
     assert mismatch.status_code == 409 and "base model 'other'" in mismatch.json()["error"]["message"]
     assert _seen(us, "legal-v1") == []
+
+    # The operator's assignment outlives the router: after a restart the worker joins again (now claiming "us") and is
+    # in "eu", where the restored adapter is loaded on it again.
+    second = await router_factory([{"url": us.url, "region": "us"}], home=home, place_adapters_on_joined=True, canary_prompts=0)
+    async with httpx.AsyncClient(base_url=second.url, timeout=10) as c:
+        again = await c.post("/admin/workers", json={"url": joining.url, "api_key": KEY, "region": "us"},
+                             headers={"Authorization": f"Bearer {second.join_token}"})
+        row = next(w for w in (await c.get("/admin/workers", headers=second.admin_headers())).json() if w["id"] == again.json()["id"])
+        answer = await _ask(c, "legal-latest")
+    assert (row["region"], row["region_assigned"]) == ("eu", True)
+    assert answer.status_code == 200 and answer.json()["served_by"] == joining.url.replace("http://127.0.0.1:", "fake-")
+    assert _seen(us, "legal-v1") == []
