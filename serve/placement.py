@@ -66,6 +66,7 @@ class PublishedAdapter:
     version: int | None = None  # the registry version, if the publish named one (aliases never move to an older one)
     seq: int = 0  # the order its publish began in (serve/publications.py)
     fingerprint: str | None = None  # its files' digest when the router can read them (a change reloads it)
+    promoted_at: int = 0  # when an alias last moved to it (a counter of this router's moves; 0: before this start)
     regions: list[str] | None = None  # data residency: served only in these operator-assigned regions (None: anywhere)
     loads: dict[str, int] = field(default_factory=lambda: {"ahead": 0, "request": 0})  # load attempts on workers, by where
 
@@ -89,6 +90,7 @@ class AdapterPlacement:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._spreading: set[str] = set()
         self._retiring: set[asyncio.Task] = set()
+        self._moves = 0  # alias moves so far (orders the promoted versions)
         self.on_change: Callable[[], None] | None = None  # told of each publish, unpublish and alias move (serve.replicas)
 
     @property
@@ -116,8 +118,9 @@ class AdapterPlacement:
 
     # -- publish / unpublish --
     def promoted(self) -> list[PublishedAdapter]:
-        """The published adapters an alias names, the newest publish first."""
-        return sorted((a for a in self.published.values() if a.aliases), key=lambda a: a.seq, reverse=True)
+        """The published adapters an alias names, the latest promoted first (a rollback promotes too), then the newest
+        publish."""
+        return sorted((a for a in self.published.values() if a.aliases), key=lambda a: (a.promoted_at, a.seq), reverse=True)
 
     def pinned(self, adapter: PublishedAdapter) -> bool:
         """Whether `adapter` is kept on every eligible worker: an alias names it (serve.replicate_promoted)."""
@@ -161,20 +164,25 @@ class AdapterPlacement:
         eligible = {w.id for w in self.hosts(adapter)}
         loaded = [w.id for w in self.holders(name) if w.healthy and w.id in eligible]
         errors: list[str] = []
-        everywhere = self.cfg.replicate_promoted and (bool(adapter.aliases) or self._would_move(adapter, aliases))
-        target = len(eligible) if everywhere else self.cfg.adapter_replicas
-        for worker in self._ranked(adapter):
-            if len(loaded) >= target:
-                break
-            if worker.id in loaded:
-                continue
-            try:
-                await self.ensure_on(worker, adapter)
-                loaded.append(worker.id)
-            except NoRoom as exc:  # busy, not broken: the adapter loads there (or elsewhere) on demand
-                logger.info("adapter %s not loaded on %s now: %s", name, worker.id, exc.reason)
-            except (UpstreamError, RouterError) as exc:
-                errors.append(str(exc))
+        if self.cfg.replicate_promoted and (bool(adapter.aliases) or self._would_move(adapter, aliases)):
+            # Promoted: on every eligible worker that is up, at once, before the alias moves (the keeper does the rest).
+            up = [w for w in self._ranked(adapter) if w.healthy and not w.draining and w.id not in loaded]
+            for worker, error in zip(up, await asyncio.gather(*(self._try_load(w, adapter) for w in up))):
+                if error is None:
+                    loaded.append(worker.id)
+                elif error:
+                    errors.append(error)
+        else:
+            for worker in self._ranked(adapter):
+                if len(loaded) >= self.cfg.adapter_replicas:
+                    break
+                if worker.id in loaded:
+                    continue
+                error = await self._try_load(worker, adapter)
+                if error is None:
+                    loaded.append(worker.id)
+                elif error:
+                    errors.append(error)
         if not loaded and errors:
             await self.unpublish(name)
             raise RouterError(502, f"no worker could load adapter {name!r}: {'; '.join(errors)}")
@@ -183,6 +191,18 @@ class AdapterPlacement:
         self._changed()
         logger.info("adapter %s published on %s", name, ", ".join(loaded) or "no worker yet (loads on demand)")
         return loaded
+
+    async def _try_load(self, worker: Worker, adapter: PublishedAdapter) -> str | None:
+        """Load `adapter` on `worker` ahead of traffic: None when it holds it, "" when it is busy (no room now: it
+        loads there or elsewhere later), else the error."""
+        try:
+            await self.ensure_on(worker, adapter)
+            return None
+        except NoRoom as exc:
+            logger.info("adapter %s not loaded on %s now: %s", adapter.name, worker.id, exc.reason)
+            return ""
+        except (UpstreamError, RouterError) as exc:
+            return str(exc)
 
     def _would_move(self, adapter: PublishedAdapter, aliases: list[str]) -> bool:
         """Whether publishing `adapter` moves one of `aliases` (none names a newer publication)."""
@@ -233,6 +253,8 @@ class AdapterPlacement:
         self.aliases[alias] = adapter.name
         if alias not in adapter.aliases:
             adapter.aliases.append(alias)
+        self._moves += 1
+        adapter.promoted_at = self._moves
         self.store.moved(alias, adapter, previous.name if previous else None, by, reason)
         self.store.save(self)
         self._changed()

@@ -80,7 +80,8 @@ def no_eligible_worker(name: str, regions: list[str], base_model: str | None, fl
     return RouterError(409, f"cannot publish {name!r} limited to region(s) {', '.join(regions)}: no trusted worker{base} "
                             f"has an operator-assigned region among them (worker regions now: {', '.join(seen)}); "
                             "add one (serve.workers[].region, worker.region) or confirm a joined worker's region with "
-                            "`appliance fleet region ID REGION`", param="regions")
+                            "`appliance fleet region ID REGION` (joined workers hold adapters only with "
+                            "serve.place_adapters_on_joined: true)", param="regions")
 
 
 class RegionBook:

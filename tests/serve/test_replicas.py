@@ -103,8 +103,18 @@ async def test_a_new_promotion_is_pushed_everywhere_and_a_worker_holds_at_most_i
         r = await c.post("/admin/adapters", json={"name": "x-v2", "path": "/x/2", "aliases": ["x-latest"]}, headers=admin)
         workers = {w["url"]: w for w in (await c.get("/admin/workers", headers=admin)).json()}
         answers = [(await c.post("/v1/chat/completions", json={"model": "x-latest"})).json() for _ in range(4)]
+        # A rollback promotes too: x-v1 goes back onto b's one slot ahead of its traffic.
+        back = await c.post("/admin/adapters/x-latest/rollback", json={}, headers=admin)
+        await wait_until_async(lambda: "x-v1" in _loads(b), what="x-v1 pushed to b after the rollback")
+        await wait_until_async(lambda: any(w.url == b.url and w.adapters == {"x-v1"} for w in router.app.state.registry.workers.values()),
+                               what="b holding x-v1")
+        after = [(await c.post("/v1/chat/completions", json={"model": "x-latest"})).json() for _ in range(4)]
+        rows = {a["name"]: a for a in (await c.get("/admin/adapters", headers=admin)).json()}
     # The new version of x went to both workers before the alias moved; b holds only it (its one slot).
     assert sorted(r.json()["workers"]) == sorted(w["id"] for w in workers.values())
     assert {"x-v1", "y-v1", "x-v2"} <= set(workers[a.url]["adapters"])
     assert workers[b.url]["adapters"] == ["x-v2"] and workers[b.url]["max_adapters"] == 1
     assert {ans["model"] for ans in answers} == {"x-v2"} and {ans["served_by"] for ans in answers} == {_name(a), _name(b)}
+    assert back.json()["name"] == "x-v1"
+    assert {ans["model"] for ans in after} == {"x-v1"} and {ans["served_by"] for ans in after} == {_name(a), _name(b)}
+    assert all(row["loads"]["request"] == 0 for row in rows.values())
