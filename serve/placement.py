@@ -16,7 +16,8 @@ alias loads the version on every trusted worker of its base model (and region) b
 `serve.replicas.ReplicaKeeper` loads it on workers that come up, join or become eligible later, before they take
 traffic for it: while a worker that holds a promoted version is up, only holders get its requests (no load on the
 request path). Each worker holds at most `Worker.max_adapters` (its declared max_loras, capped by
-`max_adapters_per_worker`); a full worker unloads a version no alias names before a promoted one. Load attempts are
+`max_adapters_per_worker`); a full worker unloads first a version no alias names, then a promoted one beyond its
+room (`wanted`), its least recently used. Load attempts are
 counted by where they happened: ahead (publish, the keeper, restore, spreading) or on the request path, a request
 waiting on it (`loads` of `GET /admin/adapters`, metric `router_adapter_loads_when_total{when}`).
 
@@ -121,6 +122,19 @@ class AdapterPlacement:
         """The published adapters an alias names, the latest promoted first (a rollback promotes too), then the newest
         publish."""
         return sorted((a for a in self.published.values() if a.aliases), key=lambda a: (a.promoted_at, a.seq), reverse=True)
+
+    def wanted(self) -> dict[str, list[PublishedAdapter]]:
+        """Worker id -> the promoted versions it should hold: those it may hold (`hosts`), latest promoted first, as
+        many as it can hold (`Worker.max_adapters`). Empty without `serve.replicate_promoted`."""
+        if not self.cfg.replicate_promoted:
+            return {}
+        out: dict[str, list[PublishedAdapter]] = {}
+        for adapter in self.promoted():
+            for worker in self.hosts(adapter):
+                mine = out.setdefault(worker.id, [])
+                if len(mine) < worker.max_adapters:
+                    mine.append(adapter)
+        return out
 
     def pinned(self, adapter: PublishedAdapter) -> bool:
         """Whether `adapter` is kept on every eligible worker: an alias names it (serve.replicate_promoted)."""
@@ -342,7 +356,8 @@ class AdapterPlacement:
                 idle = [a for a in worker.adapters if not worker.busy_with(a)]
                 if not idle:  # every resident adapter is answering someone: this worker cannot take another now
                     raise NoRoom(worker.id, f"all {len(worker.adapters)} adapters loaded there have requests in flight")
-                victim = min(idle, key=lambda a: (self._is_pinned(a), worker.adapter_used.get(a, 0.0)))
+                keep = {a.name for a in self.wanted().get(worker.id, [])}
+                victim = min(idle, key=lambda a: (a in keep, self._is_pinned(a), worker.adapter_used.get(a, 0.0)))
                 if not await self._unload(worker, victim):
                     raise UpstreamError(worker.id, f"could not unload adapter {victim!r} to make room")
             await self._load(worker, adapter, on_request)

@@ -6,7 +6,8 @@ unpublish or alias move, each join or operator action it is told of (`kick`), an
 besides (a worker that came up, was cleared, or lost its adapters on a restart). For each healthy, routable worker
 that is not draining it loads, ahead of traffic, the promoted versions it lacks among those it may hold
 (`AdapterPlacement.hosts`: trusted, its base model, its operator-assigned region when the publication names regions),
-newest promotion first, at most `Worker.max_adapters` of them. Meanwhile the forwarder sends a promoted version's
+latest promoted first, at most `Worker.max_adapters` of them (`AdapterPlacement.wanted`; to make room a worker unloads
+what it should not hold first, so the keeper never evicts one of these for another). Meanwhile the forwarder sends a promoted version's
 requests only to workers that hold it (serve/forwarding.py), so no request waits on such a load while a holder is up.
 Other versions stay on demand. A load that fails is retried with a doubling delay (up to `MAX_RETRY_S`).
 """
@@ -73,20 +74,14 @@ class ReplicaKeeper:
             except Exception:  # the loop must survive anything one round throws
                 logger.exception("replica round failed")
 
-    def wanted(self, worker: Worker) -> list[PublishedAdapter]:
-        """The promoted versions `worker` should hold: those it may hold, newest promotion first, as many as it can."""
-        mine = [a for a in self.placement.promoted() if worker.id in {w.id for w in self.placement.hosts(a)}]
-        return mine[: worker.max_adapters]
-
     async def reconcile(self) -> None:
         """Load the missing promoted versions on every eligible worker (concurrently across workers)."""
-        if not self.cfg.replicate_promoted or not self.placement.promoted():
-            return
+        wanted = self.placement.wanted()
         jobs = []
         for worker in list(self.registry.workers.values()):
             if not (worker.healthy and worker.routable and not worker.draining):
                 continue
-            missing = [a for a in self.wanted(worker) if a.name not in worker.adapters and self._due(worker, a)]
+            missing = [a for a in wanted.get(worker.id, []) if a.name not in worker.adapters and self._due(worker, a)]
             if missing:
                 jobs.append(self._fill(worker, missing))
         await asyncio.gather(*jobs)

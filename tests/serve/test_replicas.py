@@ -118,3 +118,19 @@ async def test_a_new_promotion_is_pushed_everywhere_and_a_worker_holds_at_most_i
     assert back.json()["name"] == "x-v1"
     assert {ans["model"] for ans in after} == {"x-v1"} and {ans["served_by"] for ans in after} == {_name(a), _name(b)}
     assert all(row["loads"]["request"] == 0 for row in rows.values())
+
+
+async def test_a_full_worker_makes_room_with_a_version_no_alias_names(fake_factory, router_factory):
+    fake = fake_factory("base")
+    router = await router_factory([{"url": fake.url, "max_loras": 2}])
+    admin = router.admin_headers()
+    async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
+        await c.post("/admin/adapters", json={"name": "x-v1", "path": "/x/1", "aliases": ["x-latest"]}, headers=admin)
+        await c.post("/admin/adapters", json={"name": "side-v1", "path": "/s/1"}, headers=admin)
+        # side-v1 is the most recently used, x-v1 the least: still x-v1, promoted, stays when z-v1 needs a slot.
+        assert (await c.post("/v1/chat/completions", json={"model": "side-v1"})).status_code == 200
+        r = await c.post("/admin/adapters", json={"name": "z-v1", "path": "/z/1", "aliases": ["z-latest"]}, headers=admin)
+        held = next(w for w in (await c.get("/admin/workers", headers=admin)).json())["adapters"]
+    assert r.status_code == 200 and r.json()["workers"]
+    assert held == ["x-v1", "z-v1"]
+    assert [x["model"] for x in fake.received() if x["path"] == "/v1/unload_lora_adapter"] == ["side-v1"]
