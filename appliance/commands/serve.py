@@ -218,6 +218,7 @@ def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[
 
     with cli_errors():
         settings, client = _admin(ctx, router)
+        client.timeout_s = 5.0  # how it is served is a bonus: a router that does not answer soon is skipped
         version = AdapterRegistry(settings.adapters_dir).get(ref)
         info = lineage(version.meta)
         try:
