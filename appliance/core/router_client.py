@@ -190,7 +190,7 @@ class RouterClient(ServiceClient):
                 version: int | None = None, by: str | None = None, held_back: dict[str, Any] | None = None,
                 timeout_s: float | None = None, regions: list[str] | None = None) -> dict[str, Any]:
         """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
-        newer `version` already). `regions`: served only on workers of these operator-assigned regions."""
+        newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
         if base_model:
             body["base_model"] = base_model
@@ -225,7 +225,9 @@ class RouterClient(ServiceClient):
             version: the registered version.
             path: where the workers read its folder, if not `version.path` (remote workers).
             timeout_s: timeout of the call (loading on a worker can take a while).
-            regions: data residency: the regions it may be served in (None: anywhere).
+            promote: move `NAME-latest` to it (False: its own name only).
+            gate: the promotion gate's decision; with `promote=False` the alias history records it as held back.
+            regions: the regions it may be served in (`federation.serve_regions`; None: anywhere).
 
         Returns:
             The router's answer (`{"name", "aliases", "workers"}`). The version's base model goes along, so the
@@ -235,8 +237,7 @@ class RouterClient(ServiceClient):
         held_back = None if promote else {"alias": latest_alias(version.name), **{k: (gate or {}).get(k) for k in ("loss", "current_loss")}}
         return self.publish(version.served_name, str(path or version.path), aliases,
                             base_model=served_base_model(version), version=version.version, by=by or published_by(version),
-                            held_back=held_back,
-                            timeout_s=timeout_s, regions=regions)
+                            held_back=held_back, timeout_s=timeout_s, regions=regions)
 
 
 def published_by(version: AdapterVersion) -> str:
