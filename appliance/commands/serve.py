@@ -176,6 +176,8 @@ def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
         for v in AdapterRegistry(settings.adapters_dir).list():
             row = published.get(v.served_name)
             state = f"published on {', '.join(row['workers']) or 'no worker yet'}" if row else "-"
+            if row and row.get("regions"):
+                state += f" (regions {', '.join(row['regions'])} only)"
             console.print(f"{v.ref}\t{v.served_name}\t{state}", highlight=False)
 
 

@@ -129,6 +129,8 @@ async def test_a_joined_worker_counts_for_residency_only_once_the_operator_assig
         answers = [await _ask(c, "legal-latest") for _ in range(4)]
         mismatch = await c.post("/admin/adapters", json={"name": "other-v1", "path": "/o", "base_model": "other", "regions": ["eu"]},
                                 headers=admin)
+    listed = await asyncio.to_thread(_invoke, home, "adapters", "list", "--router", router.url)
+    assert "(regions eu only)" in " ".join(listed.output.split())
     shown = await asyncio.to_thread(_invoke, home, "adapters", "show", "legal", "--json", "--router", router.url)
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["served"]["regions"] == ["eu"]
