@@ -383,7 +383,7 @@ def _router_child(settings: Any, model: str, run: list[str], env: dict[str, str]
     s, w = settings.serve, settings.worker
     static = [{**ws.model_dump(exclude={"api_key"}), "api_key": ws.api_key.get_secret_value() if ws.api_key else None}
               for ws in s.workers]
-    local = [{"url": f"http://127.0.0.1:{port}", "region": w.region, "models": [model],
+    local = [{"url": f"http://127.0.0.1:{port}", "region": w.region, "models": [model], "max_loras": w.max_loras,
               "api_key": ensure_token(settings.keys_dir, f"worker_{port}_api_key")}
              for port in range(w.base_port, w.base_port + w.count)]
     return ChildSpec(

@@ -34,6 +34,8 @@ from serve.placement import AdapterPlacement
 from serve.protocol import error_body
 from serve.publications import PublicationStore
 from serve.registry import WorkerRegistry
+from serve.residency import RegionBook
+from serve.replicas import ReplicaKeeper
 from serve.routes import admin, openai
 
 if TYPE_CHECKING:
@@ -89,20 +91,22 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     registry = registry or WorkerRegistry(cfg)
     for spec in cfg.workers:
         registry.add_static(spec.url, region=spec.region, models=spec.models,
-                            api_key=spec.api_key.get_secret_value() if spec.api_key else None)
+                            api_key=spec.api_key.get_secret_value() if spec.api_key else None, max_loras=spec.max_loras)
     placement = AdapterPlacement(cfg, registry, metrics, PublicationStore(settings.home / "router" / "publications.json"))
     try:
         restored = placement.store.restore(placement)
     except RouterError as exc:
         raise ConfigError(exc.message) from exc
+    replicas = ReplicaKeeper(cfg, registry, placement)
     registry.quarantine = QuarantineBook(settings.keys_dir)
+    registry.regions = RegionBook(settings.home / "router" / "worker_regions.json")
     canaries = CanaryChecker(cfg, registry, registry.quarantine)
     keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
                     public=not is_loopback(cfg.host), require=cfg.require_keys)
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
     forwarder.on_routed = canaries.on_routed
     # A removed worker leaves nothing behind: metric series, hedging windows, load locks, its canary check.
-    registry.on_remove += [forwarder.forget_worker, placement.forget_worker, canaries.forget]
+    registry.on_remove += [forwarder.forget_worker, placement.forget_worker, canaries.forget, replicas.forget]
     worker_tls = client_context(settings.tls_ca_file)
 
     @contextlib.asynccontextmanager
@@ -117,11 +121,13 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         await registry.start()
         await canaries.start()
         placing = asyncio.create_task(placement.place_restored(restored))
+        replicas.start()
         logger.info("router ready: %d worker(s), %d healthy, policy %s", len(registry.workers), len(registry.healthy()), cfg.policy)
         try:
             yield
         finally:
             placing.cancel()
+            await replicas.stop()
             await canaries.stop()
             await registry.stop()
             if own_session:
@@ -133,6 +139,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     app.state.registry = registry
     app.state.placement = placement
     app.state.canaries = canaries
+    app.state.replicas = replicas
     app.state.metrics = metrics
     app.state.forwarder = forwarder
     app.state.admin_token = router_admin_token(settings)

@@ -33,6 +33,7 @@ from serve.keys import ApiKey, KeyStore
 from serve.limits import RateLimiter, prompt_estimate, token_budget
 from serve.policy import RouteHints, rank
 from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
+from serve.residency import unavailable
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
@@ -268,12 +269,23 @@ class Forwarder:
     def choose(self, model: str, headers: Mapping[str, str], fields: RequestFields) -> tuple[list[Worker], PublishedAdapter | None]:
         """Workers to try, best first, and the published adapter behind `model` if any.
 
+        A promoted version (an alias names it) goes only to workers holding it while one of them is up: the others
+        are loading it ahead of their traffic (serve/replicas.py). An adapter limited to regions goes only to workers
+        of those regions (serve/residency.py).
+
         Raises:
-            RouterError: 404 unknown model, 503 no healthy worker can serve it.
+            RouterError: 404 unknown model, 503 no healthy worker can serve it (for an adapter limited to regions:
+                naming it and its regions).
         """
         adapter = self.placement.published.get(model)
         if adapter is not None:
             hosts = self.placement.hosts(adapter)
+            if adapter.regions is not None and not any(w.healthy and not w.draining for w in hosts):
+                self.metrics.error("no_worker")
+                raise unavailable(model, adapter.regions, fields.model)
+            if self.placement.pinned(adapter):
+                ready = [w for w in hosts if model in w.adapters and w.healthy and not w.draining]
+                hosts = ready or hosts  # none up holds it yet: load on demand, as for any version
             candidates = [w.candidate(model in w.adapters) for w in hosts]
         else:
             hosts = self.registry.serving(model)
@@ -354,7 +366,7 @@ class Forwarder:
             try:
                 if ctx.adapter is not None and ctx.model not in worker.adapters:
                     # Shielded: a client that leaves must not abandon a load that later requests will need.
-                    await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter))
+                    await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter, on_request=True))
                 await self._attempt(ctx, worker)
                 return
             except UpstreamError as exc:
@@ -467,7 +479,7 @@ class Forwarder:
     async def _open_on(self, ctx: RequestContext, worker: Worker) -> Opened:
         """`_open` up to the first chunk, after loading the request's adapter on `worker` if it lacks it."""
         if ctx.adapter is not None and ctx.model not in worker.adapters:
-            await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter))
+            await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter, on_request=True))
         return await self._open(ctx, worker, first_chunk=True)
 
     @staticmethod

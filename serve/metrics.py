@@ -28,6 +28,7 @@ class RouterMetrics:
         self.retries = Counter(names.RETRIES, "Requests retried on another worker before the first byte.", registry=r)
         self.hedges = Counter(names.HEDGES, "Hedges sent (serve.hedge), by result: won (the hedge answered first), lost (the first worker did), failed (neither answered), aborted (the client left).", ["result"], registry=r)
         self.adapter_loads = Counter(names.ADAPTER_LOADS, "Adapter loads on workers, by result.", ["result"], registry=r)
+        self.adapter_loads_when = Counter(names.ADAPTER_LOADS_WHEN, "Adapter load attempts, by when: ahead (publish, promotion, a worker coming up) or request (a request waited on it).", ["when"], registry=r)
         self.workers_healthy = Gauge(names.WORKERS_HEALTHY, "Healthy workers.", registry=r)
 
     def forget_worker(self, worker_id: str) -> None:

@@ -4,11 +4,12 @@ The router keeps its publications (`serve.placement.AdapterPlacement`) in memory
 `HOME/router/publications.json` (atomically) after each change and reads them back at start, so after a restart each
 adapter answers again under its name and its aliases without a new publish (loaded on workers as they come up).
 
-The file: `{"adapters": {name: {path, base_model, version, seq, fingerprint}}, "aliases": {alias: name},
+The file: `{"adapters": {name: {path, base_model, version, seq, fingerprint, regions}}, "aliases": {alias: name},
 "history": {alias: [{name, version, from, at, by, reason}]}, "seq": N}`. `version` is the registry version a publish
 named (compared so that a slower, older publish never moves an alias back); `seq` numbers publishes in the order they
 began (compared when a version is missing). `fingerprint` sums the adapter folder's file names, sizes and
-modification times, so publishing a name again after its files changed reloads it on the workers.
+modification times, so publishing a name again after its files changed reloads it on the workers. `regions` is the
+publication's data residency (serve/residency.py; null: anywhere).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class PublicationStore:
         for name, row in data["adapters"].items():
             placement.published[name] = PublishedAdapter(
                 name, row["path"], [], row.get("base_model"), version=row.get("version"), seq=int(row.get("seq") or 0),
-                fingerprint=row.get("fingerprint"))
+                fingerprint=row.get("fingerprint"), regions=list(row["regions"]) if row.get("regions") else None)
         for alias, name in data["aliases"].items():
             if name in placement.published:
                 placement.aliases[alias] = name
@@ -109,7 +110,7 @@ class PublicationStore:
         if self.path is None:
             return
         adapters = {a.name: {"path": a.path, "base_model": a.base_model, "version": a.version, "seq": a.seq,
-                             "fingerprint": a.fingerprint} for a in placement.published.values()}
+                             "fingerprint": a.fingerprint, "regions": a.regions} for a in placement.published.values()}
         write_json_atomic(self.path, {"adapters": adapters, "aliases": dict(placement.aliases), "history": self.history,
                                       "seq": self.seq})
 

@@ -20,6 +20,7 @@ from appliance.core.secrets import hash_secret, same_secret
 from serve.errors import RouterError
 from serve.policy import Candidate
 from serve.quarantine import QuarantineBook, addresses_of
+from serve.residency import RegionBook
 from serve.worker_address import WorkerAddress, is_own_address, local_hosts, normalised_address, parse_worker_url
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ class Worker:
     address: str = ""  # normalised host:port (serve.worker_address)
     addresses: frozenset[str] = frozenset()  # every host:port it is known by (its resolved IPs too): quarantine keys
     key_hash: str | None = None  # hash of its own API key: a quarantine key
+    max_adapters: int = 4  # adapters it holds at once: its declared max_loras, at most serve.max_adapters_per_worker
+    region_assigned: bool = False  # the operator set its region (static, or confirmed): data residency trusts it (serve.residency)
 
     @property
     def routable(self) -> bool:
@@ -92,7 +95,7 @@ class Worker:
     def candidate(self, resident: bool = True) -> Candidate:
         """The snapshot the policy sees."""
         return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy and self.routable,
-                         self.draining, resident, self.static, self.distance_ms)
+                         self.draining, resident, self.static or self.region_assigned, self.distance_ms)
 
     def begin(self, model: str) -> None:
         """A request for `model` starts on this worker (an adapter with requests in flight is never unloaded)."""
@@ -132,7 +135,8 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         """The row of `GET /admin/workers` (docs/CONTRACTS.md)."""
         return {
-            "id": self.id, "url": self.url, "region": self.region, "healthy": self.healthy, "draining": self.draining,
+            "id": self.id, "url": self.url, "region": self.region, "region_assigned": self.region_assigned,
+            "max_adapters": self.max_adapters, "healthy": self.healthy, "draining": self.draining,
             "outstanding": self.outstanding, "latency_ms": round(self.ttft_ms, 3),
             "distance_ms": None if self.distance_ms is None else round(self.distance_ms, 3), "capacity": self.capacity,
             "models": sorted(self.models), "adapters": sorted(self.adapters), "static": self.static,
@@ -151,18 +155,26 @@ class WorkerRegistry:
         self._task: asyncio.Task | None = None
         self._probing: dict[str, asyncio.Task] = {}
         self.quarantine: QuarantineBook | None = None  # sticky quarantine records (set by the app)
+        self.regions: RegionBook | None = None  # the operator's region assignments of joined workers (set by the app)
         self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (serve.app wires them)
         self._local_hosts: frozenset[str] | None = None
 
     # -- membership --
-    def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None) -> Worker:
-        """Add a worker named in settings: trusted, never expired or removed. It is healthy once probed."""
+    def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None,
+                   max_loras: int | None = None) -> Worker:
+        """Add a worker named in settings: trusted (its region too), never expired or removed. It is healthy once probed."""
         worker = Worker(new_worker_id(), url.rstrip("/"), region, self.cfg.worker_capacity, static=True,
                         declared_models=tuple(models), headers=upstream_headers(api_key), canary="trusted",
-                        address=_address_or_blank(url))
+                        address=_address_or_blank(url), max_adapters=self.adapter_slots(max_loras), region_assigned=True)
         self.workers[worker.id] = worker
         logger.info("static worker %s: %s region=%s", worker.id, worker.url, region)
         return worker
+
+    def adapter_slots(self, max_loras: int | None) -> int:
+        """Adapters a worker holds at once: what it declares (its vLLM --max-loras), never more than
+        `serve.max_adapters_per_worker` (the default when it declares nothing)."""
+        ceiling = self.cfg.max_adapters_per_worker
+        return min(max_loras, ceiling) if max_loras else ceiling
 
     def check_join(self, url: str, api_key: str | None, capacity: int | None) -> WorkerAddress:
         """The join rules that need no network (docs/CONTRACTS.md, "Join rules"); returns the normalised address.
@@ -200,13 +212,13 @@ class WorkerRegistry:
         return is_own_address(address, self.cfg.host, self.cfg.port, self._local_hosts)
 
     async def join(self, url: str, *, region: str = "local", models: Iterable[str] = (), capacity: int | None = None,
-                   api_key: str | None = None) -> tuple[Worker, str]:
+                   api_key: str | None = None, max_loras: int | None = None) -> tuple[Worker, str]:
         """Admit a worker that registered itself, after reading what it serves; returns it and its new secret.
 
         The join rules (`check_join`) come first. Its models are those its `/v1/models` lists; every declared one must
         be among them, and its list is fixed from now on (the declared ones, else those listed now). Joining again
         under any spelling of the address of a joined worker replaces that entry but keeps its draining and quarantine
-        marks. A quarantined worker (by address or API key) cannot join. No answer of the worker is echoed to the
+        marks, and the region an operator assigned it (its new claim does not replace that). A quarantined worker (by address or API key) cannot join. No answer of the worker is echoed to the
         caller (it is logged).
 
         Raises:
@@ -247,11 +259,17 @@ class WorkerRegistry:
         # Its model list is fixed here: what it declared, else what it lists now (a change needs a new join).
         worker = Worker(new_worker_id(), url, region, capacity or self.cfg.worker_capacity,
                         declared_models=declared or tuple(sorted(seen)), secret_hash=hash_secret(secret), headers=headers,
-                        address=address.key, addresses=frozenset(addresses), key_hash=key_hash)
+                        address=address.key, addresses=frozenset(addresses), key_hash=key_hash,
+                        max_adapters=self.adapter_slots(max_loras))
         if previous is not None:  # a worker cannot shed its marks by joining again
             worker.draining, worker.quarantined = previous.draining, previous.quarantined
+            if previous.region_assigned:  # the operator's assignment stands; a new claim does not replace it
+                worker.region, worker.region_assigned = previous.region, True
             worker.canary = "failed" if previous.quarantined else worker.canary
             self.remove(previous.id)
+        assigned = self.regions.lookup(address.key) if self.regions is not None else None
+        if assigned is not None:  # the operator put the worker at this address in a region (serve.residency)
+            worker.region, worker.region_assigned = assigned, True
         self._apply_listing(worker, listing)
         self.workers[worker.id] = worker
         logger.info("worker %s joined: %s region=%s models=%s", worker.id, url, region, ",".join(sorted(worker.models)))

@@ -294,8 +294,9 @@ class RouterRegistration:
     """
 
     def __init__(self, client: RouterClient, join_token: str, worker_url: str, region: str, models: list[str],
-                 capacity: int = 1, api_key: str | None = None):
+                 capacity: int = 1, api_key: str | None = None, max_loras: int | None = None):
         self.client = client
+        self.max_loras = max_loras  # adapters it holds at once (its vLLM --max-loras), told to the router
         self.join_token = join_token
         self.worker_url, self.region, self.models, self.capacity = worker_url, region, models, capacity
         self.api_key = api_key
@@ -315,7 +316,7 @@ class RouterRegistration:
             ServiceUnavailable: the router refused (bad token: 401; models it cannot verify: 400) or is unreachable.
         """
         answer = self.client.register_worker(self.worker_url, region=self.region, models=self.models, capacity=self.capacity,
-                                             api_key=self.api_key, token=self.join_token)
+                                             api_key=self.api_key, token=self.join_token, max_loras=self.max_loras)
         if "id" not in answer or "secret" not in answer:
             raise ServiceUnavailable(f"the router's answer to the registration has no id or secret (keys: {sorted(answer)})")
         self.worker_id, self.secret = str(answer["id"]), str(answer["secret"])

@@ -109,7 +109,8 @@ def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
                       "outstanding", "latency ms", "models", "adapters")
         for w in client.workers():
             canary = canary_label(w)
-            table.add_row(w["id"], w["url"], w["region"], "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
+            region = w["region"] if w.get("region_assigned", True) else f"{w['region']} (claimed)"
+            table.add_row(w["id"], w["url"], region, "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
                           canary, str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
         console.print(table)
 
@@ -122,6 +123,18 @@ def fleet_clear(ctx: typer.Context, worker_id: str = typer.Argument(..., help="T
         _, client = _admin(ctx, router)
         out = client.clear(worker_id)
         console.print(f"worker {out['id']} cleared (canary {out['canary']})", highlight=False)
+
+
+@fleet_app.command("region")
+def fleet_region(ctx: typer.Context, worker_id: str = typer.Argument(..., help="The joined worker's id (`appliance fleet`)."),
+                 region: str = typer.Argument(..., help="The region you put it in, e.g. eu-west."),
+                 router: Optional[str] = _ROUTER) -> None:
+    """Assign a joined worker's region. Data residency trusts only regions the operator assigned (static workers'
+    settings, or this): a joined worker's own claim is shown as "(claimed)" and never used for residency."""
+    with cli_errors():
+        _, client = _admin(ctx, router)
+        out = client.assign_region(worker_id, region)
+        console.print(f"worker {out['id']} is in region {out['region']} (assigned by the operator)", highlight=False)
 
 
 @fleet_app.command("quarantine")
@@ -163,40 +176,68 @@ def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
         for v in AdapterRegistry(settings.adapters_dir).list():
             row = published.get(v.served_name)
             state = f"published on {', '.join(row['workers']) or 'no worker yet'}" if row else "-"
+            if row and row.get("regions"):
+                state += f" (regions {', '.join(row['regions'])} only)"
             console.print(f"{v.ref}\t{v.served_name}\t{state}", highlight=False)
 
 
+_REGIONS = typer.Option(None, "--regions", help="Data residency: comma-separated regions it may be served in (workers "
+                                                "whose operator-assigned region is one of them); default anywhere.")
+
+
+def _region_list(regions: Optional[str]) -> Optional[list[str]]:
+    return [r.strip() for r in regions.split(",") if r.strip()] or None if regions else None
+
+
 @adapters_app.command("publish")
-def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."), router: Optional[str] = _ROUTER) -> None:
-    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it."""
+def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."), router: Optional[str] = _ROUTER,
+                     regions: Optional[str] = _REGIONS) -> None:
+    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it
+    (loaded first on every eligible worker). With --regions it is served only in those regions, never elsewhere."""
     from appliance.core.adapter_registry import AdapterRegistry
 
     with cli_errors():
         settings, client = _admin(ctx, router)
         version = AdapterRegistry(settings.adapters_dir).get(ref)
-        out = client.publish_version(version)
+        out = client.publish_version(version, regions=_region_list(regions))
         aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
-        console.print(f"published {version.served_name} (alias {aliases}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+        where = f", regions {', '.join(out['regions'])}" if out.get("regions") else ""
+        console.print(f"published {version.served_name} (alias {aliases}{where}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
 
 
 @adapters_app.command("show")
 def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
-                  as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON.")) -> None:
+                  as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON."),
+                  router: Optional[str] = _ROUTER) -> None:
     """Where a registered adapter version came from: base model and hash, training or federation run and round, silos
-    and their weights, strategy, DP and secure aggregation, local steps and rate, metrics."""
+    and their weights, strategy, DP and secure aggregation, local steps and rate, metrics; and, when the router
+    answers, how it is served (aliases, regions, workers)."""
     import json
 
     from appliance.core.adapter_registry import AdapterRegistry
     from appliance.core.lineage import format_lineage, lineage
+    from appliance.core.router_client import ServiceUnavailable
 
     with cli_errors():
-        settings = settings_from(ctx)
-        info = lineage(AdapterRegistry(settings.adapters_dir).get(ref).meta)
+        settings, client = _admin(ctx, router)
+        client.timeout_s = 5.0  # how it is served is a bonus: a router that does not answer soon is skipped
+        version = AdapterRegistry(settings.adapters_dir).get(ref)
+        info = lineage(version.meta)
+        try:
+            row = next((a for a in client.adapters() if a["name"] == version.served_name), None)
+        except ServiceUnavailable:
+            row = None
         if as_json:
+            if row is not None:
+                info["served"] = {k: row.get(k) for k in ("name", "aliases", "regions", "workers")}
             console.print_json(json.dumps(info, default=str))
             return
         for line in format_lineage(info):
             console.print(line, highlight=False)
+        if row is not None:
+            regions = ", ".join(row.get("regions") or []) or "any"
+            console.print(f"served as {row['name']} (aliases {', '.join(row['aliases']) or 'none'}), regions {regions}, "
+                          f"on {', '.join(row['workers']) or 'no worker yet'}", highlight=False)
 
 
 @adapters_app.command("export")

@@ -110,7 +110,8 @@ def join(
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
             raise typer.Exit(code=1)
-        membership = RouterRegistration(RouterClient(router, verify=verify, allow_plain_http=settings.allow_plain_http), token, worker_url, region, models, capacity=capacity, api_key=api_key)
+        membership = RouterRegistration(RouterClient(router, verify=verify, allow_plain_http=settings.allow_plain_http), token, worker_url, region, models, capacity=capacity, api_key=api_key,
+                                         max_loras=None if url else settings.worker.max_loras)
         try:
             worker_id = membership.register()
             console.print(f"joined {router} as worker {worker_id} ({worker_url}, region {region}, models {', '.join(models)})", highlight=False)

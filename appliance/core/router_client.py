@@ -135,14 +135,18 @@ class RouterClient(ServiceClient):
         return self.request("GET", "/admin/workers")
 
     def register_worker(self, url: str, *, region: str = "local", models: list[str] | None = None,
-                        capacity: int | None = None, api_key: str | None = None, token: str | None = None) -> dict[str, Any]:
+                        capacity: int | None = None, api_key: str | None = None, token: str | None = None,
+                        max_loras: int | None = None) -> dict[str, Any]:
         """`POST /admin/workers` (join token or admin token); returns `{"id", "secret", "healthy", ...}`.
 
-        `api_key` is the worker's own API key, which the router then sends on every call to it.
+        `api_key` is the worker's own API key, which the router then sends on every call to it; `max_loras` the
+        adapters it can hold at once.
         """
         body: dict[str, Any] = {"url": url, "region": region, "models": list(models or [])}
         if capacity is not None:
             body["capacity"] = capacity
+        if max_loras is not None:
+            body["max_loras"] = max_loras
         if api_key:
             body["api_key"] = api_key
         return self.request("POST", "/admin/workers", json=body, token=token)
@@ -158,6 +162,10 @@ class RouterClient(ServiceClient):
     def clear(self, worker_id: str) -> dict[str, Any]:
         """`POST /admin/workers/{id}/clear` (admin): lift a worker's quarantine."""
         return self.request("POST", f"/admin/workers/{worker_id}/clear")
+
+    def assign_region(self, worker_id: str, region: str) -> dict[str, Any]:
+        """`POST /admin/workers/{id}/region` (admin): the operator puts a joined worker in `region` (data residency)."""
+        return self.request("POST", f"/admin/workers/{worker_id}/region", json={"region": region})
 
     def quarantine(self) -> list[dict[str, Any]]:
         """`GET /admin/quarantine` (admin): the sticky quarantine records."""
@@ -180,7 +188,7 @@ class RouterClient(ServiceClient):
 
     def publish(self, name: str, path: str, aliases: list[str], *, base_model: str | None = None,
                 version: int | None = None, by: str | None = None, held_back: dict[str, Any] | None = None,
-                timeout_s: float | None = None) -> dict[str, Any]:
+                timeout_s: float | None = None, regions: list[str] | None = None) -> dict[str, Any]:
         """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
         newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
@@ -192,6 +200,8 @@ class RouterClient(ServiceClient):
             body["by"] = by
         if held_back:
             body["held_back"] = held_back
+        if regions:
+            body["regions"] = list(regions)
         return self.request("POST", "/admin/adapters", json=body, timeout=timeout_s or max(self.timeout_s, 180.0))
 
     def history(self, alias: str) -> dict[str, Any]:
@@ -208,13 +218,16 @@ class RouterClient(ServiceClient):
 
     def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
                         timeout_s: float | None = None, by: str | None = None, promote: bool = True,
-                        gate: dict[str, Any] | None = None) -> dict[str, Any]:
+                        gate: dict[str, Any] | None = None, regions: list[str] | None = None) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
             version: the registered version.
             path: where the workers read its folder, if not `version.path` (remote workers).
             timeout_s: timeout of the call (loading on a worker can take a while).
+            promote: move `NAME-latest` to it (False: its own name only).
+            gate: the promotion gate's decision; with `promote=False` the alias history records it as held back.
+            regions: the regions it may be served in (`federation.serve_regions`; None: anywhere).
 
         Returns:
             The router's answer (`{"name", "aliases", "workers"}`). The version's base model goes along, so the
@@ -224,8 +237,7 @@ class RouterClient(ServiceClient):
         held_back = None if promote else {"alias": latest_alias(version.name), **{k: (gate or {}).get(k) for k in ("loss", "current_loss")}}
         return self.publish(version.served_name, str(path or version.path), aliases,
                             base_model=served_base_model(version), version=version.version, by=by or published_by(version),
-                            held_back=held_back,
-                            timeout_s=timeout_s)
+                            held_back=held_back, timeout_s=timeout_s, regions=regions)
 
 
 def published_by(version: AdapterVersion) -> str:

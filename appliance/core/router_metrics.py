@@ -21,6 +21,7 @@ CLIENT_ABORTS = "router_client_aborts"  # counter: route
 RETRIES = "router_retries"  # counter
 HEDGES = "router_hedges"  # counter: result (won, lost, failed, aborted)
 ADAPTER_LOADS = "router_adapter_loads"  # counter: result
+ADAPTER_LOADS_WHEN = "router_adapter_loads_when"  # counter: when (ahead, request)
 WORKERS_HEALTHY = "router_workers_healthy"  # gauge
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')

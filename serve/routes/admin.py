@@ -17,6 +17,7 @@ from serve.deps import bearer, json_body, require_admin, require_admin_or_join, 
 from serve.errors import RouterError
 from serve.publications import rollback
 from serve.quarantine import addresses_of
+from serve.residency import check_region, check_regions
 from serve.worker_address import normalised_address
 
 router = APIRouter(prefix="/admin")
@@ -29,6 +30,7 @@ class WorkerRegistration(BaseModel):
     region: str = Field("local", max_length=64, description="Its region claim: shown, not routed on (measured latency is).")
     models: list[str] = Field(default_factory=list, description="Models it serves; each must be in its /v1/models.")
     capacity: int | None = Field(None, ge=1)
+    max_loras: int | None = Field(None, ge=1, le=1024, description="Adapters it can hold at once (its vLLM --max-loras); capped by serve.max_adapters_per_worker.")
     api_key: str | None = Field(None, min_length=16, description="The worker's own API key (required); the router sends it on every call.")
 
 
@@ -42,6 +44,13 @@ class AdapterPublication(BaseModel):
     version: int | None = Field(None, ge=0, description="Its registry version: an alias never moves to an older one.")
     by: str = Field("admin", max_length=128, description="Who publishes (history): admin, or the federation round.")
     held_back: dict[str, Any] | None = Field(None, description="A promotion gate held it back: {alias, loss, current_loss}; recorded in that alias's history.")
+    regions: list[str] | None = Field(None, description="Data residency: served only on trusted workers whose operator-assigned region is one of these (none: anywhere).")
+
+
+class RegionAssignment(BaseModel):
+    """`POST /admin/workers/{id}/region`."""
+
+    region: str = Field(..., max_length=64, description="The region the operator puts the worker in (data residency trusts it).")
 
 
 class Rollback(BaseModel):
@@ -62,9 +71,10 @@ async def register_worker(body: Annotated[WorkerRegistration, Depends(json_body(
     """Admit a worker after reading its `/v1/models`; answers its id and its own secret (shown only here)."""
     state = request.app.state
     worker, secret = await state.registry.join(body.url, region=body.region, models=body.models, capacity=body.capacity,
-                                               api_key=body.api_key)
+                                               api_key=body.api_key, max_loras=body.max_loras)
     await state.registry.probe(worker)
     state.canaries.on_join(worker)
+    state.replicas.kick()  # the promoted versions it may hold load before it gets their traffic
     return {"id": worker.id, "secret": secret, "healthy": worker.healthy, "models": sorted(worker.models), "canary": worker.canary}
 
 
@@ -89,7 +99,25 @@ async def clear(worker_id: str, request: Request) -> dict[str, Any]:
     """Lift a worker's quarantine (an operator's decision), its sticky record too; it is checked again among its traffic."""
     worker = _worker(request, worker_id)
     request.app.state.canaries.clear(worker)
+    request.app.state.replicas.kick()
     return {"id": worker.id, "quarantined": worker.quarantined, "canary": worker.canary}
+
+
+@router.post("/workers/{worker_id}/region", dependencies=[Depends(require_admin)])
+async def assign_region(worker_id: str, body: Annotated[RegionAssignment, Depends(json_body(RegionAssignment))], request: Request) -> dict[str, Any]:
+    """The operator puts a joined worker in a region (its own claim is never trusted for data residency); adapters
+    its new region does not allow are unloaded from it, those it now may hold are loaded."""
+    worker = _worker(request, worker_id)
+    if worker.static:
+        raise RouterError(409, f"worker {worker_id} comes from settings: its region is serve.workers[].region (or "
+                               "worker.region for local workers); change it there and restart the router")
+    state = request.app.state
+    worker.region, worker.region_assigned = check_region(body.region), True
+    if state.registry.regions is not None:
+        state.registry.regions.assign(worker.address, worker.region)  # it holds when the worker joins again
+    state.placement.drop_disallowed(worker)
+    state.replicas.kick()
+    return {"id": worker.id, "region": worker.region, "region_assigned": True}
 
 
 @router.get("/quarantine", dependencies=[Depends(require_admin)])
@@ -137,13 +165,15 @@ async def list_workers(request: Request) -> list[dict[str, Any]]:
 async def publish_adapter(body: Annotated[AdapterPublication, Depends(json_body(AdapterPublication))], request: Request) -> dict[str, Any]:
     """Load a PEFT adapter on a bounded number of workers; `model: <name>` or an alias then answers."""
     placement = request.app.state.placement
-    workers = await placement.publish(body.name, body.path, body.aliases, body.base_model, version=body.version, by=body.by)
+    regions = check_regions(body.regions)
+    workers = await placement.publish(body.name, body.path, body.aliases, body.base_model, version=body.version, by=body.by,
+                                      regions=regions)
     moved = [a for a in body.aliases if placement.aliases.get(a) == body.name]
     if body.held_back and isinstance(body.held_back.get("alias"), str):
         alias = body.held_back["alias"]
         placement.store.held_back(alias, placement.published[body.name], placement.aliases.get(alias), body.by, body.held_back)
         placement.store.save(placement)
-    return {"name": body.name, "aliases": moved, "workers": workers}
+    return {"name": body.name, "aliases": moved, "workers": workers, "regions": regions}
 
 
 @router.get("/adapters/{alias}/history", dependencies=[Depends(require_admin)])
@@ -169,5 +199,5 @@ async def unpublish_adapter(name: str, request: Request) -> dict[str, Any]:
 
 @router.get("/adapters", dependencies=[Depends(require_admin)])
 async def list_adapters(request: Request) -> list[dict[str, Any]]:
-    """Published adapters and the workers holding them."""
+    """Published adapters: aliases, regions, the workers holding them, and their loads (ahead / on the request path)."""
     return request.app.state.placement.describe()

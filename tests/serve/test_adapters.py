@@ -12,8 +12,9 @@ def _loads(fake) -> list[str]:
 
 
 async def test_publish_loads_and_routes_to_holder(fake_factory, router_factory):
+    # Bounded replicas (the version behind an alias on every worker is tests/serve/test_replicas.py).
     a, b = fake_factory("base"), fake_factory("base")
-    router = await router_factory([a, b], adapter_replicas=1)
+    router = await router_factory([a, b], adapter_replicas=1, replicate_promoted=False)
     admin = router.admin_headers()
     async with httpx.AsyncClient(base_url=router.url) as c:
         r = await c.post("/admin/adapters", json={"name": "legal-v1", "path": "/adapters/legal/1", "aliases": ["legal"]}, headers=admin)

@@ -35,13 +35,13 @@ async def test_chat_stream_models_and_adapter_through_router(vllm_workers, route
                              headers=router.admin_headers())
             assert r.status_code == 200, r.text
             holder = r.json()["workers"]
-            assert len(holder) == 1
+            assert len(holder) == 2  # an alias names it: loaded on every eligible worker (serve.replicate_promoted)
         answered = await client.chat.completions.create(model="lt", messages=messages, max_tokens=4, temperature=0)
         assert answered.model == "lora-test"
         assert {"lora-test", "lt"} <= {m.id async for m in client.models.list()}
         async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
             rows = (await c.get("/admin/workers", headers=router.admin_headers())).json()
-            assert [w["id"] for w in rows if "lora-test" in w["adapters"]] == holder
+            assert sorted(w["id"] for w in rows if "lora-test" in w["adapters"]) == sorted(holder)
             assert (await c.delete("/admin/adapters/lora-test", headers=router.admin_headers())).status_code == 200
     finally:
         await client.close()
@@ -86,6 +86,52 @@ async def test_a_joined_real_vllm_worker_passes_its_canary_check(vllm_workers, r
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
         served = [(await c.post("/v1/chat/completions", json=body)).status_code for _ in range(2)]
         assert served == [200, 200]
+
+
+async def test_a_worker_joining_after_a_promotion_serves_it_without_a_load_on_the_request_path(vllm_workers, router_factory,
+                                                                                            embedded_lora_dir):
+    # The first worker is trusted (static) and holds the promoted version; the second, a real worker started the
+    # appliance's way (gate + vLLM), joins afterwards, declaring its --max-loras. The router loads the promoted version
+    # on it before it takes the alias's traffic; then the trusted one is drained, so the first request for the alias
+    # goes to the joiner: it answers from the adapter, and no load happened on the request path.
+    trusted, joining = vllm_workers
+    router = await router_factory([trusted.spec], request_timeout_s=120, place_adapters_on_joined=True, canary_prompts=0)
+    admin = router.admin_headers()
+    body = {"model": "promo-latest", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+    async with httpx.AsyncClient(base_url=router.url, timeout=120) as c:
+        r = await c.post("/admin/adapters", json={"name": "promo-v1", "path": str(embedded_lora_dir), "aliases": ["promo-latest"],
+                                                  "base_model": MODEL}, headers=admin)
+        assert r.status_code == 200, r.text
+        try:
+            joined = await c.post("/admin/workers", json={"url": joining.url, "api_key": joining.api_key, "max_loras": 2},
+                                  headers={"Authorization": f"Bearer {router.join_token}"})
+            assert joined.status_code == 200, joined.text
+            wid = joined.json()["id"]
+            for _ in range(600):
+                row = next(a for a in (await c.get("/admin/adapters", headers=admin)).json() if a["name"] == "promo-v1")
+                if wid in row["workers"]:
+                    break
+                await asyncio.sleep(0.2)
+            assert wid in row["workers"], row
+            trusted_id = next(w for w in r.json()["workers"])
+            assert (await c.post(f"/admin/workers/{trusted_id}/drain", headers=admin)).status_code == 200
+            first = await c.post("/v1/chat/completions", json=body)
+            assert first.status_code == 200, first.text
+            row = next(a for a in (await c.get("/admin/adapters", headers=admin)).json() if a["name"] == "promo-v1")
+            metrics = (await c.get("/metrics")).text
+        finally:
+            await c.delete("/admin/adapters/promo-v1", headers=admin)
+    assert first.json()["model"] == "promo-v1" and first.json()["choices"][0]["message"]["content"].strip()
+    assert _sample(metrics, "router_requests_total", model="promo-v1", worker=wid, status="200") == 1.0  # the joiner answered it
+    assert row["loads"] == {"ahead": 2, "request": 0}
+    assert _sample(metrics, "router_adapter_loads_when_total", when="request") in (None, 0.0)
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` whose labels include `labels` in a Prometheus text exposition."""
+    from appliance.core.router_metrics import parse
+
+    return next((s.value for s in parse(text) if s.name == name and labels.items() <= s.labels.items()), None)
 
 
 def _listening_tcp(pids: set[int]) -> set[tuple[str, int]]:

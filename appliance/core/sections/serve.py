@@ -15,8 +15,9 @@ class WorkerSpec(Section):
     """A worker named in settings (as opposed to one that registers itself)."""
 
     url: str = Field(..., description="Base URL of the worker's OpenAI server, e.g. http://127.0.0.1:8100.")
-    region: str = Field("local", description="Region label used for region-aware routing.")
+    region: str = Field("local", description="Region label used for region-aware routing and data residency (the operator's assignment).")
     models: list[str] = Field(default_factory=list, description="Models it serves; empty = all its /v1/models lists.")
+    max_loras: int | None = Field(None, ge=1, description="Adapters it can hold at once (its vLLM --max-loras); None = serve.max_adapters_per_worker.")
     api_key: SecretStr | None = Field(None, description="The worker's own API key (vLLM --api-key); the router sends it.")
 
 
@@ -78,9 +79,10 @@ class ServeSettings(ServesTLS):
     allow_unverified: bool = Field(False, description="Route to a joined worker's models that no trusted worker serves (cannot be canary-checked).")
     require_keys: bool = Field(False, description="Require API keys on /v1/* even on loopback, also when the key file is empty or missing.")
     affinity_load_factor: float = Field(1.25, ge=1.0, description="Bounded-load factor of prefix/session affinity.")
-    adapter_replicas: int = Field(1, ge=1, description="Workers an adapter is loaded on when published.")
+    adapter_replicas: int = Field(1, ge=1, description="Workers an adapter without an alias is loaded on when published.")
+    replicate_promoted: bool = Field(True, description="Load the version behind each alias on every eligible worker, joiners included, before it takes traffic for it (off: adapter_replicas, as for other versions).")
     max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
-    max_adapters_per_worker: int = Field(4, ge=1, description="Adapters kept loaded per worker; the LRU one is unloaded beyond.")
+    max_adapters_per_worker: int = Field(4, ge=1, description="Adapters kept loaded per worker (at most: a worker declaring a smaller max_loras keeps that many); the LRU one is unloaded beyond.")
     adapter_load_timeout_s: float = Field(120.0, gt=0, description="Seconds a worker may take to load an adapter.")
     hedge: Literal["off", "on"] = Field(
         "off", description="Hedged requests: off | on. On: a request whose first byte is later than its worker's learned "
