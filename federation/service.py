@@ -74,8 +74,12 @@ def router_publisher(settings: "ApplianceSettings") -> Any:
     from federation.publish import RouterPublisher
 
     token = router_admin_token(settings)
+    fed = settings.federation
+    api_key = fed.gate_api_key.get_secret_value() if fed.gate_api_key else None
     return RouterPublisher(f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}", token, max_attempts=0,
-                           verify=client_context(settings.tls_ca_file), gate=gate_for(settings))  # retry until a newer round supersedes it
+                           verify=client_context(settings.tls_ca_file), gate=gate_for(settings),
+                           gate_prompts=fed.gate_prompts, api_key=api_key,
+                           regions=fed.serve_regions)  # retry until a newer round supersedes it
 
 
 async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:

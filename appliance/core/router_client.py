@@ -180,7 +180,7 @@ class RouterClient(ServiceClient):
 
     def publish(self, name: str, path: str, aliases: list[str], *, base_model: str | None = None,
                 version: int | None = None, by: str | None = None, held_back: dict[str, Any] | None = None,
-                timeout_s: float | None = None) -> dict[str, Any]:
+                timeout_s: float | None = None, regions: list[str] | None = None) -> dict[str, Any]:
         """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
         newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
@@ -192,6 +192,8 @@ class RouterClient(ServiceClient):
             body["by"] = by
         if held_back:
             body["held_back"] = held_back
+        if regions:
+            body["regions"] = list(regions)
         return self.request("POST", "/admin/adapters", json=body, timeout=timeout_s or max(self.timeout_s, 180.0))
 
     def history(self, alias: str) -> dict[str, Any]:
@@ -208,24 +210,27 @@ class RouterClient(ServiceClient):
 
     def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
                         timeout_s: float | None = None, by: str | None = None, promote: bool = True,
-                        gate: dict[str, Any] | None = None) -> dict[str, Any]:
+                        gate: dict[str, Any] | None = None, regions: list[str] | None = None) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
             version: the registered version.
             path: where the workers read its folder, if not `version.path` (remote workers).
             timeout_s: timeout of the call (loading on a worker can take a while).
+            promote: move `NAME-latest` to it (False: its own name only).
+            gate: the promotion gate's decision; with `promote=False` the alias history records it as held back.
+            regions: the regions it may be served in (`federation.serve_regions`; None: anywhere).
 
         Returns:
             The router's answer (`{"name", "aliases", "workers"}`). The version's base model goes along, so the
             router loads it only on workers of that model.
         """
         aliases = [latest_alias(version.name)] if promote else []  # held back by the gate: its own name only
-        held_back = None if promote else {"alias": latest_alias(version.name), **{k: (gate or {}).get(k) for k in ("loss", "current_loss")}}
+        held_back = None if promote or gate is None else {
+            "alias": latest_alias(version.name), **{k: gate.get(k) for k in ("loss", "current_loss", "prompts", "error")}}
         return self.publish(version.served_name, str(path or version.path), aliases,
                             base_model=served_base_model(version), version=version.version, by=by or published_by(version),
-                            held_back=held_back,
-                            timeout_s=timeout_s)
+                            held_back=held_back, timeout_s=timeout_s, regions=regions)
 
 
 def published_by(version: AdapterVersion) -> str:

@@ -66,9 +66,12 @@ class FederationSettings(ServesTLS):
     secagg_threshold: int | None = Field(None, ge=2, description="Secure aggregation: silos needed to unmask (None = a majority of the round's silos, at least 2).")
     secagg_clip_range: float = Field(1.0, gt=0, description="Secure aggregation: each update coordinate is clamped to +-this before quantisation.")
     auto_publish: bool = Field(True, description="Publish each round's global adapter to the router as soon as it is checkpointed.")
-    gate: bool = Field(True, description="Promotion gate (with gate_data): a round's adapter moves NAME-latest only if its loss is not worse (federation/gate.py).")
+    gate: bool = Field(True, description="Promotion gate: a round's adapter moves NAME-latest only if its loss (on gate_data, else the silos' held-out loss) is not worse and its gate prompts answer (federation/gate.py); off: every round moves it.")
     gate_data: Path | None = Field(None, description="JSONL data set the promotion gate measures each round's adapter on (None = no gate).")
     gate_tolerance: float = Field(0.02, ge=0, description="Promotion gate: how much higher (nats) a new version's loss may be than the current one's.")
+    gate_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence.", "What is 2 + 3?", "Name one colour."], description="Promotion gate: prompts sent through the router to the new version; each answer must be non-empty and finite ([] = skip).")
+    gate_api_key: SecretStr | None = Field(None, description="Promotion gate: router API key the gate prompts send when the router requires keys.")
+    serve_regions: list[str] = Field(default_factory=list, description="Regions the run's adapters may be served in (router worker regions; [] = anywhere).")
     # silo side
     coordinator: str | None = Field(None, description="Silo: coordinator endpoint, e.g. tcp://host:5555.")
     coordinator_key: str | None = Field(None, description="Silo: coordinator's CURVE public key (z85, 40 chars).")
