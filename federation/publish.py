@@ -122,6 +122,27 @@ class RouterPublisher:
                     return False
                 self._cond.wait(left)
 
+    @property
+    def gate(self) -> Any:
+        """The promotion gate (None: none)."""
+        return self._gate
+
+    def wait_decided(self, served_name: str, timeout_s: float) -> dict[str, Any] | None:
+        """The gate's decision on `served_name`, waiting up to `timeout_s` while it is measured; None when there is none
+        by then, or at once while the router is unreachable (its last attempt failed)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                record = self._records.get(served_name)
+                if record is not None and record.gate is not None:
+                    return dict(record.gate)
+                if record is not None and record.last_error is not None and record.gate is None:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0 or record is None and not self._pending:
+                    return None
+                self._cond.wait(min(left, 0.2))
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Give pending versions up to `timeout_s` to get through (a federation's last round publishes just before
         it ends), then stop the background thread; what is still pending is logged as not published."""

@@ -71,6 +71,8 @@ class FederationSettings(ServesTLS):
     gate_tolerance: float = Field(0.02, ge=0, description="Promotion gate: how much higher (nats) a new version's loss may be than the current one's.")
     gate_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence.", "What is 2 + 3?", "Name one colour."], description="Promotion gate: prompts sent through the router to the new version; each answer must be non-empty and finite ([] = skip).")
     gate_api_key: SecretStr | None = Field(None, description="Promotion gate: router API key the gate prompts send when the router requires keys.")
+    gate_resume: bool = Field(True, description="Promotion gate on gate_data: after a held-back round, the next round trains from the promoted version (federation/gate_resume.py).")
+    gate_wait_s: float = Field(120.0, gt=0, description="Promotion gate: longest wait before a round for the previous round's decision (gate_resume).")
     serve_regions: list[str] = Field(default_factory=list, description="Regions the run's adapters may be served in (router worker regions; [] = anywhere).")
     # silo side
     coordinator: str | None = Field(None, description="Silo: coordinator endpoint, e.g. tcp://host:5555.")
