@@ -36,13 +36,13 @@ class _Gate:
     deferred = False  # True: a version's figure arrives with the next round (HeldOutGate)
     source = ""
 
-    def __init__(self, tolerance: float, log_path: Path):
+    def __init__(self, tolerance: float, log_path: Path, *, resume: bool = True):
         self.tolerance, self.log_path = tolerance, log_path
         self._lock = threading.Lock()
         self._decisions: dict[str, dict[str, Any]] = {}
         self.current: str | None = None  # served name of the version last promoted
         self.current_loss: float | None = None
-        for row in _read_jsonl(log_path):
+        for row in _read_jsonl(log_path) if resume else []:
             self._decisions[row.get("adapter")] = row
             if row.get("decision") == "promoted":
                 self.current, self.current_loss = row["adapter"], row["loss"]
@@ -85,10 +85,11 @@ class PromotionGate(_Gate):
 
     source = "gate data"
 
-    def __init__(self, settings: ApplianceSettings, data: Path, tolerance: float, log_path: Path, model_dir: Path | None = None):
+    def __init__(self, settings: ApplianceSettings, data: Path, tolerance: float, log_path: Path, model_dir: Path | None = None,
+                 *, resume: bool = True):
         if not Path(data).is_file():
             raise ConfigError(f"federation.gate_data {data} is not a file; give a JSONL data set (same formats as training data)")
-        super().__init__(tolerance, log_path)
+        super().__init__(tolerance, log_path, resume=resume)
         self.settings, self.data = settings, Path(data)
         self.model_dir = model_dir or settings.models_dir / settings.model
 

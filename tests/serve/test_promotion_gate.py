@@ -129,3 +129,39 @@ def test_gate_prompt_answers_must_be_non_empty_and_finite():
     assert answer_problem(answer("  ")) == "empty answer"
     assert "non-finite log-probability nan" in answer_problem(answer("Hi", float("nan")))
     assert answer_problem({"choices": []}) == "the answer has no message"
+
+
+async def test_adapters_publish_gates_on_a_gate_file_and_no_gate_moves_at_once(fake_factory, router_factory, tiny_model_dir: Path,
+                                                                                tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    home = tmp_path / "home"
+    settings = make_settings(home, train={"max_seq_len": 64, "batch_size": 4, "lr": 0.01, "warmup_steps": 0, "zero_stage": 0})
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    (settings.models_dir / settings.model).symlink_to(tiny_model_dir, target_is_directory=True)
+    data = write_jsonl(tmp_path / "gate.jsonl", arithmetic_records(8))
+    registry = AdapterRegistry(home / "adapters")
+    for round_, worse in ((1, False), (2, True)):
+        await asyncio.to_thread(_register, registry, settings.train, tiny_model_dir, data, tmp_path, round_, worse=worse)
+    router = await router_factory([fake_factory("base")], home=tmp_path / "router-home")
+    monkeypatch.setenv("APPLIANCE_SERVE__ADMIN_TOKEN", router.admin_token)
+    config = home / "config.yaml"
+    config.write_text("train: {max_seq_len: 64, batch_size: 4, lr: 0.01, warmup_steps: 0, zero_stage: 0}\n")
+
+    def cli(*args: str):
+        return CliRunner().invoke(app, ["--home", str(home), "--config", str(config), "adapters", "publish", *args,
+                                        "--router", router.url])
+
+    first = await asyncio.to_thread(cli, "fed:1", "--gate", str(data))
+    held = await asyncio.to_thread(cli, "fed:2", "--gate", str(data))
+    async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
+        still = (await c.post("/v1/chat/completions", json={"model": "fed-latest"})).json()["model"]
+        forced = await asyncio.to_thread(cli, "fed:2", "--no-gate")
+        after = (await c.post("/v1/chat/completions", json={"model": "fed-latest"})).json()["model"]
+    assert first.exit_code == 0 and "gate passed" in first.output and "alias fed-latest" in first.output, first.output
+    assert held.exit_code == 0 and "held back: fed-v2 is served under its own name only" in held.output, held.output
+    assert "of fed-v1)" in " ".join(held.output.split())
+    assert still == "fed-v1"
+    assert forced.exit_code == 0 and "alias fed-latest" in forced.output and after == "fed-v2", forced.output
