@@ -32,3 +32,20 @@ async def test_each_round_carries_the_silos_held_out_loss_of_the_adapter_they_re
 
 def test_no_silo_with_eval_data_gives_no_figure():
     assert received_eval({"a": {"train_loss": 1.0}}, {"a": 1.0}, {"a": 5}, None) is None
+
+
+def test_the_round_records_show_the_gate_decision_with_both_losses(tmp_path):
+    import json
+
+    from federation.heldout import with_gate
+    from federation.report import format_status
+
+    (tmp_path / "gate.jsonl").write_text(json.dumps({"adapter": "fed-v2", "decision": "held back", "loss": 28.9,
+                                                     "current": "fed-v1", "current_loss": 1.9}) + "\n")
+    rounds = [{"round": 2, "participants": ["a"], "metrics": {}, "bytes_in": 1, "bytes_out": 2, "duration_s": 1.0,
+               "adapter": "fed:2"}, {"round": 3, "failed": "x"}]
+    shown = with_gate(rounds, tmp_path)
+    assert shown[0]["gate"]["decision"] == "held back" and "gate" not in shown[1]
+    text = format_status({"run": "fed", "round": 2, "rounds_total": 3, "phase": "finished", "strategy": "fedavg",
+                          "silos": [], "rounds": shown})
+    assert "fed:2  held back (loss 28.9000 vs 1.9000)" in text
