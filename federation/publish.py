@@ -5,6 +5,11 @@ version and returns at once; a background thread publishes it with `RouterClient
 `NAME-vVERSION`, the alias `NAME-latest` moves to it), retrying with exponential backoff. A failed
 publish is logged and kept in `status()`, and never blocks or fails the federation. When a newer version of the same
 adapter arrives while an older one is still being retried, the older one is dropped: the alias must reach the newest.
+
+With a promotion gate (federation/gate.py) a version is published under its own name first; the gate then measures it
+(gate data) and its answers to the gate prompts are checked through the router (federation/gate_prompts.py); the
+version is published again with the alias (promoted) or as held back. A held-out gate (no gate data) decides a
+version when the next version arrives carrying the silos' held-out loss of it (`received_eval` in its meta).
 """
 
 from __future__ import annotations
