@@ -7,7 +7,9 @@ new one is promoted when `loss <= current_loss + federation.gate_tolerance`, els
 still registered and published under its own name (`NAME-vN`); only the alias stays. `federation.publish.
 RouterPublisher` asks the gate before each publish (in its own thread: the rounds never wait for it). Each decision is
 appended to `HOME/federation/RUN/gate.jsonl` (`{"round", "adapter", "loss", "current", "current_loss", "tolerance",
-"decision": "promoted" | "held back", "time"}`), which also tells a restarted coordinator which version is current.
+"source", "prompts", "decision": "promoted" | "held back", "time"}`), which also tells a restarted coordinator which
+version is current. A version that passes on loss must also answer the gate prompts (federation/gate_prompts.py).
+Without gate data, `HeldOutGate` decides on the silos' own held-out losses, one round late (federation/heldout.py).
 """
 
 from __future__ import annotations
