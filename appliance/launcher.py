@@ -398,7 +398,7 @@ def _coordinator_child(settings: Any, run: list[str], env: dict[str, str]) -> Ch
     """`coordinator`: `appliance coordinator start` (optional: a failed start is retried with backoff)."""
     f = settings.federation
     return ChildSpec(
-        name="coordinator", argv=[*run, "coordinator", "start"], health_url=f"{f.scheme}://127.0.0.1:{f.status_port}/health",
+        name="coordinator", argv=[*run, "coordinator", "start", "--stay"], health_url=f"{f.scheme}://127.0.0.1:{f.status_port}/health",
         ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
         url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status {f.scheme}://127.0.0.1:{f.status_port}/status)", env=env,
         optional=True,

@@ -33,6 +33,8 @@ from appliance.core.types import StateDict
 from federation import codec, wire
 from federation.checkpoint import Checkpoint, load_latest, prune_checkpoints, save_checkpoint
 from federation.keys import Enrolment, load_keypair
+from federation.gate_resume import before_round
+from federation.heldout import previous_adapter, received_eval, with_gate
 from federation.lineage import round_meta
 from federation.local_training import round_schedule
 from federation.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, SecAggStep, TrainTask,
@@ -625,6 +627,7 @@ class Coordinator:
                 round_id = self.round + 1
                 try:
                     await self._wait_for_silos(round_id)
+                    await before_round(self)  # after a held-back round: start from the promoted version (gate_resume.py)
                     await self._run_round(round_id)
                     failed_in_row = 0
                 except RoundFailed as exc:
@@ -797,7 +800,10 @@ class Coordinator:
                 "norm_bound": rs.norm_bound, "clipped": rs.clipped, "dropped": rs.dropped,
                 "update_norms": {s: rs.norms[s] for s in sorted(rs.answered) if s in rs.norms},
                 "timings": {s: rs.timings.get(s) or {"train_s": round(rs.answered[s]["train_s"], 3)} for s in sorted(rs.answered)},
-                "deadlines_s": {s: round(d - rs.started, 3) for s, d in sorted(rs.deadlines.items())}}
+                "deadlines_s": {s: round(d - rs.started, 3) for s, d in sorted(rs.deadlines.items())},
+                "started_from": getattr(self, "started_from", None),  # the promoted version, after a held-back round
+                "received_eval": received_eval({s: a["metrics"] for s, a in rs.answered.items()}, rs.shares,
+                                               {s: a["num_examples"] for s, a in rs.answered.items()}, previous_adapter(self.history))}
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -892,7 +898,7 @@ class Coordinator:
             "silos": [{"id": s.id, "online": bool(s.peer) and now - s.last_seen <= self.cfg.silo_timeout_s,
                        "last_seen": s.last_seen or None, "rounds": s.rounds, "examples": s.examples}
                       for s in sorted(self.silos.values(), key=lambda s: s.id)],
-            "rounds": list(self.history),
+            "rounds": with_gate(list(self.history), self.run_dir),  # each round's promotion gate decision (federation/heldout.py)
         }
 
     def _status_token(self) -> str | None:

@@ -7,7 +7,9 @@ new one is promoted when `loss <= current_loss + federation.gate_tolerance`, els
 still registered and published under its own name (`NAME-vN`); only the alias stays. `federation.publish.
 RouterPublisher` asks the gate before each publish (in its own thread: the rounds never wait for it). Each decision is
 appended to `HOME/federation/RUN/gate.jsonl` (`{"round", "adapter", "loss", "current", "current_loss", "tolerance",
-"decision": "promoted" | "held back", "time"}`), which also tells a restarted coordinator which version is current.
+"source", "prompts", "decision": "promoted" | "held back", "time"}`), which also tells a restarted coordinator which
+version is current. A version that passes on loss must also answer the gate prompts (federation/gate_prompts.py).
+Without gate data, `HeldOutGate` decides on the silos' own held-out losses, one round late (federation/heldout.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from appliance.core.atomic import append_jsonl
 from appliance.core.errors import ConfigError
@@ -30,21 +32,68 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class PromotionGate:
-    """Decides, per registered version, whether the alias moves to it (see the module docstring)."""
+class _Gate:
+    """What both gates share: the decision log, the current (last promoted) version and the decision rule."""
 
-    def __init__(self, settings: ApplianceSettings, data: Path, tolerance: float, log_path: Path, model_dir: Path | None = None):
-        if not Path(data).is_file():
-            raise ConfigError(f"federation.gate_data {data} is not a file; give a JSONL data set (same formats as training data)")
-        self.settings, self.data, self.tolerance, self.log_path = settings, Path(data), tolerance, log_path
-        self.model_dir = model_dir or settings.models_dir / settings.model
+    deferred = False  # True: a version's figure arrives with the next round (HeldOutGate)
+    source = ""
+
+    def __init__(self, tolerance: float, log_path: Path, *, resume: bool = True):
+        self.tolerance, self.log_path = tolerance, log_path
         self._lock = threading.Lock()
         self._decisions: dict[str, dict[str, Any]] = {}
         self.current: str | None = None  # served name of the version last promoted
         self.current_loss: float | None = None
-        for row in _read_jsonl(log_path):
+        for row in _read_jsonl(log_path) if resume else []:
+            self._decisions[row.get("adapter")] = row
             if row.get("decision") == "promoted":
                 self.current, self.current_loss = row["adapter"], row["loss"]
+
+    def decided(self, served_name: str) -> dict[str, Any] | None:
+        """The decision already taken for `served_name` (this run, restarts included), or None."""
+        with self._lock:
+            return self._decisions.get(served_name)
+
+    def decide(self, version: AdapterVersion, loss: float, answers: Callable[[], str | None] | None = None) -> dict[str, Any]:
+        """Promote `version` when `loss` is finite and within `tolerance` of the current version's, and the gate
+        prompts (`answers()`: None when they passed, else the problem) pass; record and return the decision. Asked
+        again, it answers the same."""
+        with self._lock:
+            if version.served_name in self._decisions:
+                return self._decisions[version.served_name]
+            loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+            promoted = math.isfinite(loss) and (self.current_loss is None or loss <= self.current_loss + self.tolerance)
+            prompts = None
+            if promoted and answers is not None:
+                prompts = answers() or "ok"
+                promoted = prompts == "ok"
+            decision = {"round": version.meta.get("round"), "adapter": version.served_name,
+                        "loss": loss if math.isfinite(loss) else None, "current": self.current,
+                        "current_loss": self.current_loss, "tolerance": self.tolerance, "source": self.source,
+                        "prompts": prompts, "decision": "promoted" if promoted else "held back", "time": time.time()}
+            append_jsonl(self.log_path, decision)
+            self._decisions[version.served_name] = decision
+            if promoted:
+                self.current, self.current_loss = version.served_name, loss
+            log = logger.info if promoted else logger.warning
+            log("gate: %s %s (loss %s, current %s %s, tolerance %s, prompts %s)", version.served_name, decision["decision"],
+                decision["loss"], decision["current"], decision["current_loss"], self.tolerance, prompts)
+            return decision
+
+
+class PromotionGate(_Gate):
+    """Decides, per registered version, whether the alias moves to it, from its loss on the gate data (see the module
+    docstring)."""
+
+    source = "gate data"
+
+    def __init__(self, settings: ApplianceSettings, data: Path, tolerance: float, log_path: Path, model_dir: Path | None = None,
+                 *, resume: bool = True):
+        if not Path(data).is_file():
+            raise ConfigError(f"federation.gate_data {data} is not a file; give a JSONL data set (same formats as training data)")
+        super().__init__(tolerance, log_path, resume=resume)
+        self.settings, self.data = settings, Path(data)
+        self.model_dir = model_dir or settings.models_dir / settings.model
 
     def loss(self, version: AdapterVersion) -> float:
         """The version's eval loss on the gate data (inf when not finite)."""
@@ -54,32 +103,33 @@ class PromotionGate:
         loss = float(metrics["eval_loss"])
         return loss if math.isfinite(loss) else math.inf
 
-    def check(self, version: AdapterVersion) -> dict[str, Any]:
+    def check(self, version: AdapterVersion, answers: Callable[[], str | None] | None = None) -> dict[str, Any]:
         """The decision for `version` (measured once; asking again answers the same)."""
-        with self._lock:
-            if version.served_name in self._decisions:
-                return self._decisions[version.served_name]
-            loss = self.loss(version)
-            promoted = math.isfinite(loss) and (self.current_loss is None or loss <= self.current_loss + self.tolerance)
-            decision = {"round": version.meta.get("round"), "adapter": version.served_name, "loss": loss,
-                        "current": self.current, "current_loss": self.current_loss, "tolerance": self.tolerance,
-                        "decision": "promoted" if promoted else "held back", "time": time.time()}
-            append_jsonl(self.log_path, decision)
-            self._decisions[version.served_name] = decision
-            if promoted:
-                self.current, self.current_loss = version.served_name, loss
-            log = logger.info if promoted else logger.warning
-            log("gate: %s %s (loss %.4f, current %s %s, tolerance %s)", version.served_name, decision["decision"], loss,
-                decision["current"], decision["current_loss"], self.tolerance)
-            return decision
+        done = self.decided(version.served_name)
+        return done if done is not None else self.decide(version, self.loss(version), answers)
 
 
-def gate_for(settings: ApplianceSettings) -> PromotionGate | None:
-    """The gate of this federation run, or None when `federation.gate_data` is not set or `federation.gate` is off."""
+class HeldOutGate(_Gate):
+    """The gate of a federation without gate data: a version's figure is the silos' own held-out loss of it, which
+    they measure when they receive it as the next round's global adapter, before training (federation/heldout.py).
+    So round r's version is decided when round r+1's updates have arrived (`RouterPublisher` reads the figure from
+    round r+1's version's meta, `received_eval`); the last round's version of a run has no next round and stays
+    under its own name."""
+
+    deferred = True
+    source = "silos' held-out loss"
+
+
+def gate_for(settings: ApplianceSettings) -> _Gate | None:
+    """The gate of this federation run: on gate data when `federation.gate_data` is set, else on the silos' held-out
+    losses; None when `federation.gate` is off."""
     cfg = settings.federation
-    if cfg.gate_data is None or not cfg.gate:
+    if not cfg.gate:
         return None
-    return PromotionGate(settings, cfg.gate_data, cfg.gate_tolerance, settings.federation_dir / cfg.run_name / "gate.jsonl")
+    log = settings.federation_dir / cfg.run_name / "gate.jsonl"
+    if cfg.gate_data is None:
+        return HeldOutGate(cfg.gate_tolerance, log)
+    return PromotionGate(settings, cfg.gate_data, cfg.gate_tolerance, log)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ def round_meta(coordinator: Coordinator, record: dict[str, Any]) -> dict[str, An
         "secure_aggregation": bool(record.get("secure_aggregation")), "local_steps": cfg.local_steps,
         "lr": settings.train.lr, "lr_schedule": cfg.lr_schedule, "lora_r": settings.train.lora_r,
         "lora_alpha": settings.train.lora_alpha, "examples": record.get("examples"),
+        "received_eval": record.get("received_eval"),  # the silos' held-out loss of the previous version (the gate)
     }
 
 

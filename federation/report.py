@@ -37,6 +37,8 @@ def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     """A plain-text report: run line, a silo table and a round table."""
     now = time.time() if now is None else now
+    from federation.heldout import gate_text
+
     lines = [f"run {status['run']}: round {status['round']}/{status['rounds_total']}, phase {status['phase']}, "
              f"strategy {status['strategy']}", "", f"{'silo':<16}{'online':<8}{'last seen':<12}{'rounds':>7}{'examples':>10}"]
     for s in status.get("silos", []):
@@ -50,5 +52,6 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         m = r.get("metrics", {})
         fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         lines.append(f"{r['round']:<7}{','.join(r['participants']):<30}{fmt(m.get('train_loss')):>11}{fmt(m.get('eval_loss')):>10}"
-                     f"{r['bytes_in']:>12}{r['bytes_out']:>12}{r['duration_s']:>8.1f}  {r.get('adapter') or '-'}")
+                     f"{r['bytes_in']:>12}{r['bytes_out']:>12}{r['duration_s']:>8.1f}  {r.get('adapter') or '-'}"
+                     + (f"  {gate_text(r['gate'])}" if r.get("gate") else ""))  # the promotion gate (federation/heldout.py)
     return "\n".join(lines)

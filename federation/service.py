@@ -74,8 +74,12 @@ def router_publisher(settings: "ApplianceSettings") -> Any:
     from federation.publish import RouterPublisher
 
     token = router_admin_token(settings)
+    fed = settings.federation
+    api_key = fed.gate_api_key.get_secret_value() if fed.gate_api_key else None
     return RouterPublisher(f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}", token, max_attempts=0,
-                           verify=client_context(settings.tls_ca_file), gate=gate_for(settings))  # retry until a newer round supersedes it
+                           verify=client_context(settings.tls_ca_file), gate=gate_for(settings),
+                           gate_prompts=fed.gate_prompts, api_key=api_key,
+                           regions=fed.serve_regions)  # retry until a newer round supersedes it
 
 
 async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:
@@ -88,12 +92,35 @@ async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:
     waiter.cancel()
 
 
-def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str, Any]:
+def run_coordinator(settings: "ApplianceSettings", *, on_ready=None, stay: bool = False) -> dict[str, Any]:
     """Run the federation to the end (or Ctrl-C); returns the final status document.
 
+    With `stay` (`appliance up`), an ended run does not end the process: its status stays served and `POST /runs/next`
+    starts the next run (federation/runs.py); only a signal ends it.
+
     Raises:
-        RoundFailed: the run stopped after too many failed rounds (the CLI exits 1, so `appliance up` restarts it).
+        RoundFailed: the run stopped after too many failed rounds (the CLI exits 1, so `appliance up` restarts it);
+            not with `stay`, which keeps serving the failed run's status instead.
     """
+    while True:
+        final = _run_once(settings, on_ready)
+        if not stay or final["phase"] == "stopped":
+            break
+        from federation.runs import FinishedServer
+
+        following = asyncio.run(FinishedServer(settings, final).wait())
+        if following is None:
+            break
+        settings = following
+        logger.info("starting run %s (up to round %d)", settings.federation.run_name, settings.federation.rounds)
+    if final["phase"] == "failed" and not stay:
+        last = next((r["failed"] for r in reversed(final["rounds"]) if "failed" in r), "see the coordinator's log")
+        raise RoundFailed(f"run {final['run']} failed after {final['completed_rounds']} completed round(s): {last}")
+    return final
+
+
+def _run_once(settings: "ApplianceSettings", on_ready=None) -> dict[str, Any]:
+    """One run of the federation to its end (or a signal): its final status document."""
     from federation.coordinator import Coordinator
     from federation.transport import check_plaintext_endpoint
 
@@ -119,14 +146,10 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None) -> dict[str
         return coord.status()
 
     try:
-        final = asyncio.run(main())
+        return asyncio.run(main())
     finally:
         for p in publishers:
             p.close()
-    if final["phase"] == "failed":
-        last = next((r["failed"] for r in reversed(final["rounds"]) if "failed" in r), "see the coordinator's log")
-        raise RoundFailed(f"run {final['run']} failed after {final['completed_rounds']} completed round(s): {last}")
-    return final
 
 
 def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None = None) -> list[int]:

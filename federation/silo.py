@@ -405,9 +405,12 @@ class SiloClient:
             raise ProtocolError(f"a silo does not handle the secure-aggregation step {body.step!r}")
 
     def _fit(self, global_state: StateDict, task: TrainTask) -> tuple[int, dict[str, float], StateDict]:
+        from federation.heldout import received_metrics
+
         self.trainer.set_state({k: v.clone() for k, v in global_state.items()})
+        received = received_metrics(self.trainer)  # its held-out loss of the global it received (the promotion gate)
         num_examples, metrics = self.trainer.fit(task.local_steps, dict(task.config))
-        return num_examples, metrics, state_delta(self.trainer.get_state(), global_state)
+        return num_examples, {**metrics, **received}, state_delta(self.trainer.get_state(), global_state)
 
 
 def policy_refusal(cfg: Any, task: TrainTask) -> str | None:

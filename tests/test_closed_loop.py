@@ -102,7 +102,8 @@ def test_failed_publish_is_retried_and_reported(router, tmp_path):
     publisher = RouterPublisher(router.url, router.admin_token, initial_backoff_s=0.05, max_backoff_s=0.1)
     try:
         publisher(_version(tmp_path, "fed", 1))
-        _wait_for(lambda: publisher.status()["fed-v1"]["attempts"] >= 2)
+        # Two failures recorded (not merely two attempts begun: the second could still succeed once loads are allowed).
+        _wait_for(lambda: len(publisher.status()["fed-v1"]["history"]) >= 2)
         router.worker.control(refuse_loads=False)
         assert publisher.wait_published("fed-v1", timeout_s=10)
         record = publisher.status()["fed-v1"]
@@ -245,3 +246,24 @@ async def test_federation_latest_answers_from_the_newest_round_every_round(vllm_
         for n in range(1, rounds + 1):  # leave the session's vLLM workers as they were
             httpx.delete(f"{router.url}/admin/adapters/loop-v{n}", headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
         router.stop()
+
+
+def test_the_publisher_sends_the_runs_serve_regions(tmp_path):
+    """`federation.serve_regions` travels as `regions` in each publish (the router places and routes by it)."""
+    from federation.service import router_publisher
+    from tests.ui.fakes import FakeRouter
+
+    fake = FakeRouter(admin_token="regions-admin-token-0123456789").start()
+    try:
+        settings = make_settings(tmp_path / "home", serve={"port": int(fake.url.rsplit(":", 1)[1]),
+                                                           "admin_token": "regions-admin-token-0123456789"},
+                                 federation={"serve_regions": ["eu-west"], "gate": False})
+        publisher = router_publisher(settings)
+        try:
+            publisher(_version(tmp_path, "fed", 1))
+            assert publisher.wait_published("fed-v1", timeout_s=10), publisher.status()
+        finally:
+            publisher.close()
+    finally:
+        fake.stop()
+    assert [(c["name"], c.get("regions")) for c in fake.state.publish_calls] == [("fed-v1", ["eu-west"])]

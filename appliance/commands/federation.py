@@ -97,6 +97,8 @@ def start(
                                         "fresh: a new optimizer every round."),
     dp: Optional[str] = typer.Option(None, "--dp", help="off | central | silo"),
     plaintext: bool = typer.Option(False, "--plaintext", help="No encryption/authentication (tests only)."),
+    stay: bool = typer.Option(False, "--stay", help="After the run ends keep serving its status (phase finished) and "
+                                                    "start the next run on POST /runs/next (what `appliance up` runs)."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
                                             help="Pairwise-masked secure aggregation: the coordinator learns only the sum "
                                                  "(fedavg fedprox fedavgm fedadam fedyogi only)."),
@@ -112,7 +114,7 @@ def start(
             "local_steps": local_steps, "port": port, "bind_host": host, "run_name": run_name,
             "compression": compression, "local_optimizer": local_optimizer, "dp_mode": dp, "plaintext": plaintext or None,
             "secure_aggregation": secure_aggregation or None}})
-        final = run_coordinator(settings, on_ready=lambda c: console.print(
+        final = run_coordinator(settings, stay=stay, on_ready=lambda c: console.print(
             f"coordinator at {c.address}, status at {c.status_url}", highlight=False))
         console.print(f"run {final['run']}: {final['phase']} after {final['completed_rounds']} round(s)", highlight=False)
 

@@ -181,25 +181,37 @@ def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
             console.print(f"{v.ref}\t{v.served_name}\t{state}", highlight=False)
 
 
-_REGIONS = typer.Option(None, "--regions", help="Data residency: comma-separated regions it may be served in (workers "
-                                                "whose operator-assigned region is one of them); default anywhere.")
-
-
-def _region_list(regions: Optional[str]) -> Optional[list[str]]:
-    return [r.strip() for r in regions.split(",") if r.strip()] or None if regions else None
-
-
 @adapters_app.command("publish")
 def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."), router: Optional[str] = _ROUTER,
-                     regions: Optional[str] = _REGIONS) -> None:
-    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it
-    (loaded first on every eligible worker). With --regions it is served only in those regions, never elsewhere."""
+                     gate: Optional[Path] = typer.Option(None, "--gate", help="Gate data set (JSONL): NAME-latest moves only if the version's loss on it is not worse than the current one's (default: federation.gate_data)."),
+                     no_gate: bool = typer.Option(False, "--no-gate", help="Move NAME-latest at once, without the promotion gate."),
+                     regions: Optional[str] = typer.Option(None, "--regions", help="Comma-separated regions it may be served in (default: federation.serve_regions; none: anywhere).")) -> None:
+    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it (through
+    the promotion gate when a gate data set is given or configured: else it stays under its own name, held back)."""
     from appliance.core.adapter_registry import AdapterRegistry
 
     with cli_errors():
         settings, client = _admin(ctx, router)
-        version = AdapterRegistry(settings.adapters_dir).get(ref)
-        out = client.publish_version(version, regions=_region_list(regions))
+        if regions is not None:
+            settings = settings.model_copy(update={"federation": settings.federation.model_copy(
+                update={"serve_regions": [r.strip() for r in regions.split(",") if r.strip()]})})
+        registry = AdapterRegistry(settings.adapters_dir)
+        version = registry.get(ref)
+        data = None if no_gate or not settings.federation.gate else gate or settings.federation.gate_data
+        if data is not None:
+            from federation.gate_publish import gated_publish
+
+            out, decision = gated_publish(settings, client, registry, version, Path(data))
+            loss, current = decision.get("loss"), decision.get("current_loss")
+            figures = f"loss {loss if loss is None else round(loss, 4)} vs {current if current is None else round(current, 4)} of {decision.get('current') or 'none'}"
+            if decision["decision"] != "promoted":
+                prompts = decision.get("prompts")
+                console.print(f"held back: {version.served_name} is served under its own name only ({figures}"
+                              f"{'; ' + prompts if prompts and prompts != 'ok' else ''})", highlight=False)
+                return
+            console.print(f"gate passed ({figures})", highlight=False)
+        else:
+            out = client.publish_version(version, regions=settings.federation.serve_regions or None)
         aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
         where = f", regions {', '.join(out['regions'])}" if out.get("regions") else ""
         console.print(f"published {version.served_name} (alias {aliases}{where}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)

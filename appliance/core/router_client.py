@@ -234,7 +234,8 @@ class RouterClient(ServiceClient):
             router loads it only on workers of that model.
         """
         aliases = [latest_alias(version.name)] if promote else []  # held back by the gate: its own name only
-        held_back = None if promote else {"alias": latest_alias(version.name), **{k: (gate or {}).get(k) for k in ("loss", "current_loss")}}
+        held_back = None if promote or gate is None else {
+            "alias": latest_alias(version.name), **{k: gate.get(k) for k in ("loss", "current_loss", "prompts", "error")}}
         return self.publish(version.served_name, str(path or version.path), aliases,
                             base_model=served_base_model(version), version=version.version, by=by or published_by(version),
                             held_back=held_back, timeout_s=timeout_s, regions=regions)

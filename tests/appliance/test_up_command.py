@@ -38,7 +38,7 @@ def test_children_in_dependency_order_with_the_router_told_about_local_workers(t
     assert not any(k in arg for k in keys for c in children for arg in c.argv)
     assert all(c.env["APPLIANCE_HOME"] == str(tmp_path) for c in children)
     assert names[3:] == ["coordinator", "console"]
-    assert children[3].argv[3:] == ["coordinator", "start"]
+    assert children[3].argv[3:] == ["coordinator", "start", "--stay"]  # an ended run keeps serving its status
     console = children[4]
     assert console.argv[3] == "ui" and console.depends_on == ("router", "coordinator")
     assert console.argv[console.argv.index("--router-url") + 1] == "http://127.0.0.1:9100"

@@ -33,7 +33,8 @@ async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
     assert set(header.body) == {"num_examples", "metrics", "encoding"} | timings | clock
     assert all(isinstance(header.body[k], (int, float)) for k in timings)
     assert all(header.body[k] is None or isinstance(header.body[k], (int, float)) for k in clock)
-    assert set(header.body["metrics"]) == {"train_loss", "note_len"}  # the text metric was dropped
+    # the text metric was dropped; received_eval_loss: its held-out loss of the global it received (a number)
+    assert set(header.body["metrics"]) == {"train_loss", "note_len", "received_eval_loss"}
     assert "PATIENT" not in json.dumps(coord.status())
     # the update travelled int8-quantised
     assert header.body["encoding"]["method"] == "int8" and any(t.dtype == "int8" for t in header.manifest)

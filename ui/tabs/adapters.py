@@ -17,6 +17,7 @@ from appliance.core.router_client import latest_alias
 from ui import evals, launcher
 from ui.context import ConsoleContext, bind, guarded, problem
 from ui.services import ServiceUnavailable
+from ui.tabs import adapter_history
 from ui.tabs.train import UPLOAD_SUFFIXES, data_choices, data_dir, on_upload
 
 ADAPTER_HEADERS = ["adapter", "served", "served as", "base model", "from", "data sha256", "metrics"]
@@ -175,6 +176,8 @@ def build(ctx: ConsoleContext) -> None:
             return gr.File(visible=False), problem("Pick an adapter version.")
         path = zip_adapter(ctx.registry.get(ref))
         return gr.File(value=str(path), visible=True), f"Exported `{ref}` as {path.name} (PEFT folder: adapter_config.json, adapter_model.safetensors, meta.json)."
+
+    adapter_history.build(ctx)  # alias history with the gate's figures, and Rollback (ui/tabs/adapter_history.py)
 
     gr.Markdown("### Compare on eval data")
     with gr.Row():

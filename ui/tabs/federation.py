@@ -11,6 +11,7 @@ from typing import Any
 
 from appliance.core.processes import log_tail
 from appliance.core.sections.federation import STRATEGY_NAMES
+from federation.heldout import gate_text
 from ui import launcher
 from ui.context import ConsoleContext, bind, guarded, problem
 from ui.plots import line_figure, stacked_bar_figure
@@ -18,7 +19,8 @@ from ui.runs import format_duration
 from ui.services import ServiceUnavailable
 
 SILO_HEADERS = ["silo", "online", "last seen", "rounds", "examples"]
-ROUND_HEADERS = ["round", "participants", "train loss", "eval loss", "bytes in", "bytes out", "duration (s)", "epsilon", "adapter"]
+ROUND_HEADERS = ["round", "participants", "train loss", "eval loss", "bytes in", "bytes out", "duration (s)", "epsilon", "gate",
+                 "adapter"]
 TIMING_HEADERS = ["round", "silo", "download (s)", "train (s)", "upload (s)", "other (s)", "deadline (s)", "MB down", "MB up"]
 TIMING_PARTS = ["download", "train", "upload", "other"]  # of a silo's span, TRAIN sent to UPDATE received
 
@@ -28,8 +30,11 @@ def summary_markdown(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     deadline = status.get("deadline")
     left = f"{format_duration(float(deadline) - now)} left" if isinstance(deadline, (int, float)) and deadline > now else "-"
+    phase = status.get("phase", "?")
+    if phase == "finished":  # an ended run whose coordinator stays up for the next one (federation/runs.py)
+        phase = f"finished ({status.get('ended', 'done')}): start the next run below"
     return (f"**Run** `{status.get('run', '?')}` · **round** {status.get('round', '?')} / {status.get('rounds_total', '?')}"
-            f" · **phase** {status.get('phase', '?')} · **deadline** {left} · **strategy** {status.get('strategy', '?')}")
+            f" · **phase** {phase} · **deadline** {left} · **strategy** {status.get('strategy', '?')}")
 
 
 def silo_rows(status: dict[str, Any], now: float | None = None) -> list[list[Any]]:
@@ -51,7 +56,7 @@ def round_rows(status: dict[str, Any]) -> list[list[Any]]:
         parts = r.get("participants")
         rows.append([r.get("round"), ", ".join(parts) if isinstance(parts, list) else parts, _num(m.get("train_loss")),
                      _num(m.get("eval_loss")), r.get("bytes_in"), r.get("bytes_out"), _num(r.get("duration_s"), 1),
-                     _num(r.get("epsilon"), 3), r.get("adapter") or ""])
+                     _num(r.get("epsilon"), 3), gate_text(r.get("gate")), r.get("adapter") or ""])
     return rows
 
 
@@ -200,6 +205,21 @@ def on_start(ctx: ConsoleContext, rounds_n: float, strat: str, min_n: float, ste
 
 
 @guarded(lambda msg: msg)
+def on_next_run(ctx: ConsoleContext, run_name: str | None, rounds_n: float, strat: str, min_n: float, steps: float) -> str:
+    """Ask a coordinator whose run has ended (`phase` finished) to start the next run (`POST /runs/next`,
+    federation/runs.py): the same run for more rounds, or a new run when a name is given."""
+    body: dict[str, Any] = {"rounds": int(rounds_n), "strategy": strat, "min_silos": int(min_n), "local_steps": int(steps)}
+    if run_name and run_name.strip():
+        body["run"] = run_name.strip()
+    status = ctx.coordinator.request("GET", "/status")
+    if isinstance(status, dict) and status.get("phase") != "finished":
+        return problem(f"The coordinator's run `{status.get('run')}` is still {status.get('phase')}; the next run starts "
+                       f"once it has ended.")
+    out = ctx.coordinator.request("POST", "/runs/next", json=body)
+    return f"Started run `{out['run']}` (up to round {out['rounds']})."
+
+
+@guarded(lambda msg: msg)
 def on_stop(ctx: ConsoleContext) -> str:
     """Stop the coordinator or demo this console started."""
     for kind in ("coordinator", "demo"):
@@ -270,6 +290,9 @@ def build(ctx: ConsoleContext) -> None:
                 start = gr.Button("Start coordinator", variant="primary", elem_id="fed-start")
                 stop = gr.Button("Stop", elem_id="fed-stop")
                 demo = gr.Button("Run the 3-silo demo", elem_id="fed-demo")
+            with gr.Row():
+                next_name = gr.Textbox(label="Next run name (empty: the same run, more rounds)", elem_id="fed-next-name")
+                next_run = gr.Button("Start next run", elem_id="fed-next-run")
     action = gr.Markdown("", elem_id="fed-action")
     demo_result = gr.Markdown("", elem_id="fed-demo-result")
     timer = gr.Timer(ctx.settings.ui.poll_interval_s)
@@ -282,4 +305,5 @@ def build(ctx: ConsoleContext) -> None:
     start.click(bind(on_start, ctx), [n_rounds, strategy, min_silos, local_steps], action)
     stop.click(bind(on_stop, ctx), None, action)
     demo.click(bind(on_demo, ctx), None, action)
+    next_run.click(bind(on_next_run, ctx), [next_name, n_rounds, strategy, min_silos, local_steps], action)
     ctx.on_load.append((bind(refresh, ctx), [], outputs))
