@@ -155,6 +155,14 @@ async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
     return {"id": worker_id, "removed": True}
 
 
+@router.get("/runtime", dependencies=[Depends(require_admin)])
+async def runtime(request: Request) -> dict[str, Any]:
+    """Asyncio tasks alive and the size of each per-worker table (serve/runtime_stats.py)."""
+    from serve.runtime_stats import runtime_stats
+
+    return runtime_stats(request.app.state)
+
+
 @router.get("/workers", dependencies=[Depends(require_admin)])
 async def list_workers(request: Request) -> list[dict[str, Any]]:
     """Every worker with its health, load and what it serves."""

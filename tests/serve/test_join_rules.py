@@ -106,11 +106,9 @@ async def test_the_fleet_size_and_a_workers_capacity_are_bounded(fake_factory, r
 
 
 def _per_worker_tables(app) -> dict[str, int]:
-    s = app.state
-    samples = sum(1 for family in s.metrics.registry.collect() for sample in family.samples if "worker" in sample.labels)
-    return {"metric samples": samples, "series cache": len(s.forwarder._series), "load locks": len(s.placement._locks),
-            "probes": len(s.registry._probing), "canary checks": len(s.canaries._checks),
-            "hedge windows": len(s.forwarder.hedger.windows) if s.forwarder.hedger else 0}
+    from serve.runtime_stats import per_worker_tables
+
+    return per_worker_tables(app.state)
 
 
 async def test_joining_and_leaving_200_times_leaves_no_per_worker_state(fake_factory, router_factory, tmp_path):
@@ -130,8 +128,10 @@ async def test_joining_and_leaving_200_times_leaves_no_per_worker_state(fake_fac
             gone = await c.delete(f"/admin/workers/{joined['id']}", headers={"Authorization": f"Bearer {joined['secret']}"})
             assert gone.status_code == 200
         exposition = (await c.get("/metrics")).text
+        runtime = (await c.get("/admin/runtime", headers=router.admin_headers())).json()  # what an operator reads
     assert _per_worker_tables(router.app) == before
     assert not any(wid in exposition for wid in ids)
+    assert runtime["tables"] == before and runtime["asyncio_tasks"] > 0
 
 
 async def test_a_502_to_an_api_client_names_no_worker_address(fake_factory, router_factory, caplog):
