@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 MODEL = "smollm2-135m-instruct"
 CPU_ONLY_DROP = ["torchvision", "torchaudio", "torchcodec"]
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("FEDLLM_IMAGE_CACHE", "/var/cache/fedllm-images"))
 PODMAN = ["podman", "--runtime", "runc"]
 RUN = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
