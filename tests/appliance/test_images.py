@@ -78,6 +78,11 @@ def test_cpu_images_drop_the_cuda_torchvision_like_the_makefile() -> None:
     for suffix in ("worker", "operator"):
         runs = " ".join(args for kind, args in instructions(IMAGES / f"Containerfile.{suffix}") if kind == "RUN")
         assert "pip uninstall -y -q torchvision torchaudio torchcodec" in runs
+    for suffix in ("silo", "operator"):  # DeepSpeed's CPU accelerator compiles its shm op: built at image build time
+        steps = instructions(IMAGES / f"Containerfile.{suffix}")
+        runs = " ".join(args for kind, args in steps if kind == "RUN")
+        assert "g++" in runs and "ShareMemCommBuilder().load()" in runs
+        assert "TORCH_EXTENSIONS_DIR=/opt/fedllm/torch_extensions" in [args for kind, args in steps if kind == "ENV"]
     for suffix in ("worker.cuda", "operator.cuda"):
         runs = " ".join(args for kind, args in instructions(IMAGES / f"Containerfile.{suffix}") if kind == "RUN")
         assert "torch.version.cuda" in runs  # a CPU torch in a CUDA image fails the build
