@@ -207,7 +207,7 @@ def missing(base: Path) -> int:
     failed = 0
     cases = [("silo", ["ui"], "console"), ("silo", ["serve"], "router"), ("silo", ["worker", "start"], "worker"),
              ("worker", ["train", "--data", "x.jsonl"], "silo"), ("worker", ["ui"], "console"),
-             ("worker", ["coordinator", "start"], "coordinator")]
+             ("worker", ["node", "ls"], "cluster"), ("silo", ["node", "ls"], "cluster")]
     with tempfile.TemporaryDirectory() as home:
         for venv, args, extra in cases:
             done = run([str(base / venv / "bin" / "appliance"), "--home", home, *args], env={**role_env(), "COLUMNS": "300"}, timeout=120)
