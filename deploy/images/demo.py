@@ -4,6 +4,8 @@
                                                   started on the host (CURVE keys, enrolment), prints the round record
     python deploy/images/demo.py operator-chat    starts the all-in-one image (`appliance up`), creates an API key
                                                   inside it, chats through its router with the openai client
+    python deploy/images/demo.py compose-chat     deploy/compose.yaml up (router, worker, coordinator, console on the
+                                                  host's network), a chat through its router, then down -v
     python deploy/images/demo.py sizes            each image's size
 
 Run it with the operator's virtualenv (the host side uses `appliance` from the interpreter running this script and
@@ -169,6 +171,41 @@ def operator_chat(args: argparse.Namespace) -> int:
         podman("volume", "rm", "-f", volume, check=False)
 
 
+def compose_chat(args: argparse.Namespace) -> int:
+    """deploy/compose.yaml up (router, worker, coordinator, console), a chat through the router, then down -v."""
+    from openai import OpenAI
+
+    compose = [str(Path(__file__).with_name("compose.sh"))]
+    env = {**os.environ, "FEDLLM_MODELS": str(model_store())}
+    up = subprocess.run([*compose, "up"], text=True, capture_output=True, env=env)
+    print(f"compose.sh up -> exit {up.returncode}", flush=True)
+    try:
+        if up.returncode:
+            print(up.stdout[-2000:], up.stderr[-3000:])
+            return 1
+        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused-on-loopback", timeout=60, max_retries=0)
+        started, last = time.monotonic(), ""
+        while time.monotonic() - started < args.timeout:
+            try:
+                reply = client.chat.completions.create(model=MODEL, max_tokens=30, temperature=0,
+                                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+                print(f"chat through the compose stack's router after {time.monotonic() - started:.0f} s: "
+                      f"{reply.choices[0].message.content!r}")
+                ps = subprocess.run([*compose, "ps"], text=True, capture_output=True, env=env).stdout
+                print(ps.strip())
+                print("RESULT: the compose stack served chat")
+                return 0
+            except Exception as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                time.sleep(5)
+        logs = subprocess.run([*compose, "logs", "worker"], text=True, capture_output=True, env=env)
+        print(f"FAILED: {last}\n" + "\n".join((logs.stdout + logs.stderr).splitlines()[-30:]))
+        return 1
+    finally:
+        down = subprocess.run([*compose, "down", "-v", "-t", "20"], text=True, capture_output=True, env=env)
+        print(f"compose.sh down -v -> exit {down.returncode}")
+
+
 def sizes(_: argparse.Namespace) -> int:
     for role, image in IMAGES.items():
         done = podman("image", "inspect", "-f", "{{.Size}}", image, check=False)
@@ -188,6 +225,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("up_args", nargs="*", default=["--without", "cluster", "--without", "console"])
     p.set_defaults(fn=operator_chat)
+    p = sub.add_parser("compose-chat")
+    p.add_argument("--timeout", type=float, default=300)
+    p.set_defaults(fn=compose_chat)
     sub.add_parser("sizes").set_defaults(fn=sizes)
     args = parser.parse_args()
     return args.fn(args)
