@@ -164,7 +164,10 @@ def worker_chat(base: Path, keep: bool) -> int:
     port, worker_port = free_port(), free_port()
     router = worker = None
     try:
-        router = subprocess.Popen(operator("--home", str(router_home), "serve", "--port", str(port)), env=operator_env(),
+        # The router has no worker of its own here, so no trusted worker to canary-check the joined one against:
+        # serve.allow_unverified lets the joined worker's model take traffic (README "Serving a fleet").
+        router = subprocess.Popen(operator("--home", str(router_home), "serve", "--port", str(port)),
+                                  env={**operator_env(), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"},
                                   stdout=open(work / "router.log", "w"), stderr=subprocess.STDOUT)
         token = router_home / "keys" / "join_token"
         for _ in range(120):
