@@ -138,7 +138,7 @@ def operator_chat(args: argparse.Namespace) -> int:
     try:
         podman("volume", "create", volume)
         # `up` without the Ray head and the console keeps this 2-core host's load down; both are in the image.
-        cmd = ["run", "-d", *RUN, "--name", name, "-v", f"{volume}:/var/lib/fedllm", "-v", f"{models}:/var/lib/fedllm/models:ro",
+        cmd = ["run", "-d", *RUN, "--shm-size", "1g", "--name", name, "-v", f"{volume}:/var/lib/fedllm", "-v", f"{models}:/var/lib/fedllm/models:ro",
                "-p", f"127.0.0.1:{port}:8000", IMAGES["operator"], "up", *args.up_args]
         podman(*cmd)
         print(f"started {IMAGES['operator']} as {name}: appliance up {' '.join(args.up_args)}; router published at "
