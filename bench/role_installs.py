@@ -6,7 +6,8 @@ configured package index as a fresh virtualenv would (`--ignore-installed`), wit
 For each extra it prints the number of distributions, the sum of their wheel sizes where the index is a local folder,
 their installed size (the RECORD sizes of the same versions installed in the environment running this script: run it
 with the operator's venv, which has `[all]`), and whether a package that role must not have is in it (silo: vllm, gradio; worker: deepspeed, gradio).
-Exit 1 when a forbidden package is found.
+Exit 1 when a forbidden package is found. bench/role_venvs.py installs the [silo] and [worker] roles into real
+virtualenvs and has each do its job (a federated round; chat through a router).
 """
 
 from __future__ import annotations
