@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
-FLAT = 0.10  # allowed growth after warm-up
+sys.path.insert(0, str(HERE))  # run as a script: this checkout's packages
+
+from testing.soak import FLAT, figures_table, flat_checks, locked, proc_sample  # noqa: E402
 
 
 # ---------------------------------------------------------------- the coordinator and silos processes
@@ -118,13 +118,6 @@ def silos_main(home: Path, silos: int, churn_every_s: float) -> None:
 
 # ---------------------------------------------------------------- sampling
 
-def proc_sample(pid: int) -> dict[str, int]:
-    """VmRSS (KiB), open file descriptors and threads of process `pid`."""
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {"rss_kb": int(status["VmRSS"].split()[0]), "threads": int(status["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
-
-
 def _bytes(root: Path) -> int:
     total = 0
     for path in root.rglob("*") if root.is_dir() else ():
@@ -152,16 +145,9 @@ def folder_sample(run_dir: Path) -> dict[str, int]:
 def verdict(samples: list[dict], keep_checkpoints: int, warmup_fraction: float = 1 / 3) -> dict:
     """Warm-up and end figures, and whether each is flat (within FLAT) or bounded."""
     n = len(samples)
-    if n < 6:
-        raise ValueError(f"{n} samples are too few for a verdict; run longer")
+    warm, end, checks = flat_checks(samples, ("rss_kb", "fds", "threads"), warmup_fraction)
     cut = int(n * warmup_fraction)
-    warm = samples[cut]
-    tail = samples[-max(1, n // 10):]
-    out: dict = {"start": samples[0], "warm": warm, "end": {k: statistics.median(s[k] for s in tail) for k in samples[0]}}
-    checks = {}
-    for key in ("rss_kb", "fds", "threads"):
-        growth = out["end"][key] / max(warm[key], 1) - 1
-        checks[key] = {"growth": round(growth, 4), "flat": growth <= FLAT}
+    out: dict = {"start": samples[0], "warm": warm, "end": end}
     # How many checkpoints are on disk swings within a round (a new one is staged before the oldest is pruned), so
     # their bytes are compared per checkpoint; state.json swings with a record's lists. Bounded: the most either
     # reaches after warm-up is no more than what it reached in it.
@@ -175,16 +161,6 @@ def verdict(samples: list[dict], keep_checkpoints: int, warmup_fraction: float =
     out["checks"] = checks
     out["ok"] = all(c["flat"] for c in checks.values())
     return out
-
-
-@contextlib.contextmanager
-def locked(path: str | None):
-    if not path:
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def soak(minutes: float, rounds: int, silos: int, churn_every_s: float, sample_s: float) -> dict:
@@ -237,17 +213,10 @@ def soak(minutes: float, rounds: int, silos: int, churn_every_s: float, sample_s
 
 
 def table(result: dict) -> str:
-    v = result["verdict"]
-    rows = [("", "start", "warm-up", "end", "growth after warm-up")]
-    for key, label, scale in (("rss_kb", "RSS MB", 1024), ("fds", "open fds", 1), ("threads", "threads", 1),
-                              ("checkpoints", "checkpoints kept", 1), ("checkpoint_bytes", "checkpoints MB", 1 << 20),
-                              ("state_bytes", "state.json KB", 1024), ("other_bytes", "update spool MB", 1 << 20),
-                              ("log_bytes", "round log + events KB", 1024), ("rounds", "rounds", 1)):
-        growth = v["checks"].get(key, {}).get("growth") if key != "checkpoints" else None
-        rows.append((label, f"{v['start'][key] / scale:.1f}", f"{v['warm'][key] / scale:.1f}", f"{v['end'][key] / scale:.1f}",
-                     "" if growth is None else f"{growth:+.1%}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return figures_table(result["verdict"], (
+        ("rss_kb", "RSS MB", 1024), ("fds", "open fds", 1), ("threads", "threads", 1), ("checkpoints", "checkpoints kept", 1),
+        ("checkpoint_bytes", "checkpoints MB", 1 << 20), ("state_bytes", "state.json KB", 1024),
+        ("other_bytes", "update spool MB", 1 << 20), ("log_bytes", "round log + events KB", 1024), ("rounds", "rounds", 1)))
 
 
 def main() -> None:

@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,10 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))  # run as a script: this checkout's packages
 PYTHON = sys.executable
 MODEL = "soak-model"
-FLAT = 0.10
 CYCLE = ("join", "leave", "die", "forge", "keys", "adapters")
+
+from testing.soak import figures_table, flat_checks, locked, proc_sample  # noqa: E402
 
 
 def free_port() -> int:
@@ -233,21 +233,8 @@ async def load(soak: Soak, concurrency: int, until: float, outcomes: dict, laten
 
 # ---------------------------------------------------------------- sampling and verdict
 
-def proc_sample(pid: int) -> dict[str, int]:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {"rss_kb": int(status["VmRSS"].split()[0]), "threads": int(status["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
-
-
 def verdict(samples: list[dict], latencies: list[tuple[float, float]], outcomes: dict) -> dict:
-    n = len(samples)
-    if n < 6:
-        raise ValueError(f"{n} samples are too few for a verdict; run longer")
-    warm, tail = samples[n // 3], samples[-max(1, n // 10):]
-    end = {k: statistics.median(s[k] for s in tail) for k in ("rss_kb", "fds", "threads", "tasks")}
-    checks = {}
-    for key in ("rss_kb", "fds", "threads", "tasks"):
-        growth = end[key] / max(warm[key], 1) - 1
-        checks[key] = {"growth": round(growth, 4), "flat": growth <= FLAT}
+    warm, end, checks = flat_checks(samples, ("rss_kb", "fds", "threads", "tasks"))
     last = samples[-1]
     alive = last["tables"]["workers"]
     over = {k: v for k, v in last["tables"].items() if k not in ("workers", "metric samples") and v > alive}
@@ -263,15 +250,6 @@ def verdict(samples: list[dict], latencies: list[tuple[float, float]], outcomes:
                          "warm_ms": round(early * 1000, 1), "end_ms": round(late * 1000, 1)}
     return {"start": samples[0], "warm": warm, "end": end, "checks": checks, "ok": all(c["flat"] for c in checks.values())}
 
-
-@contextlib.contextmanager
-def locked(path: str | None):
-    if not path:
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def run(minutes: float, concurrency: int, churn_every_s: float, sample_s: float) -> dict:
@@ -337,14 +315,8 @@ def run(minutes: float, concurrency: int, churn_every_s: float, sample_s: float)
 
 
 def table(result: dict) -> str:
-    v = result["verdict"]
-    rows = [("", "start", "warm-up", "end", "growth after warm-up")]
-    for key, label, scale in (("rss_kb", "RSS MB", 1024), ("fds", "open fds", 1), ("threads", "threads", 1),
-                              ("tasks", "asyncio tasks", 1)):
-        rows.append((label, f"{v['start'][key] / scale:.1f}", f"{v['warm'][key] / scale:.1f}", f"{v['end'][key] / scale:.1f}",
-                     f"{v['checks'][key]['growth']:+.1%}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return figures_table(result["verdict"], (("rss_kb", "RSS MB", 1024), ("fds", "open fds", 1), ("threads", "threads", 1),
+                                             ("tasks", "asyncio tasks", 1)))
 
 
 def main() -> None:

@@ -13,10 +13,11 @@ status: `"gate": {"decision", "loss", "current", "current_loss", "source", "prom
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from appliance.core.gate_log import read_gate_log
 
 RECEIVED = "received_eval_loss"
 
@@ -54,17 +55,8 @@ def served_name(ref: str) -> str:
 
 def with_gate(rounds: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
     """`rounds` with each one's gate decision (`gate.jsonl` of the run) added as `"gate"`, where there is one."""
-    path = run_dir / "gate.jsonl"
-    if not path.is_file():
-        return rounds
-    decisions: dict[str, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("adapter"):
-            decisions[row["adapter"]] = {k: row.get(k) for k in ("decision", "loss", "current", "current_loss", "source", "prompts")}
+    decisions = {name: {k: row.get(k) for k in ("decision", "loss", "current", "current_loss", "source", "prompts")}
+                 for name, row in read_gate_log(run_dir / "gate.jsonl").items()}
     out = []
     for r in rounds:
         gate = decisions.get(served_name(r["adapter"])) if r.get("adapter") else None

@@ -8,10 +8,10 @@ coordinator's home, they come from the run's gate log (`HOME/federation/NAME/gat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from appliance.core.gate_log import read_gate_log
 from ui.context import ConsoleContext, guarded, problem
 from ui.services import ServiceUnavailable
 
@@ -25,18 +25,7 @@ def aliases(entries: list[Any]) -> list[str]:
 
 def gate_figures(federation_dir: Path, alias: str) -> dict[str, dict[str, Any]]:
     """The gate decisions of federation run NAME (alias NAME-latest) by served name; empty when there is no gate log."""
-    path = federation_dir / alias.removesuffix("-latest") / "gate.jsonl"
-    if not path.is_file():
-        return {}
-    rows: dict[str, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("adapter"):
-            rows[row["adapter"]] = row
-    return rows
+    return read_gate_log(federation_dir / alias.removesuffix("-latest") / "gate.jsonl")
 
 
 def _num(x: Any) -> Any:
