@@ -7,7 +7,7 @@ from pathlib import Path
 from appliance.core.adapter_registry import AdapterVersion
 from tests.ui.fakes import sample_status
 from ui.runs import RunView
-from ui.tabs.adapters import adapter_rows, lineage_source, served_names
+from ui.tabs.adapters import adapter_rows, lineage_source, served_names, served_regions
 from ui.tabs.federation import eval_frame, round_rows, silo_rows, summary_markdown
 from ui.tabs.train import loss_caption, loss_frame, progress_html
 
@@ -31,11 +31,13 @@ def test_federation_plot_falls_back_to_train_loss_and_says_so():
 def test_adapter_views_show_lineage_and_what_is_served(tmp_path: Path):
     fed = AdapterVersion("fed", 2, tmp_path, {"round": 2, "run": "fed", "base_model": "m", "metrics": {"eval_loss": 1.23456}})
     trained = AdapterVersion("bot", 1, tmp_path, {"run_id": "r1", "data_sha256": "ab" * 32, "base_model": "m"})
-    served = served_names([{"name": "fed-v2", "aliases": ["fed-latest"]}, "other"])
+    entries = [{"name": "fed-v2", "aliases": ["fed-latest"], "regions": ["eu", "ch"]}, "other"]
+    served = served_names(entries)
     assert served == {"fed-v2", "fed-latest", "other"}
-    rows = adapter_rows([fed, trained], served)
-    assert rows[0] == ["fed:2", "yes", "fed-v2", "m", "round 2 of federation fed", "", "eval_loss=1.235"]
-    assert rows[1][4:6] == ["run r1", "ab" * 6] and rows[1][1] == "no"
+    rows = adapter_rows([fed, trained], served, served_regions(entries))
+    assert rows[0] == ["fed:2", "yes", "fed-v2", "eu, ch", "m", "round 2 of federation fed", "", "eval_loss=1.235"]
+    assert rows[1][5:7] == ["run r1", "ab" * 6] and rows[1][1] == "no" and rows[1][3] == ""
+    assert adapter_rows([fed], served)[0][3] == "anywhere"  # served, limited to no region
     assert lineage_source({}) == ""
 
 

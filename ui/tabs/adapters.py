@@ -20,7 +20,7 @@ from ui.services import ServiceUnavailable
 from ui.tabs import adapter_history
 from ui.tabs.train import UPLOAD_SUFFIXES, data_choices, data_dir, on_upload
 
-ADAPTER_HEADERS = ["adapter", "served", "served as", "base model", "from", "data sha256", "metrics"]
+ADAPTER_HEADERS = ["adapter", "served", "served as", "regions", "base model", "from", "data sha256", "metrics"]
 
 
 def lineage_source(meta: dict[str, Any]) -> str:
@@ -32,8 +32,10 @@ def lineage_source(meta: dict[str, Any]) -> str:
     return f"run {run}" if run else str(meta.get("source", ""))
 
 
-def adapter_rows(versions: list[AdapterVersion], served: set[str]) -> list[list[Any]]:
-    """Rows of the adapters table; `served` is what the router currently serves."""
+def adapter_rows(versions: list[AdapterVersion], served: set[str], regions: dict[str, list[str]] | None = None) -> list[list[Any]]:
+    """Rows of the adapters table; `served` is what the router currently serves, `regions` the regions a served
+    name is limited to (data residency; a served name not in it may be served anywhere)."""
+    regions = regions or {}
     rows = []
     for v in versions:
         m = v.meta
@@ -41,9 +43,16 @@ def adapter_rows(versions: list[AdapterVersion], served: set[str]) -> list[list[
         metric_text = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in metrics.items()
                                 if isinstance(val, (int, float)))
         data_hash = str(m.get("data_sha256") or m.get("data_hash") or "")[:12]
-        rows.append([v.ref, "yes" if v.served_name in served else "no", v.served_name, m.get("base_model") or m.get("model") or "",
+        is_served = v.served_name in served
+        where = (", ".join(regions[v.served_name]) if regions.get(v.served_name) else "anywhere") if is_served else ""
+        rows.append([v.ref, "yes" if is_served else "no", v.served_name, where, m.get("base_model") or m.get("model") or "",
                      lineage_source(m), data_hash, metric_text])
     return rows
+
+
+def served_regions(entries: list[Any]) -> dict[str, list[str]]:
+    """Served name -> the regions it is limited to, for the publications of `GET /admin/adapters` that name regions."""
+    return {str(e["name"]): list(e["regions"]) for e in entries if isinstance(e, dict) and e.get("regions")}
 
 
 def served_names(entries: list[Any]) -> set[str]:
@@ -143,12 +152,13 @@ def build(ctx: ConsoleContext) -> None:
         versions = ctx.registry.list()
         note = "" if versions else "No adapters yet: train one in the Train tab or run a federation."
         try:
-            served = served_names(ctx.router.adapters())
+            entries = ctx.router.adapters()
+            served, regions = served_names(entries), served_regions(entries)
         except ServiceUnavailable as exc:
-            served, note = set(), problem(exc)
+            served, regions, note = set(), {}, problem(exc)
         refs = [v.ref for v in versions]
         value = current if current in refs else (refs[-1] if refs else None)
-        return note, adapter_rows(versions, served), gr.Dropdown(choices=refs, value=value)
+        return note, adapter_rows(versions, served, regions), gr.Dropdown(choices=refs, value=value)
 
     @guarded(lambda msg: "")
     def show_meta(ref: str | None):
