@@ -20,9 +20,11 @@ def proc_sample(pid: int) -> dict[str, int]:
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
-def flat_checks(samples: list[dict], keys: tuple[str, ...], warmup_fraction: float = 1 / 3) -> tuple[dict, dict, dict]:
-    """(warm-up sample, end figures, checks): for each of `keys`, the end (median of the last tenth of samples)
-    against the sample at the end of the warm-up; flat when it grew by at most FLAT.
+def flat_checks(samples: list[dict], keys: tuple[str, ...], warmup_fraction: float = 1 / 3,
+                slack: dict[str, float] | None = None) -> tuple[dict, dict, dict]:
+    """(warm-up figures, end figures, checks): for each of `keys`, the end (the median of the last tenth of samples)
+    against the warm-up (the median of the tenth around the end of the warm-up); flat when it grew by at most FLAT,
+    plus `slack[key]` (absolute: what a bigger fleet at the end may hold, for small counts such as tasks or fds).
 
     Raises:
         ValueError: too few samples for a verdict.
@@ -30,12 +32,17 @@ def flat_checks(samples: list[dict], keys: tuple[str, ...], warmup_fraction: flo
     n = len(samples)
     if n < 6:
         raise ValueError(f"{n} samples are too few for a verdict; run longer")
-    warm, tail = samples[int(n * warmup_fraction)], samples[-max(1, n // 10):]
-    end = {k: statistics.median(s[k] for s in tail) for k in samples[0] if not isinstance(samples[0][k], dict)}
+    cut, tenth = int(n * warmup_fraction), max(1, n // 10)
+    scalar = [k for k in samples[0] if not isinstance(samples[0][k], dict)]
+
+    def median(window: list[dict]) -> dict:
+        return {k: statistics.median(s[k] for s in window) for k in scalar}
+
+    warm, end = median(samples[max(0, cut - tenth // 2):cut + tenth // 2 + 1]), median(samples[-tenth:])
     checks = {}
     for key in keys:
         growth = end[key] / max(warm[key], 1) - 1
-        checks[key] = {"growth": round(growth, 4), "flat": growth <= FLAT}
+        checks[key] = {"growth": round(growth, 4), "flat": end[key] <= (1 + FLAT) * warm[key] + (slack or {}).get(key, 0.0)}
     return warm, end, checks
 
 
