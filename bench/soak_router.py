@@ -20,7 +20,8 @@ error (an HTTP status with an OpenAI error body), or not answered (a connection 
 
 Verdict: RSS, fds, threads and tasks after warm-up (the median of the tenth of samples around the end of the first
 third) against the end (median of the last tenth) within 10 % (fds and tasks: plus two for each worker more than at
-warm-up); the per-worker tables at the end no larger than the fleet needs (one entry per worker alive, at most);
+warm-up); the per-worker tables at the end no larger than the fleet needs (one entry per worker alive, and per worker and
+model or adapter for the load locks and the series cache);
 no request unanswered; p99 of the last tenth of requests within 2x (plus 20 ms) of the warm-up's. Exit status 1 when
 a check fails.
 """
@@ -242,7 +243,10 @@ def verdict(samples: list[dict], latencies: list[tuple[float, float]], outcomes:
     warm, end, checks = flat_checks(samples, ("rss_kb", "fds", "threads", "tasks"), slack={"tasks": 2 * more, "fds": 2 * more})
     last = samples[-1]
     alive = last["tables"]["workers"]
-    over = {k: v for k, v in last["tables"].items() if k not in ("workers", "metric samples") and v > alive}
+    # Load locks and the series cache hold one entry per worker and model or adapter; the rest one per worker.
+    per_adapter = alive * (1 + last.get("adapters", 0))
+    over = {k: v for k, v in last["tables"].items() if k not in ("workers", "metric samples")
+            and v > (per_adapter if k in ("load locks", "series cache") else alive)}
     checks["tables"] = {"growth": over or None, "flat": not over}
     checks["unanswered"] = {"growth": outcomes["unanswered"], "flat": outcomes["unanswered"] == 0}
     times = [lat for _, lat in latencies]
@@ -294,7 +298,8 @@ def run(minutes: float, concurrency: int, churn_every_s: float, sample_s: float)
                 while time.monotonic() < until:
                     runtime = httpx.get(url + "/admin/runtime", headers=admin, timeout=10).json()
                     samples.append({"t": round(time.monotonic() - started, 1), **proc_sample(router.pid),
-                                    "tasks": runtime["asyncio_tasks"], "tables": runtime["tables"]})
+                                    "tasks": runtime["asyncio_tasks"], "adapters": runtime["published_adapters"],
+                                    "tables": runtime["tables"]})
                     soak.heartbeat()
                     if time.monotonic() >= next_event:
                         soak.event(CYCLE[i % len(CYCLE)])

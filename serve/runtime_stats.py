@@ -24,5 +24,6 @@ def per_worker_tables(state: Any) -> dict[str, int]:
 
 
 def runtime_stats(state: Any) -> dict[str, Any]:
-    """The document of `GET /admin/runtime`: asyncio tasks alive and the per-worker tables."""
-    return {"asyncio_tasks": len(asyncio.all_tasks()), "tables": per_worker_tables(state)}
+    """The document of `GET /admin/runtime`: asyncio tasks alive, adapters published, and the per-worker tables."""
+    return {"asyncio_tasks": len(asyncio.all_tasks()), "published_adapters": len(state.placement.published),
+            "tables": per_worker_tables(state)}
