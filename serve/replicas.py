@@ -67,7 +67,7 @@ class ReplicaKeeper:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.health_interval_s)
             except asyncio.TimeoutError:
-                pass
+                pass  # no wake-up within a health interval: a periodic pass all the same (workers that came back)
             self._wake.clear()
             try:
                 await self.reconcile()
