@@ -9,6 +9,7 @@ a few rounds; both are summarised as tables.
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def run_geo(regions: dict[str, LinkSpec], workdir: Path, *, model_dir: Path | No
         report = SimReport("network namespaces" if bed.use_netns else f"loopback links ({bed.netns_skip_reason})")
         echo(f"test bed: {report.mode}; router and coordinator in {HUB_REGION}; "
              + ", ".join(f"{n} {s.describe()}" for n, s in regions.items()))
-        fleet = GeoFleet(bed, HUB_REGION, workdir / "router-home", serve_env={"HEALTH_INTERVAL_S": 1.0})
+        fleet = GeoFleet(bed, HUB_REGION, workdir / "router-home", serve_env={"HEALTH_INTERVAL_S": "1.0"})
         fleet.start_router()
         for region in regions:
             fleet.add_fake_worker(region, f"worker-{region}", "--delay-s", "0.02", "--chunks", "8", join_args=("--capacity", "4"))
@@ -129,9 +130,12 @@ def _load(bed: Bed, fleet: GeoFleet, regions: list[str], concurrency: int, durat
 def _served_by(bed: Bed, fleet: GeoFleet) -> dict[str, int]:
     import httpx
 
+    def requests_of(url: str) -> list[dict[str, Any]]:
+        return httpx.get(f"{url}/fake/requests", timeout=10).json()
+
     counts = {}
     for w in fleet.workers.values():
-        received = bed.call(w.region, lambda w=w: httpx.get(f"{w.url}/fake/requests", timeout=10).json())
+        received = bed.call(w.region, functools.partial(requests_of, w.url))
         counts[w.name] = sum(1 for e in received if e.get("path") == "/v1/chat/completions")
     return counts
 

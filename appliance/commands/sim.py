@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -94,6 +94,7 @@ def silos(
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)
             root.mkdir(parents=True, exist_ok=True)
+            result: dict[str, Any]
             if part == "silos":
                 trained = asyncio.run(sim.silos_part(root, count, fit_s=fit_s))
                 result = {"silos": count, "rounds_trained": trained}
