@@ -134,7 +134,7 @@ def model_folder(args: argparse.Namespace, home: Path) -> Path:
     embedded = prepare_model(REPO / ".cache" / "test-home" / "models", cache_dir=REPO / ".cache" / "wheels").path
     if not args.tiny:
         return Path(embedded)
-    from tests.factories import make_tiny_llama
+    from testing.factories import make_tiny_llama
 
     return make_tiny_llama(home / "tiny-llama", embedded)
 

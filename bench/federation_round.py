@@ -86,7 +86,7 @@ async def round_overhead(shapes, rounds: int, train_s: float, compression: str) 
     from federation.keys import enroll_silo, ensure_keypair
     from federation.silo import SiloClient
     from federation.strategies import make_strategy
-    from tests.federation.conftest import write_exporter
+    from testing.exporters import write_exporter
 
     home = Path(tempfile.mkdtemp(prefix="fed-bench-"))
     fed = {"port": 0, "status_port": 0, "rounds": rounds, "min_silos": 3, "compression": compression,

@@ -164,7 +164,7 @@ def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy:
 
 # ---------------------------------------------------------------------------------------------------------- flower
 def flower_venv() -> Path:
-    from tests.tool_venvs import build_tool_venv
+    from testing.tool_venvs import build_tool_venv
 
     log("Flower virtualenv: .cache/venvs/flower (built on first use, several minutes)")
     return build_tool_venv("flower", *FLOWER_REQUIREMENTS)

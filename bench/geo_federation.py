@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 from federation import demo_data  # noqa: E402
 from testbed import Bed, LinkSpec  # noqa: E402
 from testbed.federation import GeoFederation  # noqa: E402
-from tests.factories import TEST_CACHE, make_tiny_llama  # noqa: E402
+from testing.factories import TEST_CACHE, make_tiny_llama  # noqa: E402
 
 METHODS = ("fp32", "bf16", "int8", "topk")
 REGIONS = {"hq": LinkSpec(0), "a": LinkSpec.parse("50ms/10mbit"), "c": LinkSpec.parse("150ms/10mbit")}

@@ -44,7 +44,7 @@ async def _one(settings_for, trusted, joining, lora: Path, model: str, name: str
     import uvicorn
 
     from serve import create_app
-    from tests.factories import free_port
+    from testing.factories import free_port
 
     port = free_port()
     app = create_app(settings_for(port, replicate))
@@ -98,7 +98,7 @@ def main() -> None:
     from appliance.core.model_store import prepare_model
     from appliance.core.sections.serve import WorkerSettings
     from serve.worker_launcher import VLLMWorker
-    from tests.factories import free_port, make_settings
+    from testing.factories import free_port, make_settings
 
     model_dir = prepare_model(CACHE / "test-home" / "models", cache_dir=CACHE / "wheels").path
     tmp = Path(tempfile.mkdtemp(prefix="bench-promoted-"))

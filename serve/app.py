@@ -131,7 +131,7 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
             await canaries.stop()
             await registry.stop()
             if own_session:
-                await registry.session.close()
+                await registry.http.close()
                 registry.session = None
 
     app = RouterApp(title="FedLLM Appliance router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -144,9 +144,10 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     app.state.forwarder = forwarder
     app.state.admin_token = router_admin_token(settings)
     app.state.join_token = ensure_token(settings.keys_dir, "join_token", cfg.join_token)
-    app.add_exception_handler(RouterError, _router_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # arg-type: Starlette types a handler as taking any Exception; it calls each with the class it was registered for
+    app.add_exception_handler(RouterError, _router_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_route("/v1/models", openai.list_models, methods=["GET"])
     app.add_route("/health", openai.health, methods=["GET"])
     app.add_route("/metrics", openai.metrics, methods=["GET"])
@@ -183,16 +184,17 @@ def run_router(settings: ApplianceSettings) -> None:
     cfg = settings.serve
     check_exposure(settings)
     check_public_bind("router", cfg.host, cfg.tls_cert is not None, settings.env, "serve")
-    tls: dict[str, str] = {}
+    certfile = keyfile = None
     if cfg.tls_cert is not None:
         check_server_files(cfg.tls_cert, cfg.tls_key)
-        tls = {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)}
+        certfile, keyfile = str(cfg.tls_cert), str(cfg.tls_key)
     app = create_app(settings)
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
     logger.info("router listening on %s://%s:%d", cfg.scheme, cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, loop=loop, http=http,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5, **tls)
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5, ssl_certfile=certfile,
+                ssl_keyfile=keyfile)
 
 
 def _has(module: str) -> bool:

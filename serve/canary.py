@@ -235,7 +235,7 @@ class CanaryChecker:
         data = json.dumps(body, separators=(",", ":") if self._rng.random() < 0.5 else None)
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s)
         try:
-            async with self.registry.session.post(f"{worker.url}{path}", data=data, headers=worker.headers, timeout=timeout) as resp:
+            async with self.registry.http.post(f"{worker.url}{path}", data=data, headers=worker.headers, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise RouterError(502, f"answered {resp.status}")
                 return answer_text(path, await resp.read(), bool(body.get("stream")))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from appliance.core.secrets import same_secret
 from serve.errors import RouterError
 
+_loads: Callable[[bytes | str], Any]
 try:
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover

@@ -96,7 +96,7 @@ class AdapterPlacement:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        return self.registry.session
+        return self.registry.http
 
     def resolve(self, model: str) -> str:
         """The adapter name behind an alias, else `model` itself."""

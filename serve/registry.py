@@ -159,6 +159,13 @@ class WorkerRegistry:
         self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (serve.app wires them)
         self._local_hosts: frozenset[str] | None = None
 
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The session for calls to workers (the router's lifespan sets `session` before the first call)."""
+        if self.session is None:
+            raise RuntimeError("the worker registry has no HTTP session: the router's lifespan sets one at startup")
+        return self.session
+
     # -- membership --
     def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None,
                    max_loras: int | None = None) -> Worker:
@@ -344,7 +351,7 @@ class WorkerRegistry:
         timed_out = False
         try:
             sent = time.perf_counter()
-            async with self.session.get(f"{worker.url}/health", timeout=self._probe_timeout()) as resp:
+            async with self.http.get(f"{worker.url}/health", timeout=self._probe_timeout()) as resp:
                 ok = resp.status == 200
             if ok:
                 worker.observe_probe((time.perf_counter() - sent) * 1000)
@@ -380,7 +387,7 @@ class WorkerRegistry:
         import aiohttp
 
         try:
-            async with self.session.get(f"{url}/v1/models", headers=headers, timeout=self._probe_timeout()) as resp:
+            async with self.http.get(f"{url}/v1/models", headers=headers, timeout=self._probe_timeout()) as resp:
                 if resp.status != 200:
                     hint = " (wrong or missing worker API key)" if resp.status == 401 else ""
                     raise RouterError(502, f"GET /v1/models answered {resp.status}{hint}")
@@ -396,7 +403,8 @@ class WorkerRegistry:
         """Models: what the worker lists (only the declared ones, if it declared some; a joined worker's are fixed at
         join). Adapters: what it lists; for a joined worker only among those the router itself loaded there (it cannot
         attract traffic for others)."""
-        models, adapters = set(), set()
+        models: set[str] = set()
+        adapters: set[str] = set()
         for card in _cards(listing):
             (adapters if card.get("parent") else models).add(card["id"])
         if worker.declared_models:

@@ -175,6 +175,7 @@ class WorkerGate:
         if self._socket_path is not None:
             _, upstream = await loop.create_unix_connection(lambda: _Upstream(self), self._socket_path)
         else:
+            assert self._address is not None  # __init__ sets the one or the other
             _, upstream = await loop.create_connection(lambda: _Upstream(self), *self._address)
         return upstream
 
@@ -184,7 +185,7 @@ class _Upstream(asyncio.Protocol):
 
     def __init__(self, gate: WorkerGate):
         self.gate = gate
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, which asyncio calls before any other callback
         self.client: _Client | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
@@ -238,7 +239,7 @@ class _Client(asyncio.Protocol):
 
     def __init__(self, gate: WorkerGate):
         self.gate = gate
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, which asyncio calls before any other callback
         self.parser = httptools.HttpRequestParser(self)
         self.upstream: _Upstream | None = None
         self.busy = False
@@ -426,7 +427,7 @@ class GateThread:
         try:
             import uvloop
 
-            loop = uvloop.new_event_loop()
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         except ImportError:  # pragma: no cover
             loop = asyncio.new_event_loop()
         self._loop = loop

@@ -324,7 +324,13 @@ class RouterRegistration:
         return self.worker_id
 
     def heartbeat(self) -> None:
-        """One heartbeat; re-registers if the router forgot the worker (404, e.g. after a router restart)."""
+        """One heartbeat; re-registers if the router forgot the worker (404, e.g. after a router restart).
+
+        Raises:
+            RuntimeError: the worker is not registered (before `register()` or after `deregister()`).
+        """
+        if self.worker_id is None:
+            raise RuntimeError(f"worker {self.worker_url} is not registered with {self.router_url}: nothing to heartbeat")
         try:
             self.client.heartbeat(self.worker_id, token=self.secret)
         except ServiceUnavailable as exc:

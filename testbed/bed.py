@@ -32,7 +32,7 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, TypeVar
 
 from testbed import netns
 from testbed.link import Link, LinkSpec
@@ -151,7 +151,7 @@ class Bed:
         for link in self._links.values():
             await link.stop()
 
-    def _run(self, coro: Awaitable[T], timeout_s: float = 60) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
     # -- addresses and links --
@@ -299,7 +299,7 @@ class Bed:
         ns = self.regions[region].namespace
         return ns.call(fn) if ns else _in_thread(fn)
 
-    def run(self, region: str, coro_fn: Callable[[], Awaitable[T]]) -> T:
+    def run(self, region: str, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run the coroutine `coro_fn()` on a fresh event loop inside `region`; returns its result."""
         return self.call(region, lambda: asyncio.run(coro_fn()))
 

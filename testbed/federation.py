@@ -32,6 +32,14 @@ MODEL_NAME = "geo-model"
 _KEY = re.compile(r"public key: (\S{40})")
 
 
+def _public_key(output: str) -> str:
+    """The Z85 public key a `federation init` or `silo keygen` printed."""
+    found = _KEY.search(output)
+    if found is None:
+        raise RuntimeError(f"no 'public key: ...' line in the command's output: {output[-2000:]}")
+    return found[1]
+
+
 @dataclass
 class GeoFederation:
     """Coordinator + silos on a `Bed`.
@@ -74,12 +82,12 @@ class GeoFederation:
 
     def init(self) -> str:
         """`appliance federation init` in the coordinator's home; returns its public key."""
-        self.coordinator_key = _KEY.search(self._cli(self.home("coordinator"), "federation", "init"))[1]
+        self.coordinator_key = _public_key(self._cli(self.home("coordinator"), "federation", "init"))
         return self.coordinator_key
 
     def enroll(self, name: str, region: str) -> None:
         """`appliance silo keygen` in the silo's home, then `appliance federation enroll NAME KEY` at the coordinator."""
-        key = _KEY.search(self._cli(self.home(f"silo-{name}"), "silo", "keygen"))[1]
+        key = _public_key(self._cli(self.home(f"silo-{name}"), "silo", "keygen"))
         self._cli(self.home("coordinator"), "federation", "enroll", "--", name, key)  # a Z85 key may start with "-"
         self.silos[name] = region
 

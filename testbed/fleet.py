@@ -25,7 +25,7 @@ from testbed.bed import Bed
 logger = logging.getLogger(__name__)
 
 FAKE_MODEL = "geo-fake"
-CHECKOUT = Path(__file__).resolve().parents[1]  # testing/ (the fake worker) lives in the source checkout, not installed
+CHECKOUT = Path(__file__).resolve().parents[1]  # holds testing/ (the fake worker) next to testbed/
 
 
 def appliance_argv(*args: str) -> list[str]:
@@ -104,7 +104,7 @@ class GeoFleet:
         with `appliance worker join --url ... --advertise ...` (the key in the same variable)."""
         if not (CHECKOUT / "testing" / "fake_vllm.py").exists():
             raise FileNotFoundError(f"the fake vLLM worker (testing/fake_vllm.py) is not in {CHECKOUT}: the test bed's fake "
-                                    "workers need a source checkout of the appliance")
+                                    "workers need the appliance's `testing` package next to `testbed`")
         name = name or f"fake-{region}"
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"

@@ -261,12 +261,14 @@ class Link:
         self.connections += 1
         relay = _Relay(self, (reader, writer), upstream)
         self._relays.add(relay)
-        self._accepting.add(asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None  # a connection handler runs as a task
+        self._accepting.add(task)
         try:
             await relay.run()
         finally:
             self._relays.discard(relay)
-            self._accepting.discard(asyncio.current_task())
+            self._accepting.discard(task)
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sock = self._connect_factory()

@@ -68,6 +68,8 @@ def unavailable_reason() -> str | None:
 
 
 def _setns(fd: int) -> None:
+    if _libc is None:
+        raise NetnsError("setns needs the C library (a POSIX system)")
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"setns failed: {os.strerror(err)}")

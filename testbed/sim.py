@@ -9,11 +9,12 @@ a few rounds; both are summarised as tables.
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from testbed.bed import Bed
 from testbed.federation import GeoFederation
@@ -80,15 +81,18 @@ class SimReport:
 
 
 def run_geo(regions: dict[str, LinkSpec], workdir: Path, *, model_dir: Path | None, duration_s: float = 20.0,
-            concurrency: int = 2, cut: str | None = None, rounds: int = 2, echo: Callable[[str], None] = print) -> SimReport:
-    """Bring up the bed, the fleet and (with `model_dir`) the federation; run the load and the rounds; tear down."""
+            concurrency: int = 2, cut: str | None = None, rounds: int = 2, echo: Callable[[str], None] = print,
+            silo_data: Mapping[str, Path] | None = None) -> SimReport:
+    """Bring up the bed, the fleet and (with `model_dir` and `silo_data`) the federation; run the load and the rounds;
+    tear down. `silo_data` maps an organisation to its training JSONL (the caller writes it, e.g. the demo data); the
+    silos of the regions take the organisations in turn."""
     if cut is not None and cut not in regions:
         raise ValueError(f"--cut {cut!r} is not one of the regions {sorted(regions)}")
     with Bed({HUB_REGION: LinkSpec(0), **regions}, workdir / "bed") as bed:
         report = SimReport("network namespaces" if bed.use_netns else f"loopback links ({bed.netns_skip_reason})")
         echo(f"test bed: {report.mode}; router and coordinator in {HUB_REGION}; "
              + ", ".join(f"{n} {s.describe()}" for n, s in regions.items()))
-        fleet = GeoFleet(bed, HUB_REGION, workdir / "router-home", serve_env={"HEALTH_INTERVAL_S": 1.0})
+        fleet = GeoFleet(bed, HUB_REGION, workdir / "router-home", serve_env={"HEALTH_INTERVAL_S": "1.0"})
         fleet.start_router()
         for region in regions:
             fleet.add_fake_worker(region, f"worker-{region}", "--delay-s", "0.02", "--chunks", "8", join_args=("--capacity", "4"))
@@ -97,8 +101,8 @@ def run_geo(regions: dict[str, LinkSpec], workdir: Path, *, model_dir: Path | No
              + (f", cutting {cut} halfway" if cut else ""))
         report.load = _load(bed, fleet, list(regions), concurrency, duration_s, cut, echo)
         report.served_by = _served_by(bed, fleet)
-        if model_dir is not None and rounds > 0:
-            report.rounds = _federate(bed, workdir, model_dir, regions, rounds, echo)
+        if model_dir is not None and silo_data and rounds > 0:
+            report.rounds = _federate(bed, workdir, model_dir, silo_data, regions, rounds, echo)
         return report
 
 
@@ -126,18 +130,18 @@ def _load(bed: Bed, fleet: GeoFleet, regions: list[str], concurrency: int, durat
 def _served_by(bed: Bed, fleet: GeoFleet) -> dict[str, int]:
     import httpx
 
+    def requests_of(url: str) -> list[dict[str, Any]]:
+        return httpx.get(f"{url}/fake/requests", timeout=10).json()
+
     counts = {}
     for w in fleet.workers.values():
-        received = bed.call(w.region, lambda w=w: httpx.get(f"{w.url}/fake/requests", timeout=10).json())
+        received = bed.call(w.region, functools.partial(requests_of, w.url))
         counts[w.name] = sum(1 for e in received if e.get("path") == "/v1/chat/completions")
     return counts
 
 
-def _federate(bed: Bed, workdir: Path, model_dir: Path, regions: dict[str, LinkSpec], rounds: int,
-              echo: Callable[[str], None]) -> list[dict[str, Any]]:
-    from federation import demo_data
-
-    data = demo_data.write(workdir / "data")
+def _federate(bed: Bed, workdir: Path, model_dir: Path, data: Mapping[str, Path], regions: dict[str, LinkSpec],
+              rounds: int, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     orgs = list(data)
     fed = GeoFederation(bed, HUB_REGION, workdir / "federation", model_dir, env=SIM_TRAIN_ENV)
     fed.init()
@@ -147,7 +151,7 @@ def _federate(bed: Bed, workdir: Path, model_dir: Path, regions: dict[str, LinkS
     min_silos = min(2, len(silos))
     fed.start_coordinator("--rounds", str(rounds), "--min-silos", str(min_silos), "--round-deadline", "600", "--local-steps", "1")
     for name, (_, org) in silos.items():
-        fed.start_silo(name, data[org]["train"])
+        fed.start_silo(name, data[org])
     echo(f"federation: coordinator in {HUB_REGION} (CURVE), {len(silos)} silos, {rounds} round(s)")
     for n in range(1, rounds + 1):
         record = fed.wait_round(n, timeout_s=900)

@@ -1,4 +1,6 @@
-"""Test doubles the tests and the benchmarks share; not part of the installed product (see pyproject's packages).
+"""The test harness the tests, the benchmarks and the test bed share: fakes (`testing.fake_vllm`, a fast fake vLLM
+OpenAI worker; `testing.hostile_worker`), factories (settings in a temp home, free ports, a tiny random Llama),
+adapter exporters, virtualenvs of outside tools, a local Ray cluster and soak helpers.
 
-`testing.fake_vllm` is a fast fake vLLM OpenAI worker.
+Installed with the appliance (the test bed starts the fake worker) but imported by no product package.
 """

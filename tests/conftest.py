@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import TEST_CACHE, make_tiny_llama
+from testing.factories import TEST_CACHE, make_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,7 +59,7 @@ def vllm_workers(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
     from appliance.core.sections.serve import WorkerSettings
     from serve.worker_launcher import VLLMWorker
-    from tests.factories import free_port
+    from testing.factories import free_port
 
     cfg = WorkerSettings(kv_cache_gib=1, max_model_len=2048, max_lora_rank=16, max_loras=2, startup_timeout_s=400)
     logs = tmp_path_factory.mktemp("vllm-logs")

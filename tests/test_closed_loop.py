@@ -19,7 +19,7 @@ import pytest
 from appliance.core.adapter_registry import AdapterVersion
 from appliance.core.router_client import latest_alias
 from federation.publish import RouterPublisher
-from tests.factories import free_port, make_settings
+from testing.factories import free_port, make_settings
 from tests.serve.conftest import FakeProcess, start_fake
 from tests.ui.fakes import ServerThread
 

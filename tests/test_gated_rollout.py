@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from appliance.cli import app
 from federation.keys import enroll_silo, ensure_keypair
 from federation.silo import EngineTrainer, SiloClient
-from tests.factories import REPO, free_port, make_settings
+from testing.factories import REPO, free_port, make_settings
 from tests.train.conftest import write_jsonl
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -39,7 +39,7 @@ def test_base_model_hash_of_a_folder(tiny_model_dir: Path, tmp_path: Path):
 def _federated_version(home: Path, tiny_model_dir: Path, tmp_path: Path):
     import train
 
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     cfg = make_settings(home).train
     folder = train.save_adapter_dir(train.initial_adapter_state(cfg, tiny_model_dir), cfg, tiny_model_dir, tmp_path / "staging")

@@ -58,7 +58,7 @@ def bind(fn: Callable[..., Any], ctx: ConsoleContext) -> Callable[..., Any]:
     return handler
 
 
-def problem(exc: BaseException) -> str:
+def problem(exc: BaseException | str) -> str:
     """A one-paragraph Markdown message for a failure shown in a tab."""
     return f"⚠️ {exc}"
 

@@ -94,7 +94,7 @@ def stop(home: Path, launch_id: str, sig: int = signal.SIGTERM) -> bool:
     path = launches_dir(home) / f"{launch_id}.json"
     record = read_record(path)
     pid = record.get("pid")
-    if not same_process(pid, record.get("pid_start")):
+    if pid is None or not same_process(pid, record.get("pid_start")):
         return False
     record["stop_requested"] = True
     write_json_atomic(path, record)

@@ -134,7 +134,7 @@ class JobScheduler:
             if att.status == "RUNNING":  # Ray has not noticed yet; make sure the attempt is over before another
                 with contextlib.suppress(RuntimeError):
                     self.api.jobs().stop_job(att.submission_id)
-            node = dead[att.node_id]
+            node = dead[str(att.node_id)]  # a key of `dead`: node_died
             rec.node_failures.append(f"attempt {len(rec.attempts)}: node {node.node_id[:12]} (group {node.group}) died")
             att.status = "FAILED"
             if len(rec.node_failures) <= rec.retries:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -31,6 +31,7 @@ def geo(
     the README's commands across emulated WAN links; print what clients and rounds saw. Root makes real network
     namespaces; otherwise the links run on loopback."""
     from appliance.core.model_store import resolve_model
+    from federation import demo_data
     from testbed.sim import parse_regions, run_geo
 
     with cli_errors():
@@ -46,8 +47,13 @@ def geo(
             except ModelNotFound:
                 err_console.print(f"no prepared model {settings.model!r}: serving only (run `appliance model prepare` for the federation)")
         with tempfile.TemporaryDirectory(prefix="appliance-sim-geo-") as tmp:
-            report = run_geo(links, out or Path(tmp), model_dir=model_dir, duration_s=duration_s, concurrency=concurrency,
-                             cut=cut, rounds=rounds, echo=lambda line: console.print(line, highlight=False))
+            workdir = out or Path(tmp)
+            silo_data = None
+            if model_dir is not None and rounds > 0:  # the demo's organisations; the test bed imports no product package
+                silo_data = {org: paths["train"] for org, paths in demo_data.write(workdir / "data").items()}
+            report = run_geo(links, workdir, model_dir=model_dir, duration_s=duration_s, concurrency=concurrency,
+                             cut=cut, rounds=rounds, echo=lambda line: console.print(line, highlight=False),
+                             silo_data=silo_data)
         typer.echo(report.fleet_table())
         if report.rounds:
             typer.echo(report.federation_table())
@@ -88,6 +94,7 @@ def silos(
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)
             root.mkdir(parents=True, exist_ok=True)
+            result: dict[str, Any]
             if part == "silos":
                 trained = asyncio.run(sim.silos_part(root, count, fit_s=fit_s))
                 result = {"silos": count, "rounds_trained": trained}

@@ -65,6 +65,7 @@ def train(
             if resume:
                 outcome = resume_run(settings, resume, progress=on_step)
             else:
+                assert data is not None  # refused above unless resuming
                 outcome = start_run(settings, data, eval_data=eval_data, max_steps=max_steps, output=output,
                                     progress=on_step, run_id=run_id)
         m = outcome.result.metrics

@@ -104,9 +104,12 @@ def join(
             worker.wait_ready(stop=stop)
             if stop.is_set():
                 raise typer.Exit(code=0)
-        worker_url = advertise or url or worker.url
         verify = client_context(settings.tls_ca_file)  # an https router's or worker's certificate is verified
-        models = served_models(url, api_key, verify=verify) if url else [worker.model]
+        if worker is None:
+            assert url  # no worker was started here only because --url names a running one
+            worker_url, models = advertise or url, served_models(url, api_key, verify=verify)
+        else:
+            worker_url, models = advertise or worker.url, [worker.model]
         if not models:
             err_console.print(f"[bold red]error:[/] {worker_url}/v1/models lists no model; is a worker running there?")
             raise typer.Exit(code=1)

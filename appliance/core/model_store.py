@@ -110,7 +110,9 @@ def convert_to_safetensors(src: Path, out_dir: Path, *, gguf_file: str | None = 
         model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as exc:
         raise DataError(f"could not load a causal LM from {src}{' / ' + gguf_file if gguf_file else ''}: {exc}") from exc
-    model.hf_quantizer = None  # a GGUF-loaded model is de-quantised already; save_pretrained refuses otherwise
+    # A GGUF-loaded model is de-quantised already; save_pretrained refuses otherwise. (The ignore: torch's stubs type
+    # any attribute of a Module as a Tensor or a Module.)
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     drop_gguf_quantization(out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 REQUESTS = "router_requests"  # counter: route, model, worker, status
 ERRORS = "router_errors"  # counter: kind
@@ -111,7 +112,7 @@ def ttft_quantiles(buckets: dict[str, dict[float, float]], qs: tuple[float, ...]
     return {worker: {q: quantile(b, q) for q in qs} for worker, b in buckets.items()}
 
 
-def interval_rates(before: FleetSnapshot, after: FleetSnapshot) -> dict[str, object]:
+def interval_rates(before: FleetSnapshot, after: FleetSnapshot) -> dict[str, Any]:
     """What happened between two snapshots: requests/s, errors/s, and per worker the TTFT p50/p99 (seconds) of the
     requests answered in the interval (a counter reset, i.e. a restarted router, counts from zero)."""
     dt = after.time_s - before.time_s

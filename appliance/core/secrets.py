@@ -8,6 +8,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import Literal, overload
 
 from pydantic import SecretStr
 
@@ -63,6 +64,14 @@ def read_secret_file(path: Path, what: str, hint: str = "") -> str:
     if not value:
         raise ConfigError(f"{path} is empty; it must hold the {what}{hint}")
     return value
+
+
+@overload
+def read_secret(path: Path | None, env_var: str, what: str, *, required: Literal[True]) -> str: ...
+
+
+@overload
+def read_secret(path: Path | None, env_var: str, what: str, *, required: bool) -> str | None: ...
 
 
 def read_secret(path: Path | None, env_var: str, what: str, *, required: bool) -> str | None:

@@ -49,12 +49,14 @@ def server_context(cert: Path | str, key: Path | str) -> ssl.SSLContext:
     return context
 
 
-def check_server_files(cert: Path | str, key: Path | str) -> None:
+def check_server_files(cert: Path | str, key: Path | str | None) -> None:
     """Refuse before starting when the certificate or key cannot be used.
 
     Raises:
-        ConfigError: a file is missing or unreadable, or the key does not match the certificate.
+        ConfigError: the key is not set, a file is missing or unreadable, or the key does not match the certificate.
     """
+    if key is None:
+        raise ConfigError(f"tls_cert {cert} is set but tls_key is not; set both")
     for label, path in (("tls_cert", cert), ("tls_key", key)):
         if not Path(path).is_file():
             raise ConfigError(f"{label} {path} does not exist")

@@ -112,11 +112,12 @@ class Tracker:
             self._tb = SummaryWriter(log_dir=str(tb_dir))
             if flat:
                 self._tb.add_text("params", "\n".join(f"    {k} = {v}" for k, v in sorted(flat.items())), 0)
-        if cfg.mlflow_uri:
-            self._call("start", lambda: self._start_mlflow(cfg, run_name, flat, tags))
+        if uri := cfg.mlflow_uri:
+            self._call("start", lambda: self._start_mlflow(uri, cfg, run_name, flat, tags))
 
-    def _start_mlflow(self, cfg: "TrackingSettings", run_name: str, flat: dict[str, str], tags: Mapping[str, str] | None) -> None:
-        run = MlflowRun(cfg.mlflow_uri, cfg.mlflow_experiment, run_name, timeout_s=cfg.mlflow_timeout_s, tags=tags)
+    def _start_mlflow(self, uri: str, cfg: "TrackingSettings", run_name: str, flat: dict[str, str],
+                      tags: Mapping[str, str] | None) -> None:
+        run = MlflowRun(uri, cfg.mlflow_experiment, run_name, timeout_s=cfg.mlflow_timeout_s, tags=tags)
         self._mlflow = run
         run.log_params(flat)
         log.info("tracking run %s in MLflow %s (experiment %s, run id %s)", run_name, cfg.mlflow_uri, cfg.mlflow_experiment, run.run_id)

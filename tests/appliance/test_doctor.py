@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.factories import free_port, wait_until
+from testing.factories import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = """

@@ -28,7 +28,7 @@ from appliance.launcher import (
     port_in_use,
     read_state,
 )
-from tests.factories import REPO, free_port, wait_until
+from testing.factories import REPO, free_port, wait_until
 
 FAKE = REPO / "tests" / "appliance" / "fake_service.py"
 

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from appliance.commands.up import _banner
 from appliance.core.errors import ConfigError
 from appliance.core.secrets import ensure_token, masked
-from tests.factories import make_settings
+from testing.factories import make_settings
 
 
 def test_a_token_is_generated_once_private_and_then_reused(tmp_path):

@@ -17,7 +17,7 @@ from appliance.core.errors import ConfigError
 from appliance.core.router_client import RouterClient, ServiceClient
 from appliance.core.tls import check_public_bind, refuse_plain_http_token
 from appliance.core.tokens import console_password, coordinator_status_token, router_admin_token
-from tests.factories import make_settings
+from testing.factories import make_settings
 
 
 def test_each_service_has_its_own_secret_stored_0600(tmp_path):

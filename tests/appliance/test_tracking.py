@@ -14,7 +14,7 @@ import pytest
 
 from appliance.core.sections.tracking import TrackingSettings
 from appliance.core.tracking import Tracker, flatten, scalars
-from tests.factories import free_port, make_settings
+from testing.factories import free_port, make_settings
 from tests.train.conftest import arithmetic_records, write_jsonl
 
 
@@ -73,7 +73,7 @@ async def test_federation_rounds_write_tensorboard_events(tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """`mlflow server` on 127.0.0.1 with its SQLite store in a temp folder; yields (uri, venv)."""
-    from tests.tool_venvs import tool_venv
+    from testing.tool_venvs import tool_venv
 
     venv = tool_venv("mlflow", "mlflow")
     root = tmp_path_factory.mktemp("mlflow")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from appliance.cli import app
 from appliance.core.errors import ConfigError
 from appliance.launcher import appliance_children
-from tests.factories import REPO, free_port, make_settings
+from testing.factories import REPO, free_port, make_settings
 
 
 def test_children_in_dependency_order_with_the_router_told_about_local_workers(tmp_path):

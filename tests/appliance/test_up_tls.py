@@ -8,7 +8,7 @@ import threading
 
 from appliance.core.processes import http_ok
 from appliance.launcher import appliance_children
-from tests.factories import make_settings
+from testing.factories import make_settings
 from tests.pki import make_pki
 
 

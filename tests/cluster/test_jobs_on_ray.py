@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import where_it_ran
-from tests.factories import REPO
+from testing.factories import REPO
 from tests.integration.conftest import pids_with
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from appliance.cluster.group_resources import Resources, check_fits, pending_rea
 from appliance.cluster.jobs import JobRecord, JobRequest, new_record, view
 from appliance.cluster.nodes import NodeView, node_start_argv
 from appliance.core.errors import ConfigError
-from tests.factories import REPO, make_settings
+from testing.factories import REPO, make_settings
 
 
 def _node(group: str, cpu: float, slot: float, free_slot: float | None = None, alive: bool = True, nid: str = "n" * 20) -> NodeView:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from federation.silo import SiloTrainer
-from tests.factories import make_settings
-from tests.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
+from testing.exporters import write_exporter  # noqa: F401 - the federation tests import it from here
+from testing.factories import make_settings
+from testing.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
 
 SHAPES = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 16),
           "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": (16, 4)}
@@ -71,17 +72,6 @@ def silo_settings(home: Path, coordinator: str, silo_id: str, coordinator_key: s
                 heartbeat_interval_s=0.2, silo_timeout_s=1.5)
     base.update(fed)
     return make_settings(home, federation=base)
-
-
-def write_exporter(state, out_dir: Path) -> None:
-    """A stand-in for train.save_adapter_dir: a PEFT-shaped folder from a state dict."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ import pytest
 
 from federation.demo import DEMO_FEDERATION, DemoResult, run_demo
 from federation.demo_data import generate
-from tests.factories import make_settings
+from testing.factories import make_settings
 
 
 def test_recovered_share_is_the_share_of_the_centralized_gain():

@@ -10,7 +10,7 @@ import torch
 
 from federation.demo_data import generate
 from federation.silo import EngineTrainer
-from tests.factories import REPO, make_settings
+from testing.factories import REPO, make_settings
 from tests.federation.conftest import federation
 
 

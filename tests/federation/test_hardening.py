@@ -18,7 +18,7 @@ from federation.protocol import Hello, MsgType, UpdateResult, make_header
 from federation.silo import SiloClient
 from federation.strategies import make_strategy
 from federation.transport import ClientTransport
-from tests.factories import make_settings
+from testing.factories import make_settings
 from tests.federation.conftest import SHAPES, FakeTrainer, federation, initial_state, silo_settings, wait_for
 
 

@@ -20,7 +20,7 @@ import yaml
 from federation.demo_data import generate
 from federation.keys import enroll_silo, ensure_keypair
 from federation.silo import EngineTrainer, SiloClient
-from tests.factories import REPO, free_port, make_settings
+from testing.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # starts the CLI coordinator and trains the tiny model in three silos
 

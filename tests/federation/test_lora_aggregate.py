@@ -183,7 +183,7 @@ def test_lora_aggregation_errors_name_the_problem():
 def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path):
     from appliance.core.errors import ConfigError
     from federation.service import build_strategy
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     fed = lambda **kw: make_settings(tmp_path, federation=kw).federation  # noqa: E731
     assert isinstance(build_strategy(fed(strategy="fedadam", lora_aggregation="product")), ProductAggregation)
@@ -198,7 +198,7 @@ def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path
 
 def test_frozen_a_under_central_dp_keeps_a_and_reports_epsilon(tmp_path):
     from federation.service import build_strategy
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     strategy = build_strategy(make_settings(tmp_path, federation={"strategy": "ffa", "dp_mode": "central", "min_silos": 2,
                                                                  "dp_noise_multiplier": 0.5, "dp_clip_norm": 1.0}).federation)

@@ -74,7 +74,7 @@ def test_cli_init_enroll_keygen_and_status(tmp_path):
     r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "b", "short"])
     assert r.exit_code == 2
     # status of a coordinator that is not running: a clear failure
-    from tests.factories import free_port
+    from testing.factories import free_port
 
     r = runner.invoke(app, ["--home", str(coord_home), "federation", "status", "--url", f"http://127.0.0.1:{free_port()}/status"])
     assert r.exit_code == 1 and "unavailable" in r.output

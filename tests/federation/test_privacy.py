@@ -156,7 +156,7 @@ def test_epsilon_matches_opacus_reference_values():
 def test_build_strategy_wraps_for_each_dp_mode(tmp_path):
     from federation.privacy import SiloDPAccounting
     from federation.service import build_strategy
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     def build(**fed):
         return build_strategy(make_settings(tmp_path, federation=fed).federation)

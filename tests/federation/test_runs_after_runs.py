@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from federation.silo import EngineTrainer, SiloClient
-from tests.factories import REPO, free_port, make_settings
+from testing.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # the CLI coordinator and a silo training the tiny model, twice
 

@@ -16,7 +16,7 @@ from federation.accumulators import RoundAccumulator
 from federation.server_strategies import ProductAggregation, Strategy
 from federation.service import build_strategy
 from federation.strategy_factory import STRATEGY_NAMES, make_strategy, mean_strategy_names
-from tests.factories import make_settings
+from testing.factories import make_settings
 
 RANK, ALPHA = 4, 8.0
 SHAPES = {"m.q_proj.lora_A.weight": (RANK, 6), "m.q_proj.lora_B.weight": (5, RANK)}

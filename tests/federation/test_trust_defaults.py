@@ -140,7 +140,7 @@ async def test_a_silo_removed_after_it_answered_is_dropped_from_the_round(curve_
                           heartbeat_interval_s=10.0, silo_timeout_s=30.0) as (coord, _):
         await wait_for(lambda: coord.current is not None and "alpha" in coord.current.answered, 20)
         # Act: the operator removes alpha while its update waits for the others
-        from tests.factories import make_settings
+        from testing.factories import make_settings
 
         assert remove_silo(make_settings(coord_home).keys_dir, "alpha")
         await coord.wait_done(30)
@@ -284,7 +284,7 @@ async def test_a_restart_restores_the_history_from_the_round_log(tmp_path):
 
 def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
     from federation.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     keys_dir = make_settings(tmp_path).keys_dir
     key = ensure_keypair(make_settings(tmp_path / "a").keys_dir, "silo").public
@@ -335,7 +335,7 @@ def test_enroll_without_a_declared_count_says_what_bounds_the_silo(tmp_path):
 
     from appliance.cli import app
     from federation.keys import ensure_keypair
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     key = ensure_keypair(make_settings(tmp_path / "s").keys_dir, "silo").public
     bare = CliRunner().invoke(app, ["--home", str(tmp_path / "c"), "federation", "enroll", "--", "a", key])

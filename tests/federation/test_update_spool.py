@@ -12,7 +12,7 @@ from federation.aggregate import capped_weights
 from federation.bounds import adaptive_norm_bound, clip_round, norms_of
 from federation.strategy_factory import make_strategy
 from federation.update_spool import UpdateSpool, open_round_spool
-from tests.factories import make_settings
+from testing.factories import make_settings
 from tests.federation.conftest import FakeTrainer, federation, initial_state, wait_for
 
 SHAPES = {"m.0.lora_A.weight": (8, 32), "m.0.lora_B.weight": (32, 8), "m.1.lora_A.weight": (8, 48),

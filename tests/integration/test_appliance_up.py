@@ -17,7 +17,7 @@ import pytest
 
 from appliance.cluster.ray_env import spare_port
 from appliance.launcher import pid_alive, read_state
-from tests.factories import REPO, free_port, wait_until
+from testing.factories import REPO, free_port, wait_until
 from tests.integration.conftest import pids_with
 
 MODEL = "smollm2-135m-instruct"

@@ -12,7 +12,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 
 
 @dataclass
@@ -107,7 +107,7 @@ async def router_factory(tmp_path):
     import uvicorn
 
     from serve import create_app
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
 

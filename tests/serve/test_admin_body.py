@@ -53,7 +53,7 @@ def test_no_admin_route_takes_a_body_that_fastapi_would_parse_before_the_token(t
     from fastapi.routing import APIRoute
 
     from serve import create_app
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     app = create_app(make_settings(tmp_path))
     admin = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/admin")]

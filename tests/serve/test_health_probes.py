@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from serve.registry import Worker, WorkerRegistry, upstream_headers
-from tests.factories import make_settings
+from testing.factories import make_settings
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from serve.hedging import BURST, MIN_SAMPLES, FirstByteWindow, Hedger
-from tests.factories import wait_until_async
+from testing.factories import wait_until_async
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -135,7 +135,7 @@ async def test_joining_and_leaving_200_times_leaves_no_per_worker_state(fake_fac
 
 
 async def test_a_502_to_an_api_client_names_no_worker_address(fake_factory, router_factory, caplog):
-    from tests.factories import free_port
+    from testing.factories import free_port
 
     fake = fake_factory("m")
     router = await router_factory([fake], max_retries=0, health_interval_s=60)

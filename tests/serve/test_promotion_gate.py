@@ -12,7 +12,7 @@ import httpx
 from appliance.core.adapter_registry import AdapterRegistry
 from federation.gate import PromotionGate
 from federation.publish import RouterPublisher
-from tests.factories import make_settings
+from testing.factories import make_settings
 from tests.train.conftest import arithmetic_records, write_jsonl
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from appliance.cli import app
 from appliance.core.adapter_registry import AdapterRegistry
-from tests.factories import REPO, wait_until_async
+from testing.factories import REPO, wait_until_async
 from tests.serve.conftest import wait_http
 
 KEY = "joined-worker-key-0123456789"

@@ -101,7 +101,7 @@ async def test_admin_needs_token_and_join_token_registers_a_worker(fake_factory,
 
 def test_refuses_public_bind_without_keys(tmp_path):
     from serve.app import check_exposure
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     check_exposure(make_settings(tmp_path, serve={"host": "127.0.0.1"}))
     with pytest.raises(ConfigError, match="requires API keys"):

@@ -21,7 +21,7 @@ async def test_a_model_split_over_two_tensor_parallel_cpu_ranks_answers_through_
 
     from appliance.core.sections.serve import WorkerSettings
     from serve.worker_launcher import VLLMWorker
-    from tests.factories import free_port, make_tiny_llama
+    from testing.factories import free_port, make_tiny_llama
 
     # Arrange
     model = make_tiny_llama(tmp_path / "tiny-4-heads", embedded_model_dir, hidden=256)

@@ -16,7 +16,7 @@ import pytest
 
 from appliance.core.errors import ConfigError
 from appliance.core.tls import client_context
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 from tests.pki import make_pki
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -145,7 +145,7 @@ async def test_the_router_verifies_the_certificates_of_https_workers(router_fact
 
 def test_tls_settings_go_in_pairs_and_bad_files_are_refused(tmp_path):
     from appliance.core.tls import check_server_files
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     pki = make_pki(tmp_path / "pki")
     with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):

@@ -14,7 +14,7 @@ import pytest
 
 from serve.canary import requests_to_catch
 from serve.worker_address import normalised_address
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 from tests.serve.conftest import wait_http
 from testing.hostile_worker import OLD_CANARY_PROMPTS
 
@@ -215,7 +215,7 @@ def test_canaries_are_drawn_from_a_varied_pool_with_the_operators_own(tmp_path):
     from appliance.core.errors import ConfigError
     from serve.canary import CanaryChecker
     from serve.canary_shapes import CHAT, COMPLETIONS, PATHS
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     private = tmp_path / "canaries.jsonl"
     private.write_text('[{"role": "system", "content": "You are Ada."}, {"role": "user", "content": "private-1"}]\n'
@@ -280,7 +280,7 @@ async def test_a_joined_workers_model_list_is_fixed_at_join(fake_factory, router
 def test_a_damaged_quarantine_file_stops_the_router_from_starting(tmp_path):
     from appliance.core.errors import DataError
     from serve import create_app
-    from tests.factories import make_settings
+    from testing.factories import make_settings
 
     settings = make_settings(tmp_path)
     settings.keys_dir.mkdir(parents=True, exist_ok=True)

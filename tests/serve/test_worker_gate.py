@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from serve.worker_gate import GateThread, plain_v1_path
-from tests.factories import REPO
+from testing.factories import REPO
 
 KEY = "worker-gate-test-key-0123456789"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

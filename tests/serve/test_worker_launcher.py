@@ -21,7 +21,7 @@ from serve.worker_launcher import (
     vllm_command,
     vllm_env,
 )
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 
 FAKE_SERVICE = REPO / "tests" / "appliance" / "fake_service.py"
 

@@ -34,7 +34,7 @@ def test_dry_run_prints_peft_equal_counts(cli, tiny_model_dir: Path, tmp_path: P
 
 
 def test_dry_run_checks_csv_parquet_and_datasets_data_and_names_a_bad_row(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from tests.factories import write_format
+    from testing.factories import write_format
 
     rows = [{"prompt": "What is 2+2?", "completion": "4"}, {"instruction": "Add 1 and 1.", "output": "2"}]
     good = [write_format(tmp_path / name, rows) for name in ("d.csv", "d.parquet", "d-saved")]

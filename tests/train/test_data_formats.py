@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from appliance.core.errors import DataError
-from tests.factories import write_format
+from testing.factories import write_format
 from tests.train.conftest import small_cfg
 from train.data import data_sha256, load_data
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.core.errors import ConfigError
-from tests.factories import make_settings
+from testing.factories import make_settings
 from train.runs import job_run
 
 

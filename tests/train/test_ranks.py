@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import REPO, make_settings
+from testing.factories import REPO, make_settings
 from tests.train.conftest import arithmetic_records, small_cfg, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches; minutes on a loaded 2-core machine

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 from tests.ui.fakes import FakeRouter
 
 CHROMIUM = Path("/usr/bin/chromium")

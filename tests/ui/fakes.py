@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from tests.factories import free_port
+from testing.factories import free_port
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.factories import REPO, free_port
+from testing.factories import REPO, free_port
 from tests.ui.conftest import stop_process
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.factories import free_port, make_settings
+from testing.factories import free_port, make_settings
 from tests.ui.conftest import ADMIN_TOKEN
 from ui.context import ConsoleContext
 from ui.tabs import chat as tab

@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import expect
 from typer.testing import CliRunner
 
-from tests.factories import free_port
+from testing.factories import free_port
 from tests.train.conftest import arithmetic_records, write_jsonl
 from tests.ui.conftest import screenshot, start_console, stop_process
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import make_settings, wait_until, write_format
+from testing.factories import make_settings, wait_until, write_format
 from ui import evals, launcher
 from ui.context import ConsoleContext
 from ui.tabs import adapters as tab

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from appliance.core.tls import client_context
-from tests.factories import free_port
+from testing.factories import free_port
 from tests.pki import make_pki
 from tests.ui.conftest import start_console, stop_process
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zmq
 
-from tests.factories import free_port, make_settings
+from testing.factories import free_port, make_settings
 from ui.context import ConsoleContext
 from ui.tabs import federation as tab
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.factories import make_settings, wait_until
+from testing.factories import make_settings, wait_until
 from tests.serve.conftest import start_fake
 from tests.ui.conftest import ADMIN_TOKEN
 from tests.ui.services import start_router

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.browser
 
 
 def test_fleet_tab_counts_a_real_chat_and_shows_its_latency(page, tmp_path):
-    from tests.factories import free_port
+    from testing.factories import free_port
     from tests.serve.conftest import start_fake
     from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
     from tests.ui.services import start_router

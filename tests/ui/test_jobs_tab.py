@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from tests.factories import make_settings
+from testing.factories import make_settings
 from ui.tabs.jobs import group_rows, job_rows, node_rows
 
 

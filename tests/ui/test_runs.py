@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import wait_until
+from testing.factories import wait_until
 from ui import launcher
 from ui.runs import list_runs, read_jsonl, smooth
 

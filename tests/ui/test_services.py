@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from appliance.cli import app
-from tests.factories import free_port
+from testing.factories import free_port
 from ui.services import STREAM_DONE, RouterClient, ServiceUnavailable, parse_sse_line
 
 

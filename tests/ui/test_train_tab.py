@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import make_settings, write_format
+from testing.factories import make_settings, write_format
 from ui.context import ConsoleContext
 from ui.runs import RunView
 from ui.tabs import train as tab

@@ -38,10 +38,10 @@ def group_rows(nodes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[
                 for key, value in n[side].items():
                     g[side][key] = g[side].get(key, 0) + value
     for j in jobs:
-        g = groups.get(j["group"])
-        if g is not None:
-            g["running"] += j["state"] == "RUNNING"
-            g["waiting"] += j["state"] in ("QUEUED", "PENDING")
+        group = groups.get(j["group"])
+        if group is not None:
+            group["running"] += j["state"] == "RUNNING"
+            group["waiting"] += j["state"] in ("QUEUED", "PENDING")
     return [[name, f"{g['alive']}/{g['nodes']}", *(_pair(g, key) for key in ("CPU", "GPU", "slot", "memory_gb")), g["running"],
              g["waiting"]] for name, g in sorted(groups.items())]
 

@@ -1,5 +1,5 @@
-"""Factories shared by the tests: settings in a temp home, free ports, polling until a condition holds, a tiny
-random Llama model."""
+"""Factories shared by the tests and the benches: settings in a temp home, free ports, polling until a condition
+holds, a tiny random Llama model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from testing.waiting import wait_until, wait_until_async  # noqa: F401 (the tests import them from here)
+from testing.waiting import wait_until, wait_until_async  # noqa: F401 (the tests import them from here too)
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO / ".cache"
