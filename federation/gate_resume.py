@@ -45,7 +45,7 @@ async def before_round(coordinator: Coordinator) -> str | None:
     try:
         import train
 
-        version = coordinator._registry.get(f"{name}:{number}")
+        version = coordinator.registry.get(f"{name}:{number}")
         state = await asyncio.to_thread(train.load_adapter_state, version.path)
     except Exception as exc:  # the run goes on from the current global rather than stop
         logger.error("gate resume: cannot read the promoted version %s: %s; going on from the current global", promoted, exc)

@@ -140,7 +140,7 @@ def _run_once(settings: "ApplianceSettings", on_ready=None) -> dict[str, Any]:
         if on_ready is not None:
             on_ready(coord)
         try:
-            await _until_signal(coord._run_task)
+            await _until_signal(coord.rounds_task)
         finally:
             await coord.stop()
         return coord.status()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from appliance.core.errors import ConfigError
 from federation.keys import KeyPair
@@ -97,6 +97,11 @@ class ServerTransport:
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         logger.info("coordinator socket bound at %s (%s)", self.address, "plaintext" if self.keypair is None else "CURVE")
         return self.address
+
+    @property
+    def socket(self) -> Any:
+        """The bound ZeroMQ ROUTER socket (None before `start` and after `close`)."""
+        return self._sock
 
     async def recv(self) -> Incoming:
         """The next message (routing id, authenticated silo name, frames)."""

@@ -83,7 +83,8 @@ def silos(
         user = settings_from(ctx)  # its model store and train.lora_r size the embedded adapter
         import logging
 
-        for name in ("federation.silo", "federation.coordinator"):  # a line per silo per round: too many to read
+        # a line per silo per round: too many to read
+        for name in ("federation.silo", "federation.sessions", "federation.round_runner", "federation.recorder"):
             logging.getLogger(name).setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)

@@ -38,7 +38,7 @@ async def test_round_fails_cleanly_below_min_silos(tmp_path, caplog):
     trainers[2].fit_delay_s = 3.0
     async with federation(tmp_path, trainers, rounds=1, min_silos=3, start_timeout_s=0.5) as (coord, silos):
         before = {k: v.clone() for k, v in coord.global_state.items()}
-        with caplog.at_level(logging.ERROR, logger="federation.coordinator"):
+        with caplog.at_level(logging.ERROR, logger="federation.round_runner"):
             await wait_for(lambda: len(trainers[2].calls) == 1)
             await silos[2].stop(say_bye=False)
             await coord.wait_done(20)

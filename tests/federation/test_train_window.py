@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-import federation.coordinator as coordinator_module
+import federation.round_runner as round_runner_module
 from federation.train_window import TrainWindow
 from tests.federation.conftest import FakeTrainer, federation
 
@@ -34,7 +34,7 @@ async def test_a_one_train_window_sends_one_at_a_time_and_each_is_freed_by_its_s
             super().__init__(budget_bytes)
             windows.append(self)
 
-    monkeypatch.setattr(coordinator_module, "TrainWindow", Recording)
+    monkeypatch.setattr(round_runner_module, "TrainWindow", Recording)
     trainers = [FakeTrainer(i) for i in range(4)]
     async with federation(tmp_path, trainers, rounds=2, min_silos=4, train_window_bytes=1) as (coord, _silos):
         await coord.wait_done(60)

@@ -214,7 +214,7 @@ async def test_the_message_bound_follows_the_adapter_and_the_receive_queue_is_bo
     import zmq
 
     async with federation(tmp_path, [], rounds=1, min_silos=1) as (coord, _):
-        sock = coord._transport._sock
+        sock = coord.sessions.transport.socket
         # the tiny adapter (512 bytes in fp32): 1 MiB + 4 x 512 bytes, not 256 MiB
         assert coord.message_limit == (1 << 20) + 4 * 512
         assert sock.getsockopt(zmq.MAXMSGSIZE) == 2 * coord.message_limit

@@ -35,7 +35,7 @@ class _Cfg:
 
 
 def _in_memory(strategy, glob, ups, counts):
-    """The coordinator's aggregation before the spool (`Coordinator._accumulate` as it was)."""
+    """The coordinator's aggregation before the spool (`RoundRunner._accumulate` as it was)."""
     updates = {sid: {k: v.float() for k, v in u.items()} for sid, u in ups.items()}
     acc = strategy.start_round(1, glob)
     bound = adaptive_norm_bound(norms_of(updates), _Cfg)
