@@ -38,8 +38,8 @@ def message_bytes(shapes: dict[str, tuple[int, int]], method: str) -> tuple[int,
     """(TRAIN bytes, UPDATE bytes) of real encoded messages for adapters of `shapes`."""
     import torch
 
-    from federation import codec, wire
-    from federation.protocol import MsgType, TrainTask, UpdateResult, make_header
+    from federation.wire import codec, frames as wire
+    from federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
 
     gen = torch.Generator().manual_seed(0)
     global_state = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
@@ -82,10 +82,10 @@ async def round_overhead(shapes, rounds: int, train_s: float, compression: str) 
     import torch
 
     from appliance.core.settings import load_settings
-    from federation.coordinator import Coordinator
-    from federation.keys import enroll_silo, ensure_keypair
-    from federation.silo import SiloClient
-    from federation.strategies import make_strategy
+    from federation.runtime.coordinator import Coordinator
+    from federation.wire.keys import enroll_silo, ensure_keypair
+    from federation.runtime.silo import SiloClient
+    from federation.aggregation.strategies import make_strategy
     from tests.federation.conftest import write_exporter
 
     home = Path(tempfile.mkdtemp(prefix="fed-bench-"))
@@ -121,8 +121,8 @@ def silo_rank_overhead(rounds: int, steps: int) -> list[tuple[str, int, float, f
     """
     from appliance.core.sections.train import TrainSettings
     from bench.train_throughput import mixed_chat_records, resolve
-    from federation.rank_group import RankGroupTrainer
-    from federation.silo import EngineTrainer
+    from federation.runtime.rank_group import RankGroupTrainer
+    from federation.runtime.silo import EngineTrainer
 
     model_dir, records = resolve(None), mixed_chat_records(32)
     cfg = TrainSettings(batch_size=2, max_seq_len=256, warmup_steps=0, zero_stage=2)

@@ -11,17 +11,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Coordinator": "federation.coordinator",
-    "SiloClient": "federation.silo",
-    "SiloTrainer": "federation.silo",
-    "EngineTrainer": "federation.silo",
-    "state_delta": "federation.silo",
-    "make_strategy": "federation.strategies",
-    "Strategy": "federation.strategies",
-    "build_strategy": "federation.service",
-    "run_coordinator": "federation.service",
-    "run_silo": "federation.service",
-    "run_demo": "federation.demo",
+    "Coordinator": "federation.runtime.coordinator",
+    "SiloClient": "federation.runtime.silo",
+    "SiloTrainer": "federation.runtime.silo",
+    "EngineTrainer": "federation.runtime.silo",
+    "state_delta": "federation.runtime.silo",
+    "make_strategy": "federation.aggregation.strategies",
+    "Strategy": "federation.aggregation.strategies",
+    "build_strategy": "federation.runtime.service",
+    "run_coordinator": "federation.runtime.service",
+    "run_silo": "federation.runtime.service",
+    "run_demo": "federation.demo.demo",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -135,7 +135,7 @@ def _served_by(bed: Bed, fleet: GeoFleet) -> dict[str, int]:
 
 def _federate(bed: Bed, workdir: Path, model_dir: Path, regions: dict[str, LinkSpec], rounds: int,
               echo: Callable[[str], None]) -> list[dict[str, Any]]:
-    from federation import demo_data
+    from federation.demo import data as demo_data
 
     data = demo_data.write(workdir / "data")
     orgs = list(data)

@@ -1,5 +1,5 @@
 """`appliance sim geo`: a demo fleet and federation across emulated regions (network namespaces, or loopback links);
-`appliance sim silos N`: N simulated silos against the real coordinator (`federation.simulate`)."""
+`appliance sim silos N`: N simulated silos against the real coordinator (`federation.demo.simulate`)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def silos(
     import asyncio
     import json
 
-    from federation import simulate as sim
+    from federation.demo import simulate as sim
 
     with cli_errors():
         if adapter not in sim.PRESETS:
@@ -84,7 +84,8 @@ def silos(
         import logging
 
         # a line per silo per round: too many to read
-        for name in ("federation.silo", "federation.sessions", "federation.round_runner", "federation.recorder"):
+        for name in ("federation.runtime.silo", "federation.runtime.sessions", "federation.runtime.round_runner",
+                     "federation.runtime.recorder"):
             logging.getLogger(name).setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from federation import codec, wire
+from federation.wire import codec, frames as wire
 from tests.federation.conftest import FakeTrainer, federation
 
 

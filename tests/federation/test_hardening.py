@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from federation import codec, compression, wire
-from federation.keys import enroll_silo, ensure_keypair
-from federation.protocol import Hello, MsgType, UpdateResult, make_header
-from federation.silo import SiloClient
-from federation.strategies import make_strategy
-from federation.transport import ClientTransport
+from federation.wire import codec, compression, frames as wire
+from federation.wire.keys import enroll_silo, ensure_keypair
+from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
+from federation.runtime.silo import SiloClient
+from federation.aggregation.strategies import make_strategy
+from federation.wire.transport import ClientTransport
 from tests.factories import make_settings
 from tests.federation.conftest import SHAPES, FakeTrainer, federation, initial_state, silo_settings, wait_for
 
@@ -94,7 +94,7 @@ class _StillTrainer(FakeTrainer):
 
 async def test_a_non_finite_aggregate_fails_the_round_and_is_never_registered(tmp_path):
     from appliance.core.adapter_registry import AdapterRegistry
-    from federation.checkpoint import load_latest
+    from federation.runtime.checkpoint import load_latest
     from tests.federation.conftest import write_exporter
 
     init = initial_state()
@@ -335,7 +335,7 @@ def test_an_unknown_local_optimizer_is_refused_by_name(tmp_path):
 
 
 def test_enrolment_keeps_the_declared_count_and_follows_the_file(tmp_path):
-    from federation.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
+    from federation.wire.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
 
     keys_dir = make_settings(tmp_path).keys_dir
     a, b = (ensure_keypair(make_settings(tmp_path / n).keys_dir, "silo").public for n in ("a", "b"))

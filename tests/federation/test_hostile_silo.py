@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from federation.demo_data import generate
-from federation.keys import enroll_silo, ensure_keypair
-from federation.silo import EngineTrainer, SiloClient
+from federation.demo.data import generate
+from federation.wire.keys import enroll_silo, ensure_keypair
+from federation.runtime.silo import EngineTrainer, SiloClient
 from tests.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # starts the CLI coordinator and trains the tiny model in three silos
@@ -46,9 +46,9 @@ class RecordingSilo(SiloClient):
         self.sent_norms: dict[int, float] = {}
 
     async def _send(self, header, tensors=None):
-        from federation import codec
-        from federation.protocol import MsgType
-        from federation.strategies import global_norm
+        from federation.wire import codec
+        from federation.wire.protocol import MsgType
+        from federation.aggregation.strategies import global_norm
 
         if header.type == MsgType.UPDATE:
             self.sent_norms[header.round_id] = global_norm(codec.decode(tensors, header.body["encoding"]))

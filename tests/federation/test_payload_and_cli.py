@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from federation import codec, wire
-from federation.protocol import MsgType
+from federation.wire import codec, frames as wire
+from federation.wire.protocol import MsgType
 from tests.federation.conftest import SHAPES, FakeTrainer, federation
 
 
@@ -83,7 +83,7 @@ def test_cli_init_enroll_keygen_and_status(tmp_path):
 async def test_status_endpoint_and_report(tmp_path):
     import httpx
 
-    from federation.report import format_status
+    from federation.runtime.report import format_status
 
     async with federation(tmp_path, [FakeTrainer(0)], rounds=2, min_silos=1) as (coord, _):
         await coord.wait_done(20)

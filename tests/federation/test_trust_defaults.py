@@ -8,12 +8,12 @@ import math
 
 import torch
 
-from federation import wire
-from federation.keys import remove_silo
-from federation.protocol import Hello, MsgType, SecAggStep, make_header
-from federation.silo import SiloClient
-from federation.strategies import global_norm
-from federation.transport import ClientTransport
+from federation.wire import frames as wire
+from federation.wire.keys import remove_silo
+from federation.wire.protocol import Hello, MsgType, SecAggStep, make_header
+from federation.runtime.silo import SiloClient
+from federation.aggregation.strategies import global_norm
+from federation.wire.transport import ClientTransport
 from tests.federation.conftest import FakeTrainer, federation, initial_state, wait_for
 
 
@@ -283,7 +283,7 @@ async def test_a_restart_restores_the_history_from_the_round_log(tmp_path):
 
 
 def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
-    from federation.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
+    from federation.wire.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
     from tests.factories import make_settings
 
     keys_dir = make_settings(tmp_path).keys_dir
@@ -295,7 +295,7 @@ def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
     good = path.read_text()
     for broken in ('{"a": ', '["a"]', '{"a": {"num_examples": 5}}'):
         path.write_text(broken)
-        with caplog.at_level("ERROR", logger="federation.keys"):
+        with caplog.at_level("ERROR", logger="federation.wire.keys"):
             caplog.clear()
             # Assert: nobody is enrolled while the file is broken, and it is said once, with the path
             assert enrolment.name_of(key) is None and enrolment.names() == set()
@@ -334,7 +334,7 @@ def test_enroll_without_a_declared_count_says_what_bounds_the_silo(tmp_path):
     from typer.testing import CliRunner
 
     from appliance.cli import app
-    from federation.keys import ensure_keypair
+    from federation.wire.keys import ensure_keypair
     from tests.factories import make_settings
 
     key = ensure_keypair(make_settings(tmp_path / "s").keys_dir, "silo").public
