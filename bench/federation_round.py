@@ -8,7 +8,7 @@ round's wall time; plus aggregation time / peak memory from bench/aggregation.py
 Bytes: a real TRAIN (global adapter) and UPDATE (delta) message for SmolLM2-135M's LoRA r=8 on q/k/v/o
 (240 tensors, 921,600 parameters) encoded by `federation.wire` with each compression method, against the full
 model's fp32 weights (134.5 M parameters x 4 bytes), i.e. what a round would cost if silos shipped whole models.
-Downlink (TRAIN) is fp32 or bf16 (`codec.downlink_method`); uplink uses the method named.
+Downlink (TRAIN) is fp32 or bf16 (`federation.wire.payload.downlink_method`); uplink uses the method named.
 
 Non-training share: a real coordinator and 3 silos over CURVE on 127.0.0.1 run `--rounds` rounds of FedAvg on
 SmolLM2-sized adapters; each silo's `fit` sleeps `--train-s` seconds (standing in for local training, which this
@@ -38,16 +38,16 @@ def message_bytes(shapes: dict[str, tuple[int, int]], method: str) -> tuple[int,
     """(TRAIN bytes, UPDATE bytes) of real encoded messages for adapters of `shapes`."""
     import torch
 
-    from federation.wire import codec, frames as wire
+    from federation.wire.payload import downlink_method, encode_payload
     from federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
 
     gen = torch.Generator().manual_seed(0)
     global_state = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
     delta = {k: torch.randn(*s, generator=gen) * 1e-3 for k, s in shapes.items()}
-    down, meta = codec.encode(global_state, codec.downlink_method(method))
-    train = wire.encode(make_header(MsgType.TRAIN, TrainTask(local_steps=50, encoding=meta, compression=method), round_id=1), down)
-    up, meta = codec.encode(delta, method, state={})
-    update = wire.encode(make_header(MsgType.UPDATE, UpdateResult(num_examples=100, encoding=meta), round_id=1), up)
+    down = encode_payload(global_state, downlink_method(method))
+    train = down.frames(make_header(MsgType.TRAIN, TrainTask(local_steps=50, encoding=down.meta, compression=method), round_id=1))
+    up = encode_payload(delta, method, residual={})
+    update = up.frames(make_header(MsgType.UPDATE, UpdateResult(num_examples=100, encoding=up.meta), round_id=1))
     return sum(map(len, train)), sum(map(len, update))
 
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import RoundFailed
 from appliance.core.types import StateDict
-from federation.wire import codec
 from federation.publishing.gate_resume import before_round
 from federation.publishing.heldout import previous_adapter, received_eval
 from federation.runtime.local_training import round_schedule
+from federation.wire.payload import downlink_method
 from federation.wire.protocol import MsgType, SecAggStep, TrainTask, make_header
 from federation.runtime.train_payload import TrainPayloads
 from federation.runtime.train_window import TrainWindow, train_wait_s
@@ -218,7 +218,7 @@ class RoundRunner:
             await asyncio.sleep(0.05)
 
     async def send_train(self, rs: RoundState, silo: SiloInfo, *, windowed: bool = False) -> None:
-        method = codec.downlink_method(self.cfg.compression)
+        method = downlink_method(self.cfg.compression)
         encoded = rs.train_payloads.get(self._state_for(rs, silo), method, rs.global_state)  # one payload for all silos
         meta = encoded.meta
         dp_silo = self.cfg.dp_mode == "silo"

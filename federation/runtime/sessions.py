@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ProtocolError
 from appliance.core.types import StateDict
-from federation.wire import codec, frames as wire
+from federation.wire import frames as wire
 from federation.wire.keys import Enrolment, load_keypair
+from federation.wire.payload import decode_payload
 from federation.wire.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, UpdateResult, Welcome,
                                  make_header)
 from federation.runtime.timing import connection_timeout
@@ -344,7 +345,7 @@ class Sessions:
         if wrong is not None:  # refused before decoding: the sender does not choose what the coordinator allocates
             return "bad_shape", f"tensor {wrong!r} is declared {declared[wrong]}, the global adapter has {shapes[wrong]}"
         try:
-            update = codec.decode(wire.decode_payload(header, frames), body.encoding, expected_shapes=shapes)
+            update = decode_payload(header, frames, expected_shapes=shapes)
         except ProtocolError as exc:
             return "malformed", str(exc)
         try:

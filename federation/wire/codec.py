@@ -1,7 +1,8 @@
-"""The one place the services call the compression functions (`federation/wire/compression.py`).
+"""The compression functions (`federation/wire/compression.py`) as the wire uses them: every decoding failure becomes
+a `ProtocolError`, and top-k's residual is kept in the caller's dict.
 
-Kept apart so the coordinator and the silo agree on how an update is encoded and decoded, and so that every
-decoding failure becomes a `ProtocolError`.
+Callers encode and decode adapters with `federation.wire.payload` (`encode_payload`, `decode_payload`), which puts
+these together with the message frames (`federation.wire.frames`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from typing import Any
 
 from appliance.core.errors import ProtocolError
 from federation.wire import compression
-
-DOWNLINK_METHODS = ("fp32", "bf16")
 
 
 def encode(update: dict, method: str, state: dict | None = None) -> tuple[dict, dict[str, Any]]:
@@ -38,8 +37,3 @@ def decode(tensors: dict, meta: dict[str, Any], expected_shapes: Mapping[str, Se
         return compression.decode(tensors, meta, expected_shapes=expected_shapes)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         raise ProtocolError(f"cannot decode a {meta.get('method')!r}-encoded update: {exc}") from exc
-
-
-def downlink_method(method: str) -> str:
-    """The encoding used for the global adapter sent to silos (lossy sparse/int8 schemes only go uplink)."""
-    return method if method in DOWNLINK_METHODS else "bf16"

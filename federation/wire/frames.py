@@ -1,4 +1,8 @@
-"""Encoding and decoding of federation messages: JSON header frame + safetensors payload frame, never pickle."""
+"""The frames of a federation message: a JSON header frame + a safetensors payload frame, never pickle.
+
+An adapter's payload is encoded and decoded with `federation.wire.payload`; this module reads and writes the frames
+(a message without tensors, and the raw tensors of a secure-aggregation step, use it directly).
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def decode_header(frames: list[bytes]) -> Header:
 
 
 def decode_payload(header: Header, frames: list[bytes]) -> StateDict:
-    """The payload's tensors, checked against the header's manifest (names, shapes, dtypes; nothing more, nothing less).
+    """The payload's tensors as sent (still encoded: `federation.wire.payload.decode_payload` decodes them), checked against the header's manifest (names, shapes, dtypes; nothing more, nothing less).
 
     Raises:
         ProtocolError: the payload is not safetensors or does not match the manifest.
@@ -77,9 +81,3 @@ def decode_payload(header: Header, frames: list[bytes]) -> StateDict:
         if got[name] != spec:
             raise ProtocolError(f"tensor {name!r} is {got[name].shape}/{got[name].dtype} but the manifest says {spec.shape}/{spec.dtype}")
     return tensors
-
-
-def decode(frames: list[bytes]) -> tuple[Header, StateDict]:
-    """Header and tensors of a whole message (see `decode_header`, `decode_payload`)."""
-    header = decode_header(frames)
-    return header, decode_payload(header, frames)

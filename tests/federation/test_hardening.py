@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from federation.wire import codec, compression, frames as wire
+from federation.wire import compression, frames as wire
+from federation.wire.payload import encode_payload
 from federation.wire.keys import enroll_silo, ensure_keypair
 from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
 from federation.runtime.silo import SiloClient
@@ -173,10 +174,10 @@ async def test_topk_metadata_cannot_make_the_coordinator_allocate(tmp_path, monk
                 header = wire.decode_header(await evil.recv(timeout_s=20))
                 if header.type == MsgType.TRAIN:
                     good = {k: torch.zeros(s) for k, s in SHAPES.items()}
-                    tensors, meta, _ = compression.encode(good, "topk")
-                    meta["shapes"][first] = [4096, 4096]
-                    body = UpdateResult(num_examples=5, encoding=meta)
-                    await evil.send(wire.encode(make_header(MsgType.UPDATE, body, round_id=header.round_id, silo_id="evil"), tensors))
+                    encoded = encode_payload(good, "topk")
+                    encoded.meta["shapes"][first] = [4096, 4096]
+                    body = UpdateResult(num_examples=5, encoding=encoded.meta)
+                    await evil.send(encoded.frames(make_header(MsgType.UPDATE, body, round_id=header.round_id, silo_id="evil")))
                 elif header.type == MsgType.ERROR:
                     codes.append(header.body["code"])
         finally:
@@ -198,11 +199,11 @@ async def test_a_second_update_does_not_fail_the_accepted_one(tmp_path):
             while True:
                 header = wire.decode_header(await evil.recv(timeout_s=20))
                 if header.type == MsgType.TRAIN:
-                    tensors, meta = codec.encode({k: torch.zeros(s) for k, s in SHAPES.items()}, "fp32")
-                    update = make_header(MsgType.UPDATE, UpdateResult(num_examples=5, encoding=meta), round_id=header.round_id,
-                                         silo_id="twice")
-                    await evil.send(wire.encode(update, tensors))
-                    await evil.send(wire.encode(update, tensors))
+                    encoded = encode_payload({k: torch.zeros(s) for k, s in SHAPES.items()}, "fp32")
+                    update = make_header(MsgType.UPDATE, UpdateResult(num_examples=5, encoding=encoded.meta),
+                                         round_id=header.round_id, silo_id="twice")
+                    await evil.send(encoded.frames(update))
+                    await evil.send(encoded.frames(update))
                 elif header.type == MsgType.ERROR:
                     codes.append(header.body["code"])
                     break

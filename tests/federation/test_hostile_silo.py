@@ -46,13 +46,15 @@ class RecordingSilo(SiloClient):
         self.sent_norms: dict[int, float] = {}
 
     async def _send(self, header, tensors=None):
-        from federation.wire import codec
-        from federation.wire.protocol import MsgType
         from federation.aggregation.strategies import global_norm
+        from federation.wire.frames import decode_header
+        from federation.wire.payload import decode_payload
+        from federation.wire.protocol import MsgType
 
+        frames = await super()._send(header, tensors)
         if header.type == MsgType.UPDATE:
-            self.sent_norms[header.round_id] = global_norm(codec.decode(tensors, header.body["encoding"]))
-        return await super()._send(header, tensors)
+            self.sent_norms[header.round_id] = global_norm(decode_payload(decode_header(frames), frames))
+        return frames
 
 
 def _norm(a: dict, b: dict) -> float:

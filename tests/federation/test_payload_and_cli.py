@@ -6,7 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from federation.wire import codec, frames as wire
+from federation.wire import frames as wire
+from federation.wire.payload import decode_payload
 from federation.wire.protocol import MsgType
 from tests.federation.conftest import SHAPES, FakeTrainer, federation
 
@@ -20,8 +21,9 @@ async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
         await coord.wait_done(20)
     # Act
     frames = silos[0].sent_frames
-    header, tensors = wire.decode(frames)
-    update = codec.decode(tensors, header.body["encoding"])
+    header = wire.decode_header(frames)
+    tensors = wire.decode_payload(header, frames)  # as sent: the encoded tensors
+    update = decode_payload(header, frames)
     # Assert: the trainer did see the secret and reported it; none of it left the silo
     assert secret in trainer.fit(1, {})[1]["sample"]
     assert header.type == MsgType.UPDATE and len(frames) == 2

@@ -8,7 +8,8 @@ import logging
 
 import torch
 
-from federation.wire import codec, frames as wire
+from federation.wire import frames as wire
+from federation.wire.payload import encode_payload
 from federation.runtime.checkpoint import load_latest
 from federation.runtime.coordinator import Coordinator
 from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
@@ -95,9 +96,9 @@ async def test_bad_updates_get_error_and_round_continues(tmp_path):
             header = wire.decode_header(frames)
             if header.type == MsgType.TRAIN:
                 _code, tensors, shift = bad_updates[header.round_id]
-                payload, meta = codec.encode(tensors, "fp32")
-                body = UpdateResult(num_examples=5, encoding=meta)
-                await evil.send(wire.encode(make_header(MsgType.UPDATE, body, round_id=header.round_id + shift, silo_id="evil"), payload))
+                encoded = encode_payload(tensors, "fp32")
+                body = UpdateResult(num_examples=5, encoding=encoded.meta)
+                await evil.send(encoded.frames(make_header(MsgType.UPDATE, body, round_id=header.round_id + shift, silo_id="evil")))
                 current = header.round_id
             elif header.type == MsgType.ERROR:
                 errors[current] = header.body["code"]
