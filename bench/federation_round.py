@@ -8,7 +8,7 @@ round's wall time; plus aggregation time / peak memory from bench/aggregation.py
 Bytes: a real TRAIN (global adapter) and UPDATE (delta) message for SmolLM2-135M's LoRA r=8 on q/k/v/o
 (240 tensors, 921,600 parameters) encoded by `federation.wire` with each compression method, against the full
 model's fp32 weights (134.5 M parameters x 4 bytes), i.e. what a round would cost if silos shipped whole models.
-Downlink (TRAIN) is fp32 or bf16 (`codec.downlink_method`); uplink uses the method named.
+Downlink (TRAIN) is fp32 or bf16 (`federation.wire.payload.downlink_method`); uplink uses the method named.
 
 Non-training share: a real coordinator and 3 silos over CURVE on 127.0.0.1 run `--rounds` rounds of FedAvg on
 SmolLM2-sized adapters; each silo's `fit` sleeps `--train-s` seconds (standing in for local training, which this
@@ -38,16 +38,16 @@ def message_bytes(shapes: dict[str, tuple[int, int]], method: str) -> tuple[int,
     """(TRAIN bytes, UPDATE bytes) of real encoded messages for adapters of `shapes`."""
     import torch
 
-    from federation import codec, wire
-    from federation.protocol import MsgType, TrainTask, UpdateResult, make_header
+    from federation.wire.payload import downlink_method, encode_payload
+    from federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
 
     gen = torch.Generator().manual_seed(0)
     global_state = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
     delta = {k: torch.randn(*s, generator=gen) * 1e-3 for k, s in shapes.items()}
-    down, meta = codec.encode(global_state, codec.downlink_method(method))
-    train = wire.encode(make_header(MsgType.TRAIN, TrainTask(local_steps=50, encoding=meta, compression=method), round_id=1), down)
-    up, meta = codec.encode(delta, method, state={})
-    update = wire.encode(make_header(MsgType.UPDATE, UpdateResult(num_examples=100, encoding=meta), round_id=1), up)
+    down = encode_payload(global_state, downlink_method(method))
+    train = down.frames(make_header(MsgType.TRAIN, TrainTask(local_steps=50, encoding=down.meta, compression=method), round_id=1))
+    up = encode_payload(delta, method, residual={})
+    update = up.frames(make_header(MsgType.UPDATE, UpdateResult(num_examples=100, encoding=up.meta), round_id=1))
     return sum(map(len, train)), sum(map(len, update))
 
 
@@ -82,10 +82,10 @@ async def round_overhead(shapes, rounds: int, train_s: float, compression: str) 
     import torch
 
     from appliance.core.settings import load_settings
-    from federation.coordinator import Coordinator
-    from federation.keys import enroll_silo, ensure_keypair
-    from federation.silo import SiloClient
-    from federation.strategies import make_strategy
+    from federation.runtime.coordinator import Coordinator
+    from federation.wire.keys import enroll_silo, ensure_keypair
+    from federation.runtime.silo import SiloClient
+    from federation.aggregation.strategies import make_strategy
     from testing.exporters import write_exporter
 
     home = Path(tempfile.mkdtemp(prefix="fed-bench-"))
@@ -121,8 +121,8 @@ def silo_rank_overhead(rounds: int, steps: int) -> list[tuple[str, int, float, f
     """
     from appliance.core.sections.train import TrainSettings
     from bench.train_throughput import mixed_chat_records, resolve
-    from federation.rank_group import RankGroupTrainer
-    from federation.silo import EngineTrainer
+    from federation.runtime.rank_group import RankGroupTrainer
+    from federation.runtime.silo import EngineTrainer
 
     model_dir, records = resolve(None), mixed_chat_records(32)
     cfg = TrainSettings(batch_size=2, max_seq_len=256, warmup_steps=0, zero_stage=2)

@@ -1,6 +1,6 @@
 """Coordinator memory, round overhead and bytes with many simulated silos (issue 24).
 
-For each adapter size and silo count, the coordinator runs in its own process (`federation.simulate.coordinator_part`:
+For each adapter size and silo count, the coordinator runs in its own process (`federation.demo.simulate.coordinator_part`:
 the real Coordinator over CURVE, default strategy and settings, no adapter registry) and the simulated silos
 (`appliance sim silos N --part silos`: real SiloClients with a model-free trainer) in another. The coordinator's
 resident memory is sampled from /proc every 0.1 s and its peak (VmHWM) reported at the end.
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent  # this checkout
-SIMULATE = HERE / "federation" / "simulate.py"
+SIMULATE = HERE / "federation" / "demo" / "simulate.py"
 
 
 def _load_simulate():

@@ -7,7 +7,7 @@
                                                                        # per-round fresh optimizer
     .venv/bin/python bench/federation_vs_flower.py --seeds 0,1,2        # the whole job per seed, then the means
 
-The job: the bundled data of `federation.demo_data` (`--set`; the first `--silos` organisations), the same base model,
+The job: the bundled data of `federation.demo.data` (`--set`; the first `--silos` organisations), the same base model,
 the same LoRA initialisation (`train.initial_adapter_state` at the run's seed; r/alpha/targets from the train settings), the
 same rounds, local steps, batch, learning rate (constant: no warmup, no decay), gradient clipping and sequence
 length, no packing, plain example-weighted FedAvg of the LoRA factors.
@@ -98,7 +98,7 @@ def prepare(args: argparse.Namespace, work: Path, seed: int = 0) -> Job:
 
     from appliance.core.settings import load_settings
     from bench.federated_learning import model_folder
-    from federation import demo, demo_data
+    from federation.demo import demo, data as demo_data
 
     cfg = demo.demo_train_settings(load_settings(overrides={"home": str(work / "appliance")}))
     cfg = cfg.model_copy(update={"packing": False, "lr_scheduler": "constant", "seed": seed, **({"lr": args.lr} if args.lr else {})})
@@ -125,7 +125,7 @@ def relay_bytes(bed: Bed) -> int:
 def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy: str = "fedavg",
              local_optimizer: str = "keep") -> dict[str, Any]:
     """Our coordinator and silos as separate CLI processes (CURVE on), through `testbed.federation.GeoFederation`."""
-    from federation.checkpoint import load_latest
+    from federation.runtime.checkpoint import load_latest
     from testbed.federation import GeoFederation
 
     c = job.cfg
@@ -282,7 +282,7 @@ def table(results: list[dict[str, Any]], losses: dict[str, dict[str, float]], jo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of the embedded model (smoke run)")
-    p.add_argument("--set", default="hospitals", help="bundled data set (federation.demo_data.DATASETS)")
+    p.add_argument("--set", default="hospitals", help="bundled data set (federation.demo.data.DATASETS)")
     p.add_argument("--silos", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=8)
@@ -307,7 +307,7 @@ def main() -> None:
         job = prepare(args, work / f"seed-{seed}", seed)
         log(f"seed {seed}: work {work}; model {job.model_dir}; silos {job.orgs}; cores {[s.cores for s in job.shares]}")
         results = [run_system(system, job, work / f"seed-{seed}", args, venv) for system in systems]
-        from federation import demo
+        from federation.demo import demo
 
         losses = demo.evaluate_all(job.cfg, job.model_dir, {"base": None, **{r["system"]: r["state"] for r in results}}, job.paths)
         print(f"seed {seed}\n" + table(results, losses, job), flush=True)

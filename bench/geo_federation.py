@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from federation import demo_data  # noqa: E402
+from federation.demo import data as demo_data  # noqa: E402
 from testbed import Bed, LinkSpec  # noqa: E402
 from testbed.federation import GeoFederation  # noqa: E402
 from testing.factories import TEST_CACHE, make_tiny_llama  # noqa: E402

@@ -104,7 +104,7 @@ def models_home(work: Path) -> Path:
 
 
 def silo_round(base: Path, keep: bool) -> int:
-    from federation import demo_data
+    from federation.demo import data as demo_data
 
     venv = base / "silo"
     work = Path(tempfile.mkdtemp(prefix="silo-venv-round."))

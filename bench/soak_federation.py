@@ -4,7 +4,7 @@ come back, with its process and its run folder sampled throughout. Nothing may g
     python bench/soak_federation.py [--minutes 30] [--rounds 300] [--silos 10] [--churn-every-s 2]
         [--lock /tmp/heavy.lock] [--out soak.json]
 
-Three processes: the coordinator (`federation.simulate.coordinator_part`: the product's Coordinator, default strategy
+Three processes: the coordinator (`federation.demo.simulate.coordinator_part`: the product's Coordinator, default strategy
 and checkpoint retention, no adapter registry, embedded adapter size), the silos (real `SiloClient`s with the
 model-free `SimTrainer`; every `--churn-every-s` one of them leaves with a BYE and one that left earlier comes back
 with a new connection, so the coordinator sees leaves and rejoins all run long), and this one, which samples the
@@ -42,7 +42,7 @@ from testing.soak import FLAT, figures_table, flat_checks, locked, proc_sample  
 # ---------------------------------------------------------------- the coordinator and silos processes
 
 def coordinator_main(home: Path, silos: int, rounds: int, timeout_s: float) -> None:
-    from federation.simulate import coordinator_part
+    from federation.demo.simulate import coordinator_part
 
     logging.basicConfig(level=logging.WARNING)
     # Short rounds: one local step, a deadline that bounds a round a leaving silo was part of, and quorum below the
@@ -58,9 +58,9 @@ async def churning_silos(home: Path, n: int, churn_every_s: float, counts: dict[
     that left before it comes back on a new connection. Runs until the coordinator says the run is over (or this
     process is stopped); `counts` gets the leaves, rejoins and rounds trained as they happen."""
     from appliance.core.settings import load_settings
-    from federation.keys import enroll_silos
-    from federation.silo import SiloClient
-    from federation.simulate import COORDINATOR_FILE, SimTrainer, make_keypairs, wait_for_file
+    from federation.wire.keys import enroll_silos
+    from federation.runtime.silo import SiloClient
+    from federation.demo.simulate import COORDINATOR_FILE, SimTrainer, make_keypairs, wait_for_file
 
     info = await wait_for_file(home / COORDINATOR_FILE, timeout_s=300)
     keypairs = make_keypairs(n)

@@ -108,7 +108,7 @@ def write_config(home: Path, ports: dict[str, int], rounds: int, local_steps: in
 def prepare(home: Path, env: dict[str, str]) -> tuple[str, dict[str, Path], dict[str, dict[str, Path]]]:
     """Model, keys and data: the coordinator's key, two enrolled silos with their own homes, the demo's hospital data."""
     from appliance.core.model_store import prepare_model
-    from federation import demo_data
+    from federation.demo import data as demo_data
 
     prepared = prepare_model(REPO / ".cache" / "test-home" / "models", cache_dir=REPO / ".cache" / "wheels").path
     link_model(home, prepared)

@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from appliance.core.settings import load_settings
-from federation.silo import SiloClient, SiloTrainer
+from federation.runtime.silo import SiloClient, SiloTrainer
 
 
 class HFSilo(SiloTrainer):

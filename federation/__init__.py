@@ -1,33 +1,15 @@
-"""Cross-silo federated LoRA: protocol, transport, coordinator, silo, strategies, privacy (see docs/CONTRACTS.md).
+"""Cross-silo federated LoRA (see docs/CONTRACTS.md), in five sub-packages; import from them:
 
-The public surface, imported lazily so `import federation` stays cheap (no torch, no zmq):
+    federation.wire          the message format: protocol, payload (encode_payload / decode_payload), frames, codec,
+                             compression, the ZeroMQ transport, CURVE keys
+    federation.aggregation   the maths and the strategies: aggregate, accumulators, server_strategies, strategy_wrappers,
+                             strategy_factory (make_strategy), strategies (their public names), lora_aggregate, bounds,
+                             privacy, secagg, secure_round, update_spool
+    federation.runtime       the running federation: coordinator (Coordinator) with sessions, round_runner, recorder and
+                             status_server; silo (SiloClient, SiloTrainer, EngineTrainer), service (build_strategy,
+                             run_coordinator, run_silo), checkpoint, runs, timing, rank_group, ...
+    federation.publishing    the router publisher, the promotion gate, the resume after a held-back round
+    federation.demo          `appliance demo federation` (demo.run_demo), its data, simulated silos
 
-    from federation import Coordinator, SiloClient, SiloTrainer, EngineTrainer, make_strategy, build_strategy
+`import federation` imports nothing else (no torch, no zmq): the base install has neither.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "Coordinator": "federation.coordinator",
-    "SiloClient": "federation.silo",
-    "SiloTrainer": "federation.silo",
-    "EngineTrainer": "federation.silo",
-    "state_delta": "federation.silo",
-    "make_strategy": "federation.strategies",
-    "Strategy": "federation.strategies",
-    "build_strategy": "federation.service",
-    "run_coordinator": "federation.service",
-    "run_silo": "federation.service",
-    "run_demo": "federation.demo",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'federation' has no attribute {name!r}")

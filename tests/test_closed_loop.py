@@ -1,6 +1,6 @@
 """The closed loop: every global adapter version a federation round produces is served under `<run>-latest`.
 
-The first tests drive `federation.publish.RouterPublisher` against the real router (in process, on loopback) in
+The first tests drive `federation.publishing.publish.RouterPublisher` against the real router (in process, on loopback) in
 front of a fake vLLM worker: retries, supersede, never blocking, and the alias moving to each new version. The last
 ones run the real pieces end to end (coordinator rounds -> registry -> publisher -> router -> vLLM).
 """
@@ -18,7 +18,7 @@ import pytest
 
 from appliance.core.adapter_registry import AdapterVersion
 from appliance.core.router_client import latest_alias
-from federation.publish import RouterPublisher
+from federation.publishing.publish import RouterPublisher
 from testing.factories import free_port, make_settings
 from tests.serve.conftest import FakeProcess, start_fake
 from tests.ui.fakes import ServerThread
@@ -189,9 +189,9 @@ async def test_federation_latest_answers_from_the_newest_round_every_round(vllm_
     """Three federation rounds (one silo, one local step each on the embedded model) -> registry -> publisher -> the
     real router -> a real vLLM worker: after each round, `loop-latest` answers from that round's adapter."""
     import train
-    from federation.coordinator import Coordinator
-    from federation.silo import EngineTrainer, SiloClient
-    from federation.strategies import make_strategy
+    from federation.runtime.coordinator import Coordinator
+    from federation.runtime.silo import EngineTrainer, SiloClient
+    from federation.aggregation.strategies import make_strategy
     from tests.ui.services import start_router
 
     rounds = 3
@@ -250,7 +250,7 @@ async def test_federation_latest_answers_from_the_newest_round_every_round(vllm_
 
 def test_the_publisher_sends_the_runs_serve_regions(tmp_path):
     """`federation.serve_regions` travels as `regions` in each publish (the router places and routes by it)."""
-    from federation.service import router_publisher
+    from federation.runtime.service import router_publisher
     from tests.ui.fakes import FakeRouter
 
     fake = FakeRouter(admin_token="regions-admin-token-0123456789").start()

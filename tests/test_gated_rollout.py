@@ -4,7 +4,7 @@ to the real router (`appliance serve`) in front of a real vLLM worker, through t
 
 Round 2 is made worse on purpose: the silo trains it with a rate 100x too high (within the update bounds: nothing is
 clipped). The gate holds it back (`gated-latest` keeps answering from round 1's version, the round record and
-`appliance adapters history` show both losses); round 3 starts from the promoted version (federation/gate_resume.py),
+`appliance adapters history` show both losses); round 3 starts from the promoted version (federation/publishing/gate_resume.py),
 is good again and is promoted; `appliance adapters rollback` returns to round 1's version; after a router restart
 `gated-latest` answers as before without any new publish.
 """
@@ -23,8 +23,8 @@ import yaml
 from typer.testing import CliRunner
 
 from appliance.cli import app
-from federation.keys import enroll_silo, ensure_keypair
-from federation.silo import EngineTrainer, SiloClient
+from federation.wire.keys import enroll_silo, ensure_keypair
+from federation.runtime.silo import EngineTrainer, SiloClient
 from testing.factories import REPO, free_port, make_settings
 from tests.train.conftest import write_jsonl
 
@@ -76,7 +76,7 @@ def _start_coordinator(home: Path, port: int, router_port: int, admin_token: str
 
 async def test_a_worse_round_is_held_back_then_promotion_rollback_and_restart(vllm_worker, embedded_model_dir, tmp_path,
                                                                                monkeypatch):
-    from federation.heldout import with_gate
+    from federation.publishing.heldout import with_gate
     from tests.ui.services import start_router
 
     admin_token = "gated-rollout-admin-token-0123456789"

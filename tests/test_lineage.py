@@ -1,4 +1,4 @@
-"""Lineage of an adapter version (federation/lineage.py, appliance/core/lineage.py): what a federated round registers,
+"""Lineage of an adapter version (federation/runtime/lineage.py, appliance/core/lineage.py): what a federated round registers,
 `appliance adapters show`, and the exported model card that peft and huggingface_hub load."""
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
         version = registry.get(ref)
         data = None if no_gate or not settings.federation.gate else gate or settings.federation.gate_data
         if data is not None:
-            from federation.gate_publish import gated_publish
+            from federation.publishing.gate_publish import gated_publish
 
             out, decision = gated_publish(settings, client, registry, version, Path(data))
             loss, current = decision.get("loss"), decision.get("current_loss")

@@ -1,5 +1,5 @@
 """`appliance sim geo`: a demo fleet and federation across emulated regions (network namespaces, or loopback links);
-`appliance sim silos N`: N simulated silos against the real coordinator (`federation.simulate`)."""
+`appliance sim silos N`: N simulated silos against the real coordinator (`federation.demo.simulate`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def geo(
     the README's commands across emulated WAN links; print what clients and rounds saw. Root makes real network
     namespaces; otherwise the links run on loopback."""
     from appliance.core.model_store import resolve_model
-    from federation import demo_data
+    from federation.demo import data as demo_data
     from testbed.sim import parse_regions, run_geo
 
     with cli_errors():
@@ -77,7 +77,7 @@ def silos(
     import asyncio
     import json
 
-    from federation import simulate as sim
+    from federation.demo import simulate as sim
 
     with cli_errors():
         if adapter not in sim.PRESETS:
@@ -89,7 +89,9 @@ def silos(
         user = settings_from(ctx)  # its model store and train.lora_r size the embedded adapter
         import logging
 
-        for name in ("federation.silo", "federation.coordinator"):  # a line per silo per round: too many to read
+        # a line per silo per round: too many to read
+        for name in ("federation.runtime.silo", "federation.runtime.sessions", "federation.runtime.round_runner",
+                     "federation.runtime.recorder"):
             logging.getLogger(name).setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)

@@ -34,7 +34,7 @@ def _coordinator_key(settings: ApplianceSettings) -> str | None:
     """Create (once) the coordinator's CURVE key pair, as `appliance federation init` does; its public key."""
     if settings.federation.plaintext:
         return None
-    from federation.keys import ensure_keypair
+    from federation.wire.keys import ensure_keypair
 
     return ensure_keypair(settings.keys_dir, "coordinator").public
 

@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 def silo_round(args: argparse.Namespace) -> int:
-    from federation import demo_data
+    from federation.demo import data as demo_data
 
     models = model_store()
     work = Path(tempfile.mkdtemp(prefix="silo-round.", dir=CACHE))

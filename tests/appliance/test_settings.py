@@ -107,6 +107,6 @@ def test_config_show_with_a_bad_value_exits_2_naming_it(monkeypatch):
 
 def test_the_strategy_names_of_the_settings_are_those_the_federation_builds():
     from appliance.core.sections.federation import STRATEGY_NAMES
-    from federation.strategies import STRATEGY_NAMES as BUILT
+    from federation.aggregation.strategies import STRATEGY_NAMES as BUILT
 
     assert set(STRATEGY_NAMES) == set(BUILT)

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import pytest
 import torch
 
-from federation.silo import SiloTrainer
+from federation.runtime.silo import SiloTrainer
 from testing.exporters import write_exporter  # noqa: F401 - the federation tests import it from here
 from testing.factories import make_settings
 from testing.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
@@ -87,9 +87,9 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
     each silo (default `SiloClient`); `await route(i, address)` gives the address silo i connects to (e.g. a
     `testbed.link.Link` in front of the coordinator). Yields `(coordinator, silos)`.
     """
-    from federation.coordinator import Coordinator
-    from federation.service import build_strategy
-    from federation.silo import SiloClient
+    from federation.runtime.coordinator import Coordinator
+    from federation.runtime.service import build_strategy
+    from federation.runtime.silo import SiloClient
 
     silo_cls = silo_cls or SiloClient
     if isinstance(strategy, str):  # a name: it goes into the settings, and build_strategy builds it
@@ -125,7 +125,7 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
 @pytest.fixture
 def curve_homes(tmp_path: Path):
     """A coordinator home with a key pair and three enrolled silos, each with its own home and key pair."""
-    from federation.keys import enroll_silo, ensure_keypair
+    from federation.wire.keys import enroll_silo, ensure_keypair
 
     coord_home = tmp_path / "coord"
     coord_keys = ensure_keypair(make_settings(coord_home).keys_dir, "coordinator")

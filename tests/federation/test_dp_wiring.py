@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from federation import codec, wire
+from federation.wire import frames as wire
+from federation.wire.payload import decode_payload
 from tests.federation.conftest import FakeTrainer, federation
 
 
@@ -27,8 +28,8 @@ async def test_central_dp_reports_growing_epsilon(tmp_path):
 async def test_silo_dp_clips_the_update_before_it_leaves(tmp_path):
     clip = 0.05
     coord, silos = await _run(tmp_path, dp_mode="silo", dp_clip_norm=clip, dp_noise_multiplier=0.0)
-    header, tensors = wire.decode(silos[0].sent_frames)
-    update = codec.decode(tensors, header.body["encoding"])
+    frames = silos[0].sent_frames
+    update = decode_payload(wire.decode_header(frames), frames)
     norm = math.sqrt(sum(float(v.float().pow(2).sum()) for v in update.values()))
     assert norm <= clip * 1.001
     assert coord.history[-1]["dp"] == "silo" and coord.history[-1]["epsilon"] is None  # no noise: no finite epsilon

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.demo_data import generate
-from federation.silo import EngineTrainer
+from federation.demo.data import generate
+from federation.runtime.silo import EngineTrainer
 from testing.factories import REPO, make_settings
 from tests.federation.conftest import federation
 

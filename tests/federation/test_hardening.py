@@ -12,12 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from federation import codec, compression, wire
-from federation.keys import enroll_silo, ensure_keypair
-from federation.protocol import Hello, MsgType, UpdateResult, make_header
-from federation.silo import SiloClient
-from federation.strategies import make_strategy
-from federation.transport import ClientTransport
+from federation.wire import compression, frames as wire
+from federation.wire.payload import encode_payload
+from federation.wire.keys import enroll_silo, ensure_keypair
+from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
+from federation.runtime.silo import SiloClient
+from federation.aggregation.strategies import make_strategy
+from federation.wire.transport import ClientTransport
 from testing.factories import make_settings
 from tests.federation.conftest import SHAPES, FakeTrainer, federation, initial_state, silo_settings, wait_for
 
@@ -94,8 +95,8 @@ class _StillTrainer(FakeTrainer):
 
 async def test_a_non_finite_aggregate_fails_the_round_and_is_never_registered(tmp_path):
     from appliance.core.adapter_registry import AdapterRegistry
-    from federation.checkpoint import load_latest
-    from tests.federation.conftest import write_exporter
+    from federation.runtime.checkpoint import load_latest
+    from testing.exporters import write_exporter
 
     init = initial_state()
     strategy = make_strategy("fedadam", tau=0.0)
@@ -173,10 +174,10 @@ async def test_topk_metadata_cannot_make_the_coordinator_allocate(tmp_path, monk
                 header = wire.decode_header(await evil.recv(timeout_s=20))
                 if header.type == MsgType.TRAIN:
                     good = {k: torch.zeros(s) for k, s in SHAPES.items()}
-                    tensors, meta, _ = compression.encode(good, "topk")
-                    meta["shapes"][first] = [4096, 4096]
-                    body = UpdateResult(num_examples=5, encoding=meta)
-                    await evil.send(wire.encode(make_header(MsgType.UPDATE, body, round_id=header.round_id, silo_id="evil"), tensors))
+                    encoded = encode_payload(good, "topk")
+                    encoded.meta["shapes"][first] = [4096, 4096]
+                    body = UpdateResult(num_examples=5, encoding=encoded.meta)
+                    await evil.send(encoded.frames(make_header(MsgType.UPDATE, body, round_id=header.round_id, silo_id="evil")))
                 elif header.type == MsgType.ERROR:
                     codes.append(header.body["code"])
         finally:
@@ -198,11 +199,11 @@ async def test_a_second_update_does_not_fail_the_accepted_one(tmp_path):
             while True:
                 header = wire.decode_header(await evil.recv(timeout_s=20))
                 if header.type == MsgType.TRAIN:
-                    tensors, meta = codec.encode({k: torch.zeros(s) for k, s in SHAPES.items()}, "fp32")
-                    update = make_header(MsgType.UPDATE, UpdateResult(num_examples=5, encoding=meta), round_id=header.round_id,
-                                         silo_id="twice")
-                    await evil.send(wire.encode(update, tensors))
-                    await evil.send(wire.encode(update, tensors))
+                    encoded = encode_payload({k: torch.zeros(s) for k, s in SHAPES.items()}, "fp32")
+                    update = make_header(MsgType.UPDATE, UpdateResult(num_examples=5, encoding=encoded.meta),
+                                         round_id=header.round_id, silo_id="twice")
+                    await evil.send(encoded.frames(update))
+                    await evil.send(encoded.frames(update))
                 elif header.type == MsgType.ERROR:
                     codes.append(header.body["code"])
                     break
@@ -335,7 +336,7 @@ def test_an_unknown_local_optimizer_is_refused_by_name(tmp_path):
 
 
 def test_enrolment_keeps_the_declared_count_and_follows_the_file(tmp_path):
-    from federation.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
+    from federation.wire.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
 
     keys_dir = make_settings(tmp_path).keys_dir
     a, b = (ensure_keypair(make_settings(tmp_path / n).keys_dir, "silo").public for n in ("a", "b"))

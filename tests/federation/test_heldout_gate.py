@@ -1,9 +1,9 @@
-"""The held-out figure the promotion gate uses without gate data (federation/heldout.py): each silo evaluates the
+"""The held-out figure the promotion gate uses without gate data (federation/publishing/heldout.py): each silo evaluates the
 global adapter it receives before training, and the round record and the next version's meta carry the weighted loss."""
 
 from __future__ import annotations
 
-from federation.heldout import received_eval
+from federation.publishing.heldout import received_eval
 from tests.federation.conftest import FakeTrainer, federation, write_exporter
 
 
@@ -37,8 +37,8 @@ def test_no_silo_with_eval_data_gives_no_figure():
 def test_the_round_records_show_the_gate_decision_with_both_losses(tmp_path):
     import json
 
-    from federation.heldout import with_gate
-    from federation.report import format_status
+    from federation.publishing.heldout import with_gate
+    from federation.runtime.report import format_status
 
     (tmp_path / "gate.jsonl").write_text(json.dumps({"adapter": "fed-v2", "decision": "held back", "loss": 28.9,
                                                      "current": "fed-v1", "current_loss": 1.9}) + "\n")

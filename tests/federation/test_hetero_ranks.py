@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.coordinator import Coordinator
-from federation.demo_data import generate
-from federation.silo import EngineTrainer, SiloClient
-from federation.strategies import make_strategy
+from federation.runtime.coordinator import Coordinator
+from federation.demo.data import generate
+from federation.runtime.silo import EngineTrainer, SiloClient
+from federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import fed_settings, silo_settings
 
 RANKS = {"northbridge": 4, "lakeside": 8, "redwood": 16}
@@ -64,7 +64,7 @@ def _federate(model_dir: Path, tmp_path: Path, rounds: int = 2):
 
 
 def _rank(state) -> int:
-    from federation.lora_aggregate import lora_rank
+    from federation.aggregation.lora_aggregate import lora_rank
 
     return lora_rank(state)
 

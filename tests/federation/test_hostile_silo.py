@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from federation.demo_data import generate
-from federation.keys import enroll_silo, ensure_keypair
-from federation.silo import EngineTrainer, SiloClient
+from federation.demo.data import generate
+from federation.wire.keys import enroll_silo, ensure_keypair
+from federation.runtime.silo import EngineTrainer, SiloClient
 from testing.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # starts the CLI coordinator and trains the tiny model in three silos
@@ -46,13 +46,15 @@ class RecordingSilo(SiloClient):
         self.sent_norms: dict[int, float] = {}
 
     async def _send(self, header, tensors=None):
-        from federation import codec
-        from federation.protocol import MsgType
-        from federation.strategies import global_norm
+        from federation.aggregation.strategies import global_norm
+        from federation.wire.frames import decode_header
+        from federation.wire.payload import decode_payload
+        from federation.wire.protocol import MsgType
 
+        frames = await super()._send(header, tensors)
         if header.type == MsgType.UPDATE:
-            self.sent_norms[header.round_id] = global_norm(codec.decode(tensors, header.body["encoding"]))
-        return await super()._send(header, tensors)
+            self.sent_norms[header.round_id] = global_norm(decode_payload(decode_header(frames), frames))
+        return frames
 
 
 def _norm(a: dict, b: dict) -> float:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from federation.coordinator import Coordinator
-from federation.local_training import round_schedule, train_overrides
-from federation.silo import SiloClient
-from federation.strategies import make_strategy
+from federation.runtime.coordinator import Coordinator
+from federation.runtime.local_training import round_schedule, train_overrides
+from federation.runtime.silo import SiloClient
+from federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import FakeTrainer, fed_settings, initial_state, silo_settings
 
 
@@ -38,7 +38,7 @@ def test_train_overrides_turn_a_plan_into_settings_and_keywords():
 
 
 def test_an_engine_silo_keeps_its_moments_under_its_own_slot(tmp_path):
-    from federation.silo import EngineTrainer
+    from federation.runtime.silo import EngineTrainer
     from tests.train.conftest import small_cfg
 
     a, b = (EngineTrainer(small_cfg(), tmp_path, []) for _ in range(2))
@@ -79,7 +79,7 @@ def test_a_real_engine_silo_keeps_its_optimizer_across_the_rounds_the_coordinato
     import torch
 
     import train
-    from federation.silo import EngineTrainer
+    from federation.runtime.silo import EngineTrainer
     from tests.train.conftest import arithmetic_records, small_cfg
 
     records = arithmetic_records()

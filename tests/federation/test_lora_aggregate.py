@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from federation import lora_aggregate as la
-from federation.strategies import FedAdam, FedAvg, FrozenA, ProductAggregation, make_strategy
+from federation.aggregation import lora_aggregate as la
+from federation.aggregation.strategies import FedAdam, FedAvg, FrozenA, ProductAggregation, make_strategy
 
 MODULES = {"m.layers.0.q_proj.": (24, 16), "m.layers.0.v_proj.": (8, 16)}  # prefix -> (out, in)
 ALPHA = 16.0
@@ -182,7 +182,7 @@ def test_lora_aggregation_errors_name_the_problem():
 
 def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path):
     from appliance.core.errors import ConfigError
-    from federation.service import build_strategy
+    from federation.runtime.service import build_strategy
     from testing.factories import make_settings
 
     fed = lambda **kw: make_settings(tmp_path, federation=kw).federation  # noqa: E731
@@ -197,7 +197,7 @@ def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path
 
 
 def test_frozen_a_under_central_dp_keeps_a_and_reports_epsilon(tmp_path):
-    from federation.service import build_strategy
+    from federation.runtime.service import build_strategy
     from testing.factories import make_settings
 
     strategy = build_strategy(make_settings(tmp_path, federation={"strategy": "ffa", "dp_mode": "central", "min_silos": 2,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from federation import simulate as sim
+from federation.demo import simulate as sim
 
 SILOS = 100
 ROUNDS = 3

@@ -6,8 +6,9 @@ import json
 
 from typer.testing import CliRunner
 
-from federation import codec, wire
-from federation.protocol import MsgType
+from federation.wire import frames as wire
+from federation.wire.payload import decode_payload
+from federation.wire.protocol import MsgType
 from tests.federation.conftest import SHAPES, FakeTrainer, federation
 
 
@@ -20,8 +21,9 @@ async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
         await coord.wait_done(20)
     # Act
     frames = silos[0].sent_frames
-    header, tensors = wire.decode(frames)
-    update = codec.decode(tensors, header.body["encoding"])
+    header = wire.decode_header(frames)
+    tensors = wire.decode_payload(header, frames)  # as sent: the encoded tensors
+    update = decode_payload(header, frames)
     # Assert: the trainer did see the secret and reported it; none of it left the silo
     assert secret in trainer.fit(1, {})[1]["sample"]
     assert header.type == MsgType.UPDATE and len(frames) == 2
@@ -83,7 +85,7 @@ def test_cli_init_enroll_keygen_and_status(tmp_path):
 async def test_status_endpoint_and_report(tmp_path):
     import httpx
 
-    from federation.report import format_status
+    from federation.runtime.report import format_status
 
     async with federation(tmp_path, [FakeTrainer(0)], rounds=2, min_silos=1) as (coord, _):
         await coord.wait_done(20)

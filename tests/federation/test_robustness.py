@@ -8,12 +8,13 @@ import logging
 
 import torch
 
-from federation import codec, wire
-from federation.checkpoint import load_latest
-from federation.coordinator import Coordinator
-from federation.protocol import Hello, MsgType, UpdateResult, make_header
-from federation.strategies import make_strategy
-from federation.transport import ClientTransport
+from federation.wire import frames as wire
+from federation.wire.payload import encode_payload
+from federation.runtime.checkpoint import load_latest
+from federation.runtime.coordinator import Coordinator
+from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
+from federation.aggregation.strategies import make_strategy
+from federation.wire.transport import ClientTransport
 from tests.federation.conftest import SHAPES, FakeTrainer, fed_settings, federation, initial_state, wait_for
 
 
@@ -38,7 +39,7 @@ async def test_round_fails_cleanly_below_min_silos(tmp_path, caplog):
     trainers[2].fit_delay_s = 3.0
     async with federation(tmp_path, trainers, rounds=1, min_silos=3, start_timeout_s=0.5) as (coord, silos):
         before = {k: v.clone() for k, v in coord.global_state.items()}
-        with caplog.at_level(logging.ERROR, logger="federation.coordinator"):
+        with caplog.at_level(logging.ERROR, logger="federation.runtime.round_runner"):
             await wait_for(lambda: len(trainers[2].calls) == 1)
             await silos[2].stop(say_bye=False)
             await coord.wait_done(20)
@@ -95,9 +96,9 @@ async def test_bad_updates_get_error_and_round_continues(tmp_path):
             header = wire.decode_header(frames)
             if header.type == MsgType.TRAIN:
                 _code, tensors, shift = bad_updates[header.round_id]
-                payload, meta = codec.encode(tensors, "fp32")
-                body = UpdateResult(num_examples=5, encoding=meta)
-                await evil.send(wire.encode(make_header(MsgType.UPDATE, body, round_id=header.round_id + shift, silo_id="evil"), payload))
+                encoded = encode_payload(tensors, "fp32")
+                body = UpdateResult(num_examples=5, encoding=encoded.meta)
+                await evil.send(encoded.frames(make_header(MsgType.UPDATE, body, round_id=header.round_id + shift, silo_id="evil")))
                 current = header.round_id
             elif header.type == MsgType.ERROR:
                 errors[current] = header.body["code"]

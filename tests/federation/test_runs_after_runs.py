@@ -1,4 +1,4 @@
-"""Runs after runs (federation/runs.py): `appliance coordinator start --stay` (what `appliance up` runs) keeps serving
+"""Runs after runs (federation/runtime/runs.py): `appliance coordinator start --stay` (what `appliance up` runs) keeps serving
 an ended run's status (phase finished) and the console's "Start next run" starts the next one in the same process."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from federation.silo import EngineTrainer, SiloClient
+from federation.runtime.silo import EngineTrainer, SiloClient
 from testing.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # the CLI coordinator and a silo training the tiny model, twice

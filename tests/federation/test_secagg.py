@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from appliance.core.errors import ProtocolError
-from federation.secagg import (
+from federation.aggregation.secagg import (
     SecAggClient,
     SecAggConfig,
     SecAggServer,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from appliance.core.errors import ConfigError
-from federation import secagg
-from federation.coordinator import Coordinator
-from federation.service import build_strategy
-from federation.silo import SiloClient
-from federation.strategies import make_strategy
+from federation.aggregation import secagg
+from federation.runtime.coordinator import Coordinator
+from federation.runtime.service import build_strategy
+from federation.runtime.silo import SiloClient
+from federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import FakeTrainer, fed_settings, federation, initial_state, wait_for
 
 EXAMPLES = (10, 20, 40)

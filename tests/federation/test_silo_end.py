@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from federation.coordinator import Coordinator
-from federation.strategies import make_strategy
+from federation.runtime.coordinator import Coordinator
+from federation.aggregation.strategies import make_strategy
 from testbed.link import Link, LinkSpec
 from tests.federation.conftest import FakeTrainer, fed_settings, federation, initial_state, wait_for
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from federation.demo_data import generate
-from federation.rank_group import RankGroupTrainer
-from federation.silo import EngineTrainer
+from federation.demo.data import generate
+from federation.runtime.rank_group import RankGroupTrainer
+from federation.runtime.silo import EngineTrainer
 from tests.federation.conftest import federation, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches; minutes on a loaded 2-core machine

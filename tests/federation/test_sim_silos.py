@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from appliance.cli import app
-from federation import simulate as sim
+from federation.demo import simulate as sim
 
 
 def test_lora_shapes_from_a_config_match_the_known_parameter_counts():

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from appliance.core.errors import ConfigError
-from federation.accumulators import RoundAccumulator
-from federation.server_strategies import ProductAggregation, Strategy
-from federation.service import build_strategy
-from federation.strategy_factory import STRATEGY_NAMES, make_strategy, mean_strategy_names
+from federation.aggregation.accumulators import RoundAccumulator
+from federation.aggregation.server_strategies import ProductAggregation, Strategy
+from federation.runtime.service import build_strategy
+from federation.aggregation.strategy_factory import STRATEGY_NAMES, make_strategy, mean_strategy_names
 from testing.factories import make_settings
 
 RANK, ALPHA = 4, 8.0
@@ -129,7 +129,7 @@ def test_make_strategy_builds_every_name_as_a_strategy():
 
 def test_a_silo_refuses_a_trainer_without_the_declared_members(tmp_path):
     # Arrange
-    from federation.silo import SiloClient, SiloTrainer
+    from federation.runtime.silo import SiloClient, SiloTrainer
     from tests.federation.conftest import silo_settings
 
     class Bare:  # the four methods, but not lora_r / lora_alpha

@@ -8,12 +8,12 @@ import math
 
 import torch
 
-from federation import wire
-from federation.keys import remove_silo
-from federation.protocol import Hello, MsgType, SecAggStep, make_header
-from federation.silo import SiloClient
-from federation.strategies import global_norm
-from federation.transport import ClientTransport
+from federation.wire import frames as wire
+from federation.wire.keys import remove_silo
+from federation.wire.protocol import Hello, MsgType, SecAggStep, make_header
+from federation.runtime.silo import SiloClient
+from federation.aggregation.strategies import global_norm
+from federation.wire.transport import ClientTransport
 from tests.federation.conftest import FakeTrainer, federation, initial_state, wait_for
 
 
@@ -214,7 +214,7 @@ async def test_the_message_bound_follows_the_adapter_and_the_receive_queue_is_bo
     import zmq
 
     async with federation(tmp_path, [], rounds=1, min_silos=1) as (coord, _):
-        sock = coord._transport._sock
+        sock = coord.sessions.transport.socket
         # the tiny adapter (512 bytes in fp32): 1 MiB + 4 x 512 bytes, not 256 MiB
         assert coord.message_limit == (1 << 20) + 4 * 512
         assert sock.getsockopt(zmq.MAXMSGSIZE) == 2 * coord.message_limit
@@ -257,7 +257,7 @@ async def test_only_the_newest_checkpoints_are_kept_and_state_json_stays_bounded
     import json
 
     from appliance.core.adapter_registry import AdapterRegistry
-    from tests.federation.conftest import write_exporter
+    from testing.exporters import write_exporter
 
     async with federation(tmp_path, [FakeTrainer(0), FakeTrainer(1)], exporter=write_exporter, rounds=6,
                           min_silos=2) as (coord, _):
@@ -283,7 +283,7 @@ async def test_a_restart_restores_the_history_from_the_round_log(tmp_path):
 
 
 def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
-    from federation.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
+    from federation.wire.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
     from testing.factories import make_settings
 
     keys_dir = make_settings(tmp_path).keys_dir
@@ -295,7 +295,7 @@ def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
     good = path.read_text()
     for broken in ('{"a": ', '["a"]', '{"a": {"num_examples": 5}}'):
         path.write_text(broken)
-        with caplog.at_level("ERROR", logger="federation.keys"):
+        with caplog.at_level("ERROR", logger="federation.wire.keys"):
             caplog.clear()
             # Assert: nobody is enrolled while the file is broken, and it is said once, with the path
             assert enrolment.name_of(key) is None and enrolment.names() == set()
@@ -334,7 +334,7 @@ def test_enroll_without_a_declared_count_says_what_bounds_the_silo(tmp_path):
     from typer.testing import CliRunner
 
     from appliance.cli import app
-    from federation.keys import ensure_keypair
+    from federation.wire.keys import ensure_keypair
     from testing.factories import make_settings
 
     key = ensure_keypair(make_settings(tmp_path / "s").keys_dir, "silo").public

@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from federation.aggregate import capped_weights
-from federation.bounds import adaptive_norm_bound, clip_round, norms_of
-from federation.strategy_factory import make_strategy
-from federation.update_spool import UpdateSpool, open_round_spool
+from federation.aggregation.aggregate import capped_weights
+from federation.aggregation.bounds import adaptive_norm_bound, clip_round, norms_of
+from federation.aggregation.strategy_factory import make_strategy
+from federation.aggregation.update_spool import UpdateSpool, open_round_spool
 from testing.factories import make_settings
 from tests.federation.conftest import FakeTrainer, federation, initial_state, wait_for
 
@@ -35,7 +35,7 @@ class _Cfg:
 
 
 def _in_memory(strategy, glob, ups, counts):
-    """The coordinator's aggregation before the spool (`Coordinator._accumulate` as it was)."""
+    """The coordinator's aggregation before the spool (`RoundRunner._accumulate` as it was)."""
     updates = {sid: {k: v.float() for k, v in u.items()} for sid, u in ups.items()}
     acc = strategy.start_round(1, glob)
     bound = adaptive_norm_bound(norms_of(updates), _Cfg)
@@ -128,7 +128,7 @@ def test_spool_files_are_safetensors_that_the_library_reads(tmp_path):
 
 
 async def test_a_robust_strategy_over_real_sockets_reads_its_updates_from_the_round_spool(tmp_path, monkeypatch):
-    from federation.accumulators import StoringAccumulator
+    from federation.aggregation.accumulators import StoringAccumulator
 
     spooled: list[int] = []
     original = StoringAccumulator.spool_to

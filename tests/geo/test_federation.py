@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from federation import demo_data
+from federation.demo import data as demo_data
 from testbed.bed import Bed
 from testbed.federation import GeoFederation
 from testbed.link import LinkSpec

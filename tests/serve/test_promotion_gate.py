@@ -1,4 +1,4 @@
-"""The promotion gate (federation/gate.py) through the real publisher and router: a worse round's adapter is served
+"""The promotion gate (federation/publishing/gate.py) through the real publisher and router: a worse round's adapter is served
 under its own name while NAME-latest stays on the better one; a good round moves it again."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 
 from appliance.core.adapter_registry import AdapterRegistry
-from federation.gate import PromotionGate
-from federation.publish import RouterPublisher
+from federation.publishing.gate import PromotionGate
+from federation.publishing.publish import RouterPublisher
 from testing.factories import make_settings
 from tests.train.conftest import arithmetic_records, write_jsonl
 
@@ -87,7 +87,7 @@ def _bare_version(registry: AdapterRegistry, tmp_path: Path, round_: int, receiv
 
 async def test_without_gate_data_the_silos_held_out_losses_decide_one_round_late(fake_factory, router_factory, tmp_path: Path):
     """HeldOutGate: round r's version is decided by the silos' held-out loss of it, which round r+1's version carries."""
-    from federation.gate import HeldOutGate
+    from federation.publishing.gate import HeldOutGate
 
     home = tmp_path / "home"
     log = home / "federation" / "fed" / "gate.jsonl"
@@ -120,7 +120,7 @@ async def test_without_gate_data_the_silos_held_out_losses_decide_one_round_late
 
 
 def test_gate_prompt_answers_must_be_non_empty_and_finite():
-    from federation.gate_prompts import answer_problem
+    from federation.publishing.gate_prompts import answer_problem
 
     def answer(text, *logprobs):
         return {"choices": [{"message": {"content": text}, "logprobs": {"content": [{"token": "t", "logprob": x} for x in logprobs]}}]}

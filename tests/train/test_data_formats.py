@@ -81,7 +81,7 @@ def test_training_reads_csv_parquet_and_datasets_folders(tiny_model_dir: Path, t
 
 
 def test_a_federation_silo_trains_on_a_parquet_file_and_a_saved_dataset(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from federation.silo import EngineTrainer
+    from federation.runtime.silo import EngineTrainer
 
     trainer = EngineTrainer(small_cfg(max_seq_len=64, batch_size=2), tiny_model_dir, write_format(tmp_path / "silo.parquet", PAIRS),
                             write_format(tmp_path / "held-out", PAIRS[:2]))

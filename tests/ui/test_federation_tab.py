@@ -14,7 +14,7 @@ def _ctx(home) -> ConsoleContext:
 
 
 def test_enrol_admits_a_silo_key_with_its_declared_count_through_the_cli(tmp_path):
-    from federation.keys import declared_examples
+    from federation.wire.keys import declared_examples
 
     ctx = _ctx(tmp_path)
     public, _secret = zmq.curve_keypair()

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_the_console_starts_the_next_run_of_a_finished_coordinator(page, tmp_path, tiny_model_dir):
-    from federation.silo import EngineTrainer, SiloClient
+    from federation.runtime.silo import EngineTrainer, SiloClient
     from testing.factories import REPO, free_port, make_settings
     from tests.ui.conftest import start_console, stop_process
     from tests.ui.fakes import FakeRouter

@@ -96,7 +96,7 @@ def test_every_tab_shows_its_state(page, showcase):
     page.locator("#fed-silo-examples").get_by_role("spinbutton").fill("250")
     page.locator("#fed-enrol").click()
     expect(page.locator("#fed-action")).to_contain_text("Enrolled silo hospital-d")
-    from federation.keys import declared_examples, enrolled_silos
+    from federation.wire.keys import declared_examples, enrolled_silos
 
     assert enrolled_silos(console.home / "keys")["hospital-d"] == public_key
     assert declared_examples(console.home / "keys")["hospital-d"] == 250

@@ -11,7 +11,7 @@ from typing import Any
 
 from appliance.core.processes import log_tail
 from appliance.core.sections.federation import STRATEGY_NAMES
-from federation.heldout import gate_text
+from federation.publishing.heldout import gate_text
 from ui import launcher
 from ui.context import ConsoleContext, bind, guarded, problem
 from ui.plots import line_figure, stacked_bar_figure
@@ -31,7 +31,7 @@ def summary_markdown(status: dict[str, Any], now: float | None = None) -> str:
     deadline = status.get("deadline")
     left = f"{format_duration(float(deadline) - now)} left" if isinstance(deadline, (int, float)) and deadline > now else "-"
     phase = status.get("phase", "?")
-    if phase == "finished":  # an ended run whose coordinator stays up for the next one (federation/runs.py)
+    if phase == "finished":  # an ended run whose coordinator stays up for the next one (federation/runtime/runs.py)
         phase = f"finished ({status.get('ended', 'done')}): start the next run below"
     return (f"**Run** `{status.get('run', '?')}` · **round** {status.get('round', '?')} / {status.get('rounds_total', '?')}"
             f" · **phase** {phase} · **deadline** {left} · **strategy** {status.get('strategy', '?')}")
@@ -207,7 +207,7 @@ def on_start(ctx: ConsoleContext, rounds_n: float, strat: str, min_n: float, ste
 @guarded(lambda msg: msg)
 def on_next_run(ctx: ConsoleContext, run_name: str | None, rounds_n: float, strat: str, min_n: float, steps: float) -> str:
     """Ask a coordinator whose run has ended (`phase` finished) to start the next run (`POST /runs/next`,
-    federation/runs.py): the same run for more rounds, or a new run when a name is given."""
+    federation/runtime/runs.py): the same run for more rounds, or a new run when a name is given."""
     body: dict[str, Any] = {"rounds": int(rounds_n), "strategy": strat, "min_silos": int(min_n), "local_steps": int(steps)}
     if run_name and run_name.strip():
         body["run"] = run_name.strip()

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from appliance.core.sections.tls import ServesTLS
 
-# The names `federation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
+# The names `federation.aggregation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
 # (tests/appliance/test_settings.py keeps the two equal).
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum", "flexlora", "ffa")
 
@@ -25,7 +25,7 @@ class FederationSettings(ServesTLS):
     plaintext: bool = Field(False, description="Disable CURVE encryption; only for tests, must be asked for explicitly.")
     run_name: str = Field("federation", description="Name of the federation run; global adapters are published as NAME-latest.")
     rounds: int = Field(10, ge=1, description="Rounds to run.")
-    strategy: str = Field("fedavg", description="Aggregation strategy: one of federation.strategies.STRATEGY_NAMES.")
+    strategy: str = Field("fedavg", description="Aggregation strategy: one of federation.aggregation.strategies.STRATEGY_NAMES.")
     strategy_params: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the strategy (e.g. prox_mu, server_lr).")
     lora_aggregation: Literal["factors", "product", "frozen_a"] = Field(
         "factors", description="How LoRA's A and B combine: factors = average A and B (plain FedAvg); product = average the "
@@ -67,12 +67,12 @@ class FederationSettings(ServesTLS):
     secagg_threshold: int | None = Field(None, ge=2, description="Secure aggregation: silos needed to unmask (None = a majority of the round's silos, at least 2).")
     secagg_clip_range: float = Field(1.0, gt=0, description="Secure aggregation: each update coordinate is clamped to +-this before quantisation.")
     auto_publish: bool = Field(True, description="Publish each round's global adapter to the router as soon as it is checkpointed.")
-    gate: bool = Field(True, description="Promotion gate: a round's adapter moves NAME-latest only if its loss (on gate_data, else the silos' held-out loss) is not worse and its gate prompts answer (federation/gate.py); off: every round moves it.")
+    gate: bool = Field(True, description="Promotion gate: a round's adapter moves NAME-latest only if its loss (on gate_data, else the silos' held-out loss) is not worse and its gate prompts answer (federation/publishing/gate.py); off: every round moves it.")
     gate_data: Path | None = Field(None, description="JSONL data set the promotion gate measures each round's adapter on (None = no gate).")
     gate_tolerance: float = Field(0.02, ge=0, description="Promotion gate: how much higher (nats) a new version's loss may be than the current one's.")
     gate_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence.", "What is 2 + 3?", "Name one colour."], description="Promotion gate: prompts sent through the router to the new version; each answer must be non-empty and finite ([] = skip).")
     gate_api_key: SecretStr | None = Field(None, description="Promotion gate: router API key the gate prompts send when the router requires keys.")
-    gate_resume: bool = Field(True, description="Promotion gate on gate_data: after a held-back round, the next round trains from the promoted version (federation/gate_resume.py).")
+    gate_resume: bool = Field(True, description="Promotion gate on gate_data: after a held-back round, the next round trains from the promoted version (federation/publishing/gate_resume.py).")
     gate_wait_s: float = Field(120.0, gt=0, description="Promotion gate: longest wait before a round for the previous round's decision (gate_resume).")
     serve_regions: list[str] = Field(default_factory=list, description="Regions the run's adapters may be served in (router worker regions; [] = anywhere).")
     # silo side
