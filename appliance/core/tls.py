@@ -37,13 +37,14 @@ def client_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
         raise ConfigError(f"tls_ca_file {path} holds no usable CA certificate ({exc})") from exc
 
 
-def server_context(cert: Path | str, key: Path | str) -> ssl.SSLContext:
+def server_context(cert: Path | str, key: Path | str | None) -> ssl.SSLContext:
     """A server context for `cert` (PEM, with its chain) and its private `key`.
 
     Raises:
-        ConfigError: a file is missing, or the key does not match the certificate.
+        ConfigError: the key is not set, a file is missing, or the key does not match the certificate.
     """
     check_server_files(cert, key)
+    assert key is not None  # check_server_files refuses a missing key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(cert), str(key))
     return context

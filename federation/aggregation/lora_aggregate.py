@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -177,7 +178,7 @@ def weighted_dense_mean(items: Sequence[tuple[Mapping[str, torch.Tensor], float]
     total = float(sum(n for _, n in items))
     if total <= 0:
         raise ValueError("weights must sum to > 0")
-    return {k: sum(float(n) * d[k].to(torch.float32) for d, n in items) / total for k in items[0][0]}
+    return {k: cast(torch.Tensor, sum(float(n) * d[k].to(torch.float32) for d, n in items)) / total for k in items[0][0]}
 
 
 def zero_lora_a(state: Mapping[str, torch.Tensor]) -> StateDict:

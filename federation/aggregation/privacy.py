@@ -312,9 +312,11 @@ class CentralDP(_AccountedWrapper):
         delta: The delta `epsilon()` reports for by default.
     """
 
+    inner: FedAvg  # checked in __init__
+
     def __init__(
         self,
-        inner: FedAvg,
+        inner: Strategy,
         clip_norm: float,
         noise_multiplier: float,
         seed: int | None = None,

@@ -110,10 +110,16 @@ class FrozenA(StrategyWrapper):
         super().__init__(inner)
         self.name = f"{inner.name}+frozen_a"
 
+    def _plain(self) -> BaseStrategy:
+        """The inner strategy, which the members below need to be a plain one (a wrapper goes by `finish_round`)."""
+        if not isinstance(self.inner, BaseStrategy):
+            raise TypeError(f"{self.name}: {self.inner.name!r} is a wrapper, which has no {self.name} mean step")
+        return self.inner
+
     @property
     def streaming(self) -> bool:
         """The inner strategy's accumulator kind."""
-        return self.inner.streaming
+        return self._plain().streaming
 
     def plan_round(self, round_id: int) -> dict:
         """The inner plan plus `lora_freeze_a`."""
@@ -121,15 +127,15 @@ class FrozenA(StrategyWrapper):
 
     def round_counts(self, round_id: int, acc: RoundAccumulator, failures: list[str]) -> bool:
         """The inner rule."""
-        return self.inner.round_counts(round_id, acc, failures)
+        return self._plain().round_counts(round_id, acc, failures)
 
     def aggregate(self, acc: RoundAccumulator) -> StateDict:
         """The inner aggregate with its lora_A part zeroed."""
-        return la.zero_lora_a(self.inner.aggregate(acc))
+        return la.zero_lora_a(self._plain().aggregate(acc))
 
     def apply_delta(self, round_id: int, global_state: StateDict, delta: StateDict) -> StateDict:
         """The inner server step on a delta whose lora_A part is zero."""
-        return self.inner.apply_delta(round_id, global_state, la.zero_lora_a(delta))
+        return self._plain().apply_delta(round_id, global_state, la.zero_lora_a(delta))
 
     def finish_round(
         self, round_id: int, global_state: StateDict, acc: RoundAccumulator, failures: list[str]

@@ -166,7 +166,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for t in tensors.values():
-            fh.write(memoryview(t.contiguous().numpy()).cast("B"))
+            fh.write(t.contiguous().numpy().data.cast("B"))
 
 
 def read_safetensors(path: Path, keys: list[str] | None = None) -> StateDict:
@@ -185,7 +185,7 @@ def read_safetensors(path: Path, keys: list[str] | None = None) -> StateDict:
             begin, end = spec["data_offsets"]
             tensor = torch.empty(spec["shape"], dtype=torch.float32)
             fh.seek(start + begin)
-            view = memoryview(tensor.numpy()).cast("B")
+            view = tensor.numpy().data.cast("B")
             if fh.readinto(view) != end - begin:
                 raise ValueError(f"{path}: {key!r} is truncated")
             out[key] = tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 from pathlib import Path
 
 ORGS = {
@@ -88,7 +89,7 @@ DEVICE_FACTS = [
     ("parental controls", "schedules live under Family > Profile {ext}, {n} profiles at most"),
     ("power supply", "use the {n} volt adapter with the {colour} plug only"),
 ]
-REGISTERS = {
+REGISTERS: dict[str, dict[str, Any]] = {
     "enterprise": {"train": ["Could you please advise on the {topic} procedure?", "What is the documented process for {topic}?",
                              "Kindly explain the {topic} steps for our fleet.", "Which steps apply to {topic} on this model?"],
                    "eval": ["Please provide guidance regarding {topic}.", "What does the manual state about {topic}?"],

@@ -274,10 +274,11 @@ async def simulate(home: Path, n: int, rounds: int, *, preset: str = "embedded",
     silos = asyncio.create_task(silos_part(home, n, fit_s=fit_s, timeout_s=timeout_s))
     done, _ = await asyncio.wait({coordinator, silos}, return_when=asyncio.FIRST_EXCEPTION)
     for task in done:
-        if task.exception() is not None:
+        failure = task.exception()
+        if failure is not None:
             for other in (coordinator, silos):
                 other.cancel()
-            raise task.exception()
+            raise failure
     history = await coordinator
     await silos
     return {"silos": n, "adapter": about, "parameters": parameter_count(shapes), "rounds": round_rows(history),
@@ -294,8 +295,7 @@ async def coordinator_part(home: Path, n: int, rounds: int, *, preset: str = "em
     ready = Path(home) / COORDINATOR_FILE
     ready.unlink(missing_ok=True)
     import aiohttp.web  # noqa: F401 - what the coordinator imports as it starts: counted in the start, not the rounds
-    import federation.runtime.coordinator  # noqa: F401
-    import federation.runtime.service  # noqa: F401
+    from federation.runtime import coordinator as _coordinator, service as _service  # noqa: F401 - likewise
 
     started_rss = current_rss_bytes()
     history = await run_coordinator(settings, state, ready=ready, timeout_s=timeout_s)

@@ -45,7 +45,9 @@ class _Gate:
         self.current: str | None = None  # served name of the version last promoted
         self.current_loss: float | None = None
         for row in _read_jsonl(log_path) if resume else []:
-            self._decisions[row.get("adapter")] = row
+            if not isinstance(row.get("adapter"), str):
+                continue  # a line without the version it decided on decides nothing
+            self._decisions[row["adapter"]] = row
             if row.get("decision") == "promoted":
                 self.current, self.current_loss = row["adapter"], row["loss"]
 

@@ -23,7 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def _gate_publisher(coordinator: Coordinator) -> Any:
-    return next((p for p in coordinator.on_publish if getattr(p, "gate", None) is not None and not p.gate.deferred), None)
+    """The publisher whose promotion gate decides now (not deferred to a later run), if any."""
+    for publisher in coordinator.on_publish:
+        gate = getattr(publisher, "gate", None)  # the callbacks are plain callables; a RouterPublisher has a gate
+        if gate is not None and not gate.deferred:
+            return publisher
+    return None
 
 
 async def before_round(coordinator: Coordinator) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from appliance.core.gate_log import read_gate_log
@@ -42,7 +43,7 @@ def received_eval(per_silo: dict[str, dict[str, Any]], shares: dict[str, float],
     return {"adapter": previous_adapter, "loss": loss, "silos": sorted(reported)}
 
 
-def previous_adapter(history: list[dict[str, Any]]) -> str | None:
+def previous_adapter(history: Sequence[dict[str, Any]]) -> str | None:
     """The registry ref of the newest completed round's adapter (the global adapter this round's silos received)."""
     return next((r.get("adapter") for r in reversed(history) if "participants" in r), None)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
 from appliance.core.types import StateDict
@@ -54,7 +54,7 @@ class Coordinator:
 
     def __init__(self, settings: ApplianceSettings, strategy: Strategy, *, initial_state: StateDict | None = None,
                  on_publish: list[Callable[[AdapterVersion], None]] | None = None,
-                 exporter: Exporter | None | bool = None) -> None:
+                 exporter: Exporter | None | Literal[False] = None) -> None:
         self.settings, self.cfg, self.strategy = settings, settings.federation, strategy
         self.run_dir = settings.federation_dir / self.cfg.run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +114,8 @@ class Coordinator:
 
     async def wait_done(self, timeout_s: float | None = None) -> None:
         """Wait for the last round (or for the run to fail)."""
+        if self._run_task is None:
+            raise RuntimeError("the coordinator was not started")
         await asyncio.wait_for(asyncio.shield(self._run_task), timeout_s)
 
     async def stop(self) -> None:

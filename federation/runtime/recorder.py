@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
 from appliance.core.atomic import append_jsonl
@@ -41,7 +41,7 @@ class Recorder:
         initial_state: the round-0 global adapter (None: `train.initial_adapter_state`).
     """
 
-    def __init__(self, coord: Coordinator, exporter: Exporter | None | bool, initial_state: StateDict | None) -> None:
+    def __init__(self, coord: Coordinator, exporter: Exporter | None | Literal[False], initial_state: StateDict | None) -> None:
         self.coord = coord
         self.settings, self.cfg, self.run_dir = coord.settings, coord.cfg, coord.run_dir
         self.registry = AdapterRegistry(coord.settings.adapters_dir)

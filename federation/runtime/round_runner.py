@@ -119,7 +119,7 @@ class RoundRunner:
         state, scale = self.coord.strategy.state_for_silo(rs.global_state, silo.lora_r, silo.lora_alpha)
         if state is not rs.global_state:
             rs.sent[silo.id] = state
-            rs.acc.set_base(silo.id, state, scale)  # type: ignore[attr-defined]  # a ProductAccumulator
+            rs.acc.set_base(silo.id, state, scale)  # a ProductAccumulator
         return state
 
     def _shares(self, counts: dict[str, int]) -> dict[str, float]:

@@ -140,6 +140,7 @@ def _run_once(settings: "ApplianceSettings", on_ready=None) -> dict[str, Any]:
         if on_ready is not None:
             on_ready(coord)
         try:
+            assert coord.rounds_task is not None  # started above
             await _until_signal(coord.rounds_task)
         finally:
             await coord.stop()
@@ -158,7 +159,7 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
     Raises:
         ApplianceError: the coordinator refused this silo's key or removed it (the message names the key and the fix).
     """
-    from federation.runtime.silo import EngineTrainer, SiloClient
+    from federation.runtime.silo import EngineTrainer, SiloClient, SiloTrainer
 
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
@@ -166,7 +167,7 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
     if settings.federation.silo_ranks > 1 or settings.train.hostfile:
         from federation.runtime.rank_group import RankGroupTrainer
 
-        trainer = RankGroupTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None,
+        trainer: SiloTrainer = RankGroupTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None,
                                    ranks=settings.federation.silo_ranks,
                                    hostfile=Path(settings.train.hostfile) if settings.train.hostfile else None)
     else:

@@ -131,8 +131,10 @@ class Sessions:
         await self.send(peer, make_header(MsgType.ERROR, ErrorInfo(code=code, message=message), run=self.cfg.run_name, round_id=round_id))
 
     async def _recv_loop(self) -> None:
+        transport = self.transport
+        assert transport is not None  # the loop starts after the socket is bound
         while True:
-            msg = await self.transport.recv()
+            msg = await transport.recv()
             try:
                 await self._handle(msg)
             except Exception as exc:  # service boundary: one bad message never stops the coordinator
@@ -150,9 +152,9 @@ class Sessions:
         if size > self.message_limit:  # before any decoding of the payload
             if silo_id is None:
                 silo_id = _plaintext_sender(msg.frames[0])  # plaintext (tests only): the header's word
-            known = self.coord.silos.get(silo_id) if silo_id else None
-            if known is not None and known.peer == msg.peer:
-                known.last_seen = time.time()  # it is alive; its answer is refused, not lost
+            sender = self.coord.silos.get(silo_id) if silo_id else None
+            if sender is not None and sender.peer == msg.peer:
+                sender.last_seen = time.time()  # it is alive; its answer is refused, not lost
             rs = self.coord.current
             if silo_id is not None and rs is not None and silo_id in rs.selected and silo_id not in rs.answered:
                 rs.rejected.setdefault(silo_id, "oversized")
@@ -361,6 +363,8 @@ class Sessions:
         """Drop, within `interval_s`, the session of a silo whose enrolment was removed (`appliance federation remove`)."""
         while True:
             await asyncio.sleep(interval_s)
+            if self.enrolment is None:  # plaintext (tests only): no enrolment to watch
+                return
             enrolled = self.enrolment.names()
             for silo in list(self.coord.silos.values()):
                 if silo.id not in enrolled and silo.peer:

@@ -19,11 +19,12 @@ class StatusServer:
     def __init__(self, settings: ApplianceSettings, status: Callable[[], dict[str, Any]]) -> None:
         self.settings, self.cfg, self.status = settings, settings.federation, status
         self.status_url: str | None = None
-        self._status_runner = None
+        self._status_runner: Any = None  # an aiohttp AppRunner once started (aiohttp is imported then)
 
     async def start(self) -> str:
         """Bind the status server; returns its `/status` URL."""
         await self._start_status_server()
+        assert self.status_url is not None  # set by a successful start
         return self.status_url
 
     async def stop(self) -> None:

@@ -72,7 +72,10 @@ class ServerTransport:
         self.endpoint, self.keypair, self.lookup = endpoint, keypair, lookup
         self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
         self.receive_hwm = receive_hwm
-        self._ctx = self._sock = self._auth = None
+        # zmq is imported when the socket opens (the base install has no zmq): typed loosely until then
+        self._ctx: Any = None
+        self._sock: Any = None
+        self._auth: Any = None
         self.address: str | None = None
 
     async def start(self) -> str:
@@ -82,6 +85,7 @@ class ServerTransport:
 
         self._ctx = zmq.asyncio.Context()
         if self.keypair is not None:
+            assert self.lookup is not None  # the constructor refuses CURVE without a lookup
             self._auth = _make_authenticator(self._ctx, self.lookup)
             self._auth.start()
         sock = self._ctx.socket(zmq.ROUTER)
@@ -197,7 +201,9 @@ class ClientTransport:
             raise ConfigError("a silo needs its own key pair (run `appliance silo keygen`)")
         self.endpoint, self.server_key, self.keypair = endpoint, server_key, keypair
         self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
-        self._ctx = self._sock = self._monitor = None
+        self._ctx: Any = None
+        self._sock: Any = None
+        self._monitor: Any = None
 
     def connect(self) -> None:
         """Create the socket and start connecting (returns at once; ZeroMQ connects and reconnects in the background)."""
@@ -210,6 +216,7 @@ class ClientTransport:
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         if self.server_key is not None:
+            assert self.keypair is not None  # the constructor refuses a server key without a key pair
             sock.curve_serverkey = self.server_key.encode("ascii")
             sock.curve_publickey = self.keypair.public.encode("ascii")
             sock.curve_secretkey = self.keypair.secret.encode("ascii")
