@@ -25,6 +25,7 @@ def main(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file (else $APPLIANCE_CONFIG or $APPLIANCE_HOME/config.yaml)."),
     home: Optional[Path] = typer.Option(None, "--home", help="State folder (else $APPLIANCE_HOME or ~/.appliance)."),
 ) -> None:
+    """The options every command shares (settings file, home, log level), before the command runs."""
     ctx.obj = {"config": config, "home": home}
 
 

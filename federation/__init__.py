@@ -1,4 +1,4 @@
-"""Cross-silo federated LoRA (see docs/CONTRACTS.md), in five sub-packages; import from them:
+"""Cross-silo federated LoRA (see docs/CONTRACTS.md), in five sub-packages to import from.
 
     federation.wire          the message format: protocol, payload (encode_payload / decode_payload), frames, codec,
                              compression, the ZeroMQ transport, CURVE keys

@@ -305,8 +305,8 @@ class Bed:
 
     def stats(self) -> list[dict[str, Any]]:
         """One row per link: name, spec, cut, connections, bytes each way."""
-        return [{"link": l.name, "spec": l.spec.describe(), "cut": l.is_cut, "connections": l.connections, **l.bytes}
-                for l in self._links.values()]
+        return [{"link": link.name, "spec": link.spec.describe(), "cut": link.is_cut, "connections": link.connections,
+                 **link.bytes} for link in self._links.values()]
 
 
 async def _spawn_task(coro: Awaitable[Any]) -> asyncio.Task:

@@ -45,6 +45,7 @@ def looks_like_old_canary(req: dict[str, Any]) -> bool:
 
 
 def create_app(upstream: str, forge: str, burst: int, api_key: str | None):
+    """The hostile worker's aiohttp app: it forwards to `upstream` and forges answers as `forge` says."""
     import aiohttp
     from aiohttp import web
 
@@ -104,6 +105,7 @@ def create_app(upstream: str, forge: str, burst: int, api_key: str | None):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a hostile worker in front of an upstream worker (see the module docstring for its flags)."""
     from aiohttp import web
 
     parser = argparse.ArgumentParser(description="A hostile worker: honest on recognised canaries, forging the rest.")

@@ -75,6 +75,7 @@ def where() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the launcher: `--cpus N [--program] -- COMMAND ...`."""
     parser = argparse.ArgumentParser(prog="python -m appliance.cluster.launch")
     parser.add_argument("--cpus", type=float, required=True)
     parser.add_argument("--program", action="store_true")

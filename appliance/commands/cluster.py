@@ -241,6 +241,7 @@ def job_stop(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id 
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.add_typer(node_app, name="node")
     app.add_typer(job_app, name="job")
     app.add_typer(cluster_app, name="cluster")

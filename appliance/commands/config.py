@@ -20,4 +20,5 @@ def show(ctx: typer.Context) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.add_typer(config_app, name="config")

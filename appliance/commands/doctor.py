@@ -39,4 +39,5 @@ def doctor(
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.command("doctor")(doctor)

@@ -167,6 +167,7 @@ def demo_federation(
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.add_typer(federation_app, name="federation")
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(silo_app, name="silo")

@@ -40,4 +40,5 @@ def list_(ctx: typer.Context) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.add_typer(model_app, name="model")

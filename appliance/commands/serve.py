@@ -315,6 +315,7 @@ def adapters_unpublish(ctx: typer.Context, name: str = typer.Argument(..., help=
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.command("serve")(needs("router", for_what="`appliance serve` (the router)")(serve))
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(keys_app, name="keys")

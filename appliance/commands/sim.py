@@ -122,4 +122,5 @@ def silos(
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.add_typer(sim_app, name="sim")

@@ -154,6 +154,7 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.command("train")(needs("silo", for_what="`appliance train`")(train))
     app.command("eval")(needs("silo", for_what="`appliance eval`")(eval_))
     app.command("export")(needs("silo", for_what="`appliance export`")(export))

@@ -26,4 +26,5 @@ def ui(
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.command("ui")(needs("console", for_what="`appliance ui` (the web console)")(ui))

@@ -140,6 +140,7 @@ def status(ctx: typer.Context) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.command("up")(needs("silo", "coordinator", "worker", "engine", "router", "console",
                               for_what="`appliance up` (the all-in-one operator install, `[all,cpu]`)")(up))
     app.command("status")(status)

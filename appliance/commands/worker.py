@@ -129,4 +129,5 @@ def join(
 
 
 def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `appliance` CLI."""
     app.add_typer(worker_app, name="worker")

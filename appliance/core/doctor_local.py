@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from appliance.core.doctor import Check, Status
-from appliance.core.extras import EXTRA_MODULES, install_hint, missing_modules
+from appliance.core.extras import install_hint, missing_modules
 
 MIN_PYTHON = (3, 11)
 # Distributions whose versions the report shows per extra (the module names differ from some of them).
@@ -40,6 +40,7 @@ def version_of(dist: str) -> str | None:
 
 
 def python_version() -> Check:
+    """Check that this Python is new enough for the appliance."""
     found = ".".join(map(str, sys.version_info[:3]))
     if sys.version_info[:2] < MIN_PYTHON:
         return Check("python", "fail", f"{found} at {sys.executable}", f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer")
@@ -133,6 +134,7 @@ def ports(settings) -> list[Check]:
 
 
 def folder_size(path: Path) -> int:
+    """The total size in bytes of the files under `path`."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 

@@ -232,8 +232,11 @@ async def silos_part(home: Path, n: int, *, examples: int = 10, fit_s: float = 0
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far: VmHWM of its own address space. (Not `ru_maxrss`: after a fork and
-    exec it still counts the parent's pages, so a coordinator started from a big test process would report that.)"""
+    """This process's peak resident memory so far: VmHWM of its own address space.
+
+    Not `ru_maxrss`: after a fork and exec it still counts the parent's pages, so a coordinator started from a big
+    test process would report that.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024

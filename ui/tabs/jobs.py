@@ -47,6 +47,7 @@ def group_rows(nodes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[
 
 
 def age(seconds: float) -> str:
+    """A short age for the jobs table: seconds, then minutes, then hours."""
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
 
 
