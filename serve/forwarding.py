@@ -8,7 +8,8 @@ next worker in the policy's order (bounded by `max_retries`, with doubling backo
 a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line.
 With `serve.hedge: on` (`serve/hedging.py`) a request waits for its answer's first chunk before anything is sent, and
 one that is late is raced against the next worker; the loser's connection is closed. The attempt loop (retries and
-hedging alike) is `serve/attempts.py`; this module admits, routes and delivers.
+hedging alike) is `serve/attempts.py`, the bytes of a stream (SSE framing, usage) `serve/sse.py`; this module admits,
+routes and delivers.
 
 A client that disconnects aborts the upstream request, streamed or not: once the body is read, one task waits on
 `receive()` (which returns only `http.disconnect` from then on), started only if the request is still waiting
@@ -26,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from serve.attempts import AllFailed, Attempts, Opened
 from serve.errors import RouterError
@@ -36,6 +37,7 @@ from serve.limits import RateLimiter, prompt_estimate, token_budget
 from serve.policy import RouteHints, rank
 from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
 from serve.residency import unavailable
+from serve.sse import SSE_HEADERS, STREAM_ENDS, complete_events, prefixed, take_usage, usage_total, with_usage_asked
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
@@ -63,10 +65,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after this long starts watching its client
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-# Streams end with `data: [DONE]`, except the Responses API's: its last event is one of these (no [DONE]).
 _CAP_FIELD = {"/v1/responses": "max_output_tokens"}  # the completion cap's name where it is not max_tokens
-_STREAM_ENDS = {"/v1/responses": (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")}
 
 
 class ClientWatch:
@@ -331,7 +330,7 @@ class Forwarder:
         # A tpm-limited stream is settled from its usage chunk: ask the worker for it, and hide it from a client
         # that did not ask for it.
         # (A Responses stream always ends with the response and its usage: nothing to ask for.)
-        strip_usage = fields.stream and metered and not fields.stream_usage and path not in _STREAM_ENDS
+        strip_usage = fields.stream and metered and not fields.stream_usage and path not in STREAM_ENDS
         # A metered request without a completion cap gets the one it was charged for: the worker cannot exceed it.
         cap = (_CAP_FIELD.get(path, "max_tokens"), self.cfg.default_max_tokens) if metered and fields.max_tokens is None else None
         if model != fields.model or cap is not None or (strip_usage and "stream_options" in data):
@@ -339,7 +338,7 @@ class Forwarder:
             # re-encode this body.
             body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage, cap))
         elif strip_usage:
-            body = _with_usage_asked(body)
+            body = with_usage_asked(body)
         workers, adapter = self.choose(model, headers, fields)
         ctx = RequestContext(path, model, body, fields, started, key, charged, ClientWatch(receive), send, adapter, strip_usage,
                              prompt_tokens)
@@ -392,7 +391,7 @@ class Forwarder:
         await ctx.send({"type": "http.response.body", "body": payload})
         self._observe(ctx.path, model, worker, resp.status, ctx.started, opened.ttft_s, time.perf_counter())
         if ctx.metered and resp.status == 200:
-            self._settle(ctx, _usage_total(payload))
+            self._settle(ctx, usage_total(payload))
 
     async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float,
                      first: bytes | None = None, ttft: float | None = None) -> None:
@@ -411,15 +410,15 @@ class Forwarder:
         used: int | None = None
         relayed = 0  # metered only: data events relayed (each carries at least one generated token)
         tail = b""
-        ends = _STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
+        ends = STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
         finished = False
         status = 502
         if ttft is not None:
             worker.observe_ttft(ttft * 1000)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             try:
-                async for chunk in (resp.content.iter_any() if first is None else _prefixed(first, resp)):
+                async for chunk in (resp.content.iter_any() if first is None else prefixed(first, resp)):
                     if ttft is None:
                         ttft = time.perf_counter() - sent
                         worker.observe_ttft(ttft * 1000)
@@ -428,9 +427,9 @@ class Forwarder:
                         return
                     if metered:
                         if pending or not chunk.endswith(b"\n\n"):  # most chunks are whole events: no copy then
-                            chunk, pending = _complete_events(pending + chunk)
+                            chunk, pending = complete_events(pending + chunk)
                         if b'"usage"' in chunk:
-                            chunk, found = _take_usage(chunk, ctx.strip_usage)
+                            chunk, found = take_usage(chunk, ctx.strip_usage)
                             used = found if found is not None else used
                         if not chunk:
                             continue
@@ -540,60 +539,3 @@ def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool, cap: tu
         options = data.get("stream_options")
         out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return out
-
-
-async def _prefixed(first: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """`first`, then the rest of the stream."""
-    yield first
-    async for chunk in resp.content.iter_any():
-        yield chunk
-
-
-def _complete_events(buffer: bytes) -> tuple[bytes, bytes]:
-    """Split SSE bytes into the complete events and the start of an unfinished one."""
-    cut = buffer.rfind(b"\n\n")
-    if cut < 0:
-        return b"", buffer
-    return buffer[:cut + 2], buffer[cut + 2:]
-
-
-def _with_usage_asked(body: bytes) -> bytes:
-    """A JSON object's bytes (without `stream_options`) with `"stream_options": {"include_usage": true}` added,
-    spliced before its closing brace instead of re-encoding the whole request."""
-    return body.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
-
-
-def _take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
-    """Find the usage chunk among complete SSE `events`: returns the events to relay (without it when `strip`)
-    and its `total_tokens` (None when there is none).
-
-    Only the events that mention `"usage"` are parsed; OpenAI-style chunks carrying `"usage": null` are relayed.
-    """
-    used = None
-    pos = events.find(b'"usage"')
-    while pos >= 0:
-        cut = events.rfind(b"\n\n", 0, pos)
-        start = 0 if cut < 0 else cut + 2
-        end = events.find(b"\n\n", pos) + 2  # the events are complete: each ends with a blank line
-        event = events[start:end - 2]
-        try:
-            data_at = event.find(b"data: {")  # after an `event:` line in Responses streams
-            chunk = _loads(event[data_at + 6:]) if data_at >= 0 else None
-            total = int((chunk["response"] if "response" in chunk else chunk)["usage"]["total_tokens"])
-        except (ValueError, KeyError, TypeError):
-            total = None
-        if total is not None:
-            used = total
-            if strip and not chunk.get("choices"):
-                events = events[:start] + events[end:]
-                end = start
-        pos = events.find(b'"usage"', end)
-    return events, used
-
-
-def _usage_total(payload: bytes) -> int | None:
-    """`usage.total_tokens` of a non-streamed answer (None when absent or malformed)."""
-    try:
-        return int(_loads(payload)["usage"]["total_tokens"])
-    except (ValueError, KeyError, TypeError):
-        return None
