@@ -55,8 +55,8 @@ class Opened:
 class Attempts:
     """Sends a request to workers until an answer starts. One per forwarder."""
 
-    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, placement: AdapterPlacement, metrics: RouterMetrics,
-                 hedger: Hedger | None) -> None:
+    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, placement: AdapterPlacement,
+                 metrics: RouterMetrics, hedger: Hedger | None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.placement = placement
@@ -76,7 +76,8 @@ class Attempts:
             import aiohttp
 
             cfg = self.cfg
-            self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s)
+            self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s,
+                                                 sock_read=cfg.request_timeout_s)
         race = _Race(self, ctx) if self.hedger is not None and len(workers) > 1 else None
         queue = list(workers)
         reasons: list[str] = []
@@ -219,10 +220,11 @@ class _Race:
             while running:
                 timeout = None if hedge_at is None or not queue else max(0.0, hedge_at - loop.time())
                 done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # the first byte is late: hedge, once, if the next worker can take it and the budget allows
+                if not done:  # the first byte is late: hedge, once, if the next worker can take it and budget allows
                     hedge_at = None
                     if attempts.may_hedge(ctx, queue[0]) and hedger.take():
-                        logger.info("worker %s has not answered after its hedge delay; hedging on %s", worker.id, queue[0].id)
+                        logger.info("worker %s has not answered after its hedge delay; hedging on %s",
+                                    worker.id, queue[0].id)
                         self.hedge = launch(queue.pop(0))
                     continue
                 unexpected = None
@@ -250,7 +252,7 @@ class _Race:
                 task.cancel()  # the loser: its connection is closed as it unwinds (the worker aborts the request)
                 _unwinding.add(task)
                 task.add_done_callback(_unwound)
-                if winner is not None and lead and task is first:  # it was at least this slow: tell the hedger and the policy
+                if winner is not None and lead and task is first:  # at least this slow: tell the hedger and the policy
                     waited = loop.time() - started
                     hedger.observe((loser.id, ctx.fields.stream), waited)
                     loser.observe_ttft(waited * 1000)

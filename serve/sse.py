@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 # Streams end with `data: [DONE]`, except the Responses API's: its last event is one of these (no [DONE]).
-STREAM_ENDS = {"/v1/responses": (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")}
+STREAM_ENDS = {
+    "/v1/responses": (b"event: response.completed", b"event: response.incomplete", b"event: response.failed"),
+}
 
 
 async def prefixed(first: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -66,6 +66,7 @@ def restore(kept: KeptOptimizer, optimizer: Any) -> bool:
         log.warning("the kept optimizer state was for other parameter shapes; starting a fresh optimizer")
         return False
     current = opt.state_dict()
-    current["state"] = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in kept.state.items()}
+    current["state"] = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                        for k, s in kept.state.items()}
     opt.load_state_dict(current)
     return True

@@ -6,8 +6,10 @@ optimizer's state (AdamW moments and step count), so that a silo's rounds contin
 would. `fit_adapter` is the one-shot convenience: a fresh Trainer for one plan.
 
     trainer = Trainer(cfg, model_dir, keep_base=True)
-    r1 = trainer.fit(TrainPlan("data.jsonl", max_steps=20, schedule_span=(0, 60), keep_optimizer=True, reset_optimizer=True))
-    r2 = trainer.fit(TrainPlan("data.jsonl", init_state=r1.state, max_steps=20, schedule_span=(20, 60), keep_optimizer=True))
+    r1 = trainer.fit(TrainPlan("data.jsonl", max_steps=20, schedule_span=(0, 60), keep_optimizer=True,
+                               reset_optimizer=True))
+    r2 = trainer.fit(TrainPlan("data.jsonl", init_state=r1.state, max_steps=20, schedule_span=(20, 60),
+                               keep_optimizer=True))
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.types import StateDict
 from train import data as datamod
 from train import lora, memory, optimizer_memory
-from train.engine import (FitResult, Progress, TrainingFailed, deepspeed_config, evaluate_engine, gathered_state, init_distributed,
-                          loss_module, lr_lambda, plan_steps, prepare_rows, resolve_precision, set_threads, sum_over_ranks)
+from train.engine import (FitResult, Progress, TrainingFailed, deepspeed_config, evaluate_engine, gathered_state,
+                          init_distributed, loss_module, lr_lambda, plan_steps, prepare_rows, resolve_precision,
+                          set_threads, sum_over_ranks)
 from train.run_folder import RunFolder, run_config
 
 if TYPE_CHECKING:
@@ -123,7 +126,8 @@ class Trainer:
             one process can share one, so that they hold a single copy.
     """
 
-    def __init__(self, cfg: "TrainSettings", model_dir: Path, *, keep_base: bool = False, bases: BaseModels | None = None) -> None:
+    def __init__(self, cfg: "TrainSettings", model_dir: Path, *, keep_base: bool = False,
+                 bases: BaseModels | None = None) -> None:
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.bases = (bases if bases is not None else BaseModels()) if keep_base else None
@@ -178,8 +182,8 @@ class Trainer:
             optimizer_memory.restore(kept, optimizer)
 
     # -- one training --
-    def _train(self, cfg: "TrainSettings", plan: TrainPlan, train_records: list[dict[str, Any]], eval_records: list[dict[str, Any]],
-               run: RunFolder) -> FitResult:
+    def _train(self, cfg: "TrainSettings", plan: TrainPlan, train_records: list[dict[str, Any]],
+               eval_records: list[dict[str, Any]], run: RunFolder) -> FitResult:
         import deepspeed
         import torch
         import torch.distributed as dist
@@ -193,7 +197,8 @@ class Trainer:
 
         tokenizer = lora.load_tokenizer(self.model_dir)
         rows = prepare_rows(cfg, tokenizer, train_records)
-        eval_rows = datamod.unpacked_rows(datamod.tokenize_records(tokenizer, eval_records, cfg.max_seq_len)) if eval_records else []
+        eval_examples = datamod.tokenize_records(tokenizer, eval_records, cfg.max_seq_len) if eval_records else []
+        eval_rows = datamod.unpacked_rows(eval_examples) if eval_records else []
         total_steps = plan_steps(cfg, len(rows), plan.max_steps)
 
         bases = self.bases if cfg.zero_stage < 3 else None  # ZeRO-3 partitions the base weights: never kept
@@ -202,14 +207,17 @@ class Trainer:
         lora.set_gradient_checkpointing(peft_model, cfg.gradient_checkpointing)
         if cfg.lora_freeze_a:
             lora.freeze_lora_a(peft_model)
-        ref = plan.init_state if plan.init_state is not None else (lora.adapter_state(peft_model) if plan.prox_mu > 0 else None)
+        ref = plan.init_state
+        if ref is None and plan.prox_mu > 0:
+            ref = lora.adapter_state(peft_model)
         module = loss_module(peft_model, ref, plan.prox_mu, cfg.zero_stage, world)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         offset, span = plan.schedule_span if plan.schedule_span is not None else (0, total_steps)
         if offset < 0 or span < offset + 1:
             raise ConfigError(f"schedule_span {plan.schedule_span} must be (offset >= 0, total > offset)")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, span, cfg.lr_scheduler, offset))
+        schedule = lr_lambda(cfg.warmup_steps, span, cfg.lr_scheduler, offset)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, precision, world, trainable_params=sum(p.numel() for p in params))
