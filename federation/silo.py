@@ -508,6 +508,7 @@ class EngineTrainer(SiloTrainer):
                 if EngineTrainer._bases is None:
                     EngineTrainer._bases = train.BaseModels()
                 self._trainer = train.Trainer(self.cfg, self.model_dir, keep_base=True, bases=EngineTrainer._bases)
+            self._trainer.cfg = self.cfg  # the silo's settings as they are now (its per-round updates are in the plan)
             result = self._trainer.fit(train.TrainPlan(self.data, init_state=self.get_state(), max_steps=steps, run_dir=self.run_dir,
                                                        eval_data=self.eval_data, settings=updates, **plan))
         self._state = result.state
