@@ -7,7 +7,9 @@ Retries happen only before the client has seen a byte: connection errors, timeou
 next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
 a broken upstream ends it with an explicit SSE error event (`data: {"error": {...}}`) and a log line.
 With `serve.hedge: on` (`serve/hedging.py`) a request waits for its answer's first chunk before anything is sent, and
-one that is late is raced against the next worker (`Forwarder._race`); the loser's connection is closed.
+one that is late is raced against the next worker; the loser's connection is closed. The attempt loop (retries and
+hedging alike) is `serve/attempts.py`, the bytes of a stream (SSE framing, usage) `serve/sse.py`; this module admits,
+routes and delivers.
 
 A client that disconnects aborts the upstream request, streamed or not: once the body is read, one task waits on
 `receive()` (which returns only `http.disconnect` from then on), started only if the request is still waiting
@@ -25,15 +27,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
-from serve.errors import RouterError, UpstreamError
+from serve.attempts import AllFailed, Attempts, Opened
+from serve.errors import RouterError
 from serve.hedging import Hedger
 from serve.keys import ApiKey, KeyStore
 from serve.limits import RateLimiter, prompt_estimate, token_budget
 from serve.policy import RouteHints, rank
 from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
 from serve.residency import unavailable
+from serve.sse import SSE_HEADERS, STREAM_ENDS, complete_events, prefixed, take_usage, usage_total, with_usage_asked
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
@@ -61,10 +65,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 DISCONNECT_WATCH_DELAY_S = 0.05  # a request still waiting on its worker after this long starts watching its client
 _WANTED = {b"authorization", b"content-length", b"x-region", b"x-session-id"}
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-# Streams end with `data: [DONE]`, except the Responses API's: its last event is one of these (no [DONE]).
 _CAP_FIELD = {"/v1/responses": "max_output_tokens"}  # the completion cap's name where it is not max_tokens
-_STREAM_ENDS = {"/v1/responses": (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")}
 
 
 class ClientWatch:
@@ -151,15 +152,18 @@ class Forwarder:
         self.keys = keys
         self.limiter = RateLimiter()
         self.counter = 0
-        self._timeout: aiohttp.ClientTimeout | None = None
         self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         self.hedger = Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
-        # Told of each request sent to a joined worker, with its path and streaming (serve.canary).
-        self.on_routed: Callable[[Worker, str, bool], None] | None = None
+        self.attempts = Attempts(cfg, registry, placement, metrics, self.hedger)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        return self.registry.session
+    def on_routed(self) -> Callable[[Worker, str, bool], None] | None:
+        """Told of each request sent to a joined worker, with its path and streaming (serve.canary)."""
+        return self.attempts.on_routed
+
+    @on_routed.setter
+    def on_routed(self, callback: Callable[[Worker, str, bool], None] | None) -> None:
+        self.attempts.on_routed = callback
 
     # -- the ASGI entry --
     async def handle(self, scope: Mapping[str, Any], receive: Receive, send: Send, path: str) -> None:
@@ -315,8 +319,6 @@ class Forwarder:
 
     async def forward(self, scope: Mapping[str, Any], receive: Receive, send: Send, path: str) -> None:
         """Admit, route and relay one request (raises RouterError for the client)."""
-        import aiohttp
-
         started = time.perf_counter()
         headers = request_headers(scope)
         key = self.authenticate(headers)
@@ -328,7 +330,7 @@ class Forwarder:
         # A tpm-limited stream is settled from its usage chunk: ask the worker for it, and hide it from a client
         # that did not ask for it.
         # (A Responses stream always ends with the response and its usage: nothing to ask for.)
-        strip_usage = fields.stream and metered and not fields.stream_usage and path not in _STREAM_ENDS
+        strip_usage = fields.stream and metered and not fields.stream_usage and path not in STREAM_ENDS
         # A metered request without a completion cap gets the one it was charged for: the worker cannot exceed it.
         cap = (_CAP_FIELD.get(path, "max_tokens"), self.cfg.default_max_tokens) if metered and fields.max_tokens is None else None
         if model != fields.model or cap is not None or (strip_usage and "stream_options" in data):
@@ -336,10 +338,8 @@ class Forwarder:
             # re-encode this body.
             body = _dumps(_rewritten(data, model if model != fields.model else None, strip_usage, cap))
         elif strip_usage:
-            body = _with_usage_asked(body)
+            body = with_usage_asked(body)
         workers, adapter = self.choose(model, headers, fields)
-        if self._timeout is None:
-            self._timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.request_timeout_s)
         ctx = RequestContext(path, model, body, fields, started, key, charged, ClientWatch(receive), send, adapter, strip_usage,
                              prompt_tokens)
         try:
@@ -353,27 +353,15 @@ class Forwarder:
             ctx.watch.close()
 
     async def _try_workers(self, ctx: RequestContext, workers: list[Worker]) -> None:
-        """Try `workers` in order until one answers; raises RouterError 502 when all fail before the first byte."""
-        if self.hedger is not None and len(workers) > 1:
-            await self._race(ctx, workers)
+        """Deliver the first answer to start among `workers` (`serve.attempts`: retries, hedging); raises RouterError
+        502 when all fail before the first byte."""
+        try:
+            opened = await self.attempts.first_answer(ctx, workers)
+        except AllFailed as exc:
+            self._all_failed(ctx, len(exc.reasons), exc.reasons)
             return
-        reasons: list[str] = []
-        for attempt, worker in enumerate(workers):
-            ctx.watch.worker = worker
-            if attempt:
-                self.metrics.retries.inc()
-                await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
-            try:
-                if ctx.adapter is not None and ctx.model not in worker.adapters:
-                    # Shielded: a client that leaves must not abandon a load that later requests will need.
-                    await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter, on_request=True))
-                await self._attempt(ctx, worker)
-                return
-            except UpstreamError as exc:
-                logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
-                               "trying another" if attempt + 1 < len(workers) else "no more workers to try")
-                reasons.append(str(exc))
-        self._all_failed(ctx, len(workers), reasons)
+        ctx.watch.worker = opened.worker
+        await self._deliver(ctx, opened)
 
     def _all_failed(self, ctx: RequestContext, tried: int, reasons: list[str]) -> None:
         ctx.watch.disarm()
@@ -382,169 +370,6 @@ class Forwarder:
         # The reasons name workers' addresses and their errors: the router's log has them, the client does not.
         logger.warning("%s for %s failed on %d worker(s) before any answer: %s", ctx.path, ctx.model, tried, "; ".join(reasons))
         raise RouterError(502, f"the request failed on {tried} worker(s) before any answer; the router's log has the details")
-
-    async def _race(self, ctx: RequestContext, workers: list[Worker]) -> None:
-        """Forward with hedging (serve/hedging.py): the first worker in `workers` is asked; if its first byte is later
-        than its learned delay, the next one is asked too, and the first answer to start is delivered. The other
-        attempt is cancelled, which closes its upstream connection (the worker aborts it) and ends its count. Nothing
-        reaches the client before the race is decided, so a request is never doubled once its first byte is out.
-        An attempt that fails is replaced by the next worker (a retry, as without hedging) once none is left running.
-        """
-        hedger, loop, cfg = self.hedger, asyncio.get_running_loop(), self.cfg
-        assert hedger is not None
-        hedger.request()
-        queue = list(workers)
-        running: dict[asyncio.Future, tuple[Worker, float]] = {}  # attempt -> its worker, loop time it started
-        reasons: list[str] = []
-        winner: tuple[asyncio.Future, Opened] | None = None
-        primary: asyncio.Future | None = None
-        hedge: asyncio.Future | None = None
-        hedge_at: float | None = None
-        retries = 0
-
-        def launch(worker: Worker) -> asyncio.Future:
-            task = asyncio.ensure_future(self._open_on(ctx, worker))
-            running[task] = (worker, loop.time())
-            return task
-
-        def arm(worker: Worker) -> float | None:
-            delay = hedger.delay_s((worker.id, ctx.fields.stream))
-            return None if delay is None or hedge is not None else loop.time() + delay
-
-        ctx.watch.worker = queue[0]
-        primary = launch(queue.pop(0))
-        hedge_at = arm(ctx.watch.worker)
-        try:
-            while running:
-                timeout = None if hedge_at is None or not queue else max(0.0, hedge_at - loop.time())
-                done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # the first byte is late: hedge, once, if the next worker can take it and the budget allows
-                    hedge_at = None
-                    if self._may_hedge(ctx, queue[0]) and hedger.take():
-                        logger.info("worker %s has not answered after its hedge delay; hedging on %s", ctx.watch.worker.id, queue[0].id)
-                        hedge = launch(queue.pop(0))
-                    continue
-                unexpected = None
-                for task in done:
-                    worker, _ = running.pop(task)
-                    exc = task.exception()
-                    if exc is None and winner is None:
-                        winner = (task, task.result())
-                    elif exc is None:
-                        self._discard(ctx, task.result())
-                    elif isinstance(exc, UpstreamError):
-                        logger.warning("worker %s failed before the first byte (%s)", worker.id, exc.reason)
-                        reasons.append(str(exc))
-                    else:
-                        unexpected = exc
-                if unexpected is not None:
-                    if winner is not None:
-                        self._discard(ctx, winner[1])
-                        winner = None
-                    raise unexpected
-                if winner is not None:
-                    break
-                if not running and queue and retries < cfg.max_retries:
-                    retries += 1
-                    self.metrics.retries.inc()
-                    await asyncio.sleep(cfg.retry_backoff_s * 2 ** (retries - 1))
-                    ctx.watch.worker = queue[0]
-                    hedge_at = arm(queue[0])
-                    launch(queue.pop(0))
-        except asyncio.CancelledError:
-            if hedge is not None:
-                self.metrics.hedges.labels("aborted").inc()
-            raise
-        finally:
-            for task, (worker, started) in running.items():
-                task.cancel()  # the loser: its connection is closed as it unwinds (the worker aborts the request)
-                _unwinding.add(task)
-                task.add_done_callback(_unwound)
-                if winner is not None and task is primary:  # it was at least this slow: tell the hedger and the policy
-                    waited = loop.time() - started
-                    hedger.observe((worker.id, ctx.fields.stream), waited)
-                    worker.observe_ttft(waited * 1000)
-        if winner is None:
-            if hedge is not None:
-                self.metrics.hedges.labels("failed").inc()
-            self._all_failed(ctx, len(reasons), reasons)
-            return
-        task, opened = winner
-        if hedge is not None:
-            self.metrics.hedges.labels("won" if task is hedge else "lost").inc()
-        hedger.observe((opened.worker.id, ctx.fields.stream), opened.ttft_s)
-        ctx.watch.worker = opened.worker
-        await self._deliver(ctx, opened)
-
-    async def _open_on(self, ctx: RequestContext, worker: Worker) -> Opened:
-        """`_open` up to the first chunk, after loading the request's adapter on `worker` if it lacks it."""
-        if ctx.adapter is not None and ctx.model not in worker.adapters:
-            await asyncio.shield(self.placement.ensure_on(worker, ctx.adapter, on_request=True))
-        return await self._open(ctx, worker, first_chunk=True)
-
-    @staticmethod
-    def _may_hedge(ctx: RequestContext, worker: Worker) -> bool:
-        """Whether `worker` may take a hedge now: routable, below its capacity, and holding the adapter if any."""
-        return (worker.healthy and worker.routable and not worker.draining and worker.outstanding < worker.capacity
-                and (ctx.adapter is None or ctx.model in worker.adapters))
-
-    async def _attempt(self, ctx: RequestContext, worker: Worker) -> None:
-        await self._deliver(ctx, await self._open(ctx, worker, first_chunk=False))
-
-    async def _open(self, ctx: RequestContext, worker: Worker, first_chunk: bool) -> Opened:
-        """Send the request to `worker` and wait for its answer to start: the whole body of a non-streamed answer,
-        a stream's headers (or, with `first_chunk`, its first chunk too). Nothing is sent to the client.
-
-        The worker counts the request in flight from here on; `_deliver` or `_discard` ends that. On any failure or
-        cancellation the upstream connection is closed (the worker aborts the generation) and the count is returned.
-
-        Raises:
-            UpstreamError: the worker failed before its first byte (connection error, timeout, 5xx, broken answer).
-        """
-        import aiohttp
-
-        model = ctx.model
-        worker.begin(model)
-        sent = time.perf_counter()
-        resp = None
-        try:
-            try:
-                if not worker.static and self.on_routed is not None:  # a joined worker: maybe a canary check soon
-                    self.on_routed(worker, ctx.path, ctx.fields.stream)
-                resp = await self.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self._timeout)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
-                self.registry.probe_soon(worker)
-                raise UpstreamError(worker.id, f"{type(exc).__name__}: {exc}") from exc
-            if resp.status >= 500:
-                status, text = resp.status, await _safe_text(resp)
-                resp = None  # released by _safe_text
-                self.registry.probe_soon(worker)
-                raise UpstreamError(worker.id, f"answered {status}: {text[:200]}")
-            if not (ctx.fields.stream and resp.status == 200):
-                try:
-                    payload = await resp.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    self.registry.probe_soon(worker)
-                    raise UpstreamError(worker.id, f"broke before the answer was complete: {exc!r}") from exc
-                resp.release()
-                return Opened(worker, resp, sent, time.perf_counter() - sent, payload=payload)
-            if not first_chunk:
-                return Opened(worker, resp, sent)
-            try:
-                chunk = await resp.content.readany()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                self.registry.probe_soon(worker)
-                raise UpstreamError(worker.id, f"stream broke before its first byte: {exc!r}") from exc
-            if not chunk:
-                raise UpstreamError(worker.id, "the stream ended before its first byte")
-            return Opened(worker, resp, sent, time.perf_counter() - sent, first=chunk)
-        except BaseException:
-            if resp is not None:
-                resp.close()  # closes the upstream connection: the worker aborts the generation
-            worker.end(model)
-            raise
 
     async def _deliver(self, ctx: RequestContext, opened: Opened) -> None:
         """Send an answer that has started (`_open`) to the client: the point of no return."""
@@ -566,13 +391,7 @@ class Forwarder:
         await ctx.send({"type": "http.response.body", "body": payload})
         self._observe(ctx.path, model, worker, resp.status, ctx.started, opened.ttft_s, time.perf_counter())
         if ctx.metered and resp.status == 200:
-            self._settle(ctx, _usage_total(payload))
-
-    @staticmethod
-    def _discard(ctx: RequestContext, opened: Opened) -> None:
-        """Drop an answer that started but lost the race: close its connection (the worker aborts it)."""
-        opened.resp.close()
-        opened.worker.end(ctx.model)
+            self._settle(ctx, usage_total(payload))
 
     async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float,
                      first: bytes | None = None, ttft: float | None = None) -> None:
@@ -591,15 +410,15 @@ class Forwarder:
         used: int | None = None
         relayed = 0  # metered only: data events relayed (each carries at least one generated token)
         tail = b""
-        ends = _STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
+        ends = STREAM_ENDS.get(ctx.path)  # None: the stream ends with [DONE]
         finished = False
         status = 502
         if ttft is not None:
             worker.observe_ttft(ttft * 1000)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             try:
-                async for chunk in (resp.content.iter_any() if first is None else _prefixed(first, resp)):
+                async for chunk in (resp.content.iter_any() if first is None else prefixed(first, resp)):
                     if ttft is None:
                         ttft = time.perf_counter() - sent
                         worker.observe_ttft(ttft * 1000)
@@ -608,9 +427,9 @@ class Forwarder:
                         return
                     if metered:
                         if pending or not chunk.endswith(b"\n\n"):  # most chunks are whole events: no copy then
-                            chunk, pending = _complete_events(pending + chunk)
+                            chunk, pending = complete_events(pending + chunk)
                         if b'"usage"' in chunk:
-                            chunk, found = _take_usage(chunk, ctx.strip_usage)
+                            chunk, found = take_usage(chunk, ctx.strip_usage)
                             used = found if found is not None else used
                         if not chunk:
                             continue
@@ -709,27 +528,6 @@ class RequestContext:
         return self.key is not None and bool(self.key.tpm)
 
 
-@dataclass(slots=True)
-class Opened:
-    """An answer that has started on one worker (`Forwarder._open`) and not yet been sent to the client."""
-
-    worker: Worker
-    resp: aiohttp.ClientResponse
-    sent: float  # perf_counter() when the request was sent to the worker
-    ttft_s: float | None = None  # seconds to the first byte read (None: only the headers were awaited)
-    payload: bytes | None = None  # a non-streamed answer, read whole
-    first: bytes | None = None  # a stream's first chunk, when it was awaited
-
-
-_unwinding: set[asyncio.Future] = set()  # cancelled race losers, held until they have closed their connections
-
-
-def _unwound(task: asyncio.Future) -> None:
-    _unwinding.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: a loser that failed as it was cancelled is no error of the request
-
-
 def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool, cap: tuple[str, int] | None = None) -> dict[str, Any]:
     """The request with its model renamed, the stream's usage chunk asked for and/or a completion cap (field, value)."""
     out = dict(data)
@@ -741,71 +539,3 @@ def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool, cap: tu
         options = data.get("stream_options")
         out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return out
-
-
-async def _prefixed(first: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """`first`, then the rest of the stream."""
-    yield first
-    async for chunk in resp.content.iter_any():
-        yield chunk
-
-
-def _complete_events(buffer: bytes) -> tuple[bytes, bytes]:
-    """Split SSE bytes into the complete events and the start of an unfinished one."""
-    cut = buffer.rfind(b"\n\n")
-    if cut < 0:
-        return b"", buffer
-    return buffer[:cut + 2], buffer[cut + 2:]
-
-
-def _with_usage_asked(body: bytes) -> bytes:
-    """A JSON object's bytes (without `stream_options`) with `"stream_options": {"include_usage": true}` added,
-    spliced before its closing brace instead of re-encoding the whole request."""
-    return body.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
-
-
-def _take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
-    """Find the usage chunk among complete SSE `events`: returns the events to relay (without it when `strip`)
-    and its `total_tokens` (None when there is none).
-
-    Only the events that mention `"usage"` are parsed; OpenAI-style chunks carrying `"usage": null` are relayed.
-    """
-    used = None
-    pos = events.find(b'"usage"')
-    while pos >= 0:
-        cut = events.rfind(b"\n\n", 0, pos)
-        start = 0 if cut < 0 else cut + 2
-        end = events.find(b"\n\n", pos) + 2  # the events are complete: each ends with a blank line
-        event = events[start:end - 2]
-        try:
-            data_at = event.find(b"data: {")  # after an `event:` line in Responses streams
-            chunk = _loads(event[data_at + 6:]) if data_at >= 0 else None
-            total = int((chunk["response"] if "response" in chunk else chunk)["usage"]["total_tokens"])
-        except (ValueError, KeyError, TypeError):
-            total = None
-        if total is not None:
-            used = total
-            if strip and not chunk.get("choices"):
-                events = events[:start] + events[end:]
-                end = start
-        pos = events.find(b'"usage"', end)
-    return events, used
-
-
-def _usage_total(payload: bytes) -> int | None:
-    """`usage.total_tokens` of a non-streamed answer (None when absent or malformed)."""
-    try:
-        return int(_loads(payload)["usage"]["total_tokens"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-async def _safe_text(resp: aiohttp.ClientResponse) -> str:
-    import aiohttp
-
-    try:
-        return await resp.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
-        return ""
-    finally:
-        resp.release()

@@ -5,6 +5,12 @@ The public API is what the federation calls in every silo::
     state = initial_adapter_state(cfg, model_dir)
     result = fit_adapter(cfg, model_dir, "data.jsonl", init_state=state, max_steps=20, prox_mu=0.01)
     metrics = evaluate_adapter(cfg, model_dir, result.state, "eval.jsonl")
+
+A process that trains round after round on one model keeps a `Trainer` (the loaded base and the optimizer state stay
+between calls) and gives it a `TrainPlan` per call::
+
+    trainer = Trainer(cfg, model_dir, keep_base=True)
+    result = trainer.fit(TrainPlan("data.jsonl", init_state=state, max_steps=20, keep_optimizer=True))
     save_adapter_dir(result.state, cfg, model_dir, out_dir)
 
 Heavy libraries (torch, transformers, peft, deepspeed) load when a function is first called.
@@ -16,16 +22,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.types import StateDict
-from train.engine import FitResult, TrainingFailed, fit_adapter
+from train.engine import FitResult, TrainingFailed
 from train.evaluate import evaluate_adapter, evaluate_adapters
+from train.trainer import BaseModels, TrainPlan, Trainer, fit_adapter
 
 if TYPE_CHECKING:
     import torch
     from appliance.core.sections.train import TrainSettings
 
 __all__ = [
+    "BaseModels",
     "FitResult",
     "StateDict",
+    "TrainPlan",
+    "Trainer",
     "TrainingFailed",
     "adapter_state",
     "count_parameters",
@@ -51,7 +61,7 @@ def save_adapter_dir(state: StateDict, cfg: "TrainSettings", model_dir: Path, ou
     """Write `state` as a PEFT folder (adapter_config.json + adapter_model.safetensors) that peft and vLLM load."""
     from train import lora
 
-    targets = lora.resolve_targets(cfg, lora._meta_model(Path(model_dir)))
+    targets = lora.resolve_targets(cfg, lora.meta_model(Path(model_dir)))
     return lora.save_state_dir(state, lora.lora_config(cfg, targets, str(model_dir)), Path(out_dir))
 
 

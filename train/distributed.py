@@ -24,7 +24,7 @@ from typing import Any
 from appliance.core.errors import ConfigError
 from appliance.core.processes import open_private_log
 from appliance.core.types import StateDict
-from train.engine import _free_port as free_port
+from train.engine import free_port
 from train.run_folder import read_metrics
 
 log = logging.getLogger(__name__)

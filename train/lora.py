@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +59,7 @@ def load_config(model_dir: Path) -> Any:
         raise DataError(f"could not read a model config from {model_dir}: {exc}") from exc
 
 
-def _meta_model(model_dir: Path) -> Any:
+def meta_model(model_dir: Path) -> Any:
     """The model built on the meta device: shapes and module names, no weights, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -133,7 +132,7 @@ def count_parameters(cfg: "TrainSettings", model_dir: Path) -> ParamReport:
     `total_params` counts the base model's parameters (tied embeddings once), as peft's
     `get_nb_trainable_parameters` does, plus the LoRA parameters.
     """
-    model = _meta_model(model_dir)
+    model = meta_model(model_dir)
     targets = resolve_targets(cfg, model)
     layers = [
         m for n, m in model.named_modules()
@@ -184,44 +183,22 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tok
 
 
-# Base models kept between trainings of a long-lived process (a silo's rounds, a rank group's rounds), by folder
-# and dtype. A model is taken out while it trains (a second, concurrent training loads its own) and put back,
-# LoRA layers removed, when that training ends well. Only frozen base weights are kept, which training never writes.
-_idle_bases: dict[tuple[str, str], Any] = {}
-_idle_lock = threading.Lock()
-
-
-def _base_key(model_dir: Path, dtype: "torch.dtype") -> tuple[str, str]:
-    return str(Path(model_dir).resolve()), str(dtype)
-
-
-def take_base_model(model_dir: Path, dtype: "torch.dtype") -> Any:
-    """A base model kept by `keep_base_model` for this folder and dtype, else a fresh `load_base_model`."""
-    with _idle_lock:
-        model = _idle_bases.pop(_base_key(model_dir, dtype), None)
-    if model is not None:
-        log.debug("reusing the loaded base model of %s", model_dir)
-        return model
-    return load_base_model(model_dir, dtype)
-
-
-def keep_base_model(peft_model: Any, model_dir: Path, dtype: "torch.dtype") -> None:
-    """Remove the LoRA layers from a peft model built on `take_base_model` and keep its base for the next training.
+def unload_base(peft_model: Any) -> Any:
+    """The base model under a peft model, its LoRA layers removed and its weights frozen (to build on again).
 
     Not for ZeRO-3, whose engine partitions the base weights themselves.
     """
     base = peft_model.unload()
     for p in base.parameters():
         p.requires_grad_(False)
-    with _idle_lock:
-        _idle_bases[_base_key(model_dir, dtype)] = base
+    return base
 
 
 def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype", init_state: StateDict | None = None,
                      base: Any = None) -> Any:
     """Base model + fresh LoRA (seeded by cfg.seed), optionally starting from `init_state`.
 
-    `base`: an already loaded base model of `model_dir` (see `take_base_model`); default: loaded here.
+    `base`: an already loaded base model of `model_dir` (a `Trainer` keeps one, see `unload_base`); default: loaded here.
 
     Raises:
         DataError: `init_state` does not fit this model and configuration (names the first missing/extra key).

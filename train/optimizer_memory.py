@@ -1,9 +1,10 @@
-"""Optimizer state kept in this process between trainings: a silo's AdamW moments from one round to the next.
+"""Optimizer state kept between trainings: a silo's AdamW moments from one round to the next.
 
 A federation's silo trains a few local steps per round. A fresh AdamW every round starts with empty moments and a
 step count of 0, so its first steps are sign-like steps of the full rate on every coordinate, noise included. Keeping
-the silo's own moments across rounds (`keep` after a training, `restore` before the next) makes its rounds continue one
-optimizer, as one long local run would. The state never leaves the process: only adapter weights cross a silo's boundary.
+the silo's own moments across rounds (`capture` after a training, `restore` before the next) makes its rounds continue
+one optimizer, as one long local run would. The `train.Trainer` of a silo holds what `capture` returns; the state
+never leaves the process: only adapter weights cross a silo's boundary.
 
 Works for the torch optimizer the engine hands DeepSpeed, whether DeepSpeed uses it as is (ZeRO 0, fp32) or wraps it
 (ZeRO 1-3 and bf16/fp16 keep the torch optimizer as `.optimizer`, over their flat fp32 partitions): the kept state is
@@ -13,13 +14,18 @@ the torch optimizer's, and it is restored only into one whose parameters have th
 from __future__ import annotations
 
 import logging
-import threading
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_slots: dict[str, dict[str, Any]] = {}
+
+@dataclass(frozen=True)
+class KeptOptimizer:
+    """A torch optimizer's per-parameter state (moments, step count) on CPU, with the parameter shapes it fits."""
+
+    shapes: list[list[tuple[int, ...]]]
+    state: dict[Any, dict[str, Any]]
 
 
 def torch_optimizer(optimizer: Any) -> Any:
@@ -36,41 +42,31 @@ def _shapes(opt: Any) -> list[list[tuple[int, ...]]]:
     return [[tuple(p.shape) for p in group["params"]] for group in opt.param_groups]
 
 
-def keep(slot: str, optimizer: Any) -> None:
-    """Copy the optimizer's per-parameter state (moments, step count) to CPU under `slot`, replacing what was there."""
+def capture(optimizer: Any) -> KeptOptimizer:
+    """A CPU copy of the optimizer's per-parameter state (moments, step count)."""
     import torch
 
     opt = torch_optimizer(optimizer)
     state = {k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for n, v in s.items()}
              for k, s in opt.state_dict()["state"].items()}
-    with _lock:
-        _slots[slot] = {"shapes": _shapes(opt), "state": state}
+    return KeptOptimizer(shapes=_shapes(opt), state=state)
 
 
-def restore(slot: str, optimizer: Any, reset: bool = False) -> bool:
-    """Load the state kept under `slot` into the optimizer; True if it was loaded.
+def restore(kept: KeptOptimizer, optimizer: Any) -> bool:
+    """Load `kept` into the optimizer; True if it was loaded.
 
     The optimizer's hyperparameters (rate, weight decay) stay as they are: only the per-parameter state is loaded.
-    Nothing is loaded when `reset` (the slot is emptied), when the slot is empty, or when the kept state was made
-    for other parameter shapes (another LoRA rank, target set, ZeRO stage or rank count; logged).
+    Nothing is loaded when the kept state was made for other parameter shapes (another LoRA rank, target set, ZeRO
+    stage or rank count; logged).
     """
     import torch
 
-    with _lock:
-        kept = _slots.pop(slot, None) if reset else _slots.get(slot)
-    if reset or kept is None:
-        return False
     opt = torch_optimizer(optimizer)
-    if kept["shapes"] != _shapes(opt):
-        log.warning("optimizer state kept under %r was for other parameter shapes; starting a fresh optimizer", slot)
+    if kept.shapes != _shapes(opt):
+        log.warning("the kept optimizer state was for other parameter shapes; starting a fresh optimizer")
         return False
     current = opt.state_dict()
-    current["state"] = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in kept["state"].items()}
+    current["state"] = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                        for k, s in kept.state.items()}
     opt.load_state_dict(current)
     return True
-
-
-def forget(slot: str) -> None:
-    """Drop what `slot` holds (nothing if empty)."""
-    with _lock:
-        _slots.pop(slot, None)

@@ -3,7 +3,7 @@
 `RankGroup(ranks)` starts `python -m train.rank_group SOCKET` on N ranks under DeepSpeed's launcher (one node, or the
 nodes of a hostfile whose first host is this one). Rank 0 connects back to this process over a Unix socket in a
 private (0700) folder. Each `fit(...)` sends rank 0 a command and the starting adapter; rank 0 broadcasts both to
-the other ranks over torch.distributed, every rank runs `fit_adapter` on its share of the global batches (ZeRO
+the other ranks over torch.distributed, every rank runs its `train.Trainer` (kept across calls) on its share of the global batches (ZeRO
 shards across the ranks), and rank 0 sends back the trained adapter, its example count and metrics.
 
 A rank that dies makes the launcher stop the others; the pending call raises `RankGroupFailed` instead of hanging,
@@ -200,7 +200,8 @@ class RankGroup:
     def fit(self, cfg: "TrainSettings", model_dir: Path, data: Path, *, init_state: StateDict | None = None,
             max_steps: int | None = None, eval_data: Path | None = None, run_dir: Path | None = None,
             **fit_kwargs: Any) -> FitResult:
-        """`train.fit_adapter` on every rank of the group (same arguments; data as JSONL paths the ranks can read)."""
+        """`Trainer.fit` on every rank of the group, each rank's Trainer kept between calls (the loaded base model, the
+        optimizer state): `fit_kwargs` are further `train.TrainPlan` fields; data as JSONL paths the ranks can read."""
         header = {"op": "fit", "train": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "data": str(data),
                   "eval_data": str(eval_data) if eval_data else None, "run_dir": str(run_dir) if run_dir else None,
                   "max_steps": max_steps, "has_init": init_state is not None, "kwargs": fit_kwargs}
@@ -249,12 +250,14 @@ def serve_ranks(socket_path: str) -> None:
     """A rank's life: join the group, then run every command rank 0 receives until `stop`."""
     import torch.distributed as dist
 
-    from train.engine import fit_adapter, init_distributed
+    from train.engine import init_distributed
+    from train.trainer import Trainer, TrainPlan
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     (Path(socket_path).parent / f"rank-{rank}.pid").write_text(str(os.getpid()))
     conn = None
+    trainer: Trainer | None = None  # kept across calls: the loaded base model and the optimizer state
     if rank == 0:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(socket_path)
@@ -271,10 +274,14 @@ def serve_ranks(socket_path: str) -> None:
         kwargs = dict(header["kwargs"])
         if kwargs.get("schedule_span") is not None:
             kwargs["schedule_span"] = tuple(kwargs["schedule_span"])
-        result = fit_adapter(TrainSettings(**header["train"]), Path(header["model_dir"]), Path(header["data"]),
-                             init_state=state if header["has_init"] else None, max_steps=header["max_steps"],
-                             eval_data=Path(header["eval_data"]) if header["eval_data"] else None,
-                             run_dir=Path(header["run_dir"]) if header["run_dir"] else None, reuse_base=True, **kwargs)
+        cfg, model_dir = TrainSettings(**header["train"]), Path(header["model_dir"])
+        if trainer is None or trainer.model_dir != model_dir:
+            trainer = Trainer(cfg, model_dir, keep_base=True)
+        trainer.cfg = cfg
+        result = trainer.fit(TrainPlan(Path(header["data"]), init_state=state if header["has_init"] else None,
+                                       max_steps=header["max_steps"],
+                                       eval_data=Path(header["eval_data"]) if header["eval_data"] else None,
+                                       run_dir=Path(header["run_dir"]) if header["run_dir"] else None, **kwargs))
         if conn is not None:
             _send(conn, pack({"op": "result", "num_examples": result.num_examples, "metrics": result.metrics}, result.state))
     if conn is not None:

@@ -27,7 +27,8 @@ from appliance.core.model_store import resolve_model
 from appliance.core.tracking import Tracker
 from appliance.core.sections.train import TrainSettings
 from train import data as datamod
-from train.engine import FitResult, fit_adapter, per_rank_batch
+from train.engine import FitResult, per_rank_batch
+from train.trainer import fit_adapter
 from train.run_folder import run_config
 
 if TYPE_CHECKING:

@@ -156,15 +156,16 @@ def baselines(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: in
     import train
 
     init = train.initial_adapter_state(cfg, model_dir)
+    trainer = train.Trainer(cfg, model_dir, keep_base=True)  # one base model load for every baseline
     out: dict[str, Any] = {}
     t0 = time.monotonic()
     for org in paths:
-        res = train.fit_adapter(cfg, model_dir, paths[org]["train"], init_state=init, max_steps=steps)
+        res = trainer.fit(train.TrainPlan(paths[org]["train"], init_state=init, max_steps=steps))
         out[f"local:{org}"] = res.state
         echo(f"local-only {org}: train_loss {res.metrics.get('train_loss', float('nan')):.4f}")
     t1 = time.monotonic()
     union = shuffled_union(paths)
-    out["centralized"] = train.fit_adapter(cfg, model_dir, union, init_state=init, max_steps=len(paths) * steps).state
+    out["centralized"] = trainer.fit(train.TrainPlan(union, init_state=init, max_steps=len(paths) * steps)).state
     if timings is not None:
         timings["local-only"], timings["centralized"] = t1 - t0, time.monotonic() - t1
     return out

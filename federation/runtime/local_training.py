@@ -2,7 +2,7 @@
 
 The coordinator merges `round_schedule(...)` into every TRAIN's `config` (next to the strategy's plan, e.g.
 FedProx's `prox_mu` or frozen-A's `lora_freeze_a`); the engine trainer turns that config back into train
-settings and `fit_adapter` keywords with `train_overrides(...)`. Pure functions of their arguments.
+settings and `train.TrainPlan` fields with `train_overrides(...)`. Pure functions of their arguments.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def round_schedule(lr_schedule: str, round_id: int, local_steps: int, rounds: in
 
 
 def train_overrides(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(train-settings updates, `fit_adapter` keywords) for a round's config; unknown keys are ignored.
+    """(train-settings updates, `train.TrainPlan` fields) for a round's config; unknown keys are ignored.
 
-    A `local_optimizer` entry becomes `reset_optimizer` (True for "fresh"); the trainer adds the `optimizer_slot` it
-    keeps its moments under. Without the entry neither is set: a fresh optimizer, nothing kept.
+    A `local_optimizer` entry becomes `keep_optimizer` (the silo's Trainer continues and keeps its moments) and
+    `reset_optimizer` (True for "fresh"). Without the entry neither is set: a fresh optimizer, nothing kept.
 
     Raises:
         ValueError: a malformed schedule_span or local_optimizer.
@@ -55,6 +55,7 @@ def train_overrides(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     if local_optimizer is not None:
         if local_optimizer not in ("keep", "fresh"):
             raise ValueError(f"local_optimizer must be keep or fresh, got {local_optimizer!r}")
+        kwargs["keep_optimizer"] = True
         kwargs["reset_optimizer"] = local_optimizer == "fresh"
     span = config.get("schedule_span")
     if span is not None:

@@ -14,7 +14,6 @@ import math
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
@@ -461,7 +460,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class EngineTrainer(SiloTrainer):
-    """`SiloTrainer` on the appliance's training engine (`train.fit_adapter` / `train.evaluate_adapter`).
+    """`SiloTrainer` on the appliance's training engine (a `train.Trainer` / `train.evaluate_adapter`).
 
     Args:
         cfg: training settings (LoRA shape, lr, batch, sequence length; `max_steps` is set per round).
@@ -473,20 +472,22 @@ class EngineTrainer(SiloTrainer):
     `lora_r` / `lora_alpha` (from `cfg`) are announced to the coordinator: with product aggregation a silo may
     train at its own rank and is sent the global adapter projected to it. A round's config may switch the LR
     schedule, freeze A and keep this silo's optimizer moments from round to round
-    (`federation.local_training.train_overrides`; the moments stay in this process, under `optimizer_slot`).
+    (`federation.local_training.train_overrides`; the moments stay in this process, in this silo's `train.Trainer`).
 
     Fits and evaluations take a process-wide lock: the engine's process group (gloo on CPU) must not run two
-    trainings at once, so several silos in one process (demo, tests) train one after the other.
+    trainings at once, so several silos in one process (demo, tests) train one after the other, and share one kept
+    base model (`train.BaseModels`) rather than holding a copy each.
     """
 
     _engine_lock = threading.Lock()
+    _bases: Any = None  # the train.BaseModels the silos of this process share (made by the first fit)
 
     def __init__(self, cfg: "TrainSettings", model_dir: Path, data: Path | Sequence[dict], eval_data: Path | Sequence[dict] | None = None,
                  run_dir: Path | None = None) -> None:
         self.cfg, self.model_dir, self.data, self.eval_data, self.run_dir = cfg, Path(model_dir), data, eval_data, run_dir
         self._state: StateDict | None = None
         self.lora_r, self.lora_alpha = cfg.lora_r, float(cfg.lora_alpha)
-        self.optimizer_slot = f"silo-trainer-{uuid.uuid4().hex}"  # where this silo's AdamW moments wait between rounds
+        self._trainer: Any = None  # this silo's train.Trainer (the base model and its AdamW moments between rounds)
 
     def get_state(self) -> StateDict:
         if self._state is None:
@@ -501,22 +502,23 @@ class EngineTrainer(SiloTrainer):
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
         import train
 
-        updates, kwargs = self.round_overrides(config)
-        cfg = self.cfg.model_copy(update=updates) if updates else self.cfg
+        updates, plan = self.round_overrides(config)
         with self._engine_lock:
-            result = train.fit_adapter(cfg, self.model_dir, self.data, init_state=self.get_state(), max_steps=steps,
-                                       run_dir=self.run_dir, eval_data=self.eval_data, reuse_base=True, **kwargs)
+            if self._trainer is None:
+                if EngineTrainer._bases is None:
+                    EngineTrainer._bases = train.BaseModels()
+                self._trainer = train.Trainer(self.cfg, self.model_dir, keep_base=True, bases=EngineTrainer._bases)
+            self._trainer.cfg = self.cfg  # the silo's settings as they are now (its per-round updates are in the plan)
+            result = self._trainer.fit(train.TrainPlan(self.data, init_state=self.get_state(), max_steps=steps, run_dir=self.run_dir,
+                                                       eval_data=self.eval_data, settings=updates, **plan))
         self._state = result.state
         return result.num_examples, dict(result.metrics)
 
     def round_overrides(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """`train_overrides(config)`, plus this trainer's optimizer slot when the round asks to keep or reset it."""
+        """`train_overrides(config)`: the round's train-settings updates and `train.TrainPlan` fields."""
         from federation.runtime.local_training import train_overrides
 
-        updates, kwargs = train_overrides(config)
-        if "reset_optimizer" in kwargs:
-            kwargs["optimizer_slot"] = self.optimizer_slot
-        return updates, kwargs
+        return train_overrides(config)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:

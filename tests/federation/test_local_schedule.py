@@ -31,20 +31,20 @@ def test_train_overrides_turn_a_plan_into_settings_and_keywords():
     assert train_overrides({}) == ({}, {"prox_mu": 0.0})
     with pytest.raises(ValueError, match="schedule_span"):
         train_overrides({"schedule_span": "0:12"})
-    assert train_overrides({"local_optimizer": "fresh"})[1] == {"prox_mu": 0.0, "reset_optimizer": True}
-    assert train_overrides({"local_optimizer": "keep"})[1] == {"prox_mu": 0.0, "reset_optimizer": False}
+    assert train_overrides({"local_optimizer": "fresh"})[1] == {"prox_mu": 0.0, "keep_optimizer": True, "reset_optimizer": True}
+    assert train_overrides({"local_optimizer": "keep"})[1] == {"prox_mu": 0.0, "keep_optimizer": True, "reset_optimizer": False}
     with pytest.raises(ValueError, match="local_optimizer"):
         train_overrides({"local_optimizer": "always"})
 
 
-def test_an_engine_silo_keeps_its_moments_under_its_own_slot(tmp_path):
+def test_an_engine_silo_plans_a_kept_optimizer_only_when_the_round_asks(tmp_path):
     from federation.runtime.silo import EngineTrainer
     from tests.train.conftest import small_cfg
 
-    a, b = (EngineTrainer(small_cfg(), tmp_path, []) for _ in range(2))
-    _, kwargs = a.round_overrides({"local_optimizer": "keep"})
-    assert kwargs["optimizer_slot"] == a.optimizer_slot != b.optimizer_slot and kwargs["reset_optimizer"] is False
-    assert "optimizer_slot" not in a.round_overrides({})[1]  # federation.local_optimizer=fresh sends nothing
+    a = EngineTrainer(small_cfg(), tmp_path, [])
+    _, plan = a.round_overrides({"local_optimizer": "keep"})
+    assert plan["keep_optimizer"] is True and plan["reset_optimizer"] is False
+    assert "keep_optimizer" not in a.round_overrides({})[1]  # federation.local_optimizer=fresh sends nothing
 
 
 @pytest.mark.parametrize("lr_schedule, strategy", [("federation", "ffa"), ("constant", "fedavg")])

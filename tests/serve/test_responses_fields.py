@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from serve.forwarding import _take_usage
 from serve.protocol import read_fields
+from serve.sse import take_usage
 
 
 def test_max_output_tokens_is_the_token_budget_and_input_the_prefix() -> None:
@@ -20,6 +20,6 @@ def test_the_usage_of_a_responses_stream_is_read_from_its_completed_event() -> N
     done = {"type": "response.completed", "response": {"id": "r", "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}}}
     events = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (created, done))
 
-    kept, used = _take_usage(events, strip=False)
+    kept, used = take_usage(events, strip=False)
 
     assert used == 12 and kept == events

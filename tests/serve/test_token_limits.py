@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from serve.forwarding import _complete_events, _take_usage, _with_usage_asked
 from serve.keys import create_key
 from serve.limits import DEFAULT_TOKEN_BUDGET, RateLimiter, TokenBucket, token_budget
 from serve.protocol import read_fields
+from serve.sse import complete_events, take_usage, with_usage_asked
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -57,24 +57,24 @@ def test_take_usage_finds_the_usage_chunk_and_strips_it_only_when_asked():
     content = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
     done = b"data: [DONE]\n\n"
-    assert _take_usage(content + usage + done, strip=True) == (content + done, 5)
-    assert _take_usage(content + usage + done, strip=False) == (content + usage + done, 5)
+    assert take_usage(content + usage + done, strip=True) == (content + done, 5)
+    assert take_usage(content + usage + done, strip=False) == (content + usage + done, 5)
     nulls = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'  # OpenAI's style
-    assert _take_usage(nulls + done, strip=True) == (nulls + done, None)
-    assert _take_usage(usage, strip=True) == (b"", 5)  # alone in its chunk
-    assert _take_usage(nulls + usage + done, strip=True) == (nulls + done, 5)
+    assert take_usage(nulls + done, strip=True) == (nulls + done, None)
+    assert take_usage(usage, strip=True) == (b"", 5)  # alone in its chunk
+    assert take_usage(nulls + usage + done, strip=True) == (nulls + done, 5)
 
 
 def test_usage_is_asked_for_by_splicing_the_body():
     body = json.dumps({"model": "m", "stream": True, "messages": MESSAGES}).encode() + b"  \n"
-    assert json.loads(_with_usage_asked(body)) == {"model": "m", "stream": True, "messages": MESSAGES,
+    assert json.loads(with_usage_asked(body)) == {"model": "m", "stream": True, "messages": MESSAGES,
                                                     "stream_options": {"include_usage": True}}
 
 
 def test_events_split_across_chunks_wait_for_their_end():
-    assert _complete_events(b'data: {"a"') == (b"", b'data: {"a"')
-    assert _complete_events(b"data: 1\n\ndata: 2") == (b"data: 1\n\n", b"data: 2")
-    assert _complete_events(b"data: 1\n\n") == (b"data: 1\n\n", b"")
+    assert complete_events(b'data: {"a"') == (b"", b'data: {"a"')
+    assert complete_events(b"data: 1\n\ndata: 2") == (b"data: 1\n\n", b"data: 2")
+    assert complete_events(b"data: 1\n\n") == (b"data: 1\n\n", b"")
 
 
 # ---------------------------------------------------------------- on a real router and fake worker

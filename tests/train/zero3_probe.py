@@ -21,13 +21,13 @@ def main(model_dir: Path, out_dir: Path) -> None:
     from appliance.core.sections.train import TrainSettings
     from train import data as datamod
     from train import lora
-    from train.engine import _loss_module, deepspeed_config, init_distributed, prepare_rows
+    from train.engine import loss_module, deepspeed_config, init_distributed, prepare_rows
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainSettings(zero_stage=3, batch_size=2, max_seq_len=64, lora_dropout=0.0, lr=1e-2, warmup_steps=0)
     peft_model = lora.build_peft_model(cfg, model_dir, torch.float32, None)
-    module = _loss_module(peft_model, None, 0.0, 3, world)
+    module = loss_module(peft_model, None, 0.0, 3, world)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(params, lr=cfg.lr),
                                       config=deepspeed_config(cfg, "fp32", world, sum(p.numel() for p in params)))
