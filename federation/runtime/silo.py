@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 from appliance.core.errors import ConfigError, ProtocolError
 from appliance.core.types import StateDict
-from federation.wire import codec, frames as wire
+from federation.wire import frames as wire
 from federation.aggregation.bounds import SILO_MAX_MESSAGE_BYTES
 from federation.wire.keys import load_keypair
+from federation.wire.payload import EncodedPayload, decode_payload, encode_payload
 from federation.wire.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
                                  make_header)
 from federation.runtime.timing import ClockOffset, connection_timeout
@@ -93,7 +94,7 @@ class SiloClient:
         if not isinstance(trainer, SiloTrainer):
             missing = [m for m in ("get_state", "set_state", "fit", "evaluate", "lora_r", "lora_alpha")
                        if not hasattr(trainer, m)]
-            raise ConfigError(f"the silo's trainer {type(trainer).__name__} is not a federation.SiloTrainer: it lacks "
+            raise ConfigError(f"the silo's trainer {type(trainer).__name__} is not a federation.runtime.silo.SiloTrainer: it lacks "
                               f"{', '.join(missing)} (subclass SiloTrainer for the defaults of lora_r and lora_alpha)")
         if not self.cfg.coordinator:
             raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
@@ -112,7 +113,7 @@ class SiloClient:
         self.welcomed = asyncio.Event()
         self.finished = asyncio.Event()  # the run is over for this silo: done, refused or removed (see `refused`)
         self.refused: str | None = None  # why the coordinator will not talk to this silo (names the key and the fix)
-        self.sent_frames: list[list[bytes]] = []  # the last UPDATE's frames, for inspection (tests, audits)
+        self.sent_frames: list[bytes] = []  # the last UPDATE's frames, for inspection (tests, audits)
         self._sent_for: tuple[str, int] | None = None  # (run, round) of `sent_frames`
         self._secure: dict[int, dict[str, Any]] = {}  # round -> {"client", "delta", "num_examples", "run", "silo_id"}
         self.secure_masked_update: StateDict = {}  # the last weighted delta this silo masked (tests, audits)
@@ -191,8 +192,9 @@ class SiloClient:
             self._transport.close()
             self._transport = None
 
-    async def _send(self, header, tensors: StateDict | None = None) -> list[bytes]:
-        frames = wire.encode(header, tensors)
+    async def _send(self, header, payload: EncodedPayload | None = None, *, tensors: StateDict | None = None) -> list[bytes]:
+        """Send a message: an encoded adapter `payload`, or raw `tensors` (secure aggregation's masked vectors)."""
+        frames = payload.frames(header) if payload is not None else wire.encode(header, tensors)
         await self._transport.send(frames)
         return frames
 
@@ -302,7 +304,7 @@ class SiloClient:
             await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_policy", message=refusal),
                                          run=header.run, round_id=header.round_id, silo_id=self.silo_id))
             return
-        global_state = codec.decode(wire.decode_payload(header, frames), task.encoding)
+        global_state = decode_payload(header, frames)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
         started = time.monotonic()
         try:
@@ -318,12 +320,12 @@ class SiloClient:
         if task.secure_aggregation is not None:
             await self._secure_advertise(header, task, num_examples, metrics, delta, train_s)
             return
-        tensors, meta = codec.encode(delta, task.compression, state=self._ef_state)
+        payload = encode_payload(delta, task.compression, residual=self._ef_state)
         rtt, offset = self._clock.best or (None, None)
-        body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=meta, train_s=train_s,
+        body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=payload.meta, train_s=train_s,
                             received_at=received_at, sent_at=time.time(), clock_offset_s=offset, clock_rtt_s=rtt)
         self.sent_frames = await self._send(make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id,
-                                                        silo_id=self.silo_id), tensors)
+                                                        silo_id=self.silo_id), payload)
         self._sent_for = (header.run, header.round_id)
         self.rounds_done.append(header.round_id)
         logger.info("silo %s: round %d update sent (%d examples, %.1f s training)", self.silo_id, header.round_id, num_examples, train_s)
@@ -350,7 +352,7 @@ class SiloClient:
     async def _send_step(self, round_id: int, step: str, data: dict[str, Any], tensors: StateDict | None = None) -> None:
         st = self._secure[round_id]
         await self._send(make_header(MsgType.SECAGG, SecAggStep(step=step, data=data), run=st["run"], round_id=round_id,
-                                     silo_id=st["silo_id"]), tensors)
+                                     silo_id=st["silo_id"]), tensors=tensors)
 
     async def _secagg(self, header, frames: list[bytes]) -> None:
         """One coordinator step of a secure round: roster -> share_keys, shares -> masked, survivors -> unmask."""
