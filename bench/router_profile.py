@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -48,19 +49,27 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-def categorize(stack: str) -> str:
+LOOP_FRAME = "Runner.run (asyncio/runners.py"  # the event loop: frames below it are the callbacks it runs
+
+
+def categorize(stack: str) -> tuple[str, str]:
+    """The category of one sampled stack and the function (without its line) that decided it.
+
+    Only the frames the event loop called count (those after `asyncio.Runner.run`): a sample whose leaf is the loop
+    itself is the loop's own C code (uvloop: polling, socket reads and writes, timers, dispatch)."""
     frames = stack.split(";")
-    for frame in reversed(frames):
+    cut = max((i for i, f in enumerate(frames) if LOOP_FRAME in f), default=-1)
+    for frame in reversed(frames[cut + 1:]):
         for name, needles in CATEGORIES[:-1]:
             if any(n in frame for n in needles):
-                return name
-    return CATEGORIES[-1][0]
+                return name, frame.split(":")[0].strip() + ")"
+    return CATEGORIES[-1][0], (frames[-1].split(":")[0].strip() + ")") if frames else "?"
 
 
-def read_collapsed(path: Path) -> tuple[collections.Counter[str], collections.Counter[str], int]:
-    """Samples per category and per leaf frame, and the total, from py-spy's raw (collapsed) output."""
+def read_collapsed(path: Path) -> tuple[collections.Counter[str], collections.Counter[tuple[str, str]], int]:
+    """Samples per category and per (category, deciding function), and the total, from py-spy's raw (collapsed) output."""
     by_cat: collections.Counter[str] = collections.Counter()
-    by_leaf: collections.Counter[str] = collections.Counter()
+    by_fn: collections.Counter[tuple[str, str]] = collections.Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -68,9 +77,17 @@ def read_collapsed(path: Path) -> tuple[collections.Counter[str], collections.Co
             continue
         n = int(count)
         total += n
-        by_cat[categorize(stack)] += n
-        by_leaf[stack.split(";")[-1].strip()] += n
-    return by_cat, by_leaf, total
+        cat, fn = categorize(stack)
+        by_cat[cat] += n
+        by_fn[(cat, fn)] += n
+    return by_cat, by_fn, total
+
+
+def cpu_user_sys_s(pid: int) -> tuple[float, float]:
+    """User and system (kernel: socket syscalls, polling) CPU seconds of process `pid` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def profile_cell(router: rl.Server, stream: bool, concurrency: int, duration_s: float, out: Path, rate: int) -> dict:
@@ -80,17 +97,20 @@ def profile_cell(router: rl.Server, stream: bool, concurrency: int, duration_s: 
                             "--format", "raw", "--duration", str(int(duration_s + warmup + 1)), "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)  # py-spy attached before the load starts
-    cpu0 = rl.group_cpu_s(router.proc.pid)
+    user0, sys0 = cpu_user_sys_s(router.proc.pid)
     result = rl.run_load(router.url, router.headers, concurrency, stream, duration_s, warmup_s=warmup)
-    result["cpu_us"] = (rl.group_cpu_s(router.proc.pid) - cpu0) / max(1, result["total"]) * 1e6
+    user1, sys1 = cpu_user_sys_s(router.proc.pid)
+    per = 1e6 / max(1, result["total"])
+    result["cpu_us"], result["sys_us"] = ((user1 - user0) + (sys1 - sys0)) * per, (sys1 - sys0) * per
     _, err = spy.communicate(timeout=60)
     if not out.exists():
         raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-400:]}")
-    result["by_cat"], result["by_leaf"], result["samples"] = read_collapsed(out)
+    result["by_cat"], result["by_fn"], result["samples"] = read_collapsed(out)
+    out.with_suffix(".json").write_text(json.dumps({k: result[k] for k in ("rps", "cpu_us", "sys_us", "p50_ms", "errors", "total")}))
     return result
 
 
-def print_profile(rows: list[tuple[bool, dict]], concurrency: int, workers: int) -> None:
+def print_profile(rows: list[tuple[bool, dict]], concurrency: int, workers: int, top: int = 25) -> None:
     print(f"\nrouter_profile: our router, {workers} fake backend(s), concurrency {concurrency}, py-spy --nonblocking, "
           f"{os.cpu_count()} cores; us/req = share of samples x the router's /proc CPU per request")
     cats = [name for name, _ in CATEGORIES]
@@ -103,11 +123,13 @@ def print_profile(rows: list[tuple[bool, dict]], concurrency: int, workers: int)
             cells += f" {share:>12.1%} {share * r['cpu_us']:>7.0f}"
         print(f"{cat:<62}{cells}")
     print(f"{'total (router CPU per request, /proc)':<62}" + "".join(f" {'100%':>12} {r['cpu_us']:>7.0f}" for _, r in rows))
+    print(f"{'  of which in the kernel (system time, /proc)':<62}"
+          + "".join(f" {r.get('sys_us', 0) / max(1, r['cpu_us']):>12.0%} {r.get('sys_us', 0):>7.0f}" for _, r in rows))
     for s, r in rows:
         print(f"{'streamed' if s else 'non-streamed'}: {r['rps']:.0f} req/s, {r['samples']} samples, p50 {r['p50_ms']:.2f} ms, "
-              f"errors {r['errors']}; top leaf frames:")
-        for leaf, n in r["by_leaf"].most_common(12):
-            print(f"  {n / max(1, r['samples']):6.1%}  {leaf[:150]}")
+              f"errors {r['errors']}; the functions that decided the category, most samples first:")
+        for (cat, fn), n in r["by_fn"].most_common(top):
+            print(f"  {n / max(1, r['samples']):6.1%} {n / max(1, r['samples']) * r['cpu_us']:5.0f} us  {fn[:90]:<90} [{cat.split(' (')[0]}]")
 
 
 def main() -> None:
@@ -116,8 +138,17 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=6.0)
     parser.add_argument("--workers", type=int, default=1, help="Fake backends behind the router (2 exercises the policy).")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second.")
-    parser.add_argument("--keep", type=Path, help="Keep py-spy's collapsed stacks in this folder.")
+    parser.add_argument("--keep", type=Path, help="Keep py-spy's collapsed stacks (and each cell's figures) in this folder.")
+    parser.add_argument("--analyze", type=Path, help="Only print the table again from a --keep folder of an earlier run.")
     args = parser.parse_args()
+    if args.analyze:
+        rows = []
+        for stack_file in sorted(args.analyze.glob(f"router-c{args.concurrency}-w{args.workers}-*.txt"), reverse=True):
+            result = json.loads(stack_file.with_suffix(".json").read_text())
+            result["by_cat"], result["by_fn"], result["samples"] = read_collapsed(stack_file)
+            rows.append((stack_file.stem.endswith("-stream"), result))
+        print_profile(rows, args.concurrency, args.workers)
+        return
     if not PY_SPY.exists():
         sys.exit(f"{PY_SPY} not found: python3 -m venv /tmp/pyspy-venv && /tmp/pyspy-venv/bin/pip install py-spy "
                  "(or set PY_SPY_BIN)")
