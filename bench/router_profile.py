@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import router_load as rl  # noqa: E402  (the same processes and load generator as the load benchmark)
+import router_load as rl
 
 PY_SPY = Path(os.environ.get("PY_SPY_BIN", "/tmp/pyspy-venv/bin/py-spy"))
 
