@@ -1,11 +1,12 @@
-"""Router load benchmark: direct vs a bare pass-through vs our router vs the LiteLLM proxy, on one fast fake backend.
+"""Router load benchmark: direct vs a bare pass-through vs our router vs vLLM's Rust router vs the LiteLLM proxy, on one
+fast fake backend.
 
 Every server runs as its own process under uvicorn (uvloop + httptools), and the load generator is one more
 process, so they share the machine's cores the same way for every target. Each cell is a closed loop of
 `concurrency` clients for `--duration-s` seconds (after a short warm-up), streaming or not.
 
-    .venv/bin/python bench/router_load.py [--duration-s 4] [--concurrency 1 64 256] [--no-litellm] [--vllm]
-        [--baseline DIR]
+    .venv/bin/python bench/router_load.py [--duration-s 4] [--concurrency 1 64 256] [--no-litellm] [--no-vllm-router]
+        [--no-install] [--vllm] [--baseline DIR]
 
 With `--baseline DIR` (another checkout of this repository, e.g. `git worktree add /tmp/before REV`), the router
 of that checkout runs beside today's, as "router@base", measured cell by cell between the same backend and the same
@@ -15,6 +16,11 @@ Prints one table: requests/s, p50/p99 latency, and for each proxy the added p50/
 and its throughput as a share of direct's and of the bare pass-through's. LiteLLM runs only if
 `/tmp/litellm-venv/bin/litellm` exists (`python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install
 'litellm[proxy]'`); otherwise the table says why it was skipped. It is never a dependency of the project.
+
+vLLM's own router (`vllm-router`, Rust, round robin, its Prometheus metrics on) runs from its own virtualenv,
+`/tmp/vllm-router-venv` (`VLLM_ROUTER_VENV`): the bench makes it when it is missing (`python3 -m venv` and
+`pip install 'vllm-router==0.1.17'` from the configured package index, about 130 MB), unless `--no-install`, in which
+case (as when the install fails) the table says why it was skipped. It is never a dependency of the project either.
 
 Internal roles (used by the script itself): `--serve-bare PORT UPSTREAM`, `--serve-router PORT UPSTREAMS HOME POLICY`,
 `--load JSON`.
@@ -42,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 LITELLM = Path(os.environ.get("LITELLM_BIN", "/tmp/litellm-venv/bin/litellm"))
+VLLM_ROUTER_VENV = Path(os.environ.get("VLLM_ROUTER_VENV", "/tmp/vllm-router-venv"))
+VLLM_ROUTER_PIN = "vllm-router==0.1.17"
 MODEL = "fake"
 API_KEY_NAME = "bench"
 
@@ -218,6 +226,46 @@ def start_litellm(upstream: str, home: Path) -> Server | str:
     return Server("litellm", url, proc, {})
 
 
+def vllm_router_bin(install: bool = True) -> Path | str:
+    """The `vllm-router` executable of its own virtualenv, made there when missing and `install`; or a string saying
+    why there is none (the table prints it instead of the row)."""
+    exe = VLLM_ROUTER_VENV / "bin" / "vllm-router"
+    if exe.exists():
+        return exe
+    how = f"python3 -m venv {VLLM_ROUTER_VENV} && {VLLM_ROUTER_VENV}/bin/pip install '{VLLM_ROUTER_PIN}'"
+    if not install:
+        return f"skipped: {exe} not found and --no-install given (to include it: {how})"
+    print(f"  installing {VLLM_ROUTER_PIN} into {VLLM_ROUTER_VENV} (its own virtualenv, not the project's)", file=sys.stderr, flush=True)
+    try:
+        subprocess.run(["python3", "-m", "venv", str(VLLM_ROUTER_VENV)], check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "-q", VLLM_ROUTER_PIN], check=True, capture_output=True,
+                       text=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        return f"skipped: could not install {VLLM_ROUTER_PIN} into {VLLM_ROUTER_VENV} ({detail.strip()[-300:]}); by hand: {how}"
+    return exe if exe.exists() else f"skipped: {VLLM_ROUTER_PIN} installed but {exe} is missing"
+
+
+def start_vllm_router(upstream: str, home: Path, install: bool = True) -> Server | str:
+    """vLLM's Rust router (round robin over `upstream`, comma-separated workers), or a string saying why it was skipped."""
+    exe = vllm_router_bin(install)
+    if isinstance(exe, str):
+        return exe
+    port, metrics_port = free_port(), free_port()
+    log = home / "vllm-router.log"
+    proc = spawn([str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *upstream.split(","),
+                  "--policy", "round_robin", "--log-level", "warning", "--prometheus-host", "127.0.0.1",
+                  "--prometheus-port", str(metrics_port)], log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url + "/v1/chat/completions", proc, timeout_s=60)
+    except (RuntimeError, TimeoutError) as exc:
+        Server("vllm-router", url, proc, {}).stop()
+        tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
+        return f"skipped: vllm-router did not start ({exc}); log tail: {tail!r}"
+    return Server("vllm-router", url, proc, {})
+
+
 # ---------------------------------------------------------------- the load generator (its own process)
 async def _load(url: str, headers: dict, concurrency: int, stream: bool, duration_s: float, warmup_s: float,
                 model: str = MODEL, max_tokens: int = 16, systems: list[str] | None = None) -> dict:
@@ -324,7 +372,7 @@ def print_table(title: str, rows: list[tuple[str, int, bool, dict]], notes: list
 
 
 def bench(targets: list[str], concurrencies: list[int], duration_s: float, title: str,
-          baseline: Path | None = None) -> list[tuple[str, int, bool, dict]]:
+          baseline: Path | None = None, install: bool = True) -> list[tuple[str, int, bool, dict]]:
     """Start the backend and the chosen proxies, measure every cell, print the table, stop everything."""
     servers: list[Server] = []
     notes: list[str] = []
@@ -344,6 +392,13 @@ def bench(targets: list[str], concurrencies: list[int], duration_s: float, title
             if baseline is not None:
                 by_name["router@base"] = start_router(backend.url, home / "base", tree=baseline, name="router@base")
                 servers.append(by_name["router@base"])
+            if "vllm-router" in targets:
+                peer = start_vllm_router(backend.url, home, install)
+                if isinstance(peer, str):
+                    notes.append(f"vllm-router: {peer}")
+                else:
+                    by_name["vllm-router"] = peer
+                    servers.append(peer)
             if "litellm" in targets:
                 lite = start_litellm(backend.url, home)
                 if isinstance(lite, str):
@@ -449,7 +504,10 @@ def main() -> None:
     parser.add_argument("--load", metavar="JSON")
     parser.add_argument("--duration-s", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--no-litellm", action="store_true", help="Leave the LiteLLM proxy out.")
+    parser.add_argument("--no-vllm-router", action="store_true", help="Leave vLLM's Rust router out.")
+    parser.add_argument("--no-install", action="store_true",
+                        help=f"Do not make {VLLM_ROUTER_VENV} when it is missing (vllm-router's row then says it was skipped).")
     parser.add_argument("--vllm", action="store_true", help="Also run the prefix-affinity vs round-robin part on two real vLLM workers.")
     parser.add_argument("--vllm-duration-s", type=float, default=30.0)
     parser.add_argument("--vllm-concurrency", type=int, default=8)
@@ -467,11 +525,12 @@ def main() -> None:
         spec = json.loads(args.load)
         print(json.dumps(uvloop.run(_load(**spec))))
     else:
-        targets = ["bare", "router"] + ([] if args.no_litellm else ["litellm"])
+        targets = (["bare", "router"] + ([] if args.no_vllm_router else ["vllm-router"])
+                   + ([] if args.no_litellm else ["litellm"]))
         if not args.vllm_only:
             bench(targets, args.concurrency, args.duration_s,
                   f"router_load: fake backend (8 chunks), {args.duration_s:.0f} s per cell, {os.cpu_count()} cores, every server its own process",
-                  baseline=args.baseline.resolve() if args.baseline else None)
+                  baseline=args.baseline.resolve() if args.baseline else None, install=not args.no_install)
         if args.vllm or args.vllm_only:
             affinity_part(args.vllm_duration_s, args.vllm_concurrency, policies=tuple(args.vllm_policies))
 
