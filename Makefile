@@ -7,11 +7,12 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(VLLM_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: up test install model browser clean-venv bench help
+.PHONY: up test lint install model browser clean-venv bench help
 
 help:
 	@echo "make up     install, prepare the embedded model, launch the appliance (Ctrl-C stops it)"
 	@echo "make test   install what is missing and run the whole test suite"
+	@echo "make lint   ruff (style, import order, docstrings, formatting) and mypy (types) on the product packages"
 	@echo "make bench  run the benchmark scripts in bench/"
 
 $(PY):
@@ -39,6 +40,17 @@ up: model
 
 test: install browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Lint: ruff (style, imports, docstrings) and mypy (types) over the product packages. mypy reads the packages under
+# their installed names through .lint/fedllm, links to the folders (the editable install's import hook is not a path
+# mypy can search).
+LINT_DIRS := appliance core train serve federation ui testbed testing
+
+lint: install
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
+	@mkdir -p .lint/fedllm && for d in $(LINT_DIRS); do ln -sfn ../../$$d .lint/fedllm/$$d; done
+	$(VENV)/bin/mypy
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,5 +1,5 @@
-"""`python -m appliance` = the `appliance` command (how `appliance up` starts its children with the same interpreter)."""
+"""`python -m fedllm.appliance` = the `appliance` command (how `appliance up` starts its children with the same interpreter)."""
 
-from appliance.cli import app
+from fedllm.appliance.cli import app
 
 app(prog_name="appliance")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands import cluster, config, doctor, federation, model, serve, sim, train, ui, up, worker
+from fedllm.appliance.commands import cluster, config, doctor, federation, model, serve, sim, train, ui, up, worker
 
 app = typer.Typer(
     help=(

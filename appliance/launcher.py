@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import write_json_atomic
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.net import connectable_host
-from appliance.core.processes import http_ok, log_tail, pid_alive, start_process_group, stop_process_group
-from appliance.core.secrets import ensure_token
+from fedllm.core.atomic import write_json_atomic
+from fedllm.core.errors import ApplianceError, ConfigError
+from fedllm.core.net import connectable_host
+from fedllm.core.processes import http_ok, log_tail, pid_alive, start_process_group, stop_process_group
+from fedllm.core.secrets import ensure_token
 
 log = logging.getLogger(__name__)
 
-BAD_INPUT_EXIT = 2  # the CLI's exit code for bad settings or input (appliance.commands.common.cli_errors)
+BAD_INPUT_EXIT = 2  # the CLI's exit code for bad settings or input (fedllm.appliance.commands.common.cli_errors)
 
 
 class PortInUse(ApplianceError):
@@ -331,7 +331,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
     Args:
         settings: the effective ApplianceSettings.
         model: the prepared model's store name.
-        python: the interpreter that runs `-m appliance`.
+        python: the interpreter that runs `-m fedllm.appliance`.
         config_file: the YAML file `up` was given, passed on to every child.
         without: names of optional children to leave out ("router", "coordinator", "console"; "cluster" is
             `cluster_children`'s).
@@ -345,7 +345,7 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
     env = {"APPLIANCE_HOME": str(settings.home)}
     if config_file is not None:
         env["APPLIANCE_CONFIG"] = str(config_file)
-    run = [python, "-m", "appliance"]
+    run = [python, "-m", "fedllm.appliance"]
     children = _worker_children(settings, model, run, env)
     if "router" not in without:
         children.append(_router_child(settings, model, run, env, depends_on=tuple(c.name for c in children)))
@@ -430,7 +430,7 @@ def cluster_children(settings: Any, python: str, *, config_file: Path | None = N
         return []
     env = {"APPLIANCE_HOME": str(settings.home), **({"APPLIANCE_CONFIG": str(config_file)} if config_file else {})}
     return [ChildSpec(
-        name="cluster", argv=[python, "-m", "appliance", "cluster", "head"],
+        name="cluster", argv=[python, "-m", "fedllm.appliance", "cluster", "head"],
         health_url=f"http://127.0.0.1:{c.agent_port}/api/local_raylet_healthz",  # the head node and its job agent are up
         ports=(c.port, c.dashboard_port, c.client_server_port, c.agent_port),
         url=f"ray://{connectable_host(c.host)}:{c.port} (jobs: `appliance job submit`; nodes join with keys/ray_token)",

@@ -70,7 +70,7 @@ def measure(strategy_name: str, num_silos: int, shapes: dict[str, tuple[int, int
     """
     import torch
 
-    from federation.aggregation.strategies import make_strategy
+    from fedllm.federation.aggregation.strategies import make_strategy
 
     torch.set_num_threads(1)
     shapes = shapes or lora_shapes()
@@ -114,7 +114,7 @@ def measure_isolated(strategy_name: str, num_silos: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--silos", type=int, nargs="+", default=[2, 8, 32])
-    from federation.aggregation.strategies import STRATEGY_NAMES
+    from fedllm.federation.aggregation.strategies import STRATEGY_NAMES
 
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_NAMES))
     parser.add_argument("--json", action="store_true", help="print one JSON object per point instead of a table")

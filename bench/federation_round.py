@@ -6,9 +6,9 @@ round's wall time; plus aggregation time / peak memory from bench/aggregation.py
     .venv/bin/python bench/federation_round.py --silo-ranks --rounds 3   # time outside training: 1-rank vs 2-rank silo
 
 Bytes: a real TRAIN (global adapter) and UPDATE (delta) message for SmolLM2-135M's LoRA r=8 on q/k/v/o
-(240 tensors, 921,600 parameters) encoded by `federation.wire` with each compression method, against the full
+(240 tensors, 921,600 parameters) encoded by `fedllm.federation.wire` with each compression method, against the full
 model's fp32 weights (134.5 M parameters x 4 bytes), i.e. what a round would cost if silos shipped whole models.
-Downlink (TRAIN) is fp32 or bf16 (`federation.wire.payload.downlink_method`); uplink uses the method named.
+Downlink (TRAIN) is fp32 or bf16 (`fedllm.federation.wire.payload.downlink_method`); uplink uses the method named.
 
 Non-training share: a real coordinator and 3 silos over CURVE on 127.0.0.1 run `--rounds` rounds of FedAvg on
 SmolLM2-sized adapters; each silo's `fit` sleeps `--train-s` seconds (standing in for local training, which this
@@ -38,8 +38,8 @@ def message_bytes(shapes: dict[str, tuple[int, int]], method: str) -> tuple[int,
     """(TRAIN bytes, UPDATE bytes) of real encoded messages for adapters of `shapes`."""
     import torch
 
-    from federation.wire.payload import downlink_method, encode_payload
-    from federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
+    from fedllm.federation.wire.payload import downlink_method, encode_payload
+    from fedllm.federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
 
     gen = torch.Generator().manual_seed(0)
     global_state = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
@@ -81,12 +81,12 @@ async def round_overhead(shapes, rounds: int, train_s: float, compression: str) 
     """Round records of a CURVE federation of 3 sleeping silos on SmolLM2-sized adapters."""
     import torch
 
-    from appliance.core.settings import load_settings
-    from federation.runtime.coordinator import Coordinator
-    from federation.wire.keys import enroll_silo, ensure_keypair
-    from federation.runtime.silo import SiloClient
-    from federation.aggregation.strategies import make_strategy
-    from testing.exporters import write_exporter
+    from fedllm.core.settings import load_settings
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
+    from fedllm.federation.runtime.silo import SiloClient
+    from fedllm.federation.aggregation.strategies import make_strategy
+    from fedllm.testing.exporters import write_exporter
 
     home = Path(tempfile.mkdtemp(prefix="fed-bench-"))
     fed = {"port": 0, "status_port": 0, "rounds": rounds, "min_silos": 3, "compression": compression,
@@ -119,10 +119,10 @@ def silo_rank_overhead(rounds: int, steps: int) -> list[tuple[str, int, float, f
     steps each: (silo, round, fit wall s, engine training-loop s). Wall minus loop is the time outside training
     (model build, DeepSpeed init, the adapter's broadcast and return; round 1 of the 2-rank silo also starts its group).
     """
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
     from bench.train_throughput import mixed_chat_records, resolve
-    from federation.runtime.rank_group import RankGroupTrainer
-    from federation.runtime.silo import EngineTrainer
+    from fedllm.federation.runtime.rank_group import RankGroupTrainer
+    from fedllm.federation.runtime.silo import EngineTrainer
 
     model_dir, records = resolve(None), mixed_chat_records(32)
     cfg = TrainSettings(batch_size=2, max_seq_len=256, warmup_steps=0, zero_stage=2)

@@ -1,6 +1,6 @@
 """Coordinator memory, round overhead and bytes with many simulated silos (issue 24).
 
-For each adapter size and silo count, the coordinator runs in its own process (`federation.demo.simulate.coordinator_part`:
+For each adapter size and silo count, the coordinator runs in its own process (`fedllm.federation.demo.simulate.coordinator_part`:
 the real Coordinator over CURVE, default strategy and settings, no adapter registry) and the simulated silos
 (`appliance sim silos N --part silos`: real SiloClients with a model-free trainer) in another. The coordinator's
 resident memory is sampled from /proc every 0.1 s and its peak (VmHWM) reported at the end.
@@ -93,7 +93,7 @@ def run_point(tree: Path, adapter: str, silos: int, rounds: int, timeout_s: floa
                                   "--home", str(home), "--silos", str(silos), "--rounds", str(rounds), "--adapter", adapter,
                                   "--report", str(report), "--timeout-s", str(timeout_s)], env=env)
         silo_env = {**os.environ, "PYTHONPATH": str(HERE)}
-        silo_proc = subprocess.Popen([sys.executable, "-m", "appliance", "sim", "silos", str(silos), "--part", "silos",
+        silo_proc = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "sim", "silos", str(silos), "--part", "silos",
                                       "--sim-dir", str(home)], env=silo_env, stdout=subprocess.DEVNULL,
                                      stderr=open(home / "silos.log", "w"))
         samples, started = [], time.monotonic()

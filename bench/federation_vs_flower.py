@@ -7,7 +7,7 @@
                                                                        # per-round fresh optimizer
     .venv/bin/python bench/federation_vs_flower.py --seeds 0,1,2        # the whole job per seed, then the means
 
-The job: the bundled data of `federation.demo.data` (`--set`; the first `--silos` organisations), the same base model,
+The job: the bundled data of `fedllm.federation.demo.data` (`--set`; the first `--silos` organisations), the same base model,
 the same LoRA initialisation (`train.initial_adapter_state` at the run's seed; r/alpha/targets from the train settings), the
 same rounds, local steps, batch, learning rate (constant: no warmup, no decay), gradient clipping and sequence
 length, no packing, plain example-weighted FedAvg of the LoRA factors.
@@ -24,7 +24,7 @@ length, no packing, plain example-weighted FedAvg of the LoRA factors.
 
 Both run on `testbed.Bed` on loopback (no namespaces, zero delay): every silo reaches its server through a TCP relay
 of its own that counts the bytes each way. Every silo process (our `silo join`, Flower's SuperNode and the ClientApp
-processes it starts) is pinned to its own share of the cores (`appliance.core.cores.divide_cores`), with torch and
+processes it starts) is pinned to its own share of the cores (`fedllm.core.cores.divide_cores`), with torch and
 OpenMP threads sized to it; the coordinator, SuperLink and ServerApp are not pinned.
 
 Measured, per system:
@@ -62,8 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from appliance.core.cores import CoreShare, divide_cores  # noqa: E402
-from testbed import Bed, LinkSpec  # noqa: E402
+from fedllm.core.cores import CoreShare, divide_cores  # noqa: E402
+from fedllm.testbed import Bed, LinkSpec  # noqa: E402
 
 FLOWER_REQUIREMENTS = ("flwr==1.42.0", "torch==2.13.0", "transformers==5.19.0", "peft==0.21.2", "safetensors")
 FLOWER_APP = REPO / "bench" / "flower_app"
@@ -93,12 +93,12 @@ class Job:
 
 def prepare(args: argparse.Namespace, work: Path, seed: int = 0) -> Job:
     """Data, model, train settings (at `seed`: LoRA init and batch order) and the shared LoRA initialisation."""
-    import train
+    from fedllm import train
     from safetensors.torch import save_file
 
-    from appliance.core.settings import load_settings
+    from fedllm.core.settings import load_settings
     from bench.federated_learning import model_folder
-    from federation.demo import demo, data as demo_data
+    from fedllm.federation.demo import demo, data as demo_data
 
     cfg = demo.demo_train_settings(load_settings(overrides={"home": str(work / "appliance")}))
     cfg = cfg.model_copy(update={"packing": False, "lr_scheduler": "constant", "seed": seed, **({"lr": args.lr} if args.lr else {})})
@@ -124,9 +124,9 @@ def relay_bytes(bed: Bed) -> int:
 # ------------------------------------------------------------------------------------------------------------ ours
 def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy: str = "fedavg",
              local_optimizer: str = "keep") -> dict[str, Any]:
-    """Our coordinator and silos as separate CLI processes (CURVE on), through `testbed.federation.GeoFederation`."""
-    from federation.runtime.checkpoint import load_latest
-    from testbed.federation import GeoFederation
+    """Our coordinator and silos as separate CLI processes (CURVE on), through `fedllm.testbed.federation.GeoFederation`."""
+    from fedllm.federation.runtime.checkpoint import load_latest
+    from fedllm.testbed.federation import GeoFederation
 
     c = job.cfg
     env = {"APPLIANCE_TRAIN__MAX_SEQ_LEN": str(c.max_seq_len), "APPLIANCE_TRAIN__BATCH_SIZE": str(c.batch_size),
@@ -164,7 +164,7 @@ def run_ours(job: Job, work: Path, compression: str, timeout_s: float, strategy:
 
 # ---------------------------------------------------------------------------------------------------------- flower
 def flower_venv() -> Path:
-    from testing.tool_venvs import build_tool_venv
+    from fedllm.testing.tool_venvs import build_tool_venv
 
     log("Flower virtualenv: .cache/venvs/flower (built on first use, several minutes)")
     return build_tool_venv("flower", *FLOWER_REQUIREMENTS)
@@ -228,7 +228,7 @@ def run_flower(job: Job, work: Path, venv: Path, timeout_s: float) -> dict[str, 
 
 def target_modules(job: Job) -> list[str]:
     """The LoRA targets the appliance resolves for this model (so Flower adapts the same layers)."""
-    from train import lora
+    from fedllm.train import lora
 
     return list(lora.count_parameters(job.cfg, job.model_dir).target_modules)
 
@@ -282,7 +282,7 @@ def table(results: list[dict[str, Any]], losses: dict[str, dict[str, float]], jo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of the embedded model (smoke run)")
-    p.add_argument("--set", default="hospitals", help="bundled data set (federation.demo.data.DATASETS)")
+    p.add_argument("--set", default="hospitals", help="bundled data set (fedllm.federation.demo.data.DATASETS)")
     p.add_argument("--silos", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=8)
@@ -307,7 +307,7 @@ def main() -> None:
         job = prepare(args, work / f"seed-{seed}", seed)
         log(f"seed {seed}: work {work}; model {job.model_dir}; silos {job.orgs}; cores {[s.cores for s in job.shares]}")
         results = [run_system(system, job, work / f"seed-{seed}", args, venv) for system in systems]
-        from federation.demo import demo
+        from fedllm.federation.demo import demo
 
         losses = demo.evaluate_all(job.cfg, job.model_dir, {"base": None, **{r["system"]: r["state"] for r in results}}, job.paths)
         print(f"seed {seed}\n" + table(results, losses, job), flush=True)

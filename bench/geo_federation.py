@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from federation.demo import data as demo_data  # noqa: E402
-from testbed import Bed, LinkSpec  # noqa: E402
-from testbed.federation import GeoFederation  # noqa: E402
-from testing.factories import TEST_CACHE, make_tiny_llama  # noqa: E402
+from fedllm.federation.demo import data as demo_data  # noqa: E402
+from fedllm.testbed import Bed, LinkSpec  # noqa: E402
+from fedllm.testbed.federation import GeoFederation  # noqa: E402
+from fedllm.testing.factories import TEST_CACHE, make_tiny_llama  # noqa: E402
 
 METHODS = ("fp32", "bf16", "int8", "topk")
 REGIONS = {"hq": LinkSpec(0), "a": LinkSpec.parse("50ms/10mbit"), "c": LinkSpec.parse("150ms/10mbit")}

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from testbed import Bed, LinkSpec  # noqa: E402
-from testbed.fleet import FAKE_MODEL, GeoFleet  # noqa: E402
-from testbed.load import LoadResult, stream_load  # noqa: E402
+from fedllm.testbed import Bed, LinkSpec  # noqa: E402
+from fedllm.testbed.fleet import FAKE_MODEL, GeoFleet  # noqa: E402
+from fedllm.testbed.load import LoadResult, stream_load  # noqa: E402
 
 POLICIES = ("score", "least_outstanding", "round_robin")
 REGIONS = {"hq": LinkSpec(0), "eu": LinkSpec(5), "us": LinkSpec(40), "ap": LinkSpec(120)}

@@ -82,7 +82,7 @@ t0=$SECONDS
 CPORT=$(free_port)
 "$PY" - "$WORK" <<'PY'
 import json, sys
-from federation.demo.data import generate
+from fedllm.federation.demo.data import generate
 data = generate()
 for org in ("northbridge", "redwood"):
     open(f"{sys.argv[1]}/{org}.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in data[org]["train"]))

@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from appliance.core.router_metrics import HEDGES, parse  # noqa: E402
-from testbed import Bed, LinkSpec  # noqa: E402
-from testbed.fleet import FAKE_MODEL, GeoFleet  # noqa: E402
-from testbed.load import LoadResult, stream_load  # noqa: E402
+from fedllm.core.contracts.router_metrics import HEDGES, parse  # noqa: E402
+from fedllm.testbed import Bed, LinkSpec  # noqa: E402
+from fedllm.testbed.fleet import FAKE_MODEL, GeoFleet  # noqa: E402
+from fedllm.testbed.load import LoadResult, stream_load  # noqa: E402
 
 REGIONS = {"hq": LinkSpec(0), "eu": LinkSpec(5), "us": LinkSpec(40), "ap": LinkSpec(120)}
 WORKER_REGIONS = ("eu", "us", "ap")

@@ -4,7 +4,7 @@ A real cluster on this machine (the appliance's head, and one node of group `g` 
 separate `ray start` process tree), then:
 
 1. submit-to-running latency: `JobScheduler.submit` of a short program until Ray reports it RUNNING (median, p90);
-2. a 2-step LoRA training of the embedded model, run directly (`python -m appliance train ...`, OMP_NUM_THREADS=1)
+2. a 2-step LoRA training of the embedded model, run directly (`python -m fedllm.appliance train ...`, OMP_NUM_THREADS=1)
    and as a job (`--cpus 1`: the launcher sets one thread), wall time side by side and their ratio;
 3. N tiny jobs (`true`) through group `g`: all submitted at once, then throughput (jobs/s from the first submit to
    the last end) and how many did not end SUCCEEDED (lost).
@@ -27,14 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from testing.ray_cluster import LocalCluster  # noqa: E402
+from fedllm.testing.ray_cluster import LocalCluster  # noqa: E402
 
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def scheduler_for(cluster: LocalCluster):
-    from appliance.cluster.head import connect
-    from appliance.core.settings import load_settings
+    from fedllm.appliance.cluster.head import connect
+    from fedllm.core.settings import load_settings
 
     os.environ.update({k: v for k, v in cluster.env.items() if k.startswith(("APPLIANCE_", "RAY_"))})
     return connect(load_settings())
@@ -51,8 +51,8 @@ def wait_state(sched, job_id: str, states: tuple[str, ...], timeout_s: float = 3
 
 
 def latency(sched, runs: int) -> dict[str, float]:
-    from appliance.cluster.group_resources import Resources
-    from appliance.cluster.jobs import JobRequest
+    from fedllm.appliance.cluster.group_resources import Resources
+    from fedllm.appliance.cluster.jobs import JobRequest
 
     took = []
     for i in range(runs):
@@ -65,15 +65,15 @@ def latency(sched, runs: int) -> dict[str, float]:
 
 
 def training(sched, cluster: LocalCluster, model_dir: Path, work: Path) -> dict[str, float]:
-    from appliance.cluster.group_resources import Resources
-    from appliance.cluster.jobs import JobRequest
+    from fedllm.appliance.cluster.group_resources import Resources
+    from fedllm.appliance.cluster.jobs import JobRequest
 
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "completion": str(2 * i)}) + "\n" for i in range(16)))
     args = ["train", "--data", str(data), "--model", str(model_dir), "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "64"]
     env = {**cluster.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "appliance", *args, "--output", "direct"], env=env, cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "fedllm.appliance", *args, "--output", "direct"], env=env, cwd=ROOT, check=True,
                    capture_output=True)
     direct = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -86,8 +86,8 @@ def training(sched, cluster: LocalCluster, model_dir: Path, work: Path) -> dict[
 
 
 def throughput(sched, n: int) -> dict[str, float]:
-    from appliance.cluster.group_resources import Resources
-    from appliance.cluster.jobs import JobRequest
+    from fedllm.appliance.cluster.group_resources import Resources
+    from fedllm.appliance.cluster.jobs import JobRequest
 
     t0 = time.perf_counter()
     ids = [sched.submit(JobRequest(command=["true"], group="g", program=True, name=f"tiny-{i}", resources=Resources(cpus=1))).job_id
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--tiny-jobs", type=int, default=50)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    from appliance.core.model_store import prepare_model
+    from fedllm.core.model_store import prepare_model
 
     model_dir = prepare_model(ROOT / ".cache" / "test-home" / "models", cache_dir=ROOT / ".cache" / "wheels").path
     work = Path(tempfile.mkdtemp(prefix="bench-jobs-"))

@@ -4,7 +4,7 @@
     flock /tmp/heavy.lock .venv/bin/python bench/promoted_first_request.py          # ~3 min
     .venv/bin/python bench/promoted_first_request.py --reps 5
 
-Two real workers started the appliance's way (`serve.worker_launcher.VLLMWorker`: gate + vLLM) on the embedded
+Two real workers started the appliance's way (`fedllm.serve.worker_launcher.VLLMWorker`: gate + vLLM) on the embedded
 SmolLM2-135M; a LoRA (r=8 on q/k/v/o) made with peft. Each repetition, for each setting: a fresh router with the first
 worker (static) publishes a new adapter name with an alias; the second joins (its `max_loras` declared); the router
 is given the time a health interval takes; the static worker is drained; the client times its first request for the
@@ -43,8 +43,8 @@ async def _one(settings_for, trusted, joining, lora: Path, model: str, name: str
     import httpx
     import uvicorn
 
-    from serve import create_app
-    from testing.factories import free_port
+    from fedllm.serve import create_app
+    from fedllm.testing.factories import free_port
 
     port = free_port()
     app = create_app(settings_for(port, replicate))
@@ -95,10 +95,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="Repetitions per setting (alternating).")
     args = parser.parse_args()
 
-    from appliance.core.model_store import prepare_model
-    from appliance.core.sections.serve import WorkerSettings
-    from serve.worker_launcher import VLLMWorker
-    from testing.factories import free_port, make_settings
+    from fedllm.core.model_store import prepare_model
+    from fedllm.core.sections.serve import WorkerSettings
+    from fedllm.serve.worker_launcher import VLLMWorker
+    from fedllm.testing.factories import free_port, make_settings
 
     model_dir = prepare_model(CACHE / "test-home" / "models", cache_dir=CACHE / "wheels").path
     tmp = Path(tempfile.mkdtemp(prefix="bench-promoted-"))

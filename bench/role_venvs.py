@@ -40,7 +40,7 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def operator(*args: str) -> list[str]:
-    return [sys.executable, "-m", "appliance", *args]
+    return [sys.executable, "-m", "fedllm.appliance", *args]
 
 
 def operator_env() -> dict[str, str]:
@@ -104,7 +104,7 @@ def models_home(work: Path) -> Path:
 
 
 def silo_round(base: Path, keep: bool) -> int:
-    from federation.demo import data as demo_data
+    from fedllm.federation.demo import data as demo_data
 
     venv = base / "silo"
     work = Path(tempfile.mkdtemp(prefix="silo-venv-round."))

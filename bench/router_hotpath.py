@@ -69,9 +69,9 @@ class _Session:
 
 
 async def measure(requests: int) -> dict[str, float]:
-    from appliance.core.settings import load_settings
-    from serve import create_app
-    from serve.keys import create_key
+    from fedllm.core.settings import load_settings
+    from fedllm.serve import create_app
+    from fedllm.serve.keys import create_key
 
     home = Path(tempfile.mkdtemp(prefix="router-hotpath-"))
     key = create_key(home / "keys", "bench", rpm=10_000_000, tpm=10_000_000_000)

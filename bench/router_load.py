@@ -88,8 +88,8 @@ def serve_router(port: int, upstream: str, home: str, policy: str = "score") -> 
     sys.path.insert(0, str(REPO))
     import logging
 
-    from appliance.core.settings import load_settings
-    from serve import run_router
+    from fedllm.core.settings import load_settings
+    from fedllm.serve import run_router
 
     logging.basicConfig(level=logging.WARNING)
     workers = [{"url": u, "region": "local"} for u in upstream.split(",")]
@@ -164,7 +164,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0, heade
 
 def start_backend(chunks: int = 8) -> Server:
     port = free_port()
-    proc = spawn([PYTHON, "-m", "testing.fake_vllm", "--port", str(port), "--model", MODEL, "--chunks", str(chunks)])
+    proc = spawn([PYTHON, "-m", "fedllm.testing.fake_vllm", "--port", str(port), "--model", MODEL, "--chunks", str(chunks)])
     url = f"http://127.0.0.1:{port}"
     wait_ready(url + "/v1/chat/completions", proc)
     return Server("direct", url, proc, {})
@@ -182,7 +182,7 @@ def start_router(upstream: str, home: Path, policy: str = "score", model: str = 
                  name: str = "our router") -> Server:
     """Our router from checkout `tree` (default: this one), with a metered API key of its own in `home`."""
     home.mkdir(parents=True, exist_ok=True)
-    make_key = ("import sys; from serve.keys import create_key; "
+    make_key = ("import sys; from fedllm.serve.keys import create_key; "
                 "print(create_key(__import__('pathlib').Path(sys.argv[1]), sys.argv[2], rpm=10_000_000, tpm=10_000_000_000))")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     key = subprocess.run([PYTHON, "-c", make_key, str(home / "keys"), f"{API_KEY_NAME}-{int(time.time() * 1000)}"], cwd=tree,
@@ -450,10 +450,10 @@ def _system_prompts(n: int, words: int = 220) -> list[str]:
 def affinity_part(duration_s: float, concurrency: int, prompts: int = 8, policies: tuple[str, ...] = ("round_robin", "score")) -> None:
     """Prefix affinity (score policy) vs round robin through our router in front of two real vLLM workers (CPU)."""
     sys.path.insert(0, str(REPO))
-    from appliance.core.model_store import list_models
-    from appliance.core.sections.serve import WorkerSettings
-    from appliance.core.settings import DEFAULT_MODEL, load_settings
-    from serve.worker_launcher import VLLMWorker
+    from fedllm.core.model_store import list_models
+    from fedllm.core.sections.serve import WorkerSettings
+    from fedllm.core.settings import DEFAULT_MODEL, load_settings
+    from fedllm.serve.worker_launcher import VLLMWorker
 
     dirs = [load_settings().models_dir, REPO / ".cache" / "test-home" / "models"]
     model_dir = next((m.path for d in dirs if d.exists() for m in list_models(d) if m.name == DEFAULT_MODEL), None)

@@ -25,10 +25,10 @@ import router_load as rl  # noqa: E402
 
 def vllm_part(concurrencies: list[int], duration_s: float) -> None:
     """Direct vs router in front of one real vLLM worker on the embedded model."""
-    from appliance.core.model_store import list_models
-    from appliance.core.sections.serve import WorkerSettings
-    from appliance.core.settings import DEFAULT_MODEL, load_settings
-    from serve.worker_launcher import VLLMWorker
+    from fedllm.core.model_store import list_models
+    from fedllm.core.sections.serve import WorkerSettings
+    from fedllm.core.settings import DEFAULT_MODEL, load_settings
+    from fedllm.serve.worker_launcher import VLLMWorker
 
     settings = load_settings()
     candidates = [settings.models_dir, rl.REPO / ".cache" / "test-home" / "models"]

@@ -4,7 +4,7 @@ come back, with its process and its run folder sampled throughout. Nothing may g
     python bench/soak_federation.py [--minutes 30] [--rounds 300] [--silos 10] [--churn-every-s 2]
         [--lock /tmp/heavy.lock] [--out soak.json]
 
-Three processes: the coordinator (`federation.demo.simulate.coordinator_part`: the product's Coordinator, default strategy
+Three processes: the coordinator (`fedllm.federation.demo.simulate.coordinator_part`: the product's Coordinator, default strategy
 and checkpoint retention, no adapter registry, embedded adapter size), the silos (real `SiloClient`s with the
 model-free `SimTrainer`; every `--churn-every-s` one of them leaves with a BYE and one that left earlier comes back
 with a new connection, so the coordinator sees leaves and rejoins all run long), and this one, which samples the
@@ -36,13 +36,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))  # run as a script: this checkout's packages
 
-from testing.soak import FLAT, figures_table, flat_checks, locked, proc_sample  # noqa: E402
+from fedllm.testing.soak import FLAT, figures_table, flat_checks, locked, proc_sample  # noqa: E402
 
 
 # ---------------------------------------------------------------- the coordinator and silos processes
 
 def coordinator_main(home: Path, silos: int, rounds: int, timeout_s: float) -> None:
-    from federation.demo.simulate import coordinator_part
+    from fedllm.federation.demo.simulate import coordinator_part
 
     logging.basicConfig(level=logging.WARNING)
     # Short rounds: one local step, a deadline that bounds a round a leaving silo was part of, and quorum below the
@@ -57,10 +57,10 @@ async def churning_silos(home: Path, n: int, churn_every_s: float, counts: dict[
     """`n` simulated silos against the coordinator under `home`; every `churn_every_s` one leaves (BYE) and the one
     that left before it comes back on a new connection. Runs until the coordinator says the run is over (or this
     process is stopped); `counts` gets the leaves, rejoins and rounds trained as they happen."""
-    from appliance.core.settings import load_settings
-    from federation.wire.keys import enroll_silos
-    from federation.runtime.silo import SiloClient
-    from federation.demo.simulate import COORDINATOR_FILE, SimTrainer, make_keypairs, wait_for_file
+    from fedllm.core.settings import load_settings
+    from fedllm.federation.wire.keys import enroll_silos
+    from fedllm.federation.runtime.silo import SiloClient
+    from fedllm.federation.demo.simulate import COORDINATOR_FILE, SimTrainer, make_keypairs, wait_for_file
 
     info = await wait_for_file(home / COORDINATOR_FILE, timeout_s=300)
     keypairs = make_keypairs(n)
@@ -206,7 +206,7 @@ def soak(minutes: float, rounds: int, silos: int, churn_every_s: float, sample_s
         if not records:
             tail = (home / "coordinator.log").read_text()[-2000:] + (home / "silos.log").read_text()[-2000:]
             raise RuntimeError(f"no round completed; logs end with:\n{tail}")
-        from appliance.core.sections.federation import FederationSettings
+        from fedllm.core.sections.federation import FederationSettings
 
         result["verdict"] = verdict(samples, FederationSettings().keep_checkpoints)
         return result

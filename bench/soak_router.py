@@ -47,7 +47,7 @@ PYTHON = sys.executable
 MODEL = "soak-model"
 CYCLE = ("join", "leave", "die", "forge", "keys", "adapters")
 
-from testing.soak import figures_table, flat_checks, locked, proc_sample  # noqa: E402
+from fedllm.testing.soak import figures_table, flat_checks, locked, proc_sample  # noqa: E402
 
 
 def free_port() -> int:
@@ -100,7 +100,7 @@ class FakeWorker:
     @classmethod
     def start(cls, home: Path, *forge: str) -> "FakeWorker":
         port, key = free_port(), f"worker-key-{free_port()}-{time.monotonic_ns()}"
-        proc = spawn([PYTHON, "-m", "testing.fake_vllm", "--port", str(port), "--model", MODEL, "--chunks", "4", *forge],
+        proc = spawn([PYTHON, "-m", "fedllm.testing.fake_vllm", "--port", str(port), "--model", MODEL, "--chunks", "4", *forge],
                      env={"VLLM_API_KEY": key}, log=home / "workers.log")
         worker = cls(proc, f"http://127.0.0.1:{port}", key)
         wait_http(worker.url + "/health", proc)
@@ -164,7 +164,7 @@ class Soak:
         stop(worker.proc)
 
     def keys(self) -> None:
-        from serve.keys import create_key, revoke_key
+        from fedllm.serve.keys import create_key, revoke_key
 
         self.key_serial += 1
         name = f"soak-{self.key_serial}"
@@ -264,8 +264,8 @@ def verdict(samples: list[dict], latencies: list[tuple[float, float]], outcomes:
 def run(minutes: float, concurrency: int, churn_every_s: float, sample_s: float) -> dict:
     import httpx
 
-    from appliance.core.secrets import ensure_token
-    from serve.keys import create_key
+    from fedllm.core.secrets import ensure_token
+    from fedllm.serve.keys import create_key
 
     with tempfile.TemporaryDirectory(prefix="soak-router-") as tmp:
         home = Path(tmp)
@@ -274,7 +274,7 @@ def run(minutes: float, concurrency: int, churn_every_s: float, sample_s: float)
         api_key = create_key(keys, "soak-0")
         static = FakeWorker.start(home)
         port = free_port()
-        router = spawn([PYTHON, "-m", "appliance", "serve", "--port", str(port)], log=home / "router.log", env={
+        router = spawn([PYTHON, "-m", "fedllm.appliance", "serve", "--port", str(port)], log=home / "router.log", env={
             "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__REQUIRE_KEYS": "true",
             "APPLIANCE_SERVE__WORKERS": json.dumps([{"url": static.url, "region": "local", "api_key": static.key}]),
             "APPLIANCE_SERVE__HEALTH_INTERVAL_S": "1", "APPLIANCE_SERVE__WORKER_EXPIRY_S": "5",

@@ -6,7 +6,7 @@ Prints, for the product packages of the checkout given (default: this one), in M
   launcher at the top) or sideways between `train` and `serve`;
 - the largest files, classes (lines and methods) and functions, and every function with more than 7 parameters.
 
-It reads both layouts: the base as `appliance/core/` (before the `fedllm` namespace) or `core/` (after).
+It reads both layouts: the base as `core/` (before the `fedllm` namespace) or `core/` (after).
 
     python bench/structure.py [CHECKOUT] [--top 10]
 """

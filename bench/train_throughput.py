@@ -49,8 +49,8 @@ def mixed_chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 def resolve(model: str | None) -> Path:
     """A model folder: the given path or store name, else the embedded model prepared for the tests."""
-    from appliance.core.model_store import prepare_model, resolve_model
-    from appliance.core.settings import load_settings
+    from fedllm.core.model_store import prepare_model, resolve_model
+    from fedllm.core.settings import load_settings
 
     if model:
         return resolve_model(load_settings().models_dir, model)
@@ -65,7 +65,7 @@ def steady(times: list[float], tokens: list[int]) -> float:
 
 def run_engine(cfg: Any, model_dir: Path, records: list[dict[str, Any]], steps: int) -> dict[str, float]:
     """Our engine (fit_adapter, DeepSpeed in process); tokens/s over the training loop."""
-    from train import fit_adapter
+    from fedllm.train import fit_adapter
 
     times: list[float] = []
     totals: list[float] = []
@@ -85,8 +85,8 @@ def run_hf_trainer(cfg: Any, model_dir: Path, records: list[dict[str, Any]], ste
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from train import data as d
-    from train import lora
+    from fedllm.train import data as d
+    from fedllm.train import lora
 
     tok = lora.load_tokenizer(model_dir)
     rows = d.unpacked_rows(d.tokenize_records(tok, records, cfg.max_seq_len))
@@ -140,7 +140,7 @@ RUNS = ("engine, packing off", "HF Trainer + peft, packing off", "engine, packin
 
 def run_one(name: str, args: argparse.Namespace) -> dict[str, float]:
     """One run in this (fresh) process; adds peak_rss_mb, this process's peak resident memory."""
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
     model_dir = resolve(args.model)
     records = mixed_chat_records(args.examples)
@@ -153,10 +153,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 def run_ranks(ranks: int, args: argparse.Namespace) -> dict[str, float]:
     """The engine (packing on) on `ranks` CPU ranks under DeepSpeed's launcher: the same global batches as 1 rank."""
-    from appliance.core.atomic import write_json_atomic
-    from appliance.core.sections.train import TrainSettings
-    from train.distributed import launch_run
-    from train.run_folder import run_config
+    from fedllm.core.atomic import write_json_atomic
+    from fedllm.core.sections.train import TrainSettings
+    from fedllm.train.distributed import launch_run
+    from fedllm.train.run_folder import run_config
 
     cfg = TrainSettings(batch_size=args.batch_size, max_seq_len=args.seq_len, lora_r=8, lr=2e-4, warmup_steps=1,
                         zero_stage=args.zero_stage, packing=True, ranks=ranks, threads=max(1, (os.cpu_count() or 1) // ranks))

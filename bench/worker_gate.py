@@ -1,8 +1,8 @@
-"""The worker gate's cost: the fake worker reached directly vs through `serve.worker_gate` (as a worker runs it).
+"""The worker gate's cost: the fake worker reached directly vs through `fedllm.serve.worker_gate` (as a worker runs it).
 
     .venv/bin/python bench/worker_gate.py [--duration-s 4] [--concurrency 1 64] [--delay-s 0 0.02] [--repeats 2]
 
-Two identical fake workers (`testing.fake_vllm`, 8 chunks): one on a loopback port (direct), one on a Unix socket
+Two identical fake workers (`fedllm.testing.fake_vllm`, 8 chunks): one on a loopback port (direct), one on a Unix socket
 behind a gate process on a loopback port, with an API key as the appliance gives its workers. Each cell is a closed
 loop of `concurrency` clients (bench/router_load.py's load generator, its own process), streaming or not; direct and
 gate cells alternate, `--repeats` times, and the best of each is kept (the machine is shared: the best is the least
@@ -30,13 +30,13 @@ import router_load as rl  # noqa: E402  (the load generator and process helpers)
 def start_fakes(tmp: Path, key: str, delay_s: float) -> tuple[rl.Server, rl.Server, list[rl.Server]]:
     """The direct fake, the gate in front of the socket fake, and every process to stop."""
     env = {"VLLM_API_KEY": key}
-    fake = [rl.PYTHON, "-m", "testing.fake_vllm", "--model", rl.MODEL, "--chunks", "8", "--delay-s", str(delay_s)]
+    fake = [rl.PYTHON, "-m", "fedllm.testing.fake_vllm", "--model", rl.MODEL, "--chunks", "8", "--delay-s", str(delay_s)]
     port = rl.free_port()
     direct_proc = rl.spawn([*fake, "--port", str(port)], env=env)
     sock = tmp / "vllm.sock"
     behind_proc = rl.spawn([*fake, "--uds", str(sock)], env=env)
     gate_port = rl.free_port()
-    gate_proc = rl.spawn([rl.PYTHON, "-m", "serve.worker_gate", "--listen", f"127.0.0.1:{gate_port}", "--upstream", f"unix:{sock}"],
+    gate_proc = rl.spawn([rl.PYTHON, "-m", "fedllm.serve.worker_gate", "--listen", f"127.0.0.1:{gate_port}", "--upstream", f"unix:{sock}"],
                          env={"WORKER_GATE_API_KEY": key}, log=tmp / "gate.log")
     headers = {"Authorization": f"Bearer {key}"}
     direct = rl.Server("direct", f"http://127.0.0.1:{port}", direct_proc, headers)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from appliance.core.cores import CoreShare, divide_cores  # noqa: E402
+from fedllm.core.cores import CoreShare, divide_cores  # noqa: E402
 
 OUT = REPO / "docs" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,7 +64,7 @@ def get_json(url: str) -> Any:
 
 def appliance(home: Path, *args: str, env: dict[str, str]) -> str:
     """Run `appliance --home HOME ARGS...` to completion; its output (raises with it on failure)."""
-    result = subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), *args], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "fedllm.appliance", "--home", str(home), *args], cwd=REPO, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"appliance {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
@@ -72,7 +72,7 @@ def appliance(home: Path, *args: str, env: dict[str, str]) -> str:
 
 
 def start(home: Path, args: list[str], env: dict[str, str], log: Path, share: CoreShare | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "appliance", "--home", str(home), *args]
+    argv = [sys.executable, "-m", "fedllm.appliance", "--home", str(home), *args]
     with open(log, "wb") as out:
         return subprocess.Popen(share.argv(argv) if share else argv, cwd=REPO, env={**env, **(share.env() if share else {})},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -107,8 +107,8 @@ def write_config(home: Path, ports: dict[str, int], rounds: int, local_steps: in
 
 def prepare(home: Path, env: dict[str, str]) -> tuple[str, dict[str, Path], dict[str, dict[str, Path]]]:
     """Model, keys and data: the coordinator's key, two enrolled silos with their own homes, the demo's hospital data."""
-    from appliance.core.model_store import prepare_model
-    from federation.demo import data as demo_data
+    from fedllm.core.model_store import prepare_model
+    from fedllm.federation.demo import data as demo_data
 
     prepared = prepare_model(REPO / ".cache" / "test-home" / "models", cache_dir=REPO / ".cache" / "wheels").path
     link_model(home, prepared)

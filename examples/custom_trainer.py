@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from appliance.core.settings import load_settings
-from federation.runtime.silo import SiloClient, SiloTrainer
+from fedllm.core.settings import load_settings
+from fedllm.federation.runtime.silo import SiloClient, SiloTrainer
 
 
 class HFSilo(SiloTrainer):

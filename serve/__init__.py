@@ -1,7 +1,7 @@
 """Inference: the OpenAI-compatible router in front of vLLM workers (see DESIGN.md, "Router").
 
 `create_app(settings)` builds the router app, `run_router(settings)` serves it. A fast fake worker for tests and
-benchmarks lives outside the product, in `testing.fake_vllm`.
+benchmarks lives outside the product, in `fedllm.testing.fake_vllm`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["create_app", "run_router"]
 
 if TYPE_CHECKING:
-    from serve.app import create_app, run_router
+    from fedllm.serve.app import create_app, run_router
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so `import serve` (and `serve.worker_launcher`) stay cheap.
+    # Lazy, so `import serve` (and `fedllm.serve.worker_launcher`) stay cheap.
     if name in __all__:
-        from serve import app
+        from fedllm.serve import app
 
         return getattr(app, name)
     raise AttributeError(name)

@@ -19,27 +19,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from appliance.core.errors import ConfigError
-from appliance.core.net import is_loopback
-from appliance.core.secrets import ensure_token
-from appliance.core.tls import check_public_bind, check_server_files, client_context
-from appliance.core.tokens import router_admin_token
-from serve.canary import CanaryChecker
-from serve.errors import RouterError
-from serve.forwarding import Forwarder
-from serve.keys import KeyStore
-from serve.quarantine import QuarantineBook
-from serve.metrics import RouterMetrics
-from serve.placement import AdapterPlacement
-from serve.protocol import error_body
-from serve.publications import PublicationStore
-from serve.registry import WorkerRegistry
-from serve.residency import RegionBook
-from serve.replicas import ReplicaKeeper
-from serve.routes import admin, openai
+from fedllm.core.errors import ConfigError
+from fedllm.core.net import is_loopback
+from fedllm.core.secrets import ensure_token
+from fedllm.core.tls import check_public_bind, check_server_files, client_context
+from fedllm.core.tokens import router_admin_token
+from fedllm.serve.canary import CanaryChecker
+from fedllm.serve.errors import RouterError
+from fedllm.serve.forwarding import Forwarder
+from fedllm.serve.keys import KeyStore
+from fedllm.serve.quarantine import QuarantineBook
+from fedllm.serve.metrics import RouterMetrics
+from fedllm.serve.placement import AdapterPlacement
+from fedllm.serve.protocol import error_body
+from fedllm.serve.publications import PublicationStore
+from fedllm.serve.registry import WorkerRegistry
+from fedllm.serve.residency import RegionBook
+from fedllm.serve.replicas import ReplicaKeeper
+from fedllm.serve.routes import admin, openai
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.settings import ApplianceSettings
 
 logger = logging.getLogger(__name__)
 

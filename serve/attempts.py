@@ -17,19 +17,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from serve.errors import UpstreamError
+from fedllm.serve.errors import UpstreamError
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from appliance.core.sections.serve import ServeSettings
-    from serve.forwarding import RequestContext
-    from serve.hedging import Hedger
-    from serve.metrics import RouterMetrics
-    from serve.placement import AdapterPlacement
-    from serve.registry import Worker, WorkerRegistry
+    from fedllm.core.sections.serve import ServeSettings
+    from fedllm.serve.forwarding import RequestContext
+    from fedllm.serve.hedging import Hedger
+    from fedllm.serve.metrics import RouterMetrics
+    from fedllm.serve.placement import AdapterPlacement
+    from fedllm.serve.registry import Worker, WorkerRegistry
 
-logger = logging.getLogger("serve.forwarding")  # one logger for the hot path, as before the split
+logger = logging.getLogger("fedllm.serve.forwarding")  # one logger for the hot path, as before the split
 
 
 class AllFailed(Exception):
@@ -63,7 +63,7 @@ class Attempts:
         self.metrics = metrics
         self.hedger = hedger
         self.timeout: aiohttp.ClientTimeout | None = None
-        # Told of each request sent to a joined worker, with its path and streaming (serve.canary).
+        # Told of each request sent to a joined worker, with its path and streaming (fedllm.serve.canary).
         self.on_routed: Callable[[Worker, str, bool], None] | None = None
 
     async def first_answer(self, ctx: RequestContext, workers: list[Worker]) -> Opened:

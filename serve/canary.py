@@ -37,14 +37,14 @@ import math
 import random
 from typing import TYPE_CHECKING, Any
 
-from serve.canary_pool import CanaryPool, Messages
-from serve.canary_shapes import CHAT, PATHS, answer_text, build
-from serve.errors import RouterError
+from fedllm.serve.canary_pool import CanaryPool, Messages
+from fedllm.serve.canary_shapes import CHAT, PATHS, answer_text, build
+from fedllm.serve.errors import RouterError
 
 if TYPE_CHECKING:
-    from appliance.core.sections.serve import ServeSettings
-    from serve.quarantine import QuarantineBook
-    from serve.registry import Worker, WorkerRegistry
+    from fedllm.core.sections.serve import ServeSettings
+    from fedllm.serve.quarantine import QuarantineBook
+    from fedllm.serve.registry import Worker, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import ConfigError
+from fedllm.core.errors import ConfigError
 
 Messages = list[dict[str, str]]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serve.canary_pool import Messages
+from fedllm.serve.canary_pool import Messages
 
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 PATHS = (CHAT, COMPLETIONS, RESPONSES)

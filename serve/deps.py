@@ -14,8 +14,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from appliance.core.secrets import same_secret
-from serve.errors import RouterError
+from fedllm.core.secrets import same_secret
+from fedllm.serve.errors import RouterError
 
 _loads: Callable[[bytes | str], Any]
 try:

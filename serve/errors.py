@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.core.errors import ApplianceError
+from fedllm.core.errors import ApplianceError
 
 
 class RouterError(ApplianceError):

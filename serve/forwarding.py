@@ -29,15 +29,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
-from serve.attempts import AllFailed, Attempts, Opened
-from serve.errors import RouterError
-from serve.hedging import Hedger
-from serve.keys import ApiKey, KeyStore
-from serve.limits import RateLimiter, prompt_estimate, token_budget
-from serve.policy import RouteHints, rank
-from serve.protocol import RequestFields, error_body, read_fields, sse_error_event
-from serve.residency import unavailable
-from serve.sse import SSE_HEADERS, STREAM_ENDS, complete_events, prefixed, take_usage, usage_total, with_usage_asked
+from fedllm.serve.attempts import AllFailed, Attempts, Opened
+from fedllm.serve.errors import RouterError
+from fedllm.serve.hedging import Hedger
+from fedllm.serve.keys import ApiKey, KeyStore
+from fedllm.serve.limits import RateLimiter, prompt_estimate, token_budget
+from fedllm.serve.policy import RouteHints, rank
+from fedllm.serve.protocol import RequestFields, error_body, read_fields, sse_error_event
+from fedllm.serve.residency import unavailable
+from fedllm.serve.sse import SSE_HEADERS, STREAM_ENDS, complete_events, prefixed, take_usage, usage_total, with_usage_asked
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
@@ -53,10 +53,10 @@ except ImportError:  # pragma: no cover
 if TYPE_CHECKING:
     import aiohttp
 
-    from appliance.core.sections.serve import ServeSettings
-    from serve.metrics import RouterMetrics
-    from serve.placement import AdapterPlacement, PublishedAdapter
-    from serve.registry import Worker, WorkerRegistry
+    from fedllm.core.sections.serve import ServeSettings
+    from fedllm.serve.metrics import RouterMetrics
+    from fedllm.serve.placement import AdapterPlacement, PublishedAdapter
+    from fedllm.serve.registry import Worker, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Forwarder:
 
     @property
     def on_routed(self) -> Callable[[Worker, str, bool], None] | None:
-        """Told of each request sent to a joined worker, with its path and streaming (serve.canary)."""
+        """Told of each request sent to a joined worker, with its path and streaming (fedllm.serve.canary)."""
         return self.attempts.on_routed
 
     @on_routed.setter
@@ -184,7 +184,7 @@ class Forwarder:
         """The caller's key record; None when keys are not required (a loopback router without keys).
 
         Raises:
-            RouterError: 401 when keys are required (serve.keys: a public bind, serve.require_keys, or a router that
+            RouterError: 401 when keys are required (fedllm.serve.keys: a public bind, serve.require_keys, or a router that
                 has had keys) and the request carries none or a wrong one, or none exists at all; 503 while the key
                 file cannot be read or parsed.
         """
@@ -353,7 +353,7 @@ class Forwarder:
             ctx.watch.close()
 
     async def _try_workers(self, ctx: RequestContext, workers: list[Worker]) -> None:
-        """Deliver the first answer to start among `workers` (`serve.attempts`: retries, hedging); raises RouterError
+        """Deliver the first answer to start among `workers` (`fedllm.serve.attempts`: retries, hedging); raises RouterError
         502 when all fail before the first byte."""
         try:
             opened = await self.attempts.first_answer(ctx, workers)
@@ -520,7 +520,7 @@ class RequestContext:
     send: Send
     adapter: PublishedAdapter | None = None  # the published adapter behind `model`, if any
     strip_usage: bool = False  # the router asked for the stream's usage chunk; the client did not: not relayed
-    prompt_tokens: int = 0  # metered only: the prompt's tokens as estimated up front (serve.limits.prompt_estimate)
+    prompt_tokens: int = 0  # metered only: the prompt's tokens as estimated up front (fedllm.serve.limits.prompt_estimate)
 
     @property
     def metered(self) -> bool:

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.core.atomic import write_text_atomic
-from appliance.core.errors import ConfigError, DataError
-from appliance.core.secrets import hash_secret
+from fedllm.core.atomic import write_text_atomic
+from fedllm.core.errors import ConfigError, DataError
+from fedllm.core.secrets import hash_secret
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ used. An adapter is never unloaded while requests are in flight on it: unpublish
 
 Promoted versions (those an alias names) are on every eligible worker (`serve.replicate_promoted`): publishing with an
 alias loads the version on every trusted worker of its base model (and region) before the alias moves, and
-`serve.replicas.ReplicaKeeper` loads it on workers that come up, join or become eligible later, before they take
+`fedllm.serve.replicas.ReplicaKeeper` loads it on workers that come up, join or become eligible later, before they take
 traffic for it: while a worker that holds a promoted version is up, only holders get its requests (no load on the
 request path). Each worker holds at most `Worker.max_adapters` (its declared max_loras, capped by
 `max_adapters_per_worker`); a full worker unloads first a version no alias names, then a promoted one beyond its
@@ -33,17 +33,17 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from serve.errors import RouterError, UpstreamError
-from serve.policy import RouteHints, rank
-from serve.publications import PublicationStore, fingerprint, newer
-from serve.residency import allowed, no_eligible_worker
+from fedllm.serve.errors import RouterError, UpstreamError
+from fedllm.serve.policy import RouteHints, rank
+from fedllm.serve.publications import PublicationStore, fingerprint, newer
+from fedllm.serve.residency import allowed, no_eligible_worker
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from appliance.core.sections.serve import ServeSettings
-    from serve.metrics import RouterMetrics
-    from serve.registry import Worker, WorkerRegistry
+    from fedllm.core.sections.serve import ServeSettings
+    from fedllm.serve.metrics import RouterMetrics
+    from fedllm.serve.registry import Worker, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class AdapterPlacement:
         self._spreading: set[str] = set()
         self._retiring: set[asyncio.Task] = set()
         self._moves = 0  # alias moves so far (orders the promoted versions)
-        self.on_change: Callable[[], None] | None = None  # told of each publish, unpublish and alias move (serve.replicas)
+        self.on_change: Callable[[], None] | None = None  # told of each publish, unpublish and alias move (fedllm.serve.replicas)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -109,7 +109,7 @@ class AdapterPlacement:
     def hosts(self, adapter: PublishedAdapter) -> list[Worker]:
         """Routable trusted workers that could load `adapter`: static or local ones (joined ones too with
         `serve.place_adapters_on_joined`) that serve its base model (any model if the base is unknown), in one of its
-        regions if it names some (operator-assigned regions only: serve.residency)."""
+        regions if it names some (operator-assigned regions only: fedllm.serve.residency)."""
         joined_ok, regions = self.cfg.place_adapters_on_joined, adapter.regions
         workers = [w for w in self.registry.workers.values()
                    if w.routable and (w.static or joined_ok) and (regions is None or allowed(w, regions))]
@@ -149,7 +149,7 @@ class AdapterPlacement:
                       regions: list[str] | None = None) -> list[str]:
         """Record `name`, load it on up to `adapter_replicas` of the best workers (every eligible one when an alias
         moves to it and `serve.replicate_promoted`), then move `aliases` to it. `regions` (checked by
-        `serve.residency.check_regions`) limits where it is placed and routed.
+        `fedllm.serve.residency.check_regions`) limits where it is placed and routed.
 
         Returns:
             The ids of the workers holding it.

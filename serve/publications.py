@@ -1,6 +1,6 @@
 """Published adapters that survive a router restart, and the history of every alias move (rollback goes back in it).
 
-The router keeps its publications (`serve.placement.AdapterPlacement`) in memory; this store writes them to
+The router keeps its publications (`fedllm.serve.placement.AdapterPlacement`) in memory; this store writes them to
 `HOME/router/publications.json` (atomically) after each change and reads them back at start, so after a restart each
 adapter answers again under its name and its aliases without a new publish (loaded on workers as they come up).
 
@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.atomic import write_json_atomic
-from serve.errors import RouterError
+from fedllm.core.atomic import write_json_atomic
+from fedllm.serve.errors import RouterError
 
 if TYPE_CHECKING:
-    from serve.placement import AdapterPlacement, PublishedAdapter
+    from fedllm.serve.placement import AdapterPlacement, PublishedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class PublicationStore:
 
     def restore(self, placement: AdapterPlacement) -> list[str]:
         """Put the saved adapters and aliases back into `placement`; returns the adapter names restored."""
-        from serve.placement import PublishedAdapter
+        from fedllm.serve.placement import PublishedAdapter
 
         data = self.load()
         for name, row in data["adapters"].items():

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import write_text_atomic
-from appliance.core.errors import DataError
-from serve.worker_address import normalised_address
+from fedllm.core.atomic import write_text_atomic
+from fedllm.core.errors import DataError
+from fedllm.serve.worker_address import normalised_address
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def addresses_of(url: str) -> set[str]:
     """The normalised `host:port` of `url`, plus `ip:port` for each address its host resolves to (best effort).
 
     Raises:
-        ValueError: `url` is not a worker URL (serve.worker_address).
+        ValueError: `url` is not a worker URL (fedllm.serve.worker_address).
     """
     address = normalised_address(url)
     host, _, port = address.rpartition(":")

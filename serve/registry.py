@@ -16,17 +16,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from appliance.core.secrets import hash_secret, same_secret
-from serve.errors import RouterError
-from serve.policy import Candidate
-from serve.quarantine import QuarantineBook, addresses_of
-from serve.residency import RegionBook
-from serve.worker_address import WorkerAddress, is_own_address, local_hosts, normalised_address, parse_worker_url
+from fedllm.core.secrets import hash_secret, same_secret
+from fedllm.serve.errors import RouterError
+from fedllm.serve.policy import Candidate
+from fedllm.serve.quarantine import QuarantineBook, addresses_of
+from fedllm.serve.residency import RegionBook
+from fedllm.serve.worker_address import WorkerAddress, is_own_address, local_hosts, normalised_address, parse_worker_url
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from appliance.core.sections.serve import ServeSettings
+    from fedllm.core.sections.serve import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +73,19 @@ class Worker:
     secret_hash: str | None = None  # a joined worker's own secret (heartbeat, drain, leave), hashed
     headers: dict[str, str] = field(default_factory=lambda: upstream_headers(None))  # sent with every call to it
     quarantined: bool = False  # failed a canary check: no traffic until an operator clears it
-    canary: str = "off"  # trusted (static) | off | pending | passed | unverified | failed | cleared (serve.canary)
+    canary: str = "off"  # trusted (static) | off | pending | passed | unverified | failed | cleared (fedllm.serve.canary)
     canary_passes: int = 0  # canary checks passed since it joined (or was cleared)
     unverified: set[str] = field(default_factory=set)  # models no trusted worker serves: no traffic (serve.allow_unverified)
     hold: str = ""  # why it gets no traffic at all besides health and quarantine ("" = none)
-    address: str = ""  # normalised host:port (serve.worker_address)
+    address: str = ""  # normalised host:port (fedllm.serve.worker_address)
     addresses: frozenset[str] = frozenset()  # every host:port it is known by (its resolved IPs too): quarantine keys
     key_hash: str | None = None  # hash of its own API key: a quarantine key
     max_adapters: int = 4  # adapters it holds at once: its declared max_loras, at most serve.max_adapters_per_worker
-    region_assigned: bool = False  # the operator set its region (static, or confirmed): data residency trusts it (serve.residency)
+    region_assigned: bool = False  # the operator set its region (static, or confirmed): data residency trusts it (fedllm.serve.residency)
 
     @property
     def routable(self) -> bool:
-        """Whether it may be given requests at all: not quarantined, and not held (serve.canary)."""
+        """Whether it may be given requests at all: not quarantined, and not held (fedllm.serve.canary)."""
         return not self.quarantined and not self.hold
 
     def owns(self, token: str) -> bool:
@@ -156,7 +156,7 @@ class WorkerRegistry:
         self._probing: dict[str, asyncio.Task] = {}
         self.quarantine: QuarantineBook | None = None  # sticky quarantine records (set by the app)
         self.regions: RegionBook | None = None  # the operator's region assignments of joined workers (set by the app)
-        self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (serve.app wires them)
+        self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (fedllm.serve.app wires them)
         self._local_hosts: frozenset[str] | None = None
 
     @property
@@ -275,7 +275,7 @@ class WorkerRegistry:
             worker.canary = "failed" if previous.quarantined else worker.canary
             self.remove(previous.id)
         assigned = self.regions.lookup(address.key) if self.regions is not None else None
-        if assigned is not None:  # the operator put the worker at this address in a region (serve.residency)
+        if assigned is not None:  # the operator put the worker at this address in a region (fedllm.serve.residency)
             worker.region, worker.region_assigned = assigned, True
         self._apply_listing(worker, listing)
         self.workers[worker.id] = worker

@@ -19,12 +19,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from serve.errors import RouterError, UpstreamError
+from fedllm.serve.errors import RouterError, UpstreamError
 
 if TYPE_CHECKING:
-    from appliance.core.sections.serve import ServeSettings
-    from serve.placement import AdapterPlacement, PublishedAdapter
-    from serve.registry import Worker, WorkerRegistry
+    from fedllm.core.sections.serve import ServeSettings
+    from fedllm.serve.placement import AdapterPlacement, PublishedAdapter
+    from fedllm.serve.registry import Worker, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 

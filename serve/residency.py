@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from appliance.core.atomic import write_json_atomic
-from serve.errors import RouterError
+from fedllm.core.atomic import write_json_atomic
+from fedllm.serve.errors import RouterError
 
 if TYPE_CHECKING:
-    from serve.registry import Worker
+    from fedllm.serve.registry import Worker
 
 logger = logging.getLogger(__name__)
 

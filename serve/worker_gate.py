@@ -15,7 +15,7 @@ that disconnects closes its connection to vLLM (vLLM aborts the generation). It 
 parser (the cost per request is a few tens of microseconds: bench/worker_gate.py).
 
 `WorkerGate` is the asyncio server; `GateThread` runs one in a thread of its own (the `appliance worker` process);
-`python -m serve.worker_gate --listen HOST:PORT --upstream unix:PATH` runs one as a process (key in
+`python -m fedllm.serve.worker_gate --listen HOST:PORT --upstream unix:PATH` runs one as a process (key in
 `WORKER_GATE_API_KEY`).
 """
 

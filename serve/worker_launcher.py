@@ -5,7 +5,7 @@ The worker is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 process group, so stopping it takes vLLM's engine-core processes along, and it receives SIGTERM if its launcher dies.
 
 vLLM itself listens only on a Unix socket in a private folder (mode 0700); the worker's address is served by the
-worker gate (`serve.worker_gate`, a thread of the launching process), which forwards `/v1/*` with the worker's key
+worker gate (`fedllm.serve.worker_gate`, a thread of the launching process), which forwards `/v1/*` with the worker's key
 and `/health`, and refuses the rest of vLLM's routes (`/invocations`, `/adapters`, `/metrics`, ...).
 """
 
@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
-from appliance.core.cores import divide_cores
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.router_client import RouterClient, ServiceUnavailable
-from appliance.core.processes import http_ok, log_tail, start_process_group, stop_process, stop_process_group, wait_for_signal
-from appliance.core.sections.serve import WorkerSettings
+from fedllm.core.cores import divide_cores
+from fedllm.core.errors import ApplianceError, ConfigError
+from fedllm.core.contracts.router_client import RouterClient, ServiceUnavailable
+from fedllm.core.processes import http_ok, log_tail, start_process_group, stop_process, stop_process_group, wait_for_signal
+from fedllm.core.sections.serve import WorkerSettings
 
 if TYPE_CHECKING:
-    from serve.worker_gate import GateThread
+    from fedllm.serve.worker_gate import GateThread
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class VLLMWorker:
         Raises:
             OSError: the gate cannot listen on `host:port` (in use, not an address of this machine).
         """
-        from serve.worker_gate import GateThread
+        from fedllm.serve.worker_gate import GateThread
 
         log.info("starting vLLM worker %s on %s (log %s)", self.model, self.url, self.log_path)
         self._private.mkdir(mode=0o700)

@@ -2,7 +2,7 @@
 
 Each region is a network namespace with one veth pair to a hub namespace (region `10.77.I.2/24`, hub side
 `10.77.I.1/24`). The hub does not forward packets, so regions cannot reach each other directly: every cross-region
-connection goes through a `testbed.link.Link` that listens in the hub on the address facing the client's region and
+connection goes through a `fedllm.testbed.link.Link` that listens in the hub on the address facing the client's region and
 connects to the target in its region. The path from region A to region B gets `spec[A] + spec[B]` (each region's
 link to the hub), and cutting a region cuts every link that touches it.
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Coroutine, Mapping, TypeVar
 
-from testbed import netns
-from testbed.link import Link, LinkSpec
+from fedllm.testbed import netns
+from fedllm.testbed.link import Link, LinkSpec
 
 logger = logging.getLogger(__name__)
 

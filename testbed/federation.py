@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance.core.cores import divide_cores
-from appliance.core.secrets import ensure_token
-from appliance.core.tokens import STATUS_TOKEN_FILE
-from testbed.bed import Bed
-from testbed.fleet import appliance_argv
+from fedllm.core.cores import divide_cores
+from fedllm.core.secrets import ensure_token
+from fedllm.core.tokens import STATUS_TOKEN_FILE
+from fedllm.testbed.bed import Bed
+from fedllm.testbed.fleet import appliance_argv
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.secrets import ensure_token
-from testbed.bed import Bed
+from fedllm.core.secrets import ensure_token
+from fedllm.testbed.bed import Bed
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ CHECKOUT = Path(__file__).resolve().parents[1]  # holds testing/ (the fake worke
 
 
 def appliance_argv(*args: str) -> list[str]:
-    """`python -m appliance ARGS` with this interpreter (the console script may not be on PATH)."""
-    return [sys.executable, "-m", "appliance", *args]
+    """`python -m fedllm.appliance ARGS` with this interpreter (the console script may not be on PATH)."""
+    return [sys.executable, "-m", "fedllm.appliance", *args]
 
 
 @dataclass
@@ -109,7 +109,7 @@ class GeoFleet:
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"
         key = {"VLLM_API_KEY": secrets.token_urlsafe(24)}
-        self.bed.spawn(region, name, [sys.executable, "-m", "testing.fake_vllm", "--host", self.bed.address(region),
+        self.bed.spawn(region, name, [sys.executable, "-m", "fedllm.testing.fake_vllm", "--host", self.bed.address(region),
                                       "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args], env=key, cwd=CHECKOUT)
         self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 120, f"{name} to answer", name)
         return self._join(region, name, port, url, ["--url", url, *join_args], key)

@@ -10,7 +10,7 @@ of one link share one `Shaper` per direction, as packets share a real link. Orde
 `drop(direction)` silently discards one direction's bytes (a message lost on the way, e.g. a final BYE).
 
 Sockets come from a `socket_factory`, so the relay can listen and connect inside a network namespace (see
-`testbed.netns`) while running in an ordinary asyncio loop.
+`fedllm.testbed.netns`) while running in an ordinary asyncio loop.
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from testbed.bed import Bed
-from testbed.federation import GeoFederation
-from testbed.fleet import FAKE_MODEL, GeoFleet
-from testbed.link import LinkSpec
-from testbed.load import LoadResult, stream_load
+from fedllm.testbed.bed import Bed
+from fedllm.testbed.federation import GeoFederation
+from fedllm.testbed.fleet import FAKE_MODEL, GeoFleet
+from fedllm.testbed.link import LinkSpec
+from fedllm.testbed.load import LoadResult, stream_load
 
 HUB_REGION = "hq"
 SIM_TRAIN_ENV = {"APPLIANCE_TRAIN__MAX_SEQ_LEN": "128", "APPLIANCE_TRAIN__BATCH_SIZE": "1", "APPLIANCE_TRAIN__WARMUP_STEPS": "0",

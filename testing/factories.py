@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from testing.waiting import wait_until, wait_until_async  # noqa: F401 (the tests import them from here too)
+from fedllm.testing.waiting import wait_until, wait_until_async  # noqa: F401 (the tests import them from here too)
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO / ".cache"
@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def make_settings(home: Path, **overrides: Any):
     """ApplianceSettings rooted at `home`, with `overrides` as nested dicts (highest priority)."""
-    from appliance.core.settings import load_settings
+    from fedllm.core.settings import load_settings
 
     return load_settings(overrides={"home": str(home), **overrides})
 

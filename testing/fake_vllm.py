@@ -3,7 +3,7 @@
 It is a raw ASGI app, so it costs almost nothing per request and can be mounted in process
 (`httpx.ASGITransport(app=create_fake_app())`) or run as a real process:
 
-    python -m testing.fake_vllm --port 8101 --model fake
+    python -m fedllm.testing.fake_vllm --port 8101 --model fake
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`
 (streaming SSE and not), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`. Loaded adapters appear in `/v1/models`

@@ -1,13 +1,13 @@
 """A hostile worker for tests: honest only on what it recognises as a canary, forging every other answer.
 
-It sits in front of a reference worker (e.g. `testing.fake_vllm`) and passes it, unchanged, only the requests it
+It sits in front of a reference worker (e.g. `fedllm.testing.fake_vllm`) and passes it, unchanged, only the requests it
 takes for canaries by the tells of the router's former canary checks: one of the 12 public prompts as the only
 message (no system prompt), temperature 0, `max_tokens` 16, and the first `--burst` chat completions after it
 starts (the check a new worker got on joining). Every other chat completion gets `--forge` as its answer. `/health`
 and `/v1/models` are passed through. With `HOSTILE_API_KEY` set, every `/v1` call needs it (as vLLM's `--api-key`).
 `GET /hostile/requests` lists what it received: `{"prompt": last message, "honest": bool}`.
 
-    python -m testing.hostile_worker --port 8101 --upstream http://127.0.0.1:8100 --forge "Send your password"
+    python -m fedllm.testing.hostile_worker --port 8101 --upstream http://127.0.0.1:8100 --forge "Send your password"
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-from testing.waiting import wait_until  # noqa: E402
-from appliance.cluster.ray_env import spare_port as free_port  # noqa: E402  (ports away from Ray's random ones)
+from fedllm.testing.waiting import wait_until  # noqa: E402
+from fedllm.appliance.cluster.ray_env import spare_port as free_port  # noqa: E402  (ports away from Ray's random ones)
 
 
 def _pgid_alive(pgid: int) -> bool:
@@ -121,14 +121,14 @@ class LocalCluster:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.home / f"{name}.out", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", *argv], env=env or self.env, cwd=REPO, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", *argv], env=env or self.env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def cli(self, *args: Any, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run `appliance ARGS` against this cluster."""
-        done = subprocess.run([sys.executable, "-m", "appliance", *map(str, args)], env=self.env, cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "fedllm.appliance", *map(str, args)], env=self.env, cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise AssertionError(f"appliance {' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
@@ -172,7 +172,7 @@ class LocalCluster:
 
     @staticmethod
     def wait(predicate, timeout_s: float, what: str, step_s: float = 0.25) -> Any:
-        """`testing.waiting.wait_until`, polling every quarter second."""
+        """`fedllm.testing.waiting.wait_until`, polling every quarter second."""
         return wait_until(predicate, timeout_s, step_s, what)
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from testing.factories import TEST_CACHE
+from fedllm.testing.factories import TEST_CACHE
 
 
 def build_tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> Path:

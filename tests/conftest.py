@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testing.factories import TEST_CACHE, make_tiny_llama
+from fedllm.testing.factories import TEST_CACHE, make_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +33,7 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct prepared once into .cache/test-home (reused across runs)."""
-    from appliance.core.model_store import prepare_model
+    from fedllm.core.model_store import prepare_model
 
     model = prepare_model(TEST_CACHE / "test-home" / "models", cache_dir=TEST_CACHE / "wheels")
     return model.path
@@ -49,7 +49,7 @@ def tiny_model_dir(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 def vllm_workers(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """TWO real vLLM OpenAI servers on the embedded model, started concurrently, stopped at session end.
 
-    Each is a `serve.worker_launcher.VLLMWorker` with `.url` (no `/v1`), `.port` and `.model`
+    Each is a `fedllm.serve.worker_launcher.VLLMWorker` with `.url` (no `/v1`), `.port` and `.model`
     ("smollm2-135m-instruct"); LoRA is enabled with runtime loading, the KV cache is 1 GiB each, and the logs are
     `worker-PORT.log` in a temp folder (`.log_path`). Each has its own API key (`.api_key`, as `appliance up` gives
     its workers): `/v1/*` answers 401 without it; `.spec` is the router's `serve.workers` entry for it.
@@ -57,9 +57,9 @@ def vllm_workers(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     """
     import secrets
 
-    from appliance.core.sections.serve import WorkerSettings
-    from serve.worker_launcher import VLLMWorker
-    from testing.factories import free_port
+    from fedllm.core.sections.serve import WorkerSettings
+    from fedllm.serve.worker_launcher import VLLMWorker
+    from fedllm.testing.factories import free_port
 
     cfg = WorkerSettings(kv_cache_gib=1, max_model_len=2048, max_lora_rank=16, max_loras=2, startup_timeout_s=400)
     logs = tmp_path_factory.mktemp("vllm-logs")

@@ -1,6 +1,6 @@
 """The closed loop: every global adapter version a federation round produces is served under `<run>-latest`.
 
-The first tests drive `federation.publishing.publish.RouterPublisher` against the real router (in process, on loopback) in
+The first tests drive `fedllm.federation.publishing.publish.RouterPublisher` against the real router (in process, on loopback) in
 front of a fake vLLM worker: retries, supersede, never blocking, and the alias moving to each new version. The last
 ones run the real pieces end to end (coordinator rounds -> registry -> publisher -> router -> vLLM).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.core.adapter_registry import AdapterVersion
-from appliance.core.router_client import latest_alias
-from federation.publishing.publish import RouterPublisher
-from testing.factories import free_port, make_settings
+from fedllm.core.adapter_registry import AdapterVersion
+from fedllm.core.contracts.router_client import latest_alias
+from fedllm.federation.publishing.publish import RouterPublisher
+from fedllm.testing.factories import free_port, make_settings
 from tests.serve.conftest import FakeProcess, start_fake
 from tests.ui.fakes import ServerThread
 
@@ -41,7 +41,7 @@ class LiveRouter:
 @pytest.fixture
 def router(tmp_path):
     """The real router (`serve.create_app`) served in a thread, in front of one fake vLLM worker."""
-    from serve import create_app
+    from fedllm.serve import create_app
 
     worker = start_fake("base")
     settings = make_settings(tmp_path / "router-home", serve={"workers": [{"url": worker.url}], "health_interval_s": 0.5})
@@ -188,10 +188,10 @@ class _Checker:
 async def test_federation_latest_answers_from_the_newest_round_every_round(vllm_worker, embedded_model_dir, tmp_path):
     """Three federation rounds (one silo, one local step each on the embedded model) -> registry -> publisher -> the
     real router -> a real vLLM worker: after each round, `loop-latest` answers from that round's adapter."""
-    import train
-    from federation.runtime.coordinator import Coordinator
-    from federation.runtime.silo import EngineTrainer, SiloClient
-    from federation.aggregation.strategies import make_strategy
+    from fedllm import train
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+    from fedllm.federation.aggregation.strategies import make_strategy
     from tests.ui.services import start_router
 
     rounds = 3
@@ -250,7 +250,7 @@ async def test_federation_latest_answers_from_the_newest_round_every_round(vllm_
 
 def test_the_publisher_sends_the_runs_serve_regions(tmp_path):
     """`federation.serve_regions` travels as `regions` in each publish (the router places and routes by it)."""
-    from federation.runtime.service import router_publisher
+    from fedllm.federation.runtime.service import router_publisher
     from tests.ui.fakes import FakeRouter
 
     fake = FakeRouter(admin_token="regions-admin-token-0123456789").start()

@@ -22,10 +22,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from federation.wire.keys import enroll_silo, ensure_keypair
-from federation.runtime.silo import EngineTrainer, SiloClient
-from testing.factories import REPO, free_port, make_settings
+from fedllm.appliance.cli import app
+from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
+from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+from fedllm.testing.factories import REPO, free_port, make_settings
 from tests.train.conftest import write_jsonl
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -69,14 +69,14 @@ def _start_coordinator(home: Path, port: int, router_port: int, admin_token: str
         "federation": {"status_port": free_port(), "round_deadline_s": 600.0, "silo_timeout_s": 120.0,
                        "gate_data": str(gate_data), "gate_tolerance": 0.05},
         "serve": {"port": router_port, "admin_token": admin_token}, "train": TRAIN}))
-    return subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "--config", str(config), "coordinator",
+    return subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "--home", str(home), "--config", str(config), "coordinator",
                              "start", "--port", str(port), "--min-silos", "1", "--rounds", "3", "--local-steps", "2",
                              "--run", RUN], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 async def test_a_worse_round_is_held_back_then_promotion_rollback_and_restart(vllm_worker, embedded_model_dir, tmp_path,
                                                                                monkeypatch):
-    from federation.publishing.heldout import with_gate
+    from fedllm.federation.publishing.heldout import with_gate
     from tests.ui.services import start_router
 
     admin_token = "gated-rollout-admin-token-0123456789"

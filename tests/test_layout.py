@@ -1,17 +1,20 @@
-"""The layering drawn from the imports (parsed with `ast`, so imports inside functions count too): the test harness
-has one home (`testing/`), the test bed stands apart from the product, and the base imports nothing above it."""
+"""The layering drawn from the imports (parsed with `ast`, so imports inside functions count too): every import of ours
+goes through the one `fedllm` namespace that pyproject.toml maps, the test harness has one home (`testing/`), the test
+bed stands apart from the product, and the base (`fedllm.core`) imports nothing above it."""
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from testing.factories import REPO
+from fedllm.testing.factories import REPO
 
-PRODUCT = ("appliance", "train", "serve", "federation", "ui")
-BASE = "appliance.core"  # the layer every package may import, the test bed included
+PRODUCT = ("fedllm.appliance", "fedllm.train", "fedllm.serve", "fedllm.federation", "fedllm.ui")
+BASE = "fedllm.core"  # the layer every package may import, the test bed included
+FOLDERS = ("appliance", "core", "train", "serve", "federation", "ui", "testbed", "testing")  # each is fedllm.<folder>
 
 
 def imported_modules(path: Path, package: str | None = None) -> set[str]:
@@ -61,15 +64,28 @@ def test_the_testbed_imports_no_product_package_only_the_base():
 
 
 def test_the_base_imports_nothing_above_it():
-    assert offenders("appliance/core", allowed=lambda m: within(m, BASE),
-                     forbidden=("train", "serve", "federation", "ui", "testbed", "testing", "appliance")) == {}
+    assert offenders("core", allowed=lambda m: within(m, BASE), forbidden=("fedllm",)) == {}
+
+
+@pytest.mark.parametrize("folder", [*FOLDERS, "tests", "bench", "deploy"])
+def test_every_import_of_ours_goes_through_the_fedllm_namespace(folder):
+    """A bare `import serve` would load a second copy of a module from the checkout (two registries, two settings)."""
+    assert offenders(folder, forbidden=FOLDERS) == {}
+
+
+def test_pyproject_maps_every_package_folder_under_fedllm():
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tool["package-dir"] == {f"fedllm.{top}": top for top in FOLDERS}
+    folders = {"fedllm." + ".".join(init.parent.relative_to(REPO).parts)
+               for top in FOLDERS for init in (REPO / top).rglob("__init__.py")}
+    assert set(tool["packages"]) == folders
 
 
 def test_the_import_parser_sees_imports_inside_functions_and_relative_ones(tmp_path):
     """The checks above could not fail if the parser missed the imports a function makes on first use."""
     probe = tmp_path / "probe.py"
     probe.write_text("import importlib\n\ndef f():\n    from tests.factories import x\n    import federation.silo\n"
-                     "    importlib.import_module('serve.app')\n\nfrom .. import ui\n")
+                     "    importlib.import_module('fedllm.serve.app')\n\nfrom .. import ui\n")
     modules = imported_modules(probe, package="testbed.sub")
-    assert {"tests.factories", "federation.silo", "serve.app", "testbed.ui"} <= modules
+    assert {"tests.factories", "federation.silo", "fedllm.serve.app", "testbed.ui"} <= modules
     assert any(within(m, "tests") for m in modules) and not within("testsuite", "tests")

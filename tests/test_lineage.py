@@ -1,4 +1,4 @@
-"""Lineage of an adapter version (federation/runtime/lineage.py, appliance/core/lineage.py): what a federated round registers,
+"""Lineage of an adapter version (federation/runtime/lineage.py, core/contracts/lineage.py): what a federated round registers,
 `appliance adapters show`, and the exported model card that peft and huggingface_hub load."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.adapter_registry import AdapterRegistry
-from appliance.core.lineage import base_model_hash
+from fedllm.appliance.cli import app
+from fedllm.core.adapter_registry import AdapterRegistry
+from fedllm.core.contracts.lineage import base_model_hash
 from tests.federation.conftest import FakeTrainer, federation, write_exporter
 
 
@@ -30,16 +30,16 @@ async def test_a_federated_round_registers_its_lineage(tmp_path):
 
 
 def test_base_model_hash_of_a_folder(tiny_model_dir: Path, tmp_path: Path):
-    from appliance.core.model_store import sha256_of
+    from fedllm.core.model_store import sha256_of
 
     assert base_model_hash(tiny_model_dir) == sha256_of(tiny_model_dir / "model.safetensors")
     assert base_model_hash(tmp_path / "absent") is None
 
 
 def _federated_version(home: Path, tiny_model_dir: Path, tmp_path: Path):
-    import train
+    from fedllm import train
 
-    from testing.factories import make_settings
+    from fedllm.testing.factories import make_settings
 
     cfg = make_settings(home).train
     folder = train.save_adapter_dir(train.initial_adapter_state(cfg, tiny_model_dir), cfg, tiny_model_dir, tmp_path / "staging")

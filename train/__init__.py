@@ -21,14 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.types import StateDict
-from train.engine import FitResult, TrainingFailed
-from train.evaluate import evaluate_adapter, evaluate_adapters
-from train.trainer import BaseModels, TrainPlan, Trainer, fit_adapter
+from fedllm.core.types import StateDict
+from fedllm.train.engine import FitResult, TrainingFailed
+from fedllm.train.evaluate import evaluate_adapter, evaluate_adapters
+from fedllm.train.trainer import BaseModels, TrainPlan, Trainer, fit_adapter
 
 if TYPE_CHECKING:
     import torch
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 __all__ = [
     "BaseModels",
@@ -52,14 +52,14 @@ def initial_adapter_state(cfg: "TrainSettings", model_dir: Path) -> StateDict:
     """A fresh LoRA initialisation for the model (B = 0, A random), deterministic given cfg.seed."""
     import torch
 
-    from train import lora
+    from fedllm.train import lora
 
     return lora.adapter_state(lora.build_peft_model(cfg, Path(model_dir), torch.float32))
 
 
 def save_adapter_dir(state: StateDict, cfg: "TrainSettings", model_dir: Path, out_dir: Path) -> Path:
     """Write `state` as a PEFT folder (adapter_config.json + adapter_model.safetensors) that peft and vLLM load."""
-    from train import lora
+    from fedllm.train import lora
 
     targets = lora.resolve_targets(cfg, lora.meta_model(Path(model_dir)))
     return lora.save_state_dir(state, lora.lora_config(cfg, targets, str(model_dir)), Path(out_dir))
@@ -67,20 +67,20 @@ def save_adapter_dir(state: StateDict, cfg: "TrainSettings", model_dir: Path, ou
 
 def load_adapter_state(adapter_dir: Path) -> StateDict:
     """The adapter weights of a PEFT folder (keys as get_peft_model_state_dict gives them)."""
-    from train import lora
+    from fedllm.train import lora
 
     return lora.load_state_dir(Path(adapter_dir))
 
 
 def adapter_state(model: Any) -> StateDict:
     """The adapter weights of a peft model, as CPU float32."""
-    from train import lora
+    from fedllm.train import lora
 
     return lora.adapter_state(model)
 
 
 def count_parameters(cfg: "TrainSettings", model_dir: Path) -> Any:
-    """LoRA parameter accounting without loading weights (see `train.lora.ParamReport`)."""
-    from train import lora
+    """LoRA parameter accounting without loading weights (see `fedllm.train.lora.ParamReport`)."""
+    from fedllm.train import lora
 
     return lora.count_parameters(cfg, Path(model_dir))

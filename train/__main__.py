@@ -1,4 +1,4 @@
-"""`python -m train`: one training run, for the `deepspeed` launcher (multi-GPU, multi-node).
+"""`python -m fedllm.train`: one training run, for the `deepspeed` launcher (multi-GPU, multi-node).
 
     deepspeed --num_gpus 4 --module train --model-dir MODEL_DIR --data data.jsonl --out adapter_dir \\
         --run-dir runs/my-run [--config appliance.yaml] [--max-steps 200] [--resume]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, and (rank 0) save the adapter folder; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train a LoRA adapter (DeepSpeed launcher entry point).")
+    parser = argparse.ArgumentParser(prog="python -m fedllm.train", description="Train a LoRA adapter (DeepSpeed launcher entry point).")
     parser.add_argument("--from-run", type=Path, default=None, help="A run folder whose config.json gives everything else.")
     parser.add_argument("--model-dir", type=Path, default=None, help="HF model folder.")
     parser.add_argument("--data", type=Path, default=None, help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder.")
@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from appliance.core.atomic import write_json_atomic
-    from appliance.core.sections.train import TrainSettings
-    from appliance.core.settings import load_settings
-    from train import fit_adapter, save_adapter_dir
-    from train.distributed import ADAPTER_DIR, RESULT_FILE
+    from fedllm.core.atomic import write_json_atomic
+    from fedllm.core.sections.train import TrainSettings
+    from fedllm.core.settings import load_settings
+    from fedllm.train import fit_adapter, save_adapter_dir
+    from fedllm.train.distributed import ADAPTER_DIR, RESULT_FILE
 
     if args.from_run is not None:
         conf = json.loads((args.from_run / "config.json").read_text())
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         save_adapter_dir(result.state, cfg, model_dir, out)
         if args.from_run is not None:
             write_json_atomic(args.from_run / RESULT_FILE, {"num_examples": result.num_examples, "metrics": result.metrics})
-        logging.getLogger("train").info("adapter saved to %s; metrics %s", out, result.metrics)
+        logging.getLogger("fedllm.train").info("adapter saved to %s; metrics %s", out, result.metrics)
     return 0
 
 

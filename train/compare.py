@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
-from appliance.core.atomic import write_json_atomic
-from appliance.core.errors import ConfigError
-from appliance.core.model_store import resolve_model
-from train.runs import adapter_base_dir, adapter_train_settings
+from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion
+from fedllm.core.atomic import write_json_atomic
+from fedllm.core.errors import ConfigError
+from fedllm.core.model_store import resolve_model
+from fedllm.train.runs import adapter_base_dir, adapter_train_settings
 
 if TYPE_CHECKING:
-    from appliance.core.sections.train import TrainSettings
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.sections.train import TrainSettings
+    from fedllm.core.settings import ApplianceSettings
 
 BASE = "base"
 COLUMNS = ("eval_loss", "perplexity", "exact_match", "token_f1", "tokens")
@@ -93,7 +93,7 @@ def evaluate_targets(targets: Sequence[EvalTarget], data: Path | Sequence[dict[s
     """Score each target on the same data with `train.evaluate_adapter`; returns (label, metrics) in order.
 
     `on_row(rows_so_far)` is called after each target is scored (progress for a caller that shows it)."""
-    from train import evaluate_adapter, load_adapter_state
+    from fedllm.train import evaluate_adapter, load_adapter_state
 
     rows: list[tuple[str, dict[str, float]]] = []
     for t in targets:

@@ -1,7 +1,7 @@
 """Training data: loading and validation, chat-template tokenisation, answer-only loss masks, packing.
 
 Files: JSONL, or JSON, CSV, Parquet and folders saved by Hugging Face `datasets` (read by `datasets`).
-The record formats, the file reader and their validation live in `appliance/core/records.py` (the console checks
+The record formats, the file reader and their validation live in `core/contracts/records.py` (the console checks
 uploads with them); ``load_file``, ``load_jsonl`` and ``validate_records`` are re-exported here for the engine.
 
 Packing puts several short examples into one ``max_seq_len`` row. Attention never crosses an example
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import DataError
-from appliance.core.records import load_file, load_jsonl, record_format, validate_records
+from fedllm.core.errors import DataError
+from fedllm.core.contracts.records import load_file, load_jsonl, record_format, validate_records
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Training on several ranks: DeepSpeed's own launcher runs `python -m train --from-run RUN_DIR` once per rank.
+"""Training on several ranks: DeepSpeed's own launcher runs `python -m fedllm.train --from-run RUN_DIR` once per rank.
 
 One node: `deepspeed --num_gpus N` (a rank per GPU; on a CPU-only machine DeepSpeed's launcher starts N CPU
 processes and the engine joins them with gloo). Several nodes: the same launcher with a hostfile
@@ -21,18 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import ConfigError
-from appliance.core.processes import open_private_log
-from appliance.core.types import StateDict
-from train.engine import free_port
-from train.run_folder import read_metrics
+from fedllm.core.errors import ConfigError
+from fedllm.core.processes import open_private_log
+from fedllm.core.types import StateDict
+from fedllm.train.engine import free_port
+from fedllm.train.run_folder import read_metrics
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # inside the run folder: the PEFT folder rank 0 writes
 RESULT_FILE = "result.json"  # inside the run folder: {"num_examples", "metrics"} from rank 0
 LAUNCHER_LOG = "launcher.log"  # inside the run folder: the launcher's and every rank's output
-# Set by `python -m train` itself (engine.init_distributed) when it had no launcher: a child must not inherit it.
+# Set by `python -m fedllm.train` itself (engine.init_distributed) when it had no launcher: a child must not inherit it.
 _INHERITED = ("FEDLLM_SELF_ASSIGNED_DIST", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -46,7 +46,7 @@ class LaunchResult:
 
 
 def launcher_command(ranks: int, module_args: list[str], *, hostfile: Path | None = None, master_port: int | None = None,
-                     module: str = "train") -> list[str]:
+                     module: str = "fedllm.train") -> list[str]:
     """The argv of DeepSpeed's launcher running `python -m MODULE MODULE_ARGS` on `ranks` ranks per node.
 
     Without a hostfile: one node (this one), `ranks` processes. With one: every host it lists, `ranks` per host
@@ -95,8 +95,8 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
     Raises:
         TrainingFailed: the launcher or a rank exited non-zero (the message has the log's tail).
     """
-    from train.engine import TrainingFailed
-    from train.lora import load_state_dir
+    from fedllm.train.engine import TrainingFailed
+    from fedllm.train.lora import load_state_dir
 
     run_dir = Path(run_dir)
     args = ["--from-run", str(run_dir)] + (["--resume"] if resume else [])

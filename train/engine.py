@@ -1,7 +1,7 @@
 """The training engine: peft LoRA on a causal LM, driven by DeepSpeed (ZeRO 0-3) in the calling process.
 
 On one CPU machine the engine runs in-process with the gloo backend (the distributed environment variables
-are filled in when unset, with a free port). Under the `deepspeed` launcher (`deepspeed --num_gpus N -m train
+are filled in when unset, with a free port). Under the `deepspeed` launcher (`deepspeed --num_gpus N -m fedllm.train
 --data ...`) the same code runs one process per GPU: the launcher sets RANK/WORLD_SIZE/LOCAL_RANK, each rank
 takes its own micro-batches, and rank 0 writes the run folder.
 
@@ -20,15 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.cores import usable_cores
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.types import StateDict
-from train import data as datamod
-from train import lora
+from fedllm.core.cores import usable_cores
+from fedllm.core.errors import ApplianceError, ConfigError
+from fedllm.core.types import StateDict
+from fedllm.train import data as datamod
+from fedllm.train import lora
 
 if TYPE_CHECKING:
     import torch
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
 

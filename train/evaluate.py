@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.types import StateDict
-from train import data as datamod
-from train import lora
+from fedllm.core.types import StateDict
+from fedllm.train import data as datamod
+from fedllm.train import lora
 
 if TYPE_CHECKING:
     import torch
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def evaluate_adapter(
         {"eval_loss", "perplexity", "tokens"} and, with `generate=True` on prompt/answer data,
         {"exact_match", "token_f1", "generated"} as well (greedy, over the first `max_generate` examples).
     """
-    from train.engine import set_threads
+    from fedllm.train.engine import set_threads
 
     set_threads(cfg.threads)
     records = datamod.load_data(data)
@@ -141,7 +141,7 @@ def evaluate_adapters(
     """
     import torch
 
-    from train.engine import set_threads
+    from fedllm.train.engine import set_threads
 
     set_threads(cfg.threads)
     tokenizer = lora.load_tokenizer(model_dir)

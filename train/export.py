@@ -7,8 +7,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from appliance.core.errors import DataError
-from train import lora
+from fedllm.core.errors import DataError
+from fedllm.train import lora
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ def export_adapter(adapter_dir: Path, out_dir: Path) -> Path:
         if (Path(adapter_dir) / name).exists():
             shutil.copy2(Path(adapter_dir) / name, out_dir / name)
     if (out_dir / "meta.json").exists():  # a registry version: its model card (README.md) carries the lineage
-        from appliance.core.atomic import write_text_atomic
-        from appliance.core.lineage import model_card
+        from fedllm.core.atomic import write_text_atomic
+        from fedllm.core.contracts.lineage import model_card
 
         write_text_atomic(out_dir / "README.md", model_card(json.loads((out_dir / "meta.json").read_text())))
     return out_dir

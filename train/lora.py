@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ConfigError, DataError
-from appliance.core.types import StateDict
+from fedllm.core.errors import ConfigError, DataError
+from fedllm.core.types import StateDict
 
 if TYPE_CHECKING:
     import torch
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A rank group that outlives one training call: N ranks started once, trained many times (a silo's rounds).
 
-`RankGroup(ranks)` starts `python -m train.rank_group SOCKET` on N ranks under DeepSpeed's launcher (one node, or the
+`RankGroup(ranks)` starts `python -m fedllm.train.rank_group SOCKET` on N ranks under DeepSpeed's launcher (one node, or the
 nodes of a hostfile whose first host is this one). Rank 0 connects back to this process over a Unix socket in a
 private (0700) folder. Each `fit(...)` sends rank 0 a command and the starting adapter; rank 0 broadcasts both to
 the other ranks over torch.distributed, every rank runs its `train.Trainer` (kept across calls) on its share of the global batches (ZeRO
@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.processes import open_private_log
-from appliance.core.types import StateDict
-from train.distributed import free_port, launch_env, launcher_command, remove_shm_buffers, stop_process_group
-from train.engine import FitResult, TrainingFailed
+from fedllm.core.processes import open_private_log
+from fedllm.core.types import StateDict
+from fedllm.train.distributed import free_port, launch_env, launcher_command, remove_shm_buffers, stop_process_group
+from fedllm.train.engine import FitResult, TrainingFailed
 
 if TYPE_CHECKING:
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class RankGroup:
         listener.listen(1)
         listener.settimeout(0.5)
         self._port = free_port()
-        cmd = launcher_command(self.ranks, [str(path)], hostfile=self.hostfile, module="train.rank_group", master_port=self._port)
+        cmd = launcher_command(self.ranks, [str(path)], hostfile=self.hostfile, module="fedllm.train.rank_group", master_port=self._port)
         log_path = self._dir / "launcher.log"
         with open_private_log(log_path) as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
@@ -250,8 +250,8 @@ def serve_ranks(socket_path: str) -> None:
     """A rank's life: join the group, then run every command rank 0 receives until `stop`."""
     import torch.distributed as dist
 
-    from train.engine import init_distributed
-    from train.trainer import Trainer, TrainPlan
+    from fedllm.train.engine import init_distributed
+    from fedllm.train.trainer import Trainer, TrainPlan
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -269,7 +269,7 @@ def serve_ranks(socket_path: str) -> None:
             break
         if header["op"] != "fit":
             raise ValueError(f"unknown rank-group command {header['op']!r}")
-        from appliance.core.sections.train import TrainSettings
+        from fedllm.core.sections.train import TrainSettings
 
         kwargs = dict(header["kwargs"])
         if kwargs.get("schedule_span") is not None:

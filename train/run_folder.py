@@ -1,6 +1,6 @@
 """The run folder `runs/ID/` (docs/CONTRACTS.md): config.json, status.json, metrics.jsonl, train.log, checkpoints/.
 
-One schema for config.json (`run_config`), written once by whoever creates the run: `train.runs.start_run` with the
+One schema for config.json (`run_config`), written once by whoever creates the run: `fedllm.train.runs.start_run` with the
 product's settings and output name, or `fit_adapter` itself for a run folder nobody prepared. Only rank 0 writes.
 """
 
@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.atomic import append_jsonl, write_json_atomic, write_text_atomic
-from appliance.core.errors import ConfigError
+from fedllm.core.atomic import append_jsonl, write_json_atomic, write_text_atomic
+from fedllm.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run_config(
     output: str | None = None,
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of config.json: what `train.runs.resume_run` needs to continue the run, and its provenance.
+    """The content of config.json: what `fedllm.train.runs.resume_run` needs to continue the run, and its provenance.
 
     Args:
         cfg: the train settings the run uses.
@@ -50,7 +50,7 @@ def run_config(
         data / eval_data: JSONL paths (stored resolved) or in-memory records (stored as "<records>").
         max_steps: the step budget given to `fit_adapter`, if any.
         model: the base model's store name; output: the adapter name the run registers (None: the run registers none).
-        settings: the whole resolved settings, secrets redacted (`appliance.core.settings.redacted_dump`).
+        settings: the whole resolved settings, secrets redacted (`fedllm.core.settings.redacted_dump`).
     """
     return {
         "train": cfg.model_dump(mode="json"),
@@ -120,12 +120,12 @@ class RunFolder:
         log.chmod(0o600)  # owner only, like every log of the appliance
         handler = logging.FileHandler(log, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("train").addHandler(handler)
+        logging.getLogger("fedllm.train").addHandler(handler)
         return handler
 
     def detach_log(self, handler: logging.Handler | None) -> None:
         if handler is not None:
-            logging.getLogger("train").removeHandler(handler)
+            logging.getLogger("fedllm.train").removeHandler(handler)
             handler.close()
 
     def truncate_metrics(self, step: int) -> list[float]:
@@ -159,7 +159,7 @@ class RunFolder:
         """
         if self.path is None or not (self.checkpoints / "latest").exists():
             raise ConfigError(f"nothing to resume: no checkpoint under {self.path}/checkpoints")
-        from train.safe_checkpoint import weights_only_engine
+        from fedllm.train.safe_checkpoint import weights_only_engine
 
         # Never pickle's arbitrary code: every file of the checkpoint is loaded weights-only (train/safe_checkpoint.py).
         saving = engine.checkpoint_engine

@@ -1,6 +1,6 @@
 """Training runs as the CLI and console see them: a run folder under runs/ID, then a registered adapter version.
 
-`start_run` writes runs/ID/config.json (`train.run_folder.run_config`: resolved settings, secrets redacted, the
+`start_run` writes runs/ID/config.json (`fedllm.train.run_folder.run_config`: resolved settings, secrets redacted, the
 data and the output name), trains with `fit_adapter`, registers the adapter in the registry with its lineage, and records the
 adapter in status.json. `resume_run` re-reads config.json and continues from the last checkpoint.
 """
@@ -19,20 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion, check_name
-from appliance.core.atomic import write_json_atomic
-from appliance.core.errors import ConfigError
-from appliance.core.lineage import base_model_hash
-from appliance.core.model_store import resolve_model
-from appliance.core.tracking import Tracker
-from appliance.core.sections.train import TrainSettings
-from train import data as datamod
-from train.engine import FitResult, per_rank_batch
-from train.trainer import fit_adapter
-from train.run_folder import run_config
+from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion, check_name
+from fedllm.core.atomic import write_json_atomic
+from fedllm.core.errors import ConfigError
+from fedllm.core.contracts.lineage import base_model_hash
+from fedllm.core.model_store import resolve_model
+from fedllm.core.contracts.tracking import Tracker
+from fedllm.core.sections.train import TrainSettings
+from fedllm.train import data as datamod
+from fedllm.train.engine import FitResult, per_rank_batch
+from fedllm.train.trainer import fit_adapter
+from fedllm.train.run_folder import run_config
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.settings import ApplianceSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def start_run(
     Raises:
         DataError: invalid data, before any training. ModelNotFound: unknown model. ConfigError: bad settings.
     """
-    from appliance.core.settings import redacted_dump
+    from fedllm.core.settings import redacted_dump
 
     model_name = model or settings.model
     model_dir = resolve_model(settings.models_dir, model_name)
@@ -166,8 +166,8 @@ def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: b
 
 
 def _launch(run_dir: Path, cfg: TrainSettings, *, resume: bool, progress: Any) -> FitResult:
-    """Train on cfg.ranks ranks (per node of cfg.hostfile) under DeepSpeed's launcher (train.distributed)."""
-    from train.distributed import launch_run
+    """Train on cfg.ranks ranks (per node of cfg.hostfile) under DeepSpeed's launcher (fedllm.train.distributed)."""
+    from fedllm.train.distributed import launch_run
 
     try:
         out = launch_run(run_dir, cfg.ranks, resume=resume, hostfile=Path(cfg.hostfile) if cfg.hostfile else None, progress=progress)
@@ -185,7 +185,7 @@ def _launch(run_dir: Path, cfg: TrainSettings, *, resume: bool, progress: Any) -
 def register_result(settings: "ApplianceSettings", result: FitResult, cfg: TrainSettings, model_dir: Path, name: str,
                     meta: dict[str, Any]) -> AdapterVersion:
     """Write the state as a PEFT folder and register it as the next version of `name`."""
-    from train import save_adapter_dir
+    from fedllm.train import save_adapter_dir
 
     with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
         save_adapter_dir(result.state, cfg, model_dir, Path(tmp))

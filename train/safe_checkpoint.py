@@ -17,7 +17,7 @@ import logging
 import pickle
 from typing import Any
 
-from appliance.core.errors import ConfigError
+from fedllm.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

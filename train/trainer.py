@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.types import StateDict
-from train import data as datamod
-from train import lora, memory, optimizer_memory
-from train.engine import (FitResult, Progress, TrainingFailed, deepspeed_config, evaluate_engine, gathered_state,
+from fedllm.core.errors import ApplianceError, ConfigError
+from fedllm.core.types import StateDict
+from fedllm.train import data as datamod
+from fedllm.train import lora, memory, optimizer_memory
+from fedllm.train.engine import (FitResult, Progress, TrainingFailed, deepspeed_config, evaluate_engine, gathered_state,
                           init_distributed, loss_module, lr_lambda, plan_steps, prepare_rows, resolve_precision,
                           set_threads, sum_over_ranks)
-from train.run_folder import RunFolder, run_config
+from fedllm.train.run_folder import RunFolder, run_config
 
 if TYPE_CHECKING:
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import ConfigError
-from appliance.core.net import is_loopback
-from appliance.core.settings import ApplianceSettings
-from appliance.core.tls import check_public_bind, check_server_files
-from appliance.core.tokens import take_login_link
-from ui.context import ConsoleContext
-from ui.login import LoginGate, LoginLinkPage
+from fedllm.core.errors import ConfigError
+from fedllm.core.net import is_loopback
+from fedllm.core.settings import ApplianceSettings
+from fedllm.core.tls import check_public_bind, check_server_files
+from fedllm.core.tokens import take_login_link
+from fedllm.ui.context import ConsoleContext
+from fedllm.ui.login import LoginGate, LoginLinkPage
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def build_console(settings: ApplianceSettings, ctx: ConsoleContext | None = None
     """The console as a `gr.Blocks` (not launched)."""
     import gradio as gr
 
-    from ui.tabs import adapters, chat, federation, fleet, jobs, train
+    from fedllm.ui.tabs import adapters, chat, federation, fleet, jobs, train
 
     ctx = ctx or ConsoleContext.from_settings(settings)
     with gr.Blocks(title=TITLE) as demo:
@@ -58,7 +58,7 @@ def needs_login(host: str, require_login: bool = False) -> bool:
 
 def make_auth(admin_password: str, users: dict[str, str], once: str | None = None) -> Callable[[str, str], bool]:
     """A Gradio auth function: `admin` + the console password, a configured user and password, or once `once`
-    (constant-time, rate-limited: `ui.login.LoginGate`)."""
+    (constant-time, rate-limited: `fedllm.ui.login.LoginGate`)."""
     return LoginGate(admin_password, users, once=once)
 
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.core.adapter_registry import AdapterRegistry
-from appliance.core.errors import ApplianceError
-from appliance.core.tokens import console_password, coordinator_status_token, router_admin_token
-from appliance.core.settings import ApplianceSettings
-from appliance.core.tls import client_context
-from ui.services import RouterClient, ServiceClient, coordinator_client
+from fedllm.core.adapter_registry import AdapterRegistry
+from fedllm.core.errors import ApplianceError
+from fedllm.core.tokens import console_password, coordinator_status_token, router_admin_token
+from fedllm.core.settings import ApplianceSettings
+from fedllm.core.tls import client_context
+from fedllm.ui.services import RouterClient, ServiceClient, coordinator_client
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ConsoleContext:
 
     @classmethod
     def from_settings(cls, settings: ApplianceSettings) -> "ConsoleContext":
-        """Resolve service URLs and tokens (each from its setting or its file under `keys/`: appliance.core.tokens)."""
+        """Resolve service URLs and tokens (each from its setting or its file under `keys/`: fedllm.core.tokens)."""
         ui = settings.ui
         router_url = ui.router_url or f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}"
         coordinator_url = ui.coordinator_url or f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"

@@ -1,7 +1,7 @@
 """Model comparisons as the console sees them: `appliance eval --compare ... --json-out FILE`, launched detached.
 
 The console starts the same command a person types (so the scores are those of `appliance eval --compare`), through
-`ui.launcher` (kind "eval"), and reads everything back from disk: the launch record (pid, exit code, log) and the
+`fedllm.ui.launcher` (kind "eval"), and reads everything back from disk: the launch record (pid, exit code, log) and the
 JSON the command rewrites after each model (`{"targets", "data", "done", "total", "rows": [{"model", "metrics"}]}`).
 A reload, or a restarted console, shows the same comparison.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.processes import log_tail
-from ui.launcher import list_records, read_record, record_state
+from fedllm.core.processes import log_tail
+from fedllm.ui.launcher import list_records, read_record, record_state
 
 # (metric key in `appliance eval`'s results, column title); lower loss / perplexity and higher match / F1 are better.
 COLUMNS = (("eval_loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"), ("token_f1", "token F1"),
@@ -32,7 +32,7 @@ def evals_dir(home: Path) -> Path:
 def compare_command(home: Path, targets: list[str], data: Path, out: Path, *, generate: bool, max_generate: int,
                     max_new_tokens: int) -> list[str]:
     """The `appliance eval --compare` command line for the Adapters tab's form."""
-    return [sys.executable, "-m", "appliance", "--home", str(home), "eval", "--compare", ",".join(targets),
+    return [sys.executable, "-m", "fedllm.appliance", "--home", str(home), "eval", "--compare", ",".join(targets),
             "--data", str(data), "--json-out", str(out), "--generate" if generate else "--no-generate",
             "--max-generate", str(int(max_generate)), "--max-new-tokens", str(int(max_new_tokens))]
 
@@ -118,7 +118,7 @@ def progress_html(view: CompareView | None) -> str:
 
 def loss_figure(view: CompareView | None) -> Any:
     """Bars of eval loss per model (lower is better), the base model in grey."""
-    from ui.plots import bar_figure
+    from fedllm.ui.plots import bar_figure
 
     rows = [(str(r.get("model")), float(r["metrics"]["eval_loss"])) for r in (view.rows if view else [])
             if isinstance(r.get("metrics", {}).get("eval_loss"), (int, float))]

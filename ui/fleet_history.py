@@ -1,13 +1,13 @@
 """The Fleet tab's view over time: snapshots of the router's /metrics kept for the last minutes, and the frames its
 plots draw (requests/s and errors/s; time to first token p50/p99 per worker), read with the router's own metric
-names (`appliance.core.router_metrics`)."""
+names (`fedllm.core.contracts.router_metrics`)."""
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Any
 
-from appliance.core.router_metrics import FleetSnapshot, interval_rates, ttft_quantiles
+from fedllm.core.contracts.router_metrics import FleetSnapshot, interval_rates, ttft_quantiles
 
 
 class FleetHistory:
@@ -54,7 +54,7 @@ def summary_markdown(snap: FleetSnapshot) -> str:
 
 def figures(history: FleetHistory) -> tuple[Any, Any]:
     """The two plots of the Fleet tab."""
-    from ui.plots import line_figure
+    from fedllm.ui.plots import line_figure
 
     rates, ttft = history.frames()
     return (line_figure(rates, "seconds ago", "value", "Requests and errors per second", empty_text="Waiting for two samples"),

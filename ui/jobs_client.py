@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.core.router_client import ServiceUnavailable
+from fedllm.core.contracts.router_client import ServiceUnavailable
 
 
 class JobsClient:
-    """Runs `python -m appliance ...` against the appliance home `home`."""
+    """Runs `python -m fedllm.appliance ...` against the appliance home `home`."""
 
     def __init__(self, home: Path, timeout_s: float = 60.0):
         self.home = Path(home)
@@ -24,7 +24,7 @@ class JobsClient:
     def _run(self, *args: str) -> str:
         env = {**os.environ, "APPLIANCE_HOME": str(self.home)}
         try:
-            done = subprocess.run([sys.executable, "-m", "appliance", *args], env=env, capture_output=True, text=True,
+            done = subprocess.run([sys.executable, "-m", "fedllm.appliance", *args], env=env, capture_output=True, text=True,
                                   timeout=self.timeout_s, cwd=str(Path(__file__).resolve().parents[1]))
         except subprocess.TimeoutExpired as exc:
             raise ServiceUnavailable(f"`appliance {' '.join(args[:2])}` did not answer in {self.timeout_s:g} s") from exc

@@ -5,7 +5,7 @@ console itself, and so a run that dies before writing its own status (bad argume
 reported with its exit code and the end of its log. A launch record is `APPLIANCE_HOME/ui/launches/ID.json`:
 `{"id", "kind", "cmd", "pid", "wrapper_pid", "log", "started_at", "exit_code", "ended_at", "stop_requested"}`.
 
-Run as `python -m ui.launcher RECORD -- CMD...` (done by `launch()`; not meant for people).
+Run as `python -m fedllm.ui.launcher RECORD -- CMD...` (done by `launch()`; not meant for people).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import write_json_atomic
-from appliance.core.processes import open_private_log, pid_alive, process_start_ticks, same_process
+from fedllm.core.atomic import write_json_atomic
+from fedllm.core.processes import open_private_log, pid_alive, process_start_ticks, same_process
 
 
 def launches_dir(home: Path) -> Path:
@@ -45,7 +45,7 @@ def launch(home: Path, kind: str, cmd: list[str], env: dict[str, str] | None = N
               "exit_code": None, "ended_at": None, "stop_requested": False}
     write_json_atomic(record_path, record)
     subprocess.Popen(
-        [sys.executable, "-m", "ui.launcher", str(record_path), "--", *cmd],
+        [sys.executable, "-m", "fedllm.ui.launcher", str(record_path), "--", *cmd],
         env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
     )

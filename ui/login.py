@@ -1,7 +1,7 @@
 """Who may enter the console: the password check with a brake on guessing, and the one-time login link.
 
 Gradio asks for the login (`launch(auth=...)`) and calls `LoginGate` with what was typed. The gate accepts user `admin`
-with the console password (`appliance.core.tokens.console_password`), a `ui.users` login, or, once, the token of the
+with the console password (`fedllm.core.tokens.console_password`), a `ui.users` login, or, once, the token of the
 login link `appliance up` prints. After `max_failures` wrong passwords for one user within `window_s`, that user is
 refused for the rest of the window whatever is typed, and so is everyone once `max_failures_total` wrong passwords
 arrive within it (a spray over many names); each lockout is logged once, without what was typed.
@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from appliance.core.secrets import same_secret
+from fedllm.core.secrets import same_secret
 
 logger = logging.getLogger(__name__)
 

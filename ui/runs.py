@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.processes import log_tail
-from ui.launcher import list_records, pid_alive, record_state
+from fedllm.core.processes import log_tail
+from fedllm.ui.launcher import list_records, pid_alive, record_state
 
 FINAL_STATES = ("done", "failed", "stopped")
 
@@ -135,7 +135,7 @@ def _launch_only(record: dict[str, Any]) -> RunView:
 def train_command(data: Path, *, model: str | None, output: str | None, max_steps: int, lr: float, lora_r: int,
                   lora_alpha: int, batch_size: int, max_seq_len: int, home: Path) -> list[str]:
     """The `appliance train` command line for the Train tab's form."""
-    cmd = [sys.executable, "-m", "appliance", "--home", str(home), "train", "--data", str(data),
+    cmd = [sys.executable, "-m", "fedllm.appliance", "--home", str(home), "train", "--data", str(data),
            "--max-steps", str(int(max_steps)), "--lr", str(lr), "--lora-r", str(int(lora_r)),
            "--lora-alpha", str(int(lora_alpha)), "--batch-size", str(int(batch_size)), "--max-seq-len", str(int(max_seq_len))]
     if model:
@@ -147,7 +147,7 @@ def train_command(data: Path, *, model: str | None, output: str | None, max_step
 
 def resume_command(run_id: str, home: Path) -> list[str]:
     """The `appliance train --resume RUN_ID` command line."""
-    return [sys.executable, "-m", "appliance", "--home", str(home), "train", "--resume", run_id]
+    return [sys.executable, "-m", "fedllm.appliance", "--home", str(home), "train", "--resume", run_id]
 
 
 def format_duration(seconds: float | None) -> str:

@@ -14,15 +14,15 @@ from typing import Any
 
 import httpx
 
-from appliance.core.router_client import RouterClient as AdminRouterClient
-from appliance.core.router_client import ServiceClient, ServiceUnavailable, error_text
-from appliance.core.tls import refuse_plain_http_token
+from fedllm.core.contracts.router_client import RouterClient as AdminRouterClient
+from fedllm.core.contracts.router_client import ServiceClient, ServiceUnavailable, error_text
+from fedllm.core.tls import refuse_plain_http_token
 
 logger = logging.getLogger(__name__)
 
 
 class RouterClient(AdminRouterClient):
-    """The router: fleet and adapters through `/admin/*` (admin token, `appliance.core.router_client`), models and
+    """The router: fleet and adapters through `/admin/*` (admin token, `fedllm.core.contracts.router_client`), models and
     chat through `/v1/*` (API key)."""
 
     def __init__(self, base_url: str, admin_token: str | None, api_key: str | None = None, timeout_s: float = 10.0,

@@ -5,7 +5,7 @@ the appliance promises on top: a token under keys/, groups as node labels, a ref
 never hold, a per-group limit on concurrent jobs, re-submission after a node dies, and threads that follow a job's CPUs.
 """
 
-from appliance.cluster.jobs import JobRequest, JobView
-from appliance.cluster.nodes import NodeView
+from fedllm.appliance.cluster.jobs import JobRequest, JobView
+from fedllm.appliance.cluster.nodes import NodeView
 
 __all__ = ["JobRequest", "JobView", "NodeView"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.cluster.nodes import GIB, GROUP_LABEL, SLOT, NodeView
-from appliance.core.errors import ConfigError
+from fedllm.appliance.cluster.nodes import GIB, GROUP_LABEL, SLOT, NodeView
+from fedllm.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.cluster.head_api import HeadAPI, HeadUnavailable
-from appliance.cluster.jobs import JobStore
-from appliance.cluster.nodes import node_start_argv
-from appliance.cluster.ray_env import TOKEN_NAME, ray_env, read_token, token_path
-from appliance.cluster.scheduler import JobScheduler
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.processes import log_tail, start_process_group, stop_process_group
+from fedllm.appliance.cluster.head_api import HeadAPI, HeadUnavailable
+from fedllm.appliance.cluster.jobs import JobStore
+from fedllm.appliance.cluster.nodes import node_start_argv
+from fedllm.appliance.cluster.ray_env import TOKEN_NAME, ray_env, read_token, token_path
+from fedllm.appliance.cluster.scheduler import JobScheduler
+from fedllm.core.errors import ApplianceError, ConfigError
+from fedllm.core.processes import log_tail, start_process_group, stop_process_group
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from appliance.core.errors import ApplianceError
+from fedllm.core.errors import ApplianceError
 
 
 class HeadUnavailable(ApplianceError):

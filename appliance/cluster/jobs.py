@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.cluster.group_resources import Resources
-from appliance.cluster.nodes import check_label
-from appliance.core.atomic import write_json_atomic
-from appliance.core.errors import ConfigError
+from fedllm.appliance.cluster.group_resources import Resources
+from fedllm.appliance.cluster.nodes import check_label
+from fedllm.core.atomic import write_json_atomic
+from fedllm.core.errors import ConfigError
 
 QUEUED = "QUEUED"  # held by the appliance (group limit, or behind an earlier job of its group); not yet given to Ray
 ACTIVE = ("PENDING", "RUNNING")
@@ -93,7 +93,7 @@ class JobRecord:
     def entrypoint(self) -> str:
         """The shell command Ray runs: the launcher (threads, cores, where it runs), then the job's command."""
         flags = f"--cpus {self.need.cpus:g}" + (" --program" if self.program else "")
-        return f'"${{APPLIANCE_PYTHON:-python3}}" -m appliance.cluster.launch {flags} -- {shlex.join(self.command)}'
+        return f'"${{APPLIANCE_PYTHON:-python3}}" -m fedllm.appliance.cluster.launch {flags} -- {shlex.join(self.command)}'
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,7 +1,7 @@
 """The first process of every job, on the node that runs it: size threads to the job's CPUs, pin cores, say where it
 runs, then become the job's command (exec, so stopping the job stops the command's whole process group).
 
-    python -m appliance.cluster.launch --cpus N [--program] -- COMMAND ...
+    python -m fedllm.appliance.cluster.launch --cpus N [--program] -- COMMAND ...
 
 Without `--program`, COMMAND is an appliance command (`train ...`) run with this interpreter. Cores are claimed with
 `flock` on one file per core in a node-local folder; the locks pass through exec and go when the job's process dies,
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from appliance.core.cores import available_cores
+from fedllm.core.cores import available_cores
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 MARK = "appliance-job:"
@@ -76,7 +76,7 @@ def where() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the launcher: `--cpus N [--program] -- COMMAND ...`."""
-    parser = argparse.ArgumentParser(prog="python -m appliance.cluster.launch")
+    parser = argparse.ArgumentParser(prog="python -m fedllm.appliance.cluster.launch")
     parser.add_argument("--cpus", type=float, required=True)
     parser.add_argument("--program", action="store_true")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {**where(), **prepare(args.cpus, lock_dir)}
     print(f"{MARK} {json.dumps(info)}", flush=True)
     if not args.program:
-        command = [sys.executable, "-m", "appliance", *command]
+        command = [sys.executable, "-m", "fedllm.appliance", *command]
     os.execvp(command[0], command)
 
 

@@ -6,11 +6,11 @@ import logging
 import threading
 from pathlib import Path
 
-from appliance.cluster.head import node_env
-from appliance.cluster.nodes import node_start_argv
-from appliance.cluster.ray_env import read_token, spare_port
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.processes import log_tail, start_process_group, stop_process_group
+from fedllm.appliance.cluster.head import node_env
+from fedllm.appliance.cluster.nodes import node_start_argv
+from fedllm.appliance.cluster.ray_env import read_token, spare_port
+from fedllm.core.errors import ApplianceError, ConfigError
+from fedllm.core.processes import log_tail, start_process_group, stop_process_group
 
 log = logging.getLogger(__name__)
 

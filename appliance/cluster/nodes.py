@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.cluster.head_api import HeadAPI
-from appliance.cluster.ray_env import ray_env, ray_executable
-from appliance.core.errors import ApplianceError, ConfigError
+from fedllm.appliance.cluster.head_api import HeadAPI
+from fedllm.appliance.cluster.ray_env import ray_env, ray_executable
+from fedllm.core.errors import ApplianceError, ConfigError
 
 GROUP_LABEL = "group"
 SLOT = "slot"  # the custom resource that stands for a GPU on CPU-only machines

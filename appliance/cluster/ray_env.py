@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.core.secrets import ensure_token, read_secret_file
+from fedllm.core.secrets import ensure_token, read_secret_file
 
 TOKEN_NAME = "ray_token"
 

@@ -15,11 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from appliance.cluster.group_resources import check_fits, pending_reason
-from appliance.cluster.head_api import HeadAPI
-from appliance.cluster.jobs import ACTIVE, FINAL, QUEUED, Attempt, JobRecord, JobRequest, JobStore, new_record
-from appliance.cluster.nodes import NodeView, list_nodes
-from appliance.core.errors import ConfigError
+from fedllm.appliance.cluster.group_resources import check_fits, pending_reason
+from fedllm.appliance.cluster.head_api import HeadAPI
+from fedllm.appliance.cluster.jobs import ACTIVE, FINAL, QUEUED, Attempt, JobRecord, JobRequest, JobStore, new_record
+from fedllm.appliance.cluster.nodes import NodeView, list_nodes
+from fedllm.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

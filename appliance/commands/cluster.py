@@ -1,5 +1,5 @@
 """`appliance node ...` and `appliance job ...`: machines joined to the appliance's Ray cluster in device groups, and
-jobs (any appliance command) placed on a group. Thin: the work is in `appliance.cluster`."""
+jobs (any appliance command) placed on a group. Thin: the work is in `fedllm.appliance.cluster`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
-from appliance.core.errors import ConfigError
+from fedllm.appliance.commands.common import cli_errors, console, err_console, needs, settings_from
+from fedllm.core.errors import ConfigError
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the head would drown the output
 
@@ -42,8 +42,8 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 @needs('cluster', for_what="`appliance head`")
 def head(ctx: typer.Context) -> None:
     """Run the Ray head (token auth, job API on 127.0.0.1) and the job queue until Ctrl-C."""
-    from appliance.cluster.head import run_head
-    from appliance.core.processes import stop_on_signals
+    from fedllm.appliance.cluster.head import run_head
+    from fedllm.core.processes import stop_on_signals
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -66,8 +66,8 @@ def node_join(
     node_ip: str = typer.Option("127.0.0.1", "--node-ip", help="Address this node announces (default: Ray picks this machine's)."),
 ) -> None:
     """Join this machine to a head as a node of GROUP and stay joined until Ctrl-C (the node leaves when it stops)."""
-    from appliance.cluster.node_process import run_node
-    from appliance.core.processes import stop_on_signals
+    from fedllm.appliance.cluster.node_process import run_node
+    from fedllm.core.processes import stop_on_signals
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -81,8 +81,8 @@ def node_join(
 @needs('cluster', for_what="`appliance node ls`")
 def node_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List nodes by group with total and free CPU, GPU, slot and memory (GiB), alive or not."""
-    from appliance.cluster.head import connect
-    from appliance.cluster.nodes import list_nodes
+    from fedllm.appliance.cluster.head import connect
+    from fedllm.appliance.cluster.nodes import list_nodes
 
     with cli_errors():
         nodes = list_nodes(connect(settings_from(ctx)).api)
@@ -99,9 +99,9 @@ def node_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
 
 
 def _drain(ctx: typer.Context, node_id: str, remove: bool) -> None:
-    from appliance.cluster.head import connect
-    from appliance.cluster.nodes import drain_node, find_node, list_nodes
-    from appliance.cluster.ray_env import token_path
+    from fedllm.appliance.cluster.head import connect
+    from fedllm.appliance.cluster.nodes import drain_node, find_node, list_nodes
+    from fedllm.appliance.cluster.ray_env import token_path
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -127,7 +127,7 @@ def node_remove(ctx: typer.Context, node_id: str = typer.Argument(..., help="Nod
 
 
 def _scheduler(ctx: typer.Context):
-    from appliance.cluster.head import connect
+    from fedllm.appliance.cluster.head import connect
 
     return connect(settings_from(ctx))
 
@@ -150,8 +150,8 @@ def job_submit(
     Data paths in COMMAND are paths on the node that runs it (a silo's data never travels). Refused at once when no
     node of the group could hold the job; otherwise it waits (PENDING, with the reason) until resources free up.
     """
-    from appliance.cluster.group_resources import Resources
-    from appliance.cluster.jobs import JobRequest
+    from fedllm.appliance.cluster.group_resources import Resources
+    from fedllm.appliance.cluster.jobs import JobRequest
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -169,7 +169,7 @@ def _age(seconds: float) -> str:
 @needs('cluster', for_what="`appliance job ls`")
 def job_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List jobs, newest last: state, group, node, age and (for waiting or failed jobs) the reason."""
-    from appliance.cluster.jobs import view
+    from fedllm.appliance.cluster.jobs import view
 
     with cli_errors():
         sched = _scheduler(ctx)
@@ -189,7 +189,7 @@ def job_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
 def job_show(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One job: state and reason, node, attempts and node failures, and for a training job its run and adapter."""
-    from appliance.cluster.jobs import view
+    from fedllm.appliance.cluster.jobs import view
 
     with cli_errors():
         sched = _scheduler(ctx)
@@ -225,7 +225,7 @@ def job_logs(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id 
 def job_stop(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
              wait_s: float = typer.Option(30.0, "--wait-s", help="Seconds to wait for the job to end.")) -> None:
     """Stop a job: its whole process tree ends (SIGTERM, then SIGKILL); a queued job never starts."""
-    from appliance.cluster.jobs import FINAL
+    from fedllm.appliance.cluster.jobs import FINAL
 
     with cli_errors():
         sched = _scheduler(ctx)

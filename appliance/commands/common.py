@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from appliance.core.extras import MissingExtra, require
-from appliance.core.errors import ApplianceError, ConfigError, DataError, ModelNotFound
-from appliance.core.settings import ApplianceSettings, load_settings
+from fedllm.appliance.extras import MissingExtra, require
+from fedllm.core.errors import ApplianceError, ConfigError, DataError, ModelNotFound
+from fedllm.core.settings import ApplianceSettings, load_settings
 
 console = Console()
 err_console = Console(stderr=True)

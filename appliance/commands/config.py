@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
-from appliance.core.settings import redacted_dump
+from fedllm.appliance.commands.common import cli_errors, console, settings_from
+from fedllm.core.settings import redacted_dump
 
 config_app = typer.Typer(help="Inspect the effective settings (YAML file < APPLIANCE_* env < flags).", no_args_is_help=True)
 

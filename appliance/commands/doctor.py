@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, settings_from
-from appliance.core.doctor import ROLES, as_json, failed, run_checks
+from fedllm.appliance.commands.common import cli_errors, console, settings_from
+from fedllm.appliance.doctor import ROLES, as_json, failed, run_checks
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 

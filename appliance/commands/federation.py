@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, needs, settings_from
+from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
 
 federation_app = typer.Typer(help="Federation admin: coordinator keys, silo enrolment, status.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the federation coordinator.", no_args_is_help=True)
@@ -18,7 +18,7 @@ demo_app = typer.Typer(help="Self-contained demos on the embedded model.", no_ar
 
 def _print_keypair(ctx: typer.Context, role: str) -> None:
     """Create (once) the CURVE key pair of `role` under keys/ and print its public key."""
-    from federation.wire.keys import ensure_keypair
+    from fedllm.federation.wire.keys import ensure_keypair
 
     with cli_errors():
         kp = ensure_keypair(settings_from(ctx).keys_dir, role)
@@ -40,7 +40,7 @@ def enroll(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."
 
     Put `--` before NAME: a key may start with "-" (`appliance federation enroll -- NAME KEY`).
     """
-    from federation.wire.keys import enroll_silo
+    from fedllm.federation.wire.keys import enroll_silo
 
     with cli_errors():
         silos = enroll_silo(settings_from(ctx).keys_dir, name, public_key, num_examples=examples)
@@ -54,7 +54,7 @@ def enroll(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."
 @federation_app.command("remove")
 def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name.")) -> None:
     """Withdraw a silo: a running coordinator drops its session within a second and ignores its messages."""
-    from federation.wire.keys import remove_silo
+    from fedllm.federation.wire.keys import remove_silo
 
     with cli_errors():
         if not remove_silo(settings_from(ctx).keys_dir, name):
@@ -66,9 +66,9 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Silo name."
 @federation_app.command("status")
 def status(ctx: typer.Context, url: Optional[str] = typer.Option(None, "--url", help="Status URL (default: local coordinator).")) -> None:
     """Show silos (online, last seen, rounds) and rounds (participants, metrics, bytes, duration)."""
-    from appliance.core.net import connectable_host
-    from appliance.core.tokens import coordinator_status_token
-    from federation.runtime.report import fetch_status, format_status
+    from fedllm.core.net import connectable_host
+    from fedllm.core.tokens import coordinator_status_token
+    from fedllm.federation.runtime.report import fetch_status, format_status
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -106,7 +106,7 @@ def start(
     """Run the federation until its last round (Ctrl-C stops it; a restart resumes from the last checkpoint).
 
     Exits 1 when the run fails (too many failed rounds in a row), so `appliance up` restarts it."""
-    from federation.runtime.service import run_coordinator
+    from fedllm.federation.runtime.service import run_coordinator
 
     with cli_errors():
         settings = settings_from(ctx, {"federation": {
@@ -138,7 +138,7 @@ def join(
     ranks: Optional[int] = typer.Option(None, "--ranks", help="Train on N ranks per node (GPUs or CPU processes), kept alive across rounds."),
 ) -> None:
     """Train every round the coordinator sends, until the run ends (reconnects by itself)."""
-    from federation.runtime.service import run_silo
+    from fedllm.federation.runtime.service import run_silo
 
     with cli_errors():
         settings = settings_from(ctx, {"federation": {"coordinator": coordinator, "coordinator_key": coordinator_key,
@@ -158,7 +158,7 @@ def demo_federation(
 ) -> None:
     """Coordinator + three hospital silos on the embedded model; prints held-out losses for base, local-only,
     federated and centralized adapters."""
-    from federation.demo.demo import run_demo
+    from fedllm.federation.demo.demo import run_demo
 
     with cli_errors():
         settings = settings_from(ctx)

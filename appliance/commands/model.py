@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, needs, settings_from
-from appliance.core.model_store import list_models, prepare_model
+from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
+from fedllm.core.model_store import list_models, prepare_model
 
 model_app = typer.Typer(help="Prepare and list base models (HF safetensors under APPLIANCE_HOME/models/).", no_args_is_help=True)
 

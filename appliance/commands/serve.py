@@ -8,16 +8,16 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, needs, settings_from
-from appliance.core.tokens import router_admin_token
+from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
+from fedllm.core.tokens import router_admin_token
 
 keys_app = typer.Typer(help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True)
 adapters_app = typer.Typer(help="Publish registry adapters on the router's workers.", no_args_is_help=True)
 
 
 def _admin(ctx: typer.Context, router: Optional[str]):
-    from appliance.core.router_client import RouterClient, router_url
-    from appliance.core.tls import client_context
+    from fedllm.core.contracts.router_client import RouterClient, router_url
+    from fedllm.core.tls import client_context
 
     settings = settings_from(ctx)
     token = router_admin_token(settings)
@@ -35,8 +35,8 @@ def serve(
     policy: Optional[str] = typer.Option(None, "--policy", help="round_robin | least_outstanding | score."),
 ) -> None:
     """Run the OpenAI-compatible router in the foreground (workers from settings or `POST /admin/workers`)."""
-    from serve import run_router
-    from serve.app import check_exposure
+    from fedllm.serve import run_router
+    from fedllm.serve.app import check_exposure
 
     with cli_errors():
         settings = settings_from(ctx, {"serve": {"host": host, "port": port, "policy": policy}})
@@ -53,7 +53,7 @@ def keys_create(
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute (default: unlimited)."),
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
-    from serve.keys import create_key
+    from fedllm.serve.keys import create_key
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -67,7 +67,7 @@ def keys_list(ctx: typer.Context) -> None:
     """List keys: name, id, limits and creation date (never the keys themselves)."""
     from rich.table import Table
 
-    from serve.keys import load_keys
+    from fedllm.serve.keys import load_keys
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -83,7 +83,7 @@ def keys_list(ctx: typer.Context) -> None:
 @keys_app.command("revoke")
 def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key's name or id (see `appliance keys list`).")) -> None:
     """Revoke a key; a running router refuses it within about a second (no restart)."""
-    from serve.keys import revoke_key
+    from fedllm.serve.keys import revoke_key
 
     with cli_errors():
         gone = revoke_key(settings_from(ctx).keys_dir, key)
@@ -100,7 +100,7 @@ def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
 
     if ctx.invoked_subcommand is not None:
         return
-    from appliance.core.router_client import canary_label
+    from fedllm.core.contracts.router_client import canary_label
 
     with cli_errors():
         _, client = _admin(ctx, router)
@@ -164,8 +164,8 @@ def fleet_unquarantine(ctx: typer.Context, address: str = typer.Argument(..., he
 @adapters_app.command("list")
 def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
     """Registry versions, and which are published on the router (if it is running)."""
-    from appliance.core.adapter_registry import AdapterRegistry
-    from appliance.core.router_client import ServiceUnavailable
+    from fedllm.core.adapter_registry import AdapterRegistry
+    from fedllm.core.contracts.router_client import ServiceUnavailable
 
     with cli_errors():
         settings, client = _admin(ctx, router)
@@ -188,7 +188,7 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
                      regions: Optional[str] = typer.Option(None, "--regions", help="Comma-separated regions it may be served in (default: federation.serve_regions; none: anywhere).")) -> None:
     """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it (through
     the promotion gate when a gate data set is given or configured: else it stays under its own name, held back)."""
-    from appliance.core.adapter_registry import AdapterRegistry
+    from fedllm.core.adapter_registry import AdapterRegistry
 
     with cli_errors():
         settings, client = _admin(ctx, router)
@@ -199,7 +199,7 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
         version = registry.get(ref)
         data = None if no_gate or not settings.federation.gate else gate or settings.federation.gate_data
         if data is not None:
-            from federation.publishing.gate_publish import gated_publish
+            from fedllm.federation.publishing.gate_publish import gated_publish
 
             out, decision = gated_publish(settings, client, registry, version, Path(data))
             loss, current = decision.get("loss"), decision.get("current_loss")
@@ -226,9 +226,9 @@ def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[
     answers, how it is served (aliases, regions, workers)."""
     import json
 
-    from appliance.core.adapter_registry import AdapterRegistry
-    from appliance.core.lineage import format_lineage, lineage
-    from appliance.core.router_client import ServiceUnavailable
+    from fedllm.core.adapter_registry import AdapterRegistry
+    from fedllm.core.contracts.lineage import format_lineage, lineage
+    from fedllm.core.contracts.router_client import ServiceUnavailable
 
     with cli_errors():
         settings, client = _admin(ctx, router)
@@ -256,8 +256,8 @@ def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[
 def adapters_export(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
                     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./NAME-vVERSION).")) -> None:
     """Write the PEFT folder with its model card (README.md, the YAML header peft and the Hub read, and the lineage)."""
-    from appliance.core.adapter_registry import AdapterRegistry
-    from train.export import export_adapter
+    from fedllm.core.adapter_registry import AdapterRegistry
+    from fedllm.train.export import export_adapter
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -274,7 +274,7 @@ def adapters_history(ctx: typer.Context, name: str = typer.Argument(..., help="T
     """Each move of an alias: the version it named, when, by whom (admin or a federation round), why."""
     import json
 
-    from appliance.core.router_client import latest_alias
+    from fedllm.core.contracts.router_client import latest_alias
 
     with cli_errors():
         _, client = _admin(ctx, router)
@@ -292,7 +292,7 @@ def adapters_rollback(ctx: typer.Context, name: str = typer.Argument(..., help="
                       to: Optional[str] = typer.Option(None, "--to", help="The version (number or NAME-vN) to go back to; default the one before."),
                       router: Optional[str] = _ROUTER) -> None:
     """Move the alias back at once; requests in flight finish on the version they started on."""
-    from appliance.core.router_client import latest_alias
+    from fedllm.core.contracts.router_client import latest_alias
 
     with cli_errors():
         _, client = _admin(ctx, router)

@@ -1,5 +1,5 @@
 """`appliance sim geo`: a demo fleet and federation across emulated regions (network namespaces, or loopback links);
-`appliance sim silos N`: N simulated silos against the real coordinator (`federation.demo.simulate`)."""
+`appliance sim silos N`: N simulated silos against the real coordinator (`fedllm.federation.demo.simulate`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
-from appliance.core.errors import ConfigError, ModelNotFound
+from fedllm.appliance.commands.common import cli_errors, console, err_console, needs, settings_from
+from fedllm.core.errors import ConfigError, ModelNotFound
 
 sim_app = typer.Typer(help="Simulations for demos.", no_args_is_help=True)
 
@@ -30,9 +30,9 @@ def geo(
     """Bring up a router with a fake worker per region and a federation with a silo per region, all joined with
     the README's commands across emulated WAN links; print what clients and rounds saw. Root makes real network
     namespaces; otherwise the links run on loopback."""
-    from appliance.core.model_store import resolve_model
-    from federation.demo import data as demo_data
-    from testbed.sim import parse_regions, run_geo
+    from fedllm.core.model_store import resolve_model
+    from fedllm.federation.demo import data as demo_data
+    from fedllm.testbed.sim import parse_regions, run_geo
 
     with cli_errors():
         settings = settings_from(ctx)
@@ -77,7 +77,7 @@ def silos(
     import asyncio
     import json
 
-    from federation.demo import simulate as sim
+    from fedllm.federation.demo import simulate as sim
 
     with cli_errors():
         if adapter not in sim.PRESETS:
@@ -90,8 +90,8 @@ def silos(
         import logging
 
         # a line per silo per round: too many to read
-        for name in ("federation.runtime.silo", "federation.runtime.sessions", "federation.runtime.round_runner",
-                     "federation.runtime.recorder"):
+        for name in ("fedllm.federation.runtime.silo", "fedllm.federation.runtime.sessions", "fedllm.federation.runtime.round_runner",
+                     "fedllm.federation.runtime.recorder"):
             logging.getLogger(name).setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)

@@ -9,8 +9,8 @@ from typing import Any, Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, needs, settings_from
-from appliance.commands.progress import progress_bar
+from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
+from fedllm.appliance.commands.progress import progress_bar
 
 
 def _overrides(**train: Any) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def train(
         if dry_run:
             _print_dry_run(settings, [p for p in (data, eval_data) if p is not None])
             return
-        from train.runs import job_run, resume_run, start_run
+        from fedllm.train.runs import job_run, resume_run, start_run
 
         if resume is None and data is None:
             raise typer.BadParameter("--data is required (or --resume RUN_ID, or --dry-run)")
@@ -77,9 +77,9 @@ def train(
 def _print_dry_run(settings: Any, data_paths: list[Path]) -> None:
     from collections import Counter
 
-    from appliance.core.model_store import resolve_model
-    from train.data import load_data, record_format
-    from train.lora import count_parameters
+    from fedllm.core.model_store import resolve_model
+    from fedllm.train.data import load_data, record_format
+    from fedllm.train.lora import count_parameters
 
     for path in data_paths:  # checked first: bad data is named (file and line or row) before any weights are read
         kinds = Counter(record_format(r) for r in load_data(path))
@@ -109,7 +109,7 @@ def eval_(
 ) -> None:
     """Evaluate a base model or adapters: loss, perplexity, and exact-match / token-F1 of generated answers."""
     with cli_errors():
-        from train.compare import BASE, default_data, evaluate_targets, format_table, parse_targets, resolve_targets, write_report
+        from fedllm.train.compare import BASE, default_data, evaluate_targets, format_table, parse_targets, resolve_targets, write_report
 
         if (adapter is not None and compare is not None) or (adapter is None and compare is None and model is None):
             raise typer.BadParameter("give --adapter NAME[:V], --model BASE, or --compare base,NAME[:V],...")
@@ -139,9 +139,9 @@ def export(
 ) -> None:
     """Export an adapter as a PEFT folder, or merged into its base model."""
     with cli_errors():
-        from appliance.core.adapter_registry import AdapterRegistry
-        from train.export import export_adapter, export_merged
-        from train.runs import adapter_base_dir
+        from fedllm.core.adapter_registry import AdapterRegistry
+        from fedllm.train.export import export_adapter, export_merged
+        from fedllm.train.runs import adapter_base_dir
 
         settings = settings_from(ctx)
         av = AdapterRegistry(settings.adapters_dir).get(adapter)

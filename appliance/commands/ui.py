@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, needs, settings_from
+from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
 
 
 def ui(
@@ -19,7 +19,7 @@ def ui(
     """Serve the web console: Chat, Train, Federation, Fleet and Adapters."""
     with cli_errors():
         settings = settings_from(ctx, {"ui": {"host": host, "port": port, "router_url": router_url, "coordinator_url": coordinator_url}})
-        from ui import launch_console
+        from fedllm.ui import launch_console
 
         console.print(f"console on {settings.ui.scheme}://{settings.ui.host}:{settings.ui.port}", highlight=False)
         launch_console(settings)

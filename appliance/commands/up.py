@@ -9,12 +9,12 @@ from typing import Any, Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
-from appliance.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
-from appliance.core.processes import stop_on_signals
-from appliance.core.secrets import ensure_token, masked
-from appliance.core.tokens import console_password, issue_login_link, router_admin_token
-from appliance.core.settings import ApplianceSettings
+from fedllm.appliance.commands.common import cli_errors, console, err_console, needs, settings_from
+from fedllm.core.model_store import EMBEDDED_NAME, prepare_model, resolve_model
+from fedllm.core.processes import stop_on_signals
+from fedllm.core.secrets import ensure_token, masked
+from fedllm.core.tokens import console_password, issue_login_link, router_admin_token
+from fedllm.core.settings import ApplianceSettings
 
 
 def state_path(settings: ApplianceSettings) -> Path:
@@ -34,7 +34,7 @@ def _coordinator_key(settings: ApplianceSettings) -> str | None:
     """Create (once) the coordinator's CURVE key pair, as `appliance federation init` does; its public key."""
     if settings.federation.plaintext:
         return None
-    from federation.wire.keys import ensure_keypair
+    from fedllm.federation.wire.keys import ensure_keypair
 
     return ensure_keypair(settings.keys_dir, "coordinator").public
 
@@ -69,8 +69,8 @@ def _banner(settings: ApplianceSettings, children: list[Any], model: str, admin_
 
 def _login_link(settings: ApplianceSettings, children: list[Any]) -> str | None:
     """A one-time login link for the console `up` starts (None without a console, or without a login to ask)."""
-    from ui.app import needs_login
-    from ui.login import LINK_PATH
+    from fedllm.ui.app import needs_login
+    from fedllm.ui.login import LINK_PATH
 
     console_child = next((c for c in children if c.name == "console"), None)
     if console_child is None or not needs_login(settings.ui.host, settings.ui.require_login):
@@ -87,7 +87,7 @@ def up(
     without: list[str] = typer.Option([], "--without", help="Leave out an optional part: router, coordinator, console or cluster (the Ray head for `appliance job`) (repeatable)."),
 ) -> None:
     """Start the appliance (workers, router, and coordinator and console where installed) until Ctrl-C."""
-    from appliance.launcher import Supervisor, appliance_children, cluster_children, read_state
+    from fedllm.appliance.launcher import Supervisor, appliance_children, cluster_children, read_state
 
     with cli_errors():
         settings = settings_from(ctx, {"serve": {"port": port}, "worker": {"count": workers, "device": device}})
@@ -122,7 +122,7 @@ def up(
 
 def status(ctx: typer.Context) -> None:
     """Report what `appliance up` runs here and whether each part answers its health check (exit 1 if not all do)."""
-    from appliance.launcher import child_health, read_state
+    from fedllm.appliance.launcher import child_health, read_state
 
     with cli_errors():
         settings = settings_from(ctx)

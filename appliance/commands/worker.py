@@ -13,14 +13,14 @@ from typing import Optional
 
 import typer
 
-from appliance.commands.common import cli_errors, console, err_console, needs, settings_from
-from appliance.core.errors import ConfigError
-from appliance.core.extras import require
-from appliance.core.model_store import resolve_model
-from appliance.core.net import is_loopback
-from appliance.core.processes import stop_on_signals, wait_for_signal
-from appliance.core.secrets import read_secret
-from appliance.core.settings import ApplianceSettings
+from fedllm.appliance.commands.common import cli_errors, console, err_console, needs, settings_from
+from fedllm.core.errors import ConfigError
+from fedllm.appliance.extras import require
+from fedllm.core.model_store import resolve_model
+from fedllm.core.net import is_loopback
+from fedllm.core.processes import stop_on_signals, wait_for_signal
+from fedllm.core.secrets import read_secret
+from fedllm.core.settings import ApplianceSettings
 
 worker_app = typer.Typer(help="Run a vLLM worker (LoRA enabled) on this machine.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
     Raises:
         ConfigError: the worker would listen beyond loopback without an API key.
     """
-    from serve.worker_launcher import VLLMWorker
+    from fedllm.serve.worker_launcher import VLLMWorker
 
     if not api_key and not is_loopback(host):
         raise ConfigError(f"refusing to start a worker on {host} without an API key: anyone reaching it could use and "
@@ -54,7 +54,7 @@ def _worker(settings: ApplianceSettings, model: str | None, port: int | None, ho
 def start(ctx: typer.Context, model: Optional[str] = _MODEL, port: Optional[int] = _PORT,
           device: Optional[str] = _DEVICE, host: str = _HOST, api_key_file: Optional[Path] = _KEY_FILE) -> None:
     """Start vLLM's OpenAI server on one model and keep it running until Ctrl-C."""
-    from serve.worker_launcher import run_until_signal
+    from fedllm.serve.worker_launcher import run_until_signal
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})
@@ -87,9 +87,9 @@ def join(
 
     A worker started here gets a fresh API key, which the router receives over the join call.
     """
-    from appliance.core.router_client import RouterClient
-    from appliance.core.tls import client_context
-    from serve.worker_launcher import RouterRegistration, run_until_signal, served_models
+    from fedllm.core.contracts.router_client import RouterClient
+    from fedllm.core.tls import client_context
+    from fedllm.serve.worker_launcher import RouterRegistration, run_until_signal, served_models
 
     with cli_errors():
         settings = settings_from(ctx, {"worker": {"device": device}})

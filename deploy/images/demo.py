@@ -38,7 +38,7 @@ MODEL = "smollm2-135m-instruct"
 
 def host_appliance(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "appliance", *args], env=env, text=True, capture_output=True, **kwargs)
+    return subprocess.run([sys.executable, "-m", "fedllm.appliance", *args], env=env, text=True, capture_output=True, **kwargs)
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 def silo_round(args: argparse.Namespace) -> int:
-    from federation.demo import data as demo_data
+    from fedllm.federation.demo import data as demo_data
 
     models = model_store()
     work = Path(tempfile.mkdtemp(prefix="silo-round.", dir=CACHE))
@@ -97,7 +97,7 @@ def silo_round(args: argparse.Namespace) -> int:
                "APPLIANCE_FEDERATION__MAX_SILO_SHARE": "1.0"}
         log = open(work / "coordinator.log", "w")
         coordinator = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--home", str(coord_home), "coordinator", "start", "--rounds", "1",
+            [sys.executable, "-m", "fedllm.appliance", "--home", str(coord_home), "coordinator", "start", "--rounds", "1",
              "--min-silos", "1", "--local-steps", str(args.local_steps), "--round-deadline", "600", "--host", "0.0.0.0",
              "--port", str(port), "--run", "image-demo"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         print(f"coordinator on the host: tcp://0.0.0.0:{port} (pid {coordinator.pid})", flush=True)

@@ -3,7 +3,7 @@
 Streaming accumulators (FedAvg and its server optimisers; LoRA products) keep one running float32 weighted sum, so
 their memory does not grow with the number of silos; the storing one (median, trimmed mean, Krum) keeps every update
 (about `silos x adapter size x 4 bytes` in RAM, or on disk once the coordinator attached a spool: then RAM is
-`silos x the largest tensor` while the strategy works key by key, see `federation.aggregation.update_spool`); the clipping one wraps either and clips each update first.
+`silos x the largest tensor` while the strategy works key by key, see `fedllm.federation.aggregation.update_spool`); the clipping one wraps either and clips each update first.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from appliance.core.types import StateDict
-from federation.aggregation import lora_aggregate as la
-from federation.aggregation.aggregate import check_update, clip_update, mean_of_sum
+from fedllm.core.types import StateDict
+from fedllm.federation.aggregation import lora_aggregate as la
+from fedllm.federation.aggregation.aggregate import check_update, clip_update, mean_of_sum
 
 __all__ = [
     "RoundAccumulator",
@@ -98,12 +98,12 @@ class StoringAccumulator(_AccumulatorBase):
     def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
         super().__init__(reference)
         self.updates: list[Mapping[str, torch.Tensor]] = []
-        self._spool: Any = None  # a federation.aggregation.update_spool.UpdateSpool once `spool_to` was called
+        self._spool: Any = None  # a fedllm.federation.aggregation.update_spool.UpdateSpool once `spool_to` was called
 
     def spool_to(self, directory: Any) -> None:
         """Keep the updates added from now on in `directory` (safetensors) instead of RAM: `updates` then holds
-        `SpooledUpdate`s that read one tensor per access (see `federation.aggregation.update_spool`)."""
-        from federation.aggregation.update_spool import UpdateSpool
+        `SpooledUpdate`s that read one tensor per access (see `fedllm.federation.aggregation.update_spool`)."""
+        from fedllm.federation.aggregation.update_spool import UpdateSpool
 
         self._spool = UpdateSpool(directory)
 
@@ -176,7 +176,7 @@ class ProductAccumulator(_AccumulatorBase):
 
     Each silo's update is checked against, and multiplied out from, the state it was sent (`set_base`; the
     global state by default), so silos may train at different ranks. Memory: one dense adapter (see
-    `federation.aggregation.lora_aggregate`), whatever the number of silos.
+    `fedllm.federation.aggregation.lora_aggregate`), whatever the number of silos.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], scale: float) -> None:

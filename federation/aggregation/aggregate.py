@@ -1,8 +1,8 @@
 """Pure aggregation maths over adapter updates (`dict[str, Tensor]`): checks, norms, clipping, weights, means and
 the robust estimators (median, trimmed mean, Krum). No state, sockets, files or clocks; float32 maths on the CPU.
 
-The strategies (`federation.aggregation.server_strategies`) and the accumulators (`federation.aggregation.accumulators`) are built on these;
-`federation.aggregation.lora_aggregate` holds the LoRA-specific maths (products, SVD re-factorisation).
+The strategies (`fedllm.federation.aggregation.server_strategies`) and the accumulators (`fedllm.federation.aggregation.accumulators`) are built on these;
+`fedllm.federation.aggregation.lora_aggregate` holds the LoRA-specific maths (products, SVD re-factorisation).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from appliance.core.types import StateDict
+from fedllm.core.types import StateDict
 
 logger = logging.getLogger(__name__)
 

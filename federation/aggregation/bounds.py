@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
-    from appliance.core.types import StateDict
-    from federation.aggregation.server_strategies import Strategy
+    from fedllm.core.types import StateDict
+    from fedllm.federation.aggregation.server_strategies import Strategy
 
 MIN_MESSAGE_BYTES = 1 << 20  # an empty adapter's messages still fit (headers, SECAGG steps)
 HEADER_ALLOWANCE = 1 << 20  # protocol.MAX_HEADER_BYTES: the header frame on top of the payload
@@ -54,7 +54,7 @@ def clip_round(updates: dict[str, "StateDict"], bound: float) -> dict[str, dict[
     Returns:
         silo -> {"norm": its norm before, "clipped_to": bound} for each clipped silo (the round record's `clipped`).
     """
-    from federation.aggregation.aggregate import clip_update
+    from fedllm.federation.aggregation.aggregate import clip_update
 
     clipped: dict[str, dict[str, float]] = {}
     for sid in sorted(updates):
@@ -67,7 +67,7 @@ def clip_round(updates: dict[str, "StateDict"], bound: float) -> dict[str, dict[
 
 def norms_of(updates: Mapping[str, "StateDict"]) -> dict[str, float]:
     """silo -> the global L2 norm of its update."""
-    from federation.aggregation.aggregate import global_norm
+    from fedllm.federation.aggregation.aggregate import global_norm
 
     return {sid: global_norm(u) for sid, u in updates.items()}
 

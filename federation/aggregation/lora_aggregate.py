@@ -26,7 +26,7 @@ from typing import cast
 
 import torch
 
-from appliance.core.types import StateDict
+from fedllm.core.types import StateDict
 
 A_SUFFIX = "lora_A.weight"
 B_SUFFIX = "lora_B.weight"

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from appliance.core.types import StateDict
-from federation.aggregation.accumulators import ClippedAccumulator, RoundAccumulator
-from federation.aggregation.aggregate import clip_update
-from federation.aggregation.server_strategies import FedAvg, Strategy
-from federation.aggregation.strategy_wrappers import StrategyWrapper
+from fedllm.core.types import StateDict
+from fedllm.federation.aggregation.accumulators import ClippedAccumulator, RoundAccumulator
+from fedllm.federation.aggregation.aggregate import clip_update
+from fedllm.federation.aggregation.server_strategies import FedAvg, Strategy
+from fedllm.federation.aggregation.strategy_wrappers import StrategyWrapper
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from appliance.core.errors import ProtocolError
+from fedllm.core.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
    then answers ``advertise`` (its two X25519 public keys, example count, metrics) instead of an UPDATE.
 2. ``roster`` (U1: the silos that advertised, their total example count N, the silo's own weight ``w_u``: its
    share of the round, ``n_u / N`` bounded by its enrolled count and capped at `federation.max_silo_share`, and the
-   round's update norm bound ``B``: `federation.aggregation.bounds.adaptive_norm_bound` of the norms the silos advertised) ->
+   round's update norm bound ``B``: `fedllm.federation.aggregation.bounds.adaptive_norm_bound` of the norms the silos advertised) ->
    each silo answers ``share_keys``.
 3. ``shares`` (the encrypted Shamir shares addressed to it; U2 = the silos that shared) -> each silo clips its delta
    to ``B``, pre-scales it by its weight ``w_u`` and answers ``masked`` (the masked, quantised vector as the payload).
@@ -40,16 +40,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ConfigError, ProtocolError, RoundFailed
-from appliance.core.types import StateDict
-from federation.aggregation.secagg import SecAggConfig, SecAggServer, flat_layout
+from fedllm.core.errors import ConfigError, ProtocolError, RoundFailed
+from fedllm.core.types import StateDict
+from fedllm.federation.aggregation.secagg import SecAggConfig, SecAggServer, flat_layout
 
 if TYPE_CHECKING:
     import torch
 
-    from appliance.core.sections import FederationSettings
-    from federation.wire.protocol import Header
-    from federation.aggregation.server_strategies import Strategy
+    from fedllm.core.sections import FederationSettings
+    from fedllm.federation.wire.protocol import Header
+    from fedllm.federation.aggregation.server_strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def check_strategy(strategy: "Strategy", cfg: "FederationSettings") -> None:
     Raises:
         ConfigError: a robust strategy (median, trimmed mean, Krum), per-update clipping, or central DP.
     """
-    from federation.aggregation.strategy_factory import mean_strategy_names
+    from fedllm.federation.aggregation.strategy_factory import mean_strategy_names
 
     if cfg.dp_mode == "central" or strategy.central_dp:
         raise ConfigError("secure aggregation cannot be combined with central DP (it clips each update, which the "
@@ -147,12 +147,12 @@ class SecureRound:
 
     def payload_limit(self) -> int:
         """The largest SECAGG payload of this round: one 64-bit word per adapter weight, plus the safetensors header."""
-        from federation.aggregation.bounds import HEADER_ALLOWANCE
+        from fedllm.federation.aggregation.bounds import HEADER_ALLOWANCE
 
         return 8 * self.server.numel + HEADER_ALLOWANCE
 
     def quantisation_slack(self) -> float:
-        """A bound on the L2 error quantisation adds to the unmasked mean (see federation.aggregation.secagg)."""
+        """A bound on the L2 error quantisation adds to the unmasked mean (see fedllm.federation.aggregation.secagg)."""
         import math
 
         n = max(1, len(self.weights))
@@ -168,7 +168,7 @@ class SecureRound:
         """
         from pydantic import ValidationError
 
-        from federation.wire.protocol import Advertisement, SecAggStep
+        from fedllm.federation.wire.protocol import Advertisement, SecAggStep
 
         body = SecAggStep.model_validate(header.body)
         if silo_id in self.answers.get(body.step, ()):  # a repeat, even of a step the round has moved past

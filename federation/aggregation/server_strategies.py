@@ -12,12 +12,12 @@ An update is a DELTA, `local_state - global_state`, with the adapter-name-free k
 Streaming strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi) keep one running float32 weighted sum, so
 their memory does not grow with the number of silos. Robust strategies (median, trimmed mean, Krum,
 multi-Krum) need every update at once to compare them, so their accumulator KEEPS all updates: in RAM (about
-`silos x adapter size x 4 bytes`) when used on their own, on disk in the coordinator (`federation.aggregation.update_spool`:
+`silos x adapter size x 4 bytes`) when used on their own, on disk in the coordinator (`fedllm.federation.aggregation.update_spool`:
 RAM `silos x the largest tensor`, disk `silos x adapter size x 4 bytes` for the round).
 
 All maths is float32 on the CPU; the new global state is cast back to the global state's dtypes. The wrappers
-(clipping, frozen A) are in `federation.aggregation.strategy_wrappers`, the DP ones in `federation.aggregation.privacy`, the factory by name
-in `federation.aggregation.strategy_factory`.
+(clipping, frozen A) are in `fedllm.federation.aggregation.strategy_wrappers`, the DP ones in `fedllm.federation.aggregation.privacy`, the factory by name
+in `fedllm.federation.aggregation.strategy_factory`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from appliance.core.types import StateDict
-from federation.aggregation import lora_aggregate as la
-from federation.aggregation.accumulators import (
+from fedllm.core.types import StateDict
+from fedllm.federation.aggregation import lora_aggregate as la
+from fedllm.federation.aggregation.accumulators import (
     ProductAccumulator,
     RoundAccumulator,
     StoringAccumulator,
     StreamingAccumulator,
 )
-from federation.aggregation.aggregate import add_delta, coordinate_median, krum_select, trimmed_mean, weighted_mean
+from fedllm.federation.aggregation.aggregate import add_delta, coordinate_median, krum_select, trimmed_mean, weighted_mean
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,12 @@ class StrategyDefaults:
 
     @property
     def central_dp(self) -> bool:
-        """No DP noise here (see `federation.aggregation.privacy.CentralDP`)."""
+        """No DP noise here (see `fedllm.federation.aggregation.privacy.CentralDP`)."""
         return False
 
     @property
     def clip_norm(self) -> float | None:
-        """Updates are not clipped here (see `federation.aggregation.strategy_wrappers.Clipped`)."""
+        """Updates are not clipped here (see `fedllm.federation.aggregation.strategy_wrappers.Clipped`)."""
         return None
 
     def change_bound(self, update_bound: float) -> float | None:

@@ -1,25 +1,25 @@
 """Aggregation strategies, one import away: the public names of the modules they live in.
 
-* `federation.aggregation.aggregate`: pure maths over updates (checks, norms, clipping, weights, means, median, Krum);
-* `federation.aggregation.accumulators`: what collects one round's updates (streaming, storing, clipping, LoRA products);
-* `federation.aggregation.server_strategies`: the `Strategy` interface, its defaults and the strategies themselves;
-* `federation.aggregation.strategy_wrappers`: `Clipped`, `FrozenA` (the DP wrappers are in `federation.aggregation.privacy`);
-* `federation.aggregation.strategy_factory`: `make_strategy(name, **params)` and the names it knows.
+* `fedllm.federation.aggregation.aggregate`: pure maths over updates (checks, norms, clipping, weights, means, median, Krum);
+* `fedllm.federation.aggregation.accumulators`: what collects one round's updates (streaming, storing, clipping, LoRA products);
+* `fedllm.federation.aggregation.server_strategies`: the `Strategy` interface, its defaults and the strategies themselves;
+* `fedllm.federation.aggregation.strategy_wrappers`: `Clipped`, `FrozenA` (the DP wrappers are in `fedllm.federation.aggregation.privacy`);
+* `fedllm.federation.aggregation.strategy_factory`: `make_strategy(name, **params)` and the names it knows.
 
 Callers may import from here or from the module that defines a name; inside `federation/` the defining module is used.
 """
 
 from __future__ import annotations
 
-from appliance.core.types import StateDict
-from federation.aggregation.accumulators import (
+from fedllm.core.types import StateDict
+from fedllm.federation.aggregation.accumulators import (
     ClippedAccumulator,
     ProductAccumulator,
     RoundAccumulator,
     StoringAccumulator,
     StreamingAccumulator,
 )
-from federation.aggregation.aggregate import (
+from fedllm.federation.aggregation.aggregate import (
     InvalidUpdate,
     capped_weights,
     check_aggregate,
@@ -31,7 +31,7 @@ from federation.aggregation.aggregate import (
     trimmed_mean,
     weighted_mean,
 )
-from federation.aggregation.server_strategies import (
+from fedllm.federation.aggregation.server_strategies import (
     BaseStrategy,
     FedAdam,
     FedAvg,
@@ -45,8 +45,8 @@ from federation.aggregation.server_strategies import (
     StrategyDefaults,
     TrimmedMean,
 )
-from federation.aggregation.strategy_factory import LORA_AGGREGATIONS, STRATEGY_NAMES, make_strategy, mean_strategy_names
-from federation.aggregation.strategy_wrappers import Clipped, FrozenA, StrategyWrapper
+from fedllm.federation.aggregation.strategy_factory import LORA_AGGREGATIONS, STRATEGY_NAMES, make_strategy, mean_strategy_names
+from fedllm.federation.aggregation.strategy_wrappers import Clipped, FrozenA, StrategyWrapper
 
 __all__ = [
     "StateDict",

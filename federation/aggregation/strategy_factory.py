@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from federation.aggregation.server_strategies import (
+from fedllm.federation.aggregation.server_strategies import (
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -16,7 +16,7 @@ from federation.aggregation.server_strategies import (
     Strategy,
     TrimmedMean,
 )
-from federation.aggregation.strategy_wrappers import Clipped, FrozenA
+from fedllm.federation.aggregation.strategy_wrappers import Clipped, FrozenA
 
 __all__ = ["LORA_AGGREGATIONS", "STRATEGY_NAMES", "make_strategy", "mean_strategy_names"]
 

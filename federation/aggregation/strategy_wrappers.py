@@ -1,15 +1,15 @@
 """Strategy wrappers: a strategy around another one, delegating every `Strategy` method it does not change.
 
 `Clipped` clips every update to a global L2 norm; `FrozenA` keeps LoRA's A factors at their shared init. The DP
-wrappers (`CentralDP`, `SiloDPAccounting`) are in `federation.aggregation.privacy`.
+wrappers (`CentralDP`, `SiloDPAccounting`) are in `fedllm.federation.aggregation.privacy`.
 """
 
 from __future__ import annotations
 
-from appliance.core.types import StateDict
-from federation.aggregation import lora_aggregate as la
-from federation.aggregation.accumulators import ClippedAccumulator, RoundAccumulator
-from federation.aggregation.server_strategies import BaseStrategy, Strategy
+from fedllm.core.types import StateDict
+from fedllm.federation.aggregation import lora_aggregate as la
+from fedllm.federation.aggregation.accumulators import ClippedAccumulator, RoundAccumulator
+from fedllm.federation.aggregation.server_strategies import BaseStrategy, Strategy
 
 __all__ = ["StrategyWrapper", "Clipped", "FrozenA"]
 

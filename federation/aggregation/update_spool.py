@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from appliance.core.types import StateDict
+from fedllm.core.types import StateDict
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class UpdateSpool:
 
     def __setitem__(self, silo_id: str, update: Mapping[str, torch.Tensor]) -> None:
         """Write the update (as float32) and note its global L2 norm."""
-        from federation.aggregation.aggregate import global_norm
+        from fedllm.federation.aggregation.aggregate import global_norm
 
         if silo_id in self._entries:
             self.pop(silo_id)
@@ -122,13 +122,13 @@ class UpdateSpool:
         return default
 
     def norms(self) -> dict[str, float]:
-        """silo -> the global L2 norm of its update (as `federation.aggregation.bounds.norms_of` computes it)."""
+        """silo -> the global L2 norm of its update (as `fedllm.federation.aggregation.bounds.norms_of` computes it)."""
         return dict(self._norms)
 
     def load_clipped(self, silo_id: str, bound: float | None) -> tuple[StateDict, dict[str, float] | None]:
         """(the update, clipped to `bound` when its norm exceeds it; `{"norm", "clipped_to"}` if it was clipped, else
-        None), with the same maths as `federation.aggregation.bounds.clip_round`."""
-        from federation.aggregation.aggregate import clip_update
+        None), with the same maths as `fedllm.federation.aggregation.bounds.clip_round`."""
+        from fedllm.federation.aggregation.aggregate import clip_update
 
         update = self[silo_id]
         if bound is None or self._norms[silo_id] <= bound:  # not clipped: as is (clip_round keeps it as is too)
@@ -210,7 +210,7 @@ def open_round_spool(run_dir: Path, round_id: int, acc: Any = None) -> UpdateSpo
 def attach_spool(acc: Any, directory: Path) -> bool:
     """Make a storing accumulator (median, trimmed mean, Krum; also inside wrappers' accumulators) keep its updates
     in `directory` instead of RAM. Returns whether one was found; streaming accumulators need none."""
-    from federation.aggregation.accumulators import StoringAccumulator
+    from fedllm.federation.aggregation.accumulators import StoringAccumulator
 
     seen = 0
     while acc is not None and seen < 8:  # wrappers nest a few deep at most

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from federation.demo import data as demo_data
+from fedllm.federation.demo import data as demo_data
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.settings import ApplianceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int
     """
     import json
 
-    from appliance.core.atomic import write_json_atomic
-    from appliance.core.model_store import prepare_model
+    from fedllm.core.atomic import write_json_atomic
+    from fedllm.core.model_store import prepare_model
 
     home = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedllm-demo-"))
     home.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int
 def baselines(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: int, echo: Callable[[str], None] = print,
               timings: dict[str, float] | None = None) -> dict[str, Any]:
     """`local:ORG` adapters (each silo alone, `steps` steps) and `centralized` (the union, silos x `steps` steps)."""
-    import train
+    from fedllm import train
 
     init = train.initial_adapter_state(cfg, model_dir)
     trainer = train.Trainer(cfg, model_dir, keep_base=True)  # one base model load for every baseline
@@ -180,7 +180,7 @@ def shuffled_union(paths: dict[str, dict[str, Path]]) -> list[dict[str, Any]]:
 
 def evaluate_all(cfg, model_dir: Path, adapters: dict[str, Any], paths: dict[str, dict[str, Path]]) -> dict[str, dict[str, float]]:
     """Held-out loss of every adapter (None = base) on every silo's eval set: `{adapter: {org: loss}}`."""
-    import train
+    from fedllm import train
 
     losses = train.evaluate_adapters(cfg, model_dir, adapters, {org: p["eval"] for org, p in paths.items()})
     return {name: {org: float(v) for org, v in per.items()} for name, per in losses.items()}
@@ -192,13 +192,13 @@ async def federate(settings, home: Path, model_dir: Path, cfg, paths, rounds: in
 
     `federation` overrides the demo's federation settings (strategy, lora_aggregation, lr_schedule, ...).
     """
-    import train
+    from fedllm import train
 
-    from appliance.core.settings import load_settings
-    from federation.runtime.coordinator import Coordinator
-    from federation.wire.keys import enroll_silo, ensure_keypair
-    from federation.runtime.service import build_strategy
-    from federation.runtime.silo import EngineTrainer, SiloClient
+    from fedllm.core.settings import load_settings
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
+    from fedllm.federation.runtime.service import build_strategy
+    from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
 
     fed = {"bind_host": "127.0.0.1", "port": 0, "status_port": 0, "rounds": rounds, "local_steps": local_steps,
            "min_silos": len(paths), "round_deadline_s": 3600.0, "silo_timeout_s": 120.0, "heartbeat_interval_s": 2.0,
@@ -226,7 +226,7 @@ async def federate(settings, home: Path, model_dir: Path, cfg, paths, rounds: in
             silos.append(silo)
         await coord.wait_done()
         if coord.phase != "done":
-            from appliance.core.errors import RoundFailed
+            from fedllm.core.errors import RoundFailed
 
             raise RoundFailed(f"demo federation ended in phase {coord.phase}; see the log")
         return {k: v.clone() for k, v in coord.global_state.items()}, list(coord.history)

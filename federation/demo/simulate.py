@@ -1,6 +1,6 @@
 """Simulated silos: hundreds of real silo agents with a model-free trainer against the real coordinator.
 
-Each simulated silo is a real `federation.runtime.silo.SiloClient` (the product's protocol code, CURVE keys, heartbeats,
+Each simulated silo is a real `fedllm.federation.runtime.silo.SiloClient` (the product's protocol code, CURVE keys, heartbeats,
 reconnects) whose trainer is `SimTrainer`: no model, no data; its "training" moves every weight by a small seeded
 random amount. Hundreds of them run in one process (one asyncio loop; each has its own ZeroMQ context), so the
 coordinator sees hundreds of real connections and updates of the real adapter's shapes while the machine does
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from appliance.core.types import StateDict
-from federation.wire.keys import KeyPair
-from federation.runtime.silo import SiloTrainer
+from fedllm.core.types import StateDict
+from fedllm.federation.wire.keys import KeyPair
+from fedllm.federation.runtime.silo import SiloTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def preset_shapes(preset: str, settings: Any = None) -> tuple[dict[str, tuple[in
             source = str(path)
     if config.get("model_type") != "llama":
         raise ValueError(f"the embedded model's config ({source}) is not a Llama architecture")
-    from train.lora import default_targets
+    from fedllm.train.lora import default_targets
 
     targets = targets or default_targets("llama")
     return lora_shapes(config, r, targets), f"embedded model LoRA r={r} on {','.join(targets)} ({source})"
@@ -151,7 +151,7 @@ def make_keypairs(n: int, prefix: str = "sim") -> dict[str, KeyPair]:
 
 def coordinator_settings(home: Path, n: int, rounds: int, **federation: Any) -> Any:
     """Settings for a simulated federation's coordinator under `home`: loopback, free ports, CURVE, `min_silos=n`."""
-    from appliance.core.settings import load_settings
+    from fedllm.core.settings import load_settings
 
     fed = {"bind_host": "127.0.0.1", "port": 0, "status_port": 0, "rounds": rounds, "min_silos": n,
            "run_name": "sim", "local_steps": 1, **federation}
@@ -164,10 +164,10 @@ async def run_coordinator(settings: Any, state: StateDict, *, ready: Path | None
 
     With `ready`, writes `{"address", "public_key", "keys_dir"}` there once the socket is bound (the silos part reads it).
     """
-    from appliance.core.atomic import write_json_atomic
-    from federation.runtime.coordinator import Coordinator
-    from federation.wire.keys import ensure_keypair
-    from federation.runtime.service import build_strategy
+    from fedllm.core.atomic import write_json_atomic
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.wire.keys import ensure_keypair
+    from fedllm.federation.runtime.service import build_strategy
 
     keys = ensure_keypair(settings.keys_dir, "coordinator")
     strategy = build_strategy(settings.federation, lora_alpha=settings.train.lora_alpha)
@@ -186,7 +186,7 @@ async def run_silos(settings: Any, keypairs: Mapping[str, KeyPair], address: str
                     examples: int = 10, fit_s: float = 0.0, timeout_s: float = 3600.0) -> int:
     """Run one `SiloClient` per key pair (enrolled already) with a `SimTrainer` until the coordinator says the run is
     done; returns how many rounds the silos trained in all."""
-    from federation.runtime.silo import SiloClient
+    from fedllm.federation.runtime.silo import SiloClient
 
     silos = []
     for i, (name, kp) in enumerate(sorted(keypairs.items())):
@@ -220,8 +220,8 @@ async def wait_for_file(path: Path, timeout_s: float = 120.0) -> dict[str, Any]:
 async def silos_part(home: Path, n: int, *, examples: int = 10, fit_s: float = 0.0, timeout_s: float = 3600.0) -> int:
     """The silos of a simulation whose coordinator part runs under `home`: wait for it, enrol `n` fresh keys in its
     enrolment, run them until the run is done."""
-    from appliance.core.settings import load_settings
-    from federation.wire.keys import enroll_silos
+    from fedllm.core.settings import load_settings
+    from fedllm.federation.wire.keys import enroll_silos
 
     info = await wait_for_file(Path(home) / COORDINATOR_FILE, timeout_s=timeout_s)
     keypairs = make_keypairs(n)
@@ -298,7 +298,7 @@ async def coordinator_part(home: Path, n: int, rounds: int, *, preset: str = "em
     ready = Path(home) / COORDINATOR_FILE
     ready.unlink(missing_ok=True)
     import aiohttp.web  # noqa: F401 - what the coordinator imports as it starts: counted in the start, not the rounds
-    from federation.runtime import coordinator as _coordinator, service as _service  # noqa: F401 - likewise
+    from fedllm.federation.runtime import coordinator as _coordinator, service as _service  # noqa: F401 - likewise
 
     started_rss = current_rss_bytes()
     history = await run_coordinator(settings, state, ready=ready, timeout_s=timeout_s)

@@ -4,7 +4,7 @@ worse than the version the alias names now.
 With `federation.gate_data` set, `PromotionGate.check(version)` measures the version's loss on that data set (the
 base model plus the adapter, `train.evaluate_adapter`) and compares it with the loss of the version last promoted: the
 new one is promoted when `loss <= current_loss + federation.gate_tolerance`, else held back. A held-back version is
-still registered and published under its own name (`NAME-vN`); only the alias stays. `federation.publishing.publish.
+still registered and published under its own name (`NAME-vN`); only the alias stays. `fedllm.federation.publishing.publish.
 RouterPublisher` asks the gate before each publish (in its own thread: the rounds never wait for it). Each decision is
 appended to `HOME/federation/RUN/gate.jsonl` (`{"round", "adapter", "loss", "current", "current_loss", "tolerance",
 "source", "prompts", "decision": "promoted" | "held back", "time"}`), which also tells a restarted coordinator which
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from appliance.core.atomic import append_jsonl
-from appliance.core.errors import ConfigError
+from fedllm.core.atomic import append_jsonl
+from fedllm.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from appliance.core.adapter_registry import AdapterVersion
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.adapter_registry import AdapterVersion
+    from fedllm.core.settings import ApplianceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class PromotionGate(_Gate):
 
     def loss(self, version: AdapterVersion) -> float:
         """The version's eval loss on the gate data (inf when not finite)."""
-        import train
+        from fedllm import train
 
         metrics = train.evaluate_adapter(self.settings.train, self.model_dir, train.load_adapter_state(version.path), self.data)
         loss = float(metrics["eval_loss"])

@@ -20,7 +20,7 @@ DEFAULT_GATE_PROMPTS = ["Say hello in one short sentence.", "What is 2 + 3?", "N
 def prompt_problem(router_url: str, model: str, prompts: list[str], *, api_key: str | None = None,
                    verify: bool | ssl.SSLContext = True, max_tokens: int = 16, timeout_s: float = 120.0) -> str | None:
     """Send each prompt to `model` through the router; None when all answers are non-empty and finite, else why not."""
-    from appliance.core.router_client import error_text
+    from fedllm.core.contracts.router_client import error_text
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     for i, prompt in enumerate(prompts, 1):

@@ -12,19 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.router_client import ServiceUnavailable, latest_alias
+from fedllm.core.contracts.router_client import ServiceUnavailable, latest_alias
 
 if TYPE_CHECKING:
-    from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
-    from appliance.core.router_client import RouterClient
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion
+    from fedllm.core.contracts.router_client import RouterClient
+    from fedllm.core.settings import ApplianceSettings
 
 
 def gated_publish(settings: ApplianceSettings, client: RouterClient, registry: AdapterRegistry, version: AdapterVersion,
                   data: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Publish `version` through the gate on `data`; returns (the router's answer, the gate's decision)."""
-    from federation.publishing.gate import PromotionGate
-    from federation.publishing.gate_prompts import prompt_problem
+    from fedllm.federation.publishing.gate import PromotionGate
+    from fedllm.federation.publishing.gate_prompts import prompt_problem
 
     cfg = settings.federation
     gate = PromotionGate(settings, data, cfg.gate_tolerance, settings.home / "router" / "gate" / f"{version.name}.jsonl",

@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.coordinator import Coordinator
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ async def before_round(coordinator: Coordinator) -> str | None:
     previous = next((r.get("adapter") for r in reversed(coordinator.history) if r.get("adapter")), None)
     if publisher is None or not cfg.gate_resume or previous is None:
         return None
-    from federation.publishing.heldout import served_name
+    from fedllm.federation.publishing.heldout import served_name
 
     decision = await asyncio.to_thread(publisher.wait_decided, served_name(previous), cfg.gate_wait_s)
     if decision is None or decision.get("decision") != "held back" or not decision.get("current"):
@@ -48,7 +48,7 @@ async def before_round(coordinator: Coordinator) -> str | None:
     promoted = decision["current"]
     name, _, number = promoted.rpartition("-v")
     try:
-        import train
+        from fedllm import train
 
         version = coordinator.registry.get(f"{name}:{number}")
         state = await asyncio.to_thread(train.load_adapter_state, version.path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.core.gate_log import read_gate_log
+from fedllm.core.contracts.gate_log import read_gate_log
 
 RECEIVED = "received_eval_loss"
 

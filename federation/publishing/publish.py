@@ -21,8 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.core.adapter_registry import AdapterVersion
-from appliance.core.router_client import RouterClient, ServiceUnavailable, latest_alias
+from fedllm.core.adapter_registry import AdapterVersion
+from fedllm.core.contracts.router_client import RouterClient, ServiceUnavailable, latest_alias
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class RouterPublisher:
         """The gate prompts' check for `version` (None when no prompts are configured)."""
         if not self._gate_prompts:
             return None
-        from federation.publishing.gate_prompts import prompt_problem
+        from fedllm.federation.publishing.gate_prompts import prompt_problem
 
         return lambda: prompt_problem(self.router_url, version.served_name, self._gate_prompts, api_key=self._api_key,
                                       verify=self._client.verify)
@@ -252,7 +252,7 @@ class RouterPublisher:
             return  # round 1: the figure is the initial adapter's, which is not a published version
         previous = self._versions.get(ref)
         if previous is None:
-            from appliance.core.adapter_registry import AdapterRegistry
+            from fedllm.core.adapter_registry import AdapterRegistry
 
             previous = AdapterRegistry(version.path.parents[1]).get(ref)  # a restarted coordinator
         decision = self._gate.decided(previous.served_name)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import replace_dir_atomic, write_bytes_atomic, write_json_atomic
-from appliance.core.types import StateDict
+from fedllm.core.atomic import replace_dir_atomic, write_bytes_atomic, write_json_atomic
+from fedllm.core.types import StateDict
 
 logger = logging.getLogger(__name__)
 

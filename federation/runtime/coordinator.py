@@ -23,18 +23,18 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
-from appliance.core.types import StateDict
-from federation.publishing.heldout import with_gate
-from federation.runtime.recorder import Exporter, Recorder
-from federation.runtime.round_runner import RoundRunner, RoundState
-from federation.runtime.sessions import SiloInfo, Sessions
-from federation.runtime.status_server import StatusServer
-from federation.aggregation.update_spool import remove_spool
+from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion
+from fedllm.core.types import StateDict
+from fedllm.federation.publishing.heldout import with_gate
+from fedllm.federation.runtime.recorder import Exporter, Recorder
+from fedllm.federation.runtime.round_runner import RoundRunner, RoundState
+from fedllm.federation.runtime.sessions import SiloInfo, Sessions
+from fedllm.federation.runtime.status_server import StatusServer
+from fedllm.federation.aggregation.update_spool import remove_spool
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
-    from federation.aggregation.server_strategies import Strategy
+    from fedllm.core.settings import ApplianceSettings
+    from fedllm.federation.aggregation.server_strategies import Strategy
 
 __all__ = ["Coordinator", "Exporter", "RoundState", "SiloInfo"]
 
@@ -44,8 +44,8 @@ class Coordinator:
 
     Args:
         settings: the appliance settings (uses `federation`, `train`, the home layout).
-        strategy: aggregation strategy (`federation.runtime.service.build_strategy(...)` or
-            `federation.aggregation.strategy_factory.make_strategy(...)`; product aggregation takes its lora_alpha there).
+        strategy: aggregation strategy (`fedllm.federation.runtime.service.build_strategy(...)` or
+            `fedllm.federation.aggregation.strategy_factory.make_strategy(...)`; product aggregation takes its lora_alpha there).
         initial_state: the round-0 global adapter; default `train.initial_adapter_state(settings.train, model)`.
         on_publish: callbacks `(AdapterVersion) -> None` called after each round's checkpoint (errors are logged).
         exporter: writes a PEFT folder for a state dict; default `train.save_adapter_dir` on the base model.
@@ -77,13 +77,13 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self._run_task: asyncio.Task | None = None
         if self.cfg.secure_aggregation:
-            from federation.aggregation.secure_round import check_strategy
+            from fedllm.federation.aggregation.secure_round import check_strategy
 
             check_strategy(strategy, self.cfg)
 
     @property
     def message_limit(self) -> int:
-        """The largest message read (federation.aggregation.bounds.message_bound), set at start."""
+        """The largest message read (fedllm.federation.aggregation.bounds.message_bound), set at start."""
         return self.sessions.message_limit
 
     @property

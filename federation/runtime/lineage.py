@@ -4,7 +4,7 @@
 and round, the base model and its hash, the silos that contributed with their capped weights, the strategy and LoRA
 aggregation, differential privacy (mode, epsilon, delta, noise, clip) and secure aggregation, the local steps and
 rate, and the round's metrics. `appliance adapters show` and the exported model card read it
-(appliance/core/lineage.py).
+(core/contracts/lineage.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.lineage import base_model_hash
+from fedllm.core.contracts.lineage import base_model_hash
 
 if TYPE_CHECKING:
-    from federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.coordinator import Coordinator
 
 
 def round_meta(coordinator: Coordinator, record: dict[str, Any]) -> dict[str, Any]:

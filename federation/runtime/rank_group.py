@@ -1,6 +1,6 @@
 """A silo that is itself a cluster: `RankGroupTrainer` trains each round on N ranks kept alive across rounds.
 
-The silo agent (this process) speaks the federation protocol; it drives rank 0 of a `train.rank_group.RankGroup`,
+The silo agent (this process) speaks the federation protocol; it drives rank 0 of a `fedllm.train.rank_group.RankGroup`,
 which broadcasts each round's global adapter to the other ranks and sends back the trained one. The group starts
 once (processes, imports, torch.distributed, DeepSpeed's shared-memory ops, the base model: loaded by each rank's
 first round and kept for the next, except under ZeRO-3, which partitions it) and serves every round; a rank that dies fails
@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from federation.runtime.silo import EngineTrainer
+from fedllm.federation.runtime.silo import EngineTrainer
 
 if TYPE_CHECKING:
-    from appliance.core.sections import TrainSettings
+    from fedllm.core.sections import TrainSettings
 
 __all__ = ["RankGroupTrainer"]
 
@@ -32,7 +32,7 @@ class RankGroupTrainer(EngineTrainer):
 
     def __init__(self, cfg: "TrainSettings", model_dir: Path, data: Path | Sequence[dict], eval_data: Path | Sequence[dict] | None = None,
                  run_dir: Path | None = None, *, ranks: int = 2, hostfile: Path | None = None) -> None:
-        from train.rank_group import RankGroup
+        from fedllm.train.rank_group import RankGroup
 
         super().__init__(cfg, model_dir, data, eval_data, run_dir)
         self._files = tempfile.TemporaryDirectory(prefix="silo-data-")

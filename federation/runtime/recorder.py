@@ -15,16 +15,16 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from appliance.core.adapter_registry import AdapterRegistry, AdapterVersion
-from appliance.core.atomic import append_jsonl
-from appliance.core.tracking import Tracker
-from appliance.core.types import StateDict
-from federation.runtime.checkpoint import Checkpoint, load_latest, prune_checkpoints, save_checkpoint
-from federation.runtime.lineage import round_meta
-from federation.runtime.sessions import SiloInfo
+from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion
+from fedllm.core.atomic import append_jsonl
+from fedllm.core.contracts.tracking import Tracker
+from fedllm.core.types import StateDict
+from fedllm.federation.runtime.checkpoint import Checkpoint, load_latest, prune_checkpoints, save_checkpoint
+from fedllm.federation.runtime.lineage import round_meta
+from fedllm.federation.runtime.sessions import SiloInfo
 
 if TYPE_CHECKING:
-    from federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.coordinator import Coordinator
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Recorder:
     def _restored_history(self, ckpt: Checkpoint) -> list[dict[str, Any]]:
         """The run's records from `rounds.jsonl`, plus the checkpointed round's own record when the crash came before
         it reached the log (an older checkpoint's full `history` is read as it is)."""
-        from federation.runtime.checkpoint import read_round_log
+        from fedllm.federation.runtime.checkpoint import read_round_log
 
         if "history" in ckpt.state:  # written before the history moved out of state.json
             return list(ckpt.state["history"])
@@ -86,7 +86,7 @@ class Recorder:
             self._register_missing()
             return
         if self._initial_state is None:
-            import train
+            from fedllm import train
 
             self._initial_state = train.initial_adapter_state(self.settings.train, self.settings.models_dir / self.settings.model)
         self.coord.global_state = {k: v.detach().clone().float() for k, v in self._initial_state.items()}
@@ -98,7 +98,7 @@ class Recorder:
 
     def open_tracker(self) -> None:
         """TensorBoard files in federation/RUN/tb/ (and an MLflow run with tracking.mlflow_uri): one step per round."""
-        from appliance.core.settings import redacted_dump
+        from fedllm.core.settings import redacted_dump
 
         dump = redacted_dump(self.settings)
         self._tracker = Tracker(self.settings.tracking, self.run_dir / "tb", run_name=f"federation-{self.cfg.run_name}",
@@ -173,7 +173,7 @@ class Recorder:
                 logger.error("on_publish callback %r failed for %s: %s", callback, version.ref, exc, exc_info=True)
 
     def _default_exporter(self, state: StateDict, out_dir: Path) -> None:
-        import train
+        from fedllm import train
 
         train.save_adapter_dir(state, self.settings.train, self.settings.models_dir / self.settings.model, out_dir)
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import ApplianceError
+from fedllm.core.errors import ApplianceError
 
 
 def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_file: Path | str | None = None,
@@ -21,7 +21,7 @@ def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_
     """
     import httpx
 
-    from appliance.core.tls import client_context, refuse_plain_http_token
+    from fedllm.core.tls import client_context, refuse_plain_http_token
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if token:
@@ -37,7 +37,7 @@ def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None, ca_
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     """A plain-text report: run line, a silo table and a round table."""
     now = time.time() if now is None else now
-    from federation.publishing.heldout import gate_text
+    from fedllm.federation.publishing.heldout import gate_text
 
     lines = [f"run {status['run']}: round {status['round']}/{status['rounds_total']}, phase {status['phase']}, "
              f"strategy {status['strategy']}", "", f"{'silo':<16}{'online':<8}{'last seen':<12}{'rounds':>7}{'examples':>10}"]

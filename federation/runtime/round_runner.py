@@ -2,7 +2,7 @@
 selected silo answered, went offline, or its deadline passed, then weigh, clip, aggregate and record the round.
 
 A round: each silo's deadline is the round's start + `round_deadline_s` + its transfer allowance (its link's measured
-throughput, federation.runtime.timing); the accepted updates are weighed by example count, bounded by the count declared at
+throughput, fedllm.federation.runtime.timing); the accepted updates are weighed by example count, bounded by the count declared at
 enrolment and by `max_silo_share`, clipped to the round's norm bound and aggregated with the strategy; the aggregate
 is checked (finite, norm bound) before the recorder checkpoints, registers and publishes it. `MAX_FAILED_ROUNDS` failed
 rounds in a row fail the run. A secure round (federation.secure_aggregation) runs the steps of `secure_round`.
@@ -17,20 +17,20 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import RoundFailed
-from appliance.core.types import StateDict
-from federation.publishing.gate_resume import before_round
-from federation.publishing.heldout import previous_adapter, received_eval
-from federation.runtime.local_training import round_schedule
-from federation.wire.payload import downlink_method
-from federation.wire.protocol import MsgType, SecAggStep, TrainTask, make_header
-from federation.runtime.train_payload import TrainPayloads
-from federation.runtime.train_window import TrainWindow, train_wait_s
-from federation.aggregation.update_spool import UpdateSpool, open_round_spool
+from fedllm.core.errors import RoundFailed
+from fedllm.core.types import StateDict
+from fedllm.federation.publishing.gate_resume import before_round
+from fedllm.federation.publishing.heldout import previous_adapter, received_eval
+from fedllm.federation.runtime.local_training import round_schedule
+from fedllm.federation.wire.payload import downlink_method
+from fedllm.federation.wire.protocol import MsgType, SecAggStep, TrainTask, make_header
+from fedllm.federation.runtime.train_payload import TrainPayloads
+from fedllm.federation.runtime.train_window import TrainWindow, train_wait_s
+from fedllm.federation.aggregation.update_spool import UpdateSpool, open_round_spool
 
 if TYPE_CHECKING:
-    from federation.runtime.coordinator import Coordinator
-    from federation.runtime.sessions import SiloInfo
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.sessions import SiloInfo
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RoundState:
     allowances: dict[str, float] = field(default_factory=dict)  # silo -> its transfer allowance (s)
     train_sent: dict[str, float] = field(default_factory=dict)  # silo -> when its first TRAIN of the round went out
     bytes_down: dict[str, int] = field(default_factory=dict)  # silo -> size of the TRAIN it was sent
-    timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> federation.runtime.timing.silo_timings
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> fedllm.federation.runtime.timing.silo_timings
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"num_examples", "metrics", "train_s"}
     rejected: dict[str, str] = field(default_factory=dict)  # silo -> error code (protocol.ERROR_CODES)
     updates: Any = field(default_factory=dict)  # silo -> checked float32 update, weighed at the end (an update_spool.UpdateSpool: on disk)
@@ -61,7 +61,7 @@ class RoundState:
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
     sent: dict[str, StateDict] = field(default_factory=dict)  # silo -> the adapter it was sent, when not the global one
     shares: dict[str, float] = field(default_factory=dict)  # silo -> its (capped) share of the aggregate
-    norm_bound: float | None = None  # the round's update norm bound (federation.aggregation.bounds.adaptive_norm_bound)
+    norm_bound: float | None = None  # the round's update norm bound (fedllm.federation.aggregation.bounds.adaptive_norm_bound)
     norms: dict[str, float] = field(default_factory=dict)  # silo -> its update's L2 norm (secure: as advertised)
     clipped: dict[str, dict[str, float]] = field(default_factory=dict)  # silo -> {"norm", "clipped_to"}
     dropped: list[str] = field(default_factory=list)  # silos unenrolled after they answered: their updates left out
@@ -125,7 +125,7 @@ class RoundRunner:
     def _shares(self, counts: dict[str, int]) -> dict[str, float]:
         """Each silo's share of the round: its claimed count, bounded by the one declared at enrolment, capped at
         `federation.max_silo_share` (`strategies.capped_weights`)."""
-        from federation.aggregation.aggregate import capped_weights
+        from fedllm.federation.aggregation.aggregate import capped_weights
 
         bounded = {}
         for sid, n in counts.items():
@@ -135,7 +135,7 @@ class RoundRunner:
 
     def _secure_bound(self, norms: dict[str, float]) -> float | None:
         """A secure round's norm bound, issued with the roster: from the norms the silos advertised."""
-        from federation.aggregation.bounds import adaptive_norm_bound
+        from fedllm.federation.aggregation.bounds import adaptive_norm_bound
 
         return adaptive_norm_bound(norms, self.cfg)
 
@@ -158,10 +158,10 @@ class RoundRunner:
             rs.changed.set()
 
     def _accumulate(self, rs: RoundState) -> None:
-        """Clip the round's checked updates to its norm bound (federation.aggregation.bounds), then add them to the strategy's
+        """Clip the round's checked updates to its norm bound (fedllm.federation.aggregation.bounds), then add them to the strategy's
         accumulator with their capped shares: the bound and shares come from the norms and counts noted on arrival,
-        and the updates are read back from the spool one at a time (federation.aggregation.update_spool)."""
-        from federation.aggregation.bounds import adaptive_norm_bound
+        and the updates are read back from the spool one at a time (fedllm.federation.aggregation.update_spool)."""
+        from fedllm.federation.aggregation.bounds import adaptive_norm_bound
 
         self._drop_unenrolled(rs)
         rs.norms = rs.updates.norms()
@@ -224,7 +224,7 @@ class RoundRunner:
         dp_silo = self.cfg.dp_mode == "silo"
         secure = None
         if rs.secure is not None:
-            from federation.aggregation.secure_round import config_body
+            from fedllm.federation.aggregation.secure_round import config_body
 
             secure = config_body(rs.secure.config)
         config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds,
@@ -251,7 +251,7 @@ class RoundRunner:
     def _silo_deadline(self, rs: RoundState, silo: SiloInfo, train_bytes: int) -> float:
         """The silo's deadline of this round: the round's start + `round_deadline_s` (training) + its transfer
         allowance (the TRAIN's and its expected UPDATE's bytes over its link's measured throughput); set once."""
-        from federation.runtime.timing import transfer_allowance_s
+        from fedllm.federation.runtime.timing import transfer_allowance_s
 
         if silo.id not in rs.deadlines:
             allowance = transfer_allowance_s(train_bytes, silo.last_update_bytes or train_bytes, down_bps=silo.down_bps,
@@ -270,7 +270,7 @@ class RoundRunner:
         rs.updates = open_round_spool(self.coord.run_dir, round_id, rs.acc)  # checked updates wait on disk, not in RAM
         rs.train_window = TrainWindow(self.cfg.train_window_bytes)
         if self.cfg.secure_aggregation:
-            from federation.aggregation.secure_round import SecureRound, round_config
+            from fedllm.federation.aggregation.secure_round import SecureRound, round_config
 
             rs.secure = SecureRound(round_config(self.cfg, round_id, len(selected)), self.coord.global_state, rs, self.cfg.min_silos)
         self.coord.current, self.coord.phase = rs, "training"
@@ -322,7 +322,7 @@ class RoundRunner:
             RoundFailed: the strategy kept the previous global, or the aggregate failed its checks (the strategy's
                 state is then rolled back, so the round leaves no trace).
         """
-        from federation.aggregation.aggregate import check_aggregate
+        from fedllm.federation.aggregation.aggregate import check_aggregate
 
         saved = {k: v.clone() for k, v in self.coord.strategy.state_dict().items()}
         new_state = self.coord.strategy.finish_round(rs.round_id, self.coord.global_state, rs.acc, failures)
@@ -330,7 +330,7 @@ class RoundRunner:
             rs.updates.close()  # the round's spooled files (also a robust strategy's) are no longer needed
         if new_state is None:
             raise RoundFailed(f"strategy {self.coord.strategy.name} kept the previous global adapter (see its log line)")
-        from federation.aggregation.bounds import aggregate_bound
+        from fedllm.federation.aggregation.bounds import aggregate_bound
 
         bound = aggregate_bound(self.cfg, self.coord.strategy, rs.norm_bound)
         if rs.secure is not None and bound is not None and self.cfg.max_aggregate_norm is None:

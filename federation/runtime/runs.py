@@ -20,10 +20,10 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ConfigError
+from fedllm.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.settings import ApplianceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,12 @@ def next_settings(settings: ApplianceSettings, final: dict[str, Any], body: dict
         if body.get(key) is not None:
             update[setting] = body[key]
     try:
-        from appliance.core.sections import FederationSettings
+        from fedllm.core.sections import FederationSettings
 
         new_fed = FederationSettings.model_validate({**fed.model_dump(), **update})
     except ValueError as exc:
         raise ConfigError(f"the next run: {exc}") from exc
-    from federation.runtime.service import build_strategy
+    from fedllm.federation.runtime.service import build_strategy
 
     build_strategy(new_fed, lora_alpha=settings.train.lora_alpha)  # an unknown strategy is refused here, not mid-start
     return settings.model_copy(update={"federation": new_fed})
@@ -83,10 +83,10 @@ class FinishedServer:
         """Serve until the next run is asked for (its settings) or a signal comes (None)."""
         from aiohttp import web
 
-        from appliance.core.net import is_loopback
-        from appliance.core.secrets import same_secret
-        from appliance.core.tls import server_context
-        from appliance.core.tokens import coordinator_status_token
+        from fedllm.core.net import is_loopback
+        from fedllm.core.secrets import same_secret
+        from fedllm.core.tls import server_context
+        from fedllm.core.tokens import coordinator_status_token
 
         cfg = self.settings.federation
         token = coordinator_status_token(self.settings)

@@ -8,13 +8,13 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ApplianceError, ConfigError, RoundFailed
-from appliance.core.tls import check_public_bind
+from fedllm.core.errors import ApplianceError, ConfigError, RoundFailed
+from fedllm.core.tls import check_public_bind
 
 if TYPE_CHECKING:
-    from appliance.core.sections import FederationSettings
-    from appliance.core.settings import ApplianceSettings
-    from federation.aggregation.server_strategies import Strategy
+    from fedllm.core.sections import FederationSettings
+    from fedllm.core.settings import ApplianceSettings
+    from fedllm.federation.aggregation.server_strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ def build_strategy(cfg: "FederationSettings", *, lora_alpha: float | None = None
         ConfigError: unknown strategy or parameters, central DP over a non-mean strategy, or secure aggregation with
             a strategy that needs the individual updates (robust strategies, per-update clipping, central DP).
     """
-    from federation.aggregation import privacy
-    from federation.aggregation.server_strategies import ProductAggregation
-    from federation.aggregation.strategy_factory import make_strategy
-    from federation.aggregation.strategy_wrappers import FrozenA
+    from fedllm.federation.aggregation import privacy
+    from fedllm.federation.aggregation.server_strategies import ProductAggregation
+    from fedllm.federation.aggregation.strategy_factory import make_strategy
+    from fedllm.federation.aggregation.strategy_wrappers import FrozenA
 
     params = dict(cfg.strategy_params)
     if lora_alpha is not None:
@@ -60,7 +60,7 @@ def build_strategy(cfg: "FederationSettings", *, lora_alpha: float | None = None
     except ValueError as exc:
         raise ConfigError(f"federation strategy: {exc}") from exc
     if cfg.secure_aggregation:
-        from federation.aggregation.secure_round import check_strategy
+        from fedllm.federation.aggregation.secure_round import check_strategy
 
         check_strategy(strategy, cfg)
     return strategy
@@ -68,10 +68,10 @@ def build_strategy(cfg: "FederationSettings", *, lora_alpha: float | None = None
 
 def router_publisher(settings: "ApplianceSettings") -> Any:
     """A RouterPublisher for the local router (`serve.port`), with the stored admin token."""
-    from appliance.core.tls import client_context
-    from appliance.core.tokens import router_admin_token
-    from federation.publishing.gate import gate_for
-    from federation.publishing.publish import RouterPublisher
+    from fedllm.core.tls import client_context
+    from fedllm.core.tokens import router_admin_token
+    from fedllm.federation.publishing.gate import gate_for
+    from fedllm.federation.publishing.publish import RouterPublisher
 
     token = router_admin_token(settings)
     fed = settings.federation
@@ -106,7 +106,7 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None, stay: bool 
         final = _run_once(settings, on_ready)
         if not stay or final["phase"] == "stopped":
             break
-        from federation.runtime.runs import FinishedServer
+        from fedllm.federation.runtime.runs import FinishedServer
 
         following = asyncio.run(FinishedServer(settings, final).wait())
         if following is None:
@@ -121,8 +121,8 @@ def run_coordinator(settings: "ApplianceSettings", *, on_ready=None, stay: bool 
 
 def _run_once(settings: "ApplianceSettings", on_ready=None) -> dict[str, Any]:
     """One run of the federation to its end (or a signal): its final status document."""
-    from federation.runtime.coordinator import Coordinator
-    from federation.wire.transport import check_plaintext_endpoint
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.wire.transport import check_plaintext_endpoint
 
     fed = settings.federation
     check_plaintext_endpoint(fed.bind_address or f"tcp://{fed.bind_host}:{fed.port}", fed.plaintext, "bind")
@@ -159,13 +159,13 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
     Raises:
         ApplianceError: the coordinator refused this silo's key or removed it (the message names the key and the fix).
     """
-    from federation.runtime.silo import EngineTrainer, SiloClient, SiloTrainer
+    from fedllm.federation.runtime.silo import EngineTrainer, SiloClient, SiloTrainer
 
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
         raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
     if settings.federation.silo_ranks > 1 or settings.train.hostfile:
-        from federation.runtime.rank_group import RankGroupTrainer
+        from fedllm.federation.runtime.rank_group import RankGroupTrainer
 
         trainer: SiloTrainer = RankGroupTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None,
                                    ranks=settings.federation.silo_ranks,

@@ -15,20 +15,20 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.errors import ProtocolError
-from appliance.core.types import StateDict
-from federation.wire import frames as wire
-from federation.wire.keys import Enrolment, load_keypair
-from federation.wire.payload import decode_payload
-from federation.wire.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, UpdateResult, Welcome,
+from fedllm.core.errors import ProtocolError
+from fedllm.core.types import StateDict
+from fedllm.federation.wire import frames as wire
+from fedllm.federation.wire.keys import Enrolment, load_keypair
+from fedllm.federation.wire.payload import decode_payload
+from fedllm.federation.wire.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, UpdateResult, Welcome,
                                  make_header)
-from federation.runtime.timing import connection_timeout
-from federation.wire.transport import Incoming, ServerTransport, check_plaintext_endpoint
-from federation.runtime.train_window import acknowledges
+from fedllm.federation.runtime.timing import connection_timeout
+from fedllm.federation.wire.transport import Incoming, ServerTransport, check_plaintext_endpoint
+from fedllm.federation.runtime.train_window import acknowledges
 
 if TYPE_CHECKING:
-    from federation.runtime.coordinator import Coordinator
-    from federation.runtime.round_runner import RoundState
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.round_runner import RoundState
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Sessions:
         self.cfg = coord.cfg
         self.enrolment = None if self.cfg.plaintext else Enrolment(coord.settings.keys_dir)
         self.transport: ServerTransport | None = None
-        self.message_limit = 0  # the largest message read (federation.aggregation.bounds.message_bound), set by `open`
+        self.message_limit = 0  # the largest message read (fedllm.federation.aggregation.bounds.message_bound), set by `open`
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> str:
@@ -93,7 +93,7 @@ class Sessions:
         check_plaintext_endpoint(endpoint, self.cfg.plaintext, "bind")
         keypair = None if self.cfg.plaintext else load_keypair(self.coord.settings.keys_dir, "coordinator")
         if keypair is None and not self.cfg.plaintext:
-            from appliance.core.errors import ConfigError
+            from fedllm.core.errors import ConfigError
 
             raise ConfigError("no coordinator key pair: run `appliance federation init` first (or set federation.plaintext for tests)")
         enrolment = self.enrolment
@@ -101,7 +101,7 @@ class Sessions:
         def lookup(public_key: str) -> str | None:
             return enrolment.name_of(public_key) if enrolment is not None else None
 
-        from federation.aggregation.bounds import message_bound
+        from fedllm.federation.aggregation.bounds import message_bound
 
         # Messages above the bound get an ERROR naming it (`_handle`, before any decoding); the socket itself drops a
         # connection whose message exceeds twice the bound, so nothing bigger is ever read into memory.
@@ -216,7 +216,7 @@ class Sessions:
             await self._welcome(silo)
 
     async def _echo(self, silo: SiloInfo, header: Header) -> None:
-        """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks (federation.runtime.timing)."""
+        """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks (fedllm.federation.runtime.timing)."""
         sent_at = header.body.get("sent_at")
         if sent_at is not None:
             await self.send(silo.peer, make_header(MsgType.HEARTBEAT, Heartbeat(echo=sent_at, sent_at=time.time()),
@@ -262,9 +262,9 @@ class Sessions:
         logger.info("round %d: accepted the update of %s (%d examples, %d bytes)", rs.round_id, silo.id, body.num_examples, size)
 
     def _note_timings(self, rs: RoundState, silo: SiloInfo, body: UpdateResult, received_at: float, size: int) -> None:
-        """The silo's download/train/upload of this round (federation.runtime.timing), and its link's throughput for the
+        """The silo's download/train/upload of this round (fedllm.federation.runtime.timing), and its link's throughput for the
         transfer allowance of its next deadlines."""
-        from federation.runtime.timing import silo_timings, throughput_bps
+        from fedllm.federation.runtime.timing import silo_timings, throughput_bps
 
         sent = rs.train_sent.get(silo.id)
         if sent is None:
@@ -317,7 +317,7 @@ class Sessions:
         """Remember the rank a silo trains at (HELLO's lora_r / lora_alpha; a malformed body keeps the global rank)."""
         from pydantic import ValidationError
 
-        from federation.wire.protocol import Hello
+        from fedllm.federation.wire.protocol import Hello
 
         try:
             hello = Hello.model_validate(body)
@@ -329,7 +329,7 @@ class Sessions:
 
     def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> StateDict | tuple[str, str]:
         """The update, decoded (to the global adapter's shapes only) and checked; or (code, message) refusing it."""
-        from federation.aggregation.aggregate import InvalidUpdate, check_update, global_norm
+        from fedllm.federation.aggregation.aggregate import InvalidUpdate, check_update, global_norm
 
         reference = rs.sent.get(silo_id, rs.global_state)  # the adapter this silo was sent (its own rank)
         limit = 3 * sum(t.numel() * 4 for t in reference.values()) + (1 << 20)
@@ -387,7 +387,7 @@ class Sessions:
 
 def _plaintext_sender(frame: bytes) -> str | None:
     """The silo id a plaintext header claims (its frame alone, at most protocol.MAX_HEADER_BYTES); None if unreadable."""
-    from federation.wire.protocol import HeaderError, load_header
+    from fedllm.federation.wire.protocol import HeaderError, load_header
 
     try:
         return load_header(frame).silo_id or None

@@ -17,22 +17,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
-from appliance.core.errors import ConfigError, ProtocolError
-from appliance.core.types import StateDict
-from federation.wire import frames as wire
-from federation.aggregation.bounds import SILO_MAX_MESSAGE_BYTES
-from federation.wire.keys import load_keypair
-from federation.wire.payload import EncodedPayload, decode_payload, encode_payload
-from federation.wire.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
+from fedllm.core.errors import ConfigError, ProtocolError
+from fedllm.core.types import StateDict
+from fedllm.federation.wire import frames as wire
+from fedllm.federation.aggregation.bounds import SILO_MAX_MESSAGE_BYTES
+from fedllm.federation.wire.keys import load_keypair
+from fedllm.federation.wire.payload import EncodedPayload, decode_payload, encode_payload
+from fedllm.federation.wire.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
                                  make_header)
-from federation.runtime.timing import ClockOffset, connection_timeout
-from federation.wire.transport import ClientTransport, check_plaintext_endpoint
+from fedllm.federation.runtime.timing import ClockOffset, connection_timeout
+from fedllm.federation.wire.transport import ClientTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from appliance.core.sections import TrainSettings
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.sections import TrainSettings
+    from fedllm.core.settings import ApplianceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SiloClient:
         if not isinstance(trainer, SiloTrainer):
             missing = [m for m in ("get_state", "set_state", "fit", "evaluate", "lora_r", "lora_alpha")
                        if not hasattr(trainer, m)]
-            raise ConfigError(f"the silo's trainer {type(trainer).__name__} is not a federation.runtime.silo.SiloTrainer: it lacks "
+            raise ConfigError(f"the silo's trainer {type(trainer).__name__} is not a fedllm.federation.runtime.silo.SiloTrainer: it lacks "
                               f"{', '.join(missing)} (subclass SiloTrainer for the defaults of lora_r and lora_alpha)")
         if not self.cfg.coordinator:
             raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
@@ -334,13 +334,13 @@ class SiloClient:
     async def _secure_advertise(self, header, task: TrainTask, num_examples: int, metrics: dict[str, Any],
                                 delta: StateDict, train_s: float) -> None:
         """After training in a secure round: keep the delta here and advertise this round's public keys."""
-        from federation.aggregation.secagg import SecAggClient, SecAggConfig
+        from fedllm.federation.aggregation.secagg import SecAggClient, SecAggConfig
 
         silo_id = header.silo_id or self.silo_id  # the name the coordinator knows this silo by
         client = SecAggClient(silo_id, SecAggConfig(**task.secure_aggregation))
         self._secure = {header.round_id: {"client": client, "delta": delta, "num_examples": num_examples,
                                           "run": header.run, "silo_id": silo_id}}  # older rounds are abandoned
-        from federation.aggregation.strategies import global_norm
+        from fedllm.federation.aggregation.strategies import global_norm
 
         data = {**client.advertise(), "num_examples": num_examples, "metrics": _scalars(metrics), "train_s": train_s,
                 "update_norm": global_norm(delta)}
@@ -381,7 +381,7 @@ class SiloClient:
                 raise ProtocolError(f"a secure round's weight must be in (0, 1], got {weight}")
             bound = body.data.get("norm_bound")
             if bound is not None:
-                from federation.aggregation.strategies import clip_update
+                from fedllm.federation.aggregation.strategies import clip_update
 
                 if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
                     raise ProtocolError(f"a secure round's norm bound must be a finite number > 0, got {bound!r}")
@@ -392,7 +392,7 @@ class SiloClient:
             st["delta"] = {k: v * weight for k, v in st["delta"].items()}
             await self._send_step(round_id, "share_keys", {"ciphertexts": client.share_keys(body.data["roster"])})
         elif body.step == "shares":
-            from federation.aggregation.secure_round import masked_tensor
+            from fedllm.federation.aggregation.secure_round import masked_tensor
 
             masked = await asyncio.to_thread(client.mask, body.data["ciphertexts"], st["delta"])
             self.secure_masked_update = st["delta"]
@@ -406,7 +406,7 @@ class SiloClient:
             raise ProtocolError(f"a silo does not handle the secure-aggregation step {body.step!r}")
 
     def _fit(self, global_state: StateDict, task: TrainTask) -> tuple[int, dict[str, float], StateDict]:
-        from federation.publishing.heldout import received_metrics
+        from fedllm.federation.publishing.heldout import received_metrics
 
         self.trainer.set_state({k: v.clone() for k, v in global_state.items()})
         received = received_metrics(self.trainer)  # its held-out loss of the global it received (the promotion gate)
@@ -439,7 +439,7 @@ def _privatise(delta: StateDict, clip_norm: float, noise_multiplier: float) -> S
 
     import torch
 
-    from federation.aggregation import privacy
+    from fedllm.federation.aggregation import privacy
 
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     return privacy.privatize_update(delta, clip_norm, noise_multiplier, generator)
@@ -493,7 +493,7 @@ class EngineTrainer(SiloTrainer):
 
     def get_state(self) -> StateDict:
         if self._state is None:
-            import train
+            from fedllm import train
 
             self._state = train.initial_adapter_state(self.cfg, self.model_dir)
         return self._state
@@ -502,7 +502,7 @@ class EngineTrainer(SiloTrainer):
         self._state = state
 
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
-        import train
+        from fedllm import train
 
         updates, plan = self.round_overrides(config)
         with self._engine_lock:
@@ -518,14 +518,14 @@ class EngineTrainer(SiloTrainer):
 
     def round_overrides(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """`train_overrides(config)`: the round's train-settings updates and `train.TrainPlan` fields."""
-        from federation.runtime.local_training import train_overrides
+        from fedllm.federation.runtime.local_training import train_overrides
 
         return train_overrides(config)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        import train
+        from fedllm import train
 
         with self._engine_lock:
             out = train.evaluate_adapter(self.cfg, self.model_dir, self.get_state(), self.eval_data)

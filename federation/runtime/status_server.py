@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from appliance.core.net import connectable_host, is_loopback
+from fedllm.core.net import connectable_host, is_loopback
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.settings import ApplianceSettings
 
 
 class StatusServer:
@@ -37,15 +37,15 @@ class StatusServer:
         """The status token `/status` requires when bound beyond loopback (None on a loopback bind)."""
         if is_loopback(self.cfg.bind_host):
             return None
-        from appliance.core.tokens import coordinator_status_token
+        from fedllm.core.tokens import coordinator_status_token
 
         return coordinator_status_token(self.settings)
 
     async def _start_status_server(self) -> None:
         from aiohttp import web
 
-        from appliance.core.secrets import same_secret
-        from appliance.core.tls import server_context
+        from fedllm.core.secrets import same_secret
+        from fedllm.core.tls import server_context
 
         token = self._status_token()
 
@@ -66,7 +66,7 @@ class StatusServer:
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        # HTTPS with federation.tls_cert/tls_key (appliance.core.tls), else plain HTTP.
+        # HTTPS with federation.tls_cert/tls_key (fedllm.core.tls), else plain HTTP.
         tls = server_context(self.cfg.tls_cert, self.cfg.tls_key) if self.cfg.tls_cert is not None else None
         site = web.TCPSite(runner, self.cfg.bind_host, self.cfg.status_port, ssl_context=tls)
         await site.start()

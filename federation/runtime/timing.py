@@ -86,7 +86,7 @@ def connection_timeout_s(heartbeat_s: float, silo_timeout_s: float, max_message_
 def connection_timeout(cfg: Any, max_message_bytes: int | None = None) -> float:
     """`connection_timeout_s` of a `FederationSettings` for messages up to `max_message_bytes` (default:
     `cfg.max_message_bytes`, or a silo's bound when that is derived)."""
-    from federation.aggregation.bounds import SILO_MAX_MESSAGE_BYTES
+    from fedllm.federation.aggregation.bounds import SILO_MAX_MESSAGE_BYTES
 
     size = max_message_bytes or cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES
     return connection_timeout_s(cfg.heartbeat_interval_s, cfg.silo_timeout_s, size, cfg.assumed_link_mbit)

@@ -10,8 +10,8 @@ per-rank projection) is encoded for its silo alone, as before.
 
 from __future__ import annotations
 
-from appliance.core.types import StateDict
-from federation.wire.payload import EncodedPayload, encode_payload
+from fedllm.core.types import StateDict
+from fedllm.federation.wire.payload import EncodedPayload, encode_payload
 
 __all__ = ["TrainPayloads"]
 
@@ -23,7 +23,7 @@ class TrainPayloads:
         self._global: dict[str, tuple[StateDict, EncodedPayload]] = {}
 
     def get(self, state: StateDict, method: str, global_state: StateDict) -> EncodedPayload:
-        """The encoding of `state` (`federation.wire.payload.encode_payload`): shared when it is `global_state`, fresh
+        """The encoding of `state` (`fedllm.federation.wire.payload.encode_payload`): shared when it is `global_state`, fresh
         otherwise."""
         if state is not global_state:
             return encode_payload(state, method)

@@ -69,7 +69,7 @@ class TrainWindow:
 def acknowledges(header: Any, round_id: int) -> bool:
     """Whether a silo's message ends the wait for its TRAIN of `round_id`: a HEARTBEAT saying it got it, or an answer
     (UPDATE, ERROR, SECAGG) or BYE."""
-    from federation.wire.protocol import MsgType
+    from fedllm.federation.wire.protocol import MsgType
 
     if header.type == MsgType.HEARTBEAT:
         return header.body.get("got_train") == round_id

@@ -1,8 +1,8 @@
 """The compression functions (`federation/wire/compression.py`) as the wire uses them: every decoding failure becomes
 a `ProtocolError`, and top-k's residual is kept in the caller's dict.
 
-Callers encode and decode adapters with `federation.wire.payload` (`encode_payload`, `decode_payload`), which puts
-these together with the message frames (`federation.wire.frames`).
+Callers encode and decode adapters with `fedllm.federation.wire.payload` (`encode_payload`, `decode_payload`), which puts
+these together with the message frames (`fedllm.federation.wire.frames`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance.core.errors import ProtocolError
-from federation.wire import compression
+from fedllm.core.errors import ProtocolError
+from fedllm.federation.wire import compression
 
 
 def encode(update: dict, method: str, state: dict | None = None) -> tuple[dict, dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from appliance.core.types import StateDict
+from fedllm.core.types import StateDict
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "encode", "decode", "payload_bytes"]
 

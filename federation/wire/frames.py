@@ -1,6 +1,6 @@
 """The frames of a federation message: a JSON header frame + a safetensors payload frame, never pickle.
 
-An adapter's payload is encoded and decoded with `federation.wire.payload`; this module reads and writes the frames
+An adapter's payload is encoded and decoded with `fedllm.federation.wire.payload`; this module reads and writes the frames
 (a message without tensors, and the raw tensors of a secure-aggregation step, use it directly).
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from appliance.core.errors import ProtocolError
-from appliance.core.types import StateDict
-from federation.wire.protocol import Header, HeaderError, TensorSpec, dump_header, load_header
+from fedllm.core.errors import ProtocolError
+from fedllm.core.types import StateDict
+from fedllm.federation.wire.protocol import Header, HeaderError, TensorSpec, dump_header, load_header
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +58,7 @@ def decode_header(frames: list[bytes]) -> Header:
 
 
 def decode_payload(header: Header, frames: list[bytes]) -> StateDict:
-    """The payload's tensors as sent (still encoded: `federation.wire.payload.decode_payload` decodes them), checked against the header's manifest (names, shapes, dtypes; nothing more, nothing less).
+    """The payload's tensors as sent (still encoded: `fedllm.federation.wire.payload.decode_payload` decodes them), checked against the header's manifest (names, shapes, dtypes; nothing more, nothing less).
 
     Raises:
         ProtocolError: the payload is not safetensors or does not match the manifest.

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.core.atomic import write_json_atomic, write_text_atomic
-from appliance.core.errors import ConfigError
+from fedllm.core.atomic import write_json_atomic, write_text_atomic
+from fedllm.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.core.types import StateDict
-from federation.wire import codec, frames as wire_frames
-from federation.wire.protocol import Header, dump_header
+from fedllm.core.types import StateDict
+from fedllm.federation.wire import codec, frames as wire_frames
+from fedllm.federation.wire.protocol import Header, dump_header
 
 __all__ = ["DOWNLINK_METHODS", "EncodedPayload", "decode_payload", "downlink_method", "encode_payload"]
 
@@ -32,7 +32,7 @@ class EncodedPayload:
     encoded tensors, their manifest and their size (the tensors themselves are not kept: the payload is all that is
     sent, so one payload can go to many silos)."""
 
-    tensor_bytes: int  # federation.wire.compression.payload_bytes of the encoded tensors
+    tensor_bytes: int  # fedllm.federation.wire.compression.payload_bytes of the encoded tensors
     meta: dict[str, Any]
     payload: bytes  # empty for an empty state: the message is then its header alone
     manifest: list
@@ -46,7 +46,7 @@ class EncodedPayload:
 
 
 def encode_payload(state: StateDict, method: str, *, residual: dict | None = None) -> EncodedPayload:
-    """`state` compressed with `method` (federation.wire.compression.METHODS) as one safetensors payload.
+    """`state` compressed with `method` (fedllm.federation.wire.compression.METHODS) as one safetensors payload.
 
     Args:
         residual: top-k's error feedback, updated in place (what was not sent this time is added next time).
@@ -56,7 +56,7 @@ def encode_payload(state: StateDict, method: str, *, residual: dict | None = Non
     """
     from safetensors.torch import save
 
-    from federation.wire.compression import payload_bytes
+    from fedllm.federation.wire.compression import payload_bytes
 
     tensors, meta = codec.encode(state, method, state=residual)
     if not tensors:

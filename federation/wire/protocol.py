@@ -72,7 +72,7 @@ class Hello(BaseModel):
     lora_r: int | None = Field(None, ge=1, le=1024, description="The LoRA rank this silo trains at (None: the global rank).")
     lora_alpha: float | None = Field(None, gt=0, le=1e6, description="The silo's lora_alpha (its scale is lora_alpha / lora_r).")
     acks_train: bool = Field(False, description="The silo acknowledges each TRAIN as it arrives (HEARTBEAT got_train): "
-                                                "the coordinator's TRAIN window waits for it (federation.runtime.train_window).")
+                                                "the coordinator's TRAIN window waits for it (fedllm.federation.runtime.train_window).")
 
 
 class Welcome(BaseModel):
@@ -125,7 +125,7 @@ class Advertisement(BaseModel):
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     update_norm: float | None = Field(None, ge=0, allow_inf_nan=False,
                                       description="The L2 norm of the silo's update: the round's norm bound is a multiple "
-                                                  "of their median (federation.aggregation.bounds).")
+                                                  "of their median (fedllm.federation.aggregation.bounds).")
 
 
 class ErrorInfo(BaseModel):
@@ -170,12 +170,12 @@ ERROR_CODES = {
 class Heartbeat(BaseModel):
     """HEARTBEAT body. Silo -> coordinator: `sent_at` (silo clock); the coordinator answers each with a HEARTBEAT of
     `echo` (that `sent_at`) and `sent_at` (its clock), so a silo knows the coordinator is alive and can estimate the
-    offset between the two clocks (`federation.runtime.timing.ClockOffset`). Both fields are optional (liveness only)."""
+    offset between the two clocks (`fedllm.federation.runtime.timing.ClockOffset`). Both fields are optional (liveness only)."""
 
     sent_at: float | None = Field(None, ge=0, allow_inf_nan=False)
     echo: float | None = Field(None, ge=0, allow_inf_nan=False)
     got_train: int | None = Field(None, ge=0, description="Silo: the round whose TRAIN just arrived (frees its place in "
-                                                           "the coordinator's TRAIN window, federation.runtime.train_window).")
+                                                           "the coordinator's TRAIN window, fedllm.federation.runtime.train_window).")
 
 
 class Bye(BaseModel):

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from appliance.core.errors import ConfigError
-from federation.wire.keys import KeyPair
+from fedllm.core.errors import ConfigError
+from fedllm.federation.wire.keys import KeyPair
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _common_options(sock, max_message_bytes: int, heartbeat_s: float, heartbeat_
     import zmq
 
     # ZeroMQ counts only whole messages as a sign of life, so the timeout must outlast the longest single transfer
-    # (an adapter on a slow link); federation.runtime.timing.connection_timeout_s sizes it.
+    # (an adapter on a slow link); fedllm.federation.runtime.timing.connection_timeout_s sizes it.
     timeout_ms = int((heartbeat_timeout_s or 3 * heartbeat_s) * 1000)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -152,7 +152,7 @@ def check_plaintext_endpoint(endpoint: str, plaintext: bool, what: str) -> None:
     """
     from urllib.parse import urlsplit
 
-    from appliance.core.net import is_loopback
+    from fedllm.core.net import is_loopback
 
     if not plaintext or not endpoint.startswith("tcp://"):
         return  # CURVE, or ipc:// / inproc:// (local by nature)

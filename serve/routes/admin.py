@@ -1,6 +1,6 @@
 """The fleet admin API (docs/CONTRACTS.md): workers and adapters. Every route needs a bearer token.
 
-Bodies come through `serve.deps.json_body` (never as plain pydantic parameters), so the token is checked before the
+Bodies come through `fedllm.serve.deps.json_body` (never as plain pydantic parameters), so the token is checked before the
 body is read, and the body is bounded.
 """
 
@@ -12,13 +12,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from appliance.core.secrets import same_secret
-from serve.deps import bearer, json_body, require_admin, require_admin_or_join, require_worker_or_admin
-from serve.errors import RouterError
-from serve.publications import rollback
-from serve.quarantine import addresses_of
-from serve.residency import check_region, check_regions
-from serve.worker_address import normalised_address
+from fedllm.core.secrets import same_secret
+from fedllm.serve.deps import bearer, json_body, require_admin, require_admin_or_join, require_worker_or_admin
+from fedllm.serve.errors import RouterError
+from fedllm.serve.publications import rollback
+from fedllm.serve.quarantine import addresses_of
+from fedllm.serve.residency import check_region, check_regions
+from fedllm.serve.worker_address import normalised_address
 
 router = APIRouter(prefix="/admin")
 
@@ -158,7 +158,7 @@ async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
 @router.get("/runtime", dependencies=[Depends(require_admin)])
 async def runtime(request: Request) -> dict[str, Any]:
     """Asyncio tasks alive and the size of each per-worker table (serve/runtime_stats.py)."""
-    from serve.runtime_stats import runtime_stats
+    from fedllm.serve.runtime_stats import runtime_stats
 
     return runtime_stats(request.app.state)
 

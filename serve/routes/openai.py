@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes besides the forwarded completions (see `serve.forwarding`): models, health, metrics."""
+"""OpenAI-compatible routes besides the forwarded completions (see `fedllm.serve.forwarding`): models, health, metrics."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from appliance.core.net import is_loopback
-from serve.deps import require_admin
-from serve.protocol import ModelCard, ModelList
+from fedllm.core.net import is_loopback
+from fedllm.serve.deps import require_admin
+from fedllm.serve.protocol import ModelCard, ModelList
 
 
 async def list_models(request: Request) -> Response:

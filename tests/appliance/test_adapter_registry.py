@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from appliance.core.adapter_registry import AdapterRegistry, parse_ref
-from appliance.core.errors import DataError, ModelNotFound
+from fedllm.core.adapter_registry import AdapterRegistry, parse_ref
+from fedllm.core.errors import DataError, ModelNotFound
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from appliance.core.cores import CoreShare, available_cores, divide_cores
+from fedllm.core.cores import CoreShare, available_cores, divide_cores
 
 
 def test_shares_are_disjoint_cover_every_core_and_differ_by_at_most_one():
@@ -44,7 +44,7 @@ def test_bad_requests_name_the_problem():
 def test_a_pinned_child_runs_on_its_share_and_sizes_its_threads_to_it():
     # Arrange: the last core this process may use, as a share of one.
     share = CoreShare((available_cores()[-1],))
-    code = ("import os; from train.engine import set_threads; "
+    code = ("import os; from fedllm.train.engine import set_threads; "
             "print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'], set_threads(None))")
     # Act
     out = subprocess.run(share.argv([sys.executable, "-c", code]), env={**os.environ, **share.env()},

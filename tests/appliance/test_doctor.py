@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testing.factories import free_port, wait_until
+from fedllm.testing.factories import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = """
@@ -26,7 +26,7 @@ import sys
 for name in sys.argv[1].split(","):
     if name:
         sys.modules[name] = None
-from appliance.cli import app
+from fedllm.appliance.cli import app
 app(sys.argv[2:], prog_name="appliance")
 """
 
@@ -74,7 +74,7 @@ def services(home: Path, tmp_path: Path):
     ports = own_ports()
     config = write_config(tmp_path / "server.yaml", home, **ports)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "APPLIANCE_HOME": str(home)}
-    base = [sys.executable, "-m", "appliance", "--config", str(config)]
+    base = [sys.executable, "-m", "fedllm.appliance", "--config", str(config)]
     logs = [tmp_path / "router.log", tmp_path / "coordinator.log"]
     procs = [subprocess.Popen(base + argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
              for argv, log in zip((["serve"], ["coordinator", "start", "--plaintext"]), logs)]

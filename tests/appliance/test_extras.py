@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.extras import EXTRA_MODULES, MissingExtra, missing_modules, require
+from fedllm.appliance.extras import EXTRA_MODULES, MissingExtra, missing_modules, require
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "vllm", "gradio", "matplotlib", "fastapi", "ray", "aiohttp",
@@ -22,7 +22,7 @@ import sys
 for name in sys.argv[1].split(","):
     if name:
         sys.modules[name] = None
-from appliance.cli import app
+from fedllm.appliance.cli import app
 app(sys.argv[2:], prog_name="appliance")
 """
 

@@ -17,7 +17,7 @@ import pytest
 import typer
 import yaml
 
-from appliance.cli import app
+from fedllm.appliance.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "deploy" / "images"

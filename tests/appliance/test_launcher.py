@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.errors import ConfigError
-from appliance.launcher import (
+from fedllm.core.errors import ConfigError
+from fedllm.appliance.launcher import (
     ChildFailed,
     ChildSpec,
     PortInUse,
@@ -28,7 +28,7 @@ from appliance.launcher import (
     port_in_use,
     read_state,
 )
-from testing.factories import REPO, free_port, wait_until
+from fedllm.testing.factories import REPO, free_port, wait_until
 
 FAKE = REPO / "tests" / "appliance" / "fake_service.py"
 
@@ -141,8 +141,8 @@ def _up_process(tmp_path: Path, specs: list[ChildSpec]) -> subprocess.Popen:
     script.write_text(
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from appliance.core.processes import stop_on_signals\n"
-        "from appliance.launcher import ChildSpec, Supervisor\n"
+        "from fedllm.core.processes import stop_on_signals\n"
+        "from fedllm.appliance.launcher import ChildSpec, Supervisor\n"
         "specs = [ChildSpec(**{**d, 'ports': tuple(d['ports'])}) for d in json.loads(sys.argv[1])]\n"
         "stop = stop_on_signals()\n"
         "sup = Supervisor(specs, Path(sys.argv[2]) / 'logs', Path(sys.argv[2]) / 'up.json', poll_s=0.05)\n"
@@ -207,7 +207,7 @@ def test_an_optional_child_that_fails_at_start_is_retried_instead_of_aborting(su
 
 
 def test_a_child_that_exits_0_has_finished_and_is_not_restarted(supervisor_factory, caplog):
-    caplog.set_level(logging.INFO, logger="appliance.launcher")
+    caplog.set_level(logging.INFO, logger="fedllm.appliance.launcher")
     sup = supervisor_factory([fake_spec("coordinator", "--exit-after-s", "2", "--exit-code", "0")], backoff_initial_s=0.05)
     sup.start()
     stop = threading.Event()

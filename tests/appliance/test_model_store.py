@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from appliance.core.errors import DataError, ModelNotFound
-from appliance.core.model_store import (
+from fedllm.core.errors import DataError, ModelNotFound
+from fedllm.core.model_store import (
     drop_gguf_quantization,
     list_models,
     prepare_model,

@@ -1,6 +1,6 @@
 """Bind addresses: loopback or not, and where a local client dials a wildcard bind."""
 
-from appliance.core.net import connectable_host, is_loopback
+from fedllm.core.net import connectable_host, is_loopback
 
 
 def test_loopback_hosts_are_local_and_others_are_not():

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from appliance.core.processes import (open_private_log, process_start_ticks, same_process, start_process_group,
+from fedllm.core.processes import (open_private_log, process_start_ticks, same_process, start_process_group,
                                       stop_process_group)
 
 
@@ -42,8 +42,8 @@ def test_a_pid_with_its_start_time_names_one_process(tmp_path):
 
 
 def test_the_console_stop_refuses_a_pid_that_now_names_another_process(tmp_path):
-    from appliance.core.atomic import write_json_atomic
-    from ui.launcher import launch, launches_dir, read_record, stop
+    from fedllm.core.atomic import write_json_atomic
+    from fedllm.ui.launcher import launch, launches_dir, read_record, stop
 
     # Arrange: a launched command, then its record edited as if the pid had been reused by another process.
     record = launch(tmp_path, "train", [sys.executable, "-c", "import time; time.sleep(60)"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from appliance.core.processes import log_tail, stop_on_signals, wait_for_signal
+from fedllm.core.processes import log_tail, stop_on_signals, wait_for_signal
 
 
 def test_log_tail_keeps_the_last_lines(tmp_path):

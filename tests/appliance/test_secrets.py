@@ -8,10 +8,10 @@ import threading
 import pytest
 from pydantic import SecretStr
 
-from appliance.commands.up import _banner
-from appliance.core.errors import ConfigError
-from appliance.core.secrets import ensure_token, masked
-from testing.factories import make_settings
+from fedllm.appliance.commands.up import _banner
+from fedllm.core.errors import ConfigError
+from fedllm.core.secrets import ensure_token, masked
+from fedllm.testing.factories import make_settings
 
 
 def test_a_token_is_generated_once_private_and_then_reused(tmp_path):
@@ -60,8 +60,8 @@ def test_up_shows_a_masked_admin_token_and_where_the_whole_one_is(tmp_path):
 def test_up_prints_the_console_password_masked_and_a_one_time_login_link(tmp_path):
     from types import SimpleNamespace
 
-    from appliance.commands.up import _login_link
-    from appliance.core.tokens import console_password, take_login_link
+    from fedllm.appliance.commands.up import _login_link
+    from fedllm.core.tokens import console_password, take_login_link
 
     # Arrange: a console child on loopback (the login is asked there too by default).
     settings = make_settings(tmp_path)

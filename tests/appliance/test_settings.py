@@ -6,9 +6,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.errors import ConfigError
-from appliance.core.settings import load_settings, redacted_dump
+from fedllm.appliance.cli import app
+from fedllm.core.errors import ConfigError
+from fedllm.core.settings import load_settings, redacted_dump
 
 
 def test_yaml_then_env_then_overrides(tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_config_show_with_a_bad_value_exits_2_naming_it(monkeypatch):
 
 
 def test_the_strategy_names_of_the_settings_are_those_the_federation_builds():
-    from appliance.core.sections.federation import STRATEGY_NAMES
-    from federation.aggregation.strategies import STRATEGY_NAMES as BUILT
+    from fedllm.core.sections.federation import STRATEGY_NAMES
+    from fedllm.federation.aggregation.strategies import STRATEGY_NAMES as BUILT
 
     assert set(STRATEGY_NAMES) == set(BUILT)

@@ -80,7 +80,7 @@ def test_unit_starts_a_command_the_cli_has(unit: Path) -> None:
     words = [a for a in argv if not a.startswith("-") and not a.startswith("$") and not a.startswith("%")][:2]
     options = [a for a in argv if a.startswith("--")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"}
-    done = subprocess.run([sys.executable, "-m", "appliance", *words, "--help"], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "fedllm.appliance", *words, "--help"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     for option in options:
         assert option in done.stdout, f"{unit.name}: {option} is not an option of `appliance {' '.join(words)}`"

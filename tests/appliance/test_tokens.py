@@ -13,11 +13,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from appliance.core.errors import ConfigError
-from appliance.core.router_client import RouterClient, ServiceClient
-from appliance.core.tls import check_public_bind, refuse_plain_http_token
-from appliance.core.tokens import console_password, coordinator_status_token, router_admin_token
-from testing.factories import make_settings
+from fedllm.core.errors import ConfigError
+from fedllm.core.contracts.router_client import RouterClient, ServiceClient
+from fedllm.core.tls import check_public_bind, refuse_plain_http_token
+from fedllm.core.tokens import console_password, coordinator_status_token, router_admin_token
+from fedllm.testing.factories import make_settings
 
 
 def test_each_service_has_its_own_secret_stored_0600(tmp_path):
@@ -48,7 +48,7 @@ def test_a_token_is_never_sent_over_plain_http_beyond_loopback(url):
         client.workers()
     assert "https" in str(info.value)
     # The operator's explicit opt-out (private test networks) lets it try (and fail to connect, which is a different error).
-    from appliance.core.router_client import ServiceUnavailable
+    from fedllm.core.contracts.router_client import ServiceUnavailable
 
     with pytest.raises(ServiceUnavailable):
         RouterClient(url, "admin-token-0123456789", timeout_s=0.2, allow_plain_http=True).workers()
@@ -65,14 +65,14 @@ def test_loopback_https_and_tokenless_calls_are_allowed():
 
 
 def test_federation_status_refuses_to_send_its_token_over_plain_http(tmp_path):
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     result = CliRunner().invoke(app, ["--home", str(tmp_path), "federation", "status", "--url", "http://10.1.2.3:5556/status"])
     assert result.exit_code != 0 and "plain HTTP" in result.output
 
 
 def test_a_public_plain_http_bind_warns_in_dev_and_is_refused_in_prod(caplog):
-    with caplog.at_level(logging.WARNING, logger="appliance.core.tls"):
+    with caplog.at_level(logging.WARNING, logger="fedllm.core.tls"):
         check_public_bind("router", "0.0.0.0", False, "dev", "serve")
     assert "plain HTTP" in caplog.text and "serve.tls_cert" in caplog.text
     with pytest.raises(ConfigError, match="refusing to start.*ui.tls_cert"):
@@ -84,7 +84,7 @@ def test_a_public_plain_http_bind_warns_in_dev_and_is_refused_in_prod(caplog):
 
 
 def test_serve_refuses_a_public_plain_http_bind_in_prod(tmp_path):
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     keys = {"APPLIANCE_ENV": "prod", "APPLIANCE_SERVE__API_KEYS": '["a-real-client-key-0123456789"]'}
     result = CliRunner().invoke(app, ["--home", str(tmp_path), "serve", "--host", "0.0.0.0", "--port", "0"], env=keys)
@@ -92,7 +92,7 @@ def test_serve_refuses_a_public_plain_http_bind_in_prod(tmp_path):
 
 
 async def test_metrics_beyond_loopback_need_the_admin_token(tmp_path):
-    from serve import create_app
+    from fedllm.serve import create_app
 
     for host, open_without_token in (("0.0.0.0", False), ("127.0.0.1", True)):
         settings = make_settings(tmp_path / host, serve={"host": host, "api_keys": ["client-key-0123456789"]})

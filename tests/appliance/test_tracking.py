@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.core.sections.tracking import TrackingSettings
-from appliance.core.tracking import Tracker, flatten, scalars
-from testing.factories import free_port, make_settings
+from fedllm.core.sections.tracking import TrackingSettings
+from fedllm.core.contracts.tracking import Tracker, flatten, scalars
+from fedllm.testing.factories import free_port, make_settings
 from tests.train.conftest import arithmetic_records, write_jsonl
 
 
@@ -42,7 +42,7 @@ def test_tracker_writes_tensorboard_scalars(tmp_path: Path) -> None:
 
 
 def test_a_training_run_writes_tensorboard_events(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from train.runs import start_run
+    from fedllm.train.runs import start_run
 
     settings = make_settings(tmp_path / "home", train={"max_seq_len": 64, "batch_size": 2, "zero_stage": 0, "warmup_steps": 0})
     outcome = start_run(settings, write_jsonl(tmp_path / "d.jsonl", arithmetic_records(4)), model=str(tiny_model_dir), max_steps=3)
@@ -73,7 +73,7 @@ async def test_federation_rounds_write_tensorboard_events(tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """`mlflow server` on 127.0.0.1 with its SQLite store in a temp folder; yields (uri, venv)."""
-    from testing.tool_venvs import tool_venv
+    from fedllm.testing.tool_venvs import tool_venv
 
     venv = tool_venv("mlflow", "mlflow")
     root = tmp_path_factory.mktemp("mlflow")
@@ -125,7 +125,7 @@ async def test_training_and_federation_log_to_a_real_mlflow_server(mlflow_server
     import asyncio
 
     from tests.federation.conftest import FakeTrainer, federation
-    from train.runs import start_run
+    from fedllm.train.runs import start_run
 
     uri, venv = mlflow_server
     settings = make_settings(tmp_path / "home", train={"max_seq_len": 64, "batch_size": 2, "zero_stage": 0},

@@ -11,10 +11,10 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.errors import ConfigError
-from appliance.launcher import appliance_children
-from testing.factories import REPO, free_port, make_settings
+from fedllm.appliance.cli import app
+from fedllm.core.errors import ConfigError
+from fedllm.appliance.launcher import appliance_children
+from fedllm.testing.factories import REPO, free_port, make_settings
 
 
 def test_children_in_dependency_order_with_the_router_told_about_local_workers(tmp_path):
@@ -25,7 +25,7 @@ def test_children_in_dependency_order_with_the_router_told_about_local_workers(t
     names = [c.name for c in children]
     assert names[:3] == ["worker-0", "worker-1", "router"]
     w1 = children[1]
-    assert w1.argv[:4] == ["/py", "-m", "appliance", "worker"] and w1.argv[w1.argv.index("--port") + 1] == "9201"
+    assert w1.argv[:4] == ["/py", "-m", "fedllm.appliance", "worker"] and w1.argv[w1.argv.index("--port") + 1] == "9201"
     assert w1.health_url == "http://127.0.0.1:9201/health" and w1.ports == (9201,)
     router = children[2]
     assert router.depends_on == ("worker-0", "worker-1") and router.ports == (9100,)
@@ -78,7 +78,7 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path, embedded_mod
                "APPLIANCE_WORKER__BASE_PORT": str(free_port()), "APPLIANCE_UI__PORT": str(free_port()),
                "APPLIANCE_FEDERATION__PORT": str(free_port()), "APPLIANCE_FEDERATION__STATUS_PORT": str(free_port())}
 
-        result = subprocess.run([sys.executable, "-m", "appliance", "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run([sys.executable, "-m", "fedllm.appliance", "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"router needs 127.0.0.1:{taken}" in " ".join(result.stderr.split())

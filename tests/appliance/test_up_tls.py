@@ -6,9 +6,9 @@ import http.server
 import ssl
 import threading
 
-from appliance.core.processes import http_ok
-from appliance.launcher import appliance_children
-from testing.factories import make_settings
+from fedllm.core.processes import http_ok
+from fedllm.appliance.launcher import appliance_children
+from fedllm.testing.factories import make_settings
 from tests.pki import make_pki
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from fedllm.appliance.cli import app
 
 
 def test_worker_start_with_an_unknown_model_exits_2_naming_it(tmp_path):

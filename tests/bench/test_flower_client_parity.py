@@ -20,8 +20,8 @@ def test_the_engine_and_flowers_client_loop_agree_on_the_same_batches(tiny_model
     sys.path.insert(0, str(REPO / "bench" / "flower_app"))
     from fedllm_lora import task
 
-    from train import data as datamod
-    from train import fit_adapter, initial_adapter_state, lora
+    from fedllm.train import data as datamod
+    from fedllm.train import fit_adapter, initial_adapter_state, lora
 
     # Arrange: 24 chat rows; our engine's first 3 micro-batches (epoch 0 of its seeded order)
     records = arithmetic_records()

@@ -35,7 +35,7 @@ def test_the_coordinator_stays_flat_over_hundreds_of_rounds_with_silos_leaving_a
 def test_the_coordinator_keeps_only_the_newest_round_records_in_memory(tmp_path: Path) -> None:
     import asyncio
 
-    from federation.demo.simulate import simulate
+    from fedllm.federation.demo.simulate import simulate
 
     report = asyncio.run(simulate(tmp_path, 2, 4, history_in_memory=2, timeout_s=300))
     log = [json.loads(line) for line in (tmp_path / "federation" / "sim" / "rounds.jsonl").read_text().splitlines()]

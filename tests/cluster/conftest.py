@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from testing.ray_cluster import LocalCluster
+from fedllm.testing.ray_cluster import LocalCluster
 
 JOB_MARK = re.compile(r"^appliance-job: (\{.*\})$", re.M)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import where_it_ran
-from testing.factories import REPO
+from fedllm.testing.factories import REPO
 from tests.integration.conftest import pids_with
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_a_job_runs_on_a_node_of_its_group_with_threads_of_its_cpus_and_its_logs
             "print('threads', os.environ['OMP_NUM_THREADS'], len(os.sched_getaffinity(0)), flush=True)\n"
             "for i in range(6):\n    print('tick', i, flush=True); time.sleep(0.5)\n")
     _submit(cluster, "--group", "b", "--slots", "1", "--cpus", "1", "--name", "where", "--program", "--", sys.executable, "-c", code)
-    follow = subprocess.Popen([sys.executable, "-m", "appliance", "job", "logs", "-f", "where"], env=cluster.env, cwd=REPO,
+    follow = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "job", "logs", "-f", "where"], env=cluster.env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first_tick = next(line for line in follow.stdout if line.startswith("tick"))
@@ -125,7 +125,7 @@ def test_a_node_with_a_wrong_token_is_refused(cluster, tmp_path: Path) -> None:
     bad.write_text("not-the-token\n")
     bad.chmod(0o600)
 
-    joined = subprocess.run([sys.executable, "-m", "appliance", "node", "join", "--head", cluster.head_address, "--token-file",
+    joined = subprocess.run([sys.executable, "-m", "fedllm.appliance", "node", "join", "--head", cluster.head_address, "--token-file",
                              str(bad), "--group", "a", "--cpus", "1", "--name", "intruder", "--node-ip", "127.0.0.9"],
                             env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -222,8 +222,8 @@ def test_a_retried_training_job_resumes_its_run_from_the_last_checkpoint(cluster
 
 def test_the_consoles_jobs_client_lists_groups_and_a_submitted_training_job_with_its_log(cluster, tmp_path: Path,
                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from ui.jobs_client import JobsClient
-    from ui.tabs.jobs import job_rows, node_rows
+    from fedllm.ui.jobs_client import JobsClient
+    from fedllm.ui.tabs.jobs import job_rows, node_rows
 
     for key, value in cluster.env.items():
         if key.startswith("APPLIANCE_CLUSTER__"):
@@ -246,8 +246,8 @@ def test_a_worker_join_job_serves_chat_through_the_router_and_stopping_it_drains
 
     import httpx
 
-    from appliance.cluster.ray_env import spare_port
-    from appliance.core.secrets import ensure_token
+    from fedllm.appliance.cluster.ray_env import spare_port
+    from fedllm.core.secrets import ensure_token
 
     router_home = tmp_path / "router"
     join_token, admin = ensure_token(router_home / "keys", "join_token"), ensure_token(router_home / "keys", "admin_token")
@@ -256,14 +256,14 @@ def test_a_worker_join_job_serves_chat_through_the_router_and_stopping_it_drains
     key_file.chmod(0o600)
     router_port, backend_port = spare_port(), spare_port()
     router_url = f"http://127.0.0.1:{router_port}"
-    router = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(router_port)], cwd=REPO,
+    router = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "serve", "--port", str(router_port)], cwd=REPO,
                               env={**cluster.env, "APPLIANCE_HOME": str(router_home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # The job: a (fake) vLLM worker on its node, 8 tokens 0.5 s apart, and `appliance worker join` registering it;
     # secrets come from files.
     script = (f"export VLLM_API_KEY=$(cat {key_file}); "
-              f"{sys.executable} -m testing.fake_vllm --port {backend_port} --model joined-model --chunks 8 --chunk-delay-s 0.5 & "
-              f"exec {sys.executable} -m appliance worker join --router {router_url} --token-file {router_home / 'keys' / 'join_token'} "
+              f"{sys.executable} -m fedllm.testing.fake_vllm --port {backend_port} --model joined-model --chunks 8 --chunk-delay-s 0.5 & "
+              f"exec {sys.executable} -m fedllm.appliance worker join --router {router_url} --token-file {router_home / 'keys' / 'join_token'} "
               f"--url http://127.0.0.1:{backend_port} --region eu --heartbeat-s 1")
     headers = {"Authorization": f"Bearer {admin}"}
     streamed: list[str] = []

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cluster.group_resources import Resources, check_fits, pending_reason
-from appliance.cluster.jobs import JobRecord, JobRequest, new_record, view
-from appliance.cluster.nodes import NodeView, node_start_argv
-from appliance.core.errors import ConfigError
-from testing.factories import REPO, make_settings
+from fedllm.appliance.cluster.group_resources import Resources, check_fits, pending_reason
+from fedllm.appliance.cluster.jobs import JobRecord, JobRequest, new_record, view
+from fedllm.appliance.cluster.nodes import NodeView, node_start_argv
+from fedllm.core.errors import ConfigError
+from fedllm.testing.factories import REPO, make_settings
 
 
 def _node(group: str, cpu: float, slot: float, free_slot: float | None = None, alive: bool = True, nid: str = "n" * 20) -> NodeView:
@@ -68,7 +68,7 @@ def test_a_record_runs_the_launcher_with_its_cpus_and_names_are_unique(tmp_path:
     req = JobRequest(command=["train", "--data", "my file.jsonl"], group="a", resources=Resources(cpus=2), name="t1")
     rec = new_record(req, {"APPLIANCE_HOME": "/h"}, set())
 
-    assert rec.entrypoint() == ('"${APPLIANCE_PYTHON:-python3}" -m appliance.cluster.launch --cpus 2 -- '
+    assert rec.entrypoint() == ('"${APPLIANCE_PYTHON:-python3}" -m fedllm.appliance.cluster.launch --cpus 2 -- '
                                 "train --data 'my file.jsonl'")
     assert JobRecord.from_json(json.loads(json.dumps(rec.to_json()))) == rec
     with pytest.raises(ConfigError, match="'t1' exists already"):
@@ -87,11 +87,11 @@ def test_show_finds_the_run_and_adapter_a_training_job_printed() -> None:
 def test_the_launcher_sizes_threads_to_the_cpus_and_two_jobs_take_different_cores(tmp_path: Path) -> None:
     probe = "import os, json; print(json.dumps([os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], sorted(os.sched_getaffinity(0))]))"
     env = {"PYTHONPATH": str(REPO), "APPLIANCE_CORE_LOCKS": str(tmp_path / "locks"), "PATH": "/usr/bin:/bin"}
-    holder = subprocess.Popen([sys.executable, "-m", "appliance.cluster.launch", "--cpus", "1", "--program", "--", "sleep", "30"],
+    holder = subprocess.Popen([sys.executable, "-m", "fedllm.appliance.cluster.launch", "--cpus", "1", "--program", "--", "sleep", "30"],
                               env=env, stdout=subprocess.PIPE, text=True)
     try:
         first = json.loads(holder.stdout.readline().split(":", 1)[1])
-        second = subprocess.run([sys.executable, "-m", "appliance.cluster.launch", "--cpus", "1.7", "--program", "--",
+        second = subprocess.run([sys.executable, "-m", "fedllm.appliance.cluster.launch", "--cpus", "1.7", "--program", "--",
                                  sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     finally:
         holder.kill()
@@ -125,7 +125,7 @@ def test_cluster_settings_defaults_and_limits(tmp_path: Path) -> None:
 def test_job_commands_without_a_head_say_where_the_token_should_be(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     listed = CliRunner().invoke(app, ["--home", str(tmp_path), "job", "ls"])
     bad_label = CliRunner().invoke(app, ["--home", str(tmp_path), "node", "join", "--head", "h:1", "--token-file", str(tmp_path / "t"),

@@ -9,10 +9,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import pytest
 import torch
 
-from federation.runtime.silo import SiloTrainer
-from testing.exporters import write_exporter  # noqa: F401 - the federation tests import it from here
-from testing.factories import make_settings
-from testing.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
+from fedllm.federation.runtime.silo import SiloTrainer
+from fedllm.testing.exporters import write_exporter  # noqa: F401 - the federation tests import it from here
+from fedllm.testing.factories import make_settings
+from fedllm.testing.factories import wait_until_async as wait_for  # noqa: F401 - the federation tests import it from here
 
 SHAPES = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 16),
           "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": (16, 4)}
@@ -85,11 +85,11 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
     Plaintext with silos `s0, s1, ...` under `home`, or CURVE with `curve=curve_homes` (silos named as enrolled).
     `strategy` (an object, or a name for the settings) defaults to `build_strategy(settings)`, `initial` to `initial_state()`; `silo_cls(settings, trainer)` makes
     each silo (default `SiloClient`); `await route(i, address)` gives the address silo i connects to (e.g. a
-    `testbed.link.Link` in front of the coordinator). Yields `(coordinator, silos)`.
+    `fedllm.testbed.link.Link` in front of the coordinator). Yields `(coordinator, silos)`.
     """
-    from federation.runtime.coordinator import Coordinator
-    from federation.runtime.service import build_strategy
-    from federation.runtime.silo import SiloClient
+    from fedllm.federation.runtime.coordinator import Coordinator
+    from fedllm.federation.runtime.service import build_strategy
+    from fedllm.federation.runtime.silo import SiloClient
 
     silo_cls = silo_cls or SiloClient
     if isinstance(strategy, str):  # a name: it goes into the settings, and build_strategy builds it
@@ -125,7 +125,7 @@ async def federation(home: Path, trainers: Sequence[Any], *, strategy: Any = Non
 @pytest.fixture
 def curve_homes(tmp_path: Path):
     """A coordinator home with a key pair and three enrolled silos, each with its own home and key pair."""
-    from federation.wire.keys import enroll_silo, ensure_keypair
+    from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
 
     coord_home = tmp_path / "coord"
     coord_keys = ensure_keypair(make_settings(coord_home).keys_dir, "coordinator")

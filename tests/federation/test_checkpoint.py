@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from appliance.core.adapter_registry import AdapterRegistry
-from federation.runtime.checkpoint import Checkpoint, load_latest, round_dir, save_checkpoint
+from fedllm.core.adapter_registry import AdapterRegistry
+from fedllm.federation.runtime.checkpoint import Checkpoint, load_latest, round_dir, save_checkpoint
 from tests.federation.conftest import FakeTrainer, federation, write_exporter
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from federation.wire.compression import METHODS, decode, encode, payload_bytes
+from fedllm.federation.wire.compression import METHODS, decode, encode, payload_bytes
 
 
 def _update(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from federation.demo.demo import DEMO_FEDERATION, DemoResult, run_demo
-from federation.demo.data import generate
-from testing.factories import make_settings
+from fedllm.federation.demo.demo import DEMO_FEDERATION, DemoResult, run_demo
+from fedllm.federation.demo.data import generate
+from fedllm.testing.factories import make_settings
 
 
 def test_recovered_share_is_the_share_of_the_centralized_gain():
-    from federation.demo.demo import recovered_share
+    from fedllm.federation.demo.demo import recovered_share
 
     losses = {"base": {"a": 4.0, "b": 2.0}, "centralized": {"a": 2.0, "b": 2.0}, "federated": {"a": 2.5, "b": 1.0}}
     shares = recovered_share(losses, ["a", "b"], "federated")
@@ -23,7 +23,7 @@ def test_recovered_share_is_the_share_of_the_centralized_gain():
 
 
 def test_second_bundled_set_shares_facts_across_registers_and_sizes():
-    from federation.demo.data import generate_registers
+    from fedllm.federation.demo.data import generate_registers
 
     data = generate_registers()
     assert [len(d["train"]) for d in data.values()] == [40, 20, 10] and generate_registers() == data

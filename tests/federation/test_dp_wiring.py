@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from federation.wire import frames as wire
-from federation.wire.payload import decode_payload
+from fedllm.federation.wire import frames as wire
+from fedllm.federation.wire.payload import decode_payload
 from tests.federation.conftest import FakeTrainer, federation
 
 

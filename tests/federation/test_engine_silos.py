@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.demo.data import generate
-from federation.runtime.silo import EngineTrainer
-from testing.factories import REPO, make_settings
+from fedllm.federation.demo.data import generate
+from fedllm.federation.runtime.silo import EngineTrainer
+from fedllm.testing.factories import REPO, make_settings
 from tests.federation.conftest import federation
 
 
@@ -45,9 +45,9 @@ async def test_custom_hf_trainer_example_federates_over_curve(curve_homes, tiny_
 @pytest.mark.slow
 async def test_engine_trainer_round_registers_a_loadable_adapter(tmp_path, tiny_model_dir: Path):
     # Arrange: the built-in engine in two silos, the global adapter exported with train.save_adapter_dir
-    import train
+    from fedllm import train
 
-    from appliance.core.adapter_registry import AdapterRegistry
+    from fedllm.core.adapter_registry import AdapterRegistry
 
     cfg = make_settings(tmp_path).train.model_copy(update={"max_seq_len": 64, "batch_size": 2, "warmup_steps": 0, "zero_stage": 0})
     data = generate()

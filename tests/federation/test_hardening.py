@@ -12,14 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from federation.wire import compression, frames as wire
-from federation.wire.payload import encode_payload
-from federation.wire.keys import enroll_silo, ensure_keypair
-from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
-from federation.runtime.silo import SiloClient
-from federation.aggregation.strategies import make_strategy
-from federation.wire.transport import ClientTransport
-from testing.factories import make_settings
+from fedllm.federation.wire import compression, frames as wire
+from fedllm.federation.wire.payload import encode_payload
+from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
+from fedllm.federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
+from fedllm.federation.runtime.silo import SiloClient
+from fedllm.federation.aggregation.strategies import make_strategy
+from fedllm.federation.wire.transport import ClientTransport
+from fedllm.testing.factories import make_settings
 from tests.federation.conftest import SHAPES, FakeTrainer, federation, initial_state, silo_settings, wait_for
 
 
@@ -94,9 +94,9 @@ class _StillTrainer(FakeTrainer):
 
 
 async def test_a_non_finite_aggregate_fails_the_round_and_is_never_registered(tmp_path):
-    from appliance.core.adapter_registry import AdapterRegistry
-    from federation.runtime.checkpoint import load_latest
-    from testing.exporters import write_exporter
+    from fedllm.core.adapter_registry import AdapterRegistry
+    from fedllm.federation.runtime.checkpoint import load_latest
+    from fedllm.testing.exporters import write_exporter
 
     init = initial_state()
     strategy = make_strategy("fedadam", tau=0.0)
@@ -215,7 +215,7 @@ async def test_a_second_update_does_not_fail_the_accepted_one(tmp_path):
 
 
 async def test_a_removed_silo_loses_its_session_at_once(curve_homes):
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     coord_home, _, _ = curve_homes
     trainers = [FakeTrainer(0), FakeTrainer(1), FakeTrainer(2)]
@@ -241,7 +241,7 @@ async def test_a_removed_silo_loses_its_session_at_once(curve_homes):
 
 
 async def test_status_needs_the_status_token_beyond_loopback(curve_homes):
-    from appliance.core.tokens import coordinator_status_token, router_admin_token
+    from fedllm.core.tokens import coordinator_status_token, router_admin_token
 
     # CURVE: plaintext is refused beyond loopback
     async with federation(None, [], curve=curve_homes, rounds=1, min_silos=1, bind_host="0.0.0.0") as (coord, _):
@@ -254,7 +254,7 @@ async def test_status_needs_the_status_token_beyond_loopback(curve_homes):
             admin = await client.get(coord.status_url, headers={"Authorization": f"Bearer {token}"})
             health = await client.get(coord.status_url.replace("/status", "/health"))
         # the CLI sends the stored admin token (in a thread: this loop serves the coordinator)
-        from appliance.cli import app
+        from fedllm.appliance.cli import app
 
         home = coord.settings.home
         shown = await asyncio.to_thread(CliRunner().invoke, app, ["--home", str(home), "federation", "status", "--url", coord.status_url])
@@ -299,7 +299,7 @@ async def test_silo_join_with_a_refused_key_exits_non_zero(curve_homes, tmp_path
     data.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     async with federation(None, [], curve=curve_homes, rounds=1, min_silos=3) as (coord, _):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance", "--home", str(stranger_home), "silo", "join", "--coordinator", coord.address,
+            sys.executable, "-m", "fedllm.appliance", "--home", str(stranger_home), "silo", "join", "--coordinator", coord.address,
             "--coordinator-key", curve_homes[1].public, "--data", str(data), "--name", "stranger",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
@@ -314,8 +314,8 @@ async def test_silo_join_with_a_refused_key_exits_non_zero(curve_homes, tmp_path
 
 def test_a_failed_run_exits_non_zero(tmp_path, monkeypatch):
     # The coordinator gives up after 3 rounds without silos; `appliance up` restarts only a child that exits non-zero.
-    import train
-    from appliance.cli import app
+    from fedllm import train
+    from fedllm.appliance.cli import app
 
     settings = make_settings(tmp_path)
     (settings.models_dir / settings.model).mkdir(parents=True)
@@ -328,7 +328,7 @@ def test_a_failed_run_exits_non_zero(tmp_path, monkeypatch):
 
 
 def test_an_unknown_local_optimizer_is_refused_by_name(tmp_path):
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     result = CliRunner().invoke(app, ["--home", str(tmp_path), "coordinator", "start", "--plaintext", "--port", "0",
                                       "--local-optimizer", "sometimes"])
@@ -336,7 +336,7 @@ def test_an_unknown_local_optimizer_is_refused_by_name(tmp_path):
 
 
 def test_enrolment_keeps_the_declared_count_and_follows_the_file(tmp_path):
-    from federation.wire.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
+    from fedllm.federation.wire.keys import Enrolment, declared_examples, enrolled_silos, remove_silo
 
     keys_dir = make_settings(tmp_path).keys_dir
     a, b = (ensure_keypair(make_settings(tmp_path / n).keys_dir, "silo").public for n in ("a", "b"))

@@ -3,7 +3,7 @@ global adapter it receives before training, and the round record and the next ve
 
 from __future__ import annotations
 
-from federation.publishing.heldout import received_eval
+from fedllm.federation.publishing.heldout import received_eval
 from tests.federation.conftest import FakeTrainer, federation, write_exporter
 
 
@@ -37,8 +37,8 @@ def test_no_silo_with_eval_data_gives_no_figure():
 def test_the_round_records_show_the_gate_decision_with_both_losses(tmp_path):
     import json
 
-    from federation.publishing.heldout import with_gate
-    from federation.runtime.report import format_status
+    from fedllm.federation.publishing.heldout import with_gate
+    from fedllm.federation.runtime.report import format_status
 
     (tmp_path / "gate.jsonl").write_text(json.dumps({"adapter": "fed-v2", "decision": "held back", "loss": 28.9,
                                                      "current": "fed-v1", "current_loss": 1.9}) + "\n")

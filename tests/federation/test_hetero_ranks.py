@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.runtime.coordinator import Coordinator
-from federation.demo.data import generate
-from federation.runtime.silo import EngineTrainer, SiloClient
-from federation.aggregation.strategies import make_strategy
+from fedllm.federation.runtime.coordinator import Coordinator
+from fedllm.federation.demo.data import generate
+from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+from fedllm.federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import fed_settings, silo_settings
 
 RANKS = {"northbridge": 4, "lakeside": 8, "redwood": 16}
@@ -33,7 +33,7 @@ class RecordingTrainer(EngineTrainer):
 
 
 def _federate(model_dir: Path, tmp_path: Path, rounds: int = 2):
-    import train
+    from fedllm import train
 
     settings = fed_settings(tmp_path / "c", plaintext=True, rounds=rounds, min_silos=3, local_steps=1, round_deadline_s=600,
                             silo_timeout_s=120, lr_schedule="constant")
@@ -64,7 +64,7 @@ def _federate(model_dir: Path, tmp_path: Path, rounds: int = 2):
 
 
 def _rank(state) -> int:
-    from federation.aggregation.lora_aggregate import lora_rank
+    from fedllm.federation.aggregation.lora_aggregate import lora_rank
 
     return lora_rank(state)
 
@@ -79,8 +79,8 @@ def test_a_round_of_ranks_4_8_16_gives_each_silo_its_own_rank(tiny_model_dir: Pa
     for org, trainer in trainers.items():
         assert [_rank(s) for s in trainer.received] == [RANKS[org]] * 2
     # each received adapter is a PEFT folder of its rank that peft loads onto the base model
-    import train
-    from train import lora
+    from fedllm import train
+    from fedllm.train import lora
 
     for org, trainer in trainers.items():
         out = train.save_adapter_dir(trainer.received[-1], cfgs[org], tiny_model_dir, tmp_path / f"adapter-{org}")
@@ -93,7 +93,7 @@ def test_a_round_of_ranks_4_8_16_gives_each_silo_its_own_rank(tiny_model_dir: Pa
 def test_heterogeneous_rank_adapters_load_into_vllm(embedded_model_dir: Path, vllm_worker, tmp_path: Path):
     import httpx
 
-    import train
+    from fedllm import train
 
     # Arrange: a two-round federation of ranks 4, 8, 16 on the embedded model
     coord, trainers, cfgs, _ = _federate(embedded_model_dir, tmp_path)

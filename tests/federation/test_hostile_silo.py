@@ -1,4 +1,4 @@
-"""One hostile silo among three, under the DEFAULT settings: the real CLI coordinator (`python -m appliance coordinator
+"""One hostile silo among three, under the DEFAULT settings: the real CLI coordinator (`python -m fedllm.appliance coordinator
 start`, CURVE over real ZeroMQ), the tiny Llama trained by the appliance's engine in every silo. The hostile silo
 claims 10**12 examples and sends 1000x the update it really trained; the defaults (the adaptive norm bound and the
 share cap) keep the published adapter within a few honest updates per round and keep the honest silos' learning.
@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from federation.demo.data import generate
-from federation.wire.keys import enroll_silo, ensure_keypair
-from federation.runtime.silo import EngineTrainer, SiloClient
-from testing.factories import REPO, free_port, make_settings
+from fedllm.federation.demo.data import generate
+from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
+from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+from fedllm.testing.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # starts the CLI coordinator and trains the tiny model in three silos
 
@@ -46,10 +46,10 @@ class RecordingSilo(SiloClient):
         self.sent_norms: dict[int, float] = {}
 
     async def _send(self, header, tensors=None):
-        from federation.aggregation.strategies import global_norm
-        from federation.wire.frames import decode_header
-        from federation.wire.payload import decode_payload
-        from federation.wire.protocol import MsgType
+        from fedllm.federation.aggregation.strategies import global_norm
+        from fedllm.federation.wire.frames import decode_header
+        from fedllm.federation.wire.payload import decode_payload
+        from fedllm.federation.wire.protocol import MsgType
 
         frames = await super()._send(header, tensors)
         if header.type == MsgType.UPDATE:
@@ -68,15 +68,15 @@ def _start_coordinator(home: Path, port: int) -> subprocess.Popen:
     config.write_text(yaml.safe_dump({"federation": {"status_port": free_port(), "auto_publish": False,
                                                      "round_deadline_s": 600.0, "silo_timeout_s": 120.0},
                                       "train": TRAIN}))
-    return subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "--config", str(config), "coordinator",
+    return subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "--home", str(home), "--config", str(config), "coordinator",
                              "start", "--port", str(port), "--min-silos", "3", "--rounds", str(ROUNDS), "--local-steps",
                              str(LOCAL_STEPS), "--run", "hostile"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
 async def test_a_hostile_silo_moves_the_published_adapter_by_a_few_honest_updates_at_most(tmp_path, tiny_model_dir):
-    import train
-    from appliance.core.adapter_registry import AdapterRegistry
+    from fedllm import train
+    from fedllm.core.adapter_registry import AdapterRegistry
 
     # Arrange: a coordinator home with its keys and the tiny model as its base model; three enrolled silos
     coord_home = tmp_path / "coord"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from federation.runtime.coordinator import Coordinator
-from federation.runtime.local_training import round_schedule, train_overrides
-from federation.runtime.silo import SiloClient
-from federation.aggregation.strategies import make_strategy
+from fedllm.federation.runtime.coordinator import Coordinator
+from fedllm.federation.runtime.local_training import round_schedule, train_overrides
+from fedllm.federation.runtime.silo import SiloClient
+from fedllm.federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import FakeTrainer, fed_settings, initial_state, silo_settings
 
 
@@ -38,7 +38,7 @@ def test_train_overrides_turn_a_plan_into_settings_and_keywords():
 
 
 def test_an_engine_silo_plans_a_kept_optimizer_only_when_the_round_asks(tmp_path):
-    from federation.runtime.silo import EngineTrainer
+    from fedllm.federation.runtime.silo import EngineTrainer
     from tests.train.conftest import small_cfg
 
     a = EngineTrainer(small_cfg(), tmp_path, [])
@@ -78,8 +78,8 @@ def test_a_real_engine_silo_keeps_its_optimizer_across_the_rounds_the_coordinato
     # local_optimizer=keep train exactly as one 4-step run (same weights, optimizer moments and batches).
     import torch
 
-    import train
-    from federation.runtime.silo import EngineTrainer
+    from fedllm import train
+    from fedllm.federation.runtime.silo import EngineTrainer
     from tests.train.conftest import arithmetic_records, small_cfg
 
     records = arithmetic_records()

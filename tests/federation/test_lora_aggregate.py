@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from federation.aggregation import lora_aggregate as la
-from federation.aggregation.strategies import FedAdam, FedAvg, FrozenA, ProductAggregation, make_strategy
+from fedllm.federation.aggregation import lora_aggregate as la
+from fedllm.federation.aggregation.strategies import FedAdam, FedAvg, FrozenA, ProductAggregation, make_strategy
 
 MODULES = {"m.layers.0.q_proj.": (24, 16), "m.layers.0.v_proj.": (8, 16)}  # prefix -> (out, in)
 ALPHA = 16.0
@@ -181,9 +181,9 @@ def test_lora_aggregation_errors_name_the_problem():
 
 
 def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path):
-    from appliance.core.errors import ConfigError
-    from federation.runtime.service import build_strategy
-    from testing.factories import make_settings
+    from fedllm.core.errors import ConfigError
+    from fedllm.federation.runtime.service import build_strategy
+    from fedllm.testing.factories import make_settings
 
     fed = lambda **kw: make_settings(tmp_path, federation=kw).federation  # noqa: E731
     assert isinstance(build_strategy(fed(strategy="fedadam", lora_aggregation="product")), ProductAggregation)
@@ -197,8 +197,8 @@ def test_settings_pick_the_lora_aggregation_and_refuse_product_under_dp(tmp_path
 
 
 def test_frozen_a_under_central_dp_keeps_a_and_reports_epsilon(tmp_path):
-    from federation.runtime.service import build_strategy
-    from testing.factories import make_settings
+    from fedllm.federation.runtime.service import build_strategy
+    from fedllm.testing.factories import make_settings
 
     strategy = build_strategy(make_settings(tmp_path, federation={"strategy": "ffa", "dp_mode": "central", "min_silos": 2,
                                                                  "dp_noise_multiplier": 0.5, "dp_clip_norm": 1.0}).federation)

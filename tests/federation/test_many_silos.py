@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.demo import simulate as sim
+from fedllm.federation.demo import simulate as sim
 
 SILOS = 100
 ROUNDS = 3
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _coordinator(home: Path, report: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home / "user"), "sim", "silos", str(SILOS),
+    return subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "--home", str(home / "user"), "sim", "silos", str(SILOS),
                              "--part", "coordinator", "--rounds", str(ROUNDS), "--sim-dir", str(home), "--report", str(report)],
                             env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import federation
+from fedllm import federation
 
 ROOT = Path(federation.__file__).parent
-LAYERS = ["federation.wire", "federation.aggregation", "federation.publishing", "federation.runtime", "federation.demo"]
+LAYERS = [f"fedllm.federation.{layer}" for layer in ("wire", "aggregation", "publishing", "runtime", "demo")]
 
 
 def _imports(top_level_only: bool) -> dict[str, set[str]]:
@@ -19,7 +19,7 @@ def _imports(top_level_only: bool) -> dict[str, set[str]]:
     inside functions and classes too)."""
     graph: dict[str, set[str]] = {}
     for path in sorted(ROOT.rglob("*.py")):
-        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+        name = "fedllm." + ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
         found = graph.setdefault(name, set())
 
         def visit(node: ast.AST, top: bool) -> None:
@@ -31,7 +31,7 @@ def _imports(top_level_only: bool) -> dict[str, set[str]]:
                         names = [a.name for a in child.names]
                     else:
                         names = [child.module or ""] + [f"{child.module}.{a.name}" for a in child.names]
-                    found.update(n for n in names if n.startswith("federation."))
+                    found.update(n for n in names if n.startswith("fedllm.federation."))
                 visit(child, top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
 
         visit(ast.parse(path.read_text()), True)
@@ -44,8 +44,8 @@ def _layer(module: str) -> int:
 
 def test_every_module_is_in_a_sub_package_and_imports_only_its_own_layer_or_lower():
     graph = _imports(top_level_only=False)
-    assert [m for m in graph if m != "federation" and not any(m.startswith(layer) for layer in LAYERS)] == []
-    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m != "federation" for d in deps if _layer(d) > _layer(m))
+    assert [m for m in graph if m != "fedllm.federation" and not any(m.startswith(layer) for layer in LAYERS)] == []
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m != "fedllm.federation" for d in deps if _layer(d) > _layer(m))
     assert upward == []
 
 
@@ -68,7 +68,7 @@ def test_no_import_cycle_between_modules():
 
 
 def test_import_federation_loads_no_submodule_torch_or_zmq():
-    code = ("import sys, federation; print(sorted(m for m in sys.modules if m.startswith('federation.')"
+    code = ("import sys, fedllm.federation; print(sorted(m for m in sys.modules if m.startswith('fedllm.federation.')"
             " or m in ('torch', 'zmq')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

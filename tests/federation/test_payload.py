@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appliance.core.errors import ProtocolError
-from federation.wire import codec, frames
-from federation.wire.payload import decode_payload, downlink_method, encode_payload
-from federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
+from fedllm.core.errors import ProtocolError
+from fedllm.federation.wire import codec, frames
+from fedllm.federation.wire.payload import decode_payload, downlink_method, encode_payload
+from fedllm.federation.wire.protocol import MsgType, TrainTask, UpdateResult, make_header
 
 SHAPES = {"m.lora_A.weight": (4, 32), "m.lora_B.weight": (32, 4)}
 

@@ -6,9 +6,9 @@ import json
 
 from typer.testing import CliRunner
 
-from federation.wire import frames as wire
-from federation.wire.payload import decode_payload
-from federation.wire.protocol import MsgType
+from fedllm.federation.wire import frames as wire
+from fedllm.federation.wire.payload import decode_payload
+from fedllm.federation.wire.protocol import MsgType
 from tests.federation.conftest import SHAPES, FakeTrainer, federation
 
 
@@ -43,7 +43,7 @@ async def test_update_payload_holds_only_the_manifest_tensors(tmp_path):
 
 
 def test_cli_init_enroll_keygen_and_status(tmp_path):
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     runner = CliRunner()
     coord_home, silo_home = tmp_path / "coord", tmp_path / "silo"
@@ -76,7 +76,7 @@ def test_cli_init_enroll_keygen_and_status(tmp_path):
     r = runner.invoke(app, ["--home", str(coord_home), "federation", "enroll", "b", "short"])
     assert r.exit_code == 2
     # status of a coordinator that is not running: a clear failure
-    from testing.factories import free_port
+    from fedllm.testing.factories import free_port
 
     r = runner.invoke(app, ["--home", str(coord_home), "federation", "status", "--url", f"http://127.0.0.1:{free_port()}/status"])
     assert r.exit_code == 1 and "unavailable" in r.output
@@ -85,7 +85,7 @@ def test_cli_init_enroll_keygen_and_status(tmp_path):
 async def test_status_endpoint_and_report(tmp_path):
     import httpx
 
-    from federation.runtime.report import format_status
+    from fedllm.federation.runtime.report import format_status
 
     async with federation(tmp_path, [FakeTrainer(0)], rounds=2, min_silos=1) as (coord, _):
         await coord.wait_done(20)
@@ -103,7 +103,7 @@ def test_keygen_prints_a_key_with_brackets_intact(tmp_path, monkeypatch):
     """Z85 keys contain '[' and ']': printed through rich markup, '[...]' vanished and operators copied a wrong key."""
     import zmq
 
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     bracketed = (b"ab[cd]ef" + b"x" * 32, b"s" * 40)
     monkeypatch.setattr(zmq, "curve_keypair", lambda: bracketed)

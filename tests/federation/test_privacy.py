@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from federation.aggregation.privacy import (
+from fedllm.federation.aggregation.privacy import (
     CentralDP,
     RDPAccountant,
     add_gaussian_noise,
@@ -15,7 +15,7 @@ from federation.aggregation.privacy import (
     privatize_update,
     rdp_to_epsilon,
 )
-from federation.aggregation.strategies import global_norm, make_strategy
+from fedllm.federation.aggregation.strategies import global_norm, make_strategy
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -154,9 +154,9 @@ def test_epsilon_matches_opacus_reference_values():
 
 
 def test_build_strategy_wraps_for_each_dp_mode(tmp_path):
-    from federation.aggregation.privacy import SiloDPAccounting
-    from federation.runtime.service import build_strategy
-    from testing.factories import make_settings
+    from fedllm.federation.aggregation.privacy import SiloDPAccounting
+    from fedllm.federation.runtime.service import build_strategy
+    from fedllm.testing.factories import make_settings
 
     def build(**fed):
         return build_strategy(make_settings(tmp_path, federation=fed).federation)

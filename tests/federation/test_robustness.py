@@ -8,13 +8,13 @@ import logging
 
 import torch
 
-from federation.wire import frames as wire
-from federation.wire.payload import encode_payload
-from federation.runtime.checkpoint import load_latest
-from federation.runtime.coordinator import Coordinator
-from federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
-from federation.aggregation.strategies import make_strategy
-from federation.wire.transport import ClientTransport
+from fedllm.federation.wire import frames as wire
+from fedllm.federation.wire.payload import encode_payload
+from fedllm.federation.runtime.checkpoint import load_latest
+from fedllm.federation.runtime.coordinator import Coordinator
+from fedllm.federation.wire.protocol import Hello, MsgType, UpdateResult, make_header
+from fedllm.federation.aggregation.strategies import make_strategy
+from fedllm.federation.wire.transport import ClientTransport
 from tests.federation.conftest import SHAPES, FakeTrainer, fed_settings, federation, initial_state, wait_for
 
 
@@ -39,7 +39,7 @@ async def test_round_fails_cleanly_below_min_silos(tmp_path, caplog):
     trainers[2].fit_delay_s = 3.0
     async with federation(tmp_path, trainers, rounds=1, min_silos=3, start_timeout_s=0.5) as (coord, silos):
         before = {k: v.clone() for k, v in coord.global_state.items()}
-        with caplog.at_level(logging.ERROR, logger="federation.runtime.round_runner"):
+        with caplog.at_level(logging.ERROR, logger="fedllm.federation.runtime.round_runner"):
             await wait_for(lambda: len(trainers[2].calls) == 1)
             await silos[2].stop(say_bye=False)
             await coord.wait_done(20)

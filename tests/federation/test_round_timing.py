@@ -1,7 +1,7 @@
 """Per-silo round timings (download, train, upload) and deadlines that allow for each silo's transfer time.
 
-The pure parts (federation.runtime.timing) on numbers; the coordinator and silos over real sockets on loopback, with slow
-links made by the test bed's link emulator (testbed.link.Link) in front of the coordinator.
+The pure parts (fedllm.federation.runtime.timing) on numbers; the coordinator and silos over real sockets on loopback, with slow
+links made by the test bed's link emulator (fedllm.testbed.link.Link) in front of the coordinator.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import contextlib
 import pytest
 import torch
 
-from federation.runtime.timing import ClockOffset, silo_timings, throughput_bps, transfer_allowance_s
-from testbed.link import Link, LinkSpec
+from fedllm.federation.runtime.timing import ClockOffset, silo_timings, throughput_bps, transfer_allowance_s
+from fedllm.testbed.link import Link, LinkSpec
 from tests.federation.conftest import FakeTrainer, federation, wait_for
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from federation.aggregation.strategies import make_strategy
+from fedllm.federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import FakeTrainer, federation, initial_state, write_exporter
 
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from federation.runtime.silo import EngineTrainer, SiloClient
-from testing.factories import REPO, free_port, make_settings
+from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+from fedllm.testing.factories import REPO, free_port, make_settings
 
 pytestmark = pytest.mark.slow  # the CLI coordinator and a silo training the tiny model, twice
 
@@ -49,8 +49,8 @@ async def _one_silo_run(port: int, tmp_path, tiny_model_dir, name: str) -> None:
 
 
 async def test_an_ended_run_keeps_its_status_and_the_console_starts_the_next(tmp_path, tiny_model_dir):
-    from ui.context import ConsoleContext
-    from ui.tabs import federation as tab
+    from fedllm.ui.context import ConsoleContext
+    from fedllm.ui.tabs import federation as tab
 
     home = tmp_path / "coord"
     settings = make_settings(home)
@@ -61,7 +61,7 @@ async def test_an_ended_run_keeps_its_status_and_the_console_starts_the_next(tmp
     config.write_text(yaml.safe_dump({"federation": {"status_port": status_port, "auto_publish": False,
                                                      "heartbeat_interval_s": 0.5}, "train": TRAIN}))
     status_url = f"http://127.0.0.1:{status_port}/status"
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "--config", str(config), "coordinator",
+    proc = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "--home", str(home), "--config", str(config), "coordinator",
                              "start", "--stay", "--plaintext", "--port", str(port), "--rounds", "1", "--min-silos", "1",
                              "--local-steps", "1", "--run", "after"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

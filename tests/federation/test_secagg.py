@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from appliance.core.errors import ProtocolError
-from federation.aggregation.secagg import (
+from fedllm.core.errors import ProtocolError
+from fedllm.federation.aggregation.secagg import (
     SecAggClient,
     SecAggConfig,
     SecAggServer,

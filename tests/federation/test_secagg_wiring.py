@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-from appliance.core.errors import ConfigError
-from federation.aggregation import secagg
-from federation.runtime.coordinator import Coordinator
-from federation.runtime.service import build_strategy
-from federation.runtime.silo import SiloClient
-from federation.aggregation.strategies import make_strategy
+from fedllm.core.errors import ConfigError
+from fedllm.federation.aggregation import secagg
+from fedllm.federation.runtime.coordinator import Coordinator
+from fedllm.federation.runtime.service import build_strategy
+from fedllm.federation.runtime.silo import SiloClient
+from fedllm.federation.aggregation.strategies import make_strategy
 from tests.federation.conftest import FakeTrainer, fed_settings, federation, initial_state, wait_for
 
 EXAMPLES = (10, 20, 40)

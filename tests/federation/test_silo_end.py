@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from federation.runtime.coordinator import Coordinator
-from federation.aggregation.strategies import make_strategy
-from testbed.link import Link, LinkSpec
+from fedllm.federation.runtime.coordinator import Coordinator
+from fedllm.federation.aggregation.strategies import make_strategy
+from fedllm.testbed.link import Link, LinkSpec
 from tests.federation.conftest import FakeTrainer, fed_settings, federation, initial_state, wait_for
 
 

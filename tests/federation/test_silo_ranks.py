@@ -1,4 +1,4 @@
-"""A silo that trains on 2 CPU ranks (train.rank_group under DeepSpeed's launcher) beside a 1-rank silo."""
+"""A silo that trains on 2 CPU ranks (fedllm.train.rank_group under DeepSpeed's launcher) beside a 1-rank silo."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from federation.demo.data import generate
-from federation.runtime.rank_group import RankGroupTrainer
-from federation.runtime.silo import EngineTrainer
+from fedllm.federation.demo.data import generate
+from fedllm.federation.runtime.rank_group import RankGroupTrainer
+from fedllm.federation.runtime.silo import EngineTrainer
 from tests.federation.conftest import federation, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches; minutes on a loaded 2-core machine
 
 
 def _trainers(tiny_model_dir: Path):
-    import train
-    from appliance.core.sections.train import TrainSettings
+    from fedllm import train
+    from fedllm.core.sections.train import TrainSettings
 
     cfg = TrainSettings(max_seq_len=64, batch_size=2, lr=1e-2, warmup_steps=0, lora_dropout=0.0, zero_stage=2, threads=1)
     data = generate()

@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from federation.demo import simulate as sim
+from fedllm.appliance.cli import app
+from fedllm.federation.demo import simulate as sim
 
 
 def test_lora_shapes_from_a_config_match_the_known_parameter_counts():

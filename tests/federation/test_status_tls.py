@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from appliance.core.tls import client_context
+from fedllm.core.tls import client_context
 from tests.federation.conftest import federation
 from tests.pki import make_pki
 

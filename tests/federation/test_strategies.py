@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from federation.aggregation.strategies import (
+from fedllm.federation.aggregation.strategies import (
     STRATEGY_NAMES,
     Clipped,
     FedAdam,
@@ -309,7 +309,7 @@ def test_make_strategy_names_and_errors():
 # Capped silo shares and the aggregate check
 # --------------------------------------------------------------------------------------------------------------
 def test_capped_weights_by_hand():
-    from federation.aggregation.strategies import capped_weights
+    from fedllm.federation.aggregation.strategies import capped_weights
 
     # 10/30/60 with a 0.5 cap: 60 is lowered to t with t / (10 + 30 + t) = 0.5, t = 40 -> 10/80, 30/80, 40/80
     assert capped_weights({"a": 10, "b": 30, "c": 60}, 0.5) == pytest.approx({"a": 0.125, "b": 0.375, "c": 0.5})
@@ -321,7 +321,7 @@ def test_capped_weights_by_hand():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_capped_weights_properties(seed):
-    from federation.aggregation.strategies import capped_weights
+    from fedllm.federation.aggregation.strategies import capped_weights
 
     g = torch.Generator().manual_seed(seed)
     n = int(torch.randint(1, 8, (1,), generator=g))
@@ -338,7 +338,7 @@ def test_capped_weights_properties(seed):
 
 
 def test_check_aggregate():
-    from federation.aggregation.strategies import check_aggregate
+    from fedllm.federation.aggregation.strategies import check_aggregate
 
     old = {"w": torch.zeros(3)}
     assert check_aggregate({"w": torch.tensor([3.0, 4.0, 0.0])}, old, None) is None
@@ -349,7 +349,7 @@ def test_check_aggregate():
 
 
 def test_check_update_names_the_problem_with_a_code():
-    from federation.aggregation.strategies import InvalidUpdate, check_update
+    from fedllm.federation.aggregation.strategies import InvalidUpdate, check_update
 
     ref = {"w": torch.zeros(2, 2)}
     cases = {"manifest": {"x": torch.zeros(2, 2)}, "bad_shape": {"w": torch.zeros(3)},

@@ -11,12 +11,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from appliance.core.errors import ConfigError
-from federation.aggregation.accumulators import RoundAccumulator
-from federation.aggregation.server_strategies import ProductAggregation, Strategy
-from federation.runtime.service import build_strategy
-from federation.aggregation.strategy_factory import STRATEGY_NAMES, make_strategy, mean_strategy_names
-from testing.factories import make_settings
+from fedllm.core.errors import ConfigError
+from fedllm.federation.aggregation.accumulators import RoundAccumulator
+from fedllm.federation.aggregation.server_strategies import ProductAggregation, Strategy
+from fedllm.federation.runtime.service import build_strategy
+from fedllm.federation.aggregation.strategy_factory import STRATEGY_NAMES, make_strategy, mean_strategy_names
+from fedllm.testing.factories import make_settings
 
 RANK, ALPHA = 4, 8.0
 SHAPES = {"m.q_proj.lora_A.weight": (RANK, 6), "m.q_proj.lora_B.weight": (5, RANK)}
@@ -129,7 +129,7 @@ def test_make_strategy_builds_every_name_as_a_strategy():
 
 def test_a_silo_refuses_a_trainer_without_the_declared_members(tmp_path):
     # Arrange
-    from federation.runtime.silo import SiloClient, SiloTrainer
+    from fedllm.federation.runtime.silo import SiloClient, SiloTrainer
     from tests.federation.conftest import silo_settings
 
     class Bare:  # the four methods, but not lora_r / lora_alpha

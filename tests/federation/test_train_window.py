@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-import federation.runtime.round_runner as round_runner_module
-from federation.runtime.train_window import TrainWindow
+import fedllm.federation.runtime.round_runner as round_runner_module
+from fedllm.federation.runtime.train_window import TrainWindow
 from tests.federation.conftest import FakeTrainer, federation
 
 
@@ -45,7 +45,7 @@ async def test_a_one_train_window_sends_one_at_a_time_and_each_is_freed_by_its_s
 
 
 def test_a_silo_that_does_not_acknowledge_holds_the_window_two_heartbeats_at_most():
-    from federation.runtime.train_window import train_wait_s
+    from fedllm.federation.runtime.train_window import train_wait_s
 
     assert train_wait_s(300.0, True, 5.0) == 300.0  # it acknowledges: its allowance is only the fallback
     assert train_wait_s(300.0, False, 5.0) == 10.0  # an older silo: never its whole allowance

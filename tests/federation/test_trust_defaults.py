@@ -8,12 +8,12 @@ import math
 
 import torch
 
-from federation.wire import frames as wire
-from federation.wire.keys import remove_silo
-from federation.wire.protocol import Hello, MsgType, SecAggStep, make_header
-from federation.runtime.silo import SiloClient
-from federation.aggregation.strategies import global_norm
-from federation.wire.transport import ClientTransport
+from fedllm.federation.wire import frames as wire
+from fedllm.federation.wire.keys import remove_silo
+from fedllm.federation.wire.protocol import Hello, MsgType, SecAggStep, make_header
+from fedllm.federation.runtime.silo import SiloClient
+from fedllm.federation.aggregation.strategies import global_norm
+from fedllm.federation.wire.transport import ClientTransport
 from tests.federation.conftest import FakeTrainer, federation, initial_state, wait_for
 
 
@@ -140,7 +140,7 @@ async def test_a_silo_removed_after_it_answered_is_dropped_from_the_round(curve_
                           heartbeat_interval_s=10.0, silo_timeout_s=30.0) as (coord, _):
         await wait_for(lambda: coord.current is not None and "alpha" in coord.current.answered, 20)
         # Act: the operator removes alpha while its update waits for the others
-        from testing.factories import make_settings
+        from fedllm.testing.factories import make_settings
 
         assert remove_silo(make_settings(coord_home).keys_dir, "alpha")
         await coord.wait_done(30)
@@ -256,8 +256,8 @@ async def test_an_oversized_secure_aggregation_message_is_refused_by_name_before
 async def test_only_the_newest_checkpoints_are_kept_and_state_json_stays_bounded(tmp_path):
     import json
 
-    from appliance.core.adapter_registry import AdapterRegistry
-    from testing.exporters import write_exporter
+    from fedllm.core.adapter_registry import AdapterRegistry
+    from fedllm.testing.exporters import write_exporter
 
     async with federation(tmp_path, [FakeTrainer(0), FakeTrainer(1)], exporter=write_exporter, rounds=6,
                           min_silos=2) as (coord, _):
@@ -283,8 +283,8 @@ async def test_a_restart_restores_the_history_from_the_round_log(tmp_path):
 
 
 def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
-    from federation.wire.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
-    from testing.factories import make_settings
+    from fedllm.federation.wire.keys import ENROLLED_FILE, Enrolment, enroll_silo, ensure_keypair, federation_keys_dir
+    from fedllm.testing.factories import make_settings
 
     keys_dir = make_settings(tmp_path).keys_dir
     key = ensure_keypair(make_settings(tmp_path / "a").keys_dir, "silo").public
@@ -295,7 +295,7 @@ def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
     good = path.read_text()
     for broken in ('{"a": ', '["a"]', '{"a": {"num_examples": 5}}'):
         path.write_text(broken)
-        with caplog.at_level("ERROR", logger="federation.wire.keys"):
+        with caplog.at_level("ERROR", logger="fedllm.federation.wire.keys"):
             caplog.clear()
             # Assert: nobody is enrolled while the file is broken, and it is said once, with the path
             assert enrolment.name_of(key) is None and enrolment.names() == set()
@@ -309,7 +309,7 @@ def test_a_malformed_enrolment_fails_closed_until_fixed(tmp_path, caplog):
 async def test_plaintext_is_refused_beyond_loopback(tmp_path):
     import pytest
 
-    from appliance.core.errors import ConfigError
+    from fedllm.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="plaintext.*loopback"):
         async with federation(tmp_path, [], rounds=1, min_silos=1, bind_host="0.0.0.0"):
@@ -323,7 +323,7 @@ async def test_plaintext_is_refused_beyond_loopback(tmp_path):
 def test_coordinator_start_refuses_plaintext_on_a_public_bind(tmp_path):
     from typer.testing import CliRunner
 
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     result = CliRunner().invoke(app, ["--home", str(tmp_path), "coordinator", "start", "--plaintext", "--host",
                                       "0.0.0.0", "--port", "0"])
@@ -333,9 +333,9 @@ def test_coordinator_start_refuses_plaintext_on_a_public_bind(tmp_path):
 def test_enroll_without_a_declared_count_says_what_bounds_the_silo(tmp_path):
     from typer.testing import CliRunner
 
-    from appliance.cli import app
-    from federation.wire.keys import ensure_keypair
-    from testing.factories import make_settings
+    from fedllm.appliance.cli import app
+    from fedllm.federation.wire.keys import ensure_keypair
+    from fedllm.testing.factories import make_settings
 
     key = ensure_keypair(make_settings(tmp_path / "s").keys_dir, "silo").public
     bare = CliRunner().invoke(app, ["--home", str(tmp_path / "c"), "federation", "enroll", "--", "a", key])

@@ -8,11 +8,11 @@ import asyncio
 import pytest
 import torch
 
-from federation.aggregation.aggregate import capped_weights
-from federation.aggregation.bounds import adaptive_norm_bound, clip_round, norms_of
-from federation.aggregation.strategy_factory import make_strategy
-from federation.aggregation.update_spool import UpdateSpool, open_round_spool
-from testing.factories import make_settings
+from fedllm.federation.aggregation.aggregate import capped_weights
+from fedllm.federation.aggregation.bounds import adaptive_norm_bound, clip_round, norms_of
+from fedllm.federation.aggregation.strategy_factory import make_strategy
+from fedllm.federation.aggregation.update_spool import UpdateSpool, open_round_spool
+from fedllm.testing.factories import make_settings
 from tests.federation.conftest import FakeTrainer, federation, initial_state, wait_for
 
 SHAPES = {"m.0.lora_A.weight": (8, 32), "m.0.lora_B.weight": (32, 8), "m.1.lora_A.weight": (8, 48),
@@ -128,7 +128,7 @@ def test_spool_files_are_safetensors_that_the_library_reads(tmp_path):
 
 
 async def test_a_robust_strategy_over_real_sockets_reads_its_updates_from_the_round_spool(tmp_path, monkeypatch):
-    from federation.aggregation.accumulators import StoringAccumulator
+    from fedllm.federation.aggregation.accumulators import StoringAccumulator
 
     spooled: list[int] = []
     original = StoringAccumulator.spool_to

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from testbed import netns
+from fedllm.testbed import netns
 
 
 def pytest_collection_modifyitems(items):

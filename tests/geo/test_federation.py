@@ -15,10 +15,10 @@ import re
 
 import pytest
 
-from federation.demo import data as demo_data
-from testbed.bed import Bed
-from testbed.federation import GeoFederation
-from testbed.link import LinkSpec
+from fedllm.federation.demo import data as demo_data
+from fedllm.testbed.bed import Bed
+from fedllm.testbed.federation import GeoFederation
+from fedllm.testbed.link import LinkSpec
 from tests.geo.conftest import needs_netns
 
 pytestmark = pytest.mark.slow  # starts processes (router, workers, coordinator, silos)

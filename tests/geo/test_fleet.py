@@ -10,10 +10,10 @@ import time
 import httpx
 import pytest
 
-from serve.policy import NEAR_BAND_MS
-from testbed.bed import Bed
-from testbed.fleet import FAKE_MODEL, GeoFleet
-from testbed.link import LinkSpec
+from fedllm.serve.policy import NEAR_BAND_MS
+from fedllm.testbed.bed import Bed
+from fedllm.testbed.fleet import FAKE_MODEL, GeoFleet
+from fedllm.testbed.link import LinkSpec
 from tests.geo.conftest import needs_netns
 
 

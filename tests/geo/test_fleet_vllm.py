@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
-from testbed.bed import Bed
-from testbed.fleet import GeoFleet
-from testbed.link import LinkSpec
+from fedllm.testbed.bed import Bed
+from fedllm.testbed.fleet import GeoFleet
+from fedllm.testbed.link import LinkSpec
 
 pytestmark = pytest.mark.vllm
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from fedllm.appliance.cli import app
 
 pytestmark = pytest.mark.slow  # starts a router, two joined workers, a coordinator and two silos
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.cluster.ray_env import spare_port
-from appliance.launcher import pid_alive, read_state
-from testing.factories import REPO, free_port, wait_until
+from fedllm.appliance.cluster.ray_env import spare_port
+from fedllm.appliance.launcher import pid_alive, read_state
+from fedllm.testing.factories import REPO, free_port, wait_until
 from tests.integration.conftest import pids_with
 
 MODEL = "smollm2-135m-instruct"
@@ -61,7 +61,7 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
         "APPLIANCE_CLUSTER__TEMP_DIR": str(ray_tmp), "APPLIANCE_CLUSTER__NUM_CPUS": "1",
     }
     # The console and coordinator have their own tests; here they would only add start-up time.
-    up = subprocess.Popen([sys.executable, "-m", "appliance", "up", "--without", "console", "--without", "coordinator"],
+    up = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "up", "--without", "console", "--without", "coordinator"],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state_file = home / "run" / "up.json"
     try:
@@ -73,19 +73,19 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
         state = wait_until(all_ready, 600, what="appliance up to report every child ready")
         assert [c["name"] for c in state["children"]] == ["worker-0", "router", "cluster"]
         # With no further step, a job runs on the head `up` started (its group: cluster.group, "local").
-        submitted = subprocess.run([sys.executable, "-m", "appliance", "job", "submit", "--name", "hello", "--program", "--",
+        submitted = subprocess.run([sys.executable, "-m", "fedllm.appliance", "job", "submit", "--name", "hello", "--program", "--",
                                     "echo", "hello from a job"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
 
         def job_done():
-            shown = subprocess.run([sys.executable, "-m", "appliance", "job", "show", "hello", "--json"], cwd=REPO, env=env,
+            shown = subprocess.run([sys.executable, "-m", "fedllm.appliance", "job", "show", "hello", "--json"], cwd=REPO, env=env,
                                    capture_output=True, text=True, timeout=60)
             return shown.returncode == 0 and json.loads(shown.stdout)["state"] in ("SUCCEEDED", "FAILED") and json.loads(shown.stdout)
 
         assert wait_until(job_done, 120, what="the job to end")["state"] == "SUCCEEDED"
-        logs = subprocess.run([sys.executable, "-m", "appliance", "job", "logs", "hello"], cwd=REPO, env=env, capture_output=True, text=True)
+        logs = subprocess.run([sys.executable, "-m", "fedllm.appliance", "job", "logs", "hello"], cwd=REPO, env=env, capture_output=True, text=True)
         assert "hello from a job" in logs.stdout and '"group": "local"' in logs.stdout
-        status = subprocess.run([sys.executable, "-m", "appliance", "status"], cwd=REPO, env=env, capture_output=True, text=True)
+        status = subprocess.run([sys.executable, "-m", "fedllm.appliance", "status"], cwd=REPO, env=env, capture_output=True, text=True)
         assert status.returncode == 0 and "healthy" in status.stdout, status.stdout + status.stderr
 
         client = OpenAI(base_url=f"http://127.0.0.1:{router_port}/v1", api_key="unused", timeout=120, max_retries=0)
@@ -132,7 +132,7 @@ def test_appliance_up_serves_openai_restarts_a_killed_worker_and_stops_cleanly(t
 
 @pytest.mark.slow
 def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
-    from appliance.core.secrets import ensure_token
+    from fedllm.core.secrets import ensure_token
 
     home = tmp_path / "home"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}, "APPLIANCE_HOME": str(home)}
@@ -143,9 +143,9 @@ def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
     worker_key = {"VLLM_API_KEY": "joined-worker-key-0123456789"}  # a running worker joins with its key (the router requires one)
     procs = [
         # The joiner is the only worker: nothing can check its model, so the router is told to allow that.
-        subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(router_port)], cwd=REPO,
+        subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "serve", "--port", str(router_port)], cwd=REPO,
                          env={**env, "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true"}),
-        subprocess.Popen([sys.executable, "-m", "testing.fake_vllm", "--port", str(backend_port), "--model", "joined-model"], cwd=REPO,
+        subprocess.Popen([sys.executable, "-m", "fedllm.testing.fake_vllm", "--port", str(backend_port), "--model", "joined-model"], cwd=REPO,
                          env={**env, **worker_key}),
     ]
     env = {**env, **worker_key}
@@ -154,12 +154,12 @@ def test_worker_join_registers_with_the_router_and_leaves_on_exit(tmp_path):
             wait_until(lambda: _get(url) is not None, 60, 0.1, what=url)
         wrong = tmp_path / "wrong-token"
         wrong.write_text("wrong\n")
-        bad = subprocess.run([sys.executable, "-m", "appliance", "worker", "join", "--router", router_url, "--token-file", str(wrong),
+        bad = subprocess.run([sys.executable, "-m", "fedllm.appliance", "worker", "join", "--router", router_url, "--token-file", str(wrong),
                               "--url", backend_url], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "401" in bad.stderr + bad.stdout
 
         # The token travels in the environment, never on the command line (`ps` shows command lines).
-        join = subprocess.Popen([sys.executable, "-m", "appliance", "worker", "join", "--router", router_url,
+        join = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "worker", "join", "--router", router_url,
                                  "--region", "eu-west", "--url", backend_url, "--heartbeat-s", "1"],
                                 cwd=REPO, env={**env, "APPLIANCE_JOIN_TOKEN": join_token}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

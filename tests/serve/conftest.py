@@ -12,7 +12,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from testing.factories import REPO, free_port
+from fedllm.testing.factories import REPO, free_port
 
 
 @dataclass
@@ -52,12 +52,12 @@ def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen | None =
 
 
 def start_fake(model: str = "fake", *args: str, api_key: str | None = None) -> FakeProcess:
-    """Start `python -m testing.fake_vllm` on a free port and wait until it answers (with `api_key` as vLLM's
+    """Start `python -m fedllm.testing.fake_vllm` on a free port and wait until it answers (with `api_key` as vLLM's
     VLLM_API_KEY: every /v1 call then needs it)."""
     port = free_port()
     env = {**os.environ, "VLLM_API_KEY": api_key or ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testing.fake_vllm", "--port", str(port), "--model", model, "--name", f"fake-{port}", *args],
+        [sys.executable, "-m", "fedllm.testing.fake_vllm", "--port", str(port), "--model", model, "--name", f"fake-{port}", *args],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -106,8 +106,8 @@ async def router_factory(tmp_path):
 
     import uvicorn
 
-    from serve import create_app
-    from testing.factories import make_settings
+    from fedllm.serve import create_app
+    from fedllm.testing.factories import make_settings
 
     servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
 

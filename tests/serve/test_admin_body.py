@@ -52,8 +52,8 @@ async def test_a_bounded_body_with_the_token_still_works_and_bad_ones_are_400(fa
 def test_no_admin_route_takes_a_body_that_fastapi_would_parse_before_the_token(tmp_path):
     from fastapi.routing import APIRoute
 
-    from serve import create_app
-    from testing.factories import make_settings
+    from fedllm.serve import create_app
+    from fedllm.testing.factories import make_settings
 
     app = create_app(make_settings(tmp_path))
     admin = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/admin")]

@@ -7,8 +7,8 @@ import json
 
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.adapter_registry import AdapterRegistry
+from fedllm.appliance.cli import app
+from fedllm.core.adapter_registry import AdapterRegistry
 
 
 def _invoke(home, *args: str):

@@ -41,7 +41,7 @@ async def _poll(predicate, what: str) -> None:
 async def test_client_disconnect_aborts_the_upstream_request(fake_factory, router_factory, caplog, stream):
     fake = fake_factory("m", "--delay-s", "60")  # the worker would answer only after a minute
     router = await router_factory([fake])
-    caplog.set_level("INFO", logger="serve.forwarding")
+    caplog.set_level("INFO", logger="fedllm.serve.forwarding")
     await _send_and_leave(router.url, fake, stream)
     async with httpx.AsyncClient(base_url=router.url, timeout=10) as c:
 

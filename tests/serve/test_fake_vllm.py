@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from testing.fake_vllm import create_fake_app
+from fedllm.testing.fake_vllm import create_fake_app
 
 
 async def _client(app) -> httpx.AsyncClient:

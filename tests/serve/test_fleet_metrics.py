@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from appliance.core.router_metrics import FleetSnapshot, interval_rates, quantile, snapshot
-from ui.fleet_history import FleetHistory, summary_markdown
+from fedllm.core.contracts.router_metrics import FleetSnapshot, interval_rates, quantile, snapshot
+from fedllm.ui.fleet_history import FleetHistory, summary_markdown
 
 
 def test_quantile_interpolates_within_buckets_as_prometheus_does() -> None:

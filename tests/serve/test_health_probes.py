@@ -12,8 +12,8 @@ import aiohttp
 import httpx
 import pytest
 
-from serve.registry import Worker, WorkerRegistry, upstream_headers
-from testing.factories import make_settings
+from fedllm.serve.registry import Worker, WorkerRegistry, upstream_headers
+from fedllm.testing.factories import make_settings
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

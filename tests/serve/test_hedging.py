@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
-from serve.hedging import BURST, MIN_SAMPLES, FirstByteWindow, Hedger
-from testing.factories import wait_until_async
+from fedllm.serve.hedging import BURST, MIN_SAMPLES, FirstByteWindow, Hedger
+from fedllm.testing.factories import wait_until_async
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -61,7 +61,7 @@ def test_censored_losers_keep_the_tail_in_the_percentile():
 
 
 def test_hedging_is_off_by_default():
-    from appliance.core.sections.serve import ServeSettings
+    from fedllm.core.sections.serve import ServeSettings
 
     cfg = ServeSettings()
     assert cfg.hedge == "off"

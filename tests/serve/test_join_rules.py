@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from serve.worker_address import normalised_address, parse_worker_url
+from fedllm.serve.worker_address import normalised_address, parse_worker_url
 
 KEY = "any-key-the-fake-accepts-0123"  # a fake started without a key of its own accepts any
 
@@ -106,7 +106,7 @@ async def test_the_fleet_size_and_a_workers_capacity_are_bounded(fake_factory, r
 
 
 def _per_worker_tables(app) -> dict[str, int]:
-    from serve.runtime_stats import per_worker_tables
+    from fedllm.serve.runtime_stats import per_worker_tables
 
     return per_worker_tables(app.state)
 
@@ -135,7 +135,7 @@ async def test_joining_and_leaving_200_times_leaves_no_per_worker_state(fake_fac
 
 
 async def test_a_502_to_an_api_client_names_no_worker_address(fake_factory, router_factory, caplog):
-    from testing.factories import free_port
+    from fedllm.testing.factories import free_port
 
     fake = fake_factory("m")
     router = await router_factory([fake], max_retries=0, health_interval_s=60)
@@ -174,8 +174,8 @@ async def test_adapters_go_only_to_trusted_workers_of_their_base_model(fake_fact
 
 
 async def test_a_worker_refusing_an_adapter_load_is_skipped_for_the_next_one(fake_factory, router_factory, tmp_path):
-    from serve.errors import UpstreamError
-    from serve.placement import PublishedAdapter
+    from fedllm.serve.errors import UpstreamError
+    from fedllm.serve.placement import PublishedAdapter
 
     refuser, taker, holder = fake_factory("base"), fake_factory("base"), fake_factory("base")
     refuser.control(refuse_loads=True)
@@ -204,8 +204,8 @@ async def test_a_worker_refusing_an_adapter_load_is_skipped_for_the_next_one(fak
 
 
 async def test_publish_version_sends_the_base_model(fake_factory, router_factory, tmp_path):
-    from appliance.core.adapter_registry import AdapterRegistry
-    from appliance.core.router_client import RouterClient
+    from fedllm.core.adapter_registry import AdapterRegistry
+    from fedllm.core.contracts.router_client import RouterClient
 
     base = fake_factory("smol-base")
     router = await router_factory([base])

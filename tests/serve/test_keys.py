@@ -9,9 +9,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.errors import ConfigError
-from serve.keys import create_key, keys_path, load_keys, revoke_key
+from fedllm.appliance.cli import app
+from fedllm.core.errors import ConfigError
+from fedllm.serve.keys import create_key, keys_path, load_keys, revoke_key
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -139,7 +139,7 @@ async def test_loopback_router_with_keys_keeps_requiring_them_whatever_happens_t
     message = noticed.json()["error"]["message"]
     if change == "corrupt":
         assert "key file cannot be read" in message
-        logged = [r.getMessage() for r in caplog.records if r.name == "serve.keys" and r.levelname == "ERROR"]
+        logged = [r.getMessage() for r in caplog.records if r.name == "fedllm.serve.keys" and r.levelname == "ERROR"]
         assert len(logged) == 1 and str(path) in logged[0] and key not in logged[0]
     else:
         assert "has no API key" in message

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from testing.factories import REPO
+from fedllm.testing.factories import REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def lm_eval(venv: Path, out: Path, model_type: str, model_args: str, tasks: str,
 async def test_lm_eval_chat_completions_scores_the_base_model_through_the_router(vllm_worker, router_factory, tmp_path):
     import asyncio
 
-    from testing.tool_venvs import tool_venv
+    from fedllm.testing.tool_venvs import tool_venv
 
     venv = await asyncio.to_thread(tool_venv, "lm-eval", "torch==2.13.0", "lm_eval[api]", "transformers")
     router = await router_factory([vllm_worker.spec], request_timeout_s=300)
@@ -65,7 +65,7 @@ async def test_lm_eval_completions_log_likelihood_through_the_router(target, vll
     `echo` and `logprobs` forwarded untouched to vLLM, for the base model and for an adapter by its name."""
     import asyncio
 
-    from testing.tool_venvs import tool_venv
+    from fedllm.testing.tool_venvs import tool_venv
 
     venv = await asyncio.to_thread(tool_venv, "lm-eval", "torch==2.13.0", "lm_eval[api]", "transformers")
     router = await router_factory([vllm_worker.spec], request_timeout_s=300)

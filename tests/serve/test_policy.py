@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from serve.policy import Candidate, RouteHints, affinity_target, rank, score
+from fedllm.serve.policy import Candidate, RouteHints, affinity_target, rank, score
 
 
 def _workers(n: int, **kw) -> list[Candidate]:

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import httpx
 
-from appliance.core.adapter_registry import AdapterRegistry
-from federation.publishing.gate import PromotionGate
-from federation.publishing.publish import RouterPublisher
-from testing.factories import make_settings
+from fedllm.core.adapter_registry import AdapterRegistry
+from fedllm.federation.publishing.gate import PromotionGate
+from fedllm.federation.publishing.publish import RouterPublisher
+from fedllm.testing.factories import make_settings
 from tests.train.conftest import arithmetic_records, write_jsonl
 
 
 def _register(registry: AdapterRegistry, cfg, model_dir: Path, data: Path, tmp_path: Path, round_: int, *, worse: bool):
-    import train
+    from fedllm import train
 
     if worse:  # a round gone wrong: back to the untrained adapter (the base model's loss)
         state = train.initial_adapter_state(cfg, model_dir)
@@ -71,7 +71,7 @@ async def test_a_worse_round_is_held_back_and_a_good_one_promoted(fake_factory, 
 def test_a_missing_gate_data_set_is_refused(tmp_path: Path):
     import pytest
 
-    from appliance.core.errors import ConfigError
+    from fedllm.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gate_data .* is not a file"):
         PromotionGate(make_settings(tmp_path), tmp_path / "nope.jsonl", 0.02, tmp_path / "gate.jsonl")
@@ -87,7 +87,7 @@ def _bare_version(registry: AdapterRegistry, tmp_path: Path, round_: int, receiv
 
 async def test_without_gate_data_the_silos_held_out_losses_decide_one_round_late(fake_factory, router_factory, tmp_path: Path):
     """HeldOutGate: round r's version is decided by the silos' held-out loss of it, which round r+1's version carries."""
-    from federation.publishing.gate import HeldOutGate
+    from fedllm.federation.publishing.gate import HeldOutGate
 
     home = tmp_path / "home"
     log = home / "federation" / "fed" / "gate.jsonl"
@@ -120,7 +120,7 @@ async def test_without_gate_data_the_silos_held_out_losses_decide_one_round_late
 
 
 def test_gate_prompt_answers_must_be_non_empty_and_finite():
-    from federation.publishing.gate_prompts import answer_problem
+    from fedllm.federation.publishing.gate_prompts import answer_problem
 
     def answer(text, *logprobs):
         return {"choices": [{"message": {"content": text}, "logprobs": {"content": [{"token": "t", "logprob": x} for x in logprobs]}}]}
@@ -135,7 +135,7 @@ async def test_adapters_publish_gates_on_a_gate_file_and_no_gate_moves_at_once(f
                                                                                 tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     home = tmp_path / "home"
     settings = make_settings(home, train={"max_seq_len": 64, "batch_size": 4, "lr": 0.01, "warmup_steps": 0, "zero_stage": 0})

@@ -9,8 +9,8 @@ import json
 import httpx
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.adapter_registry import AdapterRegistry
+from fedllm.appliance.cli import app
+from fedllm.core.adapter_registry import AdapterRegistry
 
 
 def _paths(fake, path: str) -> list[str]:

@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 
-from testing.factories import wait_until_async
+from fedllm.testing.factories import wait_until_async
 
 KEY = "joined-worker-key-0123456789"
 

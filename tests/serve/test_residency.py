@@ -12,9 +12,9 @@ import sys
 import httpx
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.core.adapter_registry import AdapterRegistry
-from testing.factories import REPO, wait_until_async
+from fedllm.appliance.cli import app
+from fedllm.core.adapter_registry import AdapterRegistry
+from fedllm.testing.factories import REPO, wait_until_async
 from tests.serve.conftest import wait_http
 
 KEY = "joined-worker-key-0123456789"
@@ -28,7 +28,7 @@ def _seen(fake, model: str) -> list[str]:
 def _restart(fake) -> None:
     """Start the stopped fake `fake` again on its own port (a worker coming back)."""
     port = fake.url.rsplit(":", 1)[1]
-    fake.proc = subprocess.Popen([sys.executable, "-m", "testing.fake_vllm", "--port", port, "--model", fake.model,
+    fake.proc = subprocess.Popen([sys.executable, "-m", "fedllm.testing.fake_vllm", "--port", port, "--model", fake.model,
                                   "--name", f"fake-{port}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"{fake.url}/health", proc=fake.proc)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from serve.protocol import read_fields
-from serve.sse import take_usage
+from fedllm.serve.protocol import read_fields
+from fedllm.serve.sse import take_usage
 
 
 def test_max_output_tokens_is_the_token_budget_and_input_the_prefix() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serve.keys import create_key
+from fedllm.serve.keys import create_key
 from tests.serve.responses_contract import assert_responses_contract
 
 pytestmark = pytest.mark.vllm

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from serve.canary_shapes import CHAT, PATHS, answer_text
+from fedllm.serve.canary_shapes import CHAT, PATHS, answer_text
 
 pytestmark = pytest.mark.vllm
 
@@ -129,7 +129,7 @@ async def test_a_worker_joining_after_a_promotion_serves_it_without_a_load_on_th
 
 def _sample(text: str, name: str, **labels: str) -> float | None:
     """The value of the sample `name` whose labels include `labels` in a Prometheus text exposition."""
-    from appliance.core.router_metrics import parse
+    from fedllm.core.contracts.router_metrics import parse
 
     return next((s.value for s in parse(text) if s.name == name and labels.items() <= s.labels.items()), None)
 

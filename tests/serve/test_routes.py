@@ -72,7 +72,7 @@ async def test_body_too_large_is_413(fake_factory, router_factory):
 
 
 async def test_no_healthy_worker_is_503(router_factory):
-    from testing.factories import free_port
+    from fedllm.testing.factories import free_port
 
     router = await router_factory([f"http://127.0.0.1:{free_port()}"])
     async with httpx.AsyncClient(base_url=router.url) as c:

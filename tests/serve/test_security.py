@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
-from appliance.core.errors import ConfigError
-from serve.keys import create_key, keys_path, load_keys
-from serve.limits import RateLimiter, TokenBucket
+from fedllm.core.errors import ConfigError
+from fedllm.serve.keys import create_key, keys_path, load_keys
+from fedllm.serve.limits import RateLimiter, TokenBucket
 
 
 def test_keys_are_stored_hashed(tmp_path):
@@ -100,8 +100,8 @@ async def test_admin_needs_token_and_join_token_registers_a_worker(fake_factory,
 
 
 def test_refuses_public_bind_without_keys(tmp_path):
-    from serve.app import check_exposure
-    from testing.factories import make_settings
+    from fedllm.serve.app import check_exposure
+    from fedllm.testing.factories import make_settings
 
     check_exposure(make_settings(tmp_path, serve={"host": "127.0.0.1"}))
     with pytest.raises(ConfigError, match="requires API keys"):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.core.errors import ConfigError
-from appliance.core.router_client import RouterClient
-from appliance.core.tls import check_server_files
-from serve.registry import WorkerRegistry
-from serve.worker_launcher import RouterRegistration
-from testing.factories import free_port, make_settings
+from fedllm.core.errors import ConfigError
+from fedllm.core.contracts.router_client import RouterClient
+from fedllm.core.tls import check_server_files
+from fedllm.serve.registry import WorkerRegistry
+from fedllm.serve.worker_launcher import RouterRegistration
+from fedllm.testing.factories import free_port, make_settings
 
 
 def test_a_heartbeat_before_registering_says_the_worker_is_not_registered():

@@ -2,7 +2,7 @@
 
 The embedded SmolLM2-135M cannot be split in two (9 attention heads, 3 KV heads), so this serves a tiny random Llama
 of the same architecture with 4 heads. On this one-socket machine vLLM's own binding (one rank per NUMA node) refuses
-2 ranks; the launcher gives each rank its own cores (`serve.worker_launcher.cpu_rank_binding`).
+2 ranks; the launcher gives each rank its own cores (`fedllm.serve.worker_launcher.cpu_rank_binding`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ async def test_a_model_split_over_two_tensor_parallel_cpu_ranks_answers_through_
         embedded_model_dir: Path, tmp_path: Path, router_factory) -> None:
     from openai import AsyncOpenAI
 
-    from appliance.core.sections.serve import WorkerSettings
-    from serve.worker_launcher import VLLMWorker
-    from testing.factories import free_port, make_tiny_llama
+    from fedllm.core.sections.serve import WorkerSettings
+    from fedllm.serve.worker_launcher import VLLMWorker
+    from fedllm.testing.factories import free_port, make_tiny_llama
 
     # Arrange
     model = make_tiny_llama(tmp_path / "tiny-4-heads", embedded_model_dir, hidden=256)

@@ -14,9 +14,9 @@ import time
 import httpx
 import pytest
 
-from appliance.core.errors import ConfigError
-from appliance.core.tls import client_context
-from testing.factories import REPO, free_port
+from fedllm.core.errors import ConfigError
+from fedllm.core.tls import client_context
+from fedllm.testing.factories import REPO, free_port
 from tests.pki import make_pki
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -28,7 +28,7 @@ def _env(home, **extra: str) -> dict[str, str]:
 
 
 def _appliance(*args: str, env: dict[str, str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "appliance", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "fedllm.appliance", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -113,7 +113,7 @@ def test_router_over_https_a_worker_joins_and_clients_without_the_ca_are_refused
 async def _https_fake(pki) -> tuple[str, "asyncio.Task", object]:
     import uvicorn
 
-    from testing.fake_vllm import create_fake_app
+    from fedllm.testing.fake_vllm import create_fake_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_fake_app("m"), host="127.0.0.1", port=port, log_level="warning",
@@ -144,8 +144,8 @@ async def test_the_router_verifies_the_certificates_of_https_workers(router_fact
 
 
 def test_tls_settings_go_in_pairs_and_bad_files_are_refused(tmp_path):
-    from appliance.core.tls import check_server_files
-    from testing.factories import make_settings
+    from fedllm.core.tls import check_server_files
+    from fedllm.testing.factories import make_settings
 
     pki = make_pki(tmp_path / "pki")
     with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):

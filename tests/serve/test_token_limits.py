@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from serve.keys import create_key
-from serve.limits import DEFAULT_TOKEN_BUDGET, RateLimiter, TokenBucket, token_budget
-from serve.protocol import read_fields
-from serve.sse import complete_events, take_usage, with_usage_asked
+from fedllm.serve.keys import create_key
+from fedllm.serve.limits import DEFAULT_TOKEN_BUDGET, RateLimiter, TokenBucket, token_budget
+from fedllm.serve.protocol import read_fields
+from fedllm.serve.sse import complete_events, take_usage, with_usage_asked
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -176,7 +176,7 @@ async def test_a_stream_with_other_stream_options_is_settled_too(fake_factory, r
 
 # ---------------------------------------------------------------- budgets that hold (issue 19: token budgets)
 def test_a_prompt_list_multiplies_the_completions_and_the_prompt_is_estimated():
-    from serve.limits import prompt_estimate
+    from fedllm.serve.limits import prompt_estimate
 
     # Arrange / Act / Assert: each prompt of a list is answered n times; a list of token ids is one prompt.
     assert read_fields({"model": "m", "prompt": ["a", "b", "c"], "n": 2}).choices == 6

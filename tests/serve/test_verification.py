@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from serve.canary import requests_to_catch
-from serve.worker_address import normalised_address
-from testing.factories import REPO, free_port
+from fedllm.serve.canary import requests_to_catch
+from fedllm.serve.worker_address import normalised_address
+from fedllm.testing.factories import REPO, free_port
 from tests.serve.conftest import wait_http
-from testing.hostile_worker import OLD_CANARY_PROMPTS
+from fedllm.testing.hostile_worker import OLD_CANARY_PROMPTS
 
 FORGED = "Send your password to evil.example"
 HOSTILE_KEY = "hostile-worker-key-0123456789"
@@ -43,7 +43,7 @@ def hostile_factory():
 
     def make(upstream: str, *, api_key: str = HOSTILE_KEY) -> Hostile:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "testing.hostile_worker", "--port", str(port), "--upstream", upstream,
+        proc = subprocess.Popen([sys.executable, "-m", "fedllm.testing.hostile_worker", "--port", str(port), "--upstream", upstream,
                                  "--forge", FORGED, "--burst", str(BURST)],
                                 cwd=REPO, env={**os.environ, "HOSTILE_API_KEY": api_key},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -212,10 +212,10 @@ async def test_a_new_worker_gets_traffic_and_no_canary_burst_on_joining(fake_fac
 def test_canaries_are_drawn_from_a_varied_pool_with_the_operators_own(tmp_path):
     import random
 
-    from appliance.core.errors import ConfigError
-    from serve.canary import CanaryChecker
-    from serve.canary_shapes import CHAT, COMPLETIONS, PATHS
-    from testing.factories import make_settings
+    from fedllm.core.errors import ConfigError
+    from fedllm.serve.canary import CanaryChecker
+    from fedllm.serve.canary_shapes import CHAT, COMPLETIONS, PATHS
+    from fedllm.testing.factories import make_settings
 
     private = tmp_path / "canaries.jsonl"
     private.write_text('[{"role": "system", "content": "You are Ada."}, {"role": "user", "content": "private-1"}]\n'
@@ -278,9 +278,9 @@ async def test_a_joined_workers_model_list_is_fixed_at_join(fake_factory, router
 
 
 def test_a_damaged_quarantine_file_stops_the_router_from_starting(tmp_path):
-    from appliance.core.errors import DataError
-    from serve import create_app
-    from testing.factories import make_settings
+    from fedllm.core.errors import DataError
+    from fedllm.serve import create_app
+    from fedllm.testing.factories import make_settings
 
     settings = make_settings(tmp_path)
     settings.keys_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def test_a_damaged_quarantine_file_stops_the_router_from_starting(tmp_path):
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_each_canary_shape_is_read_back_from_a_worker(fake_factory, stream):
-    from serve.canary_shapes import PATHS, answer_text, build
+    from fedllm.serve.canary_shapes import PATHS, answer_text, build
 
     fake = fake_factory("m")
     messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi there"}]

@@ -1,4 +1,4 @@
-"""The worker gate (`serve.worker_gate`) in front of a fake vLLM on a Unix socket, both real: what passes, what is
+"""The worker gate (`fedllm.serve.worker_gate`) in front of a fake vLLM on a Unix socket, both real: what passes, what is
 refused, streams, and a client that leaves. The real vLLM check is in test_router_vllm.py."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.worker_gate import GateThread, plain_v1_path
-from testing.factories import REPO
+from fedllm.serve.worker_gate import GateThread, plain_v1_path
+from fedllm.testing.factories import REPO
 
 KEY = "worker-gate-test-key-0123456789"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -25,7 +25,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 def behind(tmp_path: Path):
     """A fake vLLM listening on a Unix socket with its own key (as the appliance starts vLLM), and a gate in front."""
     sock = tmp_path / "vllm.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "testing.fake_vllm", "--uds", str(sock), "--model", "m", "--delay-s", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "fedllm.testing.fake_vllm", "--uds", str(sock), "--model", "m", "--delay-s", "0"],
                             cwd=REPO, env={**os.environ, "VLLM_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gate = GateThread(f"unix:{sock}", KEY, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{gate.port}"

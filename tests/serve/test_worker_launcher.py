@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.cores import divide_cores
-from appliance.core.errors import ConfigError
-from appliance.core.sections.serve import WorkerSettings
-from serve.worker_launcher import (
+from fedllm.core.cores import divide_cores
+from fedllm.core.errors import ConfigError
+from fedllm.core.sections.serve import WorkerSettings
+from fedllm.serve.worker_launcher import (
     VLLMWorker,
     WorkerStartError,
     vllm_command,
     vllm_env,
 )
-from testing.factories import REPO, free_port
+from fedllm.testing.factories import REPO, free_port
 
 FAKE_SERVICE = REPO / "tests" / "appliance" / "fake_service.py"
 
@@ -89,7 +89,7 @@ def test_env_allows_runtime_lora_and_sets_whole_gib_kv_cache_on_cpu():
 
 
 def test_cpu_model_parallel_ranks_get_their_own_cores_unless_the_caller_chose(monkeypatch):
-    from serve import worker_launcher
+    from fedllm.serve import worker_launcher
 
     monkeypatch.setattr(worker_launcher, "numa_nodes", lambda: 1)
     monkeypatch.setattr(worker_launcher, "divide_cores", lambda n: divide_cores(n, (0, 1, 2, 3)))

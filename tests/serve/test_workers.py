@@ -7,14 +7,14 @@ import asyncio
 import httpx
 import pytest
 
-from appliance.core.router_client import RouterClient, ServiceUnavailable
-from serve.worker_launcher import RouterRegistration
+from fedllm.core.contracts.router_client import RouterClient, ServiceUnavailable
+from fedllm.serve.worker_launcher import RouterRegistration
 
 
 def _cli(home, *args: str):
     from typer.testing import CliRunner
 
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     return CliRunner().invoke(app, ["--home", str(home), *args])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed import netns
+from fedllm.testbed import netns
 
 
 @pytest.fixture(params=["netns", "loopback"])

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from testbed.bed import Bed
-from testbed.link import LinkSpec
+from fedllm.testbed.bed import Bed
+from fedllm.testbed.link import LinkSpec
 
 ECHO = """
 import asyncio, sys

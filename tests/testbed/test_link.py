@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from testbed.link import Link, LinkSpec, Shaper
+from fedllm.testbed.link import Link, LinkSpec, Shaper
 
 
 async def _echo_server() -> tuple[asyncio.AbstractServer, int]:

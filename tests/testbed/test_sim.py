@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.link import LinkSpec
-from testbed.sim import parse_regions
+from fedllm.testbed.link import LinkSpec
+from fedllm.testbed.sim import parse_regions
 
 
 def test_regions_parse_with_their_links():

@@ -25,7 +25,7 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 
 def small_cfg(**overrides: Any):
     """TrainSettings for the tiny model: short rows, a high learning rate, no warmup, no dropout."""
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
     base = dict(max_seq_len=128, batch_size=4, lr=1e-2, warmup_steps=0, lora_dropout=0.0, zero_stage=0, seed=0)
     return TrainSettings(**{**base, **overrides})
@@ -38,6 +38,6 @@ def records() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path):
-    from train.lora import load_tokenizer
+    from fedllm.train.lora import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)

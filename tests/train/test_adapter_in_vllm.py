@@ -14,7 +14,7 @@ from tests.train.conftest import arithmetic_records, small_cfg
 def test_trained_adapter_loads_into_vllm_at_run_time(embedded_model_dir: Path, vllm_worker, tmp_path: Path) -> None:
     import httpx
 
-    from train import fit_adapter, save_adapter_dir
+    from fedllm.train import fit_adapter, save_adapter_dir
 
     cfg = small_cfg(lr=1e-3, batch_size=2, lora_r=8, zero_stage=2)
     result = fit_adapter(cfg, embedded_model_dir, arithmetic_records(8), max_steps=2)

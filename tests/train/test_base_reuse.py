@@ -15,7 +15,7 @@ from tests.train.conftest import arithmetic_records, small_cfg
 
 def _two_rounds(cfg, model_dir: Path, keep_base: bool):
     """Two rounds on one Trainer: (the second round's adapter, the Trainer)."""
-    from train import TrainPlan, Trainer
+    from fedllm.train import TrainPlan, Trainer
 
     trainer = Trainer(cfg, model_dir, keep_base=keep_base)
     first = trainer.fit(TrainPlan(arithmetic_records(16), max_steps=2))
@@ -25,7 +25,7 @@ def _two_rounds(cfg, model_dir: Path, keep_base: bool):
 
 @pytest.fixture()
 def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from train import lora
+    from fedllm.train import lora
 
     loads: list[str] = []
     real = lora.load_base_model
@@ -37,7 +37,7 @@ def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_rounds_on_a_kept_base_equal_rounds_on_a_freshly_loaded_base(tiny_model_dir: Path, count_loads: list[str], zero_stage: int) -> None:
     import torch
 
-    from train import lora
+    from fedllm.train import lora
 
     # Arrange
     cfg = small_cfg(lora_dropout=0.0, zero_stage=zero_stage, max_seq_len=64, batch_size=2, threads=1)
@@ -60,7 +60,7 @@ def test_rounds_on_a_kept_base_equal_rounds_on_a_freshly_loaded_base(tiny_model_
 
 
 def test_zero3_never_keeps_the_base(tiny_model_dir: Path, count_loads: list[str]) -> None:
-    from train import TrainPlan, Trainer
+    from fedllm.train import TrainPlan, Trainer
 
     # Arrange
     cfg = small_cfg(lora_dropout=0.0, zero_stage=3, max_seq_len=64, batch_size=2, threads=1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.core.errors import ConfigError
+from fedllm.core.errors import ConfigError
 from tests.train.conftest import small_cfg
 
 
 def test_a_lora_of_under_a_million_parameters_gets_a_bucket_of_its_size_not_deepspeeds_default() -> None:
-    from train.engine import DEEPSPEED_DEFAULT_BUCKET, MIN_BUCKET, bucket_elements
+    from fedllm.train.engine import DEEPSPEED_DEFAULT_BUCKET, MIN_BUCKET, bucket_elements
 
     # Arrange: the embedded model's LoRA (r=8 on q/k/v/o), a bigger LoRA, and full fine-tuning of a 1.3B model.
     lora_135m, lora_big, full_1b = 921_600, 40_000_000, 1_300_000_000
@@ -24,7 +24,7 @@ def test_a_lora_of_under_a_million_parameters_gets_a_bucket_of_its_size_not_deep
 
 
 def test_deepspeed_config_sizes_buckets_from_the_trainable_count_and_splits_the_global_batch() -> None:
-    from train.engine import deepspeed_config
+    from fedllm.train.engine import deepspeed_config
 
     # Arrange
     cfg2, cfg3 = small_cfg(zero_stage=2, batch_size=4, grad_accum=2), small_cfg(zero_stage=3, batch_size=4)
@@ -45,7 +45,7 @@ def test_deepspeed_config_sizes_buckets_from_the_trainable_count_and_splits_the_
 
 
 def test_the_ranks_shares_of_a_global_micro_batch_are_the_rows_one_rank_takes() -> None:
-    from train.data import Row, micro_batch
+    from fedllm.train.data import Row, micro_batch
 
     # Arrange: 10 rows, global micro-batches of 4 (epochs wrap after 2 batches).
     rows = [Row(input_ids=[i], labels=[i], position_ids=[0]) for i in range(10)]

@@ -13,7 +13,7 @@ from tests.train.conftest import arithmetic_records, write_jsonl
 
 @pytest.fixture
 def cli():
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
@@ -23,7 +23,7 @@ def test_dry_run_prints_peft_equal_counts(cli, tiny_model_dir: Path, tmp_path: P
     import torch
 
     from tests.train.conftest import small_cfg
-    from train.lora import build_peft_model
+    from fedllm.train.lora import build_peft_model
 
     result = cli("--home", tmp_path, "train", "--dry-run", "--model", tiny_model_dir, "--lora-r", 4, "--target-modules", "q_proj,v_proj")
     assert result.exit_code == 0, result.output
@@ -34,7 +34,7 @@ def test_dry_run_prints_peft_equal_counts(cli, tiny_model_dir: Path, tmp_path: P
 
 
 def test_dry_run_checks_csv_parquet_and_datasets_data_and_names_a_bad_row(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from testing.factories import write_format
+    from fedllm.testing.factories import write_format
 
     rows = [{"prompt": "What is 2+2?", "completion": "4"}, {"instruction": "Add 1 and 1.", "output": "2"}]
     good = [write_format(tmp_path / name, rows) for name in ("d.csv", "d.parquet", "d-saved")]
@@ -99,8 +99,8 @@ def test_resume_of_an_unknown_run_exits_2(cli, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_launcher_entry_point_trains_and_writes_a_peft_folder(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """`python -m train` (what `deepspeed --module train` runs on every rank), in process as rank 0."""
-    from train.__main__ import main
+    """`python -m fedllm.train` (what `deepspeed --module train` runs on every rank), in process as rank 0."""
+    from fedllm.train.__main__ import main
 
     config = tmp_path / "appliance.yaml"
     config.write_text("train:\n  max_seq_len: 128\n  zero_stage: 0\n  batch_size: 2\n", encoding="utf-8")

@@ -8,12 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.train.conftest import arithmetic_records, write_jsonl
-from train.compare import format_table, parse_targets
+from fedllm.train.compare import format_table, parse_targets
 
 
 @pytest.fixture
 def cli():
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
@@ -36,7 +36,7 @@ def test_format_table_aligns_rows_and_marks_missing_metrics() -> None:
 
 
 def test_parse_targets_refuses_empty_and_repeated() -> None:
-    from appliance.core.errors import ConfigError
+    from fedllm.core.errors import ConfigError
 
     assert parse_targets("base, sums:2 ,") == ["base", "sums:2"]
     with pytest.raises(ConfigError, match="twice"):

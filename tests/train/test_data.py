@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.errors import DataError
+from fedllm.core.errors import DataError
 from tests.train.conftest import arithmetic_records, write_jsonl
-from train import data as d
+from fedllm.train import data as d
 
 
 def test_loss_mask_covers_only_the_answer_and_its_end_of_turn(tokenizer) -> None:
@@ -100,7 +100,7 @@ def test_packed_rows_do_not_attend_across_examples(tiny_model_dir: Path, tokeniz
     """The loss of a packed row equals the losses of its examples computed alone (no cross-example attention)."""
     import torch
 
-    from train.lora import load_base_model
+    from fedllm.train.lora import load_base_model
 
     model = load_base_model(tiny_model_dir, torch.float32).eval()
     examples = d.tokenize_records(tokenizer, arithmetic_records(3), 64)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from appliance.core.errors import DataError
-from testing.factories import write_format
+from fedllm.core.errors import DataError
+from fedllm.testing.factories import write_format
 from tests.train.conftest import small_cfg
-from train.data import data_sha256, load_data
+from fedllm.train.data import data_sha256, load_data
 
 PAIRS = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(6)]
 
@@ -71,7 +71,7 @@ def test_unreadable_files_and_plain_folders_say_what_was_expected(tmp_path: Path
 
 @pytest.mark.parametrize("name", ["data.csv", "data.parquet", "saved-dataset"])
 def test_training_reads_csv_parquet_and_datasets_folders(tiny_model_dir: Path, tmp_path: Path, name: str) -> None:
-    from train import fit_adapter
+    from fedllm.train import fit_adapter
 
     path = write_format(tmp_path / name, PAIRS)
 
@@ -81,7 +81,7 @@ def test_training_reads_csv_parquet_and_datasets_folders(tiny_model_dir: Path, t
 
 
 def test_a_federation_silo_trains_on_a_parquet_file_and_a_saved_dataset(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from federation.runtime.silo import EngineTrainer
+    from fedllm.federation.runtime.silo import EngineTrainer
 
     trainer = EngineTrainer(small_cfg(max_seq_len=64, batch_size=2), tiny_model_dir, write_format(tmp_path / "silo.parquet", PAIRS),
                             write_format(tmp_path / "held-out", PAIRS[:2]))

@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from testing.factories import REPO, free_port
+from fedllm.testing.factories import REPO, free_port
 
 
 @pytest.mark.slow
 def test_a_child_process_gets_its_own_master_port_after_the_parent_initialised() -> None:
     # Arrange: the parent (this test process) initialises a single-process group, which holds MASTER_PORT.
-    from train.engine import init_distributed
+    from fedllm.train.engine import init_distributed
 
     init_distributed()
     parent_port = os.environ["MASTER_PORT"]
-    code = "import os; from train.engine import init_distributed; init_distributed(); print(os.environ['MASTER_PORT'])"
+    code = "import os; from fedllm.train.engine import init_distributed; init_distributed(); print(os.environ['MASTER_PORT'])"
 
     # Act: a child inherits the parent's environment (as an `appliance train` subprocess does) and initialises too.
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -34,7 +34,7 @@ def test_a_launcher_assigned_port_is_kept() -> None:
     # Arrange: variables as the `deepspeed` launcher sets them (no self-assigned marker).
     env = {k: v for k, v in os.environ.items() if k != "FEDLLM_SELF_ASSIGNED_DIST"}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    code = "import os; from train.engine import init_distributed; init_distributed(); print(os.environ['MASTER_PORT'])"
+    code = "import os; from fedllm.train.engine import init_distributed; init_distributed(); print(os.environ['MASTER_PORT'])"
 
     # Act
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)

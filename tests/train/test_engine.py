@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import arithmetic_records, small_cfg
-from train import FitResult, TrainingFailed, fit_adapter, initial_adapter_state
+from fedllm.train import FitResult, TrainingFailed, fit_adapter, initial_adapter_state
 
 
 def _dist(a, b) -> float:
@@ -87,7 +87,7 @@ def test_proximal_term_pulls_toward_the_reference(tiny_model_dir: Path, records)
 
 
 def test_bad_data_stops_before_any_run_folder_is_written(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from appliance.core.errors import DataError
+    from fedllm.core.errors import DataError
 
     with pytest.raises(DataError, match="<rows>:1"):
         fit_adapter(small_cfg(), tiny_model_dir, [{"prompt": "q", "completion": ""}], max_steps=1, run_dir=tmp_path / "run")

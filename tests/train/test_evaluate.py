@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import arithmetic_records, small_cfg
-from train.evaluate import evaluate_adapter, exact_match, token_f1
+from fedllm.train.evaluate import evaluate_adapter, exact_match, token_f1
 
 
 def test_exact_match_ignores_case_punctuation_and_articles() -> None:
@@ -23,7 +23,7 @@ def test_token_f1_hand_computed() -> None:
 
 @pytest.mark.slow
 def test_evaluate_base_model_and_adapter_state(tiny_model_dir: Path) -> None:
-    from train import initial_adapter_state
+    from fedllm.train import initial_adapter_state
 
     cfg = small_cfg()
     base = evaluate_adapter(cfg, tiny_model_dir, None, arithmetic_records(4))

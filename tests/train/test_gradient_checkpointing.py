@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import small_cfg
-from train import fit_adapter
+from fedllm.train import fit_adapter
 
 
 def test_checkpointing_is_on_by_default():
-    from appliance.core.sections.train import TrainSettings
+    from fedllm.core.sections.train import TrainSettings
 
     assert TrainSettings().gradient_checkpointing is True
 
@@ -37,7 +37,7 @@ def test_checkpointed_training_computes_the_same_adapter_and_records_peak_memory
 def test_the_base_model_has_checkpointing_turned_on_and_off(tiny_model_dir: Path):
     import torch
 
-    from train import lora
+    from fedllm.train import lora
 
     model = lora.build_peft_model(small_cfg(), tiny_model_dir, torch.float32)
     lora.set_gradient_checkpointing(model, True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.core.errors import ConfigError
-from testing.factories import make_settings
-from train.runs import job_run
+from fedllm.core.errors import ConfigError
+from fedllm.testing.factories import make_settings
+from fedllm.train.runs import job_run
 
 
 def test_a_jobs_first_attempt_starts_its_run_and_a_later_one_resumes_it(tmp_path) -> None:

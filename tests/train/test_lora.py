@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.errors import ConfigError, DataError
+from fedllm.core.errors import ConfigError, DataError
 from tests.train.conftest import small_cfg
-from train import initial_adapter_state, load_adapter_state, save_adapter_dir
-from train import lora
+from fedllm.train import initial_adapter_state, load_adapter_state, save_adapter_dir
+from fedllm.train import lora
 
 
 @pytest.mark.parametrize("targets", [None, ["all-linear"], ["q_proj", "v_proj", "down_proj"]])

@@ -18,7 +18,7 @@ def _close(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_two_calls_with_a_kept_optimizer_equal_one_long_call(tiny_model_dir: Path, records, zero_stage: int) -> None:
-    from train import TrainPlan, Trainer, fit_adapter, initial_adapter_state
+    from fedllm.train import TrainPlan, Trainer, fit_adapter, initial_adapter_state
 
     cfg = small_cfg(lr=1e-3, lr_scheduler="constant", packing=False, zero_stage=zero_stage)
     init = initial_adapter_state(cfg, tiny_model_dir)
@@ -35,7 +35,7 @@ def test_two_calls_with_a_kept_optimizer_equal_one_long_call(tiny_model_dir: Pat
 
 @pytest.mark.slow
 def test_a_reset_or_a_different_shape_starts_a_fresh_optimizer(tiny_model_dir: Path, records, caplog) -> None:
-    from train import TrainPlan, Trainer, fit_adapter, initial_adapter_state
+    from fedllm.train import TrainPlan, Trainer, fit_adapter, initial_adapter_state
 
     cfg = small_cfg(lr=1e-3, lr_scheduler="constant", packing=False)
     init = initial_adapter_state(cfg, tiny_model_dir)
@@ -47,7 +47,7 @@ def test_a_reset_or_a_different_shape_starts_a_fresh_optimizer(tiny_model_dir: P
     # the Trainer now keeps r=8 moments; an r=4 adapter cannot use them and trains as a fresh optimizer would
     cfg4 = small_cfg(lr=1e-3, lr_scheduler="constant", packing=False, lora_r=4)
     init4 = initial_adapter_state(cfg4, tiny_model_dir)
-    with caplog.at_level(logging.WARNING, logger="train.optimizer_memory"):
+    with caplog.at_level(logging.WARNING, logger="fedllm.train.optimizer_memory"):
         other = trainer.fit(TrainPlan(records, init_state=init4, max_steps=2, keep_optimizer=True, settings={"lora_r": 4})).state
     assert "other parameter shapes" in caplog.text
     assert _close(other, fit_adapter(cfg4, tiny_model_dir, records, init_state=init4, max_steps=2).state)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from testing.factories import REPO, make_settings
+from fedllm.testing.factories import REPO, make_settings
 from tests.train.conftest import arithmetic_records, small_cfg, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches; minutes on a loaded 2-core machine
@@ -30,8 +30,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_two_ranks_train_the_adapter_one_rank_trains_and_a_crashed_two_rank_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from train import fit_adapter, load_adapter_state
-    from train.runs import resume_run, start_run
+    from fedllm.train import fit_adapter, load_adapter_state
+    from fedllm.train.runs import resume_run, start_run
 
     # Arrange
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(24))
@@ -68,7 +68,7 @@ def test_two_ranks_train_the_adapter_one_rank_trains_and_a_crashed_two_rank_run_
 
 
 def test_zero3_on_two_ranks_gives_each_rank_about_half_of_the_parameters(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from train.distributed import free_port, launch_env, launcher_command, remove_shm_buffers
+    from fedllm.train.distributed import free_port, launch_env, launcher_command, remove_shm_buffers
 
     # Arrange
     port = free_port()
@@ -93,7 +93,7 @@ def test_zero3_on_two_ranks_gives_each_rank_about_half_of_the_parameters(tiny_mo
 
 
 def test_only_the_launchs_own_shared_memory_buffers_are_removed(tmp_path: Path) -> None:
-    from train.distributed import remove_shm_buffers
+    from fedllm.train.distributed import remove_shm_buffers
 
     names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29500_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",
              "deepspeed_allreduce_buffer_0_127.0.0.1_295001_0", "deepspeed_allreduce_buffer_0_127.0.0.1_39500_0", "other_29500_0"]

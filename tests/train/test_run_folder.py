@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.errors import ConfigError
-from appliance.core.sections.train import TrainSettings
-from train.run_folder import RunFolder, read_metrics, run_config
+from fedllm.core.errors import ConfigError
+from fedllm.core.sections.train import TrainSettings
+from fedllm.train.run_folder import RunFolder, read_metrics, run_config
 
 
 def test_a_torn_last_metrics_line_is_skipped_and_the_rest_kept(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.train.conftest import small_cfg
-from appliance.core.errors import ConfigError
-from train import fit_adapter
+from fedllm.core.errors import ConfigError
+from fedllm.train import fit_adapter
 
 
 class _Payload:

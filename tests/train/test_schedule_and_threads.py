@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.train.conftest import small_cfg
-from train.engine import lr_lambda
+from fedllm.train.engine import lr_lambda
 
 
 def test_schedules_warm_up_then_decay_or_stay_constant():
@@ -33,7 +33,7 @@ def test_a_schedule_spanning_several_calls_equals_one_long_schedule():
 
 
 def test_unknown_schedule_is_refused():
-    from appliance.core.errors import ConfigError
+    from fedllm.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lr_scheduler"):
         lr_lambda(0, 5, "step")
@@ -41,7 +41,7 @@ def test_unknown_schedule_is_refused():
 
 @pytest.mark.slow
 def test_frozen_a_trains_b_only(tiny_model_dir: Path, records) -> None:
-    from train import fit_adapter, initial_adapter_state
+    from fedllm.train import fit_adapter, initial_adapter_state
 
     cfg = small_cfg(lora_freeze_a=True)
     init = initial_adapter_state(cfg, tiny_model_dir)
@@ -56,7 +56,7 @@ def test_frozen_a_trains_b_only(tiny_model_dir: Path, records) -> None:
 def test_constant_schedule_and_span_reach_the_engine(tiny_model_dir: Path, records, tmp_path: Path) -> None:
     import json
 
-    from train import fit_adapter
+    from fedllm.train import fit_adapter
 
     fit_adapter(small_cfg(lr=1e-3, lr_scheduler="constant"), tiny_model_dir, records, max_steps=3, run_dir=tmp_path / "c")
     fit_adapter(small_cfg(lr=1e-3), tiny_model_dir, records, max_steps=2, run_dir=tmp_path / "s", schedule_span=(2, 4))
@@ -71,7 +71,7 @@ def test_a_span_continues_the_pass_over_the_data_where_the_previous_call_stopped
     # Arrange: a learning rate so small that a step's loss depends on its batch only; 24 rows = 6 batches of 4.
     import json
 
-    from train import fit_adapter, initial_adapter_state
+    from fedllm.train import fit_adapter, initial_adapter_state
 
     cfg = small_cfg(lr=1e-9, lr_scheduler="constant", packing=False)
     init = initial_adapter_state(cfg, tiny_model_dir)
@@ -89,7 +89,7 @@ def test_a_span_continues_the_pass_over_the_data_where_the_previous_call_stopped
 @pytest.mark.slow
 def test_threads_follow_the_cores_a_process_may_use():
     code = ("import os, torch; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); torch.set_num_threads(4);"
-            "from train.engine import set_threads; print(set_threads(None), torch.get_num_threads(), set_threads(3))")
+            "from fedllm.train.engine import set_threads; print(set_threads(None), torch.get_num_threads(), set_threads(3))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.split()
     assert out == ["1", "1", "3"]

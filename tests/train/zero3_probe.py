@@ -18,10 +18,10 @@ def main(model_dir: Path, out_dir: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from appliance.core.sections.train import TrainSettings
-    from train import data as datamod
-    from train import lora
-    from train.engine import loss_module, deepspeed_config, init_distributed, prepare_rows
+    from fedllm.core.sections.train import TrainSettings
+    from fedllm.train import data as datamod
+    from fedllm.train import lora
+    from fedllm.train.engine import loss_module, deepspeed_config, init_distributed, prepare_rows
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

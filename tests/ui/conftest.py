@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from testing.factories import REPO, free_port
+from fedllm.testing.factories import REPO, free_port
 from tests.ui.fakes import FakeRouter
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -54,7 +54,7 @@ def start_console(home: Path, router_url: str, coordinator_url: str, extra_env: 
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_SERVE__ADMIN_TOKEN": ADMIN_TOKEN,
            "APPLIANCE_UI__POLL_INTERVAL_S": "1.0", "GRADIO_ANALYTICS_ENABLED": "False", "APPLIANCE_UI__REQUIRE_LOGIN": "false",
            **(extra_env or {})}
-    cmd = [sys.executable, "-m", "appliance", "--home", str(home), "ui", "--host", host, "--port", str(port),
+    cmd = [sys.executable, "-m", "fedllm.appliance", "--home", str(home), "ui", "--host", host, "--port", str(port),
            "--router-url", router_url, "--coordinator-url", coordinator_url]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

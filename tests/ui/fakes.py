@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from testing.factories import free_port
+from fedllm.testing.factories import free_port
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from testing.factories import REPO, free_port
+from fedllm.testing.factories import REPO, free_port
 from tests.ui.conftest import stop_process
 
 
@@ -36,7 +36,7 @@ def start_router(home: Path, workers: list[dict], admin_token: str, timeout_s: f
            "APPLIANCE_SERVE__WORKERS": json.dumps(workers),
            "APPLIANCE_SERVE__HEALTH_INTERVAL_S": "1.0"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

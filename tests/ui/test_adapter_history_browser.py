@@ -16,7 +16,7 @@ pytestmark = pytest.mark.browser
 
 
 def test_adapters_tab_shows_the_alias_history_and_rolls_back(page, tmp_path):
-    from testing.factories import free_port
+    from fedllm.testing.factories import free_port
     from tests.serve.conftest import start_fake
     from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
     from tests.ui.services import start_router

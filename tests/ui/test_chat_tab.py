@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from testing.factories import free_port, make_settings
+from fedllm.testing.factories import free_port, make_settings
 from tests.ui.conftest import ADMIN_TOKEN
-from ui.context import ConsoleContext
-from ui.tabs import chat as tab
+from fedllm.ui.context import ConsoleContext
+from fedllm.ui.tabs import chat as tab
 
 
 def _ctx(home, router_url: str) -> ConsoleContext:

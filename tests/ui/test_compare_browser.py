@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import expect
 from typer.testing import CliRunner
 
-from testing.factories import free_port
+from fedllm.testing.factories import free_port
 from tests.train.conftest import arithmetic_records, write_jsonl
 from tests.ui.conftest import screenshot, start_console, stop_process
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture
 def trained_home(embedded_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """An APPLIANCE_HOME with the embedded model and `sums:1`, 20 LoRA steps on the data; (home, data)."""
-    from appliance.cli import app
+    from fedllm.appliance.cli import app
 
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)

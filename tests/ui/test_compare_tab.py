@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from testing.factories import make_settings, wait_until, write_format
-from ui import evals, launcher
-from ui.context import ConsoleContext
-from ui.tabs import adapters as tab
+from fedllm.testing.factories import make_settings, wait_until, write_format
+from fedllm.ui import evals, launcher
+from fedllm.ui.context import ConsoleContext
+from fedllm.ui.tabs import adapters as tab
 
 QA = [{"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}"} for i in range(4)]
 
@@ -26,7 +26,7 @@ def _register_adapter(ctx: ConsoleContext, model_dir: Path, tmp_path: Path, name
     import torch
 
     from tests.train.conftest import small_cfg
-    from train import initial_adapter_state, save_adapter_dir
+    from fedllm.train import initial_adapter_state, save_adapter_dir
 
     cfg = small_cfg(lora_r=4)
     gen = torch.Generator().manual_seed(0)

@@ -45,7 +45,7 @@ def test_tabs_show_service_down_without_crashing(page, console):
 
 @pytest.mark.vllm
 def test_chat_streams_through_real_router_and_vllm(page, vllm_worker, tmp_path):
-    from testing.factories import free_port
+    from fedllm.testing.factories import free_port
     from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
     from tests.ui.services import start_router
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from appliance.core.tls import client_context
-from testing.factories import free_port
+from fedllm.core.tls import client_context
+from fedllm.testing.factories import free_port
 from tests.pki import make_pki
 from tests.ui.conftest import start_console, stop_process
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import zmq
 
-from testing.factories import free_port, make_settings
-from ui.context import ConsoleContext
-from ui.tabs import federation as tab
+from fedllm.testing.factories import free_port, make_settings
+from fedllm.ui.context import ConsoleContext
+from fedllm.ui.tabs import federation as tab
 
 
 def _ctx(home) -> ConsoleContext:
@@ -14,7 +14,7 @@ def _ctx(home) -> ConsoleContext:
 
 
 def test_enrol_admits_a_silo_key_with_its_declared_count_through_the_cli(tmp_path):
-    from federation.wire.keys import declared_examples
+    from fedllm.federation.wire.keys import declared_examples
 
     ctx = _ctx(tmp_path)
     public, _secret = zmq.curve_keypair()

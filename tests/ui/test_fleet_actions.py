@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from testing.factories import make_settings, wait_until
+from fedllm.testing.factories import make_settings, wait_until
 from tests.serve.conftest import start_fake
 from tests.ui.conftest import ADMIN_TOKEN
 from tests.ui.services import start_router
-from ui.context import ConsoleContext
-from ui.tabs.fleet import add_worker, clear_quarantine
+from fedllm.ui.context import ConsoleContext
+from fedllm.ui.tabs.fleet import add_worker, clear_quarantine
 
 
 @pytest.mark.slow

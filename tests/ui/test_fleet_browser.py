@@ -15,11 +15,11 @@ pytestmark = pytest.mark.browser
 
 
 def test_fleet_tab_counts_a_real_chat_and_shows_its_latency(page, tmp_path):
-    from testing.factories import free_port
+    from fedllm.testing.factories import free_port
     from tests.serve.conftest import start_fake
     from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
     from tests.ui.services import start_router
-    from ui.tabs.fleet import WORKER_HEADERS
+    from fedllm.ui.tabs.fleet import WORKER_HEADERS
 
     worker = start_fake("m")
     router = start_router(tmp_path / "router-home", [{"url": worker.url, "region": "local"}], ADMIN_TOKEN)

@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_jobs_tab_lists_the_group_and_runs_a_submitted_training_job(page, tmp_path, tiny_model_dir):
-    from testing.ray_cluster import LocalCluster
-    from testing.factories import free_port
+    from fedllm.testing.ray_cluster import LocalCluster
+    from fedllm.testing.factories import free_port
     from tests.train.conftest import arithmetic_records, write_jsonl
     from tests.ui.conftest import start_console, stop_process
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-from testing.factories import make_settings
-from ui.tabs.jobs import group_rows, job_rows, node_rows
+from fedllm.testing.factories import make_settings
+from fedllm.ui.tabs.jobs import group_rows, job_rows, node_rows
 
 
 def test_nodes_and_jobs_become_table_rows() -> None:
@@ -37,7 +37,7 @@ def test_groups_sum_their_live_nodes_and_count_their_jobs() -> None:
 
 
 def test_the_console_has_a_jobs_tab(tmp_path) -> None:
-    from ui.app import build_console
+    from fedllm.ui.app import build_console
 
     demo = build_console(make_settings(tmp_path))
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from testing.factories import free_port
+from fedllm.testing.factories import free_port
 from tests.ui.conftest import ADMIN_TOKEN, start_console, stop_process
-from ui.app import make_auth, needs_login
-from ui.login import LoginGate
+from fedllm.ui.app import make_auth, needs_login
+from fedllm.ui.login import LoginGate
 
 CONSOLE_PASSWORD = "console-password-0123456789"
 
@@ -77,8 +77,8 @@ def test_the_gate_locks_a_user_after_repeated_wrong_passwords_and_lets_the_link_
 @pytest.mark.slow
 @pytest.mark.browser
 def test_loopback_asks_for_a_login_and_the_one_time_link_opens_the_console_once(tmp_path, browser):
-    from appliance.core.tokens import issue_login_link
-    from testing.factories import make_settings
+    from fedllm.core.tokens import issue_login_link
+    from fedllm.testing.factories import make_settings
 
     # Arrange: what `appliance up` does before it starts the console: a one-time token under keys/.
     home = tmp_path / "home"

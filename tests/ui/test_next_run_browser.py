@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_the_console_starts_the_next_run_of_a_finished_coordinator(page, tmp_path, tiny_model_dir):
-    from federation.runtime.silo import EngineTrainer, SiloClient
-    from testing.factories import REPO, free_port, make_settings
+    from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+    from fedllm.testing.factories import REPO, free_port, make_settings
     from tests.ui.conftest import start_console, stop_process
     from tests.ui.fakes import FakeRouter
 
@@ -35,7 +35,7 @@ def test_the_console_starts_the_next_run_of_a_finished_coordinator(page, tmp_pat
     config = home / "config.yaml"
     config.write_text(yaml.safe_dump({"federation": {"status_port": status_port, "auto_publish": False,
                                                      "heartbeat_interval_s": 0.5}, "train": train}))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "--config", str(config), "coordinator",
+    proc = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", "--home", str(home), "--config", str(config), "coordinator",
                              "start", "--stay", "--plaintext", "--port", str(port), "--rounds", "1", "--min-silos", "1",
                              "--local-steps", "1", "--run", "nextrun"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

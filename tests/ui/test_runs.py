@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from testing.factories import wait_until
-from ui import launcher
-from ui.runs import list_runs, read_jsonl, smooth
+from fedllm.testing.factories import wait_until
+from fedllm.ui import launcher
+from fedllm.ui.runs import list_runs, read_jsonl, smooth
 
 # A stand-in for `appliance train`: writes a run folder with a running status and metrics, then trains "forever".
 FAKE_TRAIN = """

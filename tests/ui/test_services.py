@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from testing.factories import free_port
-from ui.services import STREAM_DONE, RouterClient, ServiceUnavailable, parse_sse_line
+from fedllm.appliance.cli import app
+from fedllm.testing.factories import free_port
+from fedllm.ui.services import STREAM_DONE, RouterClient, ServiceUnavailable, parse_sse_line
 
 
 def test_parse_sse_line_content_done_and_error():

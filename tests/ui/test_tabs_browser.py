@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from appliance.core.adapter_registry import AdapterRegistry
+from fedllm.core.adapter_registry import AdapterRegistry
 from tests.ui.conftest import ADMIN_TOKEN, screenshot, start_console, stop_process
 from tests.ui.fakes import FakeCoordinator, FakeRouter, sample_status
 
@@ -96,7 +96,7 @@ def test_every_tab_shows_its_state(page, showcase):
     page.locator("#fed-silo-examples").get_by_role("spinbutton").fill("250")
     page.locator("#fed-enrol").click()
     expect(page.locator("#fed-action")).to_contain_text("Enrolled silo hospital-d")
-    from federation.wire.keys import declared_examples, enrolled_silos
+    from fedllm.federation.wire.keys import declared_examples, enrolled_silos
 
     assert enrolled_silos(console.home / "keys")["hospital-d"] == public_key
     assert declared_examples(console.home / "keys")["hospital-d"] == 250

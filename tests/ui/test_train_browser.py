@@ -14,7 +14,7 @@ from tests.ui.conftest import screenshot
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(importlib.util.find_spec("appliance.commands.train") is None, reason="`appliance train` does not exist yet"),
+    pytest.mark.skipif(importlib.util.find_spec("fedllm.appliance.commands.train") is None, reason="`appliance train` does not exist yet"),
 ]
 
 GOOD_ROWS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},

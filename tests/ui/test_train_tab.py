@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from testing.factories import make_settings, write_format
-from ui.context import ConsoleContext
-from ui.runs import RunView
-from ui.tabs import train as tab
+from fedllm.testing.factories import make_settings, write_format
+from fedllm.ui.context import ConsoleContext
+from fedllm.ui.runs import RunView
+from fedllm.ui.tabs import train as tab
 
 GOOD = [{"prompt": "What is 2+2?", "completion": "4"}, {"messages": [{"role": "user", "content": "hi"},
                                                                       {"role": "assistant", "content": "hello"}]}]

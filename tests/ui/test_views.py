@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.core.adapter_registry import AdapterVersion
+from fedllm.core.adapter_registry import AdapterVersion
 from tests.ui.fakes import sample_status
-from ui.runs import RunView
-from ui.tabs.adapters import adapter_rows, lineage_source, served_names, served_regions
-from ui.tabs.federation import eval_frame, round_rows, silo_rows, summary_markdown
-from ui.tabs.train import loss_caption, loss_frame, progress_html
+from fedllm.ui.runs import RunView
+from fedllm.ui.tabs.adapters import adapter_rows, lineage_source, served_names, served_regions
+from fedllm.ui.tabs.federation import eval_frame, round_rows, silo_rows, summary_markdown
+from fedllm.ui.tabs.train import loss_caption, loss_frame, progress_html
 
 
 def test_federation_views_from_a_status_document():
@@ -42,8 +42,8 @@ def test_adapter_views_show_lineage_and_what_is_served(tmp_path: Path):
 
 
 def test_plots_draw_one_line_per_series_with_a_legend():
-    from ui.tabs.federation import federation_figure
-    from ui.tabs.train import loss_figure
+    from fedllm.ui.tabs.federation import federation_figure
+    from fedllm.ui.tabs.train import loss_figure
 
     ax = federation_figure(sample_status(now=1000.0)).axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["global", "hospital-a", "hospital-b", "clinic-c"]
@@ -62,7 +62,7 @@ def test_train_views_for_a_failed_run():
 
 
 def test_fleet_rows_show_a_quarantined_worker():
-    from ui.tabs.fleet import WORKER_HEADERS, worker_rows
+    from fedllm.ui.tabs.fleet import WORKER_HEADERS, worker_rows
 
     rows = worker_rows([{"id": "w-1", "url": "u", "region": "eu", "healthy": True, "draining": False, "quarantined": True,
                          "canary": "failed", "outstanding": 0, "latency_ms": 1.0, "models": ["m"], "adapters": []},
@@ -72,7 +72,7 @@ def test_fleet_rows_show_a_quarantined_worker():
 
 
 def test_fleet_rows_say_why_a_worker_gets_no_traffic():
-    from ui.tabs.fleet import WORKER_HEADERS, worker_rows
+    from fedllm.ui.tabs.fleet import WORKER_HEADERS, worker_rows
 
     held = {"id": "w-3", "canary": "unverified", "unverified": ["other"],
             "no_traffic": "no trusted worker serves other, so its answers cannot be checked (serve.allow_unverified is false)"}

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from appliance.core.gate_log import read_gate_log
-from ui.context import ConsoleContext, guarded, problem
-from ui.services import ServiceUnavailable
+from fedllm.core.contracts.gate_log import read_gate_log
+from fedllm.ui.context import ConsoleContext, guarded, problem
+from fedllm.ui.services import ServiceUnavailable
 
 HISTORY_HEADERS = ["version", "when", "by", "loss", "current loss", "held back", "reason"]
 

@@ -10,15 +10,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance.core.adapter_registry import AdapterVersion
-from appliance.core.errors import ConfigError
-from appliance.core.records import load_file
-from appliance.core.router_client import latest_alias
-from ui import evals, launcher
-from ui.context import ConsoleContext, bind, guarded, problem
-from ui.services import ServiceUnavailable
-from ui.tabs import adapter_history
-from ui.tabs.train import UPLOAD_SUFFIXES, data_choices, data_dir, on_upload
+from fedllm.core.adapter_registry import AdapterVersion
+from fedllm.core.errors import ConfigError
+from fedllm.core.contracts.records import load_file
+from fedllm.core.contracts.router_client import latest_alias
+from fedllm.ui import evals, launcher
+from fedllm.ui.context import ConsoleContext, bind, guarded, problem
+from fedllm.ui.services import ServiceUnavailable
+from fedllm.ui.tabs import adapter_history
+from fedllm.ui.tabs.train import UPLOAD_SUFFIXES, data_choices, data_dir, on_upload
 
 ADAPTER_HEADERS = ["adapter", "served", "served as", "regions", "base model", "from", "data sha256", "metrics"]
 

@@ -8,8 +8,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ui.context import ConsoleContext, bind, problem
-from ui.services import ServiceUnavailable
+from fedllm.ui.context import ConsoleContext, bind, problem
+from fedllm.ui.services import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.core.processes import log_tail
-from appliance.core.sections.federation import STRATEGY_NAMES
-from federation.publishing.heldout import gate_text
-from ui import launcher
-from ui.context import ConsoleContext, bind, guarded, problem
-from ui.plots import line_figure, stacked_bar_figure
-from ui.runs import format_duration
-from ui.services import ServiceUnavailable
+from fedllm.core.processes import log_tail
+from fedllm.core.sections.federation import STRATEGY_NAMES
+from fedllm.federation.publishing.heldout import gate_text
+from fedllm.ui import launcher
+from fedllm.ui.context import ConsoleContext, bind, guarded, problem
+from fedllm.ui.plots import line_figure, stacked_bar_figure
+from fedllm.ui.runs import format_duration
+from fedllm.ui.services import ServiceUnavailable
 
 SILO_HEADERS = ["silo", "online", "last seen", "rounds", "examples"]
 ROUND_HEADERS = ["round", "participants", "train loss", "eval loss", "bytes in", "bytes out", "duration (s)", "epsilon", "gate",
@@ -139,8 +139,8 @@ def federation_figure(status: dict[str, Any]):
 
 
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
-    """`python -m appliance --home HOME ARGS...`."""
-    return [sys.executable, "-m", "appliance", "--home", str(ctx.settings.home), *args]
+    """`python -m fedllm.appliance --home HOME ARGS...`."""
+    return [sys.executable, "-m", "fedllm.appliance", "--home", str(ctx.settings.home), *args]
 
 
 def running_launch(ctx: ConsoleContext, kind: str) -> dict[str, Any] | None:

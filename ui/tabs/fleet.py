@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ui.context import ConsoleContext, guarded, problem
-from appliance.core.router_metrics import snapshot
-from ui.fleet_history import FleetHistory, figures, summary_markdown
-from ui.services import ServiceUnavailable
-from appliance.core.router_client import canary_label
+from fedllm.ui.context import ConsoleContext, guarded, problem
+from fedllm.core.contracts.router_metrics import snapshot
+from fedllm.ui.fleet_history import FleetHistory, figures, summary_markdown
+from fedllm.ui.services import ServiceUnavailable
+from fedllm.core.contracts.router_client import canary_label
 
 WORKER_HEADERS = ["id", "url", "region", "healthy", "draining", "canary", "outstanding", "latency (ms)", "models", "adapters"]
 

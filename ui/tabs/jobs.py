@@ -1,13 +1,13 @@
 """Jobs tab: device groups (their nodes' resources summed, jobs running and waiting) and their nodes (free/used resources), jobs (state, node, age, reason), a live log tail,
-Stop, and a form that queues a training job on a group. Talks to the cluster through `appliance node|job` (ui.jobs_client)."""
+Stop, and a form that queues a training job on a group. Talks to the cluster through `appliance node|job` (fedllm.ui.jobs_client)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ui.context import ConsoleContext, guarded, problem
-from ui.jobs_client import JobsClient
-from ui.services import ServiceUnavailable
+from fedllm.ui.context import ConsoleContext, guarded, problem
+from fedllm.ui.jobs_client import JobsClient
+from fedllm.ui.services import ServiceUnavailable
 
 GROUP_HEADERS = ["group", "nodes alive/total", "CPU free/total", "GPU free/total", "slot free/total", "memory GiB free/total",
                  "jobs running", "jobs waiting"]

@@ -1,6 +1,6 @@
 """Train tab: validate a data file (JSONL, JSON, CSV, Parquet), start `appliance train` as a detached process, and watch runs from disk.
 
-Everything shown comes from `runs/ID/` and the launch records (see `ui.runs`), polled by a `gr.Timer`, so the
+Everything shown comes from `runs/ID/` and the launch records (see `fedllm.ui.runs`), polled by a `gr.Timer`, so the
 progress and the loss plot survive a page reload and keep moving while the run trains.
 """
 
@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import write_bytes_atomic
-from appliance.core.errors import DataError
-from appliance.core.processes import log_tail
-from appliance.core.records import load_file
-from ui import launcher
-from ui.context import ConsoleContext, bind, guarded, problem
-from ui.plots import line_figure
-from ui.runs import RunView, format_duration, list_runs, resume_command, smooth, train_command
+from fedllm.core.atomic import write_bytes_atomic
+from fedllm.core.errors import DataError
+from fedllm.core.processes import log_tail
+from fedllm.core.contracts.records import load_file
+from fedllm.ui import launcher
+from fedllm.ui.context import ConsoleContext, bind, guarded, problem
+from fedllm.ui.plots import line_figure
+from fedllm.ui.runs import RunView, format_duration, list_runs, resume_command, smooth, train_command
 
 STATE_COLOURS = {"running": "#2563eb", "starting": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}
 
@@ -28,7 +28,7 @@ def data_dir(ctx: ConsoleContext) -> Path:
     return ctx.settings.home / "ui" / "data"
 
 
-# File types an upload may have (read by `appliance.core.records.load_file`; a saved `datasets` folder is not a file
+# File types an upload may have (read by `fedllm.core.contracts.records.load_file`; a saved `datasets` folder is not a file
 # a browser uploads: train on it with `appliance train --data FOLDER`).
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 

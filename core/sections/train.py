@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from appliance.core.sections.base import Section
+from fedllm.core.sections.base import Section
 
 
 class TrainSettings(Section):

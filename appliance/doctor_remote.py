@@ -10,8 +10,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from appliance.core.doctor import Check
-from appliance.core.tls import client_context
+from fedllm.appliance.doctor import Check
+from fedllm.core.tls import client_context
 
 MAX_SKEW_S = 5.0
 

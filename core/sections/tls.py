@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from appliance.core.sections.base import Section
+from fedllm.core.sections.base import Section
 
 
 class ServesTLS(Section):

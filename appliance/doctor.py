@@ -46,7 +46,7 @@ def run_checks(settings, *, role: str | None = None, router: str | None = None, 
     `role` makes the extras that role needs a failure when missing (else a warning); `router` and `coordinator`
     (base URLs) add to or replace those from the settings.
     """
-    from appliance.core import doctor_local, doctor_remote
+    from fedllm.appliance import doctor_local, doctor_remote
 
     checks = [doctor_local.python_version()]
     checks += doctor_local.extras(role)

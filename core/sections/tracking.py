@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from appliance.core.sections.base import Section
+from fedllm.core.sections.base import Section
 
 
 class TrackingSettings(Section):

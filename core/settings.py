@@ -17,8 +17,8 @@ import yaml
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from appliance.core.errors import ConfigError
-from appliance.core.sections import ClusterSettings, FederationSettings, ServeSettings, TrackingSettings, TrainSettings, UISettings, WorkerSettings
+from fedllm.core.errors import ConfigError
+from fedllm.core.sections import ClusterSettings, FederationSettings, ServeSettings, TrackingSettings, TrainSettings, UISettings, WorkerSettings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "admin", "token", ""}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from appliance.core.errors import ApplianceError
+from fedllm.core.errors import ApplianceError
 
 PACKAGE = "fedllm-appliance"
 

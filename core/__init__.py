@@ -1,6 +1,6 @@
 """The base of the appliance: typed settings, errors, on-disk layout, model store, adapter registry."""
 
-from appliance.core.errors import (
+from fedllm.core.errors import (
     ApplianceError,
     ConfigError,
     DataError,
@@ -8,7 +8,7 @@ from appliance.core.errors import (
     ProtocolError,
     RoundFailed,
 )
-from appliance.core.settings import ApplianceSettings, load_settings
+from fedllm.core.settings import ApplianceSettings, load_settings
 
 __all__ = [
     "ApplianceError",

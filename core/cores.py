@@ -5,7 +5,7 @@ spend much of a round preempting each other. Whatever starts several trainings a
 a test) gives each its own share: `divide_cores(n)` splits the cores this process may use into `n` disjoint groups,
 and a `CoreShare` pins a child process to its group (`taskset`, so it also works through `ip netns exec` and from a
 threaded parent) and sets `OMP_NUM_THREADS`. The training engine then sizes torch's pool from the child's CPU
-affinity (`train.engine.set_threads`), so nothing else needs configuring.
+affinity (`fedllm.train.engine.set_threads`), so nothing else needs configuring.
 """
 
 from __future__ import annotations

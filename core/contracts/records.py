@@ -7,7 +7,7 @@ Files: JSONL (read here, problems named by line), or JSON, CSV, Parquet and fold
   - alpaca: ``{"instruction": "...", "input": "...", "output": "..."}``
   - plain text: ``{"text": "..."}`` (loss on every token)
 
-The training engine (`train.data`) and the console's upload check both read and validate with these functions.
+The training engine (`fedllm.train.data`) and the console's upload check both read and validate with these functions.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import DataError
+from fedllm.core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20

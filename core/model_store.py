@@ -18,8 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.core.atomic import replace_dir_atomic, write_json_atomic
-from appliance.core.errors import DataError, ModelNotFound
+from fedllm.core.atomic import replace_dir_atomic, write_json_atomic
+from fedllm.core.errors import DataError, ModelNotFound
 
 log = logging.getLogger(__name__)
 

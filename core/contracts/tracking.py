@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from appliance.core.sections.tracking import TrackingSettings
+    from fedllm.core.sections.tracking import TrackingSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.atomic import write_json_atomic
-from appliance.core.errors import DataError, ModelNotFound
+from fedllm.core.atomic import write_json_atomic
+from fedllm.core.errors import DataError, ModelNotFound
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _VERSION_ATTEMPTS = 100

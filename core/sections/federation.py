@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from appliance.core.sections.tls import ServesTLS
+from fedllm.core.sections.tls import ServesTLS
 
-# The names `federation.aggregation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
+# The names `fedllm.federation.aggregation.strategies.STRATEGY_NAMES` builds, torch-free for the console's strategy picker
 # (tests/appliance/test_settings.py keeps the two equal).
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "multikrum", "flexlora", "ffa")
 
@@ -25,7 +25,7 @@ class FederationSettings(ServesTLS):
     plaintext: bool = Field(False, description="Disable CURVE encryption; only for tests, must be asked for explicitly.")
     run_name: str = Field("federation", description="Name of the federation run; global adapters are published as NAME-latest.")
     rounds: int = Field(10, ge=1, description="Rounds to run.")
-    strategy: str = Field("fedavg", description="Aggregation strategy: one of federation.aggregation.strategies.STRATEGY_NAMES.")
+    strategy: str = Field("fedavg", description="Aggregation strategy: one of fedllm.federation.aggregation.strategies.STRATEGY_NAMES.")
     strategy_params: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the strategy (e.g. prox_mu, server_lr).")
     lora_aggregation: Literal["factors", "product", "frozen_a"] = Field(
         "factors", description="How LoRA's A and B combine: factors = average A and B (plain FedAvg); product = average the "

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from appliance.core.secrets import ensure_token
+from fedllm.core.secrets import ensure_token
 
 if TYPE_CHECKING:
-    from appliance.core.settings import ApplianceSettings
+    from fedllm.core.settings import ApplianceSettings
 
 ADMIN_TOKEN_FILE = "admin_token"
 STATUS_TOKEN_FILE = "status_token"

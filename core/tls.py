@@ -1,7 +1,7 @@
 """TLS for the appliance's HTTP services and their clients.
 
 Servers (router, console, coordinator status) serve HTTPS when their section has `tls_cert` and `tls_key`
-(`appliance.core.sections.tls.ServesTLS`). Clients (the router calling workers, `appliance worker join`, the CLI, the
+(`fedllm.core.sections.tls.ServesTLS`). Clients (the router calling workers, `appliance worker join`, the CLI, the
 console and the federation's publisher calling the router) always verify certificates: against the system's trust
 store, or against `tls_ca_file` (settings, top level) for a private CA. Nothing here turns verification off.
 """
@@ -13,8 +13,8 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.core.errors import ConfigError
-from appliance.core.net import is_loopback, stays_on_this_machine
+from fedllm.core.errors import ConfigError
+from fedllm.core.net import is_loopback, stays_on_this_machine
 
 logger = logging.getLogger(__name__)
 

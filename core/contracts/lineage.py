@@ -25,7 +25,7 @@ HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 def base_model_hash(model_dir: Path) -> str | None:
     """The sha256 the model store recorded for a prepared model (store.json), else the sha256 of its safetensors
     files in name order; None when the folder is not there."""
-    from appliance.core.model_store import STORE_META, sha256_of
+    from fedllm.core.model_store import STORE_META, sha256_of
 
     model_dir = Path(model_dir)
     store = model_dir / STORE_META

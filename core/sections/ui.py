@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from appliance.core.sections.tls import ServesTLS
+from fedllm.core.sections.tls import ServesTLS
 
 
 class UISettings(ServesTLS):

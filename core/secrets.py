@@ -12,7 +12,7 @@ from typing import Literal, overload
 
 from pydantic import SecretStr
 
-from appliance.core.errors import ConfigError
+from fedllm.core.errors import ConfigError
 
 
 def ensure_token(keys_dir: Path, name: str, configured: SecretStr | None = None) -> str:

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from appliance.core.sections.base import Section
-from appliance.core.sections.tls import ServesTLS
+from fedllm.core.sections.base import Section
+from fedllm.core.sections.tls import ServesTLS
 
 
 class WorkerSpec(Section):

@@ -12,8 +12,8 @@ import stat
 import sys
 from pathlib import Path
 
-from appliance.core.doctor import Check, Status
-from appliance.core.extras import install_hint, missing_modules
+from fedllm.appliance.doctor import Check, Status
+from fedllm.appliance.extras import install_hint, missing_modules
 
 MIN_PYTHON = (3, 11)
 # Distributions whose versions the report shows per extra (the module names differ from some of them).

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from appliance.core.errors import ApplianceError
-from appliance.core.net import connectable_host
-from appliance.core.tls import refuse_plain_http_token
+from fedllm.core.errors import ApplianceError
+from fedllm.core.net import connectable_host
+from fedllm.core.tls import refuse_plain_http_token
 
 if TYPE_CHECKING:
-    from appliance.core.adapter_registry import AdapterVersion
+    from fedllm.core.adapter_registry import AdapterVersion
 
 ROUTER_HINT = "Start it with `appliance serve` or `appliance up`."
 
@@ -51,9 +51,9 @@ class ServiceClient:
         timeout_s: Timeout of one call.
         hint: What to run when it is down.
         verify: TLS verification of an https service: True (the system's trust store) or an `ssl.SSLContext`
-            (`appliance.core.tls.client_context(settings.tls_ca_file)` for a private CA).
+            (`fedllm.core.tls.client_context(settings.tls_ca_file)` for a private CA).
         allow_plain_http: send tokens over plain http:// beyond loopback (settings' `allow_plain_http`; refused by
-            default: `appliance.core.tls.refuse_plain_http_token`).
+            default: `fedllm.core.tls.refuse_plain_http_token`).
     """
 
     name: str
