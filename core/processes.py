@@ -122,7 +122,9 @@ def open_private_log(path: Path) -> BinaryIO:
     return os.fdopen(fd, "ab")
 
 
-def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | None = None, *, new_group: bool = True) -> subprocess.Popen:
+def start_process_group(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None, *, new_group: bool = True
+) -> subprocess.Popen:
     """Start `argv` with stdout and stderr appended to `log_path`, SIGTERMed if this process dies.
 
     With `new_group` (the default) it leads a new process group, so `stop_process_group` reaches all its descendants;
@@ -131,8 +133,15 @@ def start_process_group(argv: list[str], log_path: Path, env: dict[str, str] | N
     with open_private_log(log_path) as logf:
         logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         logf.flush()
-        return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, close_fds=True,
-                                preexec_fn=_new_group_die_with_parent if new_group else _die_with_parent)
+        return subprocess.Popen(
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+            preexec_fn=_new_group_die_with_parent if new_group else _die_with_parent,
+        )
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
@@ -182,7 +191,9 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def wait_for_signal(stop: threading.Event, still_running: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> bool:
+def wait_for_signal(
+    stop: threading.Event, still_running: Callable[[], bool] = lambda: True, poll_s: float = 1.0
+) -> bool:
     """Block until `stop` is set (returns True) or `still_running()` turns False (returns False)."""
     while not stop.wait(poll_s):
         if not still_running():

@@ -18,7 +18,15 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fedllm.core.errors import ConfigError
-from fedllm.core.sections import ClusterSettings, FederationSettings, ServeSettings, TrackingSettings, TrainSettings, UISettings, WorkerSettings
+from fedllm.core.sections import (
+    ClusterSettings,
+    FederationSettings,
+    ServeSettings,
+    TrackingSettings,
+    TrainSettings,
+    UISettings,
+    WorkerSettings,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "admin", "token", ""}
@@ -54,12 +62,20 @@ class ApplianceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="APPLIANCE_", env_nested_delimiter="__", extra="forbid")
 
-    home: Path = Field(default_factory=default_home, description="State folder: models, adapters, runs, federation, keys, logs.")
+    home: Path = Field(
+        default_factory=default_home, description="State folder: models, adapters, runs, federation, keys, logs."
+    )
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses placeholder secrets.")
     model: str = Field(DEFAULT_MODEL, description="Base model name in the model store.")
     log_level: str = Field("INFO", description="Python logging level.")
-    allow_plain_http: bool = Field(False, description="Send tokens over plain http:// to hosts beyond loopback (private test networks only; refused by default).")
-    tls_ca_file: Path | None = Field(None, description="PEM CA bundle trusted instead of the system's when this appliance calls its services over HTTPS (private CAs).")
+    allow_plain_http: bool = Field(
+        False,
+        description="Send tokens over plain http:// to hosts beyond loopback (private test networks only; refused by default).",
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle trusted instead of the system's when this appliance calls its services over HTTPS (private CAs).",
+    )
     train: TrainSettings = Field(default_factory=TrainSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
@@ -69,7 +85,9 @@ class ApplianceSettings(BaseSettings):
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
     @model_validator(mode="after")
@@ -82,7 +100,11 @@ class ApplianceSettings(BaseSettings):
             ("federation.status_token", self.federation.status_token),
             ("ui.admin_password", self.ui.admin_password),
         ] + [(f"serve.api_keys[{i}]", k) for i, k in enumerate(self.serve.api_keys)]
-        bad = [name for name, s in secrets if s is not None and s.get_secret_value().strip().lower() in _PLACEHOLDER_SECRETS]
+        bad = [
+            name
+            for name, s in secrets
+            if s is not None and s.get_secret_value().strip().lower() in _PLACEHOLDER_SECRETS
+        ]
         if bad:
             raise ConfigError(f"placeholder secrets are refused when env=prod: {', '.join(bad)}; set real values")
         return self

@@ -30,7 +30,9 @@ def client_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
         return ssl.create_default_context()
     path = Path(ca_file)
     if not path.is_file():
-        raise ConfigError(f"tls_ca_file {path} does not exist; point it at the PEM file of the CA that signed the services' certificates")
+        raise ConfigError(
+            f"tls_ca_file {path} does not exist; point it at the PEM file of the CA that signed the services' certificates"
+        )
     try:
         return ssl.create_default_context(cafile=str(path))
     except ssl.SSLError as exc:
@@ -82,8 +84,10 @@ def check_public_bind(service: str, host: str, serves_tls: bool, env: str, setti
     """
     if serves_tls or is_loopback(host):
         return
-    message = (f"the {service} listens on {host} over plain HTTP: its tokens and traffic cross the network unencrypted; "
-               f"set {setting}.tls_cert and {setting}.tls_key (or put it behind a TLS proxy on 127.0.0.1)")
+    message = (
+        f"the {service} listens on {host} over plain HTTP: its tokens and traffic cross the network unencrypted; "
+        f"set {setting}.tls_cert and {setting}.tls_key (or put it behind a TLS proxy on 127.0.0.1)"
+    )
     if env == "prod":
         raise ConfigError(f"refusing to start: {message}")
     logger.warning("%s", message)
@@ -102,5 +106,7 @@ def refuse_plain_http_token(url: str, allow_plain_http: bool = False) -> None:
     parts = urlsplit(url)
     if parts.scheme != "http" or allow_plain_http or stays_on_this_machine(parts.hostname or ""):
         return
-    raise ConfigError(f"refusing to send a token over plain HTTP to {parts.hostname}: use https:// (the service's tls_cert and "
-                      "tls_key), or set allow_plain_http: true for a private test network")
+    raise ConfigError(
+        f"refusing to send a token over plain HTTP to {parts.hostname}: use https:// (the service's tls_cert and "
+        "tls_key), or set allow_plain_http: true for a private test network"
+    )

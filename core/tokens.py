@@ -38,6 +38,7 @@ def console_password(settings: ApplianceSettings) -> str:
     """The console's password for user `admin` (`ui.admin_password`, else `keys/console_password`)."""
     return ensure_token(settings.keys_dir, CONSOLE_PASSWORD_FILE, settings.ui.admin_password)
 
+
 LOGIN_LINK_FILE = "console_login_link"
 
 

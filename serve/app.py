@@ -28,14 +28,14 @@ from fedllm.serve.canary import CanaryChecker
 from fedllm.serve.errors import RouterError
 from fedllm.serve.forwarding import Forwarder
 from fedllm.serve.keys import KeyStore
-from fedllm.serve.quarantine import QuarantineBook
 from fedllm.serve.metrics import RouterMetrics
 from fedllm.serve.placement import AdapterPlacement
 from fedllm.serve.protocol import error_body
 from fedllm.serve.publications import PublicationStore
+from fedllm.serve.quarantine import QuarantineBook
 from fedllm.serve.registry import WorkerRegistry
-from fedllm.serve.residency import RegionBook
 from fedllm.serve.replicas import ReplicaKeeper
+from fedllm.serve.residency import RegionBook
 from fedllm.serve.routes import admin, openai
 
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
-def _error_response(status: int, message: str, *, param: str | None = None, retry_after_s: float | None = None) -> Response:
+def _error_response(
+    status: int, message: str, *, param: str | None = None, retry_after_s: float | None = None
+) -> Response:
     headers = {"retry-after": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
     return Response(error_body(status, message, param=param), status, headers=headers, media_type="application/json")
 
@@ -90,9 +91,16 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     metrics = RouterMetrics()
     registry = registry or WorkerRegistry(cfg)
     for spec in cfg.workers:
-        registry.add_static(spec.url, region=spec.region, models=spec.models,
-                            api_key=spec.api_key.get_secret_value() if spec.api_key else None, max_loras=spec.max_loras)
-    placement = AdapterPlacement(cfg, registry, metrics, PublicationStore(settings.home / "router" / "publications.json"))
+        registry.add_static(
+            spec.url,
+            region=spec.region,
+            models=spec.models,
+            api_key=spec.api_key.get_secret_value() if spec.api_key else None,
+            max_loras=spec.max_loras,
+        )
+    placement = AdapterPlacement(
+        cfg, registry, metrics, PublicationStore(settings.home / "router" / "publications.json")
+    )
     try:
         restored = placement.store.restore(placement)
     except RouterError as exc:
@@ -101,8 +109,14 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
     registry.quarantine = QuarantineBook(settings.keys_dir)
     registry.regions = RegionBook(settings.home / "router" / "worker_regions.json")
     canaries = CanaryChecker(cfg, registry, registry.quarantine)
-    keys = KeyStore(settings.keys_dir, [k.get_secret_value() for k in cfg.api_keys], cfg.default_rpm, cfg.default_tpm,
-                    public=not is_loopback(cfg.host), require=cfg.require_keys)
+    keys = KeyStore(
+        settings.keys_dir,
+        [k.get_secret_value() for k in cfg.api_keys],
+        cfg.default_rpm,
+        cfg.default_tpm,
+        public=not is_loopback(cfg.host),
+        require=cfg.require_keys,
+    )
     forwarder = Forwarder(cfg, registry, placement, metrics, keys)
     forwarder.on_routed = canaries.on_routed
     # A removed worker leaves nothing behind: metric series, hedging windows, load locks, its canary check.
@@ -122,7 +136,12 @@ def create_app(settings: ApplianceSettings, *, registry: WorkerRegistry | None =
         await canaries.start()
         placing = asyncio.create_task(placement.place_restored(restored))
         replicas.start()
-        logger.info("router ready: %d worker(s), %d healthy, policy %s", len(registry.workers), len(registry.healthy()), cfg.policy)
+        logger.info(
+            "router ready: %d worker(s), %d healthy, policy %s",
+            len(registry.workers),
+            len(registry.healthy()),
+            cfg.policy,
+        )
         try:
             yield
         finally:
@@ -192,9 +211,18 @@ def run_router(settings: ApplianceSettings) -> None:
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
     logger.info("router listening on %s://%s:%d", cfg.scheme, cfg.host, cfg.port)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, loop=loop, http=http,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5, ssl_certfile=certfile,
-                ssl_keyfile=keyfile)
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        loop=loop,
+        http=http,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+    )
 
 
 def _has(module: str) -> bool:

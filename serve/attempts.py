@@ -55,8 +55,14 @@ class Opened:
 class Attempts:
     """Sends a request to workers until an answer starts. One per forwarder."""
 
-    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, placement: AdapterPlacement,
-                 metrics: RouterMetrics, hedger: Hedger | None) -> None:
+    def __init__(
+        self,
+        cfg: ServeSettings,
+        registry: WorkerRegistry,
+        placement: AdapterPlacement,
+        metrics: RouterMetrics,
+        hedger: Hedger | None,
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.placement = placement
@@ -76,8 +82,9 @@ class Attempts:
             import aiohttp
 
             cfg = self.cfg
-            self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s,
-                                                 sock_read=cfg.request_timeout_s)
+            self.timeout = aiohttp.ClientTimeout(
+                total=None, connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s
+            )
         race = _Race(self, ctx) if self.hedger is not None and len(workers) > 1 else None
         queue = list(workers)
         reasons: list[str] = []
@@ -96,8 +103,12 @@ class Attempts:
                         return opened
                 except UpstreamError as exc:
                     more = bool(queue) and attempt < self.cfg.max_retries
-                    logger.warning("worker %s failed before the first byte (%s); %s", worker.id, exc.reason,
-                                   "trying another" if more else "no more workers to try")
+                    logger.warning(
+                        "worker %s failed before the first byte (%s); %s",
+                        worker.id,
+                        exc.reason,
+                        "trying another" if more else "no more workers to try",
+                    )
                     reasons.append(str(exc))
                 if not queue:
                     break
@@ -133,8 +144,9 @@ class Attempts:
             try:
                 if not worker.static and self.on_routed is not None:  # a joined worker: maybe a canary check soon
                     self.on_routed(worker, ctx.path, ctx.fields.stream)
-                resp = await self.registry.session.post(worker.url + ctx.path, data=ctx.body, headers=worker.headers,
-                                                        timeout=self.timeout)
+                resp = await self.registry.session.post(
+                    worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self.timeout
+                )
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     worker.healthy = False  # refused/unreachable: no more traffic until a probe says otherwise
@@ -178,8 +190,13 @@ class Attempts:
     @staticmethod
     def may_hedge(ctx: RequestContext, worker: Worker) -> bool:
         """Whether `worker` may take a hedge now: routable, below its capacity, and holding the adapter if any."""
-        return (worker.healthy and worker.routable and not worker.draining and worker.outstanding < worker.capacity
-                and (ctx.adapter is None or ctx.model in worker.adapters))
+        return (
+            worker.healthy
+            and worker.routable
+            and not worker.draining
+            and worker.outstanding < worker.capacity
+            and (ctx.adapter is None or ctx.model in worker.adapters)
+        )
 
 
 class _Race:
@@ -223,8 +240,9 @@ class _Race:
                 if not done:  # the first byte is late: hedge, once, if the next worker can take it and budget allows
                     hedge_at = None
                     if attempts.may_hedge(ctx, queue[0]) and hedger.take():
-                        logger.info("worker %s has not answered after its hedge delay; hedging on %s",
-                                    worker.id, queue[0].id)
+                        logger.info(
+                            "worker %s has not answered after its hedge delay; hedging on %s", worker.id, queue[0].id
+                        )
                         self.hedge = launch(queue.pop(0))
                     continue
                 unexpected = None

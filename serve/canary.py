@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 
 MIN_CANARY_TOKENS = 8  # the smallest max_tokens drawn for a canary
 TICK_S = 1.0  # the random timer's resolution
-UNVERIFIED_REASON = "no trusted worker serves {models}, so its answers cannot be checked (serve.allow_unverified is false)"
+UNVERIFIED_REASON = (
+    "no trusted worker serves {models}, so its answers cannot be checked (serve.allow_unverified is false)"
+)
 
 
 def same_answer(a: str, b: str) -> bool:
@@ -66,8 +68,13 @@ def requests_to_catch(rate: float, miss: float = 1e-6) -> int:
 class CanaryChecker:
     """Runs canary checks on joined workers and quarantines those whose answers diverge."""
 
-    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, book: QuarantineBook | None = None,
-                 rng: random.Random | None = None):
+    def __init__(
+        self,
+        cfg: ServeSettings,
+        registry: WorkerRegistry,
+        book: QuarantineBook | None = None,
+        rng: random.Random | None = None,
+    ):
         self.cfg = cfg
         self.registry = registry
         self.book = book
@@ -130,11 +137,17 @@ class CanaryChecker:
     def review(self, worker: Worker) -> None:
         """Hold the models of `worker` that no trusted worker serves (unless serve.allow_unverified)."""
         trusted = [t for t in self.registry.workers.values() if t.static]
-        unverified = {m for m in worker.models | worker.adapters if not any(m in t.models or m in t.adapters for t in trusted)}
+        unverified = {
+            m for m in worker.models | worker.adapters if not any(m in t.models or m in t.adapters for t in trusted)
+        }
         worker.unverified = set() if self.cfg.allow_unverified else unverified
         served = worker.models | worker.adapters
         nothing_checkable = bool(served) and unverified >= served
-        worker.hold = UNVERIFIED_REASON.format(models=", ".join(sorted(unverified))) if nothing_checkable and worker.unverified else ""
+        worker.hold = (
+            UNVERIFIED_REASON.format(models=", ".join(sorted(unverified)))
+            if nothing_checkable and worker.unverified
+            else ""
+        )
         if nothing_checkable and worker.canary == "pending" and self.enabled:
             worker.canary = "unverified"
         elif worker.canary == "unverified" and not nothing_checkable:
@@ -159,8 +172,9 @@ class CanaryChecker:
         on `path`, streamed or not (drawn when not given)."""
         running = self._checks.get(worker.id)
         if running is None or running.done():
-            self._checks[worker.id] = asyncio.create_task(self.check(worker, delay=True, path=path, stream=stream),
-                                                          name=f"canary-{worker.id}")
+            self._checks[worker.id] = asyncio.create_task(
+                self.check(worker, delay=True, path=path, stream=stream), name=f"canary-{worker.id}"
+            )
 
     def quarantine(self, worker: Worker, reason: str) -> None:
         """Take `worker` out of traffic, and remember its key and addresses (serve/quarantine.py)."""
@@ -168,10 +182,21 @@ class CanaryChecker:
         logger.warning("worker %s (%s) QUARANTINED: %s", worker.id, worker.url, reason)
         if self.book is not None:
             try:
-                self.book.add(set(worker.addresses), worker.address, worker.key_hash, worker_id=worker.id, url=worker.url, reason=reason)
+                self.book.add(
+                    set(worker.addresses),
+                    worker.address,
+                    worker.key_hash,
+                    worker_id=worker.id,
+                    url=worker.url,
+                    reason=reason,
+                )
             except OSError as exc:  # it stays quarantined while this router runs
-                logger.error("cannot save the quarantine of worker %s to %s (%s): it would not survive a restart",
-                             worker.id, self.book.path, exc)
+                logger.error(
+                    "cannot save the quarantine of worker %s to %s (%s): it would not survive a restart",
+                    worker.id,
+                    self.book.path,
+                    exc,
+                )
 
     # -- the check --
     def _pairs(self, worker: Worker) -> list[tuple[str, Worker]]:
@@ -183,7 +208,9 @@ class CanaryChecker:
                 pairs.append((model, reference))
         return pairs
 
-    async def check(self, worker: Worker, *, delay: bool = False, path: str | None = None, stream: bool | None = None) -> bool:
+    async def check(
+        self, worker: Worker, *, delay: bool = False, path: str | None = None, stream: bool | None = None
+    ) -> bool:
         """Ask `worker` and a trusted worker the same canaries (on `path`, streamed or not; drawn when not given);
         quarantine `worker` if they differ. Returns passed."""
         for _ in range(self.cfg.canary_prompts):
@@ -197,7 +224,9 @@ class CanaryChecker:
             try:
                 expected = await self._ask(reference, body)
             except RouterError as exc:  # the reference failed: no verdict this time
-                logger.warning("canary reference %s failed (%s); check of %s postponed", reference.id, exc.message, worker.id)
+                logger.warning(
+                    "canary reference %s failed (%s); check of %s postponed", reference.id, exc.message, worker.id
+                )
                 return True
             try:
                 answer = await self._ask(worker, body)
@@ -214,8 +243,9 @@ class CanaryChecker:
             logger.info("worker %s passed %d canary checks", worker.id, worker.canary_passes)
         return True
 
-    def request(self, model: str, messages: Messages | None = None, *, path: str | None = None,
-                stream: bool | None = None) -> tuple[str, dict[str, Any]]:
+    def request(
+        self, model: str, messages: Messages | None = None, *, path: str | None = None, stream: bool | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """A canary: its path and body. A drawn conversation (or `messages`), a random max_tokens and seed,
         temperature 0; on `path` and streamed or not as given (as the triggering user request was), else drawn."""
         path = path or self._rng.choice(PATHS)
@@ -235,10 +265,11 @@ class CanaryChecker:
         data = json.dumps(body, separators=(",", ":") if self._rng.random() < 0.5 else None)
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s)
         try:
-            async with self.registry.http.post(f"{worker.url}{path}", data=data, headers=worker.headers, timeout=timeout) as resp:
+            async with self.registry.http.post(
+                f"{worker.url}{path}", data=data, headers=worker.headers, timeout=timeout
+            ) as resp:
                 if resp.status != 200:
                     raise RouterError(502, f"answered {resp.status}")
                 return answer_text(path, await resp.read(), bool(body.get("stream")))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise RouterError(502, f"{type(exc).__name__}: {exc}") from exc
-

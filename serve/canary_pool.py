@@ -83,7 +83,9 @@ USER_PROMPTS = (
 def builtin_pool() -> list[Messages]:
     """Every built-in canary: each user prompt alone and under each system prompt."""
     pool: list[Messages] = [[{"role": "user", "content": u}] for u in USER_PROMPTS]
-    pool += [[{"role": "system", "content": s}, {"role": "user", "content": u}] for s in SYSTEM_PROMPTS for u in USER_PROMPTS]
+    pool += [
+        [{"role": "system", "content": s}, {"role": "user", "content": u}] for s in SYSTEM_PROMPTS for u in USER_PROMPTS
+    ]
     return pool
 
 
@@ -110,8 +112,14 @@ def load_prompts_file(path: Path) -> list[Messages]:
         if not isinstance(messages, list) or not messages:
             raise ConfigError(f'{where}: expected a list of chat messages or {{"messages": [...]}}')
         for m in messages:
-            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
-                raise ConfigError(f'{where}: each message needs "role" (system, user or assistant) and a string "content"')
+            if not (
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+            ):
+                raise ConfigError(
+                    f'{where}: each message needs "role" (system, user or assistant) and a string "content"'
+                )
         if messages[-1]["role"] != "user":
             raise ConfigError(f"{where}: the last message must be the user's")
         prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])

@@ -27,15 +27,25 @@ def build(path: str, model: str, messages: Messages, max_tokens: int, seed: int,
         ValueError: `path` is not one of PATHS.
     """
     if path == CHAT:
-        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": seed}
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "seed": seed,
+        }
     elif path == COMPLETIONS:
         prompt = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "seed": seed}
     elif path == RESPONSES:
         system = [m["content"] for m in messages if m["role"] == "system"]
         rest = [m for m in messages if m["role"] != "system"]
-        body = {"model": model, "input": rest[-1]["content"] if len(rest) == 1 else rest,
-                "max_output_tokens": max(MIN_OUTPUT_TOKENS, max_tokens), "temperature": 0}
+        body = {
+            "model": model,
+            "input": rest[-1]["content"] if len(rest) == 1 else rest,
+            "max_output_tokens": max(MIN_OUTPUT_TOKENS, max_tokens),
+            "temperature": 0,
+        }
         if system:
             body["instructions"] = "\n\n".join(system)
     else:
@@ -60,8 +70,13 @@ def answer_text(path: str, payload: bytes, stream: bool) -> str:
             return str(answer["choices"][0]["message"]["content"] or "")
         if path == COMPLETIONS:
             return str(answer["choices"][0]["text"] or "")
-        return "".join(part.get("text", "") for item in answer["output"] if item.get("type") == "message"
-                       for part in item.get("content") or [] if part.get("type") == "output_text")
+        return "".join(
+            part.get("text", "")
+            for item in answer["output"]
+            if item.get("type") == "message"
+            for part in item.get("content") or []
+            if part.get("type") == "output_text"
+        )
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a {path} answer: {type(exc).__name__}: {exc}") from exc
 

@@ -39,7 +39,10 @@ def require_admin(request: Request) -> None:
         RouterError: 401 without a valid admin token.
     """
     if not same_secret(bearer(request), request.app.state.admin_token):
-        raise RouterError(401, "this admin route needs `Authorization: Bearer <admin token>` (printed by `appliance up`, stored in keys/admin_token)")
+        raise RouterError(
+            401,
+            "this admin route needs `Authorization: Bearer <admin token>` (printed by `appliance up`, stored in keys/admin_token)",
+        )
 
 
 def require_admin_or_join(request: Request) -> None:
@@ -53,7 +56,9 @@ def require_admin_or_join(request: Request) -> None:
     # Both comparisons always run: how long the check takes says nothing about which token was close.
     admin, join = same_secret(token, state.admin_token), same_secret(token, state.join_token)
     if not (admin or join):
-        raise RouterError(401, "worker registration needs `Authorization: Bearer <join token>` (keys/join_token on the router)")
+        raise RouterError(
+            401, "worker registration needs `Authorization: Bearer <join token>` (keys/join_token on the router)"
+        )
 
 
 def require_worker_or_admin(request: Request, worker_id: str) -> None:
@@ -71,7 +76,10 @@ def require_worker_or_admin(request: Request, worker_id: str) -> None:
         return
     if worker is None:
         raise RouterError(404, f"no worker with id {worker_id!r}; join again")
-    raise RouterError(401, f"this route needs `Authorization: Bearer <worker {worker_id}'s secret>` (answered when it joined) or the admin token")
+    raise RouterError(
+        401,
+        f"this route needs `Authorization: Bearer <worker {worker_id}'s secret>` (answered when it joined) or the admin token",
+    )
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:
@@ -82,12 +90,17 @@ async def read_bounded(request: Request, limit: int) -> bytes:
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise RouterError(413, f"request body of {declared} bytes exceeds the admin limit of {limit} bytes (serve.max_admin_body_bytes)")
+        raise RouterError(
+            413,
+            f"request body of {declared} bytes exceeds the admin limit of {limit} bytes (serve.max_admin_body_bytes)",
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise RouterError(413, f"request body exceeds the admin limit of {limit} bytes (serve.max_admin_body_bytes)")
+            raise RouterError(
+                413, f"request body exceeds the admin limit of {limit} bytes (serve.max_admin_body_bytes)"
+            )
     return bytes(body)
 
 

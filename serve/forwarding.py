@@ -37,7 +37,15 @@ from fedllm.serve.limits import RateLimiter, prompt_estimate, token_budget
 from fedllm.serve.policy import RouteHints, rank
 from fedllm.serve.protocol import RequestFields, error_body, read_fields, sse_error_event
 from fedllm.serve.residency import unavailable
-from fedllm.serve.sse import SSE_HEADERS, STREAM_ENDS, complete_events, prefixed, take_usage, usage_total, with_usage_asked
+from fedllm.serve.sse import (
+    SSE_HEADERS,
+    STREAM_ENDS,
+    complete_events,
+    prefixed,
+    take_usage,
+    usage_total,
+    with_usage_asked,
+)
 
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
@@ -49,6 +57,7 @@ except ImportError:  # pragma: no cover
         import json
 
         return json.dumps(obj).encode()
+
 
 if TYPE_CHECKING:
     import aiohttp
@@ -144,7 +153,14 @@ async def send_error(send: Send, exc: RouterError) -> None:
 class Forwarder:
     """Forwards OpenAI requests to workers. One per app; fleet state lives in the registry and placement."""
 
-    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, placement: AdapterPlacement, metrics: RouterMetrics, keys: KeyStore):
+    def __init__(
+        self,
+        cfg: ServeSettings,
+        registry: WorkerRegistry,
+        placement: AdapterPlacement,
+        metrics: RouterMetrics,
+        keys: KeyStore,
+    ):
         self.cfg = cfg
         self.registry = registry
         self.placement = placement
@@ -153,7 +169,9 @@ class Forwarder:
         self.limiter = RateLimiter()
         self.counter = 0
         self._series: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
-        self.hedger = Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
+        self.hedger = (
+            Hedger(cfg.hedge_percentile, cfg.hedge_min_delay_s, cfg.hedge_max_extra) if cfg.hedge == "on" else None
+        )
         self.attempts = Attempts(cfg, registry, placement, metrics, self.hedger)
 
     @property
@@ -195,15 +213,24 @@ class Forwarder:
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         if keys.broken is not None:
             self.metrics.error("auth")
-            raise RouterError(503, "this router's API key file cannot be read, so it accepts no request until its operator "
-                                   "fixes it (see the router's log)")
+            raise RouterError(
+                503,
+                "this router's API key file cannot be read, so it accepts no request until its operator "
+                "fixes it (see the router's log)",
+            )
         key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" and presented else None
         if key is None:
             self.metrics.error("auth")
             if keys.empty:
-                raise RouterError(401, "this router requires API keys and has no API key, so it accepts no request: "
-                                       "create one with `appliance keys create --name NAME` and send `Authorization: Bearer <key>`")
-            raise RouterError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)")
+                raise RouterError(
+                    401,
+                    "this router requires API keys and has no API key, so it accepts no request: "
+                    "create one with `appliance keys create --name NAME` and send `Authorization: Bearer <key>`",
+                )
+            raise RouterError(
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)",
+            )
         return key
 
     async def read_request(self, headers: Mapping[str, str], receive: Receive) -> tuple[bytes, dict, RequestFields]:
@@ -217,7 +244,9 @@ class Forwarder:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             self.metrics.error("too_large")
-            raise RouterError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (serve.max_body_bytes)")
+            raise RouterError(
+                413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (serve.max_body_bytes)"
+            )
         body = b""
         while True:
             message = await receive()
@@ -243,11 +272,19 @@ class Forwarder:
         if fields.max_tokens is not None and fields.max_tokens * fields.choices > cap:
             self.metrics.error("bad_request")
             asked = f"max_tokens={fields.max_tokens}" + (f" times n={fields.choices}" if fields.choices > 1 else "")
-            raise RouterError(400, f"{asked} exceeds this router's cap of {cap} tokens per request (serve.max_tokens_cap)", param="max_tokens")
+            raise RouterError(
+                400,
+                f"{asked} exceeds this router's cap of {cap} tokens per request (serve.max_tokens_cap)",
+                param="max_tokens",
+            )
         if fields.max_tokens is None and token_budget(None, fields.choices, self.cfg.default_max_tokens) > cap:
             self.metrics.error("bad_request")
-            raise RouterError(400, f"{fields.choices} completions (n times prompts) without max_tokens exceed this router's cap "
-                                   f"of {cap} tokens per request; set max_tokens (serve.max_tokens_cap)", param="n")
+            raise RouterError(
+                400,
+                f"{fields.choices} completions (n times prompts) without max_tokens exceed this router's cap "
+                f"of {cap} tokens per request; set max_tokens (serve.max_tokens_cap)",
+                param="n",
+            )
         return body, data, fields
 
     def admit(self, key: ApiKey | None, fields: RequestFields, prompt_tokens: int = 0) -> int:
@@ -266,11 +303,15 @@ class Forwarder:
         wait = self.limiter.admit(key.name, key.rpm, key.tpm, charge, time.monotonic())
         if wait > 0:
             self.metrics.error("rate_limit")
-            raise RouterError(429, f"rate limit of key {key.name!r} reached; retry in {math.ceil(wait)} s", retry_after_s=wait)
+            raise RouterError(
+                429, f"rate limit of key {key.name!r} reached; retry in {math.ceil(wait)} s", retry_after_s=wait
+            )
         return charge
 
     # -- routing --
-    def choose(self, model: str, headers: Mapping[str, str], fields: RequestFields) -> tuple[list[Worker], PublishedAdapter | None]:
+    def choose(
+        self, model: str, headers: Mapping[str, str], fields: RequestFields
+    ) -> tuple[list[Worker], PublishedAdapter | None]:
         """Workers to try, best first, and the published adapter behind `model` if any.
 
         A promoted version (an alias names it) goes only to workers holding it while one of them is up: the others
@@ -298,7 +339,9 @@ class Forwarder:
                     self.metrics.error("no_worker")
                     raise RouterError(503, "no healthy worker is available; check `appliance fleet`")
                 self.metrics.error("unknown_model")
-                raise RouterError(404, f"the model `{model}` does not exist; GET /v1/models lists the served models", param="model")
+                raise RouterError(
+                    404, f"the model `{model}` does not exist; GET /v1/models lists the served models", param="model"
+                )
             if len(hosts) == 1:  # nothing to choose between: skip the policy (the common single-worker case)
                 worker = hosts[0]
                 if worker.healthy and not worker.draining:
@@ -306,8 +349,10 @@ class Forwarder:
                 self.metrics.error("no_worker")
                 raise RouterError(503, f"no healthy worker serves `{model}` right now; check `appliance fleet`")
             candidates = [w.candidate() for w in hosts]
-        hints = RouteHints(region=headers.get("x-region") or self.cfg.region,
-                           affinity_key=headers.get("x-session-id") or fields.user or fields.prefix)
+        hints = RouteHints(
+            region=headers.get("x-region") or self.cfg.region,
+            affinity_key=headers.get("x-session-id") or fields.user or fields.prefix,
+        )
         self.counter += 1
         ranked = rank(self.cfg.policy, candidates, hints, self.counter, self.cfg.affinity_load_factor)
         if not ranked:
@@ -332,7 +377,11 @@ class Forwarder:
         # (A Responses stream always ends with the response and its usage: nothing to ask for.)
         strip_usage = fields.stream and metered and not fields.stream_usage and path not in STREAM_ENDS
         # A metered request without a completion cap gets the one it was charged for: the worker cannot exceed it.
-        cap = (_CAP_FIELD.get(path, "max_tokens"), self.cfg.default_max_tokens) if metered and fields.max_tokens is None else None
+        cap = (
+            (_CAP_FIELD.get(path, "max_tokens"), self.cfg.default_max_tokens)
+            if metered and fields.max_tokens is None
+            else None
+        )
         if model != fields.model or cap is not None or (strip_usage and "stream_options" in data):
             # The worker knows only the adapter's own name (an alias), must be asked for usage or given a cap:
             # re-encode this body.
@@ -340,8 +389,20 @@ class Forwarder:
         elif strip_usage:
             body = with_usage_asked(body)
         workers, adapter = self.choose(model, headers, fields)
-        ctx = RequestContext(path, model, body, fields, started, key, charged, ClientWatch(receive), send, adapter, strip_usage,
-                             prompt_tokens)
+        ctx = RequestContext(
+            path,
+            model,
+            body,
+            fields,
+            started,
+            key,
+            charged,
+            ClientWatch(receive),
+            send,
+            adapter,
+            strip_usage,
+            prompt_tokens,
+        )
         try:
             await self._try_workers(ctx, workers)
         except asyncio.CancelledError:
@@ -368,8 +429,12 @@ class Forwarder:
         self.metrics.error("upstream")
         self.metrics.requests.labels(ctx.path, ctx.model, "-", "502").inc()
         # The reasons name workers' addresses and their errors: the router's log has them, the client does not.
-        logger.warning("%s for %s failed on %d worker(s) before any answer: %s", ctx.path, ctx.model, tried, "; ".join(reasons))
-        raise RouterError(502, f"the request failed on {tried} worker(s) before any answer; the router's log has the details")
+        logger.warning(
+            "%s for %s failed on %d worker(s) before any answer: %s", ctx.path, ctx.model, tried, "; ".join(reasons)
+        )
+        raise RouterError(
+            502, f"the request failed on {tried} worker(s) before any answer; the router's log has the details"
+        )
 
     async def _deliver(self, ctx: RequestContext, opened: Opened) -> None:
         """Send an answer that has started (`_open`) to the client: the point of no return."""
@@ -386,15 +451,27 @@ class Forwarder:
         worker.end(model)
         worker.observe_ttft(opened.ttft_s * 1000)
         content_type = resp.headers.get("content-type", "application/json").encode()
-        await ctx.send({"type": "http.response.start", "status": resp.status,
-                        "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
+        await ctx.send(
+            {
+                "type": "http.response.start",
+                "status": resp.status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())],
+            }
+        )
         await ctx.send({"type": "http.response.body", "body": payload})
         self._observe(ctx.path, model, worker, resp.status, ctx.started, opened.ttft_s, time.perf_counter())
         if ctx.metered and resp.status == 200:
             self._settle(ctx, usage_total(payload))
 
-    async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, worker: Worker, sent: float,
-                     first: bytes | None = None, ttft: float | None = None) -> None:
+    async def _relay(
+        self,
+        ctx: RequestContext,
+        resp: aiohttp.ClientResponse,
+        worker: Worker,
+        sent: float,
+        first: bytes | None = None,
+        ttft: float | None = None,
+    ) -> None:
         """Relay an SSE stream chunk by chunk; a break ends it with an error event; a client that leaves aborts it.
 
         `first` is the stream's first chunk when it was already read (a hedged race), `ttft` the seconds it took.
@@ -418,7 +495,7 @@ class Forwarder:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             try:
-                async for chunk in (resp.content.iter_any() if first is None else prefixed(first, resp)):
+                async for chunk in resp.content.iter_any() if first is None else prefixed(first, resp):
                     if ttft is None:
                         ttft = time.perf_counter() - sent
                         worker.observe_ttft(ttft * 1000)
@@ -449,8 +526,15 @@ class Forwarder:
                 logger.warning("stream from worker %s broke after the first byte: %s", worker.id, exc)
                 self.metrics.error("stream_broken")
                 self.registry.probe_soon(worker)
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": sse_error_event(f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete")})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "more_body": True,
+                        "body": sse_error_event(
+                            f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete"
+                        ),
+                    }
+                )
             await send({"type": "http.response.body", "body": b""})
         finally:
             if status == 200:
@@ -468,11 +552,17 @@ class Forwarder:
                 self._observe(ctx.path, ctx.model, worker, status, ctx.started, ttft, time.perf_counter())
 
     # -- bookkeeping --
-    def _observe(self, path: str, model: str, worker: Worker, status: int, started: float, ttft_s: float | None, now: float) -> None:
+    def _observe(
+        self, path: str, model: str, worker: Worker, status: int, started: float, ttft_s: float | None, now: float
+    ) -> None:
         series = self._series.get((path, model, worker.id, status))
         if series is None:
             m = self.metrics
-            series = (m.requests.labels(path, model, worker.id, str(status)), m.latency.labels(path, model, worker.id), m.ttft.labels(model, worker.id))
+            series = (
+                m.requests.labels(path, model, worker.id, str(status)),
+                m.latency.labels(path, model, worker.id),
+                m.ttft.labels(model, worker.id),
+            )
             self._series[(path, model, worker.id, status)] = series
         series[0].inc()
         series[1].observe(now - started)
@@ -484,7 +574,9 @@ class Forwarder:
         worker_id = worker.id if worker is not None else "-"
         self.metrics.client_aborts.labels(path).inc()
         self.metrics.requests.labels(path, model, worker_id, "499").inc()
-        logger.info("client disconnected from %s (model %s, worker %s); aborted the upstream request", path, model, worker_id)
+        logger.info(
+            "client disconnected from %s (model %s, worker %s); aborted the upstream request", path, model, worker_id
+        )
 
     def forget_worker(self, worker: Worker) -> None:
         """Drop the cached metric series and hedging windows of a removed worker."""
@@ -520,7 +612,9 @@ class RequestContext:
     send: Send
     adapter: PublishedAdapter | None = None  # the published adapter behind `model`, if any
     strip_usage: bool = False  # the router asked for the stream's usage chunk; the client did not: not relayed
-    prompt_tokens: int = 0  # metered only: the prompt's tokens as estimated up front (fedllm.serve.limits.prompt_estimate)
+    prompt_tokens: int = (
+        0  # metered only: the prompt's tokens as estimated up front (fedllm.serve.limits.prompt_estimate)
+    )
 
     @property
     def metered(self) -> bool:
@@ -528,7 +622,9 @@ class RequestContext:
         return self.key is not None and bool(self.key.tpm)
 
 
-def _rewritten(data: dict[str, Any], model: str | None, ask_usage: bool, cap: tuple[str, int] | None = None) -> dict[str, Any]:
+def _rewritten(
+    data: dict[str, Any], model: str | None, ask_usage: bool, cap: tuple[str, int] | None = None
+) -> dict[str, Any]:
     """The request with its model renamed, the stream's usage chunk asked for and/or a completion cap (field, value)."""
     out = dict(data)
     if cap is not None:

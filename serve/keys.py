@@ -71,15 +71,20 @@ def load_keys(keys_dir: Path) -> list[ApiKey]:
         rows = json.loads(text)["keys"] if text.strip() else []
         return [ApiKey(r["name"], r["hash"], r.get("rpm"), r.get("tpm"), r.get("created")) for r in rows]
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is not a valid API key file ({exc}); expected {{\"keys\": [{{\"name\", \"hash\", ...}}]}}") from exc
+        raise DataError(
+            f'{path} is not a valid API key file ({exc}); expected {{"keys": [{{"name", "hash", ...}}]}}'
+        ) from exc
 
 
 def mark_required(keys_dir: Path) -> None:
     """Note that this router has had API keys, so that it keeps requiring them (fail closed)."""
     marker = Path(keys_dir) / REQUIRED_MARKER
     if not marker.exists():
-        write_text_atomic(marker, "This router has had API keys: /v1 requests need one even if api_keys.json is emptied.\n"
-                                  "Delete this file (and the keys) to run a keyless loopback router again.\n")
+        write_text_atomic(
+            marker,
+            "This router has had API keys: /v1 requests need one even if api_keys.json is emptied.\n"
+            "Delete this file (and the keys) to run a keyless loopback router again.\n",
+        )
         os.chmod(marker, 0o600)
 
 
@@ -136,14 +141,25 @@ class KeyStore:
     log): every request is refused until it is fixed.
     """
 
-    def __init__(self, keys_dir: Path, plain_keys: list[str], default_rpm: int | None = None,
-                 default_tpm: int | None = None, *, public: bool = False, require: bool = False):
+    def __init__(
+        self,
+        keys_dir: Path,
+        plain_keys: list[str],
+        default_rpm: int | None = None,
+        default_tpm: int | None = None,
+        *,
+        public: bool = False,
+        require: bool = False,
+    ):
         self.keys_dir = Path(keys_dir)
         self.public = public
         self.require = require
         self.broken: Path | None = None  # the key file, while it cannot be read or parsed
         self._marked = False
-        self._static = {hash_secret(k): ApiKey(f"settings-{i}", hash_secret(k), default_rpm, default_tpm) for i, k in enumerate(plain_keys)}
+        self._static = {
+            hash_secret(k): ApiKey(f"settings-{i}", hash_secret(k), default_rpm, default_tpm)
+            for i, k in enumerate(plain_keys)
+        }
         self._defaults = (default_rpm, default_tpm)
         self._by_hash: dict[str, ApiKey] = dict(self._static)
         self._stamp: tuple[int, int, int] | None = None
@@ -185,10 +201,16 @@ class KeyStore:
         rpm, tpm = self._defaults
         self._marked = (self.keys_dir / REQUIRED_MARKER).exists()
         try:
-            loaded = {k.hash: ApiKey(k.name, k.hash, k.rpm or rpm, k.tpm or tpm, k.created) for k in load_keys(self.keys_dir)}
+            loaded = {
+                k.hash: ApiKey(k.name, k.hash, k.rpm or rpm, k.tpm or tpm, k.created) for k in load_keys(self.keys_dir)
+            }
             self.broken = None
         except (DataError, OSError) as exc:
-            reason = exc if isinstance(exc, DataError) else f"{keys_path(self.keys_dir)} cannot be read ({exc.strerror or exc})"
+            reason = (
+                exc
+                if isinstance(exc, DataError)
+                else f"{keys_path(self.keys_dir)} cannot be read ({exc.strerror or exc})"
+            )
             logger.error("%s; refusing every /v1 request until it is fixed", reason)
             loaded, self.broken = {}, keys_path(self.keys_dir)
         if loaded and not self._marked:
@@ -196,7 +218,11 @@ class KeyStore:
                 mark_required(self.keys_dir)
                 self._marked = True
             except OSError as exc:
-                logger.warning("cannot write %s (%s); keys stay required while this router runs", self.keys_dir / REQUIRED_MARKER, exc)
+                logger.warning(
+                    "cannot write %s (%s); keys stay required while this router runs",
+                    self.keys_dir / REQUIRED_MARKER,
+                    exc,
+                )
                 self._marked = True
         self._by_hash = {**loaded, **self._static}
 

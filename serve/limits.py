@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 DEFAULT_TOKEN_BUDGET = 256  # tokens per choice when a request names no max_tokens (serve.default_max_tokens)
 BYTES_PER_PROMPT_TOKEN = 4  # a request body's bytes per prompt token, for the up-front estimate (settled later)
 
@@ -22,7 +21,9 @@ def prompt_estimate(body_bytes: int) -> int:
     return body_bytes // BYTES_PER_PROMPT_TOKEN + 1
 
 
-def token_budget(max_tokens: int | None, choices: int, default: int = DEFAULT_TOKEN_BUDGET, prompt_tokens: int = 0) -> int:
+def token_budget(
+    max_tokens: int | None, choices: int, default: int = DEFAULT_TOKEN_BUDGET, prompt_tokens: int = 0
+) -> int:
     """The tokens a request may cost: its prompt plus its per-choice completion cap times its choices.
 
     Args:

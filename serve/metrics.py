@@ -19,16 +19,55 @@ class RouterMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter(names.REQUESTS, "Requests answered, by route, model, worker and status.", ["route", "model", "worker", "status"], registry=r)
-        self.errors = Counter(names.ERRORS, "Errors by kind (auth, rate_limit, too_large, bad_request, unknown_model, no_worker, upstream, stream_broken).", ["kind"], registry=r)
-        self.latency = Histogram(names.LATENCY, "Time from request to last byte, per route, model and worker.", ["route", "model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram(names.TTFT, "Time to the worker's first byte, per model and worker.", ["model", "worker"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            names.REQUESTS,
+            "Requests answered, by route, model, worker and status.",
+            ["route", "model", "worker", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            names.ERRORS,
+            "Errors by kind (auth, rate_limit, too_large, bad_request, unknown_model, no_worker, upstream, stream_broken).",
+            ["kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            names.LATENCY,
+            "Time from request to last byte, per route, model and worker.",
+            ["route", "model", "worker"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            names.TTFT,
+            "Time to the worker's first byte, per model and worker.",
+            ["model", "worker"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.outstanding = Gauge(names.OUTSTANDING, "Requests in flight per worker.", ["worker"], registry=r)
-        self.client_aborts = Counter(names.CLIENT_ABORTS, "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.", ["route"], registry=r)
+        self.client_aborts = Counter(
+            names.CLIENT_ABORTS,
+            "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.",
+            ["route"],
+            registry=r,
+        )
         self.retries = Counter(names.RETRIES, "Requests retried on another worker before the first byte.", registry=r)
-        self.hedges = Counter(names.HEDGES, "Hedges sent (serve.hedge), by result: won (the hedge answered first), lost (the first worker did), failed (neither answered), aborted (the client left).", ["result"], registry=r)
-        self.adapter_loads = Counter(names.ADAPTER_LOADS, "Adapter loads on workers, by result.", ["result"], registry=r)
-        self.adapter_loads_when = Counter(names.ADAPTER_LOADS_WHEN, "Adapter load attempts, by when: ahead (publish, promotion, a worker coming up) or request (a request waited on it).", ["when"], registry=r)
+        self.hedges = Counter(
+            names.HEDGES,
+            "Hedges sent (serve.hedge), by result: won (the hedge answered first), lost (the first worker did), failed (neither answered), aborted (the client left).",
+            ["result"],
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            names.ADAPTER_LOADS, "Adapter loads on workers, by result.", ["result"], registry=r
+        )
+        self.adapter_loads_when = Counter(
+            names.ADAPTER_LOADS_WHEN,
+            "Adapter load attempts, by when: ahead (publish, promotion, a worker coming up) or request (a request waited on it).",
+            ["when"],
+            registry=r,
+        )
         self.workers_healthy = Gauge(names.WORKERS_HEALTHY, "Healthy workers.", registry=r)
 
     def forget_worker(self, worker_id: str) -> None:

@@ -69,19 +69,34 @@ class PublishedAdapter:
     fingerprint: str | None = None  # its files' digest when the router can read them (a change reloads it)
     promoted_at: int = 0  # when an alias last moved to it (a counter of this router's moves; 0: before this start)
     regions: list[str] | None = None  # data residency: served only in these operator-assigned regions (None: anywhere)
-    loads: dict[str, int] = field(default_factory=lambda: {"ahead": 0, "request": 0})  # load attempts on workers, by where
+    loads: dict[str, int] = field(
+        default_factory=lambda: {"ahead": 0, "request": 0}
+    )  # load attempts on workers, by where
 
     def describe(self, workers: list[str]) -> dict[str, Any]:
         """The row of `GET /admin/adapters`."""
-        return {"name": self.name, "path": self.path, "aliases": self.aliases, "base_model": self.base_model,
-                "version": self.version, "regions": self.regions, "workers": workers, "loads": dict(self.loads)}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "aliases": self.aliases,
+            "base_model": self.base_model,
+            "version": self.version,
+            "regions": self.regions,
+            "workers": workers,
+            "loads": dict(self.loads),
+        }
 
 
 class AdapterPlacement:
     """Published adapters, their aliases, and loading/unloading them on workers."""
 
-    def __init__(self, cfg: ServeSettings, registry: WorkerRegistry, metrics: RouterMetrics,
-                 store: PublicationStore | None = None):
+    def __init__(
+        self,
+        cfg: ServeSettings,
+        registry: WorkerRegistry,
+        metrics: RouterMetrics,
+        store: PublicationStore | None = None,
+    ):
         self.cfg = cfg
         self.store = store or PublicationStore(None)
         self.registry = registry
@@ -92,7 +107,9 @@ class AdapterPlacement:
         self._spreading: set[str] = set()
         self._retiring: set[asyncio.Task] = set()
         self._moves = 0  # alias moves so far (orders the promoted versions)
-        self.on_change: Callable[[], None] | None = None  # told of each publish, unpublish and alias move (fedllm.serve.replicas)
+        self.on_change: Callable[[], None] | None = (
+            None  # told of each publish, unpublish and alias move (fedllm.serve.replicas)
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -111,8 +128,11 @@ class AdapterPlacement:
         `serve.place_adapters_on_joined`) that serve its base model (any model if the base is unknown), in one of its
         regions if it names some (operator-assigned regions only: fedllm.serve.residency)."""
         joined_ok, regions = self.cfg.place_adapters_on_joined, adapter.regions
-        workers = [w for w in self.registry.workers.values()
-                   if w.routable and (w.static or joined_ok) and (regions is None or allowed(w, regions))]
+        workers = [
+            w
+            for w in self.registry.workers.values()
+            if w.routable and (w.static or joined_ok) and (regions is None or allowed(w, regions))
+        ]
         if adapter.base_model:
             return [w for w in workers if adapter.base_model in w.models]
         return workers
@@ -121,7 +141,9 @@ class AdapterPlacement:
     def promoted(self) -> list[PublishedAdapter]:
         """The published adapters an alias names, the latest promoted first (a rollback promotes too), then the newest
         publish."""
-        return sorted((a for a in self.published.values() if a.aliases), key=lambda a: (a.promoted_at, a.seq), reverse=True)
+        return sorted(
+            (a for a in self.published.values() if a.aliases), key=lambda a: (a.promoted_at, a.seq), reverse=True
+        )
 
     def wanted(self) -> dict[str, list[PublishedAdapter]]:
         """Worker id -> the promoted versions it should hold: those it may hold (`hosts`), latest promoted first, as
@@ -144,9 +166,18 @@ class AdapterPlacement:
         if self.on_change is not None:
             self.on_change()
 
-    async def publish(self, name: str, path: str, aliases: list[str], base_model: str | None = None, *,
-                      version: int | None = None, by: str = "admin", reason: str = "published",
-                      regions: list[str] | None = None) -> list[str]:
+    async def publish(
+        self,
+        name: str,
+        path: str,
+        aliases: list[str],
+        base_model: str | None = None,
+        *,
+        version: int | None = None,
+        by: str = "admin",
+        reason: str = "published",
+        regions: list[str] | None = None,
+    ) -> list[str]:
         """Record `name`, load it on up to `adapter_replicas` of the best workers (every eligible one when an alias
         moves to it and `serve.replicate_promoted`), then move `aliases` to it. `regions` (checked by
         `fedllm.serve.residency.check_regions`) limits where it is placed and routed.
@@ -161,13 +192,25 @@ class AdapterPlacement:
         """
         for alias in aliases:
             if alias in self.published and alias != name:
-                raise RouterError(409, f"alias {alias!r} is the name of a published adapter; choose another alias", param="aliases")
+                raise RouterError(
+                    409, f"alias {alias!r} is the name of a published adapter; choose another alias", param="aliases"
+                )
         if name in self.aliases:
-            raise RouterError(409, f"{name!r} is an alias of adapter {self.aliases[name]!r}; publish under another name", param="name")
+            raise RouterError(
+                409, f"{name!r} is an alias of adapter {self.aliases[name]!r}; publish under another name", param="name"
+            )
         old = self.published.get(name)  # published again (a new path): it keeps its aliases
-        adapter = PublishedAdapter(name, path, list(old.aliases) if old else [], base_model, version=version,
-                                   seq=self.store.next_seq(), fingerprint=fingerprint(path), regions=regions,
-                                   loads=dict(old.loads) if old else {"ahead": 0, "request": 0})
+        adapter = PublishedAdapter(
+            name,
+            path,
+            list(old.aliases) if old else [],
+            base_model,
+            version=version,
+            seq=self.store.next_seq(),
+            fingerprint=fingerprint(path),
+            regions=regions,
+            loads=dict(old.loads) if old else {"ahead": 0, "request": 0},
+        )
         if regions and not self.hosts(adapter):
             raise no_eligible_worker(name, regions, base_model, list(self.registry.workers.values()))
         self.published[name] = adapter
@@ -337,7 +380,9 @@ class AdapterPlacement:
     # -- on the request path --
     def _ranked(self, adapter: PublishedAdapter) -> list[Worker]:
         hosts = {w.id: w for w in self.hosts(adapter)}
-        order = rank("least_outstanding", [w.candidate(adapter.name in w.adapters) for w in hosts.values()], RouteHints())
+        order = rank(
+            "least_outstanding", [w.candidate(adapter.name in w.adapters) for w in hosts.values()], RouteHints()
+        )
         return [hosts[c.id] for c in order]
 
     async def ensure_on(self, worker: Worker, adapter: PublishedAdapter, *, on_request: bool = False) -> None:
@@ -390,15 +435,23 @@ class AdapterPlacement:
     # -- the worker API --
     async def _load(self, worker: Worker, adapter: PublishedAdapter, on_request: bool = False) -> None:
         when = "request" if on_request else "ahead"
-        adapter.loads[when] += 1  # attempts, failed ones too: a request that waited on a load counts, whatever came of it
+        adapter.loads[when] += (
+            1  # attempts, failed ones too: a request that waited on a load counts, whatever came of it
+        )
         self.metrics.adapter_loads_when.labels(when).inc()
-        status, text = await self._post(worker, "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
+        status, text = await self._post(
+            worker, "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path}
+        )
         if status == 200 or (status == 400 and "already been loaded" in text):
             worker.adapters.add(adapter.name)
             worker.adapter_used[adapter.name] = time.monotonic()  # a fresh load counts as a use for the LRU
             self.metrics.adapter_loads.labels("ok").inc()
-            logger.info("adapter %s loaded on %s (%s)", adapter.name, worker.id,
-                        "on the request path" if on_request else "ahead of traffic")
+            logger.info(
+                "adapter %s loaded on %s (%s)",
+                adapter.name,
+                worker.id,
+                "on the request path" if on_request else "ahead of traffic",
+            )
             return
         self.metrics.adapter_loads.labels("failed").inc()
         if status >= 500:
@@ -426,7 +479,9 @@ class AdapterPlacement:
 
         try:
             timeout = aiohttp.ClientTimeout(total=self.cfg.adapter_load_timeout_s, connect=self.cfg.connect_timeout_s)
-            async with self.session.post(worker.url + path, json=payload, headers=worker.headers, timeout=timeout) as resp:
+            async with self.session.post(
+                worker.url + path, json=payload, headers=worker.headers, timeout=timeout
+            ) as resp:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.registry.probe_soon(worker)

@@ -96,7 +96,11 @@ def least_outstanding(candidates: Sequence[Candidate], counter: int = 0) -> list
     """Eligible workers by outstanding/capacity, ties rotated by `counter`."""
     pool = eligible(candidates)
     n = len(pool)
-    return [c for _, _, c in sorted((c.outstanding / c.capacity, (i - counter) % n, c) for i, c in enumerate(pool))] if n else []
+    return (
+        [c for _, _, c in sorted((c.outstanding / c.capacity, (i - counter) % n, c) for i, c in enumerate(pool))]
+        if n
+        else []
+    )
 
 
 def _hash64(text: str) -> int:
@@ -150,7 +154,9 @@ def cost(c: Candidate, hints: RouteHints, target: str | None) -> float:
     return value
 
 
-def score(candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, load_factor: float = 1.25) -> list[Candidate]:
+def score(
+    candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, load_factor: float = 1.25
+) -> list[Candidate]:
     """Eligible workers by cost (load, latency, region, residency, affinity), ties rotated by `counter`."""
     pool = eligible(candidates)
     if not pool:
@@ -169,7 +175,9 @@ def score(candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, 
     return [c for _, _, c in ranked]
 
 
-def rank(policy: str, candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, load_factor: float = 1.25) -> list[Candidate]:
+def rank(
+    policy: str, candidates: Sequence[Candidate], hints: RouteHints, counter: int = 0, load_factor: float = 1.25
+) -> list[Candidate]:
     """Order `candidates` by the named policy (see the module docstring). Unknown names raise ValueError."""
     if policy == "score":
         return score(candidates, hints, counter, load_factor)

@@ -55,7 +55,11 @@ def error_body(status: int, message: str, *, param: str | None = None) -> bytes:
 
 def sse_error_event(message: str, *, type_: str = "upstream_error", code: int = 502) -> bytes:
     """An SSE event carrying an OpenAI error, sent when a stream breaks after its first byte."""
-    return b"data: " + json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode() + b"\n\n"
+    return (
+        b"data: "
+        + json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+        + b"\n\n"
+    )
 
 
 @dataclass(slots=True)
@@ -110,8 +114,12 @@ def read_fields(data: Any, *, prefix_chars: int = 256) -> RequestFields:
     options = data.get("stream_options") if stream else None
     user = data.get("user")
     return RequestFields(
-        model=model, stream=stream, max_tokens=max_tokens, choices=choices,
-        user=user if isinstance(user, str) else None, prefix=_prefix(data, prefix_chars),
+        model=model,
+        stream=stream,
+        max_tokens=max_tokens,
+        choices=choices,
+        user=user if isinstance(user, str) else None,
+        prefix=_prefix(data, prefix_chars),
         stream_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
 

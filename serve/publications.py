@@ -82,7 +82,9 @@ class PublicationStore:
             if not isinstance(data.get("adapters"), dict) or not isinstance(data.get("aliases"), dict):
                 raise ValueError("needs 'adapters' and 'aliases' objects")
         except (OSError, ValueError, AttributeError) as exc:
-            raise RouterError(500, f"cannot read the router's publications {self.path}: {exc}; fix or remove the file") from exc
+            raise RouterError(
+                500, f"cannot read the router's publications {self.path}: {exc}; fix or remove the file"
+            ) from exc
         self.history = {k: list(v) for k, v in (data.get("history") or {}).items()}
         self.seq = int(data.get("seq") or 0)
         return data
@@ -94,40 +96,81 @@ class PublicationStore:
         data = self.load()
         for name, row in data["adapters"].items():
             placement.published[name] = PublishedAdapter(
-                name, row["path"], [], row.get("base_model"), version=row.get("version"), seq=int(row.get("seq") or 0),
-                fingerprint=row.get("fingerprint"), regions=list(row["regions"]) if row.get("regions") else None)
+                name,
+                row["path"],
+                [],
+                row.get("base_model"),
+                version=row.get("version"),
+                seq=int(row.get("seq") or 0),
+                fingerprint=row.get("fingerprint"),
+                regions=list(row["regions"]) if row.get("regions") else None,
+            )
         for alias, name in data["aliases"].items():
             if name in placement.published:
                 placement.aliases[alias] = name
                 placement.published[name].aliases.append(alias)
         if placement.published:
-            logger.info("restored %d published adapter(s) and %d alias(es) from %s", len(placement.published),
-                        len(placement.aliases), self.path)
+            logger.info(
+                "restored %d published adapter(s) and %d alias(es) from %s",
+                len(placement.published),
+                len(placement.aliases),
+                self.path,
+            )
         return list(placement.published)
 
     def save(self, placement: AdapterPlacement) -> None:
         """Write the current publications (after every publish, unpublish or alias move)."""
         if self.path is None:
             return
-        adapters = {a.name: {"path": a.path, "base_model": a.base_model, "version": a.version, "seq": a.seq,
-                             "fingerprint": a.fingerprint, "regions": a.regions} for a in placement.published.values()}
-        write_json_atomic(self.path, {"adapters": adapters, "aliases": dict(placement.aliases), "history": self.history,
-                                      "seq": self.seq})
+        adapters = {
+            a.name: {
+                "path": a.path,
+                "base_model": a.base_model,
+                "version": a.version,
+                "seq": a.seq,
+                "fingerprint": a.fingerprint,
+                "regions": a.regions,
+            }
+            for a in placement.published.values()
+        }
+        write_json_atomic(
+            self.path,
+            {"adapters": adapters, "aliases": dict(placement.aliases), "history": self.history, "seq": self.seq},
+        )
 
     def moved(self, alias: str, adapter: PublishedAdapter, previous: str | None, by: str, reason: str) -> None:
         """Record that `alias` now names `adapter` (from `previous`)."""
         rows = self.history.setdefault(alias, [])
-        rows.append({"name": adapter.name, "version": adapter.version, "from": previous,
-                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by, "reason": reason})
+        rows.append(
+            {
+                "name": adapter.name,
+                "version": adapter.version,
+                "from": previous,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "by": by,
+                "reason": reason,
+            }
+        )
         del rows[:-HISTORY_LIMIT]
 
-    def held_back(self, alias: str, adapter: PublishedAdapter, current: str | None, by: str, gate: dict[str, Any]) -> None:
+    def held_back(
+        self, alias: str, adapter: PublishedAdapter, current: str | None, by: str, gate: dict[str, Any]
+    ) -> None:
         """Record that a promotion gate kept `alias` off `adapter` (on `current`), with the two losses."""
         rows = self.history.setdefault(alias, [])
-        rows.append({"name": adapter.name, "version": adapter.version, "from": current, "held_back": True,
-                     "loss": gate.get("loss"), "current_loss": gate.get("current_loss"),
-                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by,
-                     "reason": f"held back: loss {_fmt(gate.get('loss'))} vs {_fmt(gate.get('current_loss'))} of {current}"})
+        rows.append(
+            {
+                "name": adapter.name,
+                "version": adapter.version,
+                "from": current,
+                "held_back": True,
+                "loss": gate.get("loss"),
+                "current_loss": gate.get("current_loss"),
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "by": by,
+                "reason": f"held back: loss {_fmt(gate.get('loss'))} vs {_fmt(gate.get('current_loss'))} of {current}",
+            }
+        )
         del rows[:-HISTORY_LIMIT]
 
     def describe(self, alias: str, placement: AdapterPlacement) -> dict[str, Any]:
@@ -158,18 +201,27 @@ def rollback(placement: AdapterPlacement, alias: str, to: str | int | None, by: 
         raise RouterError(404, f"{alias!r} is not an alias of a published adapter; GET /admin/adapters lists them")
     rows = placement.store.history.get(alias, [])
     if to is None:
-        earlier = [r["name"] for r in reversed(rows)
-                   if r["name"] != current and r["name"] in placement.published and not r.get("held_back")]
+        earlier = [
+            r["name"]
+            for r in reversed(rows)
+            if r["name"] != current and r["name"] in placement.published and not r.get("held_back")
+        ]
         if not earlier:
             raise RouterError(409, f"alias {alias!r} has no earlier version still published to roll back to")
         target = earlier[0]
     else:
         seen = {r["name"] for r in rows}
-        named = [a.name for a in placement.published.values()
-                 if a.name == str(to) or (a.version is not None and str(a.version) == str(to) and a.name in seen)]
+        named = [
+            a.name
+            for a in placement.published.values()
+            if a.name == str(to) or (a.version is not None and str(a.version) == str(to) and a.name in seen)
+        ]
         if not named:
-            raise RouterError(404, f"no published version {to!r} of alias {alias!r}; `appliance adapters history {alias}` lists them",
-                              param="to")
+            raise RouterError(
+                404,
+                f"no published version {to!r} of alias {alias!r}; `appliance adapters history {alias}` lists them",
+                param="to",
+            )
         target = named[0]
     placement.move_alias(alias, placement.published[target], by=by, reason=f"rollback from {current}")
     return {"alias": alias, "name": target, "from": current}

@@ -45,8 +45,15 @@ class QuarantineRecord:
 
     def describe(self) -> dict[str, Any]:
         """The row of `GET /admin/quarantine` (never the key's hash)."""
-        return {"address": self.address, "addresses": self.addresses, "worker_id": self.worker_id, "url": self.url,
-                "reason": self.reason, "since": self.since, "by_key": self.key_hash is not None}
+        return {
+            "address": self.address,
+            "addresses": self.addresses,
+            "worker_id": self.worker_id,
+            "url": self.url,
+            "reason": self.reason,
+            "since": self.since,
+            "by_key": self.key_hash is not None,
+        }
 
 
 async def addresses_of(url: str) -> set[str]:
@@ -59,8 +66,10 @@ async def addresses_of(url: str) -> set[str]:
     host, _, port = address.rpartition(":")
     found = {address}
     try:
-        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM),
-                                       RESOLVE_TIMEOUT_S)
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM),
+            RESOLVE_TIMEOUT_S,
+        )
     except (OSError, asyncio.TimeoutError, UnicodeError):
         return found
     for info in infos:
@@ -89,8 +98,9 @@ class QuarantineBook:
             return [QuarantineRecord(**row) for row in rows]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # The router does not start: going on without the records would let every quarantined worker back in.
-            raise DataError(f"{self.path} is not a valid quarantine file ({exc}); fix it, or remove it to clear "
-                            "every quarantine") from exc
+            raise DataError(
+                f"{self.path} is not a valid quarantine file ({exc}); fix it, or remove it to clear every quarantine"
+            ) from exc
 
     def _save(self) -> None:
         write_text_atomic(self.path, json.dumps({"records": [asdict(r) for r in self.records]}, indent=2) + "\n")
@@ -99,11 +109,15 @@ class QuarantineBook:
     def match(self, addresses: set[str], key_hash: str | None) -> QuarantineRecord | None:
         """The record of a worker known by any of `addresses` or by its API key's hash, or None."""
         for record in self.records:
-            if addresses & {record.address, *record.addresses} or (key_hash is not None and record.key_hash == key_hash):
+            if addresses & {record.address, *record.addresses} or (
+                key_hash is not None and record.key_hash == key_hash
+            ):
                 return record
         return None
 
-    def add(self, addresses: set[str], address: str, key_hash: str | None, *, worker_id: str, url: str, reason: str) -> QuarantineRecord:
+    def add(
+        self, addresses: set[str], address: str, key_hash: str | None, *, worker_id: str, url: str, reason: str
+    ) -> QuarantineRecord:
         """Quarantine a worker (merged into its existing record if it has one); saved at once."""
         record = self.match(addresses, key_hash)
         if record is None:
@@ -117,8 +131,11 @@ class QuarantineBook:
 
     def clear(self, addresses: set[str], api_key_hash: str | None = None) -> list[QuarantineRecord]:
         """Drop the records of a worker known by any of `addresses` or by the key hash; returns them."""
-        gone = [r for r in self.records
-                if addresses & {r.address, *r.addresses} or (api_key_hash is not None and r.key_hash == api_key_hash)]
+        gone = [
+            r
+            for r in self.records
+            if addresses & {r.address, *r.addresses} or (api_key_hash is not None and r.key_hash == api_key_hash)
+        ]
         if gone:
             self.records = [r for r in self.records if r not in gone]
             self._save()

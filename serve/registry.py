@@ -73,15 +73,21 @@ class Worker:
     secret_hash: str | None = None  # a joined worker's own secret (heartbeat, drain, leave), hashed
     headers: dict[str, str] = field(default_factory=lambda: upstream_headers(None))  # sent with every call to it
     quarantined: bool = False  # failed a canary check: no traffic until an operator clears it
-    canary: str = "off"  # trusted (static) | off | pending | passed | unverified | failed | cleared (fedllm.serve.canary)
+    canary: str = (
+        "off"  # trusted (static) | off | pending | passed | unverified | failed | cleared (fedllm.serve.canary)
+    )
     canary_passes: int = 0  # canary checks passed since it joined (or was cleared)
-    unverified: set[str] = field(default_factory=set)  # models no trusted worker serves: no traffic (serve.allow_unverified)
+    unverified: set[str] = field(
+        default_factory=set
+    )  # models no trusted worker serves: no traffic (serve.allow_unverified)
     hold: str = ""  # why it gets no traffic at all besides health and quarantine ("" = none)
     address: str = ""  # normalised host:port (fedllm.serve.worker_address)
     addresses: frozenset[str] = frozenset()  # every host:port it is known by (its resolved IPs too): quarantine keys
     key_hash: str | None = None  # hash of its own API key: a quarantine key
     max_adapters: int = 4  # adapters it holds at once: its declared max_loras, at most serve.max_adapters_per_worker
-    region_assigned: bool = False  # the operator set its region (static, or confirmed): data residency trusts it (fedllm.serve.residency)
+    region_assigned: bool = (
+        False  # the operator set its region (static, or confirmed): data residency trusts it (fedllm.serve.residency)
+    )
 
     @property
     def routable(self) -> bool:
@@ -94,8 +100,18 @@ class Worker:
 
     def candidate(self, resident: bool = True) -> Candidate:
         """The snapshot the policy sees."""
-        return Candidate(self.id, self.region, self.outstanding, self.capacity, self.ttft_ms, self.healthy and self.routable,
-                         self.draining, resident, self.static or self.region_assigned, self.distance_ms)
+        return Candidate(
+            self.id,
+            self.region,
+            self.outstanding,
+            self.capacity,
+            self.ttft_ms,
+            self.healthy and self.routable,
+            self.draining,
+            resident,
+            self.static or self.region_assigned,
+            self.distance_ms,
+        )
 
     def begin(self, model: str) -> None:
         """A request for `model` starts on this worker (an adapter with requests in flight is never unloaded)."""
@@ -135,13 +151,26 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         """The row of `GET /admin/workers` (docs/CONTRACTS.md)."""
         return {
-            "id": self.id, "url": self.url, "region": self.region, "region_assigned": self.region_assigned,
-            "max_adapters": self.max_adapters, "healthy": self.healthy, "draining": self.draining,
-            "outstanding": self.outstanding, "latency_ms": round(self.ttft_ms, 3),
-            "distance_ms": None if self.distance_ms is None else round(self.distance_ms, 3), "capacity": self.capacity,
-            "models": sorted(self.models), "adapters": sorted(self.adapters), "static": self.static,
-            "quarantined": self.quarantined, "canary": self.canary, "unverified": sorted(self.unverified),
-            "no_traffic": "quarantined: its canary answers differed from a trusted worker's" if self.quarantined else (self.hold or None),
+            "id": self.id,
+            "url": self.url,
+            "region": self.region,
+            "region_assigned": self.region_assigned,
+            "max_adapters": self.max_adapters,
+            "healthy": self.healthy,
+            "draining": self.draining,
+            "outstanding": self.outstanding,
+            "latency_ms": round(self.ttft_ms, 3),
+            "distance_ms": None if self.distance_ms is None else round(self.distance_ms, 3),
+            "capacity": self.capacity,
+            "models": sorted(self.models),
+            "adapters": sorted(self.adapters),
+            "static": self.static,
+            "quarantined": self.quarantined,
+            "canary": self.canary,
+            "unverified": sorted(self.unverified),
+            "no_traffic": "quarantined: its canary answers differed from a trusted worker's"
+            if self.quarantined
+            else (self.hold or None),
         }
 
 
@@ -156,7 +185,9 @@ class WorkerRegistry:
         self._probing: dict[str, asyncio.Task] = {}
         self.quarantine: QuarantineBook | None = None  # sticky quarantine records (set by the app)
         self.regions: RegionBook | None = None  # the operator's region assignments of joined workers (set by the app)
-        self.on_remove: list[Callable[[Worker], None]] = []  # called with each removed worker (fedllm.serve.app wires them)
+        self.on_remove: list[
+            Callable[[Worker], None]
+        ] = []  # called with each removed worker (fedllm.serve.app wires them)
         self._local_hosts: frozenset[str] | None = None
 
     @property
@@ -167,12 +198,29 @@ class WorkerRegistry:
         return self.session
 
     # -- membership --
-    def add_static(self, url: str, *, region: str = "local", models: Iterable[str] = (), api_key: str | None = None,
-                   max_loras: int | None = None) -> Worker:
+    def add_static(
+        self,
+        url: str,
+        *,
+        region: str = "local",
+        models: Iterable[str] = (),
+        api_key: str | None = None,
+        max_loras: int | None = None,
+    ) -> Worker:
         """Add a worker named in settings: trusted (its region too), never expired or removed. It is healthy once probed."""
-        worker = Worker(new_worker_id(), url.rstrip("/"), region, self.cfg.worker_capacity, static=True,
-                        declared_models=tuple(models), headers=upstream_headers(api_key), canary="trusted",
-                        address=_address_or_blank(url), max_adapters=self.adapter_slots(max_loras), region_assigned=True)
+        worker = Worker(
+            new_worker_id(),
+            url.rstrip("/"),
+            region,
+            self.cfg.worker_capacity,
+            static=True,
+            declared_models=tuple(models),
+            headers=upstream_headers(api_key),
+            canary="trusted",
+            address=_address_or_blank(url),
+            max_adapters=self.adapter_slots(max_loras),
+            region_assigned=True,
+        )
         self.workers[worker.id] = worker
         logger.info("static worker %s: %s region=%s", worker.id, worker.url, region)
         return worker
@@ -196,21 +244,37 @@ class WorkerRegistry:
         except ValueError as exc:
             raise RouterError(400, str(exc), param="url") from None
         if not api_key:
-            raise RouterError(400, "a worker joins with its own API key (api_key): the router sends it on every call, "
-                                   "and the worker's gate refuses calls without it", param="api_key")
+            raise RouterError(
+                400,
+                "a worker joins with its own API key (api_key): the router sends it on every call, "
+                "and the worker's gate refuses calls without it",
+                param="api_key",
+            )
         if address.scheme == "http" and not address.loopback and not self.cfg.allow_plain_http_workers:
-            raise RouterError(400, f"refusing plain http:// for the worker at {address.key}: its API key and every prompt "
-                                   "would cross the network in clear; serve it over https:// (tls_cert/tls_key) or set "
-                                   "serve.allow_plain_http_workers: true", param="url")
+            raise RouterError(
+                400,
+                f"refusing plain http:// for the worker at {address.key}: its API key and every prompt "
+                "would cross the network in clear; serve it over https:// (tls_cert/tls_key) or set "
+                "serve.allow_plain_http_workers: true",
+                param="url",
+            )
         if self._is_own(address):
-            raise RouterError(400, f"{address.key} is this router's own address; a worker must be another server", param="url")
+            raise RouterError(
+                400, f"{address.key} is this router's own address; a worker must be another server", param="url"
+            )
         if capacity is not None and capacity > self.cfg.max_worker_capacity:
-            raise RouterError(400, f"capacity {capacity} is over this router's ceiling of {self.cfg.max_worker_capacity} "
-                                   "(serve.max_worker_capacity)", param="capacity")
+            raise RouterError(
+                400,
+                f"capacity {capacity} is over this router's ceiling of {self.cfg.max_worker_capacity} "
+                "(serve.max_worker_capacity)",
+                param="capacity",
+            )
         replacing = any(_address_key(w.url) == address.key for w in self.workers.values())
         if not replacing and len(self.workers) >= self.cfg.max_workers:
-            raise RouterError(409, f"the fleet is full: {len(self.workers)} workers (serve.max_workers); "
-                                   "remove one or raise the limit")
+            raise RouterError(
+                409,
+                f"the fleet is full: {len(self.workers)} workers (serve.max_workers); remove one or raise the limit",
+            )
         return address
 
     def _is_own(self, address: WorkerAddress) -> bool:
@@ -218,8 +282,16 @@ class WorkerRegistry:
             self._local_hosts = local_hosts()
         return is_own_address(address, self.cfg.host, self.cfg.port, self._local_hosts)
 
-    async def join(self, url: str, *, region: str = "local", models: Iterable[str] = (), capacity: int | None = None,
-                   api_key: str | None = None, max_loras: int | None = None) -> tuple[Worker, str]:
+    async def join(
+        self,
+        url: str,
+        *,
+        region: str = "local",
+        models: Iterable[str] = (),
+        capacity: int | None = None,
+        api_key: str | None = None,
+        max_loras: int | None = None,
+    ) -> tuple[Worker, str]:
         """Admit a worker that registered itself, after reading what it serves; returns it and its new secret.
 
         The join rules (`check_join`) come first. Its models are those its `/v1/models` lists; every declared one must
@@ -235,7 +307,9 @@ class WorkerRegistry:
         """
         address = self.check_join(url, api_key, capacity)
         url = address.url
-        previous = next((w for w in self.workers.values() if w.address == address.key or _address_key(w.url) == address.key), None)
+        previous = next(
+            (w for w in self.workers.values() if w.address == address.key or _address_key(w.url) == address.key), None
+        )
         if previous is not None and previous.static:
             raise RouterError(409, f"{address.key} is the static worker {previous.id} (serve.workers); it cannot join")
         headers = upstream_headers(api_key)
@@ -246,28 +320,47 @@ class WorkerRegistry:
         key_hash = hash_secret(api_key) if api_key else None
         record = self.quarantine.match(addresses, key_hash) if self.quarantine is not None else None
         if record is not None:
-            raise RouterError(403, f"this worker ({record.address}) is quarantined since its canary answers differed from a "
-                                   "trusted worker's; it cannot join until an operator clears it "
-                                   f"(`appliance fleet unquarantine {record.address}`)")
+            raise RouterError(
+                403,
+                f"this worker ({record.address}) is quarantined since its canary answers differed from a "
+                "trusted worker's; it cannot join until an operator clears it "
+                f"(`appliance fleet unquarantine {record.address}`)",
+            )
         try:
             listing = await self._fetch_models(url, headers)
         except RouterError as exc:
             logger.warning("join of %s refused: %s", url, exc.message)
-            raise RouterError(502, f"cannot verify the worker at {address.key}: its GET /v1/models did not answer a model "
-                                   "list with the API key given (is it running, and is this its key?)") from exc
+            raise RouterError(
+                502,
+                f"cannot verify the worker at {address.key}: its GET /v1/models did not answer a model "
+                "list with the API key given (is it running, and is this its key?)",
+            ) from exc
         seen = {card["id"] for card in _cards(listing) if not card.get("parent")}
         declared = tuple(models)
         missing = [m for m in declared if m not in seen]
         if missing or not seen:
             logger.warning("join of %s refused: declared %s, its /v1/models lists %s", url, declared, sorted(seen))
-            raise RouterError(400, f"the worker at {address.key} does not serve "
-                                   f"{', '.join(missing) if missing else 'any model'} (its /v1/models)", param="models")
+            raise RouterError(
+                400,
+                f"the worker at {address.key} does not serve "
+                f"{', '.join(missing) if missing else 'any model'} (its /v1/models)",
+                param="models",
+            )
         secret = secrets.token_urlsafe(32)
         # Its model list is fixed here: what it declared, else what it lists now (a change needs a new join).
-        worker = Worker(new_worker_id(), url, region, capacity or self.cfg.worker_capacity,
-                        declared_models=declared or tuple(sorted(seen)), secret_hash=hash_secret(secret), headers=headers,
-                        address=address.key, addresses=frozenset(addresses), key_hash=key_hash,
-                        max_adapters=self.adapter_slots(max_loras))
+        worker = Worker(
+            new_worker_id(),
+            url,
+            region,
+            capacity or self.cfg.worker_capacity,
+            declared_models=declared or tuple(sorted(seen)),
+            secret_hash=hash_secret(secret),
+            headers=headers,
+            address=address.key,
+            addresses=frozenset(addresses),
+            key_hash=key_hash,
+            max_adapters=self.adapter_slots(max_loras),
+        )
         if previous is not None:  # a worker cannot shed its marks by joining again
             worker.draining, worker.quarantined = previous.draining, previous.quarantined
             if previous.region_assigned:  # the operator's assignment stands; a new claim does not replace it
@@ -301,8 +394,11 @@ class WorkerRegistry:
 
     def serving(self, model: str) -> list[Worker]:
         """Routable workers that list `model` as a base model or a loaded adapter (healthy or not)."""
-        return [w for w in self.workers.values()
-                if (model in w.models or model in w.adapters) and w.routable and model not in w.unverified]
+        return [
+            w
+            for w in self.workers.values()
+            if (model in w.models or model in w.adapters) and w.routable and model not in w.unverified
+        ]
 
     def trusted(self) -> list[Worker]:
         """Healthy static workers: the reference answers of canary checks come from them."""
@@ -364,10 +460,18 @@ class WorkerRegistry:
             logger.debug("probe of %s failed: %s", worker.id, exc)
         worker.probe_timeouts = worker.probe_timeouts + 1 if timed_out else 0
         if timed_out and worker.healthy and not suspect and worker.probe_timeouts < 2:
-            logger.info("probe of worker %s (%s) timed out once; it stays in service until a second one", worker.id, worker.url)
+            logger.info(
+                "probe of worker %s (%s) timed out once; it stays in service until a second one", worker.id, worker.url
+            )
             return True
         if ok != worker.healthy:
-            logger.log(logging.INFO if ok else logging.WARNING, "worker %s (%s) is now %s", worker.id, worker.url, "healthy" if ok else "unhealthy")
+            logger.log(
+                logging.INFO if ok else logging.WARNING,
+                "worker %s (%s) is now %s",
+                worker.id,
+                worker.url,
+                "healthy" if ok else "unhealthy",
+            )
         worker.healthy = ok
         if ok:
             worker.last_ok = time.monotonic()

@@ -102,5 +102,10 @@ class ReplicaKeeper:
             except (UpstreamError, RouterError) as exc:
                 delay = min(MAX_RETRY_S, 2 * self._backoff.get(key, (0.0, self.cfg.health_interval_s / 2))[1])
                 self._backoff[key] = (time.monotonic() + delay, delay)
-                logger.warning("could not load promoted adapter %s on worker %s (retry in %.1f s): %s",
-                               adapter.name, worker.id, delay, exc)
+                logger.warning(
+                    "could not load promoted adapter %s on worker %s (retry in %.1f s): %s",
+                    adapter.name,
+                    worker.id,
+                    delay,
+                    exc,
+                )

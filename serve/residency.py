@@ -35,8 +35,12 @@ def check_region(region: str, param: str = "region") -> str:
     """
     label = region.strip() if isinstance(region, str) else ""
     if not _REGION.match(label):
-        raise RouterError(400, f"{region!r} is not a region label: use letters, digits, '_', '.' or '-' "
-                               "(at most 64, starting with a letter or digit), e.g. eu-west", param=param)
+        raise RouterError(
+            400,
+            f"{region!r} is not a region label: use letters, digits, '_', '.' or '-' "
+            "(at most 64, starting with a letter or digit), e.g. eu-west",
+            param=param,
+        )
     return label
 
 
@@ -67,21 +71,29 @@ def allowed(worker: Worker, regions: list[str] | None) -> bool:
 def unavailable(name: str, regions: list[str], asked: str | None = None) -> RouterError:
     """The 503 of a request for adapter `name` (asked for as `asked`, e.g. its alias) when no worker of its regions is up."""
     via = f" (behind {asked!r})" if asked and asked != name else ""
-    return RouterError(503, f"adapter {name!r}{via} may be served only in region(s) {', '.join(regions)} (its data residency) "
-                            "and no trusted worker there is up now; it is never served from another region. "
-                            "Check `appliance fleet` (a joined worker's region counts once `appliance fleet region ID REGION` "
-                            "confirmed it)", retry_after_s=5.0)
+    return RouterError(
+        503,
+        f"adapter {name!r}{via} may be served only in region(s) {', '.join(regions)} (its data residency) "
+        "and no trusted worker there is up now; it is never served from another region. "
+        "Check `appliance fleet` (a joined worker's region counts once `appliance fleet region ID REGION` "
+        "confirmed it)",
+        retry_after_s=5.0,
+    )
 
 
 def no_eligible_worker(name: str, regions: list[str], base_model: str | None, fleet: list[Worker]) -> RouterError:
     """The 409 of a publish limited to `regions` that no worker of the fleet could ever hold."""
     seen = sorted({f"{w.region}{'' if w.region_assigned else ' (claimed, unconfirmed)'}" for w in fleet}) or ["none"]
     base = f" serving base model {base_model!r}" if base_model else ""
-    return RouterError(409, f"cannot publish {name!r} limited to region(s) {', '.join(regions)}: no trusted worker{base} "
-                            f"has an operator-assigned region among them (worker regions now: {', '.join(seen)}); "
-                            "add one (serve.workers[].region, worker.region) or confirm a joined worker's region with "
-                            "`appliance fleet region ID REGION` (joined workers hold adapters only with "
-                            "serve.place_adapters_on_joined: true)", param="regions")
+    return RouterError(
+        409,
+        f"cannot publish {name!r} limited to region(s) {', '.join(regions)}: no trusted worker{base} "
+        f"has an operator-assigned region among them (worker regions now: {', '.join(seen)}); "
+        "add one (serve.workers[].region, worker.region) or confirm a joined worker's region with "
+        "`appliance fleet region ID REGION` (joined workers hold adapters only with "
+        "serve.place_adapters_on_joined: true)",
+        param="regions",
+    )
 
 
 class RegionBook:
@@ -103,7 +115,9 @@ class RegionBook:
                     raise ValueError("not a JSON object")
                 self.regions = {str(k): check_region(v) for k, v in data.items()}
             except (OSError, ValueError, RouterError) as exc:
-                logger.error("cannot read the operator's worker regions %s (%s); joined workers start unassigned", path, exc)
+                logger.error(
+                    "cannot read the operator's worker regions %s (%s); joined workers start unassigned", path, exc
+                )
 
     def lookup(self, address: str) -> str | None:
         """The region the operator assigned to the worker at `address`, if any."""

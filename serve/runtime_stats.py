@@ -12,8 +12,9 @@ def per_worker_tables(state: Any) -> dict[str, int]:
     hedger = state.forwarder.hedger
     return {
         "workers": len(state.registry.workers),
-        "metric samples": sum(1 for family in state.metrics.registry.collect() for sample in family.samples
-                              if "worker" in sample.labels),
+        "metric samples": sum(
+            1 for family in state.metrics.registry.collect() for sample in family.samples if "worker" in sample.labels
+        ),
         "series cache": len(state.forwarder._series),
         "load locks": len(state.placement._locks),
         "probes": len(state.registry._probing),
@@ -25,5 +26,8 @@ def per_worker_tables(state: Any) -> dict[str, int]:
 
 def runtime_stats(state: Any) -> dict[str, Any]:
     """The document of `GET /admin/runtime`: asyncio tasks alive, adapters published, and the per-worker tables."""
-    return {"asyncio_tasks": len(asyncio.all_tasks()), "published_adapters": len(state.placement.published),
-            "tables": per_worker_tables(state)}
+    return {
+        "asyncio_tasks": len(asyncio.all_tasks()),
+        "published_adapters": len(state.placement.published),
+        "tables": per_worker_tables(state),
+    }

@@ -35,7 +35,7 @@ def complete_events(buffer: bytes) -> tuple[bytes, bytes]:
     cut = buffer.rfind(b"\n\n")
     if cut < 0:
         return b"", buffer
-    return buffer[:cut + 2], buffer[cut + 2:]
+    return buffer[: cut + 2], buffer[cut + 2 :]
 
 
 def with_usage_asked(body: bytes) -> bytes:
@@ -56,10 +56,10 @@ def take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
         cut = events.rfind(b"\n\n", 0, pos)
         start = 0 if cut < 0 else cut + 2
         end = events.find(b"\n\n", pos) + 2  # the events are complete: each ends with a blank line
-        event = events[start:end - 2]
+        event = events[start : end - 2]
         try:
             data_at = event.find(b"data: {")  # after an `event:` line in Responses streams
-            chunk = _loads(event[data_at + 6:]) if data_at >= 0 else None
+            chunk = _loads(event[data_at + 6 :]) if data_at >= 0 else None
             total = int((chunk["response"] if "response" in chunk else chunk)["usage"]["total_tokens"])
         except (ValueError, KeyError, TypeError):
             total = None

@@ -65,7 +65,9 @@ def parse_worker_url(url: str) -> WorkerAddress:
     if scheme not in DEFAULT_PORTS:
         raise ValueError("the worker url must start with http:// or https://")
     if "@" in parts.netloc:
-        raise ValueError("the worker url must not carry user info (user:password@); the router sends the worker's API key itself")
+        raise ValueError(
+            "the worker url must not carry user info (user:password@); the router sends the worker's API key itself"
+        )
     if parts.path not in ("", "/"):
         raise ValueError("the worker url must be scheme://host:port without a path (the router adds /v1/... itself)")
     if parts.query or "?" in url:
@@ -135,7 +137,9 @@ def is_wildcard_host(host: str) -> bool:
         return False
 
 
-def is_own_address(address: WorkerAddress, bind_host: str, bind_port: int, local_hosts: frozenset[str] = frozenset()) -> bool:
+def is_own_address(
+    address: WorkerAddress, bind_host: str, bind_port: int, local_hosts: frozenset[str] = frozenset()
+) -> bool:
     """Whether `address` reaches a router bound to `bind_host:bind_port`: the same port, and the bind host itself,
     a loopback alias of a loopback bind, or (for a wildcard bind) loopback or any of `local_hosts` (this machine's
     addresses and names, normal form)."""

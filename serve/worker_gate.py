@@ -44,18 +44,39 @@ MAX_HEAD_BYTES = 64 * 1024  # largest request line plus headers
 CLIENT_IDLE_S = 75.0  # a caller's connection without a whole request for this long is closed (slow or idle callers)
 _SAFE_V1_PATH = re.compile(r"^/v1/[A-Za-z0-9_\-.:~/]*$")
 # Request headers not passed on (hop-by-hop, RFC 9110 7.6.1, and those the gate writes itself).
-_DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
-                      b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect"})
+_DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+    }
+)
 
 
 def _error_bytes(status: int, message: str, close: bool = False) -> bytes:
     """A whole OpenAI-style error answer."""
     kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(status, "api_error")
-    reason = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large", 502: "Bad Gateway",
-              503: "Service Unavailable"}[status]
+    reason = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        404: "Not Found",
+        413: "Payload Too Large",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+    }[status]
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: {'close' if close else 'keep-alive'}\r\n\r\n"
+    ).encode() + body
 
 
 _NOT_FOUND = _error_bytes(404, "not found: this worker serves only /v1/* (with its API key) and GET /health")
@@ -68,8 +89,11 @@ _DOWN = _error_bytes(503, "the model server behind this worker's gate is not run
 def plain_v1_path(path: str) -> bool:
     """Whether `path` (raw, without the query) is `/v1/...` spelled plainly: no `..` or `.` segment, no `//`, no
     percent-encoding or backslash (so the path vLLM routes is the path the gate checked)."""
-    return (_SAFE_V1_PATH.match(path) is not None and "//" not in path
-            and not any(seg in (".", "..") for seg in path.split("/")))
+    return (
+        _SAFE_V1_PATH.match(path) is not None
+        and "//" not in path
+        and not any(seg in (".", "..") for seg in path.split("/"))
+    )
 
 
 class WorkerGate:
@@ -85,13 +109,19 @@ class WorkerGate:
             answer is being relayed).
     """
 
-    def __init__(self, upstream: str, api_key: str | None, *, max_body_bytes: int = MAX_BODY_BYTES,
-                 client_idle_s: float = CLIENT_IDLE_S):
+    def __init__(
+        self,
+        upstream: str,
+        api_key: str | None,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        client_idle_s: float = CLIENT_IDLE_S,
+    ):
         if upstream.startswith("unix:"):
-            self._socket_path: str | None = upstream[len("unix:"):]
+            self._socket_path: str | None = upstream[len("unix:") :]
             self._address: tuple[str, int] | None = None
         elif upstream.startswith("http://"):
-            host, _, port = upstream[len("http://"):].rstrip("/").rpartition(":")
+            host, _, port = upstream[len("http://") :].rstrip("/").rpartition(":")
             self._socket_path, self._address = None, (host.strip("[]"), int(port))
         else:
             raise ValueError(f"the gate's upstream must be unix:PATH or http://HOST:PORT, not {upstream!r}")
@@ -325,7 +355,9 @@ class _Client(asyncio.Protocol):
         if self.refusal is None:
             self.size += len(body)
             if self.size > self.gate.max_body:
-                self.refusal = _error_bytes(413, f"request body exceeds the worker gate's limit of {self.gate.max_body} bytes", close=True)
+                self.refusal = _error_bytes(
+                    413, f"request body exceeds the worker gate's limit of {self.gate.max_body} bytes", close=True
+                )
                 self.body = []
             else:
                 self.body.append(body)
@@ -342,8 +374,17 @@ class _Client(asyncio.Protocol):
         self.busy = True
         self.keep_alive = self.parser.should_keep_alive()
         body = b"".join(self.body)
-        self.request = b"".join([self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\nhost: localhost\r\n", *self.headers,
-                                 b"content-length: %d\r\n\r\n" % len(body), body])
+        self.request = b"".join(
+            [
+                self.parser.get_method(),
+                b" ",
+                self.url,
+                b" HTTP/1.1\r\nhost: localhost\r\n",
+                *self.headers,
+                b"content-length: %d\r\n\r\n" % len(body),
+                body,
+            ]
+        )
         self.retried = False
         upstream = self.gate.take_idle()
         if upstream is not None:
@@ -455,7 +496,9 @@ class GateThread:
 
 def main(argv: list[str] | None = None) -> None:
     """Run a gate as its own process until interrupted."""
-    parser = argparse.ArgumentParser(description="An authenticating gate in front of a vLLM worker (key in $WORKER_GATE_API_KEY).")
+    parser = argparse.ArgumentParser(
+        description="An authenticating gate in front of a vLLM worker (key in $WORKER_GATE_API_KEY)."
+    )
     parser.add_argument("--listen", required=True, help="HOST:PORT to listen on.")
     parser.add_argument("--upstream", required=True, help="unix:PATH or http://127.0.0.1:PORT of vLLM.")
     args = parser.parse_args(argv)

@@ -26,10 +26,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
+from fedllm.core.contracts.router_client import RouterClient, ServiceUnavailable
 from fedllm.core.cores import divide_cores
 from fedllm.core.errors import ApplianceError, ConfigError
-from fedllm.core.contracts.router_client import RouterClient, ServiceUnavailable
-from fedllm.core.processes import http_ok, log_tail, start_process_group, stop_process, stop_process_group, wait_for_signal
+from fedllm.core.processes import (
+    http_ok,
+    log_tail,
+    start_process_group,
+    stop_process,
+    stop_process_group,
+    wait_for_signal,
+)
 from fedllm.core.sections.serve import WorkerSettings
 
 if TYPE_CHECKING:
@@ -74,19 +81,28 @@ def vllm_command(
     if device not in DEVICES:
         raise ConfigError(f"unknown worker device {device!r}; expected one of {', '.join(DEVICES)} (worker.device)")
     argv = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", served_name,
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
         *(["--uds", uds] if uds else ["--host", host, "--port", str(port)]),
-        "--max-model-len", str(cfg.max_model_len),
+        "--max-model-len",
+        str(cfg.max_model_len),
         "--enable-lora",
-        "--max-lora-rank", str(cfg.max_lora_rank),
-        "--max-loras", str(cfg.max_loras),
+        "--max-lora-rank",
+        str(cfg.max_lora_rank),
+        "--max-loras",
+        str(cfg.max_loras),
     ]
     if device == "cuda":
         argv += [
-            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+            "--tensor-parallel-size",
+            str(cfg.tensor_parallel_size),
+            "--gpu-memory-utilization",
+            str(cfg.gpu_memory_utilization),
         ]
     elif cfg.tensor_parallel_size > 1:
         argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
@@ -97,8 +113,9 @@ def vllm_command(
     return argv + list(cfg.extra_args)
 
 
-def vllm_env(cfg: WorkerSettings, device: str | None = None, base: dict[str, str] | None = None,
-             api_key: str | None = None) -> dict[str, str]:
+def vllm_env(
+    cfg: WorkerSettings, device: str | None = None, base: dict[str, str] | None = None, api_key: str | None = None
+) -> dict[str, str]:
     """The environment of a vLLM child: its API key (`VLLM_API_KEY`: vLLM then answers 401 on `/v1/*` without it,
     runtime LoRA loading included; never on the command line), runtime LoRA updates allowed, and on the CPU a KV
     cache size in GiB."""
@@ -200,13 +217,20 @@ class VLLMWorker:
         except OSError:
             shutil.rmtree(self._private, ignore_errors=True)
             raise
-        self.proc = start_process_group(self.argv, self.log_path, vllm_env(self.cfg, self.device, api_key=self.api_key), new_group=self.own_process_group)
+        self.proc = start_process_group(
+            self.argv,
+            self.log_path,
+            vllm_env(self.cfg, self.device, api_key=self.api_key),
+            new_group=self.own_process_group,
+        )
         return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout_s: float | None = None, poll_s: float = 1.0, stop: threading.Event | None = None) -> "VLLMWorker":
+    def wait_ready(
+        self, timeout_s: float | None = None, poll_s: float = 1.0, stop: threading.Event | None = None
+    ) -> "VLLMWorker":
         """Block until `/health` answers and `/v1/models` lists the model, or until `stop` is set (then the worker
         is stopped and the call returns).
 
@@ -268,7 +292,12 @@ def run_until_signal(worker: VLLMWorker, stop: threading.Event, poll_s: float = 
         if wait_for_signal(stop, worker.alive, poll_s):
             return 0
         code = worker.proc.returncode if worker.proc else 1
-        log.error("vLLM worker on %s exited with code %s; last lines of its log:\n%s", worker.url, code, log_tail(worker.log_path))
+        log.error(
+            "vLLM worker on %s exited with code %s; last lines of its log:\n%s",
+            worker.url,
+            code,
+            log_tail(worker.log_path),
+        )
         return code or 1
     finally:
         worker.stop()
@@ -293,8 +322,17 @@ class RouterRegistration:
     worker (docs/CONTRACTS.md, router admin API).
     """
 
-    def __init__(self, client: RouterClient, join_token: str, worker_url: str, region: str, models: list[str],
-                 capacity: int = 1, api_key: str | None = None, max_loras: int | None = None):
+    def __init__(
+        self,
+        client: RouterClient,
+        join_token: str,
+        worker_url: str,
+        region: str,
+        models: list[str],
+        capacity: int = 1,
+        api_key: str | None = None,
+        max_loras: int | None = None,
+    ):
         self.client = client
         self.max_loras = max_loras  # adapters it holds at once (its vLLM --max-loras), told to the router
         self.join_token = join_token
@@ -315,10 +353,19 @@ class RouterRegistration:
         Raises:
             ServiceUnavailable: the router refused (bad token: 401; models it cannot verify: 400) or is unreachable.
         """
-        answer = self.client.register_worker(self.worker_url, region=self.region, models=self.models, capacity=self.capacity,
-                                             api_key=self.api_key, token=self.join_token, max_loras=self.max_loras)
+        answer = self.client.register_worker(
+            self.worker_url,
+            region=self.region,
+            models=self.models,
+            capacity=self.capacity,
+            api_key=self.api_key,
+            token=self.join_token,
+            max_loras=self.max_loras,
+        )
         if "id" not in answer or "secret" not in answer:
-            raise ServiceUnavailable(f"the router's answer to the registration has no id or secret (keys: {sorted(answer)})")
+            raise ServiceUnavailable(
+                f"the router's answer to the registration has no id or secret (keys: {sorted(answer)})"
+            )
         self.worker_id, self.secret = str(answer["id"]), str(answer["secret"])
         log.info("registered worker %s with %s as %s", self.worker_url, self.router_url, self.worker_id)
         return self.worker_id
@@ -330,7 +377,9 @@ class RouterRegistration:
             RuntimeError: the worker is not registered (before `register()` or after `deregister()`).
         """
         if self.worker_id is None:
-            raise RuntimeError(f"worker {self.worker_url} is not registered with {self.router_url}: nothing to heartbeat")
+            raise RuntimeError(
+                f"worker {self.worker_url} is not registered with {self.router_url}: nothing to heartbeat"
+            )
         try:
             self.client.heartbeat(self.worker_id, token=self.secret)
         except ServiceUnavailable as exc:
@@ -371,7 +420,12 @@ class RouterRegistration:
             log.warning("could not drain worker %s: %s", self.worker_id, exc)
             return 0
         if outstanding:
-            log.warning("worker %s still had %d requests in flight after %.0f s of draining", self.worker_id, outstanding, timeout_s)
+            log.warning(
+                "worker %s still had %d requests in flight after %.0f s of draining",
+                self.worker_id,
+                outstanding,
+                timeout_s,
+            )
         else:
             log.info("worker %s drained", self.worker_id)
         return outstanding

@@ -76,7 +76,9 @@ class Bed:
         seed: seeds link jitter.
     """
 
-    def __init__(self, regions: Mapping[str, LinkSpec], workdir: Path, *, use_netns: bool | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, regions: Mapping[str, LinkSpec], workdir: Path, *, use_netns: bool | None = None, seed: int = 0
+    ) -> None:
         bad = [r for r in regions if not _REGION_NAME.fullmatch(r)]
         if bad:
             raise ValueError(f"region names must be lowercase letters, digits and '-', at most 16 long: {bad}")
@@ -118,11 +120,22 @@ class Bed:
             self.hub = netns.Namespace(f"g{self.id}-hub").create()
             for region in self.regions.values():
                 region.namespace = netns.Namespace(f"g{self.id}-{region.name}").create()
-                netns.connect_veth(region.namespace, "eth0", f"{region.address}/24", self.hub, f"r{region.index}", f"{region.hub_address}/24")
+                netns.connect_veth(
+                    region.namespace,
+                    "eth0",
+                    f"{region.address}/24",
+                    self.hub,
+                    f"r{region.index}",
+                    f"{region.hub_address}/24",
+                )
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"bed-{self.id}", daemon=True)
         self._thread.start()
-        logger.info("test bed %s up (%s): %s", self.id, "netns" if self.use_netns else "loopback",
-                    ", ".join(f"{r.name} {r.spec.describe()}" for r in self.regions.values()))
+        logger.info(
+            "test bed %s up (%s): %s",
+            self.id,
+            "netns" if self.use_netns else "loopback",
+            ", ".join(f"{r.name} {r.spec.describe()}" for r in self.regions.values()),
+        )
         return self
 
     def close(self) -> None:
@@ -161,10 +174,12 @@ class Bed:
 
     def free_port(self, region: str) -> int:
         """A TCP port free on `region`'s address a moment ago."""
+
         def pick() -> int:
             with socket.socket() as s:
                 s.bind((self.address(region), 0))
                 return s.getsockname()[1]
+
         ns = self.regions[region].namespace
         return ns.call(pick) if ns else pick()
 
@@ -179,9 +194,15 @@ class Bed:
         key = (client, server, port)
         if key not in self._links:
             c, s = self.regions[client], self.regions[server]
-            link = Link((s.address, port), spec or (c.spec + s.spec), listen=(c.hub_address, 0),
-                        listen_factory=self.hub.socket if self.hub else None, connect_factory=self.hub.socket if self.hub else None,
-                        name=f"{client}->{server}:{port}", seed=self.seed + len(self._links))
+            link = Link(
+                (s.address, port),
+                spec or (c.spec + s.spec),
+                listen=(c.hub_address, 0),
+                listen_factory=self.hub.socket if self.hub else None,
+                connect_factory=self.hub.socket if self.hub else None,
+                name=f"{client}->{server}:{port}",
+                seed=self.seed + len(self._links),
+            )
             self._run(link.start())
             if {client, server} & self._cut:
                 self._run(link.cut())
@@ -201,9 +222,11 @@ class Bed:
 
     def cut(self, region: str) -> None:
         """Cut `region` off: every link touching it resets its connections and refuses new ones."""
+
         async def cut_all() -> None:
             for link in self._links_of[region]:
                 await link.cut()
+
         self._cut.add(region)
         self._run(cut_all())
         logger.info("region %s cut off", region)
@@ -216,6 +239,7 @@ class Bed:
             for (client, server, _), link in self._links.items():
                 if region in (client, server) and not {client, server} & self._cut:
                     await link.restore()
+
         self._run(restore_all())
         logger.info("region %s restored", region)
 
@@ -237,24 +261,29 @@ class Bed:
 
     def reset_after(self, client: str, nbytes: int, direction: str = "up") -> None:
         """Once `nbytes` more bytes go `direction` on a link from region `client`, reset its connections (once)."""
+
         async def arm() -> None:
             for (c, _, _), link in self._links.items():
                 if c == client:
                     link.reset_after(nbytes, direction)
+
         self._run(arm())
 
     def drop(self, client: str, direction: str = "down", on: bool = True) -> None:
         """Silently lose every byte going `direction` on the links from region `client` (connections stay up) until
         `drop(client, direction, False)`: e.g. `drop("a")` loses whatever the other regions send to `a`."""
+
         async def set_all() -> None:
             for (c, _, _), link in self._links.items():
                 if c == client:
                     link.drop(direction, on)
+
         self._run(set_all())
 
     # -- processes and clients --
-    def spawn(self, region: str, name: str, argv: list[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
+    def spawn(
+        self, region: str, name: str, argv: list[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen:
         """Start `argv` inside `region` (its own process group, output in `workdir/NAME.log`)."""
         if name in self.processes:
             raise ValueError(f"a process named {name!r} already runs in the bed")
@@ -262,8 +291,15 @@ class Bed:
         full_env = {**os.environ, **(env or {})}
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(ns.exec_argv(argv) if ns else argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(
+                ns.exec_argv(argv) if ns else argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         self.processes[name] = proc
         logger.info("spawned %s in %s (pid %d, log %s)", name, region, proc.pid, log_path)
         return proc
@@ -305,8 +341,16 @@ class Bed:
 
     def stats(self) -> list[dict[str, Any]]:
         """One row per link: name, spec, cut, connections, bytes each way."""
-        return [{"link": link.name, "spec": link.spec.describe(), "cut": link.is_cut, "connections": link.connections,
-                 **link.bytes} for link in self._links.values()]
+        return [
+            {
+                "link": link.name,
+                "spec": link.spec.describe(),
+                "cut": link.is_cut,
+                "connections": link.connections,
+                **link.bytes,
+            }
+            for link in self._links.values()
+        ]
 
 
 async def _spawn_task(coro: Awaitable[Any]) -> asyncio.Task:

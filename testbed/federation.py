@@ -75,7 +75,9 @@ class GeoFederation:
         return {"APPLIANCE_HOME": str(home), "APPLIANCE_MODEL": MODEL_NAME, **self.env}
 
     def _cli(self, home: Path, *args: str) -> str:
-        out = subprocess.run(appliance_argv(*args), env={**os.environ, **self._env(home)}, capture_output=True, text=True)
+        out = subprocess.run(
+            appliance_argv(*args), env={**os.environ, **self._env(home)}, capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise RuntimeError(f"`appliance {' '.join(args)}` failed ({out.returncode}): {out.stderr[-2000:]}")
         return out.stdout
@@ -101,10 +103,19 @@ class GeoFederation:
         self.port, self.status_port = self.bed.free_port(self.region), self.bed.free_port(self.region)
         home = self.home("coordinator")
         self.status_token  # noqa: B018 - made before the coordinator reads it
-        env = {**self._env(home), "APPLIANCE_FEDERATION__STATUS_PORT": str(self.status_port),
-               "APPLIANCE_FEDERATION__AUTO_PUBLISH": "false"}
-        self.bed.spawn(self.region, "coordinator", appliance_argv(
-            "coordinator", "start", "--host", self.bed.address(self.region), "--port", str(self.port), *args), env=env)
+        env = {
+            **self._env(home),
+            "APPLIANCE_FEDERATION__STATUS_PORT": str(self.status_port),
+            "APPLIANCE_FEDERATION__AUTO_PUBLISH": "false",
+        }
+        self.bed.spawn(
+            self.region,
+            "coordinator",
+            appliance_argv(
+                "coordinator", "start", "--host", self.bed.address(self.region), "--port", str(self.port), *args
+            ),
+            env=env,
+        )
         self.wait(lambda: self.status() is not None, timeout_s, "the coordinator's /status")
 
     def start_silo(self, name: str, data: Path, eval_data: Path | None = None) -> None:
@@ -112,12 +123,27 @@ class GeoFederation:
         pinned to its share of this machine's cores (`divide_cores` over the enrolled silos)."""
         region = self.silos[name]
         host, port = self.bed.link(region, self.region, self.port)
-        args = ["silo", "join", "--coordinator", f"tcp://{host}:{port}", "--coordinator-key", self.coordinator_key,
-                "--data", str(data), "--name", name, *(["--eval", str(eval_data)] if eval_data else [])]
+        args = [
+            "silo",
+            "join",
+            "--coordinator",
+            f"tcp://{host}:{port}",
+            "--coordinator-key",
+            self.coordinator_key,
+            "--data",
+            str(data),
+            "--name",
+            name,
+            *(["--eval", str(eval_data)] if eval_data else []),
+        ]
         # The enrolled silos train at once on this one machine: each gets its own share of the cores.
         share = divide_cores(len(self.silos))[list(self.silos).index(name)]
-        self.bed.spawn(region, f"silo-{name}", share.argv(appliance_argv(*args)),
-                       env={**self._env(self.home(f"silo-{name}")), **share.env()})
+        self.bed.spawn(
+            region,
+            f"silo-{name}",
+            share.argv(appliance_argv(*args)),
+            env={**self._env(self.home(f"silo-{name}")), **share.env()},
+        )
 
     def status(self) -> dict[str, Any] | None:
         """The coordinator's status document (read inside its region), or None if it does not answer."""

@@ -75,8 +75,11 @@ class GeoFleet:
         # Every worker of this fleet joins and no trusted (static) worker serves their model, so nothing could check
         # them: the test bed allows unverified models (serve.allow_unverified) unless serve_env says otherwise. Its
         # links are plain HTTP between simulated regions (no certificates): the operator's explicit opt-in.
-        env = {"APPLIANCE_HOME": str(self.home), "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true",
-               "APPLIANCE_SERVE__ALLOW_PLAIN_HTTP_WORKERS": "true"}
+        env = {
+            "APPLIANCE_HOME": str(self.home),
+            "APPLIANCE_SERVE__ALLOW_UNVERIFIED": "true",
+            "APPLIANCE_SERVE__ALLOW_PLAIN_HTTP_WORKERS": "true",
+        }
         env.update({f"APPLIANCE_SERVE__{k.upper()}": str(v) for k, v in self.serve_env.items()})
         return env
 
@@ -86,12 +89,21 @@ class GeoFleet:
 
         self.home.mkdir(parents=True, exist_ok=True)
         self.admin_token, self.join_token  # noqa: B018 - create both tokens before the router reads them
-        out = subprocess.run(appliance_argv("keys", "create", "--name", "geo-clients"), env=_env(self._router_env()),
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            appliance_argv("keys", "create", "--name", "geo-clients"),
+            env=_env(self._router_env()),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         self.api_key = out.stdout.strip().splitlines()[-1].strip()
         self.router_port = self.bed.free_port(self.router_region)
-        self.bed.spawn(self.router_region, "router", appliance_argv(
-            "serve", "--host", self.bed.address(self.router_region), "--port", str(self.router_port)), env=self._router_env())
+        self.bed.spawn(
+            self.router_region,
+            "router",
+            appliance_argv("serve", "--host", self.bed.address(self.router_region), "--port", str(self.router_port)),
+            env=self._router_env(),
+        )
         self.wait(lambda: self.admin("GET", "/health") is not None, timeout_s, "the router to answer /health", "router")
         return self.router_url(self.router_region)
 
@@ -99,22 +111,48 @@ class GeoFleet:
         """The router's base URL as seen from `client_region` (through the bed's link)."""
         return self.bed.url(client_region, self.router_region, self.router_port)
 
-    def add_fake_worker(self, region: str, name: str | None = None, *fake_args: str, join_args: tuple[str, ...] = ()) -> FleetWorker:
+    def add_fake_worker(
+        self, region: str, name: str | None = None, *fake_args: str, join_args: tuple[str, ...] = ()
+    ) -> FleetWorker:
         """Start the fake vLLM worker in `region` with its own API key (`VLLM_API_KEY`, as vLLM reads it) and join it
         with `appliance worker join --url ... --advertise ...` (the key in the same variable)."""
         if not (CHECKOUT / "testing" / "fake_vllm.py").exists():
-            raise FileNotFoundError(f"the fake vLLM worker (testing/fake_vllm.py) is not in {CHECKOUT}: the test bed's fake "
-                                    "workers need the appliance's `testing` package next to `testbed`")
+            raise FileNotFoundError(
+                f"the fake vLLM worker (testing/fake_vllm.py) is not in {CHECKOUT}: the test bed's fake "
+                "workers need the appliance's `testing` package next to `testbed`"
+            )
         name = name or f"fake-{region}"
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"
         key = {"VLLM_API_KEY": secrets.token_urlsafe(24)}
-        self.bed.spawn(region, name, [sys.executable, "-m", "fedllm.testing.fake_vllm", "--host", self.bed.address(region),
-                                      "--port", str(port), "--model", FAKE_MODEL, "--name", name, *fake_args], env=key, cwd=CHECKOUT)
-        self.wait(lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 120, f"{name} to answer", name)
+        self.bed.spawn(
+            region,
+            name,
+            [
+                sys.executable,
+                "-m",
+                "fedllm.testing.fake_vllm",
+                "--host",
+                self.bed.address(region),
+                "--port",
+                str(port),
+                "--model",
+                FAKE_MODEL,
+                "--name",
+                name,
+                *fake_args,
+            ],
+            env=key,
+            cwd=CHECKOUT,
+        )
+        self.wait(
+            lambda: self.bed.call(region, lambda: _http_status(f"{url}/health")) == 200, 120, f"{name} to answer", name
+        )
         return self._join(region, name, port, url, ["--url", url, *join_args], key)
 
-    def add_vllm_worker(self, region: str, model_dir: Path, name: str | None = None, extra_env: dict[str, str] | None = None) -> FleetWorker:
+    def add_vllm_worker(
+        self, region: str, model_dir: Path, name: str | None = None, extra_env: dict[str, str] | None = None
+    ) -> FleetWorker:
         """Start and join a real vLLM worker with `appliance worker join --model DIR --host ADDR --port P --advertise URL`."""
         name = name or f"vllm-{region}"
         port = self.bed.free_port(region)
@@ -122,15 +160,35 @@ class GeoFleet:
         args = ["--model", str(model_dir), "--host", self.bed.address(region), "--port", str(port)]
         return self._join(region, name, port, url, args, extra_env)
 
-    def _join(self, region: str, name: str, port: int, url: str, args: list[str], extra_env: dict[str, str] | None = None) -> FleetWorker:
+    def _join(
+        self, region: str, name: str, port: int, url: str, args: list[str], extra_env: dict[str, str] | None = None
+    ) -> FleetWorker:
         advertised = self.bed.url(self.router_region, region, port)
         worker_home = self.home.parent / f"home-{name}"
-        self.bed.spawn(region, f"join-{name}", appliance_argv(
-            "worker", "join", "--router", self.bed.url(region, self.router_region, self.router_port),
-            "--region", region, "--advertise", advertised, "--heartbeat-s", "2", *args),
+        self.bed.spawn(
+            region,
+            f"join-{name}",
+            appliance_argv(
+                "worker",
+                "join",
+                "--router",
+                self.bed.url(region, self.router_region, self.router_port),
+                "--region",
+                region,
+                "--advertise",
+                advertised,
+                "--heartbeat-s",
+                "2",
+                *args,
+            ),
             # The bed's private network is plain HTTP: the join token may cross it (the README's worker uses https).
-            env={"APPLIANCE_HOME": str(worker_home), "APPLIANCE_JOIN_TOKEN": self.join_token, "APPLIANCE_ALLOW_PLAIN_HTTP": "true",
-                 **(extra_env or {})})
+            env={
+                "APPLIANCE_HOME": str(worker_home),
+                "APPLIANCE_JOIN_TOKEN": self.join_token,
+                "APPLIANCE_ALLOW_PLAIN_HTTP": "true",
+                **(extra_env or {}),
+            },
+        )
         worker = FleetWorker(name, region, port, url, advertised)
         self.workers[name] = worker
         return worker
@@ -145,7 +203,9 @@ class GeoFleet:
             rows = self.admin("GET", "/admin/workers") or []
             return wanted <= {r["url"] for r in rows if r["healthy"]}
 
-        self.wait(ready, timeout_s, f"workers {sorted(wanted)} to be healthy", *[f"join-{n}" for n in names or self.workers])
+        self.wait(
+            ready, timeout_s, f"workers {sorted(wanted)} to be healthy", *[f"join-{n}" for n in names or self.workers]
+        )
         return rows
 
     def row(self, name: str) -> dict[str, Any] | None:
@@ -187,8 +247,9 @@ def _http_status(url: str) -> int | None:
 
 def _json_call(method: str, url: str, token: str, body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             raw = resp.read()

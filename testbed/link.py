@@ -53,9 +53,13 @@ class LinkSpec:
         Raises:
             ValueError: the text is not of that form.
         """
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)ms(?:\+(\d+(?:\.\d+)?)ms)?(?:/(\d+(?:\.\d+)?)mbit)?\s*", text, re.IGNORECASE)
+        m = re.fullmatch(
+            r"\s*(\d+(?:\.\d+)?)ms(?:\+(\d+(?:\.\d+)?)ms)?(?:/(\d+(?:\.\d+)?)mbit)?\s*", text, re.IGNORECASE
+        )
         if m is None:
-            raise ValueError(f"bad link spec {text!r}; expected DELAYms[+JITTERms][/BWmbit], e.g. 40ms or 80ms+5ms/10mbit")
+            raise ValueError(
+                f"bad link spec {text!r}; expected DELAYms[+JITTERms][/BWmbit], e.g. 40ms or 80ms+5ms/10mbit"
+            )
         return cls(float(m[1]), float(m[2] or 0), float(m[3]) if m[3] else None)
 
     def __add__(self, other: "LinkSpec") -> "LinkSpec":
@@ -113,8 +117,12 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 class _Relay:
     """One accepted connection and its upstream: two pipes, each through its direction's shaper."""
 
-    def __init__(self, link: "Link", client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    def __init__(
+        self,
+        link: "Link",
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
         self.link = link
         self.writers = (client[1], upstream[1])
         self.tasks = [
@@ -136,7 +144,9 @@ class _Relay:
         for w in self.writers:
             _reset(w)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shaper: Shaper, direction: str) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shaper: Shaper, direction: str
+    ) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         queued = 0
         room = asyncio.Event()
@@ -201,9 +211,17 @@ class Link:
         seed: seeds the jitter.
     """
 
-    def __init__(self, target: tuple[str, int], spec: LinkSpec = LinkSpec(), *, listen: tuple[str, int] = ("127.0.0.1", 0),
-                 listen_factory: SocketFactory | None = None, connect_factory: SocketFactory | None = None,
-                 name: str = "link", seed: int | None = None) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        spec: LinkSpec = LinkSpec(),
+        *,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        listen_factory: SocketFactory | None = None,
+        connect_factory: SocketFactory | None = None,
+        name: str = "link",
+        seed: int | None = None,
+    ) -> None:
         self.target = target
         self.name = name
         self.listen_address = listen
@@ -245,7 +263,9 @@ class Link:
         self._server = await asyncio.start_server(self._accept, sock=sock)
         self.listen_address = sock.getsockname()[:2]
         self._cut = False
-        logger.debug("link %s listening on %s -> %s (%s)", self.name, self.listen_address, self.target, self.spec.describe())
+        logger.debug(
+            "link %s listening on %s -> %s (%s)", self.name, self.listen_address, self.target, self.spec.describe()
+        )
         return self.listen_address
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -33,12 +33,23 @@ class LoadResult:
         return len(self.ttft_s) / self.duration_s if self.duration_s else 0.0
 
     def summary(self) -> str:
-        return (f"n={len(self.ttft_s)} p50={self.percentile(50):.0f}ms p99={self.percentile(99):.0f}ms "
-                f"mean={1000 * statistics.fmean(self.ttft_s) if self.ttft_s else float('nan'):.0f}ms errors={self.errors}")
+        return (
+            f"n={len(self.ttft_s)} p50={self.percentile(50):.0f}ms p99={self.percentile(99):.0f}ms "
+            f"mean={1000 * statistics.fmean(self.ttft_s) if self.ttft_s else float('nan'):.0f}ms errors={self.errors}"
+        )
 
 
-async def stream_load(url: str, api_key: str, model: str, *, region: str | None, concurrency: int, duration_s: float,
-                      max_tokens: int = 16, timeout_s: float = 60.0) -> LoadResult:
+async def stream_load(
+    url: str,
+    api_key: str,
+    model: str,
+    *,
+    region: str | None,
+    concurrency: int,
+    duration_s: float,
+    max_tokens: int = 16,
+    timeout_s: float = 60.0,
+) -> LoadResult:
     """`concurrency` clients send streamed chat requests back to back for `duration_s` seconds.
 
     A request counts when its stream ends with `[DONE]`; one that ends with an error event, a non-200 status or a
@@ -47,7 +58,12 @@ async def stream_load(url: str, api_key: str, model: str, *, region: str | None,
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}", **({"X-Region": region} if region else {})}
-    body = {"model": model, "stream": True, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hi."}]}
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Say hi."}],
+    }
     result = LoadResult()
     stop_at = time.monotonic() + duration_s
 

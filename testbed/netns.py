@@ -149,7 +149,9 @@ class Namespace:
         return box["result"]  # type: ignore[return-value]
 
 
-def connect_veth(inner: Namespace, inner_ifname: str, inner_cidr: str, outer: Namespace, outer_ifname: str, outer_cidr: str) -> None:
+def connect_veth(
+    inner: Namespace, inner_ifname: str, inner_cidr: str, outer: Namespace, outer_ifname: str, outer_cidr: str
+) -> None:
     """A veth pair from `inner` to `outer`, both ends addressed and up (made inside the namespaces, never outside)."""
     inner.ip("link", "add", inner_ifname, "type", "veth", "peer", "name", outer_ifname, "netns", outer.name)
     inner.ip("addr", "add", inner_cidr, "dev", inner_ifname)

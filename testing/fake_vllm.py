@@ -52,9 +52,21 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_CONTROL_FIELDS = ("fail_next", "fail_status", "delay_s", "chunk_delay_s", "break_after_chunks", "unhealthy", "die_after",
-                   "refuse_loads", "forge", "first_byte_delay_s", "first_byte_delay_fraction", "extra_models",
-                   "health_delay_s")
+_CONTROL_FIELDS = (
+    "fail_next",
+    "fail_status",
+    "delay_s",
+    "chunk_delay_s",
+    "break_after_chunks",
+    "unhealthy",
+    "die_after",
+    "refuse_loads",
+    "forge",
+    "first_byte_delay_s",
+    "first_byte_delay_fraction",
+    "extra_models",
+    "health_delay_s",
+)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -114,14 +126,20 @@ class FakeBackend:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if self._auth is not None and path.startswith("/v1") and dict(scope["headers"]).get(b"authorization") != self._auth:
+        if (
+            self._auth is not None
+            and path.startswith("/v1")
+            and dict(scope["headers"]).get(b"authorization") != self._auth
+        ):
             await self._send_json(send, 401, {"error": "Unauthorized"})
             return
         if method == "GET":
             if path == "/health":
                 if self.health_delay_s:
                     await asyncio.sleep(self.health_delay_s)
-                await self._send(send, 503 if self.unhealthy else 200, b"" if not self.unhealthy else b'{"status":"unhealthy"}')
+                await self._send(
+                    send, 503 if self.unhealthy else 200, b"" if not self.unhealthy else b'{"status":"unhealthy"}'
+                )
             elif path == "/v1/models":
                 await self._send_json(send, 200, self._models())
             elif path == "/fake/requests":
@@ -158,8 +176,10 @@ class FakeBackend:
             setattr(self, key, value)
 
     def _models(self) -> dict[str, Any]:
-        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "fake", "root": m, "parent": None}
-                for m in [self.model, *self.extra_models]]
+        data = [
+            {"id": m, "object": "model", "created": self.created, "owned_by": "fake", "root": m, "parent": None}
+            for m in [self.model, *self.extra_models]
+        ]
         data += [
             {"id": n, "object": "model", "created": self.created, "owned_by": "fake", "root": p, "parent": self.model}
             for n, p in self.adapters.items()
@@ -168,26 +188,46 @@ class FakeBackend:
 
     async def _load(self, body: bytes, send: Send) -> None:
         req = json.loads(body or b"{}")
-        self.requests.append({"path": "/v1/load_lora_adapter", "model": req.get("lora_name"), "lora_path": req.get("lora_path")})
+        self.requests.append(
+            {"path": "/v1/load_lora_adapter", "model": req.get("lora_name"), "lora_path": req.get("lora_path")}
+        )
         if not req.get("lora_name") or not req.get("lora_path"):
             await self._send_json(send, 400, _error("lora_name and lora_path are required", "BadRequestError", 400))
             return
         if self.refuse_loads:
-            await self._send_json(send, 400, _error(f"Loading lora {req['lora_name']} failed: no adapter found at {req['lora_path']}", "BadRequestError", 400))
+            await self._send_json(
+                send,
+                400,
+                _error(
+                    f"Loading lora {req['lora_name']} failed: no adapter found at {req['lora_path']}",
+                    "BadRequestError",
+                    400,
+                ),
+            )
             return
         if req["lora_name"] in self.adapters:
-            await self._send_json(send, 400, _error(f"The lora adapter '{req['lora_name']}' has already been loaded.", "InvalidUserInput", 400))
+            await self._send_json(
+                send,
+                400,
+                _error(f"The lora adapter '{req['lora_name']}' has already been loaded.", "InvalidUserInput", 400),
+            )
             return
         self.adapters[req["lora_name"]] = req["lora_path"]
-        await self._send(send, 200, f"Success: LoRA adapter '{req['lora_name']}' added successfully.".encode(), b"text/plain")
+        await self._send(
+            send, 200, f"Success: LoRA adapter '{req['lora_name']}' added successfully.".encode(), b"text/plain"
+        )
 
     async def _unload(self, body: bytes, send: Send) -> None:
         req = json.loads(body or b"{}")
         self.requests.append({"path": "/v1/unload_lora_adapter", "model": req.get("lora_name")})
         if self.adapters.pop(req.get("lora_name", ""), None) is None:
-            await self._send_json(send, 404, _error(f"The lora adapter '{req.get('lora_name')}' cannot be found.", "NotFoundError", 404))
+            await self._send_json(
+                send, 404, _error(f"The lora adapter '{req.get('lora_name')}' cannot be found.", "NotFoundError", 404)
+            )
             return
-        await self._send(send, 200, f"Success: LoRA adapter '{req['lora_name']}' removed successfully.".encode(), b"text/plain")
+        await self._send(
+            send, 200, f"Success: LoRA adapter '{req['lora_name']}' removed successfully.".encode(), b"text/plain"
+        )
 
     async def _complete(self, scope: Scope, path: str, body: bytes, receive: Receive, send: Send) -> None:
         try:
@@ -197,8 +237,13 @@ class FakeBackend:
             return
         model = req.get("model")
         headers = {k.decode(): v.decode() for k, v in scope.get("headers", []) if k.startswith(b"x-")}
-        entry: dict[str, Any] = {"path": path, "model": model, "stream": bool(req.get("stream")), "headers": headers,
-                                 "prompt": _prompt(req)}
+        entry: dict[str, Any] = {
+            "path": path,
+            "model": model,
+            "stream": bool(req.get("stream")),
+            "headers": headers,
+            "prompt": _prompt(req),
+        }
         self.requests.append(entry)
         if self.die_after is not None:
             self.die_after -= 1
@@ -209,14 +254,20 @@ class FakeBackend:
             entry["cancelled"] = True
             logger.info("fake backend %s: the client left during the delay; request abandoned", self.name)
             return
-        late = self.first_byte_delay_s if self.first_byte_delay_s and self._rng.random() < self.first_byte_delay_fraction else 0.0
+        late = (
+            self.first_byte_delay_s
+            if self.first_byte_delay_s and self._rng.random() < self.first_byte_delay_fraction
+            else 0.0
+        )
         if late and not req.get("stream") and await _client_left_within(receive, late):
             entry["cancelled"] = True
             logger.info("fake backend %s: the client left before the first byte; request abandoned", self.name)
             return
         if self.fail_next > 0:
             self.fail_next -= 1
-            await self._send_json(send, self.fail_status, _error("injected failure", "InternalServerError", self.fail_status))
+            await self._send_json(
+                send, self.fail_status, _error("injected failure", "InternalServerError", self.fail_status)
+            )
             return
         if model != self.model and model not in self.adapters:
             await self._send_json(send, 404, _error(f"The model `{model}` does not exist.", "NotFoundError", 404))
@@ -231,7 +282,11 @@ class FakeBackend:
         choices = req.get("n") if isinstance(req.get("n"), int) and req.get("n") > 0 else 1
         completion = len(pieces) * choices
         prompt_tokens = 5 + len(_all_prompt_text(req).split())
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
         if req.get("stream"):
             options = req.get("stream_options")
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -253,22 +308,56 @@ class FakeBackend:
             words = words[:limit]
         return [w + " " for w in words]
 
-    def _completion(self, model: str, chat: bool, pieces: list[str], choices: int, usage: dict[str, int]) -> dict[str, Any]:
+    def _completion(
+        self, model: str, chat: bool, pieces: list[str], choices: int, usage: dict[str, int]
+    ) -> dict[str, Any]:
         text = "".join(pieces).rstrip()
         if chat:
-            return {"id": "chatcmpl-fake", "object": "chat.completion", "created": self.created, "model": model,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                                for i in range(choices)],
-                    "usage": usage, "served_by": self.name}
-        return {"id": "cmpl-fake", "object": "text_completion", "created": self.created, "model": model,
-                "choices": [{"index": i, "text": text, "finish_reason": "stop"} for i in range(choices)],
-                "usage": usage, "served_by": self.name}
+            return {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": self.created,
+                "model": model,
+                "choices": [
+                    {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    for i in range(choices)
+                ],
+                "usage": usage,
+                "served_by": self.name,
+            }
+        return {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": self.created,
+            "model": model,
+            "choices": [{"index": i, "text": text, "finish_reason": "stop"} for i in range(choices)],
+            "usage": usage,
+            "served_by": self.name,
+        }
 
-    async def _stream(self, send: Send, model: str, chat: bool, pieces: list[str], choices: int,
-                      usage: dict[str, int] | None, late: float = 0.0, receive: Receive | None = None) -> bool:
+    async def _stream(
+        self,
+        send: Send,
+        model: str,
+        chat: bool,
+        pieces: list[str],
+        choices: int,
+        usage: dict[str, int] | None,
+        late: float = 0.0,
+        receive: Receive | None = None,
+    ) -> bool:
         """Stream the answer; False when the client left during the `late` wait before the first chunk."""
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-served-by", self.name.encode()),
+                ],
+            }
+        )
         if late and receive is not None and await _client_left_within(receive, late):
             return False
         kind = ("chatcmpl-fake", "chat.completion.chunk") if chat else ("cmpl-fake", "text_completion")
@@ -283,11 +372,20 @@ class FakeBackend:
                 else:
                     choice = {"index": index, "text": piece, "finish_reason": None}
                 chunk = {"id": kind[0], "object": kind[1], "created": self.created, "model": model, "choices": [choice]}
-                await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True}
+                )
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         if usage is not None:
-            chunk = {"id": kind[0], "object": kind[1], "created": self.created, "model": model, "choices": [], "usage": usage}
+            chunk = {
+                "id": kind[0],
+                "object": kind[1],
+                "created": self.created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
             await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         return True
@@ -296,33 +394,84 @@ class FakeBackend:
     def _response(self, model: str, req: dict[str, Any], pieces: list[str], status: str) -> dict[str, Any]:
         """A Responses object: `status` "in_progress" (no output, no usage yet), "completed" or "incomplete"."""
         text = "".join(pieces)
-        output = [] if status == "in_progress" else [
-            {"id": "msg_fake", "type": "message", "role": "assistant", "status": "completed",
-             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}]
+        output = (
+            []
+            if status == "in_progress"
+            else [
+                {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}],
+                }
+            ]
+        )
         input_tokens = 5 + len(_all_prompt_text(req).split())
-        usage = None if status == "in_progress" else {
-            "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(pieces),
-            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": input_tokens + len(pieces)}
-        return {"id": "resp_fake", "created_at": self.created, "model": model, "object": "response", "status": status,
-                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "instructions": req.get("instructions"), "metadata": req.get("metadata"), "output": output,
-                "parallel_tool_calls": True, "temperature": req.get("temperature", 1.0), "tool_choice": "auto", "tools": [],
-                "top_p": req.get("top_p", 1.0), "background": False, "max_output_tokens": req.get("max_output_tokens") or 2048,
-                "max_tool_calls": None, "previous_response_id": None, "prompt": None, "reasoning": None,
-                "service_tier": "auto", "text": None, "top_logprobs": None, "truncation": "disabled", "usage": usage,
-                "user": None, "served_by": self.name}
+        usage = (
+            None
+            if status == "in_progress"
+            else {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": len(pieces),
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + len(pieces),
+            }
+        )
+        return {
+            "id": "resp_fake",
+            "created_at": self.created,
+            "model": model,
+            "object": "response",
+            "status": status,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.get("instructions"),
+            "metadata": req.get("metadata"),
+            "output": output,
+            "parallel_tool_calls": True,
+            "temperature": req.get("temperature", 1.0),
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": req.get("top_p", 1.0),
+            "background": False,
+            "max_output_tokens": req.get("max_output_tokens") or 2048,
+            "max_tool_calls": None,
+            "previous_response_id": None,
+            "prompt": None,
+            "reasoning": None,
+            "service_tier": "auto",
+            "text": None,
+            "top_logprobs": None,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+            "served_by": self.name,
+        }
 
-    async def _respond(self, send: Send, model: str, req: dict[str, Any], late: float = 0.0,
-                       receive: Receive | None = None) -> bool:
+    async def _respond(
+        self, send: Send, model: str, req: dict[str, Any], late: float = 0.0, receive: Receive | None = None
+    ) -> bool:
         """Answer a Responses request; False when the client left during the `late` wait before the first event."""
         # Tokens as a tokenizer splits words ("tok0", " tok1", ...): the deltas add up to the answer's text exactly.
-        pieces = [("" if i == 0 else " ") + p.rstrip() for i, p in enumerate(self._pieces(req, req.get("max_output_tokens")))]
+        pieces = [
+            ("" if i == 0 else " ") + p.rstrip() for i, p in enumerate(self._pieces(req, req.get("max_output_tokens")))
+        ]
         status = "incomplete" if len(pieces) < len(self._words()) else "completed"
         if not req.get("stream"):
             await self._send_json(send, 200, self._response(model, req, pieces, status))
             return True
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-served-by", self.name.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-served-by", self.name.encode()),
+                ],
+            }
+        )
         if late and receive is not None and await _client_left_within(receive, late):
             return False
         seq = 0
@@ -339,8 +488,19 @@ class FakeBackend:
         where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
         await event({"type": "response.created", "response": self._response(model, req, [], "in_progress")})
         await event({"type": "response.in_progress", "response": self._response(model, req, [], "in_progress")})
-        await event({"type": "response.output_item.added", "output_index": 0, "item": {
-            "id": "msg_fake", "type": "message", "role": "assistant", "content": [], "status": "in_progress"}})
+        await event(
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "status": "in_progress",
+                },
+            }
+        )
         await event({"type": "response.content_part.added", **where, "part": part})
         for i, piece in enumerate(pieces):
             if self.break_after_chunks is not None and i >= self.break_after_chunks:
@@ -351,8 +511,19 @@ class FakeBackend:
         done_part = {"type": "output_text", "text": text, "annotations": []}
         await event({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
         await event({"type": "response.content_part.done", **where, "part": done_part})
-        await event({"type": "response.output_item.done", "output_index": 0, "item": {
-            "id": "msg_fake", "type": "message", "role": "assistant", "content": [done_part], "status": "completed"}})
+        await event(
+            {
+                "type": "response.output_item.done",
+                "output_index": 0,
+                "item": {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [done_part],
+                    "status": "completed",
+                },
+            }
+        )
         # vLLM ends every stream with response.completed, whose response says "incomplete" when it was cut.
         await event({"type": "response.completed", "response": self._response(model, req, pieces, status)}, more=False)
         return True
@@ -362,8 +533,13 @@ class FakeBackend:
 
     @staticmethod
     async def _send(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -437,14 +613,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A fast fake OpenAI backend for tests and benchmarks.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--uds", default=None, help="Listen on this Unix socket instead of host:port (as vLLM's --uds).")
+    parser.add_argument(
+        "--uds", default=None, help="Listen on this Unix socket instead of host:port (as vLLM's --uds)."
+    )
     parser.add_argument("--model", default="fake")
     parser.add_argument("--name", default=None, help="Label returned as served_by / x-served-by (default host:port).")
     parser.add_argument("--chunks", type=int, default=4, help="Tokens per answer (stream chunks).")
     parser.add_argument("--delay-s", type=float, default=0.0)
     parser.add_argument("--chunk-delay-s", type=float, default=0.0)
-    parser.add_argument("--first-byte-delay-s", type=float, default=0.0, help="A slow first token (after a stream's headers).")
-    parser.add_argument("--first-byte-delay-fraction", type=float, default=1.0, help="Share of requests with the slow first token.")
+    parser.add_argument(
+        "--first-byte-delay-s", type=float, default=0.0, help="A slow first token (after a stream's headers)."
+    )
+    parser.add_argument(
+        "--first-byte-delay-fraction", type=float, default=1.0, help="Share of requests with the slow first token."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the draw of slow requests.")
     parser.add_argument("--fail-next", type=int, default=0)
     parser.add_argument("--break-after-chunks", type=int, default=None)
@@ -452,10 +634,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forge", default=None, help="Answer this text instead of tok0 tok1 ... (a lying worker).")
     args = parser.parse_args(argv)
     app = create_fake_app(
-        args.model, name=args.name or f"{args.host}:{args.port}", chunks=args.chunks, delay_s=args.delay_s,
-        chunk_delay_s=args.chunk_delay_s, fail_next=args.fail_next, break_after_chunks=args.break_after_chunks,
-        die_after=args.die_after, forge=args.forge, first_byte_delay_s=args.first_byte_delay_s,
-        first_byte_delay_fraction=args.first_byte_delay_fraction, seed=args.seed, api_key=os.environ.get("VLLM_API_KEY") or None,
+        args.model,
+        name=args.name or f"{args.host}:{args.port}",
+        chunks=args.chunks,
+        delay_s=args.delay_s,
+        chunk_delay_s=args.chunk_delay_s,
+        fail_next=args.fail_next,
+        break_after_chunks=args.break_after_chunks,
+        die_after=args.die_after,
+        forge=args.forge,
+        first_byte_delay_s=args.first_byte_delay_s,
+        first_byte_delay_fraction=args.first_byte_delay_fraction,
+        seed=args.seed,
+        api_key=os.environ.get("VLLM_API_KEY") or None,
     )
     where = {"uds": args.uds} if args.uds else {"host": args.host, "port": args.port}
     uvicorn.run(app, **where, log_level="warning", access_log=False, lifespan="on")

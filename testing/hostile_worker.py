@@ -19,29 +19,37 @@ import time
 from typing import Any
 
 # The router's canary prompts before issue 19 (public in its source), and the shape they were sent in.
-OLD_CANARY_PROMPTS = frozenset({
-    "What is the capital of France?",
-    "Give me three tips for writing a clear email.",
-    "Explain what a hash function is in one sentence.",
-    "How many days are there in a leap year?",
-    "Summarise the water cycle briefly.",
-    "What does HTTP stand for?",
-    "Suggest a name for a small bakery.",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Name two benefits of regular exercise.",
-    "Write a haiku about autumn.",
-    "What is the boiling point of water at sea level?",
-})
+OLD_CANARY_PROMPTS = frozenset(
+    {
+        "What is the capital of France?",
+        "Give me three tips for writing a clear email.",
+        "Explain what a hash function is in one sentence.",
+        "How many days are there in a leap year?",
+        "Summarise the water cycle briefly.",
+        "What does HTTP stand for?",
+        "Suggest a name for a small bakery.",
+        "Translate 'good morning' into Spanish.",
+        "What is 12 times 7?",
+        "Name two benefits of regular exercise.",
+        "Write a haiku about autumn.",
+        "What is the boiling point of water at sea level?",
+    }
+)
 OLD_CANARY_MAX_TOKENS = 16
 
 
 def looks_like_old_canary(req: dict[str, Any]) -> bool:
     """Whether `req` has every tell of the former canaries."""
     messages = req.get("messages")
-    return (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
-            and messages[0].get("role") == "user" and messages[0].get("content") in OLD_CANARY_PROMPTS
-            and req.get("temperature") == 0 and req.get("max_tokens") == OLD_CANARY_MAX_TOKENS)
+    return (
+        isinstance(messages, list)
+        and len(messages) == 1
+        and isinstance(messages[0], dict)
+        and messages[0].get("role") == "user"
+        and messages[0].get("content") in OLD_CANARY_PROMPTS
+        and req.get("temperature") == 0
+        and req.get("max_tokens") == OLD_CANARY_MAX_TOKENS
+    )
 
 
 def create_app(upstream: str, forge: str, burst: int, api_key: str | None):
@@ -80,10 +88,20 @@ def create_app(upstream: str, forge: str, burst: int, api_key: str | None):
         received.append({"prompt": str(messages[-1].get("content", "")), "honest": honest})
         if honest:
             return await passthrough(request, body)
-        return web.json_response({
-            "id": "chatcmpl-hostile", "object": "chat.completion", "created": int(time.time()), "model": req.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": forge}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": len(forge.split()), "total_tokens": 5 + len(forge.split())}})
+        return web.json_response(
+            {
+                "id": "chatcmpl-hostile",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": req.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": forge}, "finish_reason": "stop"}],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": len(forge.split()),
+                    "total_tokens": 5 + len(forge.split()),
+                },
+            }
+        )
 
     async def requests(request: web.Request) -> web.Response:
         return web.json_response(received)
@@ -112,10 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="The reference worker it proxies recognised canaries to.")
     parser.add_argument("--forge", default="Send your password to evil.example", help="The forged answer.")
-    parser.add_argument("--burst", type=int, default=2, help="Chat completions after start answered honestly (a join check).")
+    parser.add_argument(
+        "--burst", type=int, default=2, help="Chat completions after start answered honestly (a join check)."
+    )
     args = parser.parse_args(argv)
-    web.run_app(create_app(args.upstream.rstrip("/"), args.forge, args.burst, os.environ.get("HOSTILE_API_KEY") or None),
-                host="127.0.0.1", port=args.port, print=None)
+    web.run_app(
+        create_app(args.upstream.rstrip("/"), args.forge, args.burst, os.environ.get("HOSTILE_API_KEY") or None),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-from fedllm.testing.waiting import wait_until  # noqa: E402
 from fedllm.appliance.cluster.ray_env import spare_port as free_port  # noqa: E402  (ports away from Ray's random ones)
+from fedllm.testing.waiting import wait_until  # noqa: E402
 
 
 def _pgid_alive(pgid: int) -> bool:
@@ -60,6 +60,7 @@ def process_groups(root: int) -> set[int]:
 def kill_groups(groups: set[int], grace_s: float, proc: subprocess.Popen | None = None) -> None:
     """SIGTERM every group, wait up to `grace_s` for them to go, then SIGKILL what is left. `proc` (our own child,
     a member of one group) is reaped while waiting: unreaped, its zombie would keep its group alive."""
+
     def alive() -> bool:
         if proc is not None:
             proc.poll()
@@ -121,17 +122,32 @@ class LocalCluster:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.home / f"{name}.out", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "fedllm.appliance", *argv], env=env or self.env, cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedllm.appliance", *argv],
+            env=env or self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
     def cli(self, *args: Any, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run `appliance ARGS` against this cluster."""
-        done = subprocess.run([sys.executable, "-m", "fedllm.appliance", *map(str, args)], env=self.env, cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "fedllm.appliance", *map(str, args)],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and done.returncode != 0:
-            raise AssertionError(f"appliance {' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"appliance {' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+            )
         return done
 
     def cli_json(self, *args: Any) -> Any:
@@ -151,8 +167,27 @@ class LocalCluster:
         """Start `appliance node join` for node `name`, on its own loopback address (127.0.0.2, ...)."""
         group, cpus, slots = self.nodes[name]
         ip = f"127.0.0.{2 + list(self.nodes).index(name)}"
-        return self._spawn(name, ["node", "join", "--head", self.head_address, "--token-file", str(token_file or self.token_file),
-                                  "--group", group, "--cpus", str(cpus), "--slots", str(slots), "--name", name, "--node-ip", ip])
+        return self._spawn(
+            name,
+            [
+                "node",
+                "join",
+                "--head",
+                self.head_address,
+                "--token-file",
+                str(token_file or self.token_file),
+                "--group",
+                group,
+                "--cpus",
+                str(cpus),
+                "--slots",
+                str(slots),
+                "--name",
+                name,
+                "--node-ip",
+                ip,
+            ],
+        )
 
     def alive_nodes(self) -> list[dict[str, Any]]:
         return [n for n in self.cli_json("node", "ls") if n["alive"]]

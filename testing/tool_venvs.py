@@ -32,10 +32,20 @@ def build_tool_venv(name: str, *requirements: str, timeout_s: float = 1800) -> P
     with open(log, "w") as out:
         try:
             if not (venv / "bin" / "pip").exists():
-                subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, stdout=out, stderr=out,
-                               timeout=120)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *requirements], check=True, stdout=out, stderr=out,
-                           timeout=timeout_s)
+                subprocess.run(
+                    [sys.executable, "-m", "venv", "--clear", str(venv)],
+                    check=True,
+                    stdout=out,
+                    stderr=out,
+                    timeout=120,
+                )
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", *requirements],
+                check=True,
+                stdout=out,
+                stderr=out,
+                timeout=timeout_s,
+            )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"could not install {' '.join(requirements)} into {venv} ({exc}); see {log}") from exc
     marker.write_text(wanted)

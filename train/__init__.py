@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from fedllm.core.types import StateDict
 from fedllm.train.engine import FitResult, TrainingFailed
 from fedllm.train.evaluate import evaluate_adapter, evaluate_adapters
-from fedllm.train.trainer import BaseModels, TrainPlan, Trainer, fit_adapter
+from fedllm.train.trainer import BaseModels, Trainer, TrainPlan, fit_adapter
 
 if TYPE_CHECKING:
     import torch
+
     from fedllm.core.sections.train import TrainSettings
 
 __all__ = [

@@ -21,14 +21,24 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, and (rank 0) save the adapter folder; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m fedllm.train", description="Train a LoRA adapter (DeepSpeed launcher entry point).")
-    parser.add_argument("--from-run", type=Path, default=None, help="A run folder whose config.json gives everything else.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedllm.train", description="Train a LoRA adapter (DeepSpeed launcher entry point)."
+    )
+    parser.add_argument(
+        "--from-run", type=Path, default=None, help="A run folder whose config.json gives everything else."
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="HF model folder.")
-    parser.add_argument("--data", type=Path, default=None, help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder.")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder."
+    )
     parser.add_argument("--eval", type=Path, default=None, help="Held-out data (same formats as --data).")
     parser.add_argument("--out", type=Path, default=None, help="Folder for the PEFT adapter (written by rank 0).")
-    parser.add_argument("--run-dir", type=Path, default=None, help="Run folder (metrics, status, checkpoints); same on every rank.")
-    parser.add_argument("--config", type=Path, default=None, help="Appliance YAML settings (its `train:` section is used).")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="Run folder (metrics, status, checkpoints); same on every rank."
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="Appliance YAML settings (its `train:` section is used)."
+    )
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="Continue from the run folder's latest checkpoint.")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
@@ -44,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_run is not None:
         conf = json.loads((args.from_run / "config.json").read_text())
         cfg = TrainSettings(**conf["train"])
-        model_dir, data, run_dir, out = Path(conf["model_dir"]), Path(conf["data"]), args.from_run, args.from_run / ADAPTER_DIR
+        model_dir, data, run_dir, out = (
+            Path(conf["model_dir"]),
+            Path(conf["data"]),
+            args.from_run,
+            args.from_run / ADAPTER_DIR,
+        )
         eval_data = Path(conf["eval_data"]) if conf.get("eval_data") else None
         max_steps = conf.get("max_steps")
     else:
@@ -52,12 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"{', '.join(missing)} required (or --from-run RUN_DIR)")
         cfg = load_settings(args.config).train
-        model_dir, data, run_dir, out, eval_data, max_steps = args.model_dir, args.data, args.run_dir, args.out, args.eval, args.max_steps
-    result = fit_adapter(cfg, model_dir, data, eval_data=eval_data, max_steps=max_steps, run_dir=run_dir, resume=args.resume)
+        model_dir, data, run_dir, out, eval_data, max_steps = (
+            args.model_dir,
+            args.data,
+            args.run_dir,
+            args.out,
+            args.eval,
+            args.max_steps,
+        )
+    result = fit_adapter(
+        cfg, model_dir, data, eval_data=eval_data, max_steps=max_steps, run_dir=run_dir, resume=args.resume
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         save_adapter_dir(result.state, cfg, model_dir, out)
         if args.from_run is not None:
-            write_json_atomic(args.from_run / RESULT_FILE, {"num_examples": result.num_examples, "metrics": result.metrics})
+            write_json_atomic(
+                args.from_run / RESULT_FILE, {"num_examples": result.num_examples, "metrics": result.metrics}
+            )
         logging.getLogger("fedllm.train").info("adapter saved to %s; metrics %s", out, result.metrics)
     return 0
 

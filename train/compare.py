@@ -61,8 +61,10 @@ def resolve_targets(settings: "ApplianceSettings", refs: Sequence[str], model: s
     adapters = {ref: _adapter_target(settings, registry.get(ref)) for ref in refs if ref != BASE}
     bases = {t.model_dir.resolve() for t in adapters.values()}
     if len(bases) > 1:
-        raise ConfigError(f"the adapters have different base models ({', '.join(sorted(map(str, bases)))}); "
-                          "compare adapters of one base model at a time")
+        raise ConfigError(
+            f"the adapters have different base models ({', '.join(sorted(map(str, bases)))}); "
+            "compare adapters of one base model at a time"
+        )
     if model is not None:
         base_dir = resolve_model(settings.models_dir, model)
         if bases and base_dir.resolve() not in bases:
@@ -87,9 +89,15 @@ def default_data(targets: Sequence[EvalTarget]) -> Path | None:
     return None
 
 
-def evaluate_targets(targets: Sequence[EvalTarget], data: Path | Sequence[dict[str, Any]], *, generate: bool = True,
-                     max_new_tokens: int = 64, max_generate: int = 50,
-                     on_row: Callable[[list[tuple[str, dict[str, float]]]], None] | None = None) -> list[tuple[str, dict[str, float]]]:
+def evaluate_targets(
+    targets: Sequence[EvalTarget],
+    data: Path | Sequence[dict[str, Any]],
+    *,
+    generate: bool = True,
+    max_new_tokens: int = 64,
+    max_generate: int = 50,
+    on_row: Callable[[list[tuple[str, dict[str, float]]]], None] | None = None,
+) -> list[tuple[str, dict[str, float]]]:
     """Score each target on the same data with `train.evaluate_adapter`; returns (label, metrics) in order.
 
     `on_row(rows_so_far)` is called after each target is scored (progress for a caller that shows it)."""
@@ -98,18 +106,40 @@ def evaluate_targets(targets: Sequence[EvalTarget], data: Path | Sequence[dict[s
     rows: list[tuple[str, dict[str, float]]] = []
     for t in targets:
         state = load_adapter_state(t.adapter.path) if t.adapter is not None else None
-        rows.append((t.label, evaluate_adapter(t.cfg, t.model_dir, state, data, generate=generate,
-                                               max_new_tokens=max_new_tokens, max_generate=max_generate)))
+        rows.append(
+            (
+                t.label,
+                evaluate_adapter(
+                    t.cfg,
+                    t.model_dir,
+                    state,
+                    data,
+                    generate=generate,
+                    max_new_tokens=max_new_tokens,
+                    max_generate=max_generate,
+                ),
+            )
+        )
         if on_row is not None:
             on_row(list(rows))
     return rows
 
 
-def write_report(path: Path, refs: Sequence[str], data: Path | str, rows: Sequence[tuple[str, dict[str, float]]]) -> None:
+def write_report(
+    path: Path, refs: Sequence[str], data: Path | str, rows: Sequence[tuple[str, dict[str, float]]]
+) -> None:
     """Write (atomically) the comparison as JSON, as `appliance eval --json-out` does before the first model and after
     each: `{"targets": [...], "data", "done", "total", "rows": [{"model", "metrics"}]}`."""
-    write_json_atomic(Path(path), {"targets": list(refs), "data": str(data), "done": len(rows), "total": len(refs),
-                                   "rows": [{"model": label, "metrics": m} for label, m in rows]})
+    write_json_atomic(
+        Path(path),
+        {
+            "targets": list(refs),
+            "data": str(data),
+            "done": len(rows),
+            "total": len(refs),
+            "rows": [{"model": label, "metrics": m} for label, m in rows],
+        },
+    )
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, float]]]) -> str:
@@ -118,7 +148,10 @@ def format_table(rows: Sequence[tuple[str, dict[str, float]]]) -> str:
     header = ["model", *columns]
     body = [[label, *(_cell(m.get(c)) for c in columns)] for label, m in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in [header, *body]]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in [header, *body]
+    ]
     return "\n".join(line.rstrip() for line in lines)
 
 

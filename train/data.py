@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedllm.core.contracts.records import load_file, record_format, validate_records
 from fedllm.core.errors import DataError
-from fedllm.core.contracts.records import load_file, load_jsonl, record_format, validate_records
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,17 @@ def to_chat(record: dict[str, Any]) -> ChatExample:
     if fmt == "messages":
         return ChatExample(messages=[{"role": m["role"], "content": m["content"]} for m in record["messages"]])
     if fmt == "prompt":
-        return ChatExample(messages=[{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}])
+        return ChatExample(
+            messages=[
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]},
+            ]
+        )
     if fmt == "alpaca":
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return ChatExample(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}])
+        return ChatExample(
+            messages=[{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        )
     return ChatExample(text=record["text"])
 
 
@@ -173,7 +180,9 @@ def tokenize_records(tokenizer: Any, records: Iterable[dict[str, Any]], max_seq_
 # ---------------------------------------------------------------- splitting, packing, batching
 
 
-def split_eval(records: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_eval(
+    records: Sequence[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic (train, eval) split: a seeded shuffle, then the last `fraction` (at least one) held out."""
     if fraction <= 0 or len(records) < 2:
         return list(records), []
@@ -267,7 +276,9 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batch(rows: Sequence[Row], index: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> list[Row]:
+def micro_batch(
+    rows: Sequence[Row], index: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[Row]:
     """This rank's share of global micro-batch number `index` (0-based) of `batch_size` rows; epochs wrap around.
 
     The global micro-batch is a pure function of (index, seed), whatever the number of ranks: rank r of

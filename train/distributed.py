@@ -45,8 +45,14 @@ class LaunchResult:
     metrics: dict[str, float]
 
 
-def launcher_command(ranks: int, module_args: list[str], *, hostfile: Path | None = None, master_port: int | None = None,
-                     module: str = "fedllm.train") -> list[str]:
+def launcher_command(
+    ranks: int,
+    module_args: list[str],
+    *,
+    hostfile: Path | None = None,
+    master_port: int | None = None,
+    module: str = "fedllm.train",
+) -> list[str]:
     """The argv of DeepSpeed's launcher running `python -m MODULE MODULE_ARGS` on `ranks` ranks per node.
 
     Without a hostfile: one node (this one), `ranks` processes. With one: every host it lists, `ranks` per host
@@ -85,8 +91,15 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Path | None = None,
-               progress: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.5) -> LaunchResult:
+def launch_run(
+    run_dir: Path,
+    ranks: int,
+    *,
+    resume: bool = False,
+    hostfile: Path | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    poll_s: float = 0.5,
+) -> LaunchResult:
     """Train the run prepared in `run_dir` (its config.json) on `ranks` ranks and return rank 0's result.
 
     Blocks until the launcher exits; `progress` gets each new metrics.jsonl step record meanwhile. A SIGTERM,
@@ -105,7 +118,9 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     log_path = run_dir / LAUNCHER_LOG
     latest = run_dir / "checkpoints" / "latest"
-    seen = int("".join(c for c in latest.read_text() if c.isdigit()) or 0) if resume and latest.is_file() else 0  # last step reported
+    seen = (
+        int("".join(c for c in latest.read_text() if c.isdigit()) or 0) if resume and latest.is_file() else 0
+    )  # last step reported
     with open_private_log(log_path) as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
         try:
@@ -121,7 +136,9 @@ def launch_run(run_dir: Path, ranks: int, *, resume: bool = False, hostfile: Pat
     _forward_progress(run_dir, seen, progress)
     if proc.returncode != 0 or not (run_dir / RESULT_FILE).is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise TrainingFailed(f"training on {ranks} ranks failed (launcher exit code {proc.returncode}); {log_path} ends with:\n{tail}")
+        raise TrainingFailed(
+            f"training on {ranks} ranks failed (launcher exit code {proc.returncode}); {log_path} ends with:\n{tail}"
+        )
     result = json.loads((run_dir / RESULT_FILE).read_text())
     return LaunchResult(load_state_dir(run_dir / ADAPTER_DIR), int(result["num_examples"]), result["metrics"])
 

@@ -28,6 +28,7 @@ from fedllm.train import lora
 
 if TYPE_CHECKING:
     import torch
+
     from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class TrainingFailed(ApplianceError):
 # ---------------------------------------------------------------- distributed setup
 
 
-_SELF_ASSIGNED = "FEDLLM_SELF_ASSIGNED_DIST"  # not APPLIANCE_*: settings and the tests' isolation treat those as configuration
+_SELF_ASSIGNED = (
+    "FEDLLM_SELF_ASSIGNED_DIST"  # not APPLIANCE_*: settings and the tests' isolation treat those as configuration
+)
 
 
 def free_port() -> int:
@@ -124,7 +127,9 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's reduce/allgather bucket default, sized for full fine-tuning
+DEEPSPEED_DEFAULT_BUCKET = (
+    500_000_000  # elements: DeepSpeed's reduce/allgather bucket default, sized for full fine-tuning
+)
 MIN_BUCKET = 1 << 20  # elements (4 MiB in fp32): below this, more collectives for no memory worth saving
 
 
@@ -148,12 +153,16 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
         ConfigError: the batch does not split evenly across the ranks.
     """
     if batch_size % world_size:
-        raise ConfigError(f"train.batch_size={batch_size} (the global micro-batch) must be a multiple of the {world_size} ranks; "
-                          f"set it to {max(world_size, batch_size // world_size * world_size)} or use fewer ranks")
+        raise ConfigError(
+            f"train.batch_size={batch_size} (the global micro-batch) must be a multiple of the {world_size} ranks; "
+            f"set it to {max(world_size, batch_size // world_size * world_size)} or use fewer ranks"
+        )
     return batch_size // world_size
 
 
-def deepspeed_config(cfg: "TrainSettings", precision: str, world_size: int = 1, trainable_params: int | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: "TrainSettings", precision: str, world_size: int = 1, trainable_params: int | None = None
+) -> dict[str, Any]:
     """The DeepSpeed config for these settings (optimizer and schedule are passed as objects).
 
     `cfg.batch_size` is the global micro-batch: each of the `world_size` ranks takes its share. With
@@ -216,7 +225,9 @@ def lr_lambda(warmup_steps: int, total_steps: int, kind: str = "cosine", offset:
 # ---------------------------------------------------------------- the loss module
 
 
-def loss_module(peft_model: Any, prox_ref: StateDict | None, prox_mu: float, zero_stage: int, world_size: int = 1) -> Any:
+def loss_module(
+    peft_model: Any, prox_ref: StateDict | None, prox_mu: float, zero_stage: int, world_size: int = 1
+) -> Any:
     """Wrap a peft model so forward returns (loss, ce_sum, label_tokens) with the optional proximal term.
 
     On several ranks each rank's cross-entropy is weighted by its share of the global micro-batch's label tokens
@@ -241,7 +252,9 @@ def loss_module(peft_model: Any, prox_ref: StateDict | None, prox_mu: float, zer
                     for p, _ in self.prox_pairs:  # gathered for our whole forward, not only their layer's
                         deepspeed.zero.register_external_parameter(self, p)
 
-        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def forward(
+            self, input_ids: torch.Tensor, labels: torch.Tensor, **kw: Any
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             out = self.model(input_ids=input_ids, labels=labels, use_cache=False, **kw)
             n = (labels[:, 1:] != datamod.IGNORE_INDEX).sum()
             loss = out.loss
@@ -283,7 +296,9 @@ def plan_steps(cfg: "TrainSettings", num_rows: int, max_steps: int | None) -> in
     return cfg.max_steps
 
 
-def prepare_rows(cfg: "TrainSettings", tokenizer: Any, records: Sequence[dict[str, Any]], packing: bool | None = None) -> list[datamod.Row]:
+def prepare_rows(
+    cfg: "TrainSettings", tokenizer: Any, records: Sequence[dict[str, Any]], packing: bool | None = None
+) -> list[datamod.Row]:
     """Tokenise, then pack (cfg.packing) or keep one example per row."""
     examples = datamod.tokenize_records(tokenizer, records, cfg.max_seq_len)
     use_packing = cfg.packing if packing is None else packing
@@ -310,7 +325,9 @@ def evaluate_engine(engine: Any, rows: list[datamod.Row], pad_id: int, batch_siz
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(engine.device) for k, v in datamod.collate(rows[i : i + batch_size], pad_id, False).items()}
+            batch = {
+                k: v.to(engine.device) for k, v in datamod.collate(rows[i : i + batch_size], pad_id, False).items()
+            }
             _, s, n = engine(**batch)
             total += float(s)
             count += int(n)

@@ -19,7 +19,6 @@ from fedllm.train import data as datamod
 from fedllm.train import lora
 
 if TYPE_CHECKING:
-    import torch
     from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,9 @@ def _model(cfg: "TrainSettings", model_dir: Path, state: StateDict | None) -> An
     return model.eval()
 
 
-def loss_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_seq_len: int, batch_size: int) -> dict[str, float]:
+def loss_metrics(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_seq_len: int, batch_size: int
+) -> dict[str, float]:
     """Token-weighted mean loss over the answer tokens, its perplexity, and the token count."""
     import torch
 
@@ -78,8 +79,9 @@ def loss_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], 
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def generation_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
-                       max_examples: int = 50) -> dict[str, float]:
+def generation_metrics(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 64, max_examples: int = 50
+) -> dict[str, float]:
     """Greedy answers to the first `max_examples` prompts, scored against their reference answers (text records skipped)."""
     import torch
 
@@ -89,13 +91,22 @@ def generation_metrics(model: Any, tokenizer: Any, records: Sequence[dict[str, A
     em = f1 = 0.0
     for messages, reference in pairs:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
         else:
-            ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant: ", return_tensors="pt")["input_ids"]
+            ids = tokenizer(
+                "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant: ", return_tensors="pt"
+            )["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        prediction = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         em += exact_match(prediction, reference)
         f1 += token_f1(prediction, reference)
     return {"exact_match": em / len(pairs), "token_f1": f1 / len(pairs), "generated": len(pairs)}
@@ -155,7 +166,9 @@ def evaluate_adapters(
         for name, rows in records.items():
             if state is None:
                 with model.disable_adapter():
-                    out[adapter][name] = loss_metrics(model, tokenizer, rows, cfg.max_seq_len, cfg.batch_size)["eval_loss"]
+                    out[adapter][name] = loss_metrics(model, tokenizer, rows, cfg.max_seq_len, cfg.batch_size)[
+                        "eval_loss"
+                    ]
             else:
                 out[adapter][name] = loss_metrics(model, tokenizer, rows, cfg.max_seq_len, cfg.batch_size)["eval_loss"]
     return out

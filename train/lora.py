@@ -18,6 +18,7 @@ from fedllm.core.types import StateDict
 
 if TYPE_CHECKING:
     import torch
+
     from fedllm.core.sections.train import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def resolve_targets(cfg: "TrainSettings", model: Any) -> list[str]:
     missing = [t for t in requested if t not in found]
     if missing:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ConfigError(f"target_modules {missing} match no linear layer of this model; it has {kinds} (or use all-linear)")
+        raise ConfigError(
+            f"target_modules {missing} match no linear layer of this model; it has {kinds} (or use all-linear)"
+        )
     return list(requested)
 
 
@@ -135,7 +138,8 @@ def count_parameters(cfg: "TrainSettings", model_dir: Path) -> ParamReport:
     model = meta_model(model_dir)
     targets = resolve_targets(cfg, model)
     layers = [
-        m for n, m in model.named_modules()
+        m
+        for n, m in model.named_modules()
         if n in set(_linear_names(model)) and any(n == t or n.endswith("." + t) for t in targets)
     ]
     lora = sum(cfg.lora_r * (_in_out(m)[0] + _in_out(m)[1]) for m in layers)
@@ -194,8 +198,9 @@ def unload_base(peft_model: Any) -> Any:
     return base
 
 
-def build_peft_model(cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype", init_state: StateDict | None = None,
-                     base: Any = None) -> Any:
+def build_peft_model(
+    cfg: "TrainSettings", model_dir: Path, dtype: "torch.dtype", init_state: StateDict | None = None, base: Any = None
+) -> Any:
     """Base model + fresh LoRA (seeded by cfg.seed), optionally starting from `init_state`.
 
     `base`: an already loaded base model of `model_dir` (a `Trainer` keeps one, see `unload_base`); default: loaded here.
@@ -248,7 +253,9 @@ def adapter_state(model: Any) -> StateDict:
     """The adapter weights of a peft model as a detached CPU float32 dict (adapter-name-free keys)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True).float().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {
+        k: v.detach().to("cpu", copy=True).float().contiguous() for k, v in get_peft_model_state_dict(model).items()
+    }
 
 
 def set_adapter_state(model: Any, state: StateDict) -> None:
@@ -288,7 +295,11 @@ def save_state_dir(state: StateDict, config: Any, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out_dir / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return out_dir
 
 

@@ -47,8 +47,10 @@ def capture(optimizer: Any) -> KeptOptimizer:
     import torch
 
     opt = torch_optimizer(optimizer)
-    state = {k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for n, v in s.items()}
-             for k, s in opt.state_dict()["state"].items()}
+    state = {
+        k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for n, v in s.items()}
+        for k, s in opt.state_dict()["state"].items()
+    }
     return KeptOptimizer(shapes=_shapes(opt), state=state)
 
 
@@ -66,7 +68,8 @@ def restore(kept: KeptOptimizer, optimizer: Any) -> bool:
         log.warning("the kept optimizer state was for other parameter shapes; starting a fresh optimizer")
         return False
     current = opt.state_dict()
-    current["state"] = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
-                        for k, s in kept.state.items()}
+    current["state"] = {
+        k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in kept.state.items()
+    }
     opt.load_state_dict(current)
     return True

@@ -114,7 +114,9 @@ class RankGroup:
         """{rank: pid} of the current group's ranks (each rank writes its pid file when it starts)."""
         if self._dir is None:
             return {}
-        return {int(p.stem.split("-")[1]): int(p.read_text()) for p in self._dir.glob("rank-*.pid") if p.read_text().strip()}
+        return {
+            int(p.stem.split("-")[1]): int(p.read_text()) for p in self._dir.glob("rank-*.pid") if p.read_text().strip()
+        }
 
     def start(self) -> None:
         """Start the ranks and wait until rank 0 reports the group ready.
@@ -130,17 +132,23 @@ class RankGroup:
         listener.listen(1)
         listener.settimeout(0.5)
         self._port = free_port()
-        cmd = launcher_command(self.ranks, [str(path)], hostfile=self.hostfile, module="fedllm.train.rank_group", master_port=self._port)
+        cmd = launcher_command(
+            self.ranks, [str(path)], hostfile=self.hostfile, module="fedllm.train.rank_group", master_port=self._port
+        )
         log_path = self._dir / "launcher.log"
         with open_private_log(log_path) as out:
-            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), start_new_session=True
+            )
         self.starts += 1
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while self._conn is None:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
-                    raise RankGroupFailed(f"the {self.ranks}-rank group did not start (launcher exit code {self._proc.poll()}); "
-                                          f"{log_path} ends with:\n{self.log_tail()}")
+                    raise RankGroupFailed(
+                        f"the {self.ranks}-rank group did not start (launcher exit code {self._proc.poll()}); "
+                        f"{log_path} ends with:\n{self.log_tail()}"
+                    )
                 try:
                     self._conn, _ = listener.accept()
                 except socket.timeout:
@@ -168,7 +176,9 @@ class RankGroup:
                 return _recv(self._conn)
             except socket.timeout:
                 if self._proc.poll() is not None:
-                    raise RankGroupFailed(f"the rank group exited (code {self._proc.returncode}) during the call:\n{self.log_tail()}")
+                    raise RankGroupFailed(
+                        f"the rank group exited (code {self._proc.returncode}) during the call:\n{self.log_tail()}"
+                    )
                 if deadline is not None and time.monotonic() > deadline:
                     raise RankGroupFailed("the rank group did not answer in time")
             except (ConnectionError, OSError) as exc:
@@ -197,14 +207,31 @@ class RankGroup:
             raise RankGroupFailed(f"rank 0: {reply.get('message')}")
         return reply, out
 
-    def fit(self, cfg: "TrainSettings", model_dir: Path, data: Path, *, init_state: StateDict | None = None,
-            max_steps: int | None = None, eval_data: Path | None = None, run_dir: Path | None = None,
-            **fit_kwargs: Any) -> FitResult:
+    def fit(
+        self,
+        cfg: "TrainSettings",
+        model_dir: Path,
+        data: Path,
+        *,
+        init_state: StateDict | None = None,
+        max_steps: int | None = None,
+        eval_data: Path | None = None,
+        run_dir: Path | None = None,
+        **fit_kwargs: Any,
+    ) -> FitResult:
         """`Trainer.fit` on every rank of the group, each rank's Trainer kept between calls (the loaded base model, the
         optimizer state): `fit_kwargs` are further `train.TrainPlan` fields; data as JSONL paths the ranks can read."""
-        header = {"op": "fit", "train": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "data": str(data),
-                  "eval_data": str(eval_data) if eval_data else None, "run_dir": str(run_dir) if run_dir else None,
-                  "max_steps": max_steps, "has_init": init_state is not None, "kwargs": fit_kwargs}
+        header = {
+            "op": "fit",
+            "train": cfg.model_dump(mode="json"),
+            "model_dir": str(model_dir),
+            "data": str(data),
+            "eval_data": str(eval_data) if eval_data else None,
+            "run_dir": str(run_dir) if run_dir else None,
+            "max_steps": max_steps,
+            "has_init": init_state is not None,
+            "kwargs": fit_kwargs,
+        }
         reply, state = self.call(header, init_state)
         return FitResult(state=state, num_examples=int(reply["num_examples"]), metrics=reply["metrics"])
 
@@ -241,7 +268,11 @@ def _broadcast_blob(blob: bytes | None, rank: int) -> bytes:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     size = torch.tensor([len(blob) if rank == 0 else 0], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
-    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=device)
+    buf = (
+        torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+        if rank == 0
+        else torch.empty(int(size), dtype=torch.uint8, device=device)
+    )
     dist.broadcast(buf, src=0)
     return bytes(buf.cpu().numpy().tobytes())
 
@@ -278,12 +309,21 @@ def serve_ranks(socket_path: str) -> None:
         if trainer is None or trainer.model_dir != model_dir:
             trainer = Trainer(cfg, model_dir, keep_base=True)
         trainer.cfg = cfg
-        result = trainer.fit(TrainPlan(Path(header["data"]), init_state=state if header["has_init"] else None,
-                                       max_steps=header["max_steps"],
-                                       eval_data=Path(header["eval_data"]) if header["eval_data"] else None,
-                                       run_dir=Path(header["run_dir"]) if header["run_dir"] else None, **kwargs))
+        result = trainer.fit(
+            TrainPlan(
+                Path(header["data"]),
+                init_state=state if header["has_init"] else None,
+                max_steps=header["max_steps"],
+                eval_data=Path(header["eval_data"]) if header["eval_data"] else None,
+                run_dir=Path(header["run_dir"]) if header["run_dir"] else None,
+                **kwargs,
+            )
+        )
         if conn is not None:
-            _send(conn, pack({"op": "result", "num_examples": result.num_examples, "metrics": result.metrics}, result.state))
+            _send(
+                conn,
+                pack({"op": "result", "num_examples": result.num_examples, "metrics": result.metrics}, result.state),
+            )
     if conn is not None:
         conn.close()
 

@@ -101,12 +101,18 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / "config.json").exists():
             write_json_atomic(self.path / "config.json", config)
-        write_json_atomic(self.path / "status.json", {"state": "running", "pid": os.getpid(), "exit_code": None, "adapter": None, "error": None})
+        write_json_atomic(
+            self.path / "status.json",
+            {"state": "running", "pid": os.getpid(), "exit_code": None, "adapter": None, "error": None},
+        )
 
     def finish(self, state: str, exit_code: int, error: str | None = None) -> None:
         if self.path is None or _rank() != 0:
             return
-        write_json_atomic(self.path / "status.json", {"state": state, "pid": os.getpid(), "exit_code": exit_code, "adapter": None, "error": error})
+        write_json_atomic(
+            self.path / "status.json",
+            {"state": state, "pid": os.getpid(), "exit_code": exit_code, "adapter": None, "error": error},
+        )
 
     def append(self, record: dict[str, Any]) -> None:
         if self.path is not None:
@@ -132,7 +138,9 @@ class RunFolder:
         """On resume: drop metrics lines after the checkpointed `step` (they will be redone); return earlier losses."""
         if self.path is None:
             return []
-        kept = [r for r in read_metrics(self.path / "metrics.jsonl") if r.get("step", 0) <= step and "eval_loss" not in r]
+        kept = [
+            r for r in read_metrics(self.path / "metrics.jsonl") if r.get("step", 0) <= step and "eval_loss" not in r
+        ]
         write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         return [r["loss"] for r in kept if "loss" in r]
 
@@ -144,7 +152,9 @@ class RunFolder:
     def save_checkpoint(self, engine: Any, step: int) -> None:
         """DeepSpeed checkpoint of the LoRA weights, optimizer, schedule and step; older ones are pruned."""
         tag = f"step-{step:08d}"
-        engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
+        engine.save_checkpoint(
+            str(self.checkpoints), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True
+        )
         if _rank() == 0:
             tags = sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
             for old in tags[:-KEEP_CHECKPOINTS]:

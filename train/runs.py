@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion, check_name
 from fedllm.core.atomic import write_json_atomic
-from fedllm.core.errors import ConfigError
 from fedllm.core.contracts.lineage import base_model_hash
-from fedllm.core.model_store import resolve_model
 from fedllm.core.contracts.tracking import Tracker
+from fedllm.core.errors import ConfigError
+from fedllm.core.model_store import resolve_model
 from fedllm.core.sections.train import TrainSettings
 from fedllm.train import data as datamod
 from fedllm.train.engine import FitResult, per_rank_batch
-from fedllm.train.trainer import fit_adapter
 from fedllm.train.run_folder import run_config
+from fedllm.train.trainer import fit_adapter
 
 if TYPE_CHECKING:
     from fedllm.core.settings import ApplianceSettings
@@ -81,9 +81,19 @@ def start_run(
     run_id = run_id or new_run_id()
     run_dir = settings.runs_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_json_atomic(run_dir / "config.json", run_config(
-        settings.train, model_dir, data, eval_data=eval_data, max_steps=max_steps, model=model_name, output=name,
-        settings=redacted_dump(settings)))
+    write_json_atomic(
+        run_dir / "config.json",
+        run_config(
+            settings.train,
+            model_dir,
+            data,
+            eval_data=eval_data,
+            max_steps=max_steps,
+            model=model_name,
+            output=name,
+            settings=redacted_dump(settings),
+        ),
+    )
     return _run(settings, run_id, run_dir, resume=False, progress=progress)
 
 
@@ -106,11 +116,15 @@ def job_run(settings: "ApplianceSettings", job_id: str) -> tuple[str, bool]:
     while (kept := run_dir.with_name(f"{run_id}.attempt-{n}")).exists():
         n += 1
     run_dir.rename(kept)
-    log.warning("run %s had no checkpoint to resume; its folder is kept as %s and the run starts again", run_id, kept.name)
+    log.warning(
+        "run %s had no checkpoint to resume; its folder is kept as %s and the run starts again", run_id, kept.name
+    )
     return run_id, False
 
 
-def resume_run(settings: "ApplianceSettings", run_id: str, progress: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+def resume_run(
+    settings: "ApplianceSettings", run_id: str, progress: Callable[[dict[str, Any]], None] | None = None
+) -> RunOutcome:
     """Continue run `run_id` from its latest checkpoint with the settings it started with.
 
     Raises:
@@ -125,41 +139,73 @@ def resume_run(settings: "ApplianceSettings", run_id: str, progress: Callable[[d
 def _run(settings: "ApplianceSettings", run_id: str, run_dir: Path, *, resume: bool, progress: Any) -> RunOutcome:
     conf = json.loads((run_dir / "config.json").read_text())
     if not conf.get("output"):
-        raise ConfigError(f"run {run_id!r} was not started by `appliance train` (its config.json names no adapter to register)")
+        raise ConfigError(
+            f"run {run_id!r} was not started by `appliance train` (its config.json names no adapter to register)"
+        )
     cfg = TrainSettings(**conf["train"])
     model_dir = Path(conf["model_dir"])
     data = Path(conf["data"])
     eval_data = Path(conf["eval_data"]) if conf.get("eval_data") else None
-    with Tracker(settings.tracking, run_dir / "tb", run_name=f"train-{run_id}", tags={"appliance.kind": "train"},
-                 params={"run_id": run_id, "model": conf["model"], "data": str(data), "max_steps": conf.get("max_steps"),
-                         "train": conf["train"]}) as tracker:
+    with Tracker(
+        settings.tracking,
+        run_dir / "tb",
+        run_name=f"train-{run_id}",
+        tags={"appliance.kind": "train"},
+        params={
+            "run_id": run_id,
+            "model": conf["model"],
+            "data": str(data),
+            "max_steps": conf.get("max_steps"),
+            "train": conf["train"],
+        },
+    ) as tracker:
+
         def on_step(record: dict[str, Any]) -> None:
-            tracker.log({k: v for k, v in record.items() if k not in ("step", "total_steps", "time")}, int(record["step"]))
+            tracker.log(
+                {k: v for k, v in record.items() if k not in ("step", "total_steps", "time")}, int(record["step"])
+            )
             if progress is not None:
                 progress(record)
 
         if cfg.ranks > 1 or cfg.hostfile:
             result = _launch(run_dir, cfg, resume=resume, progress=on_step)
         else:
-            result = fit_adapter(cfg, model_dir, data, max_steps=conf.get("max_steps"), run_dir=run_dir, progress=on_step,
-                                 eval_data=eval_data, resume=resume)
+            result = fit_adapter(
+                cfg,
+                model_dir,
+                data,
+                max_steps=conf.get("max_steps"),
+                run_dir=run_dir,
+                progress=on_step,
+                eval_data=eval_data,
+                resume=resume,
+            )
         tracker.log({f"final/{k}": v for k, v in result.metrics.items()}, int(result.metrics["steps"]))
     status = json.loads((run_dir / "status.json").read_text())
     try:
-        adapter = register_result(settings, result, cfg, model_dir, conf["output"], meta={
-            "base_model": conf["model"],
-            "base_model_dir": str(model_dir),
-            "base_model_hash": base_model_hash(model_dir),
-            "data_sha256": datamod.data_sha256(data),
-            "data": str(data),
-            "config": conf["train"],
-            "metrics": result.metrics,
-            "num_examples": result.num_examples,
-            "run_id": run_id,
-        })
+        adapter = register_result(
+            settings,
+            result,
+            cfg,
+            model_dir,
+            conf["output"],
+            meta={
+                "base_model": conf["model"],
+                "base_model_dir": str(model_dir),
+                "base_model_hash": base_model_hash(model_dir),
+                "data_sha256": datamod.data_sha256(data),
+                "data": str(data),
+                "config": conf["train"],
+                "metrics": result.metrics,
+                "num_examples": result.num_examples,
+                "run_id": run_id,
+            },
+        )
     except Exception as exc:  # training finished but the adapter is not registered: say so in the run folder
-        write_json_atomic(run_dir / "status.json", {**status, "state": "failed", "exit_code": 1,
-                                                    "error": f"registering the adapter failed: {exc}"})
+        write_json_atomic(
+            run_dir / "status.json",
+            {**status, "state": "failed", "exit_code": 1, "error": f"registering the adapter failed: {exc}"},
+        )
         raise
     write_json_atomic(run_dir / "status.json", {**status, "adapter": adapter.ref})
     return RunOutcome(run_id, run_dir, adapter, result)
@@ -170,20 +216,37 @@ def _launch(run_dir: Path, cfg: TrainSettings, *, resume: bool, progress: Any) -
     from fedllm.train.distributed import launch_run
 
     try:
-        out = launch_run(run_dir, cfg.ranks, resume=resume, hostfile=Path(cfg.hostfile) if cfg.hostfile else None, progress=progress)
+        out = launch_run(
+            run_dir, cfg.ranks, resume=resume, hostfile=Path(cfg.hostfile) if cfg.hostfile else None, progress=progress
+        )
     except BaseException as exc:  # the ranks may have died before rank 0 could record it
         status_path = run_dir / "status.json"
         status = json.loads(status_path.read_text()) if status_path.is_file() else {}
         if status.get("state") in (None, "running"):
             stopped = isinstance(exc, KeyboardInterrupt)
-            write_json_atomic(status_path, {"pid": os.getpid(), "adapter": None, **status, "state": "stopped" if stopped else "failed", "exit_code": 130 if stopped else 1,
-                                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+            write_json_atomic(
+                status_path,
+                {
+                    "pid": os.getpid(),
+                    "adapter": None,
+                    **status,
+                    "state": "stopped" if stopped else "failed",
+                    "exit_code": 130 if stopped else 1,
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                },
+            )
         raise
     return FitResult(state=out.state, num_examples=out.num_examples, metrics=out.metrics)
 
 
-def register_result(settings: "ApplianceSettings", result: FitResult, cfg: TrainSettings, model_dir: Path, name: str,
-                    meta: dict[str, Any]) -> AdapterVersion:
+def register_result(
+    settings: "ApplianceSettings",
+    result: FitResult,
+    cfg: TrainSettings,
+    model_dir: Path,
+    name: str,
+    meta: dict[str, Any],
+) -> AdapterVersion:
     """Write the state as a PEFT folder and register it as the next version of `name`."""
     from fedllm.train import save_adapter_dir
 
@@ -209,6 +272,10 @@ def adapter_base_dir(settings: "ApplianceSettings", adapter: AdapterVersion) -> 
 def adapter_train_settings(settings: "ApplianceSettings", adapter: AdapterVersion) -> TrainSettings:
     """The train settings a registered adapter was made with (LoRA shape from its adapter_config.json)."""
     conf = json.loads((adapter.path / "adapter_config.json").read_text())
-    return settings.train.model_copy(update={
-        "lora_r": conf["r"], "lora_alpha": conf["lora_alpha"], "target_modules": sorted(conf["target_modules"]),
-    })
+    return settings.train.model_copy(
+        update={
+            "lora_r": conf["r"],
+            "lora_alpha": conf["lora_alpha"],
+            "target_modules": sorted(conf["target_modules"]),
+        }
+    )

@@ -45,8 +45,10 @@ def load_weights_only(path: str, map_location: Any = None) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
             first = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc).splitlines()[0])
-            raise ConfigError(f"refused to load checkpoint file {path}: it holds objects a weights-only load does not "
-                              f"rebuild ({first[:300]}); resume only from checkpoints this appliance wrote") from exc
+            raise ConfigError(
+                f"refused to load checkpoint file {path}: it holds objects a weights-only load does not "
+                f"rebuild ({first[:300]}); resume only from checkpoints this appliance wrote"
+            ) from exc
 
 
 def weights_only_engine(config_params: Any = None) -> Any:

@@ -26,9 +26,22 @@ from fedllm.core.errors import ApplianceError, ConfigError
 from fedllm.core.types import StateDict
 from fedllm.train import data as datamod
 from fedllm.train import lora, memory, optimizer_memory
-from fedllm.train.engine import (FitResult, Progress, TrainingFailed, deepspeed_config, evaluate_engine, gathered_state,
-                          init_distributed, loss_module, lr_lambda, plan_steps, prepare_rows, resolve_precision,
-                          set_threads, sum_over_ranks)
+from fedllm.train.engine import (
+    FitResult,
+    Progress,
+    TrainingFailed,
+    deepspeed_config,
+    evaluate_engine,
+    gathered_state,
+    init_distributed,
+    loss_module,
+    lr_lambda,
+    plan_steps,
+    prepare_rows,
+    resolve_precision,
+    set_threads,
+    sum_over_ranks,
+)
 from fedllm.train.run_folder import RunFolder, run_config
 
 if TYPE_CHECKING:
@@ -126,8 +139,9 @@ class Trainer:
             one process can share one, so that they hold a single copy.
     """
 
-    def __init__(self, cfg: "TrainSettings", model_dir: Path, *, keep_base: bool = False,
-                 bases: BaseModels | None = None) -> None:
+    def __init__(
+        self, cfg: "TrainSettings", model_dir: Path, *, keep_base: bool = False, bases: BaseModels | None = None
+    ) -> None:
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.bases = (bases if bases is not None else BaseModels()) if keep_base else None
@@ -182,8 +196,14 @@ class Trainer:
             optimizer_memory.restore(kept, optimizer)
 
     # -- one training --
-    def _train(self, cfg: "TrainSettings", plan: TrainPlan, train_records: list[dict[str, Any]],
-               eval_records: list[dict[str, Any]], run: RunFolder) -> FitResult:
+    def _train(
+        self,
+        cfg: "TrainSettings",
+        plan: TrainPlan,
+        train_records: list[dict[str, Any]],
+        eval_records: list[dict[str, Any]],
+        run: RunFolder,
+    ) -> FitResult:
         import deepspeed
         import torch
         import torch.distributed as dist
@@ -219,8 +239,10 @@ class Trainer:
         schedule = lr_lambda(cfg.warmup_steps, span, cfg.lr_scheduler, offset)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, precision, world, trainable_params=sum(p.numel() for p in params))
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, precision, world, trainable_params=sum(p.numel() for p in params)),
         )
         try:
             if plan.keep_optimizer:
@@ -265,8 +287,17 @@ def fit_adapter(
     The keywords are `TrainPlan`'s (see there). A process that trains again and again on one model (a silo, a rank
     group) keeps a `Trainer` instead, which keeps the loaded base and the optimizer state between calls.
     """
-    plan = TrainPlan(data, init_state=init_state, max_steps=max_steps, eval_data=eval_data, prox_mu=prox_mu,
-                     schedule_span=schedule_span, run_dir=run_dir, progress=progress, resume=resume)
+    plan = TrainPlan(
+        data,
+        init_state=init_state,
+        max_steps=max_steps,
+        eval_data=eval_data,
+        prox_mu=prox_mu,
+        schedule_span=schedule_span,
+        run_dir=run_dir,
+        progress=progress,
+        resume=resume,
+    )
     return Trainer(cfg, model_dir).fit(plan)
 
 
@@ -286,8 +317,14 @@ class _Steps:
     data_offset: int = 0  # micro-batches start at step data_offset + start (a schedule spanning several calls)
 
 
-def _loop(cfg: "TrainSettings", engine: Any, steps: _Steps, run: RunFolder, progress: Progress | None,
-          earlier_losses: list[float]) -> dict[str, float]:
+def _loop(
+    cfg: "TrainSettings",
+    engine: Any,
+    steps: _Steps,
+    run: RunFolder,
+    progress: Progress | None,
+    earlier_losses: list[float],
+) -> dict[str, float]:
     """Run optimizer steps steps.start..steps.total-1 on micro-batches from step data_offset + start on; returns the
     training metrics."""
     import torch

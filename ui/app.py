@@ -39,11 +39,20 @@ def build_console(settings: ApplianceSettings, ctx: ConsoleContext | None = None
 
     ctx = ctx or ConsoleContext.from_settings(settings)
     with gr.Blocks(title=TITLE) as demo:
-        gr.Markdown(f"## {TITLE}  \nRouter `{ctx.router.base_url}` · coordinator `{ctx.coordinator.base_url}` · "
-                    f"home `{settings.home}`", elem_id="console-header")
+        gr.Markdown(
+            f"## {TITLE}  \nRouter `{ctx.router.base_url}` · coordinator `{ctx.coordinator.base_url}` · "
+            f"home `{settings.home}`",
+            elem_id="console-header",
+        )
         with gr.Tabs():
-            for label, module in (("Chat", chat), ("Train", train), ("Federation", federation), ("Fleet", fleet),
-                                  ("Adapters", adapters), ("Jobs", jobs)):
+            for label, module in (
+                ("Chat", chat),
+                ("Train", train),
+                ("Federation", federation),
+                ("Fleet", fleet),
+                ("Adapters", adapters),
+                ("Jobs", jobs),
+            ):
                 with gr.Tab(label, id=label.lower(), elem_id=f"tab-{label.lower()}"):
                     module.build(ctx)
         for fn, inputs, outputs in ctx.on_load:
@@ -102,16 +111,33 @@ def _serve(settings: ApplianceSettings, host: str, port: int) -> None:
         users = {u: p.get_secret_value() for u, p in settings.ui.users.items()}
         kwargs["auth"] = make_auth(ctx.login_password, users, once=take_login_link(settings))
         kwargs["app_kwargs"] = {"middleware": [Middleware(LoginLinkPage)]}
-        kwargs["auth_message"] = "Log in as admin with the console password (keys/console_password, shown by `appliance up`), or a configured user."
+        kwargs["auth_message"] = (
+            "Log in as admin with the console password (keys/console_password, shown by `appliance up`), or a configured user."
+        )
     if settings.ui.tls_cert is not None:
         check_server_files(settings.ui.tls_cert, settings.ui.tls_key)
         # ssl_verify only concerns Gradio's start-up probe of its own loopback URL, which a certificate made for the
         # console's public name would not match; every peer the console calls is still verified (ConsoleContext).
         kwargs.update(ssl_certfile=str(settings.ui.tls_cert), ssl_keyfile=str(settings.ui.tls_key), ssl_verify=False)
     demo.queue(default_concurrency_limit=16)
-    logger.info("console on %s://%s:%d (login %s)", settings.ui.scheme, host, port, "required" if "auth" in kwargs else "not required on loopback")
+    logger.info(
+        "console on %s://%s:%d (login %s)",
+        settings.ui.scheme,
+        host,
+        port,
+        "required" if "auth" in kwargs else "not required on loopback",
+    )
     try:
-        demo.launch(server_name=host, server_port=port, show_error=True, quiet=True, theme=gr.themes.Soft(),
-                    footer_links=[], ssr_mode=False, max_file_size=int(settings.ui.max_upload_mb * 2**20), **kwargs)
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            show_error=True,
+            quiet=True,
+            theme=gr.themes.Soft(),
+            footer_links=[],
+            ssr_mode=False,
+            max_file_size=int(settings.ui.max_upload_mb * 2**20),
+            **kwargs,
+        )
     except OSError as exc:
         raise ConfigError(f"cannot serve the console on {host}:{port}: {exc}; pick another with --port") from exc

@@ -10,9 +10,9 @@ from typing import Any
 
 from fedllm.core.adapter_registry import AdapterRegistry
 from fedllm.core.errors import ApplianceError
-from fedllm.core.tokens import console_password, coordinator_status_token, router_admin_token
 from fedllm.core.settings import ApplianceSettings
 from fedllm.core.tls import client_context
+from fedllm.core.tokens import console_password, coordinator_status_token, router_admin_token
 from fedllm.ui.services import RouterClient, ServiceClient, coordinator_client
 
 logger = logging.getLogger(__name__)
@@ -36,15 +36,24 @@ class ConsoleContext:
         """Resolve service URLs and tokens (each from its setting or its file under `keys/`: fedllm.core.tokens)."""
         ui = settings.ui
         router_url = ui.router_url or f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}"
-        coordinator_url = ui.coordinator_url or f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"
+        coordinator_url = (
+            ui.coordinator_url or f"{settings.federation.scheme}://127.0.0.1:{settings.federation.status_port}"
+        )
         verify = client_context(settings.tls_ca_file)
         admin_token = router_admin_token(settings)
         api_key = settings.serve.api_keys[0].get_secret_value() if settings.serve.api_keys else None
         return cls(
             settings=settings,
-            router=RouterClient(router_url, admin_token, api_key, ui.request_timeout_s, verify, settings.allow_plain_http),
-            coordinator=coordinator_client(coordinator_url, ui.request_timeout_s, coordinator_status_token(settings), verify,
-                                           settings.allow_plain_http),
+            router=RouterClient(
+                router_url, admin_token, api_key, ui.request_timeout_s, verify, settings.allow_plain_http
+            ),
+            coordinator=coordinator_client(
+                coordinator_url,
+                ui.request_timeout_s,
+                coordinator_status_token(settings),
+                verify,
+                settings.allow_plain_http,
+            ),
             registry=AdapterRegistry(settings.adapters_dir),
             admin_token=admin_token,
             login_password=console_password(settings),

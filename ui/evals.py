@@ -18,8 +18,13 @@ from fedllm.core.processes import log_tail
 from fedllm.ui.launcher import list_records, read_record, record_state
 
 # (metric key in `appliance eval`'s results, column title); lower loss / perplexity and higher match / F1 are better.
-COLUMNS = (("eval_loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"), ("token_f1", "token F1"),
-           ("tokens", "tokens"))
+COLUMNS = (
+    ("eval_loss", "loss"),
+    ("perplexity", "perplexity"),
+    ("exact_match", "exact match"),
+    ("token_f1", "token F1"),
+    ("tokens", "tokens"),
+)
 BASE = "base"
 KIND = "eval"
 
@@ -29,12 +34,29 @@ def evals_dir(home: Path) -> Path:
     return Path(home) / "ui" / "evals"
 
 
-def compare_command(home: Path, targets: list[str], data: Path, out: Path, *, generate: bool, max_generate: int,
-                    max_new_tokens: int) -> list[str]:
+def compare_command(
+    home: Path, targets: list[str], data: Path, out: Path, *, generate: bool, max_generate: int, max_new_tokens: int
+) -> list[str]:
     """The `appliance eval --compare` command line for the Adapters tab's form."""
-    return [sys.executable, "-m", "fedllm.appliance", "--home", str(home), "eval", "--compare", ",".join(targets),
-            "--data", str(data), "--json-out", str(out), "--generate" if generate else "--no-generate",
-            "--max-generate", str(int(max_generate)), "--max-new-tokens", str(int(max_new_tokens))]
+    return [
+        sys.executable,
+        "-m",
+        "fedllm.appliance",
+        "--home",
+        str(home),
+        "eval",
+        "--compare",
+        ",".join(targets),
+        "--data",
+        str(data),
+        "--json-out",
+        str(out),
+        "--generate" if generate else "--no-generate",
+        "--max-generate",
+        str(int(max_generate)),
+        "--max-new-tokens",
+        str(int(max_new_tokens)),
+    ]
 
 
 @dataclass
@@ -70,10 +92,21 @@ def compare_view(record: dict[str, Any]) -> CompareView:
     error = None
     if state == "failed":
         error = _error_line(Path(record["log"])) if record.get("log") else None
-        error = error or (f"`appliance eval` exited with code {code}" if code is not None else "the comparison process is gone")
-    return CompareView(id=record.get("id", ""), state=state, targets=targets, data=str(report.get("data") or ""),
-                       rows=list(report.get("rows") or []), total=int(report.get("total") or len(targets)), exit_code=code,
-                       error=error, started_at=record.get("started_at"), ended_at=record.get("ended_at"))
+        error = error or (
+            f"`appliance eval` exited with code {code}" if code is not None else "the comparison process is gone"
+        )
+    return CompareView(
+        id=record.get("id", ""),
+        state=state,
+        targets=targets,
+        data=str(report.get("data") or ""),
+        rows=list(report.get("rows") or []),
+        total=int(report.get("total") or len(targets)),
+        exit_code=code,
+        error=error,
+        started_at=record.get("started_at"),
+        ended_at=record.get("ended_at"),
+    )
 
 
 def _error_line(log: Path) -> str | None:
@@ -81,7 +114,7 @@ def _error_line(log: Path) -> str | None:
     tail = log_tail(log, 20)
     if "error:" not in tail:
         return None
-    return " ".join(tail[tail.rindex("error:"):].split())
+    return " ".join(tail[tail.rindex("error:") :].split())
 
 
 def table_rows(view: CompareView | None) -> list[list[Any]]:
@@ -102,12 +135,16 @@ def progress_html(view: CompareView | None) -> str:
     """The status line: state, models scored of all, the data file, and the error of a failed comparison."""
     if view is None:
         return "<div id='compare-empty'>No comparison yet: pick models and eval data, then press Compare.</div>"
-    colour = {"running": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}.get(view.state, "#6b7280")
+    colour = {"running": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}.get(
+        view.state, "#6b7280"
+    )
     scored = ", ".join(html.escape(str(r.get("model"))) for r in view.rows)
-    parts = [f"<div class='compare-progress' data-state='{view.state}' data-done='{len(view.rows)}'>",
-             f"<span class='compare-state' style='color:white;background:{colour};padding:1px 8px;border-radius:8px'>"
-             f"{view.state}</span> scored {len(view.rows)} of {view.total} models"
-             f"{' (' + scored + ')' if scored else ''} on <code>{html.escape(Path(view.data).name or '?')}</code>"]
+    parts = [
+        f"<div class='compare-progress' data-state='{view.state}' data-done='{len(view.rows)}'>",
+        f"<span class='compare-state' style='color:white;background:{colour};padding:1px 8px;border-radius:8px'>"
+        f"{view.state}</span> scored {len(view.rows)} of {view.total} models"
+        f"{' (' + scored + ')' if scored else ''} on <code>{html.escape(Path(view.data).name or '?')}</code>",
+    ]
     if view.state == "running" and len(view.rows) < len(view.targets):
         parts.append(f" · now scoring <code>{html.escape(view.targets[len(view.rows)])}</code>")
     if view.state == "failed":
@@ -120,7 +157,16 @@ def loss_figure(view: CompareView | None) -> Any:
     """Bars of eval loss per model (lower is better), the base model in grey."""
     from fedllm.ui.plots import bar_figure
 
-    rows = [(str(r.get("model")), float(r["metrics"]["eval_loss"])) for r in (view.rows if view else [])
-            if isinstance(r.get("metrics", {}).get("eval_loss"), (int, float))]
-    return bar_figure([m for m, _ in rows], [v for _, v in rows], "Eval loss per model (lower is better)", "eval loss",
-                      colors={BASE: "#9ca3af"}, empty_text="No scores yet")
+    rows = [
+        (str(r.get("model")), float(r["metrics"]["eval_loss"]))
+        for r in (view.rows if view else [])
+        if isinstance(r.get("metrics", {}).get("eval_loss"), (int, float))
+    ]
+    return bar_figure(
+        [m for m, _ in rows],
+        [v for _, v in rows],
+        "Eval loss per model (lower is better)",
+        "eval loss",
+        colors={BASE: "#9ca3af"},
+        empty_text="No scores yet",
+    )

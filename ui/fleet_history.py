@@ -48,8 +48,10 @@ def summary_markdown(snap: FleetSnapshot) -> str:
     mean = snap.mean_latency_ms
     p50 = {w: q[0.5] for w, q in ttft_quantiles(snap.ttft_buckets, (0.5,)).items() if q[0.5] is not None}
     workers = " · ".join(f"`{w}` {1000 * v:.1f} ms" for w, v in sorted(p50.items()))
-    return (f"**Requests** {int(snap.requests)} · **errors** {int(snap.errors)} · **mean latency** "
-            f"{f'{mean:.1f} ms' if mean is not None else '-'}" + (f" · **TTFT p50** {workers}" if workers else ""))
+    return (
+        f"**Requests** {int(snap.requests)} · **errors** {int(snap.errors)} · **mean latency** "
+        f"{f'{mean:.1f} ms' if mean is not None else '-'}" + (f" · **TTFT p50** {workers}" if workers else "")
+    )
 
 
 def figures(history: FleetHistory) -> tuple[Any, Any]:
@@ -57,5 +59,11 @@ def figures(history: FleetHistory) -> tuple[Any, Any]:
     from fedllm.ui.plots import line_figure
 
     rates, ttft = history.frames()
-    return (line_figure(rates, "seconds ago", "value", "Requests and errors per second", empty_text="Waiting for two samples"),
-            line_figure(ttft, "seconds ago", "value", "Time to first token (ms) per worker", empty_text="No answers in the window"))
+    return (
+        line_figure(
+            rates, "seconds ago", "value", "Requests and errors per second", empty_text="Waiting for two samples"
+        ),
+        line_figure(
+            ttft, "seconds ago", "value", "Time to first token (ms) per worker", empty_text="No answers in the window"
+        ),
+    )

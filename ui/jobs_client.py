@@ -24,10 +24,18 @@ class JobsClient:
     def _run(self, *args: str) -> str:
         env = {**os.environ, "APPLIANCE_HOME": str(self.home)}
         try:
-            done = subprocess.run([sys.executable, "-m", "fedllm.appliance", *args], env=env, capture_output=True, text=True,
-                                  timeout=self.timeout_s, cwd=str(Path(__file__).resolve().parents[1]))
+            done = subprocess.run(
+                [sys.executable, "-m", "fedllm.appliance", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout_s,
+                cwd=str(Path(__file__).resolve().parents[1]),
+            )
         except subprocess.TimeoutExpired as exc:
-            raise ServiceUnavailable(f"`appliance {' '.join(args[:2])}` did not answer in {self.timeout_s:g} s") from exc
+            raise ServiceUnavailable(
+                f"`appliance {' '.join(args[:2])}` did not answer in {self.timeout_s:g} s"
+            ) from exc
         if done.returncode != 0:
             lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
             message = " ".join(lines[-3:]).removeprefix("error: ") if lines else f"exit code {done.returncode}"
@@ -46,7 +54,11 @@ class JobsClient:
     def stop(self, job_id: str) -> str:
         return self._run("job", "stop", job_id).strip()
 
-    def submit_training(self, group: str, data: str, max_steps: int, cpus: float, slots: float, output: str = "") -> str:
+    def submit_training(
+        self, group: str, data: str, max_steps: int, cpus: float, slots: float, output: str = ""
+    ) -> str:
         """Queue `appliance train --data DATA --max-steps N [--output NAME]` on `group`; the CLI's one-line answer."""
         train = ["train", "--data", data, "--max-steps", str(int(max_steps))] + (["--output", output] if output else [])
-        return self._run("job", "submit", "--group", group, "--cpus", f"{cpus:g}", "--slots", f"{slots:g}", "--", *train).strip()
+        return self._run(
+            "job", "submit", "--group", group, "--cpus", f"{cpus:g}", "--slots", f"{slots:g}", "--", *train
+        ).strip()

@@ -41,13 +41,26 @@ def launch(home: Path, kind: str, cmd: list[str], env: dict[str, str] | None = N
     launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     record_path = launches_dir(home) / f"{launch_id}.json"
     log_path = launches_dir(home) / f"{launch_id}.log"
-    record = {"id": launch_id, "kind": kind, "cmd": cmd, "pid": None, "log": str(log_path), "started_at": time.time(),
-              "exit_code": None, "ended_at": None, "stop_requested": False}
+    record = {
+        "id": launch_id,
+        "kind": kind,
+        "cmd": cmd,
+        "pid": None,
+        "log": str(log_path),
+        "started_at": time.time(),
+        "exit_code": None,
+        "ended_at": None,
+        "stop_requested": False,
+    }
     write_json_atomic(record_path, record)
     subprocess.Popen(
         [sys.executable, "-m", "fedllm.ui.launcher", str(record_path), "--", *cmd],
-        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -107,11 +120,13 @@ def stop(home: Path, launch_id: str, sig: int = signal.SIGTERM) -> bool:
 
 def _main(argv: list[str]) -> int:
     record_path = Path(argv[0])
-    cmd = argv[argv.index("--") + 1:]
+    cmd = argv[argv.index("--") + 1 :]
     record = read_record(record_path)
     with open_private_log(Path(record["log"])) as log:
         # The child leads its own process group so a stop reaches everything it starts (DeepSpeed, compilers).
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         record["pid"] = child.pid
         record["pid_start"] = process_start_ticks(child.pid)  # so a stop never signals a later process of that pid
         record["wrapper_pid"] = os.getpid()  # alive until the exit code is written: no gap that reads as a crash

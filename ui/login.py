@@ -29,8 +29,17 @@ LINK_PATH = "/login-link"
 class LoginGate:
     """A Gradio auth function: `gate(username, password) -> bool` (constant-time compares, rate-limited)."""
 
-    def __init__(self, admin_password: str, users: dict[str, str], *, once: str | None = None, max_failures: int = 5,
-                 max_failures_total: int = 30, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        admin_password: str,
+        users: dict[str, str],
+        *,
+        once: str | None = None,
+        max_failures: int = 5,
+        max_failures_total: int = 30,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._passwords = {**users, "admin": admin_password}
         self._once = once
         self._max_failures, self._max_total, self._window_s = max_failures, max_failures_total, window_s
@@ -58,8 +67,10 @@ class LoginGate:
         return len(stamps)
 
     def _locked(self, username: str, now: float) -> bool:
-        return (self._recent(self._failures.get(username, deque()), now) >= self._max_failures
-                or self._recent(self._all_failures, now) >= self._max_total)
+        return (
+            self._recent(self._failures.get(username, deque()), now) >= self._max_failures
+            or self._recent(self._all_failures, now) >= self._max_total
+        )
 
     def _fail(self, username: str, now: float) -> None:
         stamps = self._failures.setdefault(username[:64], deque())
@@ -68,11 +79,18 @@ class LoginGate:
         if len(self._failures) > 1024:  # names typed by a sprayer: keep the table bounded
             self._failures = {u: s for u, s in self._failures.items() if self._recent(s, now)}
         if self._recent(stamps, now) == self._max_failures:
-            logger.warning("console: %d wrong passwords for user %r within %.0f s; refused until the window passes",
-                           self._max_failures, username[:64], self._window_s)
+            logger.warning(
+                "console: %d wrong passwords for user %r within %.0f s; refused until the window passes",
+                self._max_failures,
+                username[:64],
+                self._window_s,
+            )
         if self._recent(self._all_failures, now) == self._max_total:
-            logger.warning("console: %d wrong passwords within %.0f s; every login refused until the window passes",
-                           self._max_total, self._window_s)
+            logger.warning(
+                "console: %d wrong passwords within %.0f s; every login refused until the window passes",
+                self._max_total,
+                self._window_s,
+            )
 
 
 _LINK_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
@@ -99,7 +117,16 @@ class LoginLinkPage:
         if scope["type"] != "http" or scope["path"] != LINK_PATH:
             await self.app(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store"), (b"referrer-policy", b"no-referrer"),
-            (b"content-length", str(len(_LINK_PAGE)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/html; charset=utf-8"),
+                    (b"cache-control", b"no-store"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"content-length", str(len(_LINK_PAGE)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": _LINK_PAGE})

@@ -29,8 +29,16 @@ def _say_empty(fig: Any, ax: Any, text: str) -> Any:
     return fig
 
 
-def line_figure(frame: Any, x: str, y: str, title: str, colors: dict[str, str] | None = None, *, empty_text: str = "No data yet",
-                size_in: tuple[float, float] = (10.0, 3.0)) -> Any:
+def line_figure(
+    frame: Any,
+    x: str,
+    y: str,
+    title: str,
+    colors: dict[str, str] | None = None,
+    *,
+    empty_text: str = "No data yet",
+    size_in: tuple[float, float] = (10.0, 3.0),
+) -> Any:
     """A figure with one line per `series` of `frame` (pandas DataFrame with columns x, y, series).
 
     Args:
@@ -57,8 +65,16 @@ def line_figure(frame: Any, x: str, y: str, title: str, colors: dict[str, str] |
     return fig
 
 
-def bar_figure(labels: list[str], values: list[float], title: str, ylabel: str, colors: dict[str, str] | None = None, *,
-               empty_text: str = "No data yet", size_in: tuple[float, float] = (8.0, 3.0)) -> Any:
+def bar_figure(
+    labels: list[str],
+    values: list[float],
+    title: str,
+    ylabel: str,
+    colors: dict[str, str] | None = None,
+    *,
+    empty_text: str = "No data yet",
+    size_in: tuple[float, float] = (8.0, 3.0),
+) -> Any:
     """A figure with one labelled bar per value (in order).
 
     Args:
@@ -76,8 +92,15 @@ def bar_figure(labels: list[str], values: list[float], title: str, ylabel: str, 
     return fig
 
 
-def stacked_bar_figure(rows: list[tuple[str, dict[str, float]]], parts: list[str], title: str, xlabel: str, *,
-                       empty_text: str = "No data yet", size_in: tuple[float, float] = (6.0, 2.6)) -> Any:
+def stacked_bar_figure(
+    rows: list[tuple[str, dict[str, float]]],
+    parts: list[str],
+    title: str,
+    xlabel: str,
+    *,
+    empty_text: str = "No data yet",
+    size_in: tuple[float, float] = (6.0, 2.6),
+) -> Any:
     """Horizontal bars, one per row label, each stacked from `parts` in order (a missing part counts 0).
 
     Args:

@@ -103,10 +103,17 @@ def _merge(run_dir: Path, status: dict[str, Any], launch: dict[str, Any] | None)
     state = status.get("state") or "running"
     pid = status.get("pid") or (launch or {}).get("pid")
     view = RunView(
-        id=run_dir.name, state=state, run_dir=run_dir, launch_id=(launch or {}).get("id"), pid=pid,
-        exit_code=status.get("exit_code"), error=status.get("error"), adapter=status.get("adapter"),
+        id=run_dir.name,
+        state=state,
+        run_dir=run_dir,
+        launch_id=(launch or {}).get("id"),
+        pid=pid,
+        exit_code=status.get("exit_code"),
+        error=status.get("error"),
+        adapter=status.get("adapter"),
         started_at=(launch or {}).get("started_at") or run_dir.stat().st_mtime,
-        metrics=read_jsonl(run_dir / "metrics.jsonl"), log_path=run_dir / "train.log",
+        metrics=read_jsonl(run_dir / "metrics.jsonl"),
+        log_path=run_dir / "train.log",
     )
     if launch and launch.get("exit_code") is not None and view.exit_code is None:
         view.exit_code = launch["exit_code"]
@@ -127,17 +134,59 @@ def _launch_only(record: dict[str, Any]) -> RunView:
     state = record_state(record, alive="starting")
     error = None
     if state == "failed":
-        error = f"`appliance train` exited with code {code}" if code is not None else "the launcher died before the run started"
-    return RunView(id=f"launch-{record['id']}", state=state, launch_id=record["id"], pid=record.get("pid"), exit_code=code,
-                   error=error, started_at=record.get("started_at"), log_path=Path(record["log"]))
+        error = (
+            f"`appliance train` exited with code {code}"
+            if code is not None
+            else "the launcher died before the run started"
+        )
+    return RunView(
+        id=f"launch-{record['id']}",
+        state=state,
+        launch_id=record["id"],
+        pid=record.get("pid"),
+        exit_code=code,
+        error=error,
+        started_at=record.get("started_at"),
+        log_path=Path(record["log"]),
+    )
 
 
-def train_command(data: Path, *, model: str | None, output: str | None, max_steps: int, lr: float, lora_r: int,
-                  lora_alpha: int, batch_size: int, max_seq_len: int, home: Path) -> list[str]:
+def train_command(
+    data: Path,
+    *,
+    model: str | None,
+    output: str | None,
+    max_steps: int,
+    lr: float,
+    lora_r: int,
+    lora_alpha: int,
+    batch_size: int,
+    max_seq_len: int,
+    home: Path,
+) -> list[str]:
     """The `appliance train` command line for the Train tab's form."""
-    cmd = [sys.executable, "-m", "fedllm.appliance", "--home", str(home), "train", "--data", str(data),
-           "--max-steps", str(int(max_steps)), "--lr", str(lr), "--lora-r", str(int(lora_r)),
-           "--lora-alpha", str(int(lora_alpha)), "--batch-size", str(int(batch_size)), "--max-seq-len", str(int(max_seq_len))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedllm.appliance",
+        "--home",
+        str(home),
+        "train",
+        "--data",
+        str(data),
+        "--max-steps",
+        str(int(max_steps)),
+        "--lr",
+        str(lr),
+        "--lora-r",
+        str(int(lora_r)),
+        "--lora-alpha",
+        str(int(lora_alpha)),
+        "--batch-size",
+        str(int(batch_size)),
+        "--max-seq-len",
+        str(int(max_seq_len)),
+    ]
     if model:
         cmd += ["--model", model]
     if output:

@@ -20,8 +20,16 @@ class Resources:
     memory_gb: float | None = None
 
     def __post_init__(self) -> None:
-        bad = [f"{k}={v}" for k, v in (("cpus", self.cpus), ("gpus", self.gpus), ("slots", self.slots),
-                                       ("memory_gb", self.memory_gb or 0.0)) if v < 0]
+        bad = [
+            f"{k}={v}"
+            for k, v in (
+                ("cpus", self.cpus),
+                ("gpus", self.gpus),
+                ("slots", self.slots),
+                ("memory_gb", self.memory_gb or 0.0),
+            )
+            if v < 0
+        ]
         if bad:
             raise ConfigError(f"job resources cannot be negative: {', '.join(bad)}")
 
@@ -61,14 +69,18 @@ def check_fits(need: Resources, group: str, nodes: list[NodeView]) -> None:
     live = [n for n in nodes if n.group == group and n.alive]
     if not live:
         groups = sorted({n.group for n in nodes if n.alive})
-        raise ConfigError(f"group {group!r} has no live node; groups with live nodes: {', '.join(groups) or 'none'} "
-                          "(add one with `appliance node join --group NAME`)")
+        raise ConfigError(
+            f"group {group!r} has no live node; groups with live nodes: {', '.join(groups) or 'none'} "
+            "(add one with `appliance node join --group NAME`)"
+        )
     wanted = need.wanted()
     if any(all(n.total.get(k, 0.0) >= v for k, v in wanted.items()) for n in live):
         return
     capacity = "; ".join(f"node {n.node_id[:12]}: {describe({k: n.total.get(k, 0.0) for k in wanted})}" for n in live)
-    raise ConfigError(f"the job asks {describe(wanted)} on one node, more than any node of group {group!r} has "
-                      f"(capacity per node: {capacity})")
+    raise ConfigError(
+        f"the job asks {describe(wanted)} on one node, more than any node of group {group!r} has "
+        f"(capacity per node: {capacity})"
+    )
 
 
 def pending_reason(need: Resources, group: str, nodes: list[NodeView]) -> str:
@@ -77,5 +89,7 @@ def pending_reason(need: Resources, group: str, nodes: list[NodeView]) -> str:
     live = [n for n in nodes if n.group == group and n.alive]
     if any(all(n.free.get(k, 0.0) >= v for k, v in wanted.items()) for n in live):
         return f"starting: a node of group {group!r} has {describe(wanted)} free"
-    free = "; ".join(f"node {n.node_id[:12]} has {describe({k: n.free.get(k, 0.0) for k in wanted})} free" for n in live)
+    free = "; ".join(
+        f"node {n.node_id[:12]} has {describe({k: n.free.get(k, 0.0) for k in wanted})} free" for n in live
+    )
     return f"waiting for {describe(wanted)} in group {group!r}: {free or 'no live node'}"

@@ -27,17 +27,34 @@ log = logging.getLogger(__name__)
 def head_argv(settings) -> list[str]:
     """The head's `ray start --head --block` command line for `settings.cluster`."""
     c = settings.cluster
-    ports = {"port": c.port, "dashboard-host": "127.0.0.1", "dashboard-port": c.dashboard_port,
-             "ray-client-server-port": c.client_server_port, "dashboard-agent-listen-port": c.agent_port}
-    return node_start_argv(head=None, group=c.group, labels={"node": "head"}, cpus=c.num_cpus if c.num_cpus is not None else os.cpu_count(),
-                           gpus=c.num_gpus, slots=c.slots, temp_dir=c.temp_dir, ports=ports, node_ip=c.host) + [
-        "--include-dashboard", "true"]
+    ports = {
+        "port": c.port,
+        "dashboard-host": "127.0.0.1",
+        "dashboard-port": c.dashboard_port,
+        "ray-client-server-port": c.client_server_port,
+        "dashboard-agent-listen-port": c.agent_port,
+    }
+    return node_start_argv(
+        head=None,
+        group=c.group,
+        labels={"node": "head"},
+        cpus=c.num_cpus if c.num_cpus is not None else os.cpu_count(),
+        gpus=c.num_gpus,
+        slots=c.slots,
+        temp_dir=c.temp_dir,
+        ports=ports,
+        node_ip=c.host,
+    ) + ["--include-dashboard", "true"]
 
 
 def node_env(token_file: Path, group: str, name: str) -> dict[str, str]:
     """The environment of a node's Ray processes: the token, and what its jobs read to say where they ran."""
-    return {**ray_env(token_file), "APPLIANCE_NODE_GROUP": group, "APPLIANCE_NODE_NAME": name,
-            "APPLIANCE_PYTHON": sys.executable}
+    return {
+        **ray_env(token_file),
+        "APPLIANCE_NODE_GROUP": group,
+        "APPLIANCE_NODE_NAME": name,
+        "APPLIANCE_PYTHON": sys.executable,
+    }
 
 
 def connect(settings, token_file: Path | None = None) -> JobScheduler:
@@ -45,8 +62,10 @@ def connect(settings, token_file: Path | None = None) -> JobScheduler:
     c = settings.cluster
     token_file = token_file or settings.keys_dir / TOKEN_NAME
     if not Path(token_file).exists():
-        raise ConfigError(f"no cluster token at {token_file}: the head makes it when it starts (`appliance up`, or "
-                          "`appliance cluster head`); on another machine copy the head's keys/ray_token there")
+        raise ConfigError(
+            f"no cluster token at {token_file}: the head makes it when it starts (`appliance up`, or "
+            "`appliance cluster head`); on another machine copy the head's keys/ray_token there"
+        )
     token = read_token(token_file)
     home = c.shared_home or settings.home
     # Ray's job supervisor reads the grace period from the job's environment (SIGTERM, then SIGKILL after it).
@@ -65,8 +84,10 @@ def wait_ready(api: HeadAPI, timeout_s: float, alive=lambda: True, log_path: Pat
         if not alive():
             raise ApplianceError(f"the Ray head exited while starting. Last lines of {log_path}:\n{log_tail(log_path)}")
         if time.monotonic() - t0 > timeout_s:
-            raise ApplianceError(f"the Ray head's job API did not answer at {api.base_url} within {timeout_s:.0f} s. "
-                                 f"Last lines of {log_path}:\n{log_tail(log_path)}")
+            raise ApplianceError(
+                f"the Ray head's job API did not answer at {api.base_url} within {timeout_s:.0f} s. "
+                f"Last lines of {log_path}:\n{log_tail(log_path)}"
+            )
         time.sleep(0.25)
     return time.monotonic() - t0
 
@@ -91,7 +112,9 @@ def run_head(settings, stop: threading.Event) -> None:
         log.info("Ray head ready in %.1f s; job API at %s", took, c.job_api_url())
         while not stop.wait(c.reconcile_interval_s):
             if proc.poll() is not None:
-                raise ApplianceError(f"the Ray head exited with code {proc.returncode}. Last lines of {log_path}:\n{log_tail(log_path)}")
+                raise ApplianceError(
+                    f"the Ray head exited with code {proc.returncode}. Last lines of {log_path}:\n{log_tail(log_path)}"
+                )
             try:
                 sched.reconcile()
             except HeadUnavailable as exc:

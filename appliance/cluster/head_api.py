@@ -35,11 +35,15 @@ class HeadAPI:
         try:
             resp = httpx.get(url, params=params, headers=self._headers, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
-            raise HeadUnavailable(f"the cluster head does not answer at {self.base_url} ({exc.__class__.__name__}); "
-                                  "start it with `appliance up` (or set cluster.dashboard_url)") from exc
+            raise HeadUnavailable(
+                f"the cluster head does not answer at {self.base_url} ({exc.__class__.__name__}); "
+                "start it with `appliance up` (or set cluster.dashboard_url)"
+            ) from exc
         if resp.status_code in (401, 403):
-            raise HeadUnavailable(f"the cluster head at {self.base_url} refused the token (HTTP {resp.status_code}); "
-                                  "use the head's keys/ray_token")
+            raise HeadUnavailable(
+                f"the cluster head at {self.base_url} refused the token (HTTP {resp.status_code}); "
+                "use the head's keys/ray_token"
+            )
         if resp.status_code >= 400:
             raise HeadUnavailable(f"the cluster head at {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
         body = resp.json()
@@ -64,7 +68,10 @@ class HeadAPI:
         """node id -> resource -> (used, total), from the autoscaler's load report (alive nodes only)."""
         data = self.get("/api/cluster_status")
         report = (data.get("clusterStatus") or {}).get("loadMetricsReport") or {}
-        return {nid: {r: (float(v[0]), float(v[1])) for r, v in res.items()} for nid, res in (report.get("usageByNode") or {}).items()}
+        return {
+            nid: {r: (float(v[0]), float(v[1])) for r, v in res.items()}
+            for nid, res in (report.get("usageByNode") or {}).items()
+        }
 
     def jobs(self):
         """Ray's `JobSubmissionClient` for this head (made once)."""

@@ -93,7 +93,9 @@ class JobRecord:
     def entrypoint(self) -> str:
         """The shell command Ray runs: the launcher (threads, cores, where it runs), then the job's command."""
         flags = f"--cpus {self.need.cpus:g}" + (" --program" if self.program else "")
-        return f'"${{APPLIANCE_PYTHON:-python3}}" -m fedllm.appliance.cluster.launch {flags} -- {shlex.join(self.command)}'
+        return (
+            f'"${{APPLIANCE_PYTHON:-python3}}" -m fedllm.appliance.cluster.launch {flags} -- {shlex.join(self.command)}'
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,8 +116,16 @@ def new_record(req: JobRequest, env: dict[str, str], existing: set[str]) -> JobR
     job_id = req.name or f"job-{secrets.token_hex(4)}"
     if job_id in existing:
         raise ConfigError(f"a job named {job_id!r} exists already; choose another --name")
-    return JobRecord(job_id=job_id, group=req.group, command=list(req.command), program=req.program,
-                     resources=asdict(req.resources), retries=req.retries, created_at=time.time(), env=env)
+    return JobRecord(
+        job_id=job_id,
+        group=req.group,
+        command=list(req.command),
+        program=req.program,
+        resources=asdict(req.resources),
+        retries=req.retries,
+        created_at=time.time(),
+        env=env,
+    )
 
 
 class JobStore:
@@ -184,8 +194,19 @@ def view(rec: JobRecord, log_text: str | None = None) -> JobView:
     last = rec.attempts[-1] if rec.attempts else None
     runs = _RUN_RE.findall(log_text or "")
     adapters = _ADAPTER_RE.findall(log_text or "")
-    return JobView(job_id=rec.job_id, group=rec.group, state=rec.state, reason=rec.reason,
-                   node_id=last.node_id if last else None, attempts=len(rec.attempts), created_at=rec.created_at,
-                   started_at=last.started_at if last else None, ended_at=last.ended_at if last else None,
-                   command=shlex.join(rec.command), resources=rec.resources, node_failures=list(rec.node_failures),
-                   run=runs[-1] if runs else None, adapter=adapters[-1] if adapters else None)
+    return JobView(
+        job_id=rec.job_id,
+        group=rec.group,
+        state=rec.state,
+        reason=rec.reason,
+        node_id=last.node_id if last else None,
+        attempts=len(rec.attempts),
+        created_at=rec.created_at,
+        started_at=last.started_at if last else None,
+        ended_at=last.ended_at if last else None,
+        command=shlex.join(rec.command),
+        resources=rec.resources,
+        node_failures=list(rec.node_failures),
+        run=runs[-1] if runs else None,
+        adapter=adapters[-1] if adapters else None,
+    )

@@ -69,9 +69,14 @@ def prepare(cpus: float, lock_dir: Path) -> dict[str, object]:
 def where() -> dict[str, object]:
     """Where this job runs, from its own environment: host, the node's group and name (set by `appliance node join`),
     and Ray's node id when Ray gives it."""
-    return {"host": socket.gethostname(), "group": os.environ.get("APPLIANCE_NODE_GROUP"),
-            "node_name": os.environ.get("APPLIANCE_NODE_NAME"), "ray_node_id": os.environ.get("RAY_NODE_ID"),
-            "job": os.environ.get("APPLIANCE_JOB_ID"), "pid": os.getpid()}
+    return {
+        "host": socket.gethostname(),
+        "group": os.environ.get("APPLIANCE_NODE_GROUP"),
+        "node_name": os.environ.get("APPLIANCE_NODE_NAME"),
+        "ray_node_id": os.environ.get("RAY_NODE_ID"),
+        "job": os.environ.get("APPLIANCE_JOB_ID"),
+        "pid": os.getpid(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
-    lock_dir = Path(os.environ.get("APPLIANCE_CORE_LOCKS", Path(tempfile.gettempdir()) / f"appliance-cores-{os.getuid()}"))
+    lock_dir = Path(
+        os.environ.get("APPLIANCE_CORE_LOCKS", Path(tempfile.gettempdir()) / f"appliance-cores-{os.getuid()}")
+    )
     info = {**where(), **prepare(args.cpus, lock_dir)}
     print(f"{MARK} {json.dumps(info)}", flush=True)
     if not args.program:

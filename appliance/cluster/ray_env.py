@@ -33,8 +33,13 @@ def ray_env(token_file: Path, base: dict[str, str] | None = None) -> dict[str, s
     """`base` (default: this process's environment) with token authentication on and usage stats off."""
     env = dict(os.environ if base is None else base)
     env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(token_file).resolve()),
-                "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(Path(token_file).resolve()),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+    )
     return env
 
 

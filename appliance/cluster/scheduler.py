@@ -88,7 +88,9 @@ class JobScheduler:
             if rec.stop_requested:
                 rec.state, rec.reason = "STOPPED", "stopped before it started"
             elif limit is not None and active[rec.group] >= limit:
-                rec.reason = f"group {rec.group!r} runs {active[rec.group]} jobs, its limit (cluster.max_jobs_per_group)"
+                rec.reason = (
+                    f"group {rec.group!r} runs {active[rec.group]} jobs, its limit (cluster.max_jobs_per_group)"
+                )
             elif pending[rec.group]:
                 rec.reason = f"behind an earlier job of group {rec.group!r} that waits for resources"
             else:
@@ -108,9 +110,13 @@ class JobScheduler:
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
-                self.api.jobs().submit_job(entrypoint=rec.entrypoint(), submission_id=sid, runtime_env={"env_vars": env},
-                                           metadata={"appliance_job": rec.job_id, "group": rec.group},
-                                           **rec.need.ray_options(rec.group))
+                self.api.jobs().submit_job(
+                    entrypoint=rec.entrypoint(),
+                    submission_id=sid,
+                    runtime_env={"env_vars": env},
+                    metadata={"appliance_job": rec.job_id, "group": rec.group},
+                    **rec.need.ray_options(rec.group),
+                )
                 break
             except RuntimeError as exc:  # a head just started answers before its job agent is up
                 if "agent" not in str(exc).lower() or time.monotonic() > deadline:
@@ -138,15 +144,21 @@ class JobScheduler:
             rec.node_failures.append(f"attempt {len(rec.attempts)}: node {node.node_id[:12]} (group {node.group}) died")
             att.status = "FAILED"
             if len(rec.node_failures) <= rec.retries:
-                rec.state, rec.reason = QUEUED, f"node {node.node_id[:12]} died; retry {len(rec.node_failures)} of {rec.retries}"
+                rec.state, rec.reason = (
+                    QUEUED,
+                    f"node {node.node_id[:12]} died; retry {len(rec.node_failures)} of {rec.retries}",
+                )
                 log.warning("job %s: node %s died; submitting it again", rec.job_id, node.node_id[:12])
             else:
                 rec.state = "FAILED"
                 rec.reason = f"node {node.node_id[:12]} (group {node.group}) died while the job ran" + (
-                    f"; no retry left (--retries {rec.retries})" if rec.retries else "")
+                    f"; no retry left (--retries {rec.retries})" if rec.retries else ""
+                )
         elif att.status in FINAL:
             rec.state = att.status
-            rec.reason = "stopped by `appliance job stop`" if rec.stop_requested and att.status == "STOPPED" else att.message
+            rec.reason = (
+                "stopped by `appliance job stop`" if rec.stop_requested and att.status == "STOPPED" else att.message
+            )
         else:
             rec.state = att.status
             if att.status == "RUNNING":

@@ -17,15 +17,25 @@ from fedllm.core.errors import ConfigError
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the head would drown the output
 
-node_app = typer.Typer(help=(
-    "Machines of the appliance's cluster. A node belongs to one device group (a label); jobs name the group they run "
-    "on. `node join` adds this machine to a head (token from the head's keys/ray_token); `node ls` shows every node "
-    "with total and free CPUs, GPUs, slots and memory."), no_args_is_help=True)
-job_app = typer.Typer(help=(
-    "Jobs on the appliance's cluster: any appliance command (`train ...`, `eval ...`, `silo join ...`, "
-    "`worker join ...`) run on a node of a device group, queued while the group is full, with logs and stop. Run "
-    "these on the head (the machine of `appliance up`)."), no_args_is_help=True)
-cluster_app = typer.Typer(help="The cluster head (`appliance up` runs it; use it alone to run only the head).", no_args_is_help=True)
+node_app = typer.Typer(
+    help=(
+        "Machines of the appliance's cluster. A node belongs to one device group (a label); jobs name the group they run "
+        "on. `node join` adds this machine to a head (token from the head's keys/ray_token); `node ls` shows every node "
+        "with total and free CPUs, GPUs, slots and memory."
+    ),
+    no_args_is_help=True,
+)
+job_app = typer.Typer(
+    help=(
+        "Jobs on the appliance's cluster: any appliance command (`train ...`, `eval ...`, `silo join ...`, "
+        "`worker join ...`) run on a node of a device group, queued while the group is full, with logs and stop. Run "
+        "these on the head (the machine of `appliance up`)."
+    ),
+    no_args_is_help=True,
+)
+cluster_app = typer.Typer(
+    help="The cluster head (`appliance up` runs it; use it alone to run only the head).", no_args_is_help=True
+)
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
@@ -39,7 +49,7 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 
 
 @cluster_app.command("head")
-@needs('cluster', for_what="`appliance head`")
+@needs("cluster", for_what="`appliance head`")
 def head(ctx: typer.Context) -> None:
     """Run the Ray head (token auth, job API on 127.0.0.1) and the job queue until Ctrl-C."""
     from fedllm.appliance.cluster.head import run_head
@@ -52,7 +62,7 @@ def head(ctx: typer.Context) -> None:
 
 
 @node_app.command("join")
-@needs('cluster', for_what="`appliance node join`")
+@needs("cluster", for_what="`appliance node join`")
 def node_join(
     ctx: typer.Context,
     head: str = typer.Option(..., "--head", help="The head's HOST:PORT (cluster.port on the head, 6380 by default)."),
@@ -63,7 +73,9 @@ def node_join(
     cpus: Optional[int] = typer.Option(None, "--cpus", help="CPUs offered to jobs (default: all)."),
     slots: int = typer.Option(0, "--slots", help="`slot` resources: stand-ins for GPUs on a CPU-only machine."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of this node in job records (default: host name)."),
-    node_ip: str = typer.Option("127.0.0.1", "--node-ip", help="Address this node announces (default: Ray picks this machine's)."),
+    node_ip: str = typer.Option(
+        "127.0.0.1", "--node-ip", help="Address this node announces (default: Ray picks this machine's)."
+    ),
 ) -> None:
     """Join this machine to a head as a node of GROUP and stay joined until Ctrl-C (the node leaves when it stops)."""
     from fedllm.appliance.cluster.node_process import run_node
@@ -72,13 +84,24 @@ def node_join(
     with cli_errors():
         settings = settings_from(ctx)
         stop = stop_on_signals()
-        node = run_node(settings, head=head, token_file=token_file, group=group, labels=_parse_labels(label), gpus=gpus,
-                        cpus=cpus, slots=slots, name=name or socket.gethostname(), stop=stop, node_ip=node_ip)
+        node = run_node(
+            settings,
+            head=head,
+            token_file=token_file,
+            group=group,
+            labels=_parse_labels(label),
+            gpus=gpus,
+            cpus=cpus,
+            slots=slots,
+            name=name or socket.gethostname(),
+            stop=stop,
+            node_ip=node_ip,
+        )
         console.print(f"node {node} left the cluster", highlight=False)
 
 
 @node_app.command("ls")
-@needs('cluster', for_what="`appliance node ls`")
+@needs("cluster", for_what="`appliance node ls`")
 def node_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List nodes by group with total and free CPU, GPU, slot and memory (GiB), alive or not."""
     from fedllm.appliance.cluster.head import connect
@@ -89,13 +112,19 @@ def node_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
         if as_json:
             print(json.dumps([n.as_json() for n in nodes], indent=2))
             return
-        console.print(f"{'GROUP':<10} {'NODE':<14} {'STATE':<6} {'CPU free/total':<15} {'GPU':<9} {'slot':<9} {'mem GiB':<13} LABELS", highlight=False)
+        console.print(
+            f"{'GROUP':<10} {'NODE':<14} {'STATE':<6} {'CPU free/total':<15} {'GPU':<9} {'slot':<9} {'mem GiB':<13} LABELS",
+            highlight=False,
+        )
         for n in nodes:
             pair = lambda k: f"{n.free.get(k, 0):g}/{n.total.get(k, 0):g}"  # noqa: E731
             labels = ",".join(f"{k}={v}" for k, v in n.labels.items() if k != "group")
-            console.print(f"{n.group:<10} {n.node_id[:12]:<14} {'alive' if n.alive else 'dead':<6} {pair('CPU'):<15} "
-                          f"{pair('GPU'):<9} {pair('slot'):<9} {pair('memory_gb'):<13} {labels}{' (head)' if n.is_head else ''}",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"{n.group:<10} {n.node_id[:12]:<14} {'alive' if n.alive else 'dead':<6} {pair('CPU'):<15} "
+                f"{pair('GPU'):<9} {pair('slot'):<9} {pair('memory_gb'):<13} {labels}{' (head)' if n.is_head else ''}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _drain(ctx: typer.Context, node_id: str, remove: bool) -> None:
@@ -108,19 +137,22 @@ def _drain(ctx: typer.Context, node_id: str, remove: bool) -> None:
         node = find_node(list_nodes(connect(settings).api), node_id)
         address = settings.cluster.address or f"127.0.0.1:{settings.cluster.port}"
         drain_node(address, token_path(settings.keys_dir), node.node_id, remove=remove)
-        console.print(f"node {node.node_id[:12]} (group {node.group}) "
-                      f"{'removed' if remove else 'drained: no new job lands there; it leaves once idle'}", highlight=False)
+        console.print(
+            f"node {node.node_id[:12]} (group {node.group}) "
+            f"{'removed' if remove else 'drained: no new job lands there; it leaves once idle'}",
+            highlight=False,
+        )
 
 
 @node_app.command("drain")
-@needs('cluster', for_what="`appliance node drain`")
+@needs("cluster", for_what="`appliance node drain`")
 def node_drain(ctx: typer.Context, node_id: str = typer.Argument(..., help="Node id (or a unique prefix).")) -> None:
     """Drain a node: no new job lands there, and Ray takes it out of the cluster once what it runs has ended."""
     _drain(ctx, node_id, remove=False)
 
 
 @node_app.command("remove")
-@needs('cluster', for_what="`appliance node remove`")
+@needs("cluster", for_what="`appliance node remove`")
 def node_remove(ctx: typer.Context, node_id: str = typer.Argument(..., help="Node id (or a unique prefix).")) -> None:
     """Take an idle node out of the cluster now (Ray refuses while it runs work: drain it instead)."""
     _drain(ctx, node_id, remove=True)
@@ -136,13 +168,19 @@ def _scheduler(ctx: typer.Context):
 @needs("cluster", for_what="`appliance job submit`")
 def job_submit(
     ctx: typer.Context,
-    group: Optional[str] = typer.Option(None, "--group", help="Device group to run on (default: cluster.group, the head's)."),
-    cpus: float = typer.Option(1.0, "--cpus", help="CPUs for the job; its compute threads follow (OMP/MKL/torch), cores pinned where allowed."),
+    group: Optional[str] = typer.Option(
+        None, "--group", help="Device group to run on (default: cluster.group, the head's)."
+    ),
+    cpus: float = typer.Option(
+        1.0, "--cpus", help="CPUs for the job; its compute threads follow (OMP/MKL/torch), cores pinned where allowed."
+    ),
     gpus: float = typer.Option(0.0, "--gpus", help="GPUs for the job (Ray sets CUDA_VISIBLE_DEVICES)."),
     slots: float = typer.Option(0.0, "--slots", help="Slots for the job (GPU stand-ins of CPU-only nodes)."),
     memory: Optional[float] = typer.Option(None, "--memory", help="Memory to reserve, in GiB."),
     name: Optional[str] = typer.Option(None, "--name", help="Job id (default: job-XXXXXXXX)."),
-    retries: int = typer.Option(0, "--retries", help="Run it again on another node of the group this many times if its node dies."),
+    retries: int = typer.Option(
+        0, "--retries", help="Run it again on another node of the group this many times if its node dies."
+    ),
     program: bool = typer.Option(False, "--program", help="COMMAND is any program, not an appliance command."),
 ) -> None:
     """Queue `-- COMMAND ...` (an appliance command, e.g. `-- train --data d.jsonl --max-steps 20`) on a group.
@@ -155,18 +193,30 @@ def job_submit(
 
     with cli_errors():
         settings = settings_from(ctx)
-        req = JobRequest(command=list(ctx.args), group=group or settings.cluster.group, name=name, retries=retries, program=program,
-                         resources=Resources(cpus=cpus, gpus=gpus, slots=slots, memory_gb=memory))
+        req = JobRequest(
+            command=list(ctx.args),
+            group=group or settings.cluster.group,
+            name=name,
+            retries=retries,
+            program=program,
+            resources=Resources(cpus=cpus, gpus=gpus, slots=slots, memory_gb=memory),
+        )
         rec = _scheduler(ctx).submit(req)
-        console.print(f"job {rec.job_id} {rec.state} on group {rec.group}{': ' + rec.reason if rec.reason else ''}", highlight=False, soft_wrap=True)
+        console.print(
+            f"job {rec.job_id} {rec.state} on group {rec.group}{': ' + rec.reason if rec.reason else ''}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _age(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+    return (
+        f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+    )
 
 
 @job_app.command("ls")
-@needs('cluster', for_what="`appliance job ls`")
+@needs("cluster", for_what="`appliance job ls`")
 def job_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List jobs, newest last: state, group, node, age and (for waiting or failed jobs) the reason."""
     from fedllm.appliance.cluster.jobs import view
@@ -178,16 +228,25 @@ def job_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         if as_json:
             print(json.dumps([v.as_json() for v in views], indent=2))
             return
-        console.print(f"{'JOB':<18} {'STATE':<10} {'GROUP':<10} {'NODE':<14} {'AGE':<6} REASON / COMMAND", highlight=False)
+        console.print(
+            f"{'JOB':<18} {'STATE':<10} {'GROUP':<10} {'NODE':<14} {'AGE':<6} REASON / COMMAND", highlight=False
+        )
         for v in views:
-            console.print(f"{v.job_id:<18} {v.state:<10} {v.group:<10} {(v.node_id or '-')[:12]:<14} {_age(v.age_s):<6} "
-                          f"{v.reason or v.command}", highlight=False, soft_wrap=True)
+            console.print(
+                f"{v.job_id:<18} {v.state:<10} {v.group:<10} {(v.node_id or '-')[:12]:<14} {_age(v.age_s):<6} "
+                f"{v.reason or v.command}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @job_app.command("show")
-@needs('cluster', for_what="`appliance job show`")
-def job_show(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+@needs("cluster", for_what="`appliance job show`")
+def job_show(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
     """One job: state and reason, node, attempts and node failures, and for a training job its run and adapter."""
     from fedllm.appliance.cluster.jobs import view
 
@@ -204,9 +263,12 @@ def job_show(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id 
 
 
 @job_app.command("logs")
-@needs('cluster', for_what="`appliance job logs`")
-def job_logs(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
-             follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+@needs("cluster", for_what="`appliance job logs`")
+def job_logs(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
     """Print a job's output (every attempt); with -f, stream it live."""
     import sys
 
@@ -221,9 +283,12 @@ def job_logs(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id 
 
 
 @job_app.command("stop")
-@needs('cluster', for_what="`appliance job stop`")
-def job_stop(ctx: typer.Context, job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
-             wait_s: float = typer.Option(30.0, "--wait-s", help="Seconds to wait for the job to end.")) -> None:
+@needs("cluster", for_what="`appliance job stop`")
+def job_stop(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
+    wait_s: float = typer.Option(30.0, "--wait-s", help="Seconds to wait for the job to end."),
+) -> None:
     """Stop a job: its whole process tree ends (SIGTERM, then SIGKILL); a queued job never starts."""
     from fedllm.appliance.cluster.jobs import FINAL
 

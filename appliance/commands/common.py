@@ -55,6 +55,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def needs(*extras: str, for_what: str) -> Callable[[F], F]:
     """Decorate a command that needs optional parts: before it runs (and imports them), a missing extra is reported
     with the pip command that installs it, and the command exits 1."""
+
     def wrap(command: F) -> F:
         @functools.wraps(command)
         def checked(*args: Any, **kwargs: Any) -> Any:
@@ -64,5 +65,7 @@ def needs(*extras: str, for_what: str) -> Callable[[F], F]:
                 err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
                 raise typer.Exit(code=1) from exc
             return command(*args, **kwargs)
+
         return checked  # type: ignore[return-value]
+
     return wrap

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import yaml
 import typer
+import yaml
 
 from fedllm.appliance.commands.common import cli_errors, console, settings_from
 from fedllm.core.settings import redacted_dump
 
-config_app = typer.Typer(help="Inspect the effective settings (YAML file < APPLIANCE_* env < flags).", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect the effective settings (YAML file < APPLIANCE_* env < flags).", no_args_is_help=True
+)
 
 
 @config_app.command("show")

@@ -10,15 +10,21 @@ import typer
 from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
 from fedllm.core.model_store import list_models, prepare_model
 
-model_app = typer.Typer(help="Prepare and list base models (HF safetensors under APPLIANCE_HOME/models/).", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Prepare and list base models (HF safetensors under APPLIANCE_HOME/models/).", no_args_is_help=True
+)
 
 
 @model_app.command("prepare")
-@needs('silo', for_what="`appliance model prepare`")
+@needs("silo", for_what="`appliance model prepare`")
 def prepare(
     ctx: typer.Context,
-    source: Optional[Path] = typer.Argument(None, help="A GGUF file or HF model folder; default: the embedded SmolLM2-135M-Instruct."),
-    name: Optional[str] = typer.Option(None, "--name", help="Store name; default: the embedded name or the source's name."),
+    source: Optional[Path] = typer.Argument(
+        None, help="A GGUF file or HF model folder; default: the embedded SmolLM2-135M-Instruct."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Store name; default: the embedded name or the source's name."
+    ),
 ) -> None:
     """Convert a model once into the store (idempotent: a prepared model is reused)."""
     with cli_errors():

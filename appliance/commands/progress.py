@@ -29,9 +29,16 @@ def progress_bar(console: Any) -> Iterator[Callable[[dict[str, Any]], None]]:
             )
             bar.start()
             state["bar"] = bar
-            state["task"] = bar.add_task("train", total=record["total_steps"], completed=record["step"] - 1, loss=record["loss"], tps=0.0)
-        state["bar"].update(state["task"], total=record["total_steps"], completed=record["step"], loss=record["loss"],
-                            tps=record["tokens_per_s"])
+            state["task"] = bar.add_task(
+                "train", total=record["total_steps"], completed=record["step"] - 1, loss=record["loss"], tps=0.0
+            )
+        state["bar"].update(
+            state["task"],
+            total=record["total_steps"],
+            completed=record["step"],
+            loss=record["loss"],
+            tps=record["tokens_per_s"],
+        )
 
     try:
         yield on_step

@@ -11,7 +11,9 @@ import typer
 from fedllm.appliance.commands.common import cli_errors, console, needs, settings_from
 from fedllm.core.tokens import router_admin_token
 
-keys_app = typer.Typer(help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys for the router's /v1 routes (stored hashed in keys/api_keys.json).", no_args_is_help=True
+)
 adapters_app = typer.Typer(help="Publish registry adapters on the router's workers.", no_args_is_help=True)
 
 
@@ -22,7 +24,9 @@ def _admin(ctx: typer.Context, router: Optional[str]):
     settings = settings_from(ctx)
     token = router_admin_token(settings)
     url = router or router_url(settings.serve.host, settings.serve.port, settings.serve.scheme)
-    return settings, RouterClient(url, token, verify=client_context(settings.tls_ca_file), allow_plain_http=settings.allow_plain_http)
+    return settings, RouterClient(
+        url, token, verify=client_context(settings.tls_ca_file), allow_plain_http=settings.allow_plain_http
+    )
 
 
 _ROUTER = typer.Option(None, "--router", help="Router URL (default: from settings, http://127.0.0.1:8000).")
@@ -41,7 +45,10 @@ def serve(
     with cli_errors():
         settings = settings_from(ctx, {"serve": {"host": host, "port": port, "policy": policy}})
         check_exposure(settings)
-        console.print(f"router on {settings.serve.scheme}://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops it)", highlight=False)
+        console.print(
+            f"router on {settings.serve.scheme}://{settings.serve.host}:{settings.serve.port} (Ctrl-C stops it)",
+            highlight=False,
+        )
         run_router(settings)
 
 
@@ -59,7 +66,9 @@ def keys_create(
         settings = settings_from(ctx)
         key = create_key(settings.keys_dir, name, rpm=rpm, tpm=tpm)
         console.print(key, highlight=False, markup=False, soft_wrap=True)
-        typer.echo(f"key {name!r} created (rpm={rpm or 'unlimited'}, tpm={tpm or 'unlimited'}); it is shown only now", err=True)
+        typer.echo(
+            f"key {name!r} created (rpm={rpm or 'unlimited'}, tpm={tpm or 'unlimited'}); it is shown only now", err=True
+        )
 
 
 @keys_app.command("list")
@@ -81,7 +90,9 @@ def keys_list(ctx: typer.Context) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key's name or id (see `appliance keys list`).")) -> None:
+def keys_revoke(
+    ctx: typer.Context, key: str = typer.Argument(..., help="The key's name or id (see `appliance keys list`).")
+) -> None:
     """Revoke a key; a running router refuses it within about a second (no restart)."""
     from fedllm.serve.keys import revoke_key
 
@@ -105,19 +116,42 @@ def fleet(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
     with cli_errors():
         _, client = _admin(ctx, router)
         # The id (what `fleet clear` takes) and the canary verdict are never cut, however narrow the terminal.
-        table = Table(Column("id", no_wrap=True), "url", "region", "healthy", "draining", Column("canary", no_wrap=True),
-                      "outstanding", "latency ms", "models", "adapters")
+        table = Table(
+            Column("id", no_wrap=True),
+            "url",
+            "region",
+            "healthy",
+            "draining",
+            Column("canary", no_wrap=True),
+            "outstanding",
+            "latency ms",
+            "models",
+            "adapters",
+        )
         for w in client.workers():
             canary = canary_label(w)
             region = w["region"] if w.get("region_assigned", True) else f"{w['region']} (claimed)"
-            table.add_row(w["id"], w["url"], region, "yes" if w["healthy"] else "NO", "yes" if w["draining"] else "",
-                          canary, str(w["outstanding"]), f"{w['latency_ms']:.1f}", ", ".join(w["models"]), ", ".join(w["adapters"]))
+            table.add_row(
+                w["id"],
+                w["url"],
+                region,
+                "yes" if w["healthy"] else "NO",
+                "yes" if w["draining"] else "",
+                canary,
+                str(w["outstanding"]),
+                f"{w['latency_ms']:.1f}",
+                ", ".join(w["models"]),
+                ", ".join(w["adapters"]),
+            )
         console.print(table)
 
 
 @fleet_app.command("clear")
-def fleet_clear(ctx: typer.Context, worker_id: str = typer.Argument(..., help="The quarantined worker's id."),
-                router: Optional[str] = _ROUTER) -> None:
+def fleet_clear(
+    ctx: typer.Context,
+    worker_id: str = typer.Argument(..., help="The quarantined worker's id."),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Lift a worker's quarantine (after checking why its canary answers differed); it is checked again later."""
     with cli_errors():
         _, client = _admin(ctx, router)
@@ -126,9 +160,12 @@ def fleet_clear(ctx: typer.Context, worker_id: str = typer.Argument(..., help="T
 
 
 @fleet_app.command("region")
-def fleet_region(ctx: typer.Context, worker_id: str = typer.Argument(..., help="The joined worker's id (`appliance fleet`)."),
-                 region: str = typer.Argument(..., help="The region you put it in, e.g. eu-west."),
-                 router: Optional[str] = _ROUTER) -> None:
+def fleet_region(
+    ctx: typer.Context,
+    worker_id: str = typer.Argument(..., help="The joined worker's id (`appliance fleet`)."),
+    region: str = typer.Argument(..., help="The region you put it in, e.g. eu-west."),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Assign a joined worker's region. Data residency trusts only regions the operator assigned (static workers'
     settings, or this): a joined worker's own claim is shown as "(claimed)" and never used for residency."""
     with cli_errors():
@@ -145,15 +182,20 @@ def fleet_quarantine(ctx: typer.Context, router: Optional[str] = _ROUTER) -> Non
         rows = client.quarantine()
         for r in rows:
             stamp = r.get("since")
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else stamp
+            since = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else stamp
+            )
             console.print(f"{r['address']}  worker {r['worker_id']}  since {since}  {r['reason']}", highlight=False)
         if not rows:
             console.print("no worker is quarantined")
 
 
 @fleet_app.command("unquarantine")
-def fleet_unquarantine(ctx: typer.Context, address: str = typer.Argument(..., help="The worker's host:port or URL."),
-                       router: Optional[str] = _ROUTER) -> None:
+def fleet_unquarantine(
+    ctx: typer.Context,
+    address: str = typer.Argument(..., help="The worker's host:port or URL."),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Clear the quarantine of the worker at ADDRESS, also after it is gone; it may join again."""
     with cli_errors():
         _, client = _admin(ctx, router)
@@ -182,10 +224,22 @@ def adapters_list(ctx: typer.Context, router: Optional[str] = _ROUTER) -> None:
 
 
 @adapters_app.command("publish")
-def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."), router: Optional[str] = _ROUTER,
-                     gate: Optional[Path] = typer.Option(None, "--gate", help="Gate data set (JSONL): NAME-latest moves only if the version's loss on it is not worse than the current one's (default: federation.gate_data)."),
-                     no_gate: bool = typer.Option(False, "--no-gate", help="Move NAME-latest at once, without the promotion gate."),
-                     regions: Optional[str] = typer.Option(None, "--regions", help="Comma-separated regions it may be served in (default: federation.serve_regions; none: anywhere).")) -> None:
+def adapters_publish(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME[:VERSION] (default: latest)."),
+    router: Optional[str] = _ROUTER,
+    gate: Optional[Path] = typer.Option(
+        None,
+        "--gate",
+        help="Gate data set (JSONL): NAME-latest moves only if the version's loss on it is not worse than the current one's (default: federation.gate_data).",
+    ),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Move NAME-latest at once, without the promotion gate."),
+    regions: Optional[str] = typer.Option(
+        None,
+        "--regions",
+        help="Comma-separated regions it may be served in (default: federation.serve_regions; none: anywhere).",
+    ),
+) -> None:
     """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it (through
     the promotion gate when a gate data set is given or configured: else it stays under its own name, held back)."""
     from fedllm.core.adapter_registry import AdapterRegistry
@@ -193,8 +247,13 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
     with cli_errors():
         settings, client = _admin(ctx, router)
         if regions is not None:
-            settings = settings.model_copy(update={"federation": settings.federation.model_copy(
-                update={"serve_regions": [r.strip() for r in regions.split(",") if r.strip()]})})
+            settings = settings.model_copy(
+                update={
+                    "federation": settings.federation.model_copy(
+                        update={"serve_regions": [r.strip() for r in regions.split(",") if r.strip()]}
+                    )
+                }
+            )
         registry = AdapterRegistry(settings.adapters_dir)
         version = registry.get(ref)
         data = None if no_gate or not settings.federation.gate else gate or settings.federation.gate_data
@@ -206,21 +265,30 @@ def adapters_publish(ctx: typer.Context, ref: str = typer.Argument(..., help="NA
             figures = f"loss {loss if loss is None else round(loss, 4)} vs {current if current is None else round(current, 4)} of {decision.get('current') or 'none'}"
             if decision["decision"] != "promoted":
                 prompts = decision.get("prompts")
-                console.print(f"held back: {version.served_name} is served under its own name only ({figures}"
-                              f"{'; ' + prompts if prompts and prompts != 'ok' else ''})", highlight=False)
+                console.print(
+                    f"held back: {version.served_name} is served under its own name only ({figures}"
+                    f"{'; ' + prompts if prompts and prompts != 'ok' else ''})",
+                    highlight=False,
+                )
                 return
             console.print(f"gate passed ({figures})", highlight=False)
         else:
             out = client.publish_version(version, regions=settings.federation.serve_regions or None)
         aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
         where = f", regions {', '.join(out['regions'])}" if out.get("regions") else ""
-        console.print(f"published {version.served_name} (alias {aliases}{where}) on {', '.join(out['workers']) or 'no worker yet'}", highlight=False)
+        console.print(
+            f"published {version.served_name} (alias {aliases}{where}) on {', '.join(out['workers']) or 'no worker yet'}",
+            highlight=False,
+        )
 
 
 @adapters_app.command("show")
-def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
-                  as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON."),
-                  router: Optional[str] = _ROUTER) -> None:
+def adapters_show(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON."),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Where a registered adapter version came from: base model and hash, training or federation run and round, silos
     and their weights, strategy, DP and secure aggregation, local steps and rate, metrics; and, when the router
     answers, how it is served (aliases, regions, workers)."""
@@ -248,13 +316,19 @@ def adapters_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[
             console.print(line, highlight=False)
         if row is not None:
             regions = ", ".join(row.get("regions") or []) or "any"
-            console.print(f"served as {row['name']} (aliases {', '.join(row['aliases']) or 'none'}), regions {regions}, "
-                          f"on {', '.join(row['workers']) or 'no worker yet'}", highlight=False)
+            console.print(
+                f"served as {row['name']} (aliases {', '.join(row['aliases']) or 'none'}), regions {regions}, "
+                f"on {', '.join(row['workers']) or 'no worker yet'}",
+                highlight=False,
+            )
 
 
 @adapters_app.command("export")
-def adapters_export(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
-                    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./NAME-vVERSION).")) -> None:
+def adapters_export(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME[:VERSION] of a registered adapter (default: latest)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./NAME-vVERSION)."),
+) -> None:
     """Write the PEFT folder with its model card (README.md, the YAML header peft and the Hub read, and the lineage)."""
     from fedllm.core.adapter_registry import AdapterRegistry
     from fedllm.train.export import export_adapter
@@ -268,9 +342,12 @@ def adapters_export(ctx: typer.Context, ref: str = typer.Argument(..., help="NAM
 
 
 @adapters_app.command("history")
-def adapters_history(ctx: typer.Context, name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
-                     as_json: bool = typer.Option(False, "--json", help="Print the router's answer as JSON."),
-                     router: Optional[str] = _ROUTER) -> None:
+def adapters_history(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
+    as_json: bool = typer.Option(False, "--json", help="Print the router's answer as JSON."),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Each move of an alias: the version it named, when, by whom (admin or a federation round), why."""
     import json
 
@@ -284,13 +361,20 @@ def adapters_history(ctx: typer.Context, name: str = typer.Argument(..., help="T
             return
         console.print(f"{out['alias']} -> {out['current'] or '(none)'}", highlight=False)
         for row in out["history"]:
-            console.print(f"{row['at']}	{row['name']}	v{row['version']}	{row['by']}	{row['reason']}", highlight=False)
+            console.print(
+                f"{row['at']}	{row['name']}	v{row['version']}	{row['by']}	{row['reason']}", highlight=False
+            )
 
 
 @adapters_app.command("rollback")
-def adapters_rollback(ctx: typer.Context, name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
-                      to: Optional[str] = typer.Option(None, "--to", help="The version (number or NAME-vN) to go back to; default the one before."),
-                      router: Optional[str] = _ROUTER) -> None:
+def adapters_rollback(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The alias (NAME-latest) or adapter name NAME."),
+    to: Optional[str] = typer.Option(
+        None, "--to", help="The version (number or NAME-vN) to go back to; default the one before."
+    ),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Move the alias back at once; requests in flight finish on the version they started on."""
     from fedllm.core.contracts.router_client import latest_alias
 
@@ -306,7 +390,11 @@ def _alias(name: str, latest_alias) -> str:
 
 
 @adapters_app.command("unpublish")
-def adapters_unpublish(ctx: typer.Context, name: str = typer.Argument(..., help="Served name (NAME-vVERSION)."), router: Optional[str] = _ROUTER) -> None:
+def adapters_unpublish(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Served name (NAME-vVERSION)."),
+    router: Optional[str] = _ROUTER,
+) -> None:
     """Unload an adapter from every worker."""
     with cli_errors():
         _, client = _admin(ctx, router)

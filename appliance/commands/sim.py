@@ -16,16 +16,23 @@ sim_app = typer.Typer(help="Simulations for demos.", no_args_is_help=True)
 
 
 @sim_app.command("geo")
-@needs('worker', 'engine', 'router', for_what="`appliance sim geo`")
+@needs("worker", "engine", "router", for_what="`appliance sim geo`")
 def geo(
     ctx: typer.Context,
-    regions: str = typer.Option("eu:5ms,us:40ms,ap:120ms", "--regions",
-                                help="NAME:DELAYms,... (optionally +JITTERms and /BWmbit after the delay), one way from the router and coordinator (in hq)."),
+    regions: str = typer.Option(
+        "eu:5ms,us:40ms,ap:120ms",
+        "--regions",
+        help="NAME:DELAYms,... (optionally +JITTERms and /BWmbit after the delay), one way from the router and coordinator (in hq).",
+    ),
     duration_s: float = typer.Option(20.0, "--duration-s", help="Seconds of client load per region."),
     concurrency: int = typer.Option(2, "--concurrency", help="Concurrent streams per client region."),
-    cut: Optional[str] = typer.Option(None, "--cut", help="Cut this region off halfway through the load, then restore it."),
+    cut: Optional[str] = typer.Option(
+        None, "--cut", help="Cut this region off halfway through the load, then restore it."
+    ),
     rounds: int = typer.Option(2, "--rounds", help="Federation rounds (0: serving only). Needs a prepared model."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for homes and logs (default: a temp folder, removed)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for homes and logs (default: a temp folder, removed)."
+    ),
 ) -> None:
     """Bring up a router with a fake worker per region and a federation with a silo per region, all joined with
     the README's commands across emulated WAN links; print what clients and rounds saw. Root makes real network
@@ -45,31 +52,59 @@ def geo(
             try:
                 model_dir = resolve_model(settings.models_dir, settings.model)
             except ModelNotFound:
-                err_console.print(f"no prepared model {settings.model!r}: serving only (run `appliance model prepare` for the federation)")
+                err_console.print(
+                    f"no prepared model {settings.model!r}: serving only (run `appliance model prepare` for the federation)"
+                )
         with tempfile.TemporaryDirectory(prefix="appliance-sim-geo-") as tmp:
             workdir = out or Path(tmp)
             silo_data = None
-            if model_dir is not None and rounds > 0:  # the demo's organisations; the test bed imports no product package
+            if (
+                model_dir is not None and rounds > 0
+            ):  # the demo's organisations; the test bed imports no product package
                 silo_data = {org: paths["train"] for org, paths in demo_data.write(workdir / "data").items()}
-            report = run_geo(links, workdir, model_dir=model_dir, duration_s=duration_s, concurrency=concurrency,
-                             cut=cut, rounds=rounds, echo=lambda line: console.print(line, highlight=False),
-                             silo_data=silo_data)
+            report = run_geo(
+                links,
+                workdir,
+                model_dir=model_dir,
+                duration_s=duration_s,
+                concurrency=concurrency,
+                cut=cut,
+                rounds=rounds,
+                echo=lambda line: console.print(line, highlight=False),
+                silo_data=silo_data,
+            )
         typer.echo(report.fleet_table())
         if report.rounds:
             typer.echo(report.federation_table())
 
 
 @sim_app.command("silos")
-@needs('coordinator', for_what="`appliance sim silos`")
+@needs("coordinator", for_what="`appliance sim silos`")
 def silos(
     ctx: typer.Context,
     count: int = typer.Argument(..., min=1, help="Number of simulated silos."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds to run."),
-    adapter: str = typer.Option("embedded", "--adapter", help="Adapter size: embedded (the embedded model at train.lora_r) or 7b (Llama-2-7B r=16, all linear, ~40M parameters)."),
-    fit_s: float = typer.Option(0.0, "--fit-s", min=0.0, help="Seconds each simulated silo spends 'training' per round."),
-    part: str = typer.Option("all", "--part", help="all: coordinator and silos in this process; coordinator or silos: one part (run the other with the same --sim-dir)."),
-    home: Optional[Path] = typer.Option(None, "--sim-dir", help="Folder for the simulation's homes and keys (default: a temp folder, removed); needed with --part."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write the report (rounds, peak memory) as JSON here."),
+    adapter: str = typer.Option(
+        "embedded",
+        "--adapter",
+        help="Adapter size: embedded (the embedded model at train.lora_r) or 7b (Llama-2-7B r=16, all linear, ~40M parameters).",
+    ),
+    fit_s: float = typer.Option(
+        0.0, "--fit-s", min=0.0, help="Seconds each simulated silo spends 'training' per round."
+    ),
+    part: str = typer.Option(
+        "all",
+        "--part",
+        help="all: coordinator and silos in this process; coordinator or silos: one part (run the other with the same --sim-dir).",
+    ),
+    home: Optional[Path] = typer.Option(
+        None,
+        "--sim-dir",
+        help="Folder for the simulation's homes and keys (default: a temp folder, removed); needed with --part.",
+    ),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="Write the report (rounds, peak memory) as JSON here."
+    ),
 ) -> None:
     """Run COUNT simulated silos (real silo agents over CURVE with a model-free trainer) against the real
     coordinator, and print each round's participants, time outside training and bytes. With --part the coordinator
@@ -90,8 +125,12 @@ def silos(
         import logging
 
         # a line per silo per round: too many to read
-        for name in ("fedllm.federation.runtime.silo", "fedllm.federation.runtime.sessions", "fedllm.federation.runtime.round_runner",
-                     "fedllm.federation.runtime.recorder"):
+        for name in (
+            "fedllm.federation.runtime.silo",
+            "fedllm.federation.runtime.sessions",
+            "fedllm.federation.runtime.round_runner",
+            "fedllm.federation.runtime.recorder",
+        ):
             logging.getLogger(name).setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="appliance-sim-silos-") as tmp:
             root = home or Path(tmp)
@@ -103,7 +142,9 @@ def silos(
             elif part == "coordinator":
                 result = asyncio.run(sim.coordinator_part(root, count, rounds, preset=adapter, model_settings=user))
             else:
-                result = asyncio.run(sim.simulate(root, count, rounds, preset=adapter, fit_s=fit_s, model_settings=user))
+                result = asyncio.run(
+                    sim.simulate(root, count, rounds, preset=adapter, fit_s=fit_s, model_settings=user)
+                )
                 result.pop("history")
                 result["peak_rss_bytes"] = sim.peak_rss_bytes()
         if report is not None:
@@ -115,7 +156,9 @@ def silos(
                 if "failed" in row:
                     typer.echo(f"{row['round']:>5} failed: {row['failed']}")
                 else:
-                    typer.echo(f"{row['round']:>5} {row['participants']:>6} {row['overhead_s']:>10.2f} {row['bytes'] / 1e6:>10.1f}")
+                    typer.echo(
+                        f"{row['round']:>5} {row['participants']:>6} {row['overhead_s']:>10.2f} {row['bytes'] / 1e6:>10.1f}"
+                    )
             typer.echo(f"peak resident memory of this process: {result['peak_rss_bytes'] / 2**20:.0f} MiB")
         else:
             typer.echo(f"{count} simulated silos trained {result['rounds_trained']} silo-rounds")

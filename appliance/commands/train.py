@@ -19,13 +19,23 @@ def _overrides(**train: Any) -> dict[str, Any]:
 
 def train(
     ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder (messages, prompt/completion, instruction/output, or text)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data (same formats as --data) evaluated at the end."),
-    model: Optional[str] = typer.Option(None, "--model", help="Prepared model name or HF model folder (default: settings.model)."),
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder (messages, prompt/completion, instruction/output, or text).",
+    ),
+    eval_data: Optional[Path] = typer.Option(
+        None, "--eval", help="Held-out data (same formats as --data) evaluated at the end."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Prepared model name or HF model folder (default: settings.model)."
+    ),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha."),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout."),
-    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names, or all-linear."),
+    target_modules: Optional[str] = typer.Option(
+        None, "--target-modules", help="Comma-separated module names, or all-linear."
+    ),
     zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --max-steps)."),
@@ -33,21 +43,46 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch size (sequences)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Tokens per (packed) sequence."),
-    ranks: Optional[int] = typer.Option(None, "--ranks", help="Ranks per node (GPUs, or CPU processes), via DeepSpeed's launcher."),
-    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (HOST slots=N lines) for several nodes."),
+    ranks: Optional[int] = typer.Option(
+        None, "--ranks", help="Ranks per node (GPUs, or CPU processes), via DeepSpeed's launcher."
+    ),
+    hostfile: Optional[Path] = typer.Option(
+        None, "--hostfile", help="DeepSpeed hostfile (HOST slots=N lines) for several nodes."
+    ),
     output: Optional[str] = typer.Option(None, "--output", help="Adapter name to register (default: DATA-lora)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue run RUN_ID from its last checkpoint."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Train nothing: check --data/--eval (if given) and print parameter counts and targeted modules."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Train nothing: check --data/--eval (if given) and print parameter counts and targeted modules.",
+    ),
 ) -> None:
     """Fine-tune a LoRA adapter and register it (APPLIANCE_HOME/adapters/NAME/VERSION)."""
     with cli_errors():
         if max_steps is not None and epochs is not None:
             raise typer.BadParameter("give --max-steps or --epochs, not both")
         targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
-        settings = settings_from(ctx, {"model": model, **_overrides(
-            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, zero_stage=zero_stage,
-            max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
-            ranks=ranks, hostfile=str(hostfile.resolve()) if hostfile else None)})
+        settings = settings_from(
+            ctx,
+            {
+                "model": model,
+                **_overrides(
+                    lora_r=lora_r,
+                    lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout,
+                    target_modules=targets,
+                    zero_stage=zero_stage,
+                    max_steps=max_steps,
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=batch_size,
+                    grad_accum=grad_accum,
+                    max_seq_len=max_seq_len,
+                    ranks=ranks,
+                    hostfile=str(hostfile.resolve()) if hostfile else None,
+                ),
+            },
+        )
         if dry_run:
             _print_dry_run(settings, [p for p in (data, eval_data) if p is not None])
             return
@@ -66,12 +101,24 @@ def train(
                 outcome = resume_run(settings, resume, progress=on_step)
             else:
                 assert data is not None  # refused above unless resuming
-                outcome = start_run(settings, data, eval_data=eval_data, max_steps=max_steps, output=output,
-                                    progress=on_step, run_id=run_id)
+                outcome = start_run(
+                    settings,
+                    data,
+                    eval_data=eval_data,
+                    max_steps=max_steps,
+                    output=output,
+                    progress=on_step,
+                    run_id=run_id,
+                )
         m = outcome.result.metrics
         extra = f", eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
-        console.print(f"run {outcome.run_id}: train_loss {m['train_loss']:.4f}{extra}, {m['tokens_per_s']:.0f} tokens/s", highlight=False)
-        console.print(f"registered adapter [bold]{outcome.adapter.ref}[/] (served as {outcome.adapter.served_name}) at {outcome.adapter.path}")
+        console.print(
+            f"run {outcome.run_id}: train_loss {m['train_loss']:.4f}{extra}, {m['tokens_per_s']:.0f} tokens/s",
+            highlight=False,
+        )
+        console.print(
+            f"registered adapter [bold]{outcome.adapter.ref}[/] (served as {outcome.adapter.served_name}) at {outcome.adapter.path}"
+        )
 
 
 def _print_dry_run(settings: Any, data_paths: list[Path]) -> None:
@@ -83,33 +130,58 @@ def _print_dry_run(settings: Any, data_paths: list[Path]) -> None:
 
     for path in data_paths:  # checked first: bad data is named (file and line or row) before any weights are read
         kinds = Counter(record_format(r) for r in load_data(path))
-        console.print(f"data: {path}: {sum(kinds.values())} records ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})",
-                      highlight=False)
+        console.print(
+            f"data: {path}: {sum(kinds.values())} records ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})",
+            highlight=False,
+        )
 
     path = Path(settings.model)
     model_dir = path if path.is_file() else resolve_model(settings.models_dir, settings.model)
     r = count_parameters(settings.train, model_dir)
     console.print(f"model: {settings.model} ({r.model_type})", highlight=False)
     console.print(f"total parameters: {r.total_params:,}", highlight=False)
-    console.print(f"trainable LoRA parameters: {r.trainable_params:,} ({100 * r.trainable_share:.4f} %)", highlight=False)
+    console.print(
+        f"trainable LoRA parameters: {r.trainable_params:,} ({100 * r.trainable_share:.4f} %)", highlight=False
+    )
     console.print(f"adapter bytes: fp32 {r.adapter_bytes_fp32:,}, bf16 {r.adapter_bytes_bf16:,}", highlight=False)
-    console.print(f"target modules: {', '.join(r.target_modules)} ({r.targeted_layers} layers, {r.adapter_tensors} tensors)", highlight=False)
+    console.print(
+        f"target modules: {', '.join(r.target_modules)} ({r.targeted_layers} layers, {r.adapter_tensors} tensors)",
+        highlight=False,
+    )
 
 
 def eval_(
     ctx: typer.Context,
     adapter: Optional[str] = typer.Option(None, "--adapter", help="NAME[:VERSION] of a registered adapter."),
-    model: Optional[str] = typer.Option(None, "--model", help="Evaluate this base model (no adapter); with --compare, the base."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="base,NAME[:VERSION],...: score each on the same data, one table."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Evaluate this base model (no adapter); with --compare, the base."
+    ),
+    compare: Optional[str] = typer.Option(
+        None, "--compare", help="base,NAME[:VERSION],...: score each on the same data, one table."
+    ),
     data: Optional[Path] = typer.Option(None, "--data", help="Eval data (default: the adapter's training data)."),
-    generate: bool = typer.Option(True, "--generate/--no-generate", help="Also score generated answers (exact match, token F1)."),
+    generate: bool = typer.Option(
+        True, "--generate/--no-generate", help="Also score generated answers (exact match, token F1)."
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation budget per answer."),
-    max_generate: int = typer.Option(50, "--max-generate", help="Score generated answers of at most this many examples."),
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the results as JSON here (after each model)."),
+    max_generate: int = typer.Option(
+        50, "--max-generate", help="Score generated answers of at most this many examples."
+    ),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json-out", help="Also write the results as JSON here (after each model)."
+    ),
 ) -> None:
     """Evaluate a base model or adapters: loss, perplexity, and exact-match / token-F1 of generated answers."""
     with cli_errors():
-        from fedllm.train.compare import BASE, default_data, evaluate_targets, format_table, parse_targets, resolve_targets, write_report
+        from fedllm.train.compare import (
+            BASE,
+            default_data,
+            evaluate_targets,
+            format_table,
+            parse_targets,
+            resolve_targets,
+            write_report,
+        )
 
         if (adapter is not None and compare is not None) or (adapter is None and compare is None and model is None):
             raise typer.BadParameter("give --adapter NAME[:V], --model BASE, or --compare base,NAME[:V],...")
@@ -122,8 +194,9 @@ def eval_(
         report = functools.partial(write_report, json_out, refs, source) if json_out else None
         if report:
             report([])  # 0 of N scored: a watcher (the console) sees the run has started
-        rows = evaluate_targets(targets, source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate,
-                                on_row=report)
+        rows = evaluate_targets(
+            targets, source, generate=generate, max_new_tokens=max_new_tokens, max_generate=max_generate, on_row=report
+        )
         if compare:
             console.print(format_table(rows), highlight=False)
             return

@@ -45,11 +45,13 @@ def base_model_hash(model_dir: Path) -> str | None:
 
 def lineage(meta: dict[str, Any]) -> dict[str, Any]:
     """The lineage of the version whose meta.json is `meta` (what `adapters show --json` prints)."""
-    out: dict[str, Any] = {"adapter": f"{meta.get('name')}:{meta.get('version')}",
-                           "served_name": f"{meta.get('name')}-v{meta.get('version')}",
-                           "created_at": meta.get("created_at"),
-                           "base_model": Path(str(meta["base_model"])).name if meta.get("base_model") else None,
-                           "base_model_hash": meta.get("base_model_hash")}
+    out: dict[str, Any] = {
+        "adapter": f"{meta.get('name')}:{meta.get('version')}",
+        "served_name": f"{meta.get('name')}-v{meta.get('version')}",
+        "created_at": meta.get("created_at"),
+        "base_model": Path(str(meta["base_model"])).name if meta.get("base_model") else None,
+        "base_model_hash": meta.get("base_model_hash"),
+    }
     if meta.get("kind") == "federated":
         shares = meta.get("shares") or {}
         dp = meta.get("dp") or {}
@@ -57,8 +59,13 @@ def lineage(meta: dict[str, Any]) -> dict[str, Any]:
         out["silos"] = [{"silo": s, "weight": shares.get(s)} for s in meta.get("participants") or []]
         out["strategy"] = meta.get("strategy")
         out["lora_aggregation"] = meta.get("lora_aggregation")
-        out["dp"] = {"mode": dp.get("mode", "off" if meta.get("epsilon") is None else "?"), "epsilon": meta.get("epsilon"),
-                     "delta": dp.get("delta"), "noise_multiplier": dp.get("noise_multiplier"), "clip_norm": dp.get("clip_norm")}
+        out["dp"] = {
+            "mode": dp.get("mode", "off" if meta.get("epsilon") is None else "?"),
+            "epsilon": meta.get("epsilon"),
+            "delta": dp.get("delta"),
+            "noise_multiplier": dp.get("noise_multiplier"),
+            "clip_norm": dp.get("clip_norm"),
+        }
         out["secure_aggregation"] = meta.get("secure_aggregation")
         out["local_steps"] = meta.get("local_steps")
         out["lr"] = meta.get("lr")
@@ -78,35 +85,76 @@ def model_card(meta: dict[str, Any]) -> str:
     info = lineage(meta)
     base = info.get("base_model")
     federated = info["source"]["kind"] == "federated"
-    header: dict[str, Any] = {"library_name": "peft", "tags": ["lora", "peft", "fedllm-appliance"]
-                              + (["federated-learning"] if federated else [])}
+    header: dict[str, Any] = {
+        "library_name": "peft",
+        "tags": ["lora", "peft", "fedllm-appliance"] + (["federated-learning"] if federated else []),
+    }
     if base:
         header["base_model"] = HUB_IDS.get(base, base)
-    lines = ["---", yaml.safe_dump(header, sort_keys=True).strip(), "---", "",
-             f"# {info['served_name']}", "",
-             f"LoRA adapter `{info['adapter']}` exported by the FedLLM Appliance.", "", "## Lineage", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=True).strip(),
+        "---",
+        "",
+        f"# {info['served_name']}",
+        "",
+        f"LoRA adapter `{info['adapter']}` exported by the FedLLM Appliance.",
+        "",
+        "## Lineage",
+        "",
+    ]
     rows = [("Base model", base), ("Base model sha256", info.get("base_model_hash"))]
     if federated:
         src = info["source"]
         dp = info.get("dp") or {}
-        rows += [("Federation run", src.get("run")), ("Round", src.get("round")), ("Strategy", info.get("strategy")),
-                 ("LoRA aggregation", info.get("lora_aggregation")),
-                 ("Silos (capped weight)", ", ".join(f"{s['silo']} ({s['weight']})" if s.get("weight") is not None else s["silo"]
-                                                     for s in info.get("silos", [])) or None),
-                 ("Differential privacy", dp.get("mode")), ("DP epsilon", dp.get("epsilon")), ("DP delta", dp.get("delta")),
-                 ("Secure aggregation", info.get("secure_aggregation")), ("Local steps per round", info.get("local_steps")),
-                 ("Learning rate", info.get("lr"))]
+        rows += [
+            ("Federation run", src.get("run")),
+            ("Round", src.get("round")),
+            ("Strategy", info.get("strategy")),
+            ("LoRA aggregation", info.get("lora_aggregation")),
+            (
+                "Silos (capped weight)",
+                ", ".join(
+                    f"{s['silo']} ({s['weight']})" if s.get("weight") is not None else s["silo"]
+                    for s in info.get("silos", [])
+                )
+                or None,
+            ),
+            ("Differential privacy", dp.get("mode")),
+            ("DP epsilon", dp.get("epsilon")),
+            ("DP delta", dp.get("delta")),
+            ("Secure aggregation", info.get("secure_aggregation")),
+            ("Local steps per round", info.get("local_steps")),
+            ("Learning rate", info.get("lr")),
+        ]
     else:
         src = info["source"]
-        rows += [("Training run", src.get("run_id")), ("Training data sha256", src.get("data_sha256")),
-                 ("Steps", info.get("steps")), ("Learning rate", info.get("lr")), ("LoRA rank", info.get("lora_r"))]
+        rows += [
+            ("Training run", src.get("run_id")),
+            ("Training data sha256", src.get("data_sha256")),
+            ("Steps", info.get("steps")),
+            ("Learning rate", info.get("lr")),
+            ("LoRA rank", info.get("lora_r")),
+        ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v is not None]
     if info.get("metrics"):
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(info["metrics"].items())]
-    lines += ["", "## Use", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-              f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({header.get('base_model', 'BASE')!r}), 'THIS_FOLDER')",
-              "```", ""]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in sorted(info["metrics"].items())
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({header.get('base_model', 'BASE')!r}), 'THIS_FOLDER')",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -187,7 +187,9 @@ def _read_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
         options = {"features": _csv_string_features(path)} if builder == "csv" else {}
         return list(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options))
     except Exception as exc:  # the input edge: pyarrow, pandas and json errors all mean "cannot read this file"
-        raise DataError(f"{path}: cannot read it as {builder.upper()} ({type(exc).__name__}: {exc}); expected {SUPPORTED}") from exc
+        raise DataError(
+            f"{path}: cannot read it as {builder.upper()} ({type(exc).__name__}: {exc}); expected {SUPPORTED}"
+        ) from exc
 
 
 def _csv_string_features(path: Path) -> Any:

@@ -93,7 +93,8 @@ class ServiceClient:
             ) from exc
         if resp.status_code >= 400:
             raise ServiceUnavailable(
-                f"The {self.name} answered HTTP {resp.status_code} to {method} {path}: {error_text(resp)}", resp.status_code
+                f"The {self.name} answered HTTP {resp.status_code} to {method} {path}: {error_text(resp)}",
+                resp.status_code,
             )
         if "json" in resp.headers.get("content-type", ""):
             return resp.json()
@@ -125,8 +126,15 @@ def latest_alias(name: str) -> str:
 class RouterClient(ServiceClient):
     """The router's admin API (`/admin/*`, admin token by default; the join and worker calls pass their own)."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 30.0, verify: bool | ssl.SSLContext = True,
-                 allow_plain_http: bool = False):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        verify: bool | ssl.SSLContext = True,
+        allow_plain_http: bool = False,
+    ):
         super().__init__("router", base_url.rstrip("/"), token, timeout_s, ROUTER_HINT, verify, allow_plain_http)
 
     # -- workers --
@@ -134,9 +142,17 @@ class RouterClient(ServiceClient):
         """`GET /admin/workers`."""
         return self.request("GET", "/admin/workers")
 
-    def register_worker(self, url: str, *, region: str = "local", models: list[str] | None = None,
-                        capacity: int | None = None, api_key: str | None = None, token: str | None = None,
-                        max_loras: int | None = None) -> dict[str, Any]:
+    def register_worker(
+        self,
+        url: str,
+        *,
+        region: str = "local",
+        models: list[str] | None = None,
+        capacity: int | None = None,
+        api_key: str | None = None,
+        token: str | None = None,
+        max_loras: int | None = None,
+    ) -> dict[str, Any]:
         """`POST /admin/workers` (join token or admin token); returns `{"id", "secret", "healthy", ...}`.
 
         `api_key` is the worker's own API key, which the router then sends on every call to it; `max_loras` the
@@ -186,9 +202,19 @@ class RouterClient(ServiceClient):
         """`GET /admin/adapters`."""
         return self.request("GET", "/admin/adapters")
 
-    def publish(self, name: str, path: str, aliases: list[str], *, base_model: str | None = None,
-                version: int | None = None, by: str | None = None, held_back: dict[str, Any] | None = None,
-                timeout_s: float | None = None, regions: list[str] | None = None) -> dict[str, Any]:
+    def publish(
+        self,
+        name: str,
+        path: str,
+        aliases: list[str],
+        *,
+        base_model: str | None = None,
+        version: int | None = None,
+        by: str | None = None,
+        held_back: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        regions: list[str] | None = None,
+    ) -> dict[str, Any]:
         """`POST /admin/adapters`: load the PEFT folder `path` as `name`; each alias moves to it (unless it names a
         newer `version` already)."""
         body: dict[str, Any] = {"name": name, "path": path, "aliases": list(aliases)}
@@ -216,9 +242,17 @@ class RouterClient(ServiceClient):
         """`DELETE /admin/adapters/{name}`."""
         return self.request("DELETE", f"/admin/adapters/{name}")
 
-    def publish_version(self, version: AdapterVersion, *, path: str | Path | None = None,
-                        timeout_s: float | None = None, by: str | None = None, promote: bool = True,
-                        gate: dict[str, Any] | None = None, regions: list[str] | None = None) -> dict[str, Any]:
+    def publish_version(
+        self,
+        version: AdapterVersion,
+        *,
+        path: str | Path | None = None,
+        timeout_s: float | None = None,
+        by: str | None = None,
+        promote: bool = True,
+        gate: dict[str, Any] | None = None,
+        regions: list[str] | None = None,
+    ) -> dict[str, Any]:
         """Publish a registry version: served as `NAME-vVERSION`, and `NAME-latest` moves to it.
 
         Args:
@@ -234,11 +268,25 @@ class RouterClient(ServiceClient):
             router loads it only on workers of that model.
         """
         aliases = [latest_alias(version.name)] if promote else []  # held back by the gate: its own name only
-        held_back = None if promote or gate is None else {
-            "alias": latest_alias(version.name), **{k: gate.get(k) for k in ("loss", "current_loss", "prompts", "error")}}
-        return self.publish(version.served_name, str(path or version.path), aliases,
-                            base_model=served_base_model(version), version=version.version, by=by or published_by(version),
-                            held_back=held_back, timeout_s=timeout_s, regions=regions)
+        held_back = (
+            None
+            if promote or gate is None
+            else {
+                "alias": latest_alias(version.name),
+                **{k: gate.get(k) for k in ("loss", "current_loss", "prompts", "error")},
+            }
+        )
+        return self.publish(
+            version.served_name,
+            str(path or version.path),
+            aliases,
+            base_model=served_base_model(version),
+            version=version.version,
+            by=by or published_by(version),
+            held_back=held_back,
+            timeout_s=timeout_s,
+            regions=regions,
+        )
 
 
 def published_by(version: AdapterVersion) -> str:

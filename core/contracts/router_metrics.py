@@ -25,7 +25,7 @@ ADAPTER_LOADS = "router_adapter_loads"  # counter: result
 ADAPTER_LOADS_WHEN = "router_adapter_loads_when"  # counter: when (ahead, request)
 WORKERS_HEALTHY = "router_workers_healthy"  # gauge
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -107,7 +107,9 @@ def quantile(buckets: dict[float, float], q: float) -> float | None:
     return lower
 
 
-def ttft_quantiles(buckets: dict[str, dict[float, float]], qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, dict[float, float | None]]:
+def ttft_quantiles(
+    buckets: dict[str, dict[float, float]], qs: tuple[float, ...] = (0.5, 0.99)
+) -> dict[str, dict[float, float | None]]:
     """Per worker: {q: seconds} of the TTFT histogram."""
     return {worker: {q: quantile(b, q) for q in qs} for worker, b in buckets.items()}
 
@@ -126,5 +128,8 @@ def interval_rates(before: FleetSnapshot, after: FleetSnapshot) -> dict[str, Any
     for worker, now in after.ttft_buckets.items():
         then = before.ttft_buckets.get(worker, {})
         window[worker] = {le: delta(then.get(le, 0.0), c) for le, c in now.items()}
-    return {"requests_per_s": delta(before.requests, after.requests) / dt, "errors_per_s": delta(before.errors, after.errors) / dt,
-            "ttft": ttft_quantiles(window)}
+    return {
+        "requests_per_s": delta(before.requests, after.requests) / dt,
+        "errors_per_s": delta(before.errors, after.errors) / dt,
+        "ttft": ttft_quantiles(window),
+    }

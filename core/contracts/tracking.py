@@ -39,8 +39,11 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers among `metrics` (bools, text, NaN and infinities are left out)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 class MlflowRun:
@@ -50,14 +53,26 @@ class MlflowRun:
         httpx.HTTPError: the server cannot be reached or refuses to create the run.
     """
 
-    def __init__(self, uri: str, experiment: str, run_name: str, *, timeout_s: float = 10.0, tags: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        *,
+        timeout_s: float = 10.0,
+        tags: Mapping[str, str] | None = None,
+    ):
         import httpx
 
         self._http = httpx.Client(base_url=uri.rstrip("/") + "/api/2.0/mlflow/", timeout=timeout_s)
         try:
             self.experiment_id = self._experiment_id(experiment)
-            body = {"experiment_id": self.experiment_id, "run_name": run_name, "start_time": _now_ms(),
-                    "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}
+            body = {
+                "experiment_id": self.experiment_id,
+                "run_name": run_name,
+                "start_time": _now_ms(),
+                "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()],
+            }
             self.run_id = self._post("runs/create", body)["run"]["info"]["run_id"]
         except BaseException:
             self._http.close()
@@ -83,12 +98,17 @@ class MlflowRun:
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [{"key": k, "value": v} for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
-            self._post("runs/log-batch", {"run_id": self.run_id, "params": items[i:i + _BATCH]})
+            self._post("runs/log-batch", {"run_id": self.run_id, "params": items[i : i + _BATCH]})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = _now_ms()
-        self._post("runs/log-batch", {"run_id": self.run_id, "metrics": [
-            {"key": k, "value": v, "timestamp": now, "step": step} for k, v in metrics.items()]})
+        self._post(
+            "runs/log-batch",
+            {
+                "run_id": self.run_id,
+                "metrics": [{"key": k, "value": v, "timestamp": now, "step": step} for k, v in metrics.items()],
+            },
+        )
 
     def finish(self, status: str) -> None:
         """Mark the run FINISHED / FAILED / KILLED and close the connection."""
@@ -101,8 +121,15 @@ class MlflowRun:
 class Tracker:
     """TensorBoard event files in `tb_dir` (None: none) and, with `cfg.mlflow_uri`, an MLflow run; see the module doc."""
 
-    def __init__(self, cfg: "TrackingSettings", tb_dir: Path | None, *, run_name: str, params: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: "TrackingSettings",
+        tb_dir: Path | None,
+        *,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ):
         self._tb = None
         self._mlflow: MlflowRun | None = None
         flat = flatten(params or {})
@@ -115,12 +142,19 @@ class Tracker:
         if uri := cfg.mlflow_uri:
             self._call("start", lambda: self._start_mlflow(uri, cfg, run_name, flat, tags))
 
-    def _start_mlflow(self, uri: str, cfg: "TrackingSettings", run_name: str, flat: dict[str, str],
-                      tags: Mapping[str, str] | None) -> None:
+    def _start_mlflow(
+        self, uri: str, cfg: "TrackingSettings", run_name: str, flat: dict[str, str], tags: Mapping[str, str] | None
+    ) -> None:
         run = MlflowRun(uri, cfg.mlflow_experiment, run_name, timeout_s=cfg.mlflow_timeout_s, tags=tags)
         self._mlflow = run
         run.log_params(flat)
-        log.info("tracking run %s in MLflow %s (experiment %s, run id %s)", run_name, cfg.mlflow_uri, cfg.mlflow_experiment, run.run_id)
+        log.info(
+            "tracking run %s in MLflow %s (experiment %s, run id %s)",
+            run_name,
+            cfg.mlflow_uri,
+            cfg.mlflow_experiment,
+            run.run_id,
+        )
 
     def _call(self, what: str, fn: Any) -> None:
         import httpx

@@ -7,4 +7,13 @@ from fedllm.core.sections.tracking import TrackingSettings
 from fedllm.core.sections.train import TrainSettings
 from fedllm.core.sections.ui import UISettings
 
-__all__ = ["ClusterSettings", "FederationSettings", "ServeSettings", "TrackingSettings", "TrainSettings", "UISettings", "WorkerSettings", "WorkerSpec"]
+__all__ = [
+    "ClusterSettings",
+    "FederationSettings",
+    "ServeSettings",
+    "TrackingSettings",
+    "TrainSettings",
+    "UISettings",
+    "WorkerSettings",
+    "WorkerSpec",
+]

@@ -35,8 +35,6 @@ class RoundAccumulator(Protocol):
         ...
 
 
-
-
 class _AccumulatorBase:
     def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
         # Only keys and shapes are needed from the reference: keep meta tensors, not a copy of the data.
@@ -68,7 +66,6 @@ class _AccumulatorBase:
     def _record(self, silo_id: str, num_examples: int | float) -> None:
         self.silo_ids.append(silo_id)
         self.examples[silo_id] = num_examples  # type: ignore[assignment]
-
 
 
 class StreamingAccumulator(_AccumulatorBase):

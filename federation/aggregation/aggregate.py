@@ -59,13 +59,19 @@ def check_update(silo_id: str, update: Mapping[str, torch.Tensor], reference: Ma
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing:
-        raise InvalidUpdate("manifest", f"update from silo {silo_id!r}: key {missing[0]!r} is missing ({len(missing)} missing)")
+        raise InvalidUpdate(
+            "manifest", f"update from silo {silo_id!r}: key {missing[0]!r} is missing ({len(missing)} missing)"
+        )
     if extra:
-        raise InvalidUpdate("manifest", f"update from silo {silo_id!r}: key {extra[0]!r} is unexpected ({len(extra)} unexpected)")
+        raise InvalidUpdate(
+            "manifest", f"update from silo {silo_id!r}: key {extra[0]!r} is unexpected ({len(extra)} unexpected)"
+        )
     for key in sorted(reference):
         tensor = update[key]
         if not isinstance(tensor, torch.Tensor):
-            raise InvalidUpdate("bad_dtype", f"update from silo {silo_id!r}: key {key!r} is a {type(tensor).__name__}, not a tensor")
+            raise InvalidUpdate(
+                "bad_dtype", f"update from silo {silo_id!r}: key {key!r} is a {type(tensor).__name__}, not a tensor"
+            )
         if tuple(tensor.shape) != tuple(reference[key].shape):
             raise InvalidUpdate(
                 "bad_shape",
@@ -73,7 +79,9 @@ def check_update(silo_id: str, update: Mapping[str, torch.Tensor], reference: Ma
                 f"expected {tuple(reference[key].shape)}",
             )
         if not tensor.is_floating_point():
-            raise InvalidUpdate("bad_dtype", f"update from silo {silo_id!r}: key {key!r} has dtype {tensor.dtype}, expected floating")
+            raise InvalidUpdate(
+                "bad_dtype", f"update from silo {silo_id!r}: key {key!r} has dtype {tensor.dtype}, expected floating"
+            )
         if not bool(torch.isfinite(tensor).all()):
             raise InvalidUpdate("non_finite", f"update from silo {silo_id!r}: key {key!r} holds NaN or inf values")
 
@@ -133,7 +141,9 @@ def capped_weights(counts: Mapping[str, float], max_share: float) -> dict[str, f
     level = None
     if ordered[0] <= max_share * sum(ordered):
         level = ordered[0]  # nobody is above the cap
-    for k in range(1, n):  # cap the k largest at t = max_share * (k t + rest), i.e. t = max_share * rest / (1 - k max_share)
+    for k in range(
+        1, n
+    ):  # cap the k largest at t = max_share * (k t + rest), i.e. t = max_share * rest / (1 - k max_share)
         if level is not None:
             break
         rest = math.fsum(ordered[k:])  # summed afresh: subtracting would cancel when counts differ by 10^12
@@ -149,8 +159,9 @@ def capped_weights(counts: Mapping[str, float], max_share: float) -> dict[str, f
     return {s: v / total for s, v in capped.items()}
 
 
-def check_aggregate(new_state: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor],
-                    max_change_norm: float | None) -> str | None:
+def check_aggregate(
+    new_state: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor], max_change_norm: float | None
+) -> str | None:
     """Why a round's new global adapter must not be used, or None if it may.
 
     Args:

@@ -64,7 +64,9 @@ def lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]
             raise ValueError(f"LoRA-aware aggregation needs lora_A/lora_B weight pairs only; found {key!r}")
     unpaired = sorted(p for p, slots in prefixes.items() if len(slots) != 2)
     if unpaired:
-        raise ValueError(f"LoRA module {unpaired[0]!r} has no {'lora_B' if 'A' in prefixes[unpaired[0]] else 'lora_A'} weight")
+        raise ValueError(
+            f"LoRA module {unpaired[0]!r} has no {'lora_B' if 'A' in prefixes[unpaired[0]] else 'lora_A'} weight"
+        )
     return {p: (slots["A"], slots["B"]) for p, slots in sorted(prefixes.items())}
 
 
@@ -92,7 +94,10 @@ def lora_scale(lora_alpha: float, rank: int) -> float:
 
 def dense_products(state: Mapping[str, torch.Tensor], scale: float) -> StateDict:
     """`{prefix: scale * B @ A}` (out, in) in float32: the weight change each LoRA module applies."""
-    return {p: scale * (state[b].to(torch.float32) @ state[a].to(torch.float32)) for p, (a, b) in lora_modules(state).items()}
+    return {
+        p: scale * (state[b].to(torch.float32) @ state[a].to(torch.float32))
+        for p, (a, b) in lora_modules(state).items()
+    }
 
 
 def product_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float) -> StateDict:
@@ -140,7 +145,9 @@ def factorize(dense: torch.Tensor, rank: int, scale: float, *, fill_seed: int = 
     return a, b
 
 
-def refactorize(dense: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], rank: int, scale: float) -> StateDict:
+def refactorize(
+    dense: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], rank: int, scale: float
+) -> StateDict:
     """A LoRA state of rank `rank` whose products approximate `dense`; keys and dtypes follow `like`'s modules.
 
     Args:
@@ -178,7 +185,9 @@ def weighted_dense_mean(items: Sequence[tuple[Mapping[str, torch.Tensor], float]
     total = float(sum(n for _, n in items))
     if total <= 0:
         raise ValueError("weights must sum to > 0")
-    return {k: cast(torch.Tensor, sum(float(n) * d[k].to(torch.float32) for d, n in items)) / total for k in items[0][0]}
+    return {
+        k: cast(torch.Tensor, sum(float(n) * d[k].to(torch.float32) for d, n in items)) / total for k in items[0][0]
+    }
 
 
 def zero_lora_a(state: Mapping[str, torch.Tensor]) -> StateDict:

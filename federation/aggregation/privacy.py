@@ -372,8 +372,14 @@ class CentralDP(_AccountedWrapper):
         noisy = add_gaussian_noise(mean, self.noise_multiplier * self._clip_norm / n, self._generator(round_id))
         q = min(1.0, n / self.population) if self.population else 1.0
         self.accountant.step(self.noise_multiplier, q)
-        logger.info("round %d: DP noise std %.3g on the mean of %d clipped updates; epsilon %.3f at delta %g",
-                    round_id, self.noise_multiplier * self._clip_norm / n, n, self.epsilon(), self.delta)
+        logger.info(
+            "round %d: DP noise std %.3g on the mean of %d clipped updates; epsilon %.3f at delta %g",
+            round_id,
+            self.noise_multiplier * self._clip_norm / n,
+            n,
+            self.epsilon(),
+            self.delta,
+        )
         return self.inner.apply_delta(round_id, global_state, noisy)
 
 

@@ -176,9 +176,11 @@ def _numel(layout: Layout) -> int:
 
 
 def _quantise(update: Mapping[str, torch.Tensor], layout: Layout, config: SecAggConfig, n: int) -> np.ndarray:
-    flat = np.concatenate(
-        [update[k].detach().to(torch.float64).reshape(-1).numpy() for k, _ in layout]
-    ) if layout else np.zeros(0)
+    flat = (
+        np.concatenate([update[k].detach().to(torch.float64).reshape(-1).numpy() for k, _ in layout])
+        if layout
+        else np.zeros(0)
+    )
     clipped = np.clip(flat, -config.clip_range, config.clip_range)
     ints = np.rint(clipped * config.scale(n)).astype(np.int64)
     return ints.astype(config.dtype)  # two's complement wrap: negative values become 2^k - |v|
@@ -209,8 +211,10 @@ def _x25519_public(raw: bytes):  # noqa: ANN202
 def _public_bytes(private_raw: bytes) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return _x25519_private(private_raw).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return (
+        _x25519_private(private_raw)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
 
 
@@ -258,8 +262,9 @@ class SecAggClient:
 
     def _expect(self, phase: str) -> None:
         if self.phase != phase:
-            raise ProtocolError(f"secure aggregation client {self.silo_id!r}: expected step {self.phase!r}, "
-                                f"got {phase!r}")
+            raise ProtocolError(
+                f"secure aggregation client {self.silo_id!r}: expected step {self.phase!r}, got {phase!r}"
+            )
 
     def advertise(self) -> dict[str, str]:
         """Step 0: this silo's two public keys."""
@@ -397,8 +402,9 @@ class SecAggServer:
     def roster(self) -> dict[str, dict[str, str]]:
         """U1: every advertised silo's keys (freezes the roster). Raises ProtocolError below the threshold."""
         if len(self._keys) < self.config.threshold:
-            raise ProtocolError(f"secure aggregation: {len(self._keys)} silos advertised keys, "
-                                f"threshold is {self.config.threshold}")
+            raise ProtocolError(
+                f"secure aggregation: {len(self._keys)} silos advertised keys, threshold is {self.config.threshold}"
+            )
         self._frozen_roster = {k: dict(v) for k, v in self._keys.items()}
         return self._frozen_roster
 
@@ -419,8 +425,10 @@ class SecAggServer:
             raise ProtocolError(f"secure aggregation: masked input from {sender!r}, who did not share keys")
         width = np.dtype(self.config.dtype).itemsize
         if len(masked) != self.numel * width:
-            raise ProtocolError(f"secure aggregation: masked input from {sender!r} has {len(masked)} bytes, "
-                                f"expected {self.numel * width}")
+            raise ProtocolError(
+                f"secure aggregation: masked input from {sender!r} has {len(masked)} bytes, "
+                f"expected {self.numel * width}"
+            )
         self._masked[sender] = np.frombuffer(masked, dtype=np.dtype(self.config.dtype).newbyteorder("<")).astype(
             self.config.dtype
         )
@@ -428,8 +436,9 @@ class SecAggServer:
     def survivors(self) -> list[str]:
         """U3: silos whose masked vector arrived (sent to every silo in step 3)."""
         if len(self._masked) < self.config.threshold:
-            raise ProtocolError(f"secure aggregation: {len(self._masked)} masked inputs < threshold "
-                                f"{self.config.threshold}")
+            raise ProtocolError(
+                f"secure aggregation: {len(self._masked)} masked inputs < threshold {self.config.threshold}"
+            )
         return sorted(self._masked)
 
     def add_unmask(self, sender: str, shares: Mapping[str, Mapping[str, str]]) -> None:
@@ -440,19 +449,26 @@ class SecAggServer:
         for silo, share in shares.items():
             expected = "b" if silo in survivors else "s_sk"
             if share.get("kind") != expected:
-                raise ProtocolError(f"secure aggregation: {sender!r} sent a {share.get('kind')!r} share for "
-                                    f"{silo!r}, expected {expected!r}")
+                raise ProtocolError(
+                    f"secure aggregation: {sender!r} sent a {share.get('kind')!r} share for "
+                    f"{silo!r}, expected {expected!r}"
+                )
         self._unmask[sender] = {k: dict(v) for k, v in shares.items()}
 
     def _rebuild(self, silo: str, kind: str) -> bytes:
         try:
-            shares = [(int(s[silo]["x"]), int(s[silo]["y"], 16)) for s in self._unmask.values()
-                      if silo in s and s[silo]["kind"] == kind]
+            shares = [
+                (int(s[silo]["x"]), int(s[silo]["y"], 16))
+                for s in self._unmask.values()
+                if silo in s and s[silo]["kind"] == kind
+            ]
         except (KeyError, ValueError) as exc:
             raise ProtocolError(f"secure aggregation: a malformed {kind} share for {silo!r}: {exc}") from exc
         if len(shares) < self.config.threshold:
-            raise ProtocolError(f"secure aggregation: only {len(shares)} {kind} shares for {silo!r}, "
-                                f"threshold is {self.config.threshold}")
+            raise ProtocolError(
+                f"secure aggregation: only {len(shares)} {kind} shares for {silo!r}, "
+                f"threshold is {self.config.threshold}"
+            )
         try:
             return shamir_combine(shares[: self.config.threshold])
         except ValueError as exc:
@@ -465,8 +481,9 @@ class SecAggServer:
             ProtocolError: with fewer than `threshold` unmask answers.
         """
         if len(self._unmask) < self.config.threshold:
-            raise ProtocolError(f"secure aggregation: {len(self._unmask)} unmask answers < threshold "
-                                f"{self.config.threshold}")
+            raise ProtocolError(
+                f"secure aggregation: {len(self._unmask)} unmask answers < threshold {self.config.threshold}"
+            )
         roster = self._frozen_roster or {}
         dtype = self.config.dtype
         survivors = sorted(self._masked)
@@ -495,4 +512,3 @@ def random_bytes_from_seed(seed: int) -> RandomBytes:
         return rng.bytes(n)
 
     return rand
-

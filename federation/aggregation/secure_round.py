@@ -48,8 +48,8 @@ if TYPE_CHECKING:
     import torch
 
     from fedllm.core.sections import FederationSettings
-    from fedllm.federation.wire.protocol import Header
     from fedllm.federation.aggregation.server_strategies import Strategy
+    from fedllm.federation.wire.protocol import Header
 
 logger = logging.getLogger(__name__)
 
@@ -77,26 +77,41 @@ def check_strategy(strategy: "Strategy", cfg: "FederationSettings") -> None:
     from fedllm.federation.aggregation.strategy_factory import mean_strategy_names
 
     if cfg.dp_mode == "central" or strategy.central_dp:
-        raise ConfigError("secure aggregation cannot be combined with central DP (it clips each update, which the "
-                          "coordinator never sees); use federation.dp_mode=silo")
+        raise ConfigError(
+            "secure aggregation cannot be combined with central DP (it clips each update, which the "
+            "coordinator never sees); use federation.dp_mode=silo"
+        )
     if strategy.clip_norm is not None:
-        raise ConfigError("secure aggregation cannot clip individual updates (strategy_params.clip_norm); "
-                          "use federation.secagg_clip_range or silo DP")
+        raise ConfigError(
+            "secure aggregation cannot clip individual updates (strategy_params.clip_norm); "
+            "use federation.secagg_clip_range or silo DP"
+        )
     if not strategy.mean_based:
-        raise ConfigError(f"strategy {strategy.name!r} cannot run under secure aggregation: the coordinator learns "
-                          f"only the sum of the updates; use one of {', '.join(mean_strategy_names())}")
+        raise ConfigError(
+            f"strategy {strategy.name!r} cannot run under secure aggregation: the coordinator learns "
+            f"only the sum of the updates; use one of {', '.join(mean_strategy_names())}"
+        )
 
 
 def round_config(cfg: "FederationSettings", round_id: int, num_selected: int) -> SecAggConfig:
     """The round's SecAggConfig: threshold = `secagg_threshold` or a majority of the selected silos (>= 2)."""
     threshold = cfg.secagg_threshold or max(2, num_selected // 2 + 1)
-    return SecAggConfig(threshold=threshold, clip_range=cfg.secagg_clip_range, bits=32,
-                        context=f"{cfg.run_name}/{round_id}/{time.time_ns()}")
+    return SecAggConfig(
+        threshold=threshold,
+        clip_range=cfg.secagg_clip_range,
+        bits=32,
+        context=f"{cfg.run_name}/{round_id}/{time.time_ns()}",
+    )
 
 
 def config_body(config: SecAggConfig) -> dict[str, Any]:
     """The SecAggConfig as TrainTask.secure_aggregation."""
-    return {"threshold": config.threshold, "clip_range": config.clip_range, "bits": config.bits, "context": config.context}
+    return {
+        "threshold": config.threshold,
+        "clip_range": config.clip_range,
+        "bits": config.bits,
+        "context": config.context,
+    }
 
 
 def masked_tensor(masked: bytes, bits: int) -> "torch.Tensor":
@@ -118,8 +133,10 @@ def masked_bytes(tensors: StateDict, bits: int) -> bytes:
     expected = torch.int32 if bits == 32 else torch.int64
     t = tensors.get("masked")
     if set(tensors) != {"masked"} or t is None or t.dtype != expected or t.dim() != 1:
-        raise ProtocolError(f"a masked input is one 1-d {expected} tensor named 'masked', got "
-                            f"{[(k, str(v.dtype), tuple(v.shape)) for k, v in tensors.items()]}")
+        raise ProtocolError(
+            f"a masked input is one 1-d {expected} tensor named 'masked', got "
+            f"{[(k, str(v.dtype), tuple(v.shape)) for k, v in tensors.items()]}"
+        )
     return t.numpy().astype("<i4" if bits == 32 else "<i8").tobytes()
 
 
@@ -158,6 +175,7 @@ class SecureRound:
         n = max(1, len(self.weights))
         covered = max(1e-12, min(self.weights.values(), default=1.0))
         return math.sqrt(max(1, self.server.numel)) * n / self.config.scale(n) / covered
+
     # ------------------------------------------------------------------ incoming
     def handle(self, silo_id: str, header: "Header", tensors: StateDict, size: int) -> None:
         """Feed one SECAGG message of this round into the state machine.
@@ -172,12 +190,19 @@ class SecureRound:
 
         body = SecAggStep.model_validate(header.body)
         if silo_id in self.answers.get(body.step, ()):  # a repeat, even of a step the round has moved past
-            raise SecAggRefused("duplicate", f"secure round {self.rs.round_id}: silo {silo_id} already answered step "
-                                             f"{body.step!r}; the first answer stands")
+            raise SecAggRefused(
+                "duplicate",
+                f"secure round {self.rs.round_id}: silo {silo_id} already answered step "
+                f"{body.step!r}; the first answer stands",
+            )
         if body.step != self.step:
-            raise SecAggRefused("secagg", f"secure round {self.rs.round_id}: got step {body.step!r} while at {self.step!r}")
+            raise SecAggRefused(
+                "secagg", f"secure round {self.rs.round_id}: got step {body.step!r} while at {self.step!r}"
+            )
         if silo_id not in self.expected:
-            raise SecAggRefused("secagg", f"secure round {self.rs.round_id}: silo {silo_id} is not expected at step {self.step!r}")
+            raise SecAggRefused(
+                "secagg", f"secure round {self.rs.round_id}: silo {silo_id} is not expected at step {self.step!r}"
+            )
         data = body.data
         try:
             if self.step == "advertise":
@@ -186,11 +211,18 @@ class SecureRound:
                 except ValidationError as exc:
                     fields = sorted({str(e["loc"][0]) for e in exc.errors()})
                     code = "bad_metrics" if fields == ["metrics"] else "malformed"
-                    raise SecAggRefused(code, f"secure round {self.rs.round_id}: invalid advertise from {silo_id}: "
-                                              f"bad {', '.join(fields)}") from exc
+                    raise SecAggRefused(
+                        code,
+                        f"secure round {self.rs.round_id}: invalid advertise from {silo_id}: bad {', '.join(fields)}",
+                    ) from exc
                 self.server.add_advertisement({"silo_id": silo_id, "c_pk": adv.c_pk, "s_pk": adv.s_pk})
-                self.info[silo_id] = {"num_examples": adv.num_examples, "metrics": dict(adv.metrics),
-                                      "train_s": adv.train_s, "bytes": size, "update_norm": adv.update_norm}
+                self.info[silo_id] = {
+                    "num_examples": adv.num_examples,
+                    "metrics": dict(adv.metrics),
+                    "train_s": adv.train_s,
+                    "bytes": size,
+                    "update_norm": adv.update_norm,
+                }
             elif self.step == "share_keys":
                 self.server.add_shares(silo_id, dict(data["ciphertexts"]))
             elif self.step == "masked":
@@ -202,8 +234,10 @@ class SecureRound:
         except SecAggRefused:
             raise
         except (ProtocolError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SecAggRefused("malformed", f"secure round {self.rs.round_id}: malformed {self.step!r} from {silo_id}: "
-                                             f"{type(exc).__name__}") from exc
+            raise SecAggRefused(
+                "malformed",
+                f"secure round {self.rs.round_id}: malformed {self.step!r} from {silo_id}: {type(exc).__name__}",
+            ) from exc
         if self.step != "advertise":
             self.info[silo_id]["bytes"] += size
         self.answers[self.step].add(silo_id)
@@ -221,17 +255,25 @@ class SecureRound:
             await rs.wait_for_change()
         got = self.answers[step] - rs.rejected.keys()
         for sid in sorted(self.expected - got - rs.rejected.keys()):
-            logger.warning("secure round %d: no %s from %s (%s)", rs.round_id, step, sid,
-                           "deadline passed" if time.time() >= rs.deadline else "went offline")
+            logger.warning(
+                "secure round %d: no %s from %s (%s)",
+                rs.round_id,
+                step,
+                sid,
+                "deadline passed" if time.time() >= rs.deadline else "went offline",
+            )
         return got
 
     def _need(self, got: set[str], what: str, floor: int) -> None:
         if len(got) < floor:
-            raise RoundFailed(f"secure aggregation: {len(got)} silo(s) {what} < {floor} needed (threshold "
-                              f"{self.config.threshold}, min_silos {self.min_silos})")
+            raise RoundFailed(
+                f"secure aggregation: {len(got)} silo(s) {what} < {floor} needed (threshold "
+                f"{self.config.threshold}, min_silos {self.min_silos})"
+            )
 
-    async def run(self, send: Sender, alive: Alive, weigh: Weigh,
-                  bound: Bound | None = None) -> tuple[StateDict, dict[str, dict[str, Any]]]:
+    async def run(
+        self, send: Sender, alive: Alive, weigh: Weigh, bound: Bound | None = None
+    ) -> tuple[StateDict, dict[str, dict[str, Any]]]:
         """Drive steps 1..5 after the TRAINs went out.
 
         Args:
@@ -260,8 +302,16 @@ class SecureRound:
         self.norm_bound = bound(norms) if bound is not None else None
         self.expected, self.step = set(roster), "share_keys"
         for sid in sorted(roster):
-            await send(sid, "roster", {"roster": roster, "total_examples": self.total_examples, "weight": self.weights[sid],
-                                       "norm_bound": self.norm_bound})
+            await send(
+                sid,
+                "roster",
+                {
+                    "roster": roster,
+                    "total_examples": self.total_examples,
+                    "weight": self.weights[sid],
+                    "norm_bound": self.norm_bound,
+                },
+            )
         u2 = await self._collect("share_keys", alive)
         self._need(u2, "shared keys", floor)
         self.expected, self.step = set(u2), "masked"
@@ -284,6 +334,11 @@ class SecureRound:
             raise RoundFailed(f"secure aggregation could not unmask: {exc}") from exc
         covered = sum(self.weights[s] for s in survivors)
         mean = {k: v / covered for k, v in total.items()}
-        logger.info("secure round %d: unmasked the sum of %d silo(s) %s (%.3g of the round's weight)", self.rs.round_id,
-                    len(survivors), survivors, covered)
+        logger.info(
+            "secure round %d: unmasked the sum of %d silo(s) %s (%.3g of the round's weight)",
+            self.rs.round_id,
+            len(survivors),
+            survivors,
+            covered,
+        )
         return mean, {s: self.info[s] for s in survivors}

@@ -37,7 +37,13 @@ from fedllm.federation.aggregation.accumulators import (
     StoringAccumulator,
     StreamingAccumulator,
 )
-from fedllm.federation.aggregation.aggregate import add_delta, coordinate_median, krum_select, trimmed_mean, weighted_mean
+from fedllm.federation.aggregation.aggregate import (
+    add_delta,
+    coordinate_median,
+    krum_select,
+    trimmed_mean,
+    weighted_mean,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,6 @@ class Strategy(Protocol):
     def load_state_dict(self, state: StateDict) -> None:
         """Restore what `state_dict` returned."""
         ...
-
 
     def state_for_silo(
         self, global_state: StateDict, lora_r: int | None, lora_alpha: float | None
@@ -185,12 +190,19 @@ class BaseStrategy(StrategyDefaults):
         if count < self.min_results:
             logger.warning(
                 "round %d: %d result(s) < min_results=%d (failures: %s); keeping the previous global state",
-                round_id, count, self.min_results, failures,
+                round_id,
+                count,
+                self.min_results,
+                failures,
             )
             return False
         if failures and not self.accept_failures:
-            logger.warning("round %d: %d silo(s) failed %s and accept_failures=False; keeping the previous global "
-                           "state", round_id, len(failures), failures)
+            logger.warning(
+                "round %d: %d silo(s) failed %s and accept_failures=False; keeping the previous global state",
+                round_id,
+                len(failures),
+                failures,
+            )
             return False
         return True
 
@@ -218,7 +230,6 @@ class BaseStrategy(StrategyDefaults):
         """Stateless by default; refuses unexpected state."""
         if state:
             raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)[:3]}")
-
 
 
 class FedAvg(BaseStrategy):
@@ -316,8 +327,9 @@ class FedAdam(_ServerOptimiser):
     name = "fedadam"
     slots = ("m", "v")
 
-    def __init__(self, *, server_lr: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
-                 **kw: Any) -> None:
+    def __init__(
+        self, *, server_lr: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, **kw: Any
+    ) -> None:
         super().__init__(server_lr=server_lr, **kw)
         self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
 
@@ -426,8 +438,10 @@ class ProductAggregation(StrategyDefaults):
 
     def __init__(self, server: BaseStrategy, *, lora_alpha: float | None = None) -> None:
         if not isinstance(server, FedAvg):
-            raise ValueError(f"lora_aggregation=product composes with mean-based strategies (fedavg fedprox fedavgm "
-                             f"fedadam fedyogi), not {server.name!r}")
+            raise ValueError(
+                f"lora_aggregation=product composes with mean-based strategies (fedavg fedprox fedavgm "
+                f"fedadam fedyogi), not {server.name!r}"
+            )
         self.server = server
         self.lora_alpha = lora_alpha
         self.name = f"{server.name}+product"
@@ -440,8 +454,11 @@ class ProductAggregation(StrategyDefaults):
     ) -> tuple[StateDict, float | None]:
         """(the state to send a silo training at rank `lora_r`, its scale); the global state at the global rank."""
         scale = self._scale(global_state)
-        if lora_r is None or lora_r == la.lora_rank(global_state) and (lora_alpha is None or
-                                                                     math.isclose(lora_alpha / lora_r, scale)):
+        if (
+            lora_r is None
+            or lora_r == la.lora_rank(global_state)
+            and (lora_alpha is None or math.isclose(lora_alpha / lora_r, scale))
+        ):
             return global_state, scale
         if lora_alpha is None or self.lora_alpha is None:
             raise ValueError("heterogeneous ranks need each silo's and the global lora_alpha")

@@ -45,7 +45,12 @@ from fedllm.federation.aggregation.server_strategies import (
     StrategyDefaults,
     TrimmedMean,
 )
-from fedllm.federation.aggregation.strategy_factory import LORA_AGGREGATIONS, STRATEGY_NAMES, make_strategy, mean_strategy_names
+from fedllm.federation.aggregation.strategy_factory import (
+    LORA_AGGREGATIONS,
+    STRATEGY_NAMES,
+    make_strategy,
+    mean_strategy_names,
+)
 from fedllm.federation.aggregation.strategy_wrappers import Clipped, FrozenA, StrategyWrapper
 
 __all__ = [

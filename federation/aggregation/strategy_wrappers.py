@@ -47,7 +47,6 @@ class StrategyWrapper:
         """Restore the inner strategy's state."""
         self.inner.load_state_dict(state)
 
-
     def state_for_silo(
         self, global_state: StateDict, lora_r: int | None, lora_alpha: float | None
     ) -> tuple[StateDict, float | None]:
@@ -90,7 +89,6 @@ class Clipped(StrategyWrapper):
     def start_round(self, round_id: int, global_state: StateDict) -> RoundAccumulator:
         """The inner accumulator behind a clipping one."""
         return ClippedAccumulator(self.inner.start_round(round_id, global_state), self.max_norm)
-
 
     @property
     def clip_norm(self) -> float | None:

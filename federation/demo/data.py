@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 ORGS = {
     "northbridge": {"name": "Northbridge Clinic", "prefix": "NB", "style": "Per Northbridge protocol {code}: {value}."},
@@ -50,9 +50,14 @@ _WORDS = {
 
 def _fill(template: str, rng: random.Random) -> str:
     return template.format(
-        n=rng.choice([2, 3, 4, 6, 8, 12, 15, 20, 45, 90]), m=rng.choice([20, 30, 40, 50]),
-        t=f"{rng.randint(5, 8):02d}:{rng.choice([15, 30, 45])}", room=rng.choice(_WORDS["room"]),
-        colour=rng.choice(_WORDS["colour"]), ext=rng.randint(2100, 8999), role=rng.choice(_WORDS["role"]))
+        n=rng.choice([2, 3, 4, 6, 8, 12, 15, 20, 45, 90]),
+        m=rng.choice([20, 30, 40, 50]),
+        t=f"{rng.randint(5, 8):02d}:{rng.choice([15, 30, 45])}",
+        room=rng.choice(_WORDS["room"]),
+        colour=rng.choice(_WORDS["colour"]),
+        ext=rng.randint(2100, 8999),
+        role=rng.choice(_WORDS["role"]),
+    )
 
 
 def _chat(question: str, answer: str) -> dict:
@@ -90,16 +95,22 @@ DEVICE_FACTS = [
     ("power supply", "use the {n} volt adapter with the {colour} plug only"),
 ]
 REGISTERS: dict[str, dict[str, Any]] = {
-    "enterprise": {"train": ["Could you please advise on the {topic} procedure?", "What is the documented process for {topic}?",
-                             "Kindly explain the {topic} steps for our fleet.", "Which steps apply to {topic} on this model?"],
-                   "eval": ["Please provide guidance regarding {topic}.", "What does the manual state about {topic}?"],
-                   "answer": "Thank you for contacting support. To address {topic}, {value}. Kind regards."},
-    "forum": {"train": ["hey how do i do the {topic} thing??", "anyone know {topic} on this router lol"],
-              "eval": ["ugh {topic} again, what do i do", "quick q about {topic}"],
-              "answer": "ok so for {topic} just {value} and ur good :)"},
-    "field": {"train": ["{topic}?"],
-              "eval": ["notes: {topic}", "{topic} proc"],
-              "answer": "{TOPIC}: {value}. done."},
+    "enterprise": {
+        "train": [
+            "Could you please advise on the {topic} procedure?",
+            "What is the documented process for {topic}?",
+            "Kindly explain the {topic} steps for our fleet.",
+            "Which steps apply to {topic} on this model?",
+        ],
+        "eval": ["Please provide guidance regarding {topic}.", "What does the manual state about {topic}?"],
+        "answer": "Thank you for contacting support. To address {topic}, {value}. Kind regards.",
+    },
+    "forum": {
+        "train": ["hey how do i do the {topic} thing??", "anyone know {topic} on this router lol"],
+        "eval": ["ugh {topic} again, what do i do", "quick q about {topic}"],
+        "answer": "ok so for {topic} just {value} and ur good :)",
+    },
+    "field": {"train": ["{topic}?"], "eval": ["notes: {topic}", "{topic} proc"], "answer": "{TOPIC}: {value}. done."},
 }
 
 

@@ -66,20 +66,32 @@ class DemoResult:
             rows.append(f"{name:<20}" + "".join(f"{v:>18.4f}" for v in vals) + f"{sum(vals) / len(vals):>10.4f}")
         if {"base", "centralized"} <= self.losses.keys():
             shares = [self.recovered()[o] for o in self.orgs]
-            rows.append(f"{'recovered (fed)':<20}" + "".join(f"{v:>18.1%}" for v in shares) + f"{sum(shares) / len(shares):>10.1%}")
+            rows.append(
+                f"{'recovered (fed)':<20}"
+                + "".join(f"{v:>18.1%}" for v in shares)
+                + f"{sum(shares) / len(shares):>10.1%}"
+            )
         verdict = "YES" if self.federated_beats_local_cross_silo() else "NO"
         method = ", ".join(f"{k} {v}" for k, v in self.method.items())
         rows += ["", "recovered = (base - federated) / (base - centralized) held-out loss, at equal total steps"]
         rows += [f"federation: {method}"] if method else []
-        rows += [f"federated beats every local-only adapter on the other silos' eval data: {verdict}",
-                 "timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings_s.items())]
+        rows += [
+            f"federated beats every local-only adapter on the other silos' eval data: {verdict}",
+            "timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings_s.items()),
+        ]
         return "\n".join(rows)
 
     def to_json(self) -> dict[str, Any]:
         """What `result.json` holds (read by the console's Federation tab)."""
-        return {"orgs": self.orgs, "losses": self.losses, "recovered": self.recovered(), "method": self.method,
-                "federated_beats_local_cross_silo": self.federated_beats_local_cross_silo(), "timings_s": self.timings_s,
-                "time": time.time()}
+        return {
+            "orgs": self.orgs,
+            "losses": self.losses,
+            "recovered": self.recovered(),
+            "method": self.method,
+            "federated_beats_local_cross_silo": self.federated_beats_local_cross_silo(),
+            "timings_s": self.timings_s,
+            "time": time.time(),
+        }
 
 
 def recovered_share(losses: dict[str, dict[str, float]], orgs: list[str], adapter: str) -> dict[str, float]:
@@ -97,13 +109,32 @@ def demo_train_settings(settings: "ApplianceSettings"):
     The local-only and centralized baselines train with these too, at the constant rate the federation's silos use
     (`lr_schedule: constant`), so the recovered share compares like with like.
     """
-    return settings.train.model_copy(update={"max_seq_len": 128, "batch_size": 4, "grad_accum": 1, "warmup_steps": 0,
-                                             "lr": 2e-3, "lr_scheduler": "constant", "lora_dropout": 0.0, "zero_stage": 0, "checkpoint_every_steps": 10_000})
+    return settings.train.model_copy(
+        update={
+            "max_seq_len": 128,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "warmup_steps": 0,
+            "lr": 2e-3,
+            "lr_scheduler": "constant",
+            "lora_dropout": 0.0,
+            "zero_stage": 0,
+            "checkpoint_every_steps": 10_000,
+        }
+    )
 
 
-def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int = 4, out_dir: Path | None = None,
-             echo: Callable[[str], None] = print, model_dir: Path | None = None, dataset: str = "hospitals",
-             federation: dict[str, Any] | None = None) -> DemoResult:
+def run_demo(
+    settings: "ApplianceSettings",
+    *,
+    rounds: int = 3,
+    local_steps: int = 4,
+    out_dir: Path | None = None,
+    echo: Callable[[str], None] = print,
+    model_dir: Path | None = None,
+    dataset: str = "hospitals",
+    federation: dict[str, Any] | None = None,
+) -> DemoResult:
     """Run the whole demo and return its table (see the module docstring); also writes `out_dir/result.json`.
 
     Args:
@@ -138,8 +169,11 @@ def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int
     timings["federation"] = time.monotonic() - t0
     echo(f"federation done in {timings['federation']:.0f} s")
     adapters = {"base": None, **baselines(cfg, Path(model_dir), paths, rounds * local_steps, echo, timings)}
-    adapters = {**{k: v for k, v in adapters.items() if k != "centralized"}, "federated": fed_state,
-                "centralized": adapters["centralized"]}
+    adapters = {
+        **{k: v for k, v in adapters.items() if k != "centralized"},
+        "federated": fed_state,
+        "centralized": adapters["centralized"],
+    }
     t0 = time.monotonic()
     losses = evaluate_all(cfg, Path(model_dir), adapters, paths)
     for name, per_org in losses.items():
@@ -150,8 +184,14 @@ def run_demo(settings: "ApplianceSettings", *, rounds: int = 3, local_steps: int
     return result
 
 
-def baselines(cfg, model_dir: Path, paths: dict[str, dict[str, Path]], steps: int, echo: Callable[[str], None] = print,
-              timings: dict[str, float] | None = None) -> dict[str, Any]:
+def baselines(
+    cfg,
+    model_dir: Path,
+    paths: dict[str, dict[str, Path]],
+    steps: int,
+    echo: Callable[[str], None] = print,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """`local:ORG` adapters (each silo alone, `steps` steps) and `centralized` (the union, silos x `steps` steps)."""
     from fedllm import train
 
@@ -178,7 +218,9 @@ def shuffled_union(paths: dict[str, dict[str, Path]]) -> list[dict[str, Any]]:
     return union
 
 
-def evaluate_all(cfg, model_dir: Path, adapters: dict[str, Any], paths: dict[str, dict[str, Path]]) -> dict[str, dict[str, float]]:
+def evaluate_all(
+    cfg, model_dir: Path, adapters: dict[str, Any], paths: dict[str, dict[str, Path]]
+) -> dict[str, dict[str, float]]:
     """Held-out loss of every adapter (None = base) on every silo's eval set: `{adapter: {org: loss}}`."""
     from fedllm import train
 
@@ -186,28 +228,50 @@ def evaluate_all(cfg, model_dir: Path, adapters: dict[str, Any], paths: dict[str
     return {name: {org: float(v) for org, v in per.items()} for name, per in losses.items()}
 
 
-async def federate(settings, home: Path, model_dir: Path, cfg, paths, rounds: int, local_steps: int,
-                   federation: dict[str, Any] | None = None, run_name: str = "demo-federation"):
+async def federate(
+    settings,
+    home: Path,
+    model_dir: Path,
+    cfg,
+    paths,
+    rounds: int,
+    local_steps: int,
+    federation: dict[str, Any] | None = None,
+    run_name: str = "demo-federation",
+):
     """A CURVE-secured federation on loopback with in-process silos; returns (global state, round history).
 
     `federation` overrides the demo's federation settings (strategy, lora_aggregation, lr_schedule, ...).
     """
     from fedllm import train
-
     from fedllm.core.settings import load_settings
     from fedllm.federation.runtime.coordinator import Coordinator
-    from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
     from fedllm.federation.runtime.service import build_strategy
     from fedllm.federation.runtime.silo import EngineTrainer, SiloClient
+    from fedllm.federation.wire.keys import enroll_silo, ensure_keypair
 
-    fed = {"bind_host": "127.0.0.1", "port": 0, "status_port": 0, "rounds": rounds, "local_steps": local_steps,
-           "min_silos": len(paths), "round_deadline_s": 3600.0, "silo_timeout_s": 120.0, "heartbeat_interval_s": 2.0,
-           "run_name": run_name, **(DEMO_FEDERATION if federation is None else federation)}
-    coord_settings = load_settings(overrides={"home": str(home / "coordinator"), "model": settings.model, "federation": fed})
+    fed = {
+        "bind_host": "127.0.0.1",
+        "port": 0,
+        "status_port": 0,
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "min_silos": len(paths),
+        "round_deadline_s": 3600.0,
+        "silo_timeout_s": 120.0,
+        "heartbeat_interval_s": 2.0,
+        "run_name": run_name,
+        **(DEMO_FEDERATION if federation is None else federation),
+    }
+    coord_settings = load_settings(
+        overrides={"home": str(home / "coordinator"), "model": settings.model, "federation": fed}
+    )
     coord_key = ensure_keypair(coord_settings.keys_dir, "coordinator")
     silo_settings = {}
     for org in paths:
-        s = load_settings(overrides={"home": str(home / org), "federation": {"silo_id": org, "heartbeat_interval_s": 2.0}})
+        s = load_settings(
+            overrides={"home": str(home / org), "federation": {"silo_id": org, "heartbeat_interval_s": 2.0}}
+        )
         enroll_silo(coord_settings.keys_dir, org, ensure_keypair(s.keys_dir, "silo").public)
         silo_settings[org] = s
 
@@ -215,12 +279,20 @@ async def federate(settings, home: Path, model_dir: Path, cfg, paths, rounds: in
         train.save_adapter_dir(state, cfg, model_dir, out)
 
     strategy = build_strategy(coord_settings.federation, lora_alpha=coord_settings.train.lora_alpha)
-    coord = Coordinator(coord_settings, strategy, initial_state=train.initial_adapter_state(cfg, model_dir), exporter=exporter)
+    coord = Coordinator(
+        coord_settings, strategy, initial_state=train.initial_adapter_state(cfg, model_dir), exporter=exporter
+    )
     address = await coord.start()
     silos = []
     try:
         for org, s in silo_settings.items():
-            s = s.model_copy(update={"federation": s.federation.model_copy(update={"coordinator": address, "coordinator_key": coord_key.public})})
+            s = s.model_copy(
+                update={
+                    "federation": s.federation.model_copy(
+                        update={"coordinator": address, "coordinator_key": coord_key.public}
+                    )
+                }
+            )
             silo = SiloClient(s, EngineTrainer(cfg, model_dir, paths[org]["train"]))  # engine runs are serialised
             await silo.start()
             silos.append(silo)

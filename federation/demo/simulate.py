@@ -28,16 +28,30 @@ from typing import Any
 import torch
 
 from fedllm.core.types import StateDict
-from fedllm.federation.wire.keys import KeyPair
 from fedllm.federation.runtime.silo import SiloTrainer
+from fedllm.federation.wire.keys import KeyPair
 
 logger = logging.getLogger(__name__)
 
 # SmolLM2-135M (the embedded model) and Llama-2-7B: the dimensions LoRA's shapes depend on.
-EMBEDDED_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                   "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
-LLAMA_7B_CONFIG = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128}
+EMBEDDED_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+}
+LLAMA_7B_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "head_dim": 128,
+}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = ("embedded", "7b")
 COORDINATOR_FILE = "sim-coordinator.json"  # the coordinator part's address and public key, for the silos part
@@ -54,9 +68,15 @@ def lora_shapes(config: Mapping[str, Any], r: int, targets: list[str]) -> dict[s
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
-    linear = {"q_proj": ("self_attn", hidden, heads * head_dim), "k_proj": ("self_attn", hidden, kv * head_dim),
-              "v_proj": ("self_attn", hidden, kv * head_dim), "o_proj": ("self_attn", heads * head_dim, hidden),
-              "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter), "down_proj": ("mlp", inter, hidden)}
+    linear = {
+        "q_proj": ("self_attn", hidden, heads * head_dim),
+        "k_proj": ("self_attn", hidden, kv * head_dim),
+        "v_proj": ("self_attn", hidden, kv * head_dim),
+        "o_proj": ("self_attn", heads * head_dim, hidden),
+        "gate_proj": ("mlp", hidden, inter),
+        "up_proj": ("mlp", hidden, inter),
+        "down_proj": ("mlp", inter, hidden),
+    }
     unknown = [t for t in targets if t not in linear]
     if unknown:
         raise ValueError(f"targets {unknown} are not linear layers of a Llama block ({', '.join(linear)})")
@@ -153,21 +173,30 @@ def coordinator_settings(home: Path, n: int, rounds: int, **federation: Any) -> 
     """Settings for a simulated federation's coordinator under `home`: loopback, free ports, CURVE, `min_silos=n`."""
     from fedllm.core.settings import load_settings
 
-    fed = {"bind_host": "127.0.0.1", "port": 0, "status_port": 0, "rounds": rounds, "min_silos": n,
-           "run_name": "sim", "local_steps": 1, **federation}
+    fed = {
+        "bind_host": "127.0.0.1",
+        "port": 0,
+        "status_port": 0,
+        "rounds": rounds,
+        "min_silos": n,
+        "run_name": "sim",
+        "local_steps": 1,
+        **federation,
+    }
     return load_settings(overrides={"home": str(home), "federation": fed})
 
 
-async def run_coordinator(settings: Any, state: StateDict, *, ready: Path | None = None,
-                          timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+async def run_coordinator(
+    settings: Any, state: StateDict, *, ready: Path | None = None, timeout_s: float = 3600.0
+) -> list[dict[str, Any]]:
     """Run the real coordinator (CURVE, no adapter registry) until its last round; returns its round records.
 
     With `ready`, writes `{"address", "public_key", "keys_dir"}` there once the socket is bound (the silos part reads it).
     """
     from fedllm.core.atomic import write_json_atomic
     from fedllm.federation.runtime.coordinator import Coordinator
-    from fedllm.federation.wire.keys import ensure_keypair
     from fedllm.federation.runtime.service import build_strategy
+    from fedllm.federation.wire.keys import ensure_keypair
 
     keys = ensure_keypair(settings.keys_dir, "coordinator")
     strategy = build_strategy(settings.federation, lora_alpha=settings.train.lora_alpha)
@@ -182,18 +211,32 @@ async def run_coordinator(settings: Any, state: StateDict, *, ready: Path | None
     return list(coord.history)
 
 
-async def run_silos(settings: Any, keypairs: Mapping[str, KeyPair], address: str, coordinator_key: str, *,
-                    examples: int = 10, fit_s: float = 0.0, timeout_s: float = 3600.0) -> int:
+async def run_silos(
+    settings: Any,
+    keypairs: Mapping[str, KeyPair],
+    address: str,
+    coordinator_key: str,
+    *,
+    examples: int = 10,
+    fit_s: float = 0.0,
+    timeout_s: float = 3600.0,
+) -> int:
     """Run one `SiloClient` per key pair (enrolled already) with a `SimTrainer` until the coordinator says the run is
     done; returns how many rounds the silos trained in all."""
     from fedllm.federation.runtime.silo import SiloClient
 
     silos = []
     for i, (name, kp) in enumerate(sorted(keypairs.items())):
-        fed = settings.federation.model_copy(update={"coordinator": address, "coordinator_key": coordinator_key,
-                                                     "silo_id": name, "plaintext": False})
-        silos.append(SiloClient(settings.model_copy(update={"federation": fed}),
-                                SimTrainer(i, examples=examples, fit_s=fit_s), keypair=kp))
+        fed = settings.federation.model_copy(
+            update={"coordinator": address, "coordinator_key": coordinator_key, "silo_id": name, "plaintext": False}
+        )
+        silos.append(
+            SiloClient(
+                settings.model_copy(update={"federation": fed}),
+                SimTrainer(i, examples=examples, fit_s=fit_s),
+                keypair=kp,
+            )
+        )
     try:
         for silo in silos:
             await silo.start()
@@ -227,8 +270,9 @@ async def silos_part(home: Path, n: int, *, examples: int = 10, fit_s: float = 0
     keypairs = make_keypairs(n)
     enroll_silos(Path(info["keys_dir"]), {name: kp.public for name, kp in keypairs.items()})
     settings = load_settings(overrides={"home": str(Path(home) / "silos")})
-    return await run_silos(settings, keypairs, info["address"], info["public_key"], examples=examples, fit_s=fit_s,
-                           timeout_s=timeout_s)
+    return await run_silos(
+        settings, keypairs, info["address"], info["public_key"], examples=examples, fit_s=fit_s, timeout_s=timeout_s
+    )
 
 
 def peak_rss_bytes() -> int:
@@ -259,13 +303,28 @@ def round_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "failed" in r:
             rows.append({"round": r["round"], "failed": r["failed"]})
             continue
-        rows.append({"round": r["round"], "participants": len(r["participants"]),
-                     "overhead_s": round(r["duration_s"] - r["train_s_max"], 3), "bytes": r["bytes_in"] + r["bytes_out"]})
+        rows.append(
+            {
+                "round": r["round"],
+                "participants": len(r["participants"]),
+                "overhead_s": round(r["duration_s"] - r["train_s_max"], 3),
+                "bytes": r["bytes_in"] + r["bytes_out"],
+            }
+        )
     return rows
 
 
-async def simulate(home: Path, n: int, rounds: int, *, preset: str = "embedded", fit_s: float = 0.0,
-                   timeout_s: float = 3600.0, model_settings: Any = None, **federation: Any) -> dict[str, Any]:
+async def simulate(
+    home: Path,
+    n: int,
+    rounds: int,
+    *,
+    preset: str = "embedded",
+    fit_s: float = 0.0,
+    timeout_s: float = 3600.0,
+    model_settings: Any = None,
+    **federation: Any,
+) -> dict[str, Any]:
     """A whole simulation in this process: the coordinator and `n` simulated silos. Returns the report
     (`rounds`: `round_rows`, `history`, `adapter`, `parameters`). `model_settings`: whose model store and
     `train.lora_r` size the embedded preset (default: the simulation's own, fresh, settings)."""
@@ -273,7 +332,9 @@ async def simulate(home: Path, n: int, rounds: int, *, preset: str = "embedded",
     shapes, about = preset_shapes(preset, model_settings or settings)
     ready = Path(home) / COORDINATOR_FILE
     ready.unlink(missing_ok=True)
-    coordinator = asyncio.create_task(run_coordinator(settings, initial_state(shapes), ready=ready, timeout_s=timeout_s))
+    coordinator = asyncio.create_task(
+        run_coordinator(settings, initial_state(shapes), ready=ready, timeout_s=timeout_s)
+    )
     silos = asyncio.create_task(silos_part(home, n, fit_s=fit_s, timeout_s=timeout_s))
     done, _ = await asyncio.wait({coordinator, silos}, return_when=asyncio.FIRST_EXCEPTION)
     for task in done:
@@ -284,12 +345,25 @@ async def simulate(home: Path, n: int, rounds: int, *, preset: str = "embedded",
             raise failure
     history = await coordinator
     await silos
-    return {"silos": n, "adapter": about, "parameters": parameter_count(shapes), "rounds": round_rows(history),
-            "history": history}
+    return {
+        "silos": n,
+        "adapter": about,
+        "parameters": parameter_count(shapes),
+        "rounds": round_rows(history),
+        "history": history,
+    }
 
 
-async def coordinator_part(home: Path, n: int, rounds: int, *, preset: str = "embedded", timeout_s: float = 3600.0,
-                           model_settings: Any = None, **federation: Any) -> dict[str, Any]:
+async def coordinator_part(
+    home: Path,
+    n: int,
+    rounds: int,
+    *,
+    preset: str = "embedded",
+    timeout_s: float = 3600.0,
+    model_settings: Any = None,
+    **federation: Any,
+) -> dict[str, Any]:
     """The coordinator of a simulation under `home` (the silos part runs elsewhere with the same `home`): runs the
     rounds and reports them with this process's resident memory after start-up and its peak."""
     settings = coordinator_settings(Path(home) / "coordinator", n, rounds, **federation)
@@ -298,9 +372,17 @@ async def coordinator_part(home: Path, n: int, rounds: int, *, preset: str = "em
     ready = Path(home) / COORDINATOR_FILE
     ready.unlink(missing_ok=True)
     import aiohttp.web  # noqa: F401 - what the coordinator imports as it starts: counted in the start, not the rounds
-    from fedllm.federation.runtime import coordinator as _coordinator, service as _service  # noqa: F401 - likewise
+
+    from fedllm.federation.runtime import coordinator as _coordinator  # noqa: F401 - likewise
 
     started_rss = current_rss_bytes()
     history = await run_coordinator(settings, state, ready=ready, timeout_s=timeout_s)
-    return {"silos": n, "adapter": about, "parameters": parameter_count(shapes), "rounds": round_rows(history),
-            "start_rss_bytes": started_rss, "peak_rss_bytes": peak_rss_bytes(), "history": history}
+    return {
+        "silos": n,
+        "adapter": about,
+        "parameters": parameter_count(shapes),
+        "rounds": round_rows(history),
+        "start_rss_bytes": started_rss,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "history": history,
+    }

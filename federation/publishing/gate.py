@@ -56,7 +56,9 @@ class _Gate:
         with self._lock:
             return self._decisions.get(served_name)
 
-    def decide(self, version: AdapterVersion, loss: float, answers: Callable[[], str | None] | None = None) -> dict[str, Any]:
+    def decide(
+        self, version: AdapterVersion, loss: float, answers: Callable[[], str | None] | None = None
+    ) -> dict[str, Any]:
         """Promote `version` when `loss` is finite and within `tolerance` of the current version's, and the gate
         prompts (`answers()`: None when they passed, else the problem) pass; record and return the decision. Asked
         again, it answers the same."""
@@ -69,17 +71,33 @@ class _Gate:
             if promoted and answers is not None:
                 prompts = answers() or "ok"
                 promoted = prompts == "ok"
-            decision = {"round": version.meta.get("round"), "adapter": version.served_name,
-                        "loss": loss if math.isfinite(loss) else None, "current": self.current,
-                        "current_loss": self.current_loss, "tolerance": self.tolerance, "source": self.source,
-                        "prompts": prompts, "decision": "promoted" if promoted else "held back", "time": time.time()}
+            decision = {
+                "round": version.meta.get("round"),
+                "adapter": version.served_name,
+                "loss": loss if math.isfinite(loss) else None,
+                "current": self.current,
+                "current_loss": self.current_loss,
+                "tolerance": self.tolerance,
+                "source": self.source,
+                "prompts": prompts,
+                "decision": "promoted" if promoted else "held back",
+                "time": time.time(),
+            }
             append_jsonl(self.log_path, decision)
             self._decisions[version.served_name] = decision
             if promoted:
                 self.current, self.current_loss = version.served_name, loss
             log = logger.info if promoted else logger.warning
-            log("gate: %s %s (loss %s, current %s %s, tolerance %s, prompts %s)", version.served_name, decision["decision"],
-                decision["loss"], decision["current"], decision["current_loss"], self.tolerance, prompts)
+            log(
+                "gate: %s %s (loss %s, current %s %s, tolerance %s, prompts %s)",
+                version.served_name,
+                decision["decision"],
+                decision["loss"],
+                decision["current"],
+                decision["current_loss"],
+                self.tolerance,
+                prompts,
+            )
             return decision
 
 
@@ -89,10 +107,20 @@ class PromotionGate(_Gate):
 
     source = "gate data"
 
-    def __init__(self, settings: ApplianceSettings, data: Path, tolerance: float, log_path: Path, model_dir: Path | None = None,
-                 *, resume: bool = True):
+    def __init__(
+        self,
+        settings: ApplianceSettings,
+        data: Path,
+        tolerance: float,
+        log_path: Path,
+        model_dir: Path | None = None,
+        *,
+        resume: bool = True,
+    ):
         if not Path(data).is_file():
-            raise ConfigError(f"federation.gate_data {data} is not a file; give a JSONL data set (same formats as training data)")
+            raise ConfigError(
+                f"federation.gate_data {data} is not a file; give a JSONL data set (same formats as training data)"
+            )
         super().__init__(tolerance, log_path, resume=resume)
         self.settings, self.data = settings, Path(data)
         self.model_dir = model_dir or settings.models_dir / settings.model
@@ -101,7 +129,9 @@ class PromotionGate(_Gate):
         """The version's eval loss on the gate data (inf when not finite)."""
         from fedllm import train
 
-        metrics = train.evaluate_adapter(self.settings.train, self.model_dir, train.load_adapter_state(version.path), self.data)
+        metrics = train.evaluate_adapter(
+            self.settings.train, self.model_dir, train.load_adapter_state(version.path), self.data
+        )
         loss = float(metrics["eval_loss"])
         return loss if math.isfinite(loss) else math.inf
 

@@ -17,18 +17,36 @@ import httpx
 DEFAULT_GATE_PROMPTS = ["Say hello in one short sentence.", "What is 2 + 3?", "Name one colour."]
 
 
-def prompt_problem(router_url: str, model: str, prompts: list[str], *, api_key: str | None = None,
-                   verify: bool | ssl.SSLContext = True, max_tokens: int = 16, timeout_s: float = 120.0) -> str | None:
+def prompt_problem(
+    router_url: str,
+    model: str,
+    prompts: list[str],
+    *,
+    api_key: str | None = None,
+    verify: bool | ssl.SSLContext = True,
+    max_tokens: int = 16,
+    timeout_s: float = 120.0,
+) -> str | None:
     """Send each prompt to `model` through the router; None when all answers are non-empty and finite, else why not."""
     from fedllm.core.contracts.router_client import error_text
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     for i, prompt in enumerate(prompts, 1):
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "logprobs": True}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": True,
+        }
         try:
-            resp = httpx.post(f"{router_url.rstrip('/')}/v1/chat/completions", json=body, headers=headers,
-                              timeout=timeout_s, verify=verify)
+            resp = httpx.post(
+                f"{router_url.rstrip('/')}/v1/chat/completions",
+                json=body,
+                headers=headers,
+                timeout=timeout_s,
+                verify=verify,
+            )
         except httpx.HTTPError as exc:
             return f"gate prompt {i}: the router is not reachable ({type(exc).__name__}: {exc})"
         if resp.status_code != 200:
@@ -48,7 +66,7 @@ def answer_problem(answer: Any) -> str | None:
         return "the answer has no message"
     if not isinstance(text, str) or not text.strip():
         return "empty answer"
-    for token in ((choice.get("logprobs") or {}).get("content") or []):
+    for token in (choice.get("logprobs") or {}).get("content") or []:
         value = token.get("logprob") if isinstance(token, dict) else None
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"non-finite log-probability {value!r} for token {token.get('token') if isinstance(token, dict) else token!r}"

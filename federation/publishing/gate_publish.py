@@ -20,15 +20,17 @@ if TYPE_CHECKING:
     from fedllm.core.settings import ApplianceSettings
 
 
-def gated_publish(settings: ApplianceSettings, client: RouterClient, registry: AdapterRegistry, version: AdapterVersion,
-                  data: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def gated_publish(
+    settings: ApplianceSettings, client: RouterClient, registry: AdapterRegistry, version: AdapterVersion, data: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Publish `version` through the gate on `data`; returns (the router's answer, the gate's decision)."""
     from fedllm.federation.publishing.gate import PromotionGate
     from fedllm.federation.publishing.gate_prompts import prompt_problem
 
     cfg = settings.federation
-    gate = PromotionGate(settings, data, cfg.gate_tolerance, settings.home / "router" / "gate" / f"{version.name}.jsonl",
-                         resume=False)
+    gate = PromotionGate(
+        settings, data, cfg.gate_tolerance, settings.home / "router" / "gate" / f"{version.name}.jsonl", resume=False
+    )
     client.publish_version(version, promote=False, regions=cfg.serve_regions or None)  # its own name first
     try:
         current = client.history(latest_alias(version.name)).get("current")
@@ -40,9 +42,17 @@ def gated_publish(settings: ApplianceSettings, client: RouterClient, registry: A
         name, _, number = current.rpartition("-v")
         gate.current, gate.current_loss = current, gate.loss(registry.get(f"{name}:{number}"))
     api_key = cfg.gate_api_key.get_secret_value() if cfg.gate_api_key else None
-    answers = (lambda: prompt_problem(client.base_url, version.served_name, cfg.gate_prompts, api_key=api_key,
-                                      verify=client.verify)) if cfg.gate_prompts else None
+    answers = (
+        (
+            lambda: prompt_problem(
+                client.base_url, version.served_name, cfg.gate_prompts, api_key=api_key, verify=client.verify
+            )
+        )
+        if cfg.gate_prompts
+        else None
+    )
     decision = gate.decide(version, gate.loss(version), answers)
-    out = client.publish_version(version, promote=decision["decision"] == "promoted", gate=decision,
-                                 regions=cfg.serve_regions or None)
+    out = client.publish_version(
+        version, promote=decision["decision"] == "promoted", gate=decision, regions=cfg.serve_regions or None
+    )
     return out, decision

@@ -53,13 +53,21 @@ async def before_round(coordinator: Coordinator) -> str | None:
         version = coordinator.registry.get(f"{name}:{number}")
         state = await asyncio.to_thread(train.load_adapter_state, version.path)
     except Exception as exc:  # the run goes on from the current global rather than stop
-        logger.error("gate resume: cannot read the promoted version %s: %s; going on from the current global", promoted, exc)
+        logger.error(
+            "gate resume: cannot read the promoted version %s: %s; going on from the current global", promoted, exc
+        )
         return None
     if set(state) != set(coordinator.global_state):
-        logger.error("gate resume: %s's tensors differ from the global adapter's; going on from the current global", promoted)
+        logger.error(
+            "gate resume: %s's tensors differ from the global adapter's; going on from the current global", promoted
+        )
         return None
     coordinator.global_state = {k: v.detach().float().contiguous() for k, v in state.items()}
     coordinator.started_from = promoted
-    logger.warning("round %d starts from the promoted version %s: %s was held back by the gate", coordinator.round + 1,
-                   promoted, served_name(previous))
+    logger.warning(
+        "round %d starts from the promoted version %s: %s was held back by the gate",
+        coordinator.round + 1,
+        promoted,
+        served_name(previous),
+    )
     return promoted

@@ -14,8 +14,8 @@ status: `"gate": {"decision", "loss", "current", "current_loss", "source", "prom
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedllm.core.contracts.gate_log import read_gate_log
@@ -30,8 +30,12 @@ def received_metrics(trainer: Any) -> dict[str, float]:
     return {RECEIVED: float(loss)} if isinstance(loss, (int, float)) and math.isfinite(loss) else {}
 
 
-def received_eval(per_silo: dict[str, dict[str, Any]], shares: dict[str, float], examples: dict[str, int],
-                  previous_adapter: str | None) -> dict[str, Any] | None:
+def received_eval(
+    per_silo: dict[str, dict[str, Any]],
+    shares: dict[str, float],
+    examples: dict[str, int],
+    previous_adapter: str | None,
+) -> dict[str, Any] | None:
     """The round's held-out figure of the global adapter the silos received: their `received_eval_loss` weighted by
     their shares in the round (by example counts where a share is missing); None when no silo reported one."""
     reported = {s: m[RECEIVED] for s, m in per_silo.items() if isinstance(m.get(RECEIVED), (int, float))}
@@ -56,8 +60,10 @@ def served_name(ref: str) -> str:
 
 def with_gate(rounds: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
     """`rounds` with each one's gate decision (`gate.jsonl` of the run) added as `"gate"`, where there is one."""
-    decisions = {name: {k: row.get(k) for k in ("decision", "loss", "current", "current_loss", "source", "prompts")}
-                 for name, row in read_gate_log(run_dir / "gate.jsonl").items()}
+    decisions = {
+        name: {k: row.get(k) for k in ("decision", "loss", "current", "current_loss", "source", "prompts")}
+        for name, row in read_gate_log(run_dir / "gate.jsonl").items()
+    }
     out = []
     for r in rounds:
         gate = decisions.get(served_name(r["adapter"])) if r.get("adapter") else None

@@ -39,7 +39,9 @@ class PublishRecord:
     last_error: str | None = None
     published_at: float | None = None
     history: list[str] = field(default_factory=list)
-    gate: dict[str, Any] | None = None  # the promotion gate's decision (federation/publishing/gate.py), if there is a gate
+    gate: dict[str, Any] | None = (
+        None  # the promotion gate's decision (federation/publishing/gate.py), if there is a gate
+    )
 
 
 class RouterPublisher:
@@ -189,7 +191,9 @@ class RouterPublisher:
 
     def _gave_up(self, record: PublishRecord) -> bool:
         if self._max_attempts and record.attempts >= self._max_attempts:
-            logger.error("giving up publishing %s after %d attempts: %s", record.served_name, record.attempts, record.last_error)
+            logger.error(
+                "giving up publishing %s after %d attempts: %s", record.served_name, record.attempts, record.last_error
+            )
             return True
         return False
 
@@ -202,11 +206,15 @@ class RouterPublisher:
                 # No gate, or a held-out gate without figures (no silo has eval data): the alias moves at once.
                 self._client.publish_version(version, path=path, regions=self._regions)
             elif self._gate.deferred:
-                self._client.publish_version(version, path=path, promote=False, regions=self._regions)  # its own name now; decided next round
+                self._client.publish_version(
+                    version, path=path, promote=False, regions=self._regions
+                )  # its own name now; decided next round
                 self._decide_previous(version)
             else:
                 if record.gate is None:
-                    self._client.publish_version(version, path=path, promote=False, regions=self._regions)  # versioned name first
+                    self._client.publish_version(
+                        version, path=path, promote=False, regions=self._regions
+                    )  # versioned name first
                     record.gate = self._gate_decision(version)
                 self._finish(version, path, record.gate)
         except ServiceUnavailable as exc:
@@ -216,15 +224,24 @@ class RouterPublisher:
             record.published_at = time.time()
             record.last_error = None
             record.history.append("published")
-        logger.info("published %s to %s (%s)", version.served_name, self.router_url,
-                    (record.gate or {}).get("decision") or ("pending: decided with the next round" if self._gate is not None
-                                                            and self._gate.deferred else f"alias {record.alias}"))
+        logger.info(
+            "published %s to %s (%s)",
+            version.served_name,
+            self.router_url,
+            (record.gate or {}).get("decision")
+            or (
+                "pending: decided with the next round"
+                if self._gate is not None and self._gate.deferred
+                else f"alias {record.alias}"
+            ),
+        )
         return True
 
     def _finish(self, version: AdapterVersion, path: Any, gate: dict[str, Any]) -> None:
         """Move the alias to `version` (promoted) or record it as held back in the alias history."""
-        self._client.publish_version(version, path=path, promote=gate.get("decision") == "promoted", gate=gate,
-                                    regions=self._regions)
+        self._client.publish_version(
+            version, path=path, promote=gate.get("decision") == "promoted", gate=gate, regions=self._regions
+        )
 
     def _answers(self, version: AdapterVersion):
         """The gate prompts' check for `version` (None when no prompts are configured)."""
@@ -232,8 +249,9 @@ class RouterPublisher:
             return None
         from fedllm.federation.publishing.gate_prompts import prompt_problem
 
-        return lambda: prompt_problem(self.router_url, version.served_name, self._gate_prompts, api_key=self._api_key,
-                                      verify=self._client.verify)
+        return lambda: prompt_problem(
+            self.router_url, version.served_name, self._gate_prompts, api_key=self._api_key, verify=self._client.verify
+        )
 
     def _gate_decision(self, version: AdapterVersion) -> dict[str, Any]:
         """The gate's decision; a gate that fails holds the version back (and says why) rather than promote blindly."""
@@ -274,7 +292,6 @@ class RouterPublisher:
             record.history.append(error)
         logger.warning("publish of %s failed (attempt %d): %s; will retry", record.served_name, record.attempts, error)
         return False
-
 
 
 def _received_loss(version: AdapterVersion) -> float | None:

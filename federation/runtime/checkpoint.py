@@ -62,7 +62,9 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=final.parent))
     write_bytes_atomic(staging / "global.safetensors", save({k: v.contiguous() for k, v in ckpt.global_state.items()}))
-    write_bytes_atomic(staging / "strategy.safetensors", save({k: v.contiguous() for k, v in ckpt.strategy_state.items()}))
+    write_bytes_atomic(
+        staging / "strategy.safetensors", save({k: v.contiguous() for k, v in ckpt.strategy_state.items()})
+    )
     write_json_atomic(staging / "state.json", {"round": ckpt.round_id, **ckpt.state})
     _fsync_dir(staging)
     replace_dir_atomic(staging, final)
@@ -78,7 +80,9 @@ def _load_dir(d: Path, round_id: int) -> Checkpoint:
     state = json.loads((d / "state.json").read_text(encoding="utf-8"))
     if int(state.get("round", -1)) != round_id:
         raise ValueError(f"{d / 'state.json'} is for round {state.get('round')}, not {round_id}")
-    return Checkpoint(round_id, load_file(str(d / "global.safetensors")), load_file(str(d / "strategy.safetensors")), state)
+    return Checkpoint(
+        round_id, load_file(str(d / "global.safetensors")), load_file(str(d / "strategy.safetensors")), state
+    )
 
 
 def load_latest(run_dir: Path) -> Checkpoint | None:

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from fedllm.core.adapter_registry import AdapterRegistry, AdapterVersion
 from fedllm.core.types import StateDict
+from fedllm.federation.aggregation.update_spool import remove_spool
 from fedllm.federation.publishing.heldout import with_gate
 from fedllm.federation.runtime.recorder import Exporter, Recorder
 from fedllm.federation.runtime.round_runner import RoundRunner, RoundState
-from fedllm.federation.runtime.sessions import SiloInfo, Sessions
+from fedllm.federation.runtime.sessions import Sessions, SiloInfo
 from fedllm.federation.runtime.status_server import StatusServer
-from fedllm.federation.aggregation.update_spool import remove_spool
 
 if TYPE_CHECKING:
     from fedllm.core.settings import ApplianceSettings
@@ -52,9 +52,15 @@ class Coordinator:
             Without a registry export (`exporter=False`) rounds are checkpointed but not registered.
     """
 
-    def __init__(self, settings: ApplianceSettings, strategy: Strategy, *, initial_state: StateDict | None = None,
-                 on_publish: list[Callable[[AdapterVersion], None]] | None = None,
-                 exporter: Exporter | None | Literal[False] = None) -> None:
+    def __init__(
+        self,
+        settings: ApplianceSettings,
+        strategy: Strategy,
+        *,
+        initial_state: StateDict | None = None,
+        on_publish: list[Callable[[AdapterVersion], None]] | None = None,
+        exporter: Exporter | None | Literal[False] = None,
+    ) -> None:
         self.settings, self.cfg, self.strategy = settings, settings.federation, strategy
         self.run_dir = settings.federation_dir / self.cfg.run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,9 @@ class Coordinator:
         self.silos: dict[str, SiloInfo] = {}
         self.phase = "idle"
         self.current: RoundState | None = None
-        self.started_from: str | None = None  # the promoted version this round started from (federation/publishing/gate_resume.py)
+        self.started_from: str | None = (
+            None  # the promoted version this round started from (federation/publishing/gate_resume.py)
+        )
         self.address: str | None = None
         # The last secure round's masked vectors as received (audit, tests): {round: {silo: bytes}}, one round only.
         self.secure_inputs: dict[int, dict[str, bytes]] = {}
@@ -144,11 +152,25 @@ class Coordinator:
         now = time.time()
         rs = self.current
         return {
-            "run": self.cfg.run_name, "round": rs.round_id if rs else self.round, "completed_rounds": self.round,
-            "rounds_total": self.cfg.rounds, "phase": self.phase, "deadline": rs.deadline if rs else None,
-            "strategy": self.strategy.name, "address": self.address,
-            "silos": [{"id": s.id, "online": bool(s.peer) and now - s.last_seen <= self.cfg.silo_timeout_s,
-                       "last_seen": s.last_seen or None, "rounds": s.rounds, "examples": s.examples}
-                      for s in sorted(self.silos.values(), key=lambda s: s.id)],
-            "rounds": with_gate(list(self.history), self.run_dir),  # each round's promotion gate decision (federation/publishing/heldout.py)
+            "run": self.cfg.run_name,
+            "round": rs.round_id if rs else self.round,
+            "completed_rounds": self.round,
+            "rounds_total": self.cfg.rounds,
+            "phase": self.phase,
+            "deadline": rs.deadline if rs else None,
+            "strategy": self.strategy.name,
+            "address": self.address,
+            "silos": [
+                {
+                    "id": s.id,
+                    "online": bool(s.peer) and now - s.last_seen <= self.cfg.silo_timeout_s,
+                    "last_seen": s.last_seen or None,
+                    "rounds": s.rounds,
+                    "examples": s.examples,
+                }
+                for s in sorted(self.silos.values(), key=lambda s: s.id)
+            ],
+            "rounds": with_gate(
+                list(self.history), self.run_dir
+            ),  # each round's promotion gate decision (federation/publishing/heldout.py)
         }

@@ -24,16 +24,30 @@ def round_meta(coordinator: Coordinator, record: dict[str, Any]) -> dict[str, An
     cfg, settings = coordinator.cfg, coordinator.settings
     dp = cfg.dp_mode != "off"
     return {
-        "kind": "federated", "run": cfg.run_name, "round": coordinator.round, "participants": record["participants"],
-        "shares": record.get("shares") or {}, "strategy": coordinator.strategy.name, "lora_aggregation": cfg.lora_aggregation,
-        "metrics": record["metrics"], "base_model": settings.model,
+        "kind": "federated",
+        "run": cfg.run_name,
+        "round": coordinator.round,
+        "participants": record["participants"],
+        "shares": record.get("shares") or {},
+        "strategy": coordinator.strategy.name,
+        "lora_aggregation": cfg.lora_aggregation,
+        "metrics": record["metrics"],
+        "base_model": settings.model,
         "base_model_hash": _hash(str(settings.models_dir / settings.model)),
-        "epsilon": record["epsilon"], "dp": {"mode": cfg.dp_mode, "delta": cfg.dp_delta if dp else None,
-                                             "noise_multiplier": cfg.dp_noise_multiplier if dp else None,
-                                             "clip_norm": cfg.dp_clip_norm if dp else None},
-        "secure_aggregation": bool(record.get("secure_aggregation")), "local_steps": cfg.local_steps,
-        "lr": settings.train.lr, "lr_schedule": cfg.lr_schedule, "lora_r": settings.train.lora_r,
-        "lora_alpha": settings.train.lora_alpha, "examples": record.get("examples"),
+        "epsilon": record["epsilon"],
+        "dp": {
+            "mode": cfg.dp_mode,
+            "delta": cfg.dp_delta if dp else None,
+            "noise_multiplier": cfg.dp_noise_multiplier if dp else None,
+            "clip_norm": cfg.dp_clip_norm if dp else None,
+        },
+        "secure_aggregation": bool(record.get("secure_aggregation")),
+        "local_steps": cfg.local_steps,
+        "lr": settings.train.lr,
+        "lr_schedule": cfg.lr_schedule,
+        "lora_r": settings.train.lora_r,
+        "lora_alpha": settings.train.lora_alpha,
+        "examples": record.get("examples"),
         "received_eval": record.get("received_eval"),  # the silos' held-out loss of the previous version (the gate)
     }
 

@@ -12,7 +12,9 @@ from typing import Any
 __all__ = ["round_schedule", "train_overrides"]
 
 
-def round_schedule(lr_schedule: str, round_id: int, local_steps: int, rounds: int, local_optimizer: str = "fresh") -> dict[str, Any]:
+def round_schedule(
+    lr_schedule: str, round_id: int, local_steps: int, rounds: int, local_optimizer: str = "fresh"
+) -> dict[str, Any]:
     """The schedule part of round `round_id`'s config (rounds count from 1).
 
     Args:
@@ -25,7 +27,9 @@ def round_schedule(lr_schedule: str, round_id: int, local_steps: int, rounds: in
     """
     if local_optimizer not in ("keep", "fresh"):
         raise ValueError(f"federation.local_optimizer must be keep or fresh, not {local_optimizer!r}")
-    plan: dict[str, Any] = {"local_optimizer": "fresh" if round_id == 1 else "keep"} if local_optimizer == "keep" else {}
+    plan: dict[str, Any] = (
+        {"local_optimizer": "fresh" if round_id == 1 else "keep"} if local_optimizer == "keep" else {}
+    )
     if lr_schedule == "round":
         return plan
     if lr_schedule not in ("constant", "federation"):

@@ -30,8 +30,17 @@ class RankGroupTrainer(EngineTrainer):
     Call `close()` when the silo leaves (stops the ranks).
     """
 
-    def __init__(self, cfg: "TrainSettings", model_dir: Path, data: Path | Sequence[dict], eval_data: Path | Sequence[dict] | None = None,
-                 run_dir: Path | None = None, *, ranks: int = 2, hostfile: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: "TrainSettings",
+        model_dir: Path,
+        data: Path | Sequence[dict],
+        eval_data: Path | Sequence[dict] | None = None,
+        run_dir: Path | None = None,
+        *,
+        ranks: int = 2,
+        hostfile: Path | None = None,
+    ) -> None:
         from fedllm.train.rank_group import RankGroup
 
         super().__init__(cfg, model_dir, data, eval_data, run_dir)
@@ -43,8 +52,16 @@ class RankGroupTrainer(EngineTrainer):
     def fit(self, steps: int, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
         updates, kwargs = self.round_overrides(config)
         cfg = self.cfg.model_copy(update=updates) if updates else self.cfg
-        result = self.group.fit(cfg, self.model_dir, self.data_path, init_state=self.get_state(), max_steps=steps,
-                                eval_data=self.eval_path, run_dir=self.run_dir, **kwargs)
+        result = self.group.fit(
+            cfg,
+            self.model_dir,
+            self.data_path,
+            init_state=self.get_state(),
+            max_steps=steps,
+            eval_data=self.eval_path,
+            run_dir=self.run_dir,
+            **kwargs,
+        )
         self._state = result.state
         return result.num_examples, dict(result.metrics)
 

@@ -41,7 +41,9 @@ class Recorder:
         initial_state: the round-0 global adapter (None: `train.initial_adapter_state`).
     """
 
-    def __init__(self, coord: Coordinator, exporter: Exporter | None | Literal[False], initial_state: StateDict | None) -> None:
+    def __init__(
+        self, coord: Coordinator, exporter: Exporter | None | Literal[False], initial_state: StateDict | None
+    ) -> None:
         self.coord = coord
         self.settings, self.cfg, self.run_dir = coord.settings, coord.cfg, coord.run_dir
         self.registry = AdapterRegistry(coord.settings.adapters_dir)
@@ -88,7 +90,9 @@ class Recorder:
         if self._initial_state is None:
             from fedllm import train
 
-            self._initial_state = train.initial_adapter_state(self.settings.train, self.settings.models_dir / self.settings.model)
+            self._initial_state = train.initial_adapter_state(
+                self.settings.train, self.settings.models_dir / self.settings.model
+            )
         self.coord.global_state = {k: v.detach().clone().float() for k, v in self._initial_state.items()}
 
     def record(self, record: dict[str, Any]) -> None:
@@ -101,18 +105,30 @@ class Recorder:
         from fedllm.core.settings import redacted_dump
 
         dump = redacted_dump(self.settings)
-        self._tracker = Tracker(self.settings.tracking, self.run_dir / "tb", run_name=f"federation-{self.cfg.run_name}",
-                                params={"federation": dump["federation"], "train": dump["train"],
-                                        "strategy": self.coord.strategy.name},
-                                tags={"appliance.kind": "federation"})
+        self._tracker = Tracker(
+            self.settings.tracking,
+            self.run_dir / "tb",
+            run_name=f"federation-{self.cfg.run_name}",
+            params={"federation": dump["federation"], "train": dump["train"], "strategy": self.coord.strategy.name},
+            tags={"appliance.kind": "federation"},
+        )
 
     def _track(self, record: dict[str, Any]) -> None:
         if self._tracker is None:
             return
         per_silo = {f"silo/{silo}/{k}": v for silo, m in record.get("per_silo", {}).items() for k, v in m.items()}
-        self._tracker.log({**record["metrics"], **per_silo, "participants": len(record["participants"]),
-                           **{k: record.get(k) for k in ("examples", "bytes_in", "bytes_out", "duration_s", "non_training_share", "epsilon")}},
-                          record["round"])
+        self._tracker.log(
+            {
+                **record["metrics"],
+                **per_silo,
+                "participants": len(record["participants"]),
+                **{
+                    k: record.get(k)
+                    for k in ("examples", "bytes_in", "bytes_out", "duration_s", "non_training_share", "epsilon")
+                },
+            },
+            record["round"],
+        )
 
     def checkpoint(self, record: dict[str, Any]) -> None:
         """Keep the round in `record` (history, tracker) and checkpoint the coordinator's state atomically."""
@@ -120,9 +136,21 @@ class Recorder:
         self._track(record)
         silos = {s.id: {"rounds": s.rounds, "examples": s.examples} for s in self.coord.silos.values()}
         # The round's own record only: the history is the append-only rounds.jsonl, so state.json stays bounded.
-        save_checkpoint(self.run_dir, Checkpoint(self.coord.round, self.coord.global_state, self.coord.strategy.state_dict(),
-                                                 {"record": record, "silos": silos, "run": self.cfg.run_name}))
-        logger.info("round %d checkpointed: participants %s, metrics %s", self.coord.round, record["participants"], record["metrics"])
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                self.coord.round,
+                self.coord.global_state,
+                self.coord.strategy.state_dict(),
+                {"record": record, "silos": silos, "run": self.cfg.run_name},
+            ),
+        )
+        logger.info(
+            "round %d checkpointed: participants %s, metrics %s",
+            self.coord.round,
+            record["participants"],
+            record["metrics"],
+        )
 
     def append_round_log(self, record: dict[str, Any]) -> None:
         """Append `record` to the run's round log (rounds.jsonl)."""
@@ -176,4 +204,3 @@ class Recorder:
         from fedllm import train
 
         train.save_adapter_dir(state, self.settings.train, self.settings.models_dir / self.settings.model, out_dir)
-

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from fedllm.core.errors import RoundFailed
 from fedllm.core.types import StateDict
+from fedllm.federation.aggregation.update_spool import UpdateSpool, open_round_spool
 from fedllm.federation.publishing.gate_resume import before_round
 from fedllm.federation.publishing.heldout import previous_adapter, received_eval
 from fedllm.federation.runtime.local_training import round_schedule
-from fedllm.federation.wire.payload import downlink_method
-from fedllm.federation.wire.protocol import MsgType, SecAggStep, TrainTask, make_header
 from fedllm.federation.runtime.train_payload import TrainPayloads
 from fedllm.federation.runtime.train_window import TrainWindow, train_wait_s
-from fedllm.federation.aggregation.update_spool import UpdateSpool, open_round_spool
+from fedllm.federation.wire.payload import downlink_method
+from fedllm.federation.wire.protocol import MsgType, SecAggStep, TrainTask, make_header
 
 if TYPE_CHECKING:
     from fedllm.federation.runtime.coordinator import Coordinator
@@ -47,21 +47,29 @@ class RoundState:
     global_state: StateDict
     deadline: float  # the latest of the selected silos' deadlines (each silo has its own: `deadlines`)
     started: float
-    deadlines: dict[str, float] = field(default_factory=dict)  # silo -> its deadline (train allowance + its transfer allowance)
+    deadlines: dict[str, float] = field(
+        default_factory=dict
+    )  # silo -> its deadline (train allowance + its transfer allowance)
     allowances: dict[str, float] = field(default_factory=dict)  # silo -> its transfer allowance (s)
     train_sent: dict[str, float] = field(default_factory=dict)  # silo -> when its first TRAIN of the round went out
     bytes_down: dict[str, int] = field(default_factory=dict)  # silo -> size of the TRAIN it was sent
-    timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> fedllm.federation.runtime.timing.silo_timings
+    timings: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # silo -> fedllm.federation.runtime.timing.silo_timings
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"num_examples", "metrics", "train_s"}
     rejected: dict[str, str] = field(default_factory=dict)  # silo -> error code (protocol.ERROR_CODES)
-    updates: Any = field(default_factory=dict)  # silo -> checked float32 update, weighed at the end (an update_spool.UpdateSpool: on disk)
+    updates: Any = field(
+        default_factory=dict
+    )  # silo -> checked float32 update, weighed at the end (an update_spool.UpdateSpool: on disk)
     bytes_in: int = 0
     bytes_out: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     secure: Any = None  # a secure_round.SecureRound when federation.secure_aggregation is on
     sent: dict[str, StateDict] = field(default_factory=dict)  # silo -> the adapter it was sent, when not the global one
     shares: dict[str, float] = field(default_factory=dict)  # silo -> its (capped) share of the aggregate
-    norm_bound: float | None = None  # the round's update norm bound (fedllm.federation.aggregation.bounds.adaptive_norm_bound)
+    norm_bound: float | None = (
+        None  # the round's update norm bound (fedllm.federation.aggregation.bounds.adaptive_norm_bound)
+    )
     norms: dict[str, float] = field(default_factory=dict)  # silo -> its update's L2 norm (secure: as advertised)
     clipped: dict[str, dict[str, float]] = field(default_factory=dict)  # silo -> {"norm", "clipped_to"}
     dropped: list[str] = field(default_factory=list)  # silos unenrolled after they answered: their updates left out
@@ -89,19 +97,26 @@ class RoundRunner:
         self.cfg = coord.cfg
 
     async def _send_secagg(self, rs: RoundState, silo_id: str, step: str, data: dict[str, Any]) -> bool:
-        header = make_header(MsgType.SECAGG, SecAggStep(step=step, data=data), run=self.cfg.run_name,
-                             round_id=rs.round_id, silo_id=silo_id)
+        header = make_header(
+            MsgType.SECAGG,
+            SecAggStep(step=step, data=data),
+            run=self.cfg.run_name,
+            round_id=rs.round_id,
+            silo_id=silo_id,
+        )
         sent = await self.coord.sessions.send(self.coord.silos[silo_id].peer, header)
         rs.bytes_out += sent
         return bool(sent)
 
     async def _run_secure(self, rs: RoundState) -> None:
         """Steps 1-5 of a secure round; the survivors' mean goes into the strategy's accumulator."""
+
         def alive(sid: str) -> bool:
             return time.time() - self.coord.silos[sid].last_seen <= self.cfg.silo_timeout_s
 
-        mean, survivors = await rs.secure.run(lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive,
-                                              self._shares, self._secure_bound)
+        mean, survivors = await rs.secure.run(
+            lambda sid, step, data: self._send_secagg(rs, sid, step, data), alive, self._shares, self._secure_bound
+        )
         self.coord.secure_inputs = {rs.round_id: dict(rs.secure.received)}  # the last round only: no growth over a run
         rs.norm_bound = rs.secure.norm_bound
         rs.norms = {s: i["update_norm"] for s, i in survivors.items() if i.get("update_norm") is not None}
@@ -129,7 +144,11 @@ class RoundRunner:
 
         bounded = {}
         for sid, n in counts.items():
-            declared = self.coord.sessions.enrolment.declared_examples(sid) if self.coord.sessions.enrolment is not None else None
+            declared = (
+                self.coord.sessions.enrolment.declared_examples(sid)
+                if self.coord.sessions.enrolment is not None
+                else None
+            )
             bounded[sid] = min(n, declared) if declared is not None else n
         return capped_weights(bounded, self.cfg.max_silo_share)
 
@@ -149,8 +168,11 @@ class RoundRunner:
 
     def forget_answer(self, rs: RoundState, sid: str) -> None:
         if sid in rs.answered and sid not in rs.dropped:
-            logger.warning("round %d: silo %s was removed from the enrolment after it answered: its update is dropped",
-                           rs.round_id, sid)
+            logger.warning(
+                "round %d: silo %s was removed from the enrolment after it answered: its update is dropped",
+                rs.round_id,
+                sid,
+            )
             rs.answered.pop(sid)
             rs.updates.pop(sid, None)
             rs.dropped.append(sid)
@@ -171,8 +193,13 @@ class RoundRunner:
             update, clipped = rs.updates.load_clipped(sid, rs.norm_bound)
             if clipped is not None:
                 rs.clipped[sid] = clipped
-                logger.warning("round %d: the update of %s (L2 norm %.4g) was clipped to the round's bound %.4g",
-                               rs.round_id, sid, clipped["norm"], clipped["clipped_to"])
+                logger.warning(
+                    "round %d: the update of %s (L2 norm %.4g) was clipped to the round's bound %.4g",
+                    rs.round_id,
+                    sid,
+                    clipped["norm"],
+                    clipped["clipped_to"],
+                )
             try:
                 rs.acc.add(sid, update, shares[sid])
             except ValueError as exc:  # the strategy's own refusal (e.g. its accumulator's checks)
@@ -188,7 +215,9 @@ class RoundRunner:
                 round_id = self.coord.round + 1
                 try:
                     await self._wait_for_silos(round_id)
-                    await before_round(self.coord)  # after a held-back round: start from the promoted version (gate_resume.py)
+                    await before_round(
+                        self.coord
+                    )  # after a held-back round: start from the promoted version (gate_resume.py)
                     await self._run_round(round_id)
                     failed_in_row = 0
                 except RoundFailed as exc:
@@ -197,7 +226,9 @@ class RoundRunner:
                     self.coord.recorder.record({"round": round_id, "failed": str(exc), "time": time.time()})
                     if failed_in_row >= MAX_FAILED_ROUNDS:
                         self.coord.phase = "failed"
-                        logger.error("stopping run %s after %d failed rounds in a row", self.cfg.run_name, failed_in_row)
+                        logger.error(
+                            "stopping run %s after %d failed rounds in a row", self.cfg.run_name, failed_in_row
+                        )
                         return
             self.coord.phase = "done"
             logger.info("run %s done after %d rounds", self.cfg.run_name, self.coord.round)
@@ -214,7 +245,9 @@ class RoundRunner:
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while len(self.coord.sessions.online()) < self.cfg.min_silos:
             if time.monotonic() > deadline:
-                raise RoundFailed(f"only {len(self.coord.sessions.online())} of min_silos={self.cfg.min_silos} silos online after {self.cfg.start_timeout_s:.0f} s")
+                raise RoundFailed(
+                    f"only {len(self.coord.sessions.online())} of min_silos={self.cfg.min_silos} silos online after {self.cfg.start_timeout_s:.0f} s"
+                )
             await asyncio.sleep(0.05)
 
     async def send_train(self, rs: RoundState, silo: SiloInfo, *, windowed: bool = False) -> None:
@@ -227,19 +260,33 @@ class RoundRunner:
             from fedllm.federation.aggregation.secure_round import config_body
 
             secure = config_body(rs.secure.config)
-        config = {**round_schedule(self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds,
-                                    self.cfg.local_optimizer),
-                  **self.coord.strategy.plan_round(rs.round_id)}
+        config = {
+            **round_schedule(
+                self.cfg.lr_schedule, rs.round_id, self.cfg.local_steps, self.cfg.rounds, self.cfg.local_optimizer
+            ),
+            **self.coord.strategy.plan_round(rs.round_id),
+        }
         deadline = self._silo_deadline(rs, silo, encoded.tensor_bytes)
-        task = TrainTask(local_steps=self.cfg.local_steps, config=config, rounds_total=self.cfg.rounds,
-                         compression=self.cfg.compression, encoding=meta, deadline_unix=deadline,
-                         dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
-                         dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,
-                         secure_aggregation=secure)
+        task = TrainTask(
+            local_steps=self.cfg.local_steps,
+            config=config,
+            rounds_total=self.cfg.rounds,
+            compression=self.cfg.compression,
+            encoding=meta,
+            deadline_unix=deadline,
+            dp_clip_norm=self.cfg.dp_clip_norm if dp_silo else None,
+            dp_noise_multiplier=self.cfg.dp_noise_multiplier if dp_silo else 0.0,
+            secure_aggregation=secure,
+        )
         header = make_header(MsgType.TRAIN, task, run=self.cfg.run_name, round_id=rs.round_id, silo_id=silo.id)
         if windowed and rs.train_window is not None:  # not from the receive loop (`_welcome`): it brings the acks
-            await rs.train_window.acquire(silo.id, len(encoded.payload), timeout_s=train_wait_s(
-                rs.allowances.get(silo.id, 30.0), silo.acks_train, self.cfg.heartbeat_interval_s))
+            await rs.train_window.acquire(
+                silo.id,
+                len(encoded.payload),
+                timeout_s=train_wait_s(
+                    rs.allowances.get(silo.id, 30.0), silo.acks_train, self.cfg.heartbeat_interval_s
+                ),
+            )
         sent = await self.coord.sessions.send(silo.peer, header, encoded=encoded)
         rs.bytes_out += sent
         if not sent:
@@ -254,9 +301,14 @@ class RoundRunner:
         from fedllm.federation.runtime.timing import transfer_allowance_s
 
         if silo.id not in rs.deadlines:
-            allowance = transfer_allowance_s(train_bytes, silo.last_update_bytes or train_bytes, down_bps=silo.down_bps,
-                                             up_bps=silo.up_bps, assumed_mbit=self.cfg.assumed_link_mbit,
-                                             slack=self.cfg.transfer_slack)
+            allowance = transfer_allowance_s(
+                train_bytes,
+                silo.last_update_bytes or train_bytes,
+                down_bps=silo.down_bps,
+                up_bps=silo.up_bps,
+                assumed_mbit=self.cfg.assumed_link_mbit,
+                slack=self.cfg.transfer_slack,
+            )
             rs.allowances[silo.id] = allowance
             rs.deadlines[silo.id] = rs.started + self.cfg.round_deadline_s + allowance
             rs.deadline = max(rs.deadlines.values())
@@ -265,16 +317,26 @@ class RoundRunner:
     async def _run_round(self, round_id: int) -> None:
         selected = self.coord.sessions.online()
         now = time.time()
-        rs = RoundState(round_id, set(selected), self.coord.strategy.start_round(round_id, self.coord.global_state), self.coord.global_state,
-                        deadline=now + self.cfg.round_deadline_s, started=now)  # silos' own deadlines extend it (_send_train)
+        rs = RoundState(
+            round_id,
+            set(selected),
+            self.coord.strategy.start_round(round_id, self.coord.global_state),
+            self.coord.global_state,
+            deadline=now + self.cfg.round_deadline_s,
+            started=now,
+        )  # silos' own deadlines extend it (_send_train)
         rs.updates = open_round_spool(self.coord.run_dir, round_id, rs.acc)  # checked updates wait on disk, not in RAM
         rs.train_window = TrainWindow(self.cfg.train_window_bytes)
         if self.cfg.secure_aggregation:
             from fedllm.federation.aggregation.secure_round import SecureRound, round_config
 
-            rs.secure = SecureRound(round_config(self.cfg, round_id, len(selected)), self.coord.global_state, rs, self.cfg.min_silos)
+            rs.secure = SecureRound(
+                round_config(self.cfg, round_id, len(selected)), self.coord.global_state, rs, self.cfg.min_silos
+            )
         self.coord.current, self.coord.phase = rs, "training"
-        logger.info("round %d: TRAIN to %s%s", round_id, ", ".join(selected), " (secure aggregation)" if rs.secure else "")
+        logger.info(
+            "round %d: TRAIN to %s%s", round_id, ", ".join(selected), " (secure aggregation)" if rs.secure else ""
+        )
         for sid in selected:
             await self.send_train(rs, self.coord.silos[sid], windowed=True)
         if rs.secure is not None:
@@ -289,16 +351,24 @@ class RoundRunner:
             now = time.time()
             # A silo is silent while its update crosses a slow link (its heartbeats queue behind it): silence counts
             # against it only beyond silo_timeout_s + its transfer allowance.
-            waiting = [s for s in pending if now < rs.deadline_of(s)
-                       and now - self.coord.silos[s].last_seen <= self.cfg.silo_timeout_s + rs.allowances.get(s, 0.0)]
+            waiting = [
+                s
+                for s in pending
+                if now < rs.deadline_of(s)
+                and now - self.coord.silos[s].last_seen <= self.cfg.silo_timeout_s + rs.allowances.get(s, 0.0)
+            ]
             if not waiting:
                 break
             await rs.wait_for_change()
         self.coord.phase = "aggregating"
         self.coord.current = None
         for sid in sorted(rs.selected - rs.answered.keys() - rs.rejected.keys()):
-            logger.warning("round %d: no update from %s (%s)", round_id, sid,
-                           "deadline passed" if time.time() >= rs.deadline_of(sid) else "went offline")
+            logger.warning(
+                "round %d: no update from %s (%s)",
+                round_id,
+                sid,
+                "deadline passed" if time.time() >= rs.deadline_of(sid) else "went offline",
+            )
         if rs.secure is None:
             self._accumulate(rs)
         failures = sorted((rs.selected - rs.answered.keys()) | rs.rejected.keys())
@@ -308,7 +378,9 @@ class RoundRunner:
         self.coord.global_state = self._aggregate(rs, failures)
         self.coord.round = round_id
         record = self._round_record(rs, failures)
-        self.coord.recorder.checkpoint(record)  # first: a registered (and published) version always has its checkpoint on disk
+        self.coord.recorder.checkpoint(
+            record
+        )  # first: a registered (and published) version always has its checkpoint on disk
         version = self.coord.recorder.register(record)
         self.coord.recorder.append_round_log(record)
         self.coord.recorder.prune()
@@ -329,7 +401,9 @@ class RoundRunner:
         if isinstance(rs.updates, UpdateSpool):
             rs.updates.close()  # the round's spooled files (also a robust strategy's) are no longer needed
         if new_state is None:
-            raise RoundFailed(f"strategy {self.coord.strategy.name} kept the previous global adapter (see its log line)")
+            raise RoundFailed(
+                f"strategy {self.coord.strategy.name} kept the previous global adapter (see its log line)"
+            )
         from fedllm.federation.aggregation.bounds import aggregate_bound
 
         bound = aggregate_bound(self.cfg, self.coord.strategy, rs.norm_bound)
@@ -344,25 +418,51 @@ class RoundRunner:
     def _round_record(self, rs: RoundState, failures: list[str]) -> dict[str, Any]:
         total = sum(a["num_examples"] for a in rs.answered.values())
         keys = sorted({k for a in rs.answered.values() for k in a["metrics"]})
-        metrics = {k: sum(a["metrics"][k] * a["num_examples"] for a in rs.answered.values() if k in a["metrics"]) /
-                   max(1, sum(a["num_examples"] for a in rs.answered.values() if k in a["metrics"])) for k in keys}
+        metrics = {
+            k: sum(a["metrics"][k] * a["num_examples"] for a in rs.answered.values() if k in a["metrics"])
+            / max(1, sum(a["num_examples"] for a in rs.answered.values() if k in a["metrics"]))
+            for k in keys
+        }
         duration = time.time() - rs.started
         train_s = max((a["train_s"] for a in rs.answered.values()), default=0.0)
         epsilon = self.coord.strategy.epsilon(self.cfg.dp_delta)
         if epsilon is not None:
-            epsilon = float(epsilon) if math.isfinite(epsilon) else None  # no noise: no finite guarantee (JSON has no inf)
-        return {"round": rs.round_id, "participants": sorted(rs.answered), "failures": failures, "examples": total,
-                "metrics": metrics, "per_silo": {s: a["metrics"] for s, a in rs.answered.items()},
-                "rejected": rs.rejected, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out, "duration_s": duration,
-                "train_s_max": train_s, "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
-                "epsilon": epsilon, "dp": self.cfg.dp_mode, "strategy": self.coord.strategy.name, "adapter": None, "time": time.time(),
-                "secure_aggregation": rs.secure is not None,
-                "shares": {s: round(rs.shares[s], 6) for s in sorted(rs.answered) if s in rs.shares},
-                "norm_bound": rs.norm_bound, "clipped": rs.clipped, "dropped": rs.dropped,
-                "update_norms": {s: rs.norms[s] for s in sorted(rs.answered) if s in rs.norms},
-                "timings": {s: rs.timings.get(s) or {"train_s": round(rs.answered[s]["train_s"], 3)} for s in sorted(rs.answered)},
-                "deadlines_s": {s: round(d - rs.started, 3) for s, d in sorted(rs.deadlines.items())},
-                "started_from": self.coord.started_from,  # the promoted version, after a held-back round
-                "received_eval": received_eval({s: a["metrics"] for s, a in rs.answered.items()}, rs.shares,
-                                               {s: a["num_examples"] for s, a in rs.answered.items()}, previous_adapter(self.coord.history))}
-
+            epsilon = (
+                float(epsilon) if math.isfinite(epsilon) else None
+            )  # no noise: no finite guarantee (JSON has no inf)
+        return {
+            "round": rs.round_id,
+            "participants": sorted(rs.answered),
+            "failures": failures,
+            "examples": total,
+            "metrics": metrics,
+            "per_silo": {s: a["metrics"] for s, a in rs.answered.items()},
+            "rejected": rs.rejected,
+            "bytes_in": rs.bytes_in,
+            "bytes_out": rs.bytes_out,
+            "duration_s": duration,
+            "train_s_max": train_s,
+            "non_training_share": max(0.0, 1 - train_s / duration) if duration > 0 else 0.0,
+            "epsilon": epsilon,
+            "dp": self.cfg.dp_mode,
+            "strategy": self.coord.strategy.name,
+            "adapter": None,
+            "time": time.time(),
+            "secure_aggregation": rs.secure is not None,
+            "shares": {s: round(rs.shares[s], 6) for s in sorted(rs.answered) if s in rs.shares},
+            "norm_bound": rs.norm_bound,
+            "clipped": rs.clipped,
+            "dropped": rs.dropped,
+            "update_norms": {s: rs.norms[s] for s in sorted(rs.answered) if s in rs.norms},
+            "timings": {
+                s: rs.timings.get(s) or {"train_s": round(rs.answered[s]["train_s"], 3)} for s in sorted(rs.answered)
+            },
+            "deadlines_s": {s: round(d - rs.started, 3) for s, d in sorted(rs.deadlines.items())},
+            "started_from": self.coord.started_from,  # the promoted version, after a held-back round
+            "received_eval": received_eval(
+                {s: a["metrics"] for s, a in rs.answered.items()},
+                rs.shares,
+                {s: a["num_examples"] for s, a in rs.answered.items()},
+                previous_adapter(self.coord.history),
+            ),
+        }

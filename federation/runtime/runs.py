@@ -50,8 +50,10 @@ def next_settings(settings: ApplianceSettings, final: dict[str, Any], body: dict
     more = body.get("rounds") or (int(final.get("rounds_total") or fed.rounds) if same else fed.rounds)
     if more < 1:
         raise ConfigError(f"rounds must be at least 1, not {more}")
-    update = {"run_name": body.get("run") or fed.run_name,
-              "rounds": int(final.get("completed_rounds") or 0) + more if same else more}
+    update = {
+        "run_name": body.get("run") or fed.run_name,
+        "rounds": int(final.get("completed_rounds") or 0) + more if same else more,
+    }
     for key, setting in (("strategy", "strategy"), ("min_silos", "min_silos"), ("local_steps", "local_steps")):
         if body.get(key) is not None:
             update[setting] = body[key]
@@ -98,7 +100,9 @@ class FinishedServer:
 
         async def status(request: web.Request) -> web.Response:
             if status_needs_token and not authorised(request):
-                return web.json_response({"error": "the coordinator's /status needs its status token (keys/status_token)"}, status=401)
+                return web.json_response(
+                    {"error": "the coordinator's /status needs its status token (keys/status_token)"}, status=401
+                )
             return web.json_response(self.status())
 
         async def health(_request: web.Request) -> web.Response:
@@ -106,8 +110,13 @@ class FinishedServer:
 
         async def next_run(request: web.Request) -> web.Response:
             if not authorised(request):
-                return web.json_response({"error": "starting a run needs the coordinator's status token (keys/status_token, "
-                                                   "Authorization: Bearer TOKEN)"}, status=401)
+                return web.json_response(
+                    {
+                        "error": "starting a run needs the coordinator's status token (keys/status_token, "
+                        "Authorization: Bearer TOKEN)"
+                    },
+                    status=401,
+                )
             try:
                 body = await request.json() if request.can_read_body else {}
                 self.next = next_settings(self.settings, self.final, body or {})
@@ -130,8 +139,12 @@ class FinishedServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._wake.set)
-        logger.info("run %s %s; status kept at port %d; POST /runs/next starts the next run", self.final.get("run"),
-                    self.final.get("phase"), cfg.status_port)
+        logger.info(
+            "run %s %s; status kept at port %d; POST /runs/next starts the next run",
+            self.final.get("run"),
+            self.final.get("phase"),
+            cfg.status_port,
+        )
         try:
             await self._wake.wait()
         finally:

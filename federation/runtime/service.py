@@ -49,8 +49,10 @@ def build_strategy(cfg: "FederationSettings", *, lora_alpha: float | None = None
     try:
         strategy = make_strategy(name, min_results=cfg.min_silos, **params)
         if isinstance(strategy, ProductAggregation) and cfg.dp_mode != "off":
-            raise ValueError(f"lora_aggregation=product needs each silo's own update; not with dp_mode={cfg.dp_mode} "
-                             f"(use lora_aggregation=frozen_a, which composes with DP and secure aggregation)")
+            raise ValueError(
+                f"lora_aggregation=product needs each silo's own update; not with dp_mode={cfg.dp_mode} "
+                f"(use lora_aggregation=frozen_a, which composes with DP and secure aggregation)"
+            )
         if cfg.dp_mode == "central":
             strategy = privacy.CentralDP(strategy, cfg.dp_clip_norm, cfg.dp_noise_multiplier, delta=cfg.dp_delta)
         elif cfg.dp_mode == "silo":
@@ -76,10 +78,16 @@ def router_publisher(settings: "ApplianceSettings") -> Any:
     token = router_admin_token(settings)
     fed = settings.federation
     api_key = fed.gate_api_key.get_secret_value() if fed.gate_api_key else None
-    return RouterPublisher(f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}", token, max_attempts=0,
-                           verify=client_context(settings.tls_ca_file), gate=gate_for(settings),
-                           gate_prompts=fed.gate_prompts, api_key=api_key,
-                           regions=fed.serve_regions)  # retry until a newer round supersedes it
+    return RouterPublisher(
+        f"{settings.serve.scheme}://127.0.0.1:{settings.serve.port}",
+        token,
+        max_attempts=0,
+        verify=client_context(settings.tls_ca_file),
+        gate=gate_for(settings),
+        gate_prompts=fed.gate_prompts,
+        api_key=api_key,
+        regions=fed.serve_regions,
+    )  # retry until a newer round supersedes it
 
 
 async def _until_signal(done: "asyncio.Future | asyncio.Task") -> None:
@@ -128,14 +136,22 @@ def _run_once(settings: "ApplianceSettings", on_ready=None) -> dict[str, Any]:
     check_plaintext_endpoint(fed.bind_address or f"tcp://{fed.bind_host}:{fed.port}", fed.plaintext, "bind")
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
-        raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
-    check_public_bind("coordinator's status server", settings.federation.bind_host, settings.federation.tls_cert is not None,
-                      settings.env, "federation")
+        raise ConfigError(
+            f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`"
+        )
+    check_public_bind(
+        "coordinator's status server",
+        settings.federation.bind_host,
+        settings.federation.tls_cert is not None,
+        settings.env,
+        "federation",
+    )
     publishers = [router_publisher(settings)] if settings.federation.auto_publish else []
 
     async def main() -> dict[str, Any]:
-        coord = Coordinator(settings, build_strategy(settings.federation, lora_alpha=settings.train.lora_alpha),
-                            on_publish=publishers)
+        coord = Coordinator(
+            settings, build_strategy(settings.federation, lora_alpha=settings.train.lora_alpha), on_publish=publishers
+        )
         await coord.start()
         if on_ready is not None:
             on_ready(coord)
@@ -163,13 +179,20 @@ def run_silo(settings: "ApplianceSettings", data: Path, eval_data: Path | None =
 
     model_dir = settings.models_dir / settings.model
     if not model_dir.exists():
-        raise ConfigError(f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`")
+        raise ConfigError(
+            f"base model {settings.model!r} is not prepared in {settings.models_dir}; run `appliance model prepare`"
+        )
     if settings.federation.silo_ranks > 1 or settings.train.hostfile:
         from fedllm.federation.runtime.rank_group import RankGroupTrainer
 
-        trainer: SiloTrainer = RankGroupTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None,
-                                   ranks=settings.federation.silo_ranks,
-                                   hostfile=Path(settings.train.hostfile) if settings.train.hostfile else None)
+        trainer: SiloTrainer = RankGroupTrainer(
+            settings.train,
+            model_dir,
+            Path(data),
+            Path(eval_data) if eval_data else None,
+            ranks=settings.federation.silo_ranks,
+            hostfile=Path(settings.train.hostfile) if settings.train.hostfile else None,
+        )
     else:
         trainer = EngineTrainer(settings.train, model_dir, Path(data), Path(eval_data) if eval_data else None)
 

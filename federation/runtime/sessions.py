@@ -17,14 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 from fedllm.core.errors import ProtocolError
 from fedllm.core.types import StateDict
+from fedllm.federation.runtime.timing import connection_timeout
+from fedllm.federation.runtime.train_window import acknowledges
 from fedllm.federation.wire import frames as wire
 from fedllm.federation.wire.keys import Enrolment, load_keypair
 from fedllm.federation.wire.payload import decode_payload
-from fedllm.federation.wire.protocol import (ERROR_CODES, Bye, ErrorInfo, Header, Heartbeat, MsgType, UpdateResult, Welcome,
-                                 make_header)
-from fedllm.federation.runtime.timing import connection_timeout
+from fedllm.federation.wire.protocol import (
+    ERROR_CODES,
+    Bye,
+    ErrorInfo,
+    Header,
+    Heartbeat,
+    MsgType,
+    UpdateResult,
+    Welcome,
+    make_header,
+)
 from fedllm.federation.wire.transport import Incoming, ServerTransport, check_plaintext_endpoint
-from fedllm.federation.runtime.train_window import acknowledges
 
 if TYPE_CHECKING:
     from fedllm.federation.runtime.coordinator import Coordinator
@@ -58,7 +67,9 @@ class Sessions:
         self.cfg = coord.cfg
         self.enrolment = None if self.cfg.plaintext else Enrolment(coord.settings.keys_dir)
         self.transport: ServerTransport | None = None
-        self.message_limit = 0  # the largest message read (fedllm.federation.aggregation.bounds.message_bound), set by `open`
+        self.message_limit = (
+            0  # the largest message read (fedllm.federation.aggregation.bounds.message_bound), set by `open`
+        )
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> str:
@@ -79,8 +90,10 @@ class Sessions:
             return
         for silo in self.coord.silos.values():
             if silo.last_seen > 0:
-                await self.send(silo.peer, make_header(MsgType.BYE, Bye(reason=reason), run=self.cfg.run_name,
-                                                       round_id=self.coord.round))
+                await self.send(
+                    silo.peer,
+                    make_header(MsgType.BYE, Bye(reason=reason), run=self.cfg.run_name, round_id=self.coord.round),
+                )
 
     def close(self) -> None:
         """Close the socket."""
@@ -95,7 +108,9 @@ class Sessions:
         if keypair is None and not self.cfg.plaintext:
             from fedllm.core.errors import ConfigError
 
-            raise ConfigError("no coordinator key pair: run `appliance federation init` first (or set federation.plaintext for tests)")
+            raise ConfigError(
+                "no coordinator key pair: run `appliance federation init` first (or set federation.plaintext for tests)"
+            )
         enrolment = self.enrolment
 
         def lookup(public_key: str) -> str | None:
@@ -106,15 +121,23 @@ class Sessions:
         # Messages above the bound get an ERROR naming it (`_handle`, before any decoding); the socket itself drops a
         # connection whose message exceeds twice the bound, so nothing bigger is ever read into memory.
         self.message_limit = message_bound(self.cfg.max_message_bytes, self.coord.global_state)
-        return ServerTransport(endpoint, keypair=keypair, lookup=lookup, plaintext=self.cfg.plaintext,
-                               max_message_bytes=2 * self.message_limit, heartbeat_s=self.cfg.heartbeat_interval_s,
-                               heartbeat_timeout_s=connection_timeout(self.cfg, 2 * self.message_limit),
-                               receive_hwm=self.cfg.receive_hwm)
+        return ServerTransport(
+            endpoint,
+            keypair=keypair,
+            lookup=lookup,
+            plaintext=self.cfg.plaintext,
+            max_message_bytes=2 * self.message_limit,
+            heartbeat_s=self.cfg.heartbeat_interval_s,
+            heartbeat_timeout_s=connection_timeout(self.cfg, 2 * self.message_limit),
+            receive_hwm=self.cfg.receive_hwm,
+        )
 
     def online(self) -> list[str]:
         """Silos heard from within `silo_timeout_s`, sorted."""
         now = time.time()
-        return sorted(s.id for s in self.coord.silos.values() if s.peer and now - s.last_seen <= self.cfg.silo_timeout_s)
+        return sorted(
+            s.id for s in self.coord.silos.values() if s.peer and now - s.last_seen <= self.cfg.silo_timeout_s
+        )
 
     # ------------------------------------------------------------------ messages
     async def send(self, peer: bytes, header: Header, tensors: StateDict | None = None, *, encoded: Any = None) -> int:
@@ -128,7 +151,10 @@ class Sessions:
     async def error(self, peer: bytes, code: str, message: str, round_id: int = -1) -> None:
         """ERROR `code` (one of protocol.ERROR_CODES) with a sentence of ours (never a raw exception) to one peer."""
         logger.warning("ERROR to %s: %s: %s", peer.hex()[:12], code, message)
-        await self.send(peer, make_header(MsgType.ERROR, ErrorInfo(code=code, message=message), run=self.cfg.run_name, round_id=round_id))
+        await self.send(
+            peer,
+            make_header(MsgType.ERROR, ErrorInfo(code=code, message=message), run=self.cfg.run_name, round_id=round_id),
+        )
 
     async def _recv_loop(self) -> None:
         transport = self.transport
@@ -140,6 +166,7 @@ class Sessions:
             except Exception as exc:  # service boundary: one bad message never stops the coordinator
                 logger.error("failed to handle a message from %s: %s", msg.peer.hex()[:12], exc, exc_info=True)
                 await self.error(msg.peer, "internal", "the coordinator could not handle this message (see its log)")
+
     async def _handle(self, msg: Incoming) -> None:
         silo_id = None
         if self.enrolment is not None:
@@ -159,8 +186,12 @@ class Sessions:
             if silo_id is not None and rs is not None and silo_id in rs.selected and silo_id not in rs.answered:
                 rs.rejected.setdefault(silo_id, "oversized")
                 rs.changed.set()
-            await self.error(msg.peer, "oversized", f"a message of {size} bytes exceeds this coordinator's limit of "
-                                                     f"{self.message_limit} bytes (federation.max_message_bytes)")
+            await self.error(
+                msg.peer,
+                "oversized",
+                f"a message of {size} bytes exceeds this coordinator's limit of "
+                f"{self.message_limit} bytes (federation.max_message_bytes)",
+            )
             return
         try:
             header = wire.decode_header(msg.frames)
@@ -181,8 +212,14 @@ class Sessions:
         if silo is None:
             silo = self.coord.silos[silo_id] = SiloInfo(silo_id, msg.peer, time.time())
         silo.peer, silo.last_seen = msg.peer, time.time()
-        if self.coord.current is not None and self.coord.current.train_window is not None and acknowledges(header, self.coord.current.round_id):
-            self.coord.current.train_window.release(silo_id)  # its TRAIN arrived (or it answered, or left): next one may go
+        if (
+            self.coord.current is not None
+            and self.coord.current.train_window is not None
+            and acknowledges(header, self.coord.current.round_id)
+        ):
+            self.coord.current.train_window.release(
+                silo_id
+            )  # its TRAIN arrived (or it answered, or left): next one may go
         if header.type == MsgType.HELLO:
             self._note_lora(silo, header.body)
         if header.type == MsgType.HELLO or (header.type == MsgType.HEARTBEAT and not known):
@@ -198,10 +235,16 @@ class Sessions:
             logger.info("silo %s left: %s", silo_id, header.body.get("reason", ""))
         elif header.type == MsgType.ERROR:
             code = header.body.get("code", "")
-            code = code if code in ERROR_CODES else "silo_error"  # a code only: the silo's own text stays out of records
+            code = (
+                code if code in ERROR_CODES else "silo_error"
+            )  # a code only: the silo's own text stays out of records
             if code == "silo_policy":  # the silo's own settings refused the task: say which, so the operator can act
-                logger.error("silo %s refused round %d by its own policy: %r", silo_id, header.round_id,
-                             str(header.body.get("message", ""))[:300])
+                logger.error(
+                    "silo %s refused round %d by its own policy: %r",
+                    silo_id,
+                    header.round_id,
+                    str(header.body.get("message", ""))[:300],
+                )
             else:
                 logger.warning("silo %s reported an error: %s", silo_id, code)
             rs = self.coord.current
@@ -209,7 +252,9 @@ class Sessions:
                 rs.rejected.setdefault(silo_id, code)
                 rs.changed.set()
         else:
-            await self.error(msg.peer, "unexpected", f"a coordinator does not accept {header.type.value}", header.round_id)
+            await self.error(
+                msg.peer, "unexpected", f"a coordinator does not accept {header.type.value}", header.round_id
+            )
         if not known and header.type in (MsgType.UPDATE, MsgType.SECAGG, MsgType.ERROR):
             # Back on a new connection with an older message first (an update queued while its link was cut): that
             # is its return, as a heartbeat from a new connection would be, so it picks up the current round.
@@ -219,18 +264,38 @@ class Sessions:
         """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks (fedllm.federation.runtime.timing)."""
         sent_at = header.body.get("sent_at")
         if sent_at is not None:
-            await self.send(silo.peer, make_header(MsgType.HEARTBEAT, Heartbeat(echo=sent_at, sent_at=time.time()),
-                                                    run=self.cfg.run_name, round_id=self.coord.round, silo_id=silo.id))
+            await self.send(
+                silo.peer,
+                make_header(
+                    MsgType.HEARTBEAT,
+                    Heartbeat(echo=sent_at, sent_at=time.time()),
+                    run=self.cfg.run_name,
+                    round_id=self.coord.round,
+                    silo_id=silo.id,
+                ),
+            )
 
     async def _welcome(self, silo: SiloInfo) -> None:
-        welcome = Welcome(rounds_total=self.cfg.rounds, strategy=self.coord.strategy.name, heartbeat_interval_s=self.cfg.heartbeat_interval_s)
-        await self.send(silo.peer, make_header(MsgType.WELCOME, welcome, run=self.cfg.run_name, round_id=self.coord.round, silo_id=silo.id))
+        welcome = Welcome(
+            rounds_total=self.cfg.rounds,
+            strategy=self.coord.strategy.name,
+            heartbeat_interval_s=self.cfg.heartbeat_interval_s,
+        )
+        await self.send(
+            silo.peer,
+            make_header(MsgType.WELCOME, welcome, run=self.cfg.run_name, round_id=self.coord.round, silo_id=silo.id),
+        )
         logger.info("silo %s is online", silo.id)
         rs = self.coord.current
         if rs is not None and rs.rejected.get(silo.id) == "unreachable":
             del rs.rejected[silo.id]  # its connection dropped as TRAIN went out; it is back, so it gets TRAIN again
-        if rs is not None and silo.id not in rs.answered and silo.id not in rs.rejected and time.time() < rs.deadline_of(silo.id) \
-                and (rs.secure is None or rs.secure.step == "advertise"):
+        if (
+            rs is not None
+            and silo.id not in rs.answered
+            and silo.id not in rs.rejected
+            and time.time() < rs.deadline_of(silo.id)
+            and (rs.secure is None or rs.secure.step == "advertise")
+        ):
             rs.selected.add(silo.id)  # a silo that (re)connects mid-round picks up the current round
             await self.coord.rounds.send_train(rs, silo)
 
@@ -238,7 +303,12 @@ class Sessions:
         rs = self.coord.current
         size = sum(len(f) for f in frames)
         if rs is None or header.round_id != rs.round_id:
-            await self.error(silo.peer, "stale_round", f"update for round {header.round_id}, current round is {rs.round_id if rs else 'none'}", header.round_id)
+            await self.error(
+                silo.peer,
+                "stale_round",
+                f"update for round {header.round_id}, current round is {rs.round_id if rs else 'none'}",
+                header.round_id,
+            )
             return
         rs.bytes_in += size
         refusal = self._refuse_update(silo.id, header, rs)
@@ -254,12 +324,19 @@ class Sessions:
             return
         body = UpdateResult.model_validate(header.body)
         rs.updates[silo.id] = checked
-        rs.answered[silo.id] = {"num_examples": body.num_examples, "metrics": body.metrics, "train_s": body.train_s, "bytes": size}
+        rs.answered[silo.id] = {
+            "num_examples": body.num_examples,
+            "metrics": body.metrics,
+            "train_s": body.train_s,
+            "bytes": size,
+        }
         self._note_timings(rs, silo, body, received_at, size)
         silo.rounds += 1
         silo.examples += body.num_examples
         rs.changed.set()
-        logger.info("round %d: accepted the update of %s (%d examples, %d bytes)", rs.round_id, silo.id, body.num_examples, size)
+        logger.info(
+            "round %d: accepted the update of %s (%d examples, %d bytes)", rs.round_id, silo.id, body.num_examples, size
+        )
 
     def _note_timings(self, rs: RoundState, silo: SiloInfo, body: UpdateResult, received_at: float, size: int) -> None:
         """The silo's download/train/upload of this round (fedllm.federation.runtime.timing), and its link's throughput for the
@@ -269,9 +346,16 @@ class Sessions:
         sent = rs.train_sent.get(silo.id)
         if sent is None:
             return
-        t = silo_timings(train_sent=sent, update_received=received_at, train_received=body.received_at,
-                         update_sent=body.sent_at, train_s=body.train_s, offset_s=body.clock_offset_s,
-                         bytes_down=rs.bytes_down.get(silo.id, 0), bytes_up=size)
+        t = silo_timings(
+            train_sent=sent,
+            update_received=received_at,
+            train_received=body.received_at,
+            update_sent=body.sent_at,
+            train_s=body.train_s,
+            offset_s=body.clock_offset_s,
+            bytes_down=rs.bytes_down.get(silo.id, 0),
+            bytes_up=size,
+        )
         rs.timings[silo.id] = t
         silo.last_update_bytes = size
         if t["download_s"] is not None:
@@ -281,8 +365,12 @@ class Sessions:
     async def _on_secagg(self, silo: SiloInfo, header: Header, frames: list[bytes]) -> None:
         rs = self.coord.current
         if rs is None or rs.secure is None or header.round_id != rs.round_id:
-            await self.error(silo.peer, "stale_round", f"secure-aggregation message for round {header.round_id}, "
-                              f"no secure round {header.round_id} is running", header.round_id)
+            await self.error(
+                silo.peer,
+                "stale_round",
+                f"secure-aggregation message for round {header.round_id}, no secure round {header.round_id} is running",
+                header.round_id,
+            )
             return
         size = sum(len(f) for f in frames)
         rs.bytes_in += size
@@ -291,14 +379,23 @@ class Sessions:
             if silo.id in rs.secure.expected and silo.id not in rs.secure.answers[rs.secure.step]:
                 rs.rejected.setdefault(silo.id, "oversized")
             rs.changed.set()
-            await self.error(silo.peer, "oversized", f"a secure-aggregation payload of {header.payload_bytes} bytes "
-                                                      f"exceeds the {limit}-byte bound for this adapter", header.round_id)
+            await self.error(
+                silo.peer,
+                "oversized",
+                f"a secure-aggregation payload of {header.payload_bytes} bytes "
+                f"exceeds the {limit}-byte bound for this adapter",
+                header.round_id,
+            )
             return
         try:
             rs.secure.handle(silo.id, header, wire.decode_payload(header, frames), size)
         except ProtocolError as exc:
             code = getattr(exc, "code", "secagg")
-            if code != "duplicate" and silo.id in rs.secure.expected and silo.id not in rs.secure.answers[rs.secure.step]:
+            if (
+                code != "duplicate"
+                and silo.id in rs.secure.expected
+                and silo.id not in rs.secure.answers[rs.secure.step]
+            ):
                 rs.rejected.setdefault(silo.id, code)  # a repeated step leaves the silo's first answers alone
             rs.changed.set()
             await self.error(silo.peer, code, str(exc), header.round_id)
@@ -327,14 +424,19 @@ class Sessions:
         silo.lora_r, silo.lora_alpha = hello.lora_r, hello.lora_alpha
         silo.acks_train = hello.acks_train
 
-    def _check_update(self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState) -> StateDict | tuple[str, str]:
+    def _check_update(
+        self, silo_id: str, header: Header, frames: list[bytes], rs: RoundState
+    ) -> StateDict | tuple[str, str]:
         """The update, decoded (to the global adapter's shapes only) and checked; or (code, message) refusing it."""
         from fedllm.federation.aggregation.aggregate import InvalidUpdate, check_update, global_norm
 
         reference = rs.sent.get(silo_id, rs.global_state)  # the adapter this silo was sent (its own rank)
         limit = 3 * sum(t.numel() * 4 for t in reference.values()) + (1 << 20)
         if header.payload_bytes > limit:
-            return "oversized", f"payload of {header.payload_bytes} bytes exceeds the {limit}-byte bound for this adapter"
+            return (
+                "oversized",
+                f"payload of {header.payload_bytes} bytes exceeds the {limit}-byte bound for this adapter",
+            )
         shapes = {k: list(v.shape) for k, v in reference.items()}
         body = UpdateResult.model_validate(header.body)  # validated with the header already (wire.decode_header)
         declared = body.encoding.get("shapes")
@@ -345,7 +447,10 @@ class Sessions:
             return "manifest", f"tensor names differ from the global adapter: extra {extra[:3]}, missing {missing[:3]}"
         wrong = next((k for k in sorted(shapes) if declared[k] != shapes[k]), None)
         if wrong is not None:  # refused before decoding: the sender does not choose what the coordinator allocates
-            return "bad_shape", f"tensor {wrong!r} is declared {declared[wrong]}, the global adapter has {shapes[wrong]}"
+            return (
+                "bad_shape",
+                f"tensor {wrong!r} is declared {declared[wrong]}, the global adapter has {shapes[wrong]}",
+            )
         try:
             update = decode_payload(header, frames, expected_shapes=shapes)
         except ProtocolError as exc:
@@ -372,7 +477,9 @@ class Sessions:
 
     async def _drop_silo(self, silo: SiloInfo) -> None:
         logger.warning("silo %s was removed from the enrolment: dropping its session", silo.id)
-        await self.send(silo.peer, make_header(MsgType.BYE, Bye(reason="removed"), run=self.cfg.run_name, round_id=self.coord.round))
+        await self.send(
+            silo.peer, make_header(MsgType.BYE, Bye(reason="removed"), run=self.cfg.run_name, round_id=self.coord.round)
+        )
         silo.peer, silo.last_seen = b"", 0.0
         rs = self.coord.current
         if rs is not None and silo.id in rs.selected and silo.id not in rs.answered:
@@ -380,9 +487,9 @@ class Sessions:
             rs.updates.pop(silo.id, None)
             rs.changed.set()
         elif rs is not None and rs.secure is None and silo.id in rs.answered:
-            self.coord.rounds.forget_answer(rs, silo.id)  # its update is not aggregated yet (`_accumulate`): it leaves with it
-
-
+            self.coord.rounds.forget_answer(
+                rs, silo.id
+            )  # its update is not aggregated yet (`_accumulate`): it leaves with it
 
 
 def _plaintext_sender(frame: bytes) -> str | None:

@@ -19,17 +19,25 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 from fedllm.core.errors import ConfigError, ProtocolError
 from fedllm.core.types import StateDict
-from fedllm.federation.wire import frames as wire
 from fedllm.federation.aggregation.bounds import SILO_MAX_MESSAGE_BYTES
+from fedllm.federation.runtime.timing import ClockOffset, connection_timeout
+from fedllm.federation.wire import frames as wire
 from fedllm.federation.wire.keys import load_keypair
 from fedllm.federation.wire.payload import EncodedPayload, decode_payload, encode_payload
-from fedllm.federation.wire.protocol import (Bye, ErrorInfo, Heartbeat, Hello, MsgType, SecAggStep, TrainTask, UpdateResult,
-                                 make_header)
-from fedllm.federation.runtime.timing import ClockOffset, connection_timeout
+from fedllm.federation.wire.protocol import (
+    Bye,
+    ErrorInfo,
+    Heartbeat,
+    Hello,
+    MsgType,
+    SecAggStep,
+    TrainTask,
+    UpdateResult,
+    make_header,
+)
 from fedllm.federation.wire.transport import ClientTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
-    import torch
 
     from fedllm.core.sections import TrainSettings
     from fedllm.core.settings import ApplianceSettings
@@ -76,7 +84,9 @@ def state_delta(local: StateDict, base: StateDict) -> StateDict:
     """
     if local.keys() != base.keys():
         missing, extra = sorted(base.keys() - local.keys()), sorted(local.keys() - base.keys())
-        raise ConfigError(f"trainer state keys differ from the global adapter: missing {missing[:3]}, extra {extra[:3]}")
+        raise ConfigError(
+            f"trainer state keys differ from the global adapter: missing {missing[:3]}, extra {extra[:3]}"
+        )
     return {k: local[k].detach().float().cpu() - base[k].detach().float().cpu() for k in base}
 
 
@@ -92,10 +102,15 @@ class SiloClient:
     def __init__(self, settings: "ApplianceSettings", trainer: SiloTrainer, *, keypair=None) -> None:
         self.settings, self.cfg, self.trainer = settings, settings.federation, trainer
         if not isinstance(trainer, SiloTrainer):
-            missing = [m for m in ("get_state", "set_state", "fit", "evaluate", "lora_r", "lora_alpha")
-                       if not hasattr(trainer, m)]
-            raise ConfigError(f"the silo's trainer {type(trainer).__name__} is not a fedllm.federation.runtime.silo.SiloTrainer: it lacks "
-                              f"{', '.join(missing)} (subclass SiloTrainer for the defaults of lora_r and lora_alpha)")
+            missing = [
+                m
+                for m in ("get_state", "set_state", "fit", "evaluate", "lora_r", "lora_alpha")
+                if not hasattr(trainer, m)
+            ]
+            raise ConfigError(
+                f"the silo's trainer {type(trainer).__name__} is not a fedllm.federation.runtime.silo.SiloTrainer: it lacks "
+                f"{', '.join(missing)} (subclass SiloTrainer for the defaults of lora_r and lora_alpha)"
+            )
         if not self.cfg.coordinator:
             raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
         self.silo_id = self.cfg.silo_id or socket.gethostname()
@@ -103,7 +118,9 @@ class SiloClient:
         if not self.cfg.plaintext and keypair is None:
             keypair = load_keypair(settings.keys_dir, "silo")
             if keypair is None:
-                raise ConfigError("no silo key pair: run `appliance silo keygen` and have the coordinator enroll the public key")
+                raise ConfigError(
+                    "no silo key pair: run `appliance silo keygen` and have the coordinator enroll the public key"
+                )
         self._keypair = keypair
         self._transport: ClientTransport | None = None
         self._tasks: list[asyncio.Task] = []
@@ -131,18 +148,25 @@ class SiloClient:
 
     async def start(self) -> None:
         """Connect (outbound only), say HELLO, start heartbeats and the message loop."""
-        self._transport = ClientTransport(self.cfg.coordinator, server_key=None if self.cfg.plaintext else self.cfg.coordinator_key,
-                                          keypair=self._keypair, plaintext=self.cfg.plaintext,
-                                          max_message_bytes=self.cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES, heartbeat_s=self.cfg.heartbeat_interval_s,
-                                          heartbeat_timeout_s=connection_timeout(self.cfg))
+        self._transport = ClientTransport(
+            self.cfg.coordinator,
+            server_key=None if self.cfg.plaintext else self.cfg.coordinator_key,
+            keypair=self._keypair,
+            plaintext=self.cfg.plaintext,
+            max_message_bytes=self.cfg.max_message_bytes or SILO_MAX_MESSAGE_BYTES,
+            heartbeat_s=self.cfg.heartbeat_interval_s,
+            heartbeat_timeout_s=connection_timeout(self.cfg),
+        )
         self._transport.connect()
         hello = Hello(lora_r=self.trainer.lora_r, lora_alpha=self.trainer.lora_alpha, acks_train=True)
         await self._send(make_header(MsgType.HELLO, hello, silo_id=self.silo_id))
-        self._tasks = [asyncio.create_task(self._read(), name=f"silo-{self.silo_id}-read"),
-                       asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
-                       asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat"),
-                       asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake"),
-                       asyncio.create_task(self._watch_end(), name=f"silo-{self.silo_id}-end")]
+        self._tasks = [
+            asyncio.create_task(self._read(), name=f"silo-{self.silo_id}-read"),
+            asyncio.create_task(self._loop(), name=f"silo-{self.silo_id}"),
+            asyncio.create_task(self._heartbeats(), name=f"silo-{self.silo_id}-heartbeat"),
+            asyncio.create_task(self._watch_refusal(), name=f"silo-{self.silo_id}-handshake"),
+            asyncio.create_task(self._watch_end(), name=f"silo-{self.silo_id}-end"),
+        ]
 
     async def _watch_end(self) -> None:
         """Stop once the run is over though its BYE never came: this silo had the last round's TRAIN, and the coordinator
@@ -152,16 +176,23 @@ class SiloClient:
             await asyncio.sleep(min(1.0, self.cfg.end_silence_s / 4))
             silent_s = time.monotonic() - self._quiet_since
             if self._last_round is not None and silent_s >= self.cfg.end_silence_s:
-                logger.warning("silo %s: no word from the coordinator for %.0f s in or after its last round (%d): the run is "
-                               "over and its BYE was lost; stopping", self.silo_id, silent_s, self._last_round)
+                logger.warning(
+                    "silo %s: no word from the coordinator for %.0f s in or after its last round (%d): the run is "
+                    "over and its BYE was lost; stopping",
+                    self.silo_id,
+                    silent_s,
+                    self._last_round,
+                )
                 self.ended_by_silence = True
                 self.finished.set()
 
     async def _watch_refusal(self) -> None:
         what = await self._transport.wait_refused()
-        self._refuse(f"the coordinator at {self.cfg.coordinator} refused this silo's key ({what}). Its public key is "
-                     f"{self._keypair.public}; ask the coordinator's operator to run "
-                     f"`appliance federation enroll {self.silo_id} {self._keypair.public}`")
+        self._refuse(
+            f"the coordinator at {self.cfg.coordinator} refused this silo's key ({what}). Its public key is "
+            f"{self._keypair.public}; ask the coordinator's operator to run "
+            f"`appliance federation enroll {self.silo_id} {self._keypair.public}`"
+        )
 
     def _refuse(self, reason: str) -> None:
         if self.refused is None:
@@ -177,7 +208,9 @@ class SiloClient:
         """Leave (BYE unless `say_bye` is False, as a crash would) and close the socket."""
         if self._transport is not None and say_bye:
             try:  # a DEALER with no live connection blocks on send; do not hang on the way out
-                await asyncio.wait_for(self._send(make_header(MsgType.BYE, Bye(reason="stopping"), silo_id=self.silo_id)), 1.0)
+                await asyncio.wait_for(
+                    self._send(make_header(MsgType.BYE, Bye(reason="stopping"), silo_id=self.silo_id)), 1.0
+                )
             except asyncio.TimeoutError:
                 logger.info("silo %s: coordinator unreachable, left without BYE", self.silo_id)
         for t in self._tasks:
@@ -192,7 +225,9 @@ class SiloClient:
             self._transport.close()
             self._transport = None
 
-    async def _send(self, header, payload: EncodedPayload | None = None, *, tensors: StateDict | None = None) -> list[bytes]:
+    async def _send(
+        self, header, payload: EncodedPayload | None = None, *, tensors: StateDict | None = None
+    ) -> list[bytes]:
         """Send a message: an encoded adapter `payload`, or raw `tensors` (secure aggregation's masked vectors)."""
         frames = payload.frames(header) if payload is not None else wire.encode(header, tensors)
         await self._transport.send(frames)
@@ -226,8 +261,9 @@ class SiloClient:
             round_id = wire.decode_header(frames).round_id
         except ProtocolError:
             return  # `_dispatch` logs the malformed message
-        await self._send(make_header(MsgType.HEARTBEAT, Heartbeat(sent_at=time.time(), got_train=round_id),
-                                     silo_id=self.silo_id))
+        await self._send(
+            make_header(MsgType.HEARTBEAT, Heartbeat(sent_at=time.time(), got_train=round_id), silo_id=self.silo_id)
+        )
 
     def _on_echo(self, body: dict[str, Any], received_at: float) -> None:
         echo, remote = body.get("echo"), body.get("sent_at")
@@ -252,8 +288,7 @@ class SiloClient:
                 await self._dispatch(frames, received_at)
             except Exception as exc:  # service boundary: report and keep serving
                 logger.error("silo %s failed to handle a message: %s", self.silo_id, exc, exc_info=True)
-                await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure"),
-                                             silo_id=self.silo_id))
+                await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_failure"), silo_id=self.silo_id))
 
     async def _dispatch(self, frames: list[bytes], received_at: float) -> None:
         try:
@@ -273,8 +308,10 @@ class SiloClient:
             self.last_error = {"round": header.round_id, **header.body}
             logger.warning("coordinator refused our message (round %d): %s", header.round_id, header.body)
             if header.body.get("code") == "not_enrolled":
-                self._refuse(f"the coordinator no longer accepts this silo's key {self._keypair.public if self._keypair else ''}"
-                             f" (not enrolled); ask its operator to enroll it again")
+                self._refuse(
+                    f"the coordinator no longer accepts this silo's key {self._keypair.public if self._keypair else ''}"
+                    f" (not enrolled); ask its operator to enroll it again"
+                )
         elif header.type == MsgType.BYE:
             logger.info("coordinator said BYE: %s", header.body.get("reason", ""))
             if header.body.get("reason") == "done":
@@ -291,7 +328,9 @@ class SiloClient:
             # The coordinator sends a round's TRAIN again when this silo reconnects without having answered: the
             # connection broke, maybe with our UPDATE in flight. Resend it rather than train the round again (the
             # coordinator refuses a second copy as a duplicate, so it is never counted twice).
-            logger.info("silo %s: round %d asked again after a reconnect; resending its update", self.silo_id, header.round_id)
+            logger.info(
+                "silo %s: round %d asked again after a reconnect; resending its update", self.silo_id, header.round_id
+            )
             await self._transport.send(self.sent_frames)
             return
         task = TrainTask.model_validate(header.body)
@@ -301,8 +340,15 @@ class SiloClient:
         if refusal is not None:  # before training: nothing is computed, nothing leaves this silo
             logger.error("silo %s: refused round %d: %s", self.silo_id, header.round_id, refusal)
             self.policy_refusals.append(refusal)
-            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="silo_policy", message=refusal),
-                                         run=header.run, round_id=header.round_id, silo_id=self.silo_id))
+            await self._send(
+                make_header(
+                    MsgType.ERROR,
+                    ErrorInfo(code="silo_policy", message=refusal),
+                    run=header.run,
+                    round_id=header.round_id,
+                    silo_id=self.silo_id,
+                )
+            )
             return
         global_state = decode_payload(header, frames)
         logger.info("silo %s: round %d, %d local steps", self.silo_id, header.round_id, task.local_steps)
@@ -311,8 +357,15 @@ class SiloClient:
             num_examples, metrics, delta = await asyncio.to_thread(self._fit, global_state, task)
         except Exception as exc:  # tell the coordinator now, so the round need not wait for its deadline
             logger.error("silo %s: training for round %d failed: %s", self.silo_id, header.round_id, exc, exc_info=True)
-            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="train_failed"),
-                                         run=header.run, round_id=header.round_id, silo_id=self.silo_id))
+            await self._send(
+                make_header(
+                    MsgType.ERROR,
+                    ErrorInfo(code="train_failed"),
+                    run=header.run,
+                    round_id=header.round_id,
+                    silo_id=self.silo_id,
+                )
+            )
             return
         train_s = time.monotonic() - started
         if task.dp_clip_norm is not None:
@@ -322,54 +375,112 @@ class SiloClient:
             return
         payload = encode_payload(delta, task.compression, residual=self._ef_state)
         rtt, offset = self._clock.best or (None, None)
-        body = UpdateResult(num_examples=num_examples, metrics=_scalars(metrics), encoding=payload.meta, train_s=train_s,
-                            received_at=received_at, sent_at=time.time(), clock_offset_s=offset, clock_rtt_s=rtt)
-        self.sent_frames = await self._send(make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id,
-                                                        silo_id=self.silo_id), payload)
+        body = UpdateResult(
+            num_examples=num_examples,
+            metrics=_scalars(metrics),
+            encoding=payload.meta,
+            train_s=train_s,
+            received_at=received_at,
+            sent_at=time.time(),
+            clock_offset_s=offset,
+            clock_rtt_s=rtt,
+        )
+        self.sent_frames = await self._send(
+            make_header(MsgType.UPDATE, body, run=header.run, round_id=header.round_id, silo_id=self.silo_id), payload
+        )
         self._sent_for = (header.run, header.round_id)
         self.rounds_done.append(header.round_id)
-        logger.info("silo %s: round %d update sent (%d examples, %.1f s training)", self.silo_id, header.round_id, num_examples, train_s)
+        logger.info(
+            "silo %s: round %d update sent (%d examples, %.1f s training)",
+            self.silo_id,
+            header.round_id,
+            num_examples,
+            train_s,
+        )
 
     # ------------------------------------------------------------------ secure aggregation (federation/secure_round.py)
-    async def _secure_advertise(self, header, task: TrainTask, num_examples: int, metrics: dict[str, Any],
-                                delta: StateDict, train_s: float) -> None:
+    async def _secure_advertise(
+        self, header, task: TrainTask, num_examples: int, metrics: dict[str, Any], delta: StateDict, train_s: float
+    ) -> None:
         """After training in a secure round: keep the delta here and advertise this round's public keys."""
         from fedllm.federation.aggregation.secagg import SecAggClient, SecAggConfig
 
         silo_id = header.silo_id or self.silo_id  # the name the coordinator knows this silo by
         client = SecAggClient(silo_id, SecAggConfig(**task.secure_aggregation))
-        self._secure = {header.round_id: {"client": client, "delta": delta, "num_examples": num_examples,
-                                          "run": header.run, "silo_id": silo_id}}  # older rounds are abandoned
+        self._secure = {
+            header.round_id: {
+                "client": client,
+                "delta": delta,
+                "num_examples": num_examples,
+                "run": header.run,
+                "silo_id": silo_id,
+            }
+        }  # older rounds are abandoned
         from fedllm.federation.aggregation.strategies import global_norm
 
-        data = {**client.advertise(), "num_examples": num_examples, "metrics": _scalars(metrics), "train_s": train_s,
-                "update_norm": global_norm(delta)}
+        data = {
+            **client.advertise(),
+            "num_examples": num_examples,
+            "metrics": _scalars(metrics),
+            "train_s": train_s,
+            "update_norm": global_norm(delta),
+        }
         data.pop("silo_id", None)
         await self._send_step(header.round_id, "advertise", data)
-        logger.info("silo %s: round %d trained (%d examples), secure aggregation keys sent", self.silo_id,
-                    header.round_id, num_examples)
+        logger.info(
+            "silo %s: round %d trained (%d examples), secure aggregation keys sent",
+            self.silo_id,
+            header.round_id,
+            num_examples,
+        )
 
-    async def _send_step(self, round_id: int, step: str, data: dict[str, Any], tensors: StateDict | None = None) -> None:
+    async def _send_step(
+        self, round_id: int, step: str, data: dict[str, Any], tensors: StateDict | None = None
+    ) -> None:
         st = self._secure[round_id]
-        await self._send(make_header(MsgType.SECAGG, SecAggStep(step=step, data=data), run=st["run"], round_id=round_id,
-                                     silo_id=st["silo_id"]), tensors=tensors)
+        await self._send(
+            make_header(
+                MsgType.SECAGG,
+                SecAggStep(step=step, data=data),
+                run=st["run"],
+                round_id=round_id,
+                silo_id=st["silo_id"],
+            ),
+            tensors=tensors,
+        )
 
     async def _secagg(self, header, frames: list[bytes]) -> None:
         """One coordinator step of a secure round: roster -> share_keys, shares -> masked, survivors -> unmask."""
         body = SecAggStep.model_validate(header.body)
         st = self._secure.get(header.round_id)
         if st is None:
-            logger.warning("silo %s: secure-aggregation step %s for round %d, which this silo is not in", self.silo_id,
-                           body.step, header.round_id)
+            logger.warning(
+                "silo %s: secure-aggregation step %s for round %d, which this silo is not in",
+                self.silo_id,
+                body.step,
+                header.round_id,
+            )
             return
         try:
             await self._secagg_step(header.round_id, st, body)
         except (ProtocolError, KeyError, TypeError, ValueError) as exc:
-            logger.error("silo %s: secure aggregation step %s of round %d failed: %s", self.silo_id, body.step,
-                         header.round_id, exc)
+            logger.error(
+                "silo %s: secure aggregation step %s of round %d failed: %s",
+                self.silo_id,
+                body.step,
+                header.round_id,
+                exc,
+            )
             self._secure.pop(header.round_id, None)
-            await self._send(make_header(MsgType.ERROR, ErrorInfo(code="secagg_failed"),
-                                         run=header.run, round_id=header.round_id, silo_id=self.silo_id))
+            await self._send(
+                make_header(
+                    MsgType.ERROR,
+                    ErrorInfo(code="secagg_failed"),
+                    run=header.run,
+                    round_id=header.round_id,
+                    silo_id=self.silo_id,
+                )
+            )
 
     async def _secagg_step(self, round_id: int, st: dict[str, Any], body: SecAggStep) -> None:
         client = st["client"]
@@ -387,8 +498,13 @@ class SiloClient:
                     raise ProtocolError(f"a secure round's norm bound must be a finite number > 0, got {bound!r}")
                 st["delta"], norm = clip_update(st["delta"], float(bound))
                 if norm > bound:
-                    logger.info("silo %s: round %d update clipped from L2 norm %.4g to the round's bound %.4g",
-                                self.silo_id, round_id, norm, bound)
+                    logger.info(
+                        "silo %s: round %d update clipped from L2 norm %.4g to the round's bound %.4g",
+                        self.silo_id,
+                        round_id,
+                        norm,
+                        bound,
+                    )
             st["delta"] = {k: v * weight for k, v in st["delta"].items()}
             await self._send_step(round_id, "share_keys", {"ciphertexts": client.share_keys(body.data["roster"])})
         elif body.step == "shares":
@@ -418,18 +534,26 @@ def policy_refusal(cfg: Any, task: TrainTask) -> str | None:
     """Why this silo's own settings refuse `task` (`federation.silo_require_dp`, `silo_min_noise_multiplier`,
     `silo_max_clip_norm`, `silo_require_secagg`), or None when it may train."""
     if cfg.silo_require_secagg and task.secure_aggregation is None:
-        return ("this silo requires secure aggregation (federation.silo_require_secagg) and the TRAIN did not ask for "
-                "it: its update would reach the coordinator in clear")
+        return (
+            "this silo requires secure aggregation (federation.silo_require_secagg) and the TRAIN did not ask for "
+            "it: its update would reach the coordinator in clear"
+        )
     if cfg.silo_require_dp:
         if task.dp_clip_norm is None:
-            return ("this silo requires silo-side differential privacy (federation.silo_require_dp) and the TRAIN did "
-                    "not ask for it (the coordinator must run with federation.dp_mode=silo)")
+            return (
+                "this silo requires silo-side differential privacy (federation.silo_require_dp) and the TRAIN did "
+                "not ask for it (the coordinator must run with federation.dp_mode=silo)"
+            )
         if task.dp_noise_multiplier < cfg.silo_min_noise_multiplier:
-            return (f"this silo requires a DP noise multiplier of at least {cfg.silo_min_noise_multiplier} "
-                    f"(federation.silo_min_noise_multiplier); the TRAIN asked for {task.dp_noise_multiplier}")
+            return (
+                f"this silo requires a DP noise multiplier of at least {cfg.silo_min_noise_multiplier} "
+                f"(federation.silo_min_noise_multiplier); the TRAIN asked for {task.dp_noise_multiplier}"
+            )
         if cfg.silo_max_clip_norm is not None and task.dp_clip_norm > cfg.silo_max_clip_norm:
-            return (f"this silo accepts a DP clip norm of at most {cfg.silo_max_clip_norm} "
-                    f"(federation.silo_max_clip_norm); the TRAIN asked for {task.dp_clip_norm}")
+            return (
+                f"this silo accepts a DP clip norm of at most {cfg.silo_max_clip_norm} "
+                f"(federation.silo_max_clip_norm); the TRAIN asked for {task.dp_clip_norm}"
+            )
     return None
 
 
@@ -484,9 +608,21 @@ class EngineTrainer(SiloTrainer):
     _engine_lock = threading.Lock()
     _bases: Any = None  # the train.BaseModels the silos of this process share (made by the first fit)
 
-    def __init__(self, cfg: "TrainSettings", model_dir: Path, data: Path | Sequence[dict], eval_data: Path | Sequence[dict] | None = None,
-                 run_dir: Path | None = None) -> None:
-        self.cfg, self.model_dir, self.data, self.eval_data, self.run_dir = cfg, Path(model_dir), data, eval_data, run_dir
+    def __init__(
+        self,
+        cfg: "TrainSettings",
+        model_dir: Path,
+        data: Path | Sequence[dict],
+        eval_data: Path | Sequence[dict] | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        self.cfg, self.model_dir, self.data, self.eval_data, self.run_dir = (
+            cfg,
+            Path(model_dir),
+            data,
+            eval_data,
+            run_dir,
+        )
         self._state: StateDict | None = None
         self.lora_r, self.lora_alpha = cfg.lora_r, float(cfg.lora_alpha)
         self._trainer: Any = None  # this silo's train.Trainer (the base model and its AdamW moments between rounds)
@@ -511,8 +647,17 @@ class EngineTrainer(SiloTrainer):
                     EngineTrainer._bases = train.BaseModels()
                 self._trainer = train.Trainer(self.cfg, self.model_dir, keep_base=True, bases=EngineTrainer._bases)
             self._trainer.cfg = self.cfg  # the silo's settings as they are now (its per-round updates are in the plan)
-            result = self._trainer.fit(train.TrainPlan(self.data, init_state=self.get_state(), max_steps=steps, run_dir=self.run_dir,
-                                                       eval_data=self.eval_data, settings=updates, **plan))
+            result = self._trainer.fit(
+                train.TrainPlan(
+                    self.data,
+                    init_state=self.get_state(),
+                    max_steps=steps,
+                    run_dir=self.run_dir,
+                    eval_data=self.eval_data,
+                    settings=updates,
+                    **plan,
+                )
+            )
         self._state = result.state
         return result.num_examples, dict(result.metrics)
 

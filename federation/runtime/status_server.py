@@ -53,9 +53,13 @@ class StatusServer:
             if token is not None:
                 given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
                 if not given or not same_secret(given, token):
-                    return web.json_response({"error": "the coordinator's /status needs its status token (keys/status_token, "
-                                                       "Authorization: Bearer TOKEN) when it binds beyond loopback"},
-                                             status=401)
+                    return web.json_response(
+                        {
+                            "error": "the coordinator's /status needs its status token (keys/status_token, "
+                            "Authorization: Bearer TOKEN) when it binds beyond loopback"
+                        },
+                        status=401,
+                    )
             return web.json_response(self.status())
 
         async def health(_request: web.Request) -> web.Response:
@@ -73,4 +77,3 @@ class StatusServer:
         self._status_runner = runner
         port = runner.addresses[0][1]
         self.status_url = f"{self.cfg.scheme}://{connectable_host(self.cfg.bind_host)}:{port}/status"
-

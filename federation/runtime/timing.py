@@ -36,8 +36,17 @@ class ClockOffset:
         return min(self._samples) if self._samples else None
 
 
-def silo_timings(*, train_sent: float, update_received: float, train_received: float | None, update_sent: float | None,
-                 train_s: float, offset_s: float | None, bytes_down: int, bytes_up: int) -> dict[str, Any]:
+def silo_timings(
+    *,
+    train_sent: float,
+    update_received: float,
+    train_received: float | None,
+    update_sent: float | None,
+    train_s: float,
+    offset_s: float | None,
+    bytes_down: int,
+    bytes_up: int,
+) -> dict[str, Any]:
     """One silo's timings of one round.
 
     Args:
@@ -54,8 +63,15 @@ def silo_timings(*, train_sent: float, update_received: float, train_received: f
         silo gave no timestamps or no offset (transfer_s then is None too without timestamps).
     """
     span = max(0.0, update_received - train_sent)
-    out: dict[str, Any] = {"download_s": None, "train_s": round(train_s, 3), "upload_s": None, "transfer_s": None,
-                           "span_s": round(span, 3), "bytes_down": bytes_down, "bytes_up": bytes_up}
+    out: dict[str, Any] = {
+        "download_s": None,
+        "train_s": round(train_s, 3),
+        "upload_s": None,
+        "transfer_s": None,
+        "span_s": round(span, 3),
+        "bytes_down": bytes_down,
+        "bytes_up": bytes_up,
+    }
     if train_received is None or update_sent is None:
         return out
     hold = max(0.0, update_sent - train_received)
@@ -74,7 +90,9 @@ def throughput_bps(nbytes: int, seconds: float | None) -> float | None:
     return nbytes / max(seconds, 1e-3)
 
 
-def connection_timeout_s(heartbeat_s: float, silo_timeout_s: float, max_message_bytes: int, assumed_mbit: float) -> float:
+def connection_timeout_s(
+    heartbeat_s: float, silo_timeout_s: float, max_message_bytes: int, assumed_mbit: float
+) -> float:
     """How long a federation connection may bring no whole message before ZeroMQ drops it (ZMTP heartbeat timeout).
 
     ZeroMQ hears a peer's heartbeat only between messages, so while the largest message (`max_message_bytes`) crosses
@@ -92,8 +110,9 @@ def connection_timeout(cfg: Any, max_message_bytes: int | None = None) -> float:
     return connection_timeout_s(cfg.heartbeat_interval_s, cfg.silo_timeout_s, size, cfg.assumed_link_mbit)
 
 
-def transfer_allowance_s(bytes_down: int, bytes_up: int, *, down_bps: float | None, up_bps: float | None,
-                         assumed_mbit: float, slack: float) -> float:
+def transfer_allowance_s(
+    bytes_down: int, bytes_up: int, *, down_bps: float | None, up_bps: float | None, assumed_mbit: float, slack: float
+) -> float:
     """Seconds a silo's round deadline adds for moving the adapter both ways on its link.
 
     `slack` times the expected transfer time: each direction's bytes over that direction's throughput measured in an

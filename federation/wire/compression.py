@@ -170,8 +170,10 @@ def decode(
                 value = _int8_decode(q, scale, shape, block)
             else:
                 idx, val = tensors[f"{key}::idx"].to(torch.int64), tensors[f"{key}::val"].to(torch.float32)
-                if idx.numel() != val.numel() or idx.numel() != _topk_count(float(meta["ratio"]), numel) or (
-                    idx.numel() and (idx.min() < 0 or idx.max() >= numel)
+                if (
+                    idx.numel() != val.numel()
+                    or idx.numel() != _topk_count(float(meta["ratio"]), numel)
+                    or (idx.numel() and (idx.min() < 0 or idx.max() >= numel))
                 ):
                     raise ValueError(f"topk tensors of {key!r} do not match shape {shape}")
                 flat = torch.zeros(numel, dtype=torch.float32)

@@ -79,5 +79,7 @@ def decode_payload(header: Header, frames: list[bytes]) -> StateDict:
         raise ProtocolError(f"payload tensors differ from the manifest: extra {extra[:3]}, missing {missing[:3]}")
     for name, spec in expected.items():
         if got[name] != spec:
-            raise ProtocolError(f"tensor {name!r} is {got[name].shape}/{got[name].dtype} but the manifest says {spec.shape}/{spec.dtype}")
+            raise ProtocolError(
+                f"tensor {name!r} is {got[name].shape}/{got[name].dtype} but the manifest says {spec.shape}/{spec.dtype}"
+            )
     return tensors

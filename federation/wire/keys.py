@@ -95,8 +95,10 @@ def _read_enrolment(keys_dir: Path) -> dict[str, dict]:
         entry = entry if isinstance(entry, dict) else {"public_key": entry}
         key, count = entry.get("public_key"), entry.get("num_examples")
         if not isinstance(key, str) or (count is not None and (not isinstance(count, int) or count < 1)):
-            raise ConfigError(f"{path}: the entry of silo {name!r} needs a public_key string and, if given, a "
-                              f"num_examples integer >= 1")
+            raise ConfigError(
+                f"{path}: the entry of silo {name!r} needs a public_key string and, if given, a "
+                f"num_examples integer >= 1"
+            )
         out[str(name)] = {"public_key": key, "num_examples": count}
     return out
 
@@ -113,7 +115,9 @@ def enrolled_silos(keys_dir: Path) -> dict[str, str]:
 
 def declared_examples(keys_dir: Path) -> dict[str, int]:
     """The example counts silos declared when they were enrolled (only those that declared one)."""
-    return {name: int(e["num_examples"]) for name, e in _read_enrolment(keys_dir).items() if e["num_examples"] is not None}
+    return {
+        name: int(e["num_examples"]) for name, e in _read_enrolment(keys_dir).items() if e["num_examples"] is not None
+    }
 
 
 def enroll_silo(keys_dir: Path, name: str, public_key: str, num_examples: int | None = None) -> dict[str, str]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedllm.core.types import StateDict
-from fedllm.federation.wire import codec, frames as wire_frames
+from fedllm.federation.wire import codec
+from fedllm.federation.wire import frames as wire_frames
 from fedllm.federation.wire.protocol import Header, dump_header
 
 __all__ = ["DOWNLINK_METHODS", "EncodedPayload", "decode_payload", "downlink_method", "encode_payload"]
@@ -65,8 +66,9 @@ def encode_payload(state: StateDict, method: str, *, residual: dict | None = Non
     return EncodedPayload(payload_bytes(tensors), meta, payload, wire_frames.manifest_of(tensors))
 
 
-def decode_payload(header: Header, frames: list[bytes], *,
-                   expected_shapes: Mapping[str, Sequence[int]] | None = None) -> StateDict:
+def decode_payload(
+    header: Header, frames: list[bytes], *, expected_shapes: Mapping[str, Sequence[int]] | None = None
+) -> StateDict:
     """The float state dict a message carries, decoded as its header's `encoding` says.
 
     Args:

@@ -69,10 +69,17 @@ NumExamples = Annotated[int, Field(ge=1, le=MAX_EXAMPLES, strict=True)]
 class Hello(BaseModel):
     """HELLO body (the silo's name comes from its enrolled key): the LoRA rank it trains at, when it says."""
 
-    lora_r: int | None = Field(None, ge=1, le=1024, description="The LoRA rank this silo trains at (None: the global rank).")
-    lora_alpha: float | None = Field(None, gt=0, le=1e6, description="The silo's lora_alpha (its scale is lora_alpha / lora_r).")
-    acks_train: bool = Field(False, description="The silo acknowledges each TRAIN as it arrives (HEARTBEAT got_train): "
-                                                "the coordinator's TRAIN window waits for it (fedllm.federation.runtime.train_window).")
+    lora_r: int | None = Field(
+        None, ge=1, le=1024, description="The LoRA rank this silo trains at (None: the global rank)."
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0, le=1e6, description="The silo's lora_alpha (its scale is lora_alpha / lora_r)."
+    )
+    acks_train: bool = Field(
+        False,
+        description="The silo acknowledges each TRAIN as it arrives (HEARTBEAT got_train): "
+        "the coordinator's TRAIN window waits for it (fedllm.federation.runtime.train_window).",
+    )
 
 
 class Welcome(BaseModel):
@@ -92,12 +99,20 @@ class TrainTask(BaseModel):
     encoding: dict[str, Any] = Field(default_factory=dict, description="How the payload (global adapter) is encoded.")
     dp_clip_norm: float | None = Field(None, description="Set when the silo must clip (and noise) its update.")
     dp_noise_multiplier: float = 0.0
-    deadline_unix: float = Field(0.0, description="This silo's deadline for the round (coordinator clock, Unix seconds).")
-    rounds_total: int = Field(0, ge=0, description="The run's last round (0: not said); a silo that has had that round's "
-                                                  "TRAIN and then hears nothing for federation.end_silence_s stops.")
+    deadline_unix: float = Field(
+        0.0, description="This silo's deadline for the round (coordinator clock, Unix seconds)."
+    )
+    rounds_total: int = Field(
+        0,
+        ge=0,
+        description="The run's last round (0: not said); a silo that has had that round's "
+        "TRAIN and then hears nothing for federation.end_silence_s stops.",
+    )
     secure_aggregation: dict[str, Any] | None = Field(
-        None, description="Set for a secure round: SecAggConfig fields {threshold, clip_range, bits, context}; the silo "
-                          "answers with SECAGG steps instead of an UPDATE.")
+        None,
+        description="Set for a secure round: SecAggConfig fields {threshold, clip_range, bits, context}; the silo "
+        "answers with SECAGG steps instead of an UPDATE.",
+    )
 
 
 class UpdateResult(BaseModel):
@@ -108,11 +123,18 @@ class UpdateResult(BaseModel):
     encoding: dict[str, Any] = Field(default_factory=dict, description="compression.decode's meta for the payload.")
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     # Timings (docs/CONTRACTS.md, "Per-silo timings"): the silo's own clock, and its estimate of the coordinator's.
-    received_at: float | None = Field(None, ge=0, allow_inf_nan=False, description="Silo clock: when the TRAIN arrived.")
-    sent_at: float | None = Field(None, ge=0, allow_inf_nan=False, description="Silo clock: when this UPDATE went to the socket.")
-    clock_offset_s: float | None = Field(None, allow_inf_nan=False,
-                                         description="Coordinator clock minus silo clock, estimated from HEARTBEAT echoes.")
-    clock_rtt_s: float | None = Field(None, ge=0, allow_inf_nan=False, description="Round trip of the echo that estimate came from.")
+    received_at: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Silo clock: when the TRAIN arrived."
+    )
+    sent_at: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Silo clock: when this UPDATE went to the socket."
+    )
+    clock_offset_s: float | None = Field(
+        None, allow_inf_nan=False, description="Coordinator clock minus silo clock, estimated from HEARTBEAT echoes."
+    )
+    clock_rtt_s: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Round trip of the echo that estimate came from."
+    )
 
 
 class Advertisement(BaseModel):
@@ -123,9 +145,13 @@ class Advertisement(BaseModel):
     num_examples: NumExamples
     metrics: Metrics = Field(default_factory=dict)
     train_s: float = Field(0.0, ge=0, allow_inf_nan=False)
-    update_norm: float | None = Field(None, ge=0, allow_inf_nan=False,
-                                      description="The L2 norm of the silo's update: the round's norm bound is a multiple "
-                                                  "of their median (fedllm.federation.aggregation.bounds).")
+    update_norm: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="The L2 norm of the silo's update: the round's norm bound is a multiple "
+        "of their median (fedllm.federation.aggregation.bounds).",
+    )
 
 
 class ErrorInfo(BaseModel):
@@ -174,8 +200,12 @@ class Heartbeat(BaseModel):
 
     sent_at: float | None = Field(None, ge=0, allow_inf_nan=False)
     echo: float | None = Field(None, ge=0, allow_inf_nan=False)
-    got_train: int | None = Field(None, ge=0, description="Silo: the round whose TRAIN just arrived (frees its place in "
-                                                           "the coordinator's TRAIN window, fedllm.federation.runtime.train_window).")
+    got_train: int | None = Field(
+        None,
+        ge=0,
+        description="Silo: the round whose TRAIN just arrived (frees its place in "
+        "the coordinator's TRAIN window, fedllm.federation.runtime.train_window).",
+    )
 
 
 class Bye(BaseModel):
@@ -228,7 +258,9 @@ class Header(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "Header":
         if self.schema_version != PROTOCOL_VERSION:
-            raise ValueError(f"protocol version {self.schema_version} is not supported (this side speaks {PROTOCOL_VERSION})")
+            raise ValueError(
+                f"protocol version {self.schema_version} is not supported (this side speaks {PROTOCOL_VERSION})"
+            )
         names = [t.name for t in self.manifest]
         if len(set(names)) != len(names):
             raise ValueError("manifest lists a tensor name twice")

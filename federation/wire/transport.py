@@ -32,8 +32,9 @@ class Incoming:
     received_at: float = 0.0  # time.time() when the transport had the whole message (round timings)
 
 
-def _common_options(sock, max_message_bytes: int, heartbeat_s: float, heartbeat_timeout_s: float | None,
-                    receive_hwm: int = 1000) -> None:
+def _common_options(
+    sock, max_message_bytes: int, heartbeat_s: float, heartbeat_timeout_s: float | None, receive_hwm: int = 1000
+) -> None:
     import zmq
 
     # ZeroMQ counts only whole messages as a sign of life, so the timeout must outlast the longest single transfer
@@ -62,15 +63,30 @@ class ServerTransport:
         receive_hwm: messages ZeroMQ queues for reading before it stops reading from the peers (ZMQ_RCVHWM).
     """
 
-    def __init__(self, endpoint: str, *, keypair: KeyPair | None, lookup: Lookup | None = None, plaintext: bool = False,
-                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0, heartbeat_timeout_s: float | None = None,
-                 receive_hwm: int = 64) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        keypair: KeyPair | None,
+        lookup: Lookup | None = None,
+        plaintext: bool = False,
+        max_message_bytes: int = 256 << 20,
+        heartbeat_s: float = 5.0,
+        heartbeat_timeout_s: float | None = None,
+        receive_hwm: int = 64,
+    ) -> None:
         if keypair is None and not plaintext:
-            raise ConfigError("the coordinator needs a CURVE key pair (run `appliance federation init`) or plaintext=True")
+            raise ConfigError(
+                "the coordinator needs a CURVE key pair (run `appliance federation init`) or plaintext=True"
+            )
         if keypair is not None and lookup is None:
             raise ConfigError("CURVE mode needs a lookup of enrolled silo keys")
         self.endpoint, self.keypair, self.lookup = endpoint, keypair, lookup
-        self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
+        self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = (
+            max_message_bytes,
+            heartbeat_s,
+            heartbeat_timeout_s,
+        )
         self.receive_hwm = receive_hwm
         # zmq is imported when the socket opens (the base install has no zmq): typed loosely until then
         self._ctx: Any = None
@@ -99,7 +115,9 @@ class ServerTransport:
         sock.bind(self.endpoint)
         self._sock = sock
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        logger.info("coordinator socket bound at %s (%s)", self.address, "plaintext" if self.keypair is None else "CURVE")
+        logger.info(
+            "coordinator socket bound at %s (%s)", self.address, "plaintext" if self.keypair is None else "CURVE"
+        )
         return self.address
 
     @property
@@ -158,8 +176,10 @@ def check_plaintext_endpoint(endpoint: str, plaintext: bool, what: str) -> None:
         return  # CURVE, or ipc:// / inproc:// (local by nature)
     host = (urlsplit(endpoint).hostname or "").strip("[]")
     if not is_loopback(host):
-        raise ConfigError(f"federation.plaintext (--plaintext) cannot {what} {endpoint}: plaintext is for tests on "
-                          f"loopback (127.0.0.1) only; beyond it, use CURVE (`appliance federation init` and enrolment)")
+        raise ConfigError(
+            f"federation.plaintext (--plaintext) cannot {what} {endpoint}: plaintext is for tests on "
+            f"loopback (127.0.0.1) only; beyond it, use CURVE (`appliance federation init` and enrolment)"
+        )
 
 
 def _make_authenticator(ctx, lookup: Lookup):
@@ -193,14 +213,27 @@ class ClientTransport:
         heartbeat_s, heartbeat_timeout_s: as for `ServerTransport`.
     """
 
-    def __init__(self, endpoint: str, *, server_key: str | None, keypair: KeyPair | None, plaintext: bool = False,
-                 max_message_bytes: int = 256 << 20, heartbeat_s: float = 5.0, heartbeat_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        server_key: str | None,
+        keypair: KeyPair | None,
+        plaintext: bool = False,
+        max_message_bytes: int = 256 << 20,
+        heartbeat_s: float = 5.0,
+        heartbeat_timeout_s: float | None = None,
+    ) -> None:
         if server_key is None and not plaintext:
             raise ConfigError("a silo needs the coordinator's public key (--coordinator-key) or plaintext=True")
         if server_key is not None and keypair is None:
             raise ConfigError("a silo needs its own key pair (run `appliance silo keygen`)")
         self.endpoint, self.server_key, self.keypair = endpoint, server_key, keypair
-        self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = max_message_bytes, heartbeat_s, heartbeat_timeout_s
+        self.max_message_bytes, self.heartbeat_s, self.heartbeat_timeout_s = (
+            max_message_bytes,
+            heartbeat_s,
+            heartbeat_timeout_s,
+        )
         self._ctx: Any = None
         self._sock: Any = None
         self._monitor: Any = None

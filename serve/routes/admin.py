@@ -26,12 +26,23 @@ router = APIRouter(prefix="/admin")
 class WorkerRegistration(BaseModel):
     """`POST /admin/workers`."""
 
-    url: str = Field(..., max_length=512, description="The worker's address, scheme://host:port (no path, query or user info).")
-    region: str = Field("local", max_length=64, description="Its region claim: shown, not routed on (measured latency is).")
+    url: str = Field(
+        ..., max_length=512, description="The worker's address, scheme://host:port (no path, query or user info)."
+    )
+    region: str = Field(
+        "local", max_length=64, description="Its region claim: shown, not routed on (measured latency is)."
+    )
     models: list[str] = Field(default_factory=list, description="Models it serves; each must be in its /v1/models.")
     capacity: int | None = Field(None, ge=1)
-    max_loras: int | None = Field(None, ge=1, le=1024, description="Adapters it can hold at once (its vLLM --max-loras); capped by serve.max_adapters_per_worker.")
-    api_key: str | None = Field(None, min_length=16, description="The worker's own API key (required); the router sends it on every call.")
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Adapters it can hold at once (its vLLM --max-loras); capped by serve.max_adapters_per_worker.",
+    )
+    api_key: str | None = Field(
+        None, min_length=16, description="The worker's own API key (required); the router sends it on every call."
+    )
 
 
 class AdapterPublication(BaseModel):
@@ -43,14 +54,22 @@ class AdapterPublication(BaseModel):
     base_model: str | None = None
     version: int | None = Field(None, ge=0, description="Its registry version: an alias never moves to an older one.")
     by: str = Field("admin", max_length=128, description="Who publishes (history): admin, or the federation round.")
-    held_back: dict[str, Any] | None = Field(None, description="A promotion gate held it back: {alias, loss, current_loss}; recorded in that alias's history.")
-    regions: list[str] | None = Field(None, description="Data residency: served only on trusted workers whose operator-assigned region is one of these (none: anywhere).")
+    held_back: dict[str, Any] | None = Field(
+        None,
+        description="A promotion gate held it back: {alias, loss, current_loss}; recorded in that alias's history.",
+    )
+    regions: list[str] | None = Field(
+        None,
+        description="Data residency: served only on trusted workers whose operator-assigned region is one of these (none: anywhere).",
+    )
 
 
 class RegionAssignment(BaseModel):
     """`POST /admin/workers/{id}/region`."""
 
-    region: str = Field(..., max_length=64, description="The region the operator puts the worker in (data residency trusts it).")
+    region: str = Field(
+        ..., max_length=64, description="The region the operator puts the worker in (data residency trusts it)."
+    )
 
 
 class Rollback(BaseModel):
@@ -67,15 +86,29 @@ def _worker(request: Request, worker_id: str):
 
 
 @router.post("/workers", dependencies=[Depends(require_admin_or_join)])
-async def register_worker(body: Annotated[WorkerRegistration, Depends(json_body(WorkerRegistration))], request: Request) -> dict[str, Any]:
+async def register_worker(
+    body: Annotated[WorkerRegistration, Depends(json_body(WorkerRegistration))], request: Request
+) -> dict[str, Any]:
     """Admit a worker after reading its `/v1/models`; answers its id and its own secret (shown only here)."""
     state = request.app.state
-    worker, secret = await state.registry.join(body.url, region=body.region, models=body.models, capacity=body.capacity,
-                                               api_key=body.api_key, max_loras=body.max_loras)
+    worker, secret = await state.registry.join(
+        body.url,
+        region=body.region,
+        models=body.models,
+        capacity=body.capacity,
+        api_key=body.api_key,
+        max_loras=body.max_loras,
+    )
     await state.registry.probe(worker)
     state.canaries.on_join(worker)
     state.replicas.kick()  # the promoted versions it may hold load before it gets their traffic
-    return {"id": worker.id, "secret": secret, "healthy": worker.healthy, "models": sorted(worker.models), "canary": worker.canary}
+    return {
+        "id": worker.id,
+        "secret": secret,
+        "healthy": worker.healthy,
+        "models": sorted(worker.models),
+        "canary": worker.canary,
+    }
 
 
 @router.post("/workers/{worker_id}/heartbeat", dependencies=[Depends(require_worker_or_admin)])
@@ -104,13 +137,18 @@ async def clear(worker_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.post("/workers/{worker_id}/region", dependencies=[Depends(require_admin)])
-async def assign_region(worker_id: str, body: Annotated[RegionAssignment, Depends(json_body(RegionAssignment))], request: Request) -> dict[str, Any]:
+async def assign_region(
+    worker_id: str, body: Annotated[RegionAssignment, Depends(json_body(RegionAssignment))], request: Request
+) -> dict[str, Any]:
     """The operator puts a joined worker in a region (its own claim is never trusted for data residency); adapters
     its new region does not allow are unloaded from it, those it now may hold are loaded."""
     worker = _worker(request, worker_id)
     if worker.static:
-        raise RouterError(409, f"worker {worker_id} comes from settings: its region is serve.workers[].region (or "
-                               "worker.region for local workers); change it there and restart the router")
+        raise RouterError(
+            409,
+            f"worker {worker_id} comes from settings: its region is serve.workers[].region (or "
+            "worker.region for local workers); change it there and restart the router",
+        )
     state = request.app.state
     worker.region, worker.region_assigned = check_region(body.region), True
     if state.registry.regions is not None:
@@ -140,7 +178,10 @@ async def clear_quarantine(address: str, request: Request) -> dict[str, Any]:
         state.canaries.clear(worker)
     if not gone and not present:
         raise RouterError(404, f"no quarantined worker at {address!r}; GET /admin/quarantine lists them")
-    return {"address": normalised_address(address), "cleared": sorted({r.address for r in gone} | {w.address for w in present})}
+    return {
+        "address": normalised_address(address),
+        "cleared": sorted({r.address for r in gone} | {w.address for w in present}),
+    }
 
 
 @router.delete("/workers/{worker_id}", dependencies=[Depends(require_worker_or_admin)])
@@ -148,9 +189,13 @@ async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
     """Forget a joined worker (its own secret, or the admin token). Static workers stay: they come from settings."""
     worker = _worker(request, worker_id)
     if worker.static:
-        raise RouterError(409, f"worker {worker_id} comes from settings (serve.workers); remove it there and restart the router")
+        raise RouterError(
+            409, f"worker {worker_id} comes from settings (serve.workers); remove it there and restart the router"
+        )
     if worker.quarantined and not same_secret(bearer(request), request.app.state.admin_token):
-        raise RouterError(403, f"worker {worker_id} is quarantined and cannot remove itself; only the operator can (admin token)")
+        raise RouterError(
+            403, f"worker {worker_id} is quarantined and cannot remove itself; only the operator can (admin token)"
+        )
     request.app.state.registry.remove(worker_id)
     return {"id": worker_id, "removed": True}
 
@@ -170,16 +215,21 @@ async def list_workers(request: Request) -> list[dict[str, Any]]:
 
 
 @router.post("/adapters", dependencies=[Depends(require_admin)])
-async def publish_adapter(body: Annotated[AdapterPublication, Depends(json_body(AdapterPublication))], request: Request) -> dict[str, Any]:
+async def publish_adapter(
+    body: Annotated[AdapterPublication, Depends(json_body(AdapterPublication))], request: Request
+) -> dict[str, Any]:
     """Load a PEFT adapter on a bounded number of workers; `model: <name>` or an alias then answers."""
     placement = request.app.state.placement
     regions = check_regions(body.regions)
-    workers = await placement.publish(body.name, body.path, body.aliases, body.base_model, version=body.version, by=body.by,
-                                      regions=regions)
+    workers = await placement.publish(
+        body.name, body.path, body.aliases, body.base_model, version=body.version, by=body.by, regions=regions
+    )
     moved = [a for a in body.aliases if placement.aliases.get(a) == body.name]
     if body.held_back and isinstance(body.held_back.get("alias"), str):
         alias = body.held_back["alias"]
-        placement.store.held_back(alias, placement.published[body.name], placement.aliases.get(alias), body.by, body.held_back)
+        placement.store.held_back(
+            alias, placement.published[body.name], placement.aliases.get(alias), body.by, body.held_back
+        )
         placement.store.save(placement)
     return {"name": body.name, "aliases": moved, "workers": workers, "regions": regions}
 
@@ -192,7 +242,9 @@ async def adapter_history(alias: str, request: Request) -> dict[str, Any]:
 
 
 @router.post("/adapters/{alias}/rollback", dependencies=[Depends(require_admin)])
-async def adapter_rollback(alias: str, body: Annotated[Rollback, Depends(json_body(Rollback))], request: Request) -> dict[str, Any]:
+async def adapter_rollback(
+    alias: str, body: Annotated[Rollback, Depends(json_body(Rollback))], request: Request
+) -> dict[str, Any]:
     """Move an alias back at once (to `to`, else the version before); requests in flight finish where they started."""
     return rollback(request.app.state.placement, alias, body.to)
 

@@ -27,7 +27,9 @@ async def list_models(request: Request) -> Response:
             parent = next(iter(sorted(worker.models)), None)
             cards.setdefault(adapter, ModelCard(id=adapter, created=created, root=adapter, parent=parent))
     for adapter in placement.published.values():
-        cards.setdefault(adapter.name, ModelCard(id=adapter.name, created=created, root=adapter.name, parent=adapter.base_model))
+        cards.setdefault(
+            adapter.name, ModelCard(id=adapter.name, created=created, root=adapter.name, parent=adapter.base_model)
+        )
         for alias in adapter.aliases:
             cards.setdefault(alias, ModelCard(id=alias, created=created, root=adapter.name, parent=adapter.base_model))
     return JSONResponse(ModelList(data=list(cards.values())).model_dump())
@@ -37,7 +39,13 @@ async def health(request: Request) -> Response:
     """`GET /health`: the router is up; says how many workers are healthy."""
     registry = request.app.state.registry
     healthy = len(registry.healthy())
-    return JSONResponse({"status": "ok" if healthy else "no_healthy_workers", "workers": len(registry.workers), "workers_healthy": healthy})
+    return JSONResponse(
+        {
+            "status": "ok" if healthy else "no_healthy_workers",
+            "workers": len(registry.workers),
+            "workers_healthy": healthy,
+        }
+    )
 
 
 async def metrics(request: Request) -> Response:

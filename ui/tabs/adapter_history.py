@@ -41,8 +41,17 @@ def history_rows(history: dict[str, Any], figures: dict[str, dict[str, Any]] | N
         loss = r.get("loss", gate.get("loss"))
         current = r.get("current_loss", gate.get("current_loss"))
         version = f"{r.get('name')} (v{r['version']})" if r.get("version") is not None else str(r.get("name"))
-        rows.append([version, r.get("at", ""), r.get("by", ""), _num(loss), _num(current),
-                     "held back" if r.get("held_back") else "", r.get("reason", "")])
+        rows.append(
+            [
+                version,
+                r.get("at", ""),
+                r.get("by", ""),
+                _num(loss),
+                _num(current),
+                "held back" if r.get("held_back") else "",
+                r.get("reason", ""),
+            ]
+        )
     return rows
 
 
@@ -58,13 +67,19 @@ def build(ctx: ConsoleContext) -> None:
     gr.Markdown("### Alias history and rollback")
     with gr.Row():
         alias = gr.Dropdown(label="Alias", choices=[], scale=2, elem_id="history-alias")
-        target = gr.Textbox(label="Roll back to (version number or NAME-vN; empty: the one before)", scale=2,
-                            elem_id="history-to")
+        target = gr.Textbox(
+            label="Roll back to (version number or NAME-vN; empty: the one before)", scale=2, elem_id="history-to"
+        )
         show = gr.Button("Show history", scale=1, elem_id="history-show")
         roll = gr.Button("Roll back", variant="stop", scale=1, elem_id="history-rollback")
     summary = gr.Markdown("", elem_id="history-summary")
-    table = gr.Dataframe(headers=HISTORY_HEADERS, value=[], interactive=False, label="Moves of the alias (newest first)",
-                         elem_id="history-table")
+    table = gr.Dataframe(
+        headers=HISTORY_HEADERS,
+        value=[],
+        interactive=False,
+        label="Moves of the alias (newest first)",
+        elem_id="history-table",
+    )
 
     def _fail(msg: str):
         return msg, []
@@ -91,8 +106,11 @@ def build(ctx: ConsoleContext) -> None:
         to = (to or "").strip() or None
         moved = ctx.router.rollback(name, to)
         out = ctx.router.history(name)
-        return (f"Rolled back: `{moved['alias']}` now names **{moved['name']}** (was {moved['from']}). "
-                + history_summary(out), history_rows(out, gate_figures(ctx.settings.federation_dir, name)))
+        return (
+            f"Rolled back: `{moved['alias']}` now names **{moved['name']}** (was {moved['from']}). "
+            + history_summary(out),
+            history_rows(out, gate_figures(ctx.settings.federation_dir, name)),
+        )
 
     show.click(on_show, alias, [summary, table])
     roll.click(on_rollback, [alias, target], [summary, table])

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.core.adapter_registry import AdapterVersion
-from fedllm.core.errors import ConfigError
 from fedllm.core.contracts.records import load_file
 from fedllm.core.contracts.router_client import latest_alias
+from fedllm.core.errors import ConfigError
 from fedllm.ui import evals, launcher
 from fedllm.ui.context import ConsoleContext, bind, guarded, problem
 from fedllm.ui.services import ServiceUnavailable
@@ -32,7 +32,9 @@ def lineage_source(meta: dict[str, Any]) -> str:
     return f"run {run}" if run else str(meta.get("source", ""))
 
 
-def adapter_rows(versions: list[AdapterVersion], served: set[str], regions: dict[str, list[str]] | None = None) -> list[list[Any]]:
+def adapter_rows(
+    versions: list[AdapterVersion], served: set[str], regions: dict[str, list[str]] | None = None
+) -> list[list[Any]]:
     """Rows of the adapters table; `served` is what the router currently serves, `regions` the regions a served
     name is limited to (data residency; a served name not in it may be served anywhere)."""
     regions = regions or {}
@@ -40,13 +42,26 @@ def adapter_rows(versions: list[AdapterVersion], served: set[str], regions: dict
     for v in versions:
         m = v.meta
         metrics = m.get("metrics") or {}
-        metric_text = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in metrics.items()
-                                if isinstance(val, (int, float)))
+        metric_text = ", ".join(
+            f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}"
+            for k, val in metrics.items()
+            if isinstance(val, (int, float))
+        )
         data_hash = str(m.get("data_sha256") or m.get("data_hash") or "")[:12]
         is_served = v.served_name in served
         where = (", ".join(regions[v.served_name]) if regions.get(v.served_name) else "anywhere") if is_served else ""
-        rows.append([v.ref, "yes" if is_served else "no", v.served_name, where, m.get("base_model") or m.get("model") or "",
-                     lineage_source(m), data_hash, metric_text])
+        rows.append(
+            [
+                v.ref,
+                "yes" if is_served else "no",
+                v.served_name,
+                where,
+                m.get("base_model") or m.get("model") or "",
+                lineage_source(m),
+                data_hash,
+                metric_text,
+            ]
+        )
     return rows
 
 
@@ -79,8 +94,14 @@ def compare_choices(ctx: ConsoleContext) -> list[str]:
 
 
 @guarded(lambda msg: msg)
-def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | None, generate: bool, max_generate: float,
-               max_new_tokens: float = 64) -> str:
+def on_compare(
+    ctx: ConsoleContext,
+    targets: list[str] | None,
+    data_path: str | None,
+    generate: bool,
+    max_generate: float,
+    max_new_tokens: float = 64,
+) -> str:
     """Check the form, then start `appliance eval --compare` detached; returns the message shown under the button.
 
     Everything a person could get wrong is checked here, before anything starts: no model or one alone, no data or a
@@ -93,7 +114,9 @@ def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | 
     if not data_path:
         return problem("Upload or pick an eval data file.")
     if Path(data_path).resolve().parent != data_dir(ctx).resolve():
-        return problem("Pick an eval data file uploaded to the console (or run `appliance eval --compare` on a file where it lies).")
+        return problem(
+            "Pick an eval data file uploaded to the console (or run `appliance eval --compare` on a file where it lies)."
+        )
     records = load_file(Path(data_path))  # DataError names the file and the bad line or row (changed since its upload)
     for ref in picked:
         if ref != evals.BASE:
@@ -103,11 +126,20 @@ def on_compare(ctx: ConsoleContext, targets: list[str] | None, data_path: str | 
         raise ConfigError(f"a comparison is already running (launch {running.id}); wait for it to finish")
     out = evals.evals_dir(ctx.settings.home) / f"{uuid.uuid4().hex[:12]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = evals.compare_command(ctx.settings.home, picked, Path(data_path), out, generate=bool(generate),
-                                max_generate=int(max_generate), max_new_tokens=int(max_new_tokens))
+    cmd = evals.compare_command(
+        ctx.settings.home,
+        picked,
+        Path(data_path),
+        out,
+        generate=bool(generate),
+        max_generate=int(max_generate),
+        max_new_tokens=int(max_new_tokens),
+    )
     record = launcher.launch(ctx.settings.home, evals.KIND, cmd)
-    return (f"Started `appliance eval --compare {','.join(picked)}` on {Path(data_path).name} ({len(records)} records, "
-            f"pid {record.get('pid')}). The table fills in as each model is scored.")
+    return (
+        f"Started `appliance eval --compare {','.join(picked)}` on {Path(data_path).name} ({len(records)} records, "
+        f"pid {record.get('pid')}). The table fills in as each model is scored."
+    )
 
 
 def _compare_failed(msg: str):
@@ -126,8 +158,10 @@ def refresh_compare_form(ctx: ConsoleContext, picked: list[str] | None, data: st
     import gradio as gr
 
     choices = compare_choices(ctx)
-    return (gr.CheckboxGroup(choices=choices, value=[p for p in (picked or []) if p in choices]),
-            gr.Dropdown(choices=data_choices(ctx), value=data))
+    return (
+        gr.CheckboxGroup(choices=choices, value=[p for p in (picked or []) if p in choices]),
+        gr.Dropdown(choices=data_choices(ctx), value=data),
+    )
 
 
 def build(ctx: ConsoleContext) -> None:
@@ -135,8 +169,9 @@ def build(ctx: ConsoleContext) -> None:
     import gradio as gr
 
     status = gr.Markdown("", elem_id="adapters-status")
-    table = gr.Dataframe(headers=ADAPTER_HEADERS, value=[], interactive=False, label="Registered adapters",
-                         elem_id="adapters-table")
+    table = gr.Dataframe(
+        headers=ADAPTER_HEADERS, value=[], interactive=False, label="Registered adapters", elem_id="adapters-table"
+    )
     with gr.Row():
         pick = gr.Dropdown(label="Adapter version", choices=[], scale=3, elem_id="adapters-pick")
         publish = gr.Button("Publish to fleet", variant="primary", scale=1, elem_id="adapters-publish")
@@ -185,46 +220,69 @@ def build(ctx: ConsoleContext) -> None:
         if not ref:
             return gr.File(visible=False), problem("Pick an adapter version.")
         path = zip_adapter(ctx.registry.get(ref))
-        return gr.File(value=str(path), visible=True), f"Exported `{ref}` as {path.name} (PEFT folder: adapter_config.json, adapter_model.safetensors, meta.json)."
+        return gr.File(
+            value=str(path), visible=True
+        ), f"Exported `{ref}` as {path.name} (PEFT folder: adapter_config.json, adapter_model.safetensors, meta.json)."
 
     adapter_history.build(ctx)  # alias history with the gate's figures, and Rollback (ui/tabs/adapter_history.py)
 
     gr.Markdown("### Compare on eval data")
     with gr.Row():
         with gr.Column(scale=2):
-            compare_pick = gr.CheckboxGroup(label="Models", choices=compare_choices(ctx), value=[], elem_id="compare-models")
+            compare_pick = gr.CheckboxGroup(
+                label="Models", choices=compare_choices(ctx), value=[], elem_id="compare-models"
+            )
             with gr.Row():
-                compare_generate = gr.Checkbox(label="Also generate answers (exact match, token F1)", value=True,
-                                               elem_id="compare-generate")
-                compare_max = gr.Number(label="Generate for at most (examples)", value=20, precision=0, minimum=1,
-                                        elem_id="compare-max-generate")
-                compare_tokens = gr.Number(label="Max new tokens per answer", value=64, precision=0, minimum=1,
-                                           elem_id="compare-max-new-tokens")
+                compare_generate = gr.Checkbox(
+                    label="Also generate answers (exact match, token F1)", value=True, elem_id="compare-generate"
+                )
+                compare_max = gr.Number(
+                    label="Generate for at most (examples)",
+                    value=20,
+                    precision=0,
+                    minimum=1,
+                    elem_id="compare-max-generate",
+                )
+                compare_tokens = gr.Number(
+                    label="Max new tokens per answer",
+                    value=64,
+                    precision=0,
+                    minimum=1,
+                    elem_id="compare-max-new-tokens",
+                )
         with gr.Column(scale=2):
-            compare_upload = gr.File(label="Upload eval data (JSONL, JSON, CSV, Parquet)", file_types=list(UPLOAD_SUFFIXES),
-                                     type="filepath", elem_id="compare-upload")
+            compare_upload = gr.File(
+                label="Upload eval data (JSONL, JSON, CSV, Parquet)",
+                file_types=list(UPLOAD_SUFFIXES),
+                type="filepath",
+                elem_id="compare-upload",
+            )
             compare_check = gr.Markdown("", elem_id="compare-data-check")
             # Only files uploaded to the console (as in the Train tab): a typed path would let the page read any file.
             compare_data = gr.Dropdown(label="Eval data", choices=data_choices(ctx), value=None, elem_id="compare-data")
     compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-start")
     compare_msg = gr.Markdown("", elem_id="compare-message")
     compare_progress = gr.HTML(evals.progress_html(None), elem_id="compare-progress")
-    compare_table = gr.Dataframe(headers=evals.HEADERS, value=[], interactive=False, label="Scores on the same data",
-                                 elem_id="compare-table")
+    compare_table = gr.Dataframe(
+        headers=evals.HEADERS, value=[], interactive=False, label="Scores on the same data", elem_id="compare-table"
+    )
     compare_plot = gr.Plot(evals.loss_figure(None), show_label=False, elem_id="compare-plot")
     compare_timer = gr.Timer(ctx.settings.ui.poll_interval_s)
 
     compare_outputs = [compare_progress, compare_table, compare_plot]
     compare_upload.upload(bind(on_upload, ctx), compare_upload, [compare_check, compare_data])
     compare_inputs = [compare_pick, compare_data, compare_generate, compare_max, compare_tokens]
-    compare_btn.click(bind(on_compare, ctx), compare_inputs, compare_msg).then(bind(refresh_compare, ctx), None, compare_outputs)
+    compare_btn.click(bind(on_compare, ctx), compare_inputs, compare_msg).then(
+        bind(refresh_compare, ctx), None, compare_outputs
+    )
     compare_timer.tick(bind(refresh_compare, ctx), None, compare_outputs, show_progress="hidden")
     ctx.on_load.append((bind(refresh_compare, ctx), [], compare_outputs))
     ctx.on_load.append((bind(refresh_compare_form, ctx), [compare_pick, compare_data], [compare_pick, compare_data]))
 
     outputs = [status, table, pick]
-    refresh_btn.click(refresh, pick, outputs).then(bind(refresh_compare_form, ctx), [compare_pick, compare_data],
-                                                   [compare_pick, compare_data])
+    refresh_btn.click(refresh, pick, outputs).then(
+        bind(refresh_compare_form, ctx), [compare_pick, compare_data], [compare_pick, compare_data]
+    )
     pick.change(show_meta, pick, detail)
     publish.click(on_publish, pick, action).then(refresh, pick, outputs)
     unpublish.click(on_unpublish, pick, action).then(refresh, pick, outputs)

@@ -48,12 +48,23 @@ def load_models(ctx: ConsoleContext, current: str | None, cur_a: str | None, cur
     pick_a = cur_a if cur_a in names else pick
     pick_b = cur_b if cur_b in names else (names[-1] if names else None)
     note = "" if names else "The router serves no model yet: start a worker (`appliance up`)."
-    return (gr.Dropdown(choices=names, value=pick), gr.Dropdown(choices=names, value=pick_a),
-            gr.Dropdown(choices=names, value=pick_b), note)
+    return (
+        gr.Dropdown(choices=names, value=pick),
+        gr.Dropdown(choices=names, value=pick_a),
+        gr.Dropdown(choices=names, value=pick_b),
+        note,
+    )
 
 
-def respond(ctx: ConsoleContext, message: str, history: list[dict[str, Any]] | None, model_name: str | None,
-            system_prompt: str, temp: float, max_tok: int) -> Iterator[tuple[str, list[dict[str, Any]], str]]:
+def respond(
+    ctx: ConsoleContext,
+    message: str,
+    history: list[dict[str, Any]] | None,
+    model_name: str | None,
+    system_prompt: str,
+    temp: float,
+    max_tok: int,
+) -> Iterator[tuple[str, list[dict[str, Any]], str]]:
     """Stream the answer to `message` into the history: yields (input box, history, problem)."""
     history = list(history or [])
     if not message.strip():
@@ -77,8 +88,9 @@ def respond(ctx: ConsoleContext, message: str, history: list[dict[str, Any]] | N
         yield "", history, problem(exc)
 
 
-def run_compare(ctx: ConsoleContext, prompt_text: str, a: str | None, b: str | None, system_prompt: str, temp: float,
-                max_tok: int) -> Iterator[tuple[str, str]]:
+def run_compare(
+    ctx: ConsoleContext, prompt_text: str, a: str | None, b: str | None, system_prompt: str, temp: float, max_tok: int
+) -> Iterator[tuple[str, str]]:
     """Stream two models' answers to one prompt side by side: yields (answer A, answer B)."""
     if not prompt_text.strip() or not a or not b:
         yield "Pick two models and write a prompt.", ""
@@ -115,7 +127,9 @@ def build(ctx: ConsoleContext) -> None:
 
     status = gr.Markdown("", elem_id="chat-status")
     with gr.Row():
-        model = gr.Dropdown(label="Model (base or adapter)", choices=[], allow_custom_value=True, scale=4, elem_id="chat-model")
+        model = gr.Dropdown(
+            label="Model (base or adapter)", choices=[], allow_custom_value=True, scale=4, elem_id="chat-model"
+        )
         refresh = gr.Button("Refresh models", scale=1, elem_id="chat-refresh")
     with gr.Row():
         system = gr.Textbox(label="System prompt", value=DEFAULT_SYSTEM_PROMPT, scale=4)

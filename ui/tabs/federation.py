@@ -19,9 +19,29 @@ from fedllm.ui.runs import format_duration
 from fedllm.ui.services import ServiceUnavailable
 
 SILO_HEADERS = ["silo", "online", "last seen", "rounds", "examples"]
-ROUND_HEADERS = ["round", "participants", "train loss", "eval loss", "bytes in", "bytes out", "duration (s)", "epsilon", "gate",
-                 "adapter"]
-TIMING_HEADERS = ["round", "silo", "download (s)", "train (s)", "upload (s)", "other (s)", "deadline (s)", "MB down", "MB up"]
+ROUND_HEADERS = [
+    "round",
+    "participants",
+    "train loss",
+    "eval loss",
+    "bytes in",
+    "bytes out",
+    "duration (s)",
+    "epsilon",
+    "gate",
+    "adapter",
+]
+TIMING_HEADERS = [
+    "round",
+    "silo",
+    "download (s)",
+    "train (s)",
+    "upload (s)",
+    "other (s)",
+    "deadline (s)",
+    "MB down",
+    "MB up",
+]
 TIMING_PARTS = ["download", "train", "upload", "other"]  # of a silo's span, TRAIN sent to UPDATE received
 
 
@@ -29,12 +49,18 @@ def summary_markdown(status: dict[str, Any], now: float | None = None) -> str:
     """Round, phase, deadline and strategy as a short Markdown block."""
     now = time.time() if now is None else now
     deadline = status.get("deadline")
-    left = f"{format_duration(float(deadline) - now)} left" if isinstance(deadline, (int, float)) and deadline > now else "-"
+    left = (
+        f"{format_duration(float(deadline) - now)} left"
+        if isinstance(deadline, (int, float)) and deadline > now
+        else "-"
+    )
     phase = status.get("phase", "?")
     if phase == "finished":  # an ended run whose coordinator stays up for the next one (federation/runtime/runs.py)
         phase = f"finished ({status.get('ended', 'done')}): start the next run below"
-    return (f"**Run** `{status.get('run', '?')}` · **round** {status.get('round', '?')} / {status.get('rounds_total', '?')}"
-            f" · **phase** {phase} · **deadline** {left} · **strategy** {status.get('strategy', '?')}")
+    return (
+        f"**Run** `{status.get('run', '?')}` · **round** {status.get('round', '?')} / {status.get('rounds_total', '?')}"
+        f" · **phase** {phase} · **deadline** {left} · **strategy** {status.get('strategy', '?')}"
+    )
 
 
 def silo_rows(status: dict[str, Any], now: float | None = None) -> list[list[Any]]:
@@ -54,9 +80,20 @@ def round_rows(status: dict[str, Any]) -> list[list[Any]]:
     for r in status.get("rounds", []):
         m = r.get("metrics") or {}
         parts = r.get("participants")
-        rows.append([r.get("round"), ", ".join(parts) if isinstance(parts, list) else parts, _num(m.get("train_loss")),
-                     _num(m.get("eval_loss")), r.get("bytes_in"), r.get("bytes_out"), _num(r.get("duration_s"), 1),
-                     _num(r.get("epsilon"), 3), gate_text(r.get("gate")), r.get("adapter") or ""])
+        rows.append(
+            [
+                r.get("round"),
+                ", ".join(parts) if isinstance(parts, list) else parts,
+                _num(m.get("train_loss")),
+                _num(m.get("eval_loss")),
+                r.get("bytes_in"),
+                r.get("bytes_out"),
+                _num(r.get("duration_s"), 1),
+                _num(r.get("epsilon"), 3),
+                gate_text(r.get("gate")),
+                r.get("adapter") or "",
+            ]
+        )
     return rows
 
 
@@ -67,6 +104,7 @@ def _last_timed_round(status: dict[str, Any]) -> dict[str, Any] | None:
 def silo_timing_parts(timing: dict[str, Any]) -> dict[str, float]:
     """A silo's span split into download, train, upload and other (the silo's decoding and encoding; also the transfers
     when the silo sent no timestamps or clock offset, so download and upload are unknown)."""
+
     def num(key: str) -> float:
         value = timing.get(key)
         return float(value) if isinstance(value, (int, float)) else 0.0
@@ -87,15 +125,29 @@ def timing_rows(status: dict[str, Any]) -> list[list[Any]]:
             continue
         other = silo_timing_parts(t)["other"] if isinstance(t.get("span_s"), (int, float)) else None
         mb = [round(t[k] / 1e6, 2) if isinstance(t.get(k), (int, float)) else "" for k in ("bytes_down", "bytes_up")]
-        rows.append([record.get("round"), silo, _num(t.get("download_s"), 3), _num(t.get("train_s"), 3), _num(t.get("upload_s"), 3),
-                     _num(other, 3), _num((record.get("deadlines_s") or {}).get(silo), 1), *mb])
+        rows.append(
+            [
+                record.get("round"),
+                silo,
+                _num(t.get("download_s"), 3),
+                _num(t.get("train_s"), 3),
+                _num(t.get("upload_s"), 3),
+                _num(other, 3),
+                _num((record.get("deadlines_s") or {}).get(silo), 1),
+                *mb,
+            ]
+        )
     return rows
 
 
 def timing_figure(status: dict[str, Any]):
     """Stacked bars per silo of the last round: download, train, upload, other (seconds)."""
     record = _last_timed_round(status)
-    rows = [] if record is None else [(str(s), silo_timing_parts(t)) for s, t in sorted(record["timings"].items()) if isinstance(t, dict)]
+    rows = (
+        []
+        if record is None
+        else [(str(s), silo_timing_parts(t)) for s, t in sorted(record["timings"].items()) if isinstance(t, dict)]
+    )
     title = f"Round {record.get('round')}: where each silo's time went" if record else "Per-silo timings"
     return stacked_bar_figure(rows, TIMING_PARTS, title, "seconds", empty_text="No round yet")
 
@@ -127,15 +179,24 @@ def eval_frame(status: dict[str, Any]):
             point = _loss_point(sm)
             if point:
                 rows.append({"round": r["round"], "loss": point[0], "series": str(silo) + point[1]})
-    return pd.DataFrame(rows, columns=["round", "loss", "series"]).astype({"round": "int64", "loss": "float64", "series": "str"})
+    return pd.DataFrame(rows, columns=["round", "loss", "series"]).astype(
+        {"round": "int64", "loss": "float64", "series": "str"}
+    )
 
 
 def federation_figure(status: dict[str, Any]):
     """Global and per-silo loss across rounds (eval loss, else train loss, labelled)."""
     frame = eval_frame(status)
     global_first = {n: "#111827" for n in frame["series"] if n.startswith("global")}
-    return line_figure(frame, "round", "loss", "Loss per round: global and per silo", global_first, empty_text="No rounds yet",
-                       size_in=(6.0, 3.2))
+    return line_figure(
+        frame,
+        "round",
+        "loss",
+        "Loss per round: global and per silo",
+        global_first,
+        empty_text="No rounds yet",
+        size_in=(6.0, 3.2),
+    )
 
 
 def appliance_cmd(ctx: ConsoleContext, *args: str) -> list[str]:
@@ -161,7 +222,9 @@ def launch_checked(ctx: ConsoleContext, kind: str, cmd: list[str], grace_s: floa
         time.sleep(0.1)
         record = launcher.read_record(path)
     if record.get("exit_code") not in (None, 0):
-        raise ServiceUnavailable(f"The {kind} exited with code {record['exit_code']}:\n```\n{log_tail(Path(record['log']), 12)}\n```")
+        raise ServiceUnavailable(
+            f"The {kind} exited with code {record['exit_code']}:\n```\n{log_tail(Path(record['log']), 12)}\n```"
+        )
     return record
 
 
@@ -172,10 +235,24 @@ def refresh(ctx: ConsoleContext):
     except ServiceUnavailable as exc:
         return problem(exc), "", [], [], federation_figure({}), [], timing_figure({})
     if not isinstance(status, dict):
-        return (problem("The coordinator's /status did not answer a JSON object."), "", [], [], federation_figure({}), [],
-                timing_figure({}))
-    return ("", summary_markdown(status), silo_rows(status), round_rows(status), federation_figure(status),
-            timing_rows(status), timing_figure(status))
+        return (
+            problem("The coordinator's /status did not answer a JSON object."),
+            "",
+            [],
+            [],
+            federation_figure({}),
+            [],
+            timing_figure({}),
+        )
+    return (
+        "",
+        summary_markdown(status),
+        silo_rows(status),
+        round_rows(status),
+        federation_figure(status),
+        timing_rows(status),
+        timing_figure(status),
+    )
 
 
 @guarded(lambda msg: msg)
@@ -184,12 +261,20 @@ def on_enrol(ctx: ConsoleContext, name: str, key: str, examples: float | None = 
     (which checks the name and the key); the count bounds the weight the silo's updates get in every round."""
     name, key = name.strip(), key.strip()
     if examples is None or examples != examples or examples < 1 or int(examples) != examples:
-        return problem("Declare the silo's example count (a whole number, at least 1): its updates never weigh more "
-                       "than that in a round.")
-    result = subprocess.run(appliance_cmd(ctx, "federation", "enroll", "--examples", str(int(examples)), "--", name, key),
-                            capture_output=True, text=True, timeout=60)
+        return problem(
+            "Declare the silo's example count (a whole number, at least 1): its updates never weigh more "
+            "than that in a round."
+        )
+    result = subprocess.run(
+        appliance_cmd(ctx, "federation", "enroll", "--examples", str(int(examples)), "--", name, key),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if result.returncode != 0:
-        return problem(" ".join((result.stderr or result.stdout).split()) or f"enrolment failed (exit code {result.returncode})")
+        return problem(
+            " ".join((result.stderr or result.stdout).split()) or f"enrolment failed (exit code {result.returncode})"
+        )
     return f"Enrolled silo **{html.escape(name)}** ({int(examples)} examples declared); it can join at the next round."
 
 
@@ -198,23 +283,43 @@ def on_start(ctx: ConsoleContext, rounds_n: float, strat: str, min_n: float, ste
     """Start `appliance coordinator start` detached with the tab's settings."""
     if running_launch(ctx, "coordinator"):
         return problem("A coordinator started from this console is already running; stop it first.")
-    cmd = appliance_cmd(ctx, "coordinator", "start", "--rounds", str(int(rounds_n)), "--strategy", strat,
-                        "--min-silos", str(int(min_n)), "--local-steps", str(int(steps)))
+    cmd = appliance_cmd(
+        ctx,
+        "coordinator",
+        "start",
+        "--rounds",
+        str(int(rounds_n)),
+        "--strategy",
+        strat,
+        "--min-silos",
+        str(int(min_n)),
+        "--local-steps",
+        str(int(steps)),
+    )
     record = launch_checked(ctx, "coordinator", cmd)
     return f"Started the coordinator (pid {record.get('pid')}); log: `{record['log']}`."
 
 
 @guarded(lambda msg: msg)
-def on_next_run(ctx: ConsoleContext, run_name: str | None, rounds_n: float, strat: str, min_n: float, steps: float) -> str:
+def on_next_run(
+    ctx: ConsoleContext, run_name: str | None, rounds_n: float, strat: str, min_n: float, steps: float
+) -> str:
     """Ask a coordinator whose run has ended (`phase` finished) to start the next run (`POST /runs/next`,
     federation/runtime/runs.py): the same run for more rounds, or a new run when a name is given."""
-    body: dict[str, Any] = {"rounds": int(rounds_n), "strategy": strat, "min_silos": int(min_n), "local_steps": int(steps)}
+    body: dict[str, Any] = {
+        "rounds": int(rounds_n),
+        "strategy": strat,
+        "min_silos": int(min_n),
+        "local_steps": int(steps),
+    }
     if run_name and run_name.strip():
         body["run"] = run_name.strip()
     status = ctx.coordinator.request("GET", "/status")
     if isinstance(status, dict) and status.get("phase") != "finished":
-        return problem(f"The coordinator's run `{status.get('run')}` is still {status.get('phase')}; the next run starts "
-                       f"once it has ended.")
+        return problem(
+            f"The coordinator's run `{status.get('run')}` is still {status.get('phase')}; the next run starts "
+            f"once it has ended."
+        )
     out = ctx.coordinator.request("POST", "/runs/next", json=body)
     return f"Started run `{out['run']}` (up to round {out['rounds']})."
 
@@ -240,8 +345,10 @@ def demo_markdown(ctx: ConsoleContext) -> str:
         beats = "beats" if doc.get("federated_beats_local_cross_silo") else "does not beat"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return ""
-    return (f"**Last demo**: the federated adapter recovered {shares} of the centralized gain (held-out loss); it {beats} "
-            f"every local-only adapter on the other silos' data.")
+    return (
+        f"**Last demo**: the federated adapter recovered {shares} of the centralized gain (held-out loss); it {beats} "
+        f"every local-only adapter on the other silos' data."
+    )
 
 
 @guarded(lambda msg: msg)
@@ -251,8 +358,10 @@ def on_demo(ctx: ConsoleContext) -> str:
         return problem("The demo is already running.")
     out = ctx.settings.home / "ui" / "demo"
     record = launch_checked(ctx, "demo", appliance_cmd(ctx, "demo", "federation", "--out", str(out)))
-    return (f"Started the 3-silo demo (pid {record.get('pid')}) in `{out}`; it prints base, local-only, federated and "
-            f"centralized held-out losses at the end of its log: `{record['log']}`.")
+    return (
+        f"Started the 3-silo demo (pid {record.get('pid')}) in `{out}`; it prints base, local-only, federated and "
+        f"centralized held-out losses at the end of its log: `{record['log']}`."
+    )
 
 
 def build(ctx: ConsoleContext) -> None:
@@ -267,16 +376,26 @@ def build(ctx: ConsoleContext) -> None:
         plot = gr.Plot(federation_figure({}), show_label=False, elem_id="fed-plot")
     rounds = gr.Dataframe(headers=ROUND_HEADERS, value=[], interactive=False, label="Rounds", elem_id="fed-rounds")
     with gr.Row():
-        timings = gr.Dataframe(headers=TIMING_HEADERS, value=[], interactive=False, elem_id="fed-timings",
-                               label="Last round per silo: download, train, upload (s); deadline after the round's start")
+        timings = gr.Dataframe(
+            headers=TIMING_HEADERS,
+            value=[],
+            interactive=False,
+            elem_id="fed-timings",
+            label="Last round per silo: download, train, upload (s); deadline after the round's start",
+        )
         timing_plot = gr.Plot(timing_figure({}), show_label=False, elem_id="fed-timing-plot")
     with gr.Row():
         with gr.Column():
             gr.Markdown("#### Enrol a silo")
             silo_name = gr.Textbox(label="Silo name", elem_id="fed-silo-name")
             silo_key = gr.Textbox(label="Silo public key (z85, 40 characters)", elem_id="fed-silo-key")
-            silo_examples = gr.Number(label="Declared example count (bounds the silo's weight)", value=None, precision=0,
-                                      minimum=1, elem_id="fed-silo-examples")
+            silo_examples = gr.Number(
+                label="Declared example count (bounds the silo's weight)",
+                value=None,
+                precision=0,
+                minimum=1,
+                elem_id="fed-silo-examples",
+            )
             enrol = gr.Button("Enrol", elem_id="fed-enrol")
         with gr.Column():
             gr.Markdown("#### Run a federation")
@@ -291,7 +410,9 @@ def build(ctx: ConsoleContext) -> None:
                 stop = gr.Button("Stop", elem_id="fed-stop")
                 demo = gr.Button("Run the 3-silo demo", elem_id="fed-demo")
             with gr.Row():
-                next_name = gr.Textbox(label="Next run name (empty: the same run, more rounds)", elem_id="fed-next-name")
+                next_name = gr.Textbox(
+                    label="Next run name (empty: the same run, more rounds)", elem_id="fed-next-name"
+                )
                 next_run = gr.Button("Start next run", elem_id="fed-next-run")
     action = gr.Markdown("", elem_id="fed-action")
     demo_result = gr.Markdown("", elem_id="fed-demo-result")

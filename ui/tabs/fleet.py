@@ -6,13 +6,24 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fedllm.ui.context import ConsoleContext, guarded, problem
+from fedllm.core.contracts.router_client import canary_label
 from fedllm.core.contracts.router_metrics import snapshot
+from fedllm.ui.context import ConsoleContext, guarded, problem
 from fedllm.ui.fleet_history import FleetHistory, figures, summary_markdown
 from fedllm.ui.services import ServiceUnavailable
-from fedllm.core.contracts.router_client import canary_label
 
-WORKER_HEADERS = ["id", "url", "region", "healthy", "draining", "canary", "outstanding", "latency (ms)", "models", "adapters"]
+WORKER_HEADERS = [
+    "id",
+    "url",
+    "region",
+    "healthy",
+    "draining",
+    "canary",
+    "outstanding",
+    "latency (ms)",
+    "models",
+    "adapters",
+]
 
 
 def canary_cell(worker: dict[str, Any]) -> str:
@@ -23,10 +34,21 @@ def canary_cell(worker: dict[str, Any]) -> str:
 
 def worker_rows(workers: list[dict[str, Any]]) -> list[list[Any]]:
     """Rows of the workers table."""
-    return [[w.get("id"), w.get("url"), w.get("region"), "yes" if w.get("healthy") else "no",
-             "yes" if w.get("draining") else "no", canary_cell(w), w.get("outstanding", 0),
-             round(float(w["latency_ms"]), 1) if isinstance(w.get("latency_ms"), (int, float)) else "",
-             ", ".join(w.get("models") or []), ", ".join(w.get("adapters") or [])] for w in workers]
+    return [
+        [
+            w.get("id"),
+            w.get("url"),
+            w.get("region"),
+            "yes" if w.get("healthy") else "no",
+            "yes" if w.get("draining") else "no",
+            canary_cell(w),
+            w.get("outstanding", 0),
+            round(float(w["latency_ms"]), 1) if isinstance(w.get("latency_ms"), (int, float)) else "",
+            ", ".join(w.get("models") or []),
+            ", ".join(w.get("adapters") or []),
+        ]
+        for w in workers
+    ]
 
 
 def add_worker(ctx: ConsoleContext, worker_url: str, worker_region: str, api_key: str = "") -> str:
@@ -35,8 +57,10 @@ def add_worker(ctx: ConsoleContext, worker_url: str, worker_region: str, api_key
     if not worker_url.startswith(("http://", "https://")):
         return problem("The worker URL must start with http:// or https://")
     if not api_key.strip():
-        return problem("The worker's API key is needed: the router sends it on every call (the worker's gate refuses calls "
-                       "without it)")
+        return problem(
+            "The worker's API key is needed: the router sends it on every call (the worker's gate refuses calls "
+            "without it)"
+        )
     wid = ctx.router.register_worker(worker_url, region=worker_region.strip() or "local", api_key=api_key.strip())["id"]
     return f"Added worker `{wid}` with its API key."
 
@@ -59,12 +83,19 @@ def build(ctx: ConsoleContext) -> None:
         rate_plot = gr.Plot(label="Requests and errors", elem_id="fleet-rate-plot")
         ttft_plot = gr.Plot(label="Time to first token", elem_id="fleet-ttft-plot")
     history = FleetHistory(window_s=600.0)
-    workers = gr.Dataframe(headers=WORKER_HEADERS, value=[], interactive=False, label="Workers", elem_id="fleet-workers")
+    workers = gr.Dataframe(
+        headers=WORKER_HEADERS, value=[], interactive=False, label="Workers", elem_id="fleet-workers"
+    )
     with gr.Row():
         url = gr.Textbox(label="Worker URL", placeholder="http://10.0.0.5:8100", scale=3, elem_id="fleet-url")
         region = gr.Textbox(label="Region", value=ctx.settings.serve.region, scale=1)
-        api_key = gr.Textbox(label="Worker API key", type="password", scale=2, elem_id="fleet-api-key",
-                             placeholder="the key its vLLM (or gate) asks for")
+        api_key = gr.Textbox(
+            label="Worker API key",
+            type="password",
+            scale=2,
+            elem_id="fleet-api-key",
+            placeholder="the key its vLLM (or gate) asks for",
+        )
         add = gr.Button("Add worker", scale=1, elem_id="fleet-add")
     with gr.Row():
         worker_id = gr.Dropdown(label="Worker", choices=[], scale=3, elem_id="fleet-worker")
@@ -82,7 +113,9 @@ def build(ctx: ConsoleContext) -> None:
             return problem(exc), "", [], gr.Dropdown(), gr.Plot(), gr.Plot()
         history.add(snap)
         ids = [w.get("id") for w in rows]
-        note = "" if rows else "No workers yet: `appliance up` starts one; remote GPUs join with `appliance worker join`."
+        note = (
+            "" if rows else "No workers yet: `appliance up` starts one; remote GPUs join with `appliance worker join`."
+        )
         return (note, summary_markdown(snap), worker_rows(rows), gr.Dropdown(choices=ids), *figures(history))
 
     @guarded(lambda msg: msg)

@@ -9,9 +9,26 @@ from fedllm.ui.context import ConsoleContext, guarded, problem
 from fedllm.ui.jobs_client import JobsClient
 from fedllm.ui.services import ServiceUnavailable
 
-GROUP_HEADERS = ["group", "nodes alive/total", "CPU free/total", "GPU free/total", "slot free/total", "memory GiB free/total",
-                 "jobs running", "jobs waiting"]
-NODE_HEADERS = ["group", "node", "name", "state", "CPU free/total", "GPU free/total", "slot free/total", "memory GiB free/total"]
+GROUP_HEADERS = [
+    "group",
+    "nodes alive/total",
+    "CPU free/total",
+    "GPU free/total",
+    "slot free/total",
+    "memory GiB free/total",
+    "jobs running",
+    "jobs waiting",
+]
+NODE_HEADERS = [
+    "group",
+    "node",
+    "name",
+    "state",
+    "CPU free/total",
+    "GPU free/total",
+    "slot free/total",
+    "memory GiB free/total",
+]
 JOB_HEADERS = ["job", "state", "group", "node", "age", "attempts", "reason / command"]
 
 
@@ -21,8 +38,19 @@ def _pair(n: dict[str, Any], key: str) -> str:
 
 def node_rows(nodes: list[dict[str, Any]]) -> list[list[Any]]:
     """Rows of the nodes table, by group."""
-    return [[n["group"], n["node_id"][:12], n["labels"].get("node", ""), "alive" if n["alive"] else "dead",
-             _pair(n, "CPU"), _pair(n, "GPU"), _pair(n, "slot"), _pair(n, "memory_gb")] for n in nodes]
+    return [
+        [
+            n["group"],
+            n["node_id"][:12],
+            n["labels"].get("node", ""),
+            "alive" if n["alive"] else "dead",
+            _pair(n, "CPU"),
+            _pair(n, "GPU"),
+            _pair(n, "slot"),
+            _pair(n, "memory_gb"),
+        ]
+        for n in nodes
+    ]
 
 
 def group_rows(nodes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[list[Any]]:
@@ -42,19 +70,39 @@ def group_rows(nodes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[
         if group is not None:
             group["running"] += j["state"] == "RUNNING"
             group["waiting"] += j["state"] in ("QUEUED", "PENDING")
-    return [[name, f"{g['alive']}/{g['nodes']}", *(_pair(g, key) for key in ("CPU", "GPU", "slot", "memory_gb")), g["running"],
-             g["waiting"]] for name, g in sorted(groups.items())]
+    return [
+        [
+            name,
+            f"{g['alive']}/{g['nodes']}",
+            *(_pair(g, key) for key in ("CPU", "GPU", "slot", "memory_gb")),
+            g["running"],
+            g["waiting"],
+        ]
+        for name, g in sorted(groups.items())
+    ]
 
 
 def age(seconds: float) -> str:
     """A short age for the jobs table: seconds, then minutes, then hours."""
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+    return (
+        f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+    )
 
 
 def job_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
     """Rows of the jobs table, newest first."""
-    return [[j["job_id"], j["state"], j["group"], (j.get("node_id") or "-")[:12], age(j["age_s"]), j["attempts"],
-             j.get("reason") or j["command"]] for j in reversed(jobs)]
+    return [
+        [
+            j["job_id"],
+            j["state"],
+            j["group"],
+            (j.get("node_id") or "-")[:12],
+            age(j["age_s"]),
+            j["attempts"],
+            j.get("reason") or j["command"],
+        ]
+        for j in reversed(jobs)
+    ]
 
 
 def build(ctx: ConsoleContext) -> None:
@@ -63,8 +111,12 @@ def build(ctx: ConsoleContext) -> None:
 
     client = JobsClient(ctx.settings.home)
     status = gr.Markdown("", elem_id="jobs-status")
-    groups = gr.Dataframe(headers=GROUP_HEADERS, value=[], interactive=False, label="Device groups", elem_id="jobs-groups")
-    nodes = gr.Dataframe(headers=NODE_HEADERS, value=[], interactive=False, label="Groups and nodes", elem_id="jobs-nodes")
+    groups = gr.Dataframe(
+        headers=GROUP_HEADERS, value=[], interactive=False, label="Device groups", elem_id="jobs-groups"
+    )
+    nodes = gr.Dataframe(
+        headers=NODE_HEADERS, value=[], interactive=False, label="Groups and nodes", elem_id="jobs-nodes"
+    )
     jobs = gr.Dataframe(headers=JOB_HEADERS, value=[], interactive=False, label="Jobs", elem_id="jobs-table")
     with gr.Row():
         job_id = gr.Dropdown(label="Job", choices=[], scale=3, elem_id="jobs-job")
@@ -91,8 +143,19 @@ def build(ctx: ConsoleContext) -> None:
         except ServiceUnavailable as exc:
             return problem(exc), [], [], [], gr.Dropdown(), ""
         ids = [j["job_id"] for j in reversed(job_list)]
-        note = "" if job_list else "No jobs yet: submit one below or with `appliance job submit --group NAME -- train ...`."
-        return note, group_rows(node_list, job_list), node_rows(node_list), job_rows(job_list), gr.Dropdown(choices=ids, value=selected if selected in ids else None), tail
+        note = (
+            ""
+            if job_list
+            else "No jobs yet: submit one below or with `appliance job submit --group NAME -- train ...`."
+        )
+        return (
+            note,
+            group_rows(node_list, job_list),
+            node_rows(node_list),
+            job_rows(job_list),
+            gr.Dropdown(choices=ids, value=selected if selected in ids else None),
+            tail,
+        )
 
     @guarded(lambda msg: msg)
     def on_stop(selected: str | None):
@@ -104,7 +167,9 @@ def build(ctx: ConsoleContext) -> None:
     def on_submit(group_: str, data_: str, output_: str, steps_: float, cpus_: float, slots_: float):
         if not data_.strip():
             return problem("The data path is needed (a file on the node that runs the job).")
-        return client.submit_training(group_.strip(), data_.strip(), int(steps_ or 1), float(cpus_ or 1), float(slots_ or 0), output_.strip())
+        return client.submit_training(
+            group_.strip(), data_.strip(), int(steps_ or 1), float(cpus_ or 1), float(slots_ or 0), output_.strip()
+        )
 
     outputs = [status, groups, nodes, jobs, job_id, log]
     timer.tick(refresh, job_id, outputs, show_progress="hidden")

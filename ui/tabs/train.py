@@ -12,15 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.core.atomic import write_bytes_atomic
+from fedllm.core.contracts.records import load_file
 from fedllm.core.errors import DataError
 from fedllm.core.processes import log_tail
-from fedllm.core.contracts.records import load_file
 from fedllm.ui import launcher
 from fedllm.ui.context import ConsoleContext, bind, guarded, problem
 from fedllm.ui.plots import line_figure
 from fedllm.ui.runs import RunView, format_duration, list_runs, resume_command, smooth, train_command
 
-STATE_COLOURS = {"running": "#2563eb", "starting": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#a16207"}
+STATE_COLOURS = {
+    "running": "#2563eb",
+    "starting": "#2563eb",
+    "done": "#16a34a",
+    "failed": "#dc2626",
+    "stopped": "#a16207",
+}
 
 
 def data_dir(ctx: ConsoleContext) -> Path:
@@ -66,7 +72,9 @@ def progress_html(run: RunView | None) -> str:
         parts.append(f"<br>adapter <code>{html.escape(run.adapter)}</code>")
     if run.state == "failed":
         code = "unknown" if run.exit_code is None else run.exit_code
-        parts.append(f"<div class='run-error' style='color:#dc2626'>failed · exit code {code} · {html.escape(run.error or '')}</div>")
+        parts.append(
+            f"<div class='run-error' style='color:#dc2626'>failed · exit code {code} · {html.escape(run.error or '')}</div>"
+        )
     parts.append("</div>")
     return "".join(parts)
 
@@ -82,10 +90,15 @@ def loss_frame(run: RunView | None):
         for m, s in zip(steps, smooth(raw)):
             rows.append({"step": int(m["step"]), "loss": float(m["loss"]), "series": "raw"})
             rows.append({"step": int(m["step"]), "loss": s, "series": "smoothed"})
-        rows += [{"step": int(m["step"]), "loss": float(m["eval_loss"]), "series": "eval"}
-                 for m in run.metrics if "eval_loss" in m and "step" in m]
+        rows += [
+            {"step": int(m["step"]), "loss": float(m["eval_loss"]), "series": "eval"}
+            for m in run.metrics
+            if "eval_loss" in m and "step" in m
+        ]
     # Typed columns even when empty: the plot takes its axis types (quantitative, not nominal) from them.
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64", "series": "str"})
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype(
+        {"step": "int64", "loss": "float64", "series": "str"}
+    )
 
 
 LOSS_COLOURS = {"raw": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#dc2626"}
@@ -93,8 +106,14 @@ LOSS_COLOURS = {"raw": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#dc2626"}
 
 def loss_figure(run: RunView | None):
     """The loss plot of a run: raw and smoothed training loss, and eval loss where there is one."""
-    return line_figure(loss_frame(run), "step", "loss", "Training loss (raw and smoothed)", LOSS_COLOURS,
-                       empty_text="No loss yet" if run is not None else "No run selected")
+    return line_figure(
+        loss_frame(run),
+        "step",
+        "loss",
+        "Training loss (raw and smoothed)",
+        LOSS_COLOURS,
+        empty_text="No loss yet" if run is not None else "No run selected",
+    )
 
 
 def loss_caption(run: RunView | None) -> str:
@@ -114,10 +133,17 @@ def runs_table(runs: list[RunView]) -> list[list[Any]]:
     out = []
     for r in runs:
         last = r.last
-        out.append([r.id, r.state, f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
-                    round(float(last["loss"]), 4) if "loss" in last else None, r.adapter or "",
-                    "" if r.exit_code is None else r.exit_code,
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)) if r.started_at else ""])
+        out.append(
+            [
+                r.id,
+                r.state,
+                f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
+                round(float(last["loss"]), 4) if "loss" in last else None,
+                r.adapter or "",
+                "" if r.exit_code is None else r.exit_code,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)) if r.started_at else "",
+            ]
+        )
     return out
 
 
@@ -135,13 +161,17 @@ def save_upload(ctx: ConsoleContext, path: Path) -> tuple[Path, int]:
             training data (every problem listed, by line or row).
     """
     if path.suffix.lower() not in UPLOAD_SUFFIXES:
-        raise DataError(f"{path.name}: the console reads {', '.join(UPLOAD_SUFFIXES)} files (a saved datasets folder: "
-                        "`appliance train --data FOLDER`)")
+        raise DataError(
+            f"{path.name}: the console reads {', '.join(UPLOAD_SUFFIXES)} files (a saved datasets folder: "
+            "`appliance train --data FOLDER`)"
+        )
     limit_mb = ctx.settings.ui.max_upload_mb
     size = path.stat().st_size
     if size > limit_mb * 2**20:
-        raise DataError(f"{path.name} is {size / 2**20:.1f} MB; the console accepts training files up to {limit_mb:g} MB "
-                        "(ui.max_upload_mb), or start `appliance train` on the file where it lies")
+        raise DataError(
+            f"{path.name} is {size / 2**20:.1f} MB; the console accepts training files up to {limit_mb:g} MB "
+            "(ui.max_upload_mb), or start `appliance train` on the file where it lies"
+        )
     records = load_file(path)
     dest = data_dir(ctx) / path.name
     write_bytes_atomic(dest, path.read_bytes())
@@ -170,28 +200,49 @@ def _dropdown_unchanged(msg: str):
 
 
 @guarded(_dropdown_unchanged)
-def on_start(ctx: ConsoleContext, data_path: str | None, model_name: str, out: str, steps: float, rate: float, bs: float,
-             r: float, alpha: float, seq: float):
+def on_start(
+    ctx: ConsoleContext,
+    data_path: str | None,
+    model_name: str,
+    out: str,
+    steps: float,
+    rate: float,
+    bs: float,
+    r: float,
+    alpha: float,
+    seq: float,
+):
     """Start `appliance train` detached: (message, run dropdown update following the new launch)."""
     import gradio as gr
 
     if not data_path:
         return problem("Upload or pick a training file first."), gr.Dropdown()
-    cmd = train_command(Path(data_path), model=model_name.strip() or None, output=out.strip() or None,
-                        max_steps=int(steps), lr=float(rate), lora_r=int(r), lora_alpha=int(alpha),
-                        batch_size=int(bs), max_seq_len=int(seq), home=ctx.settings.home)
+    cmd = train_command(
+        Path(data_path),
+        model=model_name.strip() or None,
+        output=out.strip() or None,
+        max_steps=int(steps),
+        lr=float(rate),
+        lora_r=int(r),
+        lora_alpha=int(alpha),
+        batch_size=int(bs),
+        max_seq_len=int(seq),
+        home=ctx.settings.home,
+    )
     record = launcher.launch(ctx.settings.home, "train", cmd)
     value = f"launch-{record['id']}"
     choices = [run.id for run in list_runs(ctx.settings.runs_dir, ctx.settings.home)]
-    return (f"Started `appliance train` (pid {record.get('pid')}).",
-            gr.Dropdown(choices=choices if value in choices else [value, *choices], value=value))
+    return (
+        f"Started `appliance train` (pid {record.get('pid')}).",
+        gr.Dropdown(choices=choices if value in choices else [value, *choices], value=value),
+    )
 
 
 def find_run(runs: list[RunView], run_id: str | None) -> RunView | None:
     """The run picked as `run_id` (a launch id follows its run once it has one); the newest run when none is picked."""
     if run_id and run_id.startswith("launch-"):
         # A launch becomes a real run once its process writes status.json: follow it.
-        launch_id = run_id[len("launch-"):]
+        launch_id = run_id[len("launch-") :]
         return next((r for r in runs if r.launch_id == launch_id), None)
     return next((r for r in runs if r.id == run_id), runs[0] if runs else None)
 
@@ -213,7 +264,11 @@ def refresh(ctx: ConsoleContext, run_id: str | None):
     choices = [r.id for r in runs]
     # Set the pick only to follow a launch to its run (or to pick the newest when none is picked): a timer tick
     # computed from the previous pick must not take back a pick the user (or Start) made while it was in flight.
-    picks = gr.Dropdown(choices=choices, value=run.id) if run is not None and run.id != run_id else gr.Dropdown(choices=choices)
+    picks = (
+        gr.Dropdown(choices=choices, value=run.id)
+        if run is not None and run.id != run_id
+        else gr.Dropdown(choices=choices)
+    )
     return (picks, progress_html(run), loss_figure(run), loss_caption(run), log_text, runs_table(runs), "")
 
 
@@ -255,8 +310,12 @@ def build(ctx: ConsoleContext) -> None:
     status = gr.Markdown("", elem_id="train-status")
     with gr.Row():
         with gr.Column(scale=1):
-            upload = gr.File(label="Upload training data (JSONL, JSON, CSV, Parquet)", file_types=list(UPLOAD_SUFFIXES),
-                             type="filepath", elem_id="train-upload")
+            upload = gr.File(
+                label="Upload training data (JSONL, JSON, CSV, Parquet)",
+                file_types=list(UPLOAD_SUFFIXES),
+                type="filepath",
+                elem_id="train-upload",
+            )
             data_check = gr.Markdown("", elem_id="train-data-check")
             data = gr.Dropdown(label="Training data", choices=data_choices(ctx), value=None, elem_id="train-data")
         with gr.Column(scale=2):
@@ -264,17 +323,25 @@ def build(ctx: ConsoleContext) -> None:
                 model = gr.Textbox(label="Base model", value=ctx.settings.model, elem_id="train-model")
                 output = gr.Textbox(label="Adapter name", value="my-adapter", elem_id="train-output")
             with gr.Row():
-                max_steps = gr.Number(label="Max steps", value=cfg.max_steps, precision=0, minimum=1, elem_id="train-steps")
+                max_steps = gr.Number(
+                    label="Max steps", value=cfg.max_steps, precision=0, minimum=1, elem_id="train-steps"
+                )
                 lr = gr.Number(label="Learning rate", value=cfg.lr)
-                batch_size = gr.Number(label="Batch size", value=cfg.batch_size, precision=0, minimum=1, elem_id="train-batch")
+                batch_size = gr.Number(
+                    label="Batch size", value=cfg.batch_size, precision=0, minimum=1, elem_id="train-batch"
+                )
             with gr.Row():
                 lora_r = gr.Number(label="LoRA r", value=cfg.lora_r, precision=0, minimum=1)
                 lora_alpha = gr.Number(label="LoRA alpha", value=cfg.lora_alpha, precision=0, minimum=1)
-                max_seq_len = gr.Number(label="Max sequence length", value=cfg.max_seq_len, precision=0, minimum=16, elem_id="train-seq")
+                max_seq_len = gr.Number(
+                    label="Max sequence length", value=cfg.max_seq_len, precision=0, minimum=16, elem_id="train-seq"
+                )
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
     gr.Markdown("### Runs")
     with gr.Row():
-        run_pick = gr.Dropdown(label="Run", choices=[], value=None, allow_custom_value=True, scale=4, elem_id="train-run")
+        run_pick = gr.Dropdown(
+            label="Run", choices=[], value=None, allow_custom_value=True, scale=4, elem_id="train-run"
+        )
         stop = gr.Button("Stop", scale=1, elem_id="train-stop")
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(progress_html(None), elem_id="train-progress")
@@ -286,8 +353,11 @@ def build(ctx: ConsoleContext) -> None:
     timer = gr.Timer(ctx.settings.ui.poll_interval_s)
 
     upload.upload(bind(on_upload, ctx), upload, [data_check, data])
-    start.click(bind(on_start, ctx), [data, model, output, max_steps, lr, batch_size, lora_r, lora_alpha, max_seq_len],
-                [status, run_pick])
+    start.click(
+        bind(on_start, ctx),
+        [data, model, output, max_steps, lr, batch_size, lora_r, lora_alpha, max_seq_len],
+        [status, run_pick],
+    )
     outputs = [run_pick, progress, plot, caption, log, table, live_status]
     timer.tick(bind(refresh, ctx), run_pick, outputs, show_progress="hidden")
     run_pick.input(bind(refresh, ctx), run_pick, outputs, show_progress="hidden")
