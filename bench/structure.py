@@ -2,7 +2,7 @@
 
 Prints, for the product packages of the checkout given (default: this one), in Markdown:
 - each package: files and lines;
-- the imports between packages, the pairs of installed top-level packages that import each other, and every arrow that points up the layers (the base at the bottom, the CLI and
+- the imports between packages (the test harness, `testing`, sits above all: it drives the product), the pairs of installed top-level packages that import each other, and every arrow that points up the layers (the base at the bottom, the CLI and
   launcher at the top) or sideways between `train` and `serve`;
 - the largest files, classes (lines and methods) and functions, and every function with more than 7 parameters.
 
@@ -15,7 +15,7 @@ import ast
 from collections import Counter
 from pathlib import Path
 
-LAYER = {"base": 0, "train": 1, "serve": 1, "testing": 1, "federation": 2, "ui": 3, "testbed": 3, "appliance": 4}
+LAYER = {"base": 0, "train": 1, "serve": 1, "federation": 2, "ui": 3, "testbed": 3, "appliance": 4, "testing": 5}
 NAMES = ["appliance", "core", "train", "serve", "federation", "ui", "testbed", "testing"]
 
 
