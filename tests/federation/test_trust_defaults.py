@@ -30,10 +30,10 @@ class Times1000(FakeTrainer):
 class LyingSilo(SiloClient):
     """A real silo whose UPDATEs (and secure advertisements) claim 10**12 examples."""
 
-    async def _send(self, header, tensors=None):
+    async def _send(self, header, payload=None, *, tensors=None):
         if header.type == MsgType.UPDATE:
             header = header.model_copy(update={"body": {**header.body, "num_examples": 10**12}})
-        return await super()._send(header, tensors)
+        return await super()._send(header, payload, tensors=tensors)
 
     async def _send_step(self, round_id, step, data, tensors=None):
         if step == "advertise":
