@@ -1,4 +1,5 @@
-"""`python -m fedllm.appliance` = the `appliance` command (how `appliance up` starts its children with the same interpreter)."""
+"""`python -m fedllm.appliance` = the `appliance` command (how `appliance up` starts its children with the same
+interpreter)."""
 
 from fedllm.appliance.cli import app
 

@@ -81,7 +81,10 @@ def torch_devices(device: str) -> Check:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
-    detail = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build)'}, {gpus} GPU(s){': ' + names if names else ''}"
+    detail = (
+        f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build)'}, {gpus} "
+        f"GPU(s){': ' + names if names else ''}"
+    )
     if device == "cuda" and gpus == 0:
         return Check(
             "torch",

@@ -513,9 +513,13 @@ def cluster_children(
         ChildSpec(
             name="cluster",
             argv=[python, "-m", "fedllm.appliance", "cluster", "head"],
-            health_url=f"http://127.0.0.1:{c.agent_port}/api/local_raylet_healthz",  # the head node and its job agent are up
+            # the head node and its job agent are up
+            health_url=f"http://127.0.0.1:{c.agent_port}/api/local_raylet_healthz",
             ports=(c.port, c.dashboard_port, c.client_server_port, c.agent_port),
-            url=f"ray://{connectable_host(c.host)}:{c.port} (jobs: `appliance job submit`; nodes join with keys/ray_token)",
+            url=(
+                f"ray://{connectable_host(c.host)}:{c.port} (jobs: `appliance job submit`; nodes join with "
+                "keys/ray_token)"
+            ),
             ready_timeout_s=c.start_timeout_s,
             env=env,
             optional=True,

@@ -55,7 +55,8 @@ class CoreShare:
         return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        """`argv` pinned to the share's cores with `taskset -c`; unchanged (with a log line) where taskset is missing."""
+        """`argv` pinned to the share's cores with `taskset -c`; unchanged (with a log line) where taskset is
+        missing."""
         taskset = shutil.which("taskset")
         if taskset is None:
             logger.warning("taskset not found: %s runs unpinned (OMP_NUM_THREADS still limits its threads)", argv[0])

@@ -70,11 +70,16 @@ class ApplianceSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
     allow_plain_http: bool = Field(
         False,
-        description="Send tokens over plain http:// to hosts beyond loopback (private test networks only; refused by default).",
+        description=(
+            "Send tokens over plain http:// to hosts beyond loopback (private test networks only; refused by default)."
+        ),
     )
     tls_ca_file: Path | None = Field(
         None,
-        description="PEM CA bundle trusted instead of the system's when this appliance calls its services over HTTPS (private CAs).",
+        description=(
+            "PEM CA bundle trusted instead of the system's when this appliance calls its services over HTTPS "
+            "(private CAs)."
+        ),
     )
     train: TrainSettings = Field(default_factory=TrainSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)

@@ -31,7 +31,8 @@ def client_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
     path = Path(ca_file)
     if not path.is_file():
         raise ConfigError(
-            f"tls_ca_file {path} does not exist; point it at the PEM file of the CA that signed the services' certificates"
+            f"tls_ca_file {path} does not exist; point it at the PEM file of the CA that signed the services' "
+            "certificates"
         )
     try:
         return ssl.create_default_context(cafile=str(path))

@@ -30,7 +30,8 @@ def router_admin_token(settings: ApplianceSettings) -> str:
 
 
 def coordinator_status_token(settings: ApplianceSettings) -> str:
-    """The token the coordinator's `/status` asks for beyond loopback (`federation.status_token`, else `keys/status_token`)."""
+    """The token the coordinator's `/status` asks for beyond loopback (`federation.status_token`, else
+    `keys/status_token`)."""
     return ensure_token(settings.keys_dir, STATUS_TOKEN_FILE, settings.federation.status_token)
 
 

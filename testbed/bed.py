@@ -2,8 +2,8 @@
 
 Each region is a network namespace with one veth pair to a hub namespace (region `10.77.I.2/24`, hub side
 `10.77.I.1/24`). The hub does not forward packets, so regions cannot reach each other directly: every cross-region
-connection goes through a `fedllm.testbed.link.Link` that listens in the hub on the address facing the client's region and
-connects to the target in its region. The path from region A to region B gets `spec[A] + spec[B]` (each region's
+connection goes through a `fedllm.testbed.link.Link` that listens in the hub on the address facing the client's region
+and connects to the target in its region. The path from region A to region B gets `spec[A] + spec[B]` (each region's
 link to the hub), and cutting a region cuts every link that touches it.
 
 Processes of a region run inside its namespace (`ip netns exec`), and the test's own clients can run there too
@@ -244,7 +244,8 @@ class Bed:
         logger.info("region %s restored", region)
 
     def flap(self, region: str, every_s: float | None) -> None:
-        """Reset every connection of `region`'s links each `every_s` seconds (None stops it); new connects still work."""
+        """Reset every connection of `region`'s links each `every_s` seconds (None stops it); new connects still
+        work."""
         old = self._flaps.pop(region, None)
         if old is not None:
             self._loop.call_soon_threadsafe(old.cancel)

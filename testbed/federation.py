@@ -88,14 +88,16 @@ class GeoFederation:
         return self.coordinator_key
 
     def enroll(self, name: str, region: str) -> None:
-        """`appliance silo keygen` in the silo's home, then `appliance federation enroll NAME KEY` at the coordinator."""
+        """`appliance silo keygen` in the silo's home, then `appliance federation enroll NAME KEY` at the
+        coordinator."""
         key = _public_key(self._cli(self.home(f"silo-{name}"), "silo", "keygen"))
         self._cli(self.home("coordinator"), "federation", "enroll", "--", name, key)  # a Z85 key may start with "-"
         self.silos[name] = region
 
     @property
     def status_token(self) -> str:
-        """The coordinator's status token (its /status needs it beyond loopback), made before the coordinator reads it."""
+        """The coordinator's status token (its /status needs it beyond loopback), made before the coordinator reads
+        it."""
         return ensure_token(self.home("coordinator") / "keys", STATUS_TOKEN_FILE)
 
     def start_coordinator(self, *args: str, timeout_s: float = 600.0) -> None:

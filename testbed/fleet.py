@@ -153,7 +153,8 @@ class GeoFleet:
     def add_vllm_worker(
         self, region: str, model_dir: Path, name: str | None = None, extra_env: dict[str, str] | None = None
     ) -> FleetWorker:
-        """Start and join a real vLLM worker with `appliance worker join --model DIR --host ADDR --port P --advertise URL`."""
+        """Start and join a real vLLM worker with `appliance worker join --model DIR --host ADDR --port P --advertise
+        URL`."""
         name = name or f"vllm-{region}"
         port = self.bed.free_port(region)
         url = f"http://{self.bed.address(region)}:{port}"

@@ -131,7 +131,8 @@ class Namespace:
             os.close(own)
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` in a new thread that lives in this namespace (every socket it opens is inside); returns its result."""
+        """Run `fn` in a new thread that lives in this namespace (every socket it opens is inside); returns its
+        result."""
         box: dict[str, object] = {}
 
         def target() -> None:

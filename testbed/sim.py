@@ -77,7 +77,8 @@ class SimReport:
         for r in self.rounds:
             if "participants" in r:
                 lines.append(
-                    f"{r['round']:<7}{', '.join(r['participants']):<40}{r['duration_s']:>8.1f}{r['non_training_share']:>14.1%}"
+                    f"{r['round']:<7}{', '.join(r['participants']):<40}"
+                    f"{r['duration_s']:>8.1f}{r['non_training_share']:>14.1%}"
                 )
             else:
                 lines.append(f"{r['round']:<7}failed: {r.get('failed', '')}")

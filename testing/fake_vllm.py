@@ -6,8 +6,9 @@ It is a raw ASGI app, so it costs almost nothing per request and can be mounted 
     python -m fedllm.testing.fake_vllm --port 8101 --model fake
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`
-(streaming SSE and not), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`. Loaded adapters appear in `/v1/models`
-with `parent` set to the base model, as in vLLM, and answer as `"model": <lora_name>`. With an API key (`api_key`,
+(streaming SSE and not), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`. Loaded adapters appear in
+`/v1/models` with `parent` set to the base model, as in vLLM, and answer as `"model": <lora_name>`. With an API key
+(`api_key`,
 or the `VLLM_API_KEY` environment variable in process mode, as vLLM reads it) every `/v1/*` path answers 401
 `{"error": "Unauthorized"}` without `Authorization: Bearer <key>`, as vLLM's own middleware does; `/health` stays open.
 Every answer is `tok0 tok1 ...` (`chunks` tokens), whatever the prompt; `forge` replaces it with forged text (a
@@ -22,17 +23,18 @@ is vLLM's event sequence (`event: TYPE` + `data: {...}` with a `sequence_number`
 per token, `response.output_text.done`, `response.content_part.done`, `response.output_item.done`, then
 `response.completed` carrying the whole response (its status `incomplete` when cut), and no `[DONE]`.
 
-Failure injection (constructor arguments, or at run time with `POST /fake/control` and a JSON object of the same
-names): `fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before
-answering), `first_byte_delay_s` (a slow first token: a stream sends its headers at once, as vLLM does, then waits
-this long before its first chunk; a non-streamed answer waits before answering) on a `first_byte_delay_fraction` of the
-completion requests (default all; drawn from a generator seeded by `seed`: a heavy tail), `chunk_delay_s` (sleep
-between stream chunks), `break_after_chunks` (a stream stops after K chunks
-without its `[DONE]`, connection closed), `unhealthy` (`/health` answers 503), `health_delay_s` (`/health` answers late), `die_after` (the process exits
-after N more completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text instead),
-`extra_models` (more base models its `/v1/models` lists). `GET /fake/requests` lists what was
-received (path, model, the last message or prompt as `prompt`, headers named `x-*`), for assertions; a completion whose client disconnected
-during its `delay_s` or `first_byte_delay_s` is abandoned, as vLLM aborts it, and its entry gets `"cancelled": true`.
+Failure injection (constructor arguments, or at run time with `POST /fake/control` and a JSON object of the same names):
+`fail_next` (the next N completion requests answer `fail_status`, default 500), `delay_s` (sleep before answering),
+`first_byte_delay_s` (a slow first token: a stream sends its headers at once, as vLLM does, then waits this long before
+its first chunk; a non-streamed answer waits before answering) on a `first_byte_delay_fraction` of the completion
+requests (default all; drawn from a generator seeded by `seed`: a heavy tail), `chunk_delay_s` (sleep between stream
+chunks), `break_after_chunks` (a stream stops after K chunks without its `[DONE]`, connection closed), `unhealthy`
+(`/health` answers 503), `health_delay_s` (`/health` answers late), `die_after` (the process exits after N more
+completion requests: only for process mode), `refuse_loads` (adapter loads answer 400), `forge` (answer this text
+instead), `extra_models` (more base models its `/v1/models` lists). `GET /fake/requests` lists what was received (path,
+model, the last message or prompt as `prompt`, headers named `x-*`), for assertions; a completion whose client
+disconnected during its `delay_s` or `first_byte_delay_s` is abandoned, as vLLM aborts it, and its entry gets
+`"cancelled": true`.
 """
 
 from __future__ import annotations

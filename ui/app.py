@@ -112,7 +112,8 @@ def _serve(settings: ApplianceSettings, host: str, port: int) -> None:
         kwargs["auth"] = make_auth(ctx.login_password, users, once=take_login_link(settings))
         kwargs["app_kwargs"] = {"middleware": [Middleware(LoginLinkPage)]}
         kwargs["auth_message"] = (
-            "Log in as admin with the console password (keys/console_password, shown by `appliance up`), or a configured user."
+            "Log in as admin with the console password (keys/console_password, shown by `appliance up`), or a "
+            "configured user."
         )
     if settings.ui.tls_cert is not None:
         check_server_files(settings.ui.tls_cert, settings.ui.tls_key)

@@ -102,13 +102,15 @@ if (!token) { say("This link carries no login token: log in with the console pas
 else fetch("login", {method: "POST", credentials: "same-origin",
                       headers: {"Content-Type": "application/x-www-form-urlencoded"},
                       body: new URLSearchParams({username: "admin", password: token})})
-  .then((r) => { if (r.ok) location.replace("./"); else say("This login link was used already (it works once): log in with the console password (keys/console_password)."); })
+  .then((r) => { if (r.ok) location.replace("./"); else say("This login link was used already (it works once): \
+log in with the console password (keys/console_password)."); })
   .catch(() => say("The console did not answer; try again."));
 </script></body></html>"""
 
 
 class LoginLinkPage:
-    """ASGI middleware: answers `GET /login-link` with the page that logs in with the link's token; passes the rest on."""
+    """ASGI middleware: answers `GET /login-link` with the page that logs in with the link's token; passes the rest
+    on."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

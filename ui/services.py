@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class RouterClient(AdminRouterClient):
-    """The router: fleet and adapters through `/admin/*` (admin token, `fedllm.core.contracts.router_client`), models and
-    chat through `/v1/*` (API key)."""
+    """The router: fleet and adapters through `/admin/*` (admin token, `fedllm.core.contracts.router_client`), models
+    and chat through `/v1/*` (API key)."""
 
     def __init__(
         self,

@@ -19,9 +19,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to 
 
 node_app = typer.Typer(
     help=(
-        "Machines of the appliance's cluster. A node belongs to one device group (a label); jobs name the group they run "
-        "on. `node join` adds this machine to a head (token from the head's keys/ray_token); `node ls` shows every node "
-        "with total and free CPUs, GPUs, slots and memory."
+        "Machines of the appliance's cluster. A node belongs to one device group (a label); jobs name the group "
+        "they run on. `node join` adds this machine to a head (token from the head's keys/ray_token); `node ls` "
+        "shows every node with total and free CPUs, GPUs, slots and memory."
     ),
     no_args_is_help=True,
 )
@@ -113,7 +113,8 @@ def node_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
             print(json.dumps([n.as_json() for n in nodes], indent=2))
             return
         console.print(
-            f"{'GROUP':<10} {'NODE':<14} {'STATE':<6} {'CPU free/total':<15} {'GPU':<9} {'slot':<9} {'mem GiB':<13} LABELS",
+            f"{'GROUP':<10} {'NODE':<14} {'STATE':<6} {'CPU free/total':<15} {'GPU':<9} {'slot':<9} "
+            f"{'mem GiB':<13} LABELS",
             highlight=False,
         )
         for n in nodes:

@@ -18,13 +18,19 @@ def doctor(
     role: Optional[str] = typer.Option(
         None,
         "--role",
-        help=f"This machine's role ({' | '.join(ROLES)}): the extras it needs fail the check when missing (else they warn).",
+        help=(
+            f"This machine's role ({' | '.join(ROLES)}): the extras it needs fail the check when missing (else "
+            "they warn)."
+        ),
     ),
     router: Optional[str] = typer.Option(None, "--router", help="Router base URL to check (default ui.router_url)."),
     coordinator: Optional[str] = typer.Option(
         None,
         "--coordinator",
-        help="Coordinator status base URL to check, e.g. http://host:5556 (default ui.coordinator_url, else from federation.coordinator).",
+        help=(
+            "Coordinator status base URL to check, e.g. http://host:5556 (default ui.coordinator_url, else from "
+            "federation.coordinator)."
+        ),
     ),
     timeout_s: float = typer.Option(3.0, "--timeout-s", min=0.1, help="Seconds to wait for each remote service."),
     as_json_: bool = typer.Option(False, "--json", help="Print the report as JSON."),

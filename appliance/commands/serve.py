@@ -231,7 +231,10 @@ def adapters_publish(
     gate: Optional[Path] = typer.Option(
         None,
         "--gate",
-        help="Gate data set (JSONL): NAME-latest moves only if the version's loss on it is not worse than the current one's (default: federation.gate_data).",
+        help=(
+            "Gate data set (JSONL): NAME-latest moves only if the version's loss on it is not worse than the "
+            "current one's (default: federation.gate_data)."
+        ),
     ),
     no_gate: bool = typer.Option(False, "--no-gate", help="Move NAME-latest at once, without the promotion gate."),
     regions: Optional[str] = typer.Option(
@@ -240,8 +243,9 @@ def adapters_publish(
         help="Comma-separated regions it may be served in (default: federation.serve_regions; none: anywhere).",
     ),
 ) -> None:
-    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it (through
-    the promotion gate when a gate data set is given or configured: else it stays under its own name, held back)."""
+    """Load a registry adapter on the router's workers; it answers as NAME-vVERSION, and NAME-latest moves to it
+    (through the promotion gate when a gate data set is given or configured: else it stays under its own name, held
+    back)."""
     from fedllm.core.adapter_registry import AdapterRegistry
 
     with cli_errors():
@@ -262,7 +266,10 @@ def adapters_publish(
 
             out, decision = gated_publish(settings, client, registry, version, Path(data))
             loss, current = decision.get("loss"), decision.get("current_loss")
-            figures = f"loss {loss if loss is None else round(loss, 4)} vs {current if current is None else round(current, 4)} of {decision.get('current') or 'none'}"
+            figures = (
+                f"loss {loss if loss is None else round(loss, 4)} vs "
+                f"{current if current is None else round(current, 4)} of {decision.get('current') or 'none'}"
+            )
             if decision["decision"] != "promoted":
                 prompts = decision.get("prompts")
                 console.print(
@@ -277,7 +284,8 @@ def adapters_publish(
         aliases = ", ".join(out["aliases"]) or "none moved: it names a newer version"
         where = f", regions {', '.join(out['regions'])}" if out.get("regions") else ""
         console.print(
-            f"published {version.served_name} (alias {aliases}{where}) on {', '.join(out['workers']) or 'no worker yet'}",
+            f"published {version.served_name} (alias {aliases}{where}) on "
+            f"{', '.join(out['workers']) or 'no worker yet'}",
             highlight=False,
         )
 

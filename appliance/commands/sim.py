@@ -22,7 +22,10 @@ def geo(
     regions: str = typer.Option(
         "eu:5ms,us:40ms,ap:120ms",
         "--regions",
-        help="NAME:DELAYms,... (optionally +JITTERms and /BWmbit after the delay), one way from the router and coordinator (in hq).",
+        help=(
+            "NAME:DELAYms,... (optionally +JITTERms and /BWmbit after the delay), one way from the router and "
+            "coordinator (in hq)."
+        ),
     ),
     duration_s: float = typer.Option(20.0, "--duration-s", help="Seconds of client load per region."),
     concurrency: int = typer.Option(2, "--concurrency", help="Concurrent streams per client region."),
@@ -53,7 +56,8 @@ def geo(
                 model_dir = resolve_model(settings.models_dir, settings.model)
             except ModelNotFound:
                 err_console.print(
-                    f"no prepared model {settings.model!r}: serving only (run `appliance model prepare` for the federation)"
+                    f"no prepared model {settings.model!r}: serving only (run `appliance model prepare` for the "
+                    "federation)"
                 )
         with tempfile.TemporaryDirectory(prefix="appliance-sim-geo-") as tmp:
             workdir = out or Path(tmp)
@@ -87,7 +91,10 @@ def silos(
     adapter: str = typer.Option(
         "embedded",
         "--adapter",
-        help="Adapter size: embedded (the embedded model at train.lora_r) or 7b (Llama-2-7B r=16, all linear, ~40M parameters).",
+        help=(
+            "Adapter size: embedded (the embedded model at train.lora_r) or 7b (Llama-2-7B r=16, all linear, ~40M "
+            "parameters)."
+        ),
     ),
     fit_s: float = typer.Option(
         0.0, "--fit-s", min=0.0, help="Seconds each simulated silo spends 'training' per round."
@@ -95,7 +102,10 @@ def silos(
     part: str = typer.Option(
         "all",
         "--part",
-        help="all: coordinator and silos in this process; coordinator or silos: one part (run the other with the same --sim-dir).",
+        help=(
+            "all: coordinator and silos in this process; coordinator or silos: one part (run the other with the "
+            "same --sim-dir)."
+        ),
     ),
     home: Optional[Path] = typer.Option(
         None,
@@ -157,7 +167,8 @@ def silos(
                     typer.echo(f"{row['round']:>5} failed: {row['failed']}")
                 else:
                     typer.echo(
-                        f"{row['round']:>5} {row['participants']:>6} {row['overhead_s']:>10.2f} {row['bytes'] / 1e6:>10.1f}"
+                        f"{row['round']:>5} {row['participants']:>6} {row['overhead_s']:>10.2f} "
+                        f"{row['bytes'] / 1e6:>10.1f}"
                     )
             typer.echo(f"peak resident memory of this process: {result['peak_rss_bytes'] / 2**20:.0f} MiB")
         else:

@@ -22,7 +22,10 @@ def train(
     data: Optional[Path] = typer.Option(
         None,
         "--data",
-        help="Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder (messages, prompt/completion, instruction/output, or text).",
+        help=(
+            "Training data: JSONL, JSON, CSV, Parquet or a saved datasets folder (messages, prompt/completion, "
+            "instruction/output, or text)."
+        ),
     ),
     eval_data: Optional[Path] = typer.Option(
         None, "--eval", help="Held-out data (same formats as --data) evaluated at the end."
@@ -117,7 +120,8 @@ def train(
             highlight=False,
         )
         console.print(
-            f"registered adapter [bold]{outcome.adapter.ref}[/] (served as {outcome.adapter.served_name}) at {outcome.adapter.path}"
+            f"registered adapter [bold]{outcome.adapter.ref}[/] (served as {outcome.adapter.served_name}) at "
+            f"{outcome.adapter.path}"
         )
 
 

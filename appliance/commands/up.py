@@ -1,4 +1,5 @@
-"""`appliance up` (the whole appliance on this machine, supervised) and `appliance status` (what runs, and is it healthy)."""
+"""`appliance up` (the whole appliance on this machine, supervised) and `appliance status` (what runs, and is it
+healthy)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _banner(
     if any(c.name == "router" for c in children):
         lines += [
             "Another machine's GPU worker joins with:",
-            f"  appliance worker join --router {settings.serve.scheme}://<this-host>:{settings.serve.port} --token-file join_token --region REGION",
+            f"  appliance worker join --router {settings.serve.scheme}://<this-host>:{settings.serve.port} "
+            "--token-file join_token --region REGION",
             f"  (join_token: a copy of {settings.keys_dir / 'join_token'}, mode 0600; or set APPLIANCE_JOIN_TOKEN)",
             "",
         ]
@@ -74,7 +76,8 @@ def _banner(
         lines += [
             "Chat:",
             f"  curl {chat}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
-            f'  python: OpenAI(base_url="{chat}", api_key="...").chat.completions.create(model="{model}", messages=[...])',
+            f'  python: OpenAI(base_url="{chat}", api_key="...").chat.completions.create('
+            f'model="{model}", messages=[...])',
             "",
         ]
     return "\n".join(lines)
@@ -102,7 +105,10 @@ def up(
     without: list[str] = typer.Option(
         [],
         "--without",
-        help="Leave out an optional part: router, coordinator, console or cluster (the Ray head for `appliance job`) (repeatable).",
+        help=(
+            "Leave out an optional part: router, coordinator, console or cluster (the Ray head for `appliance "
+            "job`) (repeatable)."
+        ),
     ),
 ) -> None:
     """Start the appliance (workers, router, and coordinator and console where installed) until Ctrl-C."""
@@ -169,7 +175,8 @@ def status(ctx: typer.Context) -> None:
         for c in children:
             health = "healthy" if c["healthy"] else ("unhealthy" if c["alive"] else "not running")
             console.print(
-                f"  {c['name']:<12} {health:<11} pid {c['pid']}  {c['state']:<8} restarts {c['restarts']}  {c.get('url') or ''}",
+                f"  {c['name']:<12} {health:<11} pid {c['pid']}  {c['state']:<8} restarts {c['restarts']}  "
+                f"{c.get('url') or ''}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -120,10 +120,14 @@ def join(
         30.0,
         "--drain-s",
         min=0,
-        help="On exit, seconds to wait for the requests in flight on this worker to finish after the router stops sending new ones (0: leave at once).",
+        help=(
+            "On exit, seconds to wait for the requests in flight on this worker to finish after the router stops "
+            "sending new ones (0: leave at once)."
+        ),
     ),
 ) -> None:
-    """Register a worker with a router, heartbeat, and on exit (Ctrl-C, SIGTERM, `appliance job stop`) drain, then leave.
+    """Register a worker with a router, heartbeat, and on exit (Ctrl-C, SIGTERM, `appliance job stop`) drain, then
+    leave.
 
     A worker started here gets a fresh API key, which the router receives over the join call.
     """

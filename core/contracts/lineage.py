@@ -151,7 +151,8 @@ def model_card(meta: dict[str, Any]) -> str:
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({header.get('base_model', 'BASE')!r}), 'THIS_FOLDER')",
+        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+        f"{header.get('base_model', 'BASE')!r}), 'THIS_FOLDER')",
         "```",
         "",
     ]

@@ -89,7 +89,9 @@ class ServiceClient:
             resp = httpx.request(method, url, headers=headers, verify=self.verify, **kwargs)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(
-                f"The {self.name} at {self.base_url} is not reachable ({type(exc).__name__}: {exc}). {self.hint}".strip()
+                (
+                    f"The {self.name} at {self.base_url} is not reachable ({type(exc).__name__}: {exc}). {self.hint}"
+                ).strip()
             ) from exc
         if resp.status_code >= 400:
             raise ServiceUnavailable(

@@ -119,7 +119,8 @@ class MlflowRun:
 
 
 class Tracker:
-    """TensorBoard event files in `tb_dir` (None: none) and, with `cfg.mlflow_uri`, an MLflow run; see the module doc."""
+    """TensorBoard event files in `tb_dir` (None: none) and, with `cfg.mlflow_uri`, an MLflow run; see the module
+    doc."""
 
     def __init__(
         self,

@@ -17,14 +17,19 @@ class ClusterSettings(Section):
     )
     address: str | None = Field(
         None,
-        description="HOST:PORT of an existing Ray head to use instead of starting one (its dashboard_url must be set too).",
+        description=(
+            "HOST:PORT of an existing Ray head to use instead of starting one (its dashboard_url must be set too)."
+        ),
     )
     dashboard_url: str | None = Field(
         None, description="Job API (Ray dashboard) base URL of the head; None = http://127.0.0.1:<dashboard_port>."
     )
     host: str = Field(
         "127.0.0.1",
-        description="Address the head announces to nodes (Ray replaces 127.0.0.1 by this machine's address on Linux; nodes beyond it need a routable one).",
+        description=(
+            "Address the head announces to nodes (Ray replaces 127.0.0.1 by this machine's address on Linux; "
+            "nodes beyond it need a routable one)."
+        ),
     )
     port: int = Field(
         6380,
@@ -64,13 +69,19 @@ class ClusterSettings(Section):
     )
     temp_dir: Path = Field(
         Path("/tmp/appliance-ray"),
-        description="Ray's session folder, the same path on every node (Ray's agents assume so); short, as Ray's unix sockets live in it.",
+        description=(
+            "Ray's session folder, the same path on every node (Ray's agents assume so); short, as Ray's unix "
+            "sockets live in it."
+        ),
     )
     start_timeout_s: float = Field(90.0, gt=0, description="Seconds `appliance up` waits for the head's job API.")
     stop_grace_s: int = Field(
         45,
         ge=1,
-        description="Seconds a stopped job has between SIGTERM and SIGKILL (a `worker join` job drains its requests in it; keep it above its --drain-s).",
+        description=(
+            "Seconds a stopped job has between SIGTERM and SIGKILL (a `worker join` job drains its requests in "
+            "it; keep it above its --drain-s)."
+        ),
     )
     reconcile_interval_s: float = Field(
         2.0, gt=0, description="Seconds between the head's passes over queued and retried jobs."

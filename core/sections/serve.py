@@ -49,7 +49,10 @@ class WorkerSettings(Section):
     )
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None,
-        description="vLLM --distributed-executor-backend: mp (one node) or ray (a model across nodes of a Ray cluster); None = vLLM's choice.",
+        description=(
+            "vLLM --distributed-executor-backend: mp (one node) or ray (a model across nodes of a Ray cluster); "
+            "None = vLLM's choice."
+        ),
     )
     max_lora_rank: int = Field(16, ge=1, description="vLLM --max-lora-rank (largest adapter rank it can load).")
     max_loras: int = Field(4, ge=1, description="vLLM --max-loras (adapters resident at once).")
@@ -85,7 +88,10 @@ class ServeSettings(ServesTLS):
     default_max_tokens: int = Field(
         256,
         ge=1,
-        description="max_tokens injected into a metered request (a key with a tokens-per-minute limit) that names none, and charged for it.",
+        description=(
+            "max_tokens injected into a metered request (a key with a tokens-per-minute limit) that names none, "
+            "and charged for it."
+        ),
     )
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes of each worker.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream timeout for one request.")
@@ -100,7 +106,9 @@ class ServeSettings(ServesTLS):
     max_worker_capacity: int = Field(256, ge=1, description="Largest capacity a joining worker may claim.")
     allow_plain_http_workers: bool = Field(
         False,
-        description="Let workers beyond loopback join over plain http:// (their key and prompts cross the network in clear).",
+        description=(
+            "Let workers beyond loopback join over plain http:// (their key and prompts cross the network in clear)."
+        ),
     )
     place_adapters_on_joined: bool = Field(
         False, description="Also load published adapters on joined workers (default: only on static/local ones)."
@@ -126,7 +134,9 @@ class ServeSettings(ServesTLS):
     )
     canary_prompts_file: Path | None = Field(
         None,
-        description="JSONL of the operator's private canary conversations (chat messages), mixed with the built-in pool.",
+        description=(
+            "JSONL of the operator's private canary conversations (chat messages), mixed with the built-in pool."
+        ),
     )
     allow_unverified: bool = Field(
         False, description="Route to a joined worker's models that no trusted worker serves (cannot be canary-checked)."
@@ -140,13 +150,19 @@ class ServeSettings(ServesTLS):
     )
     replicate_promoted: bool = Field(
         True,
-        description="Load the version behind each alias on every eligible worker, joiners included, before it takes traffic for it (off: adapter_replicas, as for other versions).",
+        description=(
+            "Load the version behind each alias on every eligible worker, joiners included, before it takes "
+            "traffic for it (off: adapter_replicas, as for other versions)."
+        ),
     )
     max_adapter_replicas: int = Field(2, ge=1, description="Most workers a hot adapter is spread over.")
     max_adapters_per_worker: int = Field(
         4,
         ge=1,
-        description="Adapters kept loaded per worker (at most: a worker declaring a smaller max_loras keeps that many); the LRU one is unloaded beyond.",
+        description=(
+            "Adapters kept loaded per worker (at most: a worker declaring a smaller max_loras keeps that many); "
+            "the LRU one is unloaded beyond."
+        ),
     )
     adapter_load_timeout_s: float = Field(120.0, gt=0, description="Seconds a worker may take to load an adapter.")
     hedge: Literal["off", "on"] = Field(

@@ -33,7 +33,10 @@ class TrainSettings(Section):
     lora_freeze_a: bool = Field(False, description="Train only LoRA's B; A stays at its seeded init (FFA-LoRA).")
     gradient_checkpointing: bool = Field(
         True,
-        description="Recompute each decoder layer's activations in the backward pass instead of keeping them: much less memory per step (activations dominate LoRA training), about a third more compute.",
+        description=(
+            "Recompute each decoder layer's activations in the backward pass instead of keeping them: much less "
+            "memory per step (activations dominate LoRA training), about a third more compute."
+        ),
     )
     threads: int | None = Field(None, ge=1, description="torch/OpenMP threads; None = the cores this process may use.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -54,7 +57,10 @@ class TrainSettings(Section):
     ranks: int = Field(
         1,
         ge=1,
-        description="`appliance train`: ranks per node (GPUs; CPU processes with gloo), started by DeepSpeed's launcher when > 1.",
+        description=(
+            "`appliance train`: ranks per node (GPUs; CPU processes with gloo), started by DeepSpeed's launcher "
+            "when > 1."
+        ),
     )
     hostfile: str | None = Field(
         None, description="`appliance train`: DeepSpeed hostfile (`HOST slots=N` per line) to span several nodes."

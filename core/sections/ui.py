@@ -13,7 +13,10 @@ class UISettings(ServesTLS):
     host: str = Field("127.0.0.1", description="Console bind address; beyond 127.0.0.1 a login is required.")
     require_login: bool = Field(
         True,
-        description="Ask for a login on loopback too (beyond loopback it is always asked); `appliance up` prints a one-time login link.",
+        description=(
+            "Ask for a login on loopback too (beyond loopback it is always asked); `appliance up` prints a "
+            "one-time login link."
+        ),
     )
     port: int = Field(7860, ge=0, le=65535, description="Console port.")
     router_url: str | None = Field(None, description="Router base URL; None = http://127.0.0.1:<serve.port>.")
@@ -22,7 +25,10 @@ class UISettings(ServesTLS):
     )
     admin_password: SecretStr | None = Field(
         None,
-        description="Password of the console's user 'admin'; generated under keys/console_password if unset (not the router's admin token).",
+        description=(
+            "Password of the console's user 'admin'; generated under keys/console_password if unset (not the "
+            "router's admin token)."
+        ),
     )
     users: dict[str, SecretStr] = Field(
         default_factory=dict,

@@ -3,7 +3,8 @@
 (`POST /admin/adapters/{alias}/rollback`, optionally to a chosen version).
 
 A promoted move of a federation round carries no figures in the router's history; when the console runs on the
-coordinator's home, they come from the run's gate log (`HOME/federation/NAME/gate.jsonl`, federation/publishing/gate.py).
+coordinator's home, they come from the run's gate log (`HOME/federation/NAME/gate.jsonl`,
+federation/publishing/gate.py).
 """
 
 from __future__ import annotations

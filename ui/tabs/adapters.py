@@ -115,7 +115,8 @@ def on_compare(
         return problem("Upload or pick an eval data file.")
     if Path(data_path).resolve().parent != data_dir(ctx).resolve():
         return problem(
-            "Pick an eval data file uploaded to the console (or run `appliance eval --compare` on a file where it lies)."
+            "Pick an eval data file uploaded to the console (or run `appliance eval --compare` on a file where it "
+            "lies)."
         )
     records = load_file(Path(data_path))  # DataError names the file and the bad line or row (changed since its upload)
     for ref in picked:

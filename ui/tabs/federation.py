@@ -229,7 +229,8 @@ def launch_checked(ctx: ConsoleContext, kind: str, cmd: list[str], grace_s: floa
 
 
 def refresh(ctx: ConsoleContext):
-    """The live views from the coordinator's `/status`: (problem, summary, silos, rounds, plot, timings, timing plot)."""
+    """The live views from the coordinator's `/status`: (problem, summary, silos, rounds, plot, timings, timing
+    plot)."""
     try:
         status = ctx.coordinator.request("GET", "/status")
     except ServiceUnavailable as exc:

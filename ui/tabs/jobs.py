@@ -1,5 +1,6 @@
-"""Jobs tab: device groups (their nodes' resources summed, jobs running and waiting) and their nodes (free/used resources), jobs (state, node, age, reason), a live log tail,
-Stop, and a form that queues a training job on a group. Talks to the cluster through `appliance node|job` (fedllm.ui.jobs_client)."""
+"""Jobs tab: device groups (their nodes' resources summed, jobs running and waiting) and their nodes (free/used
+resources), jobs (state, node, age, reason), a live log tail, Stop, and a form that queues a training job on a group.
+Talks to the cluster through `appliance node|job` (fedllm.ui.jobs_client)."""
 
 from __future__ import annotations
 

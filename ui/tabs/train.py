@@ -1,4 +1,5 @@
-"""Train tab: validate a data file (JSONL, JSON, CSV, Parquet), start `appliance train` as a detached process, and watch runs from disk.
+"""Train tab: validate a data file (JSONL, JSON, CSV, Parquet), start `appliance train` as a detached process, and watch
+runs from disk.
 
 Everything shown comes from `runs/ID/` and the launch records (see `fedllm.ui.runs`), polled by a `gr.Timer`, so the
 progress and the loss plot survive a page reload and keep moving while the run trains.
@@ -34,8 +35,8 @@ def data_dir(ctx: ConsoleContext) -> Path:
     return ctx.settings.home / "ui" / "data"
 
 
-# File types an upload may have (read by `fedllm.core.contracts.records.load_file`; a saved `datasets` folder is not a file
-# a browser uploads: train on it with `appliance train --data FOLDER`).
+# File types an upload may have (read by `fedllm.core.contracts.records.load_file`; a saved `datasets` folder is not a
+# file a browser uploads: train on it with `appliance train --data FOLDER`).
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -61,8 +62,10 @@ def progress_html(run: RunView | None) -> str:
         f"border-radius:8px'>{run.state}</span>",
         f"<div style='background:#e5e7eb;border-radius:6px;height:14px;margin:6px 0'><div style='width:{pct:.1f}%;"
         f"background:{colour};height:14px;border-radius:6px'></div></div>",
-        f"<span class='run-steps'>step {step} / {total or '?'}</span> · elapsed {format_duration(last.get('elapsed_s'))}"
-        f" · remaining {format_duration(last.get('eta_s')) if run.state == 'running' else '0:00' if run.state == 'done' else '-'}",
+        f"<span class='run-steps'>step {step} / {total or '?'}</span> · elapsed "
+        f"{format_duration(last.get('elapsed_s'))}"
+        " · remaining "
+        f"{format_duration(last.get('eta_s')) if run.state == 'running' else '0:00' if run.state == 'done' else '-'}",
     ]
     if "loss" in last:
         parts.append(f" · loss {float(last['loss']):.4f}")
@@ -73,7 +76,8 @@ def progress_html(run: RunView | None) -> str:
     if run.state == "failed":
         code = "unknown" if run.exit_code is None else run.exit_code
         parts.append(
-            f"<div class='run-error' style='color:#dc2626'>failed · exit code {code} · {html.escape(run.error or '')}</div>"
+            f"<div class='run-error' style='color:#dc2626'>failed · exit code {code} · "
+            f"{html.escape(run.error or '')}</div>"
         )
     parts.append("</div>")
     return "".join(parts)
