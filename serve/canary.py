@@ -119,7 +119,8 @@ class CanaryChecker:
 
     # -- events --
     def on_join(self, worker: Worker) -> None:
-        """A worker joined: it is checked among its traffic from now on (no first burst); unverifiable models are held."""
+        """A worker joined: it is checked among its traffic from now on (no first burst); unverifiable models are
+        held."""
         if worker.quarantined:
             return
         worker.canary = "pending" if self.enabled else "off"

@@ -41,7 +41,8 @@ def require_admin(request: Request) -> None:
     if not same_secret(bearer(request), request.app.state.admin_token):
         raise RouterError(
             401,
-            "this admin route needs `Authorization: Bearer <admin token>` (printed by `appliance up`, stored in keys/admin_token)",
+            "this admin route needs `Authorization: Bearer <admin token>` "
+            "(printed by `appliance up`, stored in keys/admin_token)",
         )
 
 
@@ -78,7 +79,8 @@ def require_worker_or_admin(request: Request, worker_id: str) -> None:
         raise RouterError(404, f"no worker with id {worker_id!r}; join again")
     raise RouterError(
         401,
-        f"this route needs `Authorization: Bearer <worker {worker_id}'s secret>` (answered when it joined) or the admin token",
+        f"this route needs `Authorization: Bearer <worker {worker_id}'s secret>` "
+        "(answered when it joined) or the admin token",
     )
 
 

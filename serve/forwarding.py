@@ -1,7 +1,8 @@
 """The hot path: authenticate, check limits, pick a worker, forward the body as bytes, relay the answer.
 
 It is raw ASGI (no framework layers): `Forwarder.handle(scope, receive, send, path)` is called by the app for
-`POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/responses`, and answers errors itself in OpenAI's shape.
+`POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/responses`, and answers errors itself in OpenAI's
+shape.
 
 Retries happen only before the client has seen a byte: connection errors, timeouts and 5xx answers move on to the
 next worker in the policy's order (bounded by `max_retries`, with doubling backoff). Once a stream has started,
@@ -13,8 +14,8 @@ routes and delivers.
 
 A client that disconnects aborts the upstream request, streamed or not: once the body is read, one task waits on
 `receive()` (which returns only `http.disconnect` from then on), started only if the request is still waiting
-after `DISCONNECT_WATCH_DELAY_S` (so fast answers pay a timer, not a task). Until the answer starts, its completion cancels
-the request's own task, which closes the upstream connection (the worker aborts the generation) wherever the
+after `DISCONNECT_WATCH_DELAY_S` (so fast answers pay a timer, not a task). Until the answer starts, its completion
+cancels the request's own task, which closes the upstream connection (the worker aborts the generation) wherever the
 request is waiting: the worker's headers, a non-streamed body, a retry's backoff. During a stream the relay checks
 it between chunks. Either way it counts in `router_client_aborts_total` and in `router_requests_total` with status
 499, and logs one line without the prompt. Prompts and keys are never logged.
@@ -202,8 +203,8 @@ class Forwarder:
         """The caller's key record; None when keys are not required (a loopback router without keys).
 
         Raises:
-            RouterError: 401 when keys are required (fedllm.serve.keys: a public bind, serve.require_keys, or a router that
-                has had keys) and the request carries none or a wrong one, or none exists at all; 503 while the key
+            RouterError: 401 when keys are required (fedllm.serve.keys: a public bind, serve.require_keys, or a router
+                that has had keys) and the request carries none or a wrong one, or none exists at all; 503 while the key
                 file cannot be read or parsed.
         """
         keys = self.keys
@@ -229,7 +230,8 @@ class Forwarder:
                 )
             raise RouterError(
                 401,
-                "missing or invalid API key: send `Authorization: Bearer <key>` (create one with `appliance keys create`)",
+                "missing or invalid API key: send `Authorization: Bearer <key>` "
+                "(create one with `appliance keys create`)",
             )
         return key
 
@@ -414,8 +416,8 @@ class Forwarder:
             ctx.watch.close()
 
     async def _try_workers(self, ctx: RequestContext, workers: list[Worker]) -> None:
-        """Deliver the first answer to start among `workers` (`fedllm.serve.attempts`: retries, hedging); raises RouterError
-        502 when all fail before the first byte."""
+        """Deliver the first answer to start among `workers` (`fedllm.serve.attempts`: retries, hedging); raises
+        RouterError 502 when all fail before the first byte."""
         try:
             opened = await self.attempts.first_answer(ctx, workers)
         except AllFailed as exc:
@@ -531,7 +533,8 @@ class Forwarder:
                         "type": "http.response.body",
                         "more_body": True,
                         "body": sse_error_event(
-                            f"the worker's stream broke before it finished ({type(exc).__name__}); the answer is incomplete"
+                            f"the worker's stream broke before it finished ({type(exc).__name__}); "
+                            "the answer is incomplete"
                         ),
                     }
                 )

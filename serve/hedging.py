@@ -7,11 +7,12 @@ to start wins and the other is aborted (Dean and Barroso, "The Tail at Scale", 2
 
 This module is the bookkeeping only, with no sockets or clocks: the forwarder passes in the times it measured.
 Each worker's percentile comes from its last `WINDOW` first-byte times, streamed and non-streamed requests apart (a
-non-streamed answer's first byte comes with its last, after the whole generation). A primary that loses to its hedge never shows
-its own first byte; the time it had waited when it was aborted is recorded instead (a lower bound, already at or past
-the percentile), so the tail keeps its weight and the learned percentile does not drift down as hedges win. The
-forwarder folds that wait into the worker's latency EWMA too, so the routing policy still sees a worker's slow answers
-when hedges hide them from the client (a lower bound again: on the WAN bed it changed p99 little, bench/hedging.py).
+non-streamed answer's first byte comes with its last, after the whole generation). A primary that loses to its hedge
+never shows its own first byte; the time it had waited when it was aborted is recorded instead (a lower bound, already
+at or past the percentile), so the tail keeps its weight and the learned percentile does not drift down as hedges win.
+The forwarder folds that wait into the worker's latency EWMA too, so the routing policy still sees a worker's slow
+answers when hedges hide them from the client (a lower bound again: on the WAN bed it changed p99 little,
+bench/hedging.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class RouterMetrics:
         )
         self.errors = Counter(
             names.ERRORS,
-            "Errors by kind (auth, rate_limit, too_large, bad_request, unknown_model, no_worker, upstream, stream_broken).",
+            "Errors by kind "
+            "(auth, rate_limit, too_large, bad_request, unknown_model, no_worker, upstream, stream_broken).",
             ["kind"],
             registry=r,
         )
@@ -48,14 +49,16 @@ class RouterMetrics:
         self.outstanding = Gauge(names.OUTSTANDING, "Requests in flight per worker.", ["worker"], registry=r)
         self.client_aborts = Counter(
             names.CLIENT_ABORTS,
-            "Requests whose client disconnected before the answer was complete (the upstream request was aborted), per route.",
+            "Requests whose client disconnected before the answer was complete "
+            "(the upstream request was aborted), per route.",
             ["route"],
             registry=r,
         )
         self.retries = Counter(names.RETRIES, "Requests retried on another worker before the first byte.", registry=r)
         self.hedges = Counter(
             names.HEDGES,
-            "Hedges sent (serve.hedge), by result: won (the hedge answered first), lost (the first worker did), failed (neither answered), aborted (the client left).",
+            "Hedges sent (serve.hedge), by result: won (the hedge answered first), lost (the first worker did), "
+            "failed (neither answered), aborted (the client left).",
             ["result"],
             registry=r,
         )
@@ -64,7 +67,8 @@ class RouterMetrics:
         )
         self.adapter_loads_when = Counter(
             names.ADAPTER_LOADS_WHEN,
-            "Adapter load attempts, by when: ahead (publish, promotion, a worker coming up) or request (a request waited on it).",
+            "Adapter load attempts, by when: ahead (publish, promotion, a worker coming up) "
+            "or request (a request waited on it).",
             ["when"],
             registry=r,
         )

@@ -2,7 +2,8 @@
 
 The router forwards request bodies as bytes; it only reads a few fields (`model`, `stream`, `max_tokens`,
 `max_completion_tokens`, `n`, `best_of`, `stream_options`, `user`, and the first message or prompt prefix for
-affinity). Errors leave in OpenAI's JSON shape, built here and nowhere else. Imports only pydantic and the standard library.
+affinity). Errors leave in OpenAI's JSON shape, built here and nowhere else. Imports only pydantic and the standard
+library.
 """
 
 from __future__ import annotations

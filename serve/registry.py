@@ -207,7 +207,8 @@ class WorkerRegistry:
         api_key: str | None = None,
         max_loras: int | None = None,
     ) -> Worker:
-        """Add a worker named in settings: trusted (its region too), never expired or removed. It is healthy once probed."""
+        """Add a worker named in settings: trusted (its region too), never expired or removed. It is healthy once
+        probed."""
         worker = Worker(
             new_worker_id(),
             url.rstrip("/"),
@@ -297,8 +298,8 @@ class WorkerRegistry:
         The join rules (`check_join`) come first. Its models are those its `/v1/models` lists; every declared one must
         be among them, and its list is fixed from now on (the declared ones, else those listed now). Joining again
         under any spelling of the address of a joined worker replaces that entry but keeps its draining and quarantine
-        marks, and the region an operator assigned it (its new claim does not replace that). A quarantined worker (by address or API key) cannot join. No answer of the worker is echoed to the
-        caller (it is logged).
+        marks, and the region an operator assigned it (its new claim does not replace that). A quarantined worker (by
+        address or API key) cannot join. No answer of the worker is echoed to the caller (it is logged).
 
         Raises:
             RouterError: see `check_join`; 400 the worker does not serve a declared model or lists none; 403 it is

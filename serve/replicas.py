@@ -7,9 +7,9 @@ besides (a worker that came up, was cleared, or lost its adapters on a restart).
 that is not draining it loads, ahead of traffic, the promoted versions it lacks among those it may hold
 (`AdapterPlacement.hosts`: trusted, its base model, its operator-assigned region when the publication names regions),
 latest promoted first, at most `Worker.max_adapters` of them (`AdapterPlacement.wanted`; to make room a worker unloads
-what it should not hold first, so the keeper never evicts one of these for another). Meanwhile the forwarder sends a promoted version's
-requests only to workers that hold it (serve/forwarding.py), so no request waits on such a load while a holder is up.
-Other versions stay on demand. A load that fails is retried with a doubling delay (up to `MAX_RETRY_S`).
+what it should not hold first, so the keeper never evicts one of these for another). Meanwhile the forwarder sends a
+promoted version's requests only to workers that hold it (serve/forwarding.py), so no request waits on such a load while
+a holder is up. Other versions stay on demand. A load that fails is retried with a doubling delay (up to `MAX_RETRY_S`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ _REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 def check_region(region: str, param: str = "region") -> str:
-    """`region` stripped, if it is a region label (letters, digits, `_ . -`, at most 64, starting with a letter or digit).
+    """`region` stripped, if it is a region label (letters, digits, `_ . -`, at most 64, starting with a letter or
+    digit).
 
     Raises:
         RouterError: 400 naming the bad label.
@@ -69,7 +70,8 @@ def allowed(worker: Worker, regions: list[str] | None) -> bool:
 
 
 def unavailable(name: str, regions: list[str], asked: str | None = None) -> RouterError:
-    """The 503 of a request for adapter `name` (asked for as `asked`, e.g. its alias) when no worker of its regions is up."""
+    """The 503 of a request for adapter `name` (asked for as `asked`, e.g. its alias) when no worker of its regions is
+    up."""
     via = f" (behind {asked!r})" if asked and asked != name else ""
     return RouterError(
         503,

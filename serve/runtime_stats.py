@@ -1,5 +1,6 @@
 """What the router holds while it runs (`GET /admin/runtime`): its asyncio tasks and the size of every table kept per
-worker, so an operator or a soak (bench/soak_router.py) can see that nothing grows with the workers that came and went."""
+worker, so an operator or a soak (bench/soak_router.py) can see that nothing grows with the workers that came and
+went."""
 
 from __future__ import annotations
 

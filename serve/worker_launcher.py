@@ -5,8 +5,8 @@ The worker is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 process group, so stopping it takes vLLM's engine-core processes along, and it receives SIGTERM if its launcher dies.
 
 vLLM itself listens only on a Unix socket in a private folder (mode 0700); the worker's address is served by the
-worker gate (`fedllm.serve.worker_gate`, a thread of the launching process), which forwards `/v1/*` with the worker's key
-and `/health`, and refuses the rest of vLLM's routes (`/invocations`, `/adapters`, `/metrics`, ...).
+worker gate (`fedllm.serve.worker_gate`, a thread of the launching process), which forwards `/v1/*` with the worker's
+key and `/health`, and refuses the rest of vLLM's routes (`/invocations`, `/adapters`, `/metrics`, ...).
 """
 
 from __future__ import annotations
@@ -261,7 +261,10 @@ class VLLMWorker:
         return served_models(self.url, self.api_key)
 
     def _failure(self, what: str) -> str:
-        return f"vLLM worker {self.model} on port {self.port} {what}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+        return (
+            f"vLLM worker {self.model} on port {self.port} {what}. "
+            f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server and every process of its group (SIGTERM, then SIGKILL), then the gate."""
@@ -405,7 +408,8 @@ class RouterRegistration:
 
     def drain(self, timeout_s: float, poll_s: float = 0.5) -> int:
         """Ask the router to send this worker no new request and wait (up to `timeout_s`) until the requests it has in
-        flight here have finished; the number still in flight at the end (0: drained). A failure is logged, not raised."""
+        flight here have finished; the number still in flight at the end (0: drained). A failure is logged, not
+        raised."""
         if self.worker_id is None or timeout_s <= 0:
             return 0
         deadline = time.monotonic() + timeout_s

@@ -27,8 +27,6 @@ from fedllm.train.evaluate import evaluate_adapter, evaluate_adapters
 from fedllm.train.trainer import BaseModels, Trainer, TrainPlan, fit_adapter
 
 if TYPE_CHECKING:
-    import torch
-
     from fedllm.core.sections.train import TrainSettings
 
 __all__ = [

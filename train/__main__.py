@@ -1,6 +1,6 @@
-"""`python -m fedllm.train`: one training run, for the `deepspeed` launcher (multi-GPU, multi-node).
+r"""`python -m fedllm.train`: one training run, for the `deepspeed` launcher (multi-GPU, multi-node).
 
-    deepspeed --num_gpus 4 --module train --model-dir MODEL_DIR --data data.jsonl --out adapter_dir \\
+    deepspeed --num_gpus 4 --module train --model-dir MODEL_DIR --data data.jsonl --out adapter_dir \
         --run-dir runs/my-run [--config appliance.yaml] [--max-steps 200] [--resume]
     deepspeed --num_gpus 4 --module train --from-run runs/ID [--resume]    # what `appliance train --ranks 4` runs
 

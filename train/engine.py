@@ -38,7 +38,8 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass
 class FitResult:
-    """What a training (`Trainer.fit`, `fit_adapter`) returns: the new adapter state, how many examples it trained on, and metrics."""
+    """What a training (`Trainer.fit`, `fit_adapter`) returns: the new adapter state, how many examples it trained on,
+    and metrics."""
 
     state: StateDict
     num_examples: int
@@ -58,6 +59,7 @@ _SELF_ASSIGNED = (
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free when asked (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -82,7 +82,8 @@ def loss_metrics(
 def generation_metrics(
     model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 64, max_examples: int = 50
 ) -> dict[str, float]:
-    """Greedy answers to the first `max_examples` prompts, scored against their reference answers (text records skipped)."""
+    """Greedy answers to the first `max_examples` prompts, scored against their reference answers (text records
+    skipped)."""
     import torch
 
     pairs = [pa for r in records if (pa := datamod.prompt_and_answer(r)) is not None][:max_examples]

@@ -203,7 +203,8 @@ def build_peft_model(
 ) -> Any:
     """Base model + fresh LoRA (seeded by cfg.seed), optionally starting from `init_state`.
 
-    `base`: an already loaded base model of `model_dir` (a `Trainer` keeps one, see `unload_base`); default: loaded here.
+    `base`: an already loaded base model of `model_dir` (a `Trainer` keeps one, see `unload_base`); default: loaded
+    here.
 
     Raises:
         DataError: `init_state` does not fit this model and configuration (names the first missing/extra key).

@@ -1,10 +1,10 @@
 """A rank group that outlives one training call: N ranks started once, trained many times (a silo's rounds).
 
-`RankGroup(ranks)` starts `python -m fedllm.train.rank_group SOCKET` on N ranks under DeepSpeed's launcher (one node, or the
-nodes of a hostfile whose first host is this one). Rank 0 connects back to this process over a Unix socket in a
+`RankGroup(ranks)` starts `python -m fedllm.train.rank_group SOCKET` on N ranks under DeepSpeed's launcher (one node, or
+the nodes of a hostfile whose first host is this one). Rank 0 connects back to this process over a Unix socket in a
 private (0700) folder. Each `fit(...)` sends rank 0 a command and the starting adapter; rank 0 broadcasts both to
-the other ranks over torch.distributed, every rank runs its `train.Trainer` (kept across calls) on its share of the global batches (ZeRO
-shards across the ranks), and rank 0 sends back the trained adapter, its example count and metrics.
+the other ranks over torch.distributed, every rank runs its `train.Trainer` (kept across calls) on its share of the
+global batches (ZeRO shards across the ranks), and rank 0 sends back the trained adapter, its example count and metrics.
 
 A rank that dies makes the launcher stop the others; the pending call raises `RankGroupFailed` instead of hanging,
 and the next call starts a fresh group. Messages are a JSON header and a safetensors payload, never pickle.
@@ -329,6 +329,7 @@ def serve_ranks(socket_path: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    """Run one rank of the group (`python -m fedllm.train.rank_group SOCKET`); the exit status (1: the rank failed)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank-group: %(message)s")
     positional = [a for a in argv if not a.startswith("--local_rank")]  # the launcher adds --local_rank=R
     try:

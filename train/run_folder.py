@@ -1,7 +1,7 @@
 """The run folder `runs/ID/` (docs/CONTRACTS.md): config.json, status.json, metrics.jsonl, train.log, checkpoints/.
 
-One schema for config.json (`run_config`), written once by whoever creates the run: `fedllm.train.runs.start_run` with the
-product's settings and output name, or `fit_adapter` itself for a run folder nobody prepared. Only rank 0 writes.
+One schema for config.json (`run_config`), written once by whoever creates the run: `fedllm.train.runs.start_run` with
+the product's settings and output name, or `fit_adapter` itself for a run folder nobody prepared. Only rank 0 writes.
 """
 
 from __future__ import annotations

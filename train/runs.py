@@ -1,8 +1,8 @@
 """Training runs as the CLI and console see them: a run folder under runs/ID, then a registered adapter version.
 
 `start_run` writes runs/ID/config.json (`fedllm.train.run_folder.run_config`: resolved settings, secrets redacted, the
-data and the output name), trains with `fit_adapter`, registers the adapter in the registry with its lineage, and records the
-adapter in status.json. `resume_run` re-reads config.json and continues from the last checkpoint.
+data and the output name), trains with `fit_adapter`, registers the adapter in the registry with its lineage, and
+records the adapter in status.json. `resume_run` re-reads config.json and continues from the last checkpoint.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Streaming accumulators (FedAvg and its server optimisers; LoRA products) keep one running float32 weighted sum, so
 their memory does not grow with the number of silos; the storing one (median, trimmed mean, Krum) keeps every update
 (about `silos x adapter size x 4 bytes` in RAM, or on disk once the coordinator attached a spool: then RAM is
-`silos x the largest tensor` while the strategy works key by key, see `fedllm.federation.aggregation.update_spool`); the clipping one wraps either and clips each update first.
+`silos x the largest tensor` while the strategy works key by key, see `fedllm.federation.aggregation.update_spool`); the
+clipping one wraps either and clips each update first.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Pure aggregation maths over adapter updates (`dict[str, Tensor]`): checks, norms, clipping, weights, means and
 the robust estimators (median, trimmed mean, Krum). No state, sockets, files or clocks; float32 maths on the CPU.
 
-The strategies (`fedllm.federation.aggregation.server_strategies`) and the accumulators (`fedllm.federation.aggregation.accumulators`) are built on these;
-`fedllm.federation.aggregation.lora_aggregate` holds the LoRA-specific maths (products, SVD re-factorisation).
+The strategies (`fedllm.federation.aggregation.server_strategies`) and the accumulators
+(`fedllm.federation.aggregation.accumulators`) are built on these; `fedllm.federation.aggregation.lora_aggregate` holds
+the LoRA-specific maths (products, SVD re-factorisation).
 """
 
 from __future__ import annotations

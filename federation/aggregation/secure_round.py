@@ -7,8 +7,8 @@
    then answers ``advertise`` (its two X25519 public keys, example count, metrics) instead of an UPDATE.
 2. ``roster`` (U1: the silos that advertised, their total example count N, the silo's own weight ``w_u``: its
    share of the round, ``n_u / N`` bounded by its enrolled count and capped at `federation.max_silo_share`, and the
-   round's update norm bound ``B``: `fedllm.federation.aggregation.bounds.adaptive_norm_bound` of the norms the silos advertised) ->
-   each silo answers ``share_keys``.
+   round's update norm bound ``B``: `fedllm.federation.aggregation.bounds.adaptive_norm_bound` of the norms the silos
+   advertised) -> each silo answers ``share_keys``.
 3. ``shares`` (the encrypted Shamir shares addressed to it; U2 = the silos that shared) -> each silo clips its delta
    to ``B``, pre-scales it by its weight ``w_u`` and answers ``masked`` (the masked, quantised vector as the payload).
 4. ``survivors`` (U3 = the silos whose masked vector arrived) -> each answers ``unmask`` with its shares.
@@ -29,8 +29,8 @@ work on a masked sum: `check_strategy` refuses median, trimmed mean, Krum, per-u
 Per-update checks the plain path makes (norm bound, finite values) cannot be made on masked vectors: the silo's own
 clip to the issued ``B`` is the enforcement, values are clamped to `secagg_clip_range` by the quantiser, and the
 coordinator checks the aggregate against ``B`` (a weighted mean of updates clipped to ``B`` moves by at most ``B``):
-a silo that skipped its clip fails the round (the previous global is kept) rather than moving the global adapter. What the silos say
-in clear (example counts, metrics) is validated like an UPDATE's body (`protocol.Advertisement`).
+a silo that skipped its clip fails the round (the previous global is kept) rather than moving the global adapter. What
+the silos say in clear (example counts, metrics) is validated like an UPDATE's body (`protocol.Advertisement`).
 """
 
 from __future__ import annotations

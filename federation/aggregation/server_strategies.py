@@ -12,12 +12,13 @@ An update is a DELTA, `local_state - global_state`, with the adapter-name-free k
 Streaming strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi) keep one running float32 weighted sum, so
 their memory does not grow with the number of silos. Robust strategies (median, trimmed mean, Krum,
 multi-Krum) need every update at once to compare them, so their accumulator KEEPS all updates: in RAM (about
-`silos x adapter size x 4 bytes`) when used on their own, on disk in the coordinator (`fedllm.federation.aggregation.update_spool`:
-RAM `silos x the largest tensor`, disk `silos x adapter size x 4 bytes` for the round).
+`silos x adapter size x 4 bytes`) when used on their own, on disk in the coordinator
+(`fedllm.federation.aggregation.update_spool`: RAM `silos x the largest tensor`, disk `silos x adapter size x 4 bytes`
+for the round).
 
 All maths is float32 on the CPU; the new global state is cast back to the global state's dtypes. The wrappers
-(clipping, frozen A) are in `fedllm.federation.aggregation.strategy_wrappers`, the DP ones in `fedllm.federation.aggregation.privacy`, the factory by name
-in `fedllm.federation.aggregation.strategy_factory`.
+(clipping, frozen A) are in `fedllm.federation.aggregation.strategy_wrappers`, the DP ones in
+`fedllm.federation.aggregation.privacy`, the factory by name in `fedllm.federation.aggregation.strategy_factory`.
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ class FedYogi(FedAdam):
 
 
 class Median(BaseStrategy):
-    """Coordinate-wise median of the updates (Yin et al. 2018). Keeps all updates (on disk in the coordinator: see the module doc)."""
+    """Coordinate-wise median of the updates (Yin et al. 2018). Keeps all updates (on disk in the coordinator: see the
+    module doc)."""
 
     name = "median"
     streaming = False
@@ -373,7 +375,8 @@ class Median(BaseStrategy):
 
 
 class TrimmedMean(BaseStrategy):
-    """Coordinate-wise trimmed mean (Yin et al. 2018). Keeps all updates (on disk in the coordinator: see the module doc)."""
+    """Coordinate-wise trimmed mean (Yin et al. 2018). Keeps all updates (on disk in the coordinator: see the module
+    doc)."""
 
     name = "trimmed_mean"
     streaming = False
@@ -392,7 +395,8 @@ class TrimmedMean(BaseStrategy):
 class Krum(BaseStrategy):
     """Krum (`num_selected=1`) or multi-Krum (mean of the `num_selected` best; default `n - f`).
 
-    Keeps all updates (on disk in the coordinator: see the module doc). The multi-Krum mean is unweighted, as in Blanchard et al. 2017.
+    Keeps all updates (on disk in the coordinator: see the module doc). The multi-Krum mean is unweighted, as in
+    Blanchard et al. 2017.
     """
 
     name = "krum"

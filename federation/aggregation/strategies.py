@@ -1,9 +1,13 @@
 """Aggregation strategies, one import away: the public names of the modules they live in.
 
-* `fedllm.federation.aggregation.aggregate`: pure maths over updates (checks, norms, clipping, weights, means, median, Krum);
-* `fedllm.federation.aggregation.accumulators`: what collects one round's updates (streaming, storing, clipping, LoRA products);
-* `fedllm.federation.aggregation.server_strategies`: the `Strategy` interface, its defaults and the strategies themselves;
-* `fedllm.federation.aggregation.strategy_wrappers`: `Clipped`, `FrozenA` (the DP wrappers are in `fedllm.federation.aggregation.privacy`);
+* `fedllm.federation.aggregation.aggregate`: pure maths over updates (checks, norms, clipping, weights, means, median,
+  Krum);
+* `fedllm.federation.aggregation.accumulators`: what collects one round's updates (streaming, storing, clipping, LoRA
+  products);
+* `fedllm.federation.aggregation.server_strategies`: the `Strategy` interface, its defaults and the strategies
+  themselves;
+* `fedllm.federation.aggregation.strategy_wrappers`: `Clipped`, `FrozenA` (the DP wrappers are in
+  `fedllm.federation.aggregation.privacy`);
 * `fedllm.federation.aggregation.strategy_factory`: `make_strategy(name, **params)` and the names it knows.
 
 Callers may import from here or from the module that defines a name; inside `federation/` the defining module is used.

@@ -115,7 +115,8 @@ REGISTERS: dict[str, dict[str, Any]] = {
 
 
 def generate_registers(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
-    """The second set: same facts, different registers and unequal sizes; `{"desk": {"train": [...], "eval": [...]}}`."""
+    """The second set: same facts, different registers and unequal sizes;
+    `{"desk": {"train": [...], "eval": [...]}}`."""
     rng = random.Random(seed * 1000 + 77)
     facts = [(topic, _fill(template, rng)) for topic, template in DEVICE_FACTS]
     out: dict[str, dict[str, list[dict]]] = {}

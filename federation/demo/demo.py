@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 # rounds, hence the product default `federation.local_optimizer: keep`). Earlier runs of the same bench also ranked
 # FedAvg above frozen A (ffa), the rate restarted inside every round and server rates of 2-3 (they overshoot). Most of
 # what is missing to the centralized run comes from the federation's 3x fewer sequential updates: a centralized run
-# with the federation's 12 updates at 3x the batch ("centralized wide") reaches 1.41 / 1.99 mean loss, FedAvg 1.54 / 2.01.
+# with the federation's 12 updates at 3x the batch ("centralized wide") reaches 1.41 / 1.99 mean loss,
+# FedAvg 1.54 / 2.01.
 DEMO_FEDERATION: dict[str, Any] = {"strategy": "fedavg", "lr_schedule": "constant", "local_optimizer": "fresh"}
 
 
@@ -51,7 +52,7 @@ class DemoResult:
     def federated_beats_local_cross_silo(self, adapter: str = "federated") -> bool:
         """True if `adapter` has a lower loss than every local-only adapter on every other silo's eval set."""
         fed = self.losses[adapter]
-        return all(fed[o] < self.losses[f"local:{l}"][o] for l in self.orgs for o in self.orgs if o != l)
+        return all(fed[o] < self.losses[f"local:{org}"][o] for org in self.orgs for o in self.orgs if o != org)
 
     def recovered(self, adapter: str = "federated") -> dict[str, float]:
         """Share of the centralized gain `adapter` recovers on each silo: (base - adapter) / (base - centralized)."""

@@ -1,8 +1,8 @@
 """Simulated silos: hundreds of real silo agents with a model-free trainer against the real coordinator.
 
-Each simulated silo is a real `fedllm.federation.runtime.silo.SiloClient` (the product's protocol code, CURVE keys, heartbeats,
-reconnects) whose trainer is `SimTrainer`: no model, no data; its "training" moves every weight by a small seeded
-random amount. Hundreds of them run in one process (one asyncio loop; each has its own ZeroMQ context), so the
+Each simulated silo is a real `fedllm.federation.runtime.silo.SiloClient` (the product's protocol code, CURVE keys,
+heartbeats, reconnects) whose trainer is `SimTrainer`: no model, no data; its "training" moves every weight by a small
+seeded random amount. Hundreds of them run in one process (one asyncio loop; each has its own ZeroMQ context), so the
 coordinator sees hundreds of real connections and updates of the real adapter's shapes while the machine does
 almost no training work: this measures the coordinator (memory, round overhead, bytes), not the training.
 
@@ -191,7 +191,8 @@ async def run_coordinator(
 ) -> list[dict[str, Any]]:
     """Run the real coordinator (CURVE, no adapter registry) until its last round; returns its round records.
 
-    With `ready`, writes `{"address", "public_key", "keys_dir"}` there once the socket is bound (the silos part reads it).
+    With `ready`, writes `{"address", "public_key", "keys_dir"}` there once the socket is bound (the silos part reads
+    it).
     """
     from fedllm.core.atomic import write_json_atomic
     from fedllm.federation.runtime.coordinator import Coordinator

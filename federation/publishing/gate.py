@@ -4,12 +4,13 @@ worse than the version the alias names now.
 With `federation.gate_data` set, `PromotionGate.check(version)` measures the version's loss on that data set (the
 base model plus the adapter, `train.evaluate_adapter`) and compares it with the loss of the version last promoted: the
 new one is promoted when `loss <= current_loss + federation.gate_tolerance`, else held back. A held-back version is
-still registered and published under its own name (`NAME-vN`); only the alias stays. `fedllm.federation.publishing.publish.
-RouterPublisher` asks the gate before each publish (in its own thread: the rounds never wait for it). Each decision is
-appended to `HOME/federation/RUN/gate.jsonl` (`{"round", "adapter", "loss", "current", "current_loss", "tolerance",
-"source", "prompts", "decision": "promoted" | "held back", "time"}`), which also tells a restarted coordinator which
-version is current. A version that passes on loss must also answer the gate prompts (federation/publishing/gate_prompts.py).
-Without gate data, `HeldOutGate` decides on the silos' own held-out losses, one round late (federation/publishing/heldout.py).
+still registered and published under its own name (`NAME-vN`); only the alias stays.
+`fedllm.federation.publishing.publish.RouterPublisher` asks the gate before each publish (in its own thread: the rounds
+never wait for it). Each decision is appended to `HOME/federation/RUN/gate.jsonl` (`{"round", "adapter", "loss",
+"current", "current_loss", "tolerance", "source", "prompts", "decision": "promoted" | "held back", "time"}`), which also
+tells a restarted coordinator which version is current. A version that passes on loss must also answer the gate prompts
+(federation/publishing/gate_prompts.py). Without gate data, `HeldOutGate` decides on the silos' own held-out losses, one
+round late (federation/publishing/heldout.py).
 """
 
 from __future__ import annotations
@@ -143,10 +144,10 @@ class PromotionGate(_Gate):
 
 class HeldOutGate(_Gate):
     """The gate of a federation without gate data: a version's figure is the silos' own held-out loss of it, which
-    they measure when they receive it as the next round's global adapter, before training (federation/publishing/heldout.py).
-    So round r's version is decided when round r+1's updates have arrived (`RouterPublisher` reads the figure from
-    round r+1's version's meta, `received_eval`); the last round's version of a run has no next round and stays
-    under its own name."""
+    they measure when they receive it as the next round's global adapter, before training
+    (federation/publishing/heldout.py). So round r's version is decided when round r+1's updates have arrived
+    (`RouterPublisher` reads the figure from round r+1's version's meta, `received_eval`); the last round's version of a
+    run has no next round and stays under its own name."""
 
     deferred = True
     source = "silos' held-out loss"

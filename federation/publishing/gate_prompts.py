@@ -69,5 +69,8 @@ def answer_problem(answer: Any) -> str | None:
     for token in (choice.get("logprobs") or {}).get("content") or []:
         value = token.get("logprob") if isinstance(token, dict) else None
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"non-finite log-probability {value!r} for token {token.get('token') if isinstance(token, dict) else token!r}"
+            return (
+                f"non-finite log-probability {value!r} "
+                f"for token {token.get('token') if isinstance(token, dict) else token!r}"
+            )
     return None

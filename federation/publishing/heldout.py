@@ -1,7 +1,7 @@
 """The silos' held-out figure of each global adapter, and the gate decisions shown with the rounds.
 
-For a federation without gate data the promotion gate (federation/publishing/gate.py `HeldOutGate`) compares the silos' own
-held-out losses. Each silo with eval data evaluates the global adapter it receives, before it trains on it
+For a federation without gate data the promotion gate (federation/publishing/gate.py `HeldOutGate`) compares the silos'
+own held-out losses. Each silo with eval data evaluates the global adapter it receives, before it trains on it
 (`received_metrics`), and sends the loss as the metric `received_eval_loss` with its update. The coordinator weighs
 those losses with the round's (capped) shares (`received_eval`) and stores the figure in the round record and in the
 registered version's meta as `received_eval: {"adapter", "loss", "silos"}`: the held-out loss of the version of the

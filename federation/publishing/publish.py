@@ -6,10 +6,11 @@ version and returns at once; a background thread publishes it with `RouterClient
 publish is logged and kept in `status()`, and never blocks or fails the federation. When a newer version of the same
 adapter arrives while an older one is still being retried, the older one is dropped: the alias must reach the newest.
 
-With a promotion gate (federation/publishing/gate.py) a version is published under its own name first; the gate then measures it
-(gate data) and its answers to the gate prompts are checked through the router (federation/publishing/gate_prompts.py); the
-version is published again with the alias (promoted) or as held back. A held-out gate (no gate data) decides a
-version when the next version arrives carrying the silos' held-out loss of it (`received_eval` in its meta).
+With a promotion gate (federation/publishing/gate.py) a version is published under its own name first; the gate then
+measures it (gate data) and its answers to the gate prompts are checked through the router
+(federation/publishing/gate_prompts.py); the version is published again with the alias (promoted) or as held back. A
+held-out gate (no gate data) decides a version when the next version arrives carrying the silos' held-out loss of it
+(`received_eval` in its meta).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class RouterPublisher:
         timeout_s: HTTP timeout of one attempt (loading an adapter on a worker can take a few seconds).
         verify: TLS verification of an https router: True (system store) or an `ssl.SSLContext` (a private CA).
         gate: a `federation.gate` gate (None: every version moves the alias at once).
-        gate_prompts: prompts sent to each version the gate would promote (federation/publishing/gate_prompts.py); none: skipped.
+        gate_prompts: prompts sent to each version the gate would promote (federation/publishing/gate_prompts.py);
+            none: skipped.
         api_key: the router API key the gate prompts use when the router requires keys.
         regions: the regions the adapter may be served in (`federation.serve_regions`; None or empty: anywhere).
     """
@@ -295,6 +297,7 @@ class RouterPublisher:
 
 
 def _received_loss(version: AdapterVersion) -> float | None:
-    """The silos' held-out loss of the previous version carried by `version`'s meta (federation/publishing/heldout.py), or None."""
+    """The silos' held-out loss of the previous version carried by `version`'s meta (federation/publishing/heldout.py),
+    or None."""
     figure = version.meta.get("received_eval")
     return figure.get("loss") if isinstance(figure, dict) and isinstance(figure.get("loss"), (int, float)) else None

@@ -11,9 +11,9 @@ crash came before). In CURVE mode every message is checked against the current e
 within a second.
 
 `Coordinator` holds the run's state and composes four parts, one job each: `Sessions` (the socket, HELLO/enrolment,
-the silos' messages: federation/runtime/sessions.py), `RoundRunner` (rounds and deadlines: federation/runtime/round_runner.py),
-`Recorder` (checkpoint, tracker, adapter registry, publish, round log: federation/runtime/recorder.py) and `StatusServer`
-(`/status`, `/health`: federation/runtime/status_server.py).
+the silos' messages: federation/runtime/sessions.py), `RoundRunner` (rounds and deadlines:
+federation/runtime/round_runner.py), `Recorder` (checkpoint, tracker, adapter registry, publish, round log:
+federation/runtime/recorder.py) and `StatusServer` (`/status`, `/health`: federation/runtime/status_server.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Coordinator:
     Args:
         settings: the appliance settings (uses `federation`, `train`, the home layout).
         strategy: aggregation strategy (`fedllm.federation.runtime.service.build_strategy(...)` or
-            `fedllm.federation.aggregation.strategy_factory.make_strategy(...)`; product aggregation takes its lora_alpha there).
+            `fedllm.federation.aggregation.strategy_factory.make_strategy(...)`; product aggregation takes its
+            lora_alpha there).
         initial_state: the round-0 global adapter; default `train.initial_adapter_state(settings.train, model)`.
         on_publish: callbacks `(AdapterVersion) -> None` called after each round's checkpoint (errors are logged).
         exporter: writes a PEFT folder for a state dict; default `train.save_adapter_dir` on the base model.

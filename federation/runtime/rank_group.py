@@ -3,8 +3,8 @@
 The silo agent (this process) speaks the federation protocol; it drives rank 0 of a `fedllm.train.rank_group.RankGroup`,
 which broadcasts each round's global adapter to the other ranks and sends back the trained one. The group starts
 once (processes, imports, torch.distributed, DeepSpeed's shared-memory ops, the base model: loaded by each rank's
-first round and kept for the next, except under ZeRO-3, which partitions it) and serves every round; a rank that dies fails
-that round's `fit` (the silo answers ERROR train_failed at once) and the next round starts a fresh group.
+first round and kept for the next, except under ZeRO-3, which partitions it) and serves every round; a rank that dies
+fails that round's `fit` (the silo answers ERROR train_failed at once) and the next round starts a fresh group.
 """
 
 from __future__ import annotations

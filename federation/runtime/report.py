@@ -55,7 +55,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"{s['id']:<16}{'yes' if s['online'] else 'no':<8}{seen:<12}{s['rounds']:>7}{s['examples']:>10}")
     lines += [
         "",
-        f"{'round':<7}{'participants':<30}{'train_loss':>11}{'eval_loss':>10}{'bytes_in':>12}{'bytes_out':>12}{'secs':>8}  adapter",
+        f"{'round':<7}{'participants':<30}{'train_loss':>11}{'eval_loss':>10}"
+        f"{'bytes_in':>12}{'bytes_out':>12}{'secs':>8}  adapter",
     ]
     for r in status.get("rounds", []):
         if "failed" in r:

@@ -2,10 +2,11 @@
 selected silo answered, went offline, or its deadline passed, then weigh, clip, aggregate and record the round.
 
 A round: each silo's deadline is the round's start + `round_deadline_s` + its transfer allowance (its link's measured
-throughput, fedllm.federation.runtime.timing); the accepted updates are weighed by example count, bounded by the count declared at
-enrolment and by `max_silo_share`, clipped to the round's norm bound and aggregated with the strategy; the aggregate
-is checked (finite, norm bound) before the recorder checkpoints, registers and publishes it. `MAX_FAILED_ROUNDS` failed
-rounds in a row fail the run. A secure round (federation.secure_aggregation) runs the steps of `secure_round`.
+throughput, fedllm.federation.runtime.timing); the accepted updates are weighed by example count, bounded by the count
+declared at enrolment and by `max_silo_share`, clipped to the round's norm bound and aggregated with the strategy; the
+aggregate is checked (finite, norm bound) before the recorder checkpoints, registers and publishes it.
+`MAX_FAILED_ROUNDS` failed rounds in a row fail the run. A secure round (federation.secure_aggregation) runs the steps
+of `secure_round`.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class RoundRunner:
             self.coord.silos[sid].examples += info["num_examples"]
 
     def _state_for(self, rs: RoundState, silo: SiloInfo) -> StateDict:
-        """The adapter a silo trains from: the global one, or (product aggregation) its projection to the silo's rank."""
+        """The adapter a silo trains from: the global one, or (product aggregation) its projection to the silo's
+        rank."""
         state, scale = self.coord.strategy.state_for_silo(rs.global_state, silo.lora_r, silo.lora_alpha)
         if state is not rs.global_state:
             rs.sent[silo.id] = state
@@ -180,9 +182,10 @@ class RoundRunner:
             rs.changed.set()
 
     def _accumulate(self, rs: RoundState) -> None:
-        """Clip the round's checked updates to its norm bound (fedllm.federation.aggregation.bounds), then add them to the strategy's
-        accumulator with their capped shares: the bound and shares come from the norms and counts noted on arrival,
-        and the updates are read back from the spool one at a time (fedllm.federation.aggregation.update_spool)."""
+        """Clip the round's checked updates to its norm bound (fedllm.federation.aggregation.bounds), then add them to
+        the strategy's accumulator with their capped shares: the bound and shares come from the norms and counts noted
+        on arrival, and the updates are read back from the spool one at a time
+        (fedllm.federation.aggregation.update_spool)."""
         from fedllm.federation.aggregation.bounds import adaptive_norm_bound
 
         self._drop_unenrolled(rs)
@@ -246,7 +249,8 @@ class RoundRunner:
         while len(self.coord.sessions.online()) < self.cfg.min_silos:
             if time.monotonic() > deadline:
                 raise RoundFailed(
-                    f"only {len(self.coord.sessions.online())} of min_silos={self.cfg.min_silos} silos online after {self.cfg.start_timeout_s:.0f} s"
+                    f"only {len(self.coord.sessions.online())} of min_silos={self.cfg.min_silos} silos online "
+                    f"after {self.cfg.start_timeout_s:.0f} s"
                 )
             await asyncio.sleep(0.05)
 

@@ -261,7 +261,8 @@ class Sessions:
             await self._welcome(silo)
 
     async def _echo(self, silo: SiloInfo, header: Header) -> None:
-        """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks (fedllm.federation.runtime.timing)."""
+        """Answer a silo's HEARTBEAT: it learns the coordinator is alive, and the offset of the clocks
+        (fedllm.federation.runtime.timing)."""
         sent_at = header.body.get("sent_at")
         if sent_at is not None:
             await self.send(
@@ -339,8 +340,8 @@ class Sessions:
         )
 
     def _note_timings(self, rs: RoundState, silo: SiloInfo, body: UpdateResult, received_at: float, size: int) -> None:
-        """The silo's download/train/upload of this round (fedllm.federation.runtime.timing), and its link's throughput for the
-        transfer allowance of its next deadlines."""
+        """The silo's download/train/upload of this round (fedllm.federation.runtime.timing), and its link's throughput
+        for the transfer allowance of its next deadlines."""
         from fedllm.federation.runtime.timing import silo_timings, throughput_bps
 
         sent = rs.train_sent.get(silo.id)
@@ -465,7 +466,8 @@ class Sessions:
         return {k: v.float() for k, v in update.items()}
 
     async def _watch_enrolment(self, interval_s: float = 0.5) -> None:
-        """Drop, within `interval_s`, the session of a silo whose enrolment was removed (`appliance federation remove`)."""
+        """Drop, within `interval_s`, the session of a silo whose enrolment was removed
+        (`appliance federation remove`)."""
         while True:
             await asyncio.sleep(interval_s)
             if self.enrolment is None:  # plaintext (tests only): no enrolment to watch
@@ -493,7 +495,8 @@ class Sessions:
 
 
 def _plaintext_sender(frame: bytes) -> str | None:
-    """The silo id a plaintext header claims (its frame alone, at most protocol.MAX_HEADER_BYTES); None if unreadable."""
+    """The silo id a plaintext header claims (its frame alone, at most protocol.MAX_HEADER_BYTES); None if
+    unreadable."""
     from fedllm.federation.wire.protocol import HeaderError, load_header
 
     try:

@@ -38,7 +38,6 @@ from fedllm.federation.wire.protocol import (
 from fedllm.federation.wire.transport import ClientTransport, check_plaintext_endpoint
 
 if TYPE_CHECKING:
-
     from fedllm.core.sections import TrainSettings
     from fedllm.core.settings import ApplianceSettings
 
@@ -108,7 +107,8 @@ class SiloClient:
                 if not hasattr(trainer, m)
             ]
             raise ConfigError(
-                f"the silo's trainer {type(trainer).__name__} is not a fedllm.federation.runtime.silo.SiloTrainer: it lacks "
+                f"the silo's trainer {type(trainer).__name__} is not a fedllm.federation.runtime.silo.SiloTrainer: "
+                "it lacks "
                 f"{', '.join(missing)} (subclass SiloTrainer for the defaults of lora_r and lora_alpha)"
             )
         if not self.cfg.coordinator:
@@ -169,9 +169,9 @@ class SiloClient:
         ]
 
     async def _watch_end(self) -> None:
-        """Stop once the run is over though its BYE never came: this silo had the last round's TRAIN, and the coordinator
-        (which answers every heartbeat) has been silent for `end_silence_s`. Silence before the last round never ends
-        a silo: a restarted coordinator resumes, and the silo reconnects."""
+        """Stop once the run is over though its BYE never came: this silo had the last round's TRAIN, and the
+        coordinator (which answers every heartbeat) has been silent for `end_silence_s`. Silence before the last round
+        never ends a silo: a restarted coordinator resumes, and the silo reconnects."""
         while not self.finished.is_set():
             await asyncio.sleep(min(1.0, self.cfg.end_silence_s / 4))
             silent_s = time.monotonic() - self._quiet_since
@@ -485,8 +485,9 @@ class SiloClient:
     async def _secagg_step(self, round_id: int, st: dict[str, Any], body: SecAggStep) -> None:
         client = st["client"]
         if body.step == "roster":
-            # Pre-scale by this silo's share of the round: the unmasked sum is then the weighted mean (see secure_round).
-            # First clip to the round's norm bound (the coordinator cannot clip a masked update: this is the enforcement).
+            # Pre-scale by this silo's share of the round: the unmasked sum is then the weighted mean (see
+            # secure_round). First clip to the round's norm bound (the coordinator cannot clip a masked update: this is
+            # the enforcement).
             weight = float(body.data["weight"])
             if not 0 < weight <= 1:
                 raise ProtocolError(f"a secure round's weight must be in (0, 1], got {weight}")

@@ -23,8 +23,8 @@ class TrainPayloads:
         self._global: dict[str, tuple[StateDict, EncodedPayload]] = {}
 
     def get(self, state: StateDict, method: str, global_state: StateDict) -> EncodedPayload:
-        """The encoding of `state` (`fedllm.federation.wire.payload.encode_payload`): shared when it is `global_state`, fresh
-        otherwise."""
+        """The encoding of `state` (`fedllm.federation.wire.payload.encode_payload`): shared when it is `global_state`,
+        fresh otherwise."""
         if state is not global_state:
             return encode_payload(state, method)
         cached = self._global.get(method)

@@ -6,8 +6,9 @@ encrypted copies of the adapter (measured: about 1.5 x the payload per connectio
 takes. The window admits a TRAIN only while the TRAINs on the way total at most `federation.train_window_bytes`
 (always at least one); a TRAIN stops counting when its silo acknowledges it (a HEARTBEAT with `got_train` = the
 round, sent by the silo as the TRAIN arrives), answers the round, is no longer waited for, or after its transfer
-allowance (`train_wait_s`; two heartbeats for an older silo that said nothing of `acks_train` in its HELLO). So the coordinator's memory at a round's start is about the window,
-not silos x adapter; the price is that at most window / payload silos download at once.
+allowance (`train_wait_s`; two heartbeats for an older silo that said nothing of `acks_train` in its HELLO). So the
+coordinator's memory at a round's start is about the window, not silos x adapter; the price is that at most window /
+payload silos download at once.
 """
 
 from __future__ import annotations
@@ -78,5 +79,6 @@ def acknowledges(header: Any, round_id: int) -> bool:
 
 def train_wait_s(allowance_s: float, acks: bool, heartbeat_s: float) -> float:
     """How long a TRAIN counts at most: the silo's transfer allowance when it acknowledges TRAINs (HELLO
-    `acks_train`), else two heartbeats (an older silo never acknowledges: the window must not wait out its allowance)."""
+    `acks_train`), else two heartbeats (an older silo never acknowledges: the window must not wait out its
+    allowance)."""
     return allowance_s if acks else min(allowance_s, 2 * heartbeat_s)

@@ -1,8 +1,8 @@
 """The compression functions (`federation/wire/compression.py`) as the wire uses them: every decoding failure becomes
 a `ProtocolError`, and top-k's residual is kept in the caller's dict.
 
-Callers encode and decode adapters with `fedllm.federation.wire.payload` (`encode_payload`, `decode_payload`), which puts
-these together with the message frames (`fedllm.federation.wire.frames`).
+Callers encode and decode adapters with `fedllm.federation.wire.payload` (`encode_payload`, `decode_payload`), which
+puts these together with the message frames (`fedllm.federation.wire.frames`).
 """
 
 from __future__ import annotations

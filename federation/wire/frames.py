@@ -1,7 +1,7 @@
 """The frames of a federation message: a JSON header frame + a safetensors payload frame, never pickle.
 
-An adapter's payload is encoded and decoded with `fedllm.federation.wire.payload`; this module reads and writes the frames
-(a message without tensors, and the raw tensors of a secure-aggregation step, use it directly).
+An adapter's payload is encoded and decoded with `fedllm.federation.wire.payload`; this module reads and writes the
+frames (a message without tensors, and the raw tensors of a secure-aggregation step, use it directly).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def decode_header(frames: list[bytes]) -> Header:
 
 
 def decode_payload(header: Header, frames: list[bytes]) -> StateDict:
-    """The payload's tensors as sent (still encoded: `fedllm.federation.wire.payload.decode_payload` decodes them), checked against the header's manifest (names, shapes, dtypes; nothing more, nothing less).
+    """The payload's tensors as sent (still encoded: `fedllm.federation.wire.payload.decode_payload` decodes them),
+    checked against the header's manifest (names, shapes, dtypes; nothing more, nothing less).
 
     Raises:
         ProtocolError: the payload is not safetensors or does not match the manifest.
@@ -80,6 +81,7 @@ def decode_payload(header: Header, frames: list[bytes]) -> StateDict:
     for name, spec in expected.items():
         if got[name] != spec:
             raise ProtocolError(
-                f"tensor {name!r} is {got[name].shape}/{got[name].dtype} but the manifest says {spec.shape}/{spec.dtype}"
+                f"tensor {name!r} is {got[name].shape}/{got[name].dtype} "
+                f"but the manifest says {spec.shape}/{spec.dtype}"
             )
     return tensors

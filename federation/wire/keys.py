@@ -2,7 +2,8 @@
 
 Layout (`APPLIANCE_HOME/keys/federation/`): `coordinator.key_secret` + `coordinator.key` (z85), `silo.key_secret` +
 `silo.key`, and `enrolled.json` (`{"silo name": "z85 public key"}`, or `{"silo name": {"public_key": KEY,
-"num_examples": N}}` for a silo enrolled with the example count it declared). Secret files are mode 0600 and never logged.
+"num_examples": N}}` for a silo enrolled with the example count it declared). Secret files are mode 0600 and never
+logged.
 """
 
 from __future__ import annotations

@@ -189,14 +189,17 @@ ERROR_CODES = {
     "silo_failure": "the silo failed to handle a message",
     "unreachable": "the coordinator could not send the silo its task",
     "silo_error": "the silo reported a code this coordinator does not know",
-    "silo_policy": "the silo's own policy refused the task (it requires DP or secure aggregation the TRAIN did not ask for)",
+    "silo_policy": (
+        "the silo's own policy refused the task (it requires DP or secure aggregation the TRAIN did not ask for)"
+    ),
 }
 
 
 class Heartbeat(BaseModel):
     """HEARTBEAT body. Silo -> coordinator: `sent_at` (silo clock); the coordinator answers each with a HEARTBEAT of
     `echo` (that `sent_at`) and `sent_at` (its clock), so a silo knows the coordinator is alive and can estimate the
-    offset between the two clocks (`fedllm.federation.runtime.timing.ClockOffset`). Both fields are optional (liveness only)."""
+    offset between the two clocks (`fedllm.federation.runtime.timing.ClockOffset`). Both fields are optional (liveness
+    only)."""
 
     sent_at: float | None = Field(None, ge=0, allow_inf_nan=False)
     echo: float | None = Field(None, ge=0, allow_inf_nan=False)

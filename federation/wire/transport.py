@@ -2,9 +2,9 @@
 
 CURVE encryption and authentication are on by default: the coordinator runs a ZAP handler that accepts only
 enrolled silo public keys at connect, and every message carries the sender's public key (as its ZeroMQ User-Id),
-so the coordinator checks each message against the current enrolment and a silo cannot claim another's name. Plaintext exists for tests and must be asked for (`plaintext=True`). The socket enforces
-`max_message_bytes` (ZMQ_MAXMSGSIZE) and a bounded receive queue (ZMQ_RCVHWM); ZMTP heartbeats detect dead peers;
-DEALERs reconnect on their own.
+so the coordinator checks each message against the current enrolment and a silo cannot claim another's name. Plaintext
+exists for tests and must be asked for (`plaintext=True`). The socket enforces `max_message_bytes` (ZMQ_MAXMSGSIZE) and
+a bounded receive queue (ZMQ_RCVHWM); ZMTP heartbeats detect dead peers; DEALERs reconnect on their own.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ class ServerTransport:
 
 
 def check_plaintext_endpoint(endpoint: str, plaintext: bool, what: str) -> None:
-    """Refuse plaintext federation beyond loopback: without CURVE, anyone on the network could be a silo or read updates.
+    """Refuse plaintext federation beyond loopback: without CURVE, anyone on the network could be a silo or read
+    updates.
 
     Raises:
         ConfigError: `plaintext` with a tcp endpoint whose host is not a loopback address.
@@ -239,7 +240,8 @@ class ClientTransport:
         self._monitor: Any = None
 
     def connect(self) -> None:
-        """Create the socket and start connecting (returns at once; ZeroMQ connects and reconnects in the background)."""
+        """Create the socket and start connecting (returns at once; ZeroMQ connects and reconnects in the
+        background)."""
         import zmq
         import zmq.asyncio
 

@@ -1,7 +1,7 @@
 """The fleet admin API (docs/CONTRACTS.md): workers and adapters. Every route needs a bearer token.
 
-Bodies come through `fedllm.serve.deps.json_body` (never as plain pydantic parameters), so the token is checked before the
-body is read, and the body is bounded.
+Bodies come through `fedllm.serve.deps.json_body` (never as plain pydantic parameters), so the token is checked before
+the body is read, and the body is bounded.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ class AdapterPublication(BaseModel):
     )
     regions: list[str] | None = Field(
         None,
-        description="Data residency: served only on trusted workers whose operator-assigned region is one of these (none: anywhere).",
+        description=(
+            "Data residency: served only on trusted workers whose operator-assigned region is one of these "
+            "(none: anywhere)."
+        ),
     )
 
 
@@ -129,7 +132,8 @@ async def drain(worker_id: str, request: Request) -> dict[str, Any]:
 
 @router.post("/workers/{worker_id}/clear", dependencies=[Depends(require_admin)])
 async def clear(worker_id: str, request: Request) -> dict[str, Any]:
-    """Lift a worker's quarantine (an operator's decision), its sticky record too; it is checked again among its traffic."""
+    """Lift a worker's quarantine (an operator's decision), its sticky record too; it is checked again among its
+    traffic."""
     worker = _worker(request, worker_id)
     request.app.state.canaries.clear(worker)
     request.app.state.replicas.kick()

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes besides the forwarded completions (see `fedllm.serve.forwarding`): models, health, metrics."""
+"""OpenAI-compatible routes besides the forwarded completions (see `fedllm.serve.forwarding`): models, health,
+metrics."""
 
 from __future__ import annotations
 
