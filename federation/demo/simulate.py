@@ -375,6 +375,7 @@ async def coordinator_part(
     import aiohttp.web  # noqa: F401 - what the coordinator imports as it starts: counted in the start, not the rounds
 
     from fedllm.federation.runtime import coordinator as _coordinator  # noqa: F401 - likewise
+    from fedllm.federation.runtime import service as _service  # noqa: F401 - likewise
 
     started_rss = current_rss_bytes()
     history = await run_coordinator(settings, state, ready=ready, timeout_s=timeout_s)
