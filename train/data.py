@@ -125,6 +125,7 @@ def tokenize_example(tokenizer: Any, record: dict[str, Any], max_seq_len: int) -
             ids = ids + [tokenizer.eos_token_id]
         ids = ids[:max_seq_len]
         return Example(ids, list(ids))
+    assert chat.messages is not None  # to_chat sets either `text` (handled above) or `messages`
     text, spans = _render_with_spans(tokenizer, chat.messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
