@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.core.contracts.records import load_file, record_format, validate_records
+from fedllm.core.contracts.records import load_jsonl as load_jsonl  # re-exported (the docstring; tests use it)
 from fedllm.core.errors import DataError
 
 log = logging.getLogger(__name__)
