@@ -144,7 +144,7 @@ class Attempts:
             try:
                 if not worker.static and self.on_routed is not None:  # a joined worker: maybe a canary check soon
                     self.on_routed(worker, ctx.path, ctx.fields.stream)
-                resp = await self.registry.session.post(
+                resp = await self.registry.http.post(
                     worker.url + ctx.path, data=ctx.body, headers=worker.headers, timeout=self.timeout
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -279,6 +279,7 @@ class _Race:
         task, opened = winner
         if self.hedge is not None:
             attempts.metrics.hedges.labels("won" if task is self.hedge else "lost").inc()
+        assert opened.ttft_s is not None  # the race opens with first_chunk=True: every answer it returns is timed
         hedger.observe((opened.worker.id, ctx.fields.stream), opened.ttft_s)
         return opened
 

@@ -48,16 +48,20 @@ from fedllm.serve.sse import (
     with_usage_asked,
 )
 
+_loads: Callable[[bytes], Any]  # orjson's and json's functions differ in signature; these are the uses here
+_dumps: Callable[[Any], bytes]
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import dumps as _dumps
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     from json import loads as _loads
 
-    def _dumps(obj: object) -> bytes:
+    def _json_dumps(obj: object) -> bytes:
         import json
 
         return json.dumps(obj).encode()
+
+    _dumps = _json_dumps
 
 
 if TYPE_CHECKING:
@@ -410,7 +414,9 @@ class Forwarder:
         except asyncio.CancelledError:
             if not ctx.watch.fired:
                 raise  # not the client: the server is shutting down
-            asyncio.current_task().uncancel()
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine awaiting here runs in a task (the ASGI server's)
+            task.uncancel()
             self._client_abort(path, model, ctx.watch.worker)
         finally:
             ctx.watch.close()
@@ -451,6 +457,7 @@ class Forwarder:
             return
         payload = opened.payload
         worker.end(model)
+        assert opened.ttft_s is not None  # Attempts.open times every answer it reads whole (`payload` is set)
         worker.observe_ttft(opened.ttft_s * 1000)
         content_type = resp.headers.get("content-type", "application/json").encode()
         await ctx.send(
@@ -596,7 +603,7 @@ class Forwarder:
 
     def _settle(self, ctx: RequestContext, used: int | None) -> None:
         """Correct the key's token bucket with the tokens the request really used (None: unknown, keep the charge)."""
-        if used is not None and ctx.metered:
+        if used is not None and ctx.metered and ctx.key is not None:  # metered implies a key; the check narrows it
             self.limiter.settle(ctx.key.name, ctx.key.tpm, ctx.charged, used, time.monotonic())
 
 

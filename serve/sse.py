@@ -6,8 +6,9 @@ settle a tokens-per-minute key from its usage.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+_loads: Callable[[bytes], Any]  # orjson's and json's loads differ in signature; both take bytes
 try:  # orjson is several times faster than json on the hot path; json is the fallback
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
@@ -57,17 +58,18 @@ def take_usage(events: bytes, strip: bool) -> tuple[bytes, int | None]:
         start = 0 if cut < 0 else cut + 2
         end = events.find(b"\n\n", pos) + 2  # the events are complete: each ends with a blank line
         event = events[start : end - 2]
-        try:
-            data_at = event.find(b"data: {")  # after an `event:` line in Responses streams
-            chunk = _loads(event[data_at + 6 :]) if data_at >= 0 else None
-            total = int((chunk["response"] if "response" in chunk else chunk)["usage"]["total_tokens"])
-        except (ValueError, KeyError, TypeError):
-            total = None
-        if total is not None:
-            used = total
-            if strip and not chunk.get("choices"):
-                events = events[:start] + events[end:]
-                end = start
+        data_at = event.find(b"data: {")  # after an `event:` line in Responses streams
+        if data_at >= 0:  # an event without a JSON data line carries no usage
+            try:
+                chunk = _loads(event[data_at + 6 :])
+                total = int((chunk["response"] if "response" in chunk else chunk)["usage"]["total_tokens"])
+            except (ValueError, KeyError, TypeError):
+                total = None
+            if total is not None:
+                used = total
+                if strip and not chunk.get("choices"):
+                    events = events[:start] + events[end:]
+                    end = start
         pos = events.find(b'"usage"', end)
     return events, used
 

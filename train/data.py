@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.core.contracts.records import load_file, record_format, validate_records
+from fedllm.core.contracts.records import load_jsonl as load_jsonl  # re-exported (the docstring; tests use it)
 from fedllm.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def tokenize_example(tokenizer: Any, record: dict[str, Any], max_seq_len: int) -
             ids = ids + [tokenizer.eos_token_id]
         ids = ids[:max_seq_len]
         return Example(ids, list(ids))
+    assert chat.messages is not None  # to_chat sets either `text` (handled above) or `messages`
     text, spans = _render_with_spans(tokenizer, chat.messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]

@@ -277,7 +277,7 @@ def set_adapter_state(model: Any, state: StateDict) -> None:
     if bad:
         raise DataError(f"adapter state shape mismatch at {bad[0]}: {got[bad[0]]}, expected {expected[bad[0]]}")
     result = set_peft_model_state_dict(model, state)
-    lora_missing = [k for k in result.missing_keys if "lora_" in k]
+    lora_missing = [k for k in result.missing_keys if "lora_" in k]  # type: ignore[attr-defined]  # peft types it `namedtuple`
     if lora_missing:
         raise DataError(f"adapter state was not loaded into {lora_missing[:3]}")
 

@@ -265,11 +265,14 @@ def _broadcast_blob(blob: bytes | None, rank: int) -> bytes:
     import torch
     import torch.distributed as dist
 
+    if rank == 0 and blob is None:
+        raise ValueError("rank 0 broadcasts the command it received: it has no bytes to send")
+    data = bytearray(blob) if rank == 0 and blob is not None else bytearray()  # other ranks send nothing
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    size = torch.tensor([len(blob) if rank == 0 else 0], dtype=torch.int64, device=device)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
     buf = (
-        torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+        torch.frombuffer(data, dtype=torch.uint8).to(device)
         if rank == 0
         else torch.empty(int(size), dtype=torch.uint8, device=device)
     )

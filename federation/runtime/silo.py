@@ -144,12 +144,21 @@ class SiloClient:
     @property
     def address(self) -> str:
         """The coordinator endpoint this silo connects to."""
+        if not self.cfg.coordinator:
+            raise ConfigError("a silo needs federation.coordinator (--coordinator tcp://HOST:PORT)")
         return self.cfg.coordinator
+
+    @property
+    def _connection(self) -> ClientTransport:
+        """The transport to the coordinator (`start` opens it, `stop` closes it)."""
+        if self._transport is None:
+            raise RuntimeError(f"silo {self.silo_id} is not connected: call start() first (or it was stopped)")
+        return self._transport
 
     async def start(self) -> None:
         """Connect (outbound only), say HELLO, start heartbeats and the message loop."""
         self._transport = ClientTransport(
-            self.cfg.coordinator,
+            self.address,
             server_key=None if self.cfg.plaintext else self.cfg.coordinator_key,
             keypair=self._keypair,
             plaintext=self.cfg.plaintext,
@@ -187,7 +196,7 @@ class SiloClient:
                 self.finished.set()
 
     async def _watch_refusal(self) -> None:
-        what = await self._transport.wait_refused()
+        what = await self._connection.wait_refused()
         self._refuse(
             f"the coordinator at {self.cfg.coordinator} refused this silo's key ({what}). Its public key is "
             f"{self._keypair.public}; ask the coordinator's operator to run "
@@ -230,7 +239,7 @@ class SiloClient:
     ) -> list[bytes]:
         """Send a message: an encoded adapter `payload`, or raw `tensors` (secure aggregation's masked vectors)."""
         frames = payload.frames(header) if payload is not None else wire.encode(header, tensors)
-        await self._transport.send(frames)
+        await self._connection.send(frames)
         return frames
 
     async def _heartbeats(self) -> None:
@@ -245,7 +254,8 @@ class SiloClient:
         """Take each message off the socket as it arrives, also while `_loop` trains: its arrival time is then true
         (round timings), heartbeat echoes are timed at once (clock offset), and the coordinator's silence is known."""
         while True:
-            frames = await self._transport.recv()
+            frames = await self._connection.recv()
+            assert frames is not None  # recv() without a timeout waits for a message, it never returns None
             received_at = time.time()
             self._quiet_since = time.monotonic()
             kind = _peek_type(frames)
@@ -331,7 +341,7 @@ class SiloClient:
             logger.info(
                 "silo %s: round %d asked again after a reconnect; resending its update", self.silo_id, header.round_id
             )
-            await self._transport.send(self.sent_frames)
+            await self._connection.send(self.sent_frames)
             return
         task = TrainTask.model_validate(header.body)
         if task.rounds_total and header.round_id >= task.rounds_total:
@@ -405,6 +415,7 @@ class SiloClient:
         """After training in a secure round: keep the delta here and advertise this round's public keys."""
         from fedllm.federation.aggregation.secagg import SecAggClient, SecAggConfig
 
+        assert task.secure_aggregation is not None  # `_train` calls this only for a secure round
         silo_id = header.silo_id or self.silo_id  # the name the coordinator knows this silo by
         client = SecAggClient(silo_id, SecAggConfig(**task.secure_aggregation))
         self._secure = {
