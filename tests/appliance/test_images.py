@@ -148,3 +148,11 @@ def test_build_script_mounts_the_pip_config_only_for_the_build() -> None:
     text = (IMAGES / "build_images.sh").read_text()
     build = text[text.index("build() {"):text.index("sizes() {")]
     assert '-v "$conf:/run/pip-build:ro"' in build and "PODMAN=(podman --runtime runc)" in text
+
+
+def test_the_image_build_context_keeps_every_package_folder_pyproject_installs() -> None:
+    """`pip install .` in an image needs every folder pyproject.toml maps (an ignored one fails the build)."""
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".containerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert folders and not folders & ignored, f"ignored by .containerignore: {sorted(folders & ignored)}"
