@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import sys
 
@@ -356,11 +357,17 @@ class _TwiceSilo(SiloClient):
         await super()._send_step(round_id, step, data, tensors)
 
 
-async def test_a_repeated_secure_step_does_not_fail_the_silo(tmp_path):
+async def test_a_repeated_secure_step_does_not_fail_the_silo(tmp_path, caplog):
     trainers = [FakeTrainer(0), FakeTrainer(1), FakeTrainer(2)]
-    async with federation(tmp_path, trainers, rounds=1, min_silos=3, secure_aggregation=True,
-                          silo_cls=lambda s, t: (_TwiceSilo if t is trainers[2] else SiloClient)(s, t)) as (coord, silos):
-        await coord.wait_done(30)
+    with caplog.at_level(logging.WARNING, logger="fedllm.federation.runtime.silo"):
+        async with federation(tmp_path, trainers, rounds=1, min_silos=3, secure_aggregation=True,
+                              silo_cls=lambda s, t: (_TwiceSilo if t is trainers[2] else SiloClient)(s, t)) as (coord, silos):
+            await coord.wait_done(30)
     record = coord.history[-1]
     assert coord.phase == "done" and record["participants"] == ["s0", "s1", "s2"] and record["rejected"] == {}
-    assert silos[2].last_error["code"] == "duplicate"
+    # Each repeat is refused as a duplicate; the repeat of the last step may arrive after the round closed, and is
+    # then refused as stale instead (which of the two comes last depends on timing).
+    refused = [r.getMessage() for r in caplog.records if "coordinator refused our message" in r.getMessage()]
+    assert any("'code': 'duplicate'" in m for m in refused)
+    assert all("'code': 'duplicate'" in m or "'code': 'stale_round'" in m for m in refused), refused
+    assert silos[2].last_error["code"] in ("duplicate", "stale_round")
