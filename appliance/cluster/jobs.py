@@ -62,6 +62,9 @@ class Attempt:
     message: str = ""
     started_at: float | None = None
     ended_at: float | None = None
+    supervisor_died_at: float | None = (
+        None  # when Ray first said the attempt's supervisor died (its node's fate unknown)
+    )
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from fedllm.appliance.cluster.group_resources import check_fits, pending_reason
 from fedllm.appliance.cluster.head_api import HeadAPI
@@ -24,6 +25,7 @@ from fedllm.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 AGENT_WAIT_S = 30.0  # how long a submit waits for the job agent of a head that has just started
+SUPERVISOR_DIED_GRACE_S = 60.0  # how long a failed attempt whose supervisor died waits to learn its node died
 
 
 class JobScheduler:
@@ -136,6 +138,15 @@ class JobScheduler:
         att.started_at = (info.start_time / 1000) if info.start_time else att.started_at
         att.ended_at = (info.end_time / 1000) if info.end_time else att.ended_at
         node_died = att.node_id in dead and att.status in ("RUNNING", "FAILED")
+        if not node_died and not rec.stop_requested and _supervisor_died(att, info):
+            # Ray saw the job's supervisor die before it saw its node die (a killed node): a retry or a FAILED waits
+            # until the node is known dead, for at most SUPERVISOR_DIED_GRACE_S.
+            att.supervisor_died_at = att.supervisor_died_at or time.time()
+            if time.time() - att.supervisor_died_at < SUPERVISOR_DIED_GRACE_S:
+                rec.state = "RUNNING"
+                rec.reason = f"its Ray supervisor died; waiting to learn whether node {str(att.node_id)[:12]} died"
+                self.store.save(rec)
+                return
         if node_died and not rec.stop_requested:
             if att.status == "RUNNING":  # Ray has not noticed yet; make sure the attempt is over before another
                 with contextlib.suppress(RuntimeError):
@@ -223,3 +234,12 @@ class JobScheduler:
     def reconcile_one(self, job_id: str) -> JobRecord:
         self.reconcile()
         return self.store.get(job_id)
+
+
+def _supervisor_died(att: Attempt, info: Any) -> bool:
+    """Whether Ray failed the attempt because its supervisor actor died (as when its node is killed)."""
+    error_type = getattr(info, "error_type", None)
+    kind = str(getattr(error_type, "value", error_type) or "")
+    return att.status == "FAILED" and (
+        kind == "JOB_SUPERVISOR_ACTOR_DIED" or att.message.startswith("Job supervisor actor died")
+    )

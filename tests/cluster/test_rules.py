@@ -134,3 +134,46 @@ def test_job_commands_without_a_head_say_where_the_token_should_be(tmp_path: Pat
     assert listed.exit_code == 2 and f"no cluster token at {tmp_path / 'keys' / 'ray_token'}" in " ".join(listed.output.split())
     assert not (tmp_path / "keys").exists()  # a client never makes a token; the head does
     assert bad_label.exit_code == 2 and "--label 'novalue' must be KEY=VALUE" in " ".join(bad_label.output.split())
+
+
+class _StubHead:
+    """A head API that answers what the scheduler asks of Ray: node records and one job's info (the real Ray path is
+    tests/cluster/test_jobs_on_ray.py; this one fixes the order in which Ray reports a killed node's two deaths)."""
+
+    def __init__(self, info: dict) -> None:
+        self.info, self.node_state, self.submitted = info, "ALIVE", []
+
+    def usage_by_node(self) -> dict:
+        return {}
+
+    def node_records(self) -> list[dict]:
+        return [{"node_id": "n" * 56, "state": self.node_state, "labels": {"group": "b"}, "resources_total": {}}]
+
+    def jobs(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(get_job_info=lambda sid: SimpleNamespace(**self.info),
+                               stop_job=lambda sid: None,
+                               submit_job=lambda **kw: self.submitted.append(kw["submission_id"]))
+
+
+def test_a_job_whose_supervisor_died_before_its_node_was_seen_dead_is_retried_not_failed(tmp_path: Path) -> None:
+    from fedllm.appliance.cluster.jobs import Attempt, JobStore
+    from fedllm.appliance.cluster.scheduler import JobScheduler
+
+    head = _StubHead({"status": "FAILED", "driver_node_id": "n" * 56, "start_time": None, "end_time": None,
+                      "message": "Job supervisor actor died: the actor's node died", "error_type": "JOB_SUPERVISOR_ACTOR_DIED"})
+    store = JobStore(tmp_path / "jobs")
+    rec = new_record(JobRequest(command=["x"], group="b", resources=Resources(cpus=1), name="r", retries=1), {}, set())
+    rec.attempts.append(Attempt(submission_id="r-1", submitted_at=0.0))
+    rec.state = "RUNNING"
+    store.save(rec)
+    scheduler = JobScheduler(head, store, lambda group: None, {})
+
+    # Ray has failed the attempt but still lists its node alive: not FAILED yet, waiting to learn the node's fate.
+    [held] = scheduler.reconcile()
+    assert held.state == "RUNNING" and "supervisor died" in held.reason and head.submitted == []
+    # The node is then seen dead: the attempt counts as a node failure and the job is submitted again.
+    head.node_state = "DEAD"
+    [retried] = scheduler.reconcile()
+    assert retried.state == "PENDING" and head.submitted == [f"{rec.job_id}-2"] and len(retried.node_failures) == 1
